@@ -1,0 +1,1 @@
+"""pdqkit bench."""

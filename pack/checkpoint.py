@@ -1,0 +1,191 @@
+"""Checkpoint plumbing shared by every pdqkit stage: atomic output directories, the bf16 HF writer, lineage.
+
+* :func:`atomic_output_dir` — write into a hidden temp dir beside the target and rename at the end, so an
+  interrupted run (even ``kill -9``) never leaves a checkpoint-looking directory behind.
+* :func:`save_bf16_checkpoint` — ``save_pretrained`` a model as bf16 safetensors that BOTH loaders accept:
+  vLLM 0.26.0 refuses unquantized Gemma-4 checkpoints with KV-shared layers unless their (unused) ``k_norm``
+  weights are present, and transformers never writes them, so we add ones-filled ``k_norm`` tensors for those
+  layers (transformers then ignores them as unexpected keys).
+* Lineage: every stage appends one step (spec pack-quantized.md §6) to ``pdqkit_lineage.json``; pack.quantize
+  carries the list into ``quant_recipe.json``'s ``source_lineage``.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+LINEAGE_FILE = "pdqkit_lineage.json"
+RECIPE_FILE = "quant_recipe.json"
+LINEAGE_SCHEMA = "pdqkit_lineage/1"
+# Non-weight files a Gemma-4 checkpoint carries that loaders (HF processor, vLLM) need: copied verbatim.
+AUX_FILE_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "chat_template*", "processor_config.json",
+    "preprocessor_config.json", "video_preprocessor_config.json", "generation_config.json",
+    "added_tokens.json", "*.model", "vocab*", "merges.txt",
+)
+
+__all__ = [
+    "LINEAGE_FILE", "RECIPE_FILE", "atomic_output_dir", "copy_aux_files", "sha256_file", "read_lineage",
+    "write_lineage", "lineage_step", "kv_shared_k_norm_tensors", "save_bf16_checkpoint", "json_dump",
+]
+
+
+def json_dump(obj, path: Path) -> None:
+    """Deterministic JSON (sorted keys, indent 2, trailing newline)."""
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield an empty temp dir next to ``out``; on success replace ``out`` with it, on any error delete it.
+
+    The temp dir is named ``.<name>.tmp-XXXX`` (hidden, not checkpoint-looking). Raises ``FileExistsError``
+    up front when ``out`` exists and ``force`` is false.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_aux_files(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:
+    """Copy tokenizer / processor / generation files of checkpoint ``src`` into ``dst``; returns the names copied."""
+    if src is None:
+        return []
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for pattern in AUX_FILE_PATTERNS:
+        for f in sorted(src.glob(pattern)):
+            if f.is_file() and not (dst / f.name).exists():
+                shutil.copy2(f, dst / f.name)
+                copied.append(f.name)
+    return copied
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_lineage(ckpt: str | os.PathLike) -> list[dict]:
+    """The lineage steps recorded in checkpoint dir ``ckpt`` (``pdqkit_lineage.json`` or ``quant_recipe.json``)."""
+    ckpt = Path(ckpt)
+    for name in (LINEAGE_FILE, RECIPE_FILE):
+        f = ckpt / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: not valid JSON ({e}); delete or fix the file") from None
+            return list(data.get("source_lineage", []))
+    return []
+
+
+def lineage_step(kind: str, **fields) -> dict:
+    """One lineage step (spec §6): ``kind`` in base/prune/distill/finetune/merge/quant; ``from`` is filled in by
+    :func:`write_lineage` from the previous step when absent."""
+    if kind not in {"base", "prune", "distill", "finetune", "merge", "quant"}:
+        raise ValueError(f"unknown lineage kind {kind!r}")
+    return {"id": fields.pop("id", kind), "kind": kind, **fields}
+
+
+def write_lineage(dst: str | os.PathLike, previous: list[dict], step: dict | None) -> list[dict]:
+    """Write ``pdqkit_lineage.json`` = previous steps + ``step`` into ``dst``; returns the list written."""
+    steps = [dict(s) for s in previous]
+    if step is not None:
+        step = dict(step)
+        ids = {s.get("id") for s in steps}
+        base_id, n = step["id"], 1
+        while step["id"] in ids:  # keep ids unique when a stage runs twice (distill phase 1 then 2)
+            n += 1
+            step["id"] = f"{base_id}{n}"
+        if steps and "from" not in step:
+            step["from"] = steps[-1]["id"]
+        steps.append(step)
+    json_dump({"schema": LINEAGE_SCHEMA, "source_lineage": steps}, Path(dst) / LINEAGE_FILE)
+    return steps
+
+
+def _text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+def kv_shared_k_norm_tensors(model) -> dict:
+    """``{name: ones(head_dim) bf16}`` for the KV-shared layers' ``self_attn.k_norm.weight`` that vLLM 0.26.0
+    requires in unquantized Gemma-4 checkpoints (transformers builds no k_norm there). Empty for other models."""
+    import torch
+
+    cfg = _text_config(model.config)
+    n_shared = getattr(cfg, "num_kv_shared_layers", 0) or 0
+    if getattr(cfg, "model_type", "") not in ("gemma4_text", "gemma4") or n_shared <= 0:
+        return {}
+    # the decoder-layer prefix the checkpoint uses ("model.layers." or "model.language_model.layers."), and each
+    # shared layer's head_dim, read off its q_norm (q and k share the head dim; per-layer in Gemma-4)
+    params = dict(model.named_parameters())
+    prefix = next((k[: -len("0.self_attn.q_proj.weight")] for k in params
+                   if k.endswith("layers.0.self_attn.q_proj.weight")), None)
+    if prefix is None:
+        return {}
+    n = cfg.num_hidden_layers
+    extra = {}
+    for i in range(n - n_shared, n):
+        head_dim = params[f"{prefix}{i}.self_attn.q_norm.weight"].shape[0]
+        extra[f"{prefix}{i}.self_attn.k_norm.weight"] = torch.ones(head_dim, dtype=torch.bfloat16)
+    return extra
+
+
+def save_bf16_checkpoint(model, out: str | os.PathLike, *, source_dir=None, step: dict | None = None,
+                         tokenizer=None, force: bool = False, max_shard_size: str = "5GB") -> Path:
+    """Save ``model`` (cast to bf16) as an HF safetensors checkpoint at ``out``, atomically.
+
+    Adds the KV-shared ``k_norm`` tensors vLLM needs, copies tokenizer/processor files from ``source_dir``
+    (or saves ``tokenizer``), and writes ``pdqkit_lineage.json`` = lineage of ``source_dir`` + ``step``.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    with atomic_output_dir(out, force=force) as tmp:
+        model = model.to(torch.bfloat16)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        extra = kv_shared_k_norm_tensors(model)
+        if extra:
+            index_f = tmp / "model.safetensors.index.json"
+            if index_f.exists():  # sharded: put the norms in a shard of their own and index them
+                index = json.loads(index_f.read_text())
+                shard = "model-knorm.safetensors"
+                save_file(extra, tmp / shard, metadata={"format": "pt"})
+                index["weight_map"].update({k: shard for k in extra})
+                index_f.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            else:
+                f = tmp / "model.safetensors"
+                tensors = load_file(f)
+                tensors.update(extra)
+                save_file(tensors, f, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        copy_aux_files(source_dir, tmp)
+        write_lineage(tmp, read_lineage(source_dir) if source_dir else [], step)
+    return Path(out)
