@@ -1,0 +1,104 @@
+"""Model factory of the evaluation bed: Gemma-4 configs at three scales, all with the E4B topology.
+
+Every scale keeps what makes E4B E4B: sliding/full attention interleave (5 sliding then 1 full), a larger
+``global_head_dim`` on full layers, per-layer embeddings (PLE), KV-shared last layers, tied embeddings,
+final-logit softcapping; optionally the vision and audio towers (``multimodal=True`` builds
+``Gemma4ForConditionalGeneration``, else ``Gemma4ForCausalLM``). Every quantized K is a multiple of 128 and
+every MLP width is a multiple of 640 so that a 20% prune lands on a multiple of 128.
+
+=========  =======  ======  ======  =====  ===========  =========  ==================================
+scale      hidden   MLP     layers  heads  head_dim     kv-shared  use
+=========  =======  ======  ======  =====  ===========  =========  ==================================
+micro      256      640     6       2/1    128 / 256    2          CPU tests (seconds)
+small      512      2560    12      4/1    128 / 256    4          quality subject (~60M params + emb)
+e4b        2560     10240   42      8/2    256 / 512    18         published E4B text dims, speed only
+=========  =======  ======  ======  =====  ===========  =========  ==================================
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SCALES = ("micro", "small", "e4b")
+
+_TEXT = {
+    "micro": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=128, global_head_dim=256, num_kv_shared_layers=2,
+                  hidden_size_per_layer_input=64, vocab_size=2048, sliding_window=64,
+                  max_position_embeddings=4096),
+    "small": dict(hidden_size=512, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=128, global_head_dim=256, num_kv_shared_layers=4,
+                  hidden_size_per_layer_input=64, vocab_size=8192, sliding_window=256,
+                  max_position_embeddings=8192),
+    "e4b": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=42, num_attention_heads=8,
+                num_key_value_heads=2, head_dim=256, global_head_dim=512, num_kv_shared_layers=18,
+                hidden_size_per_layer_input=256, vocab_size=262144, sliding_window=512,
+                max_position_embeddings=131072),
+}
+# Tiny towers for micro/small (spec pack-quantized.md §5); e4b uses transformers' defaults (E4B's towers).
+_VISION_TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=2, head_dim=64, position_embedding_size=64)
+_AUDIO_TINY = dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
+                   subsampling_conv_channels=[32, 16], output_proj_dims=128)
+
+
+def _layer_types(n: int) -> list[str]:
+    # E4B: full attention at layers 5, 11, ..., i.e. every 6th layer; micro (6 layers) gets 2 full layers so
+    # that KV sharing covers both kinds, like E4B's shared tail does.
+    period = 3 if n <= 6 else 6
+    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n)]
+
+
+def text_config(scale: str, **overrides):
+    """``Gemma4TextConfig`` of ``scale`` (``overrides`` replace any field, e.g. ``vocab_size``)."""
+    from transformers import Gemma4TextConfig
+
+    if scale not in _TEXT:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {SCALES}")
+    kw = dict(_TEXT[scale])
+    kw.update(final_logit_softcapping=30.0, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh")
+    kw.update(overrides)
+    kw.setdefault("vocab_size_per_layer_input", kw["vocab_size"])
+    kw.setdefault("layer_types", _layer_types(kw["num_hidden_layers"]))
+    return Gemma4TextConfig(**kw)
+
+
+def model_config(scale: str, multimodal: bool = False, **overrides):
+    """Config of the whole model: ``Gemma4Config`` (text + vision + audio) if ``multimodal`` else the text config."""
+    tc = text_config(scale, **overrides)
+    if not multimodal:
+        return tc
+    from transformers import Gemma4Config
+
+    towers = {} if scale == "e4b" else dict(vision_config=_VISION_TINY, audio_config=_AUDIO_TINY)
+    return Gemma4Config(text_config=tc.to_dict(), tie_word_embeddings=True, **towers)
+
+
+def build_model(scale: str, multimodal: bool = False, seed: int = 0, dtype=torch.bfloat16, device="cpu",
+                **overrides):
+    """A randomly initialised model of ``scale`` (deterministic in ``seed``), cast to ``dtype``."""
+    from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
+
+    cfg = model_config(scale, multimodal, **overrides)
+    cls = Gemma4ForConditionalGeneration if multimodal else Gemma4ForCausalLM
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls(cfg)
+    return model.to(dtype).eval()
+
+
+def save_random_checkpoint(scale: str, out, multimodal: bool = False, seed: int = 0, force: bool = False,
+                           tokenizer=None, **overrides) -> Path:
+    """Build a random ``scale`` model and save it as a bf16 checkpoint both HF and vLLM load (see
+    :func:`pack.checkpoint.save_bf16_checkpoint`); records a ``base`` lineage step."""
+    from pack.checkpoint import lineage_step, save_bf16_checkpoint
+
+    model = build_model(scale, multimodal, seed, **overrides)
+    step = lineage_step("base", model=f"pdqkit-bench/{scale}{'-mm' if multimodal else ''}", init="random",
+                        seed=seed, overrides={k: v for k, v in sorted(overrides.items())})
+    return save_bf16_checkpoint(model, out, step=step, tokenizer=tokenizer, force=force)
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
