@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -56,6 +55,7 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint dir is an ordinary directory
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")

@@ -63,8 +63,8 @@ def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps  # bf16: 2**-7 (compressed-tensors _get_dtype_eps)
 
 
-def compute_scale(w: torch.Tensor, group_size: int = 128) -> torch.Tensor:
-    """Per-group symmetric scale of ``w [N, K]`` in ``w.dtype``: ``[N, K/group_size]`` (``[N, 1]`` if channelwise)."""
+def _grouped_f32(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``w [N, K]`` as fp32 ``[N, K/g, g]`` (exact for bf16/fp16; a copy, never a view of ``w``)."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     if not w.dtype.is_floating_point:
@@ -73,12 +73,34 @@ def compute_scale(w: torch.Tensor, group_size: int = 128) -> torch.Tensor:
     g = k if group_size == -1 else group_size
     if k % g:
         raise ValueError(f"K={k} is not a multiple of group_size {g}")
-    grouped = w.reshape(n, k // g, g)
-    mn = torch.clamp(grouped.amin(dim=-1), max=0)
-    mx = torch.clamp(grouped.amax(dim=-1), min=0)
-    amax = torch.maximum(mn.abs(), mx.abs())
-    scale = (amax.float() / _HALF_RANGE).to(w.dtype)  # one RNE rounding to the weight dtype
-    return torch.where(scale == 0, torch.full_like(scale, _eps(w.dtype)), scale)
+    return w.reshape(n, k // g, g).to(torch.float32, copy=True)
+
+
+def _scale(wf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # min/max of the fp32 copy = min/max of the bf16 values (the conversion is exact); fp32 reductions run
+    # ~5x faster than bf16 ones on CPU. NaN/Inf propagate into the scale.
+    mn = torch.clamp(wf.amin(dim=-1), max=0)
+    mx = torch.clamp(wf.amax(dim=-1), min=0)
+    amax = torch.maximum(mn.abs(), mx)
+    scale = (amax / _HALF_RANGE).to(dtype)  # one RNE rounding to the weight dtype
+    return scale.masked_fill_(scale == 0, _eps(dtype))
+
+
+def _codes(wf: torch.Tensor, scale: torch.Tensor, rounding: str, dtype: torch.dtype) -> torch.Tensor:
+    # IEEE fp32 division on CPU and CUDA (tensor / tensor is correctly rounded); the scale broadcasts over
+    # each group; ``wf`` is our own fp32 copy, divided in place
+    t = wf.div_(scale.float().unsqueeze(-1))
+    if rounding == "eager":
+        # the torch path divides bf16 tensors: the quotient is rounded to bf16. Clamp and round-half-even are
+        # exact in bf16 for these values (integers and halves in [-8, 8]), so they run on the bf16 tensor.
+        t = t.to(dtype)
+    t = t.clamp_(QMIN, QMAX).round_()  # clamp BEFORE rounding; torch.round = half to even
+    return t.to(torch.int8).reshape(t.shape[0], -1)
+
+
+def compute_scale(w: torch.Tensor, group_size: int = 128) -> torch.Tensor:
+    """Per-group symmetric scale of ``w [N, K]`` in ``w.dtype``: ``[N, K/group_size]`` (``[N, 1]`` if channelwise)."""
+    return _scale(_grouped_f32(w, group_size), w.dtype)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, rounding: str = "fp32div") -> torch.Tensor:
@@ -87,14 +109,16 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, rounding: str = "fp32di
         raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
     n, k = w.shape
     groups = scale.shape[1]
-    s = scale.float().repeat_interleave(k // groups, dim=1)
-    t = w.float() / s  # IEEE fp32 division on CPU and CUDA (tensor / tensor is correctly rounded)
-    if rounding == "eager":
-        t = t.to(w.dtype).float()  # the torch path divides bf16 tensors: quotient rounded to bf16
-    return torch.round(torch.clamp(t, QMIN, QMAX)).to(torch.int8)  # torch.round = half to even
+    if scale.shape[0] != n or k % groups:
+        raise ValueError(f"scale {tuple(scale.shape)} does not fit weight {tuple(w.shape)}")
+    return _codes(_grouped_f32(w, k // groups), scale, rounding, w.dtype)
 
 
 def quantize_weight(w: torch.Tensor, scheme: QuantScheme = QuantScheme()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Observe and quantize ``w [N, K]``: returns ``(codes int8 [N, K], scale [N, K/g] in w.dtype)``."""
-    scale = compute_scale(w, scheme.group_size)
-    return quantize_codes(w, scale, scheme.rounding), scale
+    """Observe and quantize ``w [N, K]``: returns ``(codes int8 [N, K], scale [N, K/g] in w.dtype)``.
+
+    Same results as :func:`compute_scale` then :func:`quantize_codes`, with one fp32 conversion of ``w``.
+    """
+    wf = _grouped_f32(w, scheme.group_size)
+    scale = _scale(wf, w.dtype)
+    return _codes(wf, scale, scheme.rounding, w.dtype), scale

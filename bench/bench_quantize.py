@@ -1,0 +1,139 @@
+"""pdqkit ``python -m pack.quantize`` vs llmcompressor ``oneshot`` on the same ~1B-parameter random Gemma-4.
+
+Not a test: run it by hand on the CPU machine (2 cores, 24 GiB) and record the numbers (README "pack").
+
+    python bench/bench_quantize.py [--layers 10] [--vocab 32768] [--oracle-python .oracle-venv/bin/python]
+
+The checkpoint is bench.factory's "e4b" scale (E4B's published text dims: hidden 2560, MLP 10240, 8/2 heads,
+head dim 256/512, PLE 256) with 10 layers (2 full-attention, the last 4 KV-shared) and a 32768-token vocab:
+~1.1 B parameters, text-only (``Gemma4ForCausalLM``), built once under out/bench/ and reused.
+Both tools run as separate processes, end to end (imports included), interleaved ``--repeats`` times (best
+wall time reported: the machine is shared); pdqkit in eager rounding (the only mode a CPU llmcompressor run
+produces, so the outputs are compared byte for byte) and in its default fp32div mode. Peak RSS is each process's own
+``ru_maxrss`` (``os.wait4``; this driver stays small because a child inherits its parent's high-water mark);
+the input is read once before each run so both start with a warm page cache.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ORACLE = REPO / "tests" / "oracle" / "llmc_oneshot.py"
+
+
+def _run(argv: list[str], log: Path) -> dict:
+    """Run ``argv`` as a child; wall seconds and the child's peak RSS (bytes)."""
+    with open(log, "w") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv[:3]} failed ({proc.returncode}); see {log}")
+    return {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
+            "peak_rss_gib": round(ru.ru_maxrss * 1024 / 2**30, 3)}
+
+
+def _warm(d: Path) -> int:
+    n = 0
+    for f in sorted(d.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 26):
+                n += len(block)
+    return n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--kv-shared", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--work", type=Path, default=REPO / "out" / "bench")
+    ap.add_argument("--oracle-python", default=os.environ.get("PDQKIT_ORACLE_PYTHON",
+                                                               str(REPO / ".oracle-venv" / "bin" / "python")))
+    ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each tool; best wall time kept")
+    args = ap.parse_args(argv)
+
+    base = args.work / f"gemma4-e4b-L{args.layers}-v{args.vocab}-bf16"
+    if not (base / "config.json").is_file():
+        # built in a child process: a fork inherits the parent's peak RSS (ru_maxrss survives exec), so this
+        # driver must stay small for the two measured children
+        print(f"building {base} ...", flush=True)
+        subprocess.run([sys.executable, "-c", "import sys; from bench.factory import save_random_checkpoint as s; "
+                        f"s('e4b', sys.argv[1], seed=0, force=True, num_hidden_layers={args.layers}, "
+                        f"num_kv_shared_layers={args.kv_shared}, vocab_size={args.vocab})", str(base)],
+                       cwd=REPO, check=True)
+    from safetensors import safe_open
+
+    n_params = 0
+    for f in base.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                sl = fh.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                n_params += n
+    size = _warm(base)
+    print(f"input: {base.name}: {n_params / 1e9:.3f} B parameters, {size / 1e9:.2f} GB", flush=True)
+
+    results = {"input": {"dir": base.name, "params": n_params, "bytes": size, "layers": args.layers,
+                         "kv_shared": args.kv_shared, "vocab": args.vocab},
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                           "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    ours, ref = args.work / "pdqkit-w4a16", args.work / "llmc-w4a16"
+    pdq = [sys.executable, "-m", "pack.quantize", str(base), "-o", str(ours), "--force", "--no-progress"]
+    runs: dict[str, list[dict]] = {"pdqkit": [], "pdqkit_fp32div": [], "llmcompressor": []}
+    for _ in range(args.repeats):  # interleaved, so a busy machine slows both alike
+        _warm(base)
+        runs["pdqkit"].append(_run(pdq + ["--rounding", "eager"], args.work / "pdqkit.log"))
+        print("pdqkit (eager):", runs["pdqkit"][-1], flush=True)
+        _warm(base)
+        runs["pdqkit_fp32div"].append(_run(pdq + ["--rounding", "fp32div", "-o", str(ours) + "-fp32div"],
+                                           args.work / "pdqkit-fp32div.log"))
+        print("pdqkit (fp32div):", runs["pdqkit_fp32div"][-1], flush=True)
+        if not args.skip_llmc:
+            _warm(base)
+            runs["llmcompressor"].append(_run([args.oracle_python, str(ORACLE), str(base), str(ref)],
+                                              args.work / "llmc.log"))
+            print("llmcompressor:", runs["llmcompressor"][-1], flush=True)
+    results["runs"] = runs
+    results["pdqkit_summary_line"] = (args.work / "pdqkit.log").read_text().strip().splitlines()[-1]
+    best = {k: {"wall_s": min(r["wall_s"] for r in v), "cpu_s": min(r["cpu_s"] for r in v),
+                "peak_rss_gib": max(r["peak_rss_gib"] for r in v)} for k, v in runs.items() if v}
+    results["best"] = best
+    if not args.skip_llmc:
+        a, b = (ours / "model.safetensors").read_bytes(), (ref / "model.safetensors").read_bytes()
+        results["identical_model_safetensors"] = a == b
+        p, r = best["pdqkit"], best["llmcompressor"]
+        results["speedup"] = round(r["wall_s"] / p["wall_s"], 2)
+        results["speedup_fp32div"] = round(r["wall_s"] / best["pdqkit_fp32div"]["wall_s"], 2)
+        results["rss_ratio"] = round(p["peak_rss_gib"] / r["peak_rss_gib"], 3)
+        results["cpu_ratio"] = round(r["cpu_s"] / p["cpu_s"], 2)
+        print("\n| tool | wall s (best of %d) | CPU s (user+sys) | peak RSS GiB (max) |\n| --- | --- | --- | --- |"
+              % args.repeats)
+        for k, v in best.items():
+            print(f"| {k} | {v['wall_s']} | {v['cpu_s']} | {v['peak_rss_gib']} |")
+        print(f"speedup {results['speedup']}x (eager; fp32div {results['speedup_fp32div']}x; CPU time "
+              f"{results['cpu_ratio']}x less), peak RSS "
+              f"{results['rss_ratio']:.3f} of llmcompressor's, model.safetensors identical (eager): "
+              f"{results['identical_model_safetensors']}")
+    out = args.work / "bench_quantize.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

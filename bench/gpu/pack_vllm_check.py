@@ -1,0 +1,256 @@
+"""GPU check of pdqkit's pack writer (``python -m pack.quantize``) with vLLM 0.26.0 and HF transformers.
+
+For each checkpoint (default: ``micro`` multimodal Gemma-4 and ``small`` text-only, random weights from
+bench.factory):
+
+1. ``python -m pack.quantize`` with ``--device cpu`` and ``--device cuda``: the two output dirs must be
+   byte-identical (every file).
+2. ``vllm_config.yaml`` is parsed with vLLM's own argument parser (``FlexibleArgumentParser`` +
+   ``EngineArgs.add_cli_args``, i.e. what ``vllm serve OUT --config OUT/vllm_config.yaml`` does) and the engine
+   is built from the parsed values (dtype, max-model-len, attention backend, ``hf-overrides`` dict head-dim
+   fix, language-model-only) plus the test settings of shared/gpu/README.md (``enforce_eager=True``,
+   ``kv_cache_memory_bytes``, ``VLLM_USE_FLASHINFER_SAMPLER=0``, token-id prompts).
+3. vLLM loads it twice, each in its own subprocess: with Marlin forced (``VLLM_DISABLED_KERNELS=
+   CutlassW4A8LinearKernel,MacheteLinearKernel,AllSparkLinearKernel``) and with vLLM's default kernel choice;
+   the kernel named in vLLM's ``Using X for CompressedTensorsWNA16`` log line is recorded.
+4. Greedy tokens for a few prompts from each engine vs HF transformers' greedy tokens of the same checkpoint
+   (``from_pretrained`` on CUDA, decompressed to bf16). Random-weight models have tiny logit margins, so bf16
+   GEMM differences can flip a token: reported per prompt as the common prefix length and the step-0 top-1
+   token/logprob agreement, not asserted.
+
+Usage on the GPU machine (repo root; vLLM importable, see shared/gpu/README.md)::
+
+    export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0
+    OUT=$OUT python bench/gpu/pack_vllm_check.py [--scales micro-mm,small] [--new-tokens 16] [--prompts 4]
+
+Prints a table; writes ``pack_vllm_check.json`` and the engine logs to ``$OUT`` (or ``--out``). Exit status 0
+when the CPU/CUDA outputs are identical and every engine loaded and generated.
+``--cpu-dry-run`` (no GPU, no vLLM) exercises steps 1 (CPU only) and 4 (HF on CPU) to check the plumbing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MARLIN_ONLY = "CutlassW4A8LinearKernel,MacheteLinearKernel,AllSparkLinearKernel"
+KERNEL_RE = re.compile(r"Using (\w+) for CompressedTensorsWNA16")
+TOPK = 5
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, vocab) for _ in range(rng.choice((3, 9, 17, 33)))] for _ in range(n)]
+
+
+def worker_vllm(spec: dict) -> dict:
+    """In a fresh process: parse vllm_config.yaml with vLLM's parser, build the engine, greedy-generate."""
+    from vllm import LLM, SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    ckpt = spec["ckpt"]
+    yml = os.path.join(ckpt, "vllm_config.yaml")
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    ns = parser.parse_args(["--model", ckpt, "--config", yml])
+    import yaml
+
+    keys = [k.replace("-", "_") for k in yaml.safe_load(open(yml))]
+    parsed = {k: getattr(ns, k) for k in keys}
+    assert isinstance(parsed.get("hf_overrides", {}), dict), parsed  # JSON dict, not a string
+    t0 = time.perf_counter()
+    llm = LLM(model=ckpt, **parsed, enforce_eager=True, skip_tokenizer_init=True, seed=0,
+              gpu_memory_utilization=0.2, kv_cache_memory_bytes=1 << 30, enable_prefix_caching=False)
+    startup = time.perf_counter() - t0
+    sp = SamplingParams(temperature=0.0, max_tokens=spec["new_tokens"], logprobs=TOPK, ignore_eos=True,
+                        detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], sp, use_tqdm=False)
+    res = []
+    for o in outs:
+        c = o.outputs[0]
+        lp0 = c.logprobs[0] if c.logprobs else {}
+        res.append({"tokens": list(c.token_ids),
+                    "top0": {str(t): float(v.logprob) for t, v in lp0.items()}})
+    return {"parsed_yaml": {k: (v if isinstance(v, (int, float, str, bool, dict, type(None))) else str(v))
+                            for k, v in parsed.items()},
+            "startup_s": round(startup, 1), "results": res}
+
+
+def worker_hf(spec: dict) -> dict:
+    """Greedy tokens and step-0 log-probs from HF transformers on the pack-quantized checkpoint."""
+    import torch
+    import transformers
+
+    ckpt, dev = spec["ckpt"], spec["device"]
+    arch = json.load(open(os.path.join(ckpt, "config.json")))["architectures"][0]
+    model = getattr(transformers, arch).from_pretrained(ckpt, dtype=torch.bfloat16).to(dev).eval()
+    model.generation_config.eos_token_id = None  # like vLLM's ignore_eos: plain argmax for N tokens
+    res = []
+    with torch.no_grad():
+        for p in spec["prompts"]:
+            ids = torch.tensor([p], device=dev)
+            lp = model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+            top = lp.topk(TOPK)
+            gen = model.generate(ids, max_new_tokens=spec["new_tokens"], do_sample=False, pad_token_id=0)
+            res.append({"tokens": gen[0, len(p):].tolist(),
+                        "top0": {str(int(t)): float(v) for t, v in zip(top.indices, top.values)}})
+    return {"results": res}
+
+
+def _worker_main(kind: str, spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    out = {"vllm": worker_vllm, "hf": worker_hf}[kind](spec)
+    Path(spec["result"]).write_text(json.dumps(out))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip the slow in-process engine teardown
+
+
+def _spawn(kind: str, spec: dict, work: Path, name: str, env: dict | None = None) -> tuple[dict | None, str, float]:
+    spec = dict(spec, result=str(work / f"{name}.json"))
+    sp = work / f"{name}.spec.json"
+    sp.write_text(json.dumps(spec))
+    e = dict(os.environ)
+    for k in ("VLLM_DISABLED_KERNELS", "PDQKIT_VLLM_KERNEL"):
+        e.pop(k, None)
+    e.update({"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, **(env or {}))
+    log = work / f"{name}.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        try:
+            rc = subprocess.run([sys.executable, __file__, "--worker", kind, sp], cwd=REPO, env=e, stdout=fh,
+                                stderr=subprocess.STDOUT, timeout=400).returncode
+        except subprocess.TimeoutExpired:
+            rc = -1
+            fh.write("\n[pack_vllm_check] worker timed out after 400 s\n")
+    text = log.read_text()
+    ok = rc == 0 and Path(spec["result"]).is_file()
+    return (json.loads(Path(spec["result"]).read_text()) if ok else None), text, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def _quantize(src: Path, dst: Path, device: str) -> None:
+    cmd = [sys.executable, "-m", "pack.quantize", str(src), "-o", str(dst), "--device", device, "--force",
+           "--no-progress"]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def _compare(ref: list[dict], got: list[dict]) -> dict:
+    prefix, same, top1, dlp = [], 0, 0, 0.0
+    for r, g in zip(ref, got):
+        n = 0
+        for a, b in zip(r["tokens"], g["tokens"]):
+            if a != b:
+                break
+            n += 1
+        prefix.append(n)
+        same += r["tokens"] == g["tokens"]
+        rt = max(r["top0"], key=r["top0"].get)
+        gt = max(g["top0"], key=g["top0"].get)
+        top1 += rt == gt
+        if rt == gt:
+            dlp = max(dlp, abs(r["top0"][rt] - g["top0"][gt]))
+    return {"identical_prompts": same, "prompts": len(ref), "common_prefix": prefix, "step0_top1_agree": top1,
+            "step0_max_abs_dlogprob": round(dlp, 5)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    ap.add_argument("--scales", default="micro-mm,small", help="comma list of micro, micro-mm, small, small-mm")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / "out" / "pack_vllm_check")))
+    ap.add_argument("--cpu-dry-run", action="store_true", help="no GPU/vLLM: CPU quantize + HF on CPU only")
+    args = ap.parse_args(argv)
+    if args.worker:
+        _worker_main(*args.worker)
+        return 0
+
+    from bench.factory import save_random_checkpoint
+
+    work = args.out
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"checkpoints": {}}
+    failures = []
+    for scale in args.scales.split(","):
+        name, mm = scale.removesuffix("-mm"), scale.endswith("-mm")
+        base = work / f"{scale}-bf16"
+        if not (base / "config.json").is_file():
+            save_random_checkpoint(name, base, multimodal=mm, seed=0, force=True)
+        q_cpu = work / f"{scale}-w4a16-cpu"
+        _quantize(base, q_cpu, "cpu")
+        entry: dict = {}
+        if not args.cpu_dry_run:
+            q_cuda = work / f"{scale}-w4a16-cuda"
+            _quantize(base, q_cuda, "cuda")
+            entry["cpu_cuda_identical"] = _files(q_cpu) == _files(q_cuda)
+            if not entry["cpu_cuda_identical"]:
+                failures.append(f"{scale}: --device cpu and --device cuda outputs differ")
+        cfg = json.loads((q_cpu / "config.json").read_text())
+        vocab = cfg.get("text_config", cfg)["vocab_size"]
+        spec = {"ckpt": str(q_cpu), "prompts": _prompts(args.prompts, vocab), "new_tokens": args.new_tokens,
+                "device": "cpu" if args.cpu_dry_run else "cuda"}
+        hf, log, secs = _spawn("hf", spec, work, f"{scale}-hf")
+        if hf is None:
+            failures.append(f"{scale}: HF transformers failed, see {scale}-hf.log")
+            print(log[-3000:])
+        entry["hf_s"] = round(secs, 1)
+        engines = {} if args.cpu_dry_run else {"marlin": {"VLLM_DISABLED_KERNELS": MARLIN_ONLY}, "default": {}}
+        for mode, env in engines.items():
+            res, log, secs = _spawn("vllm", spec, work, f"{scale}-vllm-{mode}", env)
+            row = {"wall_s": round(secs, 1), "kernels": list(dict.fromkeys(KERNEL_RE.findall(log)))}
+            if res is None:
+                failures.append(f"{scale}: vLLM ({mode}) failed, see {scale}-vllm-{mode}.log")
+                print(log[-3000:])
+            else:
+                row.update(startup_s=res["startup_s"], parsed_yaml=res["parsed_yaml"])
+                if hf is not None:
+                    row["vs_hf"] = _compare(hf["results"], res["results"])
+                row["tokens"] = [r["tokens"] for r in res["results"]]
+            entry[f"vllm_{mode}"] = row
+        if hf is not None:
+            entry["hf_tokens"] = [r["tokens"] for r in hf["results"]]
+        report["checkpoints"][scale] = entry
+
+    print("\n| checkpoint | cpu==cuda bytes | engine | kernel | identical prompts | common prefix | step-0 top-1 "
+          "agree | max Δlogprob step 0 |\n|---|---|---|---|---|---|---|---|")
+    for scale, e in report["checkpoints"].items():
+        for mode in ("marlin", "default"):
+            r = e.get(f"vllm_{mode}")
+            if r is None:
+                continue
+            c = r.get("vs_hf", {})
+            print(f"| {scale} | {e.get('cpu_cuda_identical')} | {mode} | {','.join(r['kernels']) or '?'} | "
+                  f"{c.get('identical_prompts')}/{c.get('prompts')} | {c.get('common_prefix')} | "
+                  f"{c.get('step0_top1_agree')} | {c.get('step0_max_abs_dlogprob')} |")
+    report["failures"] = failures
+    (work / "pack_vllm_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {work / 'pack_vllm_check.json'}")
+    for f in failures:
+        print("FAIL:", f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The human-facing files of a pdqkit W4A16 checkpoint: model card ``README.md`` and ``vllm_config.yaml``.
+
+``vllm_config.yaml`` is for ``vllm serve OUT --config OUT/vllm_config.yaml`` (vLLM 0.26.0). What was checked
+against vLLM 0.26.0's source (``vllm/utils/argparse_utils.py::FlexibleArgumentParser.load_config_file``,
+``vllm/engine/arg_utils.py``, ``vllm/config/model.py``):
+
+* a YAML mapping value becomes ``--key '<json>'``; ``--hf-overrides`` parses JSON into a dict (a callable
+  cannot be given from a file);
+* a dict ``hf_overrides`` entry whose value is a dict and names a sub-config (``text_config``) is applied by
+  ``ModelConfig._apply_dict_overrides`` with ``setattr`` on that sub-config right after the HF config is
+  loaded, before vLLM reads ``head_dim``; flat entries go through ``PretrainedConfig.update``;
+* setting ``allow_global_per_layer_attribute_access`` then ``global_head_dim`` on the text config gives the
+  same config as the callable head-dim fix of shared/gpu/README.md (checked on CPU with transformers 5.17:
+  equal ``to_dict()``); transformers >= 5.14 otherwise raises ``AmbiguousGlobalPerLayerAttributeError`` when
+  vLLM reads ``config.head_dim`` of a Gemma-4 config whose full-attention layers have a larger head dim.
+
+A real ``vllm serve`` with this file is run by ``bench/gpu/pack_vllm_check.py`` (parses it with vLLM's own
+argument parser and builds the engine from it) on the GPU machine; not on CPU.
+"""
+from __future__ import annotations
+
+import json
+
+__all__ = ["vllm_settings", "vllm_config_yaml", "model_card"]
+
+
+def _head_dim_fix(plan) -> dict | None:
+    """Gemma-4 head-dim override (dict form of the callable in shared/gpu/README.md), or None if not needed."""
+    cfg = plan.model.config
+    tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    per_layer = getattr(tc, "per_layer_config", None)
+    if per_layer is None:
+        return None
+    try:
+        dims = {per_layer[i].head_dim for i in range(tc.num_hidden_layers)}
+    except Exception:  # noqa: BLE001 - not a heterogeneous config
+        return None
+    if len(dims) < 2:
+        return None
+    fix = {"allow_global_per_layer_attribute_access": True, "global_head_dim": max(dims)}
+    return {"text_config": fix} if tc is not cfg else fix
+
+
+def vllm_settings(plan, max_model_len: int = 8192) -> dict:
+    """vLLM engine arguments (CLI spelling) for this checkpoint: what ``vllm_config.yaml`` holds."""
+    tc = plan.model.config.get_text_config()
+    max_pos = getattr(tc, "max_position_embeddings", None) or max_model_len
+    s = {"dtype": "bfloat16", "max-model-len": int(min(max_model_len, max_pos)), "attention-backend": "TRITON_ATTN"}
+    multimodal = tc is not plan.model.config
+    if multimodal:
+        s["language-model-only"] = True
+    fix = _head_dim_fix(plan)
+    if fix:
+        s["hf-overrides"] = fix
+    return s
+
+
+def vllm_config_yaml(plan, max_model_len: int = 8192) -> str:
+    s = vllm_settings(plan, max_model_len)
+    notes = {
+        "dtype": "activations and unquantized layers in bf16 (W4A16)",
+        "max-model-len": "raise up to the model's max_position_embeddings if the KV cache fits",
+        "attention-backend": "Triton attention handles Gemma-4's 512-wide full-attention heads",
+        "language-model-only": "text only: drop this line to serve images/audio too (not tested by pdqkit)",
+        "hf-overrides": "Gemma-4 head-dim fix for transformers >= 5.14 (see shared/gpu/README.md)",
+    }
+    lines = ["# vLLM 0.26.0 settings for this pdqkit W4A16 checkpoint:",
+             "#   vllm serve <this dir> --config <this dir>/vllm_config.yaml",
+             "# pdqkit's own W4A16 kernels (pdqkit vLLM plugin): export PDQKIT_VLLM_KERNEL=fast or exact"]
+    for k, v in s.items():
+        val = json.dumps(v) if isinstance(v, (dict, bool)) else (f'"{v}"' if isinstance(v, str) else str(v))
+        lines += [f"# {notes[k]}", f"{k}: {val}"]
+    return "\n".join(lines) + "\n"
+
+
+def _lineage_lines(lineage: list[dict]) -> list[str]:
+    out = []
+    for s in lineage:
+        what = {k: s[k] for k in ("model", "method", "rounding_mode", "init", "seed") if k in s}
+        frm = f" (from `{s['from']}`)" if "from" in s else ""
+        out.append(f"- `{s.get('id')}`: **{s.get('kind')}**{frm} " + ", ".join(f"{k}={v}" for k, v in what.items()))
+    return out
+
+
+def model_card(plan, recipe, qcfg: dict, lineage: list[dict], *, quantized_modules: int, files: dict,
+               total_bytes: int) -> str:
+    arch = plan.architecture
+    s = vllm_settings(plan)
+    fix = s.get("hf-overrides")
+    llm_kw = ['dtype="bfloat16"', f"max_model_len={s['max-model-len']}", 'attention_backend="TRITON_ATTN"']
+    if s.get("language-model-only"):
+        llm_kw.append("language_model_only=True")
+    if fix:
+        llm_kw.append(f"hf_overrides={json.dumps(fix).replace('true', 'True')}")
+    equiv = ("llmcompressor 0.14.x / compressed-tensors 0.19 on CUDA (the default GPU run)"
+             if recipe.rounding == "fp32div" else
+             "llmcompressor on CPU, or with CT_ENFORCE_EAGER=1, or llmcompressor <= 0.12 (compressed-tensors 0.17)")
+    w = recipe.weights_dict()
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [pdqkit, compressed-tensors, w4a16, int4]",
+        "---",
+        f"# W4A16 {arch} (compressed-tensors `pack-quantized`)",
+        "",
+        "Written by pdqkit (`python -m pack.quantize`): int4 weights "
+        f"({'channelwise' if recipe.group_size == -1 else f'group {recipe.group_size}'}, symmetric min-max, no "
+        "calibration data), bf16 activations. Loads unmodified in HF Transformers (compressed-tensors) and vLLM.",
+        "",
+        "## What is quantized",
+        "",
+        f"- {quantized_modules} Linear layers (targets `{list(recipe.targets)}`), stored as `weight_packed` (int32, "
+        "8 codes per word), `weight_scale` (bf16), `weight_shape`.",
+        f"- Not quantized (kept bf16): every module matching `{list(recipe.ignore)}` "
+        f"({len(qcfg['ignore'])} Linear modules listed in config.json `quantization_config.ignore`), "
+        "embeddings, norms, buffers.",
+        f"- Weights: `{json.dumps(w)}`.",
+        f"- Rounding mode `{recipe.rounding}`: byte-identical to {equiv}.",
+        "",
+        "## Files",
+        "",
+        "| file | sha256 |",
+        "| --- | --- |",
+        *[f"| `{f}` | `{h}` |" for f, h in files.items()],
+        "",
+        f"Tensor data: {total_bytes / 1e9:.3f} GB. Provenance: `quant_recipe.json` (lineage, recipe, input and "
+        "output sha256), `pdqkit_lineage.json`.",
+        "",
+        "## Lineage",
+        "",
+        *_lineage_lines(lineage),
+        "",
+        "## Load in HF Transformers",
+        "",
+        "```python",
+        "import torch, transformers",
+        f"model = transformers.{arch}.from_pretrained(\"PATH\", dtype=torch.bfloat16)",
+        "# needs compressed-tensors; weights are decompressed to bf16 on the first forward",
+        "```",
+        "",
+        "## Serve with vLLM (0.26.0)",
+        "",
+        "```bash",
+        "vllm serve PATH --config PATH/vllm_config.yaml",
+        "```",
+        "",
+        "```python",
+        "from vllm import LLM",
+        f"llm = LLM(model=\"PATH\", {', '.join(llm_kw)})",
+        "```",
+        "",
+        "vLLM picks its own W4A16 kernel (Machete on Hopper, Marlin elsewhere). With pdqkit installed next to "
+        "vLLM, the pdqkit vLLM plugin can serve these layers with pdqkit's Triton kernels instead: "
+        "`PDQKIT_VLLM_KERNEL=fast` (fastest) or `PDQKIT_VLLM_KERNEL=exact` (bit-identical to vLLM's Marlin).",
+        "",
+    ]
+    return "\n".join(lines)

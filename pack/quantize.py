@@ -1,0 +1,90 @@
+"""``python -m pack.quantize CKPT``: bf16 HF checkpoint -> W4A16 compressed-tensors pack-quantized checkpoint.
+
+Byte-identical to llmcompressor's ``oneshot`` with the W4A16 group-128 min-max recipe (``--rounding fp32div``:
+its CUDA run; ``--rounding eager``: its CPU run), streamed shard by shard (one tensor in memory at a time).
+``--demo`` builds a tiny random multimodal Gemma-4 checkpoint (no download) and quantizes it.
+Expected errors print one line (file/tensor + fix) and exit 2, leaving nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import QuantizeError
+from .qconfig import DEFAULT_IGNORE, QuantRecipe
+
+DEMO_DIR = Path("out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m pack.quantize",
+        description="Quantize a bf16 Hugging Face checkpoint to W4A16 (int4 weights, symmetric min-max, "
+                    "group 128) as a compressed-tensors pack-quantized checkpoint that HF Transformers and vLLM "
+                    "load unmodified; byte-identical to llmcompressor oneshot with the same recipe.",
+        epilog="Example: python -m pack.quantize google-gemma-4-E4B-it -o gemma-4-E4B-it-w4a16")
+    ap.add_argument("ckpt", nargs="?", type=Path, help="input checkpoint dir (config.json + *.safetensors)")
+    ap.add_argument("-o", "--out", type=Path, help="output dir (default: CKPT-w4a16 next to CKPT)")
+    ap.add_argument("--group-size", type=int, default=128, help="quantization group along K (default 128; "
+                    "-1 = one scale per output channel)")
+    ap.add_argument("--ignore", nargs="+", metavar="PATTERN", default=list(DEFAULT_IGNORE),
+                    help="modules left in bf16: exact module names or 're:' regexes (Python re.match on the "
+                    "module name); REPLACES the default list: %(default)s")
+    ap.add_argument("--extra-ignore", nargs="+", metavar="PATTERN", default=[],
+                    help="more modules to leave in bf16, added to --ignore (same syntax)")
+    ap.add_argument("--rounding", choices=("fp32div", "eager"), default="fp32div",
+                    help="fp32div (default) = llmcompressor 0.14 on CUDA; eager = llmcompressor on CPU / "
+                    "CT_ENFORCE_EAGER=1 / llmcompressor <= 0.12")
+    ap.add_argument("--device", default="cpu", help="where the observer runs: cpu or cuda (same bytes)")
+    ap.add_argument("--max-shard-size", default="20GB", help="largest output file (default 20GB, like "
+                    "llmcompressor: a single model.safetensors up to that size)")
+    ap.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--demo", nargs="?", const="micro", choices=("micro", "small"), metavar="SCALE",
+                    help="build a random multimodal Gemma-4 checkpoint of SCALE (micro|small, default micro; "
+                    "no download) under ./out and quantize it")
+    return ap
+
+
+def _demo_base(scale: str) -> Path:
+    """The demo's bf16 input: a random multimodal Gemma-4 of ``scale`` (seed 0), built once and reused."""
+    from bench.factory import save_random_checkpoint
+
+    base = DEMO_DIR / f"demo-{scale}-mm-bf16"
+    if not (base / "config.json").is_file():
+        print(f"building a random multimodal Gemma-4 '{scale}' checkpoint at {base} ...", file=sys.stderr)
+        save_random_checkpoint(scale, base, multimodal=True, seed=0, force=True)
+    return base
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .writer import quantize_checkpoint
+
+    try:
+        force = args.force
+        if args.demo:
+            if args.ckpt is not None:
+                raise QuantizeError("--demo builds its own input checkpoint: drop CKPT or drop --demo")
+            args.ckpt = _demo_base(args.demo)
+            if args.out is None:
+                args.out, force = DEMO_DIR / f"demo-{args.demo}-mm-w4a16", True
+        if args.ckpt is None:
+            raise QuantizeError("no input checkpoint: pass CKPT (a Hugging Face checkpoint dir) or --demo")
+        out = args.out or args.ckpt.absolute().parent / f"{args.ckpt.absolute().name}-w4a16"
+        recipe = QuantRecipe(ignore=(*args.ignore, *args.extra_ignore), group_size=args.group_size, rounding=args.rounding)
+        result = quantize_checkpoint(args.ckpt, out, recipe, device=args.device, force=force,
+                                     max_shard_size=args.max_shard_size, progress=not args.no_progress)
+    except QuantizeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Streaming safetensors I/O: read one tensor at a time, write a file tensor by tensor.
+
+Why not ``safetensors.torch.load_file`` / ``save_file``: those hold a whole shard in memory (E4B's single
+compressed file is ~10 GB), and reading through ``safe_open``'s memory map leaves every page it touched
+resident in this process (RSS grows to the size of everything read). pdqkit keeps one tensor (the largest
+Linear weight's row block, or a 4 MiB chunk of a passthrough tensor) per worker in memory instead:
+
+* **Reading**: every input file is first opened with the safetensors library itself (``safe_open``), which
+  validates the header against the file (truncation, lying shapes/offsets, holes); then tensors are read with
+  ``os.pread`` at the offsets of that validated header.
+* **Writing**: :class:`SafetensorsFileWriter` writes the exact bytes ``safetensors.torch.save_file(tensors,
+  metadata=...)`` would write: the library is asked for its tensor order (dtype alignment, then name: it
+  serialises zero-length stand-ins), offsets follow that order, the header is the same compact JSON padded
+  with spaces to 8 bytes. Tensors are then streamed in that order and hashed on the way (sha256, in a thread).
+  ``tests/test_pack_stio.py`` checks byte equality with ``save_file``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import struct
+import threading
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import QuantizeError
+
+__all__ = [
+    "ST_DTYPES", "TensorEntry", "read_header", "SourceFiles", "read_tensor", "read_bytes", "iter_chunks",
+    "tensor_bytes", "SafetensorsFileWriter", "INDEX_NAME", "SINGLE_NAME",
+]
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CHUNK = 4 << 20  # bytes per read/write of a passthrough tensor (small buffers: reused by the allocator)
+
+# safetensors dtype string -> torch dtype (the ones torch can hold)
+ST_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64, "F16": torch.float16,
+    "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    return _TORCH_TO_ST[dtype]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of an input file: absolute byte range ``[start, end)`` in ``file``."""
+
+    name: str
+    file: Path
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return ST_DTYPES[self.dtype]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in ST_DTYPES and ST_DTYPES[self.dtype].is_floating_point
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Validate ``path`` with safetensors' own ``safe_open`` and return its tensors (absolute offsets)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise QuantizeError(f"{path}: not a valid safetensors file ({e}); the file is truncated or corrupt: "
+                            f"re-download or re-save the checkpoint") from None
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in ST_DTYPES:
+            raise QuantizeError(f"{path}: tensor {name} has dtype {info['dtype']}, which pdqkit cannot read; "
+                                f"save the checkpoint in bf16")
+        a, b = info["data_offsets"]
+        out[name] = TensorEntry(name, path, info["dtype"], tuple(info["shape"]), base + a, base + b)
+    return out
+
+
+class SourceFiles:
+    """The safetensors files of an HF checkpoint dir (``model.safetensors`` or an index + shards)."""
+
+    def __init__(self, ckpt: Path):
+        self.dir = Path(ckpt)
+        index_f, single_f = self.dir / INDEX_NAME, self.dir / SINGLE_NAME
+        if index_f.is_file():
+            try:
+                weight_map = json.loads(index_f.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise QuantizeError(f"{index_f}: not a valid safetensors index ({type(e).__name__}: {e}); "
+                                    f"fix or delete it") from None
+            for f in files:
+                if not (self.dir / f).is_file():
+                    raise QuantizeError(f"{index_f}: lists shard {f}, which is missing from {self.dir}; "
+                                        f"copy the complete checkpoint")
+            self.files = [self.dir / f for f in files]
+        elif single_f.is_file():
+            weight_map = None
+            self.files = [single_f]
+        else:
+            bins = sorted(p.name for p in self.dir.glob("*.bin"))
+            hint = (f"it has PyTorch weights ({bins[0]}): re-save it with save_pretrained() to get safetensors"
+                    if bins else "pass a Hugging Face checkpoint directory")
+            raise QuantizeError(f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME}; {hint}")
+        self.tensors: dict[str, TensorEntry] = {}
+        for f in self.files:
+            for name, e in read_header(f).items():
+                if name in self.tensors:
+                    raise QuantizeError(f"{f}: tensor {name} also appears in {self.tensors[name].file.name}; "
+                                        f"the checkpoint's shards overlap: re-save it")
+                self.tensors[name] = e
+        if weight_map is not None:
+            for name, f in weight_map.items():
+                e = self.tensors.get(name)
+                if e is None or e.file.name != f:
+                    raise QuantizeError(f"{index_f}: says {name} is in {f}, but it is not there; the index "
+                                        f"does not match the shards: re-save the checkpoint")
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()  # fd() is called from the quantizer's worker threads
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _pread_into(fd: int, buf, offset: int) -> None:
+    view, done = memoryview(buf).cast("B"), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise QuantizeError(f"unexpected end of file while reading at byte {offset + done}; "
+                                f"the file changed while pdqkit was reading it")
+        done += n
+
+
+def read_tensor(src: SourceFiles, e: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read one tensor (or rows ``[r0, r1)`` of its first dim) into private, non-mmapped memory."""
+    shape, start = e.shape, e.start
+    if rows is not None:
+        r0, r1 = rows
+        row_bytes = e.nbytes // e.shape[0]
+        shape, start = (r1 - r0, *e.shape[1:]), e.start + r0 * row_bytes
+    t = torch.empty(shape, dtype=e.torch_dtype)
+    if t.numel():
+        _pread_into(src.fd(e.file), t.view(-1).view(torch.uint8).numpy(), start)
+    return t
+
+
+def read_bytes(src: SourceFiles, e: TensorEntry, offset: int, n: int) -> bytearray:
+    """``n`` raw bytes of tensor ``e`` from byte ``offset`` of its data."""
+    buf = bytearray(n)
+    if n:
+        _pread_into(src.fd(e.file), buf, e.start + offset)
+    return buf
+
+
+def iter_chunks(src: SourceFiles, e: TensorEntry, chunk: int = CHUNK) -> Iterable[bytearray]:
+    """The raw bytes of one tensor, ``chunk`` bytes at a time (chunk is a multiple of every dtype size)."""
+    for off in range(0, e.nbytes, chunk):
+        yield read_bytes(src, e, off, min(chunk, e.nbytes - off))
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Little-endian raw bytes of ``t`` (any dtype, including bf16 and 0-d)."""
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _safetensors_order(specs: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> list[str]:
+    """Ask safetensors in which order ``save_file`` lays these tensors out (it depends on dtype and name)."""
+    from safetensors.torch import save
+
+    blob = save({n: torch.empty(0, dtype=ST_DTYPES[d]) for n, (d, _) in specs.items()}, metadata=metadata)
+    (n,) = struct.unpack("<Q", blob[:8])
+    return [k for k in json.loads(blob[8:8 + n]) if k != "__metadata__"]
+
+
+class SafetensorsFileWriter:
+    """Write one safetensors file tensor by tensor, byte-identical to ``save_file`` of the same tensors.
+
+    ``specs``: name -> (safetensors dtype string, shape). Call :meth:`write` once per tensor, in
+    :attr:`order`; :meth:`close` checks completeness and returns the file's sha256.
+    """
+
+    def __init__(self, path: Path, specs: dict[str, tuple[str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        metadata = {"format": "pt"} if metadata is None else metadata
+        self.order = _safetensors_order(specs, metadata)
+        self.sizes, header, offset = {}, {"__metadata__": metadata}, 0
+        for name in self.order:
+            dtype, shape = specs[name]
+            size = prod(shape) * torch.empty(0, dtype=ST_DTYPES[dtype]).element_size()
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.sizes[name] = size
+            offset += size
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        self.total = 8 + len(hb) + offset
+        self._fh = open(self.path, "wb")
+        # sha256 in its own thread (hashlib releases the GIL): hashing overlaps the writes
+        self._sha = hashlib.sha256()
+        self._hq: queue.Queue = queue.Queue(maxsize=4)
+        self._hasher = threading.Thread(target=self._hash_loop, name="pdqkit-sha256-out", daemon=True)
+        self._hasher.start()
+        self._next = 0
+        self._emit(struct.pack("<Q", len(hb)) + hb)
+
+    def _hash_loop(self) -> None:
+        while (data := self._hq.get()) is not None:
+            self._sha.update(data)
+
+    def _emit(self, data) -> None:
+        self._fh.write(data)
+        self._hq.put(data)
+
+    def write(self, name: str, chunks: Iterable) -> None:
+        """Write tensor ``name`` (the next one in :attr:`order`) from an iterable of byte buffers."""
+        if self._next >= len(self.order) or self.order[self._next] != name:
+            want = self.order[self._next] if self._next < len(self.order) else "nothing"
+            raise RuntimeError(f"{self.path.name}: wrote {name} out of order (expected {want})")
+        n = 0
+        for c in chunks:
+            self._emit(c)
+            n += len(memoryview(c).cast("B"))
+        if n != self.sizes[name]:
+            raise RuntimeError(f"{self.path.name}: tensor {name} got {n} bytes, its header says {self.sizes[name]}")
+        self._next += 1
+
+    def close(self) -> str:
+        if self._next != len(self.order):
+            raise RuntimeError(f"{self.path.name}: only {self._next} of {len(self.order)} tensors written")
+        self._fh.close()
+        self._hq.put(None)
+        self._hasher.join()
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        self._fh.close()
+        self._hq.put(None)
+        self._hasher.join()

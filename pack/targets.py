@@ -1,0 +1,134 @@
+"""Which tensors of a checkpoint are quantized, the way llmcompressor decides it (spec pack-quantized.md §1.5, §2.2).
+
+llmcompressor loads the model with transformers, matches ``targets``/``ignore`` against the model's own module
+tree, and saves ``model.state_dict()``. pdqkit does the same without loading a single weight: the model is
+built from ``config.json`` on the **meta device** (transformers' own architecture class), and
+
+* targeted modules = compressed-tensors' ``match_named_modules(model, targets, ignore)`` (class name anywhere
+  in the MRO, exact names, ``re:`` + ``re.match``; same helper in compressed-tensors 0.17.0 and 0.19.0);
+* the tensors written = the model's ``state_dict()`` keys minus tied aliases (transformers'
+  ``remove_tied_weights_from_state_dict``): so KV-shared Gemma-4 layers get no ``k_proj``/``v_proj``/
+  ``k_norm``, a tied ``lm_head`` is not written, non-persistent buffers are absent.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import QuantizeError
+
+__all__ = ["ModelPlan", "load_config", "build_meta_model", "plan_model"]
+
+_QUANT_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx",
+                   ".weight_global_scale", ".qweight", ".qzeros", ".scales")
+
+
+@dataclass
+class ModelPlan:
+    """The meta-device model of a checkpoint and what the writer does with it."""
+
+    config: dict                                # config.json as read
+    architecture: str                           # e.g. "Gemma4ForConditionalGeneration"
+    model: torch.nn.Module                      # on the meta device
+    targeted: dict[str, torch.nn.Module]        # module name -> targeted Linear, named_modules() order
+    saved: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)  # key -> (shape, dtype)
+    keep_fp32: tuple[str, ...] = ()             # module-name fragments transformers keeps in fp32
+
+
+def load_config(ckpt: Path) -> dict:
+    """``config.json`` of ``ckpt`` as a dict; a clear error when it is missing, garbled or already quantized."""
+    f = Path(ckpt) / "config.json"
+    if not Path(ckpt).is_dir():
+        raise QuantizeError(f"{ckpt}: no such checkpoint directory")
+    if not f.is_file():
+        raise QuantizeError(f"{f}: missing; pass a Hugging Face checkpoint directory (config.json + safetensors)")
+    try:
+        cfg = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QuantizeError(f"{f}: not valid JSON ({e}); restore the checkpoint's original config.json") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise QuantizeError(f"{f}: not a transformers model config (no model_type); restore the original config.json")
+    if cfg.get("quantization_config") or any(
+            isinstance(v, dict) and v.get("quantization_config") for v in cfg.values()):
+        method = (cfg.get("quantization_config") or {}).get("quant_method", "?")
+        raise QuantizeError(f"{f}: the checkpoint is already quantized (quantization_config, quant_method "
+                            f"{method!r}); pass the original bf16 checkpoint")
+    return cfg
+
+
+def _check_dtype(cfg: dict, f: Path) -> None:
+    # the language stack's dtype (what the quantized Linears hold); tower sub-configs are not checked
+    for where, c in (("", cfg), ("text_config.", cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {})):
+        for key in ("dtype", "torch_dtype"):
+            d = c.get(key)
+            if d is not None and d != "bfloat16":
+                raise QuantizeError(
+                    f"{f}: {where}{key} is {d!r}; pdqkit writes W4A16 from bf16 checkpoints: convert it first, "
+                    f"e.g. model.to(torch.bfloat16).save_pretrained(dir) (sets dtype bfloat16)")
+
+
+def build_meta_model(ckpt: Path, cfg: dict) -> tuple[str, torch.nn.Module]:
+    """Instantiate the checkpoint's architecture from its config on the meta device (no weights)."""
+    import transformers
+    from transformers import AutoConfig
+
+    f = Path(ckpt) / "config.json"
+    _check_dtype(cfg, f)
+    try:
+        hf_config = AutoConfig.from_pretrained(str(ckpt))
+    except Exception as e:  # noqa: BLE001 - unknown model_type (ValueError/KeyError) or inconsistent config
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        raise QuantizeError(f"{f}: transformers {transformers.__version__} cannot read this config "
+                            f"(model_type {cfg.get('model_type')!r}: {msg}); use an architecture transformers "
+                            f"supports natively (no trust_remote_code)") from None
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise QuantizeError(f"{f}: no 'architectures' entry; add the model class, e.g. "
+                            f"\"architectures\": [\"Gemma4ForConditionalGeneration\"]")
+    arch = archs[0]
+    cls = getattr(transformers, arch, None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        raise QuantizeError(f"{f}: unknown architecture {arch!r}: transformers {transformers.__version__} has no "
+                            f"such model class; pass a checkpoint of an architecture transformers supports")
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = cls(hf_config)
+    except Exception as e:  # noqa: BLE001 - any inconsistency of the config surfaces here
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        raise QuantizeError(f"{f}: transformers cannot build {arch} from this config ({type(e).__name__}: "
+                            f"{msg}); restore the checkpoint's original config.json") from None
+    return arch, model.eval()
+
+
+def _saved_keys(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """state_dict keys ``save_pretrained`` would write (tied aliases removed), with meta shapes."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    sd = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
+    return {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
+
+
+def plan_model(ckpt: Path, targets, ignore) -> ModelPlan:
+    """Config -> meta model -> targeted Linears and the tensor keys to write."""
+    from compressed_tensors.utils.match import match_named_modules
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    cfg = load_config(ckpt)
+    arch, model = build_meta_model(ckpt, cfg)
+    if get_model_conversion_mapping(model, add_legacy=False):
+        raise QuantizeError(f"{Path(ckpt) / 'config.json'}: transformers renames or converts {arch}'s checkpoint "
+                            f"tensors on load; pdqkit's streaming writer supports architectures stored as-is "
+                            f"(e.g. Gemma-4, Llama, Qwen)")
+    targeted = dict(match_named_modules(model, list(targets), list(ignore)))
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) + tuple(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return ModelPlan(cfg, arch, model, targeted, _saved_keys(model), keep)
+
+
+def looks_quantized(name: str) -> bool:
+    return name.endswith(_QUANT_SUFFIXES)

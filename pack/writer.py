@@ -1,0 +1,423 @@
+"""Write a W4A16 compressed-tensors ``pack-quantized`` checkpoint from a bf16 HF checkpoint, streaming.
+
+Pipeline (spec pack-quantized.md):
+
+1. **check** config.json (:func:`pack.targets.load_config`) and the safetensors headers (:mod:`pack.stio`);
+   start hashing the input files in a background thread.
+2. **plan** (:mod:`pack.targets`, :mod:`pack.qconfig`): the architecture built from config.json on the meta
+   device says which Linears are targeted (recipe ``targets`` minus ``ignore``) and which tensors
+   ``save_pretrained`` would write; the input tensors are checked against it (missing tensors, shapes, dtypes,
+   K % group, already-quantized input) before anything is written.
+3. **lay out** the output: per targeted Linear ``<m>.weight_packed`` (I32 ``[N, K/8]``), ``<m>.weight_scale``
+   (BF16 ``[N, K/g]``), ``<m>.weight_shape`` (I64 ``[2]``) in place of ``<m>.weight``; every other tensor
+   unchanged; shards of at most ``max_shard_size`` bytes (default 20 GB like llmcompressor: E4B fits one file).
+4. **stream** (:mod:`pack.pipeline`): each output file is written in safetensors order from pieces computed
+   ahead by a thread pool: row blocks of a Linear weight observed and packed on ``device``, 4 MiB chunks of
+   passthrough tensors (NaN-checked; non-bf16 floats cast to bf16 like transformers'
+   ``from_pretrained(dtype=bfloat16)``); a few MB per worker in memory, never a whole model or shard.
+5. **finish**: index (if sharded), tokenizer/processor files, ``pdqkit_lineage.json`` + ``quant_recipe.json``
+   (spec §6), model card, ``vllm_config.yaml`` and ``config.json`` (+ ``quantization_config``, §3) last; the
+   temp dir is renamed to ``out`` only when everything succeeded (:func:`pack.checkpoint.atomic_output_dir`).
+
+Same input and options -> byte-identical output (no timestamps unless ``SOURCE_DATE_EPOCH`` is set).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import card
+from .checkpoint import (RECIPE_FILE, atomic_output_dir, copy_aux_files, json_dump, lineage_step, read_lineage,
+                         write_lineage)
+from .errors import QuantizeError
+from .packing import PACK_FACTOR
+from .pipeline import Piece, Quantizer, passthrough_pieces, row_blocks, stream_file
+from .qconfig import EQUIVALENT_TO, QuantRecipe, quantization_config
+from .stio import INDEX_NAME, SINGLE_NAME, ST_DTYPES, SafetensorsFileWriter, SourceFiles, tensor_bytes
+from .targets import ModelPlan, load_config, looks_quantized, plan_model
+
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "QuantizeResult", "quantize_checkpoint", "parse_size"]
+
+DEFAULT_MAX_SHARD_SIZE = 20 * 10**9  # llmcompressor's save_pretrained_wrapper: "20GB" (decimal)
+RECIPE_SCHEMA = "quant_recipe/1"
+
+
+def parse_size(s: str | int) -> int:
+    """``"20GB"`` -> 20e9, ``"500MiB"`` -> 500 * 2**20, plain ints as bytes (transformers' convention)."""
+    if isinstance(s, int):
+        return s
+    t = s.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}
+    for u, m in units.items():
+        if t.endswith(u):
+            try:
+                v = float(t[: -len(u)])
+            except ValueError:
+                break
+            if v > 0:
+                return int(v * m)
+            break
+    else:
+        if t.isdigit() and int(t) > 0:
+            return int(t)
+    raise QuantizeError(f"--max-shard-size {s!r}: give a size like 20GB, 5GB or 500MiB")
+
+
+@dataclass
+class QuantizeResult:
+    """What a run wrote and what it cost (the CLI's closing summary)."""
+
+    out: Path
+    quantized_modules: int
+    quantized_tensors: int          # 3 per module: weight_packed, weight_scale, weight_shape
+    kept_tensors: int               # passthrough tensors
+    dropped: list[str]              # input tensors the model does not load (e.g. KV-shared k_norm)
+    cast: list[str]                 # passthrough tensors cast to bf16
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    peak_rss: int
+    files_sha256: dict[str, str] = field(default_factory=dict)
+    stream_seconds: float = 0.0     # of which: streaming the tensors (after imports, planning, checks)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+    def summary(self) -> str:
+        stream = self.bytes_in / self.stream_seconds / 1e9 if self.stream_seconds > 0 else float("inf")
+        return (f"pdqkit quantize: {self.quantized_modules} Linears quantized ({self.quantized_tensors} tensors), "
+                f"{self.kept_tensors} tensors kept, {len(self.dropped)} dropped; "
+                f"{self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out in {self.seconds:.2f} s "
+                f"({self.gbps:.2f} GB/s; streaming {stream:.2f} GB/s); peak RSS {self.peak_rss / 2**30:.2f} GiB "
+                f"-> {self.out}")
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Out:
+    """One output tensor: its spec and how to produce its bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: Callable[[], list[Piece]]
+
+
+def _check_inputs(plan: ModelPlan, src: SourceFiles, recipe: QuantRecipe) -> tuple[list[str], list[str]]:
+    """Validate the input tensors against the model; returns (dropped keys, keys that get cast to bf16)."""
+    quantized = [k for k in src.tensors if looks_quantized(k)]
+    if quantized:
+        e = src.tensors[quantized[0]]
+        raise QuantizeError(f"{e.file}: tensor {e.name} is already quantized; pass the original bf16 checkpoint")
+    weights = {f"{m}.weight" for m in plan.targeted}
+    scheme = recipe.observer_scheme()
+    cast = []
+    for key, (shape, _) in plan.saved.items():
+        e = src.tensors.get(key)
+        if e is None:
+            raise QuantizeError(f"{src.dir}: tensor {key} is missing from the checkpoint but {plan.architecture} "
+                                f"needs it (config.json does not match the weights); pass the complete checkpoint")
+        if e.shape != shape:
+            raise QuantizeError(f"{e.file}: tensor {key} has shape {list(e.shape)} but config.json implies "
+                                f"{list(shape)}; the config does not match the weights")
+        if key in weights:
+            if e.dtype != "BF16":
+                raise QuantizeError(
+                    f"{e.file}: tensor {key} is {e.dtype}, not BF16; pdqkit quantizes bf16 checkpoints: convert "
+                    f"it first (model.to(torch.bfloat16).save_pretrained(dir)) or --ignore that module")
+            if len(shape) != 2:
+                raise QuantizeError(f"{e.file}: targeted {key} is not a 2-D Linear weight (shape {list(shape)}); "
+                                    f"--ignore that module")
+            module = key.removesuffix(".weight")
+            try:
+                scheme.check_k(shape[1], module)
+            except ValueError:
+                raise QuantizeError(
+                    f"{e.file}: {module}: in_features K={shape[1]} is not a multiple of group_size "
+                    f"{recipe.group_size} (llmcompressor refuses it too); leave it in bf16 with --extra-ignore "
+                    f"{module} or pick a --group-size that divides K") from None
+        elif e.is_float and e.dtype != "BF16" and not _keeps_fp32(plan, key):
+            cast.append(key)
+    dropped = sorted(set(src.tensors) - set(plan.saved))
+    return dropped, cast
+
+
+def _keeps_fp32(plan: ModelPlan, key: str) -> bool:
+    parts = key.split(".")
+    return any(frag in parts or frag in key for frag in plan.keep_fp32)
+
+
+def _plan_outputs(plan: ModelPlan, src: SourceFiles, recipe: QuantRecipe, cast: set[str],
+                  quantizer: Quantizer) -> list[list[_Out]]:
+    """Output tensors grouped per module (a quantized Linear's three tensors stay together), saved-key order."""
+    weight_of = {f"{m}.weight": m for m in plan.targeted}
+    quantizer.reserve({m: src.tensors[w] for w, m in weight_of.items()})
+    groups = []
+    for key in plan.saved:
+        e = src.tensors[key]
+        m = weight_of.get(key)
+        if m is None:
+            c = key in cast
+            groups.append([_Out(key, "BF16" if c else e.dtype, e.shape, lambda e=e, c=c: passthrough_pieces(src, e, c))])
+            continue
+        n, k = e.shape
+        g = k if recipe.group_size == -1 else recipe.group_size
+        shape_t = torch.tensor([n, k], dtype=torch.int64)
+        blocks = row_blocks(n, k, quantizer.device.type)
+        groups.append([
+            _Out(f"{m}.weight_packed", "I32", (n, -(-k // PACK_FACTOR)), lambda m=m, e=e, b=blocks, k=k: [
+                Piece(lambda r0=r0, r1=r1: quantizer.packed(m, e, r0, r1), (r1 - r0) * k * 4) for r0, r1 in b]),
+            _Out(f"{m}.weight_scale", "BF16", (n, k // g), lambda m=m, e=e, b=blocks: [
+                Piece(lambda r0=r0, r1=r1: quantizer.scale(m, e, r0, r1), 0, pooled=False) for r0, r1 in b]),
+            _Out(f"{m}.weight_shape", "I64", (2,), lambda t=shape_t: [Piece(lambda: tensor_bytes(t), 0, pooled=False)]),
+        ])
+    return groups
+
+
+def _nbytes(o: _Out) -> int:
+    return prod(o.shape) * ST_DTYPES[o.dtype].itemsize
+
+
+def _shard(groups: list[list[_Out]], max_bytes: int) -> list[list[_Out]]:
+    """Fill shards in order, never splitting a group (transformers' split_torch_state_dict_into_shards rule)."""
+    shards, cur, size = [], [], 0
+    for grp in groups:
+        b = sum(_nbytes(o) for o in grp)
+        if cur and size + b > max_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.extend(grp)
+        size += b
+    if cur or not shards:
+        shards.append(cur)
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+
+
+def _tool_info() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("pdqkit")
+    except PackageNotFoundError:
+        ver = _pyproject_version()
+    info = {"name": "pdqkit", "version": ver}
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / ".git").exists():
+        try:
+            sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=10).stdout.strip()
+            if sha:
+                info["git"] = sha
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+def _pyproject_version() -> str:
+    import tomllib
+
+    f = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        return tomllib.loads(f.read_text())["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
+
+
+def _created() -> dict:
+    """``{"created": ...}`` from SOURCE_DATE_EPOCH only: outputs stay byte-identical across runs."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        return {}
+    import datetime as dt
+
+    return {"created": dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _check_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise QuantizeError(f"--device {device}: no CUDA device is visible (torch.cuda.is_available() is "
+                                f"False); use --device cpu (same bytes)")
+        return device
+    raise QuantizeError(f"--device {device!r}: use cpu or cuda")
+
+
+def _workers(device: str) -> int:
+    if device != "cpu":
+        return 2  # the GPU computes; a second thread keeps the reads and passthrough chunks ahead of it
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+MAX_AHEAD_BYTES = 64 << 20  # bytes in flight ahead of the writer (bounds the peak RSS)
+
+
+def _write_shards(tmp: Path, shards: list[list[_Out]], workers: int, bar) -> tuple[dict, dict, int]:
+    """Stream every shard file; returns ({file: sha256}, {tensor: file}, total tensor bytes)."""
+    names = ([SINGLE_NAME] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    hashes, weight_map, total = {}, {}, 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdqkit-work") as pool:
+        for fname, shard in zip(names, shards):
+            w = SafetensorsFileWriter(tmp / fname, {o.name: (o.dtype, o.shape) for o in shard})
+            try:
+                stream_file(w, {o.name: o.pieces() for o in shard}, pool, max_inflight=4 * workers + 4,
+                            max_bytes=MAX_AHEAD_BYTES, on_tensor=lambda name: bar.update(1))
+                hashes[fname] = w.close()
+            except BaseException:
+                w.abort()
+                raise
+            weight_map.update({o.name: fname for o in shard})
+            total += sum(_nbytes(o) for o in shard)
+    return hashes, weight_map, total
+
+
+class _InputHasher:
+    """sha256 of the input files in a background thread, started before the slow imports of the planning step
+    (hashlib releases the GIL: the second core hashes while the first imports transformers); cancellable."""
+
+    def __init__(self, files: list[Path], chunk: int = 16 << 20):
+        self._stop = threading.Event()
+        self._hashes: dict[str, str] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(files, chunk), name="pdqkit-sha256-in", daemon=True)
+        self._thread.start()
+
+    def _run(self, files: list[Path], chunk: int) -> None:
+        try:
+            for f in files:
+                h = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    while not self._stop.is_set() and (block := fh.read(chunk)):
+                        h.update(block)
+                self._hashes[f.name] = h.hexdigest()
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self._error = e
+
+    def result(self) -> dict[str, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return dict(self._hashes)
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe: QuantRecipe | None = None, *,
+                        device: str = "cpu", force: bool = False,
+                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                        progress: bool = False, vllm_max_model_len: int = 8192) -> QuantizeResult:
+    """Quantize bf16 checkpoint dir ``ckpt`` into a pack-quantized checkpoint dir ``out`` (see module doc).
+
+    Raises :class:`QuantizeError` (nothing written) for bad input or options.
+    """
+    t0 = time.perf_counter()
+    recipe = recipe or QuantRecipe()
+    ckpt, out = Path(ckpt).absolute(), Path(out).absolute()
+    device = _check_device(device)
+    max_bytes = parse_size(max_shard_size)
+    if out == ckpt or ckpt in out.parents or out in ckpt.parents:
+        raise QuantizeError(f"{out}: the output directory must not be, contain or lie inside the input {ckpt}")
+    if out.exists() and not force:
+        raise QuantizeError(f"{out}: output directory exists; pass --force to replace it")
+    load_config(ckpt)  # cheap checks first: a bad config.json is reported before the weights
+    threads = torch.get_num_threads()
+    with SourceFiles(ckpt) as src:
+        hasher = _InputHasher(src.files)
+        try:
+            plan = plan_model(ckpt, recipe.targets, recipe.ignore)
+            qcfg = quantization_config(plan.model, plan.targeted, recipe)
+            dropped, cast = _check_inputs(plan, src, recipe)
+            quantizer = Quantizer(src, recipe.observer_scheme(), device)
+            shards = _shard(_plan_outputs(plan, src, recipe, set(cast), quantizer), max_bytes)
+            n_tensors = sum(len(s) for s in shards)
+            if device == "cpu":
+                torch.set_num_threads(1)  # parallel over weights instead (see pack.pipeline)
+            with atomic_output_dir(out, force=force) as tmp:
+                bar = _progress(n_tensors, progress)
+                t_stream = time.perf_counter()
+                out_hashes, weight_map, total = _write_shards(tmp, shards, _workers(device), bar)
+                t_stream = time.perf_counter() - t_stream
+                bar.close()
+                if len(shards) > 1:
+                    n_params = sum(prod(o.shape) for sh in shards for o in sh)
+                    json_dump({"metadata": {"total_parameters": n_params, "total_size": total},
+                               "weight_map": dict(sorted(weight_map.items()))}, tmp / INDEX_NAME)
+                step = lineage_step(
+                    "quant", method=recipe.method, format="compressed-tensors/pack-quantized",
+                    config_groups=recipe.config_groups(), ignore=list(recipe.ignore), rounding_mode=recipe.rounding,
+                    equivalent_to=EQUIVALENT_TO[recipe.rounding], calibration=[], tool=_tool_info(),
+                    input_dir=ckpt.name,
+                    input_sha256=hasher.result(), output_sha256=out_hashes, **_created())
+                _write_metadata(tmp, ckpt, plan, recipe, qcfg, step, out_hashes, total, vllm_max_model_len)
+                bytes_out = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+        finally:
+            torch.set_num_threads(threads)
+            hasher.cancel()
+        bytes_in = src.nbytes
+    n_mod = len(plan.targeted)
+    return QuantizeResult(out=out, quantized_modules=n_mod, quantized_tensors=3 * n_mod,
+                          kept_tensors=n_tensors - 3 * n_mod, dropped=dropped, cast=cast, bytes_in=bytes_in,
+                          bytes_out=bytes_out, seconds=time.perf_counter() - t0, peak_rss=_peak_rss(),
+                          files_sha256=out_hashes, stream_seconds=t_stream)
+
+
+def _write_metadata(tmp: Path, ckpt: Path, plan: ModelPlan, recipe: QuantRecipe, qcfg: dict, step: dict,
+                    out_hashes: dict, total: int, vllm_max_model_len: int) -> None:
+    """Aux files, lineage + quant_recipe.json, vllm_config.yaml, model card; config.json last."""
+    copy_aux_files(ckpt, tmp)
+    lineage = write_lineage(tmp, read_lineage(ckpt), step)
+    json_dump({"schema": RECIPE_SCHEMA, **_created(), "tool": step["tool"], "source_lineage": lineage},
+              tmp / RECIPE_FILE)
+    (tmp / "vllm_config.yaml").write_text(card.vllm_config_yaml(plan, vllm_max_model_len))
+    (tmp / "README.md").write_text(card.model_card(plan, recipe, qcfg, lineage, quantized_modules=len(plan.targeted),
+                                                   files=out_hashes, total_bytes=total))
+    # config.json last: a temp dir left by a killed run never looks like a loadable checkpoint
+    config = dict(plan.config)
+    config["quantization_config"] = qcfg
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tensor", desc="quantize", dynamic_ncols=True)

@@ -1,0 +1,231 @@
+"""Bad input: one clear line naming the file/tensor and the fix, exit status 2, no traceback, nothing left
+behind (no output dir, no temp dir); ``kill -9`` mid-write leaves no checkpoint-looking directory."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pack.quantize import main
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHT = "model.layers.0.mlp.down_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """Text-only micro Gemma-4 (KV-shared layers, PLE), bf16."""
+    from bench.factory import save_random_checkpoint
+
+    return save_random_checkpoint("micro", tmp_path_factory.mktemp("src") / "micro", vocab_size=16384)
+
+
+@pytest.fixture
+def ckpt(pristine, tmp_path) -> Path:
+    d = tmp_path / "in"
+    shutil.copytree(pristine, d)
+    return d
+
+
+def _fails(capsys, args, *needles) -> str:
+    """Run the CLI in-process; assert exit 2, a single 'error:' line holding ``needles``, nothing written."""
+    out = Path(args[args.index("-o") + 1]) if "-o" in args else None
+    capsys.readouterr()  # drop what fixtures printed
+    rc = main([*map(str, args), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return err
+
+
+def _edit_weights(d: Path, fn) -> None:
+    f = d / "model.safetensors"
+    t = load_file(f)
+    fn(t)
+    save_file(t, f, metadata={"format": "pt"})
+
+
+def _edit_config(d: Path, fn) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    fn(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_config(ckpt, tmp_path, capsys):
+    (ckpt / "config.json").unlink()
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "config.json: missing")
+
+
+def test_garbled_config(ckpt, tmp_path, capsys):
+    (ckpt / "config.json").write_text('{"model_type": "gemma4_text", ')
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "config.json: not valid JSON")
+
+
+def test_missing_input_dir(tmp_path, capsys):
+    _fails(capsys, [tmp_path / "nope", "-o", tmp_path / "o"], "no such checkpoint directory")
+
+
+def test_truncated_safetensors(ckpt, tmp_path, capsys):
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "model.safetensors: not a valid safetensors file", "truncated")
+
+
+def test_lying_header(ckpt, tmp_path, capsys):
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    a, b = header[WEIGHT]["data_offsets"]
+    header[WEIGHT]["data_offsets"] = [a, b + 64]  # points past its neighbour
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    f.write_bytes(len(hb).to_bytes(8, "little") + hb + data[8 + n:])
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "model.safetensors: not a valid safetensors file")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_weight(ckpt, tmp_path, capsys, value):
+    def poison(t):
+        t[WEIGHT][3, 17] = value
+    _edit_weights(ckpt, poison)
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], WEIGHT, "NaN/Inf", "[3, 17]")
+
+
+def test_nan_passthrough(ckpt, tmp_path, capsys):
+    def poison(t):
+        t["model.embed_tokens.weight"][5, 5] = float("nan")
+    _edit_weights(ckpt, poison)
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "model.embed_tokens.weight holds NaN")
+
+
+def test_k_not_multiple_of_group(tmp_path, capsys):
+    from bench.factory import save_random_checkpoint
+
+    d = save_random_checkpoint("micro", tmp_path / "odd", intermediate_size=320, vocab_size=512)
+    err = _fails(capsys, [d, "-o", tmp_path / "o"], "model.layers.0.mlp.down_proj", "K=320")
+    assert "not a multiple of group_size 128" in err and "--extra-ignore model.layers.0.mlp.down_proj" in err
+    # the fix the message gives works (here for every layer's down_proj)
+    assert main([str(d), "-o", str(tmp_path / "o"), "--no-progress", "--extra-ignore", "re:.*down_proj"]) == 0
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.down_proj" in cfg["ignore"]
+
+
+def test_fp32_linear_weight(ckpt, tmp_path, capsys):
+    _edit_weights(ckpt, lambda t: t.__setitem__(WEIGHT, t[WEIGHT].float()))
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], WEIGHT, "is F32, not BF16", "torch.bfloat16")
+
+
+def test_fp32_config_dtype(ckpt, tmp_path, capsys):
+    _edit_config(ckpt, lambda c: c.__setitem__("dtype", "float32"))
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "config.json: dtype is 'float32'", "bfloat16")
+
+
+def test_fp32_passthrough_is_cast(ckpt, tmp_path, capsys):
+    norm = "model.layers.0.input_layernorm.weight"
+    orig = load_file(ckpt / "model.safetensors")[norm]
+    _edit_weights(ckpt, lambda t: t.__setitem__(norm, t[norm].float() + 1e-4))
+    assert main([str(ckpt), "-o", str(tmp_path / "o"), "--no-progress"]) == 0
+    got = load_file(tmp_path / "o" / "model.safetensors")[norm]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, (orig.float() + 1e-4).bfloat16())
+
+
+def test_already_quantized(ckpt, tmp_path, capsys):
+    assert main([str(ckpt), "-o", str(tmp_path / "q"), "--no-progress"]) == 0
+    capsys.readouterr()
+    _fails(capsys, [tmp_path / "q", "-o", tmp_path / "o"], "already quantized")
+    # same when only the tensors say so
+    q = tmp_path / "q"
+    _edit_config(q, lambda c: c.pop("quantization_config"))
+    _fails(capsys, [q, "-o", tmp_path / "o"], "is already quantized", ".weight_")
+
+
+def test_output_exists(ckpt, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc = main([str(ckpt), "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "output directory exists; pass --force" in err and (out / "keep.txt").is_file()
+    assert main([str(ckpt), "-o", str(out), "--no-progress", "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_output_inside_input(ckpt, capsys):
+    _fails(capsys, [ckpt, "-o", ckpt / "sub"], "must not be, contain or lie inside the input")
+
+
+@pytest.mark.parametrize("arch, model_type, needle", [
+    ("FooForCausalLM", "gemma4_text", "unknown architecture 'FooForCausalLM'"),
+    ("FooForCausalLM", "foo", "cannot read this config (model_type 'foo'"),
+])
+def test_unknown_architecture(ckpt, tmp_path, capsys, arch, model_type, needle):
+    _edit_config(ckpt, lambda c: c.update(architectures=[arch], model_type=model_type))
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], needle)
+
+
+def test_config_does_not_match_weights(ckpt, tmp_path, capsys):
+    _edit_weights(ckpt, lambda t: t.pop("model.layers.2.self_attn.o_proj.weight"))
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "model.layers.2.self_attn.o_proj.weight is missing")
+    _edit_config(ckpt, lambda c: c.update(intermediate_size=768))
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "has shape", "config.json implies")
+
+
+def test_config_transformers_cannot_build(ckpt, tmp_path, capsys):
+    _edit_config(ckpt, lambda c: c.update(num_hidden_layers=7, layer_types=c["layer_types"] + ["sliding_attention"]))
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "config.json: transformers cannot build Gemma4ForCausalLM")
+
+
+def test_bad_options(ckpt, tmp_path, capsys):
+    _fails(capsys, [ckpt, "-o", tmp_path / "o", "--group-size", "100"], "--group-size")
+    _fails(capsys, [ckpt, "-o", tmp_path / "o", "--device", "tpu"], "--device 'tpu'")
+    _fails(capsys, [ckpt, "-o", tmp_path / "o", "--max-shard-size", "lots"], "--max-shard-size")
+    if not torch.cuda.is_available():
+        _fails(capsys, [ckpt, "-o", tmp_path / "o", "--device", "cuda"], "no CUDA device")
+
+
+def test_cli_process_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pack.quantize", str(tmp_path / "nope"), "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_sigkill_mid_write_leaves_no_checkpoint(tmp_path):
+    from bench.factory import save_random_checkpoint
+
+    # large embeddings (~170 MB file): the write lasts long enough to be caught in the act
+    ckpt = save_random_checkpoint("micro", tmp_path / "big-vocab", vocab_size=131072)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pack.quantize", str(ckpt), "-o", str(out), "--no-progress"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    killed_mid_write = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        tmp = [p for p in tmp_path.glob(f".{out.name}.tmp-*/model.safetensors") if p.stat().st_size > 0]
+        if tmp:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_mid_write = True
+            break
+        time.sleep(0.001)
+    proc.wait()
+    assert killed_mid_write, "the run finished before it could be killed mid-write"
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    for p in tmp_path.iterdir():  # only the input and the hidden, config-less temp dir remain
+        if p.name != ckpt.name:
+            assert p.name.startswith(f".{out.name}.tmp-") and not (p / "config.json").exists(), p
