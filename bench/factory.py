@@ -71,13 +71,20 @@ def model_config(scale: str, multimodal: bool = False, **overrides):
         return tc
     from transformers import Gemma4Config
 
-    towers = {} if scale == "e4b" else dict(vision_config=_VISION_TINY, audio_config=_AUDIO_TINY)
+    # e4b: transformers' default tower configs (E4B's); an empty dict selects them (None would mean no tower)
+    towers = dict(vision_config={}, audio_config={}) if scale == "e4b" else dict(vision_config=_VISION_TINY,
+                                                                                    audio_config=_AUDIO_TINY)
     return Gemma4Config(text_config=tc.to_dict(), tie_word_embeddings=True, **towers)
 
 
 def build_model(scale: str, multimodal: bool = False, seed: int = 0, dtype=torch.bfloat16, device="cpu",
                 **overrides):
-    """A randomly initialised model of ``scale`` (deterministic in ``seed``), cast to ``dtype``."""
+    """A randomly initialised model of ``scale`` (deterministic in ``seed``), cast to ``dtype``.
+
+    The weights are drawn in fp32 and rounded to ``dtype``; the module is then laid out the way
+    ``from_pretrained(dtype=...)`` lays out a loaded one (built under ``dtype`` as default dtype, so its
+    computed buffers, e.g. RoPE ``inv_freq`` in fp32, match), so that the model computes exactly like its
+    checkpoint once loaded (a plain ``model.to(bf16)`` would round the RoPE frequencies to bf16)."""
     from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
     cfg = model_config(scale, multimodal, **overrides)
@@ -85,7 +92,19 @@ def build_model(scale: str, multimodal: bool = False, seed: int = 0, dtype=torch
     torch.manual_seed(seed)
     with torch.device(device):
         model = cls(cfg)
-    return model.to(dtype).eval()
+    if dtype == torch.float32 or str(device) == "meta":
+        return model.to(dtype).eval()
+    try:  # skip the second random init (only a speed-up: every weight is overwritten below)
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        no_init_weights = contextlib.nullcontext
+    with torch.device(device), no_init_weights():
+        laid_out = cls._from_config(cfg, dtype=dtype)
+    laid_out.load_state_dict(model.state_dict())
+    laid_out.tie_weights()  # load_state_dict copies lm_head into its own tensor: re-tie it as from_pretrained does
+    return laid_out.eval()
 
 
 def save_random_checkpoint(scale: str, out, multimodal: bool = False, seed: int = 0, force: bool = False,

@@ -6,6 +6,8 @@ import importlib.util
 import pytest
 import torch
 
+pytest_plugins = ["tests.bench_fixtures"]  # session fixture `trained_micro` (bench evaluation bed)
+
 
 def pytest_collection_modifyitems(config, items):
     has_cuda = torch.cuda.is_available()

@@ -1,0 +1,325 @@
+"""The quality pipeline of the evaluation bed, for the GPU machine: train -> eval -> quantize -> prune -> distill.
+
+Stages (``--stages``, comma-separated, default all; or env ``STAGES``), each optional and skipped with a
+reason when its tool is missing:
+
+=========  ==========================================================================================
+train      ``python -m bench.train --scale small -o WORK/base --device cuda`` (<= 280 s training loop)
+eval       the base against itself + the unigram baseline (ppl of the validation split)
+quant      ``python -m pack.quantize WORK/base -o WORK/base-w4a16 --device cuda``; eval (goal: ppl <= +8 %)
+prune      ``python -m prune WORK/base -o WORK/pruned-C --ratio 0.2 --criterion C`` per criterion; eval each
+distill    ``python -m distill --teacher WORK/base --student WORK/pruned-A -o WORK/distill1 --phase 1``, then
+           ``--student WORK/distill1 -o WORK/distill2 --phase 2``; eval each
+final      ``python -m pack.quantize`` of the last distilled (else pruned) checkpoint; eval
+=========  ==========================================================================================
+
+Every checkpoint is evaluated by :func:`bench.eval.evaluate` against the bf16 base as teacher (ppl, KL,
+top1, greedy agreement), on all validation tokens. Numbers go to ``$OUT/quality.json``, rewritten after every
+stage (a run cut short keeps what it measured; a copy in ``--work`` carries them to the next call on the
+same warm machine, so call 2's quality.json holds both calls' numbers), and a table is printed at the end. Checkpoints stay in
+``--work`` (default /tmp/pdq-quality: outside the repo, kept while the GPU machine stays warm) — they cannot
+come back from the device; only ``$OUT`` files do (quality.json, pipeline.log, train_log.json).
+
+One ``run`` call may last 10 minutes, so split the work (same warm machine, ``--work`` persists)::
+
+    # call 1 (~7 min): corpus + tokenizer build, train small, eval, quantize
+    python bench/gpu/quality_pipeline.py --stages train,eval,quant
+    # call 2: the other stages on the same base
+    python bench/gpu/quality_pipeline.py --stages prune,distill,final
+
+``--deadline S`` (default 570) skips stages that would start after S seconds of this call and bounds each
+subprocess, so the JSON is always written before the call's limit. Extra arguments per tool:
+``--train-args``, ``--prune-args``, ``--distill1-args``, ``--distill2-args`` (shell-quoted strings).
+CPU smoke run of the plumbing: ``--scale micro --device cpu --train-args "--steps 20"``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+STAGES = ("train", "eval", "quant", "prune", "distill", "final")
+QUANT_GOAL_PCT = 8.0
+
+
+class Pipeline:
+    def __init__(self, args):
+        self.a = args
+        self.work = Path(args.work)
+        self.out = Path(args.out)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+        self.log_f = open(self.out / "pipeline.log", "a")
+        # numbers of earlier calls on this warm machine live on in WORK/quality.json (OUT is new each call)
+        qf = next((f for f in (self.out / "quality.json", self.work / "quality.json") if f.is_file()), None)
+        self.q = json.loads(qf.read_text()) if qf else {
+            "schema": "pdqkit_bench_quality/1", "stages": {}, "rows": {}, "goals": {}}
+        self.base = Path(args.base) if args.base else self.work / "base"
+        self._teacher = None
+
+    # ---------------------------------------------------------------------------------------- plumbing
+    def log(self, msg: str) -> None:
+        line = f"[{time.time() - self.t0:6.1f}s] {msg}"
+        print(line, flush=True)
+        self.log_f.write(line + "\n")
+        self.log_f.flush()
+
+    def left(self) -> float:
+        return self.a.deadline - (time.time() - self.t0)
+
+    def save(self) -> None:
+        from bench.cache import write_json_atomic
+
+        write_json_atomic(self.q, self.out / "quality.json")
+        write_json_atomic(self.q, self.work / "quality.json")
+
+    def stage(self, name: str, status: str, **info) -> None:
+        self.q["stages"][name] = {"status": status, **info}
+        self.log(f"stage {name}: {status} {json.dumps(info, sort_keys=True) if info else ''}")
+        self.save()
+
+    def run(self, name: str, cmd: list[str], min_s: float = 30) -> bool:
+        """Run a tool; its output goes to pipeline.log. False (stage marked failed/skipped) on error."""
+        budget = self.left()
+        if budget < min_s:
+            self.stage(name, "skipped", reason=f"deadline: {budget:.0f}s left, needs >= {min_s:.0f}s")
+            return False
+        self.log("$ " + shlex.join(cmd))
+        t = time.time()
+        try:
+            r = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               timeout=budget - 10)
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
+            self.log_f.write(out[-20000:] + "\n")
+            self.stage(name, "failed", reason="timeout (deadline)", seconds=round(time.time() - t, 1))
+            return False
+        self.log_f.write(r.stdout[-50000:] + "\n")
+        tail = "\n".join(r.stdout.strip().splitlines()[-3:])
+        if r.returncode != 0:
+            self.stage(name, "failed", rc=r.returncode, seconds=round(time.time() - t, 1), tail=tail[-1500:])
+            return False
+        self.stage(name, "ok", seconds=round(time.time() - t, 1), tail=tail[-600:])
+        return True
+
+    def have(self, module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            return False
+
+    def evaluate(self, label: str, ckpt: Path) -> dict | None:
+        """Evaluate ``ckpt`` against the base (teacher); store its row under ``label``."""
+        from bench.eval import evaluate
+
+        if not (ckpt / "config.json").is_file():
+            self.log(f"eval {label}: {ckpt} missing, skipped")
+            return None
+        if self.left() < 20:
+            self.log(f"eval {label}: deadline, skipped")
+            return None
+        want_unigram = "unigram_ppl" not in self.q
+        rep = evaluate([ckpt], teacher=self.base, device=self.a.device, max_tokens=self.a.eval_tokens or None,
+                       prompts=self.a.prompts, new_tokens=self.a.new_tokens, unigram=want_unigram,
+                       log=self.log)
+        row = rep["rows"][0]
+        row["label"] = label
+        self.q["rows"][label] = row
+        for k in ("corpus_sha256", "tokenizer_sha256", "seq_len", "windows", "new_tokens", "prompts"):
+            self.q.setdefault("eval", {})[k] = rep[k]
+        if want_unigram:
+            self.q["unigram_ppl"] = rep["unigram_ppl"]
+        self.log(f"eval {label}: ppl {row['ppl']:.3f}  KL {row['kl']:.4f}  top1 {row['top1']:.3f}  "
+                 f"greedy {row['greedy']:.3f}  ({row['tokens']} tokens, {row['seconds']:.1f}s)")
+        self.goals()
+        self.save()
+        return row
+
+    def goals(self) -> None:
+        rows, g = self.q["rows"], self.q["goals"]
+        base = rows.get("base")
+        if base is None:
+            return
+        g["base_vs_unigram"] = {"ppl": base["ppl"], "unigram_ppl": self.q.get("unigram_ppl")}
+        if "base-w4a16" in rows:
+            pct = 100 * (rows["base-w4a16"]["ppl"] / base["ppl"] - 1)
+            g["quant_ppl_change_pct"] = {"value": pct, "goal": f"<= +{QUANT_GOAL_PCT}%", "met": pct <= QUANT_GOAL_PCT}
+        pruned = {k: v for k, v in rows.items() if k.startswith("pruned-")}
+        if pruned:
+            g["prune_ppl_change_pct"] = {k: 100 * (v["ppl"] / base["ppl"] - 1) for k, v in pruned.items()}
+        src = rows.get(f"pruned-{self.a.distill_from}")
+        for d in ("distill1", "distill2"):
+            if d in rows and src is not None and src["ppl"] > base["ppl"]:
+                # fraction of the pruning damage (ppl gap to the base) that distillation won back
+                g[f"{d}_recovered"] = (src["ppl"] - rows[d]["ppl"]) / (src["ppl"] - base["ppl"])
+        last = "distill2" if "distill2" in rows else "distill1" if "distill1" in rows else None
+        if last and f"{last}-w4a16" in rows:
+            g["final_quant_ppl_change_pct"] = 100 * (rows[f"{last}-w4a16"]["ppl"] / rows[last]["ppl"] - 1)
+
+    # ---------------------------------------------------------------------------------------- stages
+    def s_train(self):
+        if self.a.base:
+            self.stage("train", "skipped", reason=f"--base {self.a.base} given")
+            return
+        cmd = [sys.executable, "-m", "bench.train", "--scale", self.a.scale, "-o", str(self.base), "--force",
+               "--device", self.a.device, "--log-json", str(self.out / "train_log.json"),
+               *shlex.split(self.a.train_args)]
+        if self.run("train", cmd, min_s=120 if self.a.scale == "small" else 10):
+            self.q["rows"], self.q["goals"] = {}, {}  # a new base: earlier rows no longer apply
+            self.q.pop("unigram_ppl", None)
+            log = json.loads((self.base / "train_log.json").read_text())
+            self.q["train"] = {k: log[k] for k in ("steps", "steps_planned", "tokens_seen", "train_seconds",
+                                                   "tokens_per_s", "params", "final", "device_name", "config")}
+            self.q["train"]["valid_curve"] = log["valid_curve"]
+            self.save()
+
+    def s_eval(self):
+        self.evaluate("base", self.base)
+
+    def _quantize(self, src: Path, label: str):
+        if not self.have("pack.quantize"):
+            self.stage(label, "skipped", reason="pack.quantize not available")
+            return
+        dst = self.work / f"{src.name}-w4a16"
+        if self.run(label, [sys.executable, "-m", "pack.quantize", str(src), "-o", str(dst), "--device",
+                            self.a.device, "--force", "--no-progress"], min_s=30):
+            self.evaluate(f"{src.name}-w4a16", dst)
+
+    def s_quant(self):
+        self._quantize(self.base, "quant")
+
+    def s_prune(self):
+        if not self.have("prune.__main__"):
+            self.stage("prune", "skipped", reason="prune not available")
+            return
+        crit = self.a.criteria.split(",") if self.a.criteria else list(_prune_criteria())
+        for c in crit:
+            dst = self.work / f"pruned-{c}"
+            if self.run(f"prune-{c}", [sys.executable, "-m", "prune", str(self.base), "-o", str(dst), "--ratio",
+                                       str(self.a.ratio), "--criterion", c, "--device", self.a.device, "--force",
+                                       "--no-progress", *shlex.split(self.a.prune_args)], min_s=30):
+                self.evaluate(f"pruned-{c}", dst)
+
+    def s_distill(self):
+        if not self.have("distill.__main__"):
+            self.stage("distill", "skipped", reason="distill not available")
+            return
+        student = self.work / f"pruned-{self.a.distill_from}"
+        if not (student / "config.json").is_file():
+            self.stage("distill", "skipped", reason=f"{student} missing (run the prune stage)")
+            return
+        for phase, src, extra in ((1, student, self.a.distill1_args), (2, self.work / "distill1",
+                                                                       self.a.distill2_args)):
+            dst = self.work / f"distill{phase}"
+            ok = self.run(f"distill{phase}", [sys.executable, "-m", "distill", "--teacher", str(self.base),
+                                              "--student", str(src), "-o", str(dst), "--phase", str(phase),
+                                              "--device", self.a.device, "--force", *shlex.split(extra)],
+                          min_s=60)
+            if not ok:
+                return
+            self.evaluate(f"distill{phase}", dst)
+
+    def s_final(self):
+        for name in ("distill2", "distill1", f"pruned-{self.a.distill_from}"):
+            if (self.work / name / "config.json").is_file():
+                return self._quantize(self.work / name, "final")
+        self.stage("final", "skipped", reason="no distilled or pruned checkpoint in --work")
+
+    # ---------------------------------------------------------------------------------------- main
+    def table(self) -> str:
+        from bench.eval import format_table
+
+        order = ["base", "base-w4a16", *sorted(k for k in self.q["rows"] if k.startswith("pruned-") and
+                                               not k.endswith("w4a16")),
+                 "distill1", "distill2", *sorted(k for k in self.q["rows"] if k.startswith("distill") and
+                                                 k.endswith("w4a16")),
+                 *sorted(k for k in self.q["rows"] if k.startswith("pruned-") and k.endswith("w4a16"))]
+        rows = [dict(self.q["rows"][k], name=k) for k in dict.fromkeys(order) if k in self.q["rows"]]
+        t = format_table({"rows": rows, "unigram_ppl": self.q.get("unigram_ppl")})
+        return t + "\n" + "\n".join(f"{k}: {json.dumps(v, sort_keys=True)}" for k, v in self.q["goals"].items())
+
+    def main(self, stages) -> int:
+        import torch
+
+        self.q.update(device=torch.cuda.get_device_name() if self.a.device.startswith("cuda") else "cpu",
+                      torch=torch.__version__, python=sys.version.split()[0], base=str(self.base))
+        try:
+            from bench.corpus import corpus_sha256
+            from bench.tokenizer import get_tokenizer
+
+            t = time.time()
+            self.q["corpus_sha256"] = corpus_sha256()
+            get_tokenizer(self.a.scale)
+            self.stage("corpus", "ok", seconds=round(time.time() - t, 1), sha256=self.q["corpus_sha256"])
+        except Exception as e:  # the corpus/tokenizer pin failed: nothing downstream is comparable
+            self.stage("corpus", "failed", reason=f"{type(e).__name__}: {e}")
+            return 2
+        if "eval" not in stages and "base" not in self.q["rows"] and any(
+                s in stages for s in ("quant", "prune", "distill", "final")):
+            i = stages.index("train") + 1 if "train" in stages else 0  # the base row is every comparison's
+            stages = [*stages[:i], "eval", *stages[i:]]  # reference: evaluate the base before the rest
+        for s in stages:
+            if s != "train" and not (self.base / "config.json").is_file():
+                self.stage(s, "skipped", reason=f"no base checkpoint at {self.base}")
+                continue
+            try:
+                getattr(self, f"s_{s}")()
+            except Exception as e:  # record and go on with the next stage
+                self.stage(s, "failed", reason=f"{type(e).__name__}: {e}")
+        self.q["seconds"] = round(time.time() - self.t0, 1)
+        self.save()
+        print(self.table(), flush=True)
+        return 0 if all(v["status"] != "failed" for v in self.q["stages"].values()) else 1
+
+
+def _prune_criteria():
+    try:
+        from prune.config import CRITERIA
+
+        return CRITERIA
+    except ImportError:
+        return ("activation", "wanda", "magnitude", "random")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python bench/gpu/quality_pipeline.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--stages", default=os.environ.get("STAGES", ",".join(STAGES)),
+                    help=f"comma-separated subset of {','.join(STAGES)} (env STAGES)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "quality-out"), help="where JSON/logs go (env OUT)")
+    ap.add_argument("--work", default=os.environ.get("PDQ_WORK", "/tmp/pdq-quality"),
+                    help="where checkpoints go (env PDQ_WORK)")
+    ap.add_argument("--base", help="use this base checkpoint instead of training one")
+    ap.add_argument("--scale", choices=("small", "micro"), default="small")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--deadline", type=float, default=float(os.environ.get("DEADLINE", 570)),
+                    help="seconds this call may take (default 570: under the 600 s run limit)")
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--criteria", default="", help="prune criteria (default: all of prune.config.CRITERIA)")
+    ap.add_argument("--distill-from", default="activation", help="criterion whose pruned model is distilled")
+    ap.add_argument("--eval-tokens", type=int, default=0, help="validation tokens per eval (0: all)")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    for t in ("train", "prune", "distill1", "distill2"):
+        ap.add_argument(f"--{t}-args", default="", help=f"extra arguments for the {t} tool (one string)")
+    a = ap.parse_args(argv)
+    stages = [s for s in a.stages.split(",") if s]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        ap.error(f"unknown stage(s) {bad}; choose from {STAGES}")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of the tools would flood pipeline.log
+    return Pipeline(a).main(stages)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""bench.eval: metrics against independent computations; bf16 and pack-quantized checkpoints via the HF path."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from bench import eval as bench_eval
+from tests.bench_fixtures import trained_micro  # noqa: F401  (session fixture)
+
+QUICK = dict(max_tokens=1024, seq_len=128, batch_size=4, prompts=4, prompt_len=16, new_tokens=8, unigram=False)
+
+
+@pytest.fixture(scope="module")
+def random_micro(tmp_path_factory):
+    """An untrained micro checkpoint with the bench tokenizer: a student far from the trained teacher."""
+    from bench.factory import save_random_checkpoint
+    from bench.tokenizer import get_tokenizer
+
+    return save_random_checkpoint("micro", tmp_path_factory.mktemp("rand") / "random-micro", seed=7,
+                                  tokenizer=get_tokenizer("micro"))
+
+
+@pytest.fixture(scope="module")
+def quantized_micro(trained_micro, tmp_path_factory):
+    quantize = pytest.importorskip("pack.quantize", reason="pack.quantize (W4A16 writer) not available yet")
+    out = tmp_path_factory.mktemp("q") / "micro-w4a16"
+    assert quantize.main([str(trained_micro), "-o", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_model_against_itself_kl_zero_agreement_one(trained_micro):
+    rep = bench_eval.evaluate([trained_micro], teacher=trained_micro, log=lambda *a: None, **QUICK)
+    (row,) = rep["rows"]
+    assert row["kl"] == pytest.approx(0.0, abs=1e-7) and row["top1"] == 1.0
+    assert row["greedy"] == 1.0 and row["first_div"] == QUICK["new_tokens"]
+    assert row["tokens"] == rep["windows"] * (QUICK["seq_len"] - 1) == 8 * 127
+    lineage = json.loads((trained_micro / "pdqkit_lineage.json").read_text())["source_lineage"]
+    assert not row["quantized"] and row["params"] == lineage[-1]["params"]
+
+
+def test_ppl_and_kl_match_direct_computation(trained_micro, random_micro):
+    teacher, tok = bench_eval.load_model(trained_micro)
+    student, _ = bench_eval.load_model(random_micro)
+    windows = bench_eval.eval_windows(tok, 32, 64)  # 2 windows × 31 targets
+    r = bench_eval.evaluate_model(student, windows, teacher, batch_size=1)
+    with torch.no_grad():
+        hf_loss = torch.stack([student(input_ids=w[None], labels=w[None]).loss for w in windows])
+        lt = teacher(input_ids=windows).logits.double()[:, :-1].reshape(-1, 2048)
+        ls = student(input_ids=windows).logits.double()[:, :-1].reshape(-1, 2048)
+    # HF's own shifted cross-entropy (mean per window, equal-length windows)
+    assert r["tokens"] == 62 and r["nll"] / r["tokens"] == pytest.approx(hf_loss.mean().item(), rel=1e-5)
+    kl = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=lt),
+                                           torch.distributions.Categorical(logits=ls))
+    assert r["kl"] / r["tokens"] == pytest.approx(kl.mean().item(), rel=1e-5)
+    assert r["kl"] > 0.5  # a random student is far from the trained teacher
+    assert r["top1"] == (lt.argmax(-1) == ls.argmax(-1)).sum().item()
+
+
+def test_greedy_tokens_match_a_plain_argmax_loop(trained_micro):
+    model, tok = bench_eval.load_model(trained_micro)
+    prompts = bench_eval.prompt_windows(tok, 12, 2)
+    got = bench_eval.greedy_tokens(model, prompts, 6)
+    x = prompts.clone()
+    with torch.no_grad():
+        for _ in range(6):  # no KV cache, full recompute: independent of generate()
+            logits = model(input_ids=x, use_cache=False).logits[:, -1]
+            logits[:, tok.eos_token_id] = -float("inf")  # the harness suppresses EOS (fixed-length answers)
+            x = torch.cat([x, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, x[:, 12:])
+
+
+def test_greedy_agreement_and_unigram_helpers():
+    a = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [1, 1, 1, 1]])
+    b = torch.tensor([[1, 2, 9, 4], [5, 6, 7, 8], [2, 1, 1, 1]])
+    frac, first = bench_eval.greedy_agreement(a, b)
+    assert frac == pytest.approx(10 / 12) and first == pytest.approx((2 + 4 + 0) / 3)
+    train = np.array([0, 1, 1, 2, 2, 2, 5])
+    counts = bench_eval.unigram_counts(train, 6)
+    windows = torch.tensor([[9, 2, 1, 3], [9, 2, 2, 4]])  # the first token of a window is never a target
+    c, total, v = Counter(train.tolist()), len(train), 6
+    direct = math.exp(-sum(math.log((c[t] + 1) / (total + v)) for t in (2, 1, 3, 2, 2, 4)) / 6)
+    assert bench_eval.unigram_perplexity(counts, windows) == pytest.approx(direct, rel=1e-12)
+
+
+def test_pack_quantized_checkpoint_loads_through_hf(trained_micro, quantized_micro):
+    cfg = json.loads((quantized_micro / "config.json").read_text())
+    assert cfg["quantization_config"]["format"] == "pack-quantized"
+    rep = bench_eval.evaluate([trained_micro, quantized_micro], teacher=trained_micro, log=lambda *a: None,
+                              **QUICK)
+    bf16, q = rep["rows"]
+    assert q["quantized"] and not bf16["quantized"] and q["params"] == bf16["params"]
+    assert q["size_mb"] < 0.6 * bf16["size_mb"]
+    assert 0 < q["kl"] < 0.1 and q["top1"] > 0.8  # int4 g128: close to, not equal to, the bf16 model
+    assert abs(q["ppl"] / bf16["ppl"] - 1) < 0.1
+
+
+def test_cli_table_and_json(trained_micro, random_micro, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert bench_eval.main([str(trained_micro), str(random_micro), "--teacher", str(trained_micro), "--json",
+                            str(out), "--max-tokens", "512", "--prompts", "2", "--new-tokens", "4",
+                            "--no-unigram"]) == 0
+    table = capsys.readouterr().out
+    assert "ckpt" in table and "random-micro" in table
+    rep = json.loads(out.read_text())
+    assert [r["name"] for r in rep["rows"]] == ["ckpt", "random-micro"] and rep["seq_len"] == 128
+    assert rep["rows"][1]["ppl"] > rep["rows"][0]["ppl"] and rep["rows"][1]["kl"] > rep["rows"][0]["kl"] == 0
+    assert bench_eval.main([str(tmp_path / "missing")]) == 2
