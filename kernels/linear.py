@@ -1,0 +1,120 @@
+"""``W4A16Linear`` and :func:`swap_w4a16_linears`: run a transformers model loaded from a pack-quantized checkpoint
+on pdqkit's fast W4A16 GEMM (``torch.ops.pdqkit.w4a16_gemm``).
+
+What transformers 5.17 + compressed-tensors 0.19 leave after ``from_pretrained(<pack-quantized dir>)`` (default
+``dequantize=False``): every quantized ``nn.Linear`` still holds the checkpoint tensors as parameters
+``weight_packed [N, K/8] int32``, ``weight_scale [N, K/G]``, ``weight_shape [2]`` and no ``weight``; a forward
+pre-hook on the model (``model.ct_decompress_hook``) would decompress them all to bf16 on the first forward.
+:func:`swap_w4a16_linears` replaces those Linears by :class:`W4A16Linear` (same tensors, no copy beyond a dtype
+cast of the scales) and removes the hook. For a model that was already decompressed (``dequantize=True``, or
+after a first forward) pass ``checkpoint=`` to re-read the packed tensors from its safetensors files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import ops  # noqa: F401  (registers torch.ops.pdqkit.w4a16_gemm)
+
+__all__ = ["W4A16Linear", "swap_w4a16_linears"]
+
+
+class W4A16Linear(nn.Module):
+    """Linear layer with an int4 (group-wise, symmetric) weight in the compressed-tensors layout.
+
+    Buffers ``weight_packed [N, K/8] int32`` and ``weight_scale [N, K/G]`` (activation dtype), optional ``bias [N]``.
+    ``forward(x[..., K]) -> [..., N]`` calls ``torch.ops.pdqkit.w4a16_gemm`` (see its docstring for the numerics).
+    """
+
+    def __init__(self, weight_packed: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        dtype = dtype or weight_scale.dtype
+        self.out_features, self.in_features = weight_packed.shape[0], weight_packed.shape[1] * 8
+        self.register_buffer("weight_packed", weight_packed.contiguous())
+        self.register_buffer("weight_scale", weight_scale.to(dtype).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight_scale.dtype:
+            raise TypeError(f"W4A16Linear built for {self.weight_scale.dtype} activations got {x.dtype}; "
+                            "pass dtype= to swap_w4a16_linears")
+        return torch.ops.pdqkit.w4a16_gemm(x, self.weight_packed, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        g = self.in_features // self.weight_scale.shape[1]
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={g}, "
+                f"bias={self.bias is not None}, dtype={self.weight_scale.dtype}")
+
+
+def _fits(n: int, k: int) -> bool:
+    return n % 64 == 0 and k % 128 == 0
+
+
+def _checkpoint_reader(checkpoint: str | Path):
+    """``key -> tensor`` reader over a checkpoint dir's safetensors files (lazy, one file open per lookup)."""
+    from safetensors import safe_open
+
+    ckpt = Path(checkpoint)
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        where = {k: ckpt / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        files = sorted(ckpt.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{ckpt}: no *.safetensors files (expected a pack-quantized checkpoint dir)")
+        where = {}
+        for f in files:
+            with safe_open(f, framework="pt") as h:
+                where.update({k: f for k in h.keys()})
+
+    def read(key: str) -> torch.Tensor | None:
+        if key not in where:
+            return None
+        with safe_open(where[key], framework="pt") as h:
+            return h.get_tensor(key)
+
+    return read
+
+
+def swap_w4a16_linears(model: nn.Module, checkpoint: str | Path | None = None,
+                       dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every int4 pack-quantized Linear of ``model`` by :class:`W4A16Linear`; returns the swapped names.
+
+    Sources, per module: its own ``weight_packed``/``weight_scale`` parameters (a model as loaded, still
+    compressed), else — when ``checkpoint`` (a pack-quantized checkpoint dir) is given — the tensors
+    ``<name>.weight_packed``/``<name>.weight_scale`` read from its safetensors. ``dtype``: activation dtype
+    (default: the dtype of the model's first floating-point parameter). Linears whose shape the kernel refuses
+    (N % 64, K % 128) are left alone (and stay with compressed-tensors' decompression). The model's
+    compressed-tensors decompression hook is removed when nothing is left for it to decompress.
+    """
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
+    read = _checkpoint_reader(checkpoint) if checkpoint is not None else None
+    swapped, left = [], 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or isinstance(module, W4A16Linear):
+            continue
+        wp, ws = getattr(module, "weight_packed", None), getattr(module, "weight_scale", None)
+        compressed = wp is not None and ws is not None
+        if not compressed and read is not None:
+            wp, ws = read(f"{name}.weight_packed"), read(f"{name}.weight_scale")
+        if wp is None or ws is None or wp.dtype != torch.int32:
+            continue
+        n, k = wp.shape[0], wp.shape[1] * 8
+        if not _fits(n, k):
+            left += compressed
+            continue
+        device = next((t.device for t in module.parameters(recurse=False)), wp.device)
+        new = W4A16Linear(wp.detach().to(device), ws.detach().to(device), module.bias, dtype=dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        swapped.append(name)
+    hook = getattr(model, "ct_decompress_hook", None)
+    if hook is not None and swapped and not left:
+        hook.remove()
+        delattr(model, "ct_decompress_hook")
+    return swapped

@@ -1,0 +1,106 @@
+"""pdqkit's fast W4A16 GEMM: validation and the dispatcher by M (one screen).
+
+``y = x @ W'^T (+ bias)``, ``W' = RN_dtype((q - 8) * s)`` read straight from a compressed-tensors pack-quantized
+Linear: see :func:`w4a16_gemm` for the contract. Decode-sized M goes to the split-K kernel, prefill-sized M to the
+tiled wgmma kernel (or dequantize + cuBLAS), as the per-GPU tuned table says (:mod:`kernels.w4a16_config`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .w4a16_config import W4A16Config, select_config
+
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_w4a16_args(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> tuple[int, int, int]:
+    """Validate the operands of :func:`w4a16_gemm`; returns ``(N, K, group_size)`` or raises ``ValueError``."""
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"w4a16_gemm: x must be bfloat16 or float16, got {x.dtype}")
+    if weight_packed.dtype != torch.int32 or weight_packed.dim() != 2:
+        raise ValueError(f"w4a16_gemm: weight_packed must be int32 [N, K/8], got {weight_packed.dtype} "
+                         f"{tuple(weight_packed.shape)}")
+    n, k = weight_packed.shape[0], weight_packed.shape[1] * 8
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"w4a16_gemm: x's last dim {tuple(x.shape)[-1:]} != K = 8 * weight_packed.shape[1] = {k}")
+    if n % 64 or k % 128:
+        raise ValueError(f"w4a16_gemm: need N % 64 == 0 and K % 128 == 0, got N={n}, K={k} "
+                         "(pad the Linear or keep it in bf16)")
+    if weight_scale.dim() != 2 or weight_scale.shape[0] != n or k % weight_scale.shape[1]:
+        raise ValueError(f"w4a16_gemm: weight_scale must be [N={n}, K/G] with G dividing K={k}, got "
+                         f"{tuple(weight_scale.shape)}")
+    if weight_scale.dtype != x.dtype:
+        raise ValueError(f"w4a16_gemm: weight_scale dtype {weight_scale.dtype} != x dtype {x.dtype}; convert the "
+                         "scales once at load time (weight_scale.to(x.dtype))")
+    group = k // weight_scale.shape[1]
+    if group < k and group % 32:
+        raise ValueError(f"w4a16_gemm: group size {group} unsupported (need a multiple of 32, or channelwise)")
+    if not (weight_packed.is_contiguous() and weight_scale.is_contiguous()):
+        raise ValueError("w4a16_gemm: weight_packed and weight_scale must be contiguous (make them so at load time)")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
+        raise ValueError(f"w4a16_gemm: bias must be [{n}] of {x.dtype}, got {bias.dtype} {tuple(bias.shape)}")
+    devs = {t.device for t in (x, weight_packed, weight_scale, bias) if t is not None}
+    if len(devs) != 1:
+        raise ValueError(f"w4a16_gemm: operands on different devices: {sorted(map(str, devs))}")
+    return n, k, group
+
+
+def w4a16_reference(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-torch reference: :func:`pack.packing.dequantize` -> fp32 matmul (+ bias) -> one rounding to x.dtype."""
+    from pack.packing import dequantize
+
+    n, k = weight_packed.shape[0], weight_packed.shape[1] * 8
+    w = dequantize(weight_packed, weight_scale, (n, k)).float()
+    y = x.reshape(-1, k).float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None, config: W4A16Config | None = None) -> torch.Tensor:
+    """``y[..., N] = x[..., K] @ W'^T (+ bias)`` — see :func:`kernels.ops.w4a16_gemm` for the full contract.
+
+    ``config`` forces a launch configuration (tests, tuning); otherwise the tuned table / heuristic decides by M.
+    CPU tensors run the pure-torch reference unless ``TRITON_INTERPRET=1`` (then the Triton kernels are interpreted).
+    """
+    n, k, group = check_w4a16_args(x, weight_packed, weight_scale, bias)
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    interp = _interpreting()
+    if x.device.type != "cuda" and not interp:
+        return w4a16_reference(x, weight_packed, weight_scale, bias)
+    x2 = x2.contiguous()
+    if config is None:
+        if interp:
+            name, sms = "interpreter", 4
+        else:
+            props = torch.cuda.get_device_properties(x.device)
+            name, sms = props.name, props.multi_processor_count
+        config = select_config(m, n, k, group, name, sms)
+    c = config
+    kw = dict(use_asm=not interp)
+    if c.kernel == "decode":
+        from .w4a16_decode import w4a16_decode
+        y = w4a16_decode(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
+                         block_k=c.block_k, split_k=c.split_k, num_warps=c.num_warps, num_stages=c.num_stages,
+                         kperm=c.kperm, w_is_a=c.w_is_a, dot_f32=interp, **kw)
+    elif c.kernel == "prefill":
+        from .w4a16_prefill import w4a16_prefill
+        y = w4a16_prefill(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
+                          block_k=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages, kperm=c.kperm,
+                          w_is_a=c.w_is_a, group_m=c.group_m, dot_f32=interp, **kw)
+    else:
+        from .w4a16_dequant import w4a16_dequant_mm
+        y = w4a16_dequant_mm(x2, weight_packed, weight_scale, bias, group, **kw)
+    return y.reshape(*x.shape[:-1], n)

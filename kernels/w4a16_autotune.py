@@ -1,0 +1,322 @@
+"""``python -m kernels.w4a16_autotune``: measure the fast W4A16 kernels' configs on this GPU, write the JSON table.
+
+For each (N, K) shape and M bucket, every candidate :class:`~kernels.w4a16_config.W4A16Config` (and split-K value)
+is timed with CUDA graphs over weight copies rotated past the L2, the fastest is kept, and the result goes to
+``kernels/configs/<GPU name>.json`` (or ``--out``). Before timing, each compiled variant is checked once against
+the pure-torch reference (§9B tolerance); variants that fail are dropped and logged, never tuned in.
+
+Compilation is the slow part (~100 Triton variants): ``--jobs`` worker processes compile them in parallel into
+Triton's on-disk cache by launching each once on a tiny problem with the same specialization as the real shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from .w4a16_config import W4A16Config, device_table_name, CONFIG_DIR
+
+E4B_SHAPES = ((3072, 2560), (2560, 2048), (16384, 2560), (2560, 8192), (8192, 8192))
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
+L2_BYTES = 60 << 20
+
+
+# ----------------------------------------------------------------------------------------------- candidates
+def decode_candidates(block_m: int) -> list[W4A16Config]:
+    out = []
+    for bn in (64, 128, 256):
+        for bk in (128, 256):
+            for nw in (4, 8):
+                for ns in (3, 4):
+                    for kp, wa in ((True, True), (False, False)):
+                        if nw == 8 and bn < 128 or (bn == 256 and bk == 256) or (nw == 8 and not wa):
+                            continue
+                        if not wa and (bn == 256 or bk == 256):
+                            continue
+                        out.append(W4A16Config("decode", block_m, bn, bk, 1, nw, ns, kp, wa))
+    return out
+
+
+def prefill_candidates(block_m: int) -> list[W4A16Config]:
+    out = []
+    for bn in (128, 256):
+        for bk in (64, 128):
+            for nw in (4, 8):
+                for ns in (3, 4):
+                    for kp, wa in ((False, False), (True, True)):
+                        if bn == 256 and bk == 128 or (block_m == 256 and (bn == 256 or not wa)):
+                            continue
+                        if nw == 4 and (block_m > 64 or bn > 128):
+                            continue
+                        out.append(W4A16Config("prefill", block_m, bn, bk, 1, nw, ns, kp, wa))
+    return out
+
+
+def candidates_for(m: int) -> list[W4A16Config]:
+    if m <= 16:
+        return decode_candidates(16)
+    if m <= 64:
+        return decode_candidates(m) + prefill_candidates(64)
+    # split-K over big tiles: at M ~ 128..256 there are too few 128x128 tiles to fill 132 SMs
+    splitk_big = [W4A16Config("decode", 64, 128, 128, 1, 4, 4, True, True),
+                  W4A16Config("decode", 64, 128, 64, 1, 4, 4, False, False),
+                  W4A16Config("decode", 128, 128, 64, 1, 8, 3, False, False),
+                  W4A16Config("decode", 128, 128, 128, 1, 8, 3, True, True),
+                  W4A16Config("decode", 128, 256, 64, 1, 8, 3, False, False)]
+    cands = prefill_candidates(64) + prefill_candidates(128) + splitk_big
+    if m >= 256:
+        cands += prefill_candidates(256)
+    if m >= 1024:
+        cands.append(W4A16Config("dequant_mm"))
+    return cands
+
+
+def split_candidates(cfg: W4A16Config, m: int, n: int, k: int, sms: int) -> list[int]:
+    if cfg.kernel != "decode":
+        return [1]
+    tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
+    kb = k // cfg.block_k
+    good = sorted({s for s in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32) if s <= kb
+                   and sms // 2 <= tiles * s <= 8 * sms} | ({1} if tiles >= sms // 2 else set()))
+    return good or [min(kb, max(1, round(2 * sms / tiles)))]
+
+
+# ----------------------------------------------------------------------------------------------- data
+def make_problem(n: int, k: int, dtype: torch.dtype, device, group: int = 128, seed: int = 0):
+    """Random codes/scales in the compressed-tensors layout (packed on the GPU: pack.packing on CPU is slow)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32).to(device)
+    shifts = torch.arange(0, 32, 4, device=device, dtype=torch.int32)
+    words = (u.view(n, k // 8, 8) << shifts).sum(-1, dtype=torch.int64)
+    wp = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    s = (torch.rand(n, k // group, generator=g) * 0.02 + 0.002).to(dtype).to(device)
+    return wp, s
+
+
+def check_tolerance(y: torch.Tensor, x: torch.Tensor, wp: torch.Tensor, s: torch.Tensor, bias=None) -> float:
+    """max over elements of |y - y_ref| / (ulp(max(|y|,|y_ref|)) + 2^-16 Σ|x·w|); <= 1 passes (§9B)."""
+    from pack.packing import dequantize
+
+    n, k = wp.shape[0], wp.shape[1] * 8
+    w = dequantize(wp, s, (n, k)).float()
+    xf = x.reshape(-1, k).float()
+    ref = xf @ w.t()
+    if bias is not None:
+        ref = ref + bias.float()
+    ref = ref.to(y.dtype).float()
+    yf = y.reshape(-1, n).float()
+    bound = ulp(torch.maximum(yf.abs(), ref.abs()), y.dtype) + (xf.abs() @ w.abs().t()) * 2.0**-16
+    err = (yf - ref).abs()
+    if not torch.isfinite(yf).all():
+        return float("inf")
+    return float((err / bound).max())
+
+
+def ulp(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unit in the last place of |a| in ``dtype`` (bf16: 8 significant bits, fp16: 11, subnormals floored)."""
+    p, tiny = (7, 2.0**-133) if dtype == torch.bfloat16 else (10, 2.0**-24)
+    _, e = torch.frexp(a.float())
+    return torch.clamp(torch.ldexp(torch.ones_like(a, dtype=torch.float32), e - 1 - p), min=tiny)
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def graph_time_us(call, n_calls: int, replays: int = 3) -> float:
+    """Per-call µs of ``call(i)`` for i in range(n_calls), captured in one CUDA graph; median of ``replays``."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(min(n_calls, 3)):
+            call(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n_calls):
+            call(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / n_calls)
+    del g
+    return statistics.median(times)
+
+
+def n_copies(bytes_per_copy: int) -> int:
+    """Copies to rotate through so that consecutive calls miss the L2 (~3x its size), at least 2."""
+    return max(2, min(64, math.ceil(3 * L2_BYTES / max(1, bytes_per_copy))))
+
+
+# ----------------------------------------------------------------------------------------------- compile
+def _compile_worker(args):
+    cfgs, dtype_name = args
+    import torch as _t
+
+    from kernels.w4a16 import w4a16_gemm
+    dtype = getattr(_t, dtype_name)
+    wp, s = make_problem(256, 2048, dtype, "cuda")
+    x = _t.randn(64, 2048, device="cuda", dtype=dtype)
+    res = []
+    for c in cfgs:
+        cfg = W4A16Config(**c)
+        t = time.time()
+        try:
+            m = 64 if cfg.kernel != "decode" else min(cfg.block_m, 64)
+            w4a16_gemm(x[:m], wp, s, config=dataclasses.replace(cfg, split_k=2 if cfg.kernel == "decode" else 1))
+            _t.cuda.synchronize()
+            res.append((c, None, time.time() - t))
+        except Exception as e:  # noqa: BLE001 - reported, config dropped
+            res.append((c, f"{type(e).__name__}: {str(e)[:300]}", time.time() - t))
+    return res
+
+
+def precompile(cfgs: list[W4A16Config], dtype: torch.dtype, jobs: int, log) -> set[W4A16Config]:
+    """Compile every distinct variant in ``jobs`` spawned processes; returns the configs that compiled."""
+    keys = sorted({dataclasses.replace(c, split_k=1) for c in cfgs}, key=str)
+    chunks = [[dataclasses.asdict(c) for c in keys[i::jobs]] for i in range(jobs)]
+    chunks = [c for c in chunks if c]
+    t = time.time()
+    ok = set()
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(len(chunks)) as pool:
+        for res in pool.imap_unordered(_compile_worker, [(c, str(dtype).split(".")[-1]) for c in chunks]):
+            for c, err, dt in res:
+                if err:
+                    log(f"compile FAILED {c}: {err}")
+                else:
+                    ok.add(W4A16Config(**c))
+    log(f"precompiled {len(ok)}/{len(keys)} variants in {time.time() - t:.0f}s with {len(chunks)} workers")
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------- tuning
+def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9) -> dict:
+    from .w4a16 import w4a16_gemm
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    sms = props.multi_processor_count
+    all_cfgs = {c for m in ms for c in candidates_for(m)}
+    compiled = precompile(sorted(all_cfgs, key=str), dtype, jobs, log)
+    # correctness gate: each variant once on a small problem (odd M, split-K when it applies)
+    wp, s = make_problem(512, 2560, dtype, dev, seed=1)
+    good = set()
+    for c in sorted(compiled, key=str):
+        for m in ((5, 16) if c.kernel == "decode" else (77,)):
+            x = torch.randn(m, 2560, device=dev, dtype=dtype)
+            y = w4a16_gemm(x, wp, s, config=dataclasses.replace(c, split_k=3 if c.kernel == "decode" else 1))
+            r = check_tolerance(y, x, wp, s)
+            if not r <= 1.0:
+                log(f"WRONG (tolerance ratio {r:.3g}) -> dropped: {c}")
+                break
+        else:
+            good.add(c)
+    log(f"{len(good)}/{len(compiled)} variants pass the correctness gate")
+    t_start = time.time()
+    table = {}
+    for n, k in shapes:
+        wp0, s0 = make_problem(n, k, dtype, dev, seed=2)
+        copies = n_copies(wp0.numel() * 4 + s0.numel() * 2)
+        wps = [wp0] + [torch.randint_like(wp0, -2**31, 2**31 - 1) for _ in range(copies - 1)]
+        ss = [s0] + [torch.rand_like(s0) * 0.01 for _ in range(copies - 1)]
+        entry = {}
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            best = None
+            for c in candidates_for(m):
+                if dataclasses.replace(c, split_k=1) not in good or not c.fits(k, 128):
+                    continue
+                for sk in split_candidates(c, m, n, k, sms):
+                    cfg = dataclasses.replace(c, split_k=sk)
+                    try:
+                        us = graph_time_us(lambda i: w4a16_gemm(x, wps[i % copies], ss[i], config=cfg), copies)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"  {n}x{k} M={m} {cfg}: {type(e).__name__} {str(e)[:200]}")
+                        continue
+                    if best is None or us < best[0]:
+                        best = (us, cfg)
+                if time.time() - t_start > time_budget_s:
+                    break
+            if best is None:
+                continue
+            entry[str(m)] = dataclasses.asdict(best[1])
+            gbps = (wp0.numel() * 4 + s0.numel() * 2) / best[0] / 1e3
+            log(f"{n}x{k} M={m}: {best[0]:.2f} us ({gbps:.0f} GB/s weights) {best[1]} "
+                f"[t={time.time() - t_start:.0f}s]")
+        table[f"{n}x{k}"] = entry
+        wps = ss = None  # free the copies before the next shape
+        torch.cuda.empty_cache()
+    return {"device": props.name, "sm_count": sms, "triton": __import__("triton").__version__,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "dtype": str(dtype).split(".")[-1],
+            "shapes": table}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kernels.w4a16_autotune", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="output JSON (default kernels/configs/<GPU name>.json)")
+    ap.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in E4B_SHAPES], help="NxK ...")
+    ap.add_argument("--ms", nargs="+", type=int, default=list(M_BUCKETS))
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    ap.add_argument("--jobs", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop trying new configs after this many seconds")
+    ap.add_argument("--also-compile", choices=("bfloat16", "float16"),
+                    help="after tuning, precompile the chosen configs for this dtype too (warm Triton cache)")
+    ap.add_argument("--demo", action="store_true", help="only run one decode and one prefill launch (for "
+                    "compute-sanitizer) and exit")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: autotuning needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.demo:
+        return demo_launches()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    result = tune(shapes, args.ms, getattr(torch, args.dtype), args.jobs, log, args.budget_s)
+    out = args.out or str(CONFIG_DIR / device_table_name(result["device"]))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, out)
+    log(f"wrote {out}")
+    if args.also_compile:
+        chosen = {W4A16Config(**c) for by_m in result["shapes"].values() for c in by_m.values()}
+        precompile(sorted(chosen, key=str), getattr(torch, args.also_compile), args.jobs, log)
+    return 0
+
+
+def demo_launches() -> int:
+    """One split-K decode launch (M=5) and one prefill launch (M=300), ragged tiles, checked against the reference;
+    then the tuned M=1 launch on the 16384x2560 gate_up shape (the one a profiler should look at)."""
+    from .w4a16 import w4a16_gemm
+
+    wp, s = make_problem(3072, 2560, torch.bfloat16, "cuda")
+    for m, cfg in ((5, W4A16Config("decode", 16, 128, 128, 4, 4, 4, True, True)),
+                   (300, W4A16Config("prefill", 128, 128, 64, 1, 8, 3))):
+        x = torch.randn(m, 2560, device="cuda", dtype=torch.bfloat16)
+        y = w4a16_gemm(x, wp, s, config=cfg)
+        torch.cuda.synchronize()
+        print(f"demo {cfg.kernel} M={m}: tolerance ratio {check_tolerance(y, x, wp, s):.3f}", flush=True)
+    wp, s = make_problem(16384, 2560, torch.bfloat16, "cuda")
+    x = torch.randn(1, 2560, device="cuda", dtype=torch.bfloat16)
+    y = w4a16_gemm(x, wp, s)
+    torch.cuda.synchronize()
+    print(f"demo tuned gate_up M=1: tolerance ratio {check_tolerance(y, x, wp, s):.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Launch configurations of the fast W4A16 kernels: the dataclass, the tuned per-GPU tables, the fallback heuristic.
+
+Tables live in ``kernels/configs/<device name>.json`` (e.g. ``NVIDIA_H200.json``), written by
+``python -m kernels.w4a16_autotune`` on that GPU. Layout::
+
+    {"device": "NVIDIA H200", "sm_count": 132, "triton": "3.6.0", "date": "...", "dtype": "bfloat16",
+     "shapes": {"16384x2560": {"1": {<W4A16Config fields>}, "2": {...}, ..., "4096": {...}}}}
+
+Lookup for (M, N, K): the table of the current GPU, the entry "NxK", then the smallest tuned M >= M (the largest
+if M is beyond the table). A GPU without a table, or a shape not in it, gets :func:`heuristic_config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+KERNELS = ("decode", "prefill", "dequant_mm")
+
+
+@dataclasses.dataclass(frozen=True)
+class W4A16Config:
+    """One launch of the fast W4A16 GEMM.
+
+    * ``kernel``: ``decode`` (split-K, :mod:`kernels.w4a16_decode`), ``prefill`` (full-K tiles,
+      :mod:`kernels.w4a16_prefill`) or ``dequant_mm`` (dequantize the weight to the activation dtype, then
+      ``torch.matmul``; only worth it when the GEMM is far into the compute-bound regime).
+    * ``block_m``/``block_n``/``block_k``: tile; ``block_k`` in {64, 128, 256}.
+    * ``split_k``: K slices per output tile (decode only; clamped so that no slice is empty).
+    * ``kperm``/``w_is_a``: K relabelling and weight-as-A-operand (see :mod:`kernels.w4a16_mainloop`).
+    """
+
+    kernel: str
+    block_m: int = 16
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    kperm: bool = False
+    w_is_a: bool = False
+    group_m: int = 8
+
+    def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"W4A16Config.kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.block_k not in (64, 128, 256):
+            raise ValueError(f"W4A16Config.block_k must be 64, 128 or 256, got {self.block_k}")
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"W4A16Config.{name} must be a power of two >= 16, got {v}")
+        if self.split_k < 1 or self.num_stages < 1 or self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"bad split_k/num_stages/num_warps in {self}")
+        if self.kernel == "prefill" and self.split_k != 1:
+            raise ValueError("the prefill kernel has no split-K; use kernel='decode'")
+        if self.w_is_a and self.block_n < 64:
+            raise ValueError("w_is_a needs block_n >= 64 (one wgmma warpgroup tile)")
+
+    def fits(self, k: int, group_size: int) -> bool:
+        """Whether this tile can run K (a multiple of block_k) with scale groups of ``group_size`` (K: channelwise)."""
+        if k % self.block_k:
+            return False
+        return group_size >= k or group_size % self.block_k == 0 or self.block_k % group_size == 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def device_table_name(device_name: str) -> str:
+    """``"NVIDIA H200"`` -> ``"NVIDIA_H200.json"``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(device_name: str) -> dict:
+    """``shapes`` of the tuned table of ``device_name`` as ``{(N, K): [(M, W4A16Config), ...]}`` (sorted by M)."""
+    path = CONFIG_DIR / device_table_name(device_name)
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    table = {}
+    for shape, by_m in data.get("shapes", {}).items():
+        n, k = (int(v) for v in shape.split("x"))
+        table[(n, k)] = sorted((int(m), W4A16Config(**cfg)) for m, cfg in by_m.items())
+    return table
+
+
+def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> W4A16Config:
+    """Fallback for GPUs/shapes without a tuned entry: the rules the H200 tuning (2026-11-28) mostly followed.
+
+    * M <= 256: split-K kernel, weights as the wgmma A operand with relabelled K; K split until there are ~4
+      (M <= 16) or ~2 programs per SM, keeping >= 2 K blocks per split.
+    * 256 < M < 1024: 128x128 wgmma tiles, BLOCK_K 64, 8 warps, 3 stages, no split.
+    * M >= 1024: dequantize + cuBLAS (compute-bound; the dequant pass is < 20% of the GEMM).
+    """
+    bk = 128 if k % 128 == 0 else 64
+    if group_size < k and group_size % bk and bk % group_size:
+        bk = 64
+    if m <= 256:
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        bn = 128 if n % 128 == 0 else 64
+        tiles = -(-m // bm) * -(-n // bn)
+        want = -(-(4 if m <= 16 else 2) * sm_count // tiles)
+        split = max(1, min(want, k // bk // 2))
+        return W4A16Config("decode", block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4,
+                           num_stages=3 if m <= 16 else 4, kperm=True, w_is_a=True)
+    if m < 1024:
+        return W4A16Config("prefill", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    return W4A16Config("dequant_mm")
+
+
+def select_config(m: int, n: int, k: int, group_size: int, device_name: str, sm_count: int) -> W4A16Config:
+    """Tuned entry for (M, N, K) on ``device_name`` if there is one that fits, else :func:`heuristic_config`."""
+    entries = load_table(device_name).get((n, k))
+    if entries:
+        cfg = next((c for mm, c in entries if mm >= m), entries[-1][1])
+        if cfg.fits(k, group_size):
+            return cfg
+    return heuristic_config(m, n, k, group_size, sm_count)

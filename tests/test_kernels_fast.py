@@ -1,0 +1,256 @@
+"""CPU tests of pdqkit's fast W4A16 GEMM (kernels/w4a16*.py, kernels/ops.py, kernels/linear.py).
+
+Reference (independent of the kernels): ``pack.packing.dequantize`` -> fp32 matmul (+ bias) -> one rounding; pass
+criterion marlin-arithmetic.md §9B: |y - y_ref| <= ulp(max(|y|,|y_ref|)) + 2^-16 * sum|x*w|.
+The Triton kernels themselves run under ``TRITON_INTERPRET=1`` in a subprocess (the variable must be set before
+Triton is imported, and must not leak into other test modules). GPU tests: tests/test_kernels_fast_gpu.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from pack.packing import dequantize, pack_int4
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def reference(x, wp, s, bias=None):
+    n, k = wp.shape[0], wp.shape[1] * 8
+    y = x.reshape(-1, k).float() @ dequantize(wp, s, (n, k)).float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def ulp(a, dtype):
+    p, tiny = (7, 2.0**-133) if dtype == torch.bfloat16 else (10, 2.0**-24)
+    _, e = torch.frexp(a.float())
+    return torch.clamp(torch.ldexp(torch.ones_like(a, dtype=torch.float32), e - 1 - p), min=tiny)
+
+
+def tolerance_ratio(y, x, wp, s, bias=None) -> float:
+    """max |y - y_ref| / (ulp + 2^-16 sum|x w|); <= 1 passes."""
+    n, k = wp.shape[0], wp.shape[1] * 8
+    w = dequantize(wp, s, (n, k)).float()
+    ref = reference(x, wp, s, bias).float().reshape(-1, n)
+    yf = y.float().reshape(-1, n)
+    bound = ulp(torch.maximum(yf.abs(), ref.abs()), y.dtype) + (x.reshape(-1, k).float().abs() @ w.abs().t()) * 2.0**-16
+    return float(((yf - ref).abs() / bound).max())
+
+
+def problem(m, n, k, group=128, dtype=torch.bfloat16, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    wp = pack_int4(torch.randint(-8, 8, (n, k), generator=g))
+    groups = 1 if group == -1 else k // group
+    s = (torch.rand(n, groups, generator=g) * 0.02 + 0.001).to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return x, wp, s, b
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def test_ulp_matches_nextafter():
+    for dtype in (torch.bfloat16, torch.float16):
+        a = (torch.randn(1000) * 100).to(dtype)
+        nxt = torch.nextafter(a.abs().float(), torch.tensor(float("inf"))).to(dtype)
+        # the next representable value of |a| in dtype is |a| + ulp(|a|)
+        up = (a.abs().float() + ulp(a.abs(), dtype)).to(dtype)
+        assert torch.equal(up[a != 0], torch.maximum(nxt, up)[a != 0])
+
+
+def test_tolerance_catches_one_wrong_code():
+    x, wp, s, _ = problem(4, 64, 256)
+    y = reference(x, wp, s)
+    assert tolerance_ratio(y, x, wp, s) == 0.0
+    wrong = wp.clone()
+    wrong[3, 5] ^= 0x7  # change three bits of one code: a weight error far above the tolerance
+    assert tolerance_ratio(reference(x, wrong, s), x, wp, s) > 1.0
+
+
+# ------------------------------------------------------------------------------------------------ CPU fallback
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_cpu_path_is_the_reference(dtype):
+    from kernels.w4a16 import w4a16_gemm
+
+    x, wp, s, b = problem(6, 128, 384, dtype=dtype, bias=True)
+    x3 = x.reshape(2, 3, 384)
+    y = w4a16_gemm(x3, wp, s, b)
+    assert y.shape == (2, 3, 128) and y.dtype == dtype
+    assert torch.equal(y, reference(x3, wp, s, b))
+    assert w4a16_gemm(x[:0], wp, s).shape == (0, 128)
+
+
+@pytest.mark.parametrize("mutate, msg", [
+    (lambda x, wp, s, b: (x.float(), wp, s, b), "bfloat16 or float16"),
+    (lambda x, wp, s, b: (x, wp.to(torch.int64), s, b), "int32"),
+    (lambda x, wp, s, b: (x[:, :-128], wp, s, b), "last dim"),
+    (lambda x, wp, s, b: (x[:, :320], wp[:, :40], s[:, :2], b), "K % 128"),
+    (lambda x, wp, s, b: (x, wp[:96], s[:96], b), "N % 64"),
+    (lambda x, wp, s, b: (x, wp, s.half(), b), "dtype"),
+    (lambda x, wp, s, b: (x, wp, s[:, :3], b), "weight_scale must be"),
+    (lambda x, wp, s, b: (x, wp, s, torch.zeros(64, dtype=x.dtype)), "bias"),
+    (lambda x, wp, s, b: (x, wp.t().contiguous().t(), s, b), "contiguous"),
+])
+def test_bad_inputs_raise(mutate, msg):
+    from kernels.w4a16 import w4a16_gemm
+
+    x, wp, s, b = problem(3, 128, 512)
+    with pytest.raises(ValueError, match=msg):
+        w4a16_gemm(*mutate(x, wp, s, b))
+
+
+# ------------------------------------------------------------------------------------------------ interpreter
+_INTERP_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, {repo!r})
+    from kernels.w4a16 import w4a16_gemm
+    from kernels.w4a16_config import W4A16Config as C
+    from tests.test_kernels_fast import problem, tolerance_ratio
+    cases = [
+        # (config, M, N, K, group, bias)
+        (C("decode", 16, 64, 128, split_k=3, kperm=True, w_is_a=True), 5, 128, 512, 128, True),
+        (C("decode", 16, 64, 128, split_k=1, kperm=True, w_is_a=True), 1, 64, 256, 128, False),
+        (C("decode", 16, 64, 64, split_k=2, kperm=True, w_is_a=False), 17, 64, 384, 128, True),
+        (C("decode", 32, 64, 256, split_k=2, kperm=True, w_is_a=True), 3, 128, 512, 128, False),
+        (C("decode", 16, 128, 128, split_k=4, kperm=False, w_is_a=False), 2, 64, 1024, 128, False),
+        (C("decode", 16, 64, 128, split_k=2, kperm=True, w_is_a=True), 4, 64, 512, -1, True),
+        (C("decode", 16, 64, 256, split_k=1, kperm=False, w_is_a=True), 9, 64, 512, 64, False),
+        (C("prefill", 32, 64, 64, kperm=False, w_is_a=False), 33, 128, 256, 128, True),
+        (C("prefill", 16, 64, 128, kperm=True, w_is_a=True), 7, 192, 256, 128, False),
+        (C("prefill", 16, 128, 256, kperm=True, w_is_a=False), 20, 64, 512, -1, False),
+        (C("dequant_mm"), 3, 64, 256, 128, True),
+    ]
+    out = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for i, (cfg, m, n, k, g, bias) in enumerate(cases):
+            x, wp, s, b = problem(m, n, k, group=g, dtype=dtype, seed=i, bias=bias)
+            y = w4a16_gemm(x, wp, s, b, config=cfg)
+            out.append(dict(case=i, dtype=str(dtype), shape=list(y.shape), ratio=tolerance_ratio(y, x, wp, s, b),
+                            cfg=repr(cfg)))
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_triton_kernels_under_interpreter():
+    """Every kernel family / K labelling / operand order / split-K, fp16 and bf16 (fp32 dot in the interpreter),
+    group 128, 64 and channelwise, bias, odd M — through Triton's interpreter on the CPU."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT.format(repo=str(REPO))], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = json.loads(line[len("RESULT "):])
+    assert len(results) == 22
+    bad = [r for r in results if not r["ratio"] <= 1.0]
+    assert not bad, bad
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def test_config_validation():
+    from kernels.w4a16_config import W4A16Config
+
+    with pytest.raises(ValueError, match="kernel"):
+        W4A16Config("gemv")
+    with pytest.raises(ValueError, match="block_k"):
+        W4A16Config("decode", block_k=32)
+    with pytest.raises(ValueError, match="power of two"):
+        W4A16Config("decode", block_n=96)
+    with pytest.raises(ValueError, match="split-K"):
+        W4A16Config("prefill", split_k=2)
+    with pytest.raises(ValueError, match="w_is_a"):
+        W4A16Config("decode", block_n=32, w_is_a=True)
+    c = W4A16Config("decode", block_k=256)
+    assert not c.fits(384, 128) and c.fits(512, 128) and not W4A16Config("decode", block_k=128).fits(512, 96)
+
+
+def test_config_table_lookup(tmp_path, monkeypatch):
+    import kernels.w4a16_config as wc
+
+    a = wc.W4A16Config("decode", 16, 64, 128, split_k=4, kperm=True, w_is_a=True)
+    b = wc.W4A16Config("prefill", 128, 128, 64, num_warps=8)
+    (tmp_path / "Fake_GPU_9.json").write_text(json.dumps(
+        {"device": "Fake GPU 9", "shapes": {"256x512": {"1": a.to_json(), "64": a.to_json(), "4096": b.to_json()}}}))
+    monkeypatch.setattr(wc, "CONFIG_DIR", tmp_path)
+    wc.load_table.cache_clear()
+    try:
+        assert wc.select_config(1, 256, 512, 128, "Fake GPU 9", 10) == a
+        assert wc.select_config(2, 256, 512, 128, "Fake GPU 9", 10) == a        # next bucket up
+        assert wc.select_config(65, 256, 512, 128, "Fake GPU 9", 10) == b
+        assert wc.select_config(10**6, 256, 512, 128, "Fake GPU 9", 10) == b    # beyond the table: last entry
+        h = wc.select_config(1, 512, 512, 128, "Fake GPU 9", 10)                # shape not tuned: heuristic
+        assert h == wc.heuristic_config(1, 512, 512, 128, 10) and h.kernel == "decode" and h.split_k >= 1
+        assert wc.select_config(300, 512, 512, 128, "Other", 132).kernel == "prefill"
+        assert wc.select_config(3000, 512, 512, 128, "Other", 132).kernel == "dequant_mm"
+    finally:
+        wc.load_table.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------------ op + module
+def test_op_schema_and_fake():
+    import kernels.ops  # noqa: F401
+
+    x, wp, s, b = problem(5, 64, 256, bias=True)
+    torch.library.opcheck(torch.ops.pdqkit.w4a16_gemm, (x, wp, s, b))
+    torch.library.opcheck(torch.ops.pdqkit.w4a16_gemm, (x.reshape(5, 1, 256), wp, s, None))
+    f = torch.compile(lambda x: torch.ops.pdqkit.w4a16_gemm(x, wp, s, b) * 2, backend="aot_eager", fullgraph=True)
+    assert torch.equal(f(x), reference(x, wp, s, b) * 2)
+
+
+def test_w4a16_linear_module():
+    from kernels.linear import W4A16Linear
+
+    x, wp, s, b = problem(3, 128, 256, bias=True)
+    lin = W4A16Linear(wp, s.float(), b, dtype=torch.bfloat16)
+    assert (lin.in_features, lin.out_features) == (256, 128) and "group_size=128" in repr(lin)
+    assert torch.equal(lin(x), reference(x, wp, s, b))
+    with pytest.raises(TypeError, match="activations"):
+        lin(x.half())
+
+
+@pytest.fixture(scope="module")
+def micro_w4a16(tmp_path_factory):
+    pytest.importorskip("transformers")
+    factory = pytest.importorskip("bench.factory")
+    quantize = pytest.importorskip("pack.quantize")
+    d = tmp_path_factory.mktemp("w4a16")
+    base = factory.save_random_checkpoint("micro", d / "bf16", seed=0)
+    assert quantize.main([str(base), "-o", str(d / "w4a16"), "--no-progress"]) == 0
+    return d / "w4a16"
+
+
+def test_swap_hf_model(micro_w4a16):
+    """Swap on a real transformers load of a pack-quantized checkpoint: same logits as compressed-tensors'
+    own decompression (within the kernel tolerance, here the CPU reference path) and the same greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from kernels.linear import W4A16Linear, swap_w4a16_linears
+
+    ref = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16)
+    ours = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16)
+    names = swap_w4a16_linears(ours)
+    assert len(names) == 39 and not hasattr(ours, "ct_decompress_hook")
+    assert all(isinstance(ours.get_submodule(n), W4A16Linear) for n in names)
+    ids = torch.tensor([[2, 17, 99, 5, 300, 7]])
+    with torch.no_grad():
+        lr, lo = ref(ids).logits.float(), ours(ids).logits.float()
+    assert (lr - lo).abs().max() <= 0.05 * lr.abs().max()
+    gen = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(ref.generate(ids, **gen), ours.generate(ids, **gen))
+    # a decompressed model (dequantize=True) is swapped from the checkpoint's safetensors instead
+    from transformers import CompressedTensorsConfig
+
+    dq = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16,
+                                              quantization_config=CompressedTensorsConfig(dequantize=True))
+    assert swap_w4a16_linears(dq) == []
+    assert swap_w4a16_linears(dq, checkpoint=micro_w4a16) == names
+    with torch.no_grad():
+        assert torch.equal(dq(ids).logits, ours(ids).logits)
