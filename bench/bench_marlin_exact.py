@@ -1,0 +1,98 @@
+"""Marlin-order exact W4A16 kernel vs vLLM 0.26.0 Marlin on the Gemma-4 E4B shapes (GPU).
+
+    python -m bench.bench_marlin_exact [--json OUT.json] [--tune] [--m 1 16 256 4096]
+
+Method: bf16, group 128, no bias. Each timed unit is a CUDA graph that calls the kernel once on each of ``c``
+weight copies (c chosen so the copies exceed 3x the 60 MB L2: every call streams its weights from HBM);
+time per call = median over 20 graph replays (CUDA events) / c (``kernels.w4a16_autotune.graph_time_us``).
+Prints µs per call for both kernels, the ratio
+(goal <= 3x), and the exact kernel's effective bandwidth (weights + scales + x + output bytes / time) as TB/s and
+as % of the device-to-device copy bandwidth measured in the same run. ``--tune`` also times a few Triton tile
+choices of the exact kernel (all give identical bits).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from kernels.verify import E4B_FULL, E4B_PRUNED, MarlinWeights, make_weights
+from kernels.w4a16_autotune import graph_time_us, n_copies  # the project's CUDA-graph timer (L2-rotated)
+
+REPLAYS = 20
+TUNE_VARIANTS = {  # (block_m, block_n, num_warps, num_stages, split); the first of each is the default
+    "small": [(16, 64, 4, 3, True), (16, 64, 2, 3, True), (16, 64, 1, 3, True), (16, 64, 4, 3, False)],
+    "large": [(64, 128, 4, 3, False), (64, 64, 4, 3, False), (64, 256, 8, 3, False), (64, 128, 4, 4, False)],
+}
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = graph_time_us(lambda i: dst.copy_(src), 1, REPLAYS)
+    return 2 * src.numel() / (us * 1e-6)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--m", type=int, nargs="*", default=[1, 16, 256, 4096])
+    ap.add_argument("--json")
+    ap.add_argument("--tune", action="store_true")
+    args = ap.parse_args(argv)
+    from kernels.vllm_ops import load_vllm_ops
+    from kernels.w4a16_marlin import w4a16_gemm_exact
+
+    load_vllm_ops()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bw = copy_bandwidth()
+    rows = []
+    shapes = {**E4B_PRUNED, **E4B_FULL}
+    for name, (n, k) in shapes.items():
+        wbytes = n * k // 2 + n * (k // 128) * 2
+        copies = n_copies(wbytes)
+        weights = [make_weights(n, k, 128, torch.bfloat16, 1000 + c, "cuda") for c in range(copies)]
+        marlin = [MarlinWeights(wp, ws, 128) for wp, ws in weights]
+        for m in args.m:
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            t_marlin = graph_time_us(lambda i: marlin[i](x, None, True), copies, REPLAYS)
+            t_exact = graph_time_us(lambda i: w4a16_gemm_exact(x, *weights[i], None, True, sms), copies, REPLAYS)
+            moved = wbytes + 2 * m * k + 2 * m * n
+            row = {"shape": name, "n": n, "k": k, "m": m, "copies": copies, "marlin_us": round(t_marlin, 2),
+                   "exact_us": round(t_exact, 2), "ratio": round(t_exact / t_marlin, 2),
+                   "exact_tbps": round(moved / (t_exact * 1e-6) / 1e12, 3),
+                   "exact_pct_copy_bw": round(100 * moved / (t_exact * 1e-6) / bw, 1),
+                   "marlin_tbps": round(moved / (t_marlin * 1e-6) / 1e12, 3)}
+            if args.tune and name in ("gate_up", "down") and m in (1, 4096):
+                tune = {}
+                for bm, bn, nw, ns, sp in TUNE_VARIANTS["small" if m <= 16 else "large"]:
+                    key = f"bm{bm}-bn{bn}-w{nw}-s{ns}" + ("-split" if sp else "")
+                    try:
+                        tune[key] = round(graph_time_us(
+                            lambda i: w4a16_gemm_exact(x, *weights[i], None, True, sms, block_m=bm, block_n=bn,
+                                                       num_warps=nw, num_stages=ns, split=sp), copies, REPLAYS), 2)
+                    except Exception as exc:  # e.g. out of shared memory for a large tile
+                        tune[key] = f"{type(exc).__name__}"
+                row["tune"] = tune
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del weights, marlin
+        torch.cuda.empty_cache()
+    dev = torch.cuda.get_device_properties(0).name
+    print(f"\n{dev}, {sms} SMs, copy bandwidth {bw / 1e12:.2f} TB/s; bf16 g128; CUDA graphs, weights rotated past L2")
+    print(f"{'shape':<13} {'N x K':>12} {'M':>5} {'Marlin us':>10} {'exact us':>9} {'ratio':>6} {'exact TB/s':>10} "
+          f"{'% copy':>7}")
+    for r in rows:
+        print(f"{r['shape']:<13} {r['n']:>5}x{r['k']:<6} {r['m']:>5} {r['marlin_us']:>10} {r['exact_us']:>9} "
+              f"{r['ratio']:>6} {r['exact_tbps']:>10} {r['exact_pct_copy_bw']:>7}")
+    worst = max(r["ratio"] for r in rows)
+    print(f"worst ratio exact/Marlin: {worst} (goal <= 3)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev, "sms": sms, "copy_bw_Bps": bw, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
