@@ -1,0 +1,60 @@
+"""``python -m prune CKPT -o OUT``: calibrated structural pruning of the language stack's MLP width."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import AGGREGATIONS, CRITERIA, PruneConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        print(f"prune: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PruneConfig()
+    ap = _Parser(prog="python -m prune", description=__doc__.split(": ", 1)[1])
+    ap.add_argument("ckpt", metavar="CKPT", help="input HF checkpoint directory (Gemma-4 text-only or "
+                                                  "multimodal, or Llama)")
+    ap.add_argument("-o", "--out", required=True, metavar="OUT", help="output checkpoint directory")
+    ap.add_argument("--ratio", type=float, default=d.ratio,
+                    help=f"fraction of MLP channels to remove, in [0, 1); the kept width is rounded to a multiple "
+                         f"of 128; 0 keeps every channel (identity run) (default {d.ratio})")
+    ap.add_argument("--criterion", choices=CRITERIA, default=d.criterion,
+                    help=f"channel importance (default {d.criterion}); magnitude and random need no data")
+    ap.add_argument("--agg", dest="aggregation", choices=AGGREGATIONS, default=d.aggregation,
+                    help=f"reduction of a channel's activations over calibration tokens (default {d.aggregation})")
+    ap.add_argument("--calib", metavar="FILE", default=None,
+                    help="calibration text: .jsonl with a 'text' field per line, or a plain text file "
+                         "(default: the bench corpus calib split, bench.corpus.split_path('calib'))")
+    ap.add_argument("--samples", type=int, default=d.samples, help=f"calibration windows (default {d.samples})")
+    ap.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per window (default {d.seq_len})")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size,
+                    help=f"windows per forward call (default {d.batch_size})")
+    ap.add_argument("--device", default=d.device, help="where calibration runs: cpu, cuda, cuda:N (default cpu)")
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of the random criterion (default 0)")
+    ap.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .run import prune_checkpoint
+
+    try:
+        cfg = PruneConfig(ratio=args.ratio, criterion=args.criterion, aggregation=args.aggregation, calib=args.calib,
+                          samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                          device=args.device, seed=args.seed)
+        result = prune_checkpoint(args.ckpt, args.out, cfg, force=args.force, progress=not args.no_progress)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"prune: error: {e}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

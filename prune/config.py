@@ -1,0 +1,72 @@
+"""Settings of a prune run (:class:`PruneConfig`) and the width rounding rule (:func:`kept_width`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["CRITERIA", "AGGREGATIONS", "ROUND_MULTIPLE", "PruneConfig", "kept_width"]
+
+# activation / wanda read calibration statistics; magnitude / random are data-free baselines
+CRITERIA = ("activation", "wanda", "magnitude", "random")
+DATA_CRITERIA = ("activation", "wanda")
+# how a channel's activations are reduced over the calibration tokens: l2 = sqrt(sum a^2), mean = mean |a|
+AGGREGATIONS = ("l2", "mean")
+# the kept width is a multiple of 128: the int4 group size and Marlin's K tile (down_proj's K is this width)
+ROUND_MULTIPLE = 128
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how. ``ratio`` in [0, 1): the fraction of MLP channels removed; 0 keeps every channel
+    (the identity run: the checkpoint goes through the same slicing and writer, no calibration)."""
+
+    ratio: float = 0.2
+    criterion: str = "activation"
+    aggregation: str = "l2"
+    calib: str | None = None  # None: the evaluation bed's calibration split (bench.corpus.split_path("calib"))
+    samples: int = 1024
+    seq_len: int = 512
+    batch_size: int = 8
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.ratio, (int, float)) and 0.0 <= self.ratio < 1.0) or math.isnan(self.ratio):
+            raise ValueError(f"--ratio {self.ratio}: must be in [0, 1) (the fraction of MLP channels removed; "
+                             f"0 keeps all)")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"--criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"--agg {self.aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+        for name in ("samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.ratio > 0 and self.criterion in DATA_CRITERIA
+
+
+def kept_width(width: int, ratio: float, multiple: int = ROUND_MULTIPLE) -> int:
+    """The MLP width kept when pruning ``ratio`` of ``width`` channels: ``width * (1 - ratio)`` rounded to the
+    nearest multiple of ``multiple`` (halves round up, i.e. keep more). ``ratio == 0`` keeps ``width`` as is.
+
+    Raises ``ValueError`` when the result is not a real prune: ``width`` below ``multiple``, a kept width of 0,
+    or one that rounds back to ``width``.
+    """
+    if ratio == 0:
+        return width
+    if width < multiple:
+        raise ValueError(f"intermediate_size {width} is below the rounding multiple {multiple}: "
+                         f"cannot prune to a multiple of {multiple}")
+    target = width * (1.0 - ratio)
+    kept = multiple * math.floor(target / multiple + 0.5)
+    if kept <= 0:
+        raise ValueError(f"--ratio {ratio} of intermediate_size {width} leaves {target:.1f} channels, which rounds "
+                         f"to 0 at a multiple of {multiple}; use a smaller ratio")
+    if kept >= width:
+        raise ValueError(f"--ratio {ratio} of intermediate_size {width} leaves {target:.1f} channels, which rounds "
+                         f"back to {kept} at a multiple of {multiple} (nothing pruned); use a larger ratio")
+    return kept

@@ -1,0 +1,378 @@
+"""prune: structural MLP-width pruning of tiny Gemma-4 (text-only, multimodal) and Llama checkpoints, on CPU.
+
+References used here are independent of prune's own code paths: channel statistics from hooks on a plain
+full forward of the HF model, kept channels recovered by matching weight rows against the input checkpoint,
+zeroed channels in the unpruned model, calibration windows from ``bench.corpus.packed_sequences``, and the
+real transformers loaders.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench.factory import save_random_checkpoint
+from pack.checkpoint import read_lineage, sha256_file
+from prune.__main__ import main
+from prune.calib import load_calibration
+from prune.config import PruneConfig, kept_width
+from prune.run import load_model, prune_checkpoint
+from prune.stack import ChannelStats, collect_mlp_stats
+
+SAMPLES, SEQ = 8, 128  # calibration size of these tests: 1024 tokens, > the micro sliding window (64)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from bench.tokenizer import get_tokenizer
+
+    return get_tokenizer("micro")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, tok):
+    """Random micro checkpoints: text-only, multimodal, text-only with double-wide KV-shared MLPs, Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("base")
+    out = {
+        "text": save_random_checkpoint("micro", d / "text", tokenizer=tok, seed=1),
+        "mm": save_random_checkpoint("micro", d / "mm", multimodal=True, tokenizer=tok, seed=2),
+        "wide": save_random_checkpoint("micro", d / "wide", tokenizer=tok, seed=3, use_double_wide_mlp=True),
+    }
+    torch.manual_seed(4)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=640, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=2048,
+                                         max_position_embeddings=512)).to(torch.bfloat16)
+    llama.save_pretrained(d / "llama")
+    tok.save_pretrained(d / "llama")
+    out["llama"] = d / "llama"
+    return out
+
+
+def _prune(src, dst, **kw):
+    kw.setdefault("samples", SAMPLES)
+    kw.setdefault("seq_len", SEQ)
+    return prune_checkpoint(src, dst, PruneConfig(**kw), progress=False)
+
+
+@pytest.fixture(scope="module")
+def pruned(ckpts, tmp_path_factory):
+    """``pruned(kind, criterion, aggregation="l2") -> (out_dir, PruneResult)``, each pruned once per module."""
+    done = {}
+
+    def get(kind, criterion, aggregation="l2"):
+        key = (kind, criterion, aggregation)
+        if key not in done:
+            out = tmp_path_factory.mktemp("pruned") / "-".join(key)
+            done[key] = out, _prune(ckpts[kind], out, criterion=criterion, aggregation=aggregation)
+        return done[key]
+
+    return get
+
+
+def _tensors(ckpt) -> dict:
+    """The checkpoint's tensors, without a ``lm_head.weight`` that merely duplicates the tied embedding (some
+    writers store it; transformers ties it on load and does not write it again)."""
+    t = load_file(Path(ckpt) / "model.safetensors")
+    emb = next(v for k, v in t.items() if k.endswith("embed_tokens.weight"))
+    if "lm_head.weight" in t and torch.equal(t["lm_head.weight"], emb):
+        del t["lm_head.weight"]
+    return t
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _ids(n=2, s=96, seed=0):
+    return torch.randint(4, 2048, (n, s), generator=torch.Generator().manual_seed(seed))
+
+
+def _mlps(model):
+    return [layer.mlp for layer in model.get_decoder().layers]
+
+
+def _kept_rows(orig_mlp, pruned_mlp) -> list[int]:
+    """Channels of ``orig_mlp`` that ``pruned_mlp`` kept, found by matching gate rows (random rows are unique);
+    asserts up rows and down columns were taken with the same indices."""
+    def rows(w):
+        return [r.tobytes() for r in w.detach().float().numpy()]
+
+    where = {r: i for i, r in enumerate(rows(orig_mlp.gate_proj.weight))}
+    idx = [where[r] for r in rows(pruned_mlp.gate_proj.weight)]
+    assert torch.equal(pruned_mlp.up_proj.weight, orig_mlp.up_proj.weight[idx])
+    assert torch.equal(pruned_mlp.down_proj.weight, orig_mlp.down_proj.weight[:, idx])
+    return idx
+
+
+def _full_forward_stats(model, ids, batch=4) -> list[ChannelStats]:
+    """Reference statistics: forward hooks on the whole model's forward, batch by batch."""
+    stats = [ChannelStats(m.down_proj.in_features) for m in _mlps(model)]
+    hooks = [m.down_proj.register_forward_pre_hook(s.hook) for m, s in zip(_mlps(model), stats)]
+    with torch.no_grad():
+        for b in ids.split(batch):
+            model(input_ids=b)
+    for h in hooks:
+        h.remove()
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------- widths
+
+@pytest.mark.parametrize("width,ratio,kept", [(10240, 0.2, 8192), (2560, 0.2, 2048), (640, 0.2, 512),
+                                              (640, 0.3, 512), (640, 0.5, 384), (640, 0.6, 256), (1000, 0.2, 768), (640, 0, 640)])
+def test_kept_width_rounds_to_multiple_of_128(width, ratio, kept):
+    assert kept_width(width, ratio) == kept
+
+
+@pytest.mark.parametrize("width,ratio,msg", [(96, 0.2, "below the rounding multiple"), (640, 0.05, "rounds back"),
+                                             (640, 0.95, "rounds to 0")])
+def test_kept_width_rejects_what_cannot_be_rounded(width, ratio, msg):
+    with pytest.raises(ValueError, match=msg):
+        kept_width(width, ratio)
+
+
+# -------------------------------------------------------------------------------------------- calibration
+
+def test_calibration_windows_match_bench_corpus(tok):
+    from bench.corpus import packed_sequences, split_path
+
+    cal = load_calibration(split_path("calib"), tok, SAMPLES, SEQ)
+    assert torch.equal(cal.input_ids, packed_sequences("calib", tok, SEQ)[:SAMPLES])
+    assert cal.sha256 == hashlib.sha256(cal.input_ids.to(torch.int32).numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["text", "mm", "wide", "llama"])
+def test_layer_by_layer_stats_equal_full_forward(ckpts, kind):
+    """The layer-by-layer runner (PLE slices, per-type rotary/masks, KV-shared states) computes exactly what
+    the model's own forward computes: bit-identical statistics (same ops, same shapes)."""
+    model = load_model(ckpts[kind])
+    ids = _ids(6, 96, seed=5)  # 96 > sliding window 64: the sliding mask matters
+    got = collect_mlp_stats(model, ids, batch_size=4)
+    ref = _full_forward_stats(model, ids)
+    assert len(got) == len(ref) == len(_mlps(model))
+    for g, r in zip(got, ref):
+        assert g.tokens == r.tokens == ids.numel()
+        assert torch.equal(g.sum_sq, r.sum_sq) and torch.equal(g.sum_abs, r.sum_abs)
+
+
+# -------------------------------------------------------------------------------------------- exactness
+
+@pytest.mark.parametrize("kind", ["text", "mm"])
+def test_ratio_zero_is_the_identity(ckpts, tmp_path, kind):
+    res = _prune(ckpts[kind], tmp_path / "out", ratio=0.0)
+    assert res.width_after == res.width_before == 640 and res.calibration is None
+    a, b = _tensors(ckpts[kind]), _tensors(tmp_path / "out")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ids = _ids()
+    assert torch.equal(_logits(load_model(ckpts[kind]), ids), _logits(load_model(tmp_path / "out"), ids))
+
+
+@pytest.mark.parametrize("kind,criterion", [("text", "activation"), ("mm", "wanda"), ("wide", "magnitude"),
+                                            ("llama", "activation")])
+def test_pruning_equals_zeroing_the_dropped_channels(ckpts, pruned, kind, criterion):
+    """Pruned model == unpruned model with the dropped channels zeroed (down_proj columns in one copy,
+    gate_proj/up_proj rows in another).
+
+    fp32 execution (bf16 weights upcast exactly): the only difference is the summation order of matmuls over
+    K=512 instead of K=640, so logits agree to atol 1e-3 (measured ~1e-4; pruning itself moves logits by ~1).
+    bf16 execution: every bf16 matmul output is rounded, so the two differ by bf16 rounding noise; asserted
+    below the noise floor of bf16 execution itself (max |bf16 - fp32 logits| of the pruned model)."""
+    model = load_model(pruned(kind, criterion)[0]).float()
+    orig = load_model(ckpts[kind])
+    zero_down, zero_gate_up = load_model(ckpts[kind]).float(), load_model(ckpts[kind]).float()
+    for mo, mp, md, mg in zip(_mlps(orig), _mlps(model), _mlps(zero_down), _mlps(zero_gate_up)):
+        kept = _kept_rows(mo, mp)
+        assert len(kept) == mo.down_proj.in_features * 4 // 5 and kept == sorted(kept)
+        drop = sorted(set(range(mo.down_proj.in_features)) - set(kept))
+        with torch.no_grad():
+            md.down_proj.weight[:, drop] = 0
+            mg.gate_proj.weight[drop] = 0
+            mg.up_proj.weight[drop] = 0
+    ids = _ids()
+    lp, ld, lg = (_logits(m, ids) for m in (model, zero_down, zero_gate_up))
+    torch.testing.assert_close(lp, ld, atol=1e-3, rtol=0)
+    torch.testing.assert_close(lp, lg, atol=1e-3, rtol=0)
+    assert (lp - _logits(orig.float(), ids)).abs().max() > 0.05  # pruning changed the model
+    lp16, ld16 = _logits(model.bfloat16(), ids), _logits(zero_down.bfloat16(), ids)
+    assert (lp16 - ld16).abs().max() <= (lp16 - lp).abs().max()
+
+
+# ----------------------------------------------------------------------------------------------- criteria
+
+@pytest.fixture(scope="module")
+def ref_stats(ckpts, tok):
+    """Full-forward statistics of the text checkpoint over the default calibration windows."""
+    from bench.corpus import packed_sequences
+
+    return _full_forward_stats(load_model(ckpts["text"]), packed_sequences("calib", tok, SEQ)[:SAMPLES], batch=8)
+
+
+@pytest.mark.parametrize("criterion,aggregation", [("activation", "l2"), ("activation", "mean"), ("wanda", "l2"),
+                                                   ("magnitude", "l2")])
+def test_kept_channels_are_the_top_scores(ckpts, tok, pruned, criterion, aggregation, ref_stats):
+    """Each layer keeps the top-512 channels of an independently computed score (stats from the full forward)."""
+    orig, model = load_model(ckpts["text"]), load_model(pruned("text", criterion, aggregation)[0])
+    for mo, mp, st in zip(_mlps(orig), _mlps(model), ref_stats):
+        act = st.sum_sq.sqrt() if aggregation == "l2" else st.sum_abs / st.tokens
+        wg, wu, wd = (m.weight.double() for m in (mo.gate_proj, mo.up_proj, mo.down_proj))
+        score = {"activation": act, "wanda": act * wd.norm(dim=0),
+                 "magnitude": torch.cat([wg, wu, wd.T], 1).norm(dim=1)}[criterion]
+        assert set(_kept_rows(mo, mp)) == set(score.topk(512).indices.tolist())
+
+
+def test_random_criterion_follows_the_seed(ckpts, tmp_path):
+    kept = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        _prune(ckpts["text"], tmp_path / name, criterion="random", seed=seed)
+        kept[name] = _kept_rows(_mlps(load_model(ckpts["text"]))[0], _mlps(load_model(tmp_path / name))[0])
+    assert kept["a"] == kept["b"] != kept["c"]
+
+
+# ------------------------------------------------------------------------------------------ output/loaders
+
+def test_multimodal_output_loads_and_only_language_mlps_change(ckpts, pruned):
+    from transformers import AutoConfig, Gemma4ForConditionalGeneration
+
+    out, res = pruned("mm", "wanda")
+    assert (res.width_before, res.width_after) == (640, 512)
+    model, info = Gemma4ForConditionalGeneration.from_pretrained(out, dtype=torch.bfloat16,
+                                                                 output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    cfg, base_cfg = AutoConfig.from_pretrained(out), AutoConfig.from_pretrained(ckpts["mm"])
+    assert cfg.text_config.intermediate_size == 512
+    assert cfg.vision_config.intermediate_size == base_cfg.vision_config.intermediate_size
+    a, b = _tensors(ckpts["mm"]), _tensors(out)
+    assert a.keys() == b.keys()
+    changed = {k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])}
+    mlp = {f"model.language_model.layers.{i}.mlp.{p}.weight" for i in range(6) for p in ("gate_proj", "up_proj",
+                                                                                         "down_proj")}
+    assert changed == mlp  # vision/audio towers (which have MLPs too), attention, embeddings, PLE untouched
+    assert any(".vision_tower." in k and ".mlp." in k for k in a)
+    with torch.no_grad():
+        gen = model.generate(input_ids=_ids(1, 8), max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 12)
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+def test_double_wide_layers_keep_twice_the_width(pruned):
+    from transformers import Gemma4ForCausalLM
+
+    out, res = pruned("wide", "magnitude")
+    assert res.double_wide_layers == 2 and "double-wide layers 1280 -> 1024" in res.summary()
+    model, info = Gemma4ForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert [m.down_proj.in_features for m in _mlps(model)] == [512] * 4 + [1024] * 2
+
+
+def test_lineage_records_the_prune_step(ckpts, pruned):
+    out, res = pruned("text", "wanda")
+    steps = read_lineage(out)
+    assert [s["kind"] for s in steps] == ["base", "prune"] and steps[1]["from"] == "base"
+    step = steps[1]
+    assert step["input_files_sha256"] == {"model.safetensors": sha256_file(ckpts["text"] / "model.safetensors")}
+    assert step["params"] == {"ratio": 0.2, "criterion": "wanda", "aggregation": "l2", "intermediate_size": 640,
+                              "kept_intermediate_size": 512, "round_multiple": 128, "seed": 0}
+    (cal,) = step["calibration"]
+    assert (cal["dataset"], cal["split"], cal["num_samples"], cal["seq_len"], cal["tokens"], cal["seed"]) == \
+           ("bench.corpus", "calib", SAMPLES, SEQ, SAMPLES * SEQ, 0)
+    assert cal["sha256"] == res.calibration.sha256
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 512
+    summary = res.summary()
+    for part in ("640 -> 512", "rounded to a multiple of 128", "criterion wanda (l2 over tokens)",
+                 f"{SAMPLES} x {SEQ} = {SAMPLES * SEQ} tokens"):
+        assert part in summary
+
+
+def test_same_input_gives_byte_identical_output(ckpts, pruned, tmp_path):
+    first, _ = pruned("text", "activation")
+    _prune(ckpts["text"], tmp_path / "again", criterion="activation")
+    for f in ("model.safetensors", "config.json", "pdqkit_lineage.json"):
+        assert (first / f).read_bytes() == (tmp_path / "again" / f).read_bytes()
+
+
+def test_calibration_from_a_plain_text_file(ckpts, tmp_path):
+    from bench.corpus import load_texts
+
+    f = tmp_path / "calib.txt"
+    f.write_text("\n\n".join(load_texts("calib")[:20]))
+    res = _prune(ckpts["llama"], tmp_path / "out", calib=str(f), samples=4)
+    assert res.calibration.documents == 1 and res.calibration.samples == 4
+    assert read_lineage(tmp_path / "out")[-1]["calibration"][0]["dataset"] == str(f)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def bad_ckpts(tmp_path_factory, tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("bad")
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=2048, n_positions=128)).save_pretrained(
+        d / "gpt2")
+    save_random_checkpoint("micro", d / "narrow", tokenizer=tok, intermediate_size=96)
+    save_random_checkpoint("micro", d / "notok")
+    (d / "empty.jsonl").write_text(json.dumps({"text": "short"}) + "\n")
+    return d
+
+
+@pytest.mark.parametrize("case,args,msg", [
+    ("ratio>=1", ["--ratio", "1.0"], "--ratio 1.0: must be in [0, 1)"),
+    ("ratio<0", ["--ratio", "-0.1"], "must be in [0, 1)"),
+    ("ratio nan", ["--ratio", "nan"], "must be in [0, 1)"),
+    ("ratio rounds back", ["--ratio", "0.05"], "rounds back to 640"),
+    ("narrow", ["--ckpt=narrow"], "intermediate_size 96 is below the rounding multiple 128"),
+    ("gpt2", ["--ckpt=gpt2"], "GPT2LMHeadModel (model_type gpt2) is not supported"),
+    ("missing calib", ["--calib", "/nonexistent/calib.jsonl"], "calibration file /nonexistent/calib.jsonl: no such"),
+    ("tiny calib", ["--calib=empty.jsonl"], "fewer than one --seq-len"),
+    ("no tokenizer", ["--ckpt=notok"], "no usable tokenizer"),
+    ("bad criterion", ["--criterion", "taylor"], "invalid choice: 'taylor'"),
+    ("out exists", ["--out-exists"], "output directory exists; pass --force"),
+])
+def test_bad_input_one_line_error_nothing_written(ckpts, bad_ckpts, tmp_path, capsys, case, args, msg):
+    src, out = ckpts["text"], tmp_path / "out"
+    argv = []
+    for a in args:
+        if a.startswith("--ckpt="):
+            src = bad_ckpts / a.split("=", 1)[1]
+        elif a.startswith("--calib="):
+            argv += ["--calib", str(bad_ckpts / a.split("=", 1)[1])]
+        elif a == "--out-exists":
+            out.mkdir()
+            (out / "keep.txt").write_text("mine")
+        else:
+            argv.append(a)
+    try:
+        rc = main([str(src), "-o", str(out), "--samples", "4", "--seq-len", "64", "--no-progress", *argv])
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert len(err.splitlines()) == 1 and err.startswith("prune: error: ") and msg in err, err
+    if case == "out exists":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if case == "out exists" else [])  # no temp dirs
+
+
+def test_cli_end_to_end(ckpts, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "prune", str(ckpts["mm"]), "-o", str(out), "--criterion", "wanda",
+                        "--samples", "4", "--seq-len", "64"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.strip().splitlines()
+    assert line.startswith("prune: 6 layers, intermediate_size 640 -> 512") and str(out) in line
+    assert "prune: calibrating" in r.stderr  # the tqdm bar
+    assert json.loads((out / "config.json").read_text())["text_config"]["intermediate_size"] == 512
