@@ -1,0 +1,183 @@
+"""Throughput of ``python -m distill`` on one GPU: tokens/s and MFU of the real training step.
+
+Pairs (random weights from :mod:`bench.factory`; teacher bf16, student fp32 master weights + bf16 autocast,
+exactly the objects ``python -m distill`` builds, stepped by :class:`distill.train.Distiller`):
+
+* ``small``: teacher ``small`` (MLP 2560) vs student ``small`` with MLP 2048 (the 20 % prune), vocab 8192;
+* ``e4b``: teacher ``e4b`` (MLP 10240, 42 layers, hidden 2560, vocab 262144) vs student MLP 8192.
+
+Each configuration (phase, batch x seq_len, activation checkpointing, loss chunk) runs ``--warmup`` steps,
+then ``--steps`` timed steps (CUDA-synchronised wall clock). A configuration that runs out of memory is
+reported as OOM and the next one is tried. MFU = model FLOPs / time / peak, model FLOPs per trained token =
+``6 N_student + 2 N_teacher`` with N = matmul weights (every ``nn.Linear`` of the language stack + the tied
+``lm_head``; embedding lookups not counted; attention-score FLOPs, losses, recomputation and phase-2
+generation not counted), peak = ``--peak-tflops`` (default 989.4: H100/H200 SXM dense bf16; the H200 here
+measured 789 TFLOP/s on a bf16 8192^3 matmul, shared/gpu/README.md). Phase-2 rows include student sampling
+(lmbda = 1: every step on-policy) in their time, so their MFU is lower by design.
+
+Usage (repo root, GPU machine)::
+
+    python bench/gpu/distill_bench.py                       # small + e4b, ~3-4 min
+    python bench/gpu/distill_bench.py --pairs small --steps 10
+
+Prints a table and writes ``distill_bench.json`` to ``--out`` (default ``$OUT``, else the current dir).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.factory import build_model  # noqa: E402
+from distill.config import DistillConfig  # noqa: E402
+from distill.parallel import DistEnv  # noqa: E402
+from distill.train import Distiller  # noqa: E402
+
+PAIRS = {"small": dict(scale="small", student_mlp=2048), "e4b": dict(scale="e4b", student_mlp=8192),
+         "micro": dict(scale="micro", student_mlp=512)}  # micro: CPU smoke run of this script (--device cpu)
+# (phase, batch, seq_len, grad_ckpt, chunk): tried in order per pair; OOM rows are reported and skipped
+CONFIGS = {
+    "small": [(1, 32, 1024, False, 4096), (1, 64, 1024, False, 4096), (1, 128, 1024, True, 4096),
+              (2, 32, 256, False, 4096)],
+    "e4b": [(1, 4, 2048, False, 1024), (1, 8, 2048, True, 1024), (1, 16, 2048, True, 1024),
+            (1, 24, 2048, True, 2048)],
+    "micro": [(1, 2, 64, False, 64), (1, 2, 64, True, 64), (2, 2, 160, False, 64)],
+}
+
+
+def _models(pair: str, device):
+    p = PAIRS[pair]
+    teacher = build_model(p["scale"], seed=0, dtype=torch.bfloat16, device=device)
+    student = build_model(p["scale"], seed=1, dtype=torch.float32, device=device,
+                          intermediate_size=p["student_mlp"])
+    for m in (teacher, student):
+        m.config._attn_implementation = "sdpa"
+        m.config.use_cache = False
+    return teacher, student
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, warmup, peak_tflops, device):
+    cfg = DistillConfig(teacher="-", student="-", out="-", phase=phase, steps=steps + warmup, batch=batch,
+                        seq_len=seq_len, lr=1e-5, grad_ckpt=grad_ckpt, chunk=chunk,
+                        precision="bf16-mixed" if device.type == "cuda" else "fp32",
+                        lmbda=1.0, max_new_tokens=128, peak_tflops=peak_tflops)
+    env = DistEnv(0, 1, 0, device)
+    if not grad_ckpt and student.is_gradient_checkpointing:
+        student.gradient_checkpointing_disable()
+    vocab = student.config.vocab_size
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(4, vocab, (batch, seq_len), generator=g, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    dz = Distiller(cfg, env, teacher, student)
+    try:
+        for s in range(warmup):
+            rec = dz.step(s, ids)
+        _sync(device)
+        t0 = time.perf_counter()
+        for s in range(warmup, warmup + steps):
+            rec = dz.step(s, ids)
+        _sync(device)
+        dt = (time.perf_counter() - t0) / steps
+        tok_s = batch * seq_len / dt
+        return {"tokens_per_s": tok_s, "step_ms": 1e3 * dt,
+                "mfu": dz.flops_per_token * tok_s / (peak_tflops * 1e12),
+                "model_tflops_per_s": dz.flops_per_token * tok_s / 1e12,
+                "n_student": dz.n_student, "n_teacher": dz.n_teacher,
+                "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0,
+                "loss": rec["loss"]}
+    finally:
+        dz.opt.zero_grad(set_to_none=True)
+        del dz
+        student.zero_grad(set_to_none=True)
+        if student.is_gradient_checkpointing:
+            student.gradient_checkpointing_disable()
+        _free()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", default="small,e4b", help="comma-separated: small, e4b")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--peak-tflops", type=float, default=989.4, help="dense bf16 peak per GPU for MFU")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for distill_bench.json")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke run: --pairs micro)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("distill_bench: needs a CUDA GPU (or --device cpu --pairs micro for a smoke run)", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = {"device": name, "torch": torch.__version__,
+              "date": _dt.date.today().isoformat(), "peak_tflops": args.peak_tflops,
+              "steps": args.steps, "warmup": args.warmup, "rows": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hdr = (f"{'pair':5} {'ph':>2} {'batch x seq':>12} {'ckpt':>4} {'chunk':>5} {'tok/s':>10} {'MFU':>6} "
+           f"{'TFLOP/s':>8} {'step ms':>8} {'peak GB':>8}")
+    print(f"{report['device']}, torch {report['torch']}, MFU vs {args.peak_tflops} TFLOP/s dense bf16")
+    print(hdr)
+    for pair in [p for p in args.pairs.split(",") if p]:
+        if pair not in PAIRS:
+            print(f"distill_bench: unknown pair {pair!r}; choose from {sorted(PAIRS)}", file=sys.stderr)
+            return 2
+        t0 = time.perf_counter()
+        teacher, student = _models(pair, device)
+        build_s = time.perf_counter() - t0
+        for phase, batch, seq, ckpt, chunk in CONFIGS[pair]:
+            row = {"pair": pair, "phase": phase, "batch": batch, "seq_len": seq, "grad_ckpt": ckpt, "chunk": chunk,
+                   "build_s": build_s}
+            try:
+                row.update(measure(teacher, student, phase, batch, seq, ckpt, chunk, args.steps, args.warmup,
+                                   args.peak_tflops, device))
+                line = (f"{row['tokens_per_s']:10,.0f} {100 * row['mfu']:5.1f}% {row['model_tflops_per_s']:8.1f} "
+                        f"{row['step_ms']:8.1f} {row['peak_mem_gb']:8.1f}")
+            except torch.OutOfMemoryError:
+                row["error"] = "OOM"
+                line = f"{'OOM':>10}"
+                _free()
+            print(f"{pair:5} {phase:2d} {f'{batch} x {seq}':>12} {('yes' if ckpt else 'no'):>4} {chunk:5d} {line}",
+                  flush=True)
+            report["rows"].append(row)
+            (out / "distill_bench.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        del teacher, student
+        _free()
+    best = {}
+    for r in report["rows"]:
+        if "mfu" in r and r["phase"] == 1 and r["mfu"] > best.get(r["pair"], {}).get("mfu", -1):
+            best[r["pair"]] = r
+    report["best_phase1"] = {k: {f: v[f] for f in ("batch", "seq_len", "grad_ckpt", "chunk", "tokens_per_s", "mfu")}
+                             for k, v in best.items()}
+    for k, v in best.items():
+        print(f"best {k} phase 1: {v['tokens_per_s']:,.0f} tok/s, MFU {100 * v['mfu']:.1f}% "
+              f"(batch {v['batch']} x {v['seq_len']}, ckpt {v['grad_ckpt']}, chunk {v['chunk']})")
+    (out / "distill_bench.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {out / 'distill_bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

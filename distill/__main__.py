@@ -1,0 +1,132 @@
+"""``python -m distill --teacher T --student S -o OUT --phase 1|2``: recover a pruned student from its teacher.
+
+Runs as one process (``--device cpu|cuda``) or under ``torchrun --nproc-per-node N`` (FSDP2-sharded student,
+replicated frozen teacher). Writes a bf16 HF checkpoint with a ``distill`` lineage step.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import PHASE_DEFAULTS, DistillConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        print(f"distill: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DistillConfig.__dataclass_fields__
+    p1, p2 = PHASE_DEFAULTS[1], PHASE_DEFAULTS[2]
+
+    def dflt(name):
+        return d[name].default
+
+    def per_phase(name):
+        return f"(default phase 1: {p1[name]}, phase 2: {p2[name]})"
+
+    ap = _Parser(prog="python -m distill", description=__doc__.split(": ", 1)[1].split("\n")[0].capitalize())
+    g = ap.add_argument_group("what")
+    g.add_argument("--teacher", required=True, metavar="T", help="unpruned teacher checkpoint dir (bf16 HF)")
+    g.add_argument("--student", required=True, metavar="S", help="pruned student checkpoint dir (e.g. python -m prune)")
+    g.add_argument("-o", "--out", required=True, metavar="OUT", help="output checkpoint dir")
+    g.add_argument("--phase", type=int, choices=(1, 2), default=1,
+                   help="1: forward KL + hidden-state matching; 2: on-policy GKD with generalized JSD (default 1)")
+    g.add_argument("--data", metavar="FILE", default=None,
+                   help="training text: .jsonl with {'text': ...} or {'input_ids': [...]} per line, or a text file "
+                        "(default: the bench train split, bench.corpus.split_path('train'))")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="use only the first N tokens of the data (default: all); steps sample windows from them, "
+                        "in a new random order each epoch")
+    g.add_argument("--force", action="store_true", help="overwrite OUT (and discard old training checkpoints)")
+    g = ap.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=None, help=f"optimizer steps {per_phase('steps')}")
+    g.add_argument("--batch", type=int, default=None,
+                   help=f"global batch in sequences, split over ranks {per_phase('batch')}")
+    g.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence {per_phase('seq_len')}")
+    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate {per_phase('lr')}")
+    g.add_argument("--min-lr-ratio", type=float, default=dflt("min_lr_ratio"),
+                   help="cosine decay floor as a fraction of --lr (default %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 10%% of --steps)")
+    g.add_argument("--weight-decay", type=float, default=dflt("weight_decay"), help="AdamW (default %(default)s)")
+    g.add_argument("--grad-clip", type=float, default=dflt("grad_clip"),
+                   help="global grad-norm clip, 0 = off (default %(default)s)")
+    g.add_argument("--seed", type=int, default=dflt("seed"), help="data order and sampling seed (default 0)")
+    g.add_argument("--train-embeddings", action="store_true",
+                   help="also train the token / per-layer embedding tables (tied lm_head); default frozen")
+    g = ap.add_argument_group("phase 1 losses")
+    g.add_argument("--temperature", type=float, default=dflt("temperature"),
+                   help="KL temperature T (loss scaled by T^2) (default %(default)s)")
+    g.add_argument("--hidden-weight", type=float, default=None,
+                   help=f"weight of the hidden-state matching term, 0 = off {per_phase('hidden_weight')}")
+    g.add_argument("--hidden-layers", type=_ints, default=None, metavar="I,J,...",
+                   help="decoder layers whose outputs are matched (default: all)")
+    g.add_argument("--hidden-layer-weights", type=_floats, default=None, metavar="W,W,...",
+                   help="relative weight per --hidden-layers entry (normalised to sum 1; default uniform)")
+    g = ap.add_argument_group("phase 2 (GKD; TRL GKDConfig defaults)")
+    g.add_argument("--lmbda", type=float, default=dflt("lmbda"),
+                   help="probability that a step's continuations are sampled from the student (default %(default)s)")
+    g.add_argument("--beta", type=float, default=dflt("beta"),
+                   help="generalized JSD beta: 0 = forward KL, 1 = reverse KL (default %(default)s)")
+    g.add_argument("--sample-temperature", type=float, default=dflt("sample_temperature"),
+                   help="student sampling temperature (default %(default)s)")
+    g.add_argument("--jsd-temperature", type=float, default=dflt("jsd_temperature"),
+                   help="temperature of the logits inside the JSD, no T^2 factor (TRL) (default %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=dflt("max_new_tokens"),
+                   help="continuation length; the prompt is the first seq-len - this tokens (default %(default)s)")
+    g = ap.add_argument_group("execution")
+    g.add_argument("--device", default=dflt("device"), help="auto, cpu, cuda, cuda:N (default auto)")
+    g.add_argument("--precision", choices=("bf16-mixed", "fp32"), default=None,
+                   help="bf16-mixed: fp32 master weights, bf16 compute (default on cuda); fp32 (default on cpu)")
+    g.add_argument("--chunk", type=int, default=dflt("chunk"),
+                   help="tokens per chunk of the vocab-sized logit loss (default %(default)s)")
+    g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the student's layers")
+    g.add_argument("--attn", default=dflt("attn"), help="attention implementation (default %(default)s)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g = ap.add_argument_group("checkpoints and logs")
+    g.add_argument("--ckpt-every", type=int, default=0, metavar="N",
+                   help="save a training checkpoint every N steps (default 0: never)")
+    g.add_argument("--ckpt-dir", default=None, help="where training checkpoints go (default OUT-ckpt)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --ckpt-dir")
+    g.add_argument("--keep-ckpt", action="store_true", help="keep --ckpt-dir after a successful run")
+    g.add_argument("--log-every", type=int, default=dflt("log_every"), help="console line every N steps (default 10)")
+    g.add_argument("--log-json", default=None, metavar="FILE", help="also write every step as JSON lines to FILE")
+    g.add_argument("--peak-tflops", type=float, default=dflt("peak_tflops"),
+                   help="per-GPU dense bf16 peak used for MFU (default %(default)s: H100/H200 SXM)")
+    return ap
+
+
+def config_from_args(args) -> DistillConfig:
+    kw = {k: v for k, v in vars(args).items()}
+    return DistillConfig(**kw)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"distill: error: {e}", file=sys.stderr)
+        return 2
+    from .train import run
+
+    try:
+        run(cfg)
+    except (ValueError, OSError) as e:
+        print(f"distill: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

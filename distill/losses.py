@@ -1,0 +1,196 @@
+"""Distillation losses: forward KL and generalized JSD on logits, normalised hidden-state MSE.
+
+Logit losses never materialise ``[tokens x vocab]`` for the whole batch (Gemma-4's vocabulary is 262,144: one
+fp32 row of logits is 1 MiB, so 16k tokens of both models would be 32 GiB before any softmax).
+:func:`chunked_logit_loss` takes the *final hidden states* of both models and their ``lm_head`` weights and
+walks the tokens ``chunk`` rows at a time: for each chunk it computes both models' logits exactly as Gemma-4
+does (``lm_head`` matmul, then ``final_logit_softcapping``: ``tanh(z / c) * c``), the per-token loss, and —
+in the same pass — the gradient of that chunk's loss with respect to the student's hidden rows (and
+``lm_head`` weight when it is trained), by a local ``torch.autograd.grad``. Only those gradients
+(``[tokens x hidden]``) are kept for backward, so neither model's logits survive the chunk, and nothing is
+recomputed in backward (3 vocab-sized matmuls per token: teacher forward, student forward, student dgrad).
+
+Conventions (all per token, summed over the vocabulary; reductions are the caller's ``weights``):
+
+* ``forward_kl``: ``T^2 * KL(softmax(t/T) || softmax(s/T))`` — Hinton's temperature with the ``T^2`` factor
+  that keeps gradient magnitudes independent of ``T``.
+* ``generalized_jsd``: TRL's ``GKDTrainer.generalized_jsd_loss`` (huggingface/trl, trl/experimental/gkd):
+  logits divided by ``temperature`` (no ``T^2`` factor); ``beta == 0`` is exactly forward
+  ``KL(teacher || student)``, ``beta == 1`` exactly reverse ``KL(student || teacher)``; otherwise with the
+  mixture ``m = beta * teacher + (1 - beta) * student`` the loss is
+  ``beta * KL(teacher || m) + (1 - beta) * KL(student || m)`` (which tends to 0, not to a KL, as beta -> 0 or 1:
+  hence the special cases).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "softcap", "lm_logits", "forward_kl", "generalized_jsd", "per_token_loss_fn", "chunked_logit_loss",
+    "hidden_state_loss",
+]
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma's ``final_logit_softcapping``: ``tanh(logits / cap) * cap`` (same op order as transformers)."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Logits of a Gemma-4 ``lm_head``: ``softcap(hidden @ weight.T)``, computed in fp32 after the matmul.
+
+    ``hidden`` [..., d], ``weight`` [V, d] (both in the matmul dtype) -> fp32 [..., V]. With fp32 inputs this is
+    bit-identical to ``Gemma4ForCausalLM.forward(...).logits``; with bf16 inputs it differs from transformers'
+    bf16 path only in that the softcap runs in fp32 instead of on bf16-rounded logits.
+    """
+    return softcap((hidden @ weight.T).float(), cap)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token ``T^2 * KL(p_teacher || q_student)`` at temperature ``T``: [..., V] fp32 logits -> [...]."""
+    t = float(temperature)
+    s_logp = F.log_softmax(student_logits / t, dim=-1)
+    t_logp = F.log_softmax(teacher_logits / t, dim=-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1) * (t * t)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Per-token generalized JSD with TRL's convention (see module docstring): [..., V] fp32 logits -> [...]."""
+    t = float(temperature)
+    s_logp = F.log_softmax(student_logits / t, dim=-1)
+    t_logp = F.log_softmax(teacher_logits / t, dim=-1)
+    if beta == 0:
+        return (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # KL(teacher || student)
+    if beta == 1:
+        return (s_logp.exp() * (s_logp - t_logp)).sum(-1)  # KL(student || teacher)
+    # log m = logsumexp(log(1-beta) + log q, log(beta) + log p), stable for tiny probabilities
+    m_logp = torch.logaddexp(s_logp + math.log1p(-beta), t_logp + math.log(beta))
+    kl_teacher = (t_logp.exp() * (t_logp - m_logp)).sum(-1)
+    kl_student = (s_logp.exp() * (s_logp - m_logp)).sum(-1)
+    return beta * kl_teacher + (1.0 - beta) * kl_student
+
+
+def per_token_loss_fn(kind: str, *, temperature: float = 1.0, beta: float = 0.5) -> Callable:
+    """``fn(student_logits, teacher_logits) -> per-token loss`` for ``kind`` in {"forward_kl", "gjsd"}."""
+    if kind == "forward_kl":
+        return lambda s, t: forward_kl(s, t, temperature)
+    if kind == "gjsd":
+        return lambda s, t: generalized_jsd(s, t, beta, temperature)
+    raise ValueError(f"unknown logit loss {kind!r}; choose forward_kl or gjsd")
+
+
+class _ChunkedLogitLoss(torch.autograd.Function):
+    """Forward computes loss and its gradients chunk by chunk; backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, weights, loss_fn, cap, chunk, compute_dtype):
+        need_w = ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h_s)
+        grad_w = torch.zeros_like(w_s, dtype=torch.float32) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        with torch.no_grad():  # one cast per call, not per chunk
+            w_t_c = w_t.to(compute_dtype)
+            w_s_c = w_s.to(compute_dtype)
+        with torch.autocast(h_s.device.type, enabled=False), torch.enable_grad():
+            w_leaf = w_s_c.detach().requires_grad_(need_w)
+            for i in range(0, h_s.shape[0], chunk):
+                h_leaf = h_s[i:i + chunk].detach().requires_grad_(True)
+                z_s = lm_logits(h_leaf.to(compute_dtype), w_leaf, cap)
+                with torch.no_grad():
+                    z_t = lm_logits(h_t[i:i + chunk].to(compute_dtype), w_t_c, cap)
+                loss = (loss_fn(z_s, z_t) * weights[i:i + chunk]).sum()
+                grads = torch.autograd.grad(loss, (h_leaf, w_leaf) if need_w else (h_leaf,))
+                grad_h[i:i + chunk] = grads[0]
+                if need_w:
+                    grad_w += grads[1]
+                total += loss.detach()
+                del z_s, z_t, loss, grads
+        ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
+        ctx.need_w = need_w
+        ctx.w_dtype = w_s.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype)
+        gw = (grad_w * grad_out).to(ctx.w_dtype) if ctx.need_w else None
+        return gh, gw, None, None, None, None, None, None, None
+
+
+@torch.no_grad()
+def _chunked_loss_value(h_s, w_s, h_t, w_t, weights, loss_fn, cap, chunk, compute_dtype):
+    w_s_c, w_t_c = w_s.to(compute_dtype), w_t.to(compute_dtype)
+    total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+    with torch.autocast(h_s.device.type, enabled=False):
+        for i in range(0, h_s.shape[0], chunk):
+            z_s = lm_logits(h_s[i:i + chunk].to(compute_dtype), w_s_c, cap)
+            z_t = lm_logits(h_t[i:i + chunk].to(compute_dtype), w_t_c, cap)
+            total += (loss_fn(z_s, z_t) * weights[i:i + chunk]).sum()
+    return total
+
+
+def chunked_logit_loss(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor,
+                       weights: torch.Tensor, loss_fn: Callable, *, cap: float | None, chunk: int = 1024,
+                       compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``sum_i weights[i] * loss_fn(student_logits_i, teacher_logits_i)`` without materialising full logits.
+
+    h_s: [N, d_s] student final hidden states (post final norm), any float dtype, may require grad.
+    w_s: [V, d_s] student ``lm_head`` weight (grad computed only if it requires grad).
+    h_t: [N, d_t], w_t: [V, d_t]: teacher's, never differentiated.
+    weights: [N] fp32 per-token weights (mask / normaliser, e.g. ``1/N`` for a mean).
+    loss_fn: per-token loss on fp32 logits ``[n, V] x [n, V] -> [n]`` (see :func:`per_token_loss_fn`).
+    cap: ``final_logit_softcapping`` (None: none). chunk: rows per chunk (peak memory ~ a few ``chunk x V`` fp32).
+    compute_dtype: matmul dtype (default ``h_s.dtype``); logits and losses are always fp32.
+    Returns a 0-dim fp32 tensor. Gradients equal those of the unchunked computation.
+    """
+    if h_s.dim() != 2 or h_t.dim() != 2 or h_s.shape[0] != h_t.shape[0] or weights.shape != (h_s.shape[0],):
+        raise ValueError(f"chunked_logit_loss: shapes h_s {tuple(h_s.shape)}, h_t {tuple(h_t.shape)}, "
+                         f"weights {tuple(weights.shape)} do not agree ([N, d], [N, d], [N])")
+    if w_s.shape[0] != w_t.shape[0]:
+        raise ValueError(f"chunked_logit_loss: student vocab {w_s.shape[0]} != teacher vocab {w_t.shape[0]}")
+    if chunk < 1:
+        raise ValueError(f"chunked_logit_loss: chunk must be >= 1, got {chunk}")
+    if not (torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad)):
+        return _chunked_loss_value(h_s, w_s, h_t, w_t, weights.float(), loss_fn, cap, int(chunk),
+                                   compute_dtype or h_s.dtype)
+    return _ChunkedLogitLoss.apply(h_s, w_s, h_t, w_t, weights.float(), loss_fn, cap, int(chunk),
+                                   compute_dtype or h_s.dtype)
+
+
+def _normalised_mse(h_s: torch.Tensor, h_t: torch.Tensor, eps: float) -> torch.Tensor:
+    hs, ht = h_s.float(), h_t.float()
+    return ((hs - ht).pow(2).sum(-1) / (ht.pow(2).sum(-1) + eps)).mean()
+
+
+def hidden_state_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
+                      layer_weights: list[float], eps: float = 1e-6) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Weighted per-layer normalised MSE: ``sum_l w_l * mean_tokens(||h_s - h_t||^2 / (||h_t||^2 + eps))``.
+
+    Each entry is a [..., d] hidden state (student may require grad; teacher is constant). The ratio is per
+    token, so a few huge-norm tokens (Gemma's first position) do not dominate a layer. Each layer's term runs
+    under activation checkpointing: the fp32 difference is recomputed in backward instead of kept.
+    Returns ``(total, [per-layer value, detached])``.
+    """
+    if not (len(student_hidden) == len(teacher_hidden) == len(layer_weights)):
+        raise ValueError("hidden_state_loss: student/teacher/weight lists differ in length")
+    total = None
+    parts = []
+    for hs, ht, w in zip(student_hidden, teacher_hidden, layer_weights):
+        if hs.shape != ht.shape:
+            raise ValueError(f"hidden_state_loss: student hidden {tuple(hs.shape)} != teacher {tuple(ht.shape)}")
+        if hs.requires_grad:
+            v = checkpoint(_normalised_mse, hs, ht.detach(), eps, use_reentrant=False)
+        else:
+            v = _normalised_mse(hs, ht, eps)
+        parts.append(v.detach())
+        total = w * v if total is None else total + w * v
+    return total, parts

@@ -1,0 +1,165 @@
+"""Teacher/student loading and the student-side training module.
+
+A checkpoint is loaded with the class its ``config.json`` names (``Gemma4ForCausalLM`` or the multimodal
+``Gemma4ForConditionalGeneration``). Distillation only ever runs the *language stack*: ``get_decoder()``
+(``Gemma4TextModel``, the same module in both classes) on token ids, then the tied ``lm_head``. Vision/audio
+towers and their embedders are frozen and never touched, so the written checkpoint carries them bit-identical
+(bf16 -> fp32 master -> bf16 is exact).
+
+:class:`DistillModule` wraps the student so that one ``forward`` is one loss (or one decode step): under
+FSDP2 it is the root module, which makes the root-owned parameters (embeddings, tied ``lm_head``, final norm)
+unsharded exactly while the loss and the sampling run.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .losses import chunked_logit_loss, hidden_state_loss, lm_logits, per_token_loss_fn
+
+__all__ = [
+    "load_model", "text_config", "decoder_layers", "check_pair", "set_trainable", "matmul_params",
+    "capture_layer_outputs", "DistillModule",
+]
+
+# language-stack parameters that are embedding tables (frozen unless train_embeddings): the tied lm_head is
+# embed_tokens; the per-layer-embedding table is E4B's largest tensor (262144 x 10752)
+EMBEDDING_PARAMS = ("embed_tokens.weight", "embed_tokens_per_layer.weight")
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
+               attn_implementation: str = "sdpa") -> nn.Module:
+    """Load the checkpoint dir ``path`` with the class its config names, in ``dtype``, on ``device``, eval mode."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face checkpoint directory")
+    config = transformers.AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval()
+
+
+def text_config(model: nn.Module):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_decoder().layers
+
+
+def check_pair(teacher: nn.Module, student: nn.Module, teacher_path, student_path) -> None:
+    """Teacher and student must share tokenizer-facing and residual-stream shapes (layer-to-layer matching)."""
+    tc, sc = text_config(teacher), text_config(student)
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "final_logit_softcapping"):
+        a, b = getattr(tc, field, None), getattr(sc, field, None)
+        if a != b:
+            raise ValueError(f"{student_path}: student {field}={b} differs from teacher {teacher_path} {field}={a}; "
+                             "distillation needs the same vocabulary, hidden size and depth")
+
+
+def set_trainable(model: nn.Module, train_embeddings: bool = False) -> list[str]:
+    """Freeze everything but the language stack (and its embedding tables unless ``train_embeddings``).
+
+    Returns the names (as in ``model.named_parameters()``) of the trainable parameters."""
+    decoder = model.get_decoder()
+    trainable = {id(p) for n, p in decoder.named_parameters()
+                 if train_embeddings or not n.endswith(EMBEDDING_PARAMS)}
+    names = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(id(p) in trainable)
+        if p.requires_grad:
+            names.append(n)
+    if not names:
+        raise ValueError("no trainable parameters in the student's language stack")
+    return names
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Weights that take part in a matmul for every token: all ``nn.Linear`` of the language stack plus the
+    (tied) ``lm_head``; embedding lookups, norms and the vision/audio towers are not counted (MFU's ``N``)."""
+    decoder = model.get_decoder()
+    n = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, nn.Linear))
+    return n + model.get_output_embeddings().weight.numel()
+
+
+@contextlib.contextmanager
+def capture_layer_outputs(layers: nn.ModuleList, indices: list[int]):
+    """Collect the outputs (residual stream after the layer) of ``layers[i]`` for ``i`` in ``indices``.
+
+    Hooks exist only inside the ``with`` block, so activation-checkpoint recomputation during backward does
+    not record again. Yields a dict ``{layer index: tensor [B, S, d]}``."""
+    out: dict[int, torch.Tensor] = {}
+    handles = []
+    for i in indices:
+        def hook(_m, _args, output, i=i):
+            out[i] = output[0] if isinstance(output, tuple) else output
+        handles.append(layers[i].register_forward_hook(hook))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class DistillModule(nn.Module):
+    """Student wrapper: ``forward(input_ids, ...)`` -> (loss, {part: detached value}) or decode logits.
+
+    Loss mode arguments (all on the student's device):
+      input_ids [B, S] int64; teacher_last [B, S, d] (teacher final hidden, post norm); teacher_head [V, d]
+      (teacher lm_head weight); teacher_hidden {layer: [B, S, d]} for hidden matching;
+      rows [n] int64 flat indices into B*S of the positions whose logits are scored, row_weights [n] fp32
+      (the logit loss is ``sum(row_weights * per_token_loss)``); the hidden term is a mean over all B*S tokens.
+    Decode mode: ``forward(input_ids, cache=DynamicCache)`` -> fp32 softcapped logits of the last position [B, V].
+    """
+
+    def __init__(self, student: nn.Module, *, logit_loss: str, temperature: float, beta: float,
+                 logit_weight: float, hidden_layers: list[int], hidden_weights: list[float],
+                 chunk: int, compute_dtype: torch.dtype):
+        super().__init__()
+        self.student = student
+        self.cap = getattr(text_config(student), "final_logit_softcapping", None)
+        self.loss_fn = per_token_loss_fn(logit_loss, temperature=temperature, beta=beta)
+        self.logit_loss = logit_loss
+        self.logit_weight = float(logit_weight)
+        self.hidden_layers = list(hidden_layers)
+        self.hidden_weights = list(hidden_weights)
+        self.chunk = int(chunk)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, input_ids, teacher_last=None, teacher_head=None, teacher_hidden=None, rows=None,
+                row_weights=None, cache=None):
+        decoder = self.student.get_decoder()
+        head = self.student.get_output_embeddings().weight
+        if cache is not None:
+            h = decoder(input_ids=input_ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            return lm_logits(h.to(self.compute_dtype), head.to(self.compute_dtype), self.cap)
+
+        match = self.hidden_layers if teacher_hidden is not None else []
+        with capture_layer_outputs(decoder.layers, match) as hs:
+            h_s = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        d = h_s.shape[-1]
+        parts = {}
+        logit = chunked_logit_loss(h_s.reshape(-1, d).index_select(0, rows), head,
+                                   teacher_last.reshape(-1, teacher_last.shape[-1]).index_select(0, rows),
+                                   teacher_head, row_weights, self.loss_fn, cap=self.cap, chunk=self.chunk,
+                                   compute_dtype=self.compute_dtype)
+        parts[self.logit_loss] = logit.detach()
+        total = self.logit_weight * logit
+        if match:
+            hidden, per_layer = hidden_state_loss([hs[i] for i in match], [teacher_hidden[i] for i in match],
+                                                  self.hidden_weights)
+            parts["hidden_mse"] = hidden.detach()
+            for i, v in zip(match, per_layer):
+                parts[f"hidden_mse/{i}"] = v
+            total = total + hidden
+        return total, parts

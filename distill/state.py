@@ -1,0 +1,109 @@
+"""Training checkpoints for ``--ckpt-every N`` / ``--resume``: a killed run continues to the same weights.
+
+Layout of ``CKPT_DIR`` (default ``OUT-ckpt``)::
+
+    step-00000040/          torch.distributed.checkpoint (DCP) of {"model": trainable params, "optim": AdamW}
+                            (sharded per rank under FSDP2; fp32 master weights and moments, bit-exact)
+        meta.json           step, the run's result-determining config, loss history, data position
+        rng-rank{r}.pt      torch CPU (and CUDA) RNG state of rank r
+    latest                  name of the newest complete step dir (replaced atomically, written last)
+
+A step dir is written under a temp name and renamed once every rank has finished, then ``latest`` is
+replaced; so ``kill -9`` at any moment leaves the previous checkpoint usable. Frozen parameters (towers,
+embeddings) are not saved: they are re-read from the student checkpoint. The data position is the step
+itself (batches are a pure function of seed and step, see :mod:`distill.data`), as is every random draw of
+phase 2 (:mod:`distill.sample`); the RNG states are saved anyway so nothing else can drift.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .parallel import DistEnv, barrier
+
+__all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint"]
+
+LATEST = "latest"
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The newest complete step dir of ``ckpt_dir`` (None if there is none)."""
+    f = Path(ckpt_dir) / LATEST
+    if not f.is_file():
+        return None
+    d = Path(ckpt_dir) / f.read_text().strip()
+    return d if (d / "meta.json").is_file() else None
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, module, optimizer, env: DistEnv, meta: dict) -> Path:
+    """Write the state after ``step`` completed steps (collective: every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    ckpt_dir = Path(ckpt_dir)
+    name = f"step-{step:08d}"
+    tmp = ckpt_dir / f".{name}.tmp"
+    if env.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier(env)
+    msd, osd = get_state_dict(module, optimizer, options=_options())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    rng = {"cpu": torch.get_rng_state()}
+    if env.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(env.device)
+    torch.save(rng, tmp / f"rng-rank{env.rank}.pt")
+    barrier(env)
+    if env.is_main:
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True) + "\n")
+        final = ckpt_dir / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = ckpt_dir / f".{LATEST}.tmp"
+        latest_tmp.write_text(name + "\n")
+        os.replace(latest_tmp, ckpt_dir / LATEST)
+        for old in ckpt_dir.glob("step-*"):  # keep only the newest
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(env)
+    return ckpt_dir / name
+
+
+def load_checkpoint(path: str | os.PathLike, module, optimizer, env: DistEnv) -> dict:
+    """Load a step dir written by :func:`save_checkpoint` into ``module``/``optimizer``; returns its meta."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    msd, osd = get_state_dict(module, optimizer, options=_options())
+    state = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options())
+    rng_f = path / f"rng-rank{env.rank}.pt"
+    if rng_f.is_file():
+        rng = torch.load(rng_f, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and env.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], env.device)
+    if env.is_dist:
+        dist.barrier()
+    return meta

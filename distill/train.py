@@ -1,0 +1,379 @@
+"""The distill loop: teacher forward (no grad, bf16) -> student loss -> AdamW, then a bf16 checkpoint + lineage.
+
+Per step (global batch ``B`` windows of ``S`` tokens, ``B / W`` per rank):
+
+* phase 1: loss = ``T^2 KL(teacher || student)`` averaged over all ``B*S`` positions
+  + ``sum_l w_l * normalised_mse(h_s^l, h_t^l)`` (decoder-layer outputs);
+* phase 2: the window is a prompt (first ``S - C`` tokens) and a continuation (last ``C = max_new_tokens``);
+  with probability ``lmbda`` the continuation is re-sampled from the student; loss = generalized JSD averaged
+  over the continuation tokens of the whole global batch (tokens after a sampled EOS excluded).
+
+Learning rate: linear warm-up over ``warmup_steps``, cosine decay to ``lr * min_lr_ratio`` at the last step.
+Figures: loss parts, tokens/s (training tokens ``B*S`` per step, all ranks), and on CUDA the MFU: model FLOPs
+``(6 N_student + 2 N_teacher) * tokens`` (N = matmul weights, :func:`distill.models.matmul_params`; attention
+score FLOPs, the losses and phase-2 generation not counted) over ``peak_tflops`` per GPU (default 989 TFLOP/s,
+H100/H200 SXM dense bf16).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import parallel
+from .config import DistillConfig
+from .data import load_blocks, load_tokenizer
+from .models import (DistillModule, capture_layer_outputs, check_pair, decoder_layers, load_model, matmul_params,
+                     set_trainable, text_config)
+from .sample import continuation_mask, on_policy_step, row_seed, sample_continuations
+from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["run", "Distiller", "lr_at", "checkpoint_sha256"]
+
+
+def lr_at(step: int, cfg: DistillConfig) -> float:
+    """Learning rate of (0-based) ``step``: linear warm-up, then cosine to ``lr * min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - 1 - cfg.warmup_steps)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def checkpoint_sha256(ckpt: str | Path) -> str:
+    """sha256 over a checkpoint's weights: ``name sha256`` of each ``*.safetensors`` file, sorted by name."""
+    from pack.checkpoint import sha256_file
+
+    files = sorted(Path(ckpt).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt}: no *.safetensors files")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name} {sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+class _Log:
+    """Rank-0 console lines and the optional JSON-lines log."""
+
+    def __init__(self, env, path: str | None, append: bool):
+        self.env = env
+        self.fh = None
+        if env.is_main and path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(path, "a" if append else "w", encoding="utf-8")
+
+    def print(self, msg: str) -> None:
+        if self.env.is_main:
+            print(msg, flush=True)
+
+    def record(self, rec: dict) -> None:
+        if self.fh is not None:
+            self.fh.write(json.dumps(rec, sort_keys=True) + "\n")
+            self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = getattr(text_config(model), "eos_token_id", None)
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return []
+    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+def _prepare_output(cfg: DistillConfig, env) -> None:
+    out, ckpt = Path(cfg.out), Path(cfg.ckpt_dir)
+    if out.exists() and not cfg.force:
+        raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
+    if ckpt.exists() and not (cfg.resume or cfg.force) and latest_checkpoint(ckpt) is not None:
+        raise FileExistsError(f"{ckpt}: training checkpoints of an earlier run exist; pass --resume to continue "
+                              "that run, or --force to start over (deletes them)")
+    parallel.barrier(env)
+    if env.is_main and ckpt.exists() and cfg.force and not cfg.resume:
+        shutil.rmtree(ckpt)
+    parallel.barrier(env)
+
+
+def run(cfg: DistillConfig) -> dict:
+    """Run one distillation phase as configured; returns the summary written into the lineage step."""
+    env = parallel.init(cfg.device)
+    try:
+        return _run(cfg, env)
+    finally:
+        parallel.shutdown(env)
+
+
+class Distiller:
+    """Teacher + student + optimizer for one phase; :meth:`step` runs one optimizer step on a token batch.
+
+    ``teacher``: frozen model (bf16), ``student``: fp32 master weights, both on ``env.device``. Used by
+    :func:`run` (with data, checkpoints, logs) and by ``bench/gpu/distill_bench.py`` (synthetic tokens)."""
+
+    def __init__(self, cfg: DistillConfig, env, teacher, student, eos_ids: list[int] | None = None):
+        self.cfg, self.env = cfg, env
+        self.bf16 = cfg.precision == "bf16-mixed"
+        compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.student = student
+        self.trainable = set_trainable(student, cfg.train_embeddings)
+        if cfg.grad_ckpt:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.train()
+        self.layers, layer_w = cfg.layer_selection(text_config(student).num_hidden_layers)
+        self.n_student, self.n_teacher = matmul_params(student), matmul_params(teacher)
+        self.dm = DistillModule(student, logit_loss="forward_kl" if cfg.phase == 1 else "gjsd",
+                                temperature=cfg.temperature if cfg.phase == 1 else cfg.jsd_temperature,
+                                beta=cfg.beta, logit_weight=1.0, hidden_layers=self.layers,
+                                hidden_weights=layer_w, chunk=cfg.chunk, compute_dtype=compute_dtype)
+        self.layer_w = layer_w
+        if env.is_dist:
+            parallel.shard_student(self.dm, decoder_layers(student), env, bf16_params=self.bf16)
+        self.params = [p for p in self.dm.parameters() if p.requires_grad]
+        fused = {"fused": True} if env.device.type == "cuda" and not env.is_dist else {}
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                     weight_decay=cfg.weight_decay, **fused)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 and not env.is_dist
+                         else contextlib.nullcontext())
+        if cfg.batch % env.world:
+            raise ValueError(f"--batch {cfg.batch} is not divisible by the {env.world} ranks")
+        self.local_b = cfg.batch // env.world
+        self.eos_ids = eos_ids or []
+        self.generated_tokens = 0
+        self.make_cache = None
+        if cfg.phase == 2:
+            from transformers import DynamicCache
+
+            self.make_cache = lambda: DynamicCache(config=text_config(student))  # noqa: E731
+
+    @property
+    def flops_per_token(self) -> int:
+        """Model FLOPs per trained token: 6 N_student (forward + backward) + 2 N_teacher (forward)."""
+        return 6 * self.n_student + 2 * self.n_teacher
+
+    def _rows(self, step: int, ids: torch.Tensor):
+        """(ids, flat rows scored, their weights, on_policy) for this rank's batch ``ids`` [B/W, S]."""
+        cfg, env, dev = self.cfg, self.env, self.env.device
+        b, S = ids.shape
+        if cfg.phase == 1:
+            n = b * S
+            return ids, torch.arange(n, device=dev), torch.full((n,), 1.0 / n, device=dev), False
+        P, C = S - cfg.max_new_tokens, cfg.max_new_tokens
+        on_policy = on_policy_step(cfg.seed, step, cfg.lmbda)
+        if on_policy:
+            seeds = [row_seed(cfg.seed, step, step * cfg.batch + env.rank * b + i) for i in range(b)]
+            ids = torch.cat([ids[:, :P], self._sample(ids[:, :P], C, seeds)], 1)
+            mask = continuation_mask(ids[:, P:], self.eos_ids)
+            self.generated_tokens += b * C * env.world
+        else:
+            mask = torch.ones(b, C, dtype=torch.bool, device=dev)
+        # logits at positions P-1 .. S-2 predict the continuation tokens P .. S-1
+        pos = torch.arange(b, device=dev)[:, None] * S + torch.arange(P - 1, S - 1, device=dev)[None, :]
+        rows = pos[mask]
+        n_valid = parallel.all_reduce_sum(torch.tensor(float(rows.numel()), device=dev), env)
+        # FSDP averages gradients over ranks: scale by world so the result is the global token mean
+        return ids, rows, torch.full((rows.numel(),), env.world / float(n_valid), device=dev), on_policy
+
+    def _sample(self, prompts, n_new, seeds):
+        """Student continuations (eval mode, no grad; FSDP params stay gathered for the whole generation)."""
+        fsdp = parallel.fsdp_modules(self.dm)
+        for m in fsdp:
+            m.set_reshard_after_forward(False)
+        self.dm.eval()
+        try:
+            with self.autocast:
+                return sample_continuations(lambda ids, cache: self.dm(ids, cache=cache), prompts, n_new,
+                                            self.cfg.sample_temperature, seeds, self.make_cache)
+        finally:
+            self.dm.train()
+            for m in fsdp:
+                m.reshard()
+                m.set_reshard_after_forward(True)
+
+    def step(self, step: int, ids: torch.Tensor) -> dict:
+        """One optimizer step on this rank's token batch ``ids`` (int64 [B/W, S] on the device); returns the
+        global (all-rank mean) loss parts, lr, grad norm and whether the continuations were on-policy."""
+        lr = lr_at(step, self.cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        ids, rows, weights, on_policy = self._rows(step, ids)
+        with torch.no_grad(), capture_layer_outputs(decoder_layers(self.teacher), self.layers) as t_hidden:
+            t_last = self.teacher.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        with self.autocast:
+            loss, parts = self.dm(ids, teacher_last=t_last, teacher_head=self.teacher.get_output_embeddings().weight,
+                                  teacher_hidden=t_hidden if self.layers else None, rows=rows, row_weights=weights)
+        loss.backward()
+        del t_hidden, t_last
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        names = ["loss", *parts]
+        vals = torch.stack([loss.detach().float(), *[v.float() for v in parts.values()]])
+        vals = parallel.all_reduce_sum(vals, self.env) / self.env.world
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        return {"step": step + 1, "lr": lr, "grad_norm": gnorm, "on_policy": on_policy,
+                **{n: float(v) for n, v in zip(names, vals.tolist())}}
+
+
+def _run(cfg: DistillConfig, env) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.precision is None:
+        cfg.precision = "bf16-mixed" if env.device.type == "cuda" else "fp32"
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    _prepare_output(cfg, env)
+    log = _Log(env, cfg.log_json, append=cfg.resume)
+    torch.manual_seed(cfg.seed)
+
+    # models: teacher frozen bf16; student fp32 master weights, only the language stack trainable
+    t_load = time.perf_counter()
+    teacher = load_model(cfg.teacher, torch.bfloat16, env.device, cfg.attn)
+    student = load_model(cfg.student, torch.float32, env.device, cfg.attn)
+    check_pair(teacher, student, cfg.teacher, cfg.student)
+    tokenizer = load_tokenizer(cfg.student, cfg.teacher)
+    dz = Distiller(cfg, env, teacher, student, _eos_ids(student, tokenizer))
+
+    # data
+    data = load_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, text_config(student).vocab_size)
+    load_s = time.perf_counter() - t_load
+
+    # resume
+    start, history = 0, []
+    if cfg.resume:
+        ck = latest_checkpoint(cfg.ckpt_dir)
+        if ck is None:
+            log.print(f"resume: no checkpoint in {cfg.ckpt_dir}; starting from step 0")
+        else:
+            meta = json.loads((ck / "meta.json").read_text())
+            want = cfg.result_dict()
+            diff = sorted(k for k in set(want) | set(meta["config"]) if want.get(k) != meta["config"].get(k))
+            if diff:
+                raise ValueError(f"{ck}: checkpoint was made with different settings ({', '.join(diff)}); "
+                                 "rerun with the same ones, or --force to start over")
+            meta = load_checkpoint(ck, dz.dm, dz.opt, env)
+            start, history = int(meta["step"]), list(meta["history"])
+            log.print(f"resume: continuing from {ck} (step {start}/{cfg.steps})")
+
+    tokens_per_step = cfg.batch * cfg.seq_len
+    log.print(f"distill phase {cfg.phase}: teacher {cfg.teacher} ({dz.n_teacher / 1e6:.1f}M matmul params), "
+              f"student {cfg.student} ({dz.n_student / 1e6:.1f}M; {len(dz.trainable)} trainable tensors), "
+              f"{env.world} rank(s) on {env.device.type}, {cfg.precision}; data {data.source} ({data.tokens:,} "
+              f"tokens); {cfg.steps} steps x {cfg.batch} x {cfg.seq_len} = {cfg.steps * tokens_per_step:,} tokens; "
+              f"load {load_s:.1f}s")
+    if start == 0:
+        log.record({"event": "config", "config": cfg.result_dict(), "world": env.world, "device": str(env.device),
+                    "n_student": dz.n_student, "n_teacher": dz.n_teacher, "peak_tflops": cfg.peak_tflops})
+
+    t_int, step_int = time.perf_counter(), 0
+    for step in range(start, cfg.steps):
+        ids = data.batch(step, cfg.batch, env.rank, env.world, cfg.seed).to(env.device)
+        rec = dz.step(step, ids)
+        parts = [k for k in rec if k not in ("step", "lr", "grad_norm", "on_policy", "loss")]
+        history.append({k: rec[k] for k in ("step", "on_policy", "loss", *parts)})
+        step_int += 1
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)
+            dt = time.perf_counter() - t_int
+            rec["tokens_per_s"] = tokens_per_step * step_int / dt
+            rec["tokens_seen"] = (step + 1) * tokens_per_step
+            rec["mfu"] = (dz.flops_per_token * rec["tokens_per_s"] / (cfg.peak_tflops * 1e12 * env.world)
+                          if env.device.type == "cuda" else None)
+            extra = " ".join(f"{n} {rec[n]:.4f}" for n in parts if "/" not in n)
+            mfu = f" | MFU {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
+            pol = (f" | on-policy {sum(h['on_policy'] for h in history)}/{len(history)} steps"
+                   if cfg.phase == 2 else "")
+            log.print(f"step {step + 1}/{cfg.steps} | loss {rec['loss']:.4f} ({extra}) | lr {rec['lr']:.2e} | "
+                      f"gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s{mfu}{pol}")
+            t_int, step_int = time.perf_counter(), 0
+        log.record({"event": "step", **rec})
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            t_ck = time.perf_counter()
+            save_checkpoint(cfg.ckpt_dir, step + 1, dz.dm, dz.opt, env,
+                            {"config": cfg.result_dict(), "history": history})
+            t_int += time.perf_counter() - t_ck  # checkpoint time is not training time
+
+    summary = _summary(cfg, data, history, dz.generated_tokens, dz.layers, dz.layer_w, env)
+    _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary)
+    log.record({"event": "summary", **summary})
+    log.close()
+    if env.is_main and not cfg.keep_ckpt:
+        shutil.rmtree(cfg.ckpt_dir, ignore_errors=True)
+    return summary
+
+
+def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:
+    last = history[-min(10, len(history)):]
+    mean = lambda k: sum(h[k] for h in last) / len(last)  # noqa: E731
+    if cfg.phase == 1:
+        losses = {"forward_kl": {"weight": 1.0, "temperature": cfg.temperature}}
+        if layers:
+            losses["hidden_mse"] = {"weight": cfg.hidden_weight, "layers": layers,
+                                    "layer_weights": [w / cfg.hidden_weight for w in layer_w],
+                                    "normalisation": "per-token ||h_s-h_t||^2/||h_t||^2, mean over tokens"}
+    else:
+        losses = {"gjsd": {"beta": cfg.beta, "temperature": cfg.jsd_temperature, "convention": "trl"},
+                  "on_policy": {"lmbda": cfg.lmbda, "sample_temperature": cfg.sample_temperature,
+                                "max_new_tokens": cfg.max_new_tokens}}
+        if layers:
+            losses["hidden_mse"] = {"weight": cfg.hidden_weight, "layers": layers}
+    keys = [k for k in history[-1] if k not in ("step", "on_policy") and "/" not in k]
+    return {
+        "phase": cfg.phase, "losses": losses, "steps": cfg.steps, "batch": cfg.batch, "seq_len": cfg.seq_len,
+        "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio, "warmup_steps": cfg.warmup_steps,
+        "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
+        "precision": cfg.precision, "train_embeddings": cfg.train_embeddings, "world_size": env.world,
+        "tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,
+        **({"generated_tokens": gen_tokens} if cfg.phase == 2 else {}),
+        "loss_first": {k: history[0][k] for k in keys},
+        "loss_last10": {k: mean(k) for k in keys},
+        "data": {"source": data.source, "sha256": data.sha256, "tokenizer_sha256": data.tokenizer_sha256,
+                 "tokens_available": data.tokens},
+    }
+
+
+def _save(cfg, env, dm, student, trainable, tokenizer, summary) -> None:
+    """Gather the trained weights to rank 0 and write OUT (bf16, lineage step 'distill')."""
+    from pack.checkpoint import lineage_step, save_bf16_checkpoint
+
+    if env.is_dist:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(dm, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                               ignore_frozen_params=True))
+        sd = {k.removeprefix("student."): v for k, v in sd.items()}  # (non-main ranks get {})
+    else:
+        sd = {n: p.detach().to("cpu") for n, p in student.named_parameters() if p.requires_grad}
+    if env.is_main:
+        model = load_model(cfg.student, torch.bfloat16, "cpu", cfg.attn)
+        own = dict(model.named_parameters())
+        missing = sorted(n for n in trainable if n not in sd or n not in own)
+        if missing:
+            raise RuntimeError(f"trained weights {missing[:3]} missing from the gathered state or {cfg.student}")
+        with torch.no_grad():
+            for n in trainable:
+                own[n].copy_(sd[n])
+        summary["teacher"] = {"path": cfg.teacher, "sha256": checkpoint_sha256(cfg.teacher)}
+        step = lineage_step("distill", **summary)
+        save_bf16_checkpoint(model, cfg.out, source_dir=cfg.student, step=step,
+                             tokenizer=tokenizer if not any(Path(cfg.student).glob("tokenizer*")) else None,
+                             force=cfg.force)
+        print(f"wrote {cfg.out} (phase {cfg.phase}, {summary['tokens_seen']:,} tokens, "
+              f"loss {summary['loss_first']['loss']:.4f} -> {summary['loss_last10']['loss']:.4f})", flush=True)
+    parallel.barrier(env)

@@ -1,0 +1,283 @@
+"""``python -m distill`` end to end on CPU with micro models: phases 1 and 2, multimodal towers, lineage, CLI
+errors, data sharding, and kill -9 + --resume giving the same bytes as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.__main__ import main as distill_main
+from distill.data import TokenBlocks, load_blocks
+from distill.losses import forward_kl
+from distill.models import load_model
+from distill.toy import save_pair
+from distill.train import checkpoint_sha256, lr_at
+from pack.checkpoint import read_lineage, sha256_file
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_ids(path: Path, n_docs: int, length: int, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "w") as fh:
+        for _ in range(n_docs):
+            fh.write(json.dumps({"input_ids": torch.randint(4, 2048, (length,), generator=g).tolist()}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill_pair")
+    teacher, student = save_pair(root, "micro", width=512)
+    data = _write_ids(root / "data.jsonl", 8, 128)
+    return teacher, student, data, root
+
+
+def _kl_on(model_dir, teacher, ids) -> float:
+    m = load_model(model_dir, torch.float32)
+    with torch.no_grad():
+        return forward_kl(m(input_ids=ids).logits, teacher(input_ids=ids).logits).mean().item()
+
+
+def _args(teacher, student, out, data, *extra):
+    return ["--teacher", str(teacher), "--student", str(student), "-o", str(out), "--data", str(data),
+            "--threads", "1", *map(str, extra)]
+
+
+def test_phase1_end_to_end(pair, tmp_path):
+    teacher, student, data, _ = pair
+    out, log = tmp_path / "p1", tmp_path / "p1.jsonl"
+    # 4 windows of 64 tokens, batch 4: every step sees the same data, so its loss must fall
+    rc = distill_main(_args(teacher, student, out, data, "--steps", 8, "--batch", 4, "--seq-len", 64,
+                            "--max-tokens", 256, "--lr", 1e-4, "--log-json", log, "--log-every", 4))
+    assert rc == 0
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r for r in recs if r["event"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert steps[-1]["forward_kl"] < 0.9 * steps[0]["forward_kl"]
+    assert steps[0]["loss"] == pytest.approx(steps[0]["forward_kl"] + steps[0]["hidden_mse"], rel=1e-5)
+    assert steps[3]["tokens_per_s"] > 0 and steps[3]["mfu"] is None  # no MFU on CPU
+
+    # the teacher-student KL on the training windows fell; the checkpoint loads with plain transformers
+    t = load_model(teacher, torch.float32)
+    ids = load_blocks(str(data), None, 64, 256, 2048).blocks
+    assert _kl_on(out, t, ids) < 0.9 * _kl_on(student, t, ids)
+    from transformers import Gemma4ForCausalLM
+
+    Gemma4ForCausalLM.from_pretrained(out)
+
+    # frozen embeddings bit-identical, MLPs trained, vLLM's k_norm extras written
+    a, b = load_file(out / "model.safetensors"), load_file(student / "model.safetensors")
+    assert set(a) == set(b)
+    assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert torch.equal(a["model.embed_tokens_per_layer.weight"], b["model.embed_tokens_per_layer.weight"])
+    assert not torch.equal(a["model.layers.0.mlp.down_proj.weight"], b["model.layers.0.mlp.down_proj.weight"])
+    assert "model.layers.5.self_attn.k_norm.weight" in a
+
+    lin = read_lineage(out)
+    assert [s["kind"] for s in lin] == ["base", "prune", "distill"]
+    step = lin[-1]
+    assert step["phase"] == 1 and step["from"] == "prune"
+    assert step["tokens_seen"] == 8 * 4 * 64
+    assert step["teacher"]["sha256"] == checkpoint_sha256(teacher)
+    assert step["data"]["sha256"] == sha256_file(data)
+    assert step["losses"]["forward_kl"] == {"weight": 1.0, "temperature": 1.0}
+    assert step["losses"]["hidden_mse"]["layers"] == list(range(6))
+    assert not (tmp_path / "p1-ckpt").exists()
+
+
+def test_phase2_on_policy(pair, tmp_path):
+    teacher, student, data, _ = pair
+    out, log = tmp_path / "p2", tmp_path / "p2.jsonl"
+    rc = distill_main(_args(teacher, student, out, data, "--phase", 2, "--steps", 2, "--batch", 2, "--seq-len", 40,
+                            "--max-new-tokens", 8, "--lmbda", 1.0, "--beta", 0.0, "--log-json", log))
+    assert rc == 0
+    steps = [json.loads(x) for x in log.read_text().splitlines() if '"step"' in x]
+    assert all(r["on_policy"] for r in steps) and all(r["gjsd"] > 0 for r in steps)
+    step = read_lineage(out)[-1]
+    assert step["phase"] == 2 and step["generated_tokens"] == 2 * 2 * 8
+    assert step["losses"]["gjsd"] == {"beta": 0.0, "temperature": 1.0, "convention": "trl"}
+    assert step["losses"]["on_policy"] == {"lmbda": 1.0, "sample_temperature": 0.9, "max_new_tokens": 8}
+
+
+def test_multimodal_towers_bit_identical(tmp_path):
+    teacher, student = save_pair(tmp_path, "micro", width=512, multimodal=True)
+    data = _write_ids(tmp_path / "d.jsonl", 2, 64)
+    out = tmp_path / "mm"
+    assert distill_main(_args(teacher, student, out, data, "--steps", 2, "--batch", 2, "--seq-len", 32,
+                              "--lr", 1e-3, "--train-embeddings")) == 0
+    a, b = load_file(out / "model.safetensors"), load_file(student / "model.safetensors")
+    assert set(a) == set(b)
+    towers = [k for k in a if not k.startswith("model.language_model.")]
+    assert any("vision_tower" in k for k in towers) and any("audio_tower" in k for k in towers)
+    for k in towers:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for k in ("layers.0.mlp.up_proj.weight", "embed_tokens.weight", "embed_tokens_per_layer.weight"):
+        assert not torch.equal(a[f"model.language_model.{k}"], b[f"model.language_model.{k}"]), k
+    from transformers import Gemma4ForConditionalGeneration
+
+    Gemma4ForConditionalGeneration.from_pretrained(out)
+
+
+def test_cli_errors_are_one_line(pair, tmp_path, capsys):
+    teacher, student, data, _ = pair
+    (tmp_path / "exists").mkdir()
+    assert distill_main(_args(teacher, student, tmp_path / "exists", data, "--steps", 1)) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert distill_main(_args(teacher, student, tmp_path / "o", data, "--lmbda", 1.5)) == 2
+    assert "--lmbda 1.5: must be in [0, 1]" in capsys.readouterr().err
+    assert distill_main(_args(teacher, student, tmp_path / "o", data, "--phase", 2, "--seq-len", 64)) == 2
+    assert "--max-new-tokens" in capsys.readouterr().err
+    assert distill_main(_args(teacher, student, tmp_path / "o", data, "--steps", 1, "--seq-len", 32,
+                              "--batch", 2, "--hidden-layers", "0,9")) == 1
+    assert "the models have 6 layers" in capsys.readouterr().err
+    assert distill_main(_args(teacher, tmp_path, tmp_path / "o", data)) == 1
+    assert "no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_batches_shard_by_rank_and_wrap_epochs():
+    blocks = TokenBlocks(torch.arange(7 * 4).view(7, 4), "x", "0", None)
+    for step in range(5):  # 5 steps x 4 rows > 7 windows: wraps into epoch 2 and 3
+        one = blocks.batch(step, 4, 0, 1, seed=3)
+        two = torch.cat([blocks.batch(step, 4, r, 2, seed=3) for r in range(2)])
+        assert torch.equal(one, two)
+    epoch0 = torch.cat([blocks.batch(s, 1, seed=3) for s in range(7)])
+    assert sorted(epoch0[:, 0].tolist()) == list(range(0, 28, 4))  # a permutation of all windows
+    assert not torch.equal(epoch0, torch.cat([blocks.batch(s, 1, seed=3) for s in range(7, 14)]))
+    with pytest.raises(ValueError, match="not divisible"):
+        blocks.batch(0, 3, 0, 2)
+
+
+def test_text_data_is_bos_doc_eos(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "a": 4, "b": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"text": "ab"}) + "\n" + json.dumps({"text": "bba"}) + "\n")
+    got = load_blocks(str(f), tok, 3, 100, 6)
+    assert got.blocks.tolist() == [[2, 4, 5], [1, 2, 5], [5, 4, 1]]
+    assert got.sha256 == sha256_file(f) and got.tokenizer_sha256 is not None
+    with pytest.raises(ValueError, match="outside the models' vocabulary"):
+        load_blocks(str(f), tok, 3, 100, 5)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        load_blocks(str(f), None, 3, 100, 6)
+
+
+def test_lr_schedule():
+    from distill.config import DistillConfig
+
+    cfg = DistillConfig(teacher="t", student="s", out="o", steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, cfg) == pytest.approx(1e-4)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "distill", *map(str, args)]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_kill9_then_resume_is_byte_identical(pair, tmp_path):
+    teacher, student, data, _ = pair
+    common = ["--teacher", teacher, "--student", student, "--data", data, "--threads", "1", "--steps", 12,
+              "--batch", 2, "--seq-len", 32, "--lr", 3e-4, "--ckpt-every", 3, "--log-every", 100]
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(*common, "-o", ref), check=True, env=_env(), cwd=REPO, capture_output=True)
+
+    out = tmp_path / "killed"
+    ckpt = tmp_path / "killed-ckpt"
+    proc = subprocess.Popen(_cli(*common, "-o", out), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (ckpt / "latest").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "meta.json").read_text())["step"]
+    assert 0 < killed_at < 12 and not out.exists()
+
+    res = subprocess.run(_cli(*common, "-o", out, "--resume"), env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "continuing from" in res.stdout and f"(step {killed_at}/12)" in res.stdout
+    for name in ("model.safetensors", "config.json", "pdqkit_lineage.json"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert not ckpt.exists()  # removed after the successful finish
+
+
+def test_resume_refuses_other_settings(pair, tmp_path, capsys):
+    teacher, student, data, _ = pair
+    base = _args(teacher, student, tmp_path / "a", data, "--steps", 2, "--batch", 2, "--seq-len", 32)
+    assert distill_main(base + ["--ckpt-every", "1", "--keep-ckpt"]) == 0
+    assert (tmp_path / "a-ckpt" / "latest").read_text().strip() == "step-00000001"
+    again = _args(teacher, student, tmp_path / "b", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
+                  "--ckpt-dir", tmp_path / "a-ckpt", "--resume", "--lr", 1e-3)
+    assert distill_main(again) == 1
+    assert "different settings (lr)" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    # without --resume an existing checkpoint dir is not silently reused
+    assert distill_main(_args(teacher, student, tmp_path / "c", data, "--ckpt-dir", tmp_path / "a-ckpt")) == 1
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_student_gradients_with_activation_checkpointing_and_chunking(pair):
+    """The training module's gradients (KL + hidden matching, layer-output hooks) are the same with activation
+    checkpointing and a small loss chunk as with neither, and equal a direct reference on the full logits."""
+    from distill.losses import hidden_state_loss
+    from distill.models import DistillModule, capture_layer_outputs, set_trainable
+
+    teacher_dir, student_dir, _, _ = pair
+    t = load_model(teacher_dir, torch.float32)
+    ids = torch.randint(4, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), capture_layer_outputs(t.get_decoder().layers, [1, 4]) as th:
+        t_last = t.get_decoder()(input_ids=ids).last_hidden_state
+        t_logits = t(input_ids=ids).logits
+    n = ids.numel()
+
+    def grads(ckpt: bool, chunk: int):
+        s = load_model(student_dir, torch.float32)
+        set_trainable(s)
+        if ckpt:
+            s.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        s.train()
+        dm = DistillModule(s, logit_loss="forward_kl", temperature=2.0, beta=0.5, logit_weight=1.0,
+                           hidden_layers=[1, 4], hidden_weights=[0.3, 0.7], chunk=chunk, compute_dtype=torch.float32)
+        loss, _ = dm(ids, teacher_last=t_last, teacher_head=t.get_output_embeddings().weight, teacher_hidden=th,
+                     rows=torch.arange(n), row_weights=torch.full((n,), 1.0 / n))
+        loss.backward()
+        return loss.detach(), {k: p.grad for k, p in s.named_parameters() if p.requires_grad}
+
+    ref_s = load_model(student_dir, torch.float32)
+    set_trainable(ref_s)
+    with capture_layer_outputs(ref_s.get_decoder().layers, [1, 4]) as sh:
+        logits = ref_s(input_ids=ids).logits
+    ref = forward_kl(logits.reshape(n, -1), t_logits.reshape(n, -1), 2.0).mean()
+    ref = ref + hidden_state_loss([sh[1], sh[4]], [th[1], th[4]], [0.3, 0.7])[0]
+    ref.backward()
+    ref_g = {k: p.grad for k, p in ref_s.named_parameters() if p.requires_grad}
+    for ckpt, chunk in ((False, 4096), (True, 7)):
+        loss, g = grads(ckpt, chunk)
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-7)
+        assert set(g) == set(ref_g)
+        for k in g:
+            torch.testing.assert_close(g[k], ref_g[k], rtol=1e-4, atol=1e-5 * float(ref_g[k].abs().max()) + 1e-12,
+                                       msg=k)
