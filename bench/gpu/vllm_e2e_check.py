@@ -1,0 +1,501 @@
+"""End-to-end check of pdqkit's vLLM plugin (GPU machine, vLLM 0.26.0): tokens and logprobs vs Marlin.
+
+What it checks, on one pack-quantized checkpoint (written by ``python -m pack.quantize``):
+
+* ``exact`` (``PDQKIT_VLLM_KERNEL=exact``): greedy tokens AND the returned top-5 logprobs are bit-identical to
+  the same vLLM run with Marlin forced (``VLLM_DISABLED_KERNELS=CutlassW4A8LinearKernel,MacheteLinearKernel,
+  AllSparkLinearKernel``), over ``--prompts`` prompts of mixed length, one prompt at a time (batch 1) and all at
+  once (batched), with ``enforce_eager=True`` (the gate). With ``--modes eager,graph`` the same comparison with
+  torch.compile + CUDA graphs is reported separately (not a gate: compiled graphs are not guaranteed to be
+  reproducible between engines, see shared/gpu/README.md).
+* ``fast`` (``PDQKIT_VLLM_KERNEL=fast``): per prompt the first position where its greedy tokens leave Marlin's
+  (over ``--new-tokens``), and the mean / max |Δ logprob| of the tokens both runs chose before that point;
+  goal: >= ``--fast-goal`` (90 %) of the prompts identical.
+* the kernel really used: every engine's log must name the expected class in vLLM's ``Using X for
+  CompressedTensorsWNA16`` line (default run: vLLM's own choice, no pdqkit class; Marlin run: Marlin; pdqkit runs:
+  only the pdqkit class, and the plugin's own "registered first" line), and a census of every
+  ``CompressedTensorsWNA16`` layer of the loaded model (``LLM.apply_model``) must show that class on all of them.
+
+Each engine runs in its own subprocess (one engine per process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), several at
+once (``--parallel``; small engines share the GPU through ``kv_cache_memory_bytes``). The plugin is found the way
+vLLM finds any plugin, through the ``vllm.general_plugins`` entry point: when pdqkit is not pip-installed, a
+``pdqkit.dist-info`` carrying the entry points declared in pyproject.toml is put on the engines' PYTHONPATH.
+
+Usage (repo root, vLLM importable, e.g. ``export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0``)::
+
+    python bench/gpu/vllm_e2e_check.py --ckpt /path/to/w4a16            # an existing pack-quantized checkpoint
+    python bench/gpu/vllm_e2e_check.py --random small                     # random 'small' model + pack.quantize
+    python bench/gpu/vllm_e2e_check.py --random micro --prompts 8 --new-tokens 16 --modes eager   # quick
+
+Prints a compact table; writes ``vllm_e2e_check.json`` (and the engine logs) to ``--out`` (default ``$OUT``).
+Exit status 0 when every gate passed (exact bit-identity in eager mode, kernel logs/census, fast goal).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MARLIN_ONLY = "CutlassW4A8LinearKernel,MacheteLinearKernel,AllSparkLinearKernel"
+PDQKIT_CLASSES = {"fast": "PdqkitFastLinearKernel", "exact": "PdqkitExactLinearKernel"}
+KERNEL_LOG_RE = re.compile(r"Using (\w+) for CompressedTensorsWNA16")
+PLUGIN_LOG_RE = re.compile(r"pdqkit: PDQKIT_VLLM_KERNEL=(\w+), (\w+) registered first")
+TOPK = 5
+# env vars that select kernels: never inherited by an engine from the caller's shell
+_KERNEL_ENV = ("PDQKIT_VLLM_KERNEL", "VLLM_DISABLED_KERNELS", "VLLM_MARLIN_USE_ATOMIC_ADD", "VLLM_MARLIN_INPUT_DTYPE")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared with bench/vllm_e2e_bench.py and tests/test_vllm_plugin.py: entry-point shim, engine env, engine kwargs
+# ----------------------------------------------------------------------------------------------------------------
+
+def pyproject_entry_points(pyproject: Path = REPO / "pyproject.toml") -> dict[str, dict[str, str]]:
+    """``{group: {name: "module:attr"}}`` declared under ``[project.entry-points.*]`` in pyproject.toml."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    data = tomllib.loads(Path(pyproject).read_text())
+    return {g: dict(eps) for g, eps in data.get("project", {}).get("entry-points", {}).items()}
+
+
+def write_entry_point_shim(dest: Path, pyproject: Path = REPO / "pyproject.toml") -> Path:
+    """Write ``dest/pdqkit-<version>.dist-info`` (METADATA + entry_points.txt from pyproject.toml) so that
+    ``importlib.metadata.entry_points(group="vllm.general_plugins")`` finds pdqkit's plugin with ``dest`` on
+    sys.path, exactly as it would after ``pip install pdqkit``. Returns ``dest``."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    project = tomllib.loads(Path(pyproject).read_text())["project"]
+    eps = pyproject_entry_points(pyproject)
+    if "vllm.general_plugins" not in eps:
+        raise RuntimeError(f"{pyproject}: no [project.entry-points.\"vllm.general_plugins\"] section")
+    dest = Path(dest)
+    info = dest / f"{project['name']}-{project['version']}.dist-info"
+    if info.exists():
+        shutil.rmtree(info)
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    lines = []
+    for group, items in eps.items():
+        lines.append(f"[{group}]")
+        lines += [f"{k} = {v}" for k, v in items.items()]
+        lines.append("")
+    (info / "entry_points.txt").write_text("\n".join(lines))
+    return dest
+
+
+def plugin_installed() -> bool:
+    """Whether an installed pdqkit distribution already declares the vLLM plugin (then no shim is needed)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.value == "kernels.vllm_plugin:register" for ep in entry_points(group="vllm.general_plugins"))
+
+
+_SHIM_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _plugin_paths(work: Path) -> tuple[str, ...]:
+    # the repo (for `kernels`, `pack`, `bench`), and the entry-point shim unless pdqkit is pip-installed
+    if plugin_installed():
+        return (str(REPO),)
+    return (str(write_entry_point_shim(work / "entry_points")), str(REPO))
+
+
+def engine_env(kernel: str, work: Path, tag: str) -> dict[str, str]:
+    """Environment of one engine subprocess. ``kernel``: ``default`` (vLLM's choice), ``marlin`` (Marlin forced),
+    ``fast`` / ``exact`` (pdqkit plugin). In-process engine, own torch.compile cache dir per run tag."""
+    env = {k: v for k, v in os.environ.items() if k not in _KERNEL_ENV}
+    with _SHIM_LOCK:  # engines are launched from several threads
+        paths = list(_plugin_paths(Path(work)))
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1",
+               VLLM_CACHE_ROOT=str(work / "vllm_cache" / tag), TOKENIZERS_PARALLELISM="false")
+    if kernel == "marlin":
+        env["VLLM_DISABLED_KERNELS"] = MARLIN_ONLY
+    elif kernel in PDQKIT_CLASSES:
+        env["PDQKIT_VLLM_KERNEL"] = kernel
+    elif kernel != "default":
+        raise ValueError(f"unknown kernel {kernel!r}: default, marlin, fast or exact")
+    return env
+
+
+def gemma4_head_dim_fix(cfg):
+    """hf_overrides callable for Gemma-4 configs under transformers >= 5.14 (shared/gpu/README.md)."""
+    tc = getattr(cfg, "text_config", cfg)
+    try:
+        dims = [tc.per_layer_config[i].head_dim for i in range(tc.num_hidden_layers)]
+        tc.allow_global_per_layer_attribute_access = True
+        tc.global_head_dim = max(dims)
+    except Exception:  # noqa: BLE001 - vLLM first calls it on a dummy config without layers
+        pass
+    return cfg
+
+
+def engine_kwargs(ckpt: Path, **overrides) -> dict:
+    """``LLM(**kwargs)`` for a pdqkit checkpoint: the checkpoint's ``vllm_config.yaml`` (what ``vllm serve OUT
+    --config OUT/vllm_config.yaml`` uses) when present, else bf16 + TRITON_ATTN + the head-dim callable; then
+    ``overrides``. Token-id prompts only (``skip_tokenizer_init``)."""
+    kw = {"dtype": "bfloat16", "attention_backend": "TRITON_ATTN"}
+    yml = Path(ckpt) / "vllm_config.yaml"
+    if yml.is_file():
+        import yaml
+
+        kw.update({k.replace("-", "_"): v for k, v in (yaml.safe_load(yml.read_text()) or {}).items()})
+    else:
+        cfg = json.loads((Path(ckpt) / "config.json").read_text())
+        if "text_config" in cfg:
+            kw["language_model_only"] = True
+    kw.setdefault("hf_overrides", gemma4_head_dim_fix)
+    kw.update(model=str(ckpt), skip_tokenizer_init=True, seed=0)
+    kw.update(overrides)
+    return kw
+
+
+def text_config_of(ckpt: Path) -> dict:
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    return cfg.get("text_config", cfg)
+
+
+def mixed_prompts(n: int, vocab: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    """``n`` token-id prompts, lengths spread log-uniformly over [1, max_len] (shuffled), ids in [4, vocab)
+    (ids 0..3 are pad/eos/bos/unk in pdqkit's tokenizers). Deterministic in ``seed``."""
+    rng = random.Random(seed)
+    lengths = [max(1, round(max_len ** (i / max(1, n - 1)))) for i in range(n)]
+    rng.shuffle(lengths)
+    return [[rng.randrange(4, vocab) for _ in range(L)] for L in lengths]
+
+
+def wna16_census(model) -> dict[str, int]:
+    """``{kernel class name: number of CompressedTensorsWNA16 layers}`` of a loaded vLLM model (apply_model)."""
+    counts: dict[str, int] = {}
+    for _, m in model.named_modules():
+        scheme = getattr(m, "scheme", None)
+        kernel = getattr(scheme, "kernel", None)
+        if kernel is not None and type(scheme).__name__ == "CompressedTensorsWNA16":
+            counts[type(kernel).__name__] = counts.get(type(kernel).__name__, 0) + 1
+    return counts
+
+
+def kernels_in_log(text: str) -> list[str]:
+    """Kernel classes named in vLLM's ``Using X for CompressedTensorsWNA16`` lines, in order, without repeats."""
+    return list(dict.fromkeys(KERNEL_LOG_RE.findall(text)))
+
+
+def run_engine_subprocess(script: Path, spec: dict, env: dict, log: Path, timeout: float) -> dict:
+    """Run ``script --_engine SPEC`` in its own process session; returns its result JSON (or an error dict)."""
+    spec_f = log.with_suffix(".spec.json")
+    res_f = log.with_suffix(".result.json")
+    res_f.unlink(missing_ok=True)
+    spec_f.write_text(json.dumps({**spec, "result": str(res_f)}))
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        p = subprocess.Popen([sys.executable, str(script), "--_engine", str(spec_f)], cwd=REPO, env=env,
+                             stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # the engine's own process group (it may have spawned helpers)
+            p.wait()
+            rc = "timeout"
+    wall = time.perf_counter() - t0
+    text = log.read_text(errors="replace")
+    out = json.loads(res_f.read_text()) if res_f.is_file() else {"error": f"engine exited {rc}: " + text[-1500:]}
+    out.update(rc=rc, wall_s=round(wall, 1), kernels_logged=kernels_in_log(text),
+               plugin_logged=[list(t) for t in dict.fromkeys(PLUGIN_LOG_RE.findall(text))])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the engine process
+# ----------------------------------------------------------------------------------------------------------------
+
+def _to_lists(outputs) -> list[dict]:
+    rows = []
+    for o in outputs:
+        c = o.outputs[0]
+        lps = []
+        for pos in c.logprobs or []:
+            items = sorted(((int(t), float(lp.logprob), int(lp.rank)) for t, lp in pos.items()),
+                           key=lambda r: (r[2], r[0]))
+            lps.append([list(r) for r in items])
+        rows.append({"tokens": [int(t) for t in c.token_ids], "logprobs": lps})
+    return rows
+
+
+def start_engine(spec: dict):
+    """In an engine process: ``(llm, {"startup_s", "census"})`` for ``spec["ckpt"]`` with ``spec["engine"]``."""
+    t0 = time.perf_counter()
+    from vllm import LLM
+
+    llm = LLM(**engine_kwargs(Path(spec["ckpt"]), **spec["engine"]))
+    return llm, {"startup_s": round(time.perf_counter() - t0, 1), "census": llm.apply_model(wna16_census)[0]}
+
+
+def finish_engine(result: dict, path: str) -> None:
+    """Write the engine's result JSON and leave without tearing the in-process engine down (slow; nothing to save)."""
+    Path(path).write_text(json.dumps(result))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def pack_quantize(src: Path, dst: Path, device: str) -> Path:
+    """``python -m pack.quantize SRC -o DST --device DEVICE --force`` (the user's command), in a subprocess."""
+    cmd = [sys.executable, "-m", "pack.quantize", str(src), "-o", str(dst), "--device", device, "--force",
+           "--no-progress"]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return dst
+
+
+def engine_main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    from vllm import SamplingParams
+
+    llm, result = start_engine(spec)
+    prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
+    sp = SamplingParams(temperature=0.0, max_tokens=spec["new_tokens"], logprobs=TOPK, ignore_eos=True,
+                        detokenize=False, seed=0)
+    t1 = time.perf_counter()
+    if spec.get("generate", True):
+        result["b1"] = [_to_lists(llm.generate([p], sp, use_tqdm=False))[0] for p in prompts]
+        result["batched"] = _to_lists(llm.generate(prompts, sp, use_tqdm=False))
+    result["generate_s"] = round(time.perf_counter() - t1, 1)
+    finish_engine(result, spec["result"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# comparisons
+# ----------------------------------------------------------------------------------------------------------------
+
+def compare_exact(ref: list[dict], got: list[dict]) -> dict:
+    """Bit-identity of tokens and of the top-k logprob lists (token ids, values, ranks) per prompt."""
+    tok_same = lp_same = 0
+    first_diff = None
+    for i, (r, g) in enumerate(zip(ref, got, strict=True)):
+        t = r["tokens"] == g["tokens"]
+        lp = t and r["logprobs"] == g["logprobs"]
+        tok_same += t
+        lp_same += lp
+        if not lp and first_diff is None:
+            pos = next((j for j, (a, b) in enumerate(zip(r["logprobs"], g["logprobs"])) if a != b), None)
+            first_diff = {"prompt": i, "position": pos, "marlin": r["logprobs"][pos] if pos is not None else None,
+                          "pdqkit": g["logprobs"][pos] if pos is not None else None}
+    n = len(ref)
+    return {"prompts": n, "tokens_identical": tok_same, "logprobs_identical": lp_same,
+            "bit_identical": tok_same == n and lp_same == n, "first_difference": first_diff}
+
+
+def compare_fast(ref: list[dict], got: list[dict]) -> dict:
+    """First divergence per prompt (None = identical), and |Δ logprob| of the chosen token while tokens agree."""
+    firsts, deltas = [], []
+    for r, g in zip(ref, got, strict=True):
+        first = next((j for j, (a, b) in enumerate(zip(r["tokens"], g["tokens"])) if a != b), None)
+        if first is None and len(r["tokens"]) != len(g["tokens"]):
+            first = min(len(r["tokens"]), len(g["tokens"]))
+        firsts.append(first)
+        upto = len(r["tokens"]) if first is None else first
+        for j in range(upto):
+            tok = r["tokens"][j]
+            a = next(lp for t, lp, _ in r["logprobs"][j] if t == tok)
+            b = next(lp for t, lp, _ in g["logprobs"][j] if t == tok)
+            deltas.append(abs(a - b))
+    n = len(ref)
+    same = sum(f is None for f in firsts)
+    return {"prompts": n, "identical": same, "identical_frac": same / n if n else 0.0, "first_divergence": firsts,
+            "dlogprob_mean": sum(deltas) / len(deltas) if deltas else 0.0, "dlogprob_max": max(deltas, default=0.0),
+            "positions_compared": len(deltas)}
+
+
+def check_kernel_use(run: dict, kernel: str) -> dict:
+    """Gate on the kernel named in the log and found on every WNA16 layer."""
+    logged, census = run.get("kernels_logged", []), run.get("census", {})
+    if kernel == "default":
+        ok = bool(logged) and not any(k.startswith("Pdqkit") for k in logged) and set(census) == set(logged)
+        want = "vLLM's own (no Pdqkit*)"
+    else:
+        want = "MarlinLinearKernel" if kernel == "marlin" else PDQKIT_CLASSES[kernel]
+        ok = logged == [want] and list(census) == [want]
+        if kernel in PDQKIT_CLASSES:
+            ok = ok and [kernel, want] in run.get("plugin_logged", [])
+    return {"ok": bool(ok) and "error" not in run, "expected": want, "logged": logged, "census": census}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_random_checkpoint(scale: str, work: Path, multimodal: bool) -> Path:
+    """bench.factory random ``scale`` model (bf16) -> ``python -m pack.quantize`` -> W4A16 dir (reused if there)."""
+    tag = f"random-{scale}{'-mm' if multimodal else ''}"
+    bf16, w4 = work / f"{tag}-bf16", work / f"{tag}-w4a16"
+    if (w4 / "config.json").is_file():
+        return w4
+    from bench.factory import save_random_checkpoint
+
+    if not (bf16 / "config.json").is_file():
+        print(f"building random {scale} checkpoint at {bf16} ...", flush=True)
+        save_random_checkpoint(scale, bf16, multimodal=multimodal, seed=0, force=True)
+    import torch
+
+    return pack_quantize(bf16, w4, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _fmt_exact(c: dict | None) -> str:
+    if not c:
+        return "-"
+    verdict = "BIT-IDENTICAL" if c["bit_identical"] else "DIFFERS"
+    return f"{verdict} (tokens {c['tokens_identical']}/{c['prompts']}, logprobs {c['logprobs_identical']}/{c['prompts']})"
+
+
+def _fmt_fast(c: dict | None) -> str:
+    if not c:
+        return "-"
+    return (f"{c['identical']}/{c['prompts']} identical ({100 * c['identical_frac']:.0f}%), "
+            f"|dlogprob| mean {c['dlogprob_mean']:.2e} max {c['dlogprob_max']:.2e}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", type=Path, help="pack-quantized checkpoint dir (python -m pack.quantize output)")
+    src.add_argument("--random", choices=("micro", "small"), help="build a random model of this scale and quantize it")
+    ap.add_argument("--multimodal", action="store_true", help="with --random: Gemma4ForConditionalGeneration")
+    ap.add_argument("--kernels", default="exact,fast", help="pdqkit kernels to check (default exact,fast)")
+    ap.add_argument("--modes", default="eager,graph", help="eager (the gate) and/or graph (reported)")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--fast-goal", type=float, default=0.9, help="fraction of prompts fast must match (default 0.9)")
+    ap.add_argument("--parallel", type=int, default=4, help="engines running at once (default 4)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.08)
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0)
+    ap.add_argument("--timeout", type=float, default=540, help="seconds per engine")
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("PDQKIT_E2E_WORK", "/tmp/pdqkit_vllm_e2e")))
+    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    ap.add_argument("--_engine", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._engine:
+        engine_main(args._engine)
+        return 0
+    if not args.ckpt and not args.random:
+        ap.error("pass --ckpt DIR or --random SCALE")
+    kernels = [k for k in args.kernels.split(",") if k]
+    modes = [m for m in args.modes.split(",") if m]
+    if bad := [k for k in kernels if k not in PDQKIT_CLASSES] + [m for m in modes if m not in ("eager", "graph")]:
+        ap.error(f"unknown kernel/mode {bad}")
+    work = args.work.absolute()
+    out = (args.out or work).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = args.ckpt.absolute() if args.ckpt else build_random_checkpoint(args.random, work, args.multimodal)
+    if not (ckpt / "config.json").is_file():
+        print(f"error: {ckpt}: no config.json; pass a checkpoint dir written by python -m pack.quantize",
+              file=sys.stderr)
+        return 2
+
+    vocab = int(text_config_of(ckpt)["vocab_size"])
+    max_prompt = args.max_model_len - args.new_tokens - 1
+    prompts = mixed_prompts(args.prompts, vocab, max_prompt)
+    # graph mode: capture only the decode batch sizes the runs can hit (1, 2, 4, ... up to >= the prompt count)
+    sizes = [1]
+    while sizes[-1] < args.prompts:
+        sizes.append(sizes[-1] * 2)
+    base = dict(max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), enable_prefix_caching=False,
+                max_num_seqs=max(sizes))
+    runs = [("default", "eager", False)]
+    for mode in modes:
+        runs += [("marlin", mode, True)] + [(k, mode, True) for k in kernels]
+    logs = work / "logs"  # one log per engine; $OUT gets them concatenated (it takes few files)
+    logs.mkdir(exist_ok=True)
+
+    def one(run):
+        kernel, mode, gen = run
+        tag = f"{kernel}-{mode}"
+        eng = dict(base, enforce_eager=(mode == "eager"))
+        if mode == "graph":
+            eng["compilation_config"] = {"cudagraph_capture_sizes": sizes}
+        spec = {"ckpt": str(ckpt), "engine": eng, "prompts": prompts if gen else prompts[:1],
+                "new_tokens": args.new_tokens, "generate": gen}
+        r = run_engine_subprocess(Path(__file__).resolve(), spec, engine_env(kernel, work, tag), logs / f"{tag}.log",
+                                  args.timeout)
+        status = "error" if "error" in r else "ok"
+        print(f"  [{tag}] {status}: startup {r.get('startup_s', '-')} s, generate {r.get('generate_s', '-')} s, "
+              f"kernels {r['kernels_logged']}", flush=True)
+        return tag, r
+
+    print(f"checkpoint {ckpt}\n{len(prompts)} prompts (lengths {min(map(len, prompts))}..{max(map(len, prompts))}), "
+          f"{args.new_tokens} new tokens, {len(runs)} engines, {args.parallel} at a time", flush=True)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        results = dict(pool.map(one, runs))
+
+    report = {"checkpoint": str(ckpt), "prompts": len(prompts), "new_tokens": args.new_tokens,
+              "prompt_lengths": [len(p) for p in prompts], "wall_s": round(time.perf_counter() - t0, 1),
+              "kernel_use": {}, "exact": {}, "fast": {}, "gates": {}}
+    for kernel, mode, _ in runs:
+        report["kernel_use"][f"{kernel}-{mode}"] = check_kernel_use(results[f"{kernel}-{mode}"], kernel)
+    for mode in modes:
+        ref = results[f"marlin-{mode}"]
+        for k in kernels:
+            got = results[f"{k}-{mode}"]
+            if "error" in ref or "error" in got:
+                report[k][mode] = {"error": ref.get("error") or got.get("error")}
+                continue
+            cmp = compare_exact if k == "exact" else compare_fast
+            report[k][mode] = {b: cmp(ref[b], got[b]) for b in ("b1", "batched")}
+
+    gates = report["gates"]
+    gates["kernel_use"] = all(v["ok"] for v in report["kernel_use"].values())
+    if "exact" in kernels and "eager" in modes:
+        e = report["exact"]["eager"]
+        gates["exact_eager_bit_identical"] = "error" not in e and all(e[b]["bit_identical"] for b in e)
+    if "fast" in kernels and "eager" in modes:
+        f = report["fast"]["eager"]
+        gates["fast_goal"] = "error" not in f and all(f[b]["identical_frac"] >= args.fast_goal for b in f)
+    report["passed"] = all(gates.values())
+
+    # ---- table ----
+    print(f"\n{'engine':<16} {'kernel used (log / census)':<58} ok")
+    for tag, u in report["kernel_use"].items():
+        print(f"{tag:<16} {', '.join(u['logged']) or '-':<30} {json.dumps(u['census']):<27} {'yes' if u['ok'] else 'NO'}")
+    print(f"\n{'check':<22} {'batch 1':<58} batched")
+    for k in kernels:
+        for mode in modes:
+            c = report[k].get(mode, {})
+            fmt = _fmt_exact if k == "exact" else _fmt_fast
+            if "error" in c:
+                print(f"{k + ' ' + mode:<22} ERROR: {c['error'][:200]}")
+                continue
+            print(f"{k + ' ' + mode + ' vs marlin':<22} {fmt(c.get('b1')):<58} {fmt(c.get('batched'))}")
+    print("\ngates: " + ", ".join(f"{g} {'PASS' if v else 'FAIL'}" for g, v in gates.items()) +
+          f"  ->  {'PASSED' if report['passed'] else 'FAILED'}  ({report['wall_s']} s)")
+    (out / "vllm_e2e_check.json").write_text(json.dumps(report, indent=1))
+    with open(out / "vllm_e2e_check_logs.txt", "w") as fh:
+        for kernel, mode, _ in runs:
+            fh.write(f"\n===== {kernel}-{mode} =====\n" + (logs / f"{kernel}-{mode}.log").read_text(errors="replace"))
+    print(f"wrote {out / 'vllm_e2e_check.json'} and vllm_e2e_check_logs.txt")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
