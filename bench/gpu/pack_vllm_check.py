@@ -245,8 +245,13 @@ def main(argv=None) -> int:
                   f"{c.get('identical_prompts')}/{c.get('prompts')} | {c.get('common_prefix')} | "
                   f"{c.get('step0_top1_agree')} | {c.get('step0_max_abs_dlogprob')} |")
     report["failures"] = failures
-    (work / "pack_vllm_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {work / 'pack_vllm_check.json'}")
+    return finish_report(work / "pack_vllm_check.json", report, failures)
+
+
+def finish_report(path: Path, report: dict, failures: list[str]) -> int:
+    """Write ``report`` as JSON to ``path``, print the failures; exit status 1 if there are any."""
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
     for f in failures:
         print("FAIL:", f)
     return 1 if failures else 0

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gpu.pack_vllm_check import _prompts, _spawn  # noqa: E402  (HF greedy worker, prompts)
+from bench.gpu.pack_vllm_check import _prompts, _spawn, finish_report  # noqa: E402  (HF worker, prompts, report)
 from bench.gpu.vllm_e2e_check import (engine_env, engine_main, pack_quantize,  # noqa: E402
                                       run_engine_subprocess)
 
@@ -162,11 +162,7 @@ def main(argv=None) -> int:
             if r:
                 print(f"   vLLM {name} ({','.join(r.get('kernels') or []) or 'bf16'}): {r.get('tokens', r)}"
                       f"  common prefix with HF {r.get('prefix_vs_hf')}")
-    (work / "prune_vllm_check.json").write_text(json.dumps({"checkpoints": report, "failures": failures}, indent=1))
-    print(f"\nwrote {work / 'prune_vllm_check.json'}")
-    for f in failures:
-        print("FAIL:", f)
-    return 1 if failures else 0
+    return finish_report(work / "prune_vllm_check.json", {"checkpoints": report, "failures": failures}, failures)
 
 
 if __name__ == "__main__":
