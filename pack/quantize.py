@@ -8,16 +8,19 @@ Expected errors print one line (file/tensor + fix) and exit 2, leaving nothing b
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import sys
 from pathlib import Path
 
 from .errors import QuantizeError
-from .qconfig import DEFAULT_IGNORE, QuantRecipe
 
 DEMO_DIR = Path("out")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .qconfig import DEFAULT_IGNORE  # imports torch: main() calls this with the garbage collector paused
+
     ap = argparse.ArgumentParser(
         prog="python -m pack.quantize",
         description="Quantize a bf16 Hugging Face checkpoint to W4A16 (int4 weights, symmetric min-max, "
@@ -59,7 +62,21 @@ def _demo_base(scale: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The cyclic garbage collector is off for the run: importing torch and transformers and building the meta
+    # model create ~10^6 objects that all live to the end and hardly any garbage (~10^4 small objects, no tensor
+    # memory), which the collector would otherwise traverse again and again (~0.5 s of CPU, 1/5 of the imports).
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _main(argv)
+    finally:
+        if gc_enabled:
+            gc.enable()
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from .qconfig import QuantRecipe
     from .writer import quantize_checkpoint
 
     try:
@@ -87,4 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    # Leave without the interpreter's teardown: a last full garbage collection over the ~10^6 objects of torch and
+    # transformers and their finalizers cost ~0.9 s, a fifth of a 1B-parameter run. Nothing is pending: every
+    # output file is closed and renamed, the worker threads are joined; only stdout/stderr need a flush.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

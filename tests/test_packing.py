@@ -93,6 +93,16 @@ def test_dequantize_is_bf16_product():
     assert group_size_of(256, scale) == 128 and group_size_of(256, scale[:, :1]) == -1
 
 
+def test_non_contiguous_codes():
+    # pack_int4 reinterprets the offset codes as int16 pairs: views (transposed, column slices) must be
+    # copied to row-major first, and give compressed-tensors' words
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(-8, 8, (40, 72), generator=g, dtype=torch.int8)
+    for view in (codes.t(), codes[:, 3:59], codes[::2, 8:], codes.to(torch.int32).t()[5:, :]):
+        assert not view.is_contiguous()
+        assert torch.equal(pack_int4(view), pack_to_int32(view.contiguous().to(torch.int8), num_bits=4))
+
+
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 6), k=st.integers(1, 70), seed=st.integers(0, 2**31 - 1))
 def test_property_roundtrip_and_ct_equivalence(n, k, seed):
