@@ -145,6 +145,19 @@ def generate_checkpoints(work: Path, scale: str, pruned_width: int, seed: int) -
     return dirs
 
 
+def parse_decode_steps(text: str) -> dict[str, int]:
+    """``"1:256,16:128,64:128"`` -> ``{"1": 256, "16": 128, "64": 128}`` (batch as a JSON key, steps as int; every
+    batch of BATCHES needs a count)."""
+    try:
+        steps = {b.strip(): int(n) for b, n in (x.split(":") for x in text.split(",") if x.strip())}
+    except ValueError:
+        raise ValueError(f"--decode-steps {text!r}: expected BATCH:STEPS pairs, e.g. 1:256,16:128,64:128") from None
+    if missing := [b for b in BATCHES if str(b) not in steps] + [b for b, n in steps.items() if n < 1]:
+        raise ValueError(f"--decode-steps {text!r}: need a positive step count for each batch of {BATCHES} "
+                         f"(bad or missing: {missing})")
+    return steps
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the engine process
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,6 +276,10 @@ def main(argv=None) -> int:
     variants = [v for v in args.variants.split(",") if v]
     if bad := [v for v in variants if v not in VARIANTS]:
         ap.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
+    try:
+        steps = parse_decode_steps(args.decode_steps)
+    except ValueError as e:
+        ap.error(str(e))
     work = args.work.absolute()
     work.mkdir(parents=True, exist_ok=True)
     if args._gen:
@@ -283,7 +300,6 @@ def main(argv=None) -> int:
                      "compile": args.compile, "cuda_graphs": args.compile != "eager",
                      "cudagraph_capture_sizes": list(BATCHES),
                      "reference_b1_ms": REFERENCE_B1_MS}
-    steps = dict(x.split(":") for x in args.decode_steps.split(","))
     vocab = int(text_config_of(dirs["pruned-w4a16"])["vocab_size"])
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
