@@ -18,6 +18,11 @@ bench.factory):
    GEMM differences can flip a token: reported per prompt as the common prefix length and the step-0 top-1
    token/logprob agreement, not asserted.
 
+``--ckpt DIR`` (repeatable) takes an existing bf16 checkpoint instead of a random one, e.g. the trained
+``small`` of bench/gpu/quality_pipeline.py: its prompts are cut from the bench corpus' validation text with the
+checkpoint's tokenizer (a trained model's greedy choices on real text have real margins, so HF and vLLM are
+expected to agree), and vLLM also loads the bf16 source itself (default unquantized path, same yaml settings).
+
 Usage on the GPU machine (repo root; vLLM importable, see shared/gpu/README.md)::
 
     export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0
@@ -63,16 +68,17 @@ def worker_vllm(spec: dict) -> dict:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     ckpt = spec["ckpt"]
+    model = spec.get("model", ckpt)  # the yaml of ckpt may serve another dir (the bf16 source of a W4A16 ckpt)
     yml = os.path.join(ckpt, "vllm_config.yaml")
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
-    ns = parser.parse_args(["--model", ckpt, "--config", yml])
+    ns = parser.parse_args(["--model", model, "--config", yml])
     import yaml
 
     keys = [k.replace("-", "_") for k in yaml.safe_load(open(yml))]
     parsed = {k: getattr(ns, k) for k in keys}
     assert isinstance(parsed.get("hf_overrides", {}), dict), parsed  # JSON dict, not a string
     t0 = time.perf_counter()
-    llm = LLM(model=ckpt, **parsed, enforce_eager=True, skip_tokenizer_init=True, seed=0,
+    llm = LLM(model=model, **parsed, enforce_eager=True, skip_tokenizer_init=True, seed=0,
               gpu_memory_utilization=0.2, kv_cache_memory_bytes=1 << 30, enable_prefix_caching=False)
     startup = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=spec["new_tokens"], logprobs=TOPK, ignore_eos=True,
@@ -178,6 +184,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     ap.add_argument("--scales", default="micro-mm,small", help="comma list of micro, micro-mm, small, small-mm")
+    ap.add_argument("--ckpt", type=Path, action="append", default=[],
+                    help="an existing bf16 checkpoint dir instead of --scales (repeatable): text prompts, and vLLM "
+                         "loads the bf16 dir too")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / "out" / "pack_vllm_check")))
@@ -193,10 +202,11 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"checkpoints": {}}
     failures = []
-    for scale in args.scales.split(","):
+    todo = ([(c.name, c.absolute()) for c in args.ckpt] if args.ckpt else
+            [(s, work / f"{s}-bf16") for s in args.scales.split(",")])
+    for scale, base in todo:
         name, mm = scale.removesuffix("-mm"), scale.endswith("-mm")
-        base = work / f"{scale}-bf16"
-        if not (base / "config.json").is_file():
+        if not args.ckpt and not (base / "config.json").is_file():
             save_random_checkpoint(name, base, multimodal=mm, seed=0, force=True)
         q_cpu = work / f"{scale}-w4a16-cpu"
         _quantize(base, q_cpu, "cpu")
@@ -209,7 +219,14 @@ def main(argv=None) -> int:
                 failures.append(f"{scale}: --device cpu and --device cuda outputs differ")
         cfg = json.loads((q_cpu / "config.json").read_text())
         vocab = cfg.get("text_config", cfg)["vocab_size"]
-        spec = {"ckpt": str(q_cpu), "prompts": _prompts(args.prompts, vocab), "new_tokens": args.new_tokens,
+        if args.ckpt:
+            from bench.gpu.vllm_e2e_check import text_prompts
+
+            prompts = text_prompts(base, args.prompts, 256, seed=1)
+        else:
+            prompts = _prompts(args.prompts, vocab)
+        entry["prompt_source"] = "bench corpus valid text" if args.ckpt else "random token ids"
+        spec = {"ckpt": str(q_cpu), "prompts": prompts, "new_tokens": args.new_tokens,
                 "device": "cpu" if args.cpu_dry_run else "cuda"}
         hf, log, secs = _spawn("hf", spec, work, f"{scale}-hf")
         if hf is None:
@@ -217,15 +234,18 @@ def main(argv=None) -> int:
             print(log[-3000:])
         entry["hf_s"] = round(secs, 1)
         engines = {} if args.cpu_dry_run else {"marlin": {"VLLM_DISABLED_KERNELS": MARLIN_ONLY}, "default": {}}
+        if args.ckpt and not args.cpu_dry_run:
+            engines["bf16"] = {}  # the unquantized source, vLLM's default path
         for mode, env in engines.items():
-            res, log, secs = _spawn("vllm", spec, work, f"{scale}-vllm-{mode}", env)
+            res, log, secs = _spawn("vllm", dict(spec, model=str(base)) if mode == "bf16" else spec, work,
+                                    f"{scale}-vllm-{mode}", env)
             row = {"wall_s": round(secs, 1), "kernels": list(dict.fromkeys(KERNEL_RE.findall(log)))}
             if res is None:
                 failures.append(f"{scale}: vLLM ({mode}) failed, see {scale}-vllm-{mode}.log")
                 print(log[-3000:])
             else:
                 row.update(startup_s=res["startup_s"], parsed_yaml=res["parsed_yaml"])
-                if hf is not None:
+                if hf is not None and mode != "bf16":  # HF ran the W4A16 checkpoint
                     row["vs_hf"] = _compare(hf["results"], res["results"])
                 row["tokens"] = [r["tokens"] for r in res["results"]]
             entry[f"vllm_{mode}"] = row
@@ -236,7 +256,7 @@ def main(argv=None) -> int:
     print("\n| checkpoint | cpu==cuda bytes | engine | kernel | identical prompts | common prefix | step-0 top-1 "
           "agree | max Δlogprob step 0 |\n|---|---|---|---|---|---|---|---|")
     for scale, e in report["checkpoints"].items():
-        for mode in ("marlin", "default"):
+        for mode in ("marlin", "default", "bf16"):
             r = e.get(f"vllm_{mode}")
             if r is None:
                 continue

@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:
 
 from bench.gpu.pack_vllm_check import _prompts, _spawn, finish_report  # noqa: E402  (HF worker, prompts, report)
 from bench.gpu.vllm_e2e_check import (engine_env, engine_main, pack_quantize,  # noqa: E402
-                                      run_engine_subprocess)
+                                      run_engine_subprocess, text_prompts)
 
 
 def _prune(src: Path, dst: Path, device: str, samples: int, seq_len: int) -> str:
@@ -122,7 +122,10 @@ def main(argv=None) -> int:
         except (RuntimeError, subprocess.CalledProcessError) as e:
             failures.append(f"{tag}: {e}")
             continue
-        prompts = _prompts(args.prompts, int(tc["vocab_size"]))
+        # a --ckpt (a trained model, with its tokenizer): prompts cut from the bench corpus' validation text
+        given = any(base == c.absolute() for c in args.ckpt) and (base / "tokenizer.json").is_file()
+        prompts = text_prompts(base, args.prompts, 256, seed=1) if given else _prompts(args.prompts, int(tc["vocab_size"]))
+        entry["prompt_source"] = "bench corpus valid text" if given else "random token ids"
         hf, log, _ = _spawn("hf", {"ckpt": str(pruned), "prompts": prompts, "new_tokens": args.new_tokens,
                                    "device": dev}, work / "logs", f"{tag}-hf")
         if hf is None:

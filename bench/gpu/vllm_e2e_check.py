@@ -183,6 +183,24 @@ def mixed_prompts(n: int, vocab: int, max_len: int, seed: int = 0) -> list[list[
     return [[rng.randrange(4, vocab) for _ in range(L)] for L in lengths]
 
 
+def text_prompts(ckpt: Path, n: int, max_len: int, seed: int = 0, split: str = "valid") -> list[list[int]]:
+    """``n`` prompts cut from the evaluation bed's ``split`` text, tokenized with the checkpoint's own tokenizer
+    (``AutoTokenizer``): lengths spread log-uniformly over [1, max_len] (shuffled as in :func:`mixed_prompts`),
+    start positions spread evenly over the split. For trained checkpoints, whose greedy continuations of real text
+    have real logit margins (random token ids make a trained model's next-token choice nearly a tie)."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from bench.corpus import token_stream
+
+    stream = token_stream(split, AutoTokenizer.from_pretrained(ckpt))
+    rng = random.Random(seed)
+    lengths = [max(1, round(max_len ** (i / max(1, n - 1)))) for i in range(n)]
+    rng.shuffle(lengths)
+    starts = np.linspace(0, len(stream) - max_len, n).astype(np.int64)
+    return [stream[s:s + L].astype(np.int64).tolist() for s, L in zip(starts, lengths)]
+
+
 def wna16_census(model) -> dict[str, int]:
     """``{kernel class name: number of CompressedTensorsWNA16 layers}`` of a loaded vLLM model (apply_model)."""
     counts: dict[str, int] = {}
@@ -382,6 +400,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="exact,fast", help="pdqkit kernels to check (default exact,fast)")
     ap.add_argument("--modes", default="eager,graph", help="eager (the gate) and/or graph (reported)")
     ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--text-prompts", action="store_true",
+                    help="prompts cut from the bench corpus' validation text (checkpoint's tokenizer) instead of "
+                         "random token ids: for trained checkpoints")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--fast-goal", type=float, default=0.9, help="fraction of prompts fast must match (default 0.9)")
@@ -414,7 +435,8 @@ def main(argv=None) -> int:
 
     vocab = int(text_config_of(ckpt)["vocab_size"])
     max_prompt = args.max_model_len - args.new_tokens - 1
-    prompts = mixed_prompts(args.prompts, vocab, max_prompt)
+    prompts = (text_prompts(ckpt, args.prompts, max_prompt) if args.text_prompts
+               else mixed_prompts(args.prompts, vocab, max_prompt))
     # graph mode: capture only the decode batch sizes the runs can hit (1, 2, 4, ... up to >= the prompt count)
     sizes = [1]
     while sizes[-1] < args.prompts:
@@ -450,6 +472,7 @@ def main(argv=None) -> int:
         results = dict(pool.map(one, runs))
 
     report = {"checkpoint": str(ckpt), "prompts": len(prompts), "new_tokens": args.new_tokens,
+              "prompt_source": "bench corpus valid text" if args.text_prompts else "random token ids",
               "prompt_lengths": [len(p) for p in prompts], "wall_s": round(time.perf_counter() - t0, 1),
               "kernel_use": {}, "exact": {}, "fast": {}, "gates": {}}
     for kernel, mode, _ in runs:

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# All vLLM-side checks of the trained `small` model in one device call (after bench/gpu/quality_pipeline.py ran
+# on the same warm machine and the vLLM wheelhouse is installed, see bench/gpu/README.md).
+#
+# Three lanes at once (the GPU has room for all; none of them measures speed):
+#   A  vllm_e2e_check.py on WORK/base-w4a16: plugin exact/fast vs Marlin, eager (gate) and graph (reported)
+#   B  pack_vllm_check.py --ckpt WORK/base (CPU vs CUDA bytes, vLLM bf16/Marlin/default, HF agreement), then
+#      prune_vllm_check.py --scales micro-mm --ckpt WORK/base (prune -> quantize -> vLLM chain)
+#   C  vllm_e2e_bench.py --_gen (the E4B-shaped checkpoints the speed bench needs next call), then the GPU/vLLM
+#      pytest suite (HF greedy test on the trained small: PDQKIT_GPU_TRAINED_CKPT)
+# JSON reports go to $OUT, every log into $OUT/vllm_checks_logs.tar.xz (the device returns few files).
+#
+#   OUT=$OUT bash bench/gpu/vllm_checks.sh            # PDQ_WORK (default /tmp/pdq-quality) holds base, base-w4a16
+set -u
+: "${OUT:?set OUT}"
+W=${PDQ_WORK:-/tmp/pdq-quality}
+L=/tmp/pdq-vllm-checks
+mkdir -p "$L"
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+T0=$(date +%s)
+lane() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$L/lanes.log"; }
+
+( lane "A start"; timeout "${A_TIMEOUT:-480}" python bench/gpu/vllm_e2e_check.py --ckpt "$W/base-w4a16" --text-prompts \
+      --modes eager,graph --work "$L/e2e-work" --out "$L/e2e" > "$L/e2e_check.log" 2>&1; lane "A rc=$?" ) &
+( lane "C start"; timeout "${GEN_TIMEOUT:-300}" python bench/vllm_e2e_bench.py --_gen > "$L/e2e_gen.log" 2>&1
+  lane "C gen rc=$?"
+  PDQKIT_GPU_TRAINED_CKPT="$W/base" timeout "${PYTEST_TIMEOUT:-300}" python -m pytest -m "gpu or vllm" -q -p no:cacheprovider \
+      -rfE tests/ > "$L/gpu_tests.log" 2>&1; lane "C pytest rc=$?"; tail -n 3 "$L/gpu_tests.log" | tee -a "$L/lanes.log" ) &
+lane "B start"
+timeout "${PACK_TIMEOUT:-240}" python bench/gpu/pack_vllm_check.py --ckpt "$W/base" --prompts 8 --new-tokens 32 \
+    --out "$L/pack" > "$L/pack_check.log" 2>&1; lane "B pack rc=$?"
+timeout "${PRUNE_TIMEOUT:-240}" python bench/gpu/prune_vllm_check.py --scales micro-mm --ckpt "$W/base" --prompts 8 \
+    --out "$L/prune" > "$L/prune_check.log" 2>&1; lane "B prune rc=$?"
+wait
+lane "all lanes done"
+for f in "$L/e2e/vllm_e2e_check.json" "$L/pack/pack_vllm_check.json" "$L/prune/prune_vllm_check.json"; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
+done
+tar -C "$L" -cJf "$OUT/vllm_checks_logs.tar.xz" --exclude='*.safetensors' --exclude='*-work' \
+    $(cd "$L" && ls -d *.log e2e pack/*.log prune/logs 2>/dev/null) 2>/dev/null
+cat "$L/lanes.log"
+for f in e2e_check pack_check prune_check; do echo "== $f"; tail -n 25 "$L/$f.log"; done
+echo "== gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$L/gpu_tests.log" | tail -n 15
