@@ -9,7 +9,9 @@ eval       the base against itself + the unigram baseline (ppl of the validation
 quant      ``python -m pack.quantize WORK/base -o WORK/base-w4a16 --device cuda``; eval (goal: ppl <= +8 %)
 prune      ``python -m prune WORK/base -o WORK/pruned-C --ratio 0.2 --criterion C`` per criterion; eval each
 distill    ``python -m distill --teacher WORK/base --student WORK/pruned-A -o WORK/distill1 --phase 1``, then
-           ``--student WORK/distill1 -o WORK/distill2 --phase 2``; eval each
+           ``--student WORK/distill1 -o WORK/distill2 --phase 2``; eval each. ``--distill1-lrs A,B``: phase 1
+           once per lr, the lowest training loss becomes distill1; ``--token-budget-pct P``: phase 1's steps
+           chosen so both phases use P % of the teacher's training tokens
 final      ``python -m pack.quantize`` of the last distilled (else pruned) checkpoint; eval
 =========  ==========================================================================================
 
@@ -39,6 +41,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -211,6 +214,77 @@ class Pipeline:
                                        "--no-progress", *shlex.split(self.a.prune_args)], min_s=30):
                 self.evaluate(f"pruned-{c}", dst)
 
+    def _distill_cmd(self, phase: int, src: Path, dst: Path, extra: list[str]) -> list[str]:
+        return [sys.executable, "-m", "distill", "--teacher", str(self.base), "--student", str(src), "-o", str(dst),
+                "--phase", str(phase), "--device", self.a.device, "--force", *extra]
+
+    def _token_budget(self, extra1: list[str], extra2: list[str]) -> list[str]:
+        """With ``--token-budget-pct P``: the phase-1 ``--steps`` that keep phase 1 + phase 2 within P % of the
+        tokens the teacher was trained on (its lineage's ``tokens_seen``); recorded in quality.json."""
+        from distill.config import PHASE_DEFAULTS
+        from pack.checkpoint import read_lineage
+
+        def sizes(phase, extra):
+            ap = argparse.ArgumentParser(add_help=False)
+            for k in ("steps", "batch", "seq_len"):
+                ap.add_argument("--" + k.replace("_", "-"), type=int, default=PHASE_DEFAULTS[phase][k])
+            return ap.parse_known_args(extra)[0]
+
+        if any(a == "--steps" or a.startswith("--steps=") for a in extra1):
+            raise ValueError("--token-budget-pct sets phase 1's --steps: do not also pass it in --distill1-args")
+        teacher = next((s for s in read_lineage(self.base) if s.get("kind") == "base"), {}).get("tokens_seen")
+        if not teacher:
+            raise ValueError(f"{self.base}: its lineage has no 'base' step with tokens_seen (train it with bench.train)")
+        p1, p2 = sizes(1, extra1), sizes(2, extra2)
+        t2 = p2.steps * p2.batch * p2.seq_len
+        steps1 = int((self.a.token_budget_pct / 100 * teacher - t2) // (p1.batch * p1.seq_len))
+        if steps1 < 1:
+            raise ValueError(f"--token-budget-pct {self.a.token_budget_pct}: phase 2 alone ({t2:,} tokens) uses it up")
+        t1 = steps1 * p1.batch * p1.seq_len
+        self.q["distill_budget"] = {"teacher_tokens": teacher, "pct": self.a.token_budget_pct, "phase1_steps": steps1,
+                                    "phase1_tokens": t1, "phase2_tokens": t2, "used_pct": 100 * (t1 + t2) / teacher}
+        self.log(f"token budget: {self.a.token_budget_pct}% of {teacher:,} teacher tokens -> phase 1 {steps1} steps "
+                 f"({t1:,} tokens) + phase 2 {t2:,} tokens = {100 * (t1 + t2) / teacher:.2f}%")
+        return [*extra1, "--steps", str(steps1)]
+
+    def _phase1(self, student: Path, extra1: list[str]) -> bool:
+        """Phase 1 into WORK/distill1. With ``--distill1-lrs`` one run per lr (WORK/distill1-lrX, each evaluated);
+        WORK/distill1 then links to the run with the lowest phase-1 training loss (mean of its last 10 steps, from
+        its lineage) — chosen on training data, not on the validation split the table reports."""
+        from pack.checkpoint import read_lineage
+
+        dst = self.work / "distill1"
+        lrs = [x for x in self.a.distill1_lrs.split(",") if x]
+        if not lrs:
+            if dst.is_symlink():  # left by an earlier --distill1-lrs run: never write through it
+                dst.unlink()
+            if not self.run("distill1", self._distill_cmd(1, student, dst, extra1), min_s=60):
+                return False
+            self.evaluate("distill1", dst)
+            return True
+        losses = {}
+        for lr in lrs:
+            d = self.work / f"distill1-lr{lr}"
+            if self.run(f"distill1-lr{lr}", self._distill_cmd(1, student, d, [*extra1, "--lr", lr]), min_s=60):
+                losses[lr] = read_lineage(d)[-1]["loss_last10"]["loss"]
+                self.evaluate(f"distill1-lr{lr}", d)
+        if not losses:
+            return False
+        best = min(losses, key=losses.get)
+        if dst.is_symlink() or dst.is_file():
+            dst.unlink()
+        elif dst.exists():
+            shutil.rmtree(dst)
+        dst.symlink_to(f"distill1-lr{best}")
+        self.q["distill1_selection"] = {"lr": best, "by": "phase-1 training loss (mean of the last 10 steps)",
+                                        "train_loss": losses}
+        if (row := self.q["rows"].get(f"distill1-lr{best}")) is not None:
+            self.q["rows"]["distill1"] = dict(row, label="distill1", selected_lr=best)
+            self.goals()
+        self.log(f"distill1: lr {best} selected (training losses {losses})")
+        self.save()
+        return True
+
     def s_distill(self):
         if not self.have("distill.__main__"):
             self.stage("distill", "skipped", reason="distill not available")
@@ -219,16 +293,14 @@ class Pipeline:
         if not (student / "config.json").is_file():
             self.stage("distill", "skipped", reason=f"{student} missing (run the prune stage)")
             return
-        for phase, src, extra in ((1, student, self.a.distill1_args), (2, self.work / "distill1",
-                                                                       self.a.distill2_args)):
-            dst = self.work / f"distill{phase}"
-            ok = self.run(f"distill{phase}", [sys.executable, "-m", "distill", "--teacher", str(self.base),
-                                              "--student", str(src), "-o", str(dst), "--phase", str(phase),
-                                              "--device", self.a.device, "--force", *shlex.split(extra)],
-                          min_s=60)
-            if not ok:
-                return
-            self.evaluate(f"distill{phase}", dst)
+        extra1, extra2 = shlex.split(self.a.distill1_args), shlex.split(self.a.distill2_args)
+        if self.a.token_budget_pct:
+            extra1 = self._token_budget(extra1, extra2)
+        if not self._phase1(student, extra1):
+            return
+        dst = self.work / "distill2"
+        if self.run("distill2", self._distill_cmd(2, self.work / "distill1", dst, extra2), min_s=60):
+            self.evaluate("distill2", dst)
 
     def s_final(self):
         for name in ("distill2", "distill1", f"pruned-{self.a.distill_from}"):
@@ -242,6 +314,7 @@ class Pipeline:
 
         order = ["base", "base-w4a16", *sorted(k for k in self.q["rows"] if k.startswith("pruned-") and
                                                not k.endswith("w4a16")),
+                 *sorted(k for k in self.q["rows"] if k.startswith("distill1-lr") and not k.endswith("w4a16")),
                  "distill1", "distill2", *sorted(k for k in self.q["rows"] if k.startswith("distill") and
                                                  k.endswith("w4a16")),
                  *sorted(k for k in self.q["rows"] if k.startswith("pruned-") and k.endswith("w4a16"))]
@@ -307,6 +380,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--criteria", default="", help="prune criteria (default: all of prune.config.CRITERIA)")
     ap.add_argument("--distill-from", default="activation", help="criterion whose pruned model is distilled")
+    ap.add_argument("--distill1-lrs", default="", metavar="LR,LR,...",
+                    help="phase 1 once per lr; the lowest phase-1 training loss becomes distill1 (default: one run)")
+    ap.add_argument("--token-budget-pct", type=float, default=0.0, metavar="P",
+                    help="size phase 1 (--steps) so both phases use P %% of the teacher's training tokens (0: off)")
     ap.add_argument("--eval-tokens", type=int, default=0, help="validation tokens per eval (0: all)")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
