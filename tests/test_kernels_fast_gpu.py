@@ -182,10 +182,20 @@ def test_hf_generation_matches_reference(tmp_path, request):
     for m in (ref, ours):
         m.generation_config.eos_token_id = None  # N plain argmax steps, like vLLM's ignore_eos
     gen = dict(max_new_tokens=32, do_sample=False, pad_token_id=0)
+    diverged = []
     for p in text_prompts(base, 6, 96, seed=3):
         ids = torch.tensor([p], device="cuda")
         with torch.no_grad():
             t_ref, t_ours = ref.generate(ids, **gen), ours.generate(ids, **gen)
             lr, lo = ref(ids).logits.float(), ours(ids).logits.float()
-        assert torch.equal(t_ref, t_ours), (p, t_ref[0, len(p):].tolist(), t_ours[0, len(p):].tolist())
         assert (lr - lo).abs().max() <= 0.02 * lr.abs().max()
+        if not torch.equal(t_ref, t_ours):
+            # diagnostics: both models teacher-forced on the common prefix up to the first differing token
+            j = int((t_ref[0] != t_ours[0]).nonzero()[0])
+            with torch.no_grad():
+                a, b = ref(t_ref[:, :j]).logits[0, -1].float(), ours(t_ref[:, :j]).logits[0, -1].float()
+            top2 = a.topk(2).values
+            diverged.append(dict(prompt_len=len(p), first_diff=j - len(p), ref_top2_margin=float(top2[0] - top2[1]),
+                                 max_abs_dlogit=float((a - b).abs().max()), ref=t_ref[0, len(p):j + 2].tolist(),
+                                 ours=t_ours[0, len(p):j + 2].tolist()))
+    assert not diverged, f"greedy tokens differ on {len(diverged)}/6 prompts: {diverged}"
