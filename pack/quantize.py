@@ -8,12 +8,12 @@ Expected errors print one line (file/tensor + fix) and exit 2, leaving nothing b
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 from pathlib import Path
 
 from .errors import QuantizeError
+from .gcpause import gc_paused
 
 DEMO_DIR = Path("out")
 
@@ -62,16 +62,8 @@ def _demo_base(scale: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The cyclic garbage collector is off for the run: importing torch and transformers and building the meta
-    # model create ~10^6 objects that all live to the end and hardly any garbage (~10^4 small objects, no tensor
-    # memory), which the collector would otherwise traverse again and again (~0.5 s of CPU, 1/5 of the imports).
-    gc_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():  # the whole run: imports and meta model are ~10^6 long-lived objects (pack/gcpause.py)
         return _main(argv)
-    finally:
-        if gc_enabled:
-            gc.enable()
 
 
 def _main(argv: list[str] | None) -> int:

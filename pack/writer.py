@@ -23,8 +23,6 @@ Same input and options -> byte-identical output (no timestamps unless ``SOURCE_D
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import json
 import os
@@ -44,6 +42,7 @@ from . import card
 from .checkpoint import (RECIPE_FILE, atomic_output_dir, copy_aux_files, json_dump, lineage_step, read_lineage,
                          write_lineage)
 from .errors import QuantizeError
+from .gcpause import gc_paused
 from .packing import PACK_FACTOR
 from .pipeline import Piece, Quantizer, passthrough_pieces, row_blocks, stream_file
 from .qconfig import EQUIVALENT_TO, QuantRecipe, quantization_config
@@ -301,20 +300,6 @@ def _write_shards(tmp: Path, shards: list[list[_Out]], workers: int, bar) -> tup
     return hashes, weight_map, total
 
 
-@contextlib.contextmanager
-def _gc_paused():
-    """The cyclic garbage collector off while transformers is imported and the meta model built: ~10^6 objects
-    that live to the end of the run and no garbage, which the collector would traverse again and again (~0.5 s,
-    a fifth of the import time)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 class _InputHasher:
     """sha256 of the input files in a background thread, started before the slow imports of the planning step
     (hashlib releases the GIL: the second core hashes while the first imports transformers); cancellable."""
@@ -372,7 +357,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     with SourceFiles(ckpt) as src:
         hasher = _InputHasher(src.files)
         try:
-            with _gc_paused():
+            with gc_paused():
                 plan = plan_model(ckpt, recipe.targets, recipe.ignore)
             qcfg = quantization_config(plan.model, plan.targeted, recipe)
             dropped, cast = _check_inputs(plan, src, recipe)

@@ -98,10 +98,12 @@ def main(argv=None) -> int:
 
     work = args.out.absolute()
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    bases = [(s, _base(s, work)) for s in args.scales.split(",") if s] + [(c.name, c.absolute()) for c in args.ckpt]
+    # (tag, checkpoint, trained: a --ckpt with its tokenizer gets prompts cut from the validation text)
+    bases = ([(s, _base(s, work), False) for s in args.scales.split(",") if s] +
+             [(c.name, c.absolute(), (c / "tokenizer.json").is_file()) for c in args.ckpt])
     dev = "cpu" if args.cpu_dry_run else "cuda"
     report, failures = {}, []
-    for tag, base in bases:
+    for tag, base, trained in bases:
         entry: dict = {"base": str(base)}
         report[tag] = entry
         pruned, pruned_cpu = work / f"{tag}-pruned", work / f"{tag}-pruned-cpu"
@@ -122,10 +124,9 @@ def main(argv=None) -> int:
         except (RuntimeError, subprocess.CalledProcessError) as e:
             failures.append(f"{tag}: {e}")
             continue
-        # a --ckpt (a trained model, with its tokenizer): prompts cut from the bench corpus' validation text
-        given = any(base == c.absolute() for c in args.ckpt) and (base / "tokenizer.json").is_file()
-        prompts = text_prompts(base, args.prompts, 256, seed=1) if given else _prompts(args.prompts, int(tc["vocab_size"]))
-        entry["prompt_source"] = "bench corpus valid text" if given else "random token ids"
+        prompts = text_prompts(base, args.prompts, 256, seed=1) if trained else _prompts(args.prompts,
+                                                                                          int(tc["vocab_size"]))
+        entry["prompt_source"] = "bench corpus valid text" if trained else "random token ids"
         hf, log, _ = _spawn("hf", {"ckpt": str(pruned), "prompts": prompts, "new_tokens": args.new_tokens,
                                    "device": dev}, work / "logs", f"{tag}-hf")
         if hf is None:

@@ -178,9 +178,14 @@ def mixed_prompts(n: int, vocab: int, max_len: int, seed: int = 0) -> list[list[
     """``n`` token-id prompts, lengths spread log-uniformly over [1, max_len] (shuffled), ids in [4, vocab)
     (ids 0..3 are pad/eos/bos/unk in pdqkit's tokenizers). Deterministic in ``seed``."""
     rng = random.Random(seed)
+    return [[rng.randrange(4, vocab) for _ in range(L)] for L in _mixed_lengths(n, max_len, rng)]
+
+
+def _mixed_lengths(n: int, max_len: int, rng: random.Random) -> list[int]:
+    """``n`` prompt lengths spread log-uniformly over [1, max_len], shuffled by ``rng``."""
     lengths = [max(1, round(max_len ** (i / max(1, n - 1)))) for i in range(n)]
     rng.shuffle(lengths)
-    return [[rng.randrange(4, vocab) for _ in range(L)] for L in lengths]
+    return lengths
 
 
 def text_prompts(ckpt: Path, n: int, max_len: int, seed: int = 0, split: str = "valid") -> list[list[int]]:
@@ -194,9 +199,7 @@ def text_prompts(ckpt: Path, n: int, max_len: int, seed: int = 0, split: str = "
     from bench.corpus import token_stream
 
     stream = token_stream(split, AutoTokenizer.from_pretrained(ckpt))
-    rng = random.Random(seed)
-    lengths = [max(1, round(max_len ** (i / max(1, n - 1)))) for i in range(n)]
-    rng.shuffle(lengths)
+    lengths = _mixed_lengths(n, max_len, random.Random(seed))
     starts = np.linspace(0, len(stream) - max_len, n).astype(np.int64)
     return [stream[s:s + L].astype(np.int64).tolist() for s, L in zip(starts, lengths)]
 
