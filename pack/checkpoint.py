@@ -17,9 +17,14 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
+from .errors import QuantizeError
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 LINEAGE_FILE = "pdqkit_lineage.json"
 RECIPE_FILE = "quant_recipe.json"
 LINEAGE_SCHEMA = "pdqkit_lineage/1"
@@ -31,6 +36,7 @@ AUX_FILE_PATTERNS = (
 )
 
 __all__ = [
+    "SINGLE_NAME", "INDEX_NAME", "safetensors_files", "FileHasher",
     "LINEAGE_FILE", "RECIPE_FILE", "atomic_output_dir", "copy_aux_files", "sha256_file", "read_lineage",
     "write_lineage", "lineage_step", "kv_shared_k_norm_tensors", "save_bf16_checkpoint", "json_dump",
 ]
@@ -88,6 +94,75 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def safetensors_files(ckpt: str | os.PathLike) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of HF checkpoint dir ``ckpt`` (``model.safetensors``, or the shards its index names)
+    and the index's ``weight_map`` (None without an index). Raises :class:`QuantizeError` naming the fix."""
+    ckpt = Path(ckpt)
+    index_f, single_f = ckpt / INDEX_NAME, ckpt / SINGLE_NAME
+    if index_f.is_file():
+        try:
+            weight_map = json.loads(index_f.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise QuantizeError(f"{index_f}: not a valid safetensors index ({type(e).__name__}: {e}); "
+                                f"fix or delete it") from None
+        for f in files:
+            if not (ckpt / f).is_file():
+                raise QuantizeError(f"{index_f}: lists shard {f}, which is missing from {ckpt}; "
+                                    f"copy the complete checkpoint")
+        return [ckpt / f for f in files], weight_map
+    if single_f.is_file():
+        return [single_f], None
+    bins = sorted(p.name for p in ckpt.glob("*.bin"))
+    hint = (f"it has PyTorch weights ({bins[0]}): re-save it with save_pretrained() to get safetensors"
+            if bins else "pass a Hugging Face checkpoint directory")
+    raise QuantizeError(f"{ckpt}: no {SINGLE_NAME} or {INDEX_NAME}; {hint}")
+
+
+class FileHasher:
+    """sha256 of ``files`` in a background thread (hashlib releases the GIL on large buffers, so another core
+    hashes while this one imports torch and transformers); :meth:`result` joins, :meth:`cancel` stops early.
+    Torch-free: ``python -m pack.quantize`` starts it before importing torch."""
+
+    def __init__(self, files: list[Path], chunk: int = 16 << 20):
+        self.files = [Path(f) for f in files]
+        self._stop = threading.Event()
+        self._hashes: dict[str, str] = {}
+        self._error: BaseException | None = None
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(chunk,), name="pdqkit-sha256-in", daemon=True)
+        self._thread.start()
+
+    def _run(self, chunk: int) -> None:
+        try:
+            buf = bytearray(chunk)  # one buffer, reused: no fresh pages to fault in for every block
+            view = memoryview(buf)
+            for f in self.files:
+                h = hashlib.sha256()
+                with open(f, "rb", buffering=0) as fh:
+                    while not self._stop.is_set() and (n := fh.readinto(buf)):
+                        h.update(view[:n])
+                if self._stop.is_set():
+                    return
+                self._hashes[f.name] = h.hexdigest()
+            self._done = True
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self._error = e
+
+    def result(self) -> dict[str, str]:
+        """``{file name: sha256 hex}``; raises what the thread hit (or RuntimeError if it was cancelled)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if not self._done:
+            raise RuntimeError("input hashing was cancelled")
+        return dict(self._hashes)
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def read_lineage(ckpt: str | os.PathLike) -> list[dict]:

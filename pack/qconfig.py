@@ -11,11 +11,14 @@ compressed-tensors 0.17.0 (vLLM 0.26.0's pin) and 0.19.0 alike (§3.1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import QuantizeError
-from .observer import ROUNDING_MODES, QuantScheme
+
+if TYPE_CHECKING:  # torch-free import: the CLI builds its parser (DEFAULT_IGNORE) before importing torch
+    import torch
+
+    from .observer import QuantScheme
 
 __all__ = ["DEFAULT_IGNORE", "CT_CONFIG_VERSION", "QuantRecipe", "quantization_config"]
 
@@ -45,6 +48,8 @@ class QuantRecipe:
         object.__setattr__(self, "ignore", tuple(self.ignore))
         if not self.targets:
             raise QuantizeError("targets is empty: nothing would be quantized")
+        from .observer import ROUNDING_MODES
+
         if self.rounding not in ROUNDING_MODES:
             raise QuantizeError(f"--rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
         try:
@@ -53,6 +58,8 @@ class QuantRecipe:
             raise QuantizeError(f"--group-size: {e}") from None
 
     def observer_scheme(self) -> QuantScheme:
+        from .observer import QuantScheme
+
         return QuantScheme(num_bits=4, group_size=self.group_size, symmetric=True, rounding=self.rounding)
 
     @property

@@ -19,7 +19,7 @@ DEMO_DIR = Path("out")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .qconfig import DEFAULT_IGNORE  # imports torch: main() calls this with the garbage collector paused
+    from .qconfig import DEFAULT_IGNORE  # torch-free: the input files start hashing before torch is imported
 
     ap = argparse.ArgumentParser(
         prog="python -m pack.quantize",
@@ -66,9 +66,32 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+def _prefetch_hashes(ckpt: Path | None):
+    """Start hashing ``ckpt``'s safetensors files now, on another core, while this one imports torch and
+    transformers (~2 s); None when ``ckpt`` is not a checkpoint dir (the real checks report that, in order)."""
+    from .checkpoint import FileHasher, safetensors_files
+
+    if ckpt is None or not (ckpt / "config.json").is_file():
+        return None
+    try:
+        files, _ = safetensors_files(ckpt)
+    except QuantizeError:
+        return None
+    return FileHasher(files)
+
+
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from .qconfig import QuantRecipe
+    hasher = None if args.demo else _prefetch_hashes(args.ckpt)
+    try:
+        return _run(args, hasher)
+    finally:
+        if hasher is not None:
+            hasher.cancel()  # a no-op once quantize_checkpoint has its result; stops it on an early error
+
+
+def _run(args: argparse.Namespace, hasher) -> int:
+    from .qconfig import QuantRecipe  # imports torch (the recipe's observer scheme)
     from .writer import quantize_checkpoint
 
     try:
@@ -84,7 +107,8 @@ def _main(argv: list[str] | None) -> int:
         out = args.out or args.ckpt.absolute().parent / f"{args.ckpt.absolute().name}-w4a16"
         recipe = QuantRecipe(ignore=(*args.ignore, *args.extra_ignore), group_size=args.group_size, rounding=args.rounding)
         result = quantize_checkpoint(args.ckpt, out, recipe, device=args.device, force=force,
-                                     max_shard_size=args.max_shard_size, progress=not args.no_progress)
+                                     max_shard_size=args.max_shard_size, progress=not args.no_progress,
+                                     input_hasher=hasher)
     except QuantizeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

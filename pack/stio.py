@@ -11,7 +11,9 @@ Linear weight's row block, or a 4 MiB chunk of a passthrough tensor) per worker 
 * **Writing**: :class:`SafetensorsFileWriter` writes the exact bytes ``safetensors.torch.save_file(tensors,
   metadata=...)`` would write: the library is asked for its tensor order (dtype alignment, then name: it
   serialises zero-length stand-ins), offsets follow that order, the header is the same compact JSON padded
-  with spaces to 8 bytes. Tensors are then streamed in that order and hashed on the way (sha256, in a thread).
+  with spaces to 8 bytes. Tensors are then streamed in that order and hashed on the way (sha256, in a thread),
+  into a file whose blocks are reserved up front (``fallocate``: writes into delayed-allocation pages cost the
+  kernel up to ~10x more).
   ``tests/test_pack_stio.py`` checks byte equality with ``save_file``.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import queue
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from math import prod
@@ -29,6 +32,7 @@ from typing import Iterable
 
 import torch
 
+from .checkpoint import INDEX_NAME, SINGLE_NAME, safetensors_files
 from .errors import QuantizeError
 
 __all__ = [
@@ -36,8 +40,6 @@ __all__ = [
     "tensor_bytes", "SafetensorsFileWriter", "INDEX_NAME", "SINGLE_NAME",
 ]
 
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 CHUNK = 4 << 20  # bytes per read/write of a passthrough tensor (small buffers: reused by the allocator)
 
 # safetensors dtype string -> torch dtype (the ones torch can hold)
@@ -110,27 +112,8 @@ class SourceFiles:
 
     def __init__(self, ckpt: Path):
         self.dir = Path(ckpt)
-        index_f, single_f = self.dir / INDEX_NAME, self.dir / SINGLE_NAME
-        if index_f.is_file():
-            try:
-                weight_map = json.loads(index_f.read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise QuantizeError(f"{index_f}: not a valid safetensors index ({type(e).__name__}: {e}); "
-                                    f"fix or delete it") from None
-            for f in files:
-                if not (self.dir / f).is_file():
-                    raise QuantizeError(f"{index_f}: lists shard {f}, which is missing from {self.dir}; "
-                                        f"copy the complete checkpoint")
-            self.files = [self.dir / f for f in files]
-        elif single_f.is_file():
-            weight_map = None
-            self.files = [single_f]
-        else:
-            bins = sorted(p.name for p in self.dir.glob("*.bin"))
-            hint = (f"it has PyTorch weights ({bins[0]}): re-save it with save_pretrained() to get safetensors"
-                    if bins else "pass a Hugging Face checkpoint directory")
-            raise QuantizeError(f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME}; {hint}")
+        index_f = self.dir / INDEX_NAME
+        self.files, weight_map = safetensors_files(self.dir)
         self.tensors: dict[str, TensorEntry] = {}
         for f in self.files:
             for name, e in read_header(f).items():
@@ -212,6 +195,35 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+_FALLOCATE = None
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes of disk for a file about to be written in full (Linux ``fallocate(2)``, mode 0).
+
+    Why: ext4 (and others) otherwise allocate blocks page by page as the writes land (delayed allocation); on a
+    disk that just freed the previous output (``--force``, mounted with ``discard``) those writes cost up to
+    ~1.5 s of kernel time per GB, against ~0.1 s into preallocated extents. Only an optimisation: the file's
+    bytes are the same (every byte is written), and where the call is missing or refused nothing happens
+    (unlike ``posix_fallocate``, which glibc emulates by writing a zero into every block).
+    """
+    global _FALLOCATE
+    if size <= 0 or not sys.platform.startswith("linux"):
+        return
+    if _FALLOCATE is None:
+        try:
+            import ctypes
+
+            f = ctypes.CDLL(None, use_errno=True).fallocate
+            f.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+            f.restype = ctypes.c_int
+            _FALLOCATE = f
+        except (OSError, AttributeError):
+            _FALLOCATE = False
+    if _FALLOCATE:
+        _FALLOCATE(fd, 0, 0, size)  # -1 (EOPNOTSUPP, ENOSPC...): plain writes report any real problem
+
+
 def _safetensors_order(specs: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> list[str]:
     """Ask safetensors in which order ``save_file`` lays these tensors out (it depends on dtype and name)."""
     from safetensors.torch import save
@@ -244,6 +256,7 @@ class SafetensorsFileWriter:
         hb += b" " * (-len(hb) % 8)
         self.total = 8 + len(hb) + offset
         self._fh = open(self.path, "wb")
+        _preallocate(self._fh.fileno(), self.total)
         # sha256 in its own thread (hashlib releases the GIL): hashing overlaps the writes
         self._sha = hashlib.sha256()
         self._hq: queue.Queue = queue.Queue(maxsize=4)
@@ -276,6 +289,8 @@ class SafetensorsFileWriter:
     def close(self) -> str:
         if self._next != len(self.order):
             raise RuntimeError(f"{self.path.name}: only {self._next} of {len(self.order)} tensors written")
+        if self._fh.tell() != self.total:  # preallocation set the size up front: check every byte was written
+            raise RuntimeError(f"{self.path.name}: wrote {self._fh.tell()} bytes, the layout says {self.total}")
         self._fh.close()
         self._hq.put(None)
         self._hasher.join()

@@ -3,7 +3,8 @@
 Pipeline (spec pack-quantized.md):
 
 1. **check** config.json (:func:`pack.targets.load_config`) and the safetensors headers (:mod:`pack.stio`);
-   start hashing the input files in a background thread.
+   hash the input files in a background thread (:class:`pack.checkpoint.FileHasher`; the CLI starts it before
+   importing torch, so the input is hashed on the second core while the first imports torch and transformers).
 2. **plan** (:mod:`pack.targets`, :mod:`pack.qconfig`): the architecture built from config.json on the meta
    device says which Linears are targeted (recipe ``targets`` minus ``ignore``) and which tensors
    ``save_pretrained`` would write; the input tensors are checked against it (missing tensors, shapes, dtypes,
@@ -23,12 +24,10 @@ Same input and options -> byte-identical output (no timestamps unless ``SOURCE_D
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,14 +38,14 @@ from typing import Callable
 import torch
 
 from . import card
-from .checkpoint import (RECIPE_FILE, atomic_output_dir, copy_aux_files, json_dump, lineage_step, read_lineage,
+from .checkpoint import (INDEX_NAME, RECIPE_FILE, SINGLE_NAME, FileHasher, atomic_output_dir, copy_aux_files, json_dump, lineage_step, read_lineage,
                          write_lineage)
 from .errors import QuantizeError
 from .gcpause import gc_paused
 from .packing import PACK_FACTOR
 from .pipeline import Piece, Quantizer, passthrough_pieces, row_blocks, stream_file
 from .qconfig import EQUIVALENT_TO, QuantRecipe, quantization_config
-from .stio import INDEX_NAME, SINGLE_NAME, ST_DTYPES, SafetensorsFileWriter, SourceFiles, tensor_bytes
+from .stio import ST_DTYPES, SafetensorsFileWriter, SourceFiles, tensor_bytes
 from .targets import ModelPlan, load_config, looks_quantized, plan_model
 
 __all__ = ["DEFAULT_MAX_SHARD_SIZE", "QuantizeResult", "quantize_checkpoint", "parse_size"]
@@ -300,47 +299,15 @@ def _write_shards(tmp: Path, shards: list[list[_Out]], workers: int, bar) -> tup
     return hashes, weight_map, total
 
 
-class _InputHasher:
-    """sha256 of the input files in a background thread, started before the slow imports of the planning step
-    (hashlib releases the GIL: the second core hashes while the first imports transformers); cancellable."""
-
-    def __init__(self, files: list[Path], chunk: int = 16 << 20):
-        self._stop = threading.Event()
-        self._hashes: dict[str, str] = {}
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(files, chunk), name="pdqkit-sha256-in", daemon=True)
-        self._thread.start()
-
-    def _run(self, files: list[Path], chunk: int) -> None:
-        try:
-            buf = bytearray(chunk)  # one buffer, reused: no fresh pages to fault in for every block
-            view = memoryview(buf)
-            for f in files:
-                h = hashlib.sha256()
-                with open(f, "rb", buffering=0) as fh:
-                    while not self._stop.is_set() and (n := fh.readinto(buf)):
-                        h.update(view[:n])
-                self._hashes[f.name] = h.hexdigest()
-        except BaseException as e:  # noqa: BLE001 - re-raised by result()
-            self._error = e
-
-    def result(self) -> dict[str, str]:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return dict(self._hashes)
-
-    def cancel(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe: QuantRecipe | None = None, *,
                         device: str = "cpu", force: bool = False,
                         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                        progress: bool = False, vllm_max_model_len: int = 8192) -> QuantizeResult:
+                        progress: bool = False, vllm_max_model_len: int = 8192,
+                        input_hasher: FileHasher | None = None) -> QuantizeResult:
     """Quantize bf16 checkpoint dir ``ckpt`` into a pack-quantized checkpoint dir ``out`` (see module doc).
 
+    ``input_hasher``: a :class:`~pack.checkpoint.FileHasher` already hashing ``ckpt``'s safetensors files (the
+    CLI starts it before importing torch); used if its file list is this checkpoint's, else a new one is started.
     Raises :class:`QuantizeError` (nothing written) for bad input or options.
     """
     t0 = time.perf_counter()
@@ -355,7 +322,11 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     load_config(ckpt)  # cheap checks first: a bad config.json is reported before the weights
     threads = torch.get_num_threads()
     with SourceFiles(ckpt) as src:
-        hasher = _InputHasher(src.files)
+        hasher = input_hasher
+        if hasher is None or [f.absolute() for f in hasher.files] != [f.absolute() for f in src.files]:
+            if hasher is not None:
+                hasher.cancel()
+            hasher = FileHasher(src.files)
         try:
             with gc_paused():
                 plan = plan_model(ckpt, recipe.targets, recipe.ignore)

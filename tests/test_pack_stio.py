@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 
 import pytest
@@ -121,3 +122,23 @@ def test_no_weights(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(QuantizeError, match="PyTorch weights"):
         SourceFiles(tmp_path)
+
+
+def test_file_hasher_matches_hashlib_and_cancels(tmp_path):
+    """The background input hasher (started by the CLI before torch is imported) gives each file's sha256."""
+    from pack.checkpoint import FileHasher, safetensors_files, sha256_file
+
+    data = os.urandom(3 << 20)
+    (tmp_path / "model.safetensors").write_bytes(data)
+    files, weight_map = safetensors_files(tmp_path)
+    assert files == [tmp_path / "model.safetensors"] and weight_map is None
+    h = FileHasher(files, chunk=1 << 20)  # several chunks
+    assert h.result() == {"model.safetensors": hashlib.sha256(data).hexdigest()}
+    assert h.result()["model.safetensors"] == sha256_file(files[0])
+    h.cancel()  # after the result: harmless
+    stopped = FileHasher(files, chunk=1 << 10)
+    stopped.cancel()  # stopped mid-file, or already done: never a hash of part of the file
+    try:
+        assert stopped.result() == h.result()
+    except RuntimeError as e:
+        assert "cancelled" in str(e)
