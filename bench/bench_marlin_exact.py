@@ -22,7 +22,9 @@ from kernels.w4a16_autotune import graph_time_us, n_copies  # the project's CUDA
 
 REPLAYS = 20
 TUNE_VARIANTS = {  # (block_m, block_n, num_warps, num_stages, split); the first of each is the default
-    "small": [(16, 64, 4, 3, True), (16, 64, 2, 3, True), (16, 64, 1, 3, True), (16, 64, 4, 3, False)],
+    "small": [(16, 64, 4, 3, True), (16, 64, 2, 3, True), (16, 64, 1, 3, True), (16, 32, 2, 4, True),
+              (16, 32, 1, 4, True), (16, 128, 4, 3, True), (16, 64, 2, 5, True), (16, 32, 2, 6, True),
+              (16, 128, 2, 4, True), (16, 64, 4, 3, False)],
     "large": [(64, 128, 4, 3, False), (64, 64, 4, 3, False), (64, 256, 8, 3, False), (64, 128, 4, 4, False)],
 }
 
@@ -64,14 +66,15 @@ def main(argv=None) -> int:
                    "exact_tbps": round(moved / (t_exact * 1e-6) / 1e12, 3),
                    "exact_pct_copy_bw": round(100 * moved / (t_exact * 1e-6) / bw, 1),
                    "marlin_tbps": round(moved / (t_marlin * 1e-6) / 1e12, 3)}
-            if args.tune and name in ("gate_up", "down") and m in (1, 4096):
+            if args.tune and m in (1, 16, 4096):
                 tune = {}
                 for bm, bn, nw, ns, sp in TUNE_VARIANTS["small" if m <= 16 else "large"]:
                     key = f"bm{bm}-bn{bn}-w{nw}-s{ns}" + ("-split" if sp else "")
                     try:
                         tune[key] = round(graph_time_us(
                             lambda i: w4a16_gemm_exact(x, *weights[i], None, True, sms, block_m=bm, block_n=bn,
-                                                       num_warps=nw, num_stages=ns, split=sp), copies, REPLAYS), 2)
+                                                       num_warps=nw, num_stages=ns, split=sp),
+                            copies, REPLAYS), 2)
                     except Exception as exc:  # e.g. out of shared memory for a large tile
                         tune[key] = f"{type(exc).__name__}"
                 row["tune"] = tune

@@ -46,6 +46,8 @@ M_VALUES = (1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 255,
 E4B_PRUNED = {"qkv": (3072, 2560), "o": (2560, 2048), "gate_up": (16384, 2560), "down": (2560, 8192)}
 E4B_FULL = {"gate_up_full": (20480, 2560), "down_full": (2560, 10240)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Launch choices re-run on a third of the M <= 16 cases (``--decode-variant``); they must give the same bits.
+DECODE_VARIANT: dict = {"num_warps": 2}
 
 
 def scalar_type_id(exponent: int, mantissa: int, signed: bool, bias: int, finite_only: bool = False,
@@ -263,6 +265,10 @@ def run_cases(cases: list[Case], sms: int | None = None, control_sms: int | None
                 alt = w4a16_gemm_exact(x, wp, ws, bias, case.fp32_reduce, sms, block_m=bm, split=sp)
                 res["variant"] = f"bm{bm}" + ("" if sp is None else f"-split{int(sp)}")
                 res["variant_mismatches"], _ = compare(alt, ref)
+            elif variants and case.m <= 16:  # other decode launch shapes (the same bits by design; checked)
+                alt = w4a16_gemm_exact(x, wp, ws, bias, case.fp32_reduce, sms, **DECODE_VARIANT)
+                res["variant"] = "decode-" + "-".join(f"{k}{v}" for k, v in sorted(DECODE_VARIANT.items()))
+                res["variant_mismatches"], _ = compare(alt, ref)
             if control_sms:
                 ctl = w4a16_gemm_exact(x, wp, ws, bias, case.fp32_reduce, control_sms)
                 res["control_sms"], (res["control_mismatches"], res["control_max_ulp"]) = control_sms, compare(ctl, ref)
@@ -457,10 +463,15 @@ def main(argv=None) -> int:
     ap.add_argument("--golden", help="write the golden file here (tests/golden/marlin_golden.json)")
     ap.add_argument("--quiet", action="store_true", help="no per-case lines")
     ap.add_argument("--max-cases", type=int, default=0)
+    ap.add_argument("--decode-variant", default="", metavar="JSON",
+                    help='launch kwargs re-checked on M <= 16 cases (default {"num_warps": 2})')
     ap.add_argument("--worker-sms", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--control-sms", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--no-sms-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.decode_variant:
+        DECODE_VARIANT.clear()
+        DECODE_VARIANT.update(json.loads(args.decode_variant))
     if not torch.cuda.is_available():
         print("kernels.verify needs a CUDA GPU", file=sys.stderr)
         return 2
