@@ -156,15 +156,25 @@ def test_op_and_torch_compile_on_gpu():
 def test_hf_generation_matches_reference(tmp_path, request):
     """A trained Gemma-4 -> pack.quantize -> transformers on the GPU: the model swapped to W4A16Linear (our kernel)
     generates the same greedy tokens as compressed-tensors' own decompressed bf16 path, on prompts cut from the
-    bench corpus' validation text.
+    bench corpus' validation text — except where the reference itself has a numerical tie.
+
+    Two bf16 GEMMs with different fp32 summation orders differ in the last bit of some outputs; through a whole
+    model that moves the logits by a small amount (the *path noise*). Where the reference's top-2 logit margin is
+    below that noise, either token is a correct greedy choice. The test measures the noise per prompt, teacher-forced
+    on the reference's own tokens (``tau`` = 2 x the largest |difference| of the reference's top-1 logit over all
+    positions), and asserts: logits within 2 % of their range; every teacher-forced argmax disagreement sits where
+    the reference's margin is <= tau (and is bounded by that 2 %); free-running greedy tokens are identical up to
+    the first divergence, which must itself be such a tie. A kernel error (wrong column, scale or group) moves the
+    logits far beyond bf16 noise and fails the first check; a systematic bias makes non-tie positions disagree.
 
     The model is the bench's trained ``micro`` (tests.bench_fixtures), or the bf16 checkpoint named by env
     ``PDQKIT_GPU_TRAINED_CKPT`` (e.g. the trained ``small`` of bench/gpu/quality_pipeline.py). A trained model is
-    needed: a random one's greedy choices are near-ties that any change of bf16 summation order flips."""
+    needed: a random one's greedy choices are near-ties everywhere."""
     import os
     from pathlib import Path
 
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")  # pack.quantize and HF's loader need it (GPU image: wheelhouse part1)
     from bench.gpu.vllm_e2e_check import text_prompts
     from pack.quantize import main as quantize_main
 
@@ -182,20 +192,29 @@ def test_hf_generation_matches_reference(tmp_path, request):
     for m in (ref, ours):
         m.generation_config.eos_token_id = None  # N plain argmax steps, like vLLM's ignore_eos
     gen = dict(max_new_tokens=32, do_sample=False, pad_token_id=0)
-    diverged = []
+    report, bad = [], []
     for p in text_prompts(base, 6, 96, seed=3):
         ids = torch.tensor([p], device="cuda")
         with torch.no_grad():
             t_ref, t_ours = ref.generate(ids, **gen), ours.generate(ids, **gen)
-            lr, lo = ref(ids).logits.float(), ours(ids).logits.float()
-        assert (lr - lo).abs().max() <= 0.02 * lr.abs().max()
+            lr, lo = ref(t_ref).logits[0].float(), ours(t_ref).logits[0].float()  # teacher-forced on ref's tokens
+        span = lr.abs().max()
+        assert (lr - lo).abs().max() <= 0.02 * span, f"prompt of {len(p)} tokens: logits differ beyond bf16 noise"
+        top2 = lr.topk(2, dim=-1)
+        margin = top2.values[:, 0] - top2.values[:, 1]
+        noise = (lr.gather(1, top2.indices[:, :1]) - lo.gather(1, top2.indices[:, :1])).abs().max()
+        tau = float(2 * noise)
+        tf = (lr.argmax(-1) != lo.argmax(-1)).nonzero().flatten().tolist()  # teacher-forced disagreements
+        row = dict(prompt_len=len(p), tau=tau, tf_disagree=[(i, float(margin[i])) for i in tf])
+        bad += [dict(row, pos=i) for i in tf if float(margin[i]) > tau]
         if not torch.equal(t_ref, t_ours):
-            # diagnostics: both models teacher-forced on the common prefix up to the first differing token
-            j = int((t_ref[0] != t_ours[0]).nonzero()[0])
-            with torch.no_grad():
-                a, b = ref(t_ref[:, :j]).logits[0, -1].float(), ours(t_ref[:, :j]).logits[0, -1].float()
-            top2 = a.topk(2).values
-            diverged.append(dict(prompt_len=len(p), first_diff=j - len(p), ref_top2_margin=float(top2[0] - top2[1]),
-                                 max_abs_dlogit=float((a - b).abs().max()), ref=t_ref[0, len(p):j + 2].tolist(),
-                                 ours=t_ours[0, len(p):j + 2].tolist()))
-    assert not diverged, f"greedy tokens differ on {len(diverged)}/6 prompts: {diverged}"
+            j = int((t_ref[0] != t_ours[0]).nonzero()[0])  # first differing position (>= len(p))
+            m = float(margin[j - 1])  # the reference's margin where it chose t_ref[j]
+            row.update(first_diff=j - len(p), margin_at_diff=m, ref=t_ref[0, len(p):j + 2].tolist(),
+                       ours=t_ours[0, len(p):j + 2].tolist(), ours_is_ref_second=int(t_ours[0, j]) ==
+                       int(top2.indices[j - 1, 1]))
+            if not (m <= tau and row["ours_is_ref_second"]):
+                bad.append(row)
+        report.append(row)
+    print("\n".join(map(str, report)))
+    assert not bad, f"greedy disagreements that are not ties: {bad}"
