@@ -1,8 +1,9 @@
 """bench/gpu/quality_pipeline.py's distillation options, end to end on CPU with the trained micro model.
 
 ``--token-budget-pct`` must size phase 1 from the teacher's own lineage so that phase 1 + phase 2 stay within the
-budget; ``--distill1-lrs`` must run phase 1 once per lr, evaluate each, and continue phase 2 from the run with the
-lowest phase-1 training loss (read back from that run's lineage, compared here independently)."""
+budget; ``--distill1-lrs`` x ``--distill1-hidden-weights`` must run phase 1 once per combination, evaluate each,
+and continue phase 2 from the run with the lowest phase-1 training forward KL (read back from that run's lineage,
+compared here independently)."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ def test_token_budget_and_lr_selection(tmp_path, trained_micro):
            "--base", str(trained_micro), "--stages", "prune,distill", "--criteria", "activation",
            "--prune-args", "--samples 8 --seq-len 128", "--distill1-args", "--batch 2 --seq-len 128",
            "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
-           "--distill1-lrs", "1e-4,1e-3", "--token-budget-pct", "5", "--eval-tokens", "2048",
+           "--distill1-lrs", "1e-4,1e-3", "--distill1-hidden-weights", "1,0", "--token-budget-pct", "5", "--eval-tokens", "2048",
            "--prompts", "2", "--new-tokens", "4", "--work", str(work), "--out", str(out)]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -33,15 +34,17 @@ def test_token_budget_and_lr_selection(tmp_path, trained_micro):
     assert b["phase1_tokens"] == b["phase1_steps"] * 2 * 128
     assert b["phase1_tokens"] + b["phase2_tokens"] <= 0.05 * teacher < b["phase1_tokens"] + b["phase2_tokens"] + 256
 
-    losses = {lr: read_lineage(work / f"distill1-lr{lr}")[-1]["loss_last10"]["loss"] for lr in ("1e-4", "1e-3")}
-    for lr in losses:  # every candidate ran with the budgeted steps and its own lr, and was evaluated
-        step = read_lineage(work / f"distill1-lr{lr}")[-1]
+    runs = {f"distill1-lr{lr}-hw{hw}": (lr, hw) for lr in ("1e-4", "1e-3") for hw in ("1", "0")}
+    kls = {name: read_lineage(work / name)[-1]["loss_last10"]["forward_kl"] for name in runs}
+    for name, (lr, hw) in runs.items():  # every candidate ran with the budgeted steps and its own settings
+        step = read_lineage(work / name)[-1]
         assert step["steps"] == b["phase1_steps"] and step["lr"] == float(lr)
-        assert f"distill1-lr{lr}" in q["rows"]
-    best = min(losses, key=losses.get)
-    assert q["distill1_selection"]["lr"] == best
-    assert (work / "distill1").resolve() == (work / f"distill1-lr{best}").resolve()
-    assert q["rows"]["distill1"]["ppl"] == q["rows"][f"distill1-lr{best}"]["ppl"]
+        assert ("hidden_mse" in step["losses"]) == (hw != "0")
+        assert name in q["rows"]
+    best = min(kls, key=kls.get)
+    assert q["distill1_selection"]["run"] == best
+    assert (work / "distill1").resolve() == (work / best).resolve()
+    assert q["rows"]["distill1"]["ppl"] == q["rows"][best]["ppl"]
     # phase 2 continued from the selected run
     d2 = read_lineage(work / "distill2")
-    assert [s["kind"] for s in d2[-3:]] == ["prune", "distill", "distill"] and d2[-2]["lr"] == float(best)
+    assert [s["kind"] for s in d2[-3:]] == ["prune", "distill", "distill"] and d2[-2]["lr"] == float(runs[best][0])

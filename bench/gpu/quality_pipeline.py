@@ -9,8 +9,8 @@ eval       the base against itself + the unigram baseline (ppl of the validation
 quant      ``python -m pack.quantize WORK/base -o WORK/base-w4a16 --device cuda``; eval (goal: ppl <= +8 %)
 prune      ``python -m prune WORK/base -o WORK/pruned-C --ratio 0.2 --criterion C`` per criterion; eval each
 distill    ``python -m distill --teacher WORK/base --student WORK/pruned-A -o WORK/distill1 --phase 1``, then
-           ``--student WORK/distill1 -o WORK/distill2 --phase 2``; eval each. ``--distill1-lrs A,B``: phase 1
-           once per lr, the lowest training loss becomes distill1; ``--token-budget-pct P``: phase 1's steps
+           ``--student WORK/distill1 -o WORK/distill2 --phase 2``; eval each. ``--distill1-lrs A,B`` (and/or
+           ``--distill1-hidden-weights``): phase 1 once per combination, the lowest training forward KL wins; ``--token-budget-pct P``: phase 1's steps
            chosen so both phases use P % of the teacher's training tokens
 final      ``python -m pack.quantize`` of the last distilled (else pruned) checkpoint; eval
 =========  ==========================================================================================
@@ -248,40 +248,49 @@ class Pipeline:
         return [*extra1, "--steps", str(steps1)]
 
     def _phase1(self, student: Path, extra1: list[str]) -> bool:
-        """Phase 1 into WORK/distill1. With ``--distill1-lrs`` one run per lr (WORK/distill1-lrX, each evaluated);
-        WORK/distill1 then links to the run with the lowest phase-1 training loss (mean of its last 10 steps, from
-        its lineage) — chosen on training data, not on the validation split the table reports."""
+        """Phase 1 into WORK/distill1. With ``--distill1-lrs`` (and/or ``--distill1-hidden-weights``) one run per
+        combination (WORK/distill1-lrX[-hwW], each evaluated); WORK/distill1 then links to the run with the lowest
+        phase-1 training forward KL (mean of its last 10 steps, from its lineage: the objective every candidate
+        shares, whatever its hidden-state weight) — chosen on training data, not on the validation split the
+        table reports."""
         from pack.checkpoint import read_lineage
 
         dst = self.work / "distill1"
         lrs = [x for x in self.a.distill1_lrs.split(",") if x]
-        if not lrs:
-            if dst.is_symlink():  # left by an earlier --distill1-lrs run: never write through it
+        hws = [x for x in self.a.distill1_hidden_weights.split(",") if x]
+        if not lrs and not hws:
+            if dst.is_symlink():  # left by an earlier sweep: never write through it
                 dst.unlink()
             if not self.run("distill1", self._distill_cmd(1, student, dst, extra1), min_s=60):
                 return False
             self.evaluate("distill1", dst)
             return True
-        losses = {}
-        for lr in lrs:
-            d = self.work / f"distill1-lr{lr}"
-            if self.run(f"distill1-lr{lr}", self._distill_cmd(1, student, d, [*extra1, "--lr", lr]), min_s=60):
-                losses[lr] = read_lineage(d)[-1]["loss_last10"]["loss"]
-                self.evaluate(f"distill1-lr{lr}", d)
-        if not losses:
+        runs = {}  # name -> extra args
+        for lr in lrs or [None]:
+            for hw in hws or [None]:
+                name = "distill1" + (f"-lr{lr}" if lr else "") + (f"-hw{hw}" if hw else "")
+                runs[name] = [*(["--lr", lr] if lr else []), *(["--hidden-weight", hw] if hw else [])]
+        kls = {}
+        for name, args in runs.items():
+            d = self.work / name
+            if self.run(name, self._distill_cmd(1, student, d, [*extra1, *args]), min_s=60):
+                kls[name] = read_lineage(d)[-1]["loss_last10"]["forward_kl"]
+                self.evaluate(name, d)
+        if not kls:
             return False
-        best = min(losses, key=losses.get)
+        best = min(kls, key=kls.get)
         if dst.is_symlink() or dst.is_file():
             dst.unlink()
         elif dst.exists():
             shutil.rmtree(dst)
-        dst.symlink_to(f"distill1-lr{best}")
-        self.q["distill1_selection"] = {"lr": best, "by": "phase-1 training loss (mean of the last 10 steps)",
-                                        "train_loss": losses}
-        if (row := self.q["rows"].get(f"distill1-lr{best}")) is not None:
-            self.q["rows"]["distill1"] = dict(row, label="distill1", selected_lr=best)
+        dst.symlink_to(best)
+        self.q["distill1_selection"] = {"run": best, "args": runs[best],
+                                        "by": "phase-1 training forward KL (mean of the last 10 steps)",
+                                        "train_forward_kl": kls}
+        if (row := self.q["rows"].get(best)) is not None:
+            self.q["rows"]["distill1"] = dict(row, label="distill1", selected=best)
             self.goals()
-        self.log(f"distill1: lr {best} selected (training losses {losses})")
+        self.log(f"distill1: {best} selected (training forward KL {kls})")
         self.save()
         return True
 
@@ -314,7 +323,7 @@ class Pipeline:
 
         order = ["base", "base-w4a16", *sorted(k for k in self.q["rows"] if k.startswith("pruned-") and
                                                not k.endswith("w4a16")),
-                 *sorted(k for k in self.q["rows"] if k.startswith("distill1-lr") and not k.endswith("w4a16")),
+                 *sorted(k for k in self.q["rows"] if k.startswith("distill1-") and not k.endswith("w4a16")),
                  "distill1", "distill2", *sorted(k for k in self.q["rows"] if k.startswith("distill") and
                                                  k.endswith("w4a16")),
                  *sorted(k for k in self.q["rows"] if k.startswith("pruned-") and k.endswith("w4a16"))]
@@ -381,7 +390,10 @@ def main(argv=None) -> int:
     ap.add_argument("--criteria", default="", help="prune criteria (default: all of prune.config.CRITERIA)")
     ap.add_argument("--distill-from", default="activation", help="criterion whose pruned model is distilled")
     ap.add_argument("--distill1-lrs", default="", metavar="LR,LR,...",
-                    help="phase 1 once per lr; the lowest phase-1 training loss becomes distill1 (default: one run)")
+                    help="phase 1 once per lr (x hidden weight); the lowest phase-1 training forward KL becomes "
+                         "distill1 (default: one run)")
+    ap.add_argument("--distill1-hidden-weights", default="", metavar="W,W,...",
+                    help="phase 1 once per --hidden-weight (x lr), selected like --distill1-lrs")
     ap.add_argument("--token-budget-pct", type=float, default=0.0, metavar="P",
                     help="size phase 1 (--steps) so both phases use P %% of the teacher's training tokens (0: off)")
     ap.add_argument("--eval-tokens", type=int, default=0, help="validation tokens per eval (0: all)")
