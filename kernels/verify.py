@@ -46,8 +46,8 @@ M_VALUES = (1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 255,
 E4B_PRUNED = {"qkv": (3072, 2560), "o": (2560, 2048), "gate_up": (16384, 2560), "down": (2560, 8192)}
 E4B_FULL = {"gate_up_full": (20480, 2560), "down_full": (2560, 10240)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Launch choices re-run on a third of the M <= 16 cases (``--decode-variant``); they must give the same bits.
-DECODE_VARIANT: dict = {"num_warps": 2}
+# Launch choices re-run on the M <= 16 cases that no other tiling re-runs (``--decode-variant``): same bits.
+DECODE_VARIANT = {"num_warps": 2}
 
 
 def scalar_type_id(exponent: int, mantissa: int, signed: bool, bias: int, finite_only: bool = False,
@@ -210,7 +210,8 @@ def out_hash(t: torch.Tensor) -> str:
 # Running a sweep
 # ----------------------------------------------------------------------------------------------------------------
 def run_cases(cases: list[Case], sms: int | None = None, control_sms: int | None = None, variants: bool = True,
-              sanity: int = 3, log=print, device: str = "cuda", marlin_factory=None) -> list[dict]:
+              sanity: int = 3, log=print, device: str = "cuda", marlin_factory=None,
+              decode_variant: dict | None = None) -> list[dict]:
     """Run ``cases``; returns one result dict per case.
 
     ``sms``: the SM count given to pdqkit's kernel (default: the device's). ``control_sms``: also run pdqkit's
@@ -266,8 +267,9 @@ def run_cases(cases: list[Case], sms: int | None = None, control_sms: int | None
                 res["variant"] = f"bm{bm}" + ("" if sp is None else f"-split{int(sp)}")
                 res["variant_mismatches"], _ = compare(alt, ref)
             elif variants and case.m <= 16:  # other decode launch shapes (the same bits by design; checked)
-                alt = w4a16_gemm_exact(x, wp, ws, bias, case.fp32_reduce, sms, **DECODE_VARIANT)
-                res["variant"] = "decode-" + "-".join(f"{k}{v}" for k, v in sorted(DECODE_VARIANT.items()))
+                dv = DECODE_VARIANT if decode_variant is None else decode_variant
+                alt = w4a16_gemm_exact(x, wp, ws, bias, case.fp32_reduce, sms, **dv)
+                res["variant"] = "decode-" + "-".join(f"{k}{v}" for k, v in sorted(dv.items()))
                 res["variant_mismatches"], _ = compare(alt, ref)
             if control_sms:
                 ctl = w4a16_gemm_exact(x, wp, ws, bias, case.fp32_reduce, control_sms)
@@ -469,9 +471,6 @@ def main(argv=None) -> int:
     ap.add_argument("--control-sms", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--no-sms-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.decode_variant:
-        DECODE_VARIANT.clear()
-        DECODE_VARIANT.update(json.loads(args.decode_variant))
     if not torch.cuda.is_available():
         print("kernels.verify needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -490,7 +489,8 @@ def main(argv=None) -> int:
                             sanity=0, log=log)
     else:
         cases += exact_cases()
-        results = run_cases(cases, log=log)
+        results = run_cases(cases, log=log,
+                            decode_variant=json.loads(args.decode_variant) if args.decode_variant else None)
         try:
             report["lowering"] = lowering_check()
         except Exception as exc:

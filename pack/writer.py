@@ -38,8 +38,8 @@ from typing import Callable
 import torch
 
 from . import card
-from .checkpoint import (INDEX_NAME, RECIPE_FILE, SINGLE_NAME, FileHasher, atomic_output_dir, copy_aux_files, json_dump, lineage_step, read_lineage,
-                         write_lineage)
+from .checkpoint import (INDEX_NAME, RECIPE_FILE, SINGLE_NAME, FileHasher, atomic_output_dir, copy_aux_files,
+                         json_dump, lineage_step, read_lineage, write_lineage)
 from .errors import QuantizeError
 from .gcpause import gc_paused
 from .packing import PACK_FACTOR

@@ -10,8 +10,9 @@ quant      ``python -m pack.quantize WORK/base -o WORK/base-w4a16 --device cuda`
 prune      ``python -m prune WORK/base -o WORK/pruned-C --ratio 0.2 --criterion C`` per criterion; eval each
 distill    ``python -m distill --teacher WORK/base --student WORK/pruned-A -o WORK/distill1 --phase 1``, then
            ``--student WORK/distill1 -o WORK/distill2 --phase 2``; eval each. ``--distill1-lrs A,B`` (and/or
-           ``--distill1-hidden-weights``): phase 1 once per combination, the lowest training forward KL wins; ``--token-budget-pct P``: phase 1's steps
-           chosen so both phases use P % of the teacher's training tokens
+           ``--distill1-hidden-weights``): phase 1 once per combination, the lowest training forward KL
+           wins; ``--token-budget-pct P``: phase 1's steps chosen so both phases use P % of the teacher's
+           training tokens
 final      ``python -m pack.quantize`` of the last distilled (else pruned) checkpoint; eval
 =========  ==========================================================================================
 
