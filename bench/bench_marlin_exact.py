@@ -21,12 +21,21 @@ from kernels.verify import E4B_FULL, E4B_PRUNED, MarlinWeights, make_weights
 from kernels.w4a16_autotune import graph_time_us, n_copies  # the project's CUDA-graph timer (L2-rotated)
 
 REPLAYS = 20
-TUNE_VARIANTS = {  # (block_m, block_n, num_warps, num_stages, split); the first of each is the default
-    "small": [(16, 64, 4, 3, True), (16, 64, 2, 3, True), (16, 64, 1, 3, True), (16, 32, 2, 4, True),
-              (16, 32, 1, 4, True), (16, 128, 4, 3, True), (16, 64, 2, 5, True), (16, 32, 2, 6, True),
-              (16, 128, 2, 4, True), (16, 64, 4, 3, False)],
-    "large": [(64, 128, 4, 3, False), (64, 64, 4, 3, False), (64, 256, 8, 3, False), (64, 128, 4, 4, False)],
+TUNE_VARIANTS = {  # (block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse); first = default
+    "small": [(16, 128, 4, 3, True, 0, False, False, False), (16, 128, 4, 3, True, 0, True, False, False),
+              (16, 128, 4, 3, True, 0, True, True, False), (16, 128, 4, 3, True, 0, True, False, True),
+              (16, 128, 4, 3, True, 0, True, True, True), (16, 128, 4, 4, True, 0, True, True, True),
+              (16, 128, 4, 3, True, 1, True, True, True), (16, 128, 4, 3, True, 1, False, False, True),
+              (16, 64, 2, 3, True, 2, True, False, True), (16, 64, 2, 3, True, 2, True, True, True)],
+    "large": [(64, 128, 4, 3, False, 0, False, False, False), (64, 64, 4, 3, False, 0, False, False, False),
+              (64, 256, 8, 3, False, 0, False, False, False), (64, 128, 4, 4, False, 0, False, False, False)],
 }
+
+
+def variant_key(bm, bn, nw, ns, sp, pf, wf, sw, fu) -> str:
+    """``bm16-bn128-w4-s3-split-pf2-wf-sw-fu`` (bench/gpu/pick_exact_variant.py parses it back)."""
+    return (f"bm{bm}-bn{bn}-w{nw}-s{ns}" + ("-split" if sp else "") + (f"-pf{pf}" if pf else "")
+            + ("-wf" if wf else "") + ("-sw" if sw else "") + ("-fu" if fu else ""))
 
 
 def copy_bandwidth() -> float:
@@ -42,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=int, nargs="*", default=[1, 16, 256, 4096])
     ap.add_argument("--json")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all E4B shapes)")
     args = ap.parse_args(argv)
     from kernels.vllm_ops import load_vllm_ops
     from kernels.w4a16_marlin import w4a16_gemm_exact
@@ -51,6 +61,8 @@ def main(argv=None) -> int:
     bw = copy_bandwidth()
     rows = []
     shapes = {**E4B_PRUNED, **E4B_FULL}
+    if args.shapes:
+        shapes = {k: shapes[k] for k in args.shapes.split(",")}
     for name, (n, k) in shapes.items():
         wbytes = n * k // 2 + n * (k // 128) * 2
         copies = n_copies(wbytes)
@@ -68,12 +80,13 @@ def main(argv=None) -> int:
                    "marlin_tbps": round(moved / (t_marlin * 1e-6) / 1e12, 3)}
             if args.tune and m in (1, 16, 4096):
                 tune = {}
-                for bm, bn, nw, ns, sp in TUNE_VARIANTS["small" if m <= 16 else "large"]:
-                    key = f"bm{bm}-bn{bn}-w{nw}-s{ns}" + ("-split" if sp else "")
+                for bm, bn, nw, ns, sp, pf, wf, sw, fu in TUNE_VARIANTS["small" if m <= 16 else "large"]:
+                    key = variant_key(bm, bn, nw, ns, sp, pf, wf, sw, fu)
                     try:
                         tune[key] = round(graph_time_us(
                             lambda i: w4a16_gemm_exact(x, *weights[i], None, True, sms, block_m=bm, block_n=bn,
-                                                       num_warps=nw, num_stages=ns, split=sp),
+                                                       num_warps=nw, num_stages=ns, split=sp, prefetch=pf,
+                                                       wr_fast=wf, swap=sw, fuse=fu),
                             copies, REPLAYS), 2)
                     except Exception as exc:  # e.g. out of shared memory for a large tile
                         tune[key] = f"{type(exc).__name__}"

@@ -47,7 +47,9 @@ E4B_PRUNED = {"qkv": (3072, 2560), "o": (2560, 2048), "gate_up": (16384, 2560), 
 E4B_FULL = {"gate_up_full": (20480, 2560), "down_full": (2560, 10240)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Launch choices re-run on the M <= 16 cases that no other tiling re-runs (``--decode-variant``): same bits.
-DECODE_VARIANT = {"num_warps": 2}
+# The default re-checks the decode path the defaults leave out: pass 2 instead of the fused fold, the untransposed
+# MMA, chain programs launched apart, two tiles of prefetch, 2 warps.
+DECODE_VARIANT = {"num_warps": 2, "fuse": False, "swap": False, "wr_fast": False, "prefetch": 2}
 
 
 def scalar_type_id(exponent: int, mantissa: int, signed: bool, bias: int, finite_only: bool = False,
@@ -466,7 +468,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no per-case lines")
     ap.add_argument("--max-cases", type=int, default=0)
     ap.add_argument("--decode-variant", default="", metavar="JSON",
-                    help='launch kwargs re-checked on M <= 16 cases (default {"num_warps": 2})')
+                    help=f'launch kwargs re-checked on M <= 16 cases (default {json.dumps(DECODE_VARIANT)})')
     ap.add_argument("--worker-sms", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--control-sms", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--no-sms-run", action="store_true", help=argparse.SUPPRESS)

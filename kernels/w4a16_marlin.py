@@ -33,7 +33,10 @@ sub-block: it runs the KW chains over the piece's k-tiles, combines them with th
 final output (tiles that are not split: every part-1 tile and unsplit part-2 tiles) or stores the fp32 block
 partial into a workspace slot. Pass 2 runs one program per split tile and folds the slots in Marlin's order.
 For small M (``SPLIT``, the decode default) pass 1 instead runs one program per warp-row chain (KW times the
-parallelism) and pass 2 applies the tree and the fold for every tile. Every tiling gives the same bits.
+parallelism) and the tree and the fold of every tile follow — by default in the same launch (``fuse``): each
+chain program counts itself in at its tile's arrival counter (``atom.acq_rel.gpu``) after storing its chain,
+and the last to arrive loads the others' chains from L2, folds and writes the tile, then resets the counter
+(what Marlin's locks do for its stripes). Every tiling gives the same bits.
 
 The pieces are not read from a table: both passes derive them from a few launch scalars with the same integer
 arithmetic Marlin's ``init_part2_slice`` uses (block ``j`` owns k-tile units ``[j*iters, (j+1)*iters)`` of the
@@ -208,19 +211,35 @@ def _tree(acc0, acc1, acc2, acc3, KW: tl.constexpr):
 # Pass 1: one program per (piece, column/row sub-block[, warp-row])
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _chain_step(acc, x_ptr, wq_ptr, s_ptr, s_tile, rows, rmask, cols, k0, kw0, stride_xm, stride_wn, stride_sn,
-                GROUP, BN: tl.constexpr, GROUPED: tl.constexpr, OWN_SCALE: tl.constexpr, IS_BF16: tl.constexpr,
-                EMU: tl.constexpr):
-    """acc += A[rows, k0:k0+32] @ deq(W)[k0:k0+32, cols]: one warp-row's two chained k16 MMAs of one tile.
+def _chain_load(x_ptr, wq_ptr, rows, rmask, cols, k0, kw0, nt, stride_xm, stride_wn):
+    """One warp-row chain's operands of one tile: ``A[rows, k0:k0+32]`` and the packed ``W[cols, k0:k0+32]``.
 
-    ``kw0 = k0 / 8`` is passed separately (built from products of constants) so that Triton can prove the
-    alignment of the weight loads. ``s_tile`` holds the tile's scales when the whole tile lies in one group;
-    with groups smaller than the tile (``OWN_SCALE``) each warp-row loads its own.
+    32 k of a column are 4 consecutive int32 (16 bytes): one vector load per column. ``kw0 = k0 / 8`` is passed
+    separately (built from products of constants) so that Triton can prove the alignment of the weight loads.
+    ``nt`` (the piece's k-tile count) masks the loads of an empty piece (nt <= 0), whose columns may lie past N.
     """
     kk = tl.arange(0, 32)
-    a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + kk)[None, :], mask=rmask[:, None], other=0.0)
-    # 32 k of a column = 4 consecutive int32 (16 bytes): one vector load per column, then split the nibbles.
-    words = tl.load(wq_ptr + cols[:, None] * stride_wn + (kw0 + tl.arange(0, 4))[None, :])  # [BN, 4]
+    a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + kk)[None, :], mask=(rmask & (rows * 0 + nt > 0))[:, None],
+                other=0.0)
+    words = tl.load(wq_ptr + cols[:, None] * stride_wn + (kw0 + tl.arange(0, 4))[None, :],
+                    mask=(cols * 0 + nt > 0)[:, None], other=0)  # [BN, 4]
+    return a, words
+
+
+@triton.jit
+def _chain_step(acc, a, words, s_ptr, s_tile, cols, k0, stride_sn, GROUP, BN: tl.constexpr,
+                GROUPED: tl.constexpr, OWN_SCALE: tl.constexpr, IS_BF16: tl.constexpr, EMU: tl.constexpr,
+                SWAP: tl.constexpr = False):
+    """acc += A[rows, k0:k0+32] @ deq(W)[k0:k0+32, cols]: one warp-row's two chained k16 MMAs of one tile.
+
+    ``SWAP``: the transposed product ``acc[BN, BM] += deq(W) @ A^T`` instead. Each output element is still the
+    same 16 exact products per k16 step summed by the tensor core in k order onto the same accumulator; the
+    weights become the MMA's *A* operand, so with BN >= 64 Triton can issue wgmma with the dequantised weights
+    straight from registers (no shared-memory round trip) and the few activation rows as the narrow N side.
+
+    ``a``, ``words``: the tile's operands from :func:`_chain_load`. ``s_tile`` holds the tile's scales when the
+    whole tile lies in one group; with groups smaller than the tile (``OWN_SCALE``) each warp-row loads its own.
+    """
     nib = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # [BN, 4, 8], k = 8*word + nibble
     w = tl.reshape(nib, (BN, 32)).to(tl.float32) - 8.0  # exact: q - 8 in [-8, 7]
     if GROUPED:  # 32 k never straddle a group (G is a multiple of 32): one scale per column
@@ -230,11 +249,18 @@ def _chain_step(acc, x_ptr, wq_ptr, s_ptr, s_tile, rows, rmask, cols, k0, kw0, s
             s = s_tile
         w = w * s[:, None]  # exact in fp32; rounded once below (Marlin's __hmul2)
     if EMU:  # interpreter: round with integer ops, dot on the exactly-representable fp32 values
-        return tl.dot(a.to(tl.float32), tl.trans(_rn(w, IS_BF16, EMU)), acc)
+        wd = _rn(w, IS_BF16, EMU)
+        ad = a.to(tl.float32)
     elif IS_BF16:
-        return tl.dot(a, tl.trans(w.to(tl.bfloat16)), acc)
+        wd = w.to(tl.bfloat16)
+        ad = a
     else:
-        return tl.dot(a, tl.trans(w.to(tl.float16)), acc)
+        wd = w.to(tl.float16)
+        ad = a
+    if SWAP:
+        return tl.dot(wd, tl.trans(ad), acc)
+    else:
+        return tl.dot(ad, tl.trans(wd), acc)
 
 
 @triton.jit
@@ -249,28 +275,35 @@ _SCALARS = ["ROW_OFF", "M_SPLIT", "MB", "N_TILES", "K_TILES", "T1", "T2", "ITERS
             "SLOT0", "NSLOTS", "stride_sn", "HAS_BIAS", "CHANNELWISE"]
 
 
-@triton.jit(do_not_specialize=_SCALARS + ["GROUP"])
+@triton.jit(do_not_specialize=_SCALARS + ["GROUP", "FP32_REDUCE"])
 def _marlin_pass1(
-    x_ptr, wq_ptr, scale_ptr, bias_ptr, out_ptr, part_ptr,
+    x_ptr, wq_ptr, scale_ptr, bias_ptr, out_ptr, part_ptr, ctr_ptr,
     stride_xm, stride_wn, stride_sn, stride_om,
     ROW_OFF, M_SPLIT, MB, N_TILES, K_TILES, T1, T2, ITERS, MAXB, TN, NSUB, SUBS, SLOT0, NSLOTS, GROUP,
-    CHANNELWISE, HAS_BIAS,
+    CHANNELWISE, HAS_BIAS, FP32_REDUCE,
     TK: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUPED: tl.constexpr,
     OWN_SCALE: tl.constexpr, SPLIT: tl.constexpr, IS_BF16: tl.constexpr, EMU: tl.constexpr,
+    PREFETCH: tl.constexpr, WR_FAST: tl.constexpr, SWAP: tl.constexpr, FUSE: tl.constexpr,
 ):
-    """Grid (T1 + slots, sub-blocks [x KW if SPLIT], launches).
+    """Grid (T1 + slots [x KW if SPLIT and WR_FAST], sub-blocks [x KW if SPLIT and not WR_FAST], launches).
 
     SPLIT = False: the program runs all KW warp-row chains of its piece, combines them with the tree, and writes
     either the output (unsplit tile) or the block partial to workspace slot ``u - SLOT0``.
     SPLIT = True (small M: KW x more programs for the same work): the program runs ONE warp-row chain and stores
-    it; pass 2 applies the tree and the fold for every tile.
+    it; pass 2 applies the tree and the fold for every tile — or, with FUSE, the tile's last chain program to
+    arrive (an acq_rel counter per tile and sub-block in ``ctr_ptr``, reset to 0 by that program) does.
     """
-    u = tl.program_id(0)
     l = tl.program_id(2)
-    if SPLIT:
+    if SPLIT and WR_FAST:  # the KW chains of a piece are neighbours in launch order: they share DRAM sectors
+        u = tl.program_id(0) // KW
+        wr = tl.program_id(0) % KW
+        sub = tl.program_id(1)
+    elif SPLIT:
+        u = tl.program_id(0)
         sub = tl.program_id(1) // KW
         wr = tl.program_id(1) % KW
     else:
+        u = tl.program_id(0)
         sub = tl.program_id(1)
         wr = 0
     q, t0, nt, single = _piece(u, T1, T2, K_TILES, ITERS, MAXB)
@@ -285,32 +318,88 @@ def _marlin_pass1(
     t_last = tl.maximum(t0 + nt - 1, 0)
     if GROUPED and not OWN_SCALE:
         s_next = _tile_scales(scale_ptr, cols, t0, t_last, stride_sn, GROUP, TK)
-    for t in range(t0, t0 + nt):
-        s_tile = s_next
-        if GROUPED and not OWN_SCALE:  # load the next tile's scales while this one computes
-            s_next = _tile_scales(scale_ptr, cols, t + 1, t_last, stride_sn, GROUP, TK)
-        kt = t * TK
-        kw = t * (TK // 8)
-        if SPLIT:
-            acc0 = _chain_step(acc0, x_ptr, wq_ptr, scale_ptr, s_tile, rows, rmask, cols, kt + 32 * wr,
-                               kw + 4 * wr, stride_xm, stride_wn, stride_sn, GROUP, BN, GROUPED, OWN_SCALE,
+    if SPLIT:
+        # One chain per program. Decode is latency-bound: a program's tiles form a serial chain through one
+        # accumulator, so the next PREFETCH tiles' operands are requested before this tile's MMAs (registers:
+        # a [BN, 4] int32 and a [BM, 32] x tile per step of depth), keeping that many loads in flight per chain.
+        ka = 32 * wr
+        if SWAP:
+            acc0 = tl.zeros((BN, BM), dtype=tl.float32)
+        a_n1 = tl.zeros((BM, 32), dtype=x_ptr.dtype.element_ty)
+        w_n1 = tl.zeros((BN, 4), dtype=tl.int32)
+        a_n2 = a_n1
+        w_n2 = w_n1
+        if PREFETCH >= 1:
+            a_n1, w_n1 = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, t0 * TK + ka, t0 * (TK // 8) + 4 * wr,
+                                     nt, stride_xm, stride_wn)
+        if PREFETCH >= 2:
+            t1 = tl.minimum(t0 + 1, t_last)
+            a_n2, w_n2 = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, t1 * TK + ka, t1 * (TK // 8) + 4 * wr,
+                                     nt, stride_xm, stride_wn)
+        for t in range(t0, t0 + nt):
+            s_tile = s_next
+            if GROUPED and not OWN_SCALE:  # load the next tile's scales while this one computes
+                s_next = _tile_scales(scale_ptr, cols, t + 1, t_last, stride_sn, GROUP, TK)
+            if PREFETCH == 0:
+                a, w = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, t * TK + ka, t * (TK // 8) + 4 * wr, nt,
+                                   stride_xm, stride_wn)
+            elif PREFETCH == 1:
+                a, w = a_n1, w_n1
+                tn = tl.minimum(t + 1, t_last)
+                a_n1, w_n1 = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, tn * TK + ka, tn * (TK // 8) + 4 * wr,
+                                         nt, stride_xm, stride_wn)
+            else:
+                a, w = a_n1, w_n1
+                a_n1, w_n1 = a_n2, w_n2
+                tn = tl.minimum(t + 2, t_last)
+                a_n2, w_n2 = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, tn * TK + ka, tn * (TK // 8) + 4 * wr,
+                                         nt, stride_xm, stride_wn)
+            acc0 = _chain_step(acc0, a, w, scale_ptr, s_tile, cols, t * TK + ka, stride_sn, GROUP, BN, GROUPED,
+                               OWN_SCALE, IS_BF16, EMU, SWAP)
+    else:
+        for t in range(t0, t0 + nt):
+            s_tile = s_next
+            if GROUPED and not OWN_SCALE:
+                s_next = _tile_scales(scale_ptr, cols, t + 1, t_last, stride_sn, GROUP, TK)
+            kt = t * TK
+            kw = t * (TK // 8)
+            a, w = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt, kw, nt, stride_xm, stride_wn)
+            acc0 = _chain_step(acc0, a, w, scale_ptr, s_tile, cols, kt, stride_sn, GROUP, BN, GROUPED, OWN_SCALE,
                                IS_BF16, EMU)
-        else:
-            acc0 = _chain_step(acc0, x_ptr, wq_ptr, scale_ptr, s_tile, rows, rmask, cols, kt, kw, stride_xm,
-                               stride_wn, stride_sn, GROUP, BN, GROUPED, OWN_SCALE, IS_BF16, EMU)
-            acc1 = _chain_step(acc1, x_ptr, wq_ptr, scale_ptr, s_tile, rows, rmask, cols, kt + 32, kw + 4,
-                               stride_xm, stride_wn, stride_sn, GROUP, BN, GROUPED, OWN_SCALE, IS_BF16, EMU)
+            a, w = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt + 32, kw + 4, nt, stride_xm, stride_wn)
+            acc1 = _chain_step(acc1, a, w, scale_ptr, s_tile, cols, kt + 32, stride_sn, GROUP, BN, GROUPED,
+                               OWN_SCALE, IS_BF16, EMU)
             if KW == 4:
-                acc2 = _chain_step(acc2, x_ptr, wq_ptr, scale_ptr, s_tile, rows, rmask, cols, kt + 64, kw + 8,
-                                   stride_xm, stride_wn, stride_sn, GROUP, BN, GROUPED, OWN_SCALE, IS_BF16, EMU)
-                acc3 = _chain_step(acc3, x_ptr, wq_ptr, scale_ptr, s_tile, rows, rmask, cols, kt + 96, kw + 12,
-                                   stride_xm, stride_wn, stride_sn, GROUP, BN, GROUPED, OWN_SCALE, IS_BF16, EMU)
+                a, w = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt + 64, kw + 8, nt, stride_xm, stride_wn)
+                acc2 = _chain_step(acc2, a, w, scale_ptr, s_tile, cols, kt + 64, stride_sn, GROUP, BN, GROUPED,
+                                   OWN_SCALE, IS_BF16, EMU)
+                a, w = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt + 96, kw + 12, nt, stride_xm, stride_wn)
+                acc3 = _chain_step(acc3, a, w, scale_ptr, s_tile, cols, kt + 96, stride_sn, GROUP, BN, GROUPED,
+                                   OWN_SCALE, IS_BF16, EMU)
 
     offs = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
     if nt > 0:
         if SPLIT:  # one warp-row's chain -> workspace [L, NSLOTS, SUBS, KW, BM, BN]
             base = part_ptr + (((l * NSLOTS + (u - SLOT0)) * SUBS + sub) * KW + wr) * (BM * BN)
-            tl.store(base + offs, acc0, mask=rmask[:, None])
+            if SWAP:  # acc0 is [BN, BM]: store it transposed
+                offs_t = tl.arange(0, BN)[:, None] + tl.arange(0, BM)[None, :] * BN
+                tl.store(base + offs_t, acc0, mask=rmask[None, :])
+            else:
+                tl.store(base + offs, acc0, mask=rmask[:, None])
+            if FUSE:  # the last chain program of a tile folds it (saves pass 2's launch; Marlin's locks, in spirit)
+                ip = (q < T1).to(tl.int32)
+                p = tl.maximum(q - T1, 0)
+                j_first, j_last = _split_tile(p, K_TILES, ITERS)
+                n_pieces = ip + (1 - ip) * (j_last - j_first + 1)
+                cidx = (l * (T1 + T2) + q) * SUBS + sub
+                tl.debug_barrier()  # every thread's partial is stored before the release below
+                arrived = tl.atomic_add(ctr_ptr + cidx, 1, sem="acq_rel", scope="gpu")
+                if arrived == n_pieces * KW - 1:  # all other chains of the tile have released their partials
+                    _fold_tile(part_ptr, out_ptr, scale_ptr, bias_ptr, q, sub, l, n_pieces, j_last, p, ip,
+                               stride_om, stride_sn, ROW_OFF, M_SPLIT, MB, N_TILES, K_TILES, T1, ITERS, MAXB, TN,
+                               NSUB, SUBS, SLOT0, NSLOTS, CHANNELWISE, HAS_BIAS, FP32_REDUCE, KW, BM, BN, SPLIT,
+                               IS_BF16, EMU)
+                    tl.atomic_xchg(ctr_ptr + cidx, 0)  # self-resetting: the counters stay zero between calls
         else:
             blk = _tree(acc0, acc1, acc2, acc3, KW)
             if single:  # nobody else touches this tile: Marlin's write_result straight away
@@ -327,21 +416,47 @@ def _marlin_pass1(
 @triton.jit
 def _load_piece(part_ptr, slot, l, sub, NSLOTS, SUBS, offs, rmask, KW: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, SPLIT: tl.constexpr):
-    """A piece's fp32 block partial: stored by pass 1, or (SPLIT) its KW chains combined with the tree."""
+    """A piece's fp32 block partial: stored by pass 1, or (SPLIT) its KW chains combined with the tree.
+
+    ``.cg`` loads (L2, not L1): with the fused fold the partials were just written by programs on other SMs.
+    """
     if SPLIT:
         base = part_ptr + (((l * NSLOTS + slot) * SUBS + sub) * KW) * (BM * BN) + offs
-        p0 = tl.load(base, mask=rmask[:, None], other=0.0)
-        p1 = tl.load(base + BM * BN, mask=rmask[:, None], other=0.0)
+        p0 = tl.load(base, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+        p1 = tl.load(base + BM * BN, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
         if KW == 4:
-            p2 = tl.load(base + 2 * BM * BN, mask=rmask[:, None], other=0.0)
-            p3 = tl.load(base + 3 * BM * BN, mask=rmask[:, None], other=0.0)
+            p2 = tl.load(base + 2 * BM * BN, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+            p3 = tl.load(base + 3 * BM * BN, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
         else:
             p2 = p0
             p3 = p0
         return _tree(p0, p1, p2, p3, KW)
     else:
         return tl.load(part_ptr + ((l * NSLOTS + slot) * SUBS + sub) * (BM * BN) + offs, mask=rmask[:, None],
-                       other=0.0)
+                       other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _fold_tile(part_ptr, out_ptr, scale_ptr, bias_ptr, q, sub, l, n_pieces, j_last, p, ip, stride_om, stride_sn,
+               ROW_OFF, M_SPLIT, MB, N_TILES, K_TILES, T1, ITERS, MAXB, TN, NSUB, SUBS, SLOT0, NSLOTS,
+               CHANNELWISE, HAS_BIAS, FP32_REDUCE, KW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               SPLIT: tl.constexpr, IS_BF16: tl.constexpr, EMU: tl.constexpr):
+    """Fold the ``n_pieces`` partials of tile ``q`` (sub-block ``sub``, launch ``l``) in Marlin's order; epilogue."""
+    rows, rmask, tile_row0, cols = _tile_rows_cols(q, sub, l, ROW_OFF, M_SPLIT, MB, N_TILES, TN, NSUB, BM, BN)
+    offs = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+    # slice_idx 0 = block j_last (largest k); its partial starts the fold (global_reduce, first=True).
+    first_slot = ip * q + (1 - ip) * (T1 + j_last * MAXB + (p - (j_last * ITERS) // K_TILES)) - SLOT0
+    r = _load_piece(part_ptr, first_slot, l, sub, NSLOTS, SUBS, offs, rmask, KW, BM, BN, SPLIT)
+    for i in range(1, n_pieces):
+        j = j_last - i
+        slot = T1 + j * MAXB + (p - (j * ITERS) // K_TILES) - SLOT0
+        b = _load_piece(part_ptr, slot, l, sub, NSLOTS, SUBS, offs, rmask, KW, BM, BN, SPLIT)
+        if FP32_REDUCE != 0:  # global_reduce_fp32: frag_c += C_tmp
+            r = b + r
+        else:  # global_reduce_fp16: the running sum travels through C in the output dtype
+            r = b + _rn(r, IS_BF16, EMU)
+    _epilogue(r, out_ptr, scale_ptr, bias_ptr, rows, rmask, tile_row0, cols, stride_om, stride_sn,
+              CHANNELWISE, HAS_BIAS, IS_BF16, EMU)
 
 
 @triton.jit(do_not_specialize=_SCALARS + ["FP32_REDUCE"])
@@ -369,60 +484,88 @@ def _marlin_pass2(
     else:  # pass 1 wrote the unsplit tiles itself
         todo = n_pieces > 1
     if todo:
-        rows, rmask, tile_row0, cols = _tile_rows_cols(q, sub, l, ROW_OFF, M_SPLIT, MB, N_TILES, TN, NSUB, BM, BN)
-        offs = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        # slice_idx 0 = block j_last (largest k); its partial starts the fold (global_reduce, first=True).
-        first_slot = ip * q + (1 - ip) * (T1 + j_last * MAXB + (p - (j_last * ITERS) // K_TILES)) - SLOT0
-        r = _load_piece(part_ptr, first_slot, l, sub, NSLOTS, SUBS, offs, rmask, KW, BM, BN, SPLIT)
-        for i in range(1, n_pieces):
-            j = j_last - i
-            slot = T1 + j * MAXB + (p - (j * ITERS) // K_TILES) - SLOT0
-            b = _load_piece(part_ptr, slot, l, sub, NSLOTS, SUBS, offs, rmask, KW, BM, BN, SPLIT)
-            if FP32_REDUCE != 0:  # global_reduce_fp32: frag_c += C_tmp
-                r = b + r
-            else:  # global_reduce_fp16: the running sum travels through C in the output dtype
-                r = b + _rn(r, IS_BF16, EMU)
-        _epilogue(r, out_ptr, scale_ptr, bias_ptr, rows, rmask, tile_row0, cols, stride_om, stride_sn,
-                  CHANNELWISE, HAS_BIAS, IS_BF16, EMU)
+        _fold_tile(part_ptr, out_ptr, scale_ptr, bias_ptr, q, sub, l, n_pieces, j_last, p, ip, stride_om, stride_sn,
+                   ROW_OFF, M_SPLIT, MB, N_TILES, K_TILES, T1, ITERS, MAXB, TN, NSUB, SUBS, SLOT0, NSLOTS,
+                   CHANNELWISE, HAS_BIAS, FP32_REDUCE, KW, BM, BN, SPLIT, IS_BF16, EMU)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------------
 class PassConfig:
-    """Triton launch parameters of one launch group (free: every choice gives the same bits)."""
+    """Triton launch parameters of one launch group (free: every choice gives the same bits).
 
-    __slots__ = ("block_m", "block_n", "num_warps", "num_stages", "split")
+    ``prefetch`` (0-2, SPLIT only): tiles of operands requested ahead of the MMAs of each chain;
+    ``wr_fast`` (SPLIT only): launch the KW chain programs of a piece next to each other;
+    ``swap`` (SPLIT only): compute the transposed tile, weights as the MMA's A operand;
+    ``fuse`` (SPLIT only): the last chain program of each tile folds it (no pass 2 launch).
+    """
 
-    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int, split: bool):
+    __slots__ = ("block_m", "block_n", "num_warps", "num_stages", "split", "prefetch", "wr_fast", "swap", "fuse")
+
+    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int, split: bool,
+                 prefetch: int = 0, wr_fast: bool = False, swap: bool = False, fuse: bool = False):
         if block_m not in (16, 32, 64) or block_n not in (32, 64, 128, 256):
             raise ValueError(f"block_m must be 16/32/64 and block_n 32..256, got {block_m}, {block_n}")
+        if prefetch not in (0, 1, 2):
+            raise ValueError(f"prefetch must be 0, 1 or 2, got {prefetch}")
         self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
-        self.split = split
+        self.split, self.prefetch, self.wr_fast = split, prefetch if split else 0, bool(wr_fast) and split
+        self.swap = bool(swap) and split
+        self.fuse = bool(fuse) and split
 
     def __repr__(self):
         return (f"PassConfig(bm={self.block_m}, bn={self.block_n}, warps={self.num_warps}, "
-                f"stages={self.num_stages}, split={self.split})")
+                f"stages={self.num_stages}, split={self.split}, prefetch={self.prefetch}, wr_fast={self.wr_fast}, "
+                f"swap={self.swap}, fuse={self.fuse})")
 
 
 def pass_config(launch: Launch, block_m: int | None = None, block_n: int | None = None,
                 num_warps: int | None = None, num_stages: int | None = None,
-                split: bool | None = None) -> PassConfig:
+                split: bool | None = None, prefetch: int | None = None,
+                wr_fast: bool | None = None, swap: bool | None = None, fuse: bool | None = None) -> PassConfig:
     """Default tiles (measured on an H200, see bench/bench_marlin_exact.py --tune): m-blocks of <= 16 rows run
     BM 16 (mma.sync) with one program per warp-row chain (SPLIT) over BN 128 columns (capped at Marlin's
     thread_n); larger ones BM 64 (wgmma) with all chains in one program, BN 128 with 4 warps when two chains
-    (64 x 128 x 2 fp32 accumulators), BN 64 with 8 warps when four. SPLIT with BN 128 instead of 64 took gate_up
-    16384 x 2560 at M=1 from 48.0 to 38.9 us and left the other E4B shapes within 1 %; ``kernels.verify
-    --decode-variant`` re-ran 193 of the sweep's M <= 16 cases with it: 0 mismatching elements (H200, 2026-11-29)."""
+    (64 x 128 x 2 fp32 accumulators), BN 64 with 8 warps when four.
+
+    SPLIT (decode) defaults, from the 2026-11-29 tune grid on the E4B shapes at M = 1 and 16 (bench/results/
+    h200-2026-11-29c): the fused fold everywhere; with thread_n 128 (the wide gate_up layers: short chains,
+    many programs) the KW chain programs of a piece launched side by side and the transposed MMA (gate_up
+    16384 x 2560, M=1: 34.3 -> 32.0 us); with thread_n 64 (long chains) one tile of operand prefetch (down
+    2560 x 8192: 32.4 -> 30.6 us). ``kernels.verify --decode-variant`` re-ran the sweep's M <= 16 cases with the
+    fused, transposed, side-by-side variant: 0 mismatching elements (H200, 2026-11-29)."""
     bm = block_m or (16 if launch.mb <= 16 else 64)
     sp = (bm == 16) if split is None else split
     kw = 1 if sp else launch.cfg.kw
     bn = min(block_n or (128 if sp else 64 if bm == 16 or kw == 4 else 128), launch.cfg.thread_n)
     warps = num_warps or (8 if bm == 64 and kw == 4 else 4)
-    return PassConfig(bm, bn, warps, num_stages or 3, sp)
+    wide = launch.cfg.thread_n >= 128
+    pf = (0 if wide else 1) if prefetch is None else prefetch
+    wf = wide if wr_fast is None else wr_fast
+    swap = wide if swap is None else swap
+    fuse = True if fuse is None else fuse
+    return PassConfig(bm, bn, warps, num_stages or 3, sp, pf, wf, bool(swap), bool(fuse))
 
 
 LAST_COMPILED: dict = {}  # the compiled kernels of the latest call (kernels.verify reads their PTX)
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 zeros, >= ``n`` of them, kept per device: the fused fold's per-tile arrival counters.
+
+    The kernel leaves them at zero (the last program of a tile resets its counter), so one buffer serves every
+    call, CUDA-graph replays included. Calls on concurrent streams of one device must not share it: launch them
+    in order (as a model's layers are) or pass ``fuse=False``.
+    """
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 @functools.lru_cache(maxsize=16)
@@ -458,7 +601,9 @@ def _check(x, weight_packed, weight_scale, bias) -> tuple[int, int, int]:
 def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None = None, use_fp32_reduce: bool = True, sms: int = -1,
                      *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, split: bool | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, split: bool | None = None, prefetch: int | None = None,
+                     wr_fast: bool | None = None, swap: bool | None = None,
+                     fuse: bool | None = None) -> torch.Tensor:
     """``y = x @ dequant(W).T (+ bias)`` with the bits of vLLM 0.26.0 ``marlin_gemm`` on a GPU with ``sms`` SMs.
 
     Args:
@@ -468,8 +613,8 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
         bias: optional ``[N]`` in x's dtype.
         use_fp32_reduce: Marlin's flag (vLLM default True): the cross-block fold in fp32, else in x's dtype.
         sms: SM count Marlin ran with; -1 = this device's (``cudaDevAttrMultiProcessorCount``).
-        block_m, block_n, num_warps, num_stages, split: Triton tile choices (:func:`pass_config`; they do not
-            change the bits).
+        block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse: Triton launch choices
+            (:func:`pass_config`; they do not change the bits).
 
     Returns:
         ``[..., N]`` in x's dtype.
@@ -498,7 +643,7 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
     is_bf16 = x.dtype == torch.bfloat16
     for grp in sched.groups:
         ln = sched.launches[grp.first]
-        cfg = pass_config(ln, block_m, block_n, num_warps, num_stages, split)
+        cfg = pass_config(ln, block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse)
         bm, bn, sp = cfg.block_m, cfg.block_n, cfg.split
         nsub = ln.cfg.thread_n // bn
         subs = nsub * -(-ln.mb // bm)
@@ -515,13 +660,17 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
                        CHANNELWISE=int(channelwise), HAS_BIAS=int(bias is not None))
         common = dict(KW=ln.cfg.kw, BM=bm, BN=bn, SPLIT=sp, IS_BF16=is_bf16, EMU=emu,
                       enable_fp_fusion=False)  # no mul+add -> fma contraction anywhere: every rounding is Marlin's
-        LAST_COMPILED["pass1"] = _marlin_pass1[(pieces, subs * (ln.cfg.kw if sp else 1), grp.count)](
-            x2, wq, ws, b, out2, part, x2.stride(0), wq.stride(0), ws.stride(0), out2.stride(0),
+        fan = ln.cfg.kw if sp else 1  # SPLIT: one program per warp-row chain
+        grid1 = (pieces * fan, subs, grp.count) if cfg.wr_fast else (pieces, subs * fan, grp.count)
+        ctr = _counters(x.device, grp.count * ln.tiles * subs) if cfg.fuse else part
+        LAST_COMPILED["pass1"] = _marlin_pass1[grid1](
+            x2, wq, ws, b, out2, part, ctr, x2.stride(0), wq.stride(0), ws.stride(0), out2.stride(0),
             GROUP=max(g, 1), **scalars, TK=ln.cfg.thread_k, GROUPED=int(not channelwise),
-            OWN_SCALE=int(not channelwise and g < ln.cfg.thread_k), **common,
+            OWN_SCALE=int(not channelwise and g < ln.cfg.thread_k), PREFETCH=cfg.prefetch, WR_FAST=cfg.wr_fast,
+            SWAP=cfg.swap, FUSE=cfg.fuse, FP32_REDUCE=int(bool(use_fp32_reduce)), **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        if needs_pass2:
+        if needs_pass2 and not cfg.fuse:
             LAST_COMPILED["pass2"] = _marlin_pass2[(ln.tiles if sp else ln.part2_tiles, subs, grp.count)](
                 part, out2, ws, b, out2.stride(0), ws.stride(0), **scalars,
                 FP32_REDUCE=int(bool(use_fp32_reduce)), **common, num_warps=4,

@@ -44,7 +44,7 @@ CASES = [
     (40, 256, 1024, -1, "bf16", False, False, 4),
 ]
 MUTANT_CASES = (0, 7, 8)
-VARIANT_CASES = (2, 6)  # channelwise + bias (the fused-FMA epilogue), bf16 / fp16
+VARIANT_CASES = (2, 6, 7)  # channelwise + bias (the fused-FMA epilogue), bf16 / fp16; long chains (prefetch)
 MUTANTS = {"chains": dict(chains="blocked"), "tree": dict(tree="pairwise"), "fold": dict(fold="top_down"),
            "sms": dict(sms=11)}
 
@@ -68,9 +68,15 @@ def _worker() -> dict:
         bias = torch.randn(n, generator=torch.Generator().manual_seed(i)).to(dts[dt]) if has_bias else None
         out = w4a16_gemm_exact(x, wp, ws, bias, red, sms)
         ref = emulate_marlin(x, wp, ws, bias, red, sms)
-        # the same bits with the other tilings: BM 16/64, one program per warp-row chain or per piece
-        alts = [w4a16_gemm_exact(x, wp, ws, bias, red, sms, block_m=bm, split=sp)
-                for bm, sp in ((16, False), (64, True), (64, False))] if i in VARIANT_CASES else []
+        # the same bits with the other tilings: BM 16/64, one program per warp-row chain or per piece, operand
+        # prefetch depth and launch order of the chain programs
+        tilings = ((16, False, 0, False, False, False), (64, True, 0, False, False, False),
+                   (64, False, 0, False, False, False), (16, True, 1, False, False, False),
+                   (16, True, 2, True, False, False), (16, True, 0, True, True, False),
+                   (16, True, 0, True, False, True), (64, True, 1, False, True, True))
+        alts = [w4a16_gemm_exact(x, wp, ws, bias, red, sms, block_m=bm, split=sp, prefetch=pf, wr_fast=wf, swap=sw,
+                                 fuse=fu)
+                for bm, sp, pf, wf, sw, fu in tilings] if i in VARIANT_CASES else []
         report["cases"].append({"case": CASES[i], "mismatches": int((bits(out) != bits(ref)).sum()),
                                 "variant_mismatches": [int((bits(a) != bits(ref)).sum()) for a in alts],
                                 "finite": bool(torch.isfinite(out.float()).all())})
@@ -79,6 +85,8 @@ def _worker() -> dict:
                 kw = dict(kw)
                 mut = emulate_marlin(x, wp, ws, bias, red, kw.pop("sms", sms), **kw)
                 report["mutants"].setdefault(name, []).append(int((bits(out) != bits(mut)).sum()))
+    from kernels.w4a16_marlin import _COUNTERS  # the fused fold's arrival counters: used, and left at zero
+    report["counters"] = [int(b.abs().sum()) for b in _COUNTERS.values()]
     if GOLDEN.exists():
         for c in json.loads(GOLDEN.read_text())["cases"]:
             if c["data"] != "exact":
@@ -105,6 +113,7 @@ def test_kernel_matches_emulation_bit_for_bit(interp):
     for c in interp["cases"]:
         assert c["finite"], c
         assert c["mismatches"] == 0 and not any(c["variant_mismatches"]), c
+    assert interp["counters"] and not any(interp["counters"]), interp["counters"]  # fused fold ran and reset
 
 
 def test_the_comparison_detects_wrong_orders(interp):
