@@ -18,7 +18,12 @@ ROUND_MULTIPLE = 128
 @dataclass(frozen=True)
 class PruneConfig:
     """What to prune and how. ``ratio`` in [0, 1): the fraction of MLP channels removed; 0 keeps every channel
-    (the identity run: the checkpoint goes through the same slicing and writer, no calibration)."""
+    (the identity run: the checkpoint goes through the same slicing and writer, no calibration).
+
+    ``refit``: after slicing, replace each layer's kept ``down_proj`` columns by the least-squares optimum for
+    reproducing the unpruned ``down_proj`` output on the calibration tokens (:mod:`prune.refit`); this needs
+    calibration data whatever the criterion. ``refit_damp``: its ridge damping, relative to the mean diagonal
+    of the kept channels' Gram matrix (finite, > 0)."""
 
     ratio: float = 0.2
     criterion: str = "activation"
@@ -29,6 +34,8 @@ class PruneConfig:
     batch_size: int = 8
     device: str = "cpu"
     seed: int = 0
+    refit: bool = False
+    refit_damp: float = 0.01
 
     def __post_init__(self):
         if not (isinstance(self.ratio, (int, float)) and 0.0 <= self.ratio < 1.0) or math.isnan(self.ratio):
@@ -43,10 +50,14 @@ class PruneConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
+        d = self.refit_damp
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
+            raise ValueError(f"--refit-damp {d}: must be a finite number > 0 (ridge damping relative to the mean "
+                             f"diagonal of the kept channels' Gram matrix; default 0.01)")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.ratio > 0 and self.criterion in DATA_CRITERIA
+        return self.ratio > 0 and (self.criterion in DATA_CRITERIA or self.refit)
 
 
 def kept_width(width: int, ratio: float, multiple: int = ROUND_MULTIPLE) -> int:

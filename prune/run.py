@@ -1,8 +1,9 @@
-"""One prune run: checkpoint in, calibrate, score, slice, checkpoint out (:func:`prune_checkpoint`)."""
+"""One prune run: checkpoint in, calibrate, score, slice (optionally refit down_proj), checkpoint out
+(:func:`prune_checkpoint`)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -10,8 +11,9 @@ import torch
 from pack.checkpoint import lineage_step, save_bf16_checkpoint, sha256_file
 
 from .calib import CalibrationSet, default_calib_path, load_calibration
-from .config import ROUND_MULTIPLE, PruneConfig, kept_width
+from .config import DATA_CRITERIA, ROUND_MULTIPLE, PruneConfig, kept_width
 from .importance import channel_scores, select_channels
+from .refit import refit_down_proj
 from .slicing import set_intermediate_size, slice_mlp
 from .stack import check_supported, collect_mlp_stats, language_stack
 
@@ -30,6 +32,9 @@ class PruneResult:
     double_wide_layers: int
     calibration: CalibrationSet | None
     seconds: float
+    # per layer (layer order) with --refit: squared reconstruction error of down_proj's output on the
+    # calibration tokens, plain slicing vs refit (prune.refit.RefitResult); empty without refit
+    refit_errors: list[tuple[float, float]] = field(default_factory=list)
 
     def summary(self) -> str:
         c = self.config
@@ -41,15 +46,25 @@ class PruneResult:
         cut = 100.0 * (1 - self.width_after / self.width_before)
         wide = (f", {self.double_wide_layers} double-wide layers {2 * self.width_before} -> {2 * self.width_after}"
                 if self.double_wide_layers else "")
+        crit = f"{c.criterion} ({c.aggregation} over tokens)" if c.criterion in DATA_CRITERIA else c.criterion
         if self.calibration is not None:
             cal = self.calibration
-            crit = f"{c.criterion} ({c.aggregation} over tokens)"
             data = f"calibration {cal.samples} x {cal.seq_len} = {cal.tokens} tokens"
         else:
-            crit = c.criterion
             data = "calibration none (data-free)"
+        refit = ""
+        if self.refit_errors:
+            before = sum(e0 for e0, _ in self.refit_errors)
+            after = sum(e1 for _, e1 in self.refit_errors)
+            per = [1 - e1 / e0 for e0, e1 in self.refit_errors if e0 > 0]
+            refit = (f", refit: least-squares down_proj on {self.calibration.tokens} tokens (damp {c.refit_damp:g}; "
+                     f"down_proj reconstruction error -{100 * (1 - after / before) if before else 0.0:.1f}% summed "
+                     f"over layers, -{100 * min(per, default=0):.1f}% .. -{100 * max(per, default=0):.1f}% per "
+                     f"layer)")
+        elif c.refit:
+            refit = ", refit: none (ratio 0, nothing removed)"
         return (f"prune: {self.layers} layers, intermediate_size {self.width_before} -> {self.width_after} "
-                f"(-{cut:.1f}%; {rounding}{wide}), criterion {crit}, {data}, {c.device}, "
+                f"(-{cut:.1f}%; {rounding}{wide}), criterion {crit}, {data}{refit}, {c.device}, "
                 f"{self.seconds:.1f} s -> {self.out}")
 
 
@@ -103,7 +118,12 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
     """Prune checkpoint dir ``ckpt`` per ``cfg`` and write the bf16 result to ``out`` (atomically).
 
     Every check that can fail (config, architecture, widths, output dir, calibration file, tokenizer, device)
-    runs before the model is loaded; on any error nothing is left at ``out``."""
+    runs before the model is loaded; on any error nothing is left at ``out``.
+
+    Layers are scored, (with ``cfg.refit``) refit and sliced one at a time as calibration passes them, so with
+    refit only one layer's float64 Gram matrix (``8 I^2`` bytes on ``cfg.device``) is alive at a time. Every
+    layer's statistics and Gram come from the unpruned model (the calibration cache is computed before the
+    layer is sliced)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -131,34 +151,49 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
 
     model = load_model(ckpt, config)
     layers = language_stack(model).layers
-    stats = [None] * len(layers)
-    if cal is not None:
-        total = -(-cal.samples // cfg.batch_size) * (len(layers) + 1)
-        with tqdm(total=total, desc="prune: calibrating", unit="batch", disable=not progress) as bar:
-            stats = collect_mlp_stats(model, cal.input_ids, batch_size=cfg.batch_size, device=cfg.device,
-                                      progress=bar)
-    gen = torch.Generator().manual_seed(cfg.seed)
     double_wide = 0
-    for layer, st in zip(layers, stats):
-        mlp = layer.mlp
-        w = mlp.down_proj.in_features
+    for i, layer in enumerate(layers):
+        w = layer.mlp.down_proj.in_features
         if w not in (width, 2 * width):
-            raise ValueError(f"{ckpt}: a layer MLP has width {w}, neither intermediate_size {width} nor twice it")
+            raise ValueError(f"{ckpt}: layer {i} MLP has width {w}, neither intermediate_size {width} nor twice it")
         double_wide += w == 2 * width
-        keep_n = kept * (w // width)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    refit_errors = []
+
+    def prune_layer(i, st):
+        """Select layer ``i``'s channels (scores from ``st``), refit its down_proj (``st.gram``) and slice it."""
+        mlp = layers[i].mlp
+        w = mlp.down_proj.in_features
+        keep_n = kept * (w // width)  # a double-wide layer keeps twice as many
         if cfg.ratio == 0:
             keep = torch.arange(w)
         else:
             keep = select_channels(channel_scores(cfg.criterion, mlp, st, cfg.aggregation, gen), keep_n)
-        slice_mlp(mlp, keep)
+        down = None
+        if cfg.refit and st is not None:
+            r = refit_down_proj(mlp.down_proj.weight, st.gram, keep, cfg.refit_damp, where=f"{ckpt}: layer {i}")
+            down = r.weight
+            refit_errors.append((r.error_before, r.error_after))
+        slice_mlp(mlp, keep, down)
+
+    if cal is not None:
+        total = -(-cal.samples // cfg.batch_size) * (len(layers) + 1)
+        with tqdm(total=total, desc="prune: calibrating", unit="batch", disable=not progress) as bar:
+            collect_mlp_stats(model, cal.input_ids, batch_size=cfg.batch_size, device=cfg.device, progress=bar,
+                              gram=cfg.refit, on_layer=prune_layer)
+    else:
+        for i in range(len(layers)):
+            prune_layer(i, None)
     set_intermediate_size(model, kept)
 
     params = {"ratio": cfg.ratio, "criterion": cfg.criterion,
-              "aggregation": cfg.aggregation if cal is not None else None,
+              "aggregation": cfg.aggregation if cfg.criterion in DATA_CRITERIA and cal is not None else None,
               "intermediate_size": width, "kept_intermediate_size": kept, "round_multiple": ROUND_MULTIPLE,
               "seed": cfg.seed}
+    if cfg.refit:  # only with --refit, so that a run without it writes exactly what it always did
+        params.update(refit=True, refit_damp=cfg.refit_damp)
     step = lineage_step("prune", method=f"mlp_width/{cfg.criterion}", params=params,
                         input_files_sha256=input_sha,
                         calibration=[_calibration_record(cal, cfg)] if cal is not None else [])
     save_bf16_checkpoint(model, out, source_dir=ckpt, step=step, force=force)
-    return PruneResult(out, cfg, len(layers), width, kept, double_wide, cal, time.perf_counter() - t0)
+    return PruneResult(out, cfg, len(layers), width, kept, double_wide, cal, time.perf_counter() - t0, refit_errors)

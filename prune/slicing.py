@@ -18,14 +18,23 @@ def _take(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
         linear.in_features = index.numel()
 
 
-def slice_mlp(mlp: nn.Module, keep: torch.Tensor) -> None:
+def slice_mlp(mlp: nn.Module, keep: torch.Tensor, down_weight: torch.Tensor | None = None) -> None:
     """Keep intermediate channels ``keep`` (int64, ascending) of ``mlp`` in place: rows of ``gate_proj`` and
     ``up_proj`` (weights ``[I, H]`` -> ``[k, H]``), columns of ``down_proj`` (``[H, I]`` -> ``[H, k]``).
-    ``down_proj``'s bias (if any) is per output and stays."""
+    ``down_proj``'s bias (if any) is per output and stays. ``down_weight`` (``[H, k]``, the weight's dtype, e.g.
+    from :func:`prune.refit.refit_down_proj`) replaces the kept ``down_proj`` columns instead of copying them."""
     keep = keep.to(mlp.down_proj.weight.device)
     _take(mlp.gate_proj, keep, 0)
     _take(mlp.up_proj, keep, 0)
-    _take(mlp.down_proj, keep, 1)
+    if down_weight is None:
+        _take(mlp.down_proj, keep, 1)
+    else:
+        w = mlp.down_proj.weight
+        if down_weight.shape != (w.shape[0], keep.numel()) or down_weight.dtype != w.dtype:
+            raise ValueError(f"down_proj replacement {tuple(down_weight.shape)} {down_weight.dtype} does not match "
+                             f"[{w.shape[0]}, {keep.numel()}] {w.dtype}")
+        mlp.down_proj.weight = nn.Parameter(down_weight.to(w.device).contiguous(), requires_grad=False)
+        mlp.down_proj.in_features = keep.numel()
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = keep.numel()
 

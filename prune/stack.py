@@ -6,7 +6,15 @@ Calibration never runs the whole model at once. :func:`collect_mlp_stats`:
    calibration ids into layer-0 inputs (hidden states + per-batch context) and moves those modules back;
 2. for each decoder layer in turn: moves the layer to the device, runs it on every cached batch with a forward
    pre-hook on ``mlp.down_proj`` (whose input IS the MLP intermediate ``act_fn(gate(x)) * up(x)``, ``[B, S, I]``)
-   that accumulates per-channel statistics, replaces the cache with the layer's outputs, moves the layer back.
+   that accumulates per-channel statistics, replaces the cache with the layer's outputs, moves the layer back,
+   and hands the layer's statistics to an optional ``on_layer`` callback (which may slice the layer now: the
+   layers after it read only the cached outputs, computed with the unpruned weights).
+
+With ``gram=True`` the same hook also accumulates the layer's Gram matrix ``C = sum_t a_t a_t^T`` (float64
+``[I, I]``, on the calibration device) for the down_proj refit (:mod:`prune.refit`). That is ``8 * I^2`` bytes
+per layer (E4B, I = 10240: 0.84 GB; a double-wide layer, I = 20480: 3.4 GB), plus a per-batch float64 copy of
+the intermediate (``8 * tokens * I``). With ``on_layer`` the Gram is dropped right after the callback, so only
+one layer's Gram is alive at a time.
 
 Device memory therefore holds one decoder layer plus the activation cache: hidden states ``N*S*H`` (bf16) and,
 for Gemma-4, the KV-shared states ``N*S*kv_heads*head_dim*2`` per attention type. Gemma-4's per-layer inputs
@@ -48,16 +56,24 @@ def check_supported(config, where: str = "checkpoint") -> None:
 @dataclass
 class ChannelStats:
     """Per-channel statistics of one MLP's intermediate activations ``a = act_fn(gate(x)) * up(x)``, float64:
-    ``sum_abs[j] = sum_t |a_tj|``, ``sum_sq[j] = sum_t a_tj^2`` over ``tokens`` calibration tokens."""
+    ``sum_abs[j] = sum_t |a_tj|``, ``sum_sq[j] = sum_t a_tj^2`` over ``tokens`` calibration tokens.
+
+    With ``gram_device`` set, also ``gram = sum_t a_t a_t^T`` (float64 ``[I, I]`` on that device): the normal
+    matrix of the down_proj refit. It is formed in float64 from the (bf16) intermediate, whose products are
+    exact in float64, so it does not depend on TF32 settings or, in practice, on the batch split."""
 
     width: int
     sum_abs: torch.Tensor = field(init=False)
     sum_sq: torch.Tensor = field(init=False)
     tokens: int = 0
+    gram_device: torch.device | str | None = None
+    gram: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.sum_abs = torch.zeros(self.width, dtype=torch.float64)
         self.sum_sq = torch.zeros(self.width, dtype=torch.float64)
+        if self.gram_device is not None:
+            self.gram = torch.zeros(self.width, self.width, dtype=torch.float64, device=self.gram_device)
 
     def hook(self, module, args):
         """Forward pre-hook for ``down_proj``: ``args[0]`` is the intermediate ``[B, S, I]``."""
@@ -66,6 +82,9 @@ class ChannelStats:
         self.sum_abs += a.abs().sum(0).cpu().double()
         self.sum_sq += a.square().sum(0).cpu().double()
         self.tokens += a.shape[0]
+        if self.gram is not None:
+            a64 = a.to(self.gram.device, torch.float64)
+            self.gram.addmm_(a64.T, a64)
 
     def l2(self) -> torch.Tensor:
         return self.sum_sq.sqrt()
@@ -166,11 +185,15 @@ def language_stack(model) -> _Stack:
 
 @torch.no_grad()  # not inference_mode: parameters moved to the device and back must stay normal tensors
 def collect_mlp_stats(model, input_ids: torch.Tensor, *, batch_size: int = 8, device="cpu",
-                      progress=None) -> list[ChannelStats]:
+                      progress=None, gram: bool = False, on_layer=None) -> list[ChannelStats]:
     """Per-layer :class:`ChannelStats` of the language stack's MLPs over calibration ``input_ids``
     (int64 ``[N, S]``), computed layer by layer on ``device`` (the model itself stays where it is, e.g. CPU).
 
-    ``progress``: optional tqdm-like object, advanced once per batch and per (layer, batch)."""
+    ``progress``: optional tqdm-like object, advanced once per batch and per (layer, batch).
+    ``gram``: also accumulate each layer's Gram matrix on ``device`` (:class:`ChannelStats`).
+    ``on_layer(i, stats)``: called once per layer, in order, as soon as layer ``i`` has seen every batch and is
+    back home; every layer's inputs come from the unpruned layers before it even if the callback slices them.
+    With a callback the returned stats carry no Gram (each is dropped after its callback)."""
     stack = language_stack(model)
     device = torch.device(device)
     home = next(model.parameters()).device
@@ -188,7 +211,7 @@ def collect_mlp_stats(model, input_ids: torch.Tensor, *, batch_size: int = 8, de
     stats = []
     for i, layer in enumerate(stack.layers):
         mlp = layer.mlp
-        st = ChannelStats(mlp.down_proj.in_features)
+        st = ChannelStats(mlp.down_proj.in_features, gram_device=device if gram else None)
         handle = mlp.down_proj.register_forward_pre_hook(st.hook)
         layer.to(device)
         try:
@@ -201,5 +224,8 @@ def collect_mlp_stats(model, input_ids: torch.Tensor, *, batch_size: int = 8, de
         finally:
             handle.remove()
             layer.to(home)
+        if on_layer is not None:
+            on_layer(i, st)
+            st.gram = None
         stats.append(st)
     return stats
