@@ -16,8 +16,9 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -89,11 +90,10 @@ def copy_aux_files(src: str | os.PathLike | None, dst: str | os.PathLike) -> lis
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 hex of one file (:func:`pack.sha256.sha256_files`, in this process)."""
+    from .sha256 import sha256_files
+
+    return sha256_files([Path(path)], chunk)[Path(path).name]
 
 
 def safetensors_files(ckpt: str | os.PathLike) -> tuple[list[Path], dict[str, str] | None]:
@@ -122,47 +122,45 @@ def safetensors_files(ckpt: str | os.PathLike) -> tuple[list[Path], dict[str, st
 
 
 class FileHasher:
-    """sha256 of ``files`` in a background thread (hashlib releases the GIL on large buffers, so another core
-    hashes while this one imports torch and transformers); :meth:`result` joins, :meth:`cancel` stops early.
-    Torch-free: ``python -m pack.quantize`` starts it before importing torch."""
+    """sha256 of ``files``, computed by a child process (:mod:`pack.sha256`) on another core while this one
+    imports torch and transformers; :meth:`result` waits for it, :meth:`cancel` stops it early.
+
+    A process, not a thread: a hashing thread convoys with the importing main thread on the GIL (why, and what
+    it cost: :mod:`pack.sha256`). The child runs that module's file with the standard library only (``-I -S``:
+    isolated, no site packages, so it starts in ~30 ms and needs pdqkit on no path). Torch-free:
+    ``python -m pack.quantize`` starts it before importing torch.
+    """
 
     def __init__(self, files: list[Path], chunk: int = 16 << 20):
         self.files = [Path(f) for f in files]
-        self._stop = threading.Event()
-        self._hashes: dict[str, str] = {}
-        self._error: BaseException | None = None
-        self._done = False
-        self._thread = threading.Thread(target=self._run, args=(chunk,), name="pdqkit-sha256-in", daemon=True)
-        self._thread.start()
+        script = Path(__file__).with_name("sha256.py")
+        self._proc = subprocess.Popen([sys.executable, "-I", "-S", str(script), "--chunk", str(chunk),
+                                       *map(str, self.files)], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._output: tuple[str, str] | None = None  # the child's (stdout, stderr) once it has exited
+        self._cancelled = False
 
-    def _run(self, chunk: int) -> None:
-        try:
-            buf = bytearray(chunk)  # one buffer, reused: no fresh pages to fault in for every block
-            view = memoryview(buf)
-            for f in self.files:
-                h = hashlib.sha256()
-                with open(f, "rb", buffering=0) as fh:
-                    while not self._stop.is_set() and (n := fh.readinto(buf)):
-                        h.update(view[:n])
-                if self._stop.is_set():
-                    return
-                self._hashes[f.name] = h.hexdigest()
-            self._done = True
-        except BaseException as e:  # noqa: BLE001 - re-raised by result()
-            self._error = e
+    def _wait(self) -> tuple[str, str]:
+        if self._output is None:
+            self._output = self._proc.communicate()
+        return self._output
 
     def result(self) -> dict[str, str]:
-        """``{file name: sha256 hex}``; raises what the thread hit (or RuntimeError if it was cancelled)."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if not self._done:
+        """``{file name: sha256 hex}``; raises OSError with the child's message if it could not read a file, or
+        RuntimeError if it was cancelled."""
+        out, err = self._wait()
+        if self._cancelled:
             raise RuntimeError("input hashing was cancelled")
-        return dict(self._hashes)
+        if self._proc.returncode != 0:
+            raise OSError(f"hashing the input failed: {err.strip() or f'exit status {self._proc.returncode}'}")
+        return json.loads(out)
 
     def cancel(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        """Stop the child if it still runs (harmless once it has finished: :meth:`result` still answers)."""
+        if self._proc.poll() is None:
+            self._cancelled = True
+            self._proc.kill()
+        self._wait()
 
 
 def read_lineage(ckpt: str | os.PathLike) -> list[dict]:

@@ -3,7 +3,7 @@
 Pipeline (spec pack-quantized.md):
 
 1. **check** config.json (:func:`pack.targets.load_config`) and the safetensors headers (:mod:`pack.stio`);
-   hash the input files in a background thread (:class:`pack.checkpoint.FileHasher`; the CLI starts it before
+   hash the input files in a child process (:class:`pack.checkpoint.FileHasher`; the CLI starts it before
    importing torch, so the input is hashed on the second core while the first imports torch and transformers).
 2. **plan** (:mod:`pack.targets`, :mod:`pack.qconfig`): the architecture built from config.json on the meta
    device says which Linears are targeted (recipe ``targets`` minus ``ignore``) and which tensors

@@ -142,3 +142,17 @@ def test_file_hasher_matches_hashlib_and_cancels(tmp_path):
         assert stopped.result() == h.result()
     except RuntimeError as e:
         assert "cancelled" in str(e)
+
+
+def test_file_hasher_child_reports_unreadable_file(tmp_path):
+    """The hasher's child process (pack/sha256.py) turns a file it cannot read into one line naming the file;
+    result() raises it, and no hash of the other files is returned half-done."""
+    from pack.checkpoint import FileHasher
+
+    good = tmp_path / "model-00001-of-00002.safetensors"
+    good.write_bytes(b"x" * 100)
+    gone = tmp_path / "model-00002-of-00002.safetensors"  # listed but missing: the child cannot open it
+    h = FileHasher([good, gone])
+    with pytest.raises(OSError, match=r"hashing the input failed: .*model-00002-of-00002\.safetensors: cannot read"):
+        h.result()
+    h.cancel()  # after a failure: harmless
