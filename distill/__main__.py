@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import PHASE_DEFAULTS, DistillConfig
+from .config import PHASE_DEFAULTS, PRECISIONS, DistillConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,12 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continuation length; the prompt is the first seq-len - this tokens (default %(default)s)")
     g = ap.add_argument_group("execution")
     g.add_argument("--device", default=dflt("device"), help="auto, cpu, cuda, cuda:N (default auto)")
-    g.add_argument("--precision", choices=("bf16-mixed", "fp32"), default=None,
-                   help="bf16-mixed: fp32 master weights, bf16 compute (default on cuda); fp32 (default on cpu)")
+    g.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="bf16-mixed: fp32 weights, bf16 autocast compute (default on cuda); bf16-master: bf16 "
+                        "weights and compute, AdamW on fp32 master copies (one process only); fp32 (default on cpu)")
     g.add_argument("--chunk", type=int, default=dflt("chunk"),
                    help="tokens per chunk of the vocab-sized logit loss (default %(default)s)")
     g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the student's layers")
-    g.add_argument("--attn", default=dflt("attn"), help="attention implementation (default %(default)s)")
+    g.add_argument("--ckpt-layers", type=int, default=None, metavar="N",
+                   help="with --grad-ckpt: checkpoint only the first N decoder layers (default all)")
+    g.add_argument("--attn", default=dflt("attn"),
+                   help="attention implementation: sdpa (default), pdq_hybrid (flex sliding window, GPU), eager")
+    g.add_argument("--loss-impl", choices=("autograd", "fused"), default=dflt("loss_impl"),
+                   help="logit-loss gradient: autograd (default) or fused (hand-written forward-KL gradient)")
+    g.add_argument("--compile-loss", action="store_true", help="torch.compile the logit loss's chunk math")
+    g.add_argument("--compile-layers", action="store_true",
+                   help="torch.compile every decoder layer of teacher and student (phase 1)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g = ap.add_argument_group("checkpoints and logs")
     g.add_argument("--ckpt-every", type=int, default=0, metavar="N",

@@ -16,7 +16,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DistillConfig", "PHASE_DEFAULTS", "RESULT_FIELDS"]
+__all__ = ["DistillConfig", "PHASE_DEFAULTS", "RESULT_FIELDS", "PRECISIONS"]
+
+PRECISIONS = ("bf16-mixed", "bf16-master", "fp32")
 
 # Per-phase defaults for the fields left at None. Sized for the bench `small` pair (its teacher sees
 # 600 x 64 x 1024 = 39.3M tokens): phase 1 1.64M + phase 2 0.16M tokens = 4.6% of that, well under a minute
@@ -68,10 +70,16 @@ class DistillConfig:
     max_new_tokens: int = 128
     # what is trained, how it runs
     train_embeddings: bool = False
-    precision: str | None = None  # "bf16-mixed" (cuda default) or "fp32" (cpu default)
+    # "bf16-mixed" (cuda default): fp32 student under torch.autocast; "fp32" (cpu default); "bf16-master"
+    # (single process only): bf16 student run like the teacher, AdamW on fp32 master copies (distill/train.py)
+    precision: str | None = None
     chunk: int = 2048  # tokens per chunk of the logit loss
     grad_ckpt: bool = False  # activation checkpointing of the student's decoder layers
-    attn: str = "sdpa"
+    ckpt_layers: int | None = None  # with grad_ckpt: checkpoint only the first N decoder layers (None: all)
+    attn: str = "sdpa"  # or "pdq_hybrid" (distill/attention.py: flex sliding window + sdpa elsewhere)
+    loss_impl: str = "autograd"  # logit-loss chunk gradient: autograd, or fused (forward KL, phase 1 only)
+    compile_loss: bool = False  # torch.compile the logit loss's per-chunk element-wise part
+    compile_layers: bool = False  # torch.compile every decoder layer's forward (teacher and student; phase 1)
     device: str = "auto"  # auto, cpu, cuda, cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
     threads: int | None = None
     # checkpoints and logs
@@ -136,10 +144,19 @@ class DistillConfig:
                                  f"{len(self.hidden_layers)} layers")
             if any(not (math.isfinite(w) and w >= 0) for w in self.hidden_layer_weights):
                 raise ValueError(f"--hidden-layer-weights {self.hidden_layer_weights}: must be >= 0")
-        if self.precision is not None and self.precision not in ("bf16-mixed", "fp32"):
-            raise ValueError(f"--precision {self.precision!r}: choose bf16-mixed or fp32")
-        if self.attn not in ("sdpa", "eager", "flex_attention", "flash_attention_2"):
-            raise ValueError(f"--attn {self.attn!r}: choose sdpa, eager, flex_attention or flash_attention_2")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"--precision {self.precision!r}: choose bf16-mixed, bf16-master or fp32")
+        if self.attn not in ("sdpa", "eager", "flex_attention", "flash_attention_2", "pdq_hybrid"):
+            raise ValueError(f"--attn {self.attn!r}: choose sdpa, pdq_hybrid, eager, flex_attention or "
+                             "flash_attention_2")
+        if self.loss_impl not in ("autograd", "fused"):
+            raise ValueError(f"--loss-impl {self.loss_impl!r}: choose autograd or fused")
+        if self.loss_impl == "fused" and self.phase != 1:
+            raise ValueError("--loss-impl fused is the forward-KL gradient (phase 1); phase 2's JSD needs autograd")
+        if self.compile_layers and self.phase != 1:
+            raise ValueError("--compile-layers is for phase 1 (phase 2's cached decoding would recompile per length)")
+        if self.ckpt_layers is not None and (not isinstance(self.ckpt_layers, int) or self.ckpt_layers < 0):
+            raise ValueError(f"--ckpt-layers {self.ckpt_layers}: must be a non-negative integer")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.threads is not None and self.threads < 1:

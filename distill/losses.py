@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "softcap", "lm_logits", "forward_kl", "generalized_jsd", "per_token_loss_fn", "chunked_logit_loss",
-    "hidden_state_loss",
+    "hidden_state_loss", "LOSS_IMPLS",
 ]
 
 
@@ -81,17 +81,71 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def per_token_loss_fn(kind: str, *, temperature: float = 1.0, beta: float = 0.5) -> Callable:
     """``fn(student_logits, teacher_logits) -> per-token loss`` for ``kind`` in {"forward_kl", "gjsd"}."""
     if kind == "forward_kl":
-        return lambda s, t: forward_kl(s, t, temperature)
-    if kind == "gjsd":
-        return lambda s, t: generalized_jsd(s, t, beta, temperature)
-    raise ValueError(f"unknown logit loss {kind!r}; choose forward_kl or gjsd")
+        fn = lambda s, t: forward_kl(s, t, temperature)  # noqa: E731
+    elif kind == "gjsd":
+        fn = lambda s, t: generalized_jsd(s, t, beta, temperature)  # noqa: E731
+    else:
+        raise ValueError(f"unknown logit loss {kind!r}; choose forward_kl or gjsd")
+    fn.kind, fn.temperature, fn.beta = kind, float(temperature), float(beta)  # read by the "fused" path
+    return fn
+
+
+LOSS_IMPLS = ("autograd", "fused")
+
+
+def _chunk_loss_autograd_part(loss_fn, cap):
+    """``(y_s, y_t, w) -> sum(w * loss_fn(softcap(y_s), softcap(y_t)))`` on raw (pre-softcap) chunk logits: the
+    element-wise part of a chunk that the "autograd" path differentiates (and that ``compile`` hands to
+    ``torch.compile``, whose AOTAutograd backward then fuses the vocab-sized passes too)."""
+    def part(y_s, y_t, w):
+        return (loss_fn(softcap(y_s.float(), cap), softcap(y_t.float(), cap)) * w).sum()
+    return part
+
+
+def _forward_kl_value_and_grad(y_s: torch.Tensor, y_t: torch.Tensor, w: torch.Tensor, cap: float | None,
+                               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KL of one chunk with its gradient written out by hand (no autograd graph).
+
+    y_s, y_t: [n, V] raw logits (``hidden @ lm_head.T``, matmul dtype); w: [n] fp32 row weights.
+    Returns ``(sum_i w_i * T^2 KL_i  (0-dim fp32), dL/dy_s [n, V] in y_s.dtype)``:
+    with ``t = tanh(y/c)``, ``z = c t``, ``q = softmax(z_s/T)``, ``p = softmax(z_t/T)``:
+    ``dL/dz_s = w T (q - p)`` and ``dL/dy_s = dL/dz_s * (1 - t_s^2)`` — the same chain autograd walks
+    (``.float()``, ``/c``, tanh, ``*c``, ``/T``, log_softmax), in one element-wise pass instead of ~12, and no
+    ``[n, V]`` fp32 tensor kept for a backward. Equal to the autograd path to fp32 rounding.
+    """
+    t = float(temperature)
+    ys = y_s.float()
+    if cap is not None:
+        th = torch.tanh(ys / cap)
+        z_s = th * cap
+        z_t = torch.tanh(y_t.float() / cap) * cap
+    else:
+        z_s, z_t = ys, y_t.float()
+    s_logp = F.log_softmax(z_s / t, dim=-1)
+    t_logp = F.log_softmax(z_t / t, dim=-1)
+    p = t_logp.exp()
+    loss = ((p * (t_logp - s_logp)).sum(-1) * (t * t) * w).sum()
+    g = (s_logp.exp() - p) * (w * t)[:, None]
+    if cap is not None:
+        g = g * (1.0 - th * th)
+    return loss, g.to(y_s.dtype)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn, key):
+    """``torch.compile(fn)`` once per ``key`` (static shapes: a run has at most two chunk sizes)."""
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=False)
+    return _COMPILED[key]
 
 
 class _ChunkedLogitLoss(torch.autograd.Function):
     """Forward computes loss and its gradients chunk by chunk; backward only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, weights, loss_fn, cap, chunk, compute_dtype):
+    def forward(ctx, h_s, w_s, h_t, w_t, weights, loss_fn, cap, chunk, compute_dtype, impl, compile_):
         need_w = ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h_s)
         grad_w = torch.zeros_like(w_s, dtype=torch.float32) if need_w else None
@@ -99,20 +153,38 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         with torch.no_grad():  # one cast per call, not per chunk
             w_t_c = w_t.to(compute_dtype)
             w_s_c = w_s.to(compute_dtype)
-        with torch.autocast(h_s.device.type, enabled=False), torch.enable_grad():
-            w_leaf = w_s_c.detach().requires_grad_(need_w)
-            for i in range(0, h_s.shape[0], chunk):
-                h_leaf = h_s[i:i + chunk].detach().requires_grad_(True)
-                z_s = lm_logits(h_leaf.to(compute_dtype), w_leaf, cap)
-                with torch.no_grad():
-                    z_t = lm_logits(h_t[i:i + chunk].to(compute_dtype), w_t_c, cap)
-                loss = (loss_fn(z_s, z_t) * weights[i:i + chunk]).sum()
-                grads = torch.autograd.grad(loss, (h_leaf, w_leaf) if need_w else (h_leaf,))
-                grad_h[i:i + chunk] = grads[0]
-                if need_w:
-                    grad_w += grads[1]
-                total += loss.detach()
-                del z_s, z_t, loss, grads
+        if impl == "fused":
+            fused = _forward_kl_value_and_grad
+            if compile_:
+                fused = _compiled(_forward_kl_value_and_grad, ("fused", cap, loss_fn.temperature))
+            with torch.autocast(h_s.device.type, enabled=False), torch.no_grad():
+                for i in range(0, h_s.shape[0], chunk):
+                    h_c = h_s[i:i + chunk].detach().to(compute_dtype)
+                    loss, g = fused(h_c @ w_s_c.T, h_t[i:i + chunk].to(compute_dtype) @ w_t_c.T,
+                                    weights[i:i + chunk], cap, loss_fn.temperature)
+                    grad_h[i:i + chunk] = g @ w_s_c  # dL/dh = dL/dy @ W (matmul dtype, like autograd's dgrad)
+                    if need_w:
+                        grad_w += g.T @ h_c
+                    total += loss
+                    del g, loss
+        else:
+            part = _chunk_loss_autograd_part(loss_fn, cap)
+            if compile_ and getattr(loss_fn, "kind", None) is not None:
+                part = _compiled(part, ("autograd", loss_fn.kind, loss_fn.temperature, loss_fn.beta, cap))
+            with torch.autocast(h_s.device.type, enabled=False), torch.enable_grad():
+                w_leaf = w_s_c.detach().requires_grad_(need_w)
+                for i in range(0, h_s.shape[0], chunk):
+                    h_leaf = h_s[i:i + chunk].detach().requires_grad_(True)
+                    y_s = h_leaf.to(compute_dtype) @ w_leaf.T
+                    with torch.no_grad():
+                        y_t = h_t[i:i + chunk].to(compute_dtype) @ w_t_c.T
+                    loss = part(y_s, y_t, weights[i:i + chunk])
+                    grads = torch.autograd.grad(loss, (h_leaf, w_leaf) if need_w else (h_leaf,))
+                    grad_h[i:i + chunk] = grads[0]
+                    if need_w:
+                        grad_w += grads[1]
+                    total += loss.detach()
+                    del y_s, y_t, loss, grads
         ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
         ctx.need_w = need_w
         ctx.w_dtype = w_s.dtype
@@ -123,7 +195,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype)
         gw = (grad_w * grad_out).to(ctx.w_dtype) if ctx.need_w else None
-        return gh, gw, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None
 
 
 @torch.no_grad()
@@ -140,7 +212,8 @@ def _chunked_loss_value(h_s, w_s, h_t, w_t, weights, loss_fn, cap, chunk, comput
 
 def chunked_logit_loss(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor,
                        weights: torch.Tensor, loss_fn: Callable, *, cap: float | None, chunk: int = 1024,
-                       compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                       compute_dtype: torch.dtype | None = None, impl: str = "autograd",
+                       compile: bool = False) -> torch.Tensor:
     """``sum_i weights[i] * loss_fn(student_logits_i, teacher_logits_i)`` without materialising full logits.
 
     h_s: [N, d_s] student final hidden states (post final norm), any float dtype, may require grad.
@@ -150,6 +223,9 @@ def chunked_logit_loss(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, 
     loss_fn: per-token loss on fp32 logits ``[n, V] x [n, V] -> [n]`` (see :func:`per_token_loss_fn`).
     cap: ``final_logit_softcapping`` (None: none). chunk: rows per chunk (peak memory ~ a few ``chunk x V`` fp32).
     compute_dtype: matmul dtype (default ``h_s.dtype``); logits and losses are always fp32.
+    impl: how a chunk's gradient is made — "autograd" (``torch.autograd.grad`` through the loss; any loss_fn)
+    or "fused" (forward KL only: the gradient written out by hand, one element-wise pass, see
+    :func:`_forward_kl_value_and_grad`). compile: ``torch.compile`` the chunk's element-wise part (either impl).
     Returns a 0-dim fp32 tensor. Gradients equal those of the unchunked computation.
     """
     if h_s.dim() != 2 or h_t.dim() != 2 or h_s.shape[0] != h_t.shape[0] or weights.shape != (h_s.shape[0],):
@@ -159,11 +235,16 @@ def chunked_logit_loss(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, 
         raise ValueError(f"chunked_logit_loss: student vocab {w_s.shape[0]} != teacher vocab {w_t.shape[0]}")
     if chunk < 1:
         raise ValueError(f"chunked_logit_loss: chunk must be >= 1, got {chunk}")
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"chunked_logit_loss: impl {impl!r}; choose one of {LOSS_IMPLS}")
+    if impl == "fused" and getattr(loss_fn, "kind", None) != "forward_kl":
+        raise ValueError("chunked_logit_loss: impl 'fused' is written for forward KL only (per_token_loss_fn("
+                         "'forward_kl')); use impl 'autograd' for other losses")
     if not (torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad)):
         return _chunked_loss_value(h_s, w_s, h_t, w_t, weights.float(), loss_fn, cap, int(chunk),
                                    compute_dtype or h_s.dtype)
     return _ChunkedLogitLoss.apply(h_s, w_s, h_t, w_t, weights.float(), loss_fn, cap, int(chunk),
-                                   compute_dtype or h_s.dtype)
+                                   compute_dtype or h_s.dtype, impl, bool(compile))
 
 
 def _normalised_mse(h_s: torch.Tensor, h_t: torch.Tensor, eps: float) -> torch.Tensor:

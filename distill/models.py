@@ -4,7 +4,7 @@ A checkpoint is loaded with the class its ``config.json`` names (``Gemma4ForCaus
 ``Gemma4ForConditionalGeneration``). Distillation only ever runs the *language stack*: ``get_decoder()``
 (``Gemma4TextModel``, the same module in both classes) on token ids, then the tied ``lm_head``. Vision/audio
 towers and their embedders are frozen and never touched, so the written checkpoint carries them bit-identical
-(bf16 -> fp32 master -> bf16 is exact).
+(bf16 -> fp32 master -> bf16 is exact; under ``--precision bf16-master`` they simply stay bf16).
 
 :class:`DistillModule` wraps the student so that one ``forward`` is one loss (or one decode step): under
 FSDP2 it is the root module, which makes the root-owned parameters (embeddings, tied ``lm_head``, final norm)
@@ -22,7 +22,8 @@ from .losses import chunked_logit_loss, hidden_state_loss, lm_logits, per_token_
 
 __all__ = [
     "load_model", "text_config", "decoder_layers", "check_pair", "set_trainable", "matmul_params",
-    "capture_layer_outputs", "DistillModule",
+    "capture_layer_outputs", "DistillModule", "limit_checkpointing", "compile_decoder_layers", "to_bf16_layout",
+    "MasterWeights",
 ]
 
 # language-stack parameters that are embedding tables (frozen unless train_embeddings): the tied lm_head is
@@ -44,6 +45,10 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str 
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         cls = transformers.AutoModelForCausalLM
+    if attn_implementation == "pdq_hybrid":
+        from .attention import register
+
+        register()
     model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device).eval()
 
@@ -92,6 +97,106 @@ def matmul_params(model: nn.Module) -> int:
     return n + model.get_output_embeddings().weight.numel()
 
 
+def to_bf16_layout(model: nn.Module) -> nn.Module:
+    """Cast ``model`` in place to the layout ``from_pretrained(dtype=torch.bfloat16)`` gives it: every floating
+    parameter and buffer bf16 except the RoPE frequency buffers (``*inv_freq``), which transformers computes and
+    keeps in fp32 (a plain ``model.to(torch.bfloat16)`` would round them). Parameters keep their identity (tied
+    weights stay tied). A no-op on a model loaded in bf16; returns ``model``."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)
+        for mod in model.modules():
+            for name, b in list(mod._buffers.items()):
+                if (b is not None and b.is_floating_point() and b.dtype != torch.bfloat16
+                        and not name.endswith("inv_freq")):
+                    mod._buffers[name] = b.to(torch.bfloat16)
+    return model
+
+
+class MasterWeights(nn.Module):
+    """fp32 master copies of a bf16 model's trainable parameters (``--precision bf16-master``).
+
+    ``named_params``: ``(name, parameter)`` pairs (bf16, requiring grad), e.g. the trainable
+    ``DistillModule.named_parameters()``. Each master is an fp32 ``nn.Parameter`` initialised to the exact value
+    of its bf16 parameter and registered under the same dotted name (in a tree of empty modules mirroring the
+    model's), so ``torch.distributed.checkpoint.state_dict.get_state_dict(masters, optimizer)`` names the masters
+    and their AdamW state exactly as a bf16-mixed run names its fp32 weights. ``masters`` lists them in the
+    order of ``named_params`` (the optimizer's order).
+
+    One optimizer step: :meth:`grads_from_model` (``master.grad = param.grad.float()``; the bf16 grad is freed),
+    clip and step the optimizer on ``masters``, :meth:`copy_to_model` (``param = bf16(master)``, round to nearest
+    even). So the bf16 parameters are always the masters rounded, and the masters + optimizer state are the
+    whole training state. Memory per trainable parameter: bf16 weight 2 + bf16 grad 2 + fp32 master 4 + AdamW
+    moments 8 = 16 bytes, the same as bf16-mixed's fp32 weight 4 + fp32 grad 4 + moments 8 (during the optimizer
+    step the fp32 master grads, 4, stand in for the freed bf16 grads, 2).
+    """
+
+    def __init__(self, named_params):
+        super().__init__()
+        masters, params = [], []
+        for name, p in named_params:
+            *path, leaf = name.split(".")
+            mod = self
+            for part in path:
+                child = mod._modules.get(part)
+                if child is None:
+                    child = nn.Module()
+                    mod.add_module(part, child)
+                mod = child
+            m = nn.Parameter(p.detach().to(torch.float32, copy=True))
+            mod.register_parameter(leaf, m)
+            masters.append(m)
+            params.append(p)
+        if not masters:
+            raise ValueError("MasterWeights: no parameters given")
+        self.masters: list[nn.Parameter] = masters
+        self._model_params: list[nn.Parameter] = params
+
+    @torch.no_grad()
+    def grads_from_model(self) -> None:
+        """``master.grad = param.grad.float()`` (None stays None), then drop the model's bf16 grads."""
+        for m, p in zip(self.masters, self._model_params):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """Round the masters into the model's bf16 parameters (in place: ``param.copy_(master)``)."""
+        torch._foreach_copy_(self._model_params, self.masters)
+
+
+def limit_checkpointing(model: nn.Module, n_layers: int | None) -> int:
+    """After ``gradient_checkpointing_enable``: keep activation checkpointing on the first ``n_layers`` decoder
+    layers only (None: all). The others keep their activations (more memory, no recompute); values are the same
+    either way. Returns the number of checkpointed layers."""
+    layers = decoder_layers(model)
+    n = len(layers) if n_layers is None else min(int(n_layers), len(layers))
+    for i, layer in enumerate(layers):
+        if i >= n:
+            layer.gradient_checkpointing = False
+    return n
+
+
+def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` each decoder layer's ``forward`` (not ``__call__``: forward hooks such as
+    :func:`capture_layer_outputs` and activation checkpointing stay in eager around it, so adding/removing hooks
+    every step does not recompile). Layers of one kind share compiled code; the dynamo cache limit is raised to
+    hold every (layer kind x grad mode) variant of both models."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    if hasattr(cfg, "accumulated_cache_size_limit"):
+        cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 512)
+    for layer in decoder_layers(model):
+        if not getattr(layer, "_pdq_compiled", False):
+            layer.forward = torch.compile(layer.forward, backend=backend, dynamic=False)
+            layer._pdq_compiled = True
+
+
 @contextlib.contextmanager
 def capture_layer_outputs(layers: nn.ModuleList, indices: list[int]):
     """Collect the outputs (residual stream after the layer) of ``layers[i]`` for ``i`` in ``indices``.
@@ -124,7 +229,8 @@ class DistillModule(nn.Module):
 
     def __init__(self, student: nn.Module, *, logit_loss: str, temperature: float, beta: float,
                  logit_weight: float, hidden_layers: list[int], hidden_weights: list[float],
-                 chunk: int, compute_dtype: torch.dtype):
+                 chunk: int, compute_dtype: torch.dtype, loss_impl: str = "autograd",
+                 compile_loss: bool = False):
         super().__init__()
         self.student = student
         self.cap = getattr(text_config(student), "final_logit_softcapping", None)
@@ -135,6 +241,8 @@ class DistillModule(nn.Module):
         self.hidden_weights = list(hidden_weights)
         self.chunk = int(chunk)
         self.compute_dtype = compute_dtype
+        self.loss_impl = loss_impl
+        self.compile_loss = bool(compile_loss)
 
     def forward(self, input_ids, teacher_last=None, teacher_head=None, teacher_hidden=None, rows=None,
                 row_weights=None, cache=None):
@@ -152,7 +260,8 @@ class DistillModule(nn.Module):
         logit = chunked_logit_loss(h_s.reshape(-1, d).index_select(0, rows), head,
                                    teacher_last.reshape(-1, teacher_last.shape[-1]).index_select(0, rows),
                                    teacher_head, row_weights, self.loss_fn, cap=self.cap, chunk=self.chunk,
-                                   compute_dtype=self.compute_dtype)
+                                   compute_dtype=self.compute_dtype, impl=self.loss_impl,
+                                   compile=self.compile_loss)
         parts[self.logit_loss] = logit.detach()
         total = self.logit_weight * logit
         if match:

@@ -3,7 +3,9 @@
 Layout of ``CKPT_DIR`` (default ``OUT-ckpt``)::
 
     step-00000040/          torch.distributed.checkpoint (DCP) of {"model": trainable params, "optim": AdamW}
-                            (sharded per rank under FSDP2; fp32 master weights and moments, bit-exact)
+                            (sharded per rank under FSDP2; fp32 master weights and moments, bit-exact;
+                            under --precision bf16-master the module is the Distiller's MasterWeights: the
+                            fp32 masters by the same parameter names, the bf16 weights are them rounded)
         meta.json           step, the run's result-determining config, loss history, data position
         rng-rank{r}.pt      torch CPU (and CUDA) RNG state of rank r
     latest                  name of the newest complete step dir (replaced atomically, written last)

@@ -13,6 +13,22 @@ Figures: loss parts, tokens/s (training tokens ``B*S`` per step, all ranks), and
 ``(6 N_student + 2 N_teacher) * tokens`` (N = matmul weights, :func:`distill.models.matmul_params`; attention
 score FLOPs, the losses and phase-2 generation not counted) over ``peak_tflops`` per GPU (default 989 TFLOP/s,
 H100/H200 SXM dense bf16).
+
+Precision (``--precision``; the teacher is always a bf16 model run as is):
+
+* ``bf16-mixed`` (CUDA default): fp32 student weights; one process runs it under ``torch.autocast(bf16)`` (bf16
+  matmuls, fp32 everything else: residual stream, norms, RoPE, GELU, and a cast around every matmul); under
+  torchrun FSDP2 all-gathers bf16 copies of the fp32 shards and reduce-scatters fp32 gradients.
+* ``bf16-master`` (one process only): the student's weights are bf16 and it runs entirely in bf16 like the
+  teacher (no autocast); AdamW steps fp32 master copies of the trainable weights
+  (:class:`distill.models.MasterWeights`): after backward ``master.grad = grad.float()``, the grad-norm clip on
+  the fp32 master grads, ``AdamW.step()`` on the masters, then ``param.copy_(master)`` (round to nearest). Memory
+  per trainable weight: 2 (bf16) + 2 (grad) + 4 (master) + 8 (Adam) = 16 bytes, as bf16-mixed's 4 + 4 + 8.
+  Checkpoints hold the masters and their AdamW state (:mod:`distill.state`). Under torchrun it is refused:
+  FSDP2's bf16-mixed is already bf16 compute over fp32 sharded masters with an fp32 gradient reduce.
+* ``fp32`` (CPU default): everything fp32.
+
+The logit losses are fp32 per chunk in every mode (:func:`distill.losses.chunked_logit_loss`).
 """
 from __future__ import annotations
 
@@ -29,12 +45,21 @@ import torch
 from . import parallel
 from .config import DistillConfig
 from .data import load_blocks, load_tokenizer
-from .models import (DistillModule, capture_layer_outputs, check_pair, decoder_layers, load_model, matmul_params,
-                     set_trainable, text_config)
+from .models import (DistillModule, MasterWeights, capture_layer_outputs, check_pair, compile_decoder_layers,
+                     decoder_layers, limit_checkpointing, load_model, matmul_params, set_trainable, text_config,
+                     to_bf16_layout)
 from .sample import continuation_mask, on_policy_step, row_seed, sample_continuations
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["run", "Distiller", "lr_at", "checkpoint_sha256"]
+__all__ = ["run", "Distiller", "lr_at", "checkpoint_sha256", "student_dtype"]
+
+BF16_MASTER_DIST_ERROR = ("--precision bf16-master runs in one process only; under torchrun use bf16-mixed (FSDP2 "
+                          "already computes in bf16 over fp32 sharded master weights, with an fp32 gradient reduce)")
+
+
+def student_dtype(precision: str | None) -> torch.dtype:
+    """dtype the student's weights are loaded in: bf16 for ``bf16-master``, else fp32 (the master weights)."""
+    return torch.bfloat16 if precision == "bf16-master" else torch.float32
 
 
 def lr_at(step: int, cfg: DistillConfig) -> float:
@@ -120,31 +145,47 @@ def run(cfg: DistillConfig) -> dict:
 class Distiller:
     """Teacher + student + optimizer for one phase; :meth:`step` runs one optimizer step on a token batch.
 
-    ``teacher``: frozen model (bf16), ``student``: fp32 master weights, both on ``env.device``. Used by
-    :func:`run` (with data, checkpoints, logs) and by ``bench/gpu/distill_bench.py`` (synthetic tokens)."""
+    ``teacher``: frozen model (bf16), ``student``: fp32 master weights (bf16-mixed, fp32) or, for
+    ``bf16-master``, a bf16 model (an fp32 one is cast in place to the bf16 layout, :func:`to_bf16_layout`,
+    and the fp32 masters are made from the bf16 values), both on ``env.device``. Used by :func:`run` (with data,
+    checkpoints, logs) and by ``bench/gpu/distill_bench.py`` / ``distill_profile.py`` (synthetic tokens)."""
 
     def __init__(self, cfg: DistillConfig, env, teacher, student, eos_ids: list[int] | None = None):
         self.cfg, self.env = cfg, env
-        self.bf16 = cfg.precision == "bf16-mixed"
-        compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        if cfg.precision == "bf16-master" and env.is_dist:
+            raise ValueError(BF16_MASTER_DIST_ERROR)
+        self.bf16 = cfg.precision == "bf16-mixed"  # fp32 weights + autocast (or FSDP2 bf16 params)
+        self.bf16_master = cfg.precision == "bf16-master"  # bf16 weights, fp32 masters in the optimizer
+        compute_dtype = torch.bfloat16 if self.bf16 or self.bf16_master else torch.float32
+        if self.bf16_master:
+            to_bf16_layout(student)
         self.teacher = teacher.requires_grad_(False).eval()
         self.student = student
         self.trainable = set_trainable(student, cfg.train_embeddings)
         if cfg.grad_ckpt:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            limit_checkpointing(student, cfg.ckpt_layers)
+        if cfg.compile_layers:
+            compile_decoder_layers(teacher)
+            compile_decoder_layers(student)
         student.train()
         self.layers, layer_w = cfg.layer_selection(text_config(student).num_hidden_layers)
         self.n_student, self.n_teacher = matmul_params(student), matmul_params(teacher)
         self.dm = DistillModule(student, logit_loss="forward_kl" if cfg.phase == 1 else "gjsd",
                                 temperature=cfg.temperature if cfg.phase == 1 else cfg.jsd_temperature,
                                 beta=cfg.beta, logit_weight=1.0, hidden_layers=self.layers,
-                                hidden_weights=layer_w, chunk=cfg.chunk, compute_dtype=compute_dtype)
+                                hidden_weights=layer_w, chunk=cfg.chunk, compute_dtype=compute_dtype,
+                                loss_impl=cfg.loss_impl, compile_loss=cfg.compile_loss)
         self.layer_w = layer_w
         if env.is_dist:
             parallel.shard_student(self.dm, decoder_layers(student), env, bf16_params=self.bf16)
         self.params = [p for p in self.dm.parameters() if p.requires_grad]
+        # bf16-master: the optimizer (and the grad clip, and the checkpoints) see the fp32 masters
+        self.masters = (MasterWeights((n, p) for n, p in self.dm.named_parameters() if p.requires_grad)
+                        if self.bf16_master else None)
+        self.opt_params = self.masters.masters if self.masters is not None else self.params
         fused = {"fused": True} if env.device.type == "cuda" and not env.is_dist else {}
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+        self.opt = torch.optim.AdamW(self.opt_params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                      weight_decay=cfg.weight_decay, **fused)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 and not env.is_dist
                          else contextlib.nullcontext())
@@ -154,10 +195,28 @@ class Distiller:
         self.eos_ids = eos_ids or []
         self.generated_tokens = 0
         self.make_cache = None
+        self.phase_timer = None  # optional: name -> context manager around each part of a step (profilers)
         if cfg.phase == 2:
             from transformers import DynamicCache
 
             self.make_cache = lambda: DynamicCache(config=text_config(student))  # noqa: E731
+
+    @property
+    def state_module(self) -> torch.nn.Module:
+        """The module whose trainable parameters (with ``opt``) are the training state: the masters under
+        bf16-master, else the (possibly FSDP-sharded) :class:`DistillModule`."""
+        return self.masters if self.masters is not None else self.dm
+
+    def save_state(self, ckpt_dir, step: int, meta: dict) -> Path:
+        """Training checkpoint after ``step`` completed steps (:func:`distill.state.save_checkpoint`)."""
+        return save_checkpoint(ckpt_dir, step, self.state_module, self.opt, self.env, meta)
+
+    def load_state(self, path) -> dict:
+        """Load a training checkpoint (weights / masters, AdamW state, RNG); returns its meta."""
+        meta = load_checkpoint(path, self.state_module, self.opt, self.env)
+        if self.masters is not None:
+            self.masters.copy_to_model()  # the bf16 weights are the restored masters, rounded
+        return meta
 
     @property
     def flops_per_token(self) -> int:
@@ -203,6 +262,9 @@ class Distiller:
                 m.reshard()
                 m.set_reshard_after_forward(True)
 
+    def _phase(self, name: str):
+        return self.phase_timer(name) if self.phase_timer is not None else contextlib.nullcontext()
+
     def step(self, step: int, ids: torch.Tensor) -> dict:
         """One optimizer step on this rank's token batch ``ids`` (int64 [B/W, S] on the device); returns the
         global (all-rank mean) loss parts, lr, grad norm and whether the continuations were on-policy."""
@@ -210,17 +272,24 @@ class Distiller:
         for g in self.opt.param_groups:
             g["lr"] = lr
         ids, rows, weights, on_policy = self._rows(step, ids)
-        with torch.no_grad(), capture_layer_outputs(decoder_layers(self.teacher), self.layers) as t_hidden:
+        with self._phase("teacher_forward"), torch.no_grad(), \
+                capture_layer_outputs(decoder_layers(self.teacher), self.layers) as t_hidden:
             t_last = self.teacher.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-        with self.autocast:
+        with self._phase("student_forward_and_loss"), self.autocast:
             loss, parts = self.dm(ids, teacher_last=t_last, teacher_head=self.teacher.get_output_embeddings().weight,
                                   teacher_hidden=t_hidden if self.layers else None, rows=rows, row_weights=weights)
-        loss.backward()
+        with self._phase("backward"):
+            loss.backward()
         del t_hidden, t_last
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        with self._phase("optimizer"):
+            clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+            if self.masters is not None:
+                self.masters.grads_from_model()
+            gnorm = torch.nn.utils.clip_grad_norm_(self.opt_params, clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            if self.masters is not None:
+                self.masters.copy_to_model()
         names = ["loss", *parts]
         vals = torch.stack([loss.detach().float(), *[v.float() for v in parts.values()]])
         vals = parallel.all_reduce_sum(vals, self.env) / self.env.world
@@ -234,6 +303,8 @@ def _run(cfg: DistillConfig, env) -> dict:
         torch.set_num_threads(cfg.threads)
     if cfg.precision is None:
         cfg.precision = "bf16-mixed" if env.device.type == "cuda" else "fp32"
+    if cfg.precision == "bf16-master" and env.is_dist:
+        raise ValueError(BF16_MASTER_DIST_ERROR)
     if env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -241,10 +312,11 @@ def _run(cfg: DistillConfig, env) -> dict:
     log = _Log(env, cfg.log_json, append=cfg.resume)
     torch.manual_seed(cfg.seed)
 
-    # models: teacher frozen bf16; student fp32 master weights, only the language stack trainable
+    # models: teacher frozen bf16; student fp32 master weights (bf16 under bf16-master, its fp32 masters live in
+    # the Distiller), only the language stack trainable
     t_load = time.perf_counter()
     teacher = load_model(cfg.teacher, torch.bfloat16, env.device, cfg.attn)
-    student = load_model(cfg.student, torch.float32, env.device, cfg.attn)
+    student = load_model(cfg.student, student_dtype(cfg.precision), env.device, cfg.attn)
     check_pair(teacher, student, cfg.teacher, cfg.student)
     tokenizer = load_tokenizer(cfg.student, cfg.teacher)
     dz = Distiller(cfg, env, teacher, student, _eos_ids(student, tokenizer))
@@ -266,7 +338,7 @@ def _run(cfg: DistillConfig, env) -> dict:
             if diff:
                 raise ValueError(f"{ck}: checkpoint was made with different settings ({', '.join(diff)}); "
                                  "rerun with the same ones, or --force to start over")
-            meta = load_checkpoint(ck, dz.dm, dz.opt, env)
+            meta = dz.load_state(ck)
             start, history = int(meta["step"]), list(meta["history"])
             log.print(f"resume: continuing from {ck} (step {start}/{cfg.steps})")
 
@@ -305,8 +377,7 @@ def _run(cfg: DistillConfig, env) -> dict:
         log.record({"event": "step", **rec})
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             t_ck = time.perf_counter()
-            save_checkpoint(cfg.ckpt_dir, step + 1, dz.dm, dz.opt, env,
-                            {"config": cfg.result_dict(), "history": history})
+            dz.save_state(cfg.ckpt_dir, step + 1, {"config": cfg.result_dict(), "history": history})
             t_int += time.perf_counter() - t_ck  # checkpoint time is not training time
 
     summary = _summary(cfg, data, history, dz.generated_tokens, dz.layers, dz.layer_w, env)
@@ -359,6 +430,7 @@ def _save(cfg, env, dm, student, trainable, tokenizer, summary) -> None:
                                                                ignore_frozen_params=True))
         sd = {k.removeprefix("student."): v for k, v in sd.items()}  # (non-main ranks get {})
     else:
+        # (bf16-master: the bf16 weights, i.e. the fp32 masters rounded to nearest)
         sd = {n: p.detach().to("cpu") for n, p in student.named_parameters() if p.requires_grad}
     if env.is_main:
         model = load_model(cfg.student, torch.bfloat16, "cpu", cfg.attn)

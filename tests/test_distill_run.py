@@ -197,10 +197,14 @@ def _env():
     return env
 
 
-def test_kill9_then_resume_is_byte_identical(pair, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16-master"])
+def test_kill9_then_resume_is_byte_identical(pair, tmp_path, precision):
+    """bf16-master: the checkpoint must carry the fp32 masters (the bf16 weights alone would lose their low
+    bits, and the continued run would drift from the uninterrupted one)."""
     teacher, student, data, _ = pair
     common = ["--teacher", teacher, "--student", student, "--data", data, "--threads", "1", "--steps", 12,
-              "--batch", 2, "--seq-len", 32, "--lr", 3e-4, "--ckpt-every", 3, "--log-every", 100]
+              "--batch", 2, "--seq-len", 32, "--lr", 3e-4, "--ckpt-every", 3, "--log-every", 100,
+              "--precision", precision]
     ref = tmp_path / "ref"
     subprocess.run(_cli(*common, "-o", ref), check=True, env=_env(), cwd=REPO, capture_output=True)
 
