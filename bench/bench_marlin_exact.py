@@ -21,21 +21,32 @@ from kernels.verify import E4B_FULL, E4B_PRUNED, MarlinWeights, make_weights
 from kernels.w4a16_autotune import graph_time_us, n_copies  # the project's CUDA-graph timer (L2-rotated)
 
 REPLAYS = 20
-TUNE_VARIANTS = {  # (block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse); first = default
-    "small": [(16, 128, 4, 3, True, 0, False, False, False), (16, 128, 4, 3, True, 0, True, False, False),
-              (16, 128, 4, 3, True, 0, True, True, False), (16, 128, 4, 3, True, 0, True, False, True),
-              (16, 128, 4, 3, True, 0, True, True, True), (16, 128, 4, 4, True, 0, True, True, True),
-              (16, 128, 4, 3, True, 1, True, True, True), (16, 128, 4, 3, True, 1, False, False, True),
-              (16, 64, 2, 3, True, 2, True, False, True), (16, 64, 2, 3, True, 2, True, True, True)],
-    "large": [(64, 128, 4, 3, False, 0, False, False, False), (64, 64, 4, 3, False, 0, False, False, False),
-              (64, 256, 8, 3, False, 0, False, False, False), (64, 128, 4, 4, False, 0, False, False, False)],
+# Launch choices timed by --tune (kwargs of w4a16_gemm_exact; unset = pass_config's default). "default" first.
+TUNE_VARIANTS = {
+    "small": [
+        {},
+        dict(block_n=128, fuse=False, swap=False, wr_fast=False, prefetch=0),  # the two-pass SPLIT baseline
+        dict(block_n=128, prefetch=1),
+        dict(block_n=128, swap=True, wr_fast=True, prefetch=0),
+        dict(block_n=64, num_warps=2, prefetch=2, wr_fast=True),
+        # one program per piece, whole-tile-row loads split between the KW chains, fused fold
+        dict(split=False, block_n=32, tile_load=True, fuse=True),
+        dict(split=False, block_n=64, tile_load=True, fuse=True),
+        dict(split=False, block_n=128, tile_load=True, fuse=True),
+        dict(split=False, block_n=32, num_warps=2, tile_load=True, fuse=True),
+        dict(split=False, block_n=64, tile_load=False, fuse=True),
+    ],
+    "large": [{}, dict(block_n=64), dict(block_n=256, num_warps=8), dict(num_stages=4),
+              dict(fuse=True), dict(tile_load=True)],
 }
+_KEY_ABBREV = (("block_m", "bm"), ("block_n", "bn"), ("num_warps", "w"), ("num_stages", "s"), ("split", "split"),
+               ("prefetch", "pf"), ("wr_fast", "wf"), ("swap", "sw"), ("fuse", "fu"), ("tile_load", "tl"))
 
 
-def variant_key(bm, bn, nw, ns, sp, pf, wf, sw, fu) -> str:
-    """``bm16-bn128-w4-s3-split-pf2-wf-sw-fu`` (bench/gpu/pick_exact_variant.py parses it back)."""
-    return (f"bm{bm}-bn{bn}-w{nw}-s{ns}" + ("-split" if sp else "") + (f"-pf{pf}" if pf else "")
-            + ("-wf" if wf else "") + ("-sw" if sw else "") + ("-fu" if fu else ""))
+def variant_key(kw: dict) -> str:
+    """``default`` or e.g. ``bn64-w2-pf2-wf1`` (bench/gpu/pick_exact_variant.py parses it back)."""
+    parts = [f"{ab}{int(kw[name])}" for name, ab in _KEY_ABBREV if name in kw]
+    return "-".join(parts) or "default"
 
 
 def copy_bandwidth() -> float:
@@ -80,14 +91,11 @@ def main(argv=None) -> int:
                    "marlin_tbps": round(moved / (t_marlin * 1e-6) / 1e12, 3)}
             if args.tune and m in (1, 16, 4096):
                 tune = {}
-                for bm, bn, nw, ns, sp, pf, wf, sw, fu in TUNE_VARIANTS["small" if m <= 16 else "large"]:
-                    key = variant_key(bm, bn, nw, ns, sp, pf, wf, sw, fu)
+                for kw in TUNE_VARIANTS["small" if m <= 16 else "large"]:
+                    key = variant_key(kw)
                     try:
                         tune[key] = round(graph_time_us(
-                            lambda i: w4a16_gemm_exact(x, *weights[i], None, True, sms, block_m=bm, block_n=bn,
-                                                       num_warps=nw, num_stages=ns, split=sp, prefetch=pf,
-                                                       wr_fast=wf, swap=sw, fuse=fu),
-                            copies, REPLAYS), 2)
+                            lambda i: w4a16_gemm_exact(x, *weights[i], None, True, sms, **kw), copies, REPLAYS), 2)
                     except Exception as exc:  # e.g. out of shared memory for a large tile
                         tune[key] = f"{type(exc).__name__}"
                 row["tune"] = tune

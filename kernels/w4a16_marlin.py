@@ -211,6 +211,14 @@ def _tree(acc0, acc1, acc2, acc3, KW: tl.constexpr):
 # Pass 1: one program per (piece, column/row sub-block[, warp-row])
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _x_load(x_ptr, rows, rmask, k0, nt, stride_xm):
+    """``A[rows, k0:k0+32]`` (rows past the launch masked to 0; all of it for an empty piece, ``nt <= 0``)."""
+    kk = tl.arange(0, 32)
+    return tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + kk)[None, :],
+                   mask=(rmask & (rows * 0 + nt > 0))[:, None], other=0.0)
+
+
+@triton.jit
 def _chain_load(x_ptr, wq_ptr, rows, rmask, cols, k0, kw0, nt, stride_xm, stride_wn):
     """One warp-row chain's operands of one tile: ``A[rows, k0:k0+32]`` and the packed ``W[cols, k0:k0+32]``.
 
@@ -218,12 +226,59 @@ def _chain_load(x_ptr, wq_ptr, rows, rmask, cols, k0, kw0, nt, stride_xm, stride
     separately (built from products of constants) so that Triton can prove the alignment of the weight loads.
     ``nt`` (the piece's k-tile count) masks the loads of an empty piece (nt <= 0), whose columns may lie past N.
     """
-    kk = tl.arange(0, 32)
-    a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + kk)[None, :], mask=(rmask & (rows * 0 + nt > 0))[:, None],
-                other=0.0)
+    a = _x_load(x_ptr, rows, rmask, k0, nt, stride_xm)
     words = tl.load(wq_ptr + cols[:, None] * stride_wn + (kw0 + tl.arange(0, 4))[None, :],
                     mask=(cols * 0 + nt > 0)[:, None], other=0)  # [BN, 4]
     return a, words
+
+
+@triton.jit
+def _tile_words(wq_ptr, cols, kw0, nt, stride_wn, KW: tl.constexpr, BN: tl.constexpr):
+    """The packed weights of one whole k-tile row per column, split into its KW warp-row chains' ``[BN, 4]``.
+
+    One ``[BN, 4 KW]`` load (a contiguous 32- or 64-byte run per column: a warp covers 8 columns per instruction,
+    where four separate 16-byte chain loads touch 32 columns, i.e. 32 cache lines, each) instead of KW loads;
+    word ``j`` of the tile belongs to chain ``j // 4``. The split goes through registers / shared memory, as
+    Triton decides.
+    """
+    words = tl.load(wq_ptr + cols[:, None] * stride_wn + (kw0 + tl.arange(0, 4 * KW))[None, :],
+                    mask=(cols * 0 + nt > 0)[:, None], other=0)  # [BN, 4 KW]
+    if KW == 4:  # j = 8 c1 + 4 c0 + i, chain c = 2 c1 + c0
+        w = tl.permute(tl.reshape(words, (BN, 2, 2, 4)), (0, 3, 1, 2))  # [BN, i, c1, c0]
+        even, odd = tl.split(w)  # c0 = 0 / 1
+        w0, w2 = tl.split(even)
+        w1, w3 = tl.split(odd)
+    else:  # j = 4 c + i
+        w0, w1 = tl.split(tl.permute(tl.reshape(words, (BN, 2, 4)), (0, 2, 1)))
+        w2 = w0
+        w3 = w0
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _arrive_and_fold(ctr_ptr, part_ptr, out_ptr, scale_ptr, bias_ptr, q, sub, l, stride_om, stride_sn, ROW_OFF,
+                     M_SPLIT, MB, N_TILES, K_TILES, T1, T2, ITERS, MAXB, TN, NSUB, SUBS, SLOT0, NSLOTS, CHANNELWISE,
+                     HAS_BIAS, FP32_REDUCE, KW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     SPLIT: tl.constexpr, IS_BF16: tl.constexpr, EMU: tl.constexpr):
+    """The fused fold: count this program in at its tile's arrival counter; the last to arrive folds the tile.
+
+    Called right after the program stored its partial (one chain with SPLIT, else a block partial). Expected
+    arrivals: the tile's pieces (x KW with SPLIT). ``acq_rel`` at GPU scope after a CTA barrier: the other
+    programs' partials are visible to the last one (loaded ``.cg``, from L2). It resets the counter to 0, so the
+    buffer is zero again for the next call.
+    """
+    ip = (q < T1).to(tl.int32)
+    p = tl.maximum(q - T1, 0)
+    j_first, j_last = _split_tile(p, K_TILES, ITERS)
+    n_pieces = ip + (1 - ip) * (j_last - j_first + 1)
+    cidx = (l * (T1 + T2) + q) * SUBS + sub
+    tl.debug_barrier()  # every thread's partial is stored before the release below
+    arrived = tl.atomic_add(ctr_ptr + cidx, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_pieces * (KW if SPLIT else 1) - 1:  # everyone else has released their partials
+        _fold_tile(part_ptr, out_ptr, scale_ptr, bias_ptr, q, sub, l, n_pieces, j_last, p, ip, stride_om, stride_sn,
+                   ROW_OFF, M_SPLIT, MB, N_TILES, K_TILES, T1, ITERS, MAXB, TN, NSUB, SUBS, SLOT0, NSLOTS,
+                   CHANNELWISE, HAS_BIAS, FP32_REDUCE, KW, BM, BN, SPLIT, IS_BF16, EMU)
+        tl.atomic_xchg(ctr_ptr + cidx, 0)
 
 
 @triton.jit
@@ -284,6 +339,7 @@ def _marlin_pass1(
     TK: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUPED: tl.constexpr,
     OWN_SCALE: tl.constexpr, SPLIT: tl.constexpr, IS_BF16: tl.constexpr, EMU: tl.constexpr,
     PREFETCH: tl.constexpr, WR_FAST: tl.constexpr, SWAP: tl.constexpr, FUSE: tl.constexpr,
+    TILE_LOAD: tl.constexpr,
 ):
     """Grid (T1 + slots [x KW if SPLIT and WR_FAST], sub-blocks [x KW if SPLIT and not WR_FAST], launches).
 
@@ -363,18 +419,32 @@ def _marlin_pass1(
                 s_next = _tile_scales(scale_ptr, cols, t + 1, t_last, stride_sn, GROUP, TK)
             kt = t * TK
             kw = t * (TK // 8)
-            a, w = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt, kw, nt, stride_xm, stride_wn)
-            acc0 = _chain_step(acc0, a, w, scale_ptr, s_tile, cols, kt, stride_sn, GROUP, BN, GROUPED, OWN_SCALE,
+            if TILE_LOAD:  # one whole-tile-row load per column, split between the chains
+                w0, w1, w2, w3 = _tile_words(wq_ptr, cols, kw, nt, stride_wn, KW, BN)
+                a = _x_load(x_ptr, rows, rmask, kt, nt, stride_xm)
+            else:
+                a, w0 = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt, kw, nt, stride_xm, stride_wn)
+            acc0 = _chain_step(acc0, a, w0, scale_ptr, s_tile, cols, kt, stride_sn, GROUP, BN, GROUPED, OWN_SCALE,
                                IS_BF16, EMU)
-            a, w = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt + 32, kw + 4, nt, stride_xm, stride_wn)
-            acc1 = _chain_step(acc1, a, w, scale_ptr, s_tile, cols, kt + 32, stride_sn, GROUP, BN, GROUPED,
+            if TILE_LOAD:
+                a = _x_load(x_ptr, rows, rmask, kt + 32, nt, stride_xm)
+            else:
+                a, w1 = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt + 32, kw + 4, nt, stride_xm, stride_wn)
+            acc1 = _chain_step(acc1, a, w1, scale_ptr, s_tile, cols, kt + 32, stride_sn, GROUP, BN, GROUPED,
                                OWN_SCALE, IS_BF16, EMU)
             if KW == 4:
-                a, w = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt + 64, kw + 8, nt, stride_xm, stride_wn)
-                acc2 = _chain_step(acc2, a, w, scale_ptr, s_tile, cols, kt + 64, stride_sn, GROUP, BN, GROUPED,
+                if TILE_LOAD:
+                    a = _x_load(x_ptr, rows, rmask, kt + 64, nt, stride_xm)
+                else:
+                    a, w2 = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt + 64, kw + 8, nt, stride_xm, stride_wn)
+                acc2 = _chain_step(acc2, a, w2, scale_ptr, s_tile, cols, kt + 64, stride_sn, GROUP, BN, GROUPED,
                                    OWN_SCALE, IS_BF16, EMU)
-                a, w = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt + 96, kw + 12, nt, stride_xm, stride_wn)
-                acc3 = _chain_step(acc3, a, w, scale_ptr, s_tile, cols, kt + 96, stride_sn, GROUP, BN, GROUPED,
+                if TILE_LOAD:
+                    a = _x_load(x_ptr, rows, rmask, kt + 96, nt, stride_xm)
+                else:
+                    a, w3 = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt + 96, kw + 12, nt, stride_xm,
+                                        stride_wn)
+                acc3 = _chain_step(acc3, a, w3, scale_ptr, s_tile, cols, kt + 96, stride_sn, GROUP, BN, GROUPED,
                                    OWN_SCALE, IS_BF16, EMU)
 
     offs = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
@@ -387,19 +457,9 @@ def _marlin_pass1(
             else:
                 tl.store(base + offs, acc0, mask=rmask[:, None])
             if FUSE:  # the last chain program of a tile folds it (saves pass 2's launch; Marlin's locks, in spirit)
-                ip = (q < T1).to(tl.int32)
-                p = tl.maximum(q - T1, 0)
-                j_first, j_last = _split_tile(p, K_TILES, ITERS)
-                n_pieces = ip + (1 - ip) * (j_last - j_first + 1)
-                cidx = (l * (T1 + T2) + q) * SUBS + sub
-                tl.debug_barrier()  # every thread's partial is stored before the release below
-                arrived = tl.atomic_add(ctr_ptr + cidx, 1, sem="acq_rel", scope="gpu")
-                if arrived == n_pieces * KW - 1:  # all other chains of the tile have released their partials
-                    _fold_tile(part_ptr, out_ptr, scale_ptr, bias_ptr, q, sub, l, n_pieces, j_last, p, ip,
-                               stride_om, stride_sn, ROW_OFF, M_SPLIT, MB, N_TILES, K_TILES, T1, ITERS, MAXB, TN,
-                               NSUB, SUBS, SLOT0, NSLOTS, CHANNELWISE, HAS_BIAS, FP32_REDUCE, KW, BM, BN, SPLIT,
-                               IS_BF16, EMU)
-                    tl.atomic_xchg(ctr_ptr + cidx, 0)  # self-resetting: the counters stay zero between calls
+                _arrive_and_fold(ctr_ptr, part_ptr, out_ptr, scale_ptr, bias_ptr, q, sub, l, stride_om, stride_sn,
+                                 ROW_OFF, M_SPLIT, MB, N_TILES, K_TILES, T1, T2, ITERS, MAXB, TN, NSUB, SUBS, SLOT0,
+                                 NSLOTS, CHANNELWISE, HAS_BIAS, FP32_REDUCE, KW, BM, BN, SPLIT, IS_BF16, EMU)
         else:
             blk = _tree(acc0, acc1, acc2, acc3, KW)
             if single:  # nobody else touches this tile: Marlin's write_result straight away
@@ -408,6 +468,11 @@ def _marlin_pass1(
             else:  # fp32 block partial -> workspace [L, NSLOTS, SUBS, BM, BN]
                 base = part_ptr + ((l * NSLOTS + (u - SLOT0)) * SUBS + sub) * (BM * BN)
                 tl.store(base + offs, blk, mask=rmask[:, None])
+                if FUSE:
+                    _arrive_and_fold(ctr_ptr, part_ptr, out_ptr, scale_ptr, bias_ptr, q, sub, l, stride_om,
+                                     stride_sn, ROW_OFF, M_SPLIT, MB, N_TILES, K_TILES, T1, T2, ITERS, MAXB, TN,
+                                     NSUB, SUBS, SLOT0, NSLOTS, CHANNELWISE, HAS_BIAS, FP32_REDUCE, KW, BM, BN,
+                                     SPLIT, IS_BF16, EMU)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -498,13 +563,16 @@ class PassConfig:
     ``prefetch`` (0-2, SPLIT only): tiles of operands requested ahead of the MMAs of each chain;
     ``wr_fast`` (SPLIT only): launch the KW chain programs of a piece next to each other;
     ``swap`` (SPLIT only): compute the transposed tile, weights as the MMA's A operand;
-    ``fuse`` (SPLIT only): the last chain program of each tile folds it (no pass 2 launch).
+    ``fuse``: the last program to finish a split tile folds it (no pass 2 launch);
+    ``tile_load`` (not SPLIT): one whole-tile-row load per column, split between the KW chains.
     """
 
-    __slots__ = ("block_m", "block_n", "num_warps", "num_stages", "split", "prefetch", "wr_fast", "swap", "fuse")
+    __slots__ = ("block_m", "block_n", "num_warps", "num_stages", "split", "prefetch", "wr_fast", "swap", "fuse",
+                 "tile_load")
 
     def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int, split: bool,
-                 prefetch: int = 0, wr_fast: bool = False, swap: bool = False, fuse: bool = False):
+                 prefetch: int = 0, wr_fast: bool = False, swap: bool = False, fuse: bool = False,
+                 tile_load: bool = False):
         if block_m not in (16, 32, 64) or block_n not in (32, 64, 128, 256):
             raise ValueError(f"block_m must be 16/32/64 and block_n 32..256, got {block_m}, {block_n}")
         if prefetch not in (0, 1, 2):
@@ -512,18 +580,20 @@ class PassConfig:
         self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
         self.split, self.prefetch, self.wr_fast = split, prefetch if split else 0, bool(wr_fast) and split
         self.swap = bool(swap) and split
-        self.fuse = bool(fuse) and split
+        self.fuse = bool(fuse)
+        self.tile_load = bool(tile_load) and not split
 
     def __repr__(self):
         return (f"PassConfig(bm={self.block_m}, bn={self.block_n}, warps={self.num_warps}, "
                 f"stages={self.num_stages}, split={self.split}, prefetch={self.prefetch}, wr_fast={self.wr_fast}, "
-                f"swap={self.swap}, fuse={self.fuse})")
+                f"swap={self.swap}, fuse={self.fuse}, tile_load={self.tile_load})")
 
 
 def pass_config(launch: Launch, block_m: int | None = None, block_n: int | None = None,
                 num_warps: int | None = None, num_stages: int | None = None,
                 split: bool | None = None, prefetch: int | None = None,
-                wr_fast: bool | None = None, swap: bool | None = None, fuse: bool | None = None) -> PassConfig:
+                wr_fast: bool | None = None, swap: bool | None = None, fuse: bool | None = None,
+                tile_load: bool | None = None) -> PassConfig:
     """Default tiles (measured on an H200, see bench/bench_marlin_exact.py --tune): m-blocks of <= 16 rows run
     BM 16 (mma.sync) with one program per warp-row chain (SPLIT) over BN 128 columns (capped at Marlin's
     thread_n); larger ones BM 64 (wgmma) with all chains in one program, BN 128 with 4 warps when two chains
@@ -544,8 +614,8 @@ def pass_config(launch: Launch, block_m: int | None = None, block_n: int | None 
     pf = (0 if wide else 1) if prefetch is None else prefetch
     wf = wide if wr_fast is None else wr_fast
     swap = wide if swap is None else swap
-    fuse = True if fuse is None else fuse
-    return PassConfig(bm, bn, warps, num_stages or 3, sp, pf, wf, bool(swap), bool(fuse))
+    fuse = sp if fuse is None else fuse
+    return PassConfig(bm, bn, warps, num_stages or 3, sp, pf, wf, bool(swap), bool(fuse), bool(tile_load))
 
 
 LAST_COMPILED: dict = {}  # the compiled kernels of the latest call (kernels.verify reads their PTX)
@@ -603,7 +673,7 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
                      *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, split: bool | None = None, prefetch: int | None = None,
                      wr_fast: bool | None = None, swap: bool | None = None,
-                     fuse: bool | None = None) -> torch.Tensor:
+                     fuse: bool | None = None, tile_load: bool | None = None) -> torch.Tensor:
     """``y = x @ dequant(W).T (+ bias)`` with the bits of vLLM 0.26.0 ``marlin_gemm`` on a GPU with ``sms`` SMs.
 
     Args:
@@ -613,8 +683,8 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
         bias: optional ``[N]`` in x's dtype.
         use_fp32_reduce: Marlin's flag (vLLM default True): the cross-block fold in fp32, else in x's dtype.
         sms: SM count Marlin ran with; -1 = this device's (``cudaDevAttrMultiProcessorCount``).
-        block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse: Triton launch choices
-            (:func:`pass_config`; they do not change the bits).
+        block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse, tile_load: Triton launch
+            choices (:func:`pass_config`; they do not change the bits).
 
     Returns:
         ``[..., N]`` in x's dtype.
@@ -643,7 +713,8 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
     is_bf16 = x.dtype == torch.bfloat16
     for grp in sched.groups:
         ln = sched.launches[grp.first]
-        cfg = pass_config(ln, block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse)
+        cfg = pass_config(ln, block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse,
+                          tile_load)
         bm, bn, sp = cfg.block_m, cfg.block_n, cfg.split
         nsub = ln.cfg.thread_n // bn
         subs = nsub * -(-ln.mb // bm)
@@ -667,7 +738,7 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
             x2, wq, ws, b, out2, part, ctr, x2.stride(0), wq.stride(0), ws.stride(0), out2.stride(0),
             GROUP=max(g, 1), **scalars, TK=ln.cfg.thread_k, GROUPED=int(not channelwise),
             OWN_SCALE=int(not channelwise and g < ln.cfg.thread_k), PREFETCH=cfg.prefetch, WR_FAST=cfg.wr_fast,
-            SWAP=cfg.swap, FUSE=cfg.fuse, FP32_REDUCE=int(bool(use_fp32_reduce)), **common,
+            SWAP=cfg.swap, FUSE=cfg.fuse, TILE_LOAD=cfg.tile_load, FP32_REDUCE=int(bool(use_fp32_reduce)), **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if needs_pass2 and not cfg.fuse:

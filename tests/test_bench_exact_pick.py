@@ -1,7 +1,9 @@
 """bench/gpu/pick_exact_variant.py: picks the exact kernel's decode launch shape with the lowest summed time over
-the gate_up rows (M <= 16) of a ``bench_marlin_exact --tune`` JSON, skipping failed variants and other rows."""
+the gate_up rows (M <= 16) of a ``bench_marlin_exact --tune`` JSON, skipping failed variants and other rows; its
+key parser inverts ``bench.bench_marlin_exact.variant_key`` for every tuned variant."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,20 +12,36 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _picker():
+    spec = importlib.util.spec_from_file_location("pick_exact_variant", REPO / "bench/gpu/pick_exact_variant.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_pick_exact_variant(tmp_path):
     rows = [
-        {"shape": "gate_up", "m": 1, "tune": {"bm16-bn64-w4-s3-split": 40.0, "bm16-bn128-w4-s3-split-pf2-wf": 31.0,
-                                              "bm16-bn32-w2-s4-split": 30.0, "bm16-bn64-w4-s3": "TypeError"}},
-        {"shape": "gate_up_full", "m": 16, "tune": {"bm16-bn64-w4-s3-split": 50.0,
-                                                    "bm16-bn128-w4-s3-split-pf2-wf": 41.0,
-                                                    "bm16-bn32-w2-s4-split": 44.0}},
+        {"shape": "gate_up", "m": 1, "tune": {"default": 40.0, "split0-bn64-fu1-tl1": 31.0,
+                                              "bn32-w2-pf2": 30.0, "split0-bn128-tl1": "OutOfResources"}},
+        {"shape": "gate_up_full", "m": 16, "tune": {"default": 50.0, "split0-bn64-fu1-tl1": 41.0,
+                                                    "bn32-w2-pf2": 44.0}},
         # not gate_up, or not decode: ignored even though bn32 would win there
-        {"shape": "down", "m": 1, "tune": {"bm16-bn32-w2-s4-split": 1.0, "bm16-bn128-w4-s3-split": 99.0}},
-        {"shape": "gate_up", "m": 4096, "tune": {"bm64-bn64-w4-s3": 1.0}},
+        {"shape": "down", "m": 1, "tune": {"bn32-w2-pf2": 1.0, "split0-bn64-fu1-tl1": 99.0}},
+        {"shape": "gate_up", "m": 4096, "tune": {"bn64": 1.0}},
     ]
     f = tmp_path / "tune.json"
     f.write_text(json.dumps({"rows": rows}))
     r = subprocess.run([sys.executable, str(REPO / "bench/gpu/pick_exact_variant.py"), str(f)], capture_output=True,
                        text=True, check=True)
-    assert json.loads(r.stdout) == {"block_m": 16, "block_n": 128, "num_warps": 4, "num_stages": 3, "split": True,
-                                    "prefetch": 2, "wr_fast": True, "swap": False, "fuse": False}
+    assert json.loads(r.stdout) == {"split": False, "block_n": 64, "fuse": True, "tile_load": True}
+
+
+def test_keys_round_trip():
+    from bench.bench_marlin_exact import TUNE_VARIANTS, variant_key
+
+    parse = _picker().parse_key
+    for group in TUNE_VARIANTS.values():
+        keys = [variant_key(kw) for kw in group]
+        assert len(set(keys)) == len(keys)
+        for kw, key in zip(group, keys):
+            assert parse(key) == kw, key

@@ -42,9 +42,10 @@ CASES = [
     (70, 256, 256, -1, "fp16", True, False, 5),
     (5, 128, 2048, 128, "bf16", True, True, 3),  # few SMs: long pieces, so chain order matters too
     (40, 256, 1024, -1, "bf16", False, False, 4),
+    (65, 512, 512, 128, "bf16", True, True, 4),  # thread_k 64 (KW = 2) with split tiles, then a KW = 4 launch
 ]
 MUTANT_CASES = (0, 7, 8)
-VARIANT_CASES = (2, 6, 7)  # channelwise + bias (the fused-FMA epilogue), bf16 / fp16; long chains (prefetch)
+VARIANT_CASES = (2, 6, 7, 9)  # channelwise + bias (fused-FMA epilogue), bf16 / fp16; long chains; KW = 2
 MUTANTS = {"chains": dict(chains="blocked"), "tree": dict(tree="pairwise"), "fold": dict(fold="top_down"),
            "sms": dict(sms=11)}
 
@@ -70,13 +71,15 @@ def _worker() -> dict:
         ref = emulate_marlin(x, wp, ws, bias, red, sms)
         # the same bits with the other tilings: BM 16/64, one program per warp-row chain or per piece, operand
         # prefetch depth and launch order of the chain programs
-        tilings = ((16, False, 0, False, False, False), (64, True, 0, False, False, False),
-                   (64, False, 0, False, False, False), (16, True, 1, False, False, False),
-                   (16, True, 2, True, False, False), (16, True, 0, True, True, False),
-                   (16, True, 0, True, False, True), (64, True, 1, False, True, True))
+        tilings = ((16, False, 0, False, False, False, False), (64, True, 0, False, False, False, False),
+                   (64, False, 0, False, False, False, False), (16, True, 1, False, False, False, False),
+                   (16, True, 2, True, False, False, False), (16, True, 0, True, True, False, False),
+                   (16, True, 0, True, False, True, False), (64, True, 1, False, True, True, False),
+                   (16, False, 0, False, False, True, True), (64, False, 0, False, False, True, True),
+                   (16, False, 0, False, False, False, True))
         alts = [w4a16_gemm_exact(x, wp, ws, bias, red, sms, block_m=bm, split=sp, prefetch=pf, wr_fast=wf, swap=sw,
-                                 fuse=fu)
-                for bm, sp, pf, wf, sw, fu in tilings] if i in VARIANT_CASES else []
+                                 fuse=fu, tile_load=tl_)
+                for bm, sp, pf, wf, sw, fu, tl_ in tilings] if i in VARIANT_CASES else []
         report["cases"].append({"case": CASES[i], "mismatches": int((bits(out) != bits(ref)).sum()),
                                 "variant_mismatches": [int((bits(a) != bits(ref)).sum()) for a in alts],
                                 "finite": bool(torch.isfinite(out.float()).all())})
