@@ -48,3 +48,27 @@ def test_token_budget_and_lr_selection(tmp_path, trained_micro):
     # phase 2 continued from the selected run
     d2 = read_lineage(work / "distill2")
     assert [s["kind"] for s in d2[-3:]] == ["prune", "distill", "distill"] and d2[-2]["lr"] == float(runs[best][0])
+
+
+def test_refit_criteria_entry(tmp_path, trained_micro):
+    """``--criteria activation,activation+refit`` prunes twice (the second with ``--refit``, into
+    ``pruned-activation-refit``) and ``--distill-from activation+refit`` distills the refit one."""
+    from pack.checkpoint import read_lineage
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device", "cpu",
+           "--base", str(trained_micro), "--stages", "prune,distill", "--criteria", "activation,activation+refit",
+           "--distill-from", "activation+refit", "--prune-args=--samples 8 --seq-len 128",
+           "--distill1-args", "--steps 1 --batch 2 --seq-len 128",
+           "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32", "--eval-tokens", "2048",
+           "--prompts", "2", "--new-tokens", "4", "--work", str(work), "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    q = json.loads((out / "quality.json").read_text())
+    assert {"pruned-activation", "pruned-activation-refit"} <= set(q["rows"])
+    plain = read_lineage(work / "pruned-activation")[-1]
+    refit = read_lineage(work / "pruned-activation-refit")[-1]
+    assert "refit" not in plain["params"] and refit["params"]["refit"] is True
+    prune_step = next(s for s in reversed(read_lineage(work / "distill1")) if s["kind"] == "prune")
+    assert prune_step["params"].get("refit") is True
+    assert q["rows"]["pruned-activation"]["ppl"] != q["rows"]["pruned-activation-refit"]["ppl"]

@@ -7,7 +7,8 @@ reason when its tool is missing:
 train      ``python -m bench.train --scale small -o WORK/base --device cuda`` (<= 280 s training loop)
 eval       the base against itself + the unigram baseline (ppl of the validation split)
 quant      ``python -m pack.quantize WORK/base -o WORK/base-w4a16 --device cuda``; eval (goal: ppl <= +8 %)
-prune      ``python -m prune WORK/base -o WORK/pruned-C --ratio 0.2 --criterion C`` per criterion; eval each
+prune      ``python -m prune WORK/base -o WORK/pruned-C --ratio 0.2 --criterion C`` per criterion (``C+refit``:
+           also ``--refit``, into ``WORK/pruned-C-refit``); eval each
 distill    ``python -m distill --teacher WORK/base --student WORK/pruned-A -o WORK/distill1 --phase 1``, then
            ``--student WORK/distill1 -o WORK/distill2 --phase 2``; eval each. ``--distill1-lrs A,B`` (and/or
            ``--distill1-hidden-weights``): phase 1 once per combination, the lowest training forward KL
@@ -162,7 +163,7 @@ class Pipeline:
         pruned = {k: v for k, v in rows.items() if k.startswith("pruned-")}
         if pruned:
             g["prune_ppl_change_pct"] = {k: 100 * (v["ppl"] / base["ppl"] - 1) for k, v in pruned.items()}
-        src = rows.get(f"pruned-{self.a.distill_from}")
+        src = rows.get(f"pruned-{_prune_name(self.a.distill_from)}")
         for d in ("distill1", "distill2"):
             if d in rows and src is not None and src["ppl"] > base["ppl"]:
                 # fraction of the pruning damage (ppl gap to the base) that distillation won back
@@ -208,12 +209,15 @@ class Pipeline:
             self.stage("prune", "skipped", reason="prune not available")
             return
         crit = self.a.criteria.split(",") if self.a.criteria else list(_prune_criteria())
-        for c in crit:
-            dst = self.work / f"pruned-{c}"
-            if self.run(f"prune-{c}", [sys.executable, "-m", "prune", str(self.base), "-o", str(dst), "--ratio",
-                                       str(self.a.ratio), "--criterion", c, "--device", self.a.device, "--force",
-                                       "--no-progress", *shlex.split(self.a.prune_args)], min_s=30):
-                self.evaluate(f"pruned-{c}", dst)
+        for entry in crit:
+            c, refit = _prune_entry(entry)
+            name = _prune_name(entry)
+            dst = self.work / f"pruned-{name}"
+            if self.run(f"prune-{name}", [sys.executable, "-m", "prune", str(self.base), "-o", str(dst), "--ratio",
+                                          str(self.a.ratio), "--criterion", c, "--device", self.a.device, "--force",
+                                          "--no-progress", *(["--refit"] if refit else []),
+                                          *shlex.split(self.a.prune_args)], min_s=30):
+                self.evaluate(f"pruned-{name}", dst)
 
     def _distill_cmd(self, phase: int, src: Path, dst: Path, extra: list[str]) -> list[str]:
         return [sys.executable, "-m", "distill", "--teacher", str(self.base), "--student", str(src), "-o", str(dst),
@@ -299,7 +303,7 @@ class Pipeline:
         if not self.have("distill.__main__"):
             self.stage("distill", "skipped", reason="distill not available")
             return
-        student = self.work / f"pruned-{self.a.distill_from}"
+        student = self.work / f"pruned-{_prune_name(self.a.distill_from)}"
         if not (student / "config.json").is_file():
             self.stage("distill", "skipped", reason=f"{student} missing (run the prune stage)")
             return
@@ -313,7 +317,7 @@ class Pipeline:
             self.evaluate("distill2", dst)
 
     def s_final(self):
-        for name in ("distill2", "distill1", f"pruned-{self.a.distill_from}"):
+        for name in ("distill2", "distill1", f"pruned-{_prune_name(self.a.distill_from)}"):
             if (self.work / name / "config.json").is_file():
                 return self._quantize(self.work / name, "final")
         self.stage("final", "skipped", reason="no distilled or pruned checkpoint in --work")
@@ -366,6 +370,20 @@ class Pipeline:
         return 0 if all(v["status"] != "failed" for v in self.q["stages"].values()) else 1
 
 
+def _prune_entry(entry: str) -> tuple[str, bool]:
+    """``activation`` -> ("activation", False); ``activation+refit`` -> ("activation", True)."""
+    c, _, opt = entry.partition("+")
+    if opt not in ("", "refit"):
+        raise SystemExit(f"--criteria entry {entry!r}: the only option is +refit (e.g. activation+refit)")
+    return c, opt == "refit"
+
+
+def _prune_name(entry: str) -> str:
+    """Checkpoint / row name of a --criteria entry: ``activation+refit`` -> ``activation-refit``."""
+    c, refit = _prune_entry(entry.replace("-refit", "+refit") if entry.endswith("-refit") else entry)
+    return f"{c}-refit" if refit else c
+
+
 def _prune_criteria():
     try:
         from prune.config import CRITERIA
@@ -388,8 +406,10 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=float(os.environ.get("DEADLINE", 570)),
                     help="seconds this call may take (default 570: under the 600 s run limit)")
     ap.add_argument("--ratio", type=float, default=0.2)
-    ap.add_argument("--criteria", default="", help="prune criteria (default: all of prune.config.CRITERIA)")
-    ap.add_argument("--distill-from", default="activation", help="criterion whose pruned model is distilled")
+    ap.add_argument("--criteria", default="", help="prune criteria (default: all of prune.config.CRITERIA); "
+                    "C+refit prunes with --refit too (checkpoint pruned-C-refit), e.g. activation,activation+refit")
+    ap.add_argument("--distill-from", default="activation",
+                    help="criteria entry whose pruned model is distilled (e.g. activation or activation+refit)")
     ap.add_argument("--distill1-lrs", default="", metavar="LR,LR,...",
                     help="phase 1 once per lr (x hidden weight); the lowest phase-1 training forward KL becomes "
                          "distill1 (default: one run)")
