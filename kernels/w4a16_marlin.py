@@ -219,17 +219,18 @@ def _x_load(x_ptr, rows, rmask, k0, nt, stride_xm):
 
 
 @triton.jit
-def _chain_load(x_ptr, wq_ptr, rows, rmask, cols, k0, kw0, nt, stride_xm, stride_wn):
-    """One warp-row chain's operands of one tile: ``A[rows, k0:k0+32]`` and the packed ``W[cols, k0:k0+32]``.
+def _w_load(wq_ptr, cols, kw0, nt, stride_wn):
+    """Packed ``W[cols, 8 kw0 : 8 kw0 + 32]``: 32 k of a column are 4 consecutive int32 (16 bytes), one vector load
+    per column. ``kw0`` is passed separately from the k offset (built from products of constants) so that Triton
+    can prove the loads' alignment; ``nt <= 0`` (an empty piece, whose columns may lie past N) masks them off."""
+    return tl.load(wq_ptr + cols[:, None] * stride_wn + (kw0 + tl.arange(0, 4))[None, :],
+                   mask=(cols * 0 + nt > 0)[:, None], other=0)  # [BN, 4]
 
-    32 k of a column are 4 consecutive int32 (16 bytes): one vector load per column. ``kw0 = k0 / 8`` is passed
-    separately (built from products of constants) so that Triton can prove the alignment of the weight loads.
-    ``nt`` (the piece's k-tile count) masks the loads of an empty piece (nt <= 0), whose columns may lie past N.
-    """
-    a = _x_load(x_ptr, rows, rmask, k0, nt, stride_xm)
-    words = tl.load(wq_ptr + cols[:, None] * stride_wn + (kw0 + tl.arange(0, 4))[None, :],
-                    mask=(cols * 0 + nt > 0)[:, None], other=0)  # [BN, 4]
-    return a, words
+
+@triton.jit
+def _chain_load(x_ptr, wq_ptr, rows, rmask, cols, k0, kw0, nt, stride_xm, stride_wn):
+    """One warp-row chain's operands of one tile: ``A[rows, k0:k0+32]`` and the packed ``W[cols, k0:k0+32]``."""
+    return _x_load(x_ptr, rows, rmask, k0, nt, stride_xm), _w_load(wq_ptr, cols, kw0, nt, stride_wn)
 
 
 @triton.jit
@@ -421,31 +422,23 @@ def _marlin_pass1(
             kw = t * (TK // 8)
             if TILE_LOAD:  # one whole-tile-row load per column, split between the chains
                 w0, w1, w2, w3 = _tile_words(wq_ptr, cols, kw, nt, stride_wn, KW, BN)
-                a = _x_load(x_ptr, rows, rmask, kt, nt, stride_xm)
-            else:
-                a, w0 = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt, kw, nt, stride_xm, stride_wn)
-            acc0 = _chain_step(acc0, a, w0, scale_ptr, s_tile, cols, kt, stride_sn, GROUP, BN, GROUPED, OWN_SCALE,
-                               IS_BF16, EMU)
-            if TILE_LOAD:
-                a = _x_load(x_ptr, rows, rmask, kt + 32, nt, stride_xm)
-            else:
-                a, w1 = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt + 32, kw + 4, nt, stride_xm, stride_wn)
-            acc1 = _chain_step(acc1, a, w1, scale_ptr, s_tile, cols, kt + 32, stride_sn, GROUP, BN, GROUPED,
-                               OWN_SCALE, IS_BF16, EMU)
+            else:  # one 16-byte load per column and chain
+                w0 = _w_load(wq_ptr, cols, kw, nt, stride_wn)
+                w1 = _w_load(wq_ptr, cols, kw + 4, nt, stride_wn)
+                w2 = w0
+                w3 = w0
+                if KW == 4:
+                    w2 = _w_load(wq_ptr, cols, kw + 8, nt, stride_wn)
+                    w3 = _w_load(wq_ptr, cols, kw + 12, nt, stride_wn)
+            acc0 = _chain_step(acc0, _x_load(x_ptr, rows, rmask, kt, nt, stride_xm), w0, scale_ptr, s_tile, cols,
+                               kt, stride_sn, GROUP, BN, GROUPED, OWN_SCALE, IS_BF16, EMU)
+            acc1 = _chain_step(acc1, _x_load(x_ptr, rows, rmask, kt + 32, nt, stride_xm), w1, scale_ptr, s_tile,
+                               cols, kt + 32, stride_sn, GROUP, BN, GROUPED, OWN_SCALE, IS_BF16, EMU)
             if KW == 4:
-                if TILE_LOAD:
-                    a = _x_load(x_ptr, rows, rmask, kt + 64, nt, stride_xm)
-                else:
-                    a, w2 = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt + 64, kw + 8, nt, stride_xm, stride_wn)
-                acc2 = _chain_step(acc2, a, w2, scale_ptr, s_tile, cols, kt + 64, stride_sn, GROUP, BN, GROUPED,
-                                   OWN_SCALE, IS_BF16, EMU)
-                if TILE_LOAD:
-                    a = _x_load(x_ptr, rows, rmask, kt + 96, nt, stride_xm)
-                else:
-                    a, w3 = _chain_load(x_ptr, wq_ptr, rows, rmask, cols, kt + 96, kw + 12, nt, stride_xm,
-                                        stride_wn)
-                acc3 = _chain_step(acc3, a, w3, scale_ptr, s_tile, cols, kt + 96, stride_sn, GROUP, BN, GROUPED,
-                                   OWN_SCALE, IS_BF16, EMU)
+                acc2 = _chain_step(acc2, _x_load(x_ptr, rows, rmask, kt + 64, nt, stride_xm), w2, scale_ptr,
+                                   s_tile, cols, kt + 64, stride_sn, GROUP, BN, GROUPED, OWN_SCALE, IS_BF16, EMU)
+                acc3 = _chain_step(acc3, _x_load(x_ptr, rows, rmask, kt + 96, nt, stride_xm), w3, scale_ptr,
+                                   s_tile, cols, kt + 96, stride_sn, GROUP, BN, GROUPED, OWN_SCALE, IS_BF16, EMU)
 
     offs = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
     if nt > 0:
