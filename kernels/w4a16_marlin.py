@@ -614,21 +614,21 @@ def pass_config(launch: Launch, block_m: int | None = None, block_n: int | None 
 LAST_COMPILED: dict = {}  # the compiled kernels of the latest call (kernels.verify reads their PTX)
 
 
-_COUNTERS: dict = {}
+_COUNTERS: dict = {}  # device -> every counter buffer ever handed out there (the newest last)
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """int32 zeros, >= ``n`` of them, kept per device: the fused fold's per-tile arrival counters.
 
     The kernel leaves them at zero (the last program of a tile resets its counter), so one buffer serves every
-    call, CUDA-graph replays included. Calls on concurrent streams of one device must not share it: launch them
-    in order (as a model's layers are) or pass ``fuse=False``.
+    call, CUDA-graph replays included. A larger buffer is added when a call needs more; the older ones are kept
+    alive, because a captured CUDA graph still holds their addresses. Calls on concurrent streams of one device
+    must not share them: launch them in order (as a model's layers are) or pass ``fuse=False``.
     """
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    bufs = _COUNTERS.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device))
+    return bufs[-1]
 
 
 @functools.lru_cache(maxsize=16)

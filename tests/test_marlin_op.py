@@ -54,3 +54,16 @@ def test_package_and_op_import_without_triton():
     code = ("import sys, kernels, kernels.exact_op, kernels.marlin_schedule, kernels.marlin_emulate; "
             "assert 'triton' not in sys.modules, 'triton imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fused_fold_counters_grow_without_freeing():
+    """A captured CUDA graph keeps the counter buffer's address: growing must add a buffer, never drop one."""
+    from kernels.w4a16_marlin import _COUNTERS, _counters
+
+    dev = torch.device("cpu")
+    _COUNTERS.pop(dev, None)
+    a = _counters(dev, 10)
+    assert a.numel() >= 10 and not a.any() and _counters(dev, 100) is a  # reused while large enough
+    b = _counters(dev, a.numel() + 1)
+    assert b.numel() > a.numel() and _COUNTERS[dev][0] is a and _COUNTERS[dev][-1] is b
+    _COUNTERS.pop(dev)
