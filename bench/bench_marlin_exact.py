@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import torch
 
@@ -43,10 +44,29 @@ _KEY_ABBREV = (("block_m", "bm"), ("block_n", "bn"), ("num_warps", "w"), ("num_s
                ("prefetch", "pf"), ("wr_fast", "wf"), ("swap", "sw"), ("fuse", "fu"), ("tile_load", "tl"))
 
 
+_BOOL_KWARGS = {"split", "wr_fast", "swap", "fuse", "tile_load"}
+
+
 def variant_key(kw: dict) -> str:
-    """``default`` or e.g. ``bn64-w2-pf2-wf1`` (bench/gpu/pick_exact_variant.py parses it back)."""
+    """``default`` or e.g. ``bn64-w2-pf2-wf1``: abbreviation + integer value per launch kwarg (inverse:
+    :func:`variant_kwargs`)."""
     parts = [f"{ab}{int(kw[name])}" for name, ab in _KEY_ABBREV if name in kw]
     return "-".join(parts) or "default"
+
+
+def variant_kwargs(key: str) -> dict:
+    """``split0-bn64-tl1`` -> {"split": False, "block_n": 64, "tile_load": True}; ``default`` -> {}."""
+    if key == "default":
+        return {}
+    names = {ab: name for name, ab in _KEY_ABBREV}
+    out = {}
+    for part in key.split("-"):
+        m = re.fullmatch(r"([a-z]+)(\d+)", part)
+        if not m or m[1] not in names:
+            raise ValueError(f"unknown variant key part {part!r} in {key!r}")
+        name = names[m[1]]
+        out[name] = bool(int(m[2])) if name in _BOOL_KWARGS else int(m[2])
+    return out
 
 
 def copy_bandwidth() -> float:

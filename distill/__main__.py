@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import PHASE_DEFAULTS, PRECISIONS, DistillConfig
+from .config import LOSS_IMPLS, PHASE_DEFAULTS, PRECISIONS, DistillConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --grad-ckpt: checkpoint only the first N decoder layers (default all)")
     g.add_argument("--attn", default=dflt("attn"),
                    help="attention implementation: sdpa (default), pdq_hybrid (flex sliding window, GPU), eager")
-    g.add_argument("--loss-impl", choices=("autograd", "fused"), default=dflt("loss_impl"),
+    g.add_argument("--loss-impl", choices=LOSS_IMPLS, default=dflt("loss_impl"),
                    help="logit-loss gradient: autograd (default) or fused (hand-written forward-KL gradient)")
     g.add_argument("--compile-loss", action="store_true", help="torch.compile the logit loss's chunk math")
     g.add_argument("--compile-layers", action="store_true",

@@ -16,9 +16,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DistillConfig", "PHASE_DEFAULTS", "RESULT_FIELDS", "PRECISIONS"]
+__all__ = ["DistillConfig", "PHASE_DEFAULTS", "RESULT_FIELDS", "PRECISIONS", "LOSS_IMPLS"]
 
 PRECISIONS = ("bf16-mixed", "bf16-master", "fp32")
+LOSS_IMPLS = ("autograd", "fused")  # how a logit-loss chunk's gradient is made (losses.chunked_logit_loss)
 
 # Per-phase defaults for the fields left at None. Sized for the bench `small` pair (its teacher sees
 # 600 x 64 x 1024 = 39.3M tokens): phase 1 1.64M + phase 2 0.16M tokens = 4.6% of that, well under a minute
@@ -149,7 +150,7 @@ class DistillConfig:
         if self.attn not in ("sdpa", "eager", "flex_attention", "flash_attention_2", "pdq_hybrid"):
             raise ValueError(f"--attn {self.attn!r}: choose sdpa, pdq_hybrid, eager, flex_attention or "
                              "flash_attention_2")
-        if self.loss_impl not in ("autograd", "fused"):
+        if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"--loss-impl {self.loss_impl!r}: choose autograd or fused")
         if self.loss_impl == "fused" and self.phase != 1:
             raise ValueError("--loss-impl fused is the forward-KL gradient (phase 1); phase 2's JSD needs autograd")

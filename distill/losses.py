@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .config import LOSS_IMPLS
+
 __all__ = [
     "softcap", "lm_logits", "forward_kl", "generalized_jsd", "per_token_loss_fn", "chunked_logit_loss",
     "hidden_state_loss", "LOSS_IMPLS",
@@ -90,7 +92,6 @@ def per_token_loss_fn(kind: str, *, temperature: float = 1.0, beta: float = 0.5)
     return fn
 
 
-LOSS_IMPLS = ("autograd", "fused")
 
 
 def _chunk_loss_autograd_part(loss_fn, cap):

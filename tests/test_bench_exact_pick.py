@@ -1,22 +1,14 @@
 """bench/gpu/pick_exact_variant.py: picks the exact kernel's decode launch shape with the lowest summed time over
 the gate_up rows (M <= 16) of a ``bench_marlin_exact --tune`` JSON, skipping failed variants and other rows; its
-key parser inverts ``bench.bench_marlin_exact.variant_key`` for every tuned variant."""
+key format (``bench.bench_marlin_exact.variant_key`` / ``variant_kwargs``) round-trips every tuned variant."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _picker():
-    spec = importlib.util.spec_from_file_location("pick_exact_variant", REPO / "bench/gpu/pick_exact_variant.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_pick_exact_variant(tmp_path):
@@ -37,9 +29,9 @@ def test_pick_exact_variant(tmp_path):
 
 
 def test_keys_round_trip():
-    from bench.bench_marlin_exact import TUNE_VARIANTS, variant_key
+    from bench.bench_marlin_exact import TUNE_VARIANTS, variant_key, variant_kwargs
 
-    parse = _picker().parse_key
+    parse = variant_kwargs
     for group in TUNE_VARIANTS.values():
         keys = [variant_key(kw) for kw in group]
         assert len(set(keys)) == len(keys)

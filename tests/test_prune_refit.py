@@ -18,17 +18,10 @@ from bench.factory import save_random_checkpoint
 from pack.checkpoint import read_lineage
 from prune.__main__ import main
 from prune.config import PruneConfig
-from prune.run import load_model, prune_checkpoint
+from prune.run import load_model
+from tests.test_prune import SAMPLES, SEQ, _prune, tok  # noqa: F401  (tok: module fixture)
 
-SAMPLES, SEQ = 8, 128  # 1024 calibration tokens, as in test_prune.py
 DUP = 128  # channels of the "twins" checkpoint that are scaled copies of others (test_refit_recovers_...)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from bench.tokenizer import get_tokenizer
-
-    return get_tokenizer("micro")
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +64,6 @@ def ckpts(tmp_path_factory, tok):
         "wide": save_random_checkpoint("micro", d / "wide", tokenizer=tok, seed=3, use_double_wide_mlp=True),
         "twins": _twin_checkpoint(text, d / "twins"),
     }
-
-
-def _prune(src, dst, **kw):
-    kw.setdefault("samples", SAMPLES)
-    kw.setdefault("seq_len", SEQ)
-    return prune_checkpoint(src, dst, PruneConfig(**kw), progress=False)
 
 
 @pytest.fixture(scope="module")

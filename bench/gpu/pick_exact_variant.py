@@ -2,31 +2,16 @@
 
     python bench/gpu/pick_exact_variant.py bench_marlin_exact.json   # prints the kwargs as JSON (for
                                                                      # kernels.verify --decode-variant)
-Sums each variant's µs over the gate_up rows (M <= 16); keys are ``bench.bench_marlin_exact.variant_key``'s:
-``default`` or e.g. ``split0-bn64-tl1-fu1`` (abbreviation + integer value per launch kwarg).
+Sums each variant's µs over the gate_up rows (M <= 16); the keys are ``bench.bench_marlin_exact.variant_key``'s,
+read back with its ``variant_kwargs``.
 """
 import json
-import re
 import sys
+from pathlib import Path
 
-ABBREV = {"bm": "block_m", "bn": "block_n", "w": "num_warps", "s": "num_stages", "split": "split",
-          "pf": "prefetch", "wf": "wr_fast", "sw": "swap", "fu": "fuse", "tl": "tile_load"}
-BOOLS = {"split", "wr_fast", "swap", "fuse", "tile_load"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-
-def parse_key(key: str) -> dict:
-    """``split0-bn64-tl1`` -> {"split": False, "block_n": 64, "tile_load": True}; ``default`` -> {}."""
-    if key == "default":
-        return {}
-    out = {}
-    for part in key.split("-"):
-        m = re.fullmatch(r"([a-z]+)(\d+)", part)
-        if not m or m[1] not in ABBREV:
-            raise ValueError(f"unknown variant key part {part!r} in {key!r}")
-        name = ABBREV[m[1]]
-        out[name] = bool(int(m[2])) if name in BOOLS else int(m[2])
-    return out
-
+from bench.bench_marlin_exact import variant_kwargs  # noqa: E402
 
 if __name__ == "__main__":
     rows = json.load(open(sys.argv[1]))["rows"]
@@ -37,5 +22,5 @@ if __name__ == "__main__":
                 if isinstance(us, (int, float)):
                     total[key] = total.get(key, 0.0) + us
     best = min(total, key=total.get)
-    print(json.dumps(parse_key(best)))
+    print(json.dumps(variant_kwargs(best)))
     print(sorted(total.items(), key=lambda t: t[1]), file=sys.stderr)
