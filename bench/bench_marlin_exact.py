@@ -36,12 +36,19 @@ TUNE_VARIANTS = {
         dict(split=False, block_n=128, tile_load=True, fuse=True),
         dict(split=False, block_n=32, num_warps=2, tile_load=True, fuse=True),
         dict(split=False, block_n=64, tile_load=False, fuse=True),
+        # occupancy: decode pass 1 is latency-bound at 4 resident programs per SM (126 registers)
+        # (2026-11-29d: maxnreg 64 spills and halves the speed; 8 warps, 2 warps, BN 64 lose too)
+        dict(maxnreg=80), dict(maxnreg=96), dict(num_stages=1),
+        # deeper software pipelining of the chain's operand loads (shared memory, not registers)
+        dict(num_stages=2), dict(num_stages=4), dict(num_stages=5), dict(num_stages=6), dict(num_stages=8),
+        dict(num_stages=4, maxnreg=96), dict(num_stages=6, maxnreg=96),
     ],
     "large": [{}, dict(block_n=64), dict(block_n=256, num_warps=8), dict(num_stages=4),
               dict(fuse=True), dict(tile_load=True)],
 }
 _KEY_ABBREV = (("block_m", "bm"), ("block_n", "bn"), ("num_warps", "w"), ("num_stages", "s"), ("split", "split"),
-               ("prefetch", "pf"), ("wr_fast", "wf"), ("swap", "sw"), ("fuse", "fu"), ("tile_load", "tl"))
+               ("prefetch", "pf"), ("wr_fast", "wf"), ("swap", "sw"), ("fuse", "fu"), ("tile_load", "tl"),
+               ("maxnreg", "r"))
 
 
 _BOOL_KWARGS = {"split", "wr_fast", "swap", "fuse", "tile_load"}
@@ -85,7 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all E4B shapes)")
     args = ap.parse_args(argv)
     from kernels.vllm_ops import load_vllm_ops
-    from kernels.w4a16_marlin import w4a16_gemm_exact
+    from kernels.w4a16_marlin import LAST_COMPILED, w4a16_gemm_exact
 
     load_vllm_ops()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -110,7 +117,7 @@ def main(argv=None) -> int:
                    "exact_pct_copy_bw": round(100 * moved / (t_exact * 1e-6) / bw, 1),
                    "marlin_tbps": round(moved / (t_marlin * 1e-6) / 1e12, 3)}
             if args.tune and m in (1, 16, 4096):
-                tune = {}
+                tune, regs = {}, {}
                 for kw in TUNE_VARIANTS["small" if m <= 16 else "large"]:
                     key = variant_key(kw)
                     try:
@@ -118,7 +125,12 @@ def main(argv=None) -> int:
                             lambda i: w4a16_gemm_exact(x, *weights[i], None, True, sms, **kw), copies, REPLAYS), 2)
                     except Exception as exc:  # e.g. out of shared memory for a large tile
                         tune[key] = f"{type(exc).__name__}"
+                    else:  # registers / spilled bytes per thread of pass 1 (what sets its occupancy)
+                        k1 = LAST_COMPILED.get("pass1")
+                        if getattr(k1, "n_regs", None) is not None:
+                            regs[key] = f"{k1.n_regs}/{k1.n_spills}"
                 row["tune"] = tune
+                row["tune_regs"] = regs
             rows.append(row)
             print(json.dumps(row), flush=True)
         del weights, marlin

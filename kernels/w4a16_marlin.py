@@ -557,15 +557,19 @@ class PassConfig:
     ``wr_fast`` (SPLIT only): launch the KW chain programs of a piece next to each other;
     ``swap`` (SPLIT only): compute the transposed tile, weights as the MMA's A operand;
     ``fuse``: the last program to finish a split tile folds it (no pass 2 launch);
-    ``tile_load`` (not SPLIT): one whole-tile-row load per column, split between the KW chains.
+    ``tile_load`` (not SPLIT): one whole-tile-row load per column, split between the KW chains;
+    ``maxnreg``: cap on registers per thread (PTX ``.maxnreg``; None = the compiler's choice). Decode pass 1 is
+    latency-bound and its programs are resident 4 per SM at 126 registers: a cap trades spills for occupancy.
     """
 
     __slots__ = ("block_m", "block_n", "num_warps", "num_stages", "split", "prefetch", "wr_fast", "swap", "fuse",
-                 "tile_load")
+                 "tile_load", "maxnreg")
 
     def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int, split: bool,
                  prefetch: int = 0, wr_fast: bool = False, swap: bool = False, fuse: bool = False,
-                 tile_load: bool = False):
+                 tile_load: bool = False, maxnreg: int | None = None):
+        if maxnreg is not None and not 24 <= maxnreg <= 255:
+            raise ValueError(f"maxnreg must be in [24, 255] or None, got {maxnreg}")
         if block_m not in (16, 32, 64) or block_n not in (32, 64, 128, 256):
             raise ValueError(f"block_m must be 16/32/64 and block_n 32..256, got {block_m}, {block_n}")
         if prefetch not in (0, 1, 2):
@@ -575,18 +579,19 @@ class PassConfig:
         self.swap = bool(swap) and split
         self.fuse = bool(fuse)
         self.tile_load = bool(tile_load) and not split
+        self.maxnreg = maxnreg
 
     def __repr__(self):
         return (f"PassConfig(bm={self.block_m}, bn={self.block_n}, warps={self.num_warps}, "
                 f"stages={self.num_stages}, split={self.split}, prefetch={self.prefetch}, wr_fast={self.wr_fast}, "
-                f"swap={self.swap}, fuse={self.fuse}, tile_load={self.tile_load})")
+                f"swap={self.swap}, fuse={self.fuse}, tile_load={self.tile_load}, maxnreg={self.maxnreg})")
 
 
 def pass_config(launch: Launch, block_m: int | None = None, block_n: int | None = None,
                 num_warps: int | None = None, num_stages: int | None = None,
                 split: bool | None = None, prefetch: int | None = None,
                 wr_fast: bool | None = None, swap: bool | None = None, fuse: bool | None = None,
-                tile_load: bool | None = None) -> PassConfig:
+                tile_load: bool | None = None, maxnreg: int | None = None) -> PassConfig:
     """Default tiles (measured on an H200, see bench/bench_marlin_exact.py --tune): m-blocks of <= 16 rows run
     BM 16 (mma.sync) with one program per warp-row chain (SPLIT) over BN 128 columns (capped at Marlin's
     thread_n); larger ones BM 64 (wgmma) with all chains in one program, BN 128 with 4 warps when two chains
@@ -597,7 +602,13 @@ def pass_config(launch: Launch, block_m: int | None = None, block_n: int | None 
     many programs) the KW chain programs of a piece launched side by side and the transposed MMA (gate_up
     16384 x 2560, M=1: 34.3 -> 32.0 us); with thread_n 64 (long chains) one tile of operand prefetch (down
     2560 x 8192: 32.4 -> 30.6 us). ``kernels.verify --decode-variant`` re-ran the sweep's M <= 16 cases with the
-    fused, transposed, side-by-side variant: 0 mismatching elements (H200, 2026-11-29)."""
+    fused, transposed, side-by-side variant: 0 mismatching elements (H200, 2026-11-29).
+
+    Long decode grids: at its ~128 registers per thread pass 1 keeps 4 programs per SM resident. When the grid
+    holds more than two such waves (``programs > 8 * sms``: gate_up 20480 x 2560 has 1,536 chain programs on 132
+    SMs), a cap of 96 registers (5 per SM) with 4 pipeline stages measured 47.0 -> 44.9 us at M=1; at <= 2 waves
+    the cap only slows it (gate_up 16384 x 2560: 31.4 -> 35.7 us; qkv, o, down likewise; bench/results/
+    h200-2026-11-29d/tune3.json)."""
     bm = block_m or (16 if launch.mb <= 16 else 64)
     sp = (bm == 16) if split is None else split
     kw = 1 if sp else launch.cfg.kw
@@ -608,7 +619,12 @@ def pass_config(launch: Launch, block_m: int | None = None, block_n: int | None 
     wf = wide if wr_fast is None else wr_fast
     swap = wide if swap is None else swap
     fuse = sp if fuse is None else fuse
-    return PassConfig(bm, bn, warps, num_stages or 3, sp, pf, wf, bool(swap), bool(fuse), bool(tile_load))
+    stages = num_stages or 3
+    if sp and maxnreg is None and num_stages is None:
+        programs = (launch.part1_tiles + launch.slots) * launch.cfg.kw * (launch.cfg.thread_n // bn) * -(-launch.mb // bm)
+        if programs > 8 * launch.sms:
+            maxnreg, stages = 96, 4
+    return PassConfig(bm, bn, warps, stages, sp, pf, wf, bool(swap), bool(fuse), bool(tile_load), maxnreg)
 
 
 LAST_COMPILED: dict = {}  # the compiled kernels of the latest call (kernels.verify reads their PTX)
@@ -666,7 +682,8 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
                      *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, split: bool | None = None, prefetch: int | None = None,
                      wr_fast: bool | None = None, swap: bool | None = None,
-                     fuse: bool | None = None, tile_load: bool | None = None) -> torch.Tensor:
+                     fuse: bool | None = None, tile_load: bool | None = None,
+                     maxnreg: int | None = None) -> torch.Tensor:
     """``y = x @ dequant(W).T (+ bias)`` with the bits of vLLM 0.26.0 ``marlin_gemm`` on a GPU with ``sms`` SMs.
 
     Args:
@@ -676,8 +693,8 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
         bias: optional ``[N]`` in x's dtype.
         use_fp32_reduce: Marlin's flag (vLLM default True): the cross-block fold in fp32, else in x's dtype.
         sms: SM count Marlin ran with; -1 = this device's (``cudaDevAttrMultiProcessorCount``).
-        block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse, tile_load: Triton launch
-            choices (:func:`pass_config`; they do not change the bits).
+        block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse, tile_load, maxnreg: Triton
+            launch choices (:func:`pass_config`; they do not change the bits).
 
     Returns:
         ``[..., N]`` in x's dtype.
@@ -707,7 +724,7 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
     for grp in sched.groups:
         ln = sched.launches[grp.first]
         cfg = pass_config(ln, block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse,
-                          tile_load)
+                          tile_load, maxnreg)
         bm, bn, sp = cfg.block_m, cfg.block_n, cfg.split
         nsub = ln.cfg.thread_n // bn
         subs = nsub * -(-ln.mb // bm)
@@ -733,6 +750,7 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
             OWN_SCALE=int(not channelwise and g < ln.cfg.thread_k), PREFETCH=cfg.prefetch, WR_FAST=cfg.wr_fast,
             SWAP=cfg.swap, FUSE=cfg.fuse, TILE_LOAD=cfg.tile_load, FP32_REDUCE=int(bool(use_fp32_reduce)), **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **({} if cfg.maxnreg is None or emu else {"maxnreg": cfg.maxnreg}),
         )
         if needs_pass2 and not cfg.fuse:
             LAST_COMPILED["pass2"] = _marlin_pass2[(ln.tiles if sp else ln.part2_tiles, subs, grp.count)](
