@@ -64,6 +64,7 @@ class TrainConfig:
     time_budget: float | None = None  # seconds for the training loop; None = no limit
     log_every: int = 10
     unigram: bool = True  # compute the unigram baseline (encodes the whole train split once)
+    mlp_width: int | None = None  # MLP intermediate size (None: the scale's); e.g. the pruned width, from scratch
 
     def __post_init__(self):
         from bench.tokenizer import TOKENIZER_SCALES
@@ -75,6 +76,8 @@ class TrainConfig:
                 raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
         if not 0 <= self.warmup < self.steps:
             raise ValueError(f"--warmup must be in [0, steps), got {self.warmup}")
+        if self.mlp_width is not None and self.mlp_width <= 0:
+            raise ValueError(f"--mlp-width must be positive, got {self.mlp_width}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("--lr must be positive and --min-lr-ratio in [0, 1]")
 
@@ -140,7 +143,8 @@ def _train(cfg: TrainConfig, out, force: bool, log) -> dict:
     log(f"train split: {len(seqs)} windows × {cfg.seq_len} = {seqs.numel():,} tokens "
         f"(corpus {corpus.corpus_sha256()[:12]}, tokenizer v{len(tok)}); valid: {valid.numel():,} tokens")
 
-    model = build_model(cfg.scale, seed=cfg.seed, dtype=torch.float32, device=device)
+    width = {"intermediate_size": cfg.mlp_width} if cfg.mlp_width else {}
+    model = build_model(cfg.scale, seed=cfg.seed, dtype=torch.float32, device=device, **width)
     model.config._attn_implementation = "sdpa"
     model.config.use_cache = False
     model.train()
@@ -232,8 +236,9 @@ def _train(cfg: TrainConfig, out, force: bool, log) -> dict:
         log(f"valid ppl {final['valid_ppl']:.2f} vs unigram baseline {final['unigram_ppl']:.2f}")
     recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("log_every", "unigram")}
     recipe.update(steps=total, steps_planned=steps_planned)
+    name = f"pdqkit-bench/{cfg.scale}" + (f"-mlp{cfg.mlp_width}" if cfg.mlp_width else "")
     step_info = lineage_step(
-        "base", model=f"pdqkit-bench/{cfg.scale}", init="trained", seed=cfg.seed, recipe=recipe,
+        "base", model=name, init="trained", seed=cfg.seed, recipe=recipe,
         tokens_seen=tokens_seen, params=n_params,
         data={"corpus": f"{corpus.SOURCE}=={corpus.SOURCE_VERSION} sources (bench.corpus)",
               "corpus_sha256": corpus.corpus_sha256(), "split": "train", "train_stream_tokens": stream_len,
@@ -294,6 +299,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, help="validation tokens for the curve and the final ppl")
     ap.add_argument("--train-tokens", type=int, help="train on the first N tokens of the split only")
     ap.add_argument("--time-budget", type=float, help="seconds for the training loop (0: no limit)")
+    ap.add_argument("--mlp-width", type=int, help="MLP intermediate size (default: the scale's), e.g. a pruned "
+                    "student's width trained from scratch as a control")
     ap.add_argument("--no-unigram", action="store_true", help="skip the unigram baseline")
     ap.add_argument("--log-json", metavar="FILE", help="also write train_log.json here")
     ap.add_argument("--force", action="store_true", help="overwrite OUT")
@@ -303,7 +310,8 @@ def main(argv=None) -> int:
             a.scale, steps=a.steps, batch=a.batch, seq_len=a.seq_len, lr=a.lr, warmup=a.warmup,
             min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay, seed=a.seed, device=a.device,
             compile=a.compile or None, eval_every=a.eval_every, eval_tokens=a.eval_tokens,
-            train_tokens=a.train_tokens, time_budget=a.time_budget, unigram=False if a.no_unigram else None)
+            train_tokens=a.train_tokens, time_budget=a.time_budget, unigram=False if a.no_unigram else None,
+            mlp_width=a.mlp_width)
         if a.time_budget == 0:
             cfg.time_budget = None
         result = train(cfg, a.out, force=a.force)

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from .config import LOSS_IMPLS, PHASE_DEFAULTS, PRECISIONS, DistillConfig
+from .config import LOSS_IMPLS, PHASE_DEFAULTS, PRECISIONS, TRAINABLE, DistillConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=dflt("seed"), help="data order and sampling seed (default 0)")
     g.add_argument("--train-embeddings", action="store_true",
                    help="also train the token / per-layer embedding tables (tied lm_head); default frozen")
+    g.add_argument("--trainable", choices=TRAINABLE, default=dflt("trainable"),
+                   help="all: the whole language stack but its embedding tables (default); mlp: only the decoder "
+                        "layers' MLP weights (what pruning changed)")
     g = ap.add_argument_group("phase 1 losses")
     g.add_argument("--temperature", type=float, default=dflt("temperature"),
                    help="KL temperature T (loss scaled by T^2) (default %(default)s)")

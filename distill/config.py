@@ -35,8 +35,9 @@ RESULT_FIELDS = (
     "teacher", "student", "phase", "data", "steps", "batch", "seq_len", "lr", "min_lr_ratio", "warmup_steps",
     "weight_decay", "adam_betas", "grad_clip", "seed", "temperature", "hidden_weight", "hidden_layers",
     "hidden_layer_weights", "lmbda", "beta", "sample_temperature", "jsd_temperature", "max_new_tokens",
-    "train_embeddings", "precision", "chunk", "max_tokens", "attn",
+    "train_embeddings", "precision", "chunk", "max_tokens", "attn", "trainable",
 )
+TRAINABLE = ("all", "mlp")
 
 
 @dataclass
@@ -71,6 +72,9 @@ class DistillConfig:
     max_new_tokens: int = 128
     # what is trained, how it runs
     train_embeddings: bool = False
+    # "all": every language-stack weight but the embedding tables; "mlp": only the decoder layers' MLP weights
+    # (what pruning changed) — attention, norms and scalars stay the teacher's
+    trainable: str = "all"
     # "bf16-mixed" (cuda default): fp32 student under torch.autocast; "fp32" (cpu default); "bf16-master"
     # (single process only): bf16 student run like the teacher, AdamW on fp32 master copies (distill/train.py)
     precision: str | None = None
@@ -79,7 +83,7 @@ class DistillConfig:
     ckpt_layers: int | None = None  # with grad_ckpt: checkpoint only the first N decoder layers (None: all)
     attn: str = "sdpa"  # or "pdq_hybrid" (distill/attention.py: flex sliding window + sdpa elsewhere)
     loss_impl: str = "autograd"  # logit-loss chunk gradient: autograd, or fused (forward KL, phase 1 only)
-    compile_loss: bool = False  # torch.compile the logit loss's per-chunk element-wise part
+    compile_loss: bool = False  # torch.compile the logit loss's chunk math and the hidden-state term (+ its grad)
     compile_layers: bool = False  # torch.compile every decoder layer's forward (teacher and student; phase 1)
     device: str = "auto"  # auto, cpu, cuda, cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
     threads: int | None = None
@@ -95,6 +99,11 @@ class DistillConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"--trainable {self.trainable!r}: choose one of {TRAINABLE}")
+        if self.trainable == "mlp" and self.train_embeddings:
+            raise ValueError("--trainable mlp trains only the MLP weights: drop --train-embeddings (or use "
+                             "--trainable all)")
         if self.phase not in (1, 2):
             raise ValueError(f"--phase {self.phase}: must be 1 (KL + hidden matching) or 2 (on-policy GKD)")
         for k, v in PHASE_DEFAULTS[self.phase].items():

@@ -253,14 +253,42 @@ def _normalised_mse(h_s: torch.Tensor, h_t: torch.Tensor, eps: float) -> torch.T
     return ((hs - ht).pow(2).sum(-1) / (ht.pow(2).sum(-1) + eps)).mean()
 
 
+def _normalised_mse_grad(h_s: torch.Tensor, h_t: torch.Tensor, eps: float, g: torch.Tensor) -> torch.Tensor:
+    """``d/dh_s`` of :func:`_normalised_mse` times the upstream scalar ``g``: ``2 g (h_s - h_t) / (||h_t||^2 +
+    eps) / n_tokens``, in ``h_s.dtype`` (one reduction and one element-wise pass)."""
+    hs, ht = h_s.float(), h_t.float()
+    n = hs.numel() // max(hs.shape[-1], 1)
+    scale = (2.0 / n) * g.float() / (ht.pow(2).sum(-1, keepdim=True) + eps)
+    return ((hs - ht) * scale).to(h_s.dtype)
+
+
+class _FusedNormalisedMSE(torch.autograd.Function):
+    """:func:`_normalised_mse` with its gradient written out (:func:`_normalised_mse_grad`), both compiled: two
+    fused kernels per layer instead of the ~10 eager ones autograd runs forward, recomputes and differentiates.
+    Keeps only ``h_s`` / ``h_t``, which the caller holds anyway (a layer output and the teacher's state)."""
+
+    @staticmethod
+    def forward(ctx, h_s, h_t, eps):
+        ctx.save_for_backward(h_s, h_t)
+        ctx.eps = eps
+        return _compiled(_normalised_mse, ("hidden_value", eps))(h_s, h_t, eps)
+
+    @staticmethod
+    def backward(ctx, g):
+        h_s, h_t = ctx.saved_tensors
+        return _compiled(_normalised_mse_grad, ("hidden_grad", ctx.eps))(h_s, h_t, ctx.eps, g), None, None
+
+
 def hidden_state_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
-                      layer_weights: list[float], eps: float = 1e-6) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                      layer_weights: list[float], eps: float = 1e-6,
+                      compile: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Weighted per-layer normalised MSE: ``sum_l w_l * mean_tokens(||h_s - h_t||^2 / (||h_t||^2 + eps))``.
 
     Each entry is a [..., d] hidden state (student may require grad; teacher is constant). The ratio is per
     token, so a few huge-norm tokens (Gemma's first position) do not dominate a layer. Each layer's term runs
-    under activation checkpointing: the fp32 difference is recomputed in backward instead of kept.
-    Returns ``(total, [per-layer value, detached])``.
+    under activation checkpointing: the fp32 difference is recomputed in backward instead of kept. With
+    ``compile`` the term and its hand-written gradient are compiled instead (:class:`_FusedNormalisedMSE`;
+    equal to the default to fp32 rounding). Returns ``(total, [per-layer value, detached])``.
     """
     if not (len(student_hidden) == len(teacher_hidden) == len(layer_weights)):
         raise ValueError("hidden_state_loss: student/teacher/weight lists differ in length")
@@ -269,7 +297,9 @@ def hidden_state_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[t
     for hs, ht, w in zip(student_hidden, teacher_hidden, layer_weights):
         if hs.shape != ht.shape:
             raise ValueError(f"hidden_state_loss: student hidden {tuple(hs.shape)} != teacher {tuple(ht.shape)}")
-        if hs.requires_grad:
+        if hs.requires_grad and compile:
+            v = _FusedNormalisedMSE.apply(hs, ht.detach(), float(eps))
+        elif hs.requires_grad:
             v = checkpoint(_normalised_mse, hs, ht.detach(), eps, use_reentrant=False)
         else:
             v = _normalised_mse(hs, ht, eps)

@@ -72,13 +72,18 @@ def check_pair(teacher: nn.Module, student: nn.Module, teacher_path, student_pat
                              "distillation needs the same vocabulary, hidden size and depth")
 
 
-def set_trainable(model: nn.Module, train_embeddings: bool = False) -> list[str]:
-    """Freeze everything but the language stack (and its embedding tables unless ``train_embeddings``).
+def set_trainable(model: nn.Module, train_embeddings: bool = False, trainable: str = "all") -> list[str]:
+    """Freeze everything but the language stack (and its embedding tables unless ``train_embeddings``); with
+    ``trainable="mlp"`` everything but the decoder layers' MLP weights (``layers.N.mlp.*``).
 
     Returns the names (as in ``model.named_parameters()``) of the trainable parameters."""
     decoder = model.get_decoder()
-    trainable = {id(p) for n, p in decoder.named_parameters()
-                 if train_embeddings or not n.endswith(EMBEDDING_PARAMS)}
+    if trainable == "mlp":
+        keep = {id(p) for layer in decoder.layers for p in layer.mlp.parameters()}
+    else:
+        keep = {id(p) for n, p in decoder.named_parameters()
+                if train_embeddings or not n.endswith(EMBEDDING_PARAMS)}
+    trainable = keep
     names = []
     for n, p in model.named_parameters():
         p.requires_grad_(id(p) in trainable)
@@ -266,7 +271,7 @@ class DistillModule(nn.Module):
         total = self.logit_weight * logit
         if match:
             hidden, per_layer = hidden_state_loss([hs[i] for i in match], [teacher_hidden[i] for i in match],
-                                                  self.hidden_weights)
+                                                  self.hidden_weights, compile=self.compile_loss)
             parts["hidden_mse"] = hidden.detach()
             for i, v in zip(match, per_layer):
                 parts[f"hidden_mse/{i}"] = v

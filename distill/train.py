@@ -161,7 +161,7 @@ class Distiller:
             to_bf16_layout(student)
         self.teacher = teacher.requires_grad_(False).eval()
         self.student = student
-        self.trainable = set_trainable(student, cfg.train_embeddings)
+        self.trainable = set_trainable(student, cfg.train_embeddings, cfg.trainable)
         if cfg.grad_ckpt:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             limit_checkpointing(student, cfg.ckpt_layers)
@@ -409,7 +409,8 @@ def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:
         "phase": cfg.phase, "losses": losses, "steps": cfg.steps, "batch": cfg.batch, "seq_len": cfg.seq_len,
         "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio, "warmup_steps": cfg.warmup_steps,
         "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
-        "precision": cfg.precision, "train_embeddings": cfg.train_embeddings, "world_size": env.world,
+        "precision": cfg.precision, "train_embeddings": cfg.train_embeddings,
+        "trainable": cfg.trainable, "world_size": env.world,
         "tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,
         **({"generated_tokens": gen_tokens} if cfg.phase == 2 else {}),
         "loss_first": {k: history[0][k] for k in keys},

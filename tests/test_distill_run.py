@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill.__main__ import main as distill_main
+from distill.config import DistillConfig
 from distill.data import TokenBlocks, load_blocks
 from distill.losses import forward_kl
 from distill.models import load_model
@@ -285,3 +286,21 @@ def test_student_gradients_with_activation_checkpointing_and_chunking(pair):
         for k in g:
             torch.testing.assert_close(g[k], ref_g[k], rtol=1e-4, atol=1e-5 * float(ref_g[k].abs().max()) + 1e-12,
                                        msg=k)
+
+
+def test_trainable_mlp_changes_only_mlp_weights(tmp_path):
+    """--trainable mlp: every decoder-layer MLP weight moves, every other tensor is bit-identical to the student's;
+    the lineage records it; with --train-embeddings it is refused."""
+    teacher, student = save_pair(tmp_path, "micro", width=512)
+    data = _write_ids(tmp_path / "d.jsonl", 2, 64)
+    out = tmp_path / "mlp"
+    assert distill_main(_args(teacher, student, out, data, "--steps", 2, "--batch", 2, "--seq-len", 32,
+                              "--lr", 1e-3, "--trainable", "mlp")) == 0
+    a, b = load_file(out / "model.safetensors"), load_file(student / "model.safetensors")
+    assert set(a) == set(b)
+    mlp = [k for k in a if ".mlp." in k]
+    assert mlp and all(not torch.equal(a[k], b[k]) for k in mlp)
+    assert all(torch.equal(a[k], b[k]) for k in a if ".mlp." not in k)
+    assert read_lineage(out)[-1]["trainable"] == "mlp"
+    with pytest.raises(ValueError, match="trainable mlp"):
+        DistillConfig(teacher="t", student="s", out="o", trainable="mlp", train_embeddings=True)

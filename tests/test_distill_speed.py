@@ -77,6 +77,36 @@ def test_compiled_chunk_equals_eager(monkeypatch, impl, kind):
         _close(a, b, 1e-5)
 
 
+def test_compiled_hidden_loss_equals_checkpointed(monkeypatch):
+    """hidden_state_loss(compile=True) (hand-written gradient, compiled with aot_eager here) gives the default
+    path's value and gradients, bf16 and fp32 hidden states, two layers with different weights."""
+    real = torch.compile
+    calls = []
+
+    def fake_compile(fn, **kw):
+        calls.append(fn)
+        return real(fn, backend="aot_eager", dynamic=False)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(L, "_COMPILED", {})
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        hs0 = [torch.randn(2, 7, 24, generator=g).to(dtype) for _ in range(2)]
+        ht = [h.float() + 0.3 * torch.randn(2, 7, 24, generator=g) for h in hs0]
+        ht = [t.to(dtype) for t in ht]
+        out = []
+        for compile in (False, True):
+            hs = [h.clone().requires_grad_(True) for h in hs0]
+            total, parts = L.hidden_state_loss(hs, ht, [0.25, 0.75], compile=compile)
+            total.backward()
+            out.append((total.detach(), parts, [h.grad.float() for h in hs]))
+        (t0, p0, g0), (t1, p1, g1) = out
+        _close(t1, t0, 1e-5)
+        for a, b in zip(p1 + g1, p0 + g0):
+            _close(a, b, 1e-5 if dtype == torch.float32 else 1e-2)
+    assert calls, "compile=True did not compile"
+
+
 # ------------------------------------------------------------------------------------------------ attention
 
 def test_flex_sliding_window_equals_masked_sdpa():

@@ -72,3 +72,47 @@ def test_refit_criteria_entry(tmp_path, trained_micro):
     prune_step = next(s for s in reversed(read_lineage(work / "distill1")) if s["kind"] == "prune")
     assert prune_step["params"].get("refit") is True
     assert q["rows"]["pruned-activation"]["ppl"] != q["rows"]["pruned-activation-refit"]["ppl"]
+
+
+def test_distill1_variants_phase1_only(tmp_path, trained_micro):
+    """``--distill1-variants`` runs phase 1 once per NAME=ARGS, each sized by the token budget with its own batch;
+    ``--phase1-only`` stops before phase 2."""
+    from pack.checkpoint import read_lineage
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device", "cpu",
+           "--base", str(trained_micro), "--stages", "prune,distill", "--criteria", "activation",
+           "--prune-args=--samples 8 --seq-len 128", "--distill1-args", "--batch 2 --seq-len 128",
+           "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
+           "--distill1-variants", "all=; mlp4=--trainable mlp --batch 4", "--token-budget-pct", "5",
+           "--phase1-only", "--eval-tokens", "2048", "--prompts", "2", "--new-tokens", "4",
+           "--work", str(work), "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    q = json.loads((out / "quality.json").read_text())
+    budget = q["distill_budget_per_run"]
+    a, m = read_lineage(work / "distill1-all")[-1], read_lineage(work / "distill1-mlp4")[-1]
+    assert (a["batch"], a["trainable"], m["batch"], m["trainable"]) == (2, "all", 4, "mlp")
+    assert a["steps"] == budget["distill1-all"]["phase1_steps"] and m["steps"] == budget["distill1-mlp4"]["phase1_steps"]
+    assert abs(a["tokens_seen"] - m["tokens_seen"]) < 4 * 128  # the same budget, in steps of each batch
+    assert {"distill1-all", "distill1-mlp4"} <= set(q["rows"]) and q["distill1_selection"]["run"] in budget
+    assert not (work / "distill2").exists()
+
+
+def test_scratch_control_stage(tmp_path, trained_micro):
+    """``--stages scratch`` trains the pruned width (kept_width(640, 0.2) = 512 for micro) from scratch with the
+    given train args and evaluates it against the base."""
+    from pack.checkpoint import read_lineage
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device", "cpu",
+           "--base", str(trained_micro), "--stages", "scratch", "--train-args", "--steps 3 --warmup 1 --eval-every 3",
+           "--eval-tokens", "2048", "--prompts", "2", "--new-tokens", "4", "--work", str(work), "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    q = json.loads((out / "quality.json").read_text())
+    cfg = json.loads((work / "scratch-mlp512" / "config.json").read_text())
+    assert cfg.get("text_config", cfg)["intermediate_size"] == 512
+    step = read_lineage(work / "scratch-mlp512")[-1]
+    assert step["model"].endswith("-mlp512") and step["recipe"]["steps"] == 3 and step["recipe"]["mlp_width"] == 512
+    assert "scratch-mlp512" in q["rows"] and q["rows"]["scratch-mlp512"]["ppl"] > q["rows"]["base"]["ppl"]

@@ -12,9 +12,12 @@ prune      ``python -m prune WORK/base -o WORK/pruned-C --ratio 0.2 --criterion 
 distill    ``python -m distill --teacher WORK/base --student WORK/pruned-A -o WORK/distill1 --phase 1``, then
            ``--student WORK/distill1 -o WORK/distill2 --phase 2``; eval each. ``--distill1-lrs A,B`` (and/or
            ``--distill1-hidden-weights``): phase 1 once per combination, the lowest training forward KL
-           wins; ``--token-budget-pct P``: phase 1's steps chosen so both phases use P % of the teacher's
-           training tokens
+           wins; ``--distill1-variants "NAME=ARGS;..."``: phase 1 once per set of extra distill args (each
+           sized by the budget with its own batch); ``--token-budget-pct P``: phase 1's steps chosen so both
+           phases use P % of the teacher's training tokens; ``--phase1-only``: no phase 2
 final      ``python -m pack.quantize`` of the last distilled (else pruned) checkpoint; eval
+scratch    (only when named) the pruned width trained from scratch with ``--train-args``
+           (``bench.train --mlp-width W`` into WORK/scratch-mlpW); eval — the control for the distill goal
 =========  ==========================================================================================
 
 Every checkpoint is evaluated by :func:`bench.eval.evaluate` against the bf16 base as teacher (ppl, KL,
@@ -39,6 +42,7 @@ CPU smoke run of the plumbing: ``--scale micro --device cpu --train-args "--step
 from __future__ import annotations
 
 import argparse
+import re
 import importlib.util
 import json
 import os
@@ -53,7 +57,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-STAGES = ("train", "eval", "quant", "prune", "distill", "final")
+STAGES = ("train", "eval", "quant", "prune", "distill", "final", "scratch")
+DEFAULT_STAGES = STAGES[:-1]  # scratch (a second training run) only when asked for
 QUANT_GOAL_PCT = 8.0
 
 
@@ -192,6 +197,22 @@ class Pipeline:
     def s_eval(self):
         self.evaluate("base", self.base)
 
+    def s_scratch(self):
+        """Control for the distillation goal: the pruned student's architecture (MLP width kept by ``--ratio``)
+        trained from scratch with the teacher's own recipe (``--train-args``, same data and steps), evaluated
+        like every row (``scratch-mlpW``): what this width reaches with 100 % of the teacher's tokens."""
+        from prune.config import kept_width
+
+        cfg = json.loads((self.base / "config.json").read_text())
+        width = kept_width(cfg.get("text_config", cfg)["intermediate_size"], self.a.ratio)
+        name = f"scratch-mlp{width}"
+        dst = self.work / name
+        cmd = [sys.executable, "-m", "bench.train", "--scale", self.a.scale, "-o", str(dst), "--force",
+               "--device", self.a.device, "--mlp-width", str(width), "--no-unigram",
+               *shlex.split(self.a.train_args)]
+        if self.run(name, cmd, min_s=120 if self.a.scale == "small" else 10):
+            self.evaluate(name, dst)
+
     def _quantize(self, src: Path, label: str):
         if not self.have("pack.quantize"):
             self.stage(label, "skipped", reason="pack.quantize not available")
@@ -223,9 +244,10 @@ class Pipeline:
         return [sys.executable, "-m", "distill", "--teacher", str(self.base), "--student", str(src), "-o", str(dst),
                 "--phase", str(phase), "--device", self.a.device, "--force", *extra]
 
-    def _token_budget(self, extra1: list[str], extra2: list[str]) -> list[str]:
+    def _token_budget(self, extra1: list[str], extra2: list[str], run: str = "") -> list[str]:
         """With ``--token-budget-pct P``: the phase-1 ``--steps`` that keep phase 1 + phase 2 within P % of the
-        tokens the teacher was trained on (its lineage's ``tokens_seen``); recorded in quality.json."""
+        tokens the teacher was trained on (its lineage's ``tokens_seen``); recorded in quality.json (per phase-1
+        variant ``run`` when given). A variant that sets its own ``--steps`` keeps it (recorded as is)."""
         from distill.config import PHASE_DEFAULTS
         from pack.checkpoint import read_lineage
 
@@ -236,6 +258,8 @@ class Pipeline:
             return ap.parse_known_args(extra)[0]
 
         if any(a == "--steps" or a.startswith("--steps=") for a in extra1):
+            if run:
+                return extra1
             raise ValueError("--token-budget-pct sets phase 1's --steps: do not also pass it in --distill1-args")
         teacher = next((s for s in read_lineage(self.base) if s.get("kind") == "base"), {}).get("tokens_seen")
         if not teacher:
@@ -246,11 +270,16 @@ class Pipeline:
         if steps1 < 1:
             raise ValueError(f"--token-budget-pct {self.a.token_budget_pct}: phase 2 alone ({t2:,} tokens) uses it up")
         t1 = steps1 * p1.batch * p1.seq_len
-        self.q["distill_budget"] = {"teacher_tokens": teacher, "pct": self.a.token_budget_pct, "phase1_steps": steps1,
-                                    "phase1_tokens": t1, "phase2_tokens": t2, "used_pct": 100 * (t1 + t2) / teacher}
+        budget = {"teacher_tokens": teacher, "pct": self.a.token_budget_pct, "phase1_steps": steps1,
+                  "phase1_tokens": t1, "phase2_tokens": t2, "used_pct": 100 * (t1 + t2) / teacher}
+        if run:
+            self.q.setdefault("distill_budget_per_run", {})[run] = budget
+        else:
+            self.q["distill_budget"] = budget
         self.log(f"token budget: {self.a.token_budget_pct}% of {teacher:,} teacher tokens -> phase 1 {steps1} steps "
                  f"({t1:,} tokens) + phase 2 {t2:,} tokens = {100 * (t1 + t2) / teacher:.2f}%")
         return [*extra1, "--steps", str(steps1)]
+
 
     def _phase1(self, student: Path, extra1: list[str]) -> bool:
         """Phase 1 into WORK/distill1. With ``--distill1-lrs`` (and/or ``--distill1-hidden-weights``) one run per
@@ -263,7 +292,10 @@ class Pipeline:
         dst = self.work / "distill1"
         lrs = [x for x in self.a.distill1_lrs.split(",") if x]
         hws = [x for x in self.a.distill1_hidden_weights.split(",") if x]
-        if not lrs and not hws:
+        variants = _variants(self.a.distill1_variants)
+        if variants and (lrs or hws):
+            raise ValueError("--distill1-variants replaces --distill1-lrs / --distill1-hidden-weights: use one")
+        if not lrs and not hws and not variants:
             if dst.is_symlink():  # left by an earlier sweep: never write through it
                 dst.unlink()
             if not self.run("distill1", self._distill_cmd(1, student, dst, extra1), min_s=60):
@@ -275,10 +307,15 @@ class Pipeline:
             for hw in hws or [None]:
                 name = "distill1" + (f"-lr{lr}" if lr else "") + (f"-hw{hw}" if hw else "")
                 runs[name] = [*(["--lr", lr] if lr else []), *(["--hidden-weight", hw] if hw else [])]
+        if variants:
+            runs = {f"distill1-{name}": args for name, args in variants.items()}
         kls = {}
         for name, args in runs.items():
             d = self.work / name
-            if self.run(name, self._distill_cmd(1, student, d, [*extra1, *args]), min_s=60):
+            # a variant's own --batch / --seq-len size its --steps under --token-budget-pct (unless it sets them)
+            full = (self._token_budget([*extra1, *args], self.extra2, name)
+                    if self.a.token_budget_pct and variants else [*extra1, *args])
+            if self.run(name, self._distill_cmd(1, student, d, full), min_s=60):
                 kls[name] = read_lineage(d)[-1]["loss_last10"]["forward_kl"]
                 self.evaluate(name, d)
         if not kls:
@@ -308,9 +345,13 @@ class Pipeline:
             self.stage("distill", "skipped", reason=f"{student} missing (run the prune stage)")
             return
         extra1, extra2 = shlex.split(self.a.distill1_args), shlex.split(self.a.distill2_args)
-        if self.a.token_budget_pct:
+        self.extra2 = extra2
+        if self.a.token_budget_pct and not self.a.distill1_variants:
             extra1 = self._token_budget(extra1, extra2)
         if not self._phase1(student, extra1):
+            return
+        if self.a.phase1_only:
+            self.stage("distill2", "skipped", reason="--phase1-only")
             return
         dst = self.work / "distill2"
         if self.run("distill2", self._distill_cmd(2, self.work / "distill1", dst, extra2), min_s=60):
@@ -353,7 +394,7 @@ class Pipeline:
             self.stage("corpus", "failed", reason=f"{type(e).__name__}: {e}")
             return 2
         if "eval" not in stages and "base" not in self.q["rows"] and any(
-                s in stages for s in ("quant", "prune", "distill", "final")):
+                s in stages for s in ("quant", "prune", "distill", "final", "scratch")):
             i = stages.index("train") + 1 if "train" in stages else 0  # the base row is every comparison's
             stages = [*stages[:i], "eval", *stages[i:]]  # reference: evaluate the base before the rest
         for s in stages:
@@ -369,6 +410,18 @@ class Pipeline:
         print(self.table(), flush=True)
         return 0 if all(v["status"] != "failed" for v in self.q["stages"].values()) else 1
 
+
+def _variants(spec: str) -> dict[str, list[str]]:
+    """``"mlp=--trainable mlp; b8=--batch 8"`` -> {"mlp": ["--trainable", "mlp"], "b8": ["--batch", "8"]}."""
+    out = {}
+    for item in (x.strip() for x in spec.split(";")):
+        if not item:
+            continue
+        name, sep, args = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name.strip()):
+            raise ValueError(f"--distill1-variants: {item!r} is not NAME=ARGS (NAME of letters, digits, _ . -)")
+        out[name.strip()] = shlex.split(args)
+    return out
 
 def _prune_entry(entry: str) -> tuple[str, bool]:
     """``activation`` -> ("activation", False); ``activation+refit`` -> ("activation", True)."""
@@ -395,7 +448,7 @@ def _prune_criteria():
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python bench/gpu/quality_pipeline.py", description=__doc__.split("\n")[0])
-    ap.add_argument("--stages", default=os.environ.get("STAGES", ",".join(STAGES)),
+    ap.add_argument("--stages", default=os.environ.get("STAGES", ",".join(DEFAULT_STAGES)),
                     help=f"comma-separated subset of {','.join(STAGES)} (env STAGES)")
     ap.add_argument("--out", default=os.environ.get("OUT", "quality-out"), help="where JSON/logs go (env OUT)")
     ap.add_argument("--work", default=os.environ.get("PDQ_WORK", "/tmp/pdq-quality"),
@@ -415,6 +468,10 @@ def main(argv=None) -> int:
                          "distill1 (default: one run)")
     ap.add_argument("--distill1-hidden-weights", default="", metavar="W,W,...",
                     help="phase 1 once per --hidden-weight (x lr), selected like --distill1-lrs")
+    ap.add_argument("--distill1-variants", default="", metavar="NAME=ARGS;...",
+                    help="phase 1 once per variant (extra distill args, e.g. 'all=;mlp=--trainable mlp'), each "
+                         "sized by --token-budget-pct with its own batch; selected like --distill1-lrs")
+    ap.add_argument("--phase1-only", action="store_true", help="stop after phase 1 (diagnostic runs)")
     ap.add_argument("--token-budget-pct", type=float, default=0.0, metavar="P",
                     help="size phase 1 (--steps) so both phases use P %% of the teacher's training tokens (0: off)")
     ap.add_argument("--eval-tokens", type=int, default=0, help="validation tokens per eval (0: all)")
