@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention implementation: sdpa (default), pdq_hybrid (flex sliding window, GPU), eager")
     g.add_argument("--loss-impl", choices=LOSS_IMPLS, default=dflt("loss_impl"),
                    help="logit-loss gradient: autograd (default) or fused (hand-written forward-KL gradient)")
-    g.add_argument("--compile-loss", action="store_true", help="torch.compile the logit loss's chunk math")
+    g.add_argument("--compile-loss", action="store_true",
+                   help="torch.compile the logit loss's chunk math and the hidden-state term (with its gradient)")
     g.add_argument("--compile-layers", action="store_true",
                    help="torch.compile every decoder layer of teacher and student (phase 1)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
