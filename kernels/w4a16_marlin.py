@@ -621,7 +621,8 @@ def pass_config(launch: Launch, block_m: int | None = None, block_n: int | None 
     fuse = sp if fuse is None else fuse
     stages = num_stages or 3
     if sp and maxnreg is None and num_stages is None:
-        programs = (launch.part1_tiles + launch.slots) * launch.cfg.kw * (launch.cfg.thread_n // bn) * -(-launch.mb // bm)
+        subs = (launch.cfg.thread_n // bn) * -(-launch.mb // bm)
+        programs = (launch.part1_tiles + launch.slots) * launch.cfg.kw * subs
         if programs > 8 * launch.sms:
             maxnreg, stages = 96, 4
     return PassConfig(bm, bn, warps, stages, sp, pf, wf, bool(swap), bool(fuse), bool(tile_load), maxnreg)

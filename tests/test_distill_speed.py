@@ -56,10 +56,10 @@ def test_fused_refuses_jsd_and_unknown_impl():
         DistillConfig(teacher="t", student="s", out="o", phase=2, loss_impl="fused")
 
 
-@pytest.mark.parametrize("impl,kind", [("fused", "forward_kl"), ("autograd", "gjsd")])
-def test_compiled_chunk_equals_eager(monkeypatch, impl, kind):
-    """compile=True goes through torch.compile (aot_eager here: same graph capture and AOTAutograd split as
-    inductor, no C++ build on the CPU runner) and gives the eager values."""
+@pytest.fixture
+def aot_eager_compile(monkeypatch):
+    """``torch.compile`` -> the aot_eager backend (same graph capture and AOTAutograd split as inductor, no C++
+    build on the CPU runner), with distill.losses' compile cache emptied; yields the list of compiled fns."""
     real = torch.compile
     calls = []
 
@@ -69,6 +69,13 @@ def test_compiled_chunk_equals_eager(monkeypatch, impl, kind):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(L, "_COMPILED", {})
+    return calls
+
+
+@pytest.mark.parametrize("impl,kind", [("fused", "forward_kl"), ("autograd", "gjsd")])
+def test_compiled_chunk_equals_eager(aot_eager_compile, impl, kind):
+    """compile=True goes through torch.compile and gives the eager values."""
+    calls = aot_eager_compile
     fn = per_token_loss_fn(kind, temperature=1.5, beta=0.3)
     ref = _loss_and_grads(impl, fn)
     got = _loss_and_grads(impl, fn, compile=True)
@@ -77,18 +84,10 @@ def test_compiled_chunk_equals_eager(monkeypatch, impl, kind):
         _close(a, b, 1e-5)
 
 
-def test_compiled_hidden_loss_equals_checkpointed(monkeypatch):
-    """hidden_state_loss(compile=True) (hand-written gradient, compiled with aot_eager here) gives the default
-    path's value and gradients, bf16 and fp32 hidden states, two layers with different weights."""
-    real = torch.compile
-    calls = []
-
-    def fake_compile(fn, **kw):
-        calls.append(fn)
-        return real(fn, backend="aot_eager", dynamic=False)
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(L, "_COMPILED", {})
+def test_compiled_hidden_loss_equals_checkpointed(aot_eager_compile):
+    """hidden_state_loss(compile=True) (hand-written gradient, compiled) gives the default path's value and
+    gradients, bf16 and fp32 hidden states, two layers with different weights."""
+    calls = aot_eager_compile
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):
         hs0 = [torch.randn(2, 7, 24, generator=g).to(dtype) for _ in range(2)]

@@ -14,19 +14,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _pipeline(tmp_path, base, *args) -> tuple[Path, dict]:
+    """Run the pipeline on CPU (micro scale, ``--base base``) with ``args``; returns (work dir, quality.json)."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device", "cpu",
+           "--base", str(base), *args, "--eval-tokens", "2048", "--prompts", "2", "--new-tokens", "4",
+           "--work", str(work), "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return work, json.loads((out / "quality.json").read_text())
+
+
 def test_token_budget_and_lr_selection(tmp_path, trained_micro):
     from pack.checkpoint import read_lineage
 
-    work, out = tmp_path / "work", tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device", "cpu",
-           "--base", str(trained_micro), "--stages", "prune,distill", "--criteria", "activation",
-           "--prune-args", "--samples 8 --seq-len 128", "--distill1-args", "--batch 2 --seq-len 128",
-           "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
-           "--distill1-lrs", "1e-4,1e-3", "--distill1-hidden-weights", "1,0", "--token-budget-pct", "5", "--eval-tokens", "2048",
-           "--prompts", "2", "--new-tokens", "4", "--work", str(work), "--out", str(out)]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    q = json.loads((out / "quality.json").read_text())
+    work, q = _pipeline(tmp_path, trained_micro, "--stages", "prune,distill", "--criteria", "activation",
+                        "--prune-args", "--samples 8 --seq-len 128", "--distill1-args", "--batch 2 --seq-len 128",
+                        "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
+                        "--distill1-lrs", "1e-4,1e-3", "--distill1-hidden-weights", "1,0", "--token-budget-pct", "5")
 
     teacher = next(s for s in read_lineage(trained_micro) if s.get("kind") == "base")["tokens_seen"]
     b = q["distill_budget"]
@@ -55,16 +60,11 @@ def test_refit_criteria_entry(tmp_path, trained_micro):
     ``pruned-activation-refit``) and ``--distill-from activation+refit`` distills the refit one."""
     from pack.checkpoint import read_lineage
 
-    work, out = tmp_path / "work", tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device", "cpu",
-           "--base", str(trained_micro), "--stages", "prune,distill", "--criteria", "activation,activation+refit",
-           "--distill-from", "activation+refit", "--prune-args=--samples 8 --seq-len 128",
-           "--distill1-args", "--steps 1 --batch 2 --seq-len 128",
-           "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32", "--eval-tokens", "2048",
-           "--prompts", "2", "--new-tokens", "4", "--work", str(work), "--out", str(out)]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    q = json.loads((out / "quality.json").read_text())
+    work, q = _pipeline(tmp_path, trained_micro, "--stages", "prune,distill",
+                        "--criteria", "activation,activation+refit", "--distill-from", "activation+refit",
+                        "--prune-args=--samples 8 --seq-len 128",
+                        "--distill1-args", "--steps 1 --batch 2 --seq-len 128",
+                        "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32")
     assert {"pruned-activation", "pruned-activation-refit"} <= set(q["rows"])
     plain = read_lineage(work / "pruned-activation")[-1]
     refit = read_lineage(work / "pruned-activation-refit")[-1]
@@ -79,21 +79,16 @@ def test_distill1_variants_phase1_only(tmp_path, trained_micro):
     ``--phase1-only`` stops before phase 2."""
     from pack.checkpoint import read_lineage
 
-    work, out = tmp_path / "work", tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device", "cpu",
-           "--base", str(trained_micro), "--stages", "prune,distill", "--criteria", "activation",
-           "--prune-args=--samples 8 --seq-len 128", "--distill1-args", "--batch 2 --seq-len 128",
-           "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
-           "--distill1-variants", "all=; mlp4=--trainable mlp --batch 4", "--token-budget-pct", "5",
-           "--phase1-only", "--eval-tokens", "2048", "--prompts", "2", "--new-tokens", "4",
-           "--work", str(work), "--out", str(out)]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    q = json.loads((out / "quality.json").read_text())
+    work, q = _pipeline(tmp_path, trained_micro, "--stages", "prune,distill", "--criteria", "activation",
+                        "--prune-args=--samples 8 --seq-len 128", "--distill1-args", "--batch 2 --seq-len 128",
+                        "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
+                        "--distill1-variants", "all=; mlp4=--trainable mlp --batch 4", "--token-budget-pct", "5",
+                        "--phase1-only")
     budget = q["distill_budget_per_run"]
     a, m = read_lineage(work / "distill1-all")[-1], read_lineage(work / "distill1-mlp4")[-1]
     assert (a["batch"], a["trainable"], m["batch"], m["trainable"]) == (2, "all", 4, "mlp")
-    assert a["steps"] == budget["distill1-all"]["phase1_steps"] and m["steps"] == budget["distill1-mlp4"]["phase1_steps"]
+    assert a["steps"] == budget["distill1-all"]["phase1_steps"]
+    assert m["steps"] == budget["distill1-mlp4"]["phase1_steps"]
     assert abs(a["tokens_seen"] - m["tokens_seen"]) < 4 * 128  # the same budget, in steps of each batch
     assert {"distill1-all", "distill1-mlp4"} <= set(q["rows"]) and q["distill1_selection"]["run"] in budget
     assert not (work / "distill2").exists()
@@ -104,15 +99,11 @@ def test_scratch_control_stage(tmp_path, trained_micro):
     given train args and evaluates it against the base."""
     from pack.checkpoint import read_lineage
 
-    work, out = tmp_path / "work", tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device", "cpu",
-           "--base", str(trained_micro), "--stages", "scratch", "--train-args", "--steps 3 --warmup 1 --eval-every 3",
-           "--eval-tokens", "2048", "--prompts", "2", "--new-tokens", "4", "--work", str(work), "--out", str(out)]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    q = json.loads((out / "quality.json").read_text())
+    work, q = _pipeline(tmp_path, trained_micro, "--stages", "scratch",
+                        "--train-args", "--steps 3 --warmup 1 --eval-every 3")
     cfg = json.loads((work / "scratch-mlp512" / "config.json").read_text())
     assert cfg.get("text_config", cfg)["intermediate_size"] == 512
     step = read_lineage(work / "scratch-mlp512")[-1]
-    assert step["model"].endswith("-mlp512") and step["recipe"]["steps"] == 3 and step["recipe"]["mlp_width"] == 512
+    assert step["model"].endswith("-mlp512")
+    assert step["recipe"]["steps"] == 3 and step["recipe"]["mlp_width"] == 512
     assert "scratch-mlp512" in q["rows"] and q["rows"]["scratch-mlp512"]["ppl"] > q["rows"]["base"]["ppl"]
