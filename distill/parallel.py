@@ -83,6 +83,15 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+def gather_float(x: float, env: DistEnv) -> list[float]:
+    """``x`` from every rank, in rank order (one process: ``[x]``)."""
+    if not env.is_dist:
+        return [float(x)]
+    out = [None] * env.world
+    dist.all_gather_object(out, float(x))
+    return [float(v) for v in out]
+
+
 def barrier(env: DistEnv) -> None:
     if env.is_dist:
         dist.barrier()

@@ -367,6 +367,8 @@ def _run(cfg: DistillConfig, env) -> dict:
             rec["tokens_seen"] = (step + 1) * tokens_per_step
             rec["mfu"] = (dz.flops_per_token * rec["tokens_per_s"] / (cfg.peak_tflops * 1e12 * env.world)
                           if env.device.type == "cuda" else None)
+            if env.device.type == "cuda":  # peak allocated since the start, per rank (GB)
+                rec["peak_mem_gb"] = parallel.gather_float(torch.cuda.max_memory_allocated(env.device) / 1e9, env)
             extra = " ".join(f"{n} {rec[n]:.4f}" for n in parts if "/" not in n)
             mfu = f" | MFU {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
             pol = (f" | on-policy {sum(h['on_policy'] for h in history)}/{len(history)} steps"

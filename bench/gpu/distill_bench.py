@@ -19,6 +19,14 @@ Usage (repo root, GPU machine)::
 
     python bench/gpu/distill_bench.py                       # small + e4b, ~3-4 min
     python bench/gpu/distill_bench.py --pairs small --steps 10
+    python bench/gpu/distill_bench.py --pairs e4b --configs "1,16,2048,1,1024" --attn pdq_hybrid \
+        --loss-impl fused --compile-loss --compile-layers --ckpt-layers 28 --precision bf16-master
+    torchrun --standalone --nproc-per-node 2 bench/gpu/distill_bench.py --pairs e4b --configs "1,32,2048,1,1024"
+
+Under torchrun every rank builds the same random pair on its GPU and the student is sharded with FSDP2 (what
+``python -m distill`` does under torchrun); ``--configs`` batches are global (split over the ranks), so weak
+scaling against one GPU means N times the one-GPU batch. Rows then also give tokens/s per GPU and the peak memory
+of every rank; rank 0 prints and writes the JSON.
 
 Prints a table and writes ``distill_bench.json`` to ``--out`` (default ``$OUT``, else the current dir).
 """
@@ -39,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.factory import build_model  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
-from distill.parallel import DistEnv  # noqa: E402
+from distill import parallel  # noqa: E402
 from distill.train import Distiller  # noqa: E402
 
 PAIRS = {"small": dict(scale="small", student_mlp=2048), "e4b": dict(scale="e4b", student_mlp=8192),
@@ -76,17 +84,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, warmup, peak_tflops, device):
+def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, warmup, peak_tflops, env,
+            switches=None):
+    """Time ``steps`` Distiller steps after ``warmup`` on random ids (``batch`` = global sequences per step).
+    ``switches``: extra DistillConfig fields (attn, loss_impl, compile_loss, compile_layers, ckpt_layers,
+    precision)."""
+    device = env.device
+    sw = dict(switches or {})
+    precision = sw.pop("precision", None) or ("bf16-mixed" if device.type == "cuda" else "fp32")
     cfg = DistillConfig(teacher="-", student="-", out="-", phase=phase, steps=steps + warmup, batch=batch,
-                        seq_len=seq_len, lr=1e-5, grad_ckpt=grad_ckpt, chunk=chunk,
-                        precision="bf16-mixed" if device.type == "cuda" else "fp32",
-                        lmbda=1.0, max_new_tokens=128, peak_tflops=peak_tflops)
-    env = DistEnv(0, 1, 0, device)
+                        seq_len=seq_len, lr=1e-5, grad_ckpt=grad_ckpt, chunk=chunk, precision=precision,
+                        lmbda=1.0, max_new_tokens=128, peak_tflops=peak_tflops, **sw)
     if not grad_ckpt and student.is_gradient_checkpointing:
         student.gradient_checkpointing_disable()
     vocab = student.config.vocab_size
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(4, vocab, (batch, seq_len), generator=g, device=device)
+    local = batch // env.world  # this rank's rows of the global batch (Distiller checks divisibility)
+    ids = ids[env.rank * local:(env.rank + 1) * local]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dz = Distiller(cfg, env, teacher, student)
@@ -100,12 +115,14 @@ def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, wa
         _sync(device)
         dt = (time.perf_counter() - t0) / steps
         tok_s = batch * seq_len / dt
-        return {"tokens_per_s": tok_s, "step_ms": 1e3 * dt,
-                "mfu": dz.flops_per_token * tok_s / (peak_tflops * 1e12),
+        peaks = parallel.gather_float(torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda"
+                                      else 0.0, env)
+        return {"tokens_per_s": tok_s, "step_ms": 1e3 * dt, "world": env.world,
+                "tokens_per_s_per_gpu": tok_s / env.world,
+                "mfu": dz.flops_per_token * tok_s / (peak_tflops * 1e12 * env.world),
                 "model_tflops_per_s": dz.flops_per_token * tok_s / 1e12,
                 "n_student": dz.n_student, "n_teacher": dz.n_teacher,
-                "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0,
-                "loss": rec["loss"]}
+                "peak_mem_gb": max(peaks), "peak_mem_gb_per_rank": peaks, "loss": rec["loss"]}
     finally:
         dz.opt.zero_grad(set_to_none=True)
         del dz
@@ -123,46 +140,84 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.4, help="dense bf16 peak per GPU for MFU")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for distill_bench.json")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke run: --pairs micro)")
+    ap.add_argument("--configs", default="", metavar="PH,B,S,CKPT,CHUNK;...",
+                    help="configurations to run instead of the pair's defaults, e.g. '1,16,2048,1,1024'")
+    ap.add_argument("--attn", default=None, help="distill --attn (sdpa, pdq_hybrid)")
+    ap.add_argument("--loss-impl", default=None, choices=("autograd", "fused"))
+    ap.add_argument("--compile-loss", action="store_true")
+    ap.add_argument("--compile-layers", action="store_true")
+    ap.add_argument("--ckpt-layers", type=int, default=None)
+    ap.add_argument("--precision", default=None, choices=("bf16-mixed", "bf16-master", "fp32"))
+    ap.add_argument("--json-name", default="distill_bench.json", help="file name of the JSON in --out")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("distill_bench: needs a CUDA GPU (or --device cpu --pairs micro for a smoke run)", file=sys.stderr)
         return 2
+    env = parallel.init(args.device)  # under torchrun: joins the process group, cuda -> cuda:LOCAL_RANK
+    try:
+        return _run(args, env)
+    finally:
+        parallel.shutdown(env)
+
+
+def _configs(spec: str) -> list[tuple]:
+    """``"1,16,2048,1,1024;2,32,256,0,4096"`` -> [(phase, batch, seq_len, grad_ckpt, chunk), ...]."""
+    rows = []
+    for item in (x.strip() for x in spec.split(";") if x.strip()):
+        f = [int(v) for v in item.split(",")]
+        if len(f) != 5:
+            raise ValueError(f"--configs: {item!r} is not PHASE,BATCH,SEQ_LEN,CKPT(0/1),CHUNK")
+        rows.append((f[0], f[1], f[2], bool(f[3]), f[4]))
+    return rows
+
+
+def _run(args, env) -> int:
+    device = env.device
+    say = print if env.is_main else (lambda *a, **k: None)
+    switches = {k: v for k, v in dict(attn=args.attn, loss_impl=args.loss_impl, ckpt_layers=args.ckpt_layers,
+                                      precision=args.precision).items() if v is not None}
+    switches.update({k: True for k in ("compile_loss", "compile_layers") if getattr(args, k)})
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    report = {"device": name, "torch": torch.__version__,
+    report = {"device": name, "torch": torch.__version__, "world": env.world, "switches": switches,
               "date": _dt.date.today().isoformat(), "peak_tflops": args.peak_tflops,
               "steps": args.steps, "warmup": args.warmup, "rows": []}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     hdr = (f"{'pair':5} {'ph':>2} {'batch x seq':>12} {'ckpt':>4} {'chunk':>5} {'tok/s':>10} {'MFU':>6} "
-           f"{'TFLOP/s':>8} {'step ms':>8} {'peak GB':>8}")
-    print(f"{report['device']}, torch {report['torch']}, MFU vs {args.peak_tflops} TFLOP/s dense bf16")
-    print(hdr)
+           f"{'TFLOP/s':>8} {'step ms':>8} {'peak GB':>8} {'tok/s/GPU':>10}  ({env.world} GPU(s); peak = max rank)")
+    say(f"{report['device']}, torch {report['torch']}, MFU vs {args.peak_tflops} TFLOP/s dense bf16")
+    say(hdr)
     for pair in [p for p in args.pairs.split(",") if p]:
         if pair not in PAIRS:
-            print(f"distill_bench: unknown pair {pair!r}; choose from {sorted(PAIRS)}", file=sys.stderr)
+            say(f"distill_bench: unknown pair {pair!r}; choose from {sorted(PAIRS)}", file=sys.stderr)
             return 2
         t0 = time.perf_counter()
         teacher, student = _models(pair, device)
         build_s = time.perf_counter() - t0
-        for phase, batch, seq, ckpt, chunk in CONFIGS[pair]:
+        for i, (phase, batch, seq, ckpt, chunk) in enumerate(_configs(args.configs) or CONFIGS[pair]):
+            if env.is_dist and i:  # FSDP2 sharded the last student in place: build a fresh pair
+                del teacher, student
+                _free()
+                teacher, student = _models(pair, device)
             row = {"pair": pair, "phase": phase, "batch": batch, "seq_len": seq, "grad_ckpt": ckpt, "chunk": chunk,
                    "build_s": build_s}
             try:
                 row.update(measure(teacher, student, phase, batch, seq, ckpt, chunk, args.steps, args.warmup,
-                                   args.peak_tflops, device))
+                                   args.peak_tflops, env, switches))
                 line = (f"{row['tokens_per_s']:10,.0f} {100 * row['mfu']:5.1f}% {row['model_tflops_per_s']:8.1f} "
-                        f"{row['step_ms']:8.1f} {row['peak_mem_gb']:8.1f}")
+                        f"{row['step_ms']:8.1f} {row['peak_mem_gb']:8.1f} {row['tokens_per_s_per_gpu']:10,.0f}")
             except torch.OutOfMemoryError:
                 row["error"] = "OOM"
                 line = f"{'OOM':>10}"
                 _free()
-            print(f"{pair:5} {phase:2d} {f'{batch} x {seq}':>12} {('yes' if ckpt else 'no'):>4} {chunk:5d} {line}",
-                  flush=True)
+            say(f"{pair:5} {phase:2d} {f'{batch} x {seq}':>12} {('yes' if ckpt else 'no'):>4} {chunk:5d} {line}",
+                flush=True)
             report["rows"].append(row)
-            (out / "distill_bench.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+            if env.is_main:
+                (out / args.json_name).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
         del teacher, student
         _free()
     best = {}
@@ -172,10 +227,11 @@ def main(argv=None) -> int:
     report["best_phase1"] = {k: {f: v[f] for f in ("batch", "seq_len", "grad_ckpt", "chunk", "tokens_per_s", "mfu")}
                              for k, v in best.items()}
     for k, v in best.items():
-        print(f"best {k} phase 1: {v['tokens_per_s']:,.0f} tok/s, MFU {100 * v['mfu']:.1f}% "
-              f"(batch {v['batch']} x {v['seq_len']}, ckpt {v['grad_ckpt']}, chunk {v['chunk']})")
-    (out / "distill_bench.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {out / 'distill_bench.json'}")
+        say(f"best {k} phase 1: {v['tokens_per_s']:,.0f} tok/s, MFU {100 * v['mfu']:.1f}% "
+            f"(batch {v['batch']} x {v['seq_len']}, ckpt {v['grad_ckpt']}, chunk {v['chunk']})")
+    if env.is_main:
+        (out / args.json_name).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    say(f"wrote {out / args.json_name}")
     return 0
 
 

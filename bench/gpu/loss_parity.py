@@ -1,0 +1,118 @@
+"""Loss parity of ``python -m distill`` on one GPU and on N GPUs (FSDP2 over NCCL): the same run twice.
+
+    python bench/gpu/loss_parity.py --teacher WORK/base --student WORK/pruned-activation --nproc 2 --steps 60
+    python bench/gpu/loss_parity.py --teacher T --student S --device cpu --nproc 2 --steps 3   # gloo smoke run
+
+Runs phase 1 (or ``--phase 2``) once as one process and once under ``torchrun --standalone --nproc-per-node N``
+with identical arguments: the same global batch, data order and seed (``python -m distill`` splits each global
+batch over the ranks, so the N ranks see exactly the one process's batch). What may differ is only the reduction
+order (FSDP2's reduce-scatter of bf16 compute, fp32 reduce) — so the two loss curves should agree far inside the
+curve's own step-to-step noise. Reports, per step, ``|loss_N - loss_1|``; the noise is the one-GPU curve's
+step-to-step standard deviation (``std(diff(loss)) / sqrt 2``); and tokens/s, MFU and peak memory per rank of
+both runs from their JSON logs. Writes ``loss_parity.json`` to ``--out`` (default ``$OUT``).
+
+NVLink multicast stays off in the child processes (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
+NVSHMEM_DISABLE_NVLS=1: the device docs require it on the multi-GPU machines).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _steps(log: Path) -> list[dict]:
+    return [r for r in (json.loads(x) for x in log.read_text().splitlines() if x.strip()) if r.get("event") == "step"]
+
+
+def _run(cmd: list[str], env: dict, tag: str) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{tag} run failed (rc {r.returncode}): {shlex.join(cmd)}\n{r.stdout[-3000:]}\n"
+                           f"{r.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def _throughput(steps: list[dict]) -> dict:
+    last = steps[-1]
+    return {k: last.get(k) for k in ("tokens_per_s", "mfu", "peak_mem_gb")}
+
+
+def compare(one: list[dict], many: list[dict]) -> dict:
+    """Per-step loss differences of two step logs (same steps) against the one-process curve's noise."""
+    if [r["step"] for r in one] != [r["step"] for r in many]:
+        raise ValueError("the two runs logged different steps")
+    l1 = [r["loss"] for r in one]
+    ln = [r["loss"] for r in many]
+    d = [abs(a - b) for a, b in zip(l1, ln)]
+    diffs = [b - a for a, b in zip(l1, l1[1:])]
+    if len(diffs) >= 2:
+        mean = sum(diffs) / len(diffs)
+        noise = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1) / 2)
+    else:
+        noise = float("nan")
+    tail = d[-min(10, len(d)):]
+    return {"steps": len(d), "max_abs_diff": max(d), "mean_abs_diff": sum(d) / len(d),
+            "last10_mean_abs_diff": sum(tail) / len(tail), "max_rel_diff": max(x / abs(a) for x, a in zip(d, l1)),
+            "one_gpu_step_noise": noise, "max_diff_over_noise": max(d) / noise if noise > 0 else None,
+            "final_loss_one": l1[-1], "final_loss_many": ln[-1], "loss_one": l1, "loss_many": ln}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--student", required=True)
+    ap.add_argument("--nproc", type=int, default=2, help="processes (GPUs) of the second run")
+    ap.add_argument("--phase", type=int, default=1, choices=(1, 2))
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo smoke run)")
+    ap.add_argument("--distill-args", default="", help="extra arguments for both runs (one shell-quoted string)")
+    ap.add_argument("--work", default="/tmp/pdq-parity", help="where the two output checkpoints and logs go")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args(argv)
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **NO_MULTICAST, "TQDM_DISABLE": "1"}
+
+    def args(tag):
+        return ["--teacher", a.teacher, "--student", a.student, "-o", str(work / tag), "--phase", str(a.phase),
+                "--steps", str(a.steps), "--device", a.device, "--log-every", "1", "--log-json",
+                str(work / f"{tag}.jsonl"), "--force", *shlex.split(a.distill_args)]
+
+    for tag in ("one", "many"):
+        (work / f"{tag}.jsonl").unlink(missing_ok=True)
+    t_one = _run([sys.executable, "-m", "distill", *args("one")], env, "one-process")
+    t_many = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                   str(a.nproc), "-m", "distill", *args("many")], env, f"{a.nproc}-process")
+    one, many = _steps(work / "one.jsonl"), _steps(work / "many.jsonl")
+    rep = {"nproc": a.nproc, "device": a.device, "phase": a.phase, "distill_args": a.distill_args,
+           "teacher": a.teacher, "student": a.student, "seconds": {"one": t_one, "many": t_many},
+           "one": _throughput(one), "many": _throughput(many), **compare(one, many)}
+    (out / "loss_parity.json").write_text(json.dumps(rep, indent=1) + "\n")
+    print(f"{rep['steps']} steps, phase {a.phase}: final loss 1 process {rep['final_loss_one']:.5f}, "
+          f"{a.nproc} processes {rep['final_loss_many']:.5f}; max |diff| {rep['max_abs_diff']:.2e} "
+          f"(rel {rep['max_rel_diff']:.2e}), last-10 mean {rep['last10_mean_abs_diff']:.2e}; "
+          f"one-process step-to-step noise {rep['one_gpu_step_noise']:.2e}")
+    for tag in ("one", "many"):
+        t = rep[tag]
+        if t["tokens_per_s"] is not None:
+            mfu = f", MFU {100 * t['mfu']:.1f}%" if t["mfu"] is not None else ""
+            mem = f", peak GB per rank {t['peak_mem_gb']}" if t["peak_mem_gb"] is not None else ""
+            print(f"  {tag}: {t['tokens_per_s']:,.0f} tok/s{mfu}{mem}")
+    print(f"wrote {out / 'loss_parity.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
