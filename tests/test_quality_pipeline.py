@@ -107,3 +107,6 @@ def test_scratch_control_stage(tmp_path, trained_micro):
     assert step["model"].endswith("-mlp512")
     assert step["recipe"]["steps"] == 3 and step["recipe"]["mlp_width"] == 512
     assert "scratch-mlp512" in q["rows"] and q["rows"]["scratch-mlp512"]["ppl"] > q["rows"]["base"]["ppl"]
+    ratio = q["goals"]["ppl_ratio"]["scratch-mlp512"]
+    assert ratio == q["rows"]["base"]["ppl"] / q["rows"]["scratch-mlp512"]["ppl"] and 0 < ratio < 1
+    assert q["goals"]["ce_ratio"]["scratch-mlp512"] == q["rows"]["base"]["nll"] / q["rows"]["scratch-mlp512"]["nll"]

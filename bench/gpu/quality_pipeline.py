@@ -173,6 +173,12 @@ class Pipeline:
             if d in rows and src is not None and src["ppl"] > base["ppl"]:
                 # fraction of the pruning damage (ppl gap to the base) that distillation won back
                 g[f"{d}_recovered"] = (src["ppl"] - rows[d]["ppl"]) / (src["ppl"] - base["ppl"])
+        # the distill goal's measure (teacher ppl / student ppl >= 0.99) for every row, and the cross-entropy
+        # ratio (teacher nll / student nll) beside it
+        others = {k: v for k, v in rows.items() if k != "base"}
+        g["ppl_ratio"] = {k: base["ppl"] / v["ppl"] for k, v in others.items()}
+        if base.get("nll") and all(v.get("nll") for v in others.values()):
+            g["ce_ratio"] = {k: base["nll"] / v["nll"] for k, v in others.items()}
         last = "distill2" if "distill2" in rows else "distill1" if "distill1" in rows else None
         if last and f"{last}-w4a16" in rows:
             g["final_quant_ppl_change_pct"] = 100 * (rows[f"{last}-w4a16"]["ppl"] / rows[last]["ppl"] - 1)
