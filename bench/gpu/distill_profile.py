@@ -214,32 +214,20 @@ def attention_bench(batch, seq, device, window=512, heads=8, kv_heads=2, reps=5)
         if kind == "sliding":
             mask = _window_bool_mask(seq, window, device).expand(batch, 1, seq, seq)
             useful = sum(min(i + 1, window) for i in range(seq)) / (seq * seq)
-            variants = {
-                "transformers sdpa (repeat_kv + bool mask)":
-                    lambda q, k, v: F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep),
-                                                                   attn_mask=mask, scale=1.0),
-                "sdpa enable_gqa + bool mask":
-                    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
-                                                                   enable_gqa=True),
-                "flex sliding BlockMask (pdq_hybrid)":
-                    lambda q, k, v: _flex("cuda")(q, k, v, block_mask=sliding_block_mask(seq, window, device),
-                                                  scale=1.0, enable_gqa=True),
-            }
-            forced_args = dict(attn_mask=mask)
+            forced_args, how, span = dict(attn_mask=mask), "bool mask", window
         else:
             useful = 0.5 * (seq + 1) / seq
-            variants = {
-                "transformers sdpa (repeat_kv, is_causal)":
-                    lambda q, k, v: F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep),
-                                                                   is_causal=True, scale=1.0),
-                "sdpa enable_gqa, is_causal":
-                    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0,
-                                                                   enable_gqa=True),
-                "flex causal BlockMask":
-                    lambda q, k, v: _flex("cuda")(q, k, v, block_mask=sliding_block_mask(seq, seq, device),
-                                                  scale=1.0, enable_gqa=True),
-            }
-            forced_args = dict(is_causal=True)
+            forced_args, how, span = dict(is_causal=True), "is_causal", seq
+        block_mask = sliding_block_mask(seq, span, device)  # a window as wide as the sequence = causal
+        variants = {
+            f"transformers sdpa (repeat_kv, {how})":
+                lambda q, k, v: F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep), scale=1.0,
+                                                               **forced_args),
+            f"sdpa enable_gqa, {how}":
+                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=1.0, enable_gqa=True, **forced_args),
+            f"flex {kind} BlockMask" + (" (pdq_hybrid)" if kind == "sliding" else ""):
+                lambda q, k, v: _flex("cuda")(q, k, v, block_mask=block_mask, scale=1.0, enable_gqa=True),
+        }
         for name, be in (("FLASH_ATTENTION", SDPBackend.FLASH_ATTENTION),
                          ("EFFICIENT_ATTENTION", SDPBackend.EFFICIENT_ATTENTION),
                          ("CUDNN_ATTENTION", SDPBackend.CUDNN_ATTENTION), ("MATH", SDPBackend.MATH)):
