@@ -46,18 +46,17 @@ TUNE_VARIANTS = {
     "large": [{}, dict(block_n=64), dict(block_n=256, num_warps=8), dict(num_stages=4),
               dict(fuse=True), dict(tile_load=True)],
 }
-_KEY_ABBREV = (("block_m", "bm"), ("block_n", "bn"), ("num_warps", "w"), ("num_stages", "s"), ("split", "split"),
-               ("prefetch", "pf"), ("wr_fast", "wf"), ("swap", "sw"), ("fuse", "fu"), ("tile_load", "tl"),
-               ("maxnreg", "r"))
 
-
-_BOOL_KWARGS = {"split", "wr_fast", "swap", "fuse", "tile_load"}
+# The launch kwargs of a variant key, in key order: (kwarg, abbreviation, type the key's integer is read back as).
+_KEY_PARTS = (("block_m", "bm", int), ("block_n", "bn", int), ("num_warps", "w", int), ("num_stages", "s", int),
+              ("split", "split", bool), ("prefetch", "pf", int), ("wr_fast", "wf", bool), ("swap", "sw", bool),
+              ("fuse", "fu", bool), ("tile_load", "tl", bool), ("maxnreg", "r", int))
 
 
 def variant_key(kw: dict) -> str:
     """``default`` or e.g. ``bn64-w2-pf2-wf1``: abbreviation + integer value per launch kwarg (inverse:
     :func:`variant_kwargs`)."""
-    parts = [f"{ab}{int(kw[name])}" for name, ab in _KEY_ABBREV if name in kw]
+    parts = [f"{ab}{int(kw[name])}" for name, ab, _ in _KEY_PARTS if name in kw]
     return "-".join(parts) or "default"
 
 
@@ -65,14 +64,14 @@ def variant_kwargs(key: str) -> dict:
     """``split0-bn64-tl1`` -> {"split": False, "block_n": 64, "tile_load": True}; ``default`` -> {}."""
     if key == "default":
         return {}
-    names = {ab: name for name, ab in _KEY_ABBREV}
+    by_abbrev = {ab: (name, typ) for name, ab, typ in _KEY_PARTS}
     out = {}
     for part in key.split("-"):
         m = re.fullmatch(r"([a-z]+)(\d+)", part)
-        if not m or m[1] not in names:
+        if not m or m[1] not in by_abbrev:
             raise ValueError(f"unknown variant key part {part!r} in {key!r}")
-        name = names[m[1]]
-        out[name] = bool(int(m[2])) if name in _BOOL_KWARGS else int(m[2])
+        name, typ = by_abbrev[m[1]]
+        out[name] = typ(int(m[2]))
     return out
 
 

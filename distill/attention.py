@@ -25,24 +25,26 @@ rounding (fp32 on CPU: ~1e-6; tests/test_distill_speed.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["NAME", "register", "hybrid_attention_forward", "hybrid_mask"]
 
 NAME = "pdq_hybrid"
 _BLOCK_MASKS: dict = {}
-_FLEX: dict = {}
+_WINDOW_MASKS: dict = {}
 
 
+@functools.cache
 def _flex(device_type: str):
-    """flex_attention, compiled on CUDA (the fused Triton kernel); eager elsewhere (CPU tests: reference math)."""
+    """flex_attention, compiled on CUDA (the fused Triton kernel); eager elsewhere (CPU tests: reference math).
+    Cached per device type: one compiled wrapper per process."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if device_type != "cuda":
         return flex_attention
-    if "cuda" not in _FLEX:
-        _FLEX["cuda"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX["cuda"]
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def sliding_block_mask(seq_len: int, window: int, device):
@@ -59,18 +61,21 @@ def sliding_block_mask(seq_len: int, window: int, device):
 
 
 def _window_bool_mask(seq_len: int, window: int, device) -> torch.Tensor:
-    """Dense bool [1, 1, S, S] of the same window (the fallback where flex cannot run, e.g. CPU training)."""
-    i = torch.arange(seq_len, device=device)
-    d = i[:, None] - i[None, :]
-    return ((d >= 0) & (d < window))[None, None]
+    """Dense bool [1, 1, S, S] of the same window (the fallback where flex cannot run, e.g. CPU training);
+    cached and shared between calls: read it (``.expand()``), never write it."""
+    key = (int(seq_len), int(window), str(device))
+    if key not in _WINDOW_MASKS:
+        i = torch.arange(seq_len, device=device)
+        d = i[:, None] - i[None, :]
+        _WINDOW_MASKS[key] = ((d >= 0) & (d < window))[None, None]
+    return _WINDOW_MASKS[key]
 
 
-def _uses_flex(query, key, attention_mask, sliding_window, dropout) -> bool:
-    s_q, s_k = query.shape[2], key.shape[2]
+def _uses_flex(query, key, dropout) -> bool:
+    """Whether a plain sliding-window call (no mask, ``S_q == S_k > window``) can run on flex_attention."""
     if query.device.type == "cpu" and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         return False  # flex_attention has no CPU backward
-    return (attention_mask is None and sliding_window is not None and not dropout and s_q == s_k
-            and s_q > sliding_window and query.shape[1] % key.shape[1] == 0)
+    return not dropout and query.shape[1] % key.shape[1] == 0
 
 
 def hybrid_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -78,9 +83,11 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, dropout:
     """transformers attention interface: q [B, Hq, S, D], k/v [B, Hkv, S, D] -> ([B, S, Hq, D], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not _uses_flex(query, key, attention_mask, sliding_window, dropout):
-        if attention_mask is None and sliding_window is not None and query.shape[2] == key.shape[2] > sliding_window:
-            attention_mask = _window_bool_mask(query.shape[2], sliding_window, query.device)  # hybrid_mask gave None
+    window = (attention_mask is None and sliding_window is not None
+              and query.shape[2] == key.shape[2] > sliding_window)  # a plain window: hybrid_mask gave None
+    if not (window and _uses_flex(query, key, dropout)):
+        if window:
+            attention_mask = _window_bool_mask(query.shape[2], sliding_window, query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
     dev = query.device.type

@@ -16,10 +16,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DistillConfig", "PHASE_DEFAULTS", "RESULT_FIELDS", "PRECISIONS", "LOSS_IMPLS"]
+__all__ = ["DistillConfig", "PHASE_DEFAULTS", "RESULT_FIELDS", "PRECISIONS", "LOSS_IMPLS", "TRAINABLE"]
 
 PRECISIONS = ("bf16-mixed", "bf16-master", "fp32")
 LOSS_IMPLS = ("autograd", "fused")  # how a logit-loss chunk's gradient is made (losses.chunked_logit_loss)
+TRAINABLE = ("all", "mlp")  # what the student trains (DistillConfig.trainable, models.set_trainable)
 
 # Per-phase defaults for the fields left at None. Sized for the bench `small` pair (its teacher sees
 # 600 x 64 x 1024 = 39.3M tokens): phase 1 1.64M + phase 2 0.16M tokens = 4.6% of that, well under a minute
@@ -37,7 +38,6 @@ RESULT_FIELDS = (
     "hidden_layer_weights", "lmbda", "beta", "sample_temperature", "jsd_temperature", "max_new_tokens",
     "train_embeddings", "precision", "chunk", "max_tokens", "attn", "trainable",
 )
-TRAINABLE = ("all", "mlp")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from .config import LOSS_IMPLS
 
 __all__ = [
     "softcap", "lm_logits", "forward_kl", "generalized_jsd", "per_token_loss_fn", "chunked_logit_loss",
-    "hidden_state_loss", "LOSS_IMPLS",
+    "hidden_state_loss",
 ]
 
 
@@ -92,8 +92,6 @@ def per_token_loss_fn(kind: str, *, temperature: float = 1.0, beta: float = 0.5)
     return fn
 
 
-
-
 def _chunk_loss_autograd_part(loss_fn, cap):
     """``(y_s, y_t, w) -> sum(w * loss_fn(softcap(y_s), softcap(y_t)))`` on raw (pre-softcap) chunk logits: the
     element-wise part of a chunk that the "autograd" path differentiates (and that ``compile`` hands to
@@ -116,12 +114,12 @@ def _forward_kl_value_and_grad(y_s: torch.Tensor, y_t: torch.Tensor, w: torch.Te
     """
     t = float(temperature)
     ys = y_s.float()
+    z_t = softcap(y_t.float(), cap)
     if cap is not None:
-        th = torch.tanh(ys / cap)
+        th = torch.tanh(ys / cap)  # kept for the chain rule below
         z_s = th * cap
-        z_t = torch.tanh(y_t.float() / cap) * cap
     else:
-        z_s, z_t = ys, y_t.float()
+        z_s = ys
     s_logp = F.log_softmax(z_s / t, dim=-1)
     t_logp = F.log_softmax(z_t / t, dim=-1)
     p = t_logp.exp()
@@ -160,7 +158,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 fused = _compiled(_forward_kl_value_and_grad, ("fused", cap, loss_fn.temperature))
             with torch.autocast(h_s.device.type, enabled=False), torch.no_grad():
                 for i in range(0, h_s.shape[0], chunk):
-                    h_c = h_s[i:i + chunk].detach().to(compute_dtype)
+                    h_c = h_s[i:i + chunk].to(compute_dtype)
                     loss, g = fused(h_c @ w_s_c.T, h_t[i:i + chunk].to(compute_dtype) @ w_t_c.T,
                                     weights[i:i + chunk], cap, loss_fn.temperature)
                     grad_h[i:i + chunk] = g @ w_s_c  # dL/dh = dL/dy @ W (matmul dtype, like autograd's dgrad)
@@ -169,9 +167,13 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                     total += loss
                     del g, loss
         else:
-            part = _chunk_loss_autograd_part(loss_fn, cap)
             if compile_ and getattr(loss_fn, "kind", None) is not None:
-                part = _compiled(part, ("autograd", loss_fn.kind, loss_fn.temperature, loss_fn.beta, cap))
+                key = ("autograd", loss_fn.kind, loss_fn.temperature, loss_fn.beta, cap)
+                part = _COMPILED.get(key)  # (the closure is built only on a cache miss)
+                if part is None:
+                    part = _compiled(_chunk_loss_autograd_part(loss_fn, cap), key)
+            else:
+                part = _chunk_loss_autograd_part(loss_fn, cap)
             with torch.autocast(h_s.device.type, enabled=False), torch.enable_grad():
                 w_leaf = w_s_c.detach().requires_grad_(need_w)
                 for i in range(0, h_s.shape[0], chunk):
@@ -257,7 +259,7 @@ def _normalised_mse_grad(h_s: torch.Tensor, h_t: torch.Tensor, eps: float, g: to
     """``d/dh_s`` of :func:`_normalised_mse` times the upstream scalar ``g``: ``2 g (h_s - h_t) / (||h_t||^2 +
     eps) / n_tokens``, in ``h_s.dtype`` (one reduction and one element-wise pass)."""
     hs, ht = h_s.float(), h_t.float()
-    n = hs.numel() // max(hs.shape[-1], 1)
+    n = math.prod(hs.shape[:-1])
     scale = (2.0 / n) * g.float() / (ht.pow(2).sum(-1, keepdim=True) + eps)
     return ((hs - ht) * scale).to(h_s.dtype)
 

@@ -83,10 +83,9 @@ def set_trainable(model: nn.Module, train_embeddings: bool = False, trainable: s
     else:
         keep = {id(p) for n, p in decoder.named_parameters()
                 if train_embeddings or not n.endswith(EMBEDDING_PARAMS)}
-    trainable = keep
     names = []
     for n, p in model.named_parameters():
-        p.requires_grad_(id(p) in trainable)
+        p.requires_grad_(id(p) in keep)
         if p.requires_grad:
             names.append(n)
     if not names:
@@ -177,9 +176,8 @@ def limit_checkpointing(model: nn.Module, n_layers: int | None) -> int:
     either way. Returns the number of checkpointed layers."""
     layers = decoder_layers(model)
     n = len(layers) if n_layers is None else min(int(n_layers), len(layers))
-    for i, layer in enumerate(layers):
-        if i >= n:
-            layer.gradient_checkpointing = False
+    for layer in layers[max(n, 0):]:  # (n < 0: all off, as n = 0)
+        layer.gradient_checkpointing = False
     return n
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init", "shard_student", "all_reduce_sum", "barrier", "shutdown", "fsdp_modules"]
+__all__ = ["DistEnv", "init", "shard_student", "all_reduce_sum", "gather_float", "barrier", "shutdown", "fsdp_modules"]
 
 
 @dataclass

@@ -155,9 +155,9 @@ class Distiller:
         if cfg.precision == "bf16-master" and env.is_dist:
             raise ValueError(BF16_MASTER_DIST_ERROR)
         self.bf16 = cfg.precision == "bf16-mixed"  # fp32 weights + autocast (or FSDP2 bf16 params)
-        self.bf16_master = cfg.precision == "bf16-master"  # bf16 weights, fp32 masters in the optimizer
-        compute_dtype = torch.bfloat16 if self.bf16 or self.bf16_master else torch.float32
-        if self.bf16_master:
+        bf16_master = cfg.precision == "bf16-master"  # bf16 weights, fp32 masters in the optimizer
+        compute_dtype = torch.bfloat16 if self.bf16 or bf16_master else torch.float32
+        if bf16_master:
             to_bf16_layout(student)
         self.teacher = teacher.requires_grad_(False).eval()
         self.student = student
@@ -179,10 +179,10 @@ class Distiller:
         self.layer_w = layer_w
         if env.is_dist:
             parallel.shard_student(self.dm, decoder_layers(student), env, bf16_params=self.bf16)
-        self.params = [p for p in self.dm.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.dm.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         # bf16-master: the optimizer (and the grad clip, and the checkpoints) see the fp32 masters
-        self.masters = (MasterWeights((n, p) for n, p in self.dm.named_parameters() if p.requires_grad)
-                        if self.bf16_master else None)
+        self.masters = MasterWeights(named) if bf16_master else None
         self.opt_params = self.masters.masters if self.masters is not None else self.params
         fused = {"fused": True} if env.device.type == "cuda" and not env.is_dist else {}
         self.opt = torch.optim.AdamW(self.opt_params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
@@ -352,6 +352,7 @@ def _run(cfg: DistillConfig, env) -> dict:
         log.record({"event": "config", "config": cfg.result_dict(), "world": env.world, "device": str(env.device),
                     "n_student": dz.n_student, "n_teacher": dz.n_teacher, "peak_tflops": cfg.peak_tflops})
 
+    cuda = env.device.type == "cuda"  # synchronize before timing; MFU and peak memory
     t_int, step_int = time.perf_counter(), 0
     for step in range(start, cfg.steps):
         ids = data.batch(step, cfg.batch, env.rank, env.world, cfg.seed).to(env.device)
@@ -360,14 +361,15 @@ def _run(cfg: DistillConfig, env) -> dict:
         history.append({k: rec[k] for k in ("step", "on_policy", "loss", *parts)})
         step_int += 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            if env.device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(env.device)
             dt = time.perf_counter() - t_int
             rec["tokens_per_s"] = tokens_per_step * step_int / dt
             rec["tokens_seen"] = (step + 1) * tokens_per_step
-            rec["mfu"] = (dz.flops_per_token * rec["tokens_per_s"] / (cfg.peak_tflops * 1e12 * env.world)
-                          if env.device.type == "cuda" else None)
-            if env.device.type == "cuda":  # peak allocated since the start, per rank (GB)
+            rec["mfu"] = None
+            if cuda:
+                rec["mfu"] = dz.flops_per_token * rec["tokens_per_s"] / (cfg.peak_tflops * 1e12 * env.world)
+                # peak allocated since the start, per rank (GB)
                 rec["peak_mem_gb"] = parallel.gather_float(torch.cuda.max_memory_allocated(env.device) / 1e9, env)
             extra = " ".join(f"{n} {rec[n]:.4f}" for n in parts if "/" not in n)
             mfu = f" | MFU {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""

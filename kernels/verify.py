@@ -467,7 +467,7 @@ def main(argv=None) -> int:
     ap.add_argument("--golden", help="write the golden file here (tests/golden/marlin_golden.json)")
     ap.add_argument("--quiet", action="store_true", help="no per-case lines")
     ap.add_argument("--max-cases", type=int, default=0)
-    ap.add_argument("--decode-variant", default="", metavar="JSON",
+    ap.add_argument("--decode-variant", type=json.loads, default=DECODE_VARIANT, metavar="JSON",
                     help=f'launch kwargs re-checked on M <= 16 cases (default {json.dumps(DECODE_VARIANT)})')
     ap.add_argument("--worker-sms", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--control-sms", type=int, default=0, help=argparse.SUPPRESS)
@@ -491,8 +491,7 @@ def main(argv=None) -> int:
                             sanity=0, log=log)
     else:
         cases += exact_cases()
-        results = run_cases(cases, log=log,
-                            decode_variant=json.loads(args.decode_variant) if args.decode_variant else None)
+        results = run_cases(cases, log=log, decode_variant=args.decode_variant)
         try:
             report["lowering"] = lowering_check()
         except Exception as exc:

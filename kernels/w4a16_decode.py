@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .counters import grow_zeros
 from .w4a16_mainloop import store_tile, w4a16_mainloop
 
 
@@ -84,16 +85,8 @@ def _w4a16_splitk_kernel(
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Per-device int32 zeros, grown on demand; the kernel returns every counter it touches to zero."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+# The split-K tickets: device -> every counter buffer handed out there (kernels.counters.grow_zeros).
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def w4a16_decode(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
@@ -113,7 +106,7 @@ def w4a16_decode(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: tor
     split_k = triton.cdiv(kb_total, kb_per_split)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid_mn = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    cnt = _tile_counters(x.device, grid_mn)
+    cnt = grow_zeros(_COUNTERS, x.device, grid_mn, 4096)
     if split_k > 1:
         ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     else:

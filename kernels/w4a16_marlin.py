@@ -62,6 +62,7 @@ import triton.language as tl
 
 from pack.packing import PACK_FACTOR, group_size_of
 
+from .counters import grow_zeros
 from .marlin_schedule import Launch, Schedule, build_schedule
 
 __all__ = ["w4a16_gemm_exact", "device_sms", "PassConfig", "pass_config"]
@@ -550,6 +551,14 @@ def _marlin_pass2(
 # ----------------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------------
+def _pass1_counts(launch: Launch, bm: int, bn: int) -> tuple[int, int, int]:
+    """``(nsub, subs, pieces)`` of one launch with ``bm x bn`` program tiles: ``nsub`` column sub-blocks per
+    Marlin tile (``thread_n / bn``), ``subs`` sub-blocks per Marlin tile (``nsub`` x row sub-blocks of the
+    ``mb``-row m-block), ``pieces`` pass-1 programs per (sub-block, launch): the unsplit tiles plus the slots."""
+    nsub = launch.cfg.thread_n // bn
+    return nsub, nsub * -(-launch.mb // bm), launch.part1_tiles + launch.slots
+
+
 class PassConfig:
     """Triton launch parameters of one launch group (free: every choice gives the same bits).
 
@@ -621,8 +630,8 @@ def pass_config(launch: Launch, block_m: int | None = None, block_n: int | None 
     fuse = sp if fuse is None else fuse
     stages = num_stages or 3
     if sp and maxnreg is None and num_stages is None:
-        subs = (launch.cfg.thread_n // bn) * -(-launch.mb // bm)
-        programs = (launch.part1_tiles + launch.slots) * launch.cfg.kw * subs
+        _, subs, pieces = _pass1_counts(launch, bm, bn)
+        programs = pieces * launch.cfg.kw * subs
         if programs > 8 * launch.sms:
             maxnreg, stages = 96, 4
     return PassConfig(bm, bn, warps, stages, sp, pf, wf, bool(swap), bool(fuse), bool(tile_load), maxnreg)
@@ -631,21 +640,9 @@ def pass_config(launch: Launch, block_m: int | None = None, block_n: int | None 
 LAST_COMPILED: dict = {}  # the compiled kernels of the latest call (kernels.verify reads their PTX)
 
 
-_COUNTERS: dict = {}  # device -> every counter buffer ever handed out there (the newest last)
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 zeros, >= ``n`` of them, kept per device: the fused fold's per-tile arrival counters.
-
-    The kernel leaves them at zero (the last program of a tile resets its counter), so one buffer serves every
-    call, CUDA-graph replays included. A larger buffer is added when a call needs more; the older ones are kept
-    alive, because a captured CUDA graph still holds their addresses. Calls on concurrent streams of one device
-    must not share them: launch them in order (as a model's layers are) or pass ``fuse=False``.
-    """
-    bufs = _COUNTERS.setdefault(device, [])
-    if not bufs or bufs[-1].numel() < n:
-        bufs.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device))
-    return bufs[-1]
+# The fused fold's per-tile arrival counters: device -> every buffer handed out there (kernels.counters.grow_zeros).
+# Calls on concurrent streams of one device must not share them: launch them in order or pass ``fuse=False``.
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 @functools.lru_cache(maxsize=16)
@@ -727,9 +724,7 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
         cfg = pass_config(ln, block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse,
                           tile_load, maxnreg)
         bm, bn, sp = cfg.block_m, cfg.block_n, cfg.split
-        nsub = ln.cfg.thread_n // bn
-        subs = nsub * -(-ln.mb // bm)
-        pieces = ln.part1_tiles + ln.slots  # pass-1 programs per (sub-block, launch)
+        nsub, subs, pieces = _pass1_counts(ln, bm, bn)
         needs_pass2 = sp or any(len(f) > 1 for f in ln.folds)
         slot0, nslots = (0, pieces) if sp else (ln.part1_tiles, ln.slots)
         part_numel = grp.count * nslots * subs * (ln.cfg.kw if sp else 1) * bm * bn if needs_pass2 else 1
@@ -744,7 +739,7 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
                       enable_fp_fusion=False)  # no mul+add -> fma contraction anywhere: every rounding is Marlin's
         fan = ln.cfg.kw if sp else 1  # SPLIT: one program per warp-row chain
         grid1 = (pieces * fan, subs, grp.count) if cfg.wr_fast else (pieces, subs * fan, grp.count)
-        ctr = _counters(x.device, grp.count * ln.tiles * subs) if cfg.fuse else part
+        ctr = grow_zeros(_COUNTERS, x.device, grp.count * ln.tiles * subs, 1 << 16) if cfg.fuse else part
         LAST_COMPILED["pass1"] = _marlin_pass1[grid1](
             x2, wq, ws, b, out2, part, ctr, x2.stride(0), wq.stride(0), ws.stride(0), out2.stride(0),
             GROUP=max(g, 1), **scalars, TK=ln.cfg.thread_k, GROUPED=int(not channelwise),

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import QuantizeError
+from .sha256 import CHUNK, sha256_files  # standard library only: keeps this module torch-free
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -89,10 +89,8 @@ def copy_aux_files(src: str | os.PathLike | None, dst: str | os.PathLike) -> lis
     return copied
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = CHUNK) -> str:
     """sha256 hex of one file (:func:`pack.sha256.sha256_files`, in this process)."""
-    from .sha256 import sha256_files
-
     return sha256_files([Path(path)], chunk)[Path(path).name]
 
 
@@ -131,8 +129,8 @@ class FileHasher:
     ``python -m pack.quantize`` starts it before importing torch.
     """
 
-    def __init__(self, files: list[Path], chunk: int = 16 << 20):
-        self.files = [Path(f) for f in files]
+    def __init__(self, files: list[Path], chunk: int = CHUNK):
+        self.files = [Path(f).absolute() for f in files]  # absolute once: the writer compares them to its own
         script = Path(__file__).with_name("sha256.py")
         self._proc = subprocess.Popen([sys.executable, "-I", "-S", str(script), "--chunk", str(chunk),
                                        *map(str, self.files)], stdin=subprocess.DEVNULL,

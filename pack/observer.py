@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from .packing import QMAX, QMIN
+from .qconfig import ROUNDING_MODES
 
 __all__ = ["ROUNDING_MODES", "QuantScheme", "compute_scale", "quantize_codes", "quantize_weight"]
 
-ROUNDING_MODES = ("fp32div", "eager")
 _HALF_RANGE = (QMAX - QMIN) / 2  # 7.5
 
 

@@ -20,13 +20,15 @@ if TYPE_CHECKING:  # torch-free import: the CLI builds its parser (DEFAULT_IGNOR
 
     from .observer import QuantScheme
 
-__all__ = ["DEFAULT_IGNORE", "CT_CONFIG_VERSION", "QuantRecipe", "quantization_config"]
+__all__ = ["DEFAULT_IGNORE", "CT_CONFIG_VERSION", "ROUNDING_MODES", "QuantRecipe", "quantization_config"]
 
 # recipe R's ignore list (seed recipe): towers, per-layer-embedding gate/projection, embedders, lm_head
 DEFAULT_IGNORE = ("re:.*vision_tower.*", "re:.*audio_tower.*", "re:.*per_layer_input_gate.*",
                   "re:.*per_layer_projection.*", "re:.*embed_vision.*", "re:.*embed_audio.*", "lm_head")
 # the compressed-tensors release whose config.json form we emit (the one llmcompressor 0.14.0.1 writes)
 CT_CONFIG_VERSION = "0.19.0"
+# how codes are rounded (spec §1.3, pack.observer): defined here, torch-free, for the CLI's --rounding choices
+ROUNDING_MODES = ("fp32div", "eager")
 # llmcompressor/compressed-tensors releases whose output each rounding mode reproduces (spec §1.3)
 EQUIVALENT_TO = {
     "fp32div": {"llmcompressor": "0.14.0.1", "compressed_tensors": "0.19.0", "device": "cuda"},
@@ -48,8 +50,6 @@ class QuantRecipe:
         object.__setattr__(self, "ignore", tuple(self.ignore))
         if not self.targets:
             raise QuantizeError("targets is empty: nothing would be quantized")
-        from .observer import ROUNDING_MODES
-
         if self.rounding not in ROUNDING_MODES:
             raise QuantizeError(f"--rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
         try:

@@ -20,7 +20,8 @@ DEMO_DIR = Path("out")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .qconfig import DEFAULT_IGNORE  # torch-free: the input files start hashing before torch is imported
+    # torch-free: the input files start hashing before torch is imported
+    from .qconfig import DEFAULT_IGNORE, ROUNDING_MODES
 
     ap = argparse.ArgumentParser(
         prog="python -m pack.quantize",
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "module name); REPLACES the default list: %(default)s")
     ap.add_argument("--extra-ignore", nargs="+", metavar="PATTERN", default=[],
                     help="more modules to leave in bf16, added to --ignore (same syntax)")
-    ap.add_argument("--rounding", choices=("fp32div", "eager"), default="fp32div",
+    ap.add_argument("--rounding", choices=ROUNDING_MODES, default="fp32div",
                     help="fp32div (default) = llmcompressor 0.14 on CUDA; eager = llmcompressor on CPU / "
                     "CT_ENFORCE_EAGER=1 / llmcompressor <= 0.12")
     ap.add_argument("--device", default="cpu", help="where the observer runs: cpu or cuda (same bytes)")
@@ -92,8 +93,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run(args: argparse.Namespace, hasher) -> int:
-    from .qconfig import QuantRecipe  # imports torch (the recipe's observer scheme)
-    from .writer import quantize_checkpoint
+    from .qconfig import QuantRecipe
+    from .writer import quantize_checkpoint  # imports torch
 
     try:
         force = args.force

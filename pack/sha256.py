@@ -17,10 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["sha256_files", "main"]
+__all__ = ["CHUNK", "sha256_files", "main"]
+
+CHUNK = 16 << 20  # bytes per read: 16 MiB
 
 
-def sha256_files(files: list[Path], chunk: int = 16 << 20) -> dict[str, str]:
+def sha256_files(files: list[Path], chunk: int = CHUNK) -> dict[str, str]:
     """``{file name: sha256 hex}`` of ``files``, read ``chunk`` bytes at a time into one reused buffer (no fresh
     pages to fault in for every block)."""
     buf = bytearray(chunk)
@@ -37,7 +39,7 @@ def sha256_files(files: list[Path], chunk: int = 16 << 20) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    chunk = 16 << 20
+    chunk = CHUNK
     if args[:1] == ["--chunk"]:
         chunk, args = int(args[1]), args[2:]
     try:

@@ -18,6 +18,7 @@ Linear weight's row block, or a 4 MiB chunk of a passthrough tensor) per worker 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -112,7 +113,6 @@ class SourceFiles:
 
     def __init__(self, ckpt: Path):
         self.dir = Path(ckpt)
-        index_f = self.dir / INDEX_NAME
         self.files, weight_map = safetensors_files(self.dir)
         self.tensors: dict[str, TensorEntry] = {}
         for f in self.files:
@@ -122,6 +122,7 @@ class SourceFiles:
                                         f"the checkpoint's shards overlap: re-save it")
                 self.tensors[name] = e
         if weight_map is not None:
+            index_f = self.dir / INDEX_NAME
             for name, f in weight_map.items():
                 e = self.tensors.get(name)
                 if e is None or e.file.name != f:
@@ -195,7 +196,18 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-_FALLOCATE = None
+@functools.cache
+def _fallocate():
+    """libc's ``fallocate`` as a ctypes function, looked up once; None where this libc has none."""
+    try:
+        import ctypes
+
+        f = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    f.restype = ctypes.c_int
+    return f
 
 
 def _preallocate(fd: int, size: int) -> None:
@@ -207,21 +219,11 @@ def _preallocate(fd: int, size: int) -> None:
     bytes are the same (every byte is written), and where the call is missing or refused nothing happens
     (unlike ``posix_fallocate``, which glibc emulates by writing a zero into every block).
     """
-    global _FALLOCATE
     if size <= 0 or not sys.platform.startswith("linux"):
         return
-    if _FALLOCATE is None:
-        try:
-            import ctypes
-
-            f = ctypes.CDLL(None, use_errno=True).fallocate
-            f.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-            f.restype = ctypes.c_int
-            _FALLOCATE = f
-        except (OSError, AttributeError):
-            _FALLOCATE = False
-    if _FALLOCATE:
-        _FALLOCATE(fd, 0, 0, size)  # -1 (EOPNOTSUPP, ENOSPC...): plain writes report any real problem
+    fallocate = _fallocate()
+    if fallocate is not None:
+        fallocate(fd, 0, 0, size)  # -1 (EOPNOTSUPP, ENOSPC...): plain writes report any real problem
 
 
 def _safetensors_order(specs: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> list[str]:

@@ -323,7 +323,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     threads = torch.get_num_threads()
     with SourceFiles(ckpt) as src:
         hasher = input_hasher
-        if hasher is None or [f.absolute() for f in hasher.files] != [f.absolute() for f in src.files]:
+        if hasher is None or hasher.files != src.files:  # both absolute (ckpt is; FileHasher stores them so)
             if hasher is not None:
                 hasher.cancel()
             hasher = FileHasher(src.files)

@@ -56,8 +56,14 @@ class PruneConfig:
                              f"diagonal of the kept channels' Gram matrix; default 0.01)")
 
     @property
+    def scores_from_data(self) -> bool:
+        """The channel scores come from calibration statistics (a data criterion that actually prunes; at
+        ratio 0 every channel is kept and nothing is scored)."""
+        return self.ratio > 0 and self.criterion in DATA_CRITERIA
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.ratio > 0 and (self.criterion in DATA_CRITERIA or self.refit)
+        return self.scores_from_data or (self.ratio > 0 and self.refit)
 
 
 def kept_width(width: int, ratio: float, multiple: int = ROUND_MULTIPLE) -> int:

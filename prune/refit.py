@@ -42,12 +42,11 @@ __all__ = ["RefitResult", "refit_down_proj"]
 class RefitResult:
     """``weight``: the new kept ``down_proj`` columns ``[H, |S|]`` in the input weight's dtype and device.
     ``error_before`` / ``error_after``: the float64 solution's summed squared reconstruction error of the
-    unpruned ``down_proj`` output over the calibration tokens, plain slicing vs refit. ``damping``: lambda."""
+    unpruned ``down_proj`` output over the calibration tokens, plain slicing vs refit."""
 
     weight: torch.Tensor
     error_before: float
     error_after: float
-    damping: float
 
 
 @torch.no_grad()
@@ -70,21 +69,22 @@ def refit_down_proj(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor
     mask = torch.ones(width, dtype=torch.bool, device=dev)
     mask[keep] = False
     drop = mask.nonzero().squeeze(1)
-    w = weight.detach().to(dev, torch.float64)
-    w_s = w.index_select(1, keep)
+    sliced = weight.detach().index_select(1, keep.to(weight.device))  # plain slicing: W[:, S], a new tensor
     if drop.numel() == 0:  # nothing removed: the refit is the identity
-        return RefitResult(weight.detach().index_select(1, keep.to(weight.device)).clone(), 0.0, 0.0, 0.0)
+        return RefitResult(sliced, 0.0, 0.0)
     if not torch.isfinite(gram).all():
         raise ValueError(f"{where}: the calibration Gram matrix has non-finite entries (inf/nan activations); "
                          f"refit impossible, run without --refit or check the model/calibration data")
-    w_r = w.index_select(1, drop)
-    c_ss = gram.index_select(0, keep).index_select(1, keep)
-    c_sr = gram.index_select(0, keep).index_select(1, drop)
+    w = weight.detach().to(dev, torch.float64)
+    w_s, w_r = w.index_select(1, keep), w.index_select(1, drop)
+    g_s = gram.index_select(0, keep)
+    c_ss, c_sr = g_s.index_select(1, keep), g_s.index_select(1, drop)
+    del g_s
     c_rr = gram.index_select(0, drop).index_select(1, drop)
     e0 = float((w_r * (w_r @ c_rr)).sum())
     mean_diag = float(c_ss.diagonal().mean())
     if mean_diag == 0.0:  # every kept channel is 0 on every calibration token: nothing to regress on
-        return RefitResult(weight.detach().index_select(1, keep.to(weight.device)).clone(), e0, e0, 0.0)
+        return RefitResult(sliced, e0, e0)
     lam = damp * mean_diag
     c_ss.diagonal().add_(lam)
     factor, info = torch.linalg.cholesky_ex(c_ss)
@@ -95,4 +95,4 @@ def refit_down_proj(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor
     d = torch.cholesky_solve(b_t, factor).T  # [H, k]
     e1 = e0 - float((d * b_t.T).sum()) - lam * float(d.square().sum())
     new = (w_s + d).to(weight.device, weight.dtype)
-    return RefitResult(new, e0, e1, lam)
+    return RefitResult(new, e0, e1)

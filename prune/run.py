@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from pack.checkpoint import lineage_step, save_bf16_checkpoint, sha256_file
+from pack.checkpoint import lineage_step, save_bf16_checkpoint
+from pack.sha256 import sha256_files
 
 from .calib import CalibrationSet, default_calib_path, load_calibration
-from .config import DATA_CRITERIA, ROUND_MULTIPLE, PruneConfig, kept_width
+from .config import ROUND_MULTIPLE, PruneConfig, kept_width
 from .importance import channel_scores, select_channels
 from .refit import refit_down_proj
 from .slicing import set_intermediate_size, slice_mlp
@@ -46,7 +47,7 @@ class PruneResult:
         cut = 100.0 * (1 - self.width_after / self.width_before)
         wide = (f", {self.double_wide_layers} double-wide layers {2 * self.width_before} -> {2 * self.width_after}"
                 if self.double_wide_layers else "")
-        crit = f"{c.criterion} ({c.aggregation} over tokens)" if c.criterion in DATA_CRITERIA else c.criterion
+        crit = f"{c.criterion} ({c.aggregation} over tokens)" if c.scores_from_data else c.criterion
         if self.calibration is not None:
             cal = self.calibration
             data = f"calibration {cal.samples} x {cal.seq_len} = {cal.tokens} tokens"
@@ -147,7 +148,7 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
             raise FileNotFoundError(f"calibration file {path}: no such file; pass --calib FILE")
         cal = load_calibration(path, _load_tokenizer(ckpt), cfg.samples, cfg.seq_len)
     weights = sorted(f for p in WEIGHT_PATTERNS for f in ckpt.glob(p))
-    input_sha = {f.name: sha256_file(f) for f in weights}
+    input_sha = sha256_files(weights)
 
     model = load_model(ckpt, config)
     layers = language_stack(model).layers
@@ -187,7 +188,7 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
     set_intermediate_size(model, kept)
 
     params = {"ratio": cfg.ratio, "criterion": cfg.criterion,
-              "aggregation": cfg.aggregation if cfg.criterion in DATA_CRITERIA and cal is not None else None,
+              "aggregation": cfg.aggregation if cfg.scores_from_data else None,
               "intermediate_size": width, "kept_intermediate_size": kept, "round_multiple": ROUND_MULTIPLE,
               "seed": cfg.seed}
     if cfg.refit:  # only with --refit, so that a run without it writes exactly what it always did

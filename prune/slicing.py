@@ -7,9 +7,12 @@ from torch import nn
 __all__ = ["slice_mlp", "set_intermediate_size"]
 
 
-def _take(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
-    """Keep ``index`` along ``dim`` of ``linear.weight`` (0: output rows, with the bias; 1: input columns)."""
-    linear.weight = nn.Parameter(linear.weight.detach().index_select(dim, index).contiguous(), requires_grad=False)
+def _take(linear: nn.Linear, index: torch.Tensor, dim: int, values: torch.Tensor | None = None) -> None:
+    """Keep ``index`` along ``dim`` of ``linear.weight`` (0: output rows, with the bias; 1: input columns).
+    ``values``: the kept slice's new contents (the weight's shape with ``index.numel()`` along ``dim``),
+    written instead of the selected weights."""
+    w = linear.weight.detach().index_select(dim, index) if values is None else values.to(linear.weight.device)
+    linear.weight = nn.Parameter(w.contiguous(), requires_grad=False)
     if dim == 0:
         if linear.bias is not None:
             linear.bias = nn.Parameter(linear.bias.detach().index_select(0, index).contiguous(), requires_grad=False)
@@ -26,15 +29,12 @@ def slice_mlp(mlp: nn.Module, keep: torch.Tensor, down_weight: torch.Tensor | No
     keep = keep.to(mlp.down_proj.weight.device)
     _take(mlp.gate_proj, keep, 0)
     _take(mlp.up_proj, keep, 0)
-    if down_weight is None:
-        _take(mlp.down_proj, keep, 1)
-    else:
+    if down_weight is not None:
         w = mlp.down_proj.weight
         if down_weight.shape != (w.shape[0], keep.numel()) or down_weight.dtype != w.dtype:
             raise ValueError(f"down_proj replacement {tuple(down_weight.shape)} {down_weight.dtype} does not match "
                              f"[{w.shape[0]}, {keep.numel()}] {w.dtype}")
-        mlp.down_proj.weight = nn.Parameter(down_weight.to(w.device).contiguous(), requires_grad=False)
-        mlp.down_proj.in_features = keep.numel()
+    _take(mlp.down_proj, keep, 1, down_weight)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = keep.numel()
 

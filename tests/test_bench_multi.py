@@ -36,8 +36,8 @@ def test_loss_parity_one_vs_two_processes(tmp_path):
     assert rep["max_abs_diff"] == max(abs(a - b) for a, b in zip(rep["loss_one"], rep["loss_many"]))
 
 
-@pytest.mark.parametrize("nproc", [2])
-def test_distill_bench_under_torchrun(tmp_path, nproc):
+def test_distill_bench_under_torchrun(tmp_path):
+    nproc = 2
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(REPO / "bench/gpu/distill_bench.py"), "--device", "cpu", "--pairs", "micro", "--steps", "1",

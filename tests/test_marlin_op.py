@@ -56,14 +56,15 @@ def test_package_and_op_import_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_fused_fold_counters_grow_without_freeing():
-    """A captured CUDA graph keeps the counter buffer's address: growing must add a buffer, never drop one."""
-    from kernels.w4a16_marlin import _COUNTERS, _counters
+def test_counters_grow_without_freeing():
+    """A captured CUDA graph keeps a counter buffer's address: growing must add a buffer, never drop one."""
+    from kernels.counters import grow_zeros
 
-    dev = torch.device("cpu")
-    _COUNTERS.pop(dev, None)
-    a = _counters(dev, 10)
-    assert a.numel() >= 10 and not a.any() and _counters(dev, 100) is a  # reused while large enough
-    b = _counters(dev, a.numel() + 1)
-    assert b.numel() > a.numel() and _COUNTERS[dev][0] is a and _COUNTERS[dev][-1] is b
-    _COUNTERS.pop(dev)
+    dev, pool = torch.device("cpu"), {}
+    a = grow_zeros(pool, dev, 10, 64)
+    assert a.dtype == torch.int32 and a.numel() == 64 and not a.any()
+    assert grow_zeros(pool, dev, 64, 64) is a  # reused while large enough
+    b = grow_zeros(pool, dev, 65, 64)
+    assert b.numel() == 65 and not b.any() and pool[dev] == [a, b] and pool[dev][0] is a
+    assert grow_zeros(pool, dev, 1, 64) is b  # the newest serves every smaller call
+

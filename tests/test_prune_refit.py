@@ -7,19 +7,21 @@ written as an augmented least-squares system, not as normal equations).
 """
 from __future__ import annotations
 
-import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from bench.corpus import packed_sequences
 from bench.factory import save_random_checkpoint
-from pack.checkpoint import read_lineage
+from bench.tokenizer import get_tokenizer
+from pack.checkpoint import read_lineage, sha256_file
 from prune.__main__ import main
 from prune.config import PruneConfig
 from prune.run import load_model
-from tests.test_prune import SAMPLES, SEQ, _prune, tok  # noqa: F401  (tok: module fixture)
+from tests.test_prune import SAMPLES, SEQ, _logits, _mlps, _prune, tok  # noqa: F401  (tok: module fixture)
 
 DUP = 128  # channels of the "twins" checkpoint that are scaled copies of others (test_refit_recovers_...)
 
@@ -27,8 +29,6 @@ DUP = 128  # channels of the "twins" checkpoint that are scaled copies of others
 @pytest.fixture(scope="module")
 def calib_ids(tok):
     """The calibration windows prune reads by default (test_prune.py checks the equality)."""
-    from bench.corpus import packed_sequences
-
     return packed_sequences("calib", tok, SEQ)[:SAMPLES]
 
 
@@ -37,8 +37,6 @@ def _twin_checkpoint(src: Path, dst: Path) -> Path:
     same gate row, up row * 0.01 (so their activation is 0.01 x the twin's and the activation criterion drops
     them), down column * 100 (so their output contribution stays large). A removed channel is then an exact
     linear function of a kept one: the refit can move its contribution onto the twin, plain slicing loses it."""
-    import shutil
-
     shutil.copytree(src, dst)
     t = load_file(dst / "model.safetensors")
     for k in [k for k in t if k.endswith("mlp.gate_proj.weight")]:
@@ -49,8 +47,6 @@ def _twin_checkpoint(src: Path, dst: Path) -> Path:
         u[i - DUP:] = u[:DUP] * 0.01
         d[:, i - DUP:] = d[:, i - DUP:] * 100
         t[p + "gate_proj.weight"], t[p + "up_proj.weight"], t[p + "down_proj.weight"] = g, u, d
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in t.items()}, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
 
@@ -68,21 +64,17 @@ def ckpts(tmp_path_factory, tok):
 
 @pytest.fixture(scope="module")
 def pruned(ckpts, tmp_path_factory):
-    """``pruned(kind, refit, damp=0.01) -> (out_dir, PruneResult)``, activation criterion, each run once."""
+    """``pruned(kind, refit) -> (out_dir, PruneResult)``, activation criterion (default damping), each run once."""
     done = {}
 
-    def get(kind, refit, damp=0.01):
-        key = (kind, refit, damp)
+    def get(kind, refit):
+        key = (kind, refit)
         if key not in done:
-            out = tmp_path_factory.mktemp("pruned") / f"{kind}-{refit}-{damp}"
-            done[key] = out, _prune(ckpts[kind], out, refit=refit, refit_damp=damp)
+            out = tmp_path_factory.mktemp("pruned") / f"{kind}-{refit}"
+            done[key] = out, _prune(ckpts[kind], out, refit=refit)
         return done[key]
 
     return get
-
-
-def _mlps(model):
-    return [layer.mlp for layer in model.get_decoder().layers]
 
 
 def _kept(orig_mlp, pruned_mlp) -> torch.Tensor:
@@ -124,15 +116,6 @@ def unpruned(ckpts, calib_ids):
         return done[kind]
 
     return get
-
-
-def _sha(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits.double()
 
 
 # ---------------------------------------------------------------------------------- (a) the reference
@@ -196,7 +179,7 @@ def test_refit_recovers_a_removed_twin_channel_on_held_out_tokens(unpruned, prun
     for mo, mr in zip(_mlps(orig), _mlps(refit)):
         assert _kept(mo, mr).tolist() == list(range(640 - DUP))
     ids = torch.randint(4, 2048, (2, 96), generator=torch.Generator().manual_seed(7))  # not the calib windows
-    lo, lr, lp = (_logits(m, ids) for m in (orig, refit, plain))
+    lo, lr, lp = (_logits(m, ids).double() for m in (orig, refit, plain))
     mse_refit, mse_plain = (lr - lo).square().mean().item(), (lp - lo).square().mean().item()
     assert mse_refit < 0.1 * mse_plain, (mse_refit, mse_plain)
 
@@ -205,13 +188,10 @@ def test_refit_reduces_held_out_logit_error_of_a_trained_model(trained_micro, ca
     """The bench's trained micro model (real, correlated activations): held-out (valid split) logit MSE vs
     the unpruned model is lower with the refit than with plain slicing (measured: -20% with 1024 calibration
     tokens for 512 kept channels)."""
-    from bench.corpus import packed_sequences
-    from bench.tokenizer import get_tokenizer
-
     for name, refit in (("plain", False), ("refit", True)):
         _prune(trained_micro, tmp_path / name, refit=refit)
     ids = packed_sequences("valid", get_tokenizer("micro"), SEQ)[:4]
-    lo, lp, lr = (_logits(load_model(p), ids) for p in (trained_micro, tmp_path / "plain", tmp_path / "refit"))
+    lo, lp, lr = (_logits(load_model(p), ids).double() for p in (trained_micro, tmp_path / "plain", tmp_path / "refit"))
     mse_plain, mse_refit = (lp - lo).square().mean().item(), (lr - lo).square().mean().item()
     assert mse_refit < 0.9 * mse_plain, (mse_refit, mse_plain)
 
@@ -229,7 +209,7 @@ def test_without_refit_the_output_is_unchanged_and_damp_is_ignored(ckpts, pruned
     assert main([str(ckpts["text"]), "-o", str(tmp_path / "a"), *argv]) == 0
     assert main([str(ckpts["text"]), "-o", str(tmp_path / "b"), "--refit-damp", "0.5", *argv]) == 0
     for f in FILES:
-        assert _sha(tmp_path / "a" / f) == _sha(tmp_path / "b" / f) == _sha(ref_out / f)
+        assert sha256_file(tmp_path / "a" / f) == sha256_file(tmp_path / "b" / f) == sha256_file(ref_out / f)
     params = read_lineage(tmp_path / "a")[-1]["params"]
     assert "refit" not in params and "refit_damp" not in params
     orig, model = load_model(ckpts["text"]), load_model(tmp_path / "a")
@@ -254,7 +234,7 @@ def test_refit_is_deterministic(ckpts, pruned, tmp_path):
     first, _ = pruned("wide", True)
     _prune(ckpts["wide"], tmp_path / "again", refit=True)
     for f in FILES:
-        assert _sha(first / f) == _sha(tmp_path / "again" / f)
+        assert sha256_file(first / f) == sha256_file(tmp_path / "again" / f)
 
 
 def test_refit_calibrates_a_data_free_criterion(ckpts, tmp_path):

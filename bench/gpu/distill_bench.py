@@ -62,13 +62,19 @@ CONFIGS = {
 }
 
 
-def _models(pair: str, device):
+def _models(pair: str, device, attn: str = "sdpa"):
+    """The random teacher (bf16) and student (fp32) of ``pair`` on ``device``, running attention ``attn``
+    (sdpa, or pdq_hybrid: registered with transformers first, as ``distill.models.load_model`` does)."""
+    if attn == "pdq_hybrid":
+        from distill.attention import register
+
+        register()
     p = PAIRS[pair]
     teacher = build_model(p["scale"], seed=0, dtype=torch.bfloat16, device=device)
     student = build_model(p["scale"], seed=1, dtype=torch.float32, device=device,
                           intermediate_size=p["student_mlp"])
     for m in (teacher, student):
-        m.config._attn_implementation = "sdpa"
+        m.config._attn_implementation = attn
         m.config.use_cache = False
     return teacher, student
 
@@ -100,11 +106,10 @@ def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, wa
     vocab = student.config.vocab_size
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(4, vocab, (batch, seq_len), generator=g, device=device)
-    local = batch // env.world  # this rank's rows of the global batch (Distiller checks divisibility)
-    ids = ids[env.rank * local:(env.rank + 1) * local]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dz = Distiller(cfg, env, teacher, student)
+    ids = ids[env.rank * dz.local_b:(env.rank + 1) * dz.local_b]  # this rank's rows of the global batch
     try:
         for s in range(warmup):
             rec = dz.step(s, ids)
@@ -173,7 +178,8 @@ def _configs(spec: str) -> list[tuple]:
 
 def _run(args, env) -> int:
     device = env.device
-    say = print if env.is_main else (lambda *a, **k: None)
+    say = print if env.is_main else (lambda *a, **k: None)  # only rank 0 talks
+    configs = _configs(args.configs)  # a bad spec fails before any model is built
     switches = {k: v for k, v in dict(attn=args.attn, loss_impl=args.loss_impl, ckpt_layers=args.ckpt_layers,
                                       precision=args.precision).items() if v is not None}
     switches.update({k: True for k in ("compile_loss", "compile_layers") if getattr(args, k)})
@@ -194,14 +200,16 @@ def _run(args, env) -> int:
         if pair not in PAIRS:
             say(f"distill_bench: unknown pair {pair!r}; choose from {sorted(PAIRS)}", file=sys.stderr)
             return 2
-        t0 = time.perf_counter()
-        teacher, student = _models(pair, device)
-        build_s = time.perf_counter() - t0
-        for i, (phase, batch, seq, ckpt, chunk) in enumerate(_configs(args.configs) or CONFIGS[pair]):
-            if env.is_dist and i:  # FSDP2 sharded the last student in place: build a fresh pair
+        teacher = student = None
+        for phase, batch, seq, ckpt, chunk in configs or CONFIGS[pair]:
+            # a fresh pair when the last Distiller changed the student in place (FSDP2 sharding, bf16 layout,
+            # compiled or partly checkpointed layers); the default path reuses it
+            if teacher is None or env.is_dist or switches:
                 del teacher, student
                 _free()
-                teacher, student = _models(pair, device)
+                t0 = time.perf_counter()
+                teacher, student = _models(pair, device, args.attn or "sdpa")
+                build_s = time.perf_counter() - t0
             row = {"pair": pair, "phase": phase, "batch": batch, "seq_len": seq, "grad_ckpt": ckpt, "chunk": chunk,
                    "build_s": build_s}
             try:

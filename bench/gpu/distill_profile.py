@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -45,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.gpu.distill_bench import PAIRS, _models  # noqa: E402
+from bench.gpu.distill_bench import PAIRS, _free, _models, _sync  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
 from distill.parallel import DistEnv  # noqa: E402
 from distill.train import Distiller  # noqa: E402
@@ -132,11 +131,6 @@ def _wrap_losses(timer):
 
     dmod.chunked_logit_loss, dmod.hidden_state_loss = logit, hidden
     return lambda: (setattr(dmod, "chunked_logit_loss", orig_logit), setattr(dmod, "hidden_state_loss", orig_hidden))
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _kernel_table(prof, n_steps: int, step_ms: float, top: int):
@@ -248,8 +242,7 @@ def attention_bench(batch, seq, device, window=512, heads=8, kv_heads=2, reps=5)
             except Exception as e:  # noqa: BLE001 (a backend that cannot run is a result)
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             out.append(row)
-            gc.collect()
-            torch.cuda.empty_cache()
+            _free()
     return out
 
 
@@ -329,14 +322,8 @@ def main(argv=None) -> int:
         if args.attn_bench_only:
             return 0
 
-    if args.attn == "pdq_hybrid":
-        from distill.attention import register
-
-        register()
     t0 = time.perf_counter()
-    teacher, student = _models(args.pair, device)
-    for m in (teacher, student):
-        m.config._attn_implementation = args.attn
+    teacher, student = _models(args.pair, device, args.attn)
     build_s = time.perf_counter() - t0
     precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "fp32")
     cfg = DistillConfig(teacher="-", student="-", out="-", phase=1, steps=args.warmup + args.steps + args.prof_steps,
@@ -378,6 +365,7 @@ def main(argv=None) -> int:
                        "peak_mem_gb": peak_gb, "phases_ms": phases, "losses": losses,
                        "n_student": dz.n_student, "n_teacher": dz.n_teacher,
                        "model_flops_per_token": dz.flops_per_token, "precision": precision})
+        start = len(lines)
         lines.append(f"\n{args.pair} B={args.batch} S={args.seq_len} ckpt={args.grad_ckpt}"
                      f"{'' if args.ckpt_layers is None else f'(first {args.ckpt_layers})'} chunk={args.chunk} "
                      f"attn={args.attn} loss={args.loss_impl} compile_loss={args.compile_loss} "
@@ -390,7 +378,7 @@ def main(argv=None) -> int:
         for k in order + [k for k in phases if k not in order]:
             if k in phases:
                 lines.append(f"  {k:34} {phases[k]:9.1f}  {100 * phases[k] / step_ms:5.1f}%")
-        print("\n".join(lines[-(len(phases) + 3):]), flush=True)
+        print("\n".join(lines[start:]), flush=True)
         dump()
 
         if args.prof_steps and device.type == "cuda":
@@ -406,6 +394,7 @@ def main(argv=None) -> int:
             top, cats, ops, kernel_ms = _kernel_table(prof, args.prof_steps, step_ms, args.top)
             report.update({"top_kernels": top, "kernel_categories": cats, "attention_ops": ops,
                            "kernel_ms_per_step": kernel_ms, "profiled_step_ms": prof_ms})
+            start = len(lines)
             lines.append(f"\nkernels: {kernel_ms:.1f} ms of GPU time per step ({100 * kernel_ms / step_ms:.1f}% of the "
                          f"{step_ms:.1f} ms step; profiled step {prof_ms:.1f} ms)")
             lines.append("by category:")
@@ -419,10 +408,9 @@ def main(argv=None) -> int:
             for r in top:
                 lines.append(f"  {r['total_ms']:9.1f} {r['calls']:6d} {r['pct_of_step']:6.1f}  {r['category']:18} "
                              f"{r['name'][:160]}")
-            print("\n".join(lines[-(len(top) + len(cats) + len(ops) + 5):]), flush=True)
+            print("\n".join(lines[start:]), flush=True)
             if args.trace:
                 prof.export_chrome_trace(str(out / f"distill_trace{tag}.json.gz"))
-            dump()
     except torch.OutOfMemoryError as e:
         report["error"] = f"OOM: {str(e).splitlines()[0][:300]}"
         lines.append(f"OOM: {report['error']}")

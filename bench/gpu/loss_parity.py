@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -56,11 +57,7 @@ def compare(one: list[dict], many: list[dict]) -> dict:
     ln = [r["loss"] for r in many]
     d = [abs(a - b) for a, b in zip(l1, ln)]
     diffs = [b - a for a, b in zip(l1, l1[1:])]
-    if len(diffs) >= 2:
-        mean = sum(diffs) / len(diffs)
-        noise = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1) / 2)
-    else:
-        noise = float("nan")
+    noise = statistics.stdev(diffs) / math.sqrt(2) if len(diffs) >= 2 else float("nan")
     tail = d[-min(10, len(d)):]
     return {"steps": len(d), "max_abs_diff": max(d), "mean_abs_diff": sum(d) / len(d),
             "last10_mean_abs_diff": sum(tail) / len(tail), "max_rel_diff": max(x / abs(a) for x, a in zip(d, l1)),

@@ -2,8 +2,9 @@
 
     python bench/gpu/pick_exact_variant.py bench_marlin_exact.json   # prints the kwargs as JSON (for
                                                                      # kernels.verify --decode-variant)
-Sums each variant's µs over the gate_up rows (M <= 16); the keys are ``bench.bench_marlin_exact.variant_key``'s,
-read back with its ``variant_kwargs``.
+Sums each variant's µs over the gate_up rows (M <= 16), among the variants timed on every such row (a failed
+variant stores its error text instead of a time); the keys are ``bench.bench_marlin_exact.variant_key``'s, read
+back with its ``variant_kwargs``.
 """
 import json
 import sys
@@ -14,13 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.bench_marlin_exact import variant_kwargs  # noqa: E402
 
 if __name__ == "__main__":
-    rows = json.load(open(sys.argv[1]))["rows"]
-    total: dict[str, float] = {}
-    for r in rows:
-        if r["shape"].startswith("gate_up") and r["m"] <= 16 and "tune" in r:
-            for key, us in r["tune"].items():
-                if isinstance(us, (int, float)):
-                    total[key] = total.get(key, 0.0) + us
+    with open(sys.argv[1]) as f:
+        rows = json.load(f)["rows"]
+    tunes = [r["tune"] for r in rows if r["shape"].startswith("gate_up") and r["m"] <= 16 and "tune" in r]
+    total = {key: sum(t[key] for t in tunes) for key in (tunes[0] if tunes else ())
+             if all(isinstance(t.get(key), (int, float)) for t in tunes)}
+    if not total:
+        sys.exit(f"{sys.argv[1]}: no variant was timed on every gate_up row with M <= 16")
     best = min(total, key=total.get)
     print(json.dumps(variant_kwargs(best)))
     print(sorted(total.items(), key=lambda t: t[1]), file=sys.stderr)

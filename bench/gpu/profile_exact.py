@@ -4,9 +4,10 @@
         python bench/gpu/profile_exact.py --n 16384 --k 2560 --m 1 '{}' '{"prefetch": 2, "wr_fast": true}'
 
 Each variant (JSON kwargs of ``w4a16_gemm_exact``: block_m, block_n, num_warps, num_stages, split, prefetch,
-wr_fast, swap, fuse) runs ``--repeat`` times back to back (default 2; the first call compiles), so a profiler
-sees each variant's kernels; every output is compared bit for bit with the default's (every variant must give
-the same bits; many repeats stress the fused fold's arrival counters).
+wr_fast, swap, fuse, tile_load, maxnreg) runs ``--repeat`` times back to back (default 2; the first call
+compiles), so a profiler sees each variant's kernels; every output is compared bit for bit with the default's
+(``kernels.verify.compare``; every variant must give the same bits; many repeats stress the fused fold's arrival
+counters).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kernels.verify import make_weights
+from kernels.verify import compare, make_weights
 from kernels.w4a16_marlin import w4a16_gemm_exact
 
 
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
         kw = json.loads(v)
         outs = [w4a16_gemm_exact(x, wp, ws, None, True, -1, **kw) for _ in range(args.repeat)]
         torch.cuda.synchronize()
-        bad = sum(int((o.view(torch.int16) != ref.view(torch.int16)).sum()) for o in outs)
+        bad = sum(compare(o, ref)[0] for o in outs)
         print(f"variant {kw}: {bad} elements differ from the default's bits over {args.repeat} calls", flush=True)
         if bad:
             return 1

@@ -42,10 +42,10 @@ CPU smoke run of the plumbing: ``--scale micro --device cpu --train-args "--step
 from __future__ import annotations
 
 import argparse
-import re
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -254,23 +254,23 @@ class Pipeline:
         """With ``--token-budget-pct P``: the phase-1 ``--steps`` that keep phase 1 + phase 2 within P % of the
         tokens the teacher was trained on (its lineage's ``tokens_seen``); recorded in quality.json (per phase-1
         variant ``run`` when given). A variant that sets its own ``--steps`` keeps it (recorded as is)."""
-        from distill.config import PHASE_DEFAULTS
+        from distill.__main__ import build_parser, config_from_args
         from pack.checkpoint import read_lineage
 
-        def sizes(phase, extra):
-            ap = argparse.ArgumentParser(add_help=False)
-            for k in ("steps", "batch", "seq_len"):
-                ap.add_argument("--" + k.replace("_", "-"), type=int, default=PHASE_DEFAULTS[phase][k])
-            return ap.parse_known_args(extra)[0]
+        def parsed(phase, extra):  # distill's own parser and defaults: (given args, resolved config)
+            a = build_parser().parse_args(["--teacher", "-", "--student", "-", "-o", "-", "--phase", str(phase),
+                                           *extra])
+            return a, config_from_args(a)
 
-        if any(a == "--steps" or a.startswith("--steps=") for a in extra1):
+        a1, p1 = parsed(1, extra1)
+        if a1.steps is not None:
             if run:
                 return extra1
             raise ValueError("--token-budget-pct sets phase 1's --steps: do not also pass it in --distill1-args")
         teacher = next((s for s in read_lineage(self.base) if s.get("kind") == "base"), {}).get("tokens_seen")
         if not teacher:
             raise ValueError(f"{self.base}: its lineage has no 'base' step with tokens_seen (train it with bench.train)")
-        p1, p2 = sizes(1, extra1), sizes(2, extra2)
+        p2 = parsed(2, extra2)[1]
         t2 = p2.steps * p2.batch * p2.seq_len
         steps1 = int((self.a.token_budget_pct / 100 * teacher - t2) // (p1.batch * p1.seq_len))
         if steps1 < 1:
@@ -286,8 +286,7 @@ class Pipeline:
                  f"({t1:,} tokens) + phase 2 {t2:,} tokens = {100 * (t1 + t2) / teacher:.2f}%")
         return [*extra1, "--steps", str(steps1)]
 
-
-    def _phase1(self, student: Path, extra1: list[str]) -> bool:
+    def _phase1(self, student: Path, extra1: list[str], extra2: list[str]) -> bool:
         """Phase 1 into WORK/distill1. With ``--distill1-lrs`` (and/or ``--distill1-hidden-weights``) one run per
         combination (WORK/distill1-lrX[-hwW], each evaluated); WORK/distill1 then links to the run with the lowest
         phase-1 training forward KL (mean of its last 10 steps, from its lineage: the objective every candidate
@@ -308,18 +307,17 @@ class Pipeline:
                 return False
             self.evaluate("distill1", dst)
             return True
-        runs = {}  # name -> extra args
-        for lr in lrs or [None]:
-            for hw in hws or [None]:
-                name = "distill1" + (f"-lr{lr}" if lr else "") + (f"-hw{hw}" if hw else "")
-                runs[name] = [*(["--lr", lr] if lr else []), *(["--hidden-weight", hw] if hw else [])]
-        if variants:
-            runs = {f"distill1-{name}": args for name, args in variants.items()}
+        runs = {f"distill1-{name}": args for name, args in variants.items()}  # name -> extra args
+        if not variants:
+            for lr in lrs or [None]:
+                for hw in hws or [None]:
+                    name = "distill1" + (f"-lr{lr}" if lr else "") + (f"-hw{hw}" if hw else "")
+                    runs[name] = [*(["--lr", lr] if lr else []), *(["--hidden-weight", hw] if hw else [])]
         kls = {}
         for name, args in runs.items():
             d = self.work / name
             # a variant's own --batch / --seq-len size its --steps under --token-budget-pct (unless it sets them)
-            full = (self._token_budget([*extra1, *args], self.extra2, name)
+            full = (self._token_budget([*extra1, *args], extra2, name)
                     if self.a.token_budget_pct and variants else [*extra1, *args])
             if self.run(name, self._distill_cmd(1, student, d, full), min_s=60):
                 kls[name] = read_lineage(d)[-1]["loss_last10"]["forward_kl"]
@@ -351,10 +349,9 @@ class Pipeline:
             self.stage("distill", "skipped", reason=f"{student} missing (run the prune stage)")
             return
         extra1, extra2 = shlex.split(self.a.distill1_args), shlex.split(self.a.distill2_args)
-        self.extra2 = extra2
         if self.a.token_budget_pct and not self.a.distill1_variants:
             extra1 = self._token_budget(extra1, extra2)
-        if not self._phase1(student, extra1):
+        if not self._phase1(student, extra1, extra2):
             return
         if self.a.phase1_only:
             self.stage("distill2", "skipped", reason="--phase1-only")
@@ -429,6 +426,7 @@ def _variants(spec: str) -> dict[str, list[str]]:
         out[name.strip()] = shlex.split(args)
     return out
 
+
 def _prune_entry(entry: str) -> tuple[str, bool]:
     """``activation`` -> ("activation", False); ``activation+refit`` -> ("activation", True)."""
     c, _, opt = entry.partition("+")
@@ -439,7 +437,7 @@ def _prune_entry(entry: str) -> tuple[str, bool]:
 
 def _prune_name(entry: str) -> str:
     """Checkpoint / row name of a --criteria entry: ``activation+refit`` -> ``activation-refit``."""
-    c, refit = _prune_entry(entry.replace("-refit", "+refit") if entry.endswith("-refit") else entry)
+    c, refit = _prune_entry(entry)
     return f"{c}-refit" if refit else c
 
 
