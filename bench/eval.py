@@ -19,6 +19,13 @@ one). Metrics, all on the same tokens:
   index of the first differing token (N when none).
 * ``unigram_ppl`` (once, for the report) — perplexity of the same targets under train-split unigram
   counts with add-one smoothing: the floor any trained model must beat.
+* ``subsets`` (with ``--overlap-ngrams N[,N...]``) — ppl / nll / KL / top1 again on two disjoint parts of the
+  targets: ``seenN``, targets that complete an N-token sequence (the N-1 tokens before it in the validation
+  stream, and itself) which also occurs somewhere in the *train* split's token stream, and ``novelN``, the
+  rest. The corpus is Python source whose model families copy code from each other (see
+  :mod:`bench.corpus`): a model that memorised its training text predicts ``seen`` targets by recall, so the
+  split tells memorisation apart from generalisation. Exact N-gram membership through a 64-bit rolling hash
+  of the whole train stream (collision odds ~1e-12 per target).
 
 Prints one row per checkpoint (name, params, size, ppl, KL, top1, greedy, first_div, tokens) and, with
 ``--json``, writes every number for scripts. Runs on CPU (fp32 compute) or CUDA (bf16 compute).
@@ -38,7 +45,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "load_model", "eval_windows", "evaluate_model", "greedy_tokens", "greedy_agreement", "unigram_perplexity",
-    "perplexity", "kl_divergence", "evaluate", "EvalRow", "num_params", "format_table",
+    "perplexity", "kl_divergence", "evaluate", "EvalRow", "num_params", "format_table", "ngram_seen",
+    "overlap_masks",
 ]
 
 
@@ -98,6 +106,51 @@ def prompt_windows(tokenizer, prompt_len: int, n_prompts: int, split: str = "val
     return torch.from_numpy(np.stack([stream[s:s + prompt_len] for s in starts]).astype(np.int64))
 
 
+_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden ratio): a polynomial hash mod 2^64
+
+
+def _ngram_hashes(stream: np.ndarray, n: int) -> np.ndarray:
+    """uint64 hash of every length-``n`` run of ``stream`` (1-D ints): ``out[k]`` hashes ``stream[k:k+n]``;
+    ``len(stream) - n + 1`` values (none when the stream is shorter). ``sum_i (x_i + 1) * MUL^(n-1-i) mod 2^64``
+    (the ``+1`` keeps token 0 from vanishing), built in ``n`` vectorised passes."""
+    x = np.asarray(stream, dtype=np.uint64) + np.uint64(1)
+    m = len(x) - n + 1
+    if m <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    h = np.zeros(m, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(n):
+            h = h * _HASH_MUL + x[i:i + m]
+    return h
+
+
+def ngram_seen(stream: np.ndarray, reference: np.ndarray, n: int) -> np.ndarray:
+    """bool ``[len(stream)]``: ``out[k]`` is True when ``stream[k-n+1 : k+1]`` (the ``n`` tokens ending at ``k``)
+    occurs contiguously in ``reference``; False for ``k < n - 1`` (too little history)."""
+    if n < 1:
+        raise ValueError(f"ngram_seen: n must be >= 1, got {n}")
+    out = np.zeros(len(stream), dtype=bool)
+    q = _ngram_hashes(stream, n)
+    if len(q):
+        ref = np.unique(_ngram_hashes(reference, n))
+        if len(ref):
+            i = np.minimum(np.searchsorted(ref, q), len(ref) - 1)
+            out[n - 1:] = ref[i] == q
+    return out
+
+
+def overlap_masks(windows: torch.Tensor, reference: np.ndarray, ngrams) -> dict[str, torch.Tensor]:
+    """``{"seenN": mask, "novelN": ~mask}`` per N in ``ngrams``; masks are bool ``[W, L-1]`` over the targets
+    ``windows[:, 1:]`` of packed windows ``[W, L]`` (consecutive pieces of one stream, as
+    :func:`eval_windows` cuts them, so a target's history may reach into the window before it)."""
+    flat = windows.reshape(-1).numpy()
+    out = {}
+    for n in ngrams:
+        seen = torch.from_numpy(ngram_seen(flat, reference, int(n))).view(windows.shape)[:, 1:]
+        out[f"seen{n}"], out[f"novel{n}"] = seen, ~seen
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 def _logits(model, x):
     return model(input_ids=x, use_cache=False).logits.float()
@@ -111,25 +164,32 @@ def kl_divergence(teacher_logits, student_logits):
 
 
 @torch.no_grad()
-def evaluate_model(model, windows, teacher=None, batch_size: int = 8, device=None) -> dict:
+def evaluate_model(model, windows, teacher=None, batch_size: int = 8, device=None, masks=None) -> dict:
     """Sums over all target positions of ``windows`` (``[N, L]``; targets = ``windows[:, 1:]``): ``nll``,
-    and with a teacher ``kl`` (teacher || model) and ``top1`` (argmax matches); plus ``tokens``."""
+    and with a teacher ``kl`` (teacher || model) and ``top1`` (argmax matches); plus ``tokens``.
+    ``masks`` (``{name: bool [N, L-1]}``, e.g. :func:`overlap_masks`): the same sums over each mask's targets,
+    under ``out["subsets"][name]``."""
     device = device or next(model.parameters()).device
-    nll = kl = top1 = 0.0
-    n = 0
+    masks = masks or {}
+    keys = ("nll", "tokens") + (("kl", "top1") if teacher is not None else ())
+    tot = dict.fromkeys(keys, 0.0)
+    sub = {name: dict.fromkeys(keys, 0.0) for name in masks}
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size].to(device)
         logits = _logits(model, x)[:, :-1]
         y = x[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
-        n += y.numel()
+        per = {"nll": F.cross_entropy(logits.transpose(1, 2), y, reduction="none"), "tokens": torch.ones_like(y)}
         if teacher is not None:
             t_logits = _logits(teacher, x)[:, :-1]
-            kl += kl_divergence(t_logits, logits).sum().item()
-            top1 += (t_logits.argmax(-1) == logits.argmax(-1)).sum().item()
-    out = {"nll": nll, "tokens": n}
-    if teacher is not None:
-        out.update(kl=kl, top1=top1)
+            per["kl"] = kl_divergence(t_logits, logits)
+            per["top1"] = t_logits.argmax(-1) == logits.argmax(-1)
+        for k, v in per.items():  # fp64 sums: exact token counts, no fp32 drift over a quarter-million targets
+            tot[k] += v.double().sum().item()
+            for name, m in masks.items():
+                sub[name][k] += v.double()[m[i:i + batch_size].to(device)].sum().item()
+    out = {**tot, "tokens": int(tot["tokens"])}
+    if masks:
+        out["subsets"] = {name: {**d, "tokens": int(d["tokens"])} for name, d in sub.items()}
     return out
 
 
@@ -186,6 +246,7 @@ class EvalRow:
     greedy: float | None = None
     first_div: float | None = None
     seconds: float = 0.0
+    subsets: dict | None = None  # --overlap-ngrams: {name: {ppl, nll, tokens, kl, top1}} (means per target)
 
 
 def num_params(model) -> int:
@@ -200,7 +261,7 @@ def _size_mb(path) -> float:
 
 def evaluate(ckpts, teacher=None, device="cpu", dtype=None, max_tokens: int | None = 65536,
              seq_len: int | None = None, batch_size: int = 8, prompts: int = 16, prompt_len: int = 32,
-             new_tokens: int = 32, unigram: bool = True, log=print) -> dict:
+             new_tokens: int = 32, unigram: bool = True, log=print, overlap_ngrams=()) -> dict:
     """Evaluate checkpoint dirs ``ckpts`` (and ``teacher``); returns the report dict (see module doc)."""
     from bench.corpus import corpus_sha256, token_stream, tokenizer_sha256
 
@@ -223,6 +284,13 @@ def evaluate(ckpts, teacher=None, device="cpu", dtype=None, max_tokens: int | No
               "split": "valid", "seq_len": seq_len, "windows": len(windows), "device": str(device),
               "teacher": str(ref) if teacher else None, "prompts": prompts, "prompt_len": prompt_len,
               "new_tokens": new_tokens, "rows": []}
+    masks = {}
+    if overlap_ngrams:
+        masks = overlap_masks(windows, token_stream("train", tok), overlap_ngrams)
+        report["overlap_ngrams"] = list(overlap_ngrams)
+        report["subset_fraction"] = {k: m.float().mean().item() for k, m in masks.items()}
+        log("train-split n-gram overlap of the targets: " + ", ".join(
+            f"{k} {v:.1%}" for k, v in report["subset_fraction"].items() if k.startswith("seen")))
     if unigram:
         counts = unigram_counts(token_stream("train", tok), len(tok))
         report["unigram_ppl"] = unigram_perplexity(counts, windows)
@@ -232,7 +300,7 @@ def evaluate(ckpts, teacher=None, device="cpu", dtype=None, max_tokens: int | No
         model, ctok = load_model(c, device, dtype)
         if tokenizer_sha256(ctok) != tok_sha:
             raise ValueError(f"{c}: its tokenizer differs from {ref}'s; all checkpoints must share one tokenizer")
-        r = evaluate_model(model, windows, t_model, batch_size)
+        r = evaluate_model(model, windows, t_model, batch_size, masks=masks)
         row = EvalRow(name=c.name, path=str(c), params=num_params(model),
                       size_mb=_size_mb(c), quantized=_is_quantized(model), ppl=math.exp(r["nll"] / r["tokens"]),
                       nll=r["nll"] / r["tokens"], tokens=r["tokens"])
@@ -241,10 +309,22 @@ def evaluate(ckpts, teacher=None, device="cpu", dtype=None, max_tokens: int | No
             if t_greedy is not None:
                 row.greedy, row.first_div = greedy_agreement(
                     greedy_tokens(model, prompt_ids, new_tokens, tok.pad_token_id), t_greedy)
+        if masks:
+            row.subsets = {name: _means(d) for name, d in r["subsets"].items()}
         row.seconds = time.time() - t0
         report["rows"].append(asdict(row))
         del model
     return report
+
+
+def _means(sums: dict) -> dict:
+    """Per-target means of :func:`evaluate_model`'s sums (``ppl`` = exp(mean nll); None on an empty subset)."""
+    n = sums["tokens"]
+    out = {"tokens": n, "ppl": math.exp(sums["nll"] / n) if n else None, "nll": sums["nll"] / n if n else None}
+    for k in ("kl", "top1"):
+        if k in sums:
+            out[k] = sums[k] / n if n else None
+    return out
 
 
 def format_table(report: dict) -> str:
@@ -259,7 +339,24 @@ def format_table(report: dict) -> str:
                      f"{f(r['first_div'], '7.1f')} {r['tokens']:8d}")
     if report.get("unigram_ppl") is not None:
         lines.append(f"{'(unigram baseline)':28} {'':10} {'':8} {report['unigram_ppl']:9.3f}")
+    for name in (report.get("subset_fraction") or {}):
+        lines.append(f"  targets {name} ({report['subset_fraction'][name]:.1%}):")
+        for r in report["rows"]:
+            d = r["subsets"][name]
+            lines.append(f"  {r['name'][:26]:26} {'':10} {'':8} {f(d['ppl'], '9.3f')} {f(d.get('kl'), '8.4f')} "
+                         f"{f(d.get('top1'), '6.3f')} {'':6} {'':7} {d['tokens']:8d}")
     return "\n".join(lines)
+
+
+def parse_ngrams(text: str) -> tuple[int, ...]:
+    """``"8,32"`` -> (8, 32): the argparse type of ``--overlap-ngrams`` (here and in the quality pipeline)."""
+    try:
+        ns = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        ns = ()
+    if not ns or min(ns) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give n-gram lengths >= 1, comma-separated (e.g. 8,32)")
+    return ns
 
 
 def main(argv=None) -> int:
@@ -277,11 +374,15 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (N); 0 skips")
     ap.add_argument("--no-unigram", action="store_true", help="skip the unigram baseline (encodes the train split)")
+    ap.add_argument("--overlap-ngrams", type=parse_ngrams, default=(), metavar="N[,N...]",
+                    help="also report every metric on the targets that complete an N-gram of the train split "
+                         "(seenN) and on the others (novelN)")
     args = ap.parse_args(argv)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         report = evaluate(args.ckpts, args.teacher, args.device, dtype, args.max_tokens or None, args.seq_len,
-                          args.batch, args.prompts, args.prompt_len, args.new_tokens, not args.no_unigram)
+                          args.batch, args.prompts, args.prompt_len, args.new_tokens, not args.no_unigram,
+                          overlap_ngrams=args.overlap_ngrams)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -110,3 +110,72 @@ def test_cli_table_and_json(trained_micro, random_micro, tmp_path, capsys):
     assert [r["name"] for r in rep["rows"]] == ["ckpt", "random-micro"] and rep["seq_len"] == 128
     assert rep["rows"][1]["ppl"] > rep["rows"][0]["ppl"] and rep["rows"][1]["kl"] > rep["rows"][0]["kl"] == 0
     assert bench_eval.main([str(tmp_path / "missing")]) == 2
+
+
+def _seen_brute_force(stream, reference, n):
+    """Independent reference: a Python set of the reference's n-tuples."""
+    grams = {tuple(reference[i:i + n]) for i in range(len(reference) - n + 1)}
+    return np.array([k >= n - 1 and tuple(stream[k - n + 1:k + 1]) in grams for k in range(len(stream))])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_ngram_seen_matches_a_set_of_tuples(n):
+    g = np.random.default_rng(n)
+    reference = g.integers(0, 5, 4000)  # 5 symbols: short grams mostly seen, long ones mostly not
+    stream = np.concatenate([g.integers(0, 5, 300), reference[1234:1290], [0], g.integers(0, 5, 300)])
+    got = bench_eval.ngram_seen(stream, reference, n)
+    want = _seen_brute_force(stream.tolist(), reference.tolist(), n)
+    assert np.array_equal(got, want)
+    assert got[300 + n - 1:300 + 56].all()  # the copied passage is seen wherever n tokens of it are in view
+    if n == 8:
+        assert 0 < got.sum() < len(got)  # both kinds present: the check can fail either way
+    assert not bench_eval.ngram_seen(stream[:n - 1], reference, n).any()  # too short: nothing to look up
+    assert not bench_eval.ngram_seen(stream, reference[:n - 1], n).any()  # empty reference
+    with pytest.raises(ValueError):
+        bench_eval.ngram_seen(stream, reference, 0)
+
+
+def test_overlap_masks_reach_across_windows():
+    reference = np.arange(100, 140)
+    stream = torch.tensor([1, 2, 100, 101, 102, 103, 7, 8])  # a 4-token copy that straddles two windows
+    masks = bench_eval.overlap_masks(stream.view(2, 4), reference, [2])
+    # targets are positions 1..3 of each window; the bigram (101, 102) ends at flat index 4 = window 1's first
+    # token (never a target), (102, 103) ends at flat 5 = window 1, target 0
+    assert masks["seen2"].tolist() == [[False, False, True], [True, False, False]]
+    assert torch.equal(masks["novel2"], ~masks["seen2"])
+
+
+def test_subset_sums_partition_the_totals(trained_micro, random_micro):
+    teacher, tok = bench_eval.load_model(trained_micro)
+    student, _ = bench_eval.load_model(random_micro)
+    windows = bench_eval.eval_windows(tok, 32, 128)  # 4 windows × 31 targets
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(4, 31, generator=g) < 0.3
+    r = bench_eval.evaluate_model(student, windows, teacher, batch_size=3, masks={"a": m, "b": ~m})
+    a, b = r["subsets"]["a"], r["subsets"]["b"]
+    assert a["tokens"] == m.sum().item() and a["tokens"] + b["tokens"] == r["tokens"] == 124
+    for k in ("nll", "kl", "top1"):
+        assert a[k] + b[k] == pytest.approx(r[k], rel=1e-9)
+    with torch.no_grad():  # the subset's nll directly: per-target cross-entropy picked by the mask
+        ls = student(input_ids=windows).logits.double()[:, :-1]
+        nll = torch.nn.functional.cross_entropy(ls.transpose(1, 2), windows[:, 1:], reduction="none")
+    assert a["nll"] == pytest.approx(nll[m].sum().item(), rel=1e-5)
+
+
+def test_cli_overlap_ngrams(trained_micro, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert bench_eval.main([str(trained_micro), "--teacher", str(trained_micro), "--json", str(out), "--max-tokens",
+                            "512", "--new-tokens", "0", "--no-unigram", "--overlap-ngrams", "4,64"]) == 0
+    assert "targets seen4" in capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    (row,) = rep["rows"]
+    assert set(row["subsets"]) == {"seen4", "novel4", "seen64", "novel64"}
+    for n in (4, 64):
+        s, v = row["subsets"][f"seen{n}"], row["subsets"][f"novel{n}"]
+        assert s["tokens"] + v["tokens"] == row["tokens"]
+        assert rep["subset_fraction"][f"seen{n}"] == pytest.approx(s["tokens"] / row["tokens"])
+    # longer grams are rarer: seen64 is a subset of seen4 (a 64-gram seen implies its last 4 tokens seen)
+    assert row["subsets"]["seen64"]["tokens"] <= row["subsets"]["seen4"]["tokens"]
+    assert row["subsets"]["seen4"]["tokens"] > 0
+    with pytest.raises(SystemExit):
+        bench_eval.main([str(trained_micro), "--overlap-ngrams", "0"])

@@ -96,11 +96,11 @@ def test_distill1_variants_phase1_only(tmp_path, trained_micro):
 
 def test_scratch_control_stage(tmp_path, trained_micro):
     """``--stages scratch`` trains the pruned width (kept_width(640, 0.2) = 512 for micro) from scratch with the
-    given train args and evaluates it against the base."""
+    given train args and evaluates it against the base (with ``--overlap-ngrams``: also per target subset)."""
     from pack.checkpoint import read_lineage
 
     work, q = _pipeline(tmp_path, trained_micro, "--stages", "scratch",
-                        "--train-args", "--steps 3 --warmup 1 --eval-every 3")
+                        "--train-args", "--steps 3 --warmup 1 --eval-every 3", "--overlap-ngrams", "4")
     cfg = json.loads((work / "scratch-mlp512" / "config.json").read_text())
     assert cfg.get("text_config", cfg)["intermediate_size"] == 512
     step = read_lineage(work / "scratch-mlp512")[-1]
@@ -110,3 +110,9 @@ def test_scratch_control_stage(tmp_path, trained_micro):
     ratio = q["goals"]["ppl_ratio"]["scratch-mlp512"]
     assert ratio == q["rows"]["base"]["ppl"] / q["rows"]["scratch-mlp512"]["ppl"] and 0 < ratio < 1
     assert q["goals"]["ce_ratio"]["scratch-mlp512"] == q["rows"]["base"]["nll"] / q["rows"]["scratch-mlp512"]["nll"]
+    # --overlap-ngrams 4: every row split into targets seen in train as 4-grams / novel, the ratio per part
+    by = q["goals"]["ppl_ratio_by_subset"]
+    for part in ("seen4", "novel4"):
+        b, s = q["rows"]["base"]["subsets"][part], q["rows"]["scratch-mlp512"]["subsets"][part]
+        assert by[part]["scratch-mlp512"] == b["ppl"] / s["ppl"] and b["tokens"] == s["tokens"] > 0
+    assert q["eval"]["overlap_ngrams"] == [4] and 0 < q["eval"]["subset_fraction"]["seen4"] < 1

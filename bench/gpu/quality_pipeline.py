@@ -21,7 +21,8 @@ scratch    (only when named) the pruned width trained from scratch with ``--trai
 =========  ==========================================================================================
 
 Every checkpoint is evaluated by :func:`bench.eval.evaluate` against the bf16 base as teacher (ppl, KL,
-top1, greedy agreement), on all validation tokens. Numbers go to ``$OUT/quality.json``, rewritten after every
+top1, greedy agreement), on all validation tokens; ``--overlap-ngrams 8,32`` also on the targets seen in the train
+split as N-grams and on the novel ones (``goals.ppl_ratio_by_subset``). Numbers go to ``$OUT/quality.json``, rewritten after every
 stage (a run cut short keeps what it measured; a copy in ``--work`` carries them to the next call on the
 same warm machine, so call 2's quality.json holds both calls' numbers), and a table is printed at the end. Checkpoints stay in
 ``--work`` (default /tmp/pdq-quality: outside the repo, kept while the GPU machine stays warm) — they cannot
@@ -142,12 +143,14 @@ class Pipeline:
         want_unigram = "unigram_ppl" not in self.q
         rep = evaluate([ckpt], teacher=self.base, device=self.a.device, max_tokens=self.a.eval_tokens or None,
                        prompts=self.a.prompts, new_tokens=self.a.new_tokens, unigram=want_unigram,
-                       log=self.log)
+                       log=self.log, overlap_ngrams=self.a.overlap_ngrams)
         row = rep["rows"][0]
         row["label"] = label
         self.q["rows"][label] = row
-        for k in ("corpus_sha256", "tokenizer_sha256", "seq_len", "windows", "new_tokens", "prompts"):
-            self.q.setdefault("eval", {})[k] = rep[k]
+        for k in ("corpus_sha256", "tokenizer_sha256", "seq_len", "windows", "new_tokens", "prompts",
+                  "overlap_ngrams", "subset_fraction"):
+            if k in rep:
+                self.q.setdefault("eval", {})[k] = rep[k]
         if want_unigram:
             self.q["unigram_ppl"] = rep["unigram_ppl"]
         self.log(f"eval {label}: ppl {row['ppl']:.3f}  KL {row['kl']:.4f}  top1 {row['top1']:.3f}  "
@@ -179,6 +182,11 @@ class Pipeline:
         g["ppl_ratio"] = {k: base["ppl"] / v["ppl"] for k, v in others.items()}
         if base.get("nll") and all(v.get("nll") for v in others.values()):
             g["ce_ratio"] = {k: base["nll"] / v["nll"] for k, v in others.items()}
+        if base.get("subsets"):  # --overlap-ngrams: the same ratio on targets seen in train / novel ones
+            g["ppl_ratio_by_subset"] = {
+                name: {k: d["ppl"] / v["subsets"][name]["ppl"] for k, v in others.items()
+                       if (v.get("subsets") or {}).get(name, {}).get("ppl")}
+                for name, d in base["subsets"].items() if d.get("ppl")}
         last = "distill2" if "distill2" in rows else "distill1" if "distill1" in rows else None
         if last and f"{last}-w4a16" in rows:
             g["final_quant_ppl_change_pct"] = 100 * (rows[f"{last}-w4a16"]["ppl"] / rows[last]["ppl"] - 1)
@@ -451,6 +459,8 @@ def _prune_criteria():
 
 
 def main(argv=None) -> int:
+    from bench.eval import parse_ngrams
+
     ap = argparse.ArgumentParser(prog="python bench/gpu/quality_pipeline.py", description=__doc__.split("\n")[0])
     ap.add_argument("--stages", default=os.environ.get("STAGES", ",".join(DEFAULT_STAGES)),
                     help=f"comma-separated subset of {','.join(STAGES)} (env STAGES)")
@@ -479,6 +489,8 @@ def main(argv=None) -> int:
     ap.add_argument("--token-budget-pct", type=float, default=0.0, metavar="P",
                     help="size phase 1 (--steps) so both phases use P %% of the teacher's training tokens (0: off)")
     ap.add_argument("--eval-tokens", type=int, default=0, help="validation tokens per eval (0: all)")
+    ap.add_argument("--overlap-ngrams", type=parse_ngrams, default=(), metavar="N[,N...]",
+                    help="bench.eval --overlap-ngrams: every metric also on targets seen in train as N-grams / novel")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     for t in ("train", "prune", "distill1", "distill2"):
