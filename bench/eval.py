@@ -342,7 +342,9 @@ def format_table(report: dict) -> str:
     for name in (report.get("subset_fraction") or {}):
         lines.append(f"  targets {name} ({report['subset_fraction'][name]:.1%}):")
         for r in report["rows"]:
-            d = r["subsets"][name]
+            d = (r.get("subsets") or {}).get(name)
+            if d is None:  # a row evaluated without this subset (an earlier call)
+                continue
             lines.append(f"  {r['name'][:26]:26} {'':10} {'':8} {f(d['ppl'], '9.3f')} {f(d.get('kl'), '8.4f')} "
                          f"{f(d.get('top1'), '6.3f')} {'':6} {'':7} {d['tokens']:8d}")
     return "\n".join(lines)

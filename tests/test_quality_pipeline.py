@@ -14,14 +14,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _pipeline(tmp_path, base, *args) -> tuple[Path, dict]:
-    """Run the pipeline on CPU (micro scale, ``--base base``) with ``args``; returns (work dir, quality.json)."""
+def _pipeline(tmp_path, base, *args, stdout: list | None = None) -> tuple[Path, dict]:
+    """Run the pipeline on CPU (micro scale, ``--base base``) with ``args``; returns (work dir, quality.json)
+    (and appends its stdout to ``stdout`` when given)."""
     work, out = tmp_path / "work", tmp_path / "out"
     cmd = [sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device", "cpu",
            "--base", str(base), *args, "--eval-tokens", "2048", "--prompts", "2", "--new-tokens", "4",
            "--work", str(work), "--out", str(out)]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if stdout is not None:
+        stdout.append(r.stdout)
     return work, json.loads((out / "quality.json").read_text())
 
 
@@ -99,8 +102,10 @@ def test_scratch_control_stage(tmp_path, trained_micro):
     given train args and evaluates it against the base (with ``--overlap-ngrams``: also per target subset)."""
     from pack.checkpoint import read_lineage
 
+    printed = []
     work, q = _pipeline(tmp_path, trained_micro, "--stages", "scratch",
-                        "--train-args", "--steps 3 --warmup 1 --eval-every 3", "--overlap-ngrams", "4")
+                        "--train-args", "--steps 3 --warmup 1 --eval-every 3", "--overlap-ngrams", "4",
+                        stdout=printed)
     cfg = json.loads((work / "scratch-mlp512" / "config.json").read_text())
     assert cfg.get("text_config", cfg)["intermediate_size"] == 512
     step = read_lineage(work / "scratch-mlp512")[-1]
@@ -116,3 +121,5 @@ def test_scratch_control_stage(tmp_path, trained_micro):
         b, s = q["rows"]["base"]["subsets"][part], q["rows"]["scratch-mlp512"]["subsets"][part]
         assert by[part]["scratch-mlp512"] == b["ppl"] / s["ppl"] and b["tokens"] == s["tokens"] > 0
     assert q["eval"]["overlap_ngrams"] == [4] and 0 < q["eval"]["subset_fraction"]["seen4"] < 1
+    table = printed[0][printed[0].rindex("checkpoint"):]  # the closing table: every row, then per subset
+    assert "scratch-mlp512" in table.split("targets seen4")[0] and "targets novel4" in table

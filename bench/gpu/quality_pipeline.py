@@ -21,9 +21,9 @@ scratch    (only when named) the pruned width trained from scratch with ``--trai
 =========  ==========================================================================================
 
 Every checkpoint is evaluated by :func:`bench.eval.evaluate` against the bf16 base as teacher (ppl, KL,
-top1, greedy agreement), on all validation tokens; ``--overlap-ngrams 8,32`` also on the targets seen in the train
-split as N-grams and on the novel ones (``goals.ppl_ratio_by_subset``). Numbers go to ``$OUT/quality.json``, rewritten after every
-stage (a run cut short keeps what it measured; a copy in ``--work`` carries them to the next call on the
+top1, greedy agreement), on all validation tokens; ``--overlap-ngrams 8,32`` also on the targets seen in the
+train split as N-grams and on the novel ones (``goals.ppl_ratio_by_subset``). Numbers go to ``$OUT/quality.json``,
+rewritten after every stage (a run cut short keeps what it measured; a copy in ``--work`` carries them to the next call on the
 same warm machine, so call 2's quality.json holds both calls' numbers), and a table is printed at the end. Checkpoints stay in
 ``--work`` (default /tmp/pdq-quality: outside the repo, kept while the GPU machine stays warm) — they cannot
 come back from the device; only ``$OUT`` files do (quality.json, pipeline.log, train_log.json).
@@ -383,9 +383,11 @@ class Pipeline:
                  *sorted(k for k in self.q["rows"] if k.startswith("distill1-") and not k.endswith("w4a16")),
                  "distill1", "distill2", *sorted(k for k in self.q["rows"] if k.startswith("distill") and
                                                  k.endswith("w4a16")),
-                 *sorted(k for k in self.q["rows"] if k.startswith("pruned-") and k.endswith("w4a16"))]
+                 *sorted(k for k in self.q["rows"] if k.startswith("pruned-") and k.endswith("w4a16")),
+                 *sorted(k for k in self.q["rows"] if k.startswith("scratch-"))]
         rows = [dict(self.q["rows"][k], name=k) for k in dict.fromkeys(order) if k in self.q["rows"]]
-        t = format_table({"rows": rows, "unigram_ppl": self.q.get("unigram_ppl")})
+        t = format_table({"rows": rows, "unigram_ppl": self.q.get("unigram_ppl"),
+                          "subset_fraction": self.q.get("eval", {}).get("subset_fraction")})
         return t + "\n" + "\n".join(f"{k}: {json.dumps(v, sort_keys=True)}" for k, v in self.q["goals"].items())
 
     def main(self, stages) -> int:
