@@ -106,6 +106,7 @@ def prompt_windows(tokenizer, prompt_len: int, n_prompts: int, split: str = "val
     return torch.from_numpy(np.stack([stream[s:s + prompt_len] for s in starts]).astype(np.int64))
 
 
+_MASKS: dict = {}  # evaluate()'s overlap masks of the last (tokenizer, seq_len, max_tokens, ngrams)
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden ratio): a polynomial hash mod 2^64
 
 
@@ -132,10 +133,13 @@ def ngram_seen(stream: np.ndarray, reference: np.ndarray, n: int) -> np.ndarray:
     out = np.zeros(len(stream), dtype=bool)
     q = _ngram_hashes(stream, n)
     if len(q):
-        ref = np.unique(_ngram_hashes(reference, n))
-        if len(ref):
-            i = np.minimum(np.searchsorted(ref, q), len(ref) - 1)
-            out[n - 1:] = ref[i] == q
+        # sort the small side (the queries), look every reference gram up in it: no sort of the train split
+        uq = np.unique(q)
+        r = _ngram_hashes(reference, n)
+        i = np.minimum(np.searchsorted(uq, r), len(uq) - 1)
+        hit = np.zeros(len(uq), dtype=bool)
+        hit[i[uq[i] == r]] = True
+        out[n - 1:] = hit[np.searchsorted(uq, q)]
     return out
 
 
@@ -170,7 +174,7 @@ def evaluate_model(model, windows, teacher=None, batch_size: int = 8, device=Non
     ``masks`` (``{name: bool [N, L-1]}``, e.g. :func:`overlap_masks`): the same sums over each mask's targets,
     under ``out["subsets"][name]``."""
     device = device or next(model.parameters()).device
-    masks = masks or {}
+    masks = {name: m.to(device) for name, m in (masks or {}).items()}
     keys = ("nll", "tokens") + (("kl", "top1") if teacher is not None else ())
     tot = dict.fromkeys(keys, 0.0)
     sub = {name: dict.fromkeys(keys, 0.0) for name in masks}
@@ -184,9 +188,10 @@ def evaluate_model(model, windows, teacher=None, batch_size: int = 8, device=Non
             per["kl"] = kl_divergence(t_logits, logits)
             per["top1"] = t_logits.argmax(-1) == logits.argmax(-1)
         for k, v in per.items():  # fp64 sums: exact token counts, no fp32 drift over a quarter-million targets
-            tot[k] += v.double().sum().item()
+            v = v.double()
+            tot[k] += v.sum().item()
             for name, m in masks.items():
-                sub[name][k] += v.double()[m[i:i + batch_size].to(device)].sum().item()
+                sub[name][k] += v[m[i:i + batch_size]].sum().item()
     out = {**tot, "tokens": int(tot["tokens"])}
     if masks:
         out["subsets"] = {name: {**d, "tokens": int(d["tokens"])} for name, d in sub.items()}
@@ -285,14 +290,19 @@ def evaluate(ckpts, teacher=None, device="cpu", dtype=None, max_tokens: int | No
               "teacher": str(ref) if teacher else None, "prompts": prompts, "prompt_len": prompt_len,
               "new_tokens": new_tokens, "rows": []}
     masks = {}
+    train = token_stream("train", tok) if overlap_ngrams or unigram else None
     if overlap_ngrams:
-        masks = overlap_masks(windows, token_stream("train", tok), overlap_ngrams)
+        key = (tok_sha, seq_len, max_tokens, tuple(overlap_ngrams))  # the windows depend on nothing else
+        if key not in _MASKS:  # the quality pipeline evaluates checkpoint after checkpoint in one process
+            _MASKS.clear()
+            _MASKS[key] = overlap_masks(windows, train, overlap_ngrams)
+        masks = _MASKS[key]
         report["overlap_ngrams"] = list(overlap_ngrams)
         report["subset_fraction"] = {k: m.float().mean().item() for k, m in masks.items()}
         log("train-split n-gram overlap of the targets: " + ", ".join(
             f"{k} {v:.1%}" for k, v in report["subset_fraction"].items() if k.startswith("seen")))
     if unigram:
-        counts = unigram_counts(token_stream("train", tok), len(tok))
+        counts = unigram_counts(train, len(tok))
         report["unigram_ppl"] = unigram_perplexity(counts, windows)
         log(f"unigram baseline ppl (train-split counts, add-one): {report['unigram_ppl']:.2f}")
     for c in ckpts:
@@ -301,11 +311,11 @@ def evaluate(ckpts, teacher=None, device="cpu", dtype=None, max_tokens: int | No
         if tokenizer_sha256(ctok) != tok_sha:
             raise ValueError(f"{c}: its tokenizer differs from {ref}'s; all checkpoints must share one tokenizer")
         r = evaluate_model(model, windows, t_model, batch_size, masks=masks)
-        row = EvalRow(name=c.name, path=str(c), params=num_params(model),
-                      size_mb=_size_mb(c), quantized=_is_quantized(model), ppl=math.exp(r["nll"] / r["tokens"]),
-                      nll=r["nll"] / r["tokens"], tokens=r["tokens"])
+        m = _means(r)
+        row = EvalRow(name=c.name, path=str(c), params=num_params(model), size_mb=_size_mb(c),
+                      quantized=_is_quantized(model), ppl=m["ppl"], nll=m["nll"], tokens=r["tokens"])
         if t_model is not None:
-            row.kl, row.top1 = r["kl"] / r["tokens"], r["top1"] / r["tokens"]
+            row.kl, row.top1 = m["kl"], m["top1"]
             if t_greedy is not None:
                 row.greedy, row.first_div = greedy_agreement(
                     greedy_tokens(model, prompt_ids, new_tokens, tok.pad_token_id), t_greedy)

@@ -6,7 +6,8 @@ fp32 row of logits is 1 MiB, so 16k tokens of both models would be 32 GiB before
 walks the tokens ``chunk`` rows at a time: for each chunk it computes both models' logits exactly as Gemma-4
 does (``lm_head`` matmul, then ``final_logit_softcapping``: ``tanh(z / c) * c``), the per-token loss, and —
 in the same pass — the gradient of that chunk's loss with respect to the student's hidden rows (and
-``lm_head`` weight when it is trained), by a local ``torch.autograd.grad``. Only those gradients
+``lm_head`` weight when it is trained): the logits' gradient by a local ``torch.autograd.grad`` (or written
+out by hand), then the ``lm_head`` matmul's backward. Only those gradients
 (``[tokens x hidden]``) are kept for backward, so neither model's logits survive the chunk, and nothing is
 recomputed in backward (3 vocab-sized matmuls per token: teacher forward, student forward, student dgrad).
 
@@ -156,38 +157,34 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             fused = _forward_kl_value_and_grad
             if compile_:
                 fused = _compiled(_forward_kl_value_and_grad, ("fused", cap, loss_fn.temperature))
-            with torch.autocast(h_s.device.type, enabled=False), torch.no_grad():
-                for i in range(0, h_s.shape[0], chunk):
-                    h_c = h_s[i:i + chunk].to(compute_dtype)
-                    loss, g = fused(h_c @ w_s_c.T, h_t[i:i + chunk].to(compute_dtype) @ w_t_c.T,
-                                    weights[i:i + chunk], cap, loss_fn.temperature)
-                    grad_h[i:i + chunk] = g @ w_s_c  # dL/dh = dL/dy @ W (matmul dtype, like autograd's dgrad)
-                    if need_w:
-                        grad_w += g.T @ h_c
-                    total += loss
-                    del g, loss
+
+            def chunk_fn(y_s, y_t, w):  # dL/dy_s written out by hand
+                return fused(y_s, y_t, w, cap, loss_fn.temperature)
         else:
+            part = _chunk_loss_autograd_part(loss_fn, cap)
             if compile_ and getattr(loss_fn, "kind", None) is not None:
-                key = ("autograd", loss_fn.kind, loss_fn.temperature, loss_fn.beta, cap)
-                part = _COMPILED.get(key)  # (the closure is built only on a cache miss)
-                if part is None:
-                    part = _compiled(_chunk_loss_autograd_part(loss_fn, cap), key)
-            else:
-                part = _chunk_loss_autograd_part(loss_fn, cap)
-            with torch.autocast(h_s.device.type, enabled=False), torch.enable_grad():
-                w_leaf = w_s_c.detach().requires_grad_(need_w)
-                for i in range(0, h_s.shape[0], chunk):
-                    h_leaf = h_s[i:i + chunk].detach().requires_grad_(True)
-                    y_s = h_leaf.to(compute_dtype) @ w_leaf.T
-                    with torch.no_grad():
-                        y_t = h_t[i:i + chunk].to(compute_dtype) @ w_t_c.T
-                    loss = part(y_s, y_t, weights[i:i + chunk])
-                    grads = torch.autograd.grad(loss, (h_leaf, w_leaf) if need_w else (h_leaf,))
-                    grad_h[i:i + chunk] = grads[0]
-                    if need_w:
-                        grad_w += grads[1]
-                    total += loss.detach()
-                    del y_s, y_t, loss, grads
+                part = _compiled(part, ("autograd", loss_fn.kind, loss_fn.temperature, loss_fn.beta, cap))
+
+            def chunk_fn(y_s, y_t, w):  # dL/dy_s by autograd through the element-wise part only
+                with torch.enable_grad():
+                    y = y_s.detach().requires_grad_()
+                    loss = part(y, y_t, w)
+                    (g,) = torch.autograd.grad(loss, y)
+                return loss.detach(), g
+        with torch.autocast(h_s.device.type, enabled=False), torch.no_grad():
+            for i in range(0, h_s.shape[0], chunk):
+                h_c = h_s[i:i + chunk].to(compute_dtype)
+                y_s = h_c @ w_s_c.T
+                y_t = h_t[i:i + chunk].to(compute_dtype) @ w_t_c.T
+                loss, g = chunk_fn(y_s, y_t, weights[i:i + chunk])  # g = dL/dy_s [n, V] in compute_dtype
+                del y_s, y_t
+                # the matmul backward by hand, in the matmul dtype like autograd's (the copy into grad_h
+                # rounds to h_s.dtype exactly as autograd's backward of ``.to(compute_dtype)`` does)
+                grad_h[i:i + chunk] = g @ w_s_c
+                if need_w:
+                    grad_w += g.T @ h_c
+                total += loss
+                del g, loss
         ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
         ctx.need_w = need_w
         ctx.w_dtype = w_s.dtype

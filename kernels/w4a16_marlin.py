@@ -53,6 +53,7 @@ only checked on the GPU against Marlin (``python -m kernels.verify``).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -559,6 +560,7 @@ def _pass1_counts(launch: Launch, bm: int, bn: int) -> tuple[int, int, int]:
     return nsub, nsub * -(-launch.mb // bm), launch.part1_tiles + launch.slots
 
 
+@dataclasses.dataclass(slots=True, eq=False)  # eq=False: identity equality and hashable, as before
 class PassConfig:
     """Triton launch parameters of one launch group (free: every choice gives the same bits).
 
@@ -569,31 +571,35 @@ class PassConfig:
     ``tile_load`` (not SPLIT): one whole-tile-row load per column, split between the KW chains;
     ``maxnreg``: cap on registers per thread (PTX ``.maxnreg``; None = the compiler's choice). Decode pass 1 is
     latency-bound and its programs are resident 4 per SM at 126 registers: a cap trades spills for occupancy.
+
+    The SPLIT-only / not-SPLIT-only flags are masked here (off where they do not apply), flags made bool.
     """
 
-    __slots__ = ("block_m", "block_n", "num_warps", "num_stages", "split", "prefetch", "wr_fast", "swap", "fuse",
-                 "tile_load", "maxnreg")
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    split: bool
+    prefetch: int = 0
+    wr_fast: bool = False
+    swap: bool = False
+    fuse: bool = False
+    tile_load: bool = False
+    maxnreg: int | None = None
 
-    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int, split: bool,
-                 prefetch: int = 0, wr_fast: bool = False, swap: bool = False, fuse: bool = False,
-                 tile_load: bool = False, maxnreg: int | None = None):
-        if maxnreg is not None and not 24 <= maxnreg <= 255:
-            raise ValueError(f"maxnreg must be in [24, 255] or None, got {maxnreg}")
-        if block_m not in (16, 32, 64) or block_n not in (32, 64, 128, 256):
-            raise ValueError(f"block_m must be 16/32/64 and block_n 32..256, got {block_m}, {block_n}")
-        if prefetch not in (0, 1, 2):
-            raise ValueError(f"prefetch must be 0, 1 or 2, got {prefetch}")
-        self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
-        self.split, self.prefetch, self.wr_fast = split, prefetch if split else 0, bool(wr_fast) and split
-        self.swap = bool(swap) and split
-        self.fuse = bool(fuse)
-        self.tile_load = bool(tile_load) and not split
-        self.maxnreg = maxnreg
-
-    def __repr__(self):
-        return (f"PassConfig(bm={self.block_m}, bn={self.block_n}, warps={self.num_warps}, "
-                f"stages={self.num_stages}, split={self.split}, prefetch={self.prefetch}, wr_fast={self.wr_fast}, "
-                f"swap={self.swap}, fuse={self.fuse}, tile_load={self.tile_load}, maxnreg={self.maxnreg})")
+    def __post_init__(self):
+        if self.maxnreg is not None and not 24 <= self.maxnreg <= 255:
+            raise ValueError(f"maxnreg must be in [24, 255] or None, got {self.maxnreg}")
+        if self.block_m not in (16, 32, 64) or self.block_n not in (32, 64, 128, 256):
+            raise ValueError(f"block_m must be 16/32/64 and block_n 32..256, got {self.block_m}, {self.block_n}")
+        if self.prefetch not in (0, 1, 2):
+            raise ValueError(f"prefetch must be 0, 1 or 2, got {self.prefetch}")
+        split = self.split
+        self.prefetch = self.prefetch if split else 0
+        self.wr_fast = bool(self.wr_fast) and split
+        self.swap = bool(self.swap) and split
+        self.fuse = bool(self.fuse)
+        self.tile_load = bool(self.tile_load) and not split
 
 
 def pass_config(launch: Launch, block_m: int | None = None, block_n: int | None = None,
@@ -634,10 +640,10 @@ def pass_config(launch: Launch, block_m: int | None = None, block_n: int | None 
         programs = pieces * launch.cfg.kw * subs
         if programs > 8 * launch.sms:
             maxnreg, stages = 96, 4
-    return PassConfig(bm, bn, warps, stages, sp, pf, wf, bool(swap), bool(fuse), bool(tile_load), maxnreg)
+    return PassConfig(bm, bn, warps, stages, sp, pf, wf, swap, fuse, tile_load, maxnreg)
 
 
-LAST_COMPILED: dict = {}  # the compiled kernels of the latest call (kernels.verify reads their PTX)
+LAST_COMPILED: dict = {}  # the compiled kernels the latest call launched (kernels.verify reads their PTX)
 
 
 # The fused fold's per-tile arrival counters: device -> every buffer handed out there (kernels.counters.grow_zeros).
@@ -697,6 +703,7 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
     Returns:
         ``[..., N]`` in x's dtype.
     """
+    LAST_COMPILED.clear()  # only what this call runs (the fused decode path launches no pass 2)
     m, n, k = _check(x, weight_packed, weight_scale, bias)
     if max(x.numel(), m * n, weight_packed.numel() * 2) >= 2**31:
         raise ValueError(f"M={m}, N={n}, K={k} too large: the kernels index with int32 offsets")
@@ -734,7 +741,8 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
         scalars = dict(ROW_OFF=ln.row_off, M_SPLIT=ln.m_split, MB=ln.mb, N_TILES=ln.n_tiles, K_TILES=ln.k_tiles,
                        T1=ln.part1_tiles, T2=ln.part2_tiles, ITERS=ln.iters, MAXB=ln.max_pieces_per_block,
                        TN=ln.cfg.thread_n, NSUB=nsub, SUBS=subs, SLOT0=slot0, NSLOTS=nslots,
-                       CHANNELWISE=int(channelwise), HAS_BIAS=int(bias is not None))
+                       CHANNELWISE=int(channelwise), HAS_BIAS=int(bias is not None),
+                       FP32_REDUCE=int(bool(use_fp32_reduce)))  # runtime args both passes take
         common = dict(KW=ln.cfg.kw, BM=bm, BN=bn, SPLIT=sp, IS_BF16=is_bf16, EMU=emu,
                       enable_fp_fusion=False)  # no mul+add -> fma contraction anywhere: every rounding is Marlin's
         fan = ln.cfg.kw if sp else 1  # SPLIT: one program per warp-row chain
@@ -744,13 +752,12 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
             x2, wq, ws, b, out2, part, ctr, x2.stride(0), wq.stride(0), ws.stride(0), out2.stride(0),
             GROUP=max(g, 1), **scalars, TK=ln.cfg.thread_k, GROUPED=int(not channelwise),
             OWN_SCALE=int(not channelwise and g < ln.cfg.thread_k), PREFETCH=cfg.prefetch, WR_FAST=cfg.wr_fast,
-            SWAP=cfg.swap, FUSE=cfg.fuse, TILE_LOAD=cfg.tile_load, FP32_REDUCE=int(bool(use_fp32_reduce)), **common,
+            SWAP=cfg.swap, FUSE=cfg.fuse, TILE_LOAD=cfg.tile_load, **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({} if cfg.maxnreg is None or emu else {"maxnreg": cfg.maxnreg}),
         )
         if needs_pass2 and not cfg.fuse:
             LAST_COMPILED["pass2"] = _marlin_pass2[(ln.tiles if sp else ln.part2_tiles, subs, grp.count)](
-                part, out2, ws, b, out2.stride(0), ws.stride(0), **scalars,
-                FP32_REDUCE=int(bool(use_fp32_reduce)), **common, num_warps=4,
+                part, out2, ws, b, out2.stride(0), ws.stride(0), **scalars, **common, num_warps=4,
             )
     return out

@@ -69,9 +69,11 @@ def refit_down_proj(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor
     mask = torch.ones(width, dtype=torch.bool, device=dev)
     mask[keep] = False
     drop = mask.nonzero().squeeze(1)
-    sliced = weight.detach().index_select(1, keep.to(weight.device))  # plain slicing: W[:, S], a new tensor
+    def sliced():  # plain slicing, W[:, S] (a new tensor): the answer when there is nothing to refit
+        return weight.detach().index_select(1, keep.to(weight.device))
+
     if drop.numel() == 0:  # nothing removed: the refit is the identity
-        return RefitResult(sliced, 0.0, 0.0)
+        return RefitResult(sliced(), 0.0, 0.0)
     if not torch.isfinite(gram).all():
         raise ValueError(f"{where}: the calibration Gram matrix has non-finite entries (inf/nan activations); "
                          f"refit impossible, run without --refit or check the model/calibration data")
@@ -84,7 +86,7 @@ def refit_down_proj(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor
     e0 = float((w_r * (w_r @ c_rr)).sum())
     mean_diag = float(c_ss.diagonal().mean())
     if mean_diag == 0.0:  # every kept channel is 0 on every calibration token: nothing to regress on
-        return RefitResult(sliced, e0, e0)
+        return RefitResult(sliced(), e0, e0)
     lam = damp * mean_diag
     c_ss.diagonal().add_(lam)
     factor, info = torch.linalg.cholesky_ex(c_ss)

@@ -288,10 +288,10 @@ def test_student_gradients_with_activation_checkpointing_and_chunking(pair):
                                        msg=k)
 
 
-def test_trainable_mlp_changes_only_mlp_weights(tmp_path):
+def test_trainable_mlp_changes_only_mlp_weights(pair, tmp_path):
     """--trainable mlp: every decoder-layer MLP weight moves, every other tensor is bit-identical to the student's;
     the lineage records it; with --train-embeddings it is refused."""
-    teacher, student = save_pair(tmp_path, "micro", width=512)
+    teacher, student, _, _ = pair
     data = _write_ids(tmp_path / "d.jsonl", 2, 64)
     out = tmp_path / "mlp"
     assert distill_main(_args(teacher, student, out, data, "--steps", 2, "--batch", 2, "--seq-len", 32,

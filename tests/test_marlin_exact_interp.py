@@ -46,6 +46,8 @@ CASES = [
 ]
 MUTANT_CASES = (0, 7, 8)
 VARIANT_CASES = (2, 6, 7, 9)  # channelwise + bias (fused-FMA epilogue), bf16 / fp16; long chains; KW = 2
+# Launch choices every tiling states explicitly (so pass_config's defaults never decide a variant)
+BASE = dict(prefetch=0, wr_fast=False, swap=False, fuse=False, tile_load=False)
 MUTANTS = {"chains": dict(chains="blocked"), "tree": dict(tree="pairwise"), "fold": dict(fold="top_down"),
            "sms": dict(sms=11)}
 
@@ -71,15 +73,18 @@ def _worker() -> dict:
         ref = emulate_marlin(x, wp, ws, bias, red, sms)
         # the same bits with the other tilings: BM 16/64, one program per warp-row chain or per piece, operand
         # prefetch depth and launch order of the chain programs
-        tilings = ((16, False, 0, False, False, False, False), (64, True, 0, False, False, False, False),
-                   (64, False, 0, False, False, False, False), (16, True, 1, False, False, False, False),
-                   (16, True, 2, True, False, False, False), (16, True, 0, True, True, False, False),
-                   (16, True, 0, True, False, True, False), (64, True, 1, False, True, True, False),
-                   (16, False, 0, False, False, True, True), (64, False, 0, False, False, True, True),
-                   (16, False, 0, False, False, False, True))
-        alts = [w4a16_gemm_exact(x, wp, ws, bias, red, sms, block_m=bm, split=sp, prefetch=pf, wr_fast=wf, swap=sw,
-                                 fuse=fu, tile_load=tl_)
-                for bm, sp, pf, wf, sw, fu, tl_ in tilings] if i in VARIANT_CASES else []
+        tilings = ({**BASE, "block_m": 16, "split": False},
+                   {**BASE, "block_m": 64, "split": True},
+                   {**BASE, "block_m": 64, "split": False},
+                   {**BASE, "block_m": 16, "split": True, "prefetch": 1},
+                   {**BASE, "block_m": 16, "split": True, "prefetch": 2, "wr_fast": True},
+                   {**BASE, "block_m": 16, "split": True, "wr_fast": True, "swap": True},
+                   {**BASE, "block_m": 16, "split": True, "wr_fast": True, "fuse": True},
+                   {**BASE, "block_m": 64, "split": True, "prefetch": 1, "swap": True, "fuse": True},
+                   {**BASE, "block_m": 16, "split": False, "fuse": True, "tile_load": True},
+                   {**BASE, "block_m": 64, "split": False, "fuse": True, "tile_load": True},
+                   {**BASE, "block_m": 16, "split": False, "tile_load": True})
+        alts = [w4a16_gemm_exact(x, wp, ws, bias, red, sms, **kw) for kw in tilings] if i in VARIANT_CASES else []
         report["cases"].append({"case": CASES[i], "mismatches": int((bits(out) != bits(ref)).sum()),
                                 "variant_mismatches": [int((bits(a) != bits(ref)).sum()) for a in alts],
                                 "finite": bool(torch.isfinite(out.float()).all())})

@@ -90,15 +90,17 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, warmup, peak_tflops, env,
-            switches=None):
-    """Time ``steps`` Distiller steps after ``warmup`` on random ids (``batch`` = global sequences per step).
+def _distiller(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, total_steps, peak_tflops, env,
+               switches=None):
+    """The :class:`Distiller` the benches step (``total_steps`` = every step it will take, for the lr schedule)
+    and this rank's rows of a random global batch of ids [batch, seq_len] (int64, seed 0, on ``env.device``).
     ``switches``: extra DistillConfig fields (attn, loss_impl, compile_loss, compile_layers, ckpt_layers,
-    precision)."""
+    precision; precision None: bf16-mixed on cuda, fp32 on cpu). Resets the CUDA peak-memory counter just before
+    the Distiller is built, so :func:`_peak_gb` counts it and the steps."""
     device = env.device
     sw = dict(switches or {})
     precision = sw.pop("precision", None) or ("bf16-mixed" if device.type == "cuda" else "fp32")
-    cfg = DistillConfig(teacher="-", student="-", out="-", phase=phase, steps=steps + warmup, batch=batch,
+    cfg = DistillConfig(teacher="-", student="-", out="-", phase=phase, steps=total_steps, batch=batch,
                         seq_len=seq_len, lr=1e-5, grad_ckpt=grad_ckpt, chunk=chunk, precision=precision,
                         lmbda=1.0, max_new_tokens=128, peak_tflops=peak_tflops, **sw)
     if not grad_ckpt and student.is_gradient_checkpointing:
@@ -109,7 +111,27 @@ def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, wa
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dz = Distiller(cfg, env, teacher, student)
-    ids = ids[env.rank * dz.local_b:(env.rank + 1) * dz.local_b]  # this rank's rows of the global batch
+    return dz, ids[env.rank * dz.local_b:(env.rank + 1) * dz.local_b]  # this rank's rows of the global batch
+
+
+def _mfu(dz, tok_s, peak_tflops, world=1):
+    """Model FLOPs utilisation of ``tok_s`` global tokens/s over ``world`` GPUs of ``peak_tflops`` each."""
+    return dz.flops_per_token * tok_s / (peak_tflops * 1e12 * world)
+
+
+def _peak_gb(device):
+    """Peak CUDA memory allocated on ``device`` since the last reset, in GB (0.0 on cpu)."""
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
+
+
+def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, warmup, peak_tflops, env,
+            switches=None):
+    """Time ``steps`` Distiller steps after ``warmup`` on random ids (``batch`` = global sequences per step).
+    ``switches``: extra DistillConfig fields (attn, loss_impl, compile_loss, compile_layers, ckpt_layers,
+    precision)."""
+    device = env.device
+    dz, ids = _distiller(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps + warmup, peak_tflops,
+                         env, switches)
     try:
         for s in range(warmup):
             rec = dz.step(s, ids)
@@ -120,11 +142,10 @@ def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, wa
         _sync(device)
         dt = (time.perf_counter() - t0) / steps
         tok_s = batch * seq_len / dt
-        peaks = parallel.gather_float(torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda"
-                                      else 0.0, env)
+        peaks = parallel.gather_float(_peak_gb(device), env)
         return {"tokens_per_s": tok_s, "step_ms": 1e3 * dt, "world": env.world,
                 "tokens_per_s_per_gpu": tok_s / env.world,
-                "mfu": dz.flops_per_token * tok_s / (peak_tflops * 1e12 * env.world),
+                "mfu": _mfu(dz, tok_s, peak_tflops, env.world),
                 "model_tflops_per_s": dz.flops_per_token * tok_s / 1e12,
                 "n_student": dz.n_student, "n_teacher": dz.n_teacher,
                 "peak_mem_gb": max(peaks), "peak_mem_gb_per_rank": peaks, "loss": rec["loss"]}

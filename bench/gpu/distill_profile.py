@@ -44,10 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.gpu.distill_bench import PAIRS, _free, _models, _sync  # noqa: E402
-from distill.config import DistillConfig  # noqa: E402
+from bench.gpu.distill_bench import PAIRS, _distiller, _free, _mfu, _models, _peak_gb, _sync  # noqa: E402
 from distill.parallel import DistEnv  # noqa: E402
-from distill.train import Distiller  # noqa: E402
 
 # kernel-name patterns, first match wins (lower-case substrings)
 CATEGORIES = [
@@ -81,7 +79,6 @@ class PhaseTimer:
         self.device = device
         self.pending: list = []
         self.totals: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
 
     @contextlib.contextmanager
     def __call__(self, name):
@@ -99,20 +96,17 @@ class PhaseTimer:
                 yield
             finally:
                 self.totals[name] += 1e3 * (time.perf_counter() - t0)
-                self.counts[name] += 1
 
     def collect(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         for name, a, b in self.pending:
             self.totals[name] += a.elapsed_time(b)
-            self.counts[name] += 1
         self.pending.clear()
 
     def reset(self):
         self.pending.clear()
         self.totals.clear()
-        self.counts.clear()
 
 
 def _wrap_losses(timer):
@@ -325,18 +319,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     teacher, student = _models(args.pair, device, args.attn)
     build_s = time.perf_counter() - t0
-    precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "fp32")
-    cfg = DistillConfig(teacher="-", student="-", out="-", phase=1, steps=args.warmup + args.steps + args.prof_steps,
-                        batch=args.batch, seq_len=args.seq_len, lr=1e-5, grad_ckpt=args.grad_ckpt,
-                        ckpt_layers=args.ckpt_layers, chunk=args.chunk, attn=args.attn, loss_impl=args.loss_impl,
-                        compile_loss=args.compile_loss, compile_layers=args.compile_layers,
-                        precision=precision, peak_tflops=args.peak_tflops)
-    env = DistEnv(0, 1, 0, device)
-    g = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(4, student.config.vocab_size, (args.batch, args.seq_len), generator=g, device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    dz = Distiller(cfg, env, teacher, student)
+    switches = dict(attn=args.attn, loss_impl=args.loss_impl, compile_loss=args.compile_loss,
+                    compile_layers=args.compile_layers, ckpt_layers=args.ckpt_layers, precision=args.precision)
+    env = DistEnv(0, 1, 0, device)  # one process, the device as given (no torchrun process group)
+    dz, ids = _distiller(teacher, student, 1, args.batch, args.seq_len, args.grad_ckpt, args.chunk,
+                         args.warmup + args.steps + args.prof_steps, args.peak_tflops, env, switches)
+    precision = dz.cfg.precision
     timer = PhaseTimer(device)
     restore = _wrap_losses(timer)
     losses = []
@@ -356,8 +344,8 @@ def main(argv=None) -> int:
         timer.collect()
         dz.phase_timer = None
         tok_s = args.batch * args.seq_len / (step_ms / 1e3)
-        mfu = dz.flops_per_token * tok_s / (args.peak_tflops * 1e12)
-        peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
+        mfu = _mfu(dz, tok_s, args.peak_tflops)
+        peak_gb = _peak_gb(device)
         phases = {k: v / args.steps for k, v in timer.totals.items()}
         sf = phases.get("student_forward_and_loss", 0.0)
         phases["  student_forward (rest)"] = sf - sum(v for k, v in phases.items() if k.startswith("  "))

@@ -192,14 +192,17 @@ class Pipeline:
             g["final_quant_ppl_change_pct"] = 100 * (rows[f"{last}-w4a16"]["ppl"] / rows[last]["ppl"] - 1)
 
     # ---------------------------------------------------------------------------------------- stages
+    def _train(self, name: str, dst: Path, *extra: str) -> bool:
+        """``bench.train`` at ``--scale`` into ``dst`` with ``extra`` and ``--train-args`` (stage ``name``)."""
+        cmd = [sys.executable, "-m", "bench.train", "--scale", self.a.scale, "-o", str(dst), "--force",
+               "--device", self.a.device, *extra, *shlex.split(self.a.train_args)]
+        return self.run(name, cmd, min_s=120 if self.a.scale == "small" else 10)
+
     def s_train(self):
         if self.a.base:
             self.stage("train", "skipped", reason=f"--base {self.a.base} given")
             return
-        cmd = [sys.executable, "-m", "bench.train", "--scale", self.a.scale, "-o", str(self.base), "--force",
-               "--device", self.a.device, "--log-json", str(self.out / "train_log.json"),
-               *shlex.split(self.a.train_args)]
-        if self.run("train", cmd, min_s=120 if self.a.scale == "small" else 10):
+        if self._train("train", self.base, "--log-json", str(self.out / "train_log.json")):
             self.q["rows"], self.q["goals"] = {}, {}  # a new base: earlier rows no longer apply
             self.q.pop("unigram_ppl", None)
             log = json.loads((self.base / "train_log.json").read_text())
@@ -221,10 +224,7 @@ class Pipeline:
         width = kept_width(cfg.get("text_config", cfg)["intermediate_size"], self.a.ratio)
         name = f"scratch-mlp{width}"
         dst = self.work / name
-        cmd = [sys.executable, "-m", "bench.train", "--scale", self.a.scale, "-o", str(dst), "--force",
-               "--device", self.a.device, "--mlp-width", str(width), "--no-unigram",
-               *shlex.split(self.a.train_args)]
-        if self.run(name, cmd, min_s=120 if self.a.scale == "small" else 10):
+        if self._train(name, dst, "--mlp-width", str(width), "--no-unigram"):
             self.evaluate(name, dst)
 
     def _quantize(self, src: Path, label: str):
@@ -305,7 +305,7 @@ class Pipeline:
         dst = self.work / "distill1"
         lrs = [x for x in self.a.distill1_lrs.split(",") if x]
         hws = [x for x in self.a.distill1_hidden_weights.split(",") if x]
-        variants = _variants(self.a.distill1_variants)
+        variants = self.a.distill1_variants
         if variants and (lrs or hws):
             raise ValueError("--distill1-variants replaces --distill1-lrs / --distill1-hidden-weights: use one")
         if not lrs and not hws and not variants:
@@ -441,7 +441,7 @@ def _prune_entry(entry: str) -> tuple[str, bool]:
     """``activation`` -> ("activation", False); ``activation+refit`` -> ("activation", True)."""
     c, _, opt = entry.partition("+")
     if opt not in ("", "refit"):
-        raise SystemExit(f"--criteria entry {entry!r}: the only option is +refit (e.g. activation+refit)")
+        raise ValueError(f"--criteria entry {entry!r}: the only option is +refit (e.g. activation+refit)")
     return c, opt == "refit"
 
 
@@ -502,6 +502,12 @@ def main(argv=None) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown stage(s) {bad}; choose from {STAGES}")
+    try:  # option strings checked here, not hours later in the stage that reads them
+        for entry in [*(x for x in a.criteria.split(",") if x), a.distill_from]:
+            _prune_entry(entry)
+        a.distill1_variants = _variants(a.distill1_variants)
+    except ValueError as e:
+        ap.error(str(e))
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of the tools would flood pipeline.log
     return Pipeline(a).main(stages)
 
