@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--agg", dest="aggregation", choices=AGGREGATIONS, default=d.aggregation,
                     help=f"reduction of a channel's activations over calibration tokens (default {d.aggregation})")
     ap.add_argument("--calib", metavar="FILE", default=None,
-                    help="calibration text: .jsonl with a 'text' field per line, or a plain text file "
+                    help="calibration text: .jsonl with a 'text' field per line, or a plain text file, or "
+                         "bench:train for the bench corpus train split (what the bench teacher was trained on) "
                          "(default: the bench corpus calib split, bench.corpus.split_path('calib'))")
     ap.add_argument("--samples", type=int, default=d.samples, help=f"calibration windows (default {d.samples})")
     ap.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per window (default {d.seq_len})")

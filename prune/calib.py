@@ -2,7 +2,9 @@
 
 File formats: ``*.jsonl`` (one JSON object with a ``"text"`` field per line, e.g. ``bench.corpus`` splits) or
 any other file read as one UTF-8 text document. Default file: the evaluation bed's calibration split,
-``bench.corpus.split_path("calib")`` (built on demand, identical on every machine).
+``bench.corpus.split_path("calib")`` (built on demand, identical on every machine); ``bench:train`` names the
+bed's train split instead (what the bench teacher was trained on; ``bench:valid`` is refused: it is what the
+bed evaluates on).
 
 Windows: documents are read in file order, each tokenized as ``<bos> text <eos>`` (the same stream layout the
 bench trains on) and concatenated; the stream is cut into non-overlapping ``seq_len`` windows and the first
@@ -21,7 +23,9 @@ import torch
 
 from pack.checkpoint import sha256_file
 
-__all__ = ["CalibrationSet", "default_calib_path", "load_calibration"]
+__all__ = ["CalibrationSet", "BENCH_PREFIX", "bench_split", "default_calib_path", "load_calibration"]
+
+BENCH_PREFIX = "bench:"  # --calib bench:SPLIT names a split of the evaluation bed's corpus
 
 _ENCODE_BATCH = 64  # documents per tokenizer call (the fast tokenizer parallelises within a call)
 
@@ -49,14 +53,29 @@ class CalibrationSet:
         return self.input_ids.numel()
 
 
-def default_calib_path() -> Path:
-    """The evaluation bed's calibration split (``bench.corpus``), built on first use."""
+def bench_split(calib: str | None) -> str | None:
+    """The bench corpus split that ``--calib`` names (None: the default, ``calib``; ``bench:train``: ``train``),
+    or None when ``calib`` is a file path. ``bench:valid`` raises: calibrating on the validation split would leak
+    it into every number the bed reports."""
+    if calib is None:
+        return "calib"
+    if not calib.startswith(BENCH_PREFIX):
+        return None
+    split = calib[len(BENCH_PREFIX):]
+    if split not in ("calib", "train"):
+        raise ValueError(f"--calib {calib}: choose bench:calib or bench:train (bench:valid is the evaluation "
+                         f"split and cannot calibrate), or pass a file")
+    return split
+
+
+def default_calib_path(split: str = "calib") -> Path:
+    """The evaluation bed's ``split`` (``bench.corpus``; default the calibration split), built on first use."""
     try:
         from bench.corpus import split_path
     except ImportError as e:
         raise FileNotFoundError(f"no --calib file given and the bench corpus is unavailable ({e}); "
                                 f"pass --calib FILE (.jsonl with a 'text' field per line, or plain text)") from None
-    return split_path("calib")
+    return split_path(split)
 
 
 def _documents(path: Path):

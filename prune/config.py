@@ -28,7 +28,7 @@ class PruneConfig:
     ratio: float = 0.2
     criterion: str = "activation"
     aggregation: str = "l2"
-    calib: str | None = None  # None: the evaluation bed's calibration split (bench.corpus.split_path("calib"))
+    calib: str | None = None  # None: the evaluation bed's calib split; "bench:train": its train split; else a file
     samples: int = 1024
     seq_len: int = 512
     batch_size: int = 8
@@ -50,6 +50,10 @@ class PruneConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
+        if self.calib is not None and self.calib.startswith("bench:"):
+            from .calib import bench_split
+
+            bench_split(self.calib)  # bench:calib / bench:train only: raises for bench:valid or a typo
         d = self.refit_damp
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
             raise ValueError(f"--refit-damp {d}: must be a finite number > 0 (ridge damping relative to the mean "

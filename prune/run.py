@@ -11,7 +11,7 @@ import torch
 from pack.checkpoint import lineage_step, save_bf16_checkpoint
 from pack.sha256 import sha256_files
 
-from .calib import CalibrationSet, default_calib_path, load_calibration
+from .calib import CalibrationSet, bench_split, default_calib_path, load_calibration
 from .config import ROUND_MULTIPLE, PruneConfig, kept_width
 from .importance import channel_scores, select_channels
 from .refit import refit_down_proj
@@ -105,10 +105,11 @@ def _load_tokenizer(ckpt: Path):
 
 
 def _calibration_record(cal: CalibrationSet, cfg: PruneConfig) -> dict:
-    if cfg.calib is None:  # the bench corpus: name it by content, not by its machine-local cache path
+    split = bench_split(cfg.calib)
+    if split:  # the bench corpus: name it by content, not by its machine-local cache path
         from bench.corpus import corpus_sha256
 
-        source = {"dataset": "bench.corpus", "split": "calib", "revision": corpus_sha256()}
+        source = {"dataset": "bench.corpus", "split": split, "revision": corpus_sha256()}
     else:
         source = {"dataset": cfg.calib, "split": None, "revision": None}
     return {**source, "config": None, "num_samples": cal.samples, "seq_len": cal.seq_len, "tokens": cal.tokens,
@@ -143,7 +144,8 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
 
     cal = None
     if cfg.needs_calibration:
-        path = Path(cfg.calib) if cfg.calib is not None else default_calib_path()
+        split = bench_split(cfg.calib)
+        path = default_calib_path(split) if split else Path(cfg.calib)
         if not path.is_file():
             raise FileNotFoundError(f"calibration file {path}: no such file; pass --calib FILE")
         cal = load_calibration(path, _load_tokenizer(ckpt), cfg.samples, cfg.seq_len)

@@ -308,6 +308,19 @@ def test_calibration_from_a_plain_text_file(ckpts, tmp_path):
     assert read_lineage(tmp_path / "out")[-1]["calibration"][0]["dataset"] == str(f)
 
 
+def test_calibration_on_the_bench_train_split(ckpts, tok, tmp_path):
+    """``--calib bench:train`` calibrates on the bed's train split (the windows bench.train packs) and the lineage
+    names that split by content, not by its cache path."""
+    from bench.corpus import packed_sequences
+
+    res = _prune(ckpts["text"], tmp_path / "out", calib="bench:train")
+    assert torch.equal(res.calibration.input_ids, packed_sequences("train", tok, SEQ)[:SAMPLES])
+    (cal,) = read_lineage(tmp_path / "out")[-1]["calibration"]
+    assert (cal["dataset"], cal["split"], cal["sha256"]) == ("bench.corpus", "train", res.calibration.sha256)
+    default = _prune(ckpts["text"], tmp_path / "default")
+    assert not torch.equal(default.calibration.input_ids, res.calibration.input_ids)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 @pytest.fixture(scope="module")
@@ -332,6 +345,7 @@ def bad_ckpts(tmp_path_factory, tok):
     ("gpt2", ["--ckpt=gpt2"], "GPT2LMHeadModel (model_type gpt2) is not supported"),
     ("missing calib", ["--calib", "/nonexistent/calib.jsonl"], "calibration file /nonexistent/calib.jsonl: no such"),
     ("tiny calib", ["--calib=empty.jsonl"], "fewer than one --seq-len"),
+    ("calib on valid", ["--calib", "bench:valid"], "--calib bench:valid: choose bench:calib or bench:train"),
     ("no tokenizer", ["--ckpt=notok"], "no usable tokenizer"),
     ("bad criterion", ["--criterion", "taylor"], "invalid choice: 'taylor'"),
     ("out exists", ["--out-exists"], "output directory exists; pass --force"),

@@ -59,22 +59,37 @@ def test_token_budget_and_lr_selection(tmp_path, trained_micro):
 
 
 def test_refit_criteria_entry(tmp_path, trained_micro):
-    """``--criteria activation,activation+refit`` prunes twice (the second with ``--refit``, into
-    ``pruned-activation-refit``) and ``--distill-from activation+refit`` distills the refit one."""
+    """``--criteria activation,activation+refit,activation+train+refit`` prunes three times (``--refit`` into
+    ``pruned-activation-refit``; ``+train`` also calibrates on the train split, ``pruned-activation-refit-train``)
+    and ``--distill-from activation+refit`` distills the refit one."""
     from pack.checkpoint import read_lineage
 
     work, q = _pipeline(tmp_path, trained_micro, "--stages", "prune,distill",
-                        "--criteria", "activation,activation+refit", "--distill-from", "activation+refit",
+                        "--criteria", "activation,activation+refit,activation+train+refit",
+                        "--distill-from", "activation+refit",
                         "--prune-args=--samples 8 --seq-len 128",
                         "--distill1-args", "--steps 1 --batch 2 --seq-len 128",
                         "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32")
-    assert {"pruned-activation", "pruned-activation-refit"} <= set(q["rows"])
+    assert {"pruned-activation", "pruned-activation-refit", "pruned-activation-refit-train"} <= set(q["rows"])
     plain = read_lineage(work / "pruned-activation")[-1]
     refit = read_lineage(work / "pruned-activation-refit")[-1]
-    assert "refit" not in plain["params"] and refit["params"]["refit"] is True
+    train = read_lineage(work / "pruned-activation-refit-train")[-1]
+    assert "refit" not in plain["params"] and refit["params"]["refit"] is True and train["params"]["refit"] is True
+    assert [s["calibration"][0]["split"] for s in (plain, refit, train)] == ["calib", "calib", "train"]
     prune_step = next(s for s in reversed(read_lineage(work / "distill1")) if s["kind"] == "prune")
-    assert prune_step["params"].get("refit") is True
+    assert prune_step["params"].get("refit") is True and prune_step["calibration"][0]["split"] == "calib"
     assert q["rows"]["pruned-activation"]["ppl"] != q["rows"]["pruned-activation-refit"]["ppl"]
+    assert q["rows"]["pruned-activation-refit"]["ppl"] != q["rows"]["pruned-activation-refit-train"]["ppl"]
+
+
+def test_criteria_entry_options_checked_at_start(tmp_path, trained_micro):
+    """A criteria entry with an unknown or repeated option is refused before any stage runs."""
+    for entry in ("activation+wide", "activation+refit+refit", "+refit"):
+        r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--stages", "prune",
+                            "--criteria", entry, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "options are +refit and +train" in r.stderr, r.stderr[-500:]
+        assert not (tmp_path / "o" / "quality.json").exists()
 
 
 def test_distill1_variants_phase1_only(tmp_path, trained_micro):

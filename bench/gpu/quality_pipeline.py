@@ -8,7 +8,8 @@ train      ``python -m bench.train --scale small -o WORK/base --device cuda`` (<
 eval       the base against itself + the unigram baseline (ppl of the validation split)
 quant      ``python -m pack.quantize WORK/base -o WORK/base-w4a16 --device cuda``; eval (goal: ppl <= +8 %)
 prune      ``python -m prune WORK/base -o WORK/pruned-C --ratio 0.2 --criterion C`` per criterion (``C+refit``:
-           also ``--refit``, into ``WORK/pruned-C-refit``); eval each
+           also ``--refit``, into ``WORK/pruned-C-refit``; ``C+train``: ``--calib`` the train split, the
+           teacher's own data, into ``WORK/pruned-C-train``); eval each
 distill    ``python -m distill --teacher WORK/base --student WORK/pruned-A -o WORK/distill1 --phase 1``, then
            ``--student WORK/distill1 -o WORK/distill2 --phase 2``; eval each. ``--distill1-lrs A,B`` (and/or
            ``--distill1-hidden-weights``): phase 1 once per combination, the lowest training forward KL
@@ -245,13 +246,15 @@ class Pipeline:
             return
         crit = self.a.criteria.split(",") if self.a.criteria else list(_prune_criteria())
         for entry in crit:
-            c, refit = _prune_entry(entry)
+            c, opts = _prune_entry(entry)
             name = _prune_name(entry)
             dst = self.work / f"pruned-{name}"
+            extra = ["--refit"] if "refit" in opts else []
+            if "train" in opts:
+                extra += ["--calib", "bench:train"]
             if self.run(f"prune-{name}", [sys.executable, "-m", "prune", str(self.base), "-o", str(dst), "--ratio",
                                           str(self.a.ratio), "--criterion", c, "--device", self.a.device, "--force",
-                                          "--no-progress", *(["--refit"] if refit else []),
-                                          *shlex.split(self.a.prune_args)], min_s=30):
+                                          "--no-progress", *extra, *shlex.split(self.a.prune_args)], min_s=30):
                 self.evaluate(f"pruned-{name}", dst)
 
     def _distill_cmd(self, phase: int, src: Path, dst: Path, extra: list[str]) -> list[str]:
@@ -437,18 +440,25 @@ def _variants(spec: str) -> dict[str, list[str]]:
     return out
 
 
-def _prune_entry(entry: str) -> tuple[str, bool]:
-    """``activation`` -> ("activation", False); ``activation+refit`` -> ("activation", True)."""
-    c, _, opt = entry.partition("+")
-    if opt not in ("", "refit"):
-        raise ValueError(f"--criteria entry {entry!r}: the only option is +refit (e.g. activation+refit)")
-    return c, opt == "refit"
+PRUNE_OPTIONS = ("refit", "train")  # +refit: prune --refit; +train: calibrate on the train split
+
+
+def _prune_entry(entry: str) -> tuple[str, frozenset]:
+    """``activation`` -> ("activation", {}); ``activation+refit+train`` -> ("activation", {"refit", "train"}).
+    ``+refit`` adds ``prune --refit``; ``+train`` calibrates on the train split (what the teacher was trained on)
+    instead of the default calib split."""
+    c, *opts = entry.split("+")
+    bad = [o for o in opts if o not in PRUNE_OPTIONS] + [o for o in set(opts) if opts.count(o) > 1]
+    if bad or not c:
+        raise ValueError(f"--criteria entry {entry!r}: options are +refit and +train (e.g. activation+refit+train)")
+    return c, frozenset(opts)
 
 
 def _prune_name(entry: str) -> str:
-    """Checkpoint / row name of a --criteria entry: ``activation+refit`` -> ``activation-refit``."""
-    c, refit = _prune_entry(entry)
-    return f"{c}-refit" if refit else c
+    """Checkpoint / row name of a --criteria entry: ``activation+refit`` -> ``activation-refit``,
+    ``activation+train+refit`` -> ``activation-refit-train`` (options in a fixed order)."""
+    c, opts = _prune_entry(entry)
+    return "-".join([c, *(o for o in PRUNE_OPTIONS if o in opts)])
 
 
 def _prune_criteria():
@@ -476,7 +486,8 @@ def main(argv=None) -> int:
                     help="seconds this call may take (default 570: under the 600 s run limit)")
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--criteria", default="", help="prune criteria (default: all of prune.config.CRITERIA); "
-                    "C+refit prunes with --refit too (checkpoint pruned-C-refit), e.g. activation,activation+refit")
+                    "C+refit prunes with --refit too (checkpoint pruned-C-refit), C+train calibrates on the train "
+                    "split (pruned-C-train); e.g. activation,activation+refit,activation+refit+train")
     ap.add_argument("--distill-from", default="activation",
                     help="criteria entry whose pruned model is distilled (e.g. activation or activation+refit)")
     ap.add_argument("--distill1-lrs", default="", metavar="LR,LR,...",
