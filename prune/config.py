@@ -50,10 +50,10 @@ class PruneConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
-        if self.calib is not None and self.calib.startswith("bench:"):
+        if self.calib is not None:
             from .calib import bench_split
 
-            bench_split(self.calib)  # bench:calib / bench:train only: raises for bench:valid or a typo
+            bench_split(self.calib)  # a bench:SPLIT must be bench:calib / bench:train: raises for bench:valid
         d = self.refit_damp
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
             raise ValueError(f"--refit-damp {d}: must be a finite number > 0 (ridge damping relative to the mean "
