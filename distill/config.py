@@ -94,7 +94,7 @@ class DistillConfig:
     keep_ckpt: bool = False
     log_every: int = 10
     log_json: str | None = None
-    peak_tflops: float = 989.0  # per-GPU dense bf16 peak for MFU (H100/H200 SXM: 989.4)
+    peak_tflops: float = 989.4  # per-GPU dense bf16 peak for MFU (H100/H200 SXM)
     force: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -163,6 +163,12 @@ class DistillConfig:
             raise ValueError(f"--loss-impl {self.loss_impl!r}: choose autograd or fused")
         if self.loss_impl == "fused" and self.phase != 1:
             raise ValueError("--loss-impl fused is the forward-KL gradient (phase 1); phase 2's JSD needs autograd")
+        if self.compile_loss and self.phase != 1:
+            raise ValueError("--compile-loss is for phase 1 (phase 2 scores a different number of tokens every "
+                             "on-policy step: each size would compile again)")
+        if self.warmup_steps >= self.steps > 1:
+            raise ValueError(f"--warmup-steps {self.warmup_steps}: must be below --steps {self.steps} (the cosine "
+                             f"decay follows the warm-up)")
         if self.compile_layers and self.phase != 1:
             raise ValueError("--compile-layers is for phase 1 (phase 2's cached decoding would recompile per length)")
         if self.ckpt_layers is not None and (not isinstance(self.ckpt_layers, int) or self.ckpt_layers < 0):

@@ -43,7 +43,7 @@ def init(device: str = "auto") -> DistEnv:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     if device == "cuda":  # an explicit index: torch.cuda.set_device (and NCCL's device_id) refuse a bare "cuda"
         device = f"cuda:{local_rank}" if world > 1 else f"cuda:{torch.cuda.current_device()}"
     dev = torch.device(device)

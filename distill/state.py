@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .parallel import DistEnv, barrier
 
-__all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint"]
+__all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint", "clear_checkpoints"]
 
 LATEST = "latest"
 
@@ -47,6 +47,22 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
         return None
     d = Path(ckpt_dir) / f.read_text().strip()
     return d if (d / "meta.json").is_file() else None
+
+
+def clear_checkpoints(ckpt_dir: str | os.PathLike) -> None:
+    """Delete what :func:`save_checkpoint` writes into ``ckpt_dir`` (step dirs, their temp dirs, ``latest``) and
+    then the directory itself only if that left it empty: anything else in it is the user's and stays."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return
+    for f in [*d.glob("step-*"), *d.glob(".step-*.tmp")]:
+        shutil.rmtree(f, ignore_errors=True)
+    for f in (d / LATEST, d / f".{LATEST}.tmp"):
+        f.unlink(missing_ok=True)
+    try:
+        d.rmdir()
+    except OSError:  # not empty: other files live there
+        pass
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, module, optimizer, env: DistEnv, meta: dict) -> Path:

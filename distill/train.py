@@ -11,7 +11,7 @@ Per step (global batch ``B`` windows of ``S`` tokens, ``B / W`` per rank):
 Learning rate: linear warm-up over ``warmup_steps``, cosine decay to ``lr * min_lr_ratio`` at the last step.
 Figures: loss parts, tokens/s (training tokens ``B*S`` per step, all ranks), and on CUDA the MFU: model FLOPs
 ``(6 N_student + 2 N_teacher) * tokens`` (N = matmul weights, :func:`distill.models.matmul_params`; attention
-score FLOPs, the losses and phase-2 generation not counted) over ``peak_tflops`` per GPU (default 989 TFLOP/s,
+score FLOPs, the losses and phase-2 generation not counted) over ``peak_tflops`` per GPU (default 989.4 TFLOP/s,
 H100/H200 SXM dense bf16).
 
 Precision (``--precision``; the teacher is always a bf16 model run as is):
@@ -36,7 +36,6 @@ import contextlib
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from .models import (DistillModule, MasterWeights, capture_layer_outputs, check_
                      decoder_layers, limit_checkpointing, load_model, matmul_params, set_trainable, text_config,
                      to_bf16_layout)
 from .sample import continuation_mask, on_policy_step, row_seed, sample_continuations
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["run", "Distiller", "lr_at", "checkpoint_sha256", "student_dtype"]
 
@@ -95,6 +94,26 @@ class _Log:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.fh = open(path, "a" if append else "w", encoding="utf-8")
 
+    def rewind(self, step: int) -> None:
+        """On ``--resume`` from ``step``: drop the records a killed run wrote after that step (they are about to be
+        written again) and its summary, so the log reads like one uninterrupted run's."""
+        if self.fh is None:
+            return
+        self.fh.close()
+        path = Path(self.fh.name)
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by kill -9
+                continue
+            event = rec.get("event")
+            if event == "summary" or (event == "step" and rec.get("step", 0) > step) or (event == "config" and not step):
+                continue
+            keep.append(line + "\n")
+        path.write_text("".join(keep), encoding="utf-8")
+        self.fh = open(path, "a", encoding="utf-8")
+
     def print(self, msg: str) -> None:
         if self.env.is_main:
             print(msg, flush=True)
@@ -122,14 +141,17 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 def _prepare_output(cfg: DistillConfig, env) -> None:
     out, ckpt = Path(cfg.out), Path(cfg.ckpt_dir)
+    if ckpt.resolve() == out.resolve() or out.resolve() in ckpt.resolve().parents:
+        raise ValueError(f"--ckpt-dir {ckpt}: must not be the output dir {out} or inside it (the output is replaced "
+                         f"when the run ends); pass another --ckpt-dir")
     if out.exists() and not cfg.force:
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
     if ckpt.exists() and not (cfg.resume or cfg.force) and latest_checkpoint(ckpt) is not None:
         raise FileExistsError(f"{ckpt}: training checkpoints of an earlier run exist; pass --resume to continue "
                               "that run, or --force to start over (deletes them)")
     parallel.barrier(env)
-    if env.is_main and ckpt.exists() and cfg.force and not cfg.resume:
-        shutil.rmtree(ckpt)
+    if env.is_main and cfg.force and not cfg.resume:
+        clear_checkpoints(ckpt)
     parallel.barrier(env)
 
 
@@ -187,13 +209,14 @@ class Distiller:
         fused = {"fused": True} if env.device.type == "cuda" and not env.is_dist else {}
         self.opt = torch.optim.AdamW(self.opt_params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                      weight_decay=cfg.weight_decay, **fused)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 and not env.is_dist
+        # one process: bf16 autocast on the run's device (CPU autocast too, so the mode means the same there);
+        # under torchrun FSDP2's MixedPrecisionPolicy casts instead
+        self.autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if self.bf16 and not env.is_dist
                          else contextlib.nullcontext())
         if cfg.batch % env.world:
             raise ValueError(f"--batch {cfg.batch} is not divisible by the {env.world} ranks")
         self.local_b = cfg.batch // env.world
         self.eos_ids = eos_ids or []
-        self.generated_tokens = 0
         self.make_cache = None
         self.phase_timer = None  # optional: name -> context manager around each part of a step (profilers)
         if cfg.phase == 2:
@@ -236,7 +259,6 @@ class Distiller:
             seeds = [row_seed(cfg.seed, step, step * cfg.batch + env.rank * b + i) for i in range(b)]
             ids = torch.cat([ids[:, :P], self._sample(ids[:, :P], C, seeds)], 1)
             mask = continuation_mask(ids[:, P:], self.eos_ids)
-            self.generated_tokens += b * C * env.world
         else:
             mask = torch.ones(b, C, dtype=torch.bool, device=dev)
         # logits at positions P-1 .. S-2 predict the continuation tokens P .. S-1
@@ -341,6 +363,7 @@ def _run(cfg: DistillConfig, env) -> dict:
             meta = dz.load_state(ck)
             start, history = int(meta["step"]), list(meta["history"])
             log.print(f"resume: continuing from {ck} (step {start}/{cfg.steps})")
+        log.rewind(start)
 
     tokens_per_step = cfg.batch * cfg.seq_len
     log.print(f"distill phase {cfg.phase}: teacher {cfg.teacher} ({dz.n_teacher / 1e6:.1f}M matmul params), "
@@ -384,12 +407,14 @@ def _run(cfg: DistillConfig, env) -> dict:
             dz.save_state(cfg.ckpt_dir, step + 1, {"config": cfg.result_dict(), "history": history})
             t_int += time.perf_counter() - t_ck  # checkpoint time is not training time
 
-    summary = _summary(cfg, data, history, dz.generated_tokens, dz.layers, dz.layer_w, env)
+    # sampled tokens from the whole history (a resumed run restores the steps before its checkpoint)
+    generated = sum(h["on_policy"] for h in history) * cfg.batch * cfg.max_new_tokens
+    summary = _summary(cfg, data, history, generated, dz.layers, dz.layer_w, env)
     _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary)
     log.record({"event": "summary", **summary})
     log.close()
     if env.is_main and not cfg.keep_ckpt:
-        shutil.rmtree(cfg.ckpt_dir, ignore_errors=True)
+        clear_checkpoints(cfg.ckpt_dir)
     return summary
 
 

@@ -101,9 +101,12 @@ def safetensors_files(ckpt: str | os.PathLike) -> tuple[list[Path], dict[str, st
     index_f, single_f = ckpt / INDEX_NAME, ckpt / SINGLE_NAME
     if index_f.is_file():
         try:
-            weight_map = json.loads(index_f.read_text())["weight_map"]
+            weight_map = json.loads(index_f.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise TypeError("weight_map must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise QuantizeError(f"{index_f}: not a valid safetensors index ({type(e).__name__}: {e}); "
                                 f"fix or delete it") from None
         for f in files:
@@ -168,10 +171,14 @@ def read_lineage(ckpt: str | os.PathLike) -> list[dict]:
         f = ckpt / name
         if f.is_file():
             try:
-                data = json.loads(f.read_text())
-            except json.JSONDecodeError as e:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{f}: not valid JSON ({e}); delete or fix the file") from None
-            return list(data.get("source_lineage", []))
+            steps = data.get("source_lineage", []) if isinstance(data, dict) else None
+            if not isinstance(steps, list) or not all(isinstance(s, dict) and "id" in s for s in steps):
+                raise ValueError(f"{f}: not a lineage file (expected {{\"source_lineage\": [{{\"id\": ...}}, ...]}}); "
+                                 f"delete or fix the file")
+            return list(steps)
     return []
 
 
@@ -249,6 +256,8 @@ def save_bf16_checkpoint(model, out: str | os.PathLike, *, source_dir=None, step
                 shard = "model-knorm.safetensors"
                 save_file(extra, tmp / shard, metadata={"format": "pt"})
                 index["weight_map"].update({k: shard for k in extra})
+                meta = index.setdefault("metadata", {})
+                meta["total_size"] = meta.get("total_size", 0) + sum(t.numel() * t.element_size() for t in extra.values())
                 index_f.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             else:
                 f = tmp / "model.safetensors"

@@ -10,6 +10,8 @@ compressed-tensors 0.17.0 (vLLM 0.26.0's pin) and 0.19.0 alike (§3.1).
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,6 +52,13 @@ class QuantRecipe:
         object.__setattr__(self, "ignore", tuple(self.ignore))
         if not self.targets:
             raise QuantizeError("targets is empty: nothing would be quantized")
+        for pat in self.ignore:
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as e:
+                    raise QuantizeError(f"--ignore/--extra-ignore {pat!r}: not a valid regular expression ({e})") \
+                        from None
         if self.rounding not in ROUNDING_MODES:
             raise QuantizeError(f"--rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
         try:

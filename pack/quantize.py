@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import QuantizeError
@@ -82,21 +84,28 @@ def _prefetch_hashes(ckpt: Path | None):
     return FileHasher(files)
 
 
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (timeout, Slurm, docker stop) cleans up like Ctrl-C: no temp dir is left
+
+
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     hasher = None if args.demo else _prefetch_hashes(args.ckpt)
+    old = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         return _run(args, hasher)
     finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
         if hasher is not None:
             hasher.cancel()  # a no-op once quantize_checkpoint has its result; stops it on an early error
 
 
 def _run(args: argparse.Namespace, hasher) -> int:
-    from .qconfig import QuantRecipe
-    from .writer import quantize_checkpoint  # imports torch
-
     try:
+        from .qconfig import QuantRecipe
+        from .writer import quantize_checkpoint  # imports torch
+
         force = args.force
         if args.demo:
             if args.ckpt is not None:
@@ -106,7 +115,7 @@ def _run(args: argparse.Namespace, hasher) -> int:
                 args.out, force = DEMO_DIR / f"demo-{args.demo}-mm-w4a16", True
         if args.ckpt is None:
             raise QuantizeError("no input checkpoint: pass CKPT (a Hugging Face checkpoint dir) or --demo")
-        out = args.out or args.ckpt.absolute().parent / f"{args.ckpt.absolute().name}-w4a16"
+        out = args.out or args.ckpt.resolve().parent / f"{args.ckpt.resolve().name}-w4a16"
         recipe = QuantRecipe(ignore=(*args.ignore, *args.extra_ignore), group_size=args.group_size, rounding=args.rounding)
         result = quantize_checkpoint(args.ckpt, out, recipe, device=args.device, force=force,
                                      max_shard_size=args.max_shard_size, progress=not args.no_progress,

@@ -25,6 +25,7 @@ Same input and options -> byte-identical output (no timestamps unless ``SOURCE_D
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import subprocess
@@ -67,7 +68,7 @@ def parse_size(s: str | int) -> int:
                 v = float(t[: -len(u)])
             except ValueError:
                 break
-            if v > 0:
+            if math.isfinite(v) and v * m >= 1:
                 return int(v * m)
             break
     else:
@@ -126,6 +127,11 @@ def _check_inputs(plan: ModelPlan, src: SourceFiles, recipe: QuantRecipe) -> tup
         e = src.tensors[quantized[0]]
         raise QuantizeError(f"{e.file}: tensor {e.name} is already quantized; pass the original bf16 checkpoint")
     weights = {f"{m}.weight" for m in plan.targeted}
+    tied = sorted(w for w in weights if w not in plan.saved)
+    if tied:  # a tied alias (Gemma-4's lm_head = embed_tokens) has no weight of its own to quantize
+        m = tied[0].removesuffix(".weight")
+        raise QuantizeError(f"{src.dir}: {m} is targeted but its weight is tied to another tensor (e.g. the "
+                            f"embeddings) and not stored on its own; leave it in bf16 with --extra-ignore {m}")
     scheme = recipe.observer_scheme()
     cast = []
     for key, (shape, _) in plan.saved.items():
@@ -249,7 +255,12 @@ def _created() -> dict:
         return {}
     import datetime as dt
 
-    return {"created": dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    try:
+        when = dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise QuantizeError(f"SOURCE_DATE_EPOCH={epoch!r}: not a Unix time in seconds; unset it or give an "
+                            f"integer") from None
+    return {"created": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -312,7 +323,8 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     """
     t0 = time.perf_counter()
     recipe = recipe or QuantRecipe()
-    ckpt, out = Path(ckpt).absolute(), Path(out).absolute()
+    # resolved (symlinks, "..") so that no spelling of a path lets the output replace or nest in the input
+    ckpt, out = Path(ckpt).resolve(), Path(out).resolve()
     device = _check_device(device)
     max_bytes = parse_size(max_shard_size)
     if out == ckpt or ckpt in out.parents or out in ckpt.parents:
@@ -320,6 +332,11 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     if out.exists() and not force:
         raise QuantizeError(f"{out}: output directory exists; pass --force to replace it")
     load_config(ckpt)  # cheap checks first: a bad config.json is reported before the weights
+    _created()  # a bad SOURCE_DATE_EPOCH too
+    try:
+        previous = read_lineage(ckpt)  # carried into the output's lineage; a broken file stops us before any work
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
     threads = torch.get_num_threads()
     with SourceFiles(ckpt) as src:
         hasher = input_hasher
@@ -340,9 +357,11 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
             with atomic_output_dir(out, force=force) as tmp:
                 bar = _progress(n_tensors, progress)
                 t_stream = time.perf_counter()
-                out_hashes, weight_map, total = _write_shards(tmp, shards, _workers(device), bar)
+                try:
+                    out_hashes, weight_map, total = _write_shards(tmp, shards, _workers(device), bar)
+                finally:  # an error message then starts on its own line, not glued to the bar's
+                    bar.close()
                 t_stream = time.perf_counter() - t_stream
-                bar.close()
                 if len(shards) > 1:
                     n_params = sum(prod(o.shape) for sh in shards for o in sh)
                     json_dump({"metadata": {"total_parameters": n_params, "total_size": total},
@@ -353,7 +372,8 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                     equivalent_to=EQUIVALENT_TO[recipe.rounding], calibration=[], tool=_tool_info(),
                     input_dir=ckpt.name,
                     input_sha256=hasher.result(), output_sha256=out_hashes, **_created())
-                _write_metadata(tmp, ckpt, plan, recipe, qcfg, step, out_hashes, total, vllm_max_model_len)
+                _write_metadata(tmp, ckpt, previous, plan, recipe, qcfg, step, out_hashes, total,
+                                vllm_max_model_len)
                 bytes_out = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         finally:
             torch.set_num_threads(threads)
@@ -366,11 +386,11 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                           files_sha256=out_hashes, stream_seconds=t_stream)
 
 
-def _write_metadata(tmp: Path, ckpt: Path, plan: ModelPlan, recipe: QuantRecipe, qcfg: dict, step: dict,
-                    out_hashes: dict, total: int, vllm_max_model_len: int) -> None:
+def _write_metadata(tmp: Path, ckpt: Path, previous: list[dict], plan: ModelPlan, recipe: QuantRecipe, qcfg: dict,
+                    step: dict, out_hashes: dict, total: int, vllm_max_model_len: int) -> None:
     """Aux files, lineage + quant_recipe.json, vllm_config.yaml, model card; config.json last."""
     copy_aux_files(ckpt, tmp)
-    lineage = write_lineage(tmp, read_lineage(ckpt), step)
+    lineage = write_lineage(tmp, previous, step)
     json_dump({"schema": RECIPE_SCHEMA, **_created(), "tool": step["tool"], "source_lineage": lineage},
               tmp / RECIPE_FILE)
     (tmp / "vllm_config.yaml").write_text(card.vllm_config_yaml(plan, vllm_max_model_len))

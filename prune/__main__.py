@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after slicing, refit each layer's kept down_proj columns by least squares to reproduce "
                          "the unpruned down_proj output on the calibration tokens (calibrates with any "
                          "criterion). Costs one float64 I x I Gram matrix on --device, one layer at a time "
-                         "(E4B, I=10240: 0.84 GB; double-wide layers 3.4 GB) plus a Cholesky solve per layer")
+                         "(E4B, I=10240: 0.84 GB; double-wide layers 3.4 GB) and about 2.6 times that at the peak of "
+                         "its Cholesky solve (E4B about 2.2 GB, double-wide layers about 8.7 GB)")
     ap.add_argument("--refit-damp", type=float, default=d.refit_damp,
                     help=f"ridge damping of --refit relative to the mean diagonal of the kept channels' Gram "
                          f"matrix, > 0; pulls the refit towards plain slicing (default {d.refit_damp})")

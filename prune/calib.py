@@ -110,7 +110,8 @@ def load_calibration(path, tokenizer, samples: int, seq_len: int) -> Calibration
     tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     need = samples * seq_len
     stream: list[int] = []
-    docs, batch = 0, []
+    starts: list[int] = []  # where each document begins in the stream
+    batch = []
 
     def flush():
         texts = list(batch)
@@ -120,11 +121,11 @@ def load_calibration(path, tokenizer, samples: int, seq_len: int) -> Calibration
         else:
             encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
         for ids in encoded:
+            starts.append(len(stream))
             stream.extend(head + list(ids) + tail)
 
     for text in _documents(path):
         batch.append(text)
-        docs += 1
         if len(batch) == _ENCODE_BATCH:
             flush()
             if len(stream) >= need:
@@ -137,4 +138,5 @@ def load_calibration(path, tokenizer, samples: int, seq_len: int) -> Calibration
                          f"window; give more text or a smaller --seq-len")
     ids = torch.tensor(stream[: n * seq_len], dtype=torch.int32)
     sha = hashlib.sha256(ids.numpy().astype("<i4").tobytes()).hexdigest()
+    docs = sum(1 for st in starts if st < n * seq_len)  # documents that reach the windows used
     return CalibrationSet(ids.to(torch.int64).view(n, seq_len), str(path), sha256_file(path), sha, docs)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 
 __all__ = ["CRITERIA", "AGGREGATIONS", "ROUND_MULTIPLE", "PruneConfig", "kept_width"]
@@ -82,8 +83,10 @@ def kept_width(width: int, ratio: float, multiple: int = ROUND_MULTIPLE) -> int:
     if width < multiple:
         raise ValueError(f"intermediate_size {width} is below the rounding multiple {multiple}: "
                          f"cannot prune to a multiple of {multiple}")
-    target = width * (1.0 - ratio)
-    kept = multiple * math.floor(target / multiple + 0.5)
+    # exact arithmetic: in floats 2560 * (1 - 0.675) is just below 6.5 multiples of 128 and a half would round down
+    exact = Fraction(width) * (1 - Fraction(str(ratio)))
+    target = float(exact)
+    kept = multiple * math.floor(exact / multiple + Fraction(1, 2))
     if kept <= 0:
         raise ValueError(f"--ratio {ratio} of intermediate_size {width} leaves {target:.1f} channels, which rounds "
                          f"to 0 at a multiple of {multiple}; use a smaller ratio")

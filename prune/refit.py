@@ -25,8 +25,9 @@ The reconstruction error on the calibration tokens is reported without a pass ov
 C[R,S]``, plain slicing leaves ``e0 = tr(W[:, R] C[R,R] W[:, R]^T)`` and the refit ``e0 - <D, B> - lambda
 ||D||^2`` (using ``D C[S,S] = B - lambda D``), which is strictly smaller whenever ``D != 0``.
 
-Memory on the solving device: the float64 Gram ``8 I^2`` bytes (E4B: 0.84 GB; double-wide layers 3.4 GB),
-the factor ``8 |S|^2`` and the ``[I, H]``-sized right-hand sides. The Gram covers the layer's own width, so
+Memory on the solving device: the float64 Gram ``8 I^2`` bytes (E4B: 0.84 GB; double-wide layers 3.4 GB) and,
+while solving, its kept/removed blocks and the Cholesky factor: about 2.6 times the Gram at the peak (E4B about
+2.2 GB, double-wide layers about 8.7 GB), plus the ``[I, H]``-sized right-hand sides. The Gram covers the layer's own width, so
 Gemma-4's double-wide layers (``2 * intermediate_size`` channels, keep ``2 * kept``) line up with ``keep``.
 """
 from __future__ import annotations

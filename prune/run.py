@@ -75,6 +75,9 @@ def _read_config(ckpt: Path):
     if not (ckpt / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt}: no config.json; pass an HF checkpoint directory")
     config = AutoConfig.from_pretrained(ckpt)
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"{ckpt}: a quantized checkpoint (config.json has quantization_config); prune the bf16 "
+                         f"checkpoint, then run pack.quantize on the pruned one")
     check_supported(config, where=str(ckpt))
     return config
 
@@ -100,8 +103,8 @@ def _load_tokenizer(ckpt: Path):
         return AutoTokenizer.from_pretrained(ckpt)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{ckpt}: no usable tokenizer ({type(e).__name__}); the activation/wanda criteria tokenize "
-                         f"the calibration text with the checkpoint's tokenizer: add tokenizer files or use "
-                         f"--criterion magnitude|random") from None
+                         f"the calibration text with the checkpoint's tokenizer, and so does --refit: add tokenizer "
+                         f"files, or use --criterion magnitude|random without --refit") from None
 
 
 def _calibration_record(cal: CalibrationSet, cfg: PruneConfig) -> dict:

@@ -244,6 +244,67 @@ def test_resume_refuses_other_settings(pair, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
+def test_phase2_resume_keeps_lineage_and_log(pair, tmp_path):
+    """A resumed phase-2 run writes the same weights and lineage (``generated_tokens`` counts the steps before
+    the checkpoint too) as the uninterrupted run, and its ``--log-json`` reads like that run's log."""
+    teacher, student, data, _ = pair
+    common = ["--phase", 2, "--steps", 3, "--batch", 2, "--seq-len", 40, "--max-new-tokens", 8, "--lmbda", 1.0]
+    log = tmp_path / "log.jsonl"
+    assert distill_main(_args(teacher, student, tmp_path / "a", data, *common, "--ckpt-every", 1, "--keep-ckpt",
+                              "--log-json", log)) == 0
+    first = log.read_text()
+    assert (tmp_path / "a-ckpt" / "latest").read_text().strip() == "step-00000002"
+    # the killed run's situation: its log holds every step and a summary, its last checkpoint is step 2
+    assert distill_main(_args(teacher, student, tmp_path / "b", data, *common, "--ckpt-dir", tmp_path / "a-ckpt",
+                              "--resume", "--log-json", log)) == 0
+    for name in ("model.safetensors", "pdqkit_lineage.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert read_lineage(tmp_path / "b")[-1]["generated_tokens"] == 3 * 2 * 8
+
+    def events(text):
+        return [(r["event"], r.get("step"), r.get("loss")) for r in map(json.loads, text.splitlines())]
+
+    assert events(log.read_text()) == events(first)
+    assert [e[:2] for e in events(first)] == [("config", None), ("step", 1), ("step", 2), ("step", 3),
+                                              ("summary", None)]
+
+
+def test_checkpoint_cleanup_removes_only_its_own_files(pair, tmp_path, capsys):
+    teacher, student, data, _ = pair
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    run = ["--steps", 3, "--batch", 2, "--seq-len", 32, "--ckpt-every", 1, "--ckpt-dir", mine]
+    assert distill_main(_args(teacher, student, mine / "d1", data, *run)) == 0
+    assert sorted(p.name for p in mine.iterdir()) == ["d1", "notes.txt"]  # step dirs and latest gone
+    assert (mine / "d1" / "model.safetensors").is_file()
+    assert distill_main(_args(teacher, student, mine / "d2", data, *run[:-2], "--ckpt-dir", mine / "d2")) == 1
+    assert "must not be the output dir" in capsys.readouterr().err and not (mine / "d2").exists()
+    assert distill_main(_args(teacher, student, tmp_path / "o", data, *run[:-2], "--ckpt-dir",
+                              tmp_path / "o" / "ck")) == 1
+    assert "must not be the output dir" in capsys.readouterr().err
+    # --force over an earlier run's checkpoints deletes those, not the rest of the dir
+    assert distill_main(_args(teacher, student, mine / "d1", data, *run, "--keep-ckpt", "--force")) == 0
+    assert (mine / "latest").is_file()
+    assert distill_main(_args(teacher, student, mine / "d1", data, *run, "--force")) == 0
+    assert sorted(p.name for p in mine.iterdir()) == ["d1", "notes.txt"]
+
+
+def test_option_combinations_refused(pair, tmp_path, capsys):
+    teacher, student, data, _ = pair
+    cases = [(["--phase", 2, "--seq-len", 64, "--max-new-tokens", 8, "--compile-loss"], "--compile-loss is for phase 1"),
+             (["--steps", 4, "--warmup-steps", 4], "--warmup-steps 4: must be below --steps 4")]
+    for extra, msg in cases:
+        assert distill_main(_args(teacher, student, tmp_path / "o", data, *extra)) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1
+    if not torch.cuda.is_available():
+        assert distill_main(_args(teacher, student, tmp_path / "o", data, "--device", "cuda")) == 1
+        err = capsys.readouterr().err
+        assert "CUDA is not available on this machine; use --device cpu" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_student_gradients_with_activation_checkpointing_and_chunking(pair):
     """The training module's gradients (KL + hidden matching, layer-output hooks) are the same with activation
     checkpointing and a small loss chunk as with neither, and equal a direct reference on the full logits."""

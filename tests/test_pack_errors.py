@@ -169,6 +169,63 @@ def test_output_inside_input(ckpt, capsys):
     _fails(capsys, [ckpt, "-o", ckpt / "sub"], "must not be, contain or lie inside the input")
 
 
+def test_output_spelled_to_reach_the_input(ckpt, tmp_path, capsys, monkeypatch):
+    """Other spellings of the input (``..`` through a dir that does not exist yet, a symlinked parent) must not
+    let the output replace it: the paths are compared resolved."""
+    before = (ckpt / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([str(ckpt), "-o", str(tmp_path / "nosuch" / ".." / "in"), "--no-progress"]) == 2
+    assert "must not be, contain or lie inside the input" in capsys.readouterr().err
+    assert not (tmp_path / "nosuch").exists()
+    (tmp_path / "alias").symlink_to(tmp_path)
+    assert main([str(ckpt), "-o", str(tmp_path / "alias" / "in"), "--force", "--no-progress"]) == 2
+    assert "must not be, contain or lie inside the input" in capsys.readouterr().err
+    assert (ckpt / "model.safetensors").read_bytes() == before and not (ckpt / "quant_recipe.json").exists()
+    # run from inside the checkpoint with CKPT "..": the default output is a sibling named after the real dir
+    (ckpt / "sub").mkdir()
+    monkeypatch.chdir(ckpt / "sub")
+    assert main(["..", "--no-progress"]) == 0
+    assert (tmp_path / "in-w4a16" / "config.json").is_file() and not (ckpt / "sub" / "..-w4a16").exists()
+
+
+def test_tied_module_targeted(ckpt, tmp_path, capsys):
+    """Gemma-4's lm_head is tied to the embeddings: an --ignore list without it names the fix instead of
+    crashing (or writing a checkpoint that does not load)."""
+    _fails(capsys, [ckpt, "-o", tmp_path / "o", "--ignore", "re:.*per_layer.*"], "lm_head is targeted but its "
+           "weight is tied", "--extra-ignore lm_head")
+
+
+@pytest.mark.parametrize("content, needle", [("{bad", "not valid JSON"), ("[]", "not a lineage file"),
+                                             ('{"source_lineage": [{"kind": "base"}]}', "not a lineage file")])
+def test_broken_lineage_in_input(ckpt, tmp_path, capsys, content, needle):
+    (ckpt / "pdqkit_lineage.json").write_text(content)
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "pdqkit_lineage.json: " + needle, "delete or fix the file")
+
+
+def test_bad_index(ckpt, tmp_path, capsys):
+    (ckpt / "model.safetensors.index.json").write_bytes(b'{"weight_map": {"a": 1}}')
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "not a valid safetensors index")
+    (ckpt / "model.safetensors.index.json").write_bytes(b'\xff\xfe{}')
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "not a valid safetensors index")
+
+
+def test_bad_environment_and_patterns(ckpt, tmp_path, capsys, monkeypatch):
+    _fails(capsys, [ckpt, "-o", tmp_path / "o", "--extra-ignore", "re:("], "'re:(': not a valid regular expression")
+    for size in ("0.5B", "1e400GB", "nanGB"):
+        _fails(capsys, [ckpt, "-o", tmp_path / "o", "--max-shard-size", size], "--max-shard-size")
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "abc")
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "SOURCE_DATE_EPOCH='abc': not a Unix time")
+
+
+def test_error_after_the_progress_bar_starts_on_its_own_line(ckpt, tmp_path):
+    _edit_weights(ckpt, lambda t: t[WEIGHT].view(-1).__setitem__(3, float("nan")))
+    r = subprocess.run([sys.executable, "-m", "pack.quantize", str(ckpt), "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.rstrip("\n").split("\n")[-1].split("\r")[-1]
+    assert last.startswith("error: ") and WEIGHT in last, r.stderr[-500:]
+
+
 @pytest.mark.parametrize("arch, model_type, needle", [
     ("FooForCausalLM", "gemma4_text", "unknown architecture 'FooForCausalLM'"),
     ("FooForCausalLM", "foo", "cannot read this config (model_type 'foo'"),
@@ -205,27 +262,34 @@ def test_cli_process_error_is_one_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
 
 
-def test_sigkill_mid_write_leaves_no_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_mid_write_leaves_no_checkpoint(tmp_path, sig):
+    """``kill -9`` leaves at most a hidden temp dir without config.json; SIGTERM (timeout, Slurm, docker stop) is
+    handled like Ctrl-C: exit 130, one line, nothing left at all."""
     from bench.factory import save_random_checkpoint
 
     # large embeddings (~170 MB file): the write lasts long enough to be caught in the act
     ckpt = save_random_checkpoint("micro", tmp_path / "big-vocab", vocab_size=131072)
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "pack.quantize", str(ckpt), "-o", str(out), "--no-progress"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     killed_mid_write = False
     while time.monotonic() < deadline and proc.poll() is None:
         tmp = [p for p in tmp_path.glob(f".{out.name}.tmp-*/model.safetensors") if p.stat().st_size > 0]
         if tmp:
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, sig)
             killed_mid_write = True
             break
         time.sleep(0.001)
-    proc.wait()
+    err = proc.communicate()[1]
     assert killed_mid_write, "the run finished before it could be killed mid-write"
-    assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
-    for p in tmp_path.iterdir():  # only the input and the hidden, config-less temp dir remain
-        if p.name != ckpt.name:
-            assert p.name.startswith(f".{out.name}.tmp-") and not (p / "config.json").exists(), p
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        for p in tmp_path.iterdir():  # only the input and the hidden, config-less temp dir remain
+            if p.name != ckpt.name:
+                assert p.name.startswith(f".{out.name}.tmp-") and not (p / "config.json").exists(), p
+    else:
+        assert proc.returncode == 130 and err.strip() == "error: interrupted; nothing was written", err[-800:]
+        assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]

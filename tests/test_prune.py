@@ -131,6 +131,21 @@ def test_kept_width_rounds_to_multiple_of_128(width, ratio, kept):
     assert kept_width(width, ratio) == kept
 
 
+@pytest.mark.parametrize("width,ratio,kept", [(2560, 0.675, 896), (2560, 0.925, 256), (640, 0.9, 128)])
+def test_kept_width_rounds_exact_halves_up(width, ratio, kept):
+    """Targets of exactly k + 1/2 multiples of 128 (832 = 6.5 x 128) keep more, which float arithmetic misses."""
+    assert kept_width(width, ratio) == kept
+
+
+def test_kept_width_matches_integer_arithmetic():
+    """Against an integer-only reference: ratio r/1000 of width w keeps 128 * floor(w (1000 - r) / 128000 + 1/2)."""
+    for w in range(128, 20481, 192):
+        for r in range(1, 1000, 7):
+            ref = 128 * ((2 * w * (1000 - r) + 128000) // 256000)
+            if 0 < ref < w:
+                assert kept_width(w, r / 1000) == ref, (w, r)
+
+
 @pytest.mark.parametrize("width,ratio,msg", [(96, 0.2, "below the rounding multiple"), (640, 0.05, "rounds back"),
                                              (640, 0.95, "rounds to 0")])
 def test_kept_width_rejects_what_cannot_be_rounded(width, ratio, msg):
@@ -333,6 +348,10 @@ def bad_ckpts(tmp_path_factory, tok):
     save_random_checkpoint("micro", d / "narrow", tokenizer=tok, intermediate_size=96)
     save_random_checkpoint("micro", d / "notok")
     (d / "empty.jsonl").write_text(json.dumps({"text": "short"}) + "\n")
+    save_random_checkpoint("micro", d / "bf16", tokenizer=tok)
+    from pack.quantize import main as quantize_main
+
+    assert quantize_main([str(d / "bf16"), "-o", str(d / "quantized"), "--no-progress"]) == 0
     return d
 
 
@@ -346,6 +365,7 @@ def bad_ckpts(tmp_path_factory, tok):
     ("missing calib", ["--calib", "/nonexistent/calib.jsonl"], "calibration file /nonexistent/calib.jsonl: no such"),
     ("tiny calib", ["--calib=empty.jsonl"], "fewer than one --seq-len"),
     ("calib on valid", ["--calib", "bench:valid"], "--calib bench:valid: choose bench:calib or bench:train"),
+    ("quantized", ["--ckpt=quantized"], "a quantized checkpoint (config.json has quantization_config); prune the bf16"),
     ("no tokenizer", ["--ckpt=notok"], "no usable tokenizer"),
     ("bad criterion", ["--criterion", "taylor"], "invalid choice: 'taylor'"),
     ("out exists", ["--out-exists"], "output directory exists; pass --force"),

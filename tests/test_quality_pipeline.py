@@ -19,7 +19,7 @@ def _pipeline(tmp_path, base, *args, stdout: list | None = None) -> tuple[Path, 
     (and appends its stdout to ``stdout`` when given)."""
     work, out = tmp_path / "work", tmp_path / "out"
     cmd = [sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device", "cpu",
-           "--base", str(base), *args, "--eval-tokens", "2048", "--prompts", "2", "--new-tokens", "4",
+           "--base", str(base), "--eval-tokens", "2048", "--prompts", "2", "--new-tokens", "4", *args,
            "--work", str(work), "--out", str(out)]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -80,15 +80,32 @@ def test_refit_criteria_entry(tmp_path, trained_micro):
     assert prune_step["params"].get("refit") is True and prune_step["calibration"][0]["split"] == "calib"
     assert q["rows"]["pruned-activation"]["ppl"] != q["rows"]["pruned-activation-refit"]["ppl"]
     assert q["rows"]["pruned-activation-refit"]["ppl"] != q["rows"]["pruned-activation-refit-train"]["ppl"]
+    assert (work / "distill2").is_dir() and "distill2" in q["rows"]
+
+    # a later call on the same warm machine that runs phase 1 again drops the earlier phase 2 (checkpoint, row),
+    # so a `final` stage cannot quantize it and no table shows it as current; --new-tokens 0 skips greedy
+    out2 = tmp_path / "out2"
+    r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device",
+                        "cpu", "--base", str(trained_micro), "--stages", "distill,final", "--phase1-only",
+                        "--distill-from", "activation+refit", "--distill1-args", "--steps 1 --batch 2 --seq-len 128",
+                        "--eval-tokens", "2048", "--new-tokens", "0", "--work", str(work), "--out", str(out2)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    q2 = json.loads((out2 / "quality.json").read_text())
+    assert "distill2" not in q2["rows"] and not (work / "distill2").exists()
+    assert q2["stages"]["distill1"]["status"] == "ok" and q2["rows"]["distill1"]["greedy"] is None
+    assert q2["stages"]["final"]["status"] == "ok" and (work / "distill1-w4a16" / "config.json").is_file()
 
 
 def test_criteria_entry_options_checked_at_start(tmp_path, trained_micro):
     """A criteria entry with an unknown or repeated option is refused before any stage runs."""
-    for entry in ("activation+wide", "activation+refit+refit", "+refit"):
+    for entry, msg in [("activation+wide", "options are +refit and +train"),
+                       ("activation+refit+refit", "options are +refit and +train"), ("+refit", "options are"),
+                       ("activaton+refit", "unknown criterion 'activaton'")]:
         r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--stages", "prune",
                             "--criteria", entry, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and "options are +refit and +train" in r.stderr, r.stderr[-500:]
+        assert r.returncode == 2 and msg in r.stderr, r.stderr[-500:]
         assert not (tmp_path / "o" / "quality.json").exists()
 
 
@@ -100,7 +117,8 @@ def test_distill1_variants_phase1_only(tmp_path, trained_micro):
     work, q = _pipeline(tmp_path, trained_micro, "--stages", "prune,distill", "--criteria", "activation",
                         "--prune-args=--samples 8 --seq-len 128", "--distill1-args", "--batch 2 --seq-len 128",
                         "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
-                        "--distill1-variants", "all=; mlp4=--trainable mlp --batch 4", "--token-budget-pct", "5",
+                        "--distill1-variants", "all=; mlp4=--trainable mlp --batch 4; s3=--steps 3",
+                        "--token-budget-pct", "5",
                         "--phase1-only")
     budget = q["distill_budget_per_run"]
     a, m = read_lineage(work / "distill1-all")[-1], read_lineage(work / "distill1-mlp4")[-1]
@@ -108,6 +126,9 @@ def test_distill1_variants_phase1_only(tmp_path, trained_micro):
     assert a["steps"] == budget["distill1-all"]["phase1_steps"]
     assert m["steps"] == budget["distill1-mlp4"]["phase1_steps"]
     assert abs(a["tokens_seen"] - m["tokens_seen"]) < 4 * 128  # the same budget, in steps of each batch
+    own = budget["distill1-s3"]  # its own --steps: kept, and its tokens recorded against the budget
+    assert read_lineage(work / "distill1-s3")[-1]["steps"] == own["phase1_steps"] == 3 and own["steps_given"]
+    assert own["phase1_tokens"] == 3 * 2 * 128 and own["phase1_pct"] == 100 * own["phase1_tokens"] / own["teacher_tokens"]
     assert {"distill1-all", "distill1-mlp4"} <= set(q["rows"]) and q["distill1_selection"]["run"] in budget
     assert not (work / "distill2").exists()
 

@@ -155,7 +155,8 @@ class Pipeline:
         if want_unigram:
             self.q["unigram_ppl"] = rep["unigram_ppl"]
         self.log(f"eval {label}: ppl {row['ppl']:.3f}  KL {row['kl']:.4f}  top1 {row['top1']:.3f}  "
-                 f"greedy {row['greedy']:.3f}  ({row['tokens']} tokens, {row['seconds']:.1f}s)")
+                 f"greedy {'-' if row['greedy'] is None else format(row['greedy'], '.3f')}  ({row['tokens']} tokens, "
+                 f"{row['seconds']:.1f}s)")
         self.goals()
         self.save()
         return row
@@ -264,7 +265,8 @@ class Pipeline:
     def _token_budget(self, extra1: list[str], extra2: list[str], run: str = "") -> list[str]:
         """With ``--token-budget-pct P``: the phase-1 ``--steps`` that keep phase 1 + phase 2 within P % of the
         tokens the teacher was trained on (its lineage's ``tokens_seen``); recorded in quality.json (per phase-1
-        variant ``run`` when given). A variant that sets its own ``--steps`` keeps it (recorded as is)."""
+        variant ``run`` when given). A variant that sets its own ``--steps`` keeps them; its tokens are recorded
+        against the budget all the same (``steps_given``)."""
         from distill.__main__ import build_parser, config_from_args
         from pack.checkpoint import read_lineage
 
@@ -274,25 +276,29 @@ class Pipeline:
             return a, config_from_args(a)
 
         a1, p1 = parsed(1, extra1)
-        if a1.steps is not None:
-            if run:
-                return extra1
+        own = a1.steps is not None  # a variant that sets its own --steps keeps them (recorded against the budget)
+        if own and not run:
             raise ValueError("--token-budget-pct sets phase 1's --steps: do not also pass it in --distill1-args")
         teacher = next((s for s in read_lineage(self.base) if s.get("kind") == "base"), {}).get("tokens_seen")
         if not teacher:
             raise ValueError(f"{self.base}: its lineage has no 'base' step with tokens_seen (train it with bench.train)")
         p2 = parsed(2, extra2)[1]
         t2 = p2.steps * p2.batch * p2.seq_len
-        steps1 = int((self.a.token_budget_pct / 100 * teacher - t2) // (p1.batch * p1.seq_len))
+        steps1 = p1.steps if own else int((self.a.token_budget_pct / 100 * teacher - t2) // (p1.batch * p1.seq_len))
         if steps1 < 1:
             raise ValueError(f"--token-budget-pct {self.a.token_budget_pct}: phase 2 alone ({t2:,} tokens) uses it up")
         t1 = steps1 * p1.batch * p1.seq_len
         budget = {"teacher_tokens": teacher, "pct": self.a.token_budget_pct, "phase1_steps": steps1,
-                  "phase1_tokens": t1, "phase2_tokens": t2, "used_pct": 100 * (t1 + t2) / teacher}
+                  "phase1_tokens": t1, "phase2_tokens": t2, "used_pct": 100 * (t1 + t2) / teacher,
+                  "phase1_pct": 100 * t1 / teacher, **({"steps_given": True} if own else {})}
         if run:
             self.q.setdefault("distill_budget_per_run", {})[run] = budget
         else:
             self.q["distill_budget"] = budget
+        if own:
+            self.log(f"{run}: its own --steps {steps1}: phase 1 {t1:,} tokens = {100 * t1 / teacher:.2f}% of "
+                     f"{teacher:,} teacher tokens (not sized by --token-budget-pct)")
+            return extra1
         self.log(f"token budget: {self.a.token_budget_pct}% of {teacher:,} teacher tokens -> phase 1 {steps1} steps "
                  f"({t1:,} tokens) + phase 2 {t2:,} tokens = {100 * (t1 + t2) / teacher:.2f}%")
         return [*extra1, "--steps", str(steps1)]
@@ -359,6 +365,7 @@ class Pipeline:
         if not (student / "config.json").is_file():
             self.stage("distill", "skipped", reason=f"{student} missing (run the prune stage)")
             return
+        self._drop_downstream()
         extra1, extra2 = shlex.split(self.a.distill1_args), shlex.split(self.a.distill2_args)
         if self.a.token_budget_pct and not self.a.distill1_variants:
             extra1 = self._token_budget(extra1, extra2)
@@ -370,6 +377,19 @@ class Pipeline:
         dst = self.work / "distill2"
         if self.run("distill2", self._distill_cmd(2, self.work / "distill1", dst, extra2), min_s=60):
             self.evaluate("distill2", dst)
+
+    def _drop_downstream(self) -> None:
+        """A new phase 1 makes an earlier call's phase 2 and final W4A16 (checkpoints on this warm machine, rows in
+        quality.json) stale: remove them, so ``final`` cannot quantize them and no table shows them as current."""
+        for name in ("distill2", "distill2-w4a16", "distill1-w4a16"):
+            if (self.work / name).is_dir():
+                shutil.rmtree(self.work / name)
+            if self.q["rows"].pop(name, None) is not None:
+                self.log(f"dropped the earlier call's {name} (a new phase 1 runs)")
+        for key in ("distill2_recovered", "final_quant_ppl_change_pct"):
+            self.q["goals"].pop(key, None)
+        self.goals()
+        self.save()
 
     def s_final(self):
         for name in ("distill2", "distill1", f"pruned-{_prune_name(self.a.distill_from)}"):
@@ -451,6 +471,9 @@ def _prune_entry(entry: str) -> tuple[str, frozenset]:
     bad = [o for o in opts if o not in PRUNE_OPTIONS] + [o for o in set(opts) if opts.count(o) > 1]
     if bad or not c:
         raise ValueError(f"--criteria entry {entry!r}: options are +refit and +train (e.g. activation+refit+train)")
+    if c not in _prune_criteria():
+        raise ValueError(f"--criteria entry {entry!r}: unknown criterion {c!r}; choose from "
+                         f"{', '.join(_prune_criteria())}")
     return c, frozenset(opts)
 
 
