@@ -10,7 +10,8 @@ head dim 256/512, PLE 256) with 10 layers (2 full-attention, the last 4 KV-share
 Both tools run as separate processes, end to end (imports included), interleaved ``--repeats`` times (best
 wall time reported: the machine is shared); pdqkit in eager rounding (the only mode a CPU llmcompressor run
 produces, so the outputs are compared byte for byte) and in its default fp32div mode. Peak RSS is each process's own
-``ru_maxrss`` (``os.wait4``; this driver stays small because a child inherits its parent's high-water mark);
+``ru_maxrss`` (``os.wait4``; this driver stays small because a child inherits its parent's high-water mark,
+recorded as ``rss_floor_gib``: the peak a ``true`` child reports);
 the input is read once before each run so both start with a warm page cache.
 """
 from __future__ import annotations
@@ -44,11 +45,28 @@ def _run(argv: list[str], log: Path) -> dict:
 
 
 def _warm(d: Path) -> int:
+    """Read every safetensors file once (page cache warm) through one small reused buffer: the driver's own peak
+    RSS is every child's floor (Linux keeps ru_maxrss across fork and exec)."""
+    n, buf = 0, bytearray(1 << 20)
+    for f in sorted(d.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while got := fh.readinto(buf):
+                n += got
+    return n
+
+
+def _n_params(d: Path) -> int:
+    """Elements of every tensor, from the safetensors headers (8-byte length + JSON; no torch import here)."""
     n = 0
     for f in sorted(d.glob("*.safetensors")):
         with open(f, "rb") as fh:
-            while block := fh.read(1 << 26):
-                n += len(block)
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for k, v in header.items():
+            if k != "__metadata__":
+                size = 1
+                for dim in v["shape"]:
+                    size *= dim
+                n += size
     return n
 
 
@@ -64,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each tool; best wall time kept")
     args = ap.parse_args(argv)
 
-    base = args.work / f"gemma4-e4b-L{args.layers}-v{args.vocab}-bf16"
+    base = args.work / f"gemma4-e4b-L{args.layers}-kv{args.kv_shared}-v{args.vocab}-bf16"
     if not (base / "config.json").is_file():
         # built in a child process: a fork inherits the parent's peak RSS (ru_maxrss survives exec), so this
         # driver must stay small for the two measured children
@@ -73,25 +91,16 @@ def main(argv=None) -> int:
                         f"s('e4b', sys.argv[1], seed=0, force=True, num_hidden_layers={args.layers}, "
                         f"num_kv_shared_layers={args.kv_shared}, vocab_size={args.vocab})", str(base)],
                        cwd=REPO, check=True)
-    from safetensors import safe_open
-
-    n_params = 0
-    for f in base.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as fh:
-            for k in fh.keys():
-                sl = fh.get_slice(k)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                n_params += n
+    n_params = _n_params(base)
     size = _warm(base)
+    floor = _run(["true"], args.work / "floor.log")["peak_rss_gib"]  # what any child reports as its peak at least
     print(f"input: {base.name}: {n_params / 1e9:.3f} B parameters, {size / 1e9:.2f} GB", flush=True)
 
     results = {"input": {"dir": base.name, "params": n_params, "bytes": size, "layers": args.layers,
                          "kv_shared": args.kv_shared, "vocab": args.vocab},
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
-               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rss_floor_gib": floor}
     ours, ref = args.work / "pdqkit-w4a16", args.work / "llmc-w4a16"
     pdq = [sys.executable, "-m", "pack.quantize", str(base), "-o", str(ours), "--force", "--no-progress"]
     runs: dict[str, list[dict]] = {"pdqkit": [], "pdqkit_fp32div": [], "llmcompressor": []}

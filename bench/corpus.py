@@ -14,9 +14,9 @@ and comments plus Python code.
 
 Splits, by *group* so that near-duplicates of one model family stay on one side: a file under
 ``transformers/models/<name>/`` belongs to group ``models/<name>``, any other file is a group of its own.
-Groups are ordered by ``sha256(SALT + group)``; the first ones fill ``valid`` up to :data:`VALID_BYTES`, the
-next ``calib`` up to :data:`CALIB_BYTES`, the rest is ``train``. Documents keep path order inside a split.
-(Held-out caveat: transformers copies code between model families, so validation text has near-copies in
+Groups are ordered by ``sha256(SALT + "\\0" + group)``; whole groups go to ``valid`` until it holds at least
+:data:`VALID_BYTES`, the next to ``calib`` until it holds at least :data:`CALIB_BYTES`, the rest is ``train``.
+Documents keep path order inside a split. (Held-out caveat: transformers copies code between model families, so validation text has near-copies in
 train; the bench compares models against each other on the same tokens, which this does not bias.)
 
 Files in the cache entry ``corpus-<sha16>/``: ``train.jsonl``, ``valid.jsonl``, ``calib.jsonl`` (one
@@ -246,13 +246,16 @@ def _encode_stream(texts, tokenizer, max_tokens: int | None = None) -> np.ndarra
     return s if max_tokens is None else s[:max_tokens]
 
 
+STREAM_FORMAT = "bde1"  # <bos> doc <eos> per document, int32: part of the cache key, bump it when _encode_stream changes
+
+
 def token_stream(name: str, tokenizer, max_tokens: int | None = None) -> np.ndarray:
     """Split ``name`` as one int32 token stream ``<bos> doc <eos> <bos> doc <eos> ...`` (documents in corpus
     order). The whole split is cached per tokenizer; ``max_tokens`` returns the stream's first tokens,
     encoding only the documents needed when the whole split is not cached yet (fast tests)."""
     if name not in SPLITS:
         raise ValueError(f"unknown split {name!r}; choose one of {SPLITS}")
-    key = f"tokens-{corpus_sha256()[:12]}-{tokenizer_sha256(tokenizer)[:12]}-{name}"
+    key = f"tokens-{STREAM_FORMAT}-{corpus_sha256()[:12]}-{tokenizer_sha256(tokenizer)[:12]}-{name}"
     f = cache_root() / key / "tokens.npy"
     if max_tokens is not None and not f.is_file():
         return _encode_stream(load_texts(name), tokenizer, max_tokens)

@@ -15,8 +15,8 @@
 * Output: a bf16 checkpoint (:func:`pack.checkpoint.save_bf16_checkpoint`) with the tokenizer and a
   ``base`` lineage step (recipe, tokens seen, corpus/tokenizer hashes, final losses, validation and
   unigram-baseline perplexity), plus ``train_log.json`` (loss curve, validation curve, tokens/s).
-* Determinism: on CPU the same arguments give the same weight bytes (deterministic algorithms, one
-  seeded generator for init and data order).
+* Determinism: on CPU the same arguments give the same weight bytes (deterministic algorithms;
+  ``torch.manual_seed(seed)`` for the init, a separate seeded generator for the data order).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class TrainConfig:
 
         if self.scale not in TOKENIZER_SCALES:
             raise ValueError(f"--scale {self.scale!r}: trainable scales are {TOKENIZER_SCALES}")
-        for k in ("steps", "batch", "seq_len", "eval_tokens", "log_every"):
+        for k in ("steps", "batch", "seq_len", "eval_tokens", "log_every", "eval_every"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
         if not 0 <= self.warmup < self.steps:
@@ -80,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"--mlp-width must be positive, got {self.mlp_width}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("--lr must be positive and --min-lr-ratio in [0, 1]")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu")
 
     @classmethod
     def for_scale(cls, scale: str, **overrides) -> "TrainConfig":
@@ -207,8 +209,11 @@ def _train(cfg: TrainConfig, out, force: bool, log) -> dict:
                 if fit < total:
                     total = max(step + 1, fit)
                     sched.total = total
+                    # the warm-up shrinks with the run (never below the steps already taken), so a short run
+                    # still decays instead of ending mid-warm-up
+                    sched.warmup = min(sched.warmup, max(step, cfg.warmup * total // cfg.steps))
                     log(f"time budget {cfg.time_budget:.0f}s: {per_step * 1e3:.0f} ms/step, shortening the run "
-                        f"to {total} steps")
+                        f"to {total} steps (warmup {sched.warmup})")
         if step % cfg.log_every == 0 or step == total:
             lv, logged = losses[logged:step].tolist(), step
             now = time.perf_counter()
@@ -235,7 +240,7 @@ def _train(cfg: TrainConfig, out, force: bool, log) -> dict:
         final["unigram_ppl"] = unigram_perplexity(counts, valid)
         log(f"valid ppl {final['valid_ppl']:.2f} vs unigram baseline {final['unigram_ppl']:.2f}")
     recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("log_every", "unigram")}
-    recipe.update(steps=total, steps_planned=steps_planned)
+    recipe.update(steps=total, steps_planned=steps_planned, warmup=sched.warmup)
     name = f"pdqkit-bench/{cfg.scale}" + (f"-mlp{cfg.mlp_width}" if cfg.mlp_width else "")
     step_info = lineage_step(
         "base", model=name, init="trained", seed=cfg.seed, recipe=recipe,
@@ -267,14 +272,15 @@ def trained_micro_checkpoint(**overrides) -> Path:
     """A trained ``micro`` checkpoint (``TEST_MICRO`` + ``overrides``) from the bench cache, trained on first use.
 
     The cache key covers the config, the corpus and tokenizer hashes, torch's version and the sources of
-    the trainer and the model factory, so a change to any of them retrains."""
+    the trainer, the model factory, the evaluator and the checkpoint writer, so a change to any of them retrains."""
     from bench import corpus
     from bench.cache import cached_dir, sha256_text
     from bench.tokenizer import get_tokenizer, vocab_sha256
 
     cfg = TrainConfig(**{**TEST_MICRO, **overrides})
-    here = Path(__file__).parent
-    sources = [(here / f).read_text() for f in ("train.py", "factory.py")]
+    repo = Path(__file__).parents[1]  # what the checkpoint and its lineage are made by
+    sources = [(repo / f).read_text() for f in ("bench/train.py", "bench/factory.py", "bench/eval.py",
+                                                 "pack/checkpoint.py")]
     key = sha256_text(json.dumps(dataclasses.asdict(cfg), sort_keys=True), corpus.corpus_sha256(),
                       vocab_sha256(get_tokenizer(cfg.scale)), torch.__version__, *sources)[:16]
     d = cached_dir(f"trained-micro-{key}", lambda tmp: train(cfg, tmp / "ckpt", log=lambda *a: None))
@@ -305,6 +311,8 @@ def main(argv=None) -> int:
     ap.add_argument("--log-json", metavar="FILE", help="also write train_log.json here")
     ap.add_argument("--force", action="store_true", help="overwrite OUT")
     a = ap.parse_args(argv)
+    from bench.corpus import CorpusError
+
     try:
         cfg = TrainConfig.for_scale(
             a.scale, steps=a.steps, batch=a.batch, seq_len=a.seq_len, lr=a.lr, warmup=a.warmup,
@@ -315,7 +323,7 @@ def main(argv=None) -> int:
         if a.time_budget == 0:
             cfg.time_budget = None
         result = train(cfg, a.out, force=a.force)
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.log_json:

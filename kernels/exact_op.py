@@ -38,9 +38,9 @@ SCHEMA = ("(Tensor x, Tensor weight_packed, Tensor weight_scale, Tensor? bias=No
 def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None = None, use_fp32_reduce: bool = True, sms: int = -1) -> torch.Tensor:
     """Marlin-order W4A16 GEMM (see the module docstring for the exact contract)."""
-    import os
+    from .env import interpreting
 
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"pdqkit::w4a16_gemm_exact runs on CUDA tensors (got {x.device}); on CPU only under "
                          "TRITON_INTERPRET=1")
     from .w4a16_marlin import w4a16_gemm_exact as _impl

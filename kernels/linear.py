@@ -54,6 +54,18 @@ def _fits(n: int, k: int) -> bool:
     return n % 64 == 0 and k % 128 == 0
 
 
+def _symmetric_int4(module: nn.Module, extra) -> bool:
+    """The layer holds what W4A16Linear computes: 4-bit symmetric integer codes, no nonzero zero point (compressed-
+    tensors registers an all-zero one for symmetric schemes too), no act-order indices. ``extra(name)`` looks a
+    tensor up in the module or the checkpoint."""
+    qs = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+    if qs is not None and (qs.num_bits != 4 or not qs.symmetric or str(getattr(qs.type, "value", qs.type)) != "int"
+                           or getattr(qs, "actorder", None) not in (None, False)):
+        return False
+    zp = extra("weight_zero_point")
+    return (zp is None or not bool(zp.ne(0).any())) and extra("weight_g_idx") is None
+
+
 def _checkpoint_reader(checkpoint: str | Path):
     """``key -> tensor`` reader over a checkpoint dir's safetensors files (lazy, one file open per lookup)."""
     from safetensors import safe_open
@@ -105,7 +117,14 @@ def swap_w4a16_linears(model: nn.Module, checkpoint: str | Path | None = None,
         if wp is None or ws is None or wp.dtype != torch.int32:
             continue
         n, k = wp.shape[0], wp.shape[1] * 8
-        if not _fits(n, k):
+
+        def extra(suffix, name=name, module=module):
+            t = getattr(module, suffix, None)
+            return t if t is not None or read is None else read(f"{name}.{suffix}")
+
+        groups = ws.shape[1] if ws.dim() == 2 else 0
+        group_ok = groups > 0 and k % groups == 0 and (groups == 1 or k // groups in (32, 64) or (k // groups) % 128 == 0)
+        if (not _fits(n, k) or k != module.in_features or not group_ok or not _symmetric_int4(module, extra)):
             left += compressed
             continue
         device = next((t.device for t in module.parameters(recurse=False)), wp.device)

@@ -350,7 +350,7 @@ def _make_launch(problem: MarlinProblem, row_off: int, m_split: int, tmb: int, m
                   tiles, t2, p1, iters, maxb, tuple(jobs), folds)
 
 
-@functools.lru_cache(maxsize=2048)
+@functools.lru_cache(maxsize=128)  # a prefill-sized job table is ~2 MB: bounded under vLLM's varied M
 def build_schedule(m: int, n: int, k: int, group_size: int, dtype: str = "bfloat16", sms: int = 132,
                    max_shared_mem: int = H100_MAX_SHARED_MEM) -> Schedule:
     """Marlin's launches, configs, job tables and fold orders for one ``marlin_gemm`` call (``marlin_mm``)."""

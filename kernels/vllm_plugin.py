@@ -69,7 +69,8 @@ _OPS = {"fast": ("w4a16_gemm", "kernels.ops"), "exact": ("w4a16_gemm_exact", "ke
 SUPPORTED_GROUP_SIZES = (128, -1)  # group 128, or channelwise (-1)
 SUPPORTED_ACT_DTYPES = (torch.bfloat16, torch.float16)
 N_MULTIPLE, K_MULTIPLE = 64, 128
-MIN_CAPABILITY = 80  # bf16 tensor-core MMA (sm_80+); Triton compiles both kernels there
+MIN_CAPABILITY = 80  # bf16 tensor-core MMA (sm_80+); Triton compiles both kernels there (below sm_90 the fast
+# kernel dequantizes bf16 without its PTX bf16x2 instructions, which are Hopper-only: kernels.w4a16.asm_ok)
 
 logger = logging.getLogger("pdqkit.vllm_plugin")  # replaced by vLLM's logger once vLLM is imported
 
@@ -206,8 +207,9 @@ def _kernel_classes() -> dict:
                                    group_size=c.group_size, n=n, k=k, zero_points=c.zero_points,
                                    has_g_idx=c.has_g_idx)
             if not ok:  # vLLM drops the reasons of skipped kernels when a later one fits: say it here
-                log.info_once("pdqkit: %s does not cover this layer (%s); vLLM picks its next kernel",
-                              cls.__name__, why)
+                # a warning for `exact`: the layer then loses bit-identity to Marlin
+                say = log.warning_once if cls.choice == "exact" else log.info_once
+                say("pdqkit: %s does not cover this layer (%s); vLLM picks its next kernel", cls.__name__, why)
             return ok, why
 
         def __init__(self, c: MPLinearLayerConfig, *args, **kwargs) -> None:

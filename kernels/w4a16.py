@@ -6,17 +6,18 @@ tiled wgmma kernel (or dequantize + cuBLAS), as the per-GPU tuned table says (:m
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .env import interpreting
 from .w4a16_config import W4A16Config, select_config
 
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def asm_ok(x: torch.Tensor) -> bool:
+    """Whether the inline-PTX dequantization can run for ``x``: fp16 anywhere; bf16 needs sm_90 (``sub.bf16x2`` /
+    ``mul.bf16x2`` are Hopper instructions; ptxas refuses them for sm_80/sm_89), else the plain-Triton path."""
+    return x.dtype == torch.float16 or torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 def check_w4a16_args(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
@@ -30,18 +31,20 @@ def check_w4a16_args(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
     n, k = weight_packed.shape[0], weight_packed.shape[1] * 8
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"w4a16_gemm: x's last dim {tuple(x.shape)[-1:]} != K = 8 * weight_packed.shape[1] = {k}")
-    if n % 64 or k % 128:
-        raise ValueError(f"w4a16_gemm: need N % 64 == 0 and K % 128 == 0, got N={n}, K={k} "
+    if n % 64 or k % 128 or n == 0 or k == 0:
+        raise ValueError(f"w4a16_gemm: need N and K positive, N % 64 == 0 and K % 128 == 0, got N={n}, K={k} "
                          "(pad the Linear or keep it in bf16)")
-    if weight_scale.dim() != 2 or weight_scale.shape[0] != n or k % weight_scale.shape[1]:
+    if weight_scale.dim() != 2 or weight_scale.shape[0] != n or not weight_scale.shape[1] or k % weight_scale.shape[1]:
         raise ValueError(f"w4a16_gemm: weight_scale must be [N={n}, K/G] with G dividing K={k}, got "
                          f"{tuple(weight_scale.shape)}")
     if weight_scale.dtype != x.dtype:
         raise ValueError(f"w4a16_gemm: weight_scale dtype {weight_scale.dtype} != x dtype {x.dtype}; convert the "
                          "scales once at load time (weight_scale.to(x.dtype))")
     group = k // weight_scale.shape[1]
-    if group < k and group % 32:
-        raise ValueError(f"w4a16_gemm: group size {group} unsupported (need a multiple of 32, or channelwise)")
+    if group < k and group not in (32, 64) and group % 128:
+        # the tiles (BLOCK_K 64 / 128) must hold whole groups or lie inside one
+        raise ValueError(f"w4a16_gemm: group size {group} unsupported (need 32, 64, a multiple of 128, or "
+                         "channelwise)")
     if not (weight_packed.is_contiguous() and weight_scale.is_contiguous()):
         raise ValueError("w4a16_gemm: weight_packed and weight_scale must be contiguous (make them so at load time)")
     if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
@@ -77,7 +80,7 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
-    interp = _interpreting()
+    interp = interpreting()
     if x.device.type != "cuda" and not interp:
         return w4a16_reference(x, weight_packed, weight_scale, bias)
     x2 = x2.contiguous()
@@ -89,7 +92,12 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
             name, sms = props.name, props.multi_processor_count
         config = select_config(m, n, k, group, name, sms)
     c = config
-    kw = dict(use_asm=not interp)
+    if c.kernel != "dequant_mm" and not c.fits(k, group):
+        raise ValueError(f"w4a16_gemm: config {c} cannot run K={k} with group size {group} (block_k must divide K "
+                         "and hold whole groups or lie inside one)")
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read bias[cols] without a stride
+    kw = dict(use_asm=not interp and asm_ok(x))
     if c.kernel == "decode":
         from .w4a16_decode import w4a16_decode
         y = w4a16_decode(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 import triton
@@ -64,6 +63,7 @@ import triton.language as tl
 from pack.packing import PACK_FACTOR, group_size_of
 
 from .counters import grow_zeros
+from .env import interpreting
 from .marlin_schedule import Launch, Schedule, build_schedule
 
 __all__ = ["w4a16_gemm_exact", "device_sms", "PassConfig", "pass_config"]
@@ -657,16 +657,14 @@ def device_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _check(x, weight_packed, weight_scale, bias) -> tuple[int, int, int]:
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"x must be bfloat16 or float16, got {x.dtype}")
     if weight_packed.dtype != torch.int32 or weight_packed.dim() != 2:
         raise TypeError(f"weight_packed must be int32 [N, K/8], got {weight_packed.dtype} {tuple(weight_packed.shape)}")
     n, k = weight_packed.shape[0], x.shape[-1]
+    if k == 0 or n == 0:
+        raise ValueError(f"N={n}, K={k}: an empty weight has nothing to multiply")
     if weight_packed.shape[1] * PACK_FACTOR != k:
         raise ValueError(f"weight_packed {tuple(weight_packed.shape)} does not match K={k} of x (need [N, K/8])")
     if weight_scale.dim() != 2 or weight_scale.shape[0] != n:
@@ -713,7 +711,7 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
     x2 = x.reshape(m, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    emu = _interpreting()
+    emu = interpreting()
     if sms == -1:
         if x.device.type != "cuda":
             raise ValueError("sms=-1 needs a CUDA tensor; pass the SM count explicitly")
@@ -723,7 +721,8 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
     channelwise = sched.problem.group_blocks == -1
     wq = weight_packed if weight_packed.is_contiguous() else weight_packed.contiguous()
     ws = weight_scale if weight_scale.stride(1) == 1 else weight_scale.contiguous()
-    b = bias if bias is not None else ws  # dummy pointer when HAS_BIAS is False
+    # the kernels read bias[cols] without a stride; ws is a dummy pointer when HAS_BIAS is False
+    b = bias.contiguous() if bias is not None else ws
     out2 = out.view(m, n)
     is_bf16 = x.dtype == torch.bfloat16
     for grp in sched.groups:

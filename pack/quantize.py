@@ -114,7 +114,10 @@ def _run(args: argparse.Namespace, hasher) -> int:
             if args.out is None:
                 args.out, force = DEMO_DIR / f"demo-{args.demo}-mm-w4a16", True
         if args.ckpt is None:
-            raise QuantizeError("no input checkpoint: pass CKPT (a Hugging Face checkpoint dir) or --demo")
+            swallowed = [x for x in (*args.ignore, *args.extra_ignore) if (Path(x) / "config.json").is_file()]
+            hint = (f"; {swallowed[0]} was read as an --ignore pattern: put CKPT before --ignore/--extra-ignore"
+                    if swallowed else "")
+            raise QuantizeError(f"no input checkpoint: pass CKPT (a Hugging Face checkpoint dir) or --demo{hint}")
         out = args.out or args.ckpt.resolve().parent / f"{args.ckpt.resolve().name}-w4a16"
         recipe = QuantRecipe(ignore=(*args.ignore, *args.extra_ignore), group_size=args.group_size, rounding=args.rounding)
         result = quantize_checkpoint(args.ckpt, out, recipe, device=args.device, force=force,

@@ -66,12 +66,24 @@ def test_time_budget_shortens_the_run(tmp_path):
     assert step["recipe"]["steps"] == log["steps"] and step["tokens_seen"] == log["steps"] * 32
 
 
+def test_time_budget_shrinks_the_warmup(tmp_path):
+    """A run cut short keeps its warm-up below the new length (never below the steps already taken), and the
+    lineage records the warm-up that ran."""
+    cfg = TrainConfig(**{**TINY, "steps": 40, "warmup": 30, "batch": 1, "seq_len": 32, "eval_every": 100},
+                      time_budget=1e-3)
+    log = train(cfg, tmp_path / "t", log=_quiet)
+    step = json.loads((tmp_path / "t" / "pdqkit_lineage.json").read_text())["source_lineage"][-1]
+    assert log["steps"] < 40 and step["recipe"]["warmup"] < 30 and step["recipe"]["warmup"] <= log["steps"]
+
+
 def test_cli_rejects_bad_input(tmp_path, capsys):
     (tmp_path / "exists").mkdir()
     assert main(["--scale", "micro", "-o", str(tmp_path / "exists")]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["--scale", "micro", "-o", str(tmp_path / "x"), "--warmup", "500", "--steps", "10"]) == 2
     assert "--warmup" in capsys.readouterr().err
+    assert main(["--scale", "micro", "-o", str(tmp_path / "x"), "--eval-every", "0"]) == 2
+    assert "--eval-every must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--scale", "e4b", "-o", str(tmp_path / "y")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

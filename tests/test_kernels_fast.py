@@ -99,6 +99,8 @@ def test_cpu_path_is_the_reference(dtype):
     (lambda x, wp, s, b: (x, wp, s[:, :3], b), "weight_scale must be"),
     (lambda x, wp, s, b: (x, wp, s, torch.zeros(64, dtype=x.dtype)), "bias"),
     (lambda x, wp, s, b: (x, wp.t().contiguous().t(), s, b), "contiguous"),
+    (lambda x, wp, s, b: (x[:, :384], wp[:, :48].contiguous(), s[:, :4].contiguous(), b), "group size 96 unsupported"),
+    (lambda x, wp, s, b: (x[:, :0], wp[:, :0].contiguous(), s[:, :0].contiguous(), b), "N and K positive"),
 ])
 def test_bad_inputs_raise(mutate, msg):
     from kernels.w4a16 import w4a16_gemm
@@ -136,6 +138,21 @@ _INTERP_SCRIPT = textwrap.dedent("""
             y = w4a16_gemm(x, wp, s, b, config=cfg)
             out.append(dict(case=i, dtype=str(dtype), shape=list(y.shape), ratio=tolerance_ratio(y, x, wp, s, b),
                             cfg=repr(cfg)))
+        # a strided bias (the kernels index bias[cols] without a stride: the wrapper makes it contiguous)
+        x, wp, s, _ = problem(3, 128, 256, dtype=dtype, seed=99)
+        b = torch.randn(256, generator=torch.Generator().manual_seed(5)).to(dtype)[::2]
+        for cfg in cases[0][0], cases[7][0], cases[10][0]:
+            y = w4a16_gemm(x, wp, s, b, config=cfg)
+            out.append(dict(case="strided bias", dtype=str(dtype), shape=list(y.shape), cfg=repr(cfg),
+                            ratio=tolerance_ratio(y, x, wp, s, b.contiguous())))
+    # a forced config that cannot run this K is refused, not launched over part of K
+    x, wp, s, _ = problem(2, 64, 384)
+    try:
+        w4a16_gemm(x, wp, s, None, config=C("decode", 16, 64, 256, split_k=1, kperm=True, w_is_a=True))
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    print("REFUSED " + refused)
     print("RESULT " + json.dumps(out))
 """)
 
@@ -143,13 +160,16 @@ _INTERP_SCRIPT = textwrap.dedent("""
 def test_triton_kernels_under_interpreter():
     """Every kernel family / K labelling / operand order / split-K, fp16 and bf16 (fp32 dot in the interpreter),
     group 128, 64 and channelwise, bias, odd M — through Triton's interpreter on the CPU."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    # "true", not "1": pdqkit must read TRITON_INTERPRET as Triton does (1/true/yes/on)
+    env = dict(os.environ, TRITON_INTERPRET="true", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT.format(repo=str(REPO))], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads(line[len("RESULT "):])
-    assert len(results) == 22
+    assert len(results) == 22 + 6
+    refused = next(ln for ln in proc.stdout.splitlines() if ln.startswith("REFUSED "))
+    assert "cannot run K=384 with group size 128" in refused, refused
     bad = [r for r in results if not r["ratio"] <= 1.0]
     assert not bad, bad
 
@@ -254,3 +274,26 @@ def test_swap_hf_model(micro_w4a16):
     assert swap_w4a16_linears(dq, checkpoint=micro_w4a16) == names
     with torch.no_grad():
         assert torch.equal(dq(ids).logits, ours(ids).logits)
+
+
+def test_swap_leaves_what_w4a16linear_cannot_compute(micro_w4a16):
+    """Only symmetric int4 layers are swapped: a nonzero zero point (asymmetric), act-order indices or another
+    bit width in the layer's compressed-tensors scheme leave the layer as it is (counted, not swapped)."""
+    from transformers import AutoModelForCausalLM
+
+    from kernels.linear import swap_w4a16_linears
+
+    model = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16)
+    linears = [n for n, m in model.named_modules() if hasattr(m, "weight_packed")]
+    a, b, c = (model.get_submodule(n) for n in linears[:3])
+    groups = a.weight_scale.shape[1]
+    a.register_buffer("weight_zero_point", torch.zeros(a.out_features, groups, dtype=torch.int8))
+    assert linears[0] in swap_w4a16_linears(model)  # an all-zero point (compressed-tensors may add one) is symmetric
+    model = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16)
+    a, b, c = (model.get_submodule(n) for n in linears[:3])
+    a.register_buffer("weight_zero_point", torch.ones(a.out_features, groups, dtype=torch.int8))
+    b.register_buffer("weight_g_idx", torch.zeros(b.in_features, dtype=torch.int32))
+    c.quantization_scheme = c.quantization_scheme.model_copy(
+        update={"weights": c.quantization_scheme.weights.model_copy(update={"num_bits": 8})})
+    names = swap_w4a16_linears(model)
+    assert set(linears) - set(names) == set(linears[:3]) and len(names) == len(linears) - 3

@@ -209,6 +209,11 @@ def test_bad_index(ckpt, tmp_path, capsys):
     _fails(capsys, [ckpt, "-o", tmp_path / "o"], "not a valid safetensors index")
 
 
+def test_checkpoint_swallowed_by_ignore(ckpt, tmp_path, capsys):
+    _fails(capsys, ["-o", tmp_path / "o", "--extra-ignore", "lm_head", ckpt], "no input checkpoint",
+           "was read as an --ignore pattern: put CKPT before --ignore/--extra-ignore")
+
+
 def test_bad_environment_and_patterns(ckpt, tmp_path, capsys, monkeypatch):
     _fails(capsys, [ckpt, "-o", tmp_path / "o", "--extra-ignore", "re:("], "'re:(': not a valid regular expression")
     for size in ("0.5B", "1e400GB", "nanGB"):
