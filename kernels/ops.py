@@ -21,7 +21,7 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     * ``weight_packed``: ``[N, K/8]`` int32, contiguous, ``<module>.weight_packed`` as stored: nibble ``i``
       (bits ``4i..4i+3``) of word ``j`` holds ``q + 8`` for ``k = 8j + i``, ``q`` in [-8, 7] (vLLM ``uint4b8``).
     * ``weight_scale``: ``[N, K/G]``, same dtype as ``x``, contiguous: ``<module>.weight_scale`` (bf16 on disk;
-      ``.to(x.dtype)`` for fp16 models). G = 128 (or any multiple of 32 dividing K); ``[N, 1]`` = channelwise.
+      ``.to(x.dtype)`` for fp16 models). G = 128 (or 32, 64, any multiple of 128 dividing K); ``[N, 1]`` = channelwise.
       Symmetric only: no zero point, no ``g_idx``.
     * ``bias``: optional ``[N]`` of ``x.dtype``.
     * Shapes: ``N % 64 == 0``, ``K % 128 == 0``; anything else raises ``ValueError`` naming the problem.

@@ -5,7 +5,7 @@ Both fast kernels (``w4a16_decode`` — split-K for small M, ``w4a16_prefill`` �
 reading the weight **straight from the compressed-tensors layout** (pack-quantized.md §2.1):
 
 * ``weight_packed[N, K/8]`` int32: nibble ``i`` (bits ``4i..4i+3``) of word ``j`` is ``u = q + 8`` of ``k = 8j + i``;
-* ``weight_scale[N, K/G]`` in the activation dtype (bf16 or fp16); G = 128 (or any multiple of 32), or G = K for
+* ``weight_scale[N, K/G]`` in the activation dtype (bf16 or fp16); G = 128 (or 32, 64, a multiple of 128), or G = K for
   channelwise scales (then the scale is applied per element, exactly like compressed-tensors' dequantize).
 
 Dequantized weights are ``W' = RN_dtype((u - 8) * s)`` — the same values as ``pack.packing.dequantize``, Marlin and
