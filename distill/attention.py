@@ -108,7 +108,11 @@ def hybrid_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     (the attention function applies the window), else exactly ``sdpa_mask``."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-    plain = (local_size is not None and allow_is_causal_skip and attention_mask is None
+    config = kwargs.get("config")
+    # only Gemma-style sliding windows: transformers also passes local_size for chunked attention (Llama-4's
+    # attention_chunk_size), whose mask the attention function does not apply
+    sliding = local_size is not None and getattr(config, "attention_chunk_size", None) is None
+    plain = (sliding and allow_is_causal_skip and attention_mask is None
              and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == 0 and kv_offset == 0
              and q_length == kv_length and q_length > 1)
     if plain:

@@ -105,7 +105,13 @@ def _read_file(path: Path, tokenizer, max_tokens: int | None) -> np.ndarray:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not JSON ({e}); expected one object per line") from None
                 if isinstance(rec, dict) and isinstance(rec.get("input_ids"), list):
-                    out.extend(int(t) for t in rec["input_ids"])
+                    ids = rec["input_ids"]
+                    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                        raise ValueError(f"{path}:{lineno}: input_ids must be a list of integers")
+                    if pending:  # keep file order: text lines before this one are encoded first
+                        out.extend(_encode(pending, tokenizer))
+                        pending = []
+                    out.extend(ids)
                 elif isinstance(rec, dict) and isinstance(rec.get("text"), str):
                     if tokenizer is None:
                         raise ValueError(f"{path}: text lines need a tokenizer, and neither checkpoint has one; "

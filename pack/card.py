@@ -83,15 +83,15 @@ def _lineage_lines(lineage: list[dict]) -> list[str]:
 
 
 def model_card(plan, recipe, qcfg: dict, lineage: list[dict], *, quantized_modules: int, files: dict,
-               total_bytes: int) -> str:
+               total_bytes: int, max_model_len: int = 8192) -> str:
     arch = plan.architecture
-    s = vllm_settings(plan)
+    s = vllm_settings(plan, max_model_len)  # the same settings as vllm_config.yaml
     fix = s.get("hf-overrides")
     llm_kw = ['dtype="bfloat16"', f"max_model_len={s['max-model-len']}", 'attention_backend="TRITON_ATTN"']
     if s.get("language-model-only"):
         llm_kw.append("language_model_only=True")
     if fix:
-        llm_kw.append(f"hf_overrides={json.dumps(fix).replace('true', 'True')}")
+        llm_kw.append(f"hf_overrides={fix!r}")  # a Python literal (True/False/None), as the snippet is Python
     equiv = ("llmcompressor 0.14.x / compressed-tensors 0.19 on CUDA (the default GPU run)"
              if recipe.rounding == "fp32div" else
              "llmcompressor on CPU, or with CT_ENFORCE_EAGER=1, or llmcompressor <= 0.12 (compressed-tensors 0.17)")

@@ -52,13 +52,13 @@ class QuantRecipe:
         object.__setattr__(self, "ignore", tuple(self.ignore))
         if not self.targets:
             raise QuantizeError("targets is empty: nothing would be quantized")
-        for pat in self.ignore:
+        for pat in (*self.targets, *self.ignore):
             if pat.startswith("re:"):
                 try:
                     re.compile(pat[3:])
                 except re.error as e:
-                    raise QuantizeError(f"--ignore/--extra-ignore {pat!r}: not a valid regular expression ({e})") \
-                        from None
+                    raise QuantizeError(f"targets/--ignore/--extra-ignore {pat!r}: not a valid regular "
+                                        f"expression ({e})") from None
         if self.rounding not in ROUNDING_MODES:
             raise QuantizeError(f"--rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
         try:

@@ -126,6 +126,9 @@ def _run(args: argparse.Namespace, hasher) -> int:
     except QuantizeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine, not the input: disk full, permission denied, a file where a dir should be
+        print(f"error: {e}; nothing was written", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130

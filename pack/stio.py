@@ -254,18 +254,26 @@ class SafetensorsFileWriter:
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
             self.sizes[name] = size
             offset += size
-        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()  # raw UTF-8, as safetensors
         hb += b" " * (-len(hb) % 8)
         self.total = 8 + len(hb) + offset
         self._fh = open(self.path, "wb")
-        _preallocate(self._fh.fileno(), self.total)
+        try:
+            _preallocate(self._fh.fileno(), self.total)
+        except BaseException:
+            self._fh.close()
+            raise
         # sha256 in its own thread (hashlib releases the GIL): hashing overlaps the writes
         self._sha = hashlib.sha256()
         self._hq: queue.Queue = queue.Queue(maxsize=4)
         self._hasher = threading.Thread(target=self._hash_loop, name="pdqkit-sha256-out", daemon=True)
         self._hasher.start()
         self._next = 0
-        self._emit(struct.pack("<Q", len(hb)) + hb)
+        try:
+            self._emit(struct.pack("<Q", len(hb)) + hb)
+        except BaseException:  # e.g. disk full: no open file or running thread left behind
+            self.abort()
+            raise
 
     def _hash_loop(self) -> None:
         while (data := self._hq.get()) is not None:
@@ -276,7 +284,10 @@ class SafetensorsFileWriter:
         self._hq.put(data)
 
     def write(self, name: str, chunks: Iterable) -> None:
-        """Write tensor ``name`` (the next one in :attr:`order`) from an iterable of byte buffers."""
+        """Write tensor ``name`` (the next one in :attr:`order`) from an iterable of byte buffers.
+
+        The buffers are hashed on another thread after this returns: a caller must not modify or reuse a buffer it
+        passed (every caller hands over fresh ones)."""
         if self._next >= len(self.order) or self.order[self._next] != name:
             want = self.order[self._next] if self._next < len(self.order) else "nothing"
             raise RuntimeError(f"{self.path.name}: wrote {name} out of order (expected {want})")
@@ -299,6 +310,8 @@ class SafetensorsFileWriter:
         return self._sha.hexdigest()
 
     def abort(self) -> None:
-        self._fh.close()
-        self._hq.put(None)
-        self._hasher.join()
+        try:
+            self._fh.close()  # may fail flushing (disk full): the hash thread is stopped all the same
+        finally:
+            self._hq.put(None)
+            self._hasher.join()

@@ -327,6 +327,8 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     ckpt, out = Path(ckpt).resolve(), Path(out).resolve()
     device = _check_device(device)
     max_bytes = parse_size(max_shard_size)
+    if isinstance(vllm_max_model_len, bool) or not isinstance(vllm_max_model_len, int) or vllm_max_model_len < 1:
+        raise QuantizeError(f"vllm_max_model_len {vllm_max_model_len!r}: must be a positive integer")
     if out == ckpt or ckpt in out.parents or out in ckpt.parents:
         raise QuantizeError(f"{out}: the output directory must not be, contain or lie inside the input {ckpt}")
     if out.exists() and not force:
@@ -395,7 +397,8 @@ def _write_metadata(tmp: Path, ckpt: Path, previous: list[dict], plan: ModelPlan
               tmp / RECIPE_FILE)
     (tmp / "vllm_config.yaml").write_text(card.vllm_config_yaml(plan, vllm_max_model_len))
     (tmp / "README.md").write_text(card.model_card(plan, recipe, qcfg, lineage, quantized_modules=len(plan.targeted),
-                                                   files=out_hashes, total_bytes=total))
+                                                   files=out_hashes, total_bytes=total,
+                                                   max_model_len=vllm_max_model_len))
     # config.json last: a temp dir left by a killed run never looks like a loadable checkpoint
     config = dict(plan.config)
     config["quantization_config"] = qcfg

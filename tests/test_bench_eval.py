@@ -27,7 +27,7 @@ def random_micro(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quantized_micro(trained_micro, tmp_path_factory):
-    quantize = pytest.importorskip("pack.quantize", reason="pack.quantize (W4A16 writer) not available yet")
+    from pack import quantize
     out = tmp_path_factory.mktemp("q") / "micro-w4a16"
     assert quantize.main([str(trained_micro), "-o", str(out), "--no-progress"]) == 0
     return out

@@ -130,10 +130,11 @@ def test_multimodal_towers_bit_identical(tmp_path):
 
 
 def test_cli_errors_are_one_line(pair, tmp_path, capsys):
-    teacher, student, data, _ = pair
+    teacher, student, data, root = pair
     (tmp_path / "exists").mkdir()
     assert distill_main(_args(teacher, student, tmp_path / "exists", data, "--steps", 1)) == 1
-    assert "exists; pass --force" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "exists; pass --force" in err and err.count("\n") == 1
     assert distill_main(_args(teacher, student, tmp_path / "o", data, "--lmbda", 1.5)) == 2
     assert "--lmbda 1.5: must be in [0, 1]" in capsys.readouterr().err
     assert distill_main(_args(teacher, student, tmp_path / "o", data, "--phase", 2, "--seq-len", 64)) == 2
@@ -143,6 +144,13 @@ def test_cli_errors_are_one_line(pair, tmp_path, capsys):
     assert "the models have 6 layers" in capsys.readouterr().err
     assert distill_main(_args(teacher, tmp_path, tmp_path / "o", data)) == 1
     assert "no config.json" in capsys.readouterr().err
+    # a student of another hidden size / depth: refused with the field named
+    from bench.factory import save_random_checkpoint
+
+    other = save_random_checkpoint("micro", root / "hidden128", hidden_size=128, force=True)
+    assert distill_main(_args(teacher, other, tmp_path / "o", data, "--steps", 1)) == 1
+    err = capsys.readouterr().err
+    assert "student hidden_size=128 differs from teacher" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
 
 
@@ -177,6 +185,13 @@ def test_text_data_is_bos_doc_eos(tmp_path):
         load_blocks(str(f), tok, 3, 100, 5)
     with pytest.raises(ValueError, match="need a tokenizer"):
         load_blocks(str(f), None, 3, 100, 6)
+    # text and input_ids lines mixed: the stream keeps the file's order
+    f.write_text("\n".join(json.dumps(r) for r in ({"text": "a"}, {"input_ids": [5, 5]}, {"text": "b"})) + "\n")
+    assert load_blocks(str(f), tok, 1, 100, 6).blocks.flatten().tolist() == [2, 4, 1, 5, 5, 2, 5, 1]
+    for bad in ([5, None], [5, 1.9], [True], ["12"]):
+        f.write_text(json.dumps({"input_ids": bad}) + "\n")
+        with pytest.raises(ValueError, match="t.jsonl:1: input_ids must be a list of integers"):
+            load_blocks(str(f), tok, 1, 100, 6)
 
 
 def test_lr_schedule():

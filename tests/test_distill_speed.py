@@ -211,3 +211,25 @@ def test_compiled_layers_same_values_and_hooks():
     for n in ref[1]:
         _close(got[1][n], ref[1][n], 1e-4)
     assert sorted(again[2]) == [2]
+
+
+def test_hybrid_mask_keeps_chunked_attention_masks():
+    """transformers passes ``local_size`` for chunked attention too (Llama-4's attention_chunk_size): pdq_hybrid
+    must build that mask (as sdpa does), not drop it as it may for a Gemma-style sliding window."""
+    import transformers
+
+    from distill.attention import register
+
+    register()
+    cfg = transformers.Llama4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        attention_chunk_size=4, num_local_experts=1, moe_layers=[], no_rope_layers=[1, 1],
+                                        max_position_embeddings=64)
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for impl in ("sdpa", "pdq_hybrid"):
+        torch.manual_seed(0)
+        cfg._attn_implementation = impl
+        with torch.no_grad():
+            logits[impl] = transformers.Llama4ForCausalLM(cfg).eval()(ids).logits
+    assert torch.equal(logits["sdpa"], logits["pdq_hybrid"])

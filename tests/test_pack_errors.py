@@ -209,6 +209,23 @@ def test_bad_index(ckpt, tmp_path, capsys):
     _fails(capsys, [ckpt, "-o", tmp_path / "o"], "not a valid safetensors index")
 
 
+def test_output_containing_the_input(ckpt, tmp_path, capsys):
+    """``--force`` on a parent of the input would delete the input with it: refused, input untouched."""
+    before = (ckpt / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([str(ckpt), "-o", str(tmp_path), "--force", "--no-progress"]) == 2
+    assert "must not be, contain or lie inside the input" in capsys.readouterr().err
+    assert (ckpt / "model.safetensors").read_bytes() == before
+
+
+def test_os_error_is_one_line(ckpt, tmp_path):
+    (tmp_path / "afile").write_text("not a dir")
+    r = subprocess.run([sys.executable, "-m", "pack.quantize", str(ckpt), "-o", str(tmp_path / "afile" / "x"),
+                        "--no-progress"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-800:]
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "nothing was written" in r.stderr
+
+
 def test_checkpoint_swallowed_by_ignore(ckpt, tmp_path, capsys):
     _fails(capsys, ["-o", tmp_path / "o", "--extra-ignore", "lm_head", ckpt], "no input checkpoint",
            "was read as an --ignore pattern: put CKPT before --ignore/--extra-ignore")

@@ -124,6 +124,24 @@ def test_rounding_modes_differ_only_in_codes(out_eager, out_fp32div):
     assert diff > 0
 
 
+@pytest.mark.parametrize("mode", ["eager", "fp32div"])
+def test_every_packed_linear_holds_the_observers_codes(base, out_eager, out_fp32div, mode):
+    """End to end, both rounding modes: each written Linear's codes and scales are the observer's on that input
+    weight (pack.observer.quantize_weight, checked against a group-by-group spec reference in test_observer.py), so
+    a misplaced row block, a wrong tensor or a wrong mode in the streaming writer cannot pass."""
+    from pack.observer import QuantScheme, quantize_weight
+
+    src, out = _tensors(base), _tensors(out_eager if mode == "eager" else out_fp32div)
+    packed = sorted(k for k in out if k.endswith(".weight_packed"))
+    assert len(packed) == 39
+    for key in packed:
+        m = key.removesuffix(".weight_packed")
+        n, k = out[f"{m}.weight_shape"].tolist()
+        codes, scale = quantize_weight(src[f"{m}.weight"], QuantScheme(rounding=mode))
+        assert torch.equal(unpack_int4(out[key], k), codes.to(unpack_int4(out[key], k).dtype)), m
+        assert torch.equal(out[f"{m}.weight_scale"], scale), m
+
+
 def test_deterministic(base, out_eager, tmp_path):
     again = tmp_path / "again"
     quantize_checkpoint(base, again, QuantRecipe(rounding="eager"))

@@ -29,6 +29,7 @@ def _tensors():
         "f16": torch.randn(9, generator=g).half(),
         "i8": torch.randint(-5, 5, (11,), generator=g, dtype=torch.int8),
         "flag": torch.tensor([True, False, True]),
+        "naïve.é\u2028✓.weight": torch.ones(2).bfloat16(),  # non-ASCII names: raw UTF-8 in the header, as save_file
     }
 
 

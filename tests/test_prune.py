@@ -1,13 +1,14 @@
 """prune: structural MLP-width pruning of tiny Gemma-4 (text-only, multimodal) and Llama checkpoints, on CPU.
 
-References used here are independent of prune's own code paths: channel statistics from hooks on a plain
-full forward of the HF model, kept channels recovered by matching weight rows against the input checkpoint,
+References used here are independent of prune's own code paths: channel statistics from the raw activations of
+a plain full forward of the HF model (recorded by a bare hook, reduced in the test), kept channels recovered by matching weight rows against the input checkpoint,
 zeroed channels in the unpruned model, calibration windows from ``bench.corpus.packed_sequences``, and the
 real transformers loaders.
 """
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 import json
 from pathlib import Path
 
@@ -111,16 +112,34 @@ def _kept_rows(orig_mlp, pruned_mlp) -> list[int]:
     return idx
 
 
-def _full_forward_stats(model, ids, batch=4) -> list[ChannelStats]:
-    """Reference statistics: forward hooks on the whole model's forward, batch by batch."""
-    stats = [ChannelStats(m.down_proj.in_features) for m in _mlps(model)]
-    hooks = [m.down_proj.register_forward_pre_hook(s.hook) for m, s in zip(_mlps(model), stats)]
+@dataclass
+class _Stats:
+    sum_sq: torch.Tensor
+    sum_abs: torch.Tensor
+    tokens: int
+
+
+def _full_forward_stats(model, ids, batch=4) -> list[_Stats]:
+    """Reference statistics, not through prune's code: the raw ``down_proj`` inputs of the whole model's forward
+    (a plain pre-hook that only records them), batch by batch, reduced here with prune's documented convention
+    (per-batch fp32 sums accumulated in float64) and checked against one float64 sum over all tokens."""
+    acts = [[] for _ in _mlps(model)]
+    hooks = [m.down_proj.register_forward_pre_hook(lambda mod, args, i=i: acts[i].append(args[0].detach().clone()))
+             for i, m in enumerate(_mlps(model))]
     with torch.no_grad():
         for b in ids.split(batch):
             model(input_ids=b)
     for h in hooks:
         h.remove()
-    return stats
+    out = []
+    for per_batch in acts:
+        flat = [a.float().reshape(-1, a.shape[-1]) for a in per_batch]
+        sq = sum(a.square().sum(0).double() for a in flat)
+        ab = sum(a.abs().sum(0).double() for a in flat)
+        every = torch.cat(flat).double()
+        assert torch.allclose(sq, every.square().sum(0), rtol=1e-5) and torch.allclose(ab, every.abs().sum(0), rtol=1e-5)
+        out.append(_Stats(sq, ab, every.shape[0]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- widths
@@ -369,6 +388,7 @@ def bad_ckpts(tmp_path_factory, tok):
     ("no tokenizer", ["--ckpt=notok"], "no usable tokenizer"),
     ("bad criterion", ["--criterion", "taylor"], "invalid choice: 'taylor'"),
     ("out exists", ["--out-exists"], "output directory exists; pass --force"),
+    *([("no CUDA", ["--device", "cuda"], "CUDA")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_input_one_line_error_nothing_written(ckpts, bad_ckpts, tmp_path, capsys, case, args, msg):
     src, out = ckpts["text"], tmp_path / "out"
