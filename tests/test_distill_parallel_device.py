@@ -36,3 +36,13 @@ def test_cpu_device_untouched(monkeypatch):
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     assert str(parallel.init("cpu").device) == "cpu"
+
+
+@pytest.mark.gpu
+def test_real_cuda_init_gives_an_indexed_device(monkeypatch):
+    """The same on a real GPU, no stand-ins: init('cuda') and init('auto') return the current CUDA device, indexed."""
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for arg in ("cuda", "auto"):
+        env = parallel.init(arg)
+        assert env.device == torch.device("cuda", torch.cuda.current_device()) and not env.is_dist
