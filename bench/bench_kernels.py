@@ -158,8 +158,8 @@ def bench(shapes, ms, dtype, log, with_vllm=True) -> dict:
         wps = [wp0] + [make_problem(n, k, dtype, dev, seed=10 + i)[0] for i in range(copies - 1)]
         ss = [s0] + [torch.rand_like(s0) * 0.01 + 0.001 for _ in range(copies - 1)]
         impls = [Pdqkit(wps, ss)]
-        wd0 = dequantize(wp0, s0, (n, k))
-        impls.append(Cublas([wd0] + [torch.randn_like(wd0) for _ in range(n_copies(n * k * 2) - 1)]))
+        # the same weights as pdqkit's copies, dequantized (cuBLAS's time may depend on the values it multiplies)
+        impls.append(Cublas([dequantize(wps[i % copies], ss[i % copies], (n, k)) for i in range(n_copies(n * k * 2))]))
         if vllm_src:
             for cls, args in ((Marlin, (wps, ss, n, k, group)), (Machete, (wps, ss, dtype, group))):
                 try:

@@ -128,6 +128,9 @@ def ulp(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- timing
+SLEEP_CYCLES = 2_000_000  # ~1 ms of GPU clock: far longer than a Python graph launch (~10-50 µs)
+
+
 def graph_time_us(call, n_calls: int, replays: int = 3) -> float:
     """Per-call µs of ``call(i)`` for i in range(n_calls), captured in one CUDA graph; median of ``replays``."""
     s = torch.cuda.Stream()
@@ -145,6 +148,9 @@ def graph_time_us(call, n_calls: int, replays: int = 3) -> float:
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # keep the GPU busy while the host records, launches the graph and records again: the timed interval then
+        # holds only GPU work, not the host's launch latency (which would pull every ratio towards 1)
+        torch.cuda._sleep(SLEEP_CYCLES)
         a.record()
         g.replay()
         b.record()
