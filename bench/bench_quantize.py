@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -61,12 +62,7 @@ def _n_params(d: Path) -> int:
     for f in sorted(d.glob("*.safetensors")):
         with open(f, "rb") as fh:
             header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        for k, v in header.items():
-            if k != "__metadata__":
-                size = 1
-                for dim in v["shape"]:
-                    size *= dim
-                n += size
+        n += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return n
 
 

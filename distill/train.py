@@ -141,7 +141,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 def _prepare_output(cfg: DistillConfig, env) -> None:
     out, ckpt = Path(cfg.out), Path(cfg.ckpt_dir)
-    if ckpt.resolve() == out.resolve() or out.resolve() in ckpt.resolve().parents:
+    out_r, ckpt_r = out.resolve(), ckpt.resolve()
+    if ckpt_r == out_r or out_r in ckpt_r.parents:
         raise ValueError(f"--ckpt-dir {ckpt}: must not be the output dir {out} or inside it (the output is replaced "
                          f"when the run ends); pass another --ckpt-dir")
     if out.exists() and not cfg.force:

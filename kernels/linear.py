@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.pdqkit.w4a16_gemm)
+from .w4a16 import group_supported, shape_supported
 
 __all__ = ["W4A16Linear", "swap_w4a16_linears"]
 
@@ -48,10 +49,6 @@ class W4A16Linear(nn.Module):
         g = self.in_features // self.weight_scale.shape[1]
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={g}, "
                 f"bias={self.bias is not None}, dtype={self.weight_scale.dtype}")
-
-
-def _fits(n: int, k: int) -> bool:
-    return n % 64 == 0 and k % 128 == 0
 
 
 def _symmetric_int4(module: nn.Module, extra) -> bool:
@@ -123,8 +120,8 @@ def swap_w4a16_linears(model: nn.Module, checkpoint: str | Path | None = None,
             return t if t is not None or read is None else read(f"{name}.{suffix}")
 
         groups = ws.shape[1] if ws.dim() == 2 else 0
-        group_ok = groups > 0 and k % groups == 0 and (groups == 1 or k // groups in (32, 64) or (k // groups) % 128 == 0)
-        if (not _fits(n, k) or k != module.in_features or not group_ok or not _symmetric_int4(module, extra)):
+        group_ok = groups > 0 and k % groups == 0 and group_supported(k // groups, k)
+        if not shape_supported(n, k) or k != module.in_features or not group_ok or not _symmetric_int4(module, extra):
             left += compressed
             continue
         device = next((t.device for t in module.parameters(recurse=False)), wp.device)

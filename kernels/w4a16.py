@@ -6,6 +6,8 @@ tiled wgmma kernel (or dequantize + cuBLAS), as the per-GPU tuned table says (:m
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .env import interpreting
@@ -14,10 +16,29 @@ from .w4a16_config import W4A16Config, select_config
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def asm_ok(x: torch.Tensor) -> bool:
     """Whether the inline-PTX dequantization can run for ``x``: fp16 anywhere; bf16 needs sm_90 (``sub.bf16x2`` /
     ``mul.bf16x2`` are Hopper instructions; ptxas refuses them for sm_80/sm_89), else the plain-Triton path."""
-    return x.dtype == torch.float16 or torch.cuda.get_device_capability(x.device) >= (9, 0)
+    if x.dtype == torch.float16:
+        return True
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (9, 0)
+
+
+def shape_supported(n: int, k: int) -> bool:
+    """N and K the kernels tile: positive, ``N % 64 == 0`` and ``K % 128 == 0``."""
+    return n > 0 and k > 0 and n % 64 == 0 and k % 128 == 0
+
+
+def group_supported(group: int, k: int) -> bool:
+    """Scale group sizes the tiles (BLOCK_K 64 / 128) run: whole groups in a tile or a tile inside one group, i.e.
+    32, 64, a multiple of 128, or channelwise (``group == k``)."""
+    return group == k or group in (32, 64) or (group > 0 and group % 128 == 0)
 
 
 def check_w4a16_args(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
@@ -31,7 +52,7 @@ def check_w4a16_args(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
     n, k = weight_packed.shape[0], weight_packed.shape[1] * 8
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"w4a16_gemm: x's last dim {tuple(x.shape)[-1:]} != K = 8 * weight_packed.shape[1] = {k}")
-    if n % 64 or k % 128 or n == 0 or k == 0:
+    if not shape_supported(n, k):
         raise ValueError(f"w4a16_gemm: need N and K positive, N % 64 == 0 and K % 128 == 0, got N={n}, K={k} "
                          "(pad the Linear or keep it in bf16)")
     if weight_scale.dim() != 2 or weight_scale.shape[0] != n or not weight_scale.shape[1] or k % weight_scale.shape[1]:
@@ -41,8 +62,7 @@ def check_w4a16_args(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
         raise ValueError(f"w4a16_gemm: weight_scale dtype {weight_scale.dtype} != x dtype {x.dtype}; convert the "
                          "scales once at load time (weight_scale.to(x.dtype))")
     group = k // weight_scale.shape[1]
-    if group < k and group not in (32, 64) and group % 128:
-        # the tiles (BLOCK_K 64 / 128) must hold whole groups or lie inside one
+    if not group_supported(group, k):
         raise ValueError(f"w4a16_gemm: group size {group} unsupported (need 32, 64, a multiple of 128, or "
                          "channelwise)")
     if not (weight_packed.is_contiguous() and weight_scale.is_contiguous()):

@@ -11,7 +11,6 @@ compressed-tensors 0.17.0 (vLLM 0.26.0's pin) and 0.19.0 alike (§3.1).
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 

@@ -334,7 +334,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     if out.exists() and not force:
         raise QuantizeError(f"{out}: output directory exists; pass --force to replace it")
     load_config(ckpt)  # cheap checks first: a bad config.json is reported before the weights
-    _created()  # a bad SOURCE_DATE_EPOCH too
+    created = _created()  # a bad SOURCE_DATE_EPOCH is reported here too, before any work
     try:
         previous = read_lineage(ckpt)  # carried into the output's lineage; a broken file stops us before any work
     except ValueError as e:
@@ -373,9 +373,9 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                     config_groups=recipe.config_groups(), ignore=list(recipe.ignore), rounding_mode=recipe.rounding,
                     equivalent_to=EQUIVALENT_TO[recipe.rounding], calibration=[], tool=_tool_info(),
                     input_dir=ckpt.name,
-                    input_sha256=hasher.result(), output_sha256=out_hashes, **_created())
+                    input_sha256=hasher.result(), output_sha256=out_hashes, **created)
                 _write_metadata(tmp, ckpt, previous, plan, recipe, qcfg, step, out_hashes, total,
-                                vllm_max_model_len)
+                                vllm_max_model_len, created)
                 bytes_out = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         finally:
             torch.set_num_threads(threads)
@@ -389,11 +389,11 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
 
 
 def _write_metadata(tmp: Path, ckpt: Path, previous: list[dict], plan: ModelPlan, recipe: QuantRecipe, qcfg: dict,
-                    step: dict, out_hashes: dict, total: int, vllm_max_model_len: int) -> None:
+                    step: dict, out_hashes: dict, total: int, vllm_max_model_len: int, created: dict) -> None:
     """Aux files, lineage + quant_recipe.json, vllm_config.yaml, model card; config.json last."""
     copy_aux_files(ckpt, tmp)
     lineage = write_lineage(tmp, previous, step)
-    json_dump({"schema": RECIPE_SCHEMA, **_created(), "tool": step["tool"], "source_lineage": lineage},
+    json_dump({"schema": RECIPE_SCHEMA, **created, "tool": step["tool"], "source_lineage": lineage},
               tmp / RECIPE_FILE)
     (tmp / "vllm_config.yaml").write_text(card.vllm_config_yaml(plan, vllm_max_model_len))
     (tmp / "README.md").write_text(card.model_card(plan, recipe, qcfg, lineage, quantized_modules=len(plan.targeted),
