@@ -15,12 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _pipeline(tmp_path, base, *args, stdout: list | None = None) -> tuple[Path, dict]:
-    """Run the pipeline on CPU (micro scale, ``--base base``) with ``args``; returns (work dir, quality.json)
+    """Run the pipeline on CPU (micro scale, ``--base base`` unless None) with ``args``; returns (work dir,
+    quality.json)
     (and appends its stdout to ``stdout`` when given)."""
     work, out = tmp_path / "work", tmp_path / "out"
+    out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"  # a new OUT per call, one WORK, as on the device
     cmd = [sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device", "cpu",
-           "--base", str(base), "--eval-tokens", "2048", "--prompts", "2", "--new-tokens", "4", *args,
-           "--work", str(work), "--out", str(out)]
+           *(["--base", str(base)] if base is not None else []), "--eval-tokens", "2048", "--prompts", "2",
+           "--new-tokens", "4", *args, "--work", str(work), "--out", str(out)]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     if stdout is not None:
@@ -159,3 +161,22 @@ def test_scratch_control_stage(tmp_path, trained_micro):
     assert q["eval"]["overlap_ngrams"] == [4] and 0 < q["eval"]["subset_fraction"]["seen4"] < 1
     table = printed[0][printed[0].rindex("checkpoint"):]  # the closing table: every row, then per subset
     assert "scratch-mlp512" in table.split("targets seen4")[0] and "targets novel4" in table
+
+
+def test_new_base_drops_the_earlier_calls_numbers(tmp_path, trained_micro):
+    """A call that trains a new base in a WORK dir an earlier call used (a warm device machine) must not carry that
+    call's numbers over: its rows, the eval's per-subset split (``--overlap-ngrams``), the distill budget and its
+    stage records described the old base (a device run once printed empty ``targets seen8`` sections this way)."""
+    _, q1 = _pipeline(tmp_path, trained_micro, "--stages", "eval,prune,distill", "--criteria", "activation",
+                      "--prune-args", "--samples 4 --seq-len 64", "--distill1-args", "--batch 2 --seq-len 64",
+                      "--distill2-args", "--steps 1 --batch 2 --seq-len 64 --max-new-tokens 16", "--phase1-only",
+                      "--token-budget-pct", "1", "--overlap-ngrams", "4")
+    assert q1["eval"]["overlap_ngrams"] == [4] and "distill_budget" in q1 and "distill1" in q1["rows"]
+    printed = []
+    _, q2 = _pipeline(tmp_path, None, "--stages", "train,eval", "--train-args", "--steps 2 --warmup 1 --eval-every 2",
+                      stdout=printed)
+    assert set(q2["rows"]) == {"base"} and q2["rows"]["base"]["ppl"] != q1["rows"]["base"]["ppl"]
+    assert "overlap_ngrams" not in q2["eval"] and "subset_fraction" not in q2["eval"]
+    assert "distill_budget" not in q2 and "distill1_selection" not in q2
+    assert set(q2["stages"]) <= {"corpus", "train", "eval"} and q2["stages"]["train"]["status"] == "ok"
+    assert "targets" not in printed[0][printed[0].rindex("checkpoint"):]

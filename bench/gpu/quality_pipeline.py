@@ -79,6 +79,7 @@ class Pipeline:
             "schema": "pdqkit_bench_quality/1", "stages": {}, "rows": {}, "goals": {}}
         self.base = Path(args.base) if args.base else self.work / "base"
         self._teacher = None
+        self._this_call: set[str] = set()  # stages recorded by this call (a new base drops the others)
 
     # ---------------------------------------------------------------------------------------- plumbing
     def log(self, msg: str) -> None:
@@ -98,6 +99,7 @@ class Pipeline:
 
     def stage(self, name: str, status: str, **info) -> None:
         self.q["stages"][name] = {"status": status, **info}
+        self._this_call.add(name)
         self.log(f"stage {name}: {status} {json.dumps(info, sort_keys=True) if info else ''}")
         self.save()
 
@@ -205,8 +207,12 @@ class Pipeline:
             self.stage("train", "skipped", reason=f"--base {self.a.base} given")
             return
         if self._train("train", self.base, "--log-json", str(self.out / "train_log.json")):
-            self.q["rows"], self.q["goals"] = {}, {}  # a new base: earlier rows no longer apply
-            self.q.pop("unigram_ppl", None)
+            # a new base: every number an earlier call on this machine left in WORK/quality.json described the
+            # old one (its rows, the eval's subset split, the distill budget and selection, its stage records)
+            self.q["rows"], self.q["goals"] = {}, {}
+            for k in ("unigram_ppl", "eval", "distill_budget", "distill_budget_per_run", "distill1_selection"):
+                self.q.pop(k, None)
+            self.q["stages"] = {k: v for k, v in self.q["stages"].items() if k in self._this_call}
             log = json.loads((self.base / "train_log.json").read_text())
             self.q["train"] = {k: log[k] for k in ("steps", "steps_planned", "tokens_seen", "train_seconds",
                                                    "tokens_per_s", "params", "final", "device_name", "config")}
