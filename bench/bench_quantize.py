@@ -96,18 +96,26 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=REPO / "out" / "bench")
     ap.add_argument("--oracle-python", default=os.environ.get("PDQKIT_ORACLE_PYTHON",
                                                                str(REPO / ".oracle-venv" / "bin" / "python")))
+    ap.add_argument("--multimodal", action="store_true",
+                    help="with E4B's vision and audio towers (Gemma4ForConditionalGeneration)")
+    ap.add_argument("--streamed", action="store_true",
+                    help="build the input with bench.factory.save_random_checkpoint_streamed (meta model, one "
+                         "shard in memory: N(0, 0.02) stand-in weights; needed for the full E4B on 24 GiB)")
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each tool; best wall time kept")
     args = ap.parse_args(argv)
 
-    base = args.work / f"gemma4-e4b-L{args.layers}-kv{args.kv_shared}-v{args.vocab}-bf16"
+    tag = ("-mm" if args.multimodal else "") + ("-streamed" if args.streamed else "")
+    base = args.work / f"gemma4-e4b-L{args.layers}-kv{args.kv_shared}-v{args.vocab}{tag}-bf16"
     if not (base / "config.json").is_file():
         # built in a child process: a fork inherits the parent's peak RSS (ru_maxrss survives exec), so this
         # driver must stay small for the two measured children
         print(f"building {base} ...", flush=True)
-        subprocess.run([sys.executable, "-c", "import sys; from bench.factory import save_random_checkpoint as s; "
-                        f"s('e4b', sys.argv[1], seed=0, force=True, num_hidden_layers={args.layers}, "
-                        f"num_kv_shared_layers={args.kv_shared}, vocab_size={args.vocab})", str(base)],
+        fn = "save_random_checkpoint_streamed" if args.streamed else "save_random_checkpoint"
+        subprocess.run([sys.executable, "-c", f"import sys; from bench.factory import {fn} as s; "
+                        f"s('e4b', sys.argv[1], multimodal={args.multimodal}, seed=0, force=True, "
+                        f"num_hidden_layers={args.layers}, num_kv_shared_layers={args.kv_shared}, "
+                        f"vocab_size={args.vocab})", str(base)],
                        cwd=REPO, check=True)
     n_params = _n_params(base)
     size = _warm(base)
@@ -115,7 +123,8 @@ def main(argv=None) -> int:
     print(f"input: {base.name}: {n_params / 1e9:.3f} B parameters, {size / 1e9:.2f} GB", flush=True)
 
     results = {"input": {"dir": base.name, "params": n_params, "bytes": size, "layers": args.layers,
-                         "kv_shared": args.kv_shared, "vocab": args.vocab},
+                         "kv_shared": args.kv_shared, "vocab": args.vocab, "multimodal": args.multimodal,
+                         "streamed": args.streamed},
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rss_floor_gib": floor}

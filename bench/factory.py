@@ -16,6 +16,8 @@ e4b        2560     10240   42      8/2    256 / 512    18         published E4B
 """
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -117,6 +119,70 @@ def save_random_checkpoint(scale: str, out, multimodal: bool = False, seed: int 
     step = lineage_step("base", model=f"pdqkit-bench/{scale}{'-mm' if multimodal else ''}", init="random",
                         seed=seed, overrides={k: v for k, v in sorted(overrides.items())})
     return save_bf16_checkpoint(model, out, step=step, tokenizer=tokenizer, force=force)
+
+
+def save_random_checkpoint_streamed(scale: str, out, multimodal: bool = False, seed: int = 0, force: bool = False,
+                                    shard_bytes: int = 4 << 30, std: float = 0.02, **overrides) -> Path:
+    """A random bf16 checkpoint of ``scale`` written one shard at a time: the model exists only on the meta device
+    and at most one shard's tensors (``shard_bytes``) are in memory, so the full E4B with its towers (~8 B
+    parameters; :func:`save_random_checkpoint` would need ~48 GB for its fp32 draw and bf16 copy) fits a 24 GiB
+    machine. Names, shapes, dtypes and files are those :func:`save_random_checkpoint` writes (``save_pretrained``:
+    tied weights once, the KV-shared ``k_norm`` tensors added, an index when sharded); every floating tensor,
+    norms and buffers included, is N(0, ``std``) in bf16: a stand-in for tools that stream checkpoints
+    (``pack.quantize``), not a model that computes anything sensible. Same arguments -> same bytes."""
+    from safetensors.torch import save_file
+    from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
+
+    from pack.checkpoint import (INDEX_NAME, SINGLE_NAME, atomic_output_dir, kv_shared_k_norm_tensors,
+                                 lineage_step, write_lineage)
+
+    cfg = model_config(scale, multimodal, **overrides)
+    cls = Gemma4ForConditionalGeneration if multimodal else Gemma4ForCausalLM
+    with torch.device("meta"):
+        model = cls(cfg)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # save_pretrained writes only their source
+    entries = [(name, tuple(t.shape), torch.bfloat16 if t.dtype.is_floating_point else t.dtype)
+               for name, t in model.state_dict().items() if name not in tied]
+    extra = kv_shared_k_norm_tensors(model)
+    shards, size = [[]], 0  # greedy in order, like save_pretrained's max_shard_size
+    for e in entries:
+        nbytes = math.prod(e[1]) * e[2].itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    names = ([SINGLE_NAME] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    gen = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    with atomic_output_dir(out, force=force) as tmp:
+        cfg.architectures = [cls.__name__]
+        for c in (cfg, *(getattr(cfg, k) for k in getattr(cfg, "sub_configs", {}))):
+            c.dtype = torch.bfloat16  # what save_pretrained records for a bf16 model
+        cfg.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        for fname, shard in zip(names, shards):
+            tensors = {}
+            for name, shape, dtype in shard:
+                if dtype.is_floating_point:
+                    tensors[name] = (torch.randn(shape, generator=gen) * std).to(dtype)
+                else:
+                    tensors[name] = torch.zeros(shape, dtype=dtype)
+            if fname == names[-1]:
+                tensors.update(extra)
+            save_file(tensors, tmp / fname, metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map.update({k: fname for k in tensors})
+            del tensors
+        if len(names) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        step = lineage_step("base", model=f"pdqkit-bench/{scale}{'-mm' if multimodal else ''}",
+                            init=f"random-streamed N(0, {std})", seed=seed,
+                            overrides={k: v for k, v in sorted(overrides.items())})
+        write_lineage(tmp, [], step)
+    return Path(out)
 
 
 def num_params(model) -> int:

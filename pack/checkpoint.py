@@ -243,29 +243,40 @@ def save_bf16_checkpoint(model, out: str | os.PathLike, *, source_dir=None, step
     (or saves ``tokenizer``), and writes ``pdqkit_lineage.json`` = lineage of ``source_dir`` + ``step``.
     """
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors import SafetensorError
 
     with atomic_output_dir(out, force=force) as tmp:
-        model = model.to(torch.bfloat16)
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        extra = kv_shared_k_norm_tensors(model)
-        if extra:
-            index_f = tmp / "model.safetensors.index.json"
-            if index_f.exists():  # sharded: put the norms in a shard of their own and index them
-                index = json.loads(index_f.read_text())
-                shard = "model-knorm.safetensors"
-                save_file(extra, tmp / shard, metadata={"format": "pt"})
-                index["weight_map"].update({k: shard for k in extra})
-                meta = index.setdefault("metadata", {})
-                meta["total_size"] = meta.get("total_size", 0) + sum(t.numel() * t.element_size() for t in extra.values())
-                index_f.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            else:
-                f = tmp / "model.safetensors"
-                tensors = load_file(f)
-                tensors.update(extra)
-                save_file(tensors, f, metadata={"format": "pt"})
+        try:
+            _save_bf16(model.to(torch.bfloat16), tmp, max_shard_size)
+        except SafetensorError as e:  # safetensors reports its I/O errors (disk full) as its own type: make them
+            # the OSError that every CLI prints as one line (atomic_output_dir removes the partial output)
+            raise OSError(f"{out}: writing the checkpoint failed: {e}; free disk space or choose another "
+                          f"output directory") from None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         copy_aux_files(source_dir, tmp)
         write_lineage(tmp, read_lineage(source_dir) if source_dir else [], step)
     return Path(out)
+
+
+def _save_bf16(model, tmp: Path, max_shard_size: str) -> None:
+    """``save_pretrained`` into ``tmp`` plus the KV-shared ``k_norm`` tensors (see :func:`save_bf16_checkpoint`)."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    extra = kv_shared_k_norm_tensors(model)
+    if extra:
+        index_f = tmp / "model.safetensors.index.json"
+        if index_f.exists():  # sharded: put the norms in a shard of their own and index them
+            index = json.loads(index_f.read_text())
+            shard = "model-knorm.safetensors"
+            save_file(extra, tmp / shard, metadata={"format": "pt"})
+            index["weight_map"].update({k: shard for k in extra})
+            meta = index.setdefault("metadata", {})
+            meta["total_size"] = meta.get("total_size", 0) + sum(t.numel() * t.element_size() for t in extra.values())
+            index_f.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        else:
+            f = tmp / "model.safetensors"
+            tensors = load_file(f)
+            tensors.update(extra)
+            save_file(tensors, f, metadata={"format": "pt"})

@@ -54,6 +54,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .run import prune_checkpoint
 
+    if args.no_progress:  # transformers' own bars too (loading / writing the model)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
     try:
         cfg = PruneConfig(ratio=args.ratio, criterion=args.criterion, aggregation=args.aggregation, calib=args.calib,
                           samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,

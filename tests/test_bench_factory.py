@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from bench.factory import SCALES, build_model, model_config, num_params, save_random_checkpoint, text_config
+from bench.factory import (SCALES, build_model, model_config, num_params, save_random_checkpoint,
+                           save_random_checkpoint_streamed, text_config)
 
 
 def _head_dims(tc) -> dict:
@@ -96,3 +98,50 @@ def test_same_seed_same_weights_other_seed_differs():
     a, b, c = (build_model("micro", seed=s).state_dict() for s in (0, 0, 1))
     k = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(a[k], b[k]) and not torch.equal(a[k], c[k])
+
+
+def _layout(d):
+    """{tensor: (shape, dtype)} over every safetensors file of checkpoint ``d`` (headers only)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                s = h.get_slice(k)
+                out[k] = (tuple(s.get_shape()), s.get_dtype())
+    return out
+
+
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "mm"])
+def test_streamed_checkpoint_has_save_pretrained_layout(tmp_path, multimodal):
+    """The streamed stand-in (meta model, one shard in memory) must look like what save_pretrained writes: same
+    tensor names (tied lm_head once, the KV-shared k_norm added), shapes, dtypes, the same config.json, and
+    pack.quantize must quantize exactly the same Linears in it; sharded, its index must list every tensor; the
+    same seed writes the same bytes."""
+    from pack.checkpoint import INDEX_NAME
+    from pack.quantize import main as quantize
+
+    ref = save_random_checkpoint("micro", tmp_path / "ref", multimodal=multimodal)
+    one = save_random_checkpoint_streamed("micro", tmp_path / "one", multimodal=multimodal, seed=5)
+    assert _layout(one) == _layout(ref)
+    assert json.loads((one / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
+
+    small = 256 << 10  # several shards: the index must name every tensor once, with the right total
+    a = save_random_checkpoint_streamed("micro", tmp_path / "a", multimodal=multimodal, seed=5, shard_bytes=small)
+    b = save_random_checkpoint_streamed("micro", tmp_path / "b", multimodal=multimodal, seed=5, shard_bytes=small)
+    index = json.loads((a / INDEX_NAME).read_text())
+    files = sorted(f.name for f in a.glob("*.safetensors"))
+    assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files
+    assert _layout(a) == _layout(ref) and set(index["weight_map"]) == set(_layout(ref))
+    itemsize = {"BF16": 2, "F32": 4, "I64": 8, "I32": 4, "BOOL": 1}
+    assert index["metadata"]["total_size"] == sum(math.prod(s) * itemsize[d] for s, d in _layout(a).values())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+    for d in (ref, a):
+        assert quantize([str(d), "-o", str(d) + "-q", "--no-progress"]) == 0
+    qa, qr = (json.loads((tmp_path / f"{n}-q" / "config.json").read_text())["quantization_config"]
+              for n in ("a", "ref"))
+    assert qa["ignore"] == qr["ignore"]
+    packed = {k for k in _layout(tmp_path / "a-q") if k.endswith(".weight_packed")}
+    assert packed and packed == {k for k in _layout(tmp_path / "ref-q") if k.endswith(".weight_packed")}

@@ -417,6 +417,24 @@ def test_bad_input_one_line_error_nothing_written(ckpts, bad_ckpts, tmp_path, ca
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if case == "out exists" else [])  # no temp dirs
 
 
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(ckpts, tmp_path, capsys, monkeypatch):
+    """safetensors reports a failed write (disk full, seen pruning an E4B-sized model) as its own SafetensorError,
+    not an OSError: the CLI must still print one line and leave no partial output or temp dir behind."""
+    import transformers.modeling_utils as mu
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(mu, "safe_save_file", full)
+    out = tmp_path / "out"
+    rc = main([str(ckpts["text"]), "-o", str(out), "--criterion", "magnitude", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "No space left on device" in err, err
+    assert err.startswith(f"prune: error: {out}: writing the checkpoint failed")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_end_to_end(ckpts, tmp_path):
     import subprocess
     import sys
