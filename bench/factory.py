@@ -122,14 +122,18 @@ def save_random_checkpoint(scale: str, out, multimodal: bool = False, seed: int 
 
 
 def save_random_checkpoint_streamed(scale: str, out, multimodal: bool = False, seed: int = 0, force: bool = False,
-                                    shard_bytes: int = 4 << 30, std: float = 0.02, **overrides) -> Path:
-    """A random bf16 checkpoint of ``scale`` written one shard at a time: the model exists only on the meta device
-    and at most one shard's tensors (``shard_bytes``) are in memory, so the full E4B with its towers (~8 B
-    parameters; :func:`save_random_checkpoint` would need ~48 GB for its fp32 draw and bf16 copy) fits a 24 GiB
-    machine. Names, shapes, dtypes and files are those :func:`save_random_checkpoint` writes (``save_pretrained``:
-    tied weights once, the KV-shared ``k_norm`` tensors added, an index when sharded); every floating tensor,
-    norms and buffers included, is N(0, ``std``) in bf16: a stand-in for tools that stream checkpoints
-    (``pack.quantize``), not a model that computes anything sensible. Same arguments -> same bytes."""
+                                    shard_bytes: int = 5 * 10**9, std: float = 0.02, **overrides) -> Path:
+    """A random bf16 checkpoint of ``scale`` written one shard at a time: the model exists only on the meta device,
+    tensors are drawn straight into bf16 in 16M-element chunks, and at most one shard's tensors (``shard_bytes``,
+    or one larger tensor) are in memory, so the full E4B with its towers (~8 B parameters;
+    :func:`save_random_checkpoint` would need ~48 GB for its fp32 draw and bf16 copy) fits a 24 GiB machine.
+
+    Tensor names, shapes, dtypes, config.json and generation_config.json are those :func:`save_random_checkpoint`
+    writes (``save_pretrained``: tied weights once; the KV-shared ``k_norm`` tensors added, as ones, in a file of
+    their own when sharded). The split into files is greedy in state-dict order, not huggingface_hub's, so shard
+    names and boundaries can differ. Every other floating tensor, norms and buffers included, is N(0, ``std``):
+    a stand-in for tools that stream checkpoints (``pack.quantize``, ``prune``), not a model that computes anything
+    sensible. Same arguments -> same bytes."""
     from safetensors.torch import save_file
     from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
@@ -144,7 +148,7 @@ def save_random_checkpoint_streamed(scale: str, out, multimodal: bool = False, s
     entries = [(name, tuple(t.shape), torch.bfloat16 if t.dtype.is_floating_point else t.dtype)
                for name, t in model.state_dict().items() if name not in tied]
     extra = kv_shared_k_norm_tensors(model)
-    shards, size = [[]], 0  # greedy in order, like save_pretrained's max_shard_size
+    shards, size = [[]], 0  # greedy in state-dict order (huggingface_hub's split differs in detail)
     for e in entries:
         nbytes = math.prod(e[1]) * e[2].itemsize
         if shards[-1] and size + nbytes > shard_bytes:
@@ -154,6 +158,9 @@ def save_random_checkpoint_streamed(scale: str, out, multimodal: bool = False, s
         size += nbytes
     names = ([SINGLE_NAME] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    if len(shards) > 1 and extra:  # where save_bf16_checkpoint puts them in a sharded checkpoint
+        shards.append([])
+        names.append("model-knorm.safetensors")
     gen = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
     with atomic_output_dir(out, force=force) as tmp:
@@ -165,10 +172,12 @@ def save_random_checkpoint_streamed(scale: str, out, multimodal: bool = False, s
         for fname, shard in zip(names, shards):
             tensors = {}
             for name, shape, dtype in shard:
-                if dtype.is_floating_point:
-                    tensors[name] = (torch.randn(shape, generator=gen) * std).to(dtype)
-                else:
-                    tensors[name] = torch.zeros(shape, dtype=dtype)
+                tensors[name] = t = torch.zeros(shape, dtype=dtype)
+                if dtype.is_floating_point:  # drawn in chunks: no fp32 copy of a 5 GB embedding in memory
+                    flat = t.view(-1)
+                    for i in range(0, flat.numel(), 1 << 24):
+                        j = min(flat.numel(), i + (1 << 24))
+                        flat[i:j] = torch.randn(j - i, generator=gen).mul_(std)
             if fname == names[-1]:
                 tensors.update(extra)
             save_file(tensors, tmp / fname, metadata={"format": "pt"})

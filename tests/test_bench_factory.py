@@ -125,7 +125,8 @@ def test_streamed_checkpoint_has_save_pretrained_layout(tmp_path, multimodal):
     ref = save_random_checkpoint("micro", tmp_path / "ref", multimodal=multimodal)
     one = save_random_checkpoint_streamed("micro", tmp_path / "one", multimodal=multimodal, seed=5)
     assert _layout(one) == _layout(ref)
-    assert json.loads((one / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
+    for f in ("config.json", "generation_config.json"):
+        assert json.loads((one / f).read_text()) == json.loads((ref / f).read_text())
 
     small = 256 << 10  # several shards: the index must name every tensor once, with the right total
     a = save_random_checkpoint_streamed("micro", tmp_path / "a", multimodal=multimodal, seed=5, shard_bytes=small)
@@ -133,6 +134,8 @@ def test_streamed_checkpoint_has_save_pretrained_layout(tmp_path, multimodal):
     index = json.loads((a / INDEX_NAME).read_text())
     files = sorted(f.name for f in a.glob("*.safetensors"))
     assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files
+    knorm = [k for k, f in index["weight_map"].items() if f == "model-knorm.safetensors"]
+    assert len(knorm) == 2 and all(k.endswith("self_attn.k_norm.weight") for k in knorm)  # micro: 2 KV-shared
     assert _layout(a) == _layout(ref) and set(index["weight_map"]) == set(_layout(ref))
     itemsize = {"BF16": 2, "F32": 4, "I64": 8, "I32": 4, "BOOL": 1}
     assert index["metadata"]["total_size"] == sum(math.prod(s) * itemsize[d] for s, d in _layout(a).values())

@@ -172,11 +172,22 @@ def test_new_base_drops_the_earlier_calls_numbers(tmp_path, trained_micro):
                       "--distill2-args", "--steps 1 --batch 2 --seq-len 64 --max-new-tokens 16", "--phase1-only",
                       "--token-budget-pct", "1", "--overlap-ngrams", "4")
     assert q1["eval"]["overlap_ngrams"] == [4] and "distill_budget" in q1 and "distill1" in q1["rows"]
+    work = tmp_path / "work"
+    assert (work / "distill1").exists() and (work / "pruned-activation").is_dir()
     printed = []
-    _, q2 = _pipeline(tmp_path, None, "--stages", "train,eval", "--train-args", "--steps 2 --warmup 1 --eval-every 2",
-                      stdout=printed)
-    assert set(q2["rows"]) == {"base"} and q2["rows"]["base"]["ppl"] != q1["rows"]["base"]["ppl"]
+    # no "eval" asked for: the new base's row must still be made (every comparison needs it), and the old base's
+    # checkpoints must be gone so that nothing downstream starts from them
+    _, q2 = _pipeline(tmp_path, None, "--stages", "train,prune", "--criteria", "magnitude",
+                      "--train-args", "--steps 2 --warmup 1 --eval-every 2", stdout=printed)
+    assert set(q2["rows"]) == {"base", "pruned-magnitude"}
+    assert q2["rows"]["base"]["ppl"] != q1["rows"]["base"]["ppl"]
     assert "overlap_ngrams" not in q2["eval"] and "subset_fraction" not in q2["eval"]
     assert "distill_budget" not in q2 and "distill1_selection" not in q2
-    assert set(q2["stages"]) <= {"corpus", "train", "eval"} and q2["stages"]["train"]["status"] == "ok"
+    assert set(q2["stages"]) <= {"corpus", "train", "eval", "prune-magnitude"}
+    assert q2["stages"]["train"]["status"] == "ok" and q2["goals"]["ppl_ratio"]["pruned-magnitude"] > 0
+    assert sorted(p.name for p in work.iterdir()) == ["base", "pruned-magnitude", "quality.json"]
     assert "targets" not in printed[0][printed[0].rindex("checkpoint"):]
+    # another --base than the one the rows describe: the same clean slate
+    _, q3 = _pipeline(tmp_path, trained_micro, "--stages", "eval")
+    assert set(q3["rows"]) == {"base"} and q3["rows"]["base"]["ppl"] == q1["rows"]["base"]["ppl"]
+    assert "train" not in q3 and sorted(p.name for p in work.iterdir()) == ["base", "quality.json"]

@@ -207,17 +207,32 @@ class Pipeline:
             self.stage("train", "skipped", reason=f"--base {self.a.base} given")
             return
         if self._train("train", self.base, "--log-json", str(self.out / "train_log.json")):
-            # a new base: every number an earlier call on this machine left in WORK/quality.json described the
-            # old one (its rows, the eval's subset split, the distill budget and selection, its stage records)
-            self.q["rows"], self.q["goals"] = {}, {}
-            for k in ("unigram_ppl", "eval", "distill_budget", "distill_budget_per_run", "distill1_selection"):
-                self.q.pop(k, None)
-            self.q["stages"] = {k: v for k, v in self.q["stages"].items() if k in self._this_call}
+            self._forget_old_base("a new base was trained")
             log = json.loads((self.base / "train_log.json").read_text())
             self.q["train"] = {k: log[k] for k in ("steps", "steps_planned", "tokens_seen", "train_seconds",
                                                    "tokens_per_s", "params", "final", "device_name", "config")}
             self.q["train"]["valid_curve"] = log["valid_curve"]
             self.save()
+
+    def _forget_old_base(self, why: str) -> None:
+        """Everything an earlier call on this machine left in WORK described the old base: its rows, goals, eval
+        metadata (subset split), distill budget and selection, stage records and the checkpoints built from it
+        (``pruned-*``, ``distill1*``, ``distill2*``, ``scratch-*``, ``*-w4a16``), which later stages would
+        otherwise pick up (``distill`` starts from ``pruned-*``, ``final`` quantizes ``distill2``). Drop them."""
+        self.q["rows"], self.q["goals"] = {}, {}
+        for k in ("unigram_ppl", "eval", "distill_budget", "distill_budget_per_run", "distill1_selection"):
+            self.q.pop(k, None)
+        self.q["stages"] = {k: v for k, v in self.q["stages"].items() if k in self._this_call}
+        dropped = []
+        for p in sorted(self.work.iterdir()):
+            if p.name.startswith(("pruned-", "distill1", "distill2", "scratch-")) or p.name.endswith("-w4a16"):
+                if p.is_symlink() or not p.is_dir():
+                    p.unlink()
+                else:
+                    shutil.rmtree(p)
+                dropped.append(p.name)
+        self.log(f"{why}: earlier calls' rows and checkpoints dropped ({', '.join(dropped) or 'no checkpoints'})")
+        self.save()
 
     def s_eval(self):
         self.evaluate("base", self.base)
@@ -422,8 +437,12 @@ class Pipeline:
     def main(self, stages) -> int:
         import torch
 
+        previous_base = self.q.get("base")
         self.q.update(device=torch.cuda.get_device_name() if self.a.device.startswith("cuda") else "cpu",
                       torch=torch.__version__, python=sys.version.split()[0], base=str(self.base))
+        if previous_base is not None and previous_base != str(self.base):
+            self.q.pop("train", None)
+            self._forget_old_base(f"--base is now {self.base} (was {previous_base})")
         try:
             from bench.corpus import corpus_sha256
             from bench.tokenizer import get_tokenizer
@@ -435,7 +454,8 @@ class Pipeline:
         except Exception as e:  # the corpus/tokenizer pin failed: nothing downstream is comparable
             self.stage("corpus", "failed", reason=f"{type(e).__name__}: {e}")
             return 2
-        if "eval" not in stages and "base" not in self.q["rows"] and any(
+        new_base = "train" in stages and not self.a.base  # s_train then drops the old base's row
+        if "eval" not in stages and (new_base or "base" not in self.q["rows"]) and any(
                 s in stages for s in ("quant", "prune", "distill", "final", "scratch")):
             i = stages.index("train") + 1 if "train" in stages else 0  # the base row is every comparison's
             stages = [*stages[:i], "eval", *stages[i:]]  # reference: evaluate the base before the rest
