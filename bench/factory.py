@@ -137,8 +137,8 @@ def save_random_checkpoint_streamed(scale: str, out, multimodal: bool = False, s
     from safetensors.torch import save_file
     from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
-    from pack.checkpoint import (INDEX_NAME, SINGLE_NAME, atomic_output_dir, kv_shared_k_norm_tensors,
-                                 lineage_step, write_lineage)
+    from pack.checkpoint import (INDEX_NAME, KNORM_SHARD, SINGLE_NAME, atomic_output_dir,
+                                 kv_shared_k_norm_tensors, lineage_step, write_lineage)
 
     cfg = model_config(scale, multimodal, **overrides)
     cls = Gemma4ForConditionalGeneration if multimodal else Gemma4ForCausalLM
@@ -160,7 +160,7 @@ def save_random_checkpoint_streamed(scale: str, out, multimodal: bool = False, s
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     if len(shards) > 1 and extra:  # where save_bf16_checkpoint puts them in a sharded checkpoint
         shards.append([])
-        names.append("model-knorm.safetensors")
+        names.append(KNORM_SHARD)
     gen = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
     with atomic_output_dir(out, force=force) as tmp:

@@ -26,6 +26,7 @@ from .sha256 import CHUNK, sha256_files  # standard library only: keeps this mod
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+KNORM_SHARD = "model-knorm.safetensors"  # the KV-shared k_norm tensors of a sharded bf16 checkpoint
 LINEAGE_FILE = "pdqkit_lineage.json"
 RECIPE_FILE = "quant_recipe.json"
 LINEAGE_SCHEMA = "pdqkit_lineage/1"
@@ -37,7 +38,7 @@ AUX_FILE_PATTERNS = (
 )
 
 __all__ = [
-    "SINGLE_NAME", "INDEX_NAME", "safetensors_files", "FileHasher",
+    "SINGLE_NAME", "INDEX_NAME", "KNORM_SHARD", "safetensors_files", "FileHasher",
     "LINEAGE_FILE", "RECIPE_FILE", "atomic_output_dir", "copy_aux_files", "sha256_file", "read_lineage",
     "write_lineage", "lineage_step", "kv_shared_k_norm_tensors", "save_bf16_checkpoint", "json_dump",
 ]
@@ -269,7 +270,7 @@ def _save_bf16(model, tmp: Path, max_shard_size: str) -> None:
         index_f = tmp / "model.safetensors.index.json"
         if index_f.exists():  # sharded: put the norms in a shard of their own and index them
             index = json.loads(index_f.read_text())
-            shard = "model-knorm.safetensors"
+            shard = KNORM_SHARD
             save_file(extra, tmp / shard, metadata={"format": "pt"})
             index["weight_map"].update({k: shard for k in extra})
             meta = index.setdefault("metadata", {})

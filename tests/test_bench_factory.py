@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -100,17 +99,16 @@ def test_same_seed_same_weights_other_seed_differs():
     assert torch.equal(a[k], b[k]) and not torch.equal(a[k], c[k])
 
 
-def _layout(d):
-    """{tensor: (shape, dtype)} over every safetensors file of checkpoint ``d`` (headers only)."""
-    from safetensors import safe_open
+def _entries(d):
+    """{tensor: pack.stio.TensorEntry} over every safetensors file of checkpoint ``d`` (headers only)."""
+    from pack.stio import read_header
 
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            for k in h.keys():
-                s = h.get_slice(k)
-                out[k] = (tuple(s.get_shape()), s.get_dtype())
-    return out
+    return {k: e for f in sorted(d.glob("*.safetensors")) for k, e in read_header(f).items()}
+
+
+def _layout(d):
+    """{tensor: (shape, dtype)} of checkpoint ``d``."""
+    return {k: (tuple(e.shape), e.dtype) for k, e in _entries(d).items()}
 
 
 @pytest.mark.parametrize("multimodal", [False, True], ids=["text", "mm"])
@@ -119,7 +117,7 @@ def test_streamed_checkpoint_has_save_pretrained_layout(tmp_path, multimodal):
     tensor names (tied lm_head once, the KV-shared k_norm added), shapes, dtypes, the same config.json, and
     pack.quantize must quantize exactly the same Linears in it; sharded, its index must list every tensor; the
     same seed writes the same bytes."""
-    from pack.checkpoint import INDEX_NAME
+    from pack.checkpoint import INDEX_NAME, KNORM_SHARD
     from pack.quantize import main as quantize
 
     ref = save_random_checkpoint("micro", tmp_path / "ref", multimodal=multimodal)
@@ -134,11 +132,10 @@ def test_streamed_checkpoint_has_save_pretrained_layout(tmp_path, multimodal):
     index = json.loads((a / INDEX_NAME).read_text())
     files = sorted(f.name for f in a.glob("*.safetensors"))
     assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files
-    knorm = [k for k, f in index["weight_map"].items() if f == "model-knorm.safetensors"]
+    knorm = [k for k, f in index["weight_map"].items() if f == KNORM_SHARD]
     assert len(knorm) == 2 and all(k.endswith("self_attn.k_norm.weight") for k in knorm)  # micro: 2 KV-shared
     assert _layout(a) == _layout(ref) and set(index["weight_map"]) == set(_layout(ref))
-    itemsize = {"BF16": 2, "F32": 4, "I64": 8, "I32": 4, "BOOL": 1}
-    assert index["metadata"]["total_size"] == sum(math.prod(s) * itemsize[d] for s, d in _layout(a).values())
+    assert index["metadata"]["total_size"] == sum(e.nbytes for e in _entries(a).values())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
 
     for d in (ref, a):

@@ -220,8 +220,8 @@ class Pipeline:
         (``pruned-*``, ``distill1*``, ``distill2*``, ``scratch-*``, ``*-w4a16``), which later stages would
         otherwise pick up (``distill`` starts from ``pruned-*``, ``final`` quantizes ``distill2``). Drop them."""
         self.q["rows"], self.q["goals"] = {}, {}
-        for k in ("unigram_ppl", "eval", "distill_budget", "distill_budget_per_run", "distill1_selection"):
-            self.q.pop(k, None)
+        for k in ("train", "unigram_ppl", "eval", "distill_budget", "distill_budget_per_run", "distill1_selection"):
+            self.q.pop(k, None)  # ("train" is written again by s_train when this call trained the base)
         self.q["stages"] = {k: v for k, v in self.q["stages"].items() if k in self._this_call}
         dropped = []
         for p in sorted(self.work.iterdir()):
@@ -441,7 +441,6 @@ class Pipeline:
         self.q.update(device=torch.cuda.get_device_name() if self.a.device.startswith("cuda") else "cpu",
                       torch=torch.__version__, python=sys.version.split()[0], base=str(self.base))
         if previous_base is not None and previous_base != str(self.base):
-            self.q.pop("train", None)
             self._forget_old_base(f"--base is now {self.base} (was {previous_base})")
         try:
             from bench.corpus import corpus_sha256
