@@ -7,7 +7,10 @@ What it checks, on one pack-quantized checkpoint (written by ``python -m pack.qu
   AllSparkLinearKernel``), over ``--prompts`` prompts of mixed length, one prompt at a time (batch 1) and all at
   once (batched), with ``enforce_eager=True`` (the gate). With ``--modes eager,graph`` the same comparison with
   torch.compile + CUDA graphs is reported separately (not a gate: compiled graphs are not guaranteed to be
-  reproducible between engines, see shared/gpu/README.md).
+  reproducible between engines, see shared/gpu/README.md). Graph engines run with ``TORCHINDUCTOR_DETERMINISTIC=1``
+  (Inductor then picks its kernels' configs without timing them on the device; ``--no-graph-deterministic``
+  turns it off), and a second Marlin engine is the control: ``marlin graph vs marlin graph`` says whether two
+  engines with the same kernel agree at all, which any exact-vs-Marlin difference in graph mode is read against.
 * ``fast`` (``PDQKIT_VLLM_KERNEL=fast``): per prompt the first position where its greedy tokens leave Marlin's
   (over ``--new-tokens``), and the mean / max |Δ logprob| of the tokens both runs chose before that point;
   goal: >= ``--fast-goal`` (90 %) of the prompts identical.
@@ -119,15 +122,19 @@ def _plugin_paths(work: Path) -> tuple[str, ...]:
     return (str(write_entry_point_shim(work / "entry_points")), str(REPO))
 
 
-def engine_env(kernel: str, work: Path, tag: str) -> dict[str, str]:
+def engine_env(kernel: str, work: Path, tag: str, deterministic_inductor: bool = False) -> dict[str, str]:
     """Environment of one engine subprocess. ``kernel``: ``default`` (vLLM's choice), ``marlin`` (Marlin forced),
-    ``fast`` / ``exact`` (pdqkit plugin). In-process engine, own torch.compile cache dir per run tag."""
+    ``fast`` / ``exact`` (pdqkit plugin). In-process engine, own torch.compile cache dir per run tag.
+    ``deterministic_inductor``: ``TORCHINDUCTOR_DETERMINISTIC=1`` (no on-device benchmarking of Inductor's kernel
+    configs, whose timing-dependent choice can change a compiled reduction's order from one engine to the next)."""
     env = {k: v for k, v in os.environ.items() if k not in _KERNEL_ENV}
     with _SHIM_LOCK:  # engines are launched from several threads
         paths = list(_plugin_paths(Path(work)))
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1",
                VLLM_CACHE_ROOT=str(work / "vllm_cache" / tag), TOKENIZERS_PARALLELISM="false")
+    if deterministic_inductor:
+        env["TORCHINDUCTOR_DETERMINISTIC"] = "1"
     if kernel == "marlin":
         env["VLLM_DISABLED_KERNELS"] = MARLIN_ONLY
     elif kernel in PDQKIT_CLASSES:
@@ -402,6 +409,10 @@ def main(argv=None) -> int:
     ap.add_argument("--multimodal", action="store_true", help="with --random: Gemma4ForConditionalGeneration")
     ap.add_argument("--kernels", default="exact,fast", help="pdqkit kernels to check (default exact,fast)")
     ap.add_argument("--modes", default="eager,graph", help="eager (the gate) and/or graph (reported)")
+    ap.add_argument("--no-graph-deterministic", dest="graph_deterministic", action="store_false",
+                    help="graph engines without TORCHINDUCTOR_DETERMINISTIC=1")
+    ap.add_argument("--no-graph-control", dest="graph_control", action="store_false",
+                    help="no second Marlin engine in graph mode")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--text-prompts", action="store_true",
                     help="prompts cut from the bench corpus' validation text (checkpoint's tokenizer) instead of "
@@ -447,22 +458,24 @@ def main(argv=None) -> int:
     base = dict(max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), enable_prefix_caching=False,
                 max_num_seqs=max(sizes))
-    runs = [("default", "eager", False)]
+    # (tag, kernel, mode, generate): the default engine only shows which kernel vLLM picks by itself
+    runs = [("default-eager", "default", "eager", False)]
     for mode in modes:
-        runs += [("marlin", mode, True)] + [(k, mode, True) for k in kernels]
+        runs += [(f"marlin-{mode}", "marlin", mode, True)] + [(f"{k}-{mode}", k, mode, True) for k in kernels]
+        if mode == "graph" and args.graph_control:
+            runs.append(("marlin-graph-control", "marlin", mode, True))
     logs = work / "logs"  # one log per engine; $OUT gets them concatenated (it takes few files)
     logs.mkdir(exist_ok=True)
 
     def one(run):
-        kernel, mode, gen = run
-        tag = f"{kernel}-{mode}"
+        tag, kernel, mode, gen = run
         eng = dict(base, enforce_eager=(mode == "eager"))
         if mode == "graph":
             eng["compilation_config"] = {"cudagraph_capture_sizes": sizes}
         spec = {"ckpt": str(ckpt), "engine": eng, "prompts": prompts if gen else prompts[:1],
                 "new_tokens": args.new_tokens, "generate": gen}
-        r = run_engine_subprocess(Path(__file__).resolve(), spec, engine_env(kernel, work, tag), logs / f"{tag}.log",
-                                  args.timeout)
+        env = engine_env(kernel, work, tag, deterministic_inductor=mode == "graph" and args.graph_deterministic)
+        r = run_engine_subprocess(Path(__file__).resolve(), spec, env, logs / f"{tag}.log", args.timeout)
         status = "error" if "error" in r else "ok"
         print(f"  [{tag}] {status}: startup {r.get('startup_s', '-')} s, generate {r.get('generate_s', '-')} s, "
               f"kernels {r['kernels_logged']}", flush=True)
@@ -477,18 +490,22 @@ def main(argv=None) -> int:
     report = {"checkpoint": str(ckpt), "prompts": len(prompts), "new_tokens": args.new_tokens,
               "prompt_source": "bench corpus valid text" if args.text_prompts else "random token ids",
               "prompt_lengths": [len(p) for p in prompts], "wall_s": round(time.perf_counter() - t0, 1),
-              "kernel_use": {}, "exact": {}, "fast": {}, "gates": {}}
-    for kernel, mode, _ in runs:
-        report["kernel_use"][f"{kernel}-{mode}"] = check_kernel_use(results[f"{kernel}-{mode}"], kernel)
+              "graph_deterministic_inductor": "graph" in modes and args.graph_deterministic,
+              "kernel_use": {}, "exact": {}, "fast": {}, "marlin": {}, "gates": {}}
+    for tag, kernel, _, _ in runs:
+        report["kernel_use"][tag] = check_kernel_use(results[tag], kernel)
+
+    def compare(ref: dict, got: dict, cmp) -> dict:
+        if "error" in ref or "error" in got:
+            return {"error": ref.get("error") or got.get("error")}
+        return {b: cmp(ref[b], got[b]) for b in ("b1", "batched")}
+
     for mode in modes:
-        ref = results[f"marlin-{mode}"]
         for k in kernels:
-            got = results[f"{k}-{mode}"]
-            if "error" in ref or "error" in got:
-                report[k][mode] = {"error": ref.get("error") or got.get("error")}
-                continue
-            cmp = compare_exact if k == "exact" else compare_fast
-            report[k][mode] = {b: cmp(ref[b], got[b]) for b in ("b1", "batched")}
+            report[k][mode] = compare(results[f"marlin-{mode}"], results[f"{k}-{mode}"],
+                                      compare_exact if k == "exact" else compare_fast)
+    if "marlin-graph-control" in results:  # two Marlin engines: how far graph mode itself reproduces
+        report["marlin"]["graph"] = compare(results["marlin-graph"], results["marlin-graph-control"], compare_exact)
 
     gates = report["gates"]
     gates["kernel_use"] = all(v["ok"] for v in report["kernel_use"].values())
@@ -505,20 +522,23 @@ def main(argv=None) -> int:
     for tag, u in report["kernel_use"].items():
         print(f"{tag:<16} {', '.join(u['logged']) or '-':<30} {json.dumps(u['census']):<27} {'yes' if u['ok'] else 'NO'}")
     print(f"\n{'check':<22} {'batch 1':<58} batched")
-    for k in kernels:
+    for k in [*kernels, "marlin"]:
         for mode in modes:
-            c = report[k].get(mode, {})
-            fmt = _fmt_exact if k == "exact" else _fmt_fast
+            if mode not in report[k]:
+                continue
+            c = report[k][mode]
+            fmt = _fmt_fast if k == "fast" else _fmt_exact
             if "error" in c:
                 print(f"{k + ' ' + mode:<22} ERROR: {c['error'][:200]}")
                 continue
-            print(f"{k + ' ' + mode + ' vs marlin':<22} {fmt(c.get('b1')):<58} {fmt(c.get('batched'))}")
+            label = f"{k} {mode} vs marlin" + (" (control)" if k == "marlin" else "")
+            print(f"{label:<22} {fmt(c.get('b1')):<58} {fmt(c.get('batched'))}")
     print("\ngates: " + ", ".join(f"{g} {'PASS' if v else 'FAIL'}" for g, v in gates.items()) +
           f"  ->  {'PASSED' if report['passed'] else 'FAILED'}  ({report['wall_s']} s)")
     (out / "vllm_e2e_check.json").write_text(json.dumps(report, indent=1))
     with open(out / "vllm_e2e_check_logs.txt", "w") as fh:
-        for kernel, mode, _ in runs:
-            fh.write(f"\n===== {kernel}-{mode} =====\n" + (logs / f"{kernel}-{mode}.log").read_text(errors="replace"))
+        for tag, _, _, _ in runs:
+            fh.write(f"\n===== {tag} =====\n" + (logs / f"{tag}.log").read_text(errors="replace"))
     print(f"wrote {out / 'vllm_e2e_check.json'} and vllm_e2e_check_logs.txt")
     return 0 if report["passed"] else 1
 
