@@ -156,19 +156,12 @@ def test_op_and_torch_compile_on_gpu():
 def test_hf_generation_matches_reference(tmp_path, request):
     """A trained Gemma-4 -> pack.quantize -> transformers on the GPU: the model swapped to W4A16Linear (our kernel)
     generates the same greedy tokens as compressed-tensors' own decompressed bf16 path, on prompts cut from the
-    bench corpus' validation text — except where the reference itself has a numerical tie.
+    bench corpus' validation text, except where the reference itself has a numerical tie.
 
-    Two bf16 GEMMs with different fp32 summation orders differ in the last bit of some outputs; through a whole
-    model that moves the logits by a small amount (the *path noise*). Where the reference's top-2 logit margin is
-    below that noise, either token is a correct greedy choice. The test measures the noise per prompt on both paths
-    a token goes through: teacher-forced on the reference's own tokens (whole-sequence GEMMs: the top-1 logit's
-    largest |difference|) and in generation itself (one-token decode GEMMs, another kernel path with its own
-    summation order: the top-1 logit's largest |difference| over the steps where both chose the same token);
-    ``tau`` = 2 x the larger. It asserts: logits within 2 % of their range; at every teacher-forced argmax
-    disagreement the reference scores our token within tau of its own (bf16 logits: ties of two or more tokens
-    occur); free-running greedy tokens are identical up to the first divergence, which must itself be such a tie
-    in the decode step's own logits. A kernel error (wrong column, scale or group) moves the logits far beyond bf16 noise and fails the
-    first check; a systematic bias makes non-tie positions disagree.
+    The rules (tests/greedy_ties.py, checked on the CPU by tests/test_greedy_ties.py): our logits within 2 % of the
+    reference's largest |logit| teacher-forced and in the decode steps; every teacher-forced argmax disagreement and
+    the first free-running divergence must be ties, i.e. the reference scores our token within ``tau`` of its own,
+    ``tau`` = 2 x the larger of the reference's own path noise (decode vs teacher-forced) and one bf16 step.
 
     The model is the bench's trained ``micro`` (tests.bench_fixtures), or the bf16 checkpoint named by env
     ``PDQKIT_GPU_TRAINED_CKPT`` (e.g. the trained ``small`` of bench/gpu/quality_pipeline.py). A trained model is
@@ -180,6 +173,7 @@ def test_hf_generation_matches_reference(tmp_path, request):
     pytest.importorskip("compressed_tensors")  # pack.quantize and HF's loader need it (GPU image: wheelhouse part1)
     from bench.gpu.vllm_e2e_check import text_prompts
     from pack.quantize import main as quantize_main
+    from tests.greedy_ties import greedy_tie_check
 
     from kernels.linear import W4A16Linear, swap_w4a16_linears
 
@@ -194,44 +188,6 @@ def test_hf_generation_matches_reference(tmp_path, request):
     assert ours.get_submodule(names[0]).weight_packed.is_cuda
     for m in (ref, ours):
         m.generation_config.eos_token_id = None  # N plain argmax steps, like vLLM's ignore_eos
-    gen = dict(max_new_tokens=32, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    report, bad = [], []
-    for p in text_prompts(base, 6, 96, seed=3):
-        ids = torch.tensor([p], device="cuda")
-        with torch.no_grad():
-            g_ref, g_ours = ref.generate(ids, **gen), ours.generate(ids, **gen)
-            t_ref, t_ours = g_ref.sequences, g_ours.sequences
-            lr, lo = ref(t_ref).logits[0].float(), ours(t_ref).logits[0].float()  # teacher-forced on ref's tokens
-        span = lr.abs().max()
-        assert (lr - lo).abs().max() <= 0.02 * span, f"prompt of {len(p)} tokens: logits differ beyond bf16 noise"
-        top2 = lr.topk(2, dim=-1)
-        margin = top2.values[:, 0] - top2.values[:, 1]
-        noise_tf = float((top2.values[:, :1] - lo.gather(1, top2.indices[:, :1])).abs().max())
-        # the step logits of both generations (decode path): the reference's top-1 logit against ours, over the
-        # steps where both chose the same token (not the divergence itself: there the margin is below the
-        # difference by construction, so measuring the noise there would make any divergence look like a tie)
-        sr, so = torch.cat(g_ref.logits).float(), torch.cat(g_ours.logits).float()  # raw step logits [steps, vocab]
-        same = (t_ref[0, len(p):] == t_ours[0, len(p):]).long().cumprod(0)  # 1 while the tokens so far agree
-        agree = int(same.sum())  # steps 0..agree-1 chose the same token; step `agree` (if any) is the divergence
-        top1 = sr[:agree].argmax(-1, keepdim=True)
-        noise_dec = float((sr[:agree].gather(1, top1) - so[:agree].gather(1, top1)).abs().max()) if agree else 0.0
-        tau = 2 * max(noise_tf, noise_dec)
-        # a disagreement is a tie when the reference scores our token within tau of its own choice (the logits
-        # are bf16: exact ties of two or more tokens happen, so "our token is the reference's second" is not it)
-        arg_r, arg_o = lr.argmax(-1), lo.argmax(-1)
-        gap = lr.gather(1, arg_r[:, None]) - lr.gather(1, arg_o[:, None])  # the reference's logit gap per position
-        tf = (arg_r != arg_o).nonzero().flatten().tolist()  # teacher-forced disagreements
-        row = dict(prompt_len=len(p), tau=tau, noise_tf=noise_tf, noise_decode=noise_dec,
-                   tf_disagree=[(i, float(gap[i])) for i in tf])
-        bad += [dict(row, pos=i) for i in tf if float(gap[i]) > tau]
-        if not torch.equal(t_ref, t_ours):
-            k = agree  # the first generated step whose tokens differ
-            a, b = int(t_ref[0, len(p) + k]), int(t_ours[0, len(p) + k])
-            g = float(sr[k, a] - sr[k, b])  # the reference's decode-step logit gap between its token and ours
-            row.update(first_diff=k, gap_at_diff=g, margin_tf_at_diff=float(margin[len(p) + k - 1]),
-                       ref=t_ref[0, len(p):len(p) + k + 2].tolist(), ours=t_ours[0, len(p):len(p) + k + 2].tolist())
-            if g > tau:
-                bad.append(row)
-        report.append(row)
-    print("\n".join(map(str, report)))
+    rows, bad = greedy_tie_check(ref, ours, text_prompts(base, 6, 96, seed=3), "cuda")
+    print("\n".join(map(str, rows)))
     assert not bad, f"greedy disagreements that are not ties: {bad}"

@@ -180,11 +180,11 @@ def test_kernel_use_from_logs():
     assert e2e.check_kernel_use(dflt, "default")["ok"]
 
 
-def test_driver_graph_control_and_deterministic_inductor(tmp_path, monkeypatch, capsys):
-    """The driver without vLLM (engines faked): graph engines get TORCHINDUCTOR_DETERMINISTIC=1, eager ones do not;
-    a second Marlin graph engine is compared with the first (the control), and exact-vs-Marlin is reported beside
-    it; only eager results gate."""
-    monkeypatch.delenv("TORCHINDUCTOR_DETERMINISTIC", raising=False)
+def test_driver_graph_controls_and_deterministic_inductor(tmp_path, monkeypatch, capsys):
+    """The driver without vLLM (engines faked): only graph-det engines get TORCHINDUCTOR_DETERMINISTIC=1 (an inherited
+    one is removed elsewhere) and combo kernels off; each graph mode has a second Marlin engine compared with the
+    first (the control), beside exact-vs-Marlin; only eager results gate."""
+    monkeypatch.setenv("TORCHINDUCTOR_DETERMINISTIC", "1")  # inherited: must not leak into the other engines
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({"vocab_size": 512}))
@@ -194,7 +194,7 @@ def test_driver_graph_control_and_deterministic_inductor(tmp_path, monkeypatch, 
     def fake_engine(script, spec, env, log, timeout):
         tag = log.stem
         kernel = env.get("PDQKIT_VLLM_KERNEL") or ("marlin" if "VLLM_DISABLED_KERNELS" in env else "default")
-        seen[tag] = env.get("TORCHINDUCTOR_DETERMINISTIC")
+        seen[tag] = (env.get("TORCHINDUCTOR_DETERMINISTIC"), spec["engine"].get("compilation_config"))
         log.write_text(f"{tag}\n")
         rows = [_row([3, 4], [-0.5, -0.25]) for _ in spec["prompts"]]
         if tag == "exact-graph":  # one logprob one ulp off in the last prompt
@@ -205,15 +205,20 @@ def test_driver_graph_control_and_deterministic_inductor(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(e2e, "run_engine_subprocess", fake_engine)
     rc = e2e.main(["--ckpt", str(ckpt), "--prompts", "3", "--new-tokens", "2", "--max-model-len", "64",
-                   "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+                   "--modes", "eager,graph,graph-det", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     report = json.loads((tmp_path / "out" / "vllm_e2e_check.json").read_text())
-    assert sorted(seen) == sorted(["default-eager", "marlin-eager", "exact-eager", "fast-eager", "marlin-graph",
-                                   "exact-graph", "fast-graph", "marlin-graph-control"])
-    assert {t: v for t, v in seen.items() if v} == {t: "1" for t in seen if "graph" in t}
-    assert report["marlin"]["graph"]["b1"]["bit_identical"] and report["graph_deterministic_inductor"]
-    assert not report["exact"]["graph"]["b1"]["bit_identical"] and report["exact"]["eager"]["b1"]["bit_identical"]
+    graph_tags = [f"{k}-{m}" for m in ("graph", "graph-det") for k in ("marlin", "exact", "fast")]
+    graph_tags += ["marlin-graph-control", "marlin-graph-det-control"]
+    assert sorted(seen) == sorted(["default-eager", "marlin-eager", "exact-eager", "fast-eager", *graph_tags])
+    assert {t for t, (det, _) in seen.items() if det} == {t for t in seen if "graph-det" in t}
+    assert all(seen[t][1] is None for t in seen if "graph" not in t)
+    assert all(seen[t][1]["cudagraph_capture_sizes"] == [1, 2, 4] for t in graph_tags)
+    assert all(("inductor_compile_config" in seen[t][1]) == ("det" in t) for t in graph_tags)
+    assert report["marlin"]["graph"]["b1"]["bit_identical"] and report["marlin"]["graph-det"]["batched"]["bit_identical"]
+    assert not report["exact"]["graph"]["b1"]["bit_identical"] and report["exact"]["graph-det"]["b1"]["bit_identical"]
     assert rc == 0 and report["passed"], report["gates"]  # graph differences are reported, not gated
-    assert "marlin graph vs marlin (control)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "marlin graph vs marlin (control)" in out and "marlin graph-det vs marlin (control)" in out
 
 
 def test_mixed_prompts_deterministic_and_bounded():

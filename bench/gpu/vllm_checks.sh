@@ -2,8 +2,9 @@
 # All vLLM-side checks of the trained `small` model in one device call (after bench/gpu/quality_pipeline.py ran
 # on the same warm machine and the vLLM wheelhouse is installed, see bench/gpu/README.md).
 #
-# Three lanes at once (the GPU has room for all; none of them measures speed):
-#   A  vllm_e2e_check.py on WORK/base-w4a16: plugin exact/fast vs Marlin, eager (gate) and graph (reported)
+# Lanes, run at once (the GPU has room for all; none of them measures speed), chosen with LANES (default A,B,C):
+#   A  vllm_e2e_check.py on WORK/base-w4a16: plugin exact/fast vs Marlin, eager (gate) and graph with a
+#      Marlin-vs-Marlin control (reported); MODES overrides its --modes (e.g. eager,graph,graph-det)
 #   B  pack_vllm_check.py --ckpt WORK/base (CPU vs CUDA bytes, vLLM bf16/Marlin/default, HF agreement), then
 #      prune_vllm_check.py --scales micro-mm --ckpt WORK/base (prune -> quantize -> vLLM chain)
 #   C  vllm_e2e_bench.py --_gen (the E4B-shaped checkpoints the speed bench needs next call), then the GPU/vLLM
@@ -16,44 +17,55 @@
 # All three lanes in one call no longer fit (2026-11-29, eighth session: A took 372 s with its graph engines
 # compiling ~150 s each beside the other lanes; B's pack and prune checks and C's pytest hit their timeouts):
 # run A and C in one call and B in the next. C runs the kernel/GPU tests and the vLLM test as two pytest runs,
-# so a timeout in the slow vLLM test cannot swallow the other tests' failure report.
+# so a timeout in the slow vLLM test cannot swallow the other tests' failure report. Every step's timeout is cut
+# to what is left of DEADLINE (default 560 s from the start: the device's 600 s per call, minus the packing up).
 set -u
 : "${OUT:?set OUT}"
 W=${PDQ_WORK:-/tmp/pdq-quality}
 L=/tmp/pdq-vllm-checks
+LANES=${LANES:-A,B,C}
+for x in ${LANES//,/ }; do
+  [[ $x == [ABC] ]] || { echo "error: LANES=$LANES: give a comma list of A, B, C (e.g. LANES=A,C)" >&2; exit 2; }
+done
+rm -rf "$L"  # this call's results only (an earlier call's JSON must not come back as this one's)
 mkdir -p "$L"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 T0=$(date +%s)
+DEADLINE=${DEADLINE:-560}
 lane() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$L/lanes.log"; }
-
-LANES=${LANES:-A,B,C}
 on() { [[ ",$LANES," == *",$1,"* ]]; }
+# seconds for the next step: its own limit, or what is left before DEADLINE if that is less (at least 1)
+limit() { local left=$(( DEADLINE - ($(date +%s) - T0) )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 
-on A && ( lane "A start"; timeout "${A_TIMEOUT:-480}" python bench/gpu/vllm_e2e_check.py --ckpt "$W/base-w4a16" --text-prompts \
-      --modes eager,graph --work "$L/e2e-work" --out "$L/e2e" > "$L/e2e_check.log" 2>&1; lane "A rc=$?" ) &
-on C && ( lane "C start"; timeout "${GEN_TIMEOUT:-300}" python bench/vllm_e2e_bench.py --_gen > "$L/e2e_gen.log" 2>&1
+finish() {  # copy what there is, also when a lane ran out of time
+  for f in "$L/e2e/vllm_e2e_check.json" "$L/pack/pack_vllm_check.json" "$L/prune/prune_vllm_check.json"; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
+  done
+  tar -C "$L" -cJf "$OUT/vllm_checks_logs.tar.xz" --exclude='*.safetensors' --exclude='*-work' \
+      $(cd "$L" && ls -d *.log e2e pack/*.log prune/logs 2>/dev/null) 2>/dev/null
+}
+trap finish EXIT
+
+on A && ( lane "A start"; timeout "$(limit "${A_TIMEOUT:-480}")" python bench/gpu/vllm_e2e_check.py --ckpt "$W/base-w4a16" \
+      --text-prompts --modes "${MODES:-eager,graph}" --work "$L/e2e-work" --out "$L/e2e" > "$L/e2e_check.log" 2>&1
+  lane "A rc=$?" ) &
+on C && ( lane "C start"; timeout "$(limit "${GEN_TIMEOUT:-300}")" python bench/vllm_e2e_bench.py --_gen > "$L/e2e_gen.log" 2>&1
   lane "C gen rc=$?"
-  PDQKIT_GPU_TRAINED_CKPT="$W/base" timeout "${PYTEST_TIMEOUT:-300}" python -m pytest -m "gpu or vllm" -q \
+  PDQKIT_GPU_TRAINED_CKPT="$W/base" timeout "$(limit "${PYTEST_TIMEOUT:-300}")" python -m pytest -m "gpu or vllm" -q \
       -p no:cacheprovider -rfE --tb=short --ignore=tests/test_vllm_plugin.py tests/ > "$L/gpu_tests.log" 2>&1
   lane "C pytest rc=$?"; tail -n 3 "$L/gpu_tests.log" | tee -a "$L/lanes.log"
-  timeout "${VLLM_TEST_TIMEOUT:-300}" python -m pytest -m vllm -q -p no:cacheprovider -rfE --tb=short \
+  timeout "$(limit "${VLLM_TEST_TIMEOUT:-300}")" python -m pytest -m vllm -q -p no:cacheprovider -rfE --tb=short \
       tests/test_vllm_plugin.py > "$L/vllm_tests.log" 2>&1
   lane "C vllm pytest rc=$?"; tail -n 3 "$L/vllm_tests.log" | tee -a "$L/lanes.log" ) &
 if on B; then
   lane "B start"
-  timeout "${PACK_TIMEOUT:-300}" python bench/gpu/pack_vllm_check.py --ckpt "$W/base" --prompts 8 --new-tokens 32 \
+  timeout "$(limit "${PACK_TIMEOUT:-300}")" python bench/gpu/pack_vllm_check.py --ckpt "$W/base" --prompts 8 --new-tokens 32 \
       --out "$L/pack" > "$L/pack_check.log" 2>&1; lane "B pack rc=$?"
-  timeout "${PRUNE_TIMEOUT:-240}" python bench/gpu/prune_vllm_check.py --scales micro-mm --ckpt "$W/base" --prompts 8 \
+  timeout "$(limit "${PRUNE_TIMEOUT:-240}")" python bench/gpu/prune_vllm_check.py --scales micro-mm --ckpt "$W/base" --prompts 8 \
       --out "$L/prune" > "$L/prune_check.log" 2>&1; lane "B prune rc=$?"
 fi
 wait
 lane "all lanes done"
-for f in "$L/e2e/vllm_e2e_check.json" "$L/pack/pack_vllm_check.json" "$L/prune/prune_vllm_check.json"; do
-    [ -f "$f" ] && cp "$f" "$OUT/"
-done
-tar -C "$L" -cJf "$OUT/vllm_checks_logs.tar.xz" --exclude='*.safetensors' --exclude='*-work' \
-    $(cd "$L" && ls -d *.log e2e pack/*.log prune/logs 2>/dev/null) 2>/dev/null
-cat "$L/lanes.log"
 for f in e2e_check pack_check prune_check; do [ -f "$L/$f.log" ] && { echo "== $f"; tail -n 25 "$L/$f.log"; }; done
 for f in gpu_tests vllm_tests; do
   [ -f "$L/$f.log" ] && { echo "== $f"; grep -E "passed|failed|FAILED|ERROR" "$L/$f.log" | tail -n 15; }

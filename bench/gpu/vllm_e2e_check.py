@@ -7,10 +7,11 @@ What it checks, on one pack-quantized checkpoint (written by ``python -m pack.qu
   AllSparkLinearKernel``), over ``--prompts`` prompts of mixed length, one prompt at a time (batch 1) and all at
   once (batched), with ``enforce_eager=True`` (the gate). With ``--modes eager,graph`` the same comparison with
   torch.compile + CUDA graphs is reported separately (not a gate: compiled graphs are not guaranteed to be
-  reproducible between engines, see shared/gpu/README.md). Graph engines run with ``TORCHINDUCTOR_DETERMINISTIC=1``
-  (Inductor then picks its kernels' configs without timing them on the device; ``--no-graph-deterministic``
-  turns it off), and a second Marlin engine is the control: ``marlin graph vs marlin graph`` says whether two
-  engines with the same kernel agree at all, which any exact-vs-Marlin difference in graph mode is read against.
+  reproducible between engines, see shared/gpu/README.md). In graph mode a second Marlin engine is the control:
+  ``marlin graph vs marlin (control)`` says whether two engines with the same kernel agree at all, which any
+  exact-vs-Marlin difference in graph mode is read against. Mode ``graph-det`` is graph mode with Inductor's
+  deterministic mode (``TORCHINDUCTOR_DETERMINISTIC=1``: no on-device timing of choices that change numerics;
+  combo kernels off, whose benchmarking that mode refuses), with its own control.
 * ``fast`` (``PDQKIT_VLLM_KERNEL=fast``): per prompt the first position where its greedy tokens leave Marlin's
   (over ``--new-tokens``), and the mean / max |Δ logprob| of the tokens both runs chose before that point;
   goal: >= ``--fast-goal`` (90 %) of the prompts identical.
@@ -56,6 +57,7 @@ if str(REPO) not in sys.path:
 
 MARLIN_ONLY = "CutlassW4A8LinearKernel,MacheteLinearKernel,AllSparkLinearKernel"
 PDQKIT_CLASSES = {"fast": "PdqkitFastLinearKernel", "exact": "PdqkitExactLinearKernel"}
+MODES = ("eager", "graph", "graph-det")  # graph: vLLM's default torch.compile + CUDA graphs
 KERNEL_LOG_RE = re.compile(r"Using (\w+) for CompressedTensorsWNA16")
 PLUGIN_LOG_RE = re.compile(r"pdqkit: PDQKIT_VLLM_KERNEL=(\w+), (\w+) registered first")
 TOPK = 5
@@ -125,14 +127,16 @@ def _plugin_paths(work: Path) -> tuple[str, ...]:
 def engine_env(kernel: str, work: Path, tag: str, deterministic_inductor: bool = False) -> dict[str, str]:
     """Environment of one engine subprocess. ``kernel``: ``default`` (vLLM's choice), ``marlin`` (Marlin forced),
     ``fast`` / ``exact`` (pdqkit plugin). In-process engine, own torch.compile cache dir per run tag.
-    ``deterministic_inductor``: ``TORCHINDUCTOR_DETERMINISTIC=1`` (no on-device benchmarking of Inductor's kernel
-    configs, whose timing-dependent choice can change a compiled reduction's order from one engine to the next)."""
+    ``deterministic_inductor``: ``TORCHINDUCTOR_DETERMINISTIC=1`` (Inductor times no choice that changes numerics,
+    e.g. a compiled reduction's order, which could otherwise differ from one engine to the next); removed if
+    inherited and not asked for."""
     env = {k: v for k, v in os.environ.items() if k not in _KERNEL_ENV}
     with _SHIM_LOCK:  # engines are launched from several threads
         paths = list(_plugin_paths(Path(work)))
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1",
                VLLM_CACHE_ROOT=str(work / "vllm_cache" / tag), TOKENIZERS_PARALLELISM="false")
+    env.pop("TORCHINDUCTOR_DETERMINISTIC", None)
     if deterministic_inductor:
         env["TORCHINDUCTOR_DETERMINISTIC"] = "1"
     if kernel == "marlin":
@@ -408,11 +412,10 @@ def main(argv=None) -> int:
     src.add_argument("--random", choices=("micro", "small"), help="build a random model of this scale and quantize it")
     ap.add_argument("--multimodal", action="store_true", help="with --random: Gemma4ForConditionalGeneration")
     ap.add_argument("--kernels", default="exact,fast", help="pdqkit kernels to check (default exact,fast)")
-    ap.add_argument("--modes", default="eager,graph", help="eager (the gate) and/or graph (reported)")
-    ap.add_argument("--no-graph-deterministic", dest="graph_deterministic", action="store_false",
-                    help="graph engines without TORCHINDUCTOR_DETERMINISTIC=1")
+    ap.add_argument("--modes", default="eager,graph",
+                    help="eager (the gate), graph and/or graph-det (reported; graph-det: deterministic Inductor)")
     ap.add_argument("--no-graph-control", dest="graph_control", action="store_false",
-                    help="no second Marlin engine in graph mode")
+                    help="no second Marlin engine in the graph modes")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--text-prompts", action="store_true",
                     help="prompts cut from the bench corpus' validation text (checkpoint's tokenizer) instead of "
@@ -435,7 +438,7 @@ def main(argv=None) -> int:
         ap.error("pass --ckpt DIR or --random SCALE")
     kernels = [k for k in args.kernels.split(",") if k]
     modes = [m for m in args.modes.split(",") if m]
-    if bad := [k for k in kernels if k not in PDQKIT_CLASSES] + [m for m in modes if m not in ("eager", "graph")]:
+    if bad := [k for k in kernels if k not in PDQKIT_CLASSES] + [m for m in modes if m not in MODES]:
         ap.error(f"unknown kernel/mode {bad}")
     work = args.work.absolute()
     out = (args.out or work).absolute()
@@ -462,19 +465,22 @@ def main(argv=None) -> int:
     runs = [("default-eager", "default", "eager", False)]
     for mode in modes:
         runs += [(f"marlin-{mode}", "marlin", mode, True)] + [(f"{k}-{mode}", k, mode, True) for k in kernels]
-        if mode == "graph" and args.graph_control:
-            runs.append(("marlin-graph-control", "marlin", mode, True))
+        if mode != "eager" and args.graph_control:
+            runs.append((f"marlin-{mode}-control", "marlin", mode, True))
     logs = work / "logs"  # one log per engine; $OUT gets them concatenated (it takes few files)
     logs.mkdir(exist_ok=True)
 
     def one(run):
         tag, kernel, mode, gen = run
         eng = dict(base, enforce_eager=(mode == "eager"))
-        if mode == "graph":
+        if mode != "eager":
             eng["compilation_config"] = {"cudagraph_capture_sizes": sizes}
+        if mode == "graph-det":
+            eng["compilation_config"]["inductor_compile_config"] = {"combo_kernels": False,
+                                                                    "benchmark_combo_kernel": False}
         spec = {"ckpt": str(ckpt), "engine": eng, "prompts": prompts if gen else prompts[:1],
                 "new_tokens": args.new_tokens, "generate": gen}
-        env = engine_env(kernel, work, tag, deterministic_inductor=mode == "graph" and args.graph_deterministic)
+        env = engine_env(kernel, work, tag, deterministic_inductor=mode == "graph-det")
         r = run_engine_subprocess(Path(__file__).resolve(), spec, env, logs / f"{tag}.log", args.timeout)
         status = "error" if "error" in r else "ok"
         print(f"  [{tag}] {status}: startup {r.get('startup_s', '-')} s, generate {r.get('generate_s', '-')} s, "
@@ -490,7 +496,6 @@ def main(argv=None) -> int:
     report = {"checkpoint": str(ckpt), "prompts": len(prompts), "new_tokens": args.new_tokens,
               "prompt_source": "bench corpus valid text" if args.text_prompts else "random token ids",
               "prompt_lengths": [len(p) for p in prompts], "wall_s": round(time.perf_counter() - t0, 1),
-              "graph_deterministic_inductor": "graph" in modes and args.graph_deterministic,
               "kernel_use": {}, "exact": {}, "fast": {}, "marlin": {}, "gates": {}}
     for tag, kernel, _, _ in runs:
         report["kernel_use"][tag] = check_kernel_use(results[tag], kernel)
@@ -504,8 +509,10 @@ def main(argv=None) -> int:
         for k in kernels:
             report[k][mode] = compare(results[f"marlin-{mode}"], results[f"{k}-{mode}"],
                                       compare_exact if k == "exact" else compare_fast)
-    if "marlin-graph-control" in results:  # two Marlin engines: how far graph mode itself reproduces
-        report["marlin"]["graph"] = compare(results["marlin-graph"], results["marlin-graph-control"], compare_exact)
+    for mode in modes:  # two Marlin engines: how far a graph mode itself reproduces
+        if f"marlin-{mode}-control" in results:
+            report["marlin"][mode] = compare(results[f"marlin-{mode}"], results[f"marlin-{mode}-control"],
+                                             compare_exact)
 
     gates = report["gates"]
     gates["kernel_use"] = all(v["ok"] for v in report["kernel_use"].values())
