@@ -49,8 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gpu.vllm_e2e_check import (check_kernel_use, engine_env, finish_engine, pack_quantize,  # noqa: E402
-                                      run_engine_subprocess, start_engine, text_config_of)
+from bench.gpu.vllm_e2e_check import (check_kernel_use, engine_env, finish_engine,  # noqa: E402
+                                      install_engine_reaper, pack_quantize, run_engine_subprocess, start_engine,
+                                      text_config_of)
 
 # variant -> (checkpoint dir name, kernel selection as in vllm_e2e_check.engine_env); run in this order
 VARIANTS = {
@@ -285,6 +286,7 @@ def main(argv=None) -> int:
     if args._gen:
         generate_checkpoints(work, args.scale, args.pruned_width, seed=0)
         return 0
+    install_engine_reaper()
     out = (args.out or work).absolute()
     out.mkdir(parents=True, exist_ok=True)
     # checkpoint generation in its own process: its GPU memory is gone before the first engine starts

@@ -9,14 +9,17 @@ that moves the logits a little (the *path noise*). Where the reference's logit o
 of its own top-1, either token is a correct greedy choice. The noise scale ``tau`` is taken from the reference
 alone, so that an error of ours cannot widen it: 2 x the larger of
 
-* the reference's own path noise: its top-1 logit in generation (one-token decode GEMMs) against the same
-  position teacher-forced (whole-sequence GEMMs, another kernel path and summation order), over all steps;
+* the reference's own path noise: its top-1 logit in generation (the prompt's prefill, then one-token decode
+  GEMMs) against the same position teacher-forced (whole-sequence GEMMs, another kernel path and summation
+  order), over all steps;
 * one bf16 step (ulp) at the largest top-1 logit: the logits are bf16, so exact ties of two or more tokens occur.
 
 Per prompt the rules are:
 
 1. teacher-forced on the reference's tokens, our logits are within ``SPAN_FRAC`` (2 %) of the reference's
-   largest |logit| at every position (a wrong column, scale or group moves them far more);
+   largest |logit| at every position (a wrong column, scale or group moves them far more; an error that moves
+   no logit that far and flips no token outside a tie is not caught: on the trained ``micro`` a per-channel
+   error of about 1 % on the decode path was the smallest caught);
 2. the same bound on the decode-step logits over the steps whose prefixes are identical in both generations
    (covers the one-token decode path, which rule 1 never runs);
 3. every teacher-forced argmax disagreement is a tie: the reference scores our argmax within ``tau`` of its own;
@@ -71,9 +74,9 @@ def greedy_tie_check(ref, ours, prompts: list[list[int]], device: str, new_token
                    tf_max_diff=float((lr - lo).abs().max()) / span,
                    decode_max_diff=float((sr[:same_prefix] - so[:same_prefix]).abs().max()) / span)
         if row["tf_max_diff"] > SPAN_FRAC:
-            bad.append(dict(row, rule="1: teacher-forced logits beyond path noise"))
+            bad.append(dict(row, rule=f"1: teacher-forced logits differ by more than {SPAN_FRAC:.0%} of the max"))
         if row["decode_max_diff"] > SPAN_FRAC:
-            bad.append(dict(row, rule="2: decode-step logits beyond path noise"))
+            bad.append(dict(row, rule=f"2: decode-step logits differ by more than {SPAN_FRAC:.0%} of the max"))
 
         arg_r, arg_o = lr.argmax(-1), lo.argmax(-1)
         gap = lr.gather(1, arg_r[:, None])[:, 0] - lr.gather(1, arg_o[:, None])[:, 0]

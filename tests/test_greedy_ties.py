@@ -2,9 +2,9 @@
 
 The trained ``micro`` quantized by ``pack.quantize`` is loaded twice with transformers: the reference (compressed-
 tensors' decompressed bf16 path) and a copy whose quantized Linears multiply by the same bf16 dequantized weights in
-fp32 and round the output to bf16 once (another summation order, like our kernel). That copy must pass every rule; the same
-copy with a kernel error must not: scales applied to the wrong groups everywhere (rule 1), or a per-channel error
-of a few percent on the one-token decode path only (rule 2, which the teacher-forced pass never sees).
+fp32 and round the output to bf16 once (another summation order, like our kernel). That copy must pass every rule;
+the same copy with a kernel error must not: scales applied to the wrong groups everywhere (rule 1), or a per-channel
+error of a few percent on the one-token decode path only (rule 2, which the teacher-forced pass never sees).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tests.bench_fixtures import trained_micro  # noqa: F401  (fixture)
-from tests.greedy_ties import greedy_tie_check
+from tests.greedy_ties import SPAN_FRAC, greedy_tie_check
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
@@ -83,6 +83,7 @@ def test_decode_only_error_fails(models):
     """A few percent per output channel, only where a Linear sees one token: teacher-forced logits are untouched."""
     load, prompts = models
     err = 0.05 * torch.randn(1 << 16, generator=torch.Generator().manual_seed(0))
-    rows, bad = greedy_tie_check(load(), _ours(load, decode_error=err), prompts[1:], "cpu")  # prompt 0 has 1 token
-    assert all(r["tf_max_diff"] <= 0.02 for r in rows)
+    longer = [p for p in prompts if len(p) > 1]  # a 1-token prompt's prefill is a one-token step as well
+    rows, bad = greedy_tie_check(load(), _ours(load, decode_error=err), longer, "cpu")
+    assert all(r["tf_max_diff"] <= SPAN_FRAC for r in rows)
     assert any(b["rule"].startswith(("2:", "4:")) for b in bad), rows

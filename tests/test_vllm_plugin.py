@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,8 @@ def test_driver_graph_controls_and_deterministic_inductor(tmp_path, monkeypatch,
 
     monkeypatch.setattr(e2e, "run_engine_subprocess", fake_engine)
     rc = e2e.main(["--ckpt", str(ckpt), "--prompts", "3", "--new-tokens", "2", "--max-model-len", "64",
-                   "--modes", "eager,graph,graph-det", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+                   "--modes", "eager,graph,graph-det", "--work", str(tmp_path / "work"),
+                   "--out", str(tmp_path / "out")])
     report = json.loads((tmp_path / "out" / "vllm_e2e_check.json").read_text())
     graph_tags = [f"{k}-{m}" for m in ("graph", "graph-det") for k in ("marlin", "exact", "fast")]
     graph_tags += ["marlin-graph-control", "marlin-graph-det-control"]
@@ -214,11 +216,61 @@ def test_driver_graph_controls_and_deterministic_inductor(tmp_path, monkeypatch,
     assert all(seen[t][1] is None for t in seen if "graph" not in t)
     assert all(seen[t][1]["cudagraph_capture_sizes"] == [1, 2, 4] for t in graph_tags)
     assert all(("inductor_compile_config" in seen[t][1]) == ("det" in t) for t in graph_tags)
-    assert report["marlin"]["graph"]["b1"]["bit_identical"] and report["marlin"]["graph-det"]["batched"]["bit_identical"]
+    assert report["marlin"]["graph"]["b1"]["bit_identical"]
+    assert report["marlin"]["graph-det"]["batched"]["bit_identical"]
     assert not report["exact"]["graph"]["b1"]["bit_identical"] and report["exact"]["graph-det"]["b1"]["bit_identical"]
     assert rc == 0 and report["passed"], report["gates"]  # graph differences are reported, not gated
     out = capsys.readouterr().out
     assert "marlin graph vs marlin (control)" in out and "marlin graph-det vs marlin (control)" in out
+
+
+def test_sigterm_to_the_driver_kills_its_engines(tmp_path):
+    """An engine runs in a session of its own; SIGTERM to the driver (``timeout``) must take it down too."""
+    import signal
+    import textwrap
+
+    engine = tmp_path / "engine.py"  # stands in for the driver script's --_engine mode: writes its pid, then hangs
+    engine.write_text(textwrap.dedent("""
+        import os, sys, time
+        open(sys.argv[0] + ".pid", "w").write(str(os.getpid()))
+        time.sleep(600)
+    """))
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO)!r})
+        from bench.gpu import vllm_e2e_check as e2e
+        e2e.install_engine_reaper()
+        log = Path({str(tmp_path / "e.log")!r})
+        e2e.run_engine_subprocess(Path({str(engine)!r}), {{}}, {{"PATH": "/usr/bin:/bin"}}, log, 600)
+    """))
+    d = subprocess.Popen([sys.executable, str(driver)])
+    pid_f = Path(str(engine) + ".pid")
+    for _ in range(300):
+        if pid_f.is_file() and pid_f.read_text():
+            break
+        time.sleep(0.1)
+    pid = int(pid_f.read_text())
+
+    def alive() -> bool:  # a zombie (killed, not yet reaped by init) counts as gone
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    try:
+        d.send_signal(signal.SIGTERM)
+        assert d.wait(timeout=30) == 128 + signal.SIGTERM
+        for _ in range(100):
+            if not alive():
+                break
+            time.sleep(0.1)
+        assert not alive(), "the engine outlived its driver"
+    finally:
+        if alive():
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_mixed_prompts_deterministic_and_bounded():

@@ -18,14 +18,16 @@
 # compiling ~150 s each beside the other lanes; B's pack and prune checks and C's pytest hit their timeouts):
 # run A and C in one call and B in the next. C runs the kernel/GPU tests and the vLLM test as two pytest runs,
 # so a timeout in the slow vLLM test cannot swallow the other tests' failure report. Every step's timeout is cut
-# to what is left of DEADLINE (default 560 s from the start: the device's 600 s per call, minus the packing up).
+# to what is left of DEADLINE (default 560 s from the start: the device's 600 s per call, minus the packing up);
+# a step still alive 15 s after its SIGTERM is killed (the e2e driver kills its engines on SIGTERM).
 set -u
 : "${OUT:?set OUT}"
 W=${PDQ_WORK:-/tmp/pdq-quality}
 L=/tmp/pdq-vllm-checks
 LANES=${LANES:-A,B,C}
-for x in ${LANES//,/ }; do
-  [[ $x == [ABC] ]] || { echo "error: LANES=$LANES: give a comma list of A, B, C (e.g. LANES=A,C)" >&2; exit 2; }
+[[ $LANES =~ ^[ABC](,[ABC])*$ ]] || { echo "error: LANES=$LANES: give a comma list of A, B, C (e.g. LANES=A,C)" >&2; exit 2; }
+for v in DEADLINE A_TIMEOUT GEN_TIMEOUT PYTEST_TIMEOUT VLLM_TEST_TIMEOUT PACK_TIMEOUT PRUNE_TIMEOUT; do
+  [[ -z ${!v:-} || ${!v} =~ ^[0-9]+$ ]] || { echo "error: $v=${!v}: give whole seconds" >&2; exit 2; }
 done
 rm -rf "$L"  # this call's results only (an earlier call's JSON must not come back as this one's)
 mkdir -p "$L"
@@ -46,22 +48,22 @@ finish() {  # copy what there is, also when a lane ran out of time
 }
 trap finish EXIT
 
-on A && ( lane "A start"; timeout "$(limit "${A_TIMEOUT:-480}")" python bench/gpu/vllm_e2e_check.py --ckpt "$W/base-w4a16" \
+on A && ( lane "A start"; timeout -k 15 "$(limit "${A_TIMEOUT:-480}")" python bench/gpu/vllm_e2e_check.py --ckpt "$W/base-w4a16" \
       --text-prompts --modes "${MODES:-eager,graph}" --work "$L/e2e-work" --out "$L/e2e" > "$L/e2e_check.log" 2>&1
   lane "A rc=$?" ) &
-on C && ( lane "C start"; timeout "$(limit "${GEN_TIMEOUT:-300}")" python bench/vllm_e2e_bench.py --_gen > "$L/e2e_gen.log" 2>&1
+on C && ( lane "C start"; timeout -k 15 "$(limit "${GEN_TIMEOUT:-300}")" python bench/vllm_e2e_bench.py --_gen > "$L/e2e_gen.log" 2>&1
   lane "C gen rc=$?"
-  PDQKIT_GPU_TRAINED_CKPT="$W/base" timeout "$(limit "${PYTEST_TIMEOUT:-300}")" python -m pytest -m "gpu or vllm" -q \
+  PDQKIT_GPU_TRAINED_CKPT="$W/base" timeout -k 15 "$(limit "${PYTEST_TIMEOUT:-300}")" python -m pytest -m "gpu or vllm" -q \
       -p no:cacheprovider -rfE --tb=short --ignore=tests/test_vllm_plugin.py tests/ > "$L/gpu_tests.log" 2>&1
   lane "C pytest rc=$?"; tail -n 3 "$L/gpu_tests.log" | tee -a "$L/lanes.log"
-  timeout "$(limit "${VLLM_TEST_TIMEOUT:-300}")" python -m pytest -m vllm -q -p no:cacheprovider -rfE --tb=short \
+  timeout -k 15 "$(limit "${VLLM_TEST_TIMEOUT:-300}")" python -m pytest -m vllm -q -p no:cacheprovider -rfE --tb=short \
       tests/test_vllm_plugin.py > "$L/vllm_tests.log" 2>&1
   lane "C vllm pytest rc=$?"; tail -n 3 "$L/vllm_tests.log" | tee -a "$L/lanes.log" ) &
 if on B; then
   lane "B start"
-  timeout "$(limit "${PACK_TIMEOUT:-300}")" python bench/gpu/pack_vllm_check.py --ckpt "$W/base" --prompts 8 --new-tokens 32 \
+  timeout -k 15 "$(limit "${PACK_TIMEOUT:-300}")" python bench/gpu/pack_vllm_check.py --ckpt "$W/base" --prompts 8 --new-tokens 32 \
       --out "$L/pack" > "$L/pack_check.log" 2>&1; lane "B pack rc=$?"
-  timeout "$(limit "${PRUNE_TIMEOUT:-240}")" python bench/gpu/prune_vllm_check.py --scales micro-mm --ckpt "$W/base" --prompts 8 \
+  timeout -k 15 "$(limit "${PRUNE_TIMEOUT:-240}")" python bench/gpu/prune_vllm_check.py --scales micro-mm --ckpt "$W/base" --prompts 8 \
       --out "$L/prune" > "$L/prune_check.log" 2>&1; lane "B prune rc=$?"
 fi
 wait

@@ -231,6 +231,31 @@ def kernels_in_log(text: str) -> list[str]:
     return list(dict.fromkeys(KERNEL_LOG_RE.findall(text)))
 
 
+_LIVE_ENGINES: set[int] = set()  # process groups of the engines running now (each in its own session)
+_LIVE_LOCK = threading.RLock()  # re-entrant: the handler may interrupt the main thread holding it
+
+
+def kill_live_engines(signum=None, frame=None) -> None:
+    """SIGKILL every running engine's process group; as a signal handler (SIGTERM, e.g. from ``timeout``), then
+    exit: an engine lives in a session of its own, so without this it would outlive its driver (GPU memory held,
+    logs still being written)."""
+    with _LIVE_LOCK:
+        groups = list(_LIVE_ENGINES)
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if signum is not None:
+        raise SystemExit(128 + signum)
+
+
+def install_engine_reaper() -> None:
+    """Kill the running engines when this driver gets SIGTERM (main thread only: where signal handlers live)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, kill_live_engines)
+
+
 def run_engine_subprocess(script: Path, spec: dict, env: dict, log: Path, timeout: float) -> dict:
     """Run ``script --_engine SPEC`` in its own process session; returns its result JSON (or an error dict)."""
     spec_f = log.with_suffix(".spec.json")
@@ -241,12 +266,17 @@ def run_engine_subprocess(script: Path, spec: dict, env: dict, log: Path, timeou
     with open(log, "w") as fh:
         p = subprocess.Popen([sys.executable, str(script), "--_engine", str(spec_f)], cwd=REPO, env=env,
                              stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        with _LIVE_LOCK:
+            _LIVE_ENGINES.add(p.pid)
         try:
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)  # the engine's own process group (it may have spawned helpers)
             p.wait()
             rc = "timeout"
+        finally:
+            with _LIVE_LOCK:
+                _LIVE_ENGINES.discard(p.pid)
     wall = time.perf_counter() - t0
     text = log.read_text(errors="replace")
     out = json.loads(res_f.read_text()) if res_f.is_file() else {"error": f"engine exited {rc}: " + text[-1500:]}
@@ -436,6 +466,7 @@ def main(argv=None) -> int:
         return 0
     if not args.ckpt and not args.random:
         ap.error("pass --ckpt DIR or --random SCALE")
+    install_engine_reaper()
     kernels = [k for k in args.kernels.split(",") if k]
     modes = [m for m in args.modes.split(",") if m]
     if bad := [k for k in kernels if k not in PDQKIT_CLASSES] + [m for m in modes if m not in MODES]:
