@@ -16,7 +16,6 @@ e4b        2560     10240   42      8/2    256 / 512    18         published E4B
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -137,7 +136,7 @@ def save_random_checkpoint_streamed(scale: str, out, multimodal: bool = False, s
     from safetensors.torch import save_file
     from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
-    from pack.checkpoint import (INDEX_NAME, KNORM_SHARD, SINGLE_NAME, atomic_output_dir,
+    from pack.checkpoint import (INDEX_NAME, KNORM_SHARD, SINGLE_NAME, atomic_output_dir, json_dump,
                                  kv_shared_k_norm_tensors, lineage_step, write_lineage)
 
     cfg = model_config(scale, multimodal, **overrides)
@@ -186,7 +185,7 @@ def save_random_checkpoint_streamed(scale: str, out, multimodal: bool = False, s
             del tensors
         if len(names) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            json_dump(index, tmp / INDEX_NAME)
         step = lineage_step("base", model=f"pdqkit-bench/{scale}{'-mm' if multimodal else ''}",
                             init=f"random-streamed N(0, {std})", seed=seed,
                             overrides={k: v for k, v in sorted(overrides.items())})

@@ -267,17 +267,16 @@ def _save_bf16(model, tmp: Path, max_shard_size: str) -> None:
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     extra = kv_shared_k_norm_tensors(model)
     if extra:
-        index_f = tmp / "model.safetensors.index.json"
+        index_f = tmp / INDEX_NAME
         if index_f.exists():  # sharded: put the norms in a shard of their own and index them
             index = json.loads(index_f.read_text())
-            shard = KNORM_SHARD
-            save_file(extra, tmp / shard, metadata={"format": "pt"})
-            index["weight_map"].update({k: shard for k in extra})
+            save_file(extra, tmp / KNORM_SHARD, metadata={"format": "pt"})
+            index["weight_map"].update({k: KNORM_SHARD for k in extra})
             meta = index.setdefault("metadata", {})
             meta["total_size"] = meta.get("total_size", 0) + sum(t.numel() * t.element_size() for t in extra.values())
-            index_f.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            json_dump(index, index_f)
         else:
-            f = tmp / "model.safetensors"
+            f = tmp / SINGLE_NAME
             tensors = load_file(f)
             tensors.update(extra)
             save_file(tensors, f, metadata={"format": "pt"})
