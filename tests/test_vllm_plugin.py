@@ -224,6 +224,42 @@ def test_driver_graph_controls_and_deterministic_inductor(tmp_path, monkeypatch,
     assert "marlin graph vs marlin (control)" in out and "marlin graph-det vs marlin (control)" in out
 
 
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_driver_spreads_engines_over_gpus(tmp_path, monkeypatch, gpus):
+    """``--gpus N``: engine i of the run list sees only GPU i mod N (CUDA_VISIBLE_DEVICES); with the default (1)
+    the driver leaves CUDA_VISIBLE_DEVICES as inherited."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"vocab_size": 512}))
+    seen = {}
+
+    def fake_engine(script, spec, env, log, timeout):
+        seen[log.stem] = env.get("CUDA_VISIBLE_DEVICES")
+        log.write_text("")
+        rows = [_row([3], [-0.5]) for _ in spec["prompts"]]
+        return {"b1": rows, "batched": rows, "kernels_logged": [], "census": {}, "plugin_logged": []}
+
+    monkeypatch.setattr(e2e, "run_engine_subprocess", fake_engine)
+    e2e.main(["--ckpt", str(ckpt), "--prompts", "2", "--new-tokens", "1", "--max-model-len", "64", "--kernels",
+              "exact", "--modes", "eager,graph", "--gpus", str(gpus), "--work", str(tmp_path / "w"),
+              "--out", str(tmp_path / "o")])
+    order = ["default-eager", "marlin-eager", "exact-eager", "marlin-graph", "exact-graph", "marlin-graph-control"]
+    assert sorted(seen) == sorted(order)
+    want = {t: str(i % 2) for i, t in enumerate(order)} if gpus == 2 else dict.fromkeys(order, "7")
+    assert seen == want
+
+
+@pytest.mark.parametrize("bad", ["A=x", "A0", "D=1", "A=0,", "A=0;B=1"])
+def test_vllm_checks_rejects_malformed_lane_gpus(tmp_path, bad):
+    """bench/gpu/vllm_checks.sh refuses a malformed LANE_GPUS before it touches anything (no result dir wiped)."""
+    env = {**os.environ, "OUT": str(tmp_path), "LANE_GPUS": bad, "LANES": "A"}
+    r = subprocess.run(["bash", str(Path(e2e.REPO) / "bench/gpu/vllm_checks.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and f"LANE_GPUS={bad}" in r.stderr, (r.returncode, r.stderr)
+    assert not list(tmp_path.iterdir())
+
+
 def test_sigterm_to_the_driver_kills_its_engines(tmp_path):
     """An engine runs in a session of its own; SIGTERM to the driver (``timeout``) must take it down too."""
     import signal

@@ -9,7 +9,9 @@ batch over the ranks, so the N ranks see exactly the one process's batch). What 
 order (FSDP2's reduce-scatter of bf16 compute, fp32 reduce) — so the two loss curves should agree far inside the
 curve's own step-to-step noise. Reports, per step, ``|loss_N - loss_1|``; the noise is the one-GPU curve's
 step-to-step standard deviation (``std(diff(loss)) / sqrt 2``); and tokens/s, MFU and peak memory per rank of
-both runs from their JSON logs. Writes ``loss_parity.json`` to ``--out`` (default ``$OUT``).
+both runs from their JSON logs. Writes ``loss_parity.json`` to ``--out`` (default ``$OUT``), and
+``loss_parity.png`` (both curves and their difference against the noise) where matplotlib is installed;
+``--replot loss_parity.json`` redraws the figure from a report anywhere (no GPU).
 
 NVLink multicast stays off in the child processes (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1: the device docs require it on the multi-GPU machines).
@@ -65,10 +67,39 @@ def compare(one: list[dict], many: list[dict]) -> dict:
             "final_loss_one": l1[-1], "final_loss_many": ln[-1], "loss_one": l1, "loss_many": ln}
 
 
+def plot(rep: dict, path: Path) -> bool:
+    """Draw ``rep``'s two loss curves (top) and ``|loss_N - loss_1|`` against the one-process step noise (bottom)
+    into ``path``. Returns False (and draws nothing) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(1, rep["steps"] + 1)
+    fig, (top, bot) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+    top.plot(steps, rep["loss_one"], label="1 process", lw=1.5)
+    top.plot(steps, rep["loss_many"], label=f"{rep['nproc']} processes (FSDP2)", lw=1, ls="--")
+    top.set_ylabel(f"phase-{rep['phase']} loss")
+    top.legend()
+    top.set_title(f"python -m distill, 1 vs {rep['nproc']} processes ({rep['device']})")
+    bot.plot(steps, [abs(a - b) for a, b in zip(rep["loss_one"], rep["loss_many"])], lw=1, label="|difference|")
+    bot.axhline(rep["one_gpu_step_noise"], color="k", ls=":", label="1-process step-to-step noise")
+    bot.set_xlabel("step")
+    bot.set_ylabel("|Δ loss|")
+    bot.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--student", required=True)
+    ap.add_argument("--replot", type=Path, metavar="JSON", help="only redraw loss_parity.png beside this report")
+    ap.add_argument("--teacher")
+    ap.add_argument("--student")
     ap.add_argument("--nproc", type=int, default=2, help="processes (GPUs) of the second run")
     ap.add_argument("--phase", type=int, default=1, choices=(1, 2))
     ap.add_argument("--steps", type=int, default=60)
@@ -77,6 +108,15 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/pdq-parity", help="where the two output checkpoints and logs go")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args(argv)
+    if a.replot:
+        png = a.replot.with_suffix(".png")
+        if not plot(json.loads(a.replot.read_text()), png):
+            print("error: matplotlib is not installed: pip install matplotlib", file=sys.stderr)
+            return 2
+        print(f"wrote {png}")
+        return 0
+    if not (a.teacher and a.student):
+        ap.error("--teacher and --student are required (or --replot JSON)")
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +137,7 @@ def main(argv=None) -> int:
            "teacher": a.teacher, "student": a.student, "seconds": {"one": t_one, "many": t_many},
            "one": _throughput(one), "many": _throughput(many), **compare(one, many)}
     (out / "loss_parity.json").write_text(json.dumps(rep, indent=1) + "\n")
+    plot(rep, out / "loss_parity.png")
     print(f"{rep['steps']} steps, phase {a.phase}: final loss 1 process {rep['final_loss_one']:.5f}, "
           f"{a.nproc} processes {rep['final_loss_many']:.5f}; max |diff| {rep['max_abs_diff']:.2e} "
           f"(rel {rep['max_rel_diff']:.2e}), last-10 mean {rep['last10_mean_abs_diff']:.2e}; "

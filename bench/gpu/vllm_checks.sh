@@ -13,6 +13,7 @@
 #
 #   OUT=$OUT bash bench/gpu/vllm_checks.sh            # PDQ_WORK (default /tmp/pdq-quality) holds base, base-w4a16
 #   OUT=$OUT LANES=A,C bash bench/gpu/vllm_checks.sh  # then LANES=B in the next call (same warm machine)
+#   OUT=$OUT LANES=A,C LANE_GPUS=A=0,C=1 bash bench/gpu/vllm_checks.sh   # nvidia-h200-x2: a GPU per lane
 #
 # All three lanes in one call no longer fit (2026-11-29, eighth session: A took 372 s with its graph engines
 # compiling ~150 s each beside the other lanes; B's pack and prune checks and C's pytest hit their timeouts):
@@ -26,6 +27,11 @@ W=${PDQ_WORK:-/tmp/pdq-quality}
 L=/tmp/pdq-vllm-checks
 LANES=${LANES:-A,B,C}
 [[ $LANES =~ ^[ABC](,[ABC])*$ ]] || { echo "error: LANES=$LANES: give a comma list of A, B, C (e.g. LANES=A,C)" >&2; exit 2; }
+# LANE_GPUS=A=0,B=1,C=1 pins lanes to GPUs of a multi-GPU machine (CUDA_VISIBLE_DEVICES per lane), so that the
+# graph-mode engines of lane A compile and run with no other lane on their GPU; unset: every lane sees every GPU
+LANE_GPUS=${LANE_GPUS:-}
+[[ -z $LANE_GPUS || $LANE_GPUS =~ ^[ABC]=[0-9]+(,[ABC]=[0-9]+)*$ ]] || { echo "error: LANE_GPUS=$LANE_GPUS: give e.g. A=0,B=1,C=1" >&2; exit 2; }
+gpu() { local m; m=$(tr , '\n' <<< "$LANE_GPUS" | sed -n "s/^$1=//p" | tail -n 1); [ -n "$m" ] && export CUDA_VISIBLE_DEVICES=$m; true; }
 for v in DEADLINE A_TIMEOUT GEN_TIMEOUT PYTEST_TIMEOUT VLLM_TEST_TIMEOUT PACK_TIMEOUT PRUNE_TIMEOUT; do
   [[ -z ${!v:-} || ${!v} =~ ^[0-9]+$ ]] || { echo "error: $v=${!v}: give whole seconds" >&2; exit 2; }
 done
@@ -48,10 +54,10 @@ finish() {  # copy what there is, also when a lane ran out of time
 }
 trap finish EXIT
 
-on A && ( lane "A start"; timeout -k 15 "$(limit "${A_TIMEOUT:-480}")" python bench/gpu/vllm_e2e_check.py --ckpt "$W/base-w4a16" \
+on A && ( gpu A; lane "A start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"; timeout -k 15 "$(limit "${A_TIMEOUT:-480}")" python bench/gpu/vllm_e2e_check.py --ckpt "$W/base-w4a16" \
       --text-prompts --modes "${MODES:-eager,graph}" --work "$L/e2e-work" --out "$L/e2e" > "$L/e2e_check.log" 2>&1
   lane "A rc=$?" ) &
-on C && ( lane "C start"; timeout -k 15 "$(limit "${GEN_TIMEOUT:-300}")" python bench/vllm_e2e_bench.py --_gen > "$L/e2e_gen.log" 2>&1
+on C && ( gpu C; lane "C start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"; timeout -k 15 "$(limit "${GEN_TIMEOUT:-300}")" python bench/vllm_e2e_bench.py --_gen > "$L/e2e_gen.log" 2>&1
   lane "C gen rc=$?"
   PDQKIT_GPU_TRAINED_CKPT="$W/base" timeout -k 15 "$(limit "${PYTEST_TIMEOUT:-300}")" python -m pytest -m "gpu or vllm" -q \
       -p no:cacheprovider -rfE --tb=short --ignore=tests/test_vllm_plugin.py tests/ > "$L/gpu_tests.log" 2>&1
@@ -60,11 +66,11 @@ on C && ( lane "C start"; timeout -k 15 "$(limit "${GEN_TIMEOUT:-300}")" python 
       tests/test_vllm_plugin.py > "$L/vllm_tests.log" 2>&1
   lane "C vllm pytest rc=$?"; tail -n 3 "$L/vllm_tests.log" | tee -a "$L/lanes.log" ) &
 if on B; then
-  lane "B start"
+  ( gpu B; lane "B start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"
   timeout -k 15 "$(limit "${PACK_TIMEOUT:-300}")" python bench/gpu/pack_vllm_check.py --ckpt "$W/base" --prompts 8 --new-tokens 32 \
       --out "$L/pack" > "$L/pack_check.log" 2>&1; lane "B pack rc=$?"
   timeout -k 15 "$(limit "${PRUNE_TIMEOUT:-240}")" python bench/gpu/prune_vllm_check.py --scales micro-mm --ckpt "$W/base" --prompts 8 \
-      --out "$L/prune" > "$L/prune_check.log" 2>&1; lane "B prune rc=$?"
+      --out "$L/prune" > "$L/prune_check.log" 2>&1; lane "B prune rc=$?" )
 fi
 wait
 lane "all lanes done"

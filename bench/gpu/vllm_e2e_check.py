@@ -30,6 +30,11 @@ Usage (repo root, vLLM importable, e.g. ``export PYTHONPATH=/tmp/site VLLM_USE_F
     python bench/gpu/vllm_e2e_check.py --ckpt /path/to/w4a16            # an existing pack-quantized checkpoint
     python bench/gpu/vllm_e2e_check.py --random small                     # random 'small' model + pack.quantize
     python bench/gpu/vllm_e2e_check.py --random micro --prompts 8 --new-tokens 16 --modes eager   # quick
+    python bench/gpu/vllm_e2e_check.py --random small --kernels exact --modes graph,graph-det --gpus 2 --parallel 7
+
+``--gpus N`` puts engine i on GPU i mod N (its CUDA_VISIBLE_DEVICES), so the engines of a multi-GPU machine do
+not share one GPU's compile-time autotuning. On two H200s (2026-11-29) ``exact`` was bit-identical to Marlin in
+``graph-det`` and not in ``graph``, while the Marlin control agreed in both (README, vLLM plugin section).
 
 Prints a compact table; writes ``vllm_e2e_check.json`` (and the engine logs) to ``--out`` (default ``$OUT``).
 Exit status 0 when every gate passed (exact bit-identity in eager mode, kernel logs/census, fast goal).
@@ -454,6 +459,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--fast-goal", type=float, default=0.9, help="fraction of prompts fast must match (default 0.9)")
     ap.add_argument("--parallel", type=int, default=4, help="engines running at once (default 4)")
+    ap.add_argument("--gpus", type=int, default=1,
+                    help="spread the engines over this many GPUs (engine i on GPU i mod N; default 1: all share)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.08)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--timeout", type=float, default=540, help="seconds per engine")
@@ -501,6 +508,8 @@ def main(argv=None) -> int:
     logs = work / "logs"  # one log per engine; $OUT gets them concatenated (it takes few files)
     logs.mkdir(exist_ok=True)
 
+    gpu_of = {run[0]: i % args.gpus for i, run in enumerate(runs)} if args.gpus > 1 else {}
+
     def one(run):
         tag, kernel, mode, gen = run
         eng = dict(base, enforce_eager=(mode == "eager"))
@@ -512,9 +521,12 @@ def main(argv=None) -> int:
         spec = {"ckpt": str(ckpt), "engine": eng, "prompts": prompts if gen else prompts[:1],
                 "new_tokens": args.new_tokens, "generate": gen}
         env = engine_env(kernel, work, tag, deterministic_inductor=mode == "graph-det")
+        if tag in gpu_of:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu_of[tag])
         r = run_engine_subprocess(Path(__file__).resolve(), spec, env, logs / f"{tag}.log", args.timeout)
         status = "error" if "error" in r else "ok"
-        print(f"  [{tag}] {status}: startup {r.get('startup_s', '-')} s, generate {r.get('generate_s', '-')} s, "
+        where = f" (GPU {gpu_of[tag]})" if tag in gpu_of else ""
+        print(f"  [{tag}]{where} {status}: startup {r.get('startup_s', '-')} s, generate {r.get('generate_s', '-')} s, "
               f"kernels {r['kernels_logged']}", flush=True)
         return tag, r
 
