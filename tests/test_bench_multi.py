@@ -34,13 +34,23 @@ def test_loss_parity_one_vs_two_processes(tmp_path):
     (a0, *_), (b0, *_) = rep["loss_one"], rep["loss_many"]
     assert abs(a0 - b0) <= 1e-6 * abs(a0) and rep["max_rel_diff"] < 1e-3, rep
     assert rep["max_abs_diff"] == max(abs(a - b) for a, b in zip(rep["loss_one"], rep["loss_many"]))
-    pytest.importorskip("matplotlib")
+    # the figure: drawn where matplotlib is installed (not a pdqkit dependency); else no file, and --replot says why
     png = out / "loss_parity.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    png.unlink()  # --replot redraws it from the report alone
+    try:
+        import matplotlib  # noqa: F401
+        has_mpl = True
+    except ImportError:
+        has_mpl = False
+    assert png.is_file() == has_mpl
+    if has_mpl:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        png.unlink()  # --replot redraws it from the report alone
     r = subprocess.run([sys.executable, str(REPO / "bench/gpu/loss_parity.py"), "--replot", str(out / "loss_parity.json")],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG", r.stderr[-2000:]
+    if has_mpl:
+        assert r.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG", r.stderr[-2000:]
+    else:
+        assert r.returncode == 2 and "matplotlib is not installed" in r.stderr and not png.exists()
 
 
 def test_distill_bench_under_torchrun(tmp_path):

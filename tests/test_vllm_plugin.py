@@ -224,11 +224,18 @@ def test_driver_graph_controls_and_deterministic_inductor(tmp_path, monkeypatch,
     assert "marlin graph vs marlin (control)" in out and "marlin graph-det vs marlin (control)" in out
 
 
-@pytest.mark.parametrize("gpus", [1, 2])
-def test_driver_spreads_engines_over_gpus(tmp_path, monkeypatch, gpus):
-    """``--gpus N``: engine i of the run list sees only GPU i mod N (CUDA_VISIBLE_DEVICES); with the default (1)
-    the driver leaves CUDA_VISIBLE_DEVICES as inherited."""
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+@pytest.mark.parametrize("gpus,inherited,want", [
+    (1, "7", {"eager": "7", "graph": "7", "graph-det": "7"}),          # default: the environment as inherited
+    (2, None, {"eager": "0", "graph": "1", "graph-det": "0"}),          # by mode, round robin
+    (2, "5,3", {"eager": "5", "graph": "3", "graph-det": "5"}),         # an inherited mask is indexed, not escaped
+])
+def test_driver_spreads_engines_over_gpus_by_mode(tmp_path, monkeypatch, gpus, inherited, want):
+    """``--gpus N``: every engine of the i-th mode (Marlin, its control, the pdqkit kernels) on GPU i mod N, so each
+    comparison is made on one GPU; GPU j is the j-th entry of an inherited CUDA_VISIBLE_DEVICES."""
+    if inherited is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", inherited)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({"vocab_size": 512}))
@@ -242,22 +249,65 @@ def test_driver_spreads_engines_over_gpus(tmp_path, monkeypatch, gpus):
 
     monkeypatch.setattr(e2e, "run_engine_subprocess", fake_engine)
     e2e.main(["--ckpt", str(ckpt), "--prompts", "2", "--new-tokens", "1", "--max-model-len", "64", "--kernels",
-              "exact", "--modes", "eager,graph", "--gpus", str(gpus), "--work", str(tmp_path / "w"),
+              "exact", "--modes", "eager,graph,graph-det", "--gpus", str(gpus), "--work", str(tmp_path / "w"),
               "--out", str(tmp_path / "o")])
-    order = ["default-eager", "marlin-eager", "exact-eager", "marlin-graph", "exact-graph", "marlin-graph-control"]
-    assert sorted(seen) == sorted(order)
-    want = {t: str(i % 2) for i, t in enumerate(order)} if gpus == 2 else dict.fromkeys(order, "7")
-    assert seen == want
+    assert seen == {t: want[m] for t, m in [("default-eager", "eager"), ("marlin-eager", "eager"),
+                                            ("exact-eager", "eager"), ("marlin-graph", "graph"),
+                                            ("exact-graph", "graph"), ("marlin-graph-control", "graph"),
+                                            ("marlin-graph-det", "graph-det"), ("exact-graph-det", "graph-det"),
+                                            ("marlin-graph-det-control", "graph-det")]}
+
+
+def test_gpus_by_mode_edge_cases():
+    runs = [("default-eager", "default", "eager", False), ("marlin-graph", "marlin", "graph", True)]
+    assert e2e.gpus_by_mode(runs, ["graph"], 2, None) == {"default-eager": "0", "marlin-graph": "0"}
+    assert e2e.gpus_by_mode(runs, ["graph"], 1, "4") == {}
+    with pytest.raises(SystemExit, match="names only 1 GPU"):
+        e2e.gpus_by_mode(runs, ["graph"], 2, "4")
+
+
+def _vllm_checks(tmp_path, **env):
+    """Run bench/gpu/vllm_checks.sh with a stub ``python`` first on PATH that only records, per call, the
+    CUDA_VISIBLE_DEVICES it saw and its arguments (into ``calls.txt``); results under ``tmp_path``."""
+    stub = tmp_path / "bin"
+    stub.mkdir(exist_ok=True)
+    (stub / "python").write_text(f'#!/bin/sh\necho "${{CUDA_VISIBLE_DEVICES-unset}} $*" >> {tmp_path / "calls.txt"}\n')
+    (stub / "python").chmod(0o755)
+    full = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    full.update(OUT=str(tmp_path / "out"), PDQ_CHECKS_DIR=str(tmp_path / "checks"), PDQ_WORK=str(tmp_path / "w"),
+                PATH=f"{stub}{os.pathsep}{os.environ['PATH']}", **env)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return subprocess.run(["bash", str(Path(e2e.REPO) / "bench/gpu/vllm_checks.sh")], env=full, capture_output=True,
+                          text=True, timeout=120)
 
 
 @pytest.mark.parametrize("bad", ["A=x", "A0", "D=1", "A=0,", "A=0;B=1"])
 def test_vllm_checks_rejects_malformed_lane_gpus(tmp_path, bad):
-    """bench/gpu/vllm_checks.sh refuses a malformed LANE_GPUS before it touches anything (no result dir wiped)."""
-    env = {**os.environ, "OUT": str(tmp_path), "LANE_GPUS": bad, "LANES": "A"}
-    r = subprocess.run(["bash", str(Path(e2e.REPO) / "bench/gpu/vllm_checks.sh")], env=env, capture_output=True,
-                       text=True, timeout=60)
+    """bench/gpu/vllm_checks.sh refuses a malformed LANE_GPUS before it touches anything (no result dir wiped,
+    nothing run)."""
+    (tmp_path / "checks").mkdir()
+    (tmp_path / "checks" / "keep").write_text("")
+    r = _vllm_checks(tmp_path, LANE_GPUS=bad, LANES="A")
     assert r.returncode == 2 and f"LANE_GPUS={bad}" in r.stderr, (r.returncode, r.stderr)
-    assert not list(tmp_path.iterdir())
+    assert (tmp_path / "checks" / "keep").exists() and not (tmp_path / "calls.txt").exists()
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_vllm_checks_pins_lanes_to_gpus(tmp_path):
+    """LANE_GPUS=A=1,C=0 under an inherited CUDA_VISIBLE_DEVICES=5,3: lane A's commands see GPU 3, lane C's GPU 5,
+    lane B (not pinned) the inherited mask; an index past the mask is refused before anything runs."""
+    r = _vllm_checks(tmp_path, LANE_GPUS="A=1,C=0", LANES="A,B,C", CUDA_VISIBLE_DEVICES="5,3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    lane_of = {"vllm_e2e_check.py": "3", "vllm_e2e_bench.py": "5", "-m pytest": "5", "pack_vllm_check.py": "5,3",
+               "prune_vllm_check.py": "5,3"}
+    for key, want in lane_of.items():
+        hits = [c for c in calls if key in c]
+        assert hits and all(c.split(" ", 1)[0] == want for c in hits), (key, calls)
+    assert len(calls) == 6  # A: 1, B: 2, C: gen + two pytest runs
+    (tmp_path / "calls.txt").unlink()
+    r = _vllm_checks(tmp_path, LANE_GPUS="A=2", LANES="A", CUDA_VISIBLE_DEVICES="5,3")
+    assert r.returncode == 2 and "GPU 2 is not among" in r.stderr and not (tmp_path / "calls.txt").exists()
 
 
 def test_sigterm_to_the_driver_kills_its_engines(tmp_path):

@@ -32,9 +32,11 @@ Usage (repo root, vLLM importable, e.g. ``export PYTHONPATH=/tmp/site VLLM_USE_F
     python bench/gpu/vllm_e2e_check.py --random micro --prompts 8 --new-tokens 16 --modes eager   # quick
     python bench/gpu/vllm_e2e_check.py --random small --kernels exact --modes graph,graph-det --gpus 2 --parallel 7
 
-``--gpus N`` puts engine i on GPU i mod N (its CUDA_VISIBLE_DEVICES), so the engines of a multi-GPU machine do
-not share one GPU's compile-time autotuning. On two H200s (2026-11-29) ``exact`` was bit-identical to Marlin in
-``graph-det`` and not in ``graph``, while the Marlin control agreed in both (README, vLLM plugin section).
+``--gpus N`` spreads the engines over N GPUs by mode: every engine of the i-th mode in ``--modes`` (Marlin, its
+control and the pdqkit kernels) runs on GPU i mod N, so each comparison is made on one GPU and the modes compile
+and run beside fewer neighbours. GPU j is the j-th entry of an inherited CUDA_VISIBLE_DEVICES (else device j).
+On two H200s (2026-11-29) ``exact`` was bit-identical to Marlin in ``graph-det`` (on another GPU than Marlin's)
+and not in ``graph``, where the Marlin control agreed (README, vLLM plugin section).
 
 Prints a compact table; writes ``vllm_e2e_check.json`` (and the engine logs) to ``--out`` (default ``$OUT``).
 Exit status 0 when every gate passed (exact bit-identity in eager mode, kernel logs/census, fast goal).
@@ -440,6 +442,19 @@ def _fmt_fast(c: dict | None) -> str:
             f"|dlogprob| mean {c['dlogprob_mean']:.2e} max {c['dlogprob_max']:.2e}")
 
 
+def gpus_by_mode(runs: list[tuple], modes: list[str], n: int, inherited: str | None) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES per engine tag for ``--gpus n``: the engines of ``modes[i]`` on GPU ``i % n``, where GPU
+    j is the j-th entry of ``inherited`` (an existing CUDA_VISIBLE_DEVICES: a mask is narrowed, never escaped) or
+    device j. ``runs``: (tag, kernel, mode, generate) tuples. n <= 1: {} (engines inherit the environment)."""
+    if n <= 1:
+        return {}
+    pool = [d.strip() for d in inherited.split(",") if d.strip()] if inherited else [str(j) for j in range(n)]
+    if len(pool) < n:
+        raise SystemExit(f"error: --gpus {n}, but CUDA_VISIBLE_DEVICES={inherited} names only {len(pool)} GPU(s)")
+    # the default engine (kernel census only) runs eager also when eager is not among the modes: first GPU
+    return {tag: pool[(modes.index(mode) if mode in modes else 0) % n] for tag, _, mode, _ in runs}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
@@ -460,7 +475,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fast-goal", type=float, default=0.9, help="fraction of prompts fast must match (default 0.9)")
     ap.add_argument("--parallel", type=int, default=4, help="engines running at once (default 4)")
     ap.add_argument("--gpus", type=int, default=1,
-                    help="spread the engines over this many GPUs (engine i on GPU i mod N; default 1: all share)")
+                    help="spread the engines over this many GPUs by mode (the i-th mode's engines on GPU i mod N; "
+                         "default 1: all share the visible GPUs)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.08)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--timeout", type=float, default=540, help="seconds per engine")
@@ -508,7 +524,7 @@ def main(argv=None) -> int:
     logs = work / "logs"  # one log per engine; $OUT gets them concatenated (it takes few files)
     logs.mkdir(exist_ok=True)
 
-    gpu_of = {run[0]: i % args.gpus for i, run in enumerate(runs)} if args.gpus > 1 else {}
+    gpu_of = gpus_by_mode(runs, modes, args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def one(run):
         tag, kernel, mode, gen = run
@@ -522,7 +538,7 @@ def main(argv=None) -> int:
                 "new_tokens": args.new_tokens, "generate": gen}
         env = engine_env(kernel, work, tag, deterministic_inductor=mode == "graph-det")
         if tag in gpu_of:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu_of[tag])
+            env["CUDA_VISIBLE_DEVICES"] = gpu_of[tag]
         r = run_engine_subprocess(Path(__file__).resolve(), spec, env, logs / f"{tag}.log", args.timeout)
         status = "error" if "error" in r else "ok"
         where = f" (GPU {gpu_of[tag]})" if tag in gpu_of else ""
