@@ -91,6 +91,23 @@ def selected_kernel(environ=None) -> str | None:
     return choice
 
 
+def inductor_hint(compile_mode, backend: str, inductor_compile_config: dict | None, environ=None) -> str | None:
+    """The one-line hint ``exact`` logs when vLLM compiles the model with Inductor outside its deterministic mode
+    (None otherwise): the GEMM is still Marlin's bits, but on two H200s (2026-11-29) Inductor's default mode made a
+    whole ``exact`` engine differ from a Marlin engine, and ``TORCHINDUCTOR_DETERMINISTIC=1`` with combo kernels
+    off made them bit-identical. ``compile_mode``: vLLM's ``CompilationMode`` (0 = none, e.g. ``--enforce-eager``);
+    ``backend``: ``compilation_config.backend`` ("" or "inductor" = Inductor)."""
+    env = os.environ if environ is None else environ
+    if int(compile_mode) == 0 or backend not in ("", "inductor"):
+        return None
+    if env.get("TORCHINDUCTOR_DETERMINISTIC") == "1" and (inductor_compile_config or {}).get("combo_kernels") is False:
+        return None
+    return ("pdqkit: PdqkitExactLinearKernel computes Marlin's bits, but with torch.compile in Inductor's default "
+            "mode a whole engine can still differ from a Marlin engine (Inductor's own kernels); for bit-identical "
+            "engines run both with TORCHINDUCTOR_DETERMINISTIC=1 and compilation_config={'inductor_compile_config': "
+            "{'combo_kernels': False, 'benchmark_combo_kernel': False}}, or with --enforce-eager")
+
+
 def coverage(*, weight_type: str, act_dtype: torch.dtype, group_size: int, n: int, k: int,
              zero_points: bool, has_g_idx: bool, out_dtype: torch.dtype | None = None) -> tuple[bool, str | None]:
     """Whether pdqkit's W4A16 kernels (both of them) cover a linear layer: ``(True, None)`` or ``(False, why)``.
@@ -266,6 +283,13 @@ def _kernel_classes() -> dict:
                 if getattr(envs, var):
                     log.warning_once("pdqkit: %s is set; Marlin would then change its arithmetic, the exact "
                                      "kernel does not follow it (bit-identity to Marlin is lost)", var)
+            try:  # a hint only: whatever vLLM's config looks like, loading goes on
+                cc = get_current_vllm_config_or_none().compilation_config
+                hint = inductor_hint(cc.mode, cc.backend, cc.inductor_compile_config)
+            except Exception:  # noqa: BLE001
+                hint = None
+            if hint:
+                log.info_once(hint)
 
         def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -122,6 +122,22 @@ def _schema_args(op) -> list[str]:
     return [a.name for a in op.default._schema.arguments]
 
 
+@pytest.mark.parametrize("mode,backend,icc,env,hint", [
+    (0, "", None, {}, False),                                             # --enforce-eager: nothing to say
+    (3, "eager", None, {}, False),                                        # no Inductor
+    (3, "", None, {}, True),                                              # vLLM's default: Inductor, default mode
+    (3, "inductor", {"combo_kernels": False}, {}, True),                  # combo off alone is not enough
+    (3, "", None, {"TORCHINDUCTOR_DETERMINISTIC": "1"}, True),           # nor deterministic alone
+    (3, "", {"combo_kernels": False, "benchmark_combo_kernel": False},
+     {"TORCHINDUCTOR_DETERMINISTIC": "1"}, False),                         # both: what was measured bit-identical
+])
+def test_inductor_hint(mode, backend, icc, env, hint):
+    got = plugin.inductor_hint(mode, backend, icc, env)
+    assert (got is not None) == hint
+    if hint:
+        assert "TORCHINDUCTOR_DETERMINISTIC=1" in got and "combo_kernels" in got and "\n" not in got
+
+
 def test_exact_op_signature_matches_plugin_call():
     # PdqkitExactLinearKernel.apply_weights calls (x, weight_packed, weight_scale, bias, use_fp32_reduce, sms)
     op = plugin._load_op("exact")
