@@ -45,8 +45,8 @@ def test_loss_parity_one_vs_two_processes(tmp_path):
     if has_mpl:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         png.unlink()  # --replot redraws it from the report alone
-    r = subprocess.run([sys.executable, str(REPO / "bench/gpu/loss_parity.py"), "--replot", str(out / "loss_parity.json")],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, str(REPO / "bench/gpu/loss_parity.py"), "--replot",
+                        str(out / "loss_parity.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
     if has_mpl:
         assert r.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG", r.stderr[-2000:]
     else:

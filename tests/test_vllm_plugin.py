@@ -280,6 +280,8 @@ def test_gpus_by_mode_edge_cases():
     assert e2e.gpus_by_mode(runs, ["graph"], 1, "4") == {}
     with pytest.raises(SystemExit, match="names only 1 GPU"):
         e2e.gpus_by_mode(runs, ["graph"], 2, "4")
+    with pytest.raises(SystemExit, match="names only 0 GPU"):  # an empty mask hides every GPU: not "unset"
+        e2e.gpus_by_mode(runs, ["graph"], 2, "")
 
 
 def _vllm_checks(tmp_path, **env):
@@ -297,7 +299,7 @@ def _vllm_checks(tmp_path, **env):
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("bad", ["A=x", "A0", "D=1", "A=0,", "A=0;B=1"])
+@pytest.mark.parametrize("bad", ["A=x", "A0", "D=1", "A=0,", "A=0;B=1", "A=08"])
 def test_vllm_checks_rejects_malformed_lane_gpus(tmp_path, bad):
     """bench/gpu/vllm_checks.sh refuses a malformed LANE_GPUS before it touches anything (no result dir wiped,
     nothing run)."""
@@ -322,8 +324,9 @@ def test_vllm_checks_pins_lanes_to_gpus(tmp_path):
         assert hits and all(c.split(" ", 1)[0] == want for c in hits), (key, calls)
     assert len(calls) == 6  # A: 1, B: 2, C: gen + two pytest runs
     (tmp_path / "calls.txt").unlink()
-    r = _vllm_checks(tmp_path, LANE_GPUS="A=2", LANES="A", CUDA_VISIBLE_DEVICES="5,3")
-    assert r.returncode == 2 and "GPU 2 is not among" in r.stderr and not (tmp_path / "calls.txt").exists()
+    for mask, lanes in (("5,3", "A=2"), ("", "A=0")):  # past the mask; an empty mask (no GPU visible)
+        r = _vllm_checks(tmp_path, LANE_GPUS=lanes, LANES="A", CUDA_VISIBLE_DEVICES=mask)
+        assert r.returncode == 2 and "is not among" in r.stderr and not (tmp_path / "calls.txt").exists(), r.stderr
 
 
 def test_sigterm_to_the_driver_kills_its_engines(tmp_path):

@@ -9,10 +9,12 @@ batch over the ranks, so the N ranks see exactly the one process's batch). What 
 reduction order (FSDP2's reduce-scatter), and on a GPU also the forward itself. One process keeps fp32 weights
 under ``torch.autocast`` (bf16 matmuls, fp32 residual stream), while FSDP2 all-gathers bf16 parameters
 (``MixedPrecisionPolicy``), so the student's residual stream and norm outputs are bf16 too; and each rank
-multiplies 1/N of the batch (other GEMM tile shapes). Step 1, before any update, already differed by 1.3e-3 relative on two H200s. Reports, per step, ``|loss_N - loss_1|`` (and the step-1 relative difference); the yardstick is the
-one-GPU curve's step-to-step noise (``std(diff(loss)) / sqrt 2``). That noise includes batch-to-batch variation,
-which a paired run on identical batches does not have, so "within the noise" is a loose bound. Also tokens/s, MFU
-and peak memory per rank of both runs from their JSON logs (the last step's). Writes ``loss_parity.json`` to ``--out`` (default ``$OUT``), and
+multiplies 1/N of the batch (other GEMM tile shapes). Step 1, before any update, already differed by 1.3e-3
+relative on two H200s (presumably from these). Reports, per step, ``|loss_N - loss_1|`` (and the step-1 relative
+difference); the yardstick is the one-GPU curve's step-to-step noise (``std(diff(loss)) / sqrt 2``). That noise
+includes batch-to-batch variation, which a paired run on identical batches does not have, so "within the noise"
+is a loose bound. Also tokens/s, MFU and peak memory per rank of both runs from their JSON logs (the last
+step's). Writes ``loss_parity.json`` to ``--out`` (default ``$OUT``), and
 ``loss_parity.png`` (both curves and their difference against the noise) where matplotlib is installed;
 ``--replot loss_parity.json`` redraws the figure from a report anywhere (no GPU).
 
@@ -66,7 +68,8 @@ def compare(one: list[dict], many: list[dict]) -> dict:
     tail = d[-min(10, len(d)):]
     return {"steps": len(d), "max_abs_diff": max(d), "mean_abs_diff": sum(d) / len(d),
             "last10_mean_abs_diff": sum(tail) / len(tail), "max_rel_diff": max(x / abs(a) for x, a in zip(d, l1)),
-            "step1_rel_diff": d[0] / abs(l1[0]), "one_gpu_step_noise": noise, "max_diff_over_noise": max(d) / noise if noise > 0 else None,
+            "step1_rel_diff": d[0] / abs(l1[0]), "one_gpu_step_noise": noise,
+            "max_diff_over_noise": max(d) / noise if noise > 0 else None,
             "final_loss_one": l1[-1], "final_loss_many": ln[-1], "loss_one": l1, "loss_many": ln}
 
 

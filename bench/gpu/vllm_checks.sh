@@ -24,24 +24,30 @@
 set -u
 : "${OUT:?set OUT}"
 W=${PDQ_WORK:-/tmp/pdq-quality}
-L=${PDQ_CHECKS_DIR:-/tmp/pdq-vllm-checks}  # this call's logs and reports (wiped first)
+L=${PDQ_CHECKS_DIR:-/tmp/pdq-vllm-checks}  # this call's logs and reports: rm -rf'd at the start
 LANES=${LANES:-A,B,C}
 [[ $LANES =~ ^[ABC](,[ABC])*$ ]] || { echo "error: LANES=$LANES: give a comma list of A, B, C (e.g. LANES=A,C)" >&2; exit 2; }
 # LANE_GPUS=A=0,B=1,C=1 pins lanes to GPUs of a multi-GPU machine (CUDA_VISIBLE_DEVICES per lane), so that the
 # graph-mode engines of lane A compile and run with no other lane on their GPU; unset: every lane sees every GPU.
-# GPU j is the j-th entry of an inherited CUDA_VISIBLE_DEVICES (a mask is narrowed, never escaped), else device j.
+# GPU j is the j-th entry of an inherited CUDA_VISIBLE_DEVICES (a mask is narrowed, never escaped; an index past
+# the mask is refused before anything is touched), else device j.
 LANE_GPUS=${LANE_GPUS:-}
-[[ -z $LANE_GPUS || $LANE_GPUS =~ ^[ABC]=[0-9]+(,[ABC]=[0-9]+)*$ ]] || { echo "error: LANE_GPUS=$LANE_GPUS: give e.g. A=0,B=1,C=1" >&2; exit 2; }
-IFS=, read -r -a GPU_POOL <<< "${CUDA_VISIBLE_DEVICES:-}"
-for pair in ${LANE_GPUS//,/ }; do  # every index must name a visible GPU (checked before anything is touched)
+[[ -z $LANE_GPUS || $LANE_GPUS =~ ^[ABC]=(0|[1-9][0-9]*)(,[ABC]=(0|[1-9][0-9]*))*$ ]] ||
+  { echo "error: LANE_GPUS=$LANE_GPUS: give e.g. A=0,B=1,C=1" >&2; exit 2; }
+MASKED=0; GPU_POOL=()
+if [[ -v CUDA_VISIBLE_DEVICES ]]; then  # set, even empty (= no GPU visible): a mask
+  MASKED=1; IFS=, read -r -a GPU_POOL <<< "${CUDA_VISIBLE_DEVICES// /}"
+fi
+for pair in ${LANE_GPUS//,/ }; do
   j=${pair#*=}
-  (( ${#GPU_POOL[@]} == 0 || j < ${#GPU_POOL[@]} )) || { echo "error: LANE_GPUS=$LANE_GPUS: GPU $j is not among CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES" >&2; exit 2; }
+  (( ! MASKED || j < ${#GPU_POOL[@]} )) ||
+    { echo "error: LANE_GPUS=$LANE_GPUS: GPU $j is not among CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES" >&2; exit 2; }
 done
 gpu() {  # in a lane's subshell: narrow CUDA_VISIBLE_DEVICES to the lane's GPU (the last entry for the lane wins)
   local pair j=""
   for pair in ${LANE_GPUS//,/ }; do [[ $pair == "$1="* ]] && j=${pair#*=}; done
   [ -z "$j" ] && return 0
-  if (( ${#GPU_POOL[@]} )); then export CUDA_VISIBLE_DEVICES=${GPU_POOL[$j]}; else export CUDA_VISIBLE_DEVICES=$j; fi
+  if (( MASKED )); then export CUDA_VISIBLE_DEVICES=${GPU_POOL[$j]}; else export CUDA_VISIBLE_DEVICES=$j; fi
 }
 for v in DEADLINE A_TIMEOUT GEN_TIMEOUT PYTEST_TIMEOUT VLLM_TEST_TIMEOUT PACK_TIMEOUT PRUNE_TIMEOUT; do
   [[ -z ${!v:-} || ${!v} =~ ^[0-9]+$ ]] || { echo "error: $v=${!v}: give whole seconds" >&2; exit 2; }

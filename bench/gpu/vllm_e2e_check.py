@@ -448,7 +448,11 @@ def gpus_by_mode(runs: list[tuple], modes: list[str], n: int, inherited: str | N
     device j. ``runs``: (tag, kernel, mode, generate) tuples. n <= 1: {} (engines inherit the environment)."""
     if n <= 1:
         return {}
-    pool = [d.strip() for d in inherited.split(",") if d.strip()] if inherited else [str(j) for j in range(n)]
+    # an empty CUDA_VISIBLE_DEVICES hides every GPU: it is a mask of none, not "unset"
+    if inherited is None:
+        pool = [str(j) for j in range(n)]
+    else:
+        pool = [d.strip() for d in inherited.split(",") if d.strip()]
     if len(pool) < n:
         raise SystemExit(f"error: --gpus {n}, but CUDA_VISIBLE_DEVICES={inherited} names only {len(pool)} GPU(s)")
     # the default engine (kernel census only) runs eager also when eager is not among the modes: first GPU
