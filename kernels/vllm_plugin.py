@@ -91,6 +91,13 @@ def selected_kernel(environ=None) -> str | None:
     return choice
 
 
+# The Inductor settings under which a compiled `exact` engine matched a compiled Marlin engine bit for bit (two H200s,
+# 2026-11-29): an environment variable plus vLLM's compilation_config.inductor_compile_config. One place for the
+# plugin's hint and bench/gpu/vllm_e2e_check.py's graph-det mode.
+DETERMINISTIC_INDUCTOR_ENV = ("TORCHINDUCTOR_DETERMINISTIC", "1")
+DETERMINISTIC_INDUCTOR_CONFIG = {"combo_kernels": False, "benchmark_combo_kernel": False}
+
+
 def inductor_hint(compile_mode, backend: str, inductor_compile_config: dict | None, environ=None) -> str | None:
     """The one-line hint ``exact`` logs when vLLM compiles the model with Inductor outside its deterministic mode
     (None otherwise): the GEMM is still Marlin's bits, but on two H200s (2026-11-29) Inductor's default mode made a
@@ -100,13 +107,13 @@ def inductor_hint(compile_mode, backend: str, inductor_compile_config: dict | No
     env = os.environ if environ is None else environ
     if int(compile_mode) == 0 or backend not in ("", "inductor"):
         return None
-    if env.get("TORCHINDUCTOR_DETERMINISTIC") == "1" and (inductor_compile_config or {}).get("combo_kernels") is False:
+    var, value = DETERMINISTIC_INDUCTOR_ENV
+    if env.get(var) == value and (inductor_compile_config or {}).get("combo_kernels") is False:
         return None
     return ("pdqkit: PdqkitExactLinearKernel computes Marlin's bits, but under torch.compile in Inductor's default "
-            "mode whole engines were seen to differ from a Marlin engine; with TORCHINDUCTOR_DETERMINISTIC=1 and "
-            "compilation_config={'inductor_compile_config': {'combo_kernels': False, 'benchmark_combo_kernel': "
-            "False}} on both engines they matched bit for bit (pdqkit's check, 2026-11-29); --enforce-eager needs "
-            "neither")
+            f"mode whole engines were seen to differ from a Marlin engine; with {var}={value} and "
+            f"compilation_config={{'inductor_compile_config': {DETERMINISTIC_INDUCTOR_CONFIG!r}}} on both engines "
+            "they matched bit for bit (pdqkit's check, 2026-11-29); --enforce-eager needs neither")
 
 
 def coverage(*, weight_type: str, act_dtype: torch.dtype, group_size: int, n: int, k: int,

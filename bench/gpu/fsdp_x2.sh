@@ -9,9 +9,8 @@
 # ~3 min), GPU 0 measures the one-GPU E4B baseline; then both GPUs run the same per-GPU batch under torchrun
 # (global batch 32 = 16 per rank), and a larger per-rank batch that one GPU cannot hold (24 per rank, chunk 2048:
 # out of memory on one GPU in the second session; batch 16 alone peaks at 118.8 GB). parity: loss_parity.py (same
-# run as 1 and 2 processes), then
-# the one-GPU E4B baseline again with the other GPU idle (the throughput part's baseline shared the host with
-# the training job).
+# run as 1 and 2 processes), then the one-GPU E4B baseline again with the other GPU idle (the throughput part's
+# baseline shared the host with the training job).
 #
 # NVLink multicast stays off (the device docs: it can take the host's GPUs out of service): the image sets
 # NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1; they are set again here.
@@ -27,6 +26,10 @@ E4B=(--pairs e4b --attn pdq_hybrid --loss-impl fused --compile-loss --out "$OUT"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.txt"; }
 FAIL=0
 step() { local rc=$1; shift; stamp "$* rc $rc"; (( rc == 0 )) || FAIL=1; }  # the exit status: 1 if any step failed
+e4b_one_gpu() {  # the one-GPU E4B baseline on GPU 0 -> $OUT/$1.{json,log}
+  CUDA_VISIBLE_DEVICES=0 timeout -k 15 200 python bench/gpu/distill_bench.py "${E4B[@]}" \
+    --configs "1,16,2048,1,1024" --json-name "$1.json" > "$OUT/$1.log" 2>&1
+}
 
 case "$PART" in
 throughput)
@@ -41,8 +44,7 @@ throughput)
     > "$OUT/quality.log" 2>&1 &
   qpid=$!
   stamp "E4B, 1 GPU (GPU 0)"
-  CUDA_VISIBLE_DEVICES=0 timeout -k 15 200 python bench/gpu/distill_bench.py "${E4B[@]}" \
-    --configs "1,16,2048,1,1024" --json-name e4b_1gpu.json > "$OUT/e4b_1gpu.log" 2>&1
+  e4b_one_gpu e4b_1gpu
   step $? "1 GPU"; stamp "waiting for the small pipeline"
   wait $qpid; step $? "small pipeline"
   stamp "E4B, 2 GPUs (FSDP2)"
@@ -60,8 +62,7 @@ parity)
   step $? "parity"
   cp /tmp/pdq-parity/one.jsonl "$OUT/parity_one.jsonl"; cp /tmp/pdq-parity/many.jsonl "$OUT/parity_many.jsonl"
   stamp "E4B, 1 GPU, alone"
-  CUDA_VISIBLE_DEVICES=0 timeout -k 15 200 python bench/gpu/distill_bench.py "${E4B[@]}" \
-    --configs "1,16,2048,1,1024" --json-name e4b_1gpu_alone.json > "$OUT/e4b_1gpu_alone.log" 2>&1
+  e4b_one_gpu e4b_1gpu_alone
   step $? "1 GPU alone"
   tail -n 6 "$OUT/loss_parity.log" "$OUT/e4b_1gpu_alone.log"
   ;;

@@ -62,8 +62,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from kernels.vllm_plugin import (  # noqa: E402  (after the sys.path line; imports no vLLM or Triton)
+    DETERMINISTIC_INDUCTOR_CONFIG, DETERMINISTIC_INDUCTOR_ENV, KERNEL_CLASS_NAMES as PDQKIT_CLASSES)
+
 MARLIN_ONLY = "CutlassW4A8LinearKernel,MacheteLinearKernel,AllSparkLinearKernel"
-PDQKIT_CLASSES = {"fast": "PdqkitFastLinearKernel", "exact": "PdqkitExactLinearKernel"}
 MODES = ("eager", "graph", "graph-det")  # graph: vLLM's default torch.compile + CUDA graphs
 KERNEL_LOG_RE = re.compile(r"Using (\w+) for CompressedTensorsWNA16")
 PLUGIN_LOG_RE = re.compile(r"pdqkit: PDQKIT_VLLM_KERNEL=(\w+), (\w+) registered first")
@@ -143,9 +145,10 @@ def engine_env(kernel: str, work: Path, tag: str, deterministic_inductor: bool =
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1",
                VLLM_CACHE_ROOT=str(work / "vllm_cache" / tag), TOKENIZERS_PARALLELISM="false")
-    env.pop("TORCHINDUCTOR_DETERMINISTIC", None)
+    var, value = DETERMINISTIC_INDUCTOR_ENV
+    env.pop(var, None)
     if deterministic_inductor:
-        env["TORCHINDUCTOR_DETERMINISTIC"] = "1"
+        env[var] = value
     if kernel == "marlin":
         env["VLLM_DISABLED_KERNELS"] = MARLIN_ONLY
     elif kernel in PDQKIT_CLASSES:
@@ -536,8 +539,7 @@ def main(argv=None) -> int:
         if mode != "eager":
             eng["compilation_config"] = {"cudagraph_capture_sizes": sizes}
         if mode == "graph-det":
-            eng["compilation_config"]["inductor_compile_config"] = {"combo_kernels": False,
-                                                                    "benchmark_combo_kernel": False}
+            eng["compilation_config"]["inductor_compile_config"] = dict(DETERMINISTIC_INDUCTOR_CONFIG)
         spec = {"ckpt": str(ckpt), "engine": eng, "prompts": prompts if gen else prompts[:1],
                 "new_tokens": args.new_tokens, "generate": gen}
         env = engine_env(kernel, work, tag, deterministic_inductor=mode == "graph-det")
