@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr-ratio", type=float, default=dflt("min_lr_ratio"),
                    help="cosine decay floor as a fraction of --lr (default %(default)s)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 10%% of --steps)")
+    g.add_argument("--adam-betas", type=_floats, default=list(dflt("adam_betas")), metavar="B1,B2",
+                   help="AdamW betas (default %(default)s)")
+    g.add_argument("--adam-eps", type=float, default=dflt("adam_eps"), help="AdamW eps (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=dflt("weight_decay"), help="AdamW (default %(default)s)")
     g.add_argument("--grad-clip", type=float, default=dflt("grad_clip"),
                    help="global grad-norm clip, 0 = off (default %(default)s)")

@@ -34,7 +34,7 @@ PHASE_DEFAULTS = {
 # logging, checkpoint cadence — may differ between the killed run and its continuation).
 RESULT_FIELDS = (
     "teacher", "student", "phase", "data", "steps", "batch", "seq_len", "lr", "min_lr_ratio", "warmup_steps",
-    "weight_decay", "adam_betas", "grad_clip", "seed", "temperature", "hidden_weight", "hidden_layers",
+    "weight_decay", "adam_betas", "adam_eps", "grad_clip", "seed", "temperature", "hidden_weight", "hidden_layers",
     "hidden_layer_weights", "lmbda", "beta", "sample_temperature", "jsd_temperature", "max_new_tokens",
     "train_embeddings", "precision", "chunk", "max_tokens", "attn", "trainable",
 )
@@ -57,6 +57,7 @@ class DistillConfig:
     warmup_steps: int | None = None  # None: 10% of steps
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8  # torch's AdamW default; larger values damp the steps of weights with tiny gradients
     grad_clip: float = 1.0
     seed: int = 0
     # phase 1 losses
@@ -135,9 +136,14 @@ class DistillConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
                 raise ValueError(f"--{name.replace('_', '-')} {v}: must be in [0, 1]")
+        if len(self.adam_betas) != 2:
+            raise ValueError(f"--adam-betas {','.join(map(str, self.adam_betas))}: give two values, B1,B2")
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
         b1, b2 = self.adam_betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"--adam-betas {self.adam_betas}: each must be in [0, 1)")
+        if not (isinstance(self.adam_eps, (int, float)) and math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ValueError(f"--adam-eps {self.adam_eps}: must be a positive number")
         if self.phase == 2 and self.seq_len <= self.max_new_tokens:
             raise ValueError(f"--seq-len {self.seq_len}: phase 2 needs seq_len > --max-new-tokens "
                              f"{self.max_new_tokens} (the prompt is the first seq_len - max_new_tokens tokens)")

@@ -208,7 +208,7 @@ class Distiller:
         self.masters = MasterWeights(named) if bf16_master else None
         self.opt_params = self.masters.masters if self.masters is not None else self.params
         fused = {"fused": True} if env.device.type == "cuda" and not env.is_dist else {}
-        self.opt = torch.optim.AdamW(self.opt_params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+        self.opt = torch.optim.AdamW(self.opt_params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                      weight_decay=cfg.weight_decay, **fused)
         # one process: bf16 autocast on the run's device (CPU autocast too, so the mode means the same there);
         # under torchrun FSDP2's MixedPrecisionPolicy casts instead
@@ -357,7 +357,8 @@ def _run(cfg: DistillConfig, env) -> dict:
         else:
             meta = json.loads((ck / "meta.json").read_text())
             want = cfg.result_dict()
-            diff = sorted(k for k in set(want) | set(meta["config"]) if want.get(k) != meta["config"].get(k))
+            had = {"adam_eps": 1e-8, **meta["config"]}  # checkpoints from before --adam-eps ran with torch's default
+            diff = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
             if diff:
                 raise ValueError(f"{ck}: checkpoint was made with different settings ({', '.join(diff)}); "
                                  "rerun with the same ones, or --force to start over")
@@ -438,7 +439,8 @@ def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:
     return {
         "phase": cfg.phase, "losses": losses, "steps": cfg.steps, "batch": cfg.batch, "seq_len": cfg.seq_len,
         "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio, "warmup_steps": cfg.warmup_steps,
-        "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
+        "weight_decay": cfg.weight_decay, "adam_betas": list(cfg.adam_betas), "adam_eps": cfg.adam_eps,
+        "grad_clip": cfg.grad_clip, "seed": cfg.seed,
         "precision": cfg.precision, "train_embeddings": cfg.train_embeddings,
         "trainable": cfg.trainable, "world_size": env.world,
         "tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,

@@ -14,8 +14,9 @@ against vLLM 0.26.0's source (``vllm/utils/argparse_utils.py::FlexibleArgumentPa
   equal ``to_dict()``); transformers >= 5.14 otherwise raises ``AmbiguousGlobalPerLayerAttributeError`` when
   vLLM reads ``config.head_dim`` of a Gemma-4 config whose full-attention layers have a larger head dim.
 
-A real ``vllm serve`` with this file is run by ``bench/gpu/pack_vllm_check.py`` (parses it with vLLM's own
-argument parser and builds the engine from it) on the GPU machine; not on CPU.
+On the GPU machine ``bench/gpu/pack_vllm_check.py`` parses this file with vLLM's own argument parser and builds
+engines from it, and with ``--serve`` runs ``vllm serve OUT --config OUT/vllm_config.yaml`` itself and queries it
+over HTTP (test settings added on the command line); not on CPU.
 """
 from __future__ import annotations
 

@@ -70,12 +70,13 @@ def test_bf16_master_step_equals_adamw_on_fp32_copies(train_embeddings):
     """Three steps (clip active: micro-model gradient norms are >> 1) against torch.optim.AdamW stepping fp32
     copies of the initial bf16 weights with the bf16 gradients the model produced, then rounding: bit-equal."""
     teacher, student = _pair()
-    cfg = _cfg(lr=3e-3, steps=3, train_embeddings=train_embeddings)
+    # non-default betas / eps (--adam-betas, --adam-eps): the reference gets them only from the config
+    cfg = _cfg(lr=3e-3, steps=3, train_embeddings=train_embeddings, adam_betas=(0.8, 0.99), adam_eps=1e-4)
     dz = Distiller(cfg, DistEnv(0, 1, 0, CPU), teacher, student)
     names = [n for n, p in dz.dm.named_parameters() if p.requires_grad]
     assert any("embed_tokens." in n for n in names) == train_embeddings
     ref = [p.detach().float().clone() for p in dz.params]
-    ref_opt = torch.optim.AdamW(ref, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    ref_opt = torch.optim.AdamW(ref, lr=cfg.lr, betas=(0.8, 0.99), eps=1e-4, weight_decay=cfg.weight_decay)
     grads = []
     orig = dz.masters.grads_from_model
 

@@ -329,6 +329,24 @@ def test_vllm_checks_pins_lanes_to_gpus(tmp_path):
         assert r.returncode == 2 and "is not among" in r.stderr and not (tmp_path / "calls.txt").exists(), r.stderr
 
 
+@pytest.mark.parametrize("steps", ["pack", "prune", "pack,prune"])
+def test_vllm_checks_lane_b_steps_and_a_args(tmp_path, steps):
+    """B_STEPS picks lane B's checks (pack with `vllm serve`, prune); A_ARGS reaches lane A's driver; a bad
+    B_STEPS is refused before anything runs."""
+    r = _vllm_checks(tmp_path, LANES="A,B", B_STEPS=steps, A_ARGS="--parallel 7")
+    assert r.returncode == 0, r.stderr[-2000:]
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    pack = [c for c in calls if "pack_vllm_check.py" in c]
+    prune = [c for c in calls if "prune_vllm_check.py" in c]
+    assert (len(pack), len(prune)) == (int("pack" in steps), int("prune" in steps)), calls
+    assert all("--serve" in c for c in pack)
+    a = [c for c in calls if "vllm_e2e_check.py" in c]
+    assert len(a) == 1 and "--parallel 7" in a[0]
+    (tmp_path / "calls.txt").unlink()
+    r = _vllm_checks(tmp_path, LANES="B", B_STEPS="serve")
+    assert r.returncode == 2 and "B_STEPS=serve" in r.stderr and not (tmp_path / "calls.txt").exists()
+
+
 def test_sigterm_to_the_driver_kills_its_engines(tmp_path):
     """An engine runs in a session of its own; SIGTERM to the driver (``timeout``) must take it down too."""
     import signal

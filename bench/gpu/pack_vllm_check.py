@@ -13,7 +13,11 @@ bench.factory):
 3. vLLM loads it twice, each in its own subprocess: with Marlin forced (``VLLM_DISABLED_KERNELS=
    CutlassW4A8LinearKernel,MacheteLinearKernel,AllSparkLinearKernel``) and with vLLM's default kernel choice;
    the kernel named in vLLM's ``Using X for CompressedTensorsWNA16`` log line is recorded.
-4. Greedy tokens for a few prompts from each engine vs HF transformers' greedy tokens of the same checkpoint
+4. ``--serve``: ``vllm serve OUT --config OUT/vllm_config.yaml`` itself (the OpenAI HTTP server, vLLM's default
+   kernel choice) with only the test settings added on its command line (``SERVE_TEST_ARGS``: eager, small
+   memory share, seed 0); one ``/v1/completions`` request with all prompts as token ids (greedy, ``ignore_eos``,
+   ``return_token_ids``) — its tokens are compared with HF's and with the offline default engine's.
+5. Greedy tokens for a few prompts from each engine vs HF transformers' greedy tokens of the same checkpoint
    (``from_pretrained`` on CUDA, decompressed to bf16). Random-weight models have tiny logit margins, so bf16
    GEMM differences can flip a token: reported per prompt as the common prefix length and the step-0 top-1
    token/logprob agreement, not asserted.
@@ -30,7 +34,9 @@ Usage on the GPU machine (repo root; vLLM importable, see shared/gpu/README.md):
 
 Prints a table; writes ``pack_vllm_check.json`` and the engine logs to ``$OUT`` (or ``--out``). Exit status 0
 when the CPU/CUDA outputs are identical and every engine loaded and generated.
-``--cpu-dry-run`` (no GPU, no vLLM) exercises steps 1 (CPU only) and 4 (HF on CPU) to check the plumbing.
+``--cpu-dry-run`` (no GPU, no vLLM) exercises steps 1 (CPU only) and 5 (HF on CPU) to check the plumbing.
+``vllm serve`` needs uvicorn, watchfiles and model-hosting-container-standards (+ jmespath, supervisor), which
+neither the GPU image nor the wheelhouse has: see bench/gpu/README.md (``.whl-serve``).
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ import json
 import os
 import random
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +59,11 @@ if str(REPO) not in sys.path:
 MARLIN_ONLY = "CutlassW4A8LinearKernel,MacheteLinearKernel,AllSparkLinearKernel"
 KERNEL_RE = re.compile(r"Using (\w+) for CompressedTensorsWNA16")
 TOPK = 5
+# what `--serve` adds to `vllm serve OUT --config OUT/vllm_config.yaml` (test settings only; the model settings
+# come from the yaml): the offline engines' settings, so that the served tokens can be compared with theirs
+SERVE_TEST_ARGS = ("--enforce-eager", "--seed", "0", "--no-enable-prefix-caching", "--gpu-memory-utilization", "0.2",
+                   "--kv-cache-memory-bytes", str(1 << 30))
+SERVED_NAME = "pdqkit-check"
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -147,6 +160,105 @@ def _spawn(kind: str, spec: dict, work: Path, name: str, env: dict | None = None
     return (json.loads(Path(spec["result"]).read_text()) if ok else None), text, time.perf_counter() - t0
 
 
+def _http(url: str, payload: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_generate(ckpt: Path, prompts: list[list[int]], new_tokens: int, log_path: Path, *, timeout: float = 300,
+                   cmd_prefix: list[str] | None = None, extra: tuple[str, ...] = SERVE_TEST_ARGS) -> dict:
+    """Start ``vllm serve CKPT --config CKPT/vllm_config.yaml`` (plus ``extra``), wait for ``/health``, send one
+    greedy ``/v1/completions`` request with every prompt (token ids), stop the server.
+
+    Returns ``{"ok", "error", "startup_s", "cmd", "kernels", "results": [{"tokens", "top0"}]}`` (results in
+    prompt order; ``top0``: step-0 top-5 log-probs by token id, as the offline workers report them).
+    ``cmd_prefix`` replaces ``python -m vllm.entrypoints.cli.main`` (the ``vllm`` console script, which a
+    ``--target`` install does not create); the tests put a stand-in server there."""
+    out: dict = {"ok": False, "error": None, "cmd": None, "results": []}
+    if not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        out["error"] = f"{ckpt} has no tokenizer: vllm serve needs one (give --ckpt a trained checkpoint)"
+        return out
+    port = _free_port()
+    cmd = [*(cmd_prefix or [sys.executable, "-m", "vllm.entrypoints.cli.main"]), "serve", str(ckpt),
+           "--config", str(ckpt / "vllm_config.yaml"), "--port", str(port), "--host", "127.0.0.1",
+           "--served-model-name", SERVED_NAME, *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_DISABLED_KERNELS", "PDQKIT_VLLM_KERNEL")}
+    env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
+    out["cmd"] = " ".join(cmd)
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                if proc.poll() is not None:
+                    out["error"] = f"vllm serve exited with status {proc.returncode} before /health answered"
+                    return out
+                if time.perf_counter() - t0 > timeout:
+                    out["error"] = f"vllm serve: /health did not answer within {timeout:.0f} s"
+                    return out
+                try:
+                    if _http(base + "/health", timeout=2)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(1.0)
+            out["startup_s"] = round(time.perf_counter() - t0, 1)
+            status, body = _http(base + "/v1/completions", {
+                "model": SERVED_NAME, "prompt": prompts, "max_tokens": new_tokens, "temperature": 0.0,
+                "ignore_eos": True, "return_token_ids": True, "logprobs": TOPK, "return_tokens_as_token_ids": True},
+                timeout=120)
+            if status != 200:
+                out["error"] = f"/v1/completions answered HTTP {status}: {body[:300]!r}"
+                return out
+            choices = sorted(json.loads(body)["choices"], key=lambda c: c["index"])
+            for c in choices:
+                top = (c.get("logprobs") or {}).get("top_logprobs") or [{}]
+                out["results"].append({"tokens": list(c.get("token_ids") or []),
+                                       "top0": {k.removeprefix("token_id:"): float(v) for k, v in top[0].items()}})
+            short = [i for i, r in enumerate(out["results"]) if len(r["tokens"]) != new_tokens]
+            if len(choices) != len(prompts) or short:
+                out["error"] = (f"{len(choices)} choices for {len(prompts)} prompts; prompts with fewer than "
+                                f"{new_tokens} token ids: {short}")
+                return out
+            out["ok"] = True
+            return out
+        finally:
+            _stop(proc)
+            log.flush()
+            out["kernels"] = list(dict.fromkeys(KERNEL_RE.findall(Path(log_path).read_text(errors="replace"))))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT to the server's process group (vLLM shuts its engine core down on it), SIGKILL after 30 s."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -191,6 +303,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / "out" / "pack_vllm_check")))
     ap.add_argument("--cpu-dry-run", action="store_true", help="no GPU/vLLM: CPU quantize + HF on CPU only")
+    ap.add_argument("--serve", action="store_true",
+                    help="also run `vllm serve OUT --config OUT/vllm_config.yaml` and query it over HTTP")
+    ap.add_argument("--serve-timeout", type=float, default=300, help="seconds for the server to come up")
     args = ap.parse_args(argv)
     if args.worker:
         _worker_main(*args.worker)
@@ -249,6 +364,21 @@ def main(argv=None) -> int:
                     row["vs_hf"] = _compare(hf["results"], res["results"])
                 row["tokens"] = [r["tokens"] for r in res["results"]]
             entry[f"vllm_{mode}"] = row
+        if args.serve and not args.cpu_dry_run:
+            srv = serve_generate(q_cpu, prompts, args.new_tokens, work / f"{scale}-vllm-serve.log",
+                                 timeout=args.serve_timeout)
+            row = {k: srv.get(k) for k in ("ok", "error", "startup_s", "cmd", "kernels")}
+            if not srv["ok"]:
+                failures.append(f"{scale}: vllm serve: {srv['error']} (see {scale}-vllm-serve.log)")
+            else:
+                if hf is not None:
+                    row["vs_hf"] = _compare(hf["results"], srv["results"])
+                offline = entry.get("vllm_default", {})
+                if "tokens" in offline:  # the same kernel choice and settings, offline LLM(...) instead of HTTP
+                    row["identical_to_offline_default"] = sum(
+                        a == r["tokens"] for a, r in zip(offline["tokens"], srv["results"]))
+                row["tokens"] = [r["tokens"] for r in srv["results"]]
+            entry["vllm_serve"] = row
         if hf is not None:
             entry["hf_tokens"] = [r["tokens"] for r in hf["results"]]
         report["checkpoints"][scale] = entry
@@ -256,7 +386,7 @@ def main(argv=None) -> int:
     print("\n| checkpoint | cpu==cuda bytes | engine | kernel | identical prompts | common prefix | step-0 top-1 "
           "agree | max Δlogprob step 0 |\n|---|---|---|---|---|---|---|---|")
     for scale, e in report["checkpoints"].items():
-        for mode in ("marlin", "default", "bf16"):
+        for mode in ("marlin", "default", "bf16", "serve"):
             r = e.get(f"vllm_{mode}")
             if r is None:
                 continue

@@ -4,9 +4,13 @@
 #
 # Lanes, run at once (the GPU has room for all; none of them measures speed), chosen with LANES (default A,B,C):
 #   A  vllm_e2e_check.py on WORK/base-w4a16: plugin exact/fast vs Marlin, eager (gate) and graph with a
-#      Marlin-vs-Marlin control (reported); MODES overrides its --modes (e.g. eager,graph,graph-det)
-#   B  pack_vllm_check.py --ckpt WORK/base (CPU vs CUDA bytes, vLLM bf16/Marlin/default, HF agreement), then
-#      prune_vllm_check.py --scales micro-mm --ckpt WORK/base (prune -> quantize -> vLLM chain)
+#      Marlin-vs-Marlin control (reported); MODES overrides its --modes (e.g. eager,graph,graph-det), A_ARGS
+#      adds arguments (e.g. "--parallel 7")
+#   B  pack_vllm_check.py --ckpt WORK/base --serve (CPU vs CUDA bytes, vLLM bf16/Marlin/default, `vllm serve` with
+#      the written vllm_config.yaml over HTTP, HF agreement; the server needs the .whl-serve wheels, see
+#      bench/gpu/README.md), then
+#      prune_vllm_check.py --scales micro-mm --ckpt WORK/base (prune -> quantize -> vLLM chain); B_STEPS=pack or
+#      B_STEPS=prune runs one of the two (two instances with their own PDQ_CHECKS_DIR then run them side by side)
 #   C  vllm_e2e_bench.py --_gen (the E4B-shaped checkpoints the speed bench needs next call), then the GPU/vLLM
 #      pytest suite (HF greedy test on the trained small: PDQKIT_GPU_TRAINED_CKPT)
 # JSON reports go to $OUT, every log into $OUT/vllm_checks_logs.tar.xz (the device returns few files).
@@ -27,6 +31,8 @@ W=${PDQ_WORK:-/tmp/pdq-quality}
 L=${PDQ_CHECKS_DIR:-/tmp/pdq-vllm-checks}  # this call's logs and reports: rm -rf'd at the start
 LANES=${LANES:-A,B,C}
 [[ $LANES =~ ^[ABC](,[ABC])*$ ]] || { echo "error: LANES=$LANES: give a comma list of A, B, C (e.g. LANES=A,C)" >&2; exit 2; }
+B_STEPS=${B_STEPS:-pack,prune}
+[[ $B_STEPS =~ ^(pack|prune|pack,prune)$ ]] || { echo "error: B_STEPS=$B_STEPS: give pack, prune or pack,prune" >&2; exit 2; }
 # LANE_GPUS=A=0,B=1,C=1 pins lanes to GPUs of a multi-GPU machine (CUDA_VISIBLE_DEVICES per lane), so that the
 # graph-mode engines of lane A compile and run with no other lane on their GPU; unset: every lane sees every GPU.
 # GPU j is the j-th entry of an inherited CUDA_VISIBLE_DEVICES (a mask is narrowed, never escaped; an index past
@@ -72,7 +78,7 @@ finish() {  # copy what there is, also when a lane ran out of time
 trap finish EXIT
 
 on A && ( gpu A; lane "A start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"; timeout -k 15 "$(limit "${A_TIMEOUT:-480}")" python bench/gpu/vllm_e2e_check.py --ckpt "$W/base-w4a16" \
-      --text-prompts --modes "${MODES:-eager,graph}" --work "$L/e2e-work" --out "$L/e2e" > "$L/e2e_check.log" 2>&1
+      --text-prompts --modes "${MODES:-eager,graph}" ${A_ARGS:-} --work "$L/e2e-work" --out "$L/e2e" > "$L/e2e_check.log" 2>&1
   lane "A rc=$?" ) &
 on C && ( gpu C; lane "C start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"; timeout -k 15 "$(limit "${GEN_TIMEOUT:-300}")" python bench/vllm_e2e_bench.py --_gen > "$L/e2e_gen.log" 2>&1
   lane "C gen rc=$?"
@@ -84,10 +90,14 @@ on C && ( gpu C; lane "C start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all
   lane "C vllm pytest rc=$?"; tail -n 3 "$L/vllm_tests.log" | tee -a "$L/lanes.log" ) &
 if on B; then
   ( gpu B; lane "B start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"
-  timeout -k 15 "$(limit "${PACK_TIMEOUT:-300}")" python bench/gpu/pack_vllm_check.py --ckpt "$W/base" --prompts 8 --new-tokens 32 \
-      --out "$L/pack" > "$L/pack_check.log" 2>&1; lane "B pack rc=$?"
-  timeout -k 15 "$(limit "${PRUNE_TIMEOUT:-240}")" python bench/gpu/prune_vllm_check.py --scales micro-mm --ckpt "$W/base" --prompts 8 \
-      --out "$L/prune" > "$L/prune_check.log" 2>&1; lane "B prune rc=$?" )
+  if [[ $B_STEPS == *pack* ]]; then
+    timeout -k 15 "$(limit "${PACK_TIMEOUT:-300}")" python bench/gpu/pack_vllm_check.py --ckpt "$W/base" --prompts 8 \
+        --new-tokens 32 --serve --out "$L/pack" > "$L/pack_check.log" 2>&1; lane "B pack rc=$?"
+  fi
+  if [[ $B_STEPS == *prune* ]]; then
+    timeout -k 15 "$(limit "${PRUNE_TIMEOUT:-240}")" python bench/gpu/prune_vllm_check.py --scales micro-mm --ckpt "$W/base" \
+        --prompts 8 --out "$L/prune" > "$L/prune_check.log" 2>&1; lane "B prune rc=$?"
+  fi )
 fi
 wait
 lane "all lanes done"
