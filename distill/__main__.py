@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cosine decay floor as a fraction of --lr (default %(default)s)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 10%% of --steps)")
     g.add_argument("--adam-betas", type=_floats, default=list(dflt("adam_betas")), metavar="B1,B2",
-                   help="AdamW betas (default %(default)s)")
+                   help=f"AdamW betas (default {','.join(map(str, dflt('adam_betas')))})")
     g.add_argument("--adam-eps", type=float, default=dflt("adam_eps"), help="AdamW eps (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=dflt("weight_decay"), help="AdamW (default %(default)s)")
     g.add_argument("--grad-clip", type=float, default=dflt("grad_clip"),

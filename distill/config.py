@@ -136,13 +136,14 @@ class DistillConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
                 raise ValueError(f"--{name.replace('_', '-')} {v}: must be in [0, 1]")
-        if len(self.adam_betas) != 2:
+        if isinstance(self.adam_betas, str) or len(self.adam_betas) != 2:
             raise ValueError(f"--adam-betas {','.join(map(str, self.adam_betas))}: give two values, B1,B2")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         b1, b2 = self.adam_betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"--adam-betas {self.adam_betas}: each must be in [0, 1)")
-        if not (isinstance(self.adam_eps, (int, float)) and math.isfinite(self.adam_eps) and self.adam_eps > 0):
+        if (isinstance(self.adam_eps, bool) or not isinstance(self.adam_eps, (int, float))
+                or not math.isfinite(self.adam_eps) or self.adam_eps <= 0):
             raise ValueError(f"--adam-eps {self.adam_eps}: must be a positive number")
         if self.phase == 2 and self.seq_len <= self.max_new_tokens:
             raise ValueError(f"--seq-len {self.seq_len}: phase 2 needs seq_len > --max-new-tokens "

@@ -261,6 +261,21 @@ def test_resume_refuses_other_settings(pair, tmp_path, capsys):
     # without --resume an existing checkpoint dir is not silently reused
     assert distill_main(_args(teacher, student, tmp_path / "c", data, "--ckpt-dir", tmp_path / "a-ckpt")) == 1
     assert "pass --resume" in capsys.readouterr().err
+    # another --adam-eps is another run
+    eps = _args(teacher, student, tmp_path / "d", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
+                "--ckpt-dir", tmp_path / "a-ckpt", "--resume", "--adam-eps", 1e-5)
+    assert distill_main(eps) == 1 and "different settings (adam_eps)" in capsys.readouterr().err
+    # a checkpoint written before --adam-eps existed (no adam_eps in its meta) ran with torch's 1e-8: it resumes
+    import json
+
+    step = tmp_path / "a-ckpt" / "step-00000001"
+    meta = json.loads((step / "meta.json").read_text())
+    del meta["config"]["adam_eps"]
+    (step / "meta.json").write_text(json.dumps(meta))
+    old = _args(teacher, student, tmp_path / "e", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
+                "--ckpt-dir", tmp_path / "a-ckpt", "--resume")
+    assert distill_main(old) == 0, capsys.readouterr().err
+    assert "resume: continuing from" in capsys.readouterr().out
 
 
 def test_phase2_resume_keeps_lineage_and_log(pair, tmp_path):

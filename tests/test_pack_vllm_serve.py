@@ -16,7 +16,7 @@ import pytest
 from bench.gpu import pack_vllm_check as pvc
 
 FAKE = textwrap.dedent('''
-    import json, signal, sys, time
+    import json, os, signal, sys, time
     from http.server import BaseHTTPRequestHandler, HTTPServer
     from pathlib import Path
 
@@ -26,8 +26,13 @@ FAKE = textwrap.dedent('''
     get = lambda k: opts[opts.index(k) + 1]
     assert Path(get("--config")) == ckpt / "vllm_config.yaml" and Path(get("--config")).is_file()
     mode = (ckpt / "mode").read_text().strip()
+    (ckpt / "pid").write_text(str(os.getpid()))
     if mode == "die":
         sys.exit(3)
+    if mode == "busy" and not (ckpt / "tried").exists():  # the port was taken between pick and bind: once
+        (ckpt / "tried").write_text("")
+        print("ERROR: [Errno 98] error while attempting to bind: address already in use", flush=True)
+        sys.exit(1)
     print("INFO Using MacheteLinearKernel for CompressedTensorsWNA16", flush=True)
     time.sleep(0.5)  # not ready at once: the client must poll /health
 
@@ -47,6 +52,15 @@ FAKE = textwrap.dedent('''
 
         def do_POST(self):
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if mode == "drop":  # dies mid-request
+                os._exit(1)
+            if mode == "garbage":
+                self.send_response(200)
+                self.send_header("Content-Length", "9")
+                self.end_headers()
+                self.wfile.write(b"not json!")
+                return
+            assert req["repetition_penalty"] == 1.0 and req["logprobs"] == 5
             assert req["model"] == get("--served-model-name") and req["temperature"] == 0.0
             assert req["return_token_ids"] and req["return_tokens_as_token_ids"] and req["ignore_eos"]
             n = req["max_tokens"] - (mode == "short")
@@ -75,18 +89,47 @@ def _ckpt(tmp_path, mode):
 PROMPTS = [[5, 6, 7], [100, 3], [42]]
 
 
+def _gone(pid_file) -> bool:
+    """The process whose pid the stand-in wrote is no longer running (stopped and reaped)."""
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _expected(prompts, n):
+    return [[(sum(p) + j) % 97 for j in range(n)] for p in prompts]
+
+
 def test_serve_generate_reads_tokens_and_logprobs(tmp_path):
     ckpt, prefix = _ckpt(tmp_path, "ok")
     out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix)
     assert out["ok"], out
-    assert [r["tokens"] for r in out["results"]] == [[(sum(p) + j) % 97 for j in range(4)] for p in PROMPTS]
+    assert [r["tokens"] for r in out["results"]] == _expected(PROMPTS, 4)
     assert out["results"][1]["top0"] == {str(103 % 97): -0.25, "1": -2.0}
     assert out["kernels"] == ["MacheteLinearKernel"]
     assert out["startup_s"] >= 0.5
     assert "--enforce-eager" in out["cmd"] and f"--config {ckpt / 'vllm_config.yaml'}" in out["cmd"]
-    # the comparison the driver makes against HF / the offline engine uses the same rows
-    same = pvc._compare(out["results"], out["results"])
-    assert same["identical_prompts"] == len(PROMPTS) and same["step0_top1_agree"] == len(PROMPTS)
+    assert _gone(ckpt / "pid")  # the server was stopped
+
+
+@pytest.mark.parametrize("mode, msg", [("drop", "/v1/completions: "), ("garbage", "/v1/completions: JSONDecodeError")])
+def test_serve_generate_turns_a_broken_answer_into_an_error(tmp_path, mode, msg):
+    ckpt, prefix = _ckpt(tmp_path, mode)
+    out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix)
+    assert not out["ok"] and out["error"].startswith(msg) and out["results"] == [], out
+    assert out["kernels"] == ["MacheteLinearKernel"] and _gone(ckpt / "pid")
+
+
+def test_serve_generate_starts_again_when_the_port_was_taken(tmp_path):
+    ckpt, prefix = _ckpt(tmp_path, "busy")
+    out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix)
+    assert (ckpt / "tried").exists() and out["ok"], out
+    assert [r["tokens"] for r in out["results"]] == _expected(PROMPTS, 4)
+    (ckpt / "tried").unlink()
+    out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix, attempts=1)
+    assert not out["ok"] and "exited with status 1" in out["error"]
 
 
 def test_serve_generate_reports_a_server_that_dies(tmp_path):
@@ -98,17 +141,21 @@ def test_serve_generate_reports_a_server_that_dies(tmp_path):
 def test_serve_generate_rejects_short_answers(tmp_path):
     ckpt, prefix = _ckpt(tmp_path, "short")
     out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix)
-    assert not out["ok"] and "fewer than 4 token ids" in out["error"]
+    assert not out["ok"] and "prompts without exactly 4 token ids: [0, 1, 2]" in out["error"]
+    assert _gone(ckpt / "pid")
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups")
 def test_serve_generate_times_out_and_stops_the_server(tmp_path):
     ckpt, _ = _ckpt(tmp_path, "ok")
-    hang = tmp_path / "hang.py"
-    hang.write_text("import time\nwhile True: time.sleep(1)\n")  # never answers /health, ignores nothing
+    hang = tmp_path / "hang.py"  # never answers /health and ignores SIGINT: only the SIGKILL stops it
+    hang.write_text(f"import os, signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                    f"open({str(tmp_path / 'hang.pid')!r}, 'w').write(str(os.getpid()))\n"
+                    "while True: time.sleep(1)\n")
     out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=2,
-                             cmd_prefix=[sys.executable, str(hang)])
+                             cmd_prefix=[sys.executable, str(hang)], grace=1)
     assert not out["ok"] and "did not answer within 2 s" in out["error"]
+    assert _gone(tmp_path / "hang.pid")
 
 
 def test_serve_generate_needs_a_tokenizer(tmp_path):
@@ -116,3 +163,101 @@ def test_serve_generate_needs_a_tokenizer(tmp_path):
     (ckpt / "tokenizer.json").unlink()
     out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix)
     assert not out["ok"] and "has no tokenizer" in out["error"] and out["cmd"] is None
+
+
+HANG = """import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+open(sys.argv[-1], "w").write(str(os.getpid()))
+while True: time.sleep(1)
+"""
+
+
+def test_sigterm_to_the_driver_stops_the_server(tmp_path):
+    """The server runs in a session of its own, which a SIGTERM to the driver's process group (``timeout``) does
+    not reach: the driver's handler must stop it (here a server that ignores SIGINT: SIGKILL after the grace)."""
+    import signal
+    import subprocess
+    import time
+
+    ckpt, _ = _ckpt(tmp_path, "ok")
+    (tmp_path / "hang.py").write_text(HANG)
+    pid_file = tmp_path / "hang.pid"
+    driver = textwrap.dedent(f"""
+        import signal, sys
+        from pathlib import Path
+        from bench.gpu import pack_vllm_check as pvc
+        signal.signal(signal.SIGTERM, pvc._on_sigterm)  # what main() installs with --serve
+        pvc.serve_generate(Path({str(ckpt)!r}), [[1]], 2, Path({str(tmp_path / 'serve.log')!r}), timeout=300,
+                           cmd_prefix=[sys.executable, {str(tmp_path / 'hang.py')!r}],
+                           extra=({str(pid_file)!r},))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=pvc.REPO)
+    t0 = time.time()
+    while not pid_file.exists() and time.time() - t0 < 60:
+        time.sleep(0.1)
+    assert pid_file.exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert _gone(pid_file)
+
+
+def _stub_driver(monkeypatch, tmp_path, offline_tokens):
+    """main()'s collaborators replaced: quantizing copies the checkpoint (adding the card files the serve step
+    needs), the HF / offline-vLLM workers answer from the stand-in's token rule, and the server is the
+    stand-in."""
+    import functools
+    import shutil
+
+    def quantize(src, dst, device):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        (dst / "vllm_config.yaml").write_text('dtype: "bfloat16"\n')
+        (dst / "mode").write_text("ok")
+
+    def spawn(kind, spec, work, name, env=None):
+        toks = offline_tokens(spec["prompts"], spec["new_tokens"])
+        res = [{"tokens": t, "top0": {str(t[0]): -0.1}} for t in toks]
+        return ({"results": res, "startup_s": 1.0, "parsed_yaml": {}} if kind == "vllm" else {"results": res}), "", 0.1
+
+    fake = tmp_path / "fake_vllm.py"
+    fake.write_text(FAKE)
+    monkeypatch.setattr(pvc, "_quantize", quantize)
+    monkeypatch.setattr(pvc, "_spawn", spawn)
+    monkeypatch.setattr(pvc, "serve_generate",
+                        functools.partial(pvc.serve_generate, cmd_prefix=[sys.executable, str(fake)]))
+
+
+def test_driver_reports_a_serve_failure_in_its_json(monkeypatch, tmp_path):
+    """--scales (random checkpoints have no tokenizer): the serve step fails with its reason in the JSON; the rest
+    of the report is still written."""
+    import json
+
+    _stub_driver(monkeypatch, tmp_path, _expected)
+    rc = pvc.main(["--scales", "micro", "--serve", "--prompts", "2", "--new-tokens", "3", "--out", str(tmp_path / "o")])
+    rep = json.loads((tmp_path / "o" / "pack_vllm_check.json").read_text())
+    assert rc == 1 and any("has no tokenizer" in f for f in rep["failures"]), rep["failures"]
+    e = rep["checkpoints"]["micro"]
+    assert e["vllm_serve"]["ok"] is False and e["cpu_cuda_identical"] and e["vllm_marlin"]["vs_hf"]
+
+
+def test_driver_compares_served_tokens_with_the_offline_engine(monkeypatch, tmp_path):
+    """The served tokens against the offline default engine's: prompt 0 made to differ offline, so 1 of 2."""
+    import json
+
+    def offline(prompts, n):
+        toks = _expected(prompts, n)
+        toks[0] = [t + 1 for t in toks[0]]
+        return toks
+
+    _stub_driver(monkeypatch, tmp_path, offline)
+    from bench.factory import save_random_checkpoint
+
+    def save_with_tokenizer(name, base, **kw):
+        save_random_checkpoint(name, base, **kw)
+        (base / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr("bench.factory.save_random_checkpoint", save_with_tokenizer)  # main imports it per call
+    rc = pvc.main(["--scales", "micro", "--serve", "--prompts", "2", "--new-tokens", "3", "--out", str(tmp_path / "o")])
+    rep = json.loads((tmp_path / "o" / "pack_vllm_check.json").read_text())
+    assert rc == 0, rep["failures"]
+    srv = rep["checkpoints"]["micro"]["vllm_serve"]
+    assert srv["ok"] and srv["kernels"] == ["MacheteLinearKernel"]
+    assert srv["identical_to_offline_default"] == 1 and srv["vs_hf"]["identical_prompts"] == 1

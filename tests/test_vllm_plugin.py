@@ -289,7 +289,8 @@ def _vllm_checks(tmp_path, **env):
     CUDA_VISIBLE_DEVICES it saw and its arguments (into ``calls.txt``); results under ``tmp_path``."""
     stub = tmp_path / "bin"
     stub.mkdir(exist_ok=True)
-    (stub / "python").write_text(f'#!/bin/sh\necho "${{CUDA_VISIBLE_DEVICES-unset}} $*" >> {tmp_path / "calls.txt"}\n')
+    (stub / "python").write_text(f'#!/bin/sh\necho "${{CUDA_VISIBLE_DEVICES-unset}} $*" >> {tmp_path / "calls.txt"}\n'
+                                 f'printf "[%s]" "$@" >> {tmp_path / "argv.txt"}\necho >> {tmp_path / "argv.txt"}\n')
     (stub / "python").chmod(0o755)
     full = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     full.update(OUT=str(tmp_path / "out"), PDQ_CHECKS_DIR=str(tmp_path / "checks"), PDQ_WORK=str(tmp_path / "w"),
@@ -340,8 +341,11 @@ def test_vllm_checks_lane_b_steps_and_a_args(tmp_path, steps):
     prune = [c for c in calls if "prune_vllm_check.py" in c]
     assert (len(pack), len(prune)) == (int("pack" in steps), int("prune" in steps)), calls
     assert all("--serve" in c for c in pack)
-    a = [c for c in calls if "vllm_e2e_check.py" in c]
-    assert len(a) == 1 and "--parallel 7" in a[0]
+    a = [c for c in (tmp_path / "argv.txt").read_text().splitlines() if "vllm_e2e_check.py" in c]
+    assert len(a) == 1 and "[--parallel][7][--work]" in a[0], a  # two words, no empty argument
+    (tmp_path / "calls.txt").unlink()
+    r = _vllm_checks(tmp_path, LANES="A", A_ARGS="")  # unset or empty: no argument at all
+    assert r.returncode == 0 and "[eager,graph][--work]" in (tmp_path / "argv.txt").read_text().splitlines()[-1]
     (tmp_path / "calls.txt").unlink()
     r = _vllm_checks(tmp_path, LANES="B", B_STEPS="serve")
     assert r.returncode == 2 and "B_STEPS=serve" in r.stderr and not (tmp_path / "calls.txt").exists()

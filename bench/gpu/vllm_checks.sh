@@ -59,7 +59,8 @@ for v in DEADLINE A_TIMEOUT GEN_TIMEOUT PYTEST_TIMEOUT VLLM_TEST_TIMEOUT PACK_TI
   [[ -z ${!v:-} || ${!v} =~ ^[0-9]+$ ]] || { echo "error: $v=${!v}: give whole seconds" >&2; exit 2; }
 done
 rm -rf "$L"  # this call's results only (an earlier call's JSON must not come back as this one's)
-mkdir -p "$L"
+mkdir -p "$L" "$OUT"
+read -r -a A_ARGV <<< "${A_ARGS:-}"  # extra arguments of lane A's driver, split on blanks (no globbing)
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 T0=$(date +%s)
 DEADLINE=${DEADLINE:-560}
@@ -78,7 +79,7 @@ finish() {  # copy what there is, also when a lane ran out of time
 trap finish EXIT
 
 on A && ( gpu A; lane "A start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"; timeout -k 15 "$(limit "${A_TIMEOUT:-480}")" python bench/gpu/vllm_e2e_check.py --ckpt "$W/base-w4a16" \
-      --text-prompts --modes "${MODES:-eager,graph}" ${A_ARGS:-} --work "$L/e2e-work" --out "$L/e2e" > "$L/e2e_check.log" 2>&1
+      --text-prompts --modes "${MODES:-eager,graph}" "${A_ARGV[@]}" --work "$L/e2e-work" --out "$L/e2e" > "$L/e2e_check.log" 2>&1
   lane "A rc=$?" ) &
 on C && ( gpu C; lane "C start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"; timeout -k 15 "$(limit "${GEN_TIMEOUT:-300}")" python bench/vllm_e2e_bench.py --_gen > "$L/e2e_gen.log" 2>&1
   lane "C gen rc=$?"
@@ -91,7 +92,7 @@ on C && ( gpu C; lane "C start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all
 if on B; then
   ( gpu B; lane "B start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"
   if [[ $B_STEPS == *pack* ]]; then
-    timeout -k 15 "$(limit "${PACK_TIMEOUT:-300}")" python bench/gpu/pack_vllm_check.py --ckpt "$W/base" --prompts 8 \
+    timeout -k 15 "$(limit "${PACK_TIMEOUT:-480}")" python bench/gpu/pack_vllm_check.py --ckpt "$W/base" --prompts 8 \
         --new-tokens 32 --serve --out "$L/pack" > "$L/pack_check.log" 2>&1; lane "B pack rc=$?"
   fi
   if [[ $B_STEPS == *prune* ]]; then
