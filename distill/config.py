@@ -136,12 +136,13 @@ class DistillConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
                 raise ValueError(f"--{name.replace('_', '-')} {v}: must be in [0, 1]")
+        betas = self.adam_betas if isinstance(self.adam_betas, str) else ",".join(map(str, self.adam_betas))
         if isinstance(self.adam_betas, str) or len(self.adam_betas) != 2:
-            raise ValueError(f"--adam-betas {','.join(map(str, self.adam_betas))}: give two values, B1,B2")
+            raise ValueError(f"--adam-betas {betas}: give two values, B1,B2")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         b1, b2 = self.adam_betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError(f"--adam-betas {self.adam_betas}: each must be in [0, 1)")
+            raise ValueError(f"--adam-betas {betas}: each must be in [0, 1)")
         if (isinstance(self.adam_eps, bool) or not isinstance(self.adam_eps, (int, float))
                 or not math.isfinite(self.adam_eps) or self.adam_eps <= 0):
             raise ValueError(f"--adam-eps {self.adam_eps}: must be a positive number")

@@ -139,6 +139,8 @@ def test_cli_errors_are_one_line(pair, tmp_path, capsys):
     assert "--lmbda 1.5: must be in [0, 1]" in capsys.readouterr().err
     assert distill_main(_args(teacher, student, tmp_path / "o", data, "--adam-betas", "0.9")) == 2
     assert "--adam-betas 0.9: give two values" in capsys.readouterr().err
+    assert distill_main(_args(teacher, student, tmp_path / "o", data, "--adam-betas", "0.9,1")) == 2
+    assert "--adam-betas 0.9,1.0: each must be in [0, 1)" in capsys.readouterr().err
     assert distill_main(_args(teacher, student, tmp_path / "o", data, "--adam-eps", "0")) == 2
     assert "--adam-eps 0.0: must be a positive number" in capsys.readouterr().err
     assert distill_main(_args(teacher, student, tmp_path / "o", data, "--phase", 2, "--seq-len", 64)) == 2
