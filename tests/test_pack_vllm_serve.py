@@ -54,6 +54,11 @@ FAKE = textwrap.dedent('''
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if mode == "drop":  # dies mid-request
                 os._exit(1)
+            if mode == "badstatus":  # not HTTP at all
+                self.wfile.write(b"garbage\\r\\n\\r\\n")
+                self.wfile.flush()
+                self.close_connection = True
+                return
             if mode == "garbage":
                 self.send_response(200)
                 self.send_header("Content-Length", "9")
@@ -64,9 +69,10 @@ FAKE = textwrap.dedent('''
             assert req["model"] == get("--served-model-name") and req["temperature"] == 0.0
             assert req["return_token_ids"] and req["return_tokens_as_token_ids"] and req["ignore_eos"]
             n = req["max_tokens"] - (mode == "short")
-            choices = [{"index": i, "text": "",
-                        "token_ids": [(sum(p) + j) % 97 for j in range(n)],
-                        "logprobs": {"top_logprobs": [{f"token_id:{sum(p) % 97}": -0.25, "token_id:1": -2.0}]}}
+            lp = (None if mode == "nologprobs" else
+                  lambda p: {"top_logprobs": [{f"token_id:{sum(p) % 97}": -0.25, "token_id:1": -2.0}]})
+            choices = [{"index": i, "text": "", "token_ids": [(sum(p) + j) % 97 for j in range(n)],
+                        "logprobs": lp(p) if lp else None}
                        for i, p in enumerate(req["prompt"])]
             self._send(200, {"choices": choices[::-1]})  # any order: the client sorts by index
 
@@ -114,7 +120,8 @@ def test_serve_generate_reads_tokens_and_logprobs(tmp_path):
     assert _gone(ckpt / "pid")  # the server was stopped
 
 
-@pytest.mark.parametrize("mode, msg", [("drop", "/v1/completions: "), ("garbage", "/v1/completions: JSONDecodeError")])
+@pytest.mark.parametrize("mode, msg", [("drop", "/v1/completions: "), ("garbage", "/v1/completions: JSONDecodeError"),
+                                       ("badstatus", "/v1/completions: BadStatusLine")])
 def test_serve_generate_turns_a_broken_answer_into_an_error(tmp_path, mode, msg):
     ckpt, prefix = _ckpt(tmp_path, mode)
     out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix)
@@ -125,11 +132,23 @@ def test_serve_generate_turns_a_broken_answer_into_an_error(tmp_path, mode, msg)
 def test_serve_generate_starts_again_when_the_port_was_taken(tmp_path):
     ckpt, prefix = _ckpt(tmp_path, "busy")
     out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix)
-    assert (ckpt / "tried").exists() and out["ok"], out
+    assert (ckpt / "tried").exists() and out["ok"] and out["attempts"] == 2, out
+    assert out["retried_after"] == ["vllm serve exited with status 1 before /health answered"]
     assert [r["tokens"] for r in out["results"]] == _expected(PROMPTS, 4)
+    log = (tmp_path / "serve.log").read_text()  # both attempts are in the log
+    assert log.count("--- pack_vllm_check: attempt") == 2 and "address already in use" in log
     (ckpt / "tried").unlink()
     out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix, attempts=1)
-    assert not out["ok"] and "exited with status 1" in out["error"]
+    assert not out["ok"] and "exited with status 1" in out["error"] and out["attempts"] == 1
+
+
+def test_serve_generate_without_logprobs_compares_tokens_only(tmp_path):
+    ckpt, prefix = _ckpt(tmp_path, "nologprobs")
+    out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix)
+    assert out["ok"] and all(r["top0"] == {} for r in out["results"]), out
+    ref = [{"tokens": t, "top0": {str(t[0]): -0.1}} for t in _expected(PROMPTS, 4)]
+    c = pvc._compare(ref, out["results"])
+    assert c["identical_prompts"] == 3 and c["step0_compared"] == 0 and c["step0_top1_agree"] == 0
 
 
 def test_serve_generate_reports_a_server_that_dies(tmp_path):
@@ -192,13 +211,21 @@ def test_sigterm_to_the_driver_stops_the_server(tmp_path):
                            extra=({str(pid_file)!r},))
     """)
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=pvc.REPO)
-    t0 = time.time()
-    while not pid_file.exists() and time.time() - t0 < 60:
-        time.sleep(0.1)
-    assert pid_file.exists()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    assert _gone(pid_file)
+    try:
+        t0 = time.time()
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() - t0 < 60:
+            time.sleep(0.1)
+        assert pid_file.exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert _gone(pid_file)
+    finally:  # whatever failed above: leave nothing running
+        proc.kill()
+        if pid_file.exists() and pid_file.read_text():
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _stub_driver(monkeypatch, tmp_path, offline_tokens):
@@ -220,10 +247,18 @@ def _stub_driver(monkeypatch, tmp_path, offline_tokens):
 
     fake = tmp_path / "fake_vllm.py"
     fake.write_text(FAKE)
+    handlers = []
+    real = functools.partial(pvc.serve_generate, cmd_prefix=[sys.executable, str(fake)])
+
+    def serve(*a, **kw):  # records the SIGTERM handler main() has installed while the server runs
+        import signal
+
+        handlers.append(signal.getsignal(signal.SIGTERM))
+        return real(*a, **kw)
     monkeypatch.setattr(pvc, "_quantize", quantize)
     monkeypatch.setattr(pvc, "_spawn", spawn)
-    monkeypatch.setattr(pvc, "serve_generate",
-                        functools.partial(pvc.serve_generate, cmd_prefix=[sys.executable, str(fake)]))
+    monkeypatch.setattr(pvc, "serve_generate", serve)
+    return handlers
 
 
 def test_driver_reports_a_serve_failure_in_its_json(monkeypatch, tmp_path):
@@ -231,12 +266,17 @@ def test_driver_reports_a_serve_failure_in_its_json(monkeypatch, tmp_path):
     of the report is still written."""
     import json
 
-    _stub_driver(monkeypatch, tmp_path, _expected)
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    handlers = _stub_driver(monkeypatch, tmp_path, _expected)
     rc = pvc.main(["--scales", "micro", "--serve", "--prompts", "2", "--new-tokens", "3", "--out", str(tmp_path / "o")])
     rep = json.loads((tmp_path / "o" / "pack_vllm_check.json").read_text())
     assert rc == 1 and any("has no tokenizer" in f for f in rep["failures"]), rep["failures"]
     e = rep["checkpoints"]["micro"]
     assert e["vllm_serve"]["ok"] is False and e["cpu_cuda_identical"] and e["vllm_marlin"]["vs_hf"]
+    # main stops a running server on SIGTERM, and gives the handler back when it returns
+    assert handlers == [pvc._on_sigterm] and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_driver_compares_served_tokens_with_the_offline_engine(monkeypatch, tmp_path):

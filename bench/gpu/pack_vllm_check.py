@@ -42,6 +42,7 @@ later (prometheus-fastapi-instrumentator, python-json-logger): see bench/gpu/REA
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -198,11 +199,15 @@ def serve_generate(ckpt: Path, prompts: list[list[int]], new_tokens: int, log_pa
     if not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         out["error"] = f"{ckpt} has no tokenizer: vllm serve needs one (give --ckpt a trained checkpoint)"
         return out
-    for attempt in range(attempts):
+    log_path.write_text("")  # one log for every attempt (each starts with a header line)
+    for attempt in range(1, max(1, attempts) + 1):
+        out["attempts"] = attempt
         retry = _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra, grace, out)
-        if not retry or attempt == attempts - 1:
-            return out
+        if not retry or attempt >= attempts:
+            break
+        out.setdefault("retried_after", []).append(out["error"])
         out.update(error=None, results=[])
+    return out
 
 
 def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra, grace, out) -> bool:
@@ -216,7 +221,9 @@ def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra,
     out["cmd"] = " ".join(cmd)
     base = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
+        log.write(f"--- pack_vllm_check: attempt {out['attempts']}, port {port}: {out['cmd']}\n")
+        log.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _LIVE.add(proc)
         try:
@@ -224,14 +231,15 @@ def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra,
                 if proc.poll() is not None:
                     out["error"] = f"vllm serve exited with status {proc.returncode} before /health answered"
                     log.flush()
-                    return "address already in use" in Path(log_path).read_text(errors="replace").lower()
+                    this_attempt = Path(log_path).read_text(errors="replace").rsplit("--- pack_vllm_check: ", 1)[-1]
+                    return "address already in use" in this_attempt.lower()
                 if time.perf_counter() - t0 > timeout:
                     out["error"] = f"vllm serve: /health did not answer within {timeout:.0f} s"
                     return False
                 try:
                     if _http(base + "/health", timeout=2)[0] == 200:
                         break
-                except OSError:
+                except (OSError, http.client.HTTPException):  # not up yet, or not speaking HTTP yet
                     pass
                 time.sleep(1.0)
             out["startup_s"] = round(time.perf_counter() - t0, 1)
@@ -251,7 +259,8 @@ def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra,
                     out["results"].append({"tokens": list(c.get("token_ids") or []),
                                            "top0": {k.removeprefix("token_id:"): float(v)
                                                     for k, v in (top[0] or {}).items()}})
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # died, hung, or not the API
+            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as e:
+                # the server died, hung, or does not speak this API
                 out["error"] = f"/v1/completions: {type(e).__name__}: {e}"
                 return False
             wrong = [i for i, r in enumerate(out["results"]) if len(r["tokens"]) != new_tokens]
@@ -281,9 +290,7 @@ def _stop(proc: subprocess.Popen, grace: float = 30) -> None:
         try:
             os.killpg(proc.pid, signal.SIGINT)
             proc.wait(timeout=grace)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
+        except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
             pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -316,7 +323,7 @@ def _quantize(src: Path, dst: Path, device: str) -> None:
 
 
 def _compare(ref: list[dict], got: list[dict]) -> dict:
-    prefix, same, top1, dlp = [], 0, 0, 0.0
+    prefix, same, top1, dlp, scored = [], 0, 0, 0.0, 0
     for r, g in zip(ref, got):
         n = 0
         for a, b in zip(r["tokens"], g["tokens"]):
@@ -327,13 +334,14 @@ def _compare(ref: list[dict], got: list[dict]) -> dict:
         same += r["tokens"] == g["tokens"]
         if not r["top0"] or not g["top0"]:  # no step-0 log-probs came back: no agreement to count
             continue
+        scored += 1
         rt = max(r["top0"], key=r["top0"].get)
         gt = max(g["top0"], key=g["top0"].get)
         top1 += rt == gt
         if rt == gt:
             dlp = max(dlp, abs(r["top0"][rt] - g["top0"][gt]))
     return {"identical_prompts": same, "prompts": len(ref), "common_prefix": prefix, "step0_top1_agree": top1,
-            "step0_max_abs_dlogprob": round(dlp, 5)}
+            "step0_compared": scored, "step0_max_abs_dlogprob": round(dlp, 5)}
 
 
 def main(argv=None) -> int:
@@ -354,9 +362,17 @@ def main(argv=None) -> int:
     if args.worker:
         _worker_main(*args.worker)
         return 0
-    if args.serve and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    serve_sigterm = args.serve and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if serve_sigterm else None
+    try:
+        return _drive(args)
+    finally:
+        if serve_sigterm:
+            signal.signal(signal.SIGTERM, previous)
 
+
+def _drive(args) -> int:
+    """The checks of :func:`main` for its parsed ``args``."""
     from bench.factory import save_random_checkpoint
 
     work = args.out
@@ -448,7 +464,8 @@ def main(argv=None) -> int:
         if srv:
             state = "ok" if srv["ok"] else f"FAILED ({srv['error']})"
             print(f"{scale}: vllm serve {state}; startup {srv.get('startup_s')} s; tokens identical to the offline "
-                  f"default engine on {srv.get('identical_to_offline_default')}/{len(srv.get('tokens', []))} prompts")
+                  f"default engine on {srv.get('identical_to_offline_default', '-')}/{len(srv.get('tokens', []))} "
+                  "prompts")
     report["failures"] = failures
     return finish_report(work / "pack_vllm_check.json", report, failures)
 

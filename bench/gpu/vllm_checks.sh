@@ -79,7 +79,7 @@ finish() {  # copy what there is, also when a lane ran out of time
 trap finish EXIT
 
 on A && ( gpu A; lane "A start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"; timeout -k 15 "$(limit "${A_TIMEOUT:-480}")" python bench/gpu/vllm_e2e_check.py --ckpt "$W/base-w4a16" \
-      --text-prompts --modes "${MODES:-eager,graph}" "${A_ARGV[@]}" --work "$L/e2e-work" --out "$L/e2e" > "$L/e2e_check.log" 2>&1
+      --text-prompts --modes "${MODES:-eager,graph}" ${A_ARGV[@]+"${A_ARGV[@]}"} --work "$L/e2e-work" --out "$L/e2e" > "$L/e2e_check.log" 2>&1
   lane "A rc=$?" ) &
 on C && ( gpu C; lane "C start (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"; timeout -k 15 "$(limit "${GEN_TIMEOUT:-300}")" python bench/vllm_e2e_bench.py --_gen > "$L/e2e_gen.log" 2>&1
   lane "C gen rc=$?"
