@@ -357,7 +357,8 @@ def _run(cfg: DistillConfig, env) -> dict:
         else:
             meta = json.loads((ck / "meta.json").read_text())
             want = cfg.result_dict()
-            had = {"adam_eps": 1e-8, **meta["config"]}  # checkpoints from before --adam-eps ran with torch's default
+            # checkpoints from before --adam-eps ran with its default (torch's)
+            had = {"adam_eps": DistillConfig.adam_eps, **meta["config"]}
             diff = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
             if diff:
                 raise ValueError(f"{ck}: checkpoint was made with different settings ({', '.join(diff)}); "

@@ -46,7 +46,6 @@ import http.client
 import json
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -59,8 +58,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.gpu.vllm_e2e_check import kernels_in_log, tracked_engine  # noqa: E402  (after the sys.path line)
+# an engine in a session of its own outlives a SIGTERM to this driver unless this handler kills it: the same one
+# vllm_e2e_check installs for its engines (SIGKILL to every tracked process group, then exit 128 + signum)
+from bench.gpu.vllm_e2e_check import kill_live_engines as _on_sigterm  # noqa: E402
+
 MARLIN_ONLY = "CutlassW4A8LinearKernel,MacheteLinearKernel,AllSparkLinearKernel"
-KERNEL_RE = re.compile(r"Using (\w+) for CompressedTensorsWNA16")
 TOPK = 5
 # what `--serve` adds to `vllm serve OUT --config OUT/vllm_config.yaml` (test settings only; the model settings
 # come from the yaml): the offline engines' settings, so that the served tokens can be compared with theirs
@@ -225,61 +228,55 @@ def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra,
         log.write(f"--- pack_vllm_check: attempt {out['attempts']}, port {port}: {out['cmd']}\n")
         log.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _LIVE.add(proc)
-        try:
-            while True:
-                if proc.poll() is not None:
-                    out["error"] = f"vllm serve exited with status {proc.returncode} before /health answered"
-                    log.flush()
-                    this_attempt = Path(log_path).read_text(errors="replace").rsplit("--- pack_vllm_check: ", 1)[-1]
-                    return "address already in use" in this_attempt.lower()
-                if time.perf_counter() - t0 > timeout:
-                    out["error"] = f"vllm serve: /health did not answer within {timeout:.0f} s"
-                    return False
-                try:
-                    if _http(base + "/health", timeout=2)[0] == 200:
-                        break
-                except (OSError, http.client.HTTPException):  # not up yet, or not speaking HTTP yet
-                    pass
-                time.sleep(1.0)
-            out["startup_s"] = round(time.perf_counter() - t0, 1)
-            # greedy; the penalties spelled out because the server fills unset fields from the model's
-            # generation_config, the offline engines do not
-            req = {"model": SERVED_NAME, "prompt": prompts, "max_tokens": new_tokens, "temperature": 0.0,
-                   "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "ignore_eos": True,
-                   "return_token_ids": True, "logprobs": TOPK, "return_tokens_as_token_ids": True}
+        with tracked_engine(proc.pid):  # a SIGTERM to this driver kills it too (_on_sigterm)
             try:
-                status, body = _http(base + "/v1/completions", req, timeout=120)
-                if status != 200:
-                    out["error"] = f"/v1/completions answered HTTP {status}: {body[:300]!r}"
+                while True:
+                    if proc.poll() is not None:
+                        out["error"] = f"vllm serve exited with status {proc.returncode} before /health answered"
+                        log.flush()
+                        this_attempt = Path(log_path).read_text(errors="replace").rsplit("--- pack_vllm_check: ", 1)[-1]
+                        return "address already in use" in this_attempt.lower()
+                    if time.perf_counter() - t0 > timeout:
+                        out["error"] = f"vllm serve: /health did not answer within {timeout:.0f} s"
+                        return False
+                    try:
+                        if _http(base + "/health", timeout=2)[0] == 200:
+                            break
+                    except (OSError, http.client.HTTPException):  # not up yet, or not speaking HTTP yet
+                        pass
+                    time.sleep(1.0)
+                out["startup_s"] = round(time.perf_counter() - t0, 1)
+                # greedy; the penalties spelled out because the server fills unset fields from the model's
+                # generation_config, the offline engines do not
+                req = {"model": SERVED_NAME, "prompt": prompts, "max_tokens": new_tokens, "temperature": 0.0,
+                       "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "ignore_eos": True,
+                       "return_token_ids": True, "logprobs": TOPK, "return_tokens_as_token_ids": True}
+                try:
+                    status, body = _http(base + "/v1/completions", req, timeout=120)
+                    if status != 200:
+                        out["error"] = f"/v1/completions answered HTTP {status}: {body[:300]!r}"
+                        return False
+                    choices = sorted(json.loads(body)["choices"], key=lambda c: c["index"])
+                    for c in choices:
+                        top = (c.get("logprobs") or {}).get("top_logprobs") or [None]
+                        out["results"].append({"tokens": list(c.get("token_ids") or []),
+                                               "top0": {k.removeprefix("token_id:"): float(v)
+                                                        for k, v in (top[0] or {}).items()}})
+                except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as e:
+                    # the server died, hung, or does not speak this API
+                    out["error"] = f"/v1/completions: {type(e).__name__}: {e}"
                     return False
-                choices = sorted(json.loads(body)["choices"], key=lambda c: c["index"])
-                for c in choices:
-                    top = (c.get("logprobs") or {}).get("top_logprobs") or [None]
-                    out["results"].append({"tokens": list(c.get("token_ids") or []),
-                                           "top0": {k.removeprefix("token_id:"): float(v)
-                                                    for k, v in (top[0] or {}).items()}})
-            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as e:
-                # the server died, hung, or does not speak this API
-                out["error"] = f"/v1/completions: {type(e).__name__}: {e}"
+                wrong = [i for i, r in enumerate(out["results"]) if len(r["tokens"]) != new_tokens]
+                if len(choices) != len(prompts) or wrong:
+                    out["error"] = (f"{len(choices)} choices for {len(prompts)} prompts; prompts without exactly "
+                                    f"{new_tokens} token ids: {wrong}")
+                    return False
+                out["ok"] = True
                 return False
-            wrong = [i for i, r in enumerate(out["results"]) if len(r["tokens"]) != new_tokens]
-            if len(choices) != len(prompts) or wrong:
-                out["error"] = (f"{len(choices)} choices for {len(prompts)} prompts; prompts without exactly "
-                                f"{new_tokens} token ids: {wrong}")
-                return False
-            out["ok"] = True
-            return False
-        finally:
-            _stop(proc, grace)
-            _LIVE.discard(proc)
-            log.flush()
-            out["kernels"] = list(dict.fromkeys(KERNEL_RE.findall(Path(log_path).read_text(errors="replace"))))
-
-
-# servers started by serve_generate and not yet stopped: a SIGTERM to this driver (``timeout``) stops them too,
-# since each runs in a session of its own that the signal to our process group does not reach
-_LIVE: set[subprocess.Popen] = set()
+            finally:
+                _stop(proc, grace)
+                log.flush()
+                out["kernels"] = kernels_in_log(Path(log_path).read_text(errors="replace"))
 
 
 def _stop(proc: subprocess.Popen, grace: float = 30) -> None:
@@ -300,12 +297,6 @@ def _stop(proc: subprocess.Popen, grace: float = 30) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
-
-
-def _on_sigterm(signum, frame) -> None:
-    for proc in list(_LIVE):
-        _stop(proc, grace=5)
-    raise SystemExit(128 + signum)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -416,7 +407,7 @@ def _drive(args) -> int:
         for mode, env in engines.items():
             res, log, secs = _spawn("vllm", dict(spec, model=str(base)) if mode == "bf16" else spec, work,
                                     f"{scale}-vllm-{mode}", env)
-            row = {"wall_s": round(secs, 1), "kernels": list(dict.fromkeys(KERNEL_RE.findall(log)))}
+            row = {"wall_s": round(secs, 1), "kernels": kernels_in_log(log)}
             if res is None:
                 failures.append(f"{scale}: vLLM ({mode}) failed, see {scale}-vllm-{mode}.log")
                 print(log[-3000:])

@@ -44,6 +44,7 @@ Exit status 0 when every gate passed (exact bit-identity in eager mode, kernel l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -260,6 +261,19 @@ def kill_live_engines(signum=None, frame=None) -> None:
         raise SystemExit(128 + signum)
 
 
+@contextlib.contextmanager
+def tracked_engine(pgid: int):
+    """Within the block, the process group ``pgid`` (a subprocess started with ``start_new_session=True``) is
+    one :func:`kill_live_engines` kills."""
+    with _LIVE_LOCK:
+        _LIVE_ENGINES.add(pgid)
+    try:
+        yield
+    finally:
+        with _LIVE_LOCK:
+            _LIVE_ENGINES.discard(pgid)
+
+
 def install_engine_reaper() -> None:
     """Kill the running engines when this driver gets SIGTERM (main thread only: where signal handlers live)."""
     if threading.current_thread() is threading.main_thread():
@@ -276,17 +290,13 @@ def run_engine_subprocess(script: Path, spec: dict, env: dict, log: Path, timeou
     with open(log, "w") as fh:
         p = subprocess.Popen([sys.executable, str(script), "--_engine", str(spec_f)], cwd=REPO, env=env,
                              stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        with _LIVE_LOCK:
-            _LIVE_ENGINES.add(p.pid)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)  # the engine's own process group (it may have spawned helpers)
-            p.wait()
-            rc = "timeout"
-        finally:
-            with _LIVE_LOCK:
-                _LIVE_ENGINES.discard(p.pid)
+        with tracked_engine(p.pid):
+            try:
+                rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)  # the engine's own process group (it may have spawned helpers)
+                p.wait()
+                rc = "timeout"
     wall = time.perf_counter() - t0
     text = log.read_text(errors="replace")
     out = json.loads(res_f.read_text()) if res_f.is_file() else {"error": f"engine exited {rc}: " + text[-1500:]}
