@@ -33,6 +33,7 @@ class TokenBlocks:
     source: str
     sha256: str
     tokenizer_sha256: str | None
+    selection: dict | None = None  # the sidecar of a python -m distill.select file (distill.select.read_meta)
 
     @property
     def tokens(self) -> int:

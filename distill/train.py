@@ -44,6 +44,7 @@ import torch
 from . import parallel
 from .config import DistillConfig
 from .data import load_blocks, load_tokenizer
+from .select import read_meta as read_selection_meta
 from .models import (DistillModule, MasterWeights, capture_layer_outputs, check_pair, compile_decoder_layers,
                      decoder_layers, limit_checkpointing, load_model, matmul_params, set_trainable, text_config,
                      to_bf16_layout)
@@ -346,6 +347,9 @@ def _run(cfg: DistillConfig, env) -> dict:
 
     # data
     data = load_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, text_config(student).vocab_size)
+    # a file written by python -m distill.select carries what it was chosen from (and the tokens it scored)
+    if cfg.data is not None:
+        data.selection = read_selection_meta(cfg.data, data.sha256)
     load_s = time.perf_counter() - t_load
 
     # resume
@@ -374,6 +378,10 @@ def _run(cfg: DistillConfig, env) -> dict:
               f"{env.world} rank(s) on {env.device.type}, {cfg.precision}; data {data.source} ({data.tokens:,} "
               f"tokens); {cfg.steps} steps x {cfg.batch} x {cfg.seq_len} = {cfg.steps * tokens_per_step:,} tokens; "
               f"load {load_s:.1f}s")
+    if data.selection:
+        sel = data.selection
+        log.print(f"data: chosen by distill.select, {sel['kept_windows']:,} of {sel['pool_windows']:,} pooled windows "
+                  f"by teacher-student KL ({sel['scored_tokens']:,} tokens scored forward-only)")
     if start == 0:
         log.record({"event": "config", "config": cfg.result_dict(), "world": env.world, "device": str(env.device),
                     "n_student": dz.n_student, "n_teacher": dz.n_teacher, "peak_tflops": cfg.peak_tflops})
@@ -449,7 +457,7 @@ def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:
         "loss_first": {k: history[0][k] for k in keys},
         "loss_last10": {k: mean(k) for k in keys},
         "data": {"source": data.source, "sha256": data.sha256, "tokenizer_sha256": data.tokenizer_sha256,
-                 "tokens_available": data.tokens},
+                 "tokens_available": data.tokens, **({"selection": data.selection} if data.selection else {})},
     }
 
 

@@ -33,6 +33,9 @@ FAKE = textwrap.dedent('''
         (ckpt / "tried").write_text("")
         print("ERROR: [Errno 98] error while attempting to bind: address already in use", flush=True)
         sys.exit(1)
+    kernel = os.environ.get("PDQKIT_VLLM_KERNEL")
+    if kernel:  # the line pdqkit's plugin logs when vLLM loads it
+        print(f"INFO pdqkit: PDQKIT_VLLM_KERNEL={kernel}, PdqkitExactLinearKernel registered first", flush=True)
     print("INFO Using MacheteLinearKernel for CompressedTensorsWNA16", flush=True)
     time.sleep(0.5)  # not ready at once: the client must poll /health
 
@@ -301,3 +304,76 @@ def test_driver_compares_served_tokens_with_the_offline_engine(monkeypatch, tmp_
     srv = rep["checkpoints"]["micro"]["vllm_serve"]
     assert srv["ok"] and srv["kernels"] == ["MacheteLinearKernel"]
     assert srv["identical_to_offline_default"] == 1 and srv["vs_hf"]["identical_prompts"] == 1
+
+
+def test_serve_env_per_kernel(tmp_path, monkeypatch):
+    """default: nothing added; marlin: Marlin forced; fast/exact: PDQKIT_VLLM_KERNEL and a PYTHONPATH on which
+    vLLM's plugin discovery (importlib.metadata entry points) finds pdqkit's plugin."""
+    import subprocess
+
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    assert pvc.serve_env("default", tmp_path) == {}
+    assert pvc.serve_env("marlin", tmp_path) == {"VLLM_DISABLED_KERNELS": pvc.MARLIN_ONLY}
+    env = pvc.serve_env("exact", tmp_path)
+    assert env["PDQKIT_VLLM_KERNEL"] == "exact" and env["PYTHONPATH"].endswith(os.pathsep + "/somewhere")
+    probe = ("from importlib.metadata import entry_points; "
+             "print([e.value for e in entry_points(group='vllm.general_plugins')])")
+    r = subprocess.run([sys.executable, "-S", "-c", probe], env={"PYTHONPATH": env["PYTHONPATH"]},
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "kernels.vllm_plugin:register" in r.stdout, r.stdout + r.stderr
+    with pytest.raises(ValueError, match="unknown serve kernel 'slow'"):
+        pvc.serve_env("slow", tmp_path)
+
+
+def test_serve_generate_passes_the_plugin_environment(tmp_path):
+    ckpt, prefix = _ckpt(tmp_path, "ok")
+    extra = tuple(a for a in pvc.SERVE_TEST_ARGS if a != "--enforce-eager")
+    out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix, extra=extra,
+                             env_extra=pvc.serve_env("exact", tmp_path))
+    assert out["ok"], out
+    assert out["plugin_lines"] == ["INFO pdqkit: PDQKIT_VLLM_KERNEL=exact, PdqkitExactLinearKernel registered first"]
+    assert "--enforce-eager" not in out["cmd"]
+    plain = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve2.log", timeout=60, cmd_prefix=prefix)
+    assert plain["ok"] and plain["plugin_lines"] == []
+
+
+def test_driver_serves_each_kernel_in_graph_mode(monkeypatch, tmp_path):
+    """--serve-kernels default,exact --serve-mode graph --engines marlin: one server per kernel without
+    --enforce-eager; the exact server is compared with the offline Marlin engine (prompt 0 made to differ offline)
+    and its plugin line is reported; no offline default engine ran."""
+    import json
+
+    def offline(prompts, n):
+        toks = _expected(prompts, n)
+        toks[0] = [t + 1 for t in toks[0]]
+        return toks
+
+    _stub_driver(monkeypatch, tmp_path, offline)
+    from bench.factory import save_random_checkpoint
+
+    def save_with_tokenizer(name, base, **kw):
+        save_random_checkpoint(name, base, **kw)
+        (base / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr("bench.factory.save_random_checkpoint", save_with_tokenizer)
+    rc = pvc.main(["--scales", "micro", "--serve", "--serve-mode", "graph", "--serve-kernels", "default,exact",
+                   "--engines", "marlin", "--prompts", "2", "--new-tokens", "3", "--out", str(tmp_path / "o")])
+    rep = json.loads((tmp_path / "o" / "pack_vllm_check.json").read_text())
+    assert rc == 0, rep["failures"]
+    e = rep["checkpoints"]["micro"]
+    assert "vllm_default" not in e and "vllm_marlin" in e
+    d, x = e["vllm_serve"], e["vllm_serve-exact"]
+    assert d["ok"] and x["ok"] and d["mode"] == x["mode"] == "graph"
+    assert "--enforce-eager" not in d["cmd"] and "--enforce-eager" not in x["cmd"]
+    assert "identical_to_offline_default" not in d  # no offline default engine to compare with
+    assert x["identical_to_offline_marlin"] == 1 and x["vs_hf"]["identical_prompts"] == 1
+    assert d["plugin_lines"] == [] and "PDQKIT_VLLM_KERNEL=exact" in x["plugin_lines"][0]
+    assert (tmp_path / "o" / "micro-vllm-serve-exact.log").is_file()
+
+
+def test_driver_option_lists_checked(capsys):
+    for argv, msg in ((["--serve-kernels", "default,slow"], "distinct kernels of default,marlin,fast,exact"),
+                      (["--serve-kernels", "exact,exact"], "distinct kernels"),
+                      (["--engines", "marlin,gpu"], "distinct engines of marlin,default,bf16")):
+        with pytest.raises(SystemExit):
+            pvc.main(argv)
+        assert msg in capsys.readouterr().err

@@ -135,6 +135,43 @@ def test_distill1_variants_phase1_only(tmp_path, trained_micro):
     assert not (work / "distill2").exists()
 
 
+def test_distill1_select_variants(tmp_path, trained_micro):
+    """``--distill1-select 2,3`` adds one phase-1 run per pool multiple, trained on the windows distill.select
+    keeps: as many tokens as the budget gives that run, chosen from a pool of 2x / 3x them (``all``, the whole train
+    split, is too slow for the CPU: distill.select's own tests cover the whole-data pool); the selection's numbers
+    land in quality.json and in the run's lineage."""
+    from distill.select import meta_path
+    from pack.checkpoint import read_lineage
+
+    work, q = _pipeline(tmp_path, trained_micro, "--stages", "prune,distill", "--criteria", "activation",
+                        "--prune-args=--samples 8 --seq-len 128", "--distill1-args", "--batch 2 --seq-len 128",
+                        "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
+                        "--distill1-variants", "all=", "--distill1-select", "2,3", "--token-budget-pct", "2",
+                        "--phase1-only")
+    budget = q["distill_budget_per_run"]
+    assert set(budget) == {"distill1-all", "distill1-select-x2", "distill1-select-x3"}
+    sel = q["distill1_data_selection"]
+    for name, pool in (("distill1-select-x2", 2), ("distill1-select-x3", 3)):
+        step = read_lineage(work / name)[-1]
+        tokens = budget[name]["phase1_tokens"]
+        assert step["tokens_seen"] == tokens == sel[name]["kept_tokens"] == step["data"]["selection"]["kept_tokens"]
+        assert step["data"]["source"] == str(work / f"{name}.jsonl")
+        want_pool = pool * tokens // 128
+        assert sel[name]["windows_available"] > want_pool and sel[name]["pool_windows"] == want_pool and sel[name]["scored_tokens"] == want_pool * 128
+        assert sel[name]["kl_kept"]["mean"] > sel[name]["kl_pool"]["mean"]
+        assert meta_path(work / f"{name}.jsonl").is_file() and name in q["rows"]
+    assert read_lineage(work / "distill1-all")[-1]["data"]["source"] == "bench.corpus:train"
+    assert not (work / "distill2").exists()
+
+
+def test_distill1_select_pool_checked_at_start(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--distill1-select", "2,0.5",
+                        "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "'0.5': a pool multiple is a number >= 1 or 'all'" in r.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_scratch_control_stage(tmp_path, trained_micro):
     """``--stages scratch`` trains the pruned width (kept_width(640, 0.2) = 512 for micro) from scratch with the
     given train args and evaluates it against the base (with ``--overlap-ngrams``: also per target subset)."""

@@ -17,6 +17,10 @@ bench.factory):
    kernel choice) with only the test settings added on its command line (``SERVE_TEST_ARGS``: eager, small
    memory share, seed 0); one ``/v1/completions`` request with all prompts as token ids (greedy, ``ignore_eos``,
    ``return_token_ids``) — its tokens are compared with HF's and with the offline default engine's.
+   ``--serve-mode graph`` leaves ``--enforce-eager`` out (the yaml's own torch.compile + CUDA graphs);
+   ``--serve-kernels default,exact`` starts one server per kernel (``fast`` / ``exact``: pdqkit's plugin with
+   ``PDQKIT_VLLM_KERNEL``, compared with the offline Marlin engine; the plugin's log lines are recorded);
+   ``--engines marlin`` runs only the offline engines named.
 5. Greedy tokens for a few prompts from each engine vs HF transformers' greedy tokens of the same checkpoint
    (``from_pretrained`` on CUDA, decompressed to bf16). Random-weight models have tiny logit margins, so bf16
    GEMM differences can flip a token: reported per prompt as the common prefix length and the step-0 top-1
@@ -187,7 +191,7 @@ def _free_port() -> int:
 
 def serve_generate(ckpt: Path, prompts: list[list[int]], new_tokens: int, log_path: Path, *, timeout: float = 300,
                    cmd_prefix: list[str] | None = None, extra: tuple[str, ...] = SERVE_TEST_ARGS,
-                   attempts: int = 2, grace: float = 30) -> dict:
+                   attempts: int = 2, grace: float = 30, env_extra: dict[str, str] | None = None) -> dict:
     """Start ``vllm serve CKPT --config CKPT/vllm_config.yaml`` (plus ``extra``), wait for ``/health``, send one
     greedy ``/v1/completions`` request with every prompt (token ids), stop the server.
 
@@ -197,7 +201,9 @@ def serve_generate(ckpt: Path, prompts: list[list[int]], new_tokens: int, log_pa
     exits before ``/health`` because its port was taken meanwhile (the port is picked free, then released to
     vLLM) is started again on another port, up to ``attempts`` times. ``cmd_prefix`` replaces ``python -m
     vllm.entrypoints.cli.main`` (the ``vllm`` console script, which a ``--target`` install does not create); the
-    tests put a stand-in server there. The server gets SIGINT to stop, SIGKILL after ``grace`` s."""
+    tests put a stand-in server there. The server gets SIGINT to stop, SIGKILL after ``grace`` s. Its environment
+    is this one without the kernel-choice variables, plus ``env_extra`` (e.g. :func:`serve_env`'s plugin kernel).
+    ``plugin_lines``: the server log's lines from pdqkit's vLLM plugin (its kernel choice and hints)."""
     out: dict = {"ok": False, "error": None, "cmd": None, "kernels": [], "results": []}
     if not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         out["error"] = f"{ckpt} has no tokenizer: vllm serve needs one (give --ckpt a trained checkpoint)"
@@ -205,7 +211,8 @@ def serve_generate(ckpt: Path, prompts: list[list[int]], new_tokens: int, log_pa
     log_path.write_text("")  # one log for every attempt (each starts with a header line)
     for attempt in range(1, max(1, attempts) + 1):
         out["attempts"] = attempt
-        retry = _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra, grace, out)
+        retry = _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra, grace, out,
+                            env_extra or {})
         if not retry or attempt >= attempts:
             break
         out.setdefault("retried_after", []).append(out["error"])
@@ -213,7 +220,7 @@ def serve_generate(ckpt: Path, prompts: list[list[int]], new_tokens: int, log_pa
     return out
 
 
-def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra, grace, out) -> bool:
+def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra, grace, out, env_extra) -> bool:
     """One server start for :func:`serve_generate`; fills ``out``; True if the port was taken (try again)."""
     port = _free_port()
     cmd = [*(cmd_prefix or [sys.executable, "-m", "vllm.entrypoints.cli.main"]), "serve", str(ckpt),
@@ -221,6 +228,7 @@ def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra,
            "--served-model-name", SERVED_NAME, *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_DISABLED_KERNELS", "PDQKIT_VLLM_KERNEL")}
     env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
+    env.update(env_extra)
     out["cmd"] = " ".join(cmd)
     base = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
@@ -276,7 +284,29 @@ def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra,
             finally:
                 _stop(proc, grace)
                 log.flush()
-                out["kernels"] = kernels_in_log(Path(log_path).read_text(errors="replace"))
+                text = Path(log_path).read_text(errors="replace")
+                out["kernels"] = kernels_in_log(text)
+                out["plugin_lines"] = [ln.strip()[-400:] for ln in text.splitlines() if "pdqkit:" in ln][:8]
+
+
+SERVE_KERNELS = ("default", "marlin", "fast", "exact")
+
+
+def serve_env(kernel: str, work: Path) -> dict[str, str]:
+    """What a served engine needs for ``kernel`` on top of :func:`serve_generate`'s environment: nothing for vLLM's
+    ``default`` choice, Marlin forced for ``marlin``, and for pdqkit's ``fast`` / ``exact`` the plugin made
+    findable (the entry-point shim unless pdqkit is pip-installed, :func:`vllm_e2e_check.plugin_pythonpath`) plus
+    ``PDQKIT_VLLM_KERNEL``."""
+    if kernel == "default":
+        return {}
+    if kernel == "marlin":
+        return {"VLLM_DISABLED_KERNELS": MARLIN_ONLY}
+    if kernel not in SERVE_KERNELS:
+        raise ValueError(f"unknown serve kernel {kernel!r}: choose from {', '.join(SERVE_KERNELS)}")
+    from bench.gpu.vllm_e2e_check import plugin_pythonpath
+
+    paths = [*plugin_pythonpath(work), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    return {"PDQKIT_VLLM_KERNEL": kernel, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def _stop(proc: subprocess.Popen, grace: float = 30) -> None:
@@ -349,6 +379,14 @@ def main(argv=None) -> int:
     ap.add_argument("--serve", action="store_true",
                     help="also run `vllm serve OUT --config OUT/vllm_config.yaml` and query it over HTTP")
     ap.add_argument("--serve-timeout", type=float, default=300, help="seconds for the server to come up")
+    ap.add_argument("--serve-mode", choices=("eager", "graph"), default="eager",
+                    help="eager: --enforce-eager added (tokens comparable with the offline eager engines); graph: the "
+                         "yaml's own settings, vLLM's default torch.compile + CUDA graphs (default eager)")
+    ap.add_argument("--serve-kernels", default="default", type=_serve_kernels, metavar="K[,K...]",
+                    help=f"one server per kernel of {','.join(SERVE_KERNELS)} (fast/exact: pdqkit's plugin; "
+                         "default: vLLM's choice)")
+    ap.add_argument("--engines", default="marlin,default,bf16", type=_engines, metavar="E[,E...]",
+                    help="offline engines to run, of marlin,default,bf16 (bf16 only with --ckpt) (default all)")
     args = ap.parse_args(argv)
     if args.worker:
         _worker_main(*args.worker)
@@ -360,6 +398,21 @@ def main(argv=None) -> int:
     finally:
         if serve_sigterm:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _serve_kernels(spec: str) -> tuple[str, ...]:
+    ks = tuple(k for k in spec.split(",") if k)
+    bad = [k for k in ks if k not in SERVE_KERNELS]
+    if bad or not ks or len(set(ks)) != len(ks):
+        raise argparse.ArgumentTypeError(f"{spec!r}: distinct kernels of {','.join(SERVE_KERNELS)}")
+    return ks
+
+
+def _engines(spec: str) -> tuple[str, ...]:
+    es = tuple(e for e in spec.split(",") if e)
+    if any(e not in ("marlin", "default", "bf16") for e in es) or len(set(es)) != len(es):
+        raise argparse.ArgumentTypeError(f"{spec!r}: distinct engines of marlin,default,bf16 (or empty)")
+    return es
 
 
 def _drive(args) -> int:
@@ -404,6 +457,7 @@ def _drive(args) -> int:
         engines = {} if args.cpu_dry_run else {"marlin": {"VLLM_DISABLED_KERNELS": MARLIN_ONLY}, "default": {}}
         if args.ckpt and not args.cpu_dry_run:
             engines["bf16"] = {}  # the unquantized source, vLLM's default path
+        engines = {k: v for k, v in engines.items() if k in args.engines}
         for mode, env in engines.items():
             res, log, secs = _spawn("vllm", dict(spec, model=str(base)) if mode == "bf16" else spec, work,
                                     f"{scale}-vllm-{mode}", env)
@@ -417,23 +471,29 @@ def _drive(args) -> int:
                     row["vs_hf"] = _compare(hf["results"], res["results"])
                 row["tokens"] = [r["tokens"] for r in res["results"]]
             entry[f"vllm_{mode}"] = row
-        if args.serve and not args.cpu_dry_run:
-            srv = serve_generate(q_cpu, prompts, args.new_tokens, work / f"{scale}-vllm-serve.log",
-                                 timeout=args.serve_timeout)
-            row = {k: srv.get(k) for k in ("ok", "error", "startup_s", "cmd", "kernels")}
+        for kernel in (args.serve_kernels if args.serve and not args.cpu_dry_run else ()):
+            key = "vllm_serve" if kernel == "default" else f"vllm_serve-{kernel}"
+            tag = key.removeprefix("vllm_")
+            extra = tuple(a for a in SERVE_TEST_ARGS if args.serve_mode == "eager" or a != "--enforce-eager")
+            srv = serve_generate(q_cpu, prompts, args.new_tokens, work / f"{scale}-vllm-{tag}.log",
+                                 timeout=args.serve_timeout, extra=extra, env_extra=serve_env(kernel, work))
+            row = {k: srv.get(k) for k in ("ok", "error", "startup_s", "cmd", "kernels", "plugin_lines")}
+            row["mode"] = args.serve_mode
             if not srv["ok"]:
-                failures.append(f"{scale}: vllm serve: {srv['error']} (see {scale}-vllm-serve.log)")
+                failures.append(f"{scale}: vllm serve ({kernel}): {srv['error']} (see {scale}-vllm-{tag}.log)")
             else:
                 if hf is not None:
                     row["vs_hf"] = _compare(hf["results"], srv["results"])
-                offline = entry.get("vllm_default", {})
-                # the same kernel choice and yaml, offline LLM(...) instead of the HTTP server (which runs its
-                # engine in another process and loads the tokenizer): reported, not asserted
+                # the same kernel choice (pdqkit's kernels: against Marlin, which exact reproduces) and yaml,
+                # offline LLM(...) instead of the HTTP server (which runs its engine in another process and loads
+                # the tokenizer); in graph mode against the eager offline engine: reported, not asserted
+                ref = "default" if kernel == "default" else "marlin"
+                offline = entry.get(f"vllm_{ref}", {})
                 if "tokens" in offline:
-                    row["identical_to_offline_default"] = sum(
+                    row[f"identical_to_offline_{ref}"] = sum(
                         a == r["tokens"] for a, r in zip(offline["tokens"], srv["results"]))
                 row["tokens"] = [r["tokens"] for r in srv["results"]]
-            entry["vllm_serve"] = row
+            entry[key] = row
         if hf is not None:
             entry["hf_tokens"] = [r["tokens"] for r in hf["results"]]
         report["checkpoints"][scale] = entry
@@ -441,7 +501,7 @@ def _drive(args) -> int:
     print("\n| checkpoint | cpu==cuda bytes | engine | kernel | identical prompts | common prefix | step-0 top-1 "
           "agree | max Δlogprob step 0 |\n|---|---|---|---|---|---|---|---|")
     for scale, e in report["checkpoints"].items():
-        for mode in ("marlin", "default", "bf16", "serve"):
+        for mode in ("marlin", "default", "bf16", *(f"serve-{k}" if k != "default" else "serve" for k in SERVE_KERNELS)):
             r = e.get(f"vllm_{mode}")
             if r is None:
                 continue
@@ -451,12 +511,17 @@ def _drive(args) -> int:
                   f"{c.get('identical_prompts')}/{c.get('prompts')} | {c.get('common_prefix')} | "
                   f"{c.get('step0_top1_agree')} | {c.get('step0_max_abs_dlogprob')} |")
     for scale, e in report["checkpoints"].items():
-        srv = e.get("vllm_serve")
-        if srv:
+        for kernel in SERVE_KERNELS:
+            srv = e.get("vllm_serve" if kernel == "default" else f"vllm_serve-{kernel}")
+            if not srv:
+                continue
+            ref = "default" if kernel == "default" else "marlin"
             state = "ok" if srv["ok"] else f"FAILED ({srv['error']})"
-            print(f"{scale}: vllm serve {state}; startup {srv.get('startup_s')} s; tokens identical to the offline "
-                  f"default engine on {srv.get('identical_to_offline_default', '-')}/{len(srv.get('tokens', []))} "
-                  "prompts")
+            print(f"{scale}: vllm serve ({kernel}, {srv['mode']}) {state}; startup {srv.get('startup_s')} s; tokens "
+                  f"identical to the offline {ref} engine on {srv.get(f'identical_to_offline_{ref}', '-')}/"
+                  f"{len(srv.get('tokens', []))} prompts")
+            for line in srv.get("plugin_lines") or []:
+                print(f"  {line}")
     report["failures"] = failures
     return finish_report(work / "pack_vllm_check.json", report, failures)
 

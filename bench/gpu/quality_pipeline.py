@@ -14,7 +14,9 @@ distill    ``python -m distill --teacher WORK/base --student WORK/pruned-A -o WO
            ``--student WORK/distill1 -o WORK/distill2 --phase 2``; eval each. ``--distill1-lrs A,B`` (and/or
            ``--distill1-hidden-weights``): phase 1 once per combination, the lowest training forward KL
            wins; ``--distill1-variants "NAME=ARGS;..."``: phase 1 once per set of extra distill args (each
-           sized by the budget with its own batch); ``--token-budget-pct P``: phase 1's steps chosen so both
+           sized by the budget with its own batch); ``--distill1-select 2,all``: one more variant per pool
+           multiple, trained on the highest teacher-student KL windows (``python -m distill.select``) of a
+           pool of M x its tokens; ``--token-budget-pct P``: phase 1's steps chosen so both
            phases use P % of the teacher's training tokens; ``--phase1-only``: no phase 2
 final      ``python -m pack.quantize`` of the last distilled (else pruned) checkpoint; eval
 scratch    (only when named) the pruned width trained from scratch with ``--train-args``
@@ -220,7 +222,8 @@ class Pipeline:
         (``pruned-*``, ``distill1*``, ``distill2*``, ``scratch-*``, ``*-w4a16``), which later stages would
         otherwise pick up (``distill`` starts from ``pruned-*``, ``final`` quantizes ``distill2``). Drop them."""
         self.q["rows"], self.q["goals"] = {}, {}
-        for k in ("train", "unigram_ppl", "eval", "distill_budget", "distill_budget_per_run", "distill1_selection"):
+        for k in ("train", "unigram_ppl", "eval", "distill_budget", "distill_budget_per_run", "distill1_selection",
+                  "distill1_data_selection"):
             self.q.pop(k, None)  # ("train" is written again by s_train when this call trained the base)
         self.q["stages"] = {k: v for k, v in self.q["stages"].items() if k in self._this_call}
         dropped = []
@@ -335,9 +338,13 @@ class Pipeline:
         dst = self.work / "distill1"
         lrs = [x for x in self.a.distill1_lrs.split(",") if x]
         hws = [x for x in self.a.distill1_hidden_weights.split(",") if x]
-        variants = self.a.distill1_variants
+        variants = dict(self.a.distill1_variants)
+        # --distill1-select M: one more variant per pool multiple, trained on the windows distill.select keeps
+        selects = {f"distill1-select-x{m}": m for m in self.a.distill1_select}
+        variants.update({name.removeprefix("distill1-"): [] for name in selects})
         if variants and (lrs or hws):
-            raise ValueError("--distill1-variants replaces --distill1-lrs / --distill1-hidden-weights: use one")
+            raise ValueError("--distill1-variants / --distill1-select replace --distill1-lrs / "
+                             "--distill1-hidden-weights: use one")
         if not lrs and not hws and not variants:
             if dst.is_symlink():  # left by an earlier sweep: never write through it
                 dst.unlink()
@@ -357,6 +364,11 @@ class Pipeline:
             # a variant's own --batch / --seq-len size its --steps under --token-budget-pct (unless it sets them)
             full = (self._token_budget([*extra1, *args], extra2, name)
                     if self.a.token_budget_pct and variants else [*extra1, *args])
+            if name in selects:
+                sel = self._select(name, student, full, selects[name])
+                if sel is None:
+                    continue
+                full = [*full, "--data", str(sel)]
             if self.run(name, self._distill_cmd(1, student, d, full), min_s=60):
                 kls[name] = read_lineage(d)[-1]["loss_last10"]["forward_kl"]
                 self.evaluate(name, d)
@@ -378,6 +390,31 @@ class Pipeline:
         self.save()
         return True
 
+    def _select(self, name: str, student: Path, distill_args: list[str], mult: str) -> Path | None:
+        """``python -m distill.select`` for the phase-1 run ``name`` (its ``distill_args`` fix the tokens it trains
+        on): score a pool of ``mult`` x those tokens of the train split (``all``: every window) and keep the highest
+        teacher-student KL windows into WORK/NAME.jsonl. What it scored goes to quality.json
+        (``distill1_data_selection``). None when the selection failed."""
+        from distill.__main__ import build_parser, config_from_args
+        from distill.select import meta_path
+
+        cfg = config_from_args(build_parser().parse_args(["--teacher", "-", "--student", "-", "-o", "-", "--phase",
+                                                          "1", *distill_args]))
+        tokens = cfg.steps * cfg.batch * cfg.seq_len
+        out = self.work / f"{name}.jsonl"
+        pool = [] if mult == "all" else ["--pool-tokens", str(int(float(mult) * tokens))]
+        cmd = [sys.executable, "-m", "distill.select", "--teacher", str(self.base), "--student", str(student),
+               "-o", str(out), "--tokens", str(tokens), "--seq-len", str(cfg.seq_len), "--device", self.a.device,
+               "--force", "--no-progress", *pool, *(["--data", cfg.data] if cfg.data else [])]
+        if not self.run(f"select-{name}", cmd, min_s=30):
+            return None
+        meta = json.loads(meta_path(out).read_text())
+        keys = ("pool_windows", "kept_windows", "scored_tokens", "kept_tokens", "windows_available", "kl_pool",
+                "kl_kept")
+        self.q.setdefault("distill1_data_selection", {})[name] = {"pool": mult, **{k: meta[k] for k in keys}}
+        self.save()
+        return out
+
     def s_distill(self):
         if not self.have("distill.__main__"):
             self.stage("distill", "skipped", reason="distill not available")
@@ -388,7 +425,7 @@ class Pipeline:
             return
         self._drop_downstream()
         extra1, extra2 = shlex.split(self.a.distill1_args), shlex.split(self.a.distill2_args)
-        if self.a.token_budget_pct and not self.a.distill1_variants:
+        if self.a.token_budget_pct and not (self.a.distill1_variants or self.a.distill1_select):
             extra1 = self._token_budget(extra1, extra2)
         if not self._phase1(student, extra1, extra2):
             return
@@ -485,6 +522,22 @@ def _variants(spec: str) -> dict[str, list[str]]:
     return out
 
 
+def _pools(spec: str) -> tuple[str, ...]:
+    """``"2,4,all"`` -> ("2", "4", "all"): pool multiples for --distill1-select (each a number >= 1, or all)."""
+    out = []
+    for x in (x.strip() for x in spec.split(",")):
+        if not x:
+            continue
+        try:
+            ok = x == "all" or float(x) >= 1
+        except ValueError:
+            ok = False
+        if not ok or not re.fullmatch(r"[0-9.]+|all", x):
+            raise argparse.ArgumentTypeError(f"{x!r}: a pool multiple is a number >= 1 or 'all'")
+        out.append(x)
+    return tuple(out)
+
+
 PRUNE_OPTIONS = ("refit", "train")  # +refit: prune --refit; +train: calibrate on the train split
 
 
@@ -546,6 +599,10 @@ def main(argv=None) -> int:
     ap.add_argument("--distill1-variants", default="", metavar="NAME=ARGS;...",
                     help="phase 1 once per variant (extra distill args, e.g. 'all=;mlp=--trainable mlp'), each "
                          "sized by --token-budget-pct with its own batch; selected like --distill1-lrs")
+    ap.add_argument("--distill1-select", type=_pools, default=(), metavar="M[,M...]",
+                    help="phase 1 also once per M on the windows python -m distill.select keeps: the highest "
+                         "teacher-student KL windows of a random pool of M x phase 1's tokens of the train split "
+                         "('all': every window); variant select-xM, sized like --distill1-variants")
     ap.add_argument("--phase1-only", action="store_true", help="stop after phase 1 (diagnostic runs)")
     ap.add_argument("--token-budget-pct", type=float, default=0.0, metavar="P",
                     help="size phase 1 (--steps) so both phases use P %% of the teacher's training tokens (0: off)")

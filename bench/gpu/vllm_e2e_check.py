@@ -134,6 +134,12 @@ def _plugin_paths(work: Path) -> tuple[str, ...]:
     return (str(write_entry_point_shim(work / "entry_points")), str(REPO))
 
 
+def plugin_pythonpath(work: Path) -> list[str]:
+    """PYTHONPATH entries that let a vLLM process in ``work`` find and import pdqkit's plugin."""
+    with _SHIM_LOCK:  # engines are launched from several threads
+        return list(_plugin_paths(Path(work)))
+
+
 def engine_env(kernel: str, work: Path, tag: str, deterministic_inductor: bool = False) -> dict[str, str]:
     """Environment of one engine subprocess. ``kernel``: ``default`` (vLLM's choice), ``marlin`` (Marlin forced),
     ``fast`` / ``exact`` (pdqkit plugin). In-process engine, own torch.compile cache dir per run tag.
@@ -141,8 +147,7 @@ def engine_env(kernel: str, work: Path, tag: str, deterministic_inductor: bool =
     e.g. a compiled reduction's order, which could otherwise differ from one engine to the next); removed if
     inherited and not asked for."""
     env = {k: v for k, v in os.environ.items() if k not in _KERNEL_ENV}
-    with _SHIM_LOCK:  # engines are launched from several threads
-        paths = list(_plugin_paths(Path(work)))
+    paths = plugin_pythonpath(work)
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1",
                VLLM_CACHE_ROOT=str(work / "vllm_cache" / tag), TOKENIZERS_PARALLELISM="false")
