@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SelectConfig", "meta_path", "read_meta", "window_kl", "pick", "select", "main"]
+__all__ = ["SelectConfig", "meta_path", "read_meta", "check_use", "window_kl", "pick", "select", "main"]
 
 META_SUFFIX = ".meta.json"
 
@@ -65,6 +65,18 @@ def read_meta(data: str | os.PathLike, data_sha256: str) -> dict | None:
     return meta
 
 
+def check_use(meta: dict, data: str | os.PathLike, seq_len: int, max_tokens: int | None) -> None:
+    """Refuse a distill run that would not train on the selected windows themselves: another ``--seq-len`` would
+    splice pieces of them into new windows, a ``--max-tokens`` below the selection would drop some."""
+    sel_len, kept = int(meta["config"]["seq_len"]), int(meta["kept_tokens"])
+    if seq_len != sel_len:
+        raise ValueError(f"{data}: distill.select cut it into windows of {sel_len} tokens; --seq-len {seq_len} "
+                         f"would splice pieces of them into other windows: use --seq-len {sel_len}")
+    if max_tokens is not None and max_tokens < kept:
+        raise ValueError(f"{data}: --max-tokens {max_tokens} drops part of the {kept:,} selected tokens; leave it "
+                         "out, or select fewer with distill.select --tokens")
+
+
 @dataclass
 class SelectConfig:
     teacher: str = ""
@@ -75,7 +87,7 @@ class SelectConfig:
     data: str | None = None  # as distill --data (None: the bench train split)
     seq_len: int = 512
     batch_size: int = 16
-    chunk: int = 4096  # tokens per chunk of the vocab-sized KL
+    chunk: int = 2048  # tokens per chunk of the vocab-sized KL (distill's default: [2048, 262144] fp32 = 2 GiB)
     temperature: float = 1.0
     seed: int = 0
     device: str = "auto"
@@ -101,7 +113,7 @@ class SelectConfig:
 
 
 @torch.no_grad()
-def window_kl(teacher, student, ids: torch.Tensor, chunk: int = 4096, temperature: float = 1.0) -> torch.Tensor:
+def window_kl(teacher, student, ids: torch.Tensor, chunk: int = 2048, temperature: float = 1.0) -> torch.Tensor:
     """Mean per-token ``T^2 * KL(teacher || student)`` of each window: ``ids`` int64 [B, S] -> fp32 [B].
 
     Every position is scored (as distill's phase 1 does), the last one included. The logits are built in
@@ -150,8 +162,7 @@ def select(cfg: SelectConfig, progress: bool = True) -> dict:
     from .train import checkpoint_sha256
 
     out = Path(cfg.out)
-    if (out.exists() or meta_path(out).exists()) and not cfg.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    _check_free(out, cfg.force)
     dev = _device(cfg.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     t0 = time.perf_counter()
@@ -209,19 +220,29 @@ def select(cfg: SelectConfig, progress: bool = True) -> dict:
     return meta
 
 
+def _check_free(out: Path, force: bool) -> None:
+    """Neither the selection file nor its sidecar may exist unless ``force``; the error names the one that does."""
+    for p in (out, meta_path(out)):
+        if p.exists() and not force:
+            raise FileExistsError(f"{p} exists; pass --force to overwrite it")
+
+
 def _write_atomic(out: Path, body: bytes, meta: bytes, force: bool) -> None:
     """Both files via temp files in ``out``'s directory and renames: the sidecar first, so a selection file
-    never stands without the sidecar that describes it (a stale sidecar alone is caught by its sha256)."""
+    never stands without the sidecar that describes it (a stale sidecar alone is caught by its sha256). Both
+    destinations are checked again before the first rename (scoring takes a while)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmps = []
     try:
+        staged = []
         for dst, blob in ((meta_path(out), meta), (out, body)):
             fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=out.parent)
             tmps.append(tmp)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(blob)
-            if dst.exists() and not force:
-                raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+            staged.append((tmp, dst))
+        _check_free(out, force)
+        for tmp, dst in staged:
             os.replace(tmp, dst)
     finally:
         for tmp in tmps:

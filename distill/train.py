@@ -44,6 +44,7 @@ import torch
 from . import parallel
 from .config import DistillConfig
 from .data import load_blocks, load_tokenizer
+from .select import check_use as check_selection_use
 from .select import read_meta as read_selection_meta
 from .models import (DistillModule, MasterWeights, capture_layer_outputs, check_pair, compile_decoder_layers,
                      decoder_layers, limit_checkpointing, load_model, matmul_params, set_trainable, text_config,
@@ -350,6 +351,8 @@ def _run(cfg: DistillConfig, env) -> dict:
     # a file written by python -m distill.select carries what it was chosen from (and the tokens it scored)
     if cfg.data is not None:
         data.selection = read_selection_meta(cfg.data, data.sha256)
+        if data.selection:
+            check_selection_use(data.selection, cfg.data, cfg.seq_len, cfg.max_tokens)
     load_s = time.perf_counter() - t_load
 
     # resume
@@ -364,6 +367,10 @@ def _run(cfg: DistillConfig, env) -> dict:
             # checkpoints from before --adam-eps ran with its default (torch's)
             had = {"adam_eps": DistillConfig.adam_eps, **meta["config"]}
             diff = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
+            if meta.get("data_sha256", data.sha256) != data.sha256:  # the same path, rewritten since
+                raise ValueError(f"{ck}: checkpoint was trained on other data ({data.source} has changed since: "
+                                 "its sha256 differs); resume with the data it was made with, or --force to start "
+                                 "over")
             if diff:
                 raise ValueError(f"{ck}: checkpoint was made with different settings ({', '.join(diff)}); "
                                  "rerun with the same ones, or --force to start over")
@@ -415,7 +422,8 @@ def _run(cfg: DistillConfig, env) -> dict:
         log.record({"event": "step", **rec})
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             t_ck = time.perf_counter()
-            dz.save_state(cfg.ckpt_dir, step + 1, {"config": cfg.result_dict(), "history": history})
+            dz.save_state(cfg.ckpt_dir, step + 1, {"config": cfg.result_dict(), "history": history,
+                                                   "data_sha256": data.sha256})
             t_int += time.perf_counter() - t_ck  # checkpoint time is not training time
 
     # sampled tokens from the whole history (a resumed run restores the steps before its checkpoint)

@@ -97,17 +97,23 @@ def test_select_keeps_the_highest_kl_windows(pair, tmp_path):
     assert meta["kl_kept"]["min"] >= max(float(ref[i]) for i in range(len(blocks)) if i not in want) * (1 - 1e-4)
     assert meta["kl_kept"]["mean"] > meta["kl_pool"]["mean"]
 
-    # same input -> same bytes; a pool draws a seeded subset and keeps its best
+    # same input -> same bytes
     again = tmp_path / "again.jsonl"
     assert select_main(_sel_args(teacher_dir, student_dir, again, data, "--tokens", SEQ * 7)) == 0
     assert again.read_bytes() == out.read_bytes() and meta_path(again).read_bytes() == meta_path(out).read_bytes()
-    sub = tmp_path / "pool.jsonl"
-    assert select_main(_sel_args(teacher_dir, student_dir, sub, data, "--tokens", SEQ * 3,
-                                 "--pool-tokens", SEQ * 8 + 5)) == 0
-    m = json.loads(meta_path(sub).read_text())
-    assert (m["pool_windows"], m["kept_windows"], m["scored_tokens"]) == (8, 3, 8 * SEQ)
-    kept = [json.loads(line)["window"] for line in sub.read_text().splitlines()]
-    assert len(kept) == 3 and kept == sorted(kept)
+    # a pool is a seeded random subset of the windows (whole windows only), and the best of it are kept
+    pools = []
+    for seed in (0, 1):
+        sub = tmp_path / f"pool{seed}.jsonl"
+        assert select_main(_sel_args(teacher_dir, student_dir, sub, data, "--tokens", SEQ * 3,
+                                     "--pool-tokens", SEQ * 8 + 5, "--seed", seed)) == 0
+        m = json.loads(meta_path(sub).read_text())
+        assert (m["pool_windows"], m["kept_windows"], m["scored_tokens"]) == (8, 3, 8 * SEQ)
+        pool = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:8].tolist()
+        want = sorted(sorted(pool, key=lambda i: -float(ref[i]))[:3])
+        assert [json.loads(line)["window"] for line in sub.read_text().splitlines()] == want
+        pools.append(sorted(pool))
+    assert pools[0] != pools[1]
 
 
 def test_distill_trains_on_a_selection_and_records_it(pair, tmp_path, capsys):
@@ -138,6 +144,37 @@ def test_distill_trains_on_a_selection_and_records_it(pair, tmp_path, capsys):
     assert not (tmp_path / "d2").exists()
 
 
+def test_distill_refuses_to_use_a_selection_otherwise(pair, tmp_path, capsys):
+    """A run that would not train on the selected windows themselves, a sidecar that cannot be read, and a resume
+    whose selection file was regenerated since the checkpoint: each refused in one line, nothing written."""
+    teacher_dir, student_dir, data = pair
+    sel = tmp_path / "sel.jsonl"
+    assert select_main(_sel_args(teacher_dir, student_dir, sel, data, "--tokens", SEQ * 4)) == 0
+
+    def distill(out, *extra):
+        return distill_main(["--teacher", str(teacher_dir), "--student", str(student_dir), "-o", str(tmp_path / out),
+                             "--data", str(sel), "--threads", "1", "--batch", "2", *map(str, extra)])
+    for extra, msg in ((["--seq-len", 48], "windows of 32 tokens; --seq-len 48 would splice"),
+                       (["--seq-len", SEQ, "--max-tokens", SEQ * 2], "--max-tokens 64 drops part of the 128")):
+        assert distill("x", "--steps", 1, *extra) == 1
+        err = capsys.readouterr().err
+        assert f"{sel}: " in err and msg in err and err.count("\n") == 1, err
+        assert not (tmp_path / "x").exists()
+
+    # resume: the checkpoint remembers the data's sha256, not just its path
+    assert distill("a", "--steps", 2, "--seq-len", SEQ, "--ckpt-every", 1, "--keep-ckpt") == 0
+    assert select_main(_sel_args(teacher_dir, student_dir, sel, data, "--tokens", SEQ * 5, "--force")) == 0
+    capsys.readouterr()
+    assert distill("b", "--steps", 2, "--seq-len", SEQ, "--ckpt-dir", tmp_path / "a-ckpt", "--resume") == 1
+    err = capsys.readouterr().err
+    assert "checkpoint was trained on other data" in err and err.count("\n") == 1, err
+
+    meta_path(sel).write_text("{not json")
+    assert distill("c", "--steps", 1, "--seq-len", SEQ) == 1
+    err = capsys.readouterr().err
+    assert "sel.jsonl.meta.json: unreadable selection metadata" in err and err.count("\n") == 1, err
+
+
 def test_cli_errors_are_one_line(pair, tmp_path, capsys):
     teacher_dir, student_dir, data = pair
     cases = [
@@ -153,9 +190,13 @@ def test_cli_errors_are_one_line(pair, tmp_path, capsys):
         assert not list(tmp_path.iterdir())  # nothing half-written
     assert select_main(_sel_args(teacher_dir, student_dir, tmp_path / "s.txt", data, "--tokens", SEQ)) == 1
     assert "the selection is a .jsonl file" in capsys.readouterr().err
+    meta_path(tmp_path / "s.jsonl").write_text("{}")  # a sidecar alone: named as what exists
+    assert select_main(_sel_args(teacher_dir, student_dir, tmp_path / "s.jsonl", data, "--tokens", SEQ)) == 1
+    assert f"{meta_path(tmp_path / 's.jsonl')} exists; pass --force" in capsys.readouterr().err
+    meta_path(tmp_path / "s.jsonl").unlink()
     (tmp_path / "s.jsonl").write_text("")
     assert select_main(_sel_args(teacher_dir, student_dir, tmp_path / "s.jsonl", data, "--tokens", SEQ)) == 1
-    assert "exists; pass --force" in capsys.readouterr().err
+    assert f"{tmp_path / 's.jsonl'} exists; pass --force" in capsys.readouterr().err
     assert select_main(_sel_args(teacher_dir, student_dir, tmp_path / "s.jsonl", data, "--tokens", SEQ,
                                  "--force")) == 0
     assert meta_path(tmp_path / "s.jsonl").is_file()

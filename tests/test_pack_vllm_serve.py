@@ -7,6 +7,7 @@ tokens computed from each prompt by a rule the test checks independently.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -33,6 +34,8 @@ FAKE = textwrap.dedent('''
         (ckpt / "tried").write_text("")
         print("ERROR: [Errno 98] error while attempting to bind: address already in use", flush=True)
         sys.exit(1)
+    (ckpt / "env.json").write_text(json.dumps({k: v for k, v in os.environ.items()
+                                               if k.startswith(("PDQKIT", "VLLM", "TORCHINDUCTOR"))}))
     kernel = os.environ.get("PDQKIT_VLLM_KERNEL")
     if kernel:  # the line pdqkit's plugin logs when vLLM loads it
         print(f"INFO pdqkit: PDQKIT_VLLM_KERNEL={kernel}, PdqkitExactLinearKernel registered first", flush=True)
@@ -307,22 +310,44 @@ def test_driver_compares_served_tokens_with_the_offline_engine(monkeypatch, tmp_
 
 
 def test_serve_env_per_kernel(tmp_path, monkeypatch):
-    """default: nothing added; marlin: Marlin forced; fast/exact: PDQKIT_VLLM_KERNEL and a PYTHONPATH on which
-    vLLM's plugin discovery (importlib.metadata entry points) finds pdqkit's plugin."""
+    """default: only a fresh compile cache of its own; marlin: Marlin forced; fast/exact: PDQKIT_VLLM_KERNEL and a
+    PYTHONPATH on which vLLM's plugin discovery (importlib.metadata entry points) finds pdqkit's plugin."""
     import subprocess
 
     monkeypatch.setenv("PYTHONPATH", "/somewhere")
-    assert pvc.serve_env("default", tmp_path) == {}
-    assert pvc.serve_env("marlin", tmp_path) == {"VLLM_DISABLED_KERNELS": pvc.MARLIN_ONLY}
-    env = pvc.serve_env("exact", tmp_path)
-    assert env["PDQKIT_VLLM_KERNEL"] == "exact" and env["PYTHONPATH"].endswith(os.pathsep + "/somewhere")
+    stale = tmp_path / "vllm_cache" / "serve-default" / "old"
+    stale.mkdir(parents=True)
+    assert pvc.serve_env("default", tmp_path) == {"VLLM_CACHE_ROOT": str(stale.parent)}
+    assert not stale.parent.exists()  # an earlier server's compiled graphs are not reused
+    marlin = pvc.serve_env("marlin", tmp_path)
+    assert marlin["VLLM_DISABLED_KERNELS"] == pvc.MARLIN_ONLY and "PDQKIT_VLLM_KERNEL" not in marlin
     probe = ("from importlib.metadata import entry_points; "
              "print([e.value for e in entry_points(group='vllm.general_plugins')])")
-    r = subprocess.run([sys.executable, "-S", "-c", probe], env={"PYTHONPATH": env["PYTHONPATH"]},
-                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert "kernels.vllm_plugin:register" in r.stdout, r.stdout + r.stderr
+    for kernel in ("fast", "exact"):
+        env = pvc.serve_env(kernel, tmp_path)
+        assert env["PDQKIT_VLLM_KERNEL"] == kernel and env["PYTHONPATH"].endswith(os.pathsep + "/somewhere")
+        assert env["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm_cache" / f"serve-{kernel}")
+        r = subprocess.run([sys.executable, "-S", "-c", probe], env={"PYTHONPATH": env["PYTHONPATH"]},
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert "kernels.vllm_plugin:register" in r.stdout, r.stdout + r.stderr
     with pytest.raises(ValueError, match="unknown serve kernel 'slow'"):
         pvc.serve_env("slow", tmp_path)
+
+
+def test_serve_generate_scrubs_inherited_kernel_settings(tmp_path, monkeypatch):
+    """Kernel-choice and Inductor-numerics variables of the caller's shell never reach the server; env_extra does."""
+    ckpt, prefix = _ckpt(tmp_path, "ok")
+    for var in ("PDQKIT_VLLM_KERNEL", "VLLM_DISABLED_KERNELS", "VLLM_MARLIN_USE_ATOMIC_ADD",
+                "TORCHINDUCTOR_DETERMINISTIC"):
+        monkeypatch.setenv(var, "1")
+    out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix)
+    assert out["ok"] and out["plugin_lines"] == []  # the stand-in logs a plugin line iff PDQKIT_VLLM_KERNEL is set
+    seen = json.loads((ckpt / "env.json").read_text())
+    assert not {"PDQKIT_VLLM_KERNEL", "VLLM_DISABLED_KERNELS", "VLLM_MARLIN_USE_ATOMIC_ADD",
+                "TORCHINDUCTOR_DETERMINISTIC"} & set(seen)
+    out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve2.log", timeout=60, cmd_prefix=prefix,
+                             env_extra={"VLLM_DISABLED_KERNELS": "X"})
+    assert out["ok"] and json.loads((ckpt / "env.json").read_text())["VLLM_DISABLED_KERNELS"] == "X"
 
 
 def test_serve_generate_passes_the_plugin_environment(tmp_path):
@@ -339,8 +364,8 @@ def test_serve_generate_passes_the_plugin_environment(tmp_path):
 
 def test_driver_serves_each_kernel_in_graph_mode(monkeypatch, tmp_path):
     """--serve-kernels default,exact --serve-mode graph --engines marlin: one server per kernel without
-    --enforce-eager; the exact server is compared with the offline Marlin engine (prompt 0 made to differ offline)
-    and its plugin line is reported; no offline default engine ran."""
+    --enforce-eager; both servers are compared with the offline Marlin engine (the only one that ran; prompt 0
+    made to differ offline) and the exact server's plugin line is reported."""
     import json
 
     def offline(prompts, n):
@@ -364,8 +389,9 @@ def test_driver_serves_each_kernel_in_graph_mode(monkeypatch, tmp_path):
     d, x = e["vllm_serve"], e["vllm_serve-exact"]
     assert d["ok"] and x["ok"] and d["mode"] == x["mode"] == "graph"
     assert "--enforce-eager" not in d["cmd"] and "--enforce-eager" not in x["cmd"]
-    assert "identical_to_offline_default" not in d  # no offline default engine to compare with
-    assert x["identical_to_offline_marlin"] == 1 and x["vs_hf"]["identical_prompts"] == 1
+    assert d["offline_reference"] == x["offline_reference"] == "marlin"  # no offline default engine ran
+    assert d["identical_to_offline_marlin"] == x["identical_to_offline_marlin"] == 1
+    assert x["vs_hf"]["identical_prompts"] == 1
     assert d["plugin_lines"] == [] and "PDQKIT_VLLM_KERNEL=exact" in x["plugin_lines"][0]
     assert (tmp_path / "o" / "micro-vllm-serve-exact.log").is_file()
 
@@ -377,3 +403,24 @@ def test_driver_option_lists_checked(capsys):
         with pytest.raises(SystemExit):
             pvc.main(argv)
         assert msg in capsys.readouterr().err
+
+
+def test_engine_env_shares_the_kernel_choice(tmp_path, monkeypatch):
+    """vllm_e2e_check.engine_env (offline engines) and serve_env (servers) choose kernels through one kernel_env;
+    inherited kernel / Inductor settings are dropped unless asked for."""
+    from bench.gpu import vllm_e2e_check as vec
+
+    monkeypatch.setenv("PDQKIT_VLLM_KERNEL", "fast")
+    monkeypatch.setenv("TORCHINDUCTOR_DETERMINISTIC", "1")
+    monkeypatch.setenv("VLLM_MARLIN_INPUT_DTYPE", "fp8")
+    m = vec.engine_env("marlin", tmp_path, "t")
+    assert m["VLLM_DISABLED_KERNELS"] == vec.MARLIN_ONLY
+    assert not {"PDQKIT_VLLM_KERNEL", "TORCHINDUCTOR_DETERMINISTIC", "VLLM_MARLIN_INPUT_DTYPE"} & set(m)
+    x = vec.engine_env("exact", tmp_path, "t", deterministic_inductor=True)
+    assert x["PDQKIT_VLLM_KERNEL"] == "exact" and x["TORCHINDUCTOR_DETERMINISTIC"] == "1"
+    assert "VLLM_DISABLED_KERNELS" not in x and x["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm_cache" / "t")
+    assert x["PYTHONPATH"].split(os.pathsep)[:len(vec.plugin_pythonpath(tmp_path))] == vec.plugin_pythonpath(tmp_path)
+    d = vec.engine_env("default", tmp_path, "t")
+    assert not {"PDQKIT_VLLM_KERNEL", "VLLM_DISABLED_KERNELS", "TORCHINDUCTOR_DETERMINISTIC"} & set(d)
+    with pytest.raises(ValueError, match="unknown kernel 'slow'"):
+        vec.engine_env("slow", tmp_path, "t")

@@ -154,21 +154,31 @@ def test_distill1_select_variants(tmp_path, trained_micro):
     for name, pool in (("distill1-select-x2", 2), ("distill1-select-x3", 3)):
         step = read_lineage(work / name)[-1]
         tokens = budget[name]["phase1_tokens"]
-        assert step["tokens_seen"] == tokens == sel[name]["kept_tokens"] == step["data"]["selection"]["kept_tokens"]
+        kept = step["data"]["selection"]["kept_tokens"]
+        assert step["tokens_seen"] == tokens == sel[name]["kept_tokens"] == kept
         assert step["data"]["source"] == str(work / f"{name}.jsonl")
         want_pool = pool * tokens // 128
-        assert sel[name]["windows_available"] > want_pool and sel[name]["pool_windows"] == want_pool and sel[name]["scored_tokens"] == want_pool * 128
+        assert sel[name]["windows_available"] > want_pool == sel[name]["pool_windows"]
+        assert sel[name]["scored_tokens"] == want_pool * 128
         assert sel[name]["kl_kept"]["mean"] > sel[name]["kl_pool"]["mean"]
         assert meta_path(work / f"{name}.jsonl").is_file() and name in q["rows"]
     assert read_lineage(work / "distill1-all")[-1]["data"]["source"] == "bench.corpus:train"
+    # the selection runs' training KL is on harder windows: the one other run is chosen, whatever the numbers
+    chosen = q["distill1_selection"]
+    assert chosen["run"] == "distill1-all" and chosen["not_compared"] == ["distill1-select-x2", "distill1-select-x3"]
     assert not (work / "distill2").exists()
 
 
-def test_distill1_select_pool_checked_at_start(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--distill1-select", "2,0.5",
-                        "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "'0.5': a pool multiple is a number >= 1 or 'all'" in r.stderr
+def test_distill1_select_options_checked_at_start(tmp_path):
+    for extra, msg in ((["--distill1-select", "2,0.5"], "'0.5': a pool multiple is a number >= 1 or 'all'"),
+                       (["--distill1-select", "2,2.0"], "'2.0': the same pool twice"),
+                       (["--distill1-select", "2", "--distill1-variants", "select-x2=--lr 1e-4"],
+                        "'select-x2': the name of a --distill1-select run"),
+                       (["--distill1-select", "2", "--distill1-lrs", "1e-4"], "not --distill1-lrs")):
+        r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), *extra,
+                            "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert not (tmp_path / "w").exists()
 
 

@@ -50,6 +50,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,12 +63,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gpu.vllm_e2e_check import kernels_in_log, tracked_engine  # noqa: E402  (after the sys.path line)
+from bench.gpu.vllm_e2e_check import (  # noqa: E402  (after the sys.path line)
+    MARLIN_ONLY, kernel_env, kernels_in_log, scrubbed_environ, tracked_engine)
 # an engine in a session of its own outlives a SIGTERM to this driver unless this handler kills it: the same one
 # vllm_e2e_check installs for its engines (SIGKILL to every tracked process group, then exit 128 + signum)
 from bench.gpu.vllm_e2e_check import kill_live_engines as _on_sigterm  # noqa: E402
 
-MARLIN_ONLY = "CutlassW4A8LinearKernel,MacheteLinearKernel,AllSparkLinearKernel"
 TOPK = 5
 # what `--serve` adds to `vllm serve OUT --config OUT/vllm_config.yaml` (test settings only; the model settings
 # come from the yaml): the offline engines' settings, so that the served tokens can be compared with theirs
@@ -202,8 +203,9 @@ def serve_generate(ckpt: Path, prompts: list[list[int]], new_tokens: int, log_pa
     vLLM) is started again on another port, up to ``attempts`` times. ``cmd_prefix`` replaces ``python -m
     vllm.entrypoints.cli.main`` (the ``vllm`` console script, which a ``--target`` install does not create); the
     tests put a stand-in server there. The server gets SIGINT to stop, SIGKILL after ``grace`` s. Its environment
-    is this one without the kernel-choice variables, plus ``env_extra`` (e.g. :func:`serve_env`'s plugin kernel).
-    ``plugin_lines``: the server log's lines from pdqkit's vLLM plugin (its kernel choice and hints)."""
+    is this one without the kernel-choice and Inductor-numerics variables
+    (:func:`vllm_e2e_check.scrubbed_environ`), plus ``env_extra`` (e.g. :func:`serve_env`'s kernel).
+    ``plugin_lines``: the last attempt's log lines from pdqkit's vLLM plugin (its kernel choice and hints)."""
     out: dict = {"ok": False, "error": None, "cmd": None, "kernels": [], "results": []}
     if not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         out["error"] = f"{ckpt} has no tokenizer: vllm serve needs one (give --ckpt a trained checkpoint)"
@@ -226,7 +228,7 @@ def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra,
     cmd = [*(cmd_prefix or [sys.executable, "-m", "vllm.entrypoints.cli.main"]), "serve", str(ckpt),
            "--config", str(ckpt / "vllm_config.yaml"), "--port", str(port), "--host", "127.0.0.1",
            "--served-model-name", SERVED_NAME, *extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_DISABLED_KERNELS", "PDQKIT_VLLM_KERNEL")}
+    env = scrubbed_environ()
     env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
     env.update(env_extra)
     out["cmd"] = " ".join(cmd)
@@ -286,27 +288,25 @@ def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra,
                 log.flush()
                 text = Path(log_path).read_text(errors="replace")
                 out["kernels"] = kernels_in_log(text)
-                out["plugin_lines"] = [ln.strip()[-400:] for ln in text.splitlines() if "pdqkit:" in ln][:8]
+                this_attempt = text.rsplit("--- pack_vllm_check: ", 1)[-1]
+                out["plugin_lines"] = [ln.strip()[:400] for ln in this_attempt.splitlines() if "pdqkit:" in ln][:8]
 
 
 SERVE_KERNELS = ("default", "marlin", "fast", "exact")
 
 
 def serve_env(kernel: str, work: Path) -> dict[str, str]:
-    """What a served engine needs for ``kernel`` on top of :func:`serve_generate`'s environment: nothing for vLLM's
-    ``default`` choice, Marlin forced for ``marlin``, and for pdqkit's ``fast`` / ``exact`` the plugin made
-    findable (the entry-point shim unless pdqkit is pip-installed, :func:`vllm_e2e_check.plugin_pythonpath`) plus
-    ``PDQKIT_VLLM_KERNEL``."""
-    if kernel == "default":
-        return {}
-    if kernel == "marlin":
-        return {"VLLM_DISABLED_KERNELS": MARLIN_ONLY}
+    """What a served engine needs for ``kernel`` on top of :func:`serve_generate`'s environment: the kernel choice
+    of :func:`vllm_e2e_check.kernel_env` (nothing for vLLM's ``default``, Marlin forced for ``marlin``, pdqkit's
+    plugin made findable plus ``PDQKIT_VLLM_KERNEL`` for ``fast`` / ``exact``) and a torch.compile cache of its
+    own (``WORK/vllm_cache/serve-KERNEL``: a rerun on a warm machine compiles again rather than loading what an
+    earlier server left in ~/.cache)."""
     if kernel not in SERVE_KERNELS:
         raise ValueError(f"unknown serve kernel {kernel!r}: choose from {', '.join(SERVE_KERNELS)}")
-    from bench.gpu.vllm_e2e_check import plugin_pythonpath
-
-    paths = [*plugin_pythonpath(work), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
-    return {"PDQKIT_VLLM_KERNEL": kernel, "PYTHONPATH": os.pathsep.join(paths)}
+    cache = Path(work) / "vllm_cache" / f"serve-{kernel}"
+    if cache.exists():
+        shutil.rmtree(cache)
+    return {**kernel_env(kernel, work, os.environ.get("PYTHONPATH", "")), "VLLM_CACHE_ROOT": str(cache)}
 
 
 def _stop(proc: subprocess.Popen, grace: float = 30) -> None:
@@ -400,6 +400,14 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _serve_reference(kernel: str, entry: dict) -> str | None:
+    """The offline engine a server's tokens are compared with: the same kernel choice where it ran (``default``
+    and ``marlin``), else Marlin (what ``exact`` reproduces, what ``fast`` approximates, and the other W4A16
+    reference for vLLM's default), else the default engine; None when neither ran."""
+    prefs = {"default": ("default", "marlin")}.get(kernel, ("marlin", "default"))
+    return next((r for r in prefs if "tokens" in entry.get(f"vllm_{r}", {})), None)
+
+
 def _serve_kernels(spec: str) -> tuple[str, ...]:
     ks = tuple(k for k in spec.split(",") if k)
     bad = [k for k in ks if k not in SERVE_KERNELS]
@@ -487,11 +495,11 @@ def _drive(args) -> int:
                 # the same kernel choice (pdqkit's kernels: against Marlin, which exact reproduces) and yaml,
                 # offline LLM(...) instead of the HTTP server (which runs its engine in another process and loads
                 # the tokenizer); in graph mode against the eager offline engine: reported, not asserted
-                ref = "default" if kernel == "default" else "marlin"
-                offline = entry.get(f"vllm_{ref}", {})
-                if "tokens" in offline:
+                ref = _serve_reference(kernel, entry)
+                if ref is not None:
+                    row["offline_reference"] = ref
                     row[f"identical_to_offline_{ref}"] = sum(
-                        a == r["tokens"] for a, r in zip(offline["tokens"], srv["results"]))
+                        a == r["tokens"] for a, r in zip(entry[f"vllm_{ref}"]["tokens"], srv["results"]))
                 row["tokens"] = [r["tokens"] for r in srv["results"]]
             entry[key] = row
         if hf is not None:
@@ -501,7 +509,8 @@ def _drive(args) -> int:
     print("\n| checkpoint | cpu==cuda bytes | engine | kernel | identical prompts | common prefix | step-0 top-1 "
           "agree | max Δlogprob step 0 |\n|---|---|---|---|---|---|---|---|")
     for scale, e in report["checkpoints"].items():
-        for mode in ("marlin", "default", "bf16", *(f"serve-{k}" if k != "default" else "serve" for k in SERVE_KERNELS)):
+        serves = (f"serve-{k}" if k != "default" else "serve" for k in SERVE_KERNELS)
+        for mode in ("marlin", "default", "bf16", *serves):
             r = e.get(f"vllm_{mode}")
             if r is None:
                 continue
@@ -515,11 +524,11 @@ def _drive(args) -> int:
             srv = e.get("vllm_serve" if kernel == "default" else f"vllm_serve-{kernel}")
             if not srv:
                 continue
-            ref = "default" if kernel == "default" else "marlin"
+            ref = srv.get("offline_reference")
             state = "ok" if srv["ok"] else f"FAILED ({srv['error']})"
-            print(f"{scale}: vllm serve ({kernel}, {srv['mode']}) {state}; startup {srv.get('startup_s')} s; tokens "
-                  f"identical to the offline {ref} engine on {srv.get(f'identical_to_offline_{ref}', '-')}/"
-                  f"{len(srv.get('tokens', []))} prompts")
+            same = (f"tokens identical to the offline {ref} engine on {srv[f'identical_to_offline_{ref}']}/"
+                    f"{len(srv['tokens'])} prompts" if ref else "no offline engine to compare with")
+            print(f"{scale}: vllm serve ({kernel}, {srv['mode']}) {state}; startup {srv.get('startup_s')} s; {same}")
             for line in srv.get("plugin_lines") or []:
                 print(f"  {line}")
     report["failures"] = failures

@@ -367,6 +367,7 @@ class Pipeline:
             if name in selects:
                 sel = self._select(name, student, full, selects[name])
                 if sel is None:
+                    self.q.get("distill_budget_per_run", {}).pop(name, None)  # that run never happened
                     continue
                 full = [*full, "--data", str(sel)]
             if self.run(name, self._distill_cmd(1, student, d, full), min_s=60):
@@ -374,7 +375,10 @@ class Pipeline:
                 self.evaluate(name, d)
         if not kls:
             return False
-        best = min(kls, key=kls.get)
+        # a run on distill.select's windows trains on the hardest windows: its training KL is higher by design and
+        # not comparable with the others'. It is evaluated like every run but competes only when nothing else ran.
+        comparable = {k: v for k, v in kls.items() if k not in selects} or kls
+        best = min(comparable, key=comparable.get)
         if dst.is_symlink() or dst.is_file():
             dst.unlink()
         elif dst.exists():
@@ -382,7 +386,9 @@ class Pipeline:
         dst.symlink_to(best)
         self.q["distill1_selection"] = {"run": best, "args": runs[best],
                                         "by": "phase-1 training forward KL (mean of the last 10 steps)",
-                                        "train_forward_kl": kls}
+                                        "train_forward_kl": kls,
+                                        **({"not_compared": sorted(set(kls) - set(comparable))}
+                                           if len(comparable) < len(kls) else {})}
         if (row := self.q["rows"].get(best)) is not None:
             self.q["rows"]["distill1"] = dict(row, label="distill1", selected=best)
             self.goals()
@@ -524,7 +530,7 @@ def _variants(spec: str) -> dict[str, list[str]]:
 
 def _pools(spec: str) -> tuple[str, ...]:
     """``"2,4,all"`` -> ("2", "4", "all"): pool multiples for --distill1-select (each a number >= 1, or all)."""
-    out = []
+    out, seen = [], set()
     for x in (x.strip() for x in spec.split(",")):
         if not x:
             continue
@@ -534,6 +540,10 @@ def _pools(spec: str) -> tuple[str, ...]:
             ok = False
         if not ok or not re.fullmatch(r"[0-9.]+|all", x):
             raise argparse.ArgumentTypeError(f"{x!r}: a pool multiple is a number >= 1 or 'all'")
+        value = x if x == "all" else float(x)
+        if value in seen:
+            raise argparse.ArgumentTypeError(f"{x!r}: the same pool twice")
+        seen.add(value)
         out.append(x)
     return tuple(out)
 
@@ -602,7 +612,8 @@ def main(argv=None) -> int:
     ap.add_argument("--distill1-select", type=_pools, default=(), metavar="M[,M...]",
                     help="phase 1 also once per M on the windows python -m distill.select keeps: the highest "
                          "teacher-student KL windows of a random pool of M x phase 1's tokens of the train split "
-                         "('all': every window); variant select-xM, sized like --distill1-variants")
+                         "('all': every window); variant select-xM, sized like --distill1-variants, evaluated, but "
+                         "not selected for phase 2 while another run exists (its training KL is on harder windows)")
     ap.add_argument("--phase1-only", action="store_true", help="stop after phase 1 (diagnostic runs)")
     ap.add_argument("--token-budget-pct", type=float, default=0.0, metavar="P",
                     help="size phase 1 (--steps) so both phases use P %% of the teacher's training tokens (0: off)")
@@ -622,6 +633,12 @@ def main(argv=None) -> int:
         for entry in [*(x for x in a.criteria.split(",") if x), a.distill_from]:
             _prune_entry(entry)
         a.distill1_variants = _variants(a.distill1_variants)
+        clash = [n for n in a.distill1_variants if n in {f"select-x{m}" for m in a.distill1_select}]
+        if clash:
+            raise ValueError(f"--distill1-variants {clash[0]!r}: the name of a --distill1-select run; rename it")
+        if a.distill1_select and (a.distill1_lrs or a.distill1_hidden_weights):
+            raise ValueError("--distill1-select runs beside --distill1-variants, not --distill1-lrs / "
+                             "--distill1-hidden-weights: use variants")
     except ValueError as e:
         ap.error(str(e))
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of the tools would flood pipeline.log

@@ -140,27 +140,43 @@ def plugin_pythonpath(work: Path) -> list[str]:
         return list(_plugin_paths(Path(work)))
 
 
+def scrubbed_environ() -> dict[str, str]:
+    """This process's environment without anything that picks or changes a W4A16 kernel or Inductor's numerics
+    (``_KERNEL_ENV`` and ``TORCHINDUCTOR_DETERMINISTIC``): the base of every engine's environment."""
+    drop = {*_KERNEL_ENV, DETERMINISTIC_INDUCTOR_ENV[0]}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def kernel_env(kernel: str, work: Path, pythonpath: str = "") -> dict[str, str]:
+    """The variables that make a vLLM process choose ``kernel``: ``default`` (vLLM's choice: none), ``marlin``
+    (Marlin forced), ``fast`` / ``exact`` (pdqkit's plugin: its PYTHONPATH in front of ``pythonpath``, and
+    ``PDQKIT_VLLM_KERNEL``)."""
+    if kernel == "default":
+        return {}
+    if kernel == "marlin":
+        return {"VLLM_DISABLED_KERNELS": MARLIN_ONLY}
+    if kernel not in PDQKIT_CLASSES:
+        raise ValueError(f"unknown kernel {kernel!r}: default, marlin, fast or exact")
+    paths = [*plugin_pythonpath(work), *(p for p in pythonpath.split(os.pathsep) if p)]
+    return {"PDQKIT_VLLM_KERNEL": kernel, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def engine_env(kernel: str, work: Path, tag: str, deterministic_inductor: bool = False) -> dict[str, str]:
     """Environment of one engine subprocess. ``kernel``: ``default`` (vLLM's choice), ``marlin`` (Marlin forced),
     ``fast`` / ``exact`` (pdqkit plugin). In-process engine, own torch.compile cache dir per run tag.
     ``deterministic_inductor``: ``TORCHINDUCTOR_DETERMINISTIC=1`` (Inductor times no choice that changes numerics,
     e.g. a compiled reduction's order, which could otherwise differ from one engine to the next); removed if
     inherited and not asked for."""
-    env = {k: v for k, v in os.environ.items() if k not in _KERNEL_ENV}
+    env = scrubbed_environ()
+    # the plugin's path on every engine (a default or Marlin engine just does not select it)
     paths = plugin_pythonpath(work)
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1",
                VLLM_CACHE_ROOT=str(work / "vllm_cache" / tag), TOKENIZERS_PARALLELISM="false")
-    var, value = DETERMINISTIC_INDUCTOR_ENV
-    env.pop(var, None)
     if deterministic_inductor:
+        var, value = DETERMINISTIC_INDUCTOR_ENV
         env[var] = value
-    if kernel == "marlin":
-        env["VLLM_DISABLED_KERNELS"] = MARLIN_ONLY
-    elif kernel in PDQKIT_CLASSES:
-        env["PDQKIT_VLLM_KERNEL"] = kernel
-    elif kernel != "default":
-        raise ValueError(f"unknown kernel {kernel!r}: default, marlin, fast or exact")
+    env.update({k: v for k, v in kernel_env(kernel, work).items() if k != "PYTHONPATH"})
     return env
 
 
