@@ -285,10 +285,9 @@ def test_driver_reports_a_serve_failure_in_its_json(monkeypatch, tmp_path):
     assert handlers == [pvc._on_sigterm] and signal.getsignal(signal.SIGTERM) is before
 
 
-def test_driver_compares_served_tokens_with_the_offline_engine(monkeypatch, tmp_path):
-    """The served tokens against the offline default engine's: prompt 0 made to differ offline, so 1 of 2."""
-    import json
-
+def _stub_driver_with_tokenizer(monkeypatch, tmp_path):
+    """_stub_driver whose offline engines differ from the stand-in server on prompt 0, and whose random checkpoints
+    carry a tokenizer file (vllm serve needs one)."""
     def offline(prompts, n):
         toks = _expected(prompts, n)
         toks[0] = [t + 1 for t in toks[0]]
@@ -301,6 +300,13 @@ def test_driver_compares_served_tokens_with_the_offline_engine(monkeypatch, tmp_
         save_random_checkpoint(name, base, **kw)
         (base / "tokenizer.json").write_text("{}")
     monkeypatch.setattr("bench.factory.save_random_checkpoint", save_with_tokenizer)  # main imports it per call
+
+
+def test_driver_compares_served_tokens_with_the_offline_engine(monkeypatch, tmp_path):
+    """The served tokens against the offline default engine's: prompt 0 made to differ offline, so 1 of 2."""
+    import json
+
+    _stub_driver_with_tokenizer(monkeypatch, tmp_path)
     rc = pvc.main(["--scales", "micro", "--serve", "--prompts", "2", "--new-tokens", "3", "--out", str(tmp_path / "o")])
     rep = json.loads((tmp_path / "o" / "pack_vllm_check.json").read_text())
     assert rc == 0, rep["failures"]
@@ -368,18 +374,7 @@ def test_driver_serves_each_kernel_in_graph_mode(monkeypatch, tmp_path):
     made to differ offline) and the exact server's plugin line is reported."""
     import json
 
-    def offline(prompts, n):
-        toks = _expected(prompts, n)
-        toks[0] = [t + 1 for t in toks[0]]
-        return toks
-
-    _stub_driver(monkeypatch, tmp_path, offline)
-    from bench.factory import save_random_checkpoint
-
-    def save_with_tokenizer(name, base, **kw):
-        save_random_checkpoint(name, base, **kw)
-        (base / "tokenizer.json").write_text("{}")
-    monkeypatch.setattr("bench.factory.save_random_checkpoint", save_with_tokenizer)
+    _stub_driver_with_tokenizer(monkeypatch, tmp_path)
     rc = pvc.main(["--scales", "micro", "--serve", "--serve-mode", "graph", "--serve-kernels", "default,exact",
                    "--engines", "marlin", "--prompts", "2", "--new-tokens", "3", "--out", str(tmp_path / "o")])
     rep = json.loads((tmp_path / "o" / "pack_vllm_check.json").read_text())
