@@ -175,6 +175,25 @@ def test_distill_refuses_to_use_a_selection_otherwise(pair, tmp_path, capsys):
     assert "sel.jsonl.meta.json: unreadable selection metadata" in err and err.count("\n") == 1, err
 
 
+def test_no_rename_when_a_file_appeared_while_scoring(pair, tmp_path, monkeypatch, capsys):
+    """Scoring takes a while: a selection file that appears meanwhile is not overwritten, no sidecar is put beside
+    it (both destinations are checked before the first rename), and no temp file is left."""
+    import distill.select as sel_mod
+
+    teacher_dir, student_dir, data = pair
+    out = tmp_path / "s.jsonl"
+    real = sel_mod.window_kl
+
+    def scoring(*a, **kw):
+        out.write_text("someone else's")
+        return real(*a, **kw)
+    monkeypatch.setattr(sel_mod, "window_kl", scoring)
+    assert select_main(_sel_args(teacher_dir, student_dir, out, data, "--tokens", SEQ)) == 1
+    assert f"{out} exists; pass --force" in capsys.readouterr().err
+    assert out.read_text() == "someone else's" and not meta_path(out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]
+
+
 def test_cli_errors_are_one_line(pair, tmp_path, capsys):
     teacher_dir, student_dir, data = pair
     cases = [

@@ -32,6 +32,7 @@ FAKE = textwrap.dedent('''
         sys.exit(3)
     if mode == "busy" and not (ckpt / "tried").exists():  # the port was taken between pick and bind: once
         (ckpt / "tried").write_text("")
+        print("INFO pdqkit: a line of the attempt that failed", flush=True)
         print("ERROR: [Errno 98] error while attempting to bind: address already in use", flush=True)
         sys.exit(1)
     (ckpt / "env.json").write_text(json.dumps({k: v for k, v in os.environ.items()
@@ -39,6 +40,7 @@ FAKE = textwrap.dedent('''
     kernel = os.environ.get("PDQKIT_VLLM_KERNEL")
     if kernel:  # the line pdqkit's plugin logs when vLLM loads it
         print(f"INFO pdqkit: PDQKIT_VLLM_KERNEL={kernel}, PdqkitExactLinearKernel registered first", flush=True)
+        print("(EngineCore pid=7) INFO pdqkit: hint " + "x" * 500, flush=True)  # long: its head is kept
     print("INFO Using MacheteLinearKernel for CompressedTensorsWNA16", flush=True)
     time.sleep(0.5)  # not ready at once: the client must poll /health
 
@@ -143,6 +145,7 @@ def test_serve_generate_starts_again_when_the_port_was_taken(tmp_path):
     assert [r["tokens"] for r in out["results"]] == _expected(PROMPTS, 4)
     log = (tmp_path / "serve.log").read_text()  # both attempts are in the log
     assert log.count("--- pack_vllm_check: attempt") == 2 and "address already in use" in log
+    assert "a line of the attempt that failed" in log and out["plugin_lines"] == []  # only the last attempt's
     (ckpt / "tried").unlink()
     out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix, attempts=1)
     assert not out["ok"] and "exited with status 1" in out["error"] and out["attempts"] == 1
@@ -326,7 +329,9 @@ def test_serve_env_per_kernel(tmp_path, monkeypatch):
     assert pvc.serve_env("default", tmp_path) == {"VLLM_CACHE_ROOT": str(stale.parent)}
     assert not stale.parent.exists()  # an earlier server's compiled graphs are not reused
     marlin = pvc.serve_env("marlin", tmp_path)
-    assert marlin["VLLM_DISABLED_KERNELS"] == pvc.MARLIN_ONLY and "PDQKIT_VLLM_KERNEL" not in marlin
+    from bench.gpu.vllm_e2e_check import MARLIN_ONLY
+
+    assert marlin["VLLM_DISABLED_KERNELS"] == MARLIN_ONLY and "PDQKIT_VLLM_KERNEL" not in marlin
     probe = ("from importlib.metadata import entry_points; "
              "print([e.value for e in entry_points(group='vllm.general_plugins')])")
     for kernel in ("fast", "exact"):
@@ -362,7 +367,9 @@ def test_serve_generate_passes_the_plugin_environment(tmp_path):
     out = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve.log", timeout=60, cmd_prefix=prefix, extra=extra,
                              env_extra=pvc.serve_env("exact", tmp_path))
     assert out["ok"], out
-    assert out["plugin_lines"] == ["INFO pdqkit: PDQKIT_VLLM_KERNEL=exact, PdqkitExactLinearKernel registered first"]
+    first, hint = out["plugin_lines"]
+    assert first == "INFO pdqkit: PDQKIT_VLLM_KERNEL=exact, PdqkitExactLinearKernel registered first"
+    assert hint.startswith("(EngineCore pid=7) INFO pdqkit: hint xx") and len(hint) == 400
     assert "--enforce-eager" not in out["cmd"]
     plain = pvc.serve_generate(ckpt, PROMPTS, 4, tmp_path / "serve2.log", timeout=60, cmd_prefix=prefix)
     assert plain["ok"] and plain["plugin_lines"] == []
@@ -419,3 +426,24 @@ def test_engine_env_shares_the_kernel_choice(tmp_path, monkeypatch):
     assert not {"PDQKIT_VLLM_KERNEL", "VLLM_DISABLED_KERNELS", "TORCHINDUCTOR_DETERMINISTIC"} & set(d)
     with pytest.raises(ValueError, match="unknown kernel 'slow'"):
         vec.engine_env("slow", tmp_path, "t")
+
+
+def test_offline_engines_get_the_scrubbed_environment(monkeypatch, tmp_path):
+    """_spawn (HF and the offline vLLM engines) starts from the same scrubbed environment as the servers, so an
+    inherited kernel or Inductor setting cannot make the reference engine differ from the server it is compared
+    with; the Marlin engine gets kernel_env's Marlin setting."""
+    import subprocess as sp
+
+    seen = []
+
+    def fake_run(cmd, cwd=None, env=None, **kw):
+        seen.append(env)
+        return sp.CompletedProcess(cmd, 1)
+    monkeypatch.setattr(pvc.subprocess, "run", fake_run)
+    for var in ("VLLM_MARLIN_USE_ATOMIC_ADD", "TORCHINDUCTOR_DETERMINISTIC", "PDQKIT_VLLM_KERNEL"):
+        monkeypatch.setenv(var, "1")
+    from bench.gpu.vllm_e2e_check import MARLIN_ONLY, kernel_env
+
+    res, _, _ = pvc._spawn("vllm", {"prompts": []}, tmp_path, "x", kernel_env("marlin", tmp_path))
+    assert res is None and seen[0]["VLLM_DISABLED_KERNELS"] == MARLIN_ONLY
+    assert not {"VLLM_MARLIN_USE_ATOMIC_ADD", "TORCHINDUCTOR_DETERMINISTIC", "PDQKIT_VLLM_KERNEL"} & set(seen[0])

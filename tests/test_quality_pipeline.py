@@ -146,7 +146,7 @@ def test_distill1_select_variants(tmp_path, trained_micro):
     work, q = _pipeline(tmp_path, trained_micro, "--stages", "prune,distill", "--criteria", "activation",
                         "--prune-args=--samples 8 --seq-len 128", "--distill1-args", "--batch 2 --seq-len 128",
                         "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
-                        "--distill1-variants", "all=", "--distill1-select", "2,3", "--token-budget-pct", "2",
+                        "--distill1-variants", "all=--lr 1e-2", "--distill1-select", "2,3", "--token-budget-pct", "2",
                         "--phase1-only")
     budget = q["distill_budget_per_run"]
     assert set(budget) == {"distill1-all", "distill1-select-x2", "distill1-select-x3"}
@@ -163,8 +163,11 @@ def test_distill1_select_variants(tmp_path, trained_micro):
         assert sel[name]["kl_kept"]["mean"] > sel[name]["kl_pool"]["mean"]
         assert meta_path(work / f"{name}.jsonl").is_file() and name in q["rows"]
     assert read_lineage(work / "distill1-all")[-1]["data"]["source"] == "bench.corpus:train"
-    # the selection runs' training KL is on harder windows: the one other run is chosen, whatever the numbers
+    # the selection runs' training KL is on harder windows: the one other run is chosen even where its own training
+    # KL is the highest (an lr of 1e-2 wrecks it)
     chosen = q["distill1_selection"]
+    kls = chosen["train_forward_kl"]
+    assert max(kls, key=kls.get) == "distill1-all", kls
     assert chosen["run"] == "distill1-all" and chosen["not_compared"] == ["distill1-select-x2", "distill1-select-x3"]
     assert not (work / "distill2").exists()
 

@@ -64,7 +64,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.gpu.vllm_e2e_check import (  # noqa: E402  (after the sys.path line)
-    MARLIN_ONLY, kernel_env, kernels_in_log, scrubbed_environ, tracked_engine)
+    kernel_env, kernels_in_log, scrubbed_environ, tracked_engine)
 # an engine in a session of its own outlives a SIGTERM to this driver unless this handler kills it: the same one
 # vllm_e2e_check installs for its engines (SIGKILL to every tracked process group, then exit 128 + signum)
 from bench.gpu.vllm_e2e_check import kill_live_engines as _on_sigterm  # noqa: E402
@@ -153,9 +153,7 @@ def _spawn(kind: str, spec: dict, work: Path, name: str, env: dict | None = None
     spec = dict(spec, result=str(work / f"{name}.json"))
     sp = work / f"{name}.spec.json"
     sp.write_text(json.dumps(spec))
-    e = dict(os.environ)
-    for k in ("VLLM_DISABLED_KERNELS", "PDQKIT_VLLM_KERNEL"):
-        e.pop(k, None)
+    e = scrubbed_environ()  # the servers' base too (serve_generate): no inherited kernel or Inductor settings
     e.update({"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, **(env or {}))
     log = work / f"{name}.log"
     t0 = time.perf_counter()
@@ -286,9 +284,8 @@ def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra,
             finally:
                 _stop(proc, grace)
                 log.flush()
-                text = Path(log_path).read_text(errors="replace")
-                out["kernels"] = kernels_in_log(text)
-                this_attempt = text.rsplit("--- pack_vllm_check: ", 1)[-1]
+                this_attempt = Path(log_path).read_text(errors="replace").rsplit("--- pack_vllm_check: ", 1)[-1]
+                out["kernels"] = kernels_in_log(this_attempt)
                 out["plugin_lines"] = [ln.strip()[:400] for ln in this_attempt.splitlines() if "pdqkit:" in ln][:8]
 
 
@@ -462,7 +459,7 @@ def _drive(args) -> int:
             failures.append(f"{scale}: HF transformers failed, see {scale}-hf.log")
             print(log[-3000:])
         entry["hf_s"] = round(secs, 1)
-        engines = {} if args.cpu_dry_run else {"marlin": {"VLLM_DISABLED_KERNELS": MARLIN_ONLY}, "default": {}}
+        engines = {} if args.cpu_dry_run else {k: kernel_env(k, work) for k in ("marlin", "default")}
         if args.ckpt and not args.cpu_dry_run:
             engines["bf16"] = {}  # the unquantized source, vLLM's default path
         engines = {k: v for k, v in engines.items() if k in args.engines}
@@ -526,9 +523,10 @@ def _drive(args) -> int:
                 continue
             ref = srv.get("offline_reference")
             state = "ok" if srv["ok"] else f"FAILED ({srv['error']})"
-            same = (f"tokens identical to the offline {ref} engine on {srv[f'identical_to_offline_{ref}']}/"
-                    f"{len(srv['tokens'])} prompts" if ref else "no offline engine to compare with")
-            print(f"{scale}: vllm serve ({kernel}, {srv['mode']}) {state}; startup {srv.get('startup_s')} s; {same}")
+            same = ("" if not srv["ok"] else
+                    f"; tokens identical to the offline {ref} engine on {srv[f'identical_to_offline_{ref}']}/"
+                    f"{len(srv['tokens'])} prompts" if ref else "; no offline engine to compare with")
+            print(f"{scale}: vllm serve ({kernel}, {srv['mode']}) {state}; startup {srv.get('startup_s')} s{same}")
             for line in srv.get("plugin_lines") or []:
                 print(f"  {line}")
     report["failures"] = failures

@@ -377,8 +377,9 @@ class Pipeline:
             return False
         # a run on distill.select's windows trains on the hardest windows: its training KL is higher by design and
         # not comparable with the others'. It is evaluated like every run but competes only when nothing else ran.
-        comparable = {k: v for k, v in kls.items() if k not in selects} or kls
-        best = min(comparable, key=comparable.get)
+        comparable = {k: v for k, v in kls.items() if k not in selects}
+        only_selects = not comparable
+        best = min(comparable or kls, key=(comparable or kls).get)
         if dst.is_symlink() or dst.is_file():
             dst.unlink()
         elif dst.exists():
@@ -388,7 +389,10 @@ class Pipeline:
                                         "by": "phase-1 training forward KL (mean of the last 10 steps)",
                                         "train_forward_kl": kls,
                                         **({"not_compared": sorted(set(kls) - set(comparable))}
-                                           if len(comparable) < len(kls) else {})}
+                                           if comparable and len(comparable) < len(kls) else {}),
+                                        **({"note": "only distill.select runs: each trained on other windows, "
+                                                    "so their training KLs are not comparable; the lowest taken"}
+                                           if only_selects else {})}
         if (row := self.q["rows"].get(best)) is not None:
             self.q["rows"]["distill1"] = dict(row, label="distill1", selected=best)
             self.goals()
