@@ -75,6 +75,7 @@ TOPK = 5
 SERVE_TEST_ARGS = ("--enforce-eager", "--seed", "0", "--no-enable-prefix-caching", "--gpu-memory-utilization", "0.2",
                    "--kv-cache-memory-bytes", str(1 << 30))
 SERVED_NAME = "pdqkit-check"
+ATTEMPT_HEADER = "--- pack_vllm_check: "  # starts each server attempt's part of its log
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -233,7 +234,7 @@ def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra,
     base = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     with open(log_path, "a") as log:
-        log.write(f"--- pack_vllm_check: attempt {out['attempts']}, port {port}: {out['cmd']}\n")
+        log.write(f"{ATTEMPT_HEADER}attempt {out['attempts']}, port {port}: {out['cmd']}\n")
         log.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         with tracked_engine(proc.pid):  # a SIGTERM to this driver kills it too (_on_sigterm)
@@ -242,8 +243,7 @@ def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra,
                     if proc.poll() is not None:
                         out["error"] = f"vllm serve exited with status {proc.returncode} before /health answered"
                         log.flush()
-                        this_attempt = Path(log_path).read_text(errors="replace").rsplit("--- pack_vllm_check: ", 1)[-1]
-                        return "address already in use" in this_attempt.lower()
+                        return "address already in use" in _last_attempt(log_path).lower()
                     if time.perf_counter() - t0 > timeout:
                         out["error"] = f"vllm serve: /health did not answer within {timeout:.0f} s"
                         return False
@@ -284,12 +284,22 @@ def _serve_once(ckpt, prompts, new_tokens, log_path, timeout, cmd_prefix, extra,
             finally:
                 _stop(proc, grace)
                 log.flush()
-                this_attempt = Path(log_path).read_text(errors="replace").rsplit("--- pack_vllm_check: ", 1)[-1]
+                this_attempt = _last_attempt(log_path)
                 out["kernels"] = kernels_in_log(this_attempt)
                 out["plugin_lines"] = [ln.strip()[:400] for ln in this_attempt.splitlines() if "pdqkit:" in ln][:8]
 
 
+def _last_attempt(log_path: Path) -> str:
+    """The part of a serve log that the newest attempt wrote (each starts with ``ATTEMPT_HEADER``)."""
+    return Path(log_path).read_text(errors="replace").rsplit(ATTEMPT_HEADER, 1)[-1]
+
+
 SERVE_KERNELS = ("default", "marlin", "fast", "exact")
+
+
+def _serve_key(kernel: str) -> str:
+    """Report key of the server for ``kernel``: ``vllm_serve`` (vLLM's default choice) or ``vllm_serve-KERNEL``."""
+    return "vllm_serve" if kernel == "default" else f"vllm_serve-{kernel}"
 
 
 def serve_env(kernel: str, work: Path) -> dict[str, str]:
@@ -405,19 +415,19 @@ def _serve_reference(kernel: str, entry: dict) -> str | None:
     return next((r for r in prefs if "tokens" in entry.get(f"vllm_{r}", {})), None)
 
 
-def _serve_kernels(spec: str) -> tuple[str, ...]:
-    ks = tuple(k for k in spec.split(",") if k)
-    bad = [k for k in ks if k not in SERVE_KERNELS]
-    if bad or not ks or len(set(ks)) != len(ks):
-        raise argparse.ArgumentTypeError(f"{spec!r}: distinct kernels of {','.join(SERVE_KERNELS)}")
-    return ks
+def _choices(allowed: tuple[str, ...], what: str, allow_empty: bool):
+    """An argparse type: a comma list of distinct entries of ``allowed`` -> tuple."""
+    def parse(spec: str) -> tuple[str, ...]:
+        xs = tuple(x for x in spec.split(",") if x)
+        if any(x not in allowed for x in xs) or len(set(xs)) != len(xs) or not (xs or allow_empty):
+            raise argparse.ArgumentTypeError(f"{spec!r}: distinct {what} of {','.join(allowed)}"
+                                             + (" (or empty)" if allow_empty else ""))
+        return xs
+    return parse
 
 
-def _engines(spec: str) -> tuple[str, ...]:
-    es = tuple(e for e in spec.split(",") if e)
-    if any(e not in ("marlin", "default", "bf16") for e in es) or len(set(es)) != len(es):
-        raise argparse.ArgumentTypeError(f"{spec!r}: distinct engines of marlin,default,bf16 (or empty)")
-    return es
+_serve_kernels = _choices(SERVE_KERNELS, "kernels", allow_empty=False)
+_engines = _choices(("marlin", "default", "bf16"), "engines", allow_empty=True)
 
 
 def _drive(args) -> int:
@@ -477,7 +487,7 @@ def _drive(args) -> int:
                 row["tokens"] = [r["tokens"] for r in res["results"]]
             entry[f"vllm_{mode}"] = row
         for kernel in (args.serve_kernels if args.serve and not args.cpu_dry_run else ()):
-            key = "vllm_serve" if kernel == "default" else f"vllm_serve-{kernel}"
+            key = _serve_key(kernel)
             tag = key.removeprefix("vllm_")
             extra = tuple(a for a in SERVE_TEST_ARGS if args.serve_mode == "eager" or a != "--enforce-eager")
             srv = serve_generate(q_cpu, prompts, args.new_tokens, work / f"{scale}-vllm-{tag}.log",
@@ -506,7 +516,7 @@ def _drive(args) -> int:
     print("\n| checkpoint | cpu==cuda bytes | engine | kernel | identical prompts | common prefix | step-0 top-1 "
           "agree | max Δlogprob step 0 |\n|---|---|---|---|---|---|---|---|")
     for scale, e in report["checkpoints"].items():
-        serves = (f"serve-{k}" if k != "default" else "serve" for k in SERVE_KERNELS)
+        serves = (_serve_key(k).removeprefix("vllm_") for k in SERVE_KERNELS)
         for mode in ("marlin", "default", "bf16", *serves):
             r = e.get(f"vllm_{mode}")
             if r is None:
@@ -518,7 +528,7 @@ def _drive(args) -> int:
                   f"{c.get('step0_top1_agree')} | {c.get('step0_max_abs_dlogprob')} |")
     for scale, e in report["checkpoints"].items():
         for kernel in SERVE_KERNELS:
-            srv = e.get("vllm_serve" if kernel == "default" else f"vllm_serve-{kernel}")
+            srv = e.get(_serve_key(kernel))
             if not srv:
                 continue
             ref = srv.get("offline_reference")

@@ -291,22 +291,16 @@ class Pipeline:
         tokens the teacher was trained on (its lineage's ``tokens_seen``); recorded in quality.json (per phase-1
         variant ``run`` when given). A variant that sets its own ``--steps`` keeps them; its tokens are recorded
         against the budget all the same (``steps_given``)."""
-        from distill.__main__ import build_parser, config_from_args
         from pack.checkpoint import read_lineage
 
-        def parsed(phase, extra):  # distill's own parser and defaults: (given args, resolved config)
-            a = build_parser().parse_args(["--teacher", "-", "--student", "-", "-o", "-", "--phase", str(phase),
-                                           *extra])
-            return a, config_from_args(a)
-
-        a1, p1 = parsed(1, extra1)
+        a1, p1 = _distill_args(1, extra1)
         own = a1.steps is not None  # a variant that sets its own --steps keeps them (recorded against the budget)
         if own and not run:
             raise ValueError("--token-budget-pct sets phase 1's --steps: do not also pass it in --distill1-args")
         teacher = next((s for s in read_lineage(self.base) if s.get("kind") == "base"), {}).get("tokens_seen")
         if not teacher:
             raise ValueError(f"{self.base}: its lineage has no 'base' step with tokens_seen (train it with bench.train)")
-        p2 = parsed(2, extra2)[1]
+        p2 = _distill_args(2, extra2)[1]
         t2 = p2.steps * p2.batch * p2.seq_len
         steps1 = p1.steps if own else int((self.a.token_budget_pct / 100 * teacher - t2) // (p1.batch * p1.seq_len))
         if steps1 < 1:
@@ -379,7 +373,8 @@ class Pipeline:
         # not comparable with the others'. It is evaluated like every run but competes only when nothing else ran.
         comparable = {k: v for k, v in kls.items() if k not in selects}
         only_selects = not comparable
-        best = min(comparable or kls, key=(comparable or kls).get)
+        candidates = comparable or kls
+        best = min(candidates, key=candidates.get)
         if dst.is_symlink() or dst.is_file():
             dst.unlink()
         elif dst.exists():
@@ -405,11 +400,9 @@ class Pipeline:
         on): score a pool of ``mult`` x those tokens of the train split (``all``: every window) and keep the highest
         teacher-student KL windows into WORK/NAME.jsonl. What it scored goes to quality.json
         (``distill1_data_selection``). None when the selection failed."""
-        from distill.__main__ import build_parser, config_from_args
         from distill.select import meta_path
 
-        cfg = config_from_args(build_parser().parse_args(["--teacher", "-", "--student", "-", "-o", "-", "--phase",
-                                                          "1", *distill_args]))
+        cfg = _distill_args(1, distill_args)[1]
         tokens = cfg.steps * cfg.batch * cfg.seq_len
         out = self.work / f"{name}.jsonl"
         pool = [] if mult == "all" else ["--pool-tokens", str(int(float(mult) * tokens))]
@@ -530,6 +523,14 @@ def _variants(spec: str) -> dict[str, list[str]]:
             raise ValueError(f"--distill1-variants: {item!r} is not NAME=ARGS (NAME of letters, digits, _ . -)")
         out[name.strip()] = shlex.split(args)
     return out
+
+
+def _distill_args(phase: int, extra: list[str]):
+    """distill's own parser and defaults applied to ``extra``: (the given args, the resolved DistillConfig)."""
+    from distill.__main__ import build_parser, config_from_args
+
+    a = build_parser().parse_args(["--teacher", "-", "--student", "-", "-o", "-", "--phase", str(phase), *extra])
+    return a, config_from_args(a)
 
 
 def _pools(spec: str) -> tuple[str, ...]:

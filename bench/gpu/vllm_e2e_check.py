@@ -140,6 +140,11 @@ def plugin_pythonpath(work: Path) -> list[str]:
         return list(_plugin_paths(Path(work)))
 
 
+def _with_plugin_path(work: Path, pythonpath: str) -> str:
+    """``pythonpath`` with the entries that make pdqkit's plugin findable (:func:`plugin_pythonpath`) in front."""
+    return os.pathsep.join([*plugin_pythonpath(work), *(p for p in pythonpath.split(os.pathsep) if p)])
+
+
 def scrubbed_environ() -> dict[str, str]:
     """This process's environment without anything that picks or changes a W4A16 kernel or Inductor's numerics
     (``_KERNEL_ENV`` and ``TORCHINDUCTOR_DETERMINISTIC``): the base of every engine's environment."""
@@ -157,8 +162,7 @@ def kernel_env(kernel: str, work: Path, pythonpath: str = "") -> dict[str, str]:
         return {"VLLM_DISABLED_KERNELS": MARLIN_ONLY}
     if kernel not in PDQKIT_CLASSES:
         raise ValueError(f"unknown kernel {kernel!r}: default, marlin, fast or exact")
-    paths = [*plugin_pythonpath(work), *(p for p in pythonpath.split(os.pathsep) if p)]
-    return {"PDQKIT_VLLM_KERNEL": kernel, "PYTHONPATH": os.pathsep.join(paths)}
+    return {"PDQKIT_VLLM_KERNEL": kernel, "PYTHONPATH": _with_plugin_path(work, pythonpath)}
 
 
 def engine_env(kernel: str, work: Path, tag: str, deterministic_inductor: bool = False) -> dict[str, str]:
@@ -169,8 +173,7 @@ def engine_env(kernel: str, work: Path, tag: str, deterministic_inductor: bool =
     inherited and not asked for."""
     env = scrubbed_environ()
     # the plugin's path on every engine (a default or Marlin engine just does not select it)
-    paths = plugin_pythonpath(work)
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = _with_plugin_path(work, env.get("PYTHONPATH", ""))
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1",
                VLLM_CACHE_ROOT=str(work / "vllm_cache" / tag), TOKENIZERS_PARALLELISM="false")
     if deterministic_inductor:
