@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=dflt("weight_decay"), help="AdamW (default %(default)s)")
     g.add_argument("--grad-clip", type=float, default=dflt("grad_clip"),
                    help="global grad-norm clip, 0 = off (default %(default)s)")
+    g.add_argument("--ema-decay", type=float, default=dflt("ema_decay"),
+                   help="write an exponential moving average of the weights instead of the last ones: after every "
+                        "step ema = D * ema + (1 - D) * weights, starting from the student; about 1 / (1 - D) steps "
+                        "are averaged (0 = off, the default)")
     g.add_argument("--seed", type=int, default=dflt("seed"), help="data order and sampling seed (default 0)")
     g.add_argument("--train-embeddings", action="store_true",
                    help="also train the token / per-layer embedding tables (tied lm_head); default frozen")

@@ -36,7 +36,7 @@ RESULT_FIELDS = (
     "teacher", "student", "phase", "data", "steps", "batch", "seq_len", "lr", "min_lr_ratio", "warmup_steps",
     "weight_decay", "adam_betas", "adam_eps", "grad_clip", "seed", "temperature", "hidden_weight", "hidden_layers",
     "hidden_layer_weights", "lmbda", "beta", "sample_temperature", "jsd_temperature", "max_new_tokens",
-    "train_embeddings", "precision", "chunk", "max_tokens", "attn", "trainable",
+    "train_embeddings", "precision", "chunk", "max_tokens", "attn", "trainable", "ema_decay",
 )
 
 
@@ -59,6 +59,9 @@ class DistillConfig:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8  # torch's AdamW default; larger values damp the steps of weights with tiny gradients
     grad_clip: float = 1.0
+    # 0: off. Else the weights written at the end are an exponential moving average of the optimizer's weights,
+    # ema <- d * ema + (1 - d) * w after every step, started from the student's own weights (distill/train.py)
+    ema_decay: float = 0.0
     seed: int = 0
     # phase 1 losses
     temperature: float = 1.0
@@ -136,6 +139,10 @@ class DistillConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
                 raise ValueError(f"--{name.replace('_', '-')} {v}: must be in [0, 1]")
+        if (isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float))
+                or not 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"--ema-decay {self.ema_decay}: must be in [0, 1) (0: off; e.g. 0.95 averages over "
+                             "about the last 20 steps)")
         betas = self.adam_betas if isinstance(self.adam_betas, str) else ",".join(map(str, self.adam_betas))
         if isinstance(self.adam_betas, str) or len(self.adam_betas) != 2:
             raise ValueError(f"--adam-betas {betas}: give two values, B1,B2")

@@ -3,6 +3,7 @@
 Layout of ``CKPT_DIR`` (default ``OUT-ckpt``)::
 
     step-00000040/          torch.distributed.checkpoint (DCP) of {"model": trainable params, "optim": AdamW}
+                            (+ "ema": the --ema-decay moving average, by parameter name)
                             (sharded per rank under FSDP2; fp32 master weights and moments, bit-exact;
                             under --precision bf16-master the module is the Distiller's MasterWeights: the
                             fp32 masters by the same parameter names, the bf16 weights are them rounded)
@@ -65,8 +66,10 @@ def clear_checkpoints(ckpt_dir: str | os.PathLike) -> None:
         pass
 
 
-def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, module, optimizer, env: DistEnv, meta: dict) -> Path:
-    """Write the state after ``step`` completed steps (collective: every rank calls it)."""
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, module, optimizer, env: DistEnv, meta: dict,
+                    extra: dict | None = None) -> Path:
+    """Write the state after ``step`` completed steps (collective: every rank calls it). ``extra``: more named
+    groups of tensors saved beside model and optimizer (``{"ema": {name: tensor}}``), local shards as they are."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -81,7 +84,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, module, optimizer, e
     msd, osd = get_state_dict(module, optimizer, options=_options())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        dcp.save({"model": msd, "optim": osd, **(extra or {})}, checkpoint_id=str(tmp))
     rng = {"cpu": torch.get_rng_state()}
     if env.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(env.device)
@@ -102,18 +105,23 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, module, optimizer, e
     return ckpt_dir / name
 
 
-def load_checkpoint(path: str | os.PathLike, module, optimizer, env: DistEnv) -> dict:
-    """Load a step dir written by :func:`save_checkpoint` into ``module``/``optimizer``; returns its meta."""
+def load_checkpoint(path: str | os.PathLike, module, optimizer, env: DistEnv, extra: dict | None = None) -> dict:
+    """Load a step dir written by :func:`save_checkpoint` into ``module``/``optimizer`` (and the tensors of
+    ``extra``, in place, as passed to the save); returns its meta."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     msd, osd = get_state_dict(module, optimizer, options=_options())
-    state = {"model": msd, "optim": osd}
+    state = {"model": msd, "optim": osd, **{group: dict(tensors) for group, tensors in (extra or {}).items()}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
+    for group, tensors in (extra or {}).items():  # DCP loads tensors in place; keep the caller's objects current
+        for name, t in tensors.items():
+            if state[group][name] is not t:
+                t.copy_(state[group][name])
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options())
     rng_f = path / f"rng-rank{env.rank}.pt"

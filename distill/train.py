@@ -209,6 +209,10 @@ class Distiller:
         # bf16-master: the optimizer (and the grad clip, and the checkpoints) see the fp32 masters
         self.masters = MasterWeights(named) if bf16_master else None
         self.opt_params = self.masters.masters if self.masters is not None else self.params
+        # --ema-decay: an fp32 moving average of what the optimizer steps (the masters under bf16-master; the local
+        # shards under FSDP2), by parameter name; it is training state (checkpointed) and becomes the output weights
+        self.ema = ({n: p.detach().clone() for (n, _), p in zip(named, self.opt_params)} if cfg.ema_decay
+                    else None)
         fused = {"fused": True} if env.device.type == "cuda" and not env.is_dist else {}
         self.opt = torch.optim.AdamW(self.opt_params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                      weight_decay=cfg.weight_decay, **fused)
@@ -235,14 +239,34 @@ class Distiller:
 
     def save_state(self, ckpt_dir, step: int, meta: dict) -> Path:
         """Training checkpoint after ``step`` completed steps (:func:`distill.state.save_checkpoint`)."""
-        return save_checkpoint(ckpt_dir, step, self.state_module, self.opt, self.env, meta)
+        return save_checkpoint(ckpt_dir, step, self.state_module, self.opt, self.env, meta, self._extra_state())
 
     def load_state(self, path) -> dict:
         """Load a training checkpoint (weights / masters, AdamW state, RNG); returns its meta."""
-        meta = load_checkpoint(path, self.state_module, self.opt, self.env)
+        meta = load_checkpoint(path, self.state_module, self.opt, self.env, self._extra_state())
         if self.masters is not None:
             self.masters.copy_to_model()  # the bf16 weights are the restored masters, rounded
         return meta
+
+    def _extra_state(self) -> dict | None:
+        return {"ema": self.ema} if self.ema is not None else None
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """``ema = d * ema + (1 - d) * w`` for every trained weight ``w`` (after the optimizer step)."""
+        d = self.cfg.ema_decay
+        for e, p in zip(self.ema.values(), self.opt_params):
+            e.lerp_(p.detach(), 1.0 - d)
+
+    @torch.no_grad()
+    def use_ema(self) -> None:
+        """Make the moving average the model's weights (the end of a ``--ema-decay`` run; no-op without one)."""
+        if self.ema is None:
+            return
+        for e, p in zip(self.ema.values(), self.opt_params):
+            p.detach().copy_(e)
+        if self.masters is not None:
+            self.masters.copy_to_model()
 
     @property
     def flops_per_token(self) -> int:
@@ -313,6 +337,8 @@ class Distiller:
             gnorm = torch.nn.utils.clip_grad_norm_(self.opt_params, clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self._update_ema()
             if self.masters is not None:
                 self.masters.copy_to_model()
         names = ["loss", *parts]
@@ -364,8 +390,8 @@ def _run(cfg: DistillConfig, env) -> dict:
         else:
             meta = json.loads((ck / "meta.json").read_text())
             want = cfg.result_dict()
-            # checkpoints from before --adam-eps ran with its default (torch's)
-            had = {"adam_eps": DistillConfig.adam_eps, **meta["config"]}
+            # checkpoints from before --adam-eps / --ema-decay ran with their defaults (torch's eps, no EMA)
+            had = {"adam_eps": DistillConfig.adam_eps, "ema_decay": DistillConfig.ema_decay, **meta["config"]}
             diff = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
             if meta.get("data_sha256", data.sha256) != data.sha256:  # the same path, rewritten since
                 raise ValueError(f"{ck}: checkpoint was trained on other data ({data.source} has changed since: "
@@ -429,6 +455,7 @@ def _run(cfg: DistillConfig, env) -> dict:
     # sampled tokens from the whole history (a resumed run restores the steps before its checkpoint)
     generated = sum(h["on_policy"] for h in history) * cfg.batch * cfg.max_new_tokens
     summary = _summary(cfg, data, history, generated, dz.layers, dz.layer_w, env)
+    dz.use_ema()  # --ema-decay: the average is what is written (the logged losses are the raw weights')
     _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary)
     log.record({"event": "summary", **summary})
     log.close()
@@ -457,7 +484,7 @@ def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:
         "phase": cfg.phase, "losses": losses, "steps": cfg.steps, "batch": cfg.batch, "seq_len": cfg.seq_len,
         "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio, "warmup_steps": cfg.warmup_steps,
         "weight_decay": cfg.weight_decay, "adam_betas": list(cfg.adam_betas), "adam_eps": cfg.adam_eps,
-        "grad_clip": cfg.grad_clip, "seed": cfg.seed,
+        "grad_clip": cfg.grad_clip, **({"ema_decay": cfg.ema_decay} if cfg.ema_decay else {}), "seed": cfg.seed,
         "precision": cfg.precision, "train_embeddings": cfg.train_embeddings,
         "trainable": cfg.trainable, "world_size": env.world,
         "tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,

@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"fraction of MLP channels to remove, in [0, 1); the kept width is rounded to a multiple "
                          f"of 128; 0 keeps every channel (identity run) (default {d.ratio})")
     ap.add_argument("--criterion", choices=CRITERIA, default=d.criterion,
-                    help=f"channel importance (default {d.criterion}); magnitude and random need no data")
+                    help=f"channel importance (default {d.criterion}); taylor runs the whole model forward and "
+                         "backward on --device once per calibration batch (prune/taylor.py); magnitude and random "
+                         "need no data")
     ap.add_argument("--agg", dest="aggregation", choices=AGGREGATIONS, default=d.aggregation,
                     help=f"reduction of a channel's activations over calibration tokens (default {d.aggregation})")
     ap.add_argument("--calib", metavar="FILE", default=None,

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 __all__ = ["CRITERIA", "AGGREGATIONS", "ROUND_MULTIPLE", "PruneConfig", "kept_width"]
 
-# activation / wanda read calibration statistics; magnitude / random are data-free baselines
-CRITERIA = ("activation", "wanda", "magnitude", "random")
-DATA_CRITERIA = ("activation", "wanda")
+# activation / wanda read calibration statistics, taylor a forward + backward pass on the calibration windows
+# (prune/taylor.py); magnitude / random are data-free baselines
+CRITERIA = ("activation", "wanda", "taylor", "magnitude", "random")
+DATA_CRITERIA = ("activation", "wanda", "taylor")
 # how a channel's activations are reduced over the calibration tokens: l2 = sqrt(sum a^2), mean = mean |a|
 AGGREGATIONS = ("l2", "mean")
 # the kept width is a multiple of 128: the int4 group size and Marlin's K tile (down_proj's K is this width)

@@ -10,6 +10,9 @@ activation     agg_t(a_tj)                                   Minitron's neuron i
 wanda          agg_t(a_tj) * ||down[:, j]||_2                Wanda for a whole channel: with l2, EXACTLY the
                                                              Frobenius norm of the channel's contribution
                                                              ``a_j (x) down[:, j]`` to the MLP output
+taylor         agg_w(delta_wj)                               first-order change of the model's next-token loss on
+                                                             calibration window w when channel j is removed
+                                                             (prune/taylor.py; agg over windows, not tokens)
 magnitude      ||[gate[j, :], up[j, :], down[:, j]]||_2      data-free: size of the channel's weights
 random         uniform(0, 1), torch.Generator(seed)          data-free baseline
 =============  ============================================  =====================================================
@@ -32,10 +35,11 @@ def _activation(stats: ChannelStats, aggregation: str) -> torch.Tensor:
 def channel_scores(criterion: str, mlp, stats: ChannelStats | None = None, aggregation: str = "l2",
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """float32 ``[I]`` importance of each intermediate channel of ``mlp`` (``gate_proj``/``up_proj``/``down_proj``
-    ``nn.Linear``; weights ``[I, H]``, ``[I, H]``, ``[H, I]``). ``stats`` is needed by activation/wanda,
-    ``generator`` by random."""
+    ``nn.Linear``; weights ``[I, H]``, ``[I, H]``, ``[H, I]``). ``stats`` is needed by activation/wanda (the
+    intermediate activations') and taylor (the loss changes', :func:`prune.taylor.taylor_stats`), ``generator``
+    by random."""
     width = mlp.down_proj.in_features
-    if criterion in ("activation", "wanda"):
+    if criterion in ("activation", "wanda", "taylor"):
         if stats is None or stats.width != width:
             raise ValueError(f"criterion {criterion} needs calibration statistics of width {width}")
         score = _activation(stats, aggregation)

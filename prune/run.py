@@ -17,6 +17,7 @@ from .importance import channel_scores, select_channels
 from .refit import refit_down_proj
 from .slicing import set_intermediate_size, slice_mlp
 from .stack import check_supported, collect_mlp_stats, language_stack
+from .taylor import taylor_stats
 
 __all__ = ["PruneResult", "prune_checkpoint", "load_model"]
 
@@ -47,7 +48,8 @@ class PruneResult:
         cut = 100.0 * (1 - self.width_after / self.width_before)
         wide = (f", {self.double_wide_layers} double-wide layers {2 * self.width_before} -> {2 * self.width_after}"
                 if self.double_wide_layers else "")
-        crit = f"{c.criterion} ({c.aggregation} over tokens)" if c.scores_from_data else c.criterion
+        over = "windows" if c.criterion == "taylor" else "tokens"
+        crit = f"{c.criterion} ({c.aggregation} over {over})" if c.scores_from_data else c.criterion
         if self.calibration is not None:
             cal = self.calibration
             data = f"calibration {cal.samples} x {cal.seq_len} = {cal.tokens} tokens"
@@ -165,16 +167,27 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
         double_wide += w == 2 * width
     gen = torch.Generator().manual_seed(cfg.seed)
     refit_errors = []
+    taylor = cfg.scores_from_data and cfg.criterion == "taylor"
+    # taylor scores come from one forward + backward pass of the whole unpruned model (prune/taylor.py), before
+    # any layer is sliced; the layer-by-layer pass below then only feeds --refit its Gram matrices
+    batches = -(-cal.samples // cfg.batch_size) if cal is not None else 0
+    layer_pass = cal is not None and (cfg.refit or (cfg.scores_from_data and not taylor))
+    total = batches * ((len(layers) + 1) * layer_pass + taylor)
+    bar = tqdm(total=total, desc="prune: calibrating", unit="batch", disable=not progress or not total)
+    scores_stats = (taylor_stats(model, cal.input_ids, batch_size=cfg.batch_size, device=cfg.device, progress=bar)
+                    if taylor else None)
 
     def prune_layer(i, st):
-        """Select layer ``i``'s channels (scores from ``st``), refit its down_proj (``st.gram``) and slice it."""
+        """Select layer ``i``'s channels (scores from ``st``, or the taylor pass), refit its down_proj
+        (``st.gram``) and slice it."""
         mlp = layers[i].mlp
         w = mlp.down_proj.in_features
         keep_n = kept * (w // width)  # a double-wide layer keeps twice as many
         if cfg.ratio == 0:
             keep = torch.arange(w)
         else:
-            keep = select_channels(channel_scores(cfg.criterion, mlp, st, cfg.aggregation, gen), keep_n)
+            by = scores_stats[i] if taylor else st
+            keep = select_channels(channel_scores(cfg.criterion, mlp, by, cfg.aggregation, gen), keep_n)
         down = None
         if cfg.refit and st is not None:
             r = refit_down_proj(mlp.down_proj.weight, st.gram, keep, cfg.refit_damp, where=f"{ckpt}: layer {i}")
@@ -182,14 +195,13 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
             refit_errors.append((r.error_before, r.error_after))
         slice_mlp(mlp, keep, down)
 
-    if cal is not None:
-        total = -(-cal.samples // cfg.batch_size) * (len(layers) + 1)
-        with tqdm(total=total, desc="prune: calibrating", unit="batch", disable=not progress) as bar:
+    with bar:
+        if layer_pass:
             collect_mlp_stats(model, cal.input_ids, batch_size=cfg.batch_size, device=cfg.device, progress=bar,
                               gram=cfg.refit, on_layer=prune_layer)
-    else:
-        for i in range(len(layers)):
-            prune_layer(i, None)
+        else:
+            for i in range(len(layers)):
+                prune_layer(i, None)
     set_intermediate_size(model, kept)
 
     params = {"ratio": cfg.ratio, "criterion": cfg.criterion,

@@ -102,7 +102,8 @@ def test_fsdp_two_ranks_match_one_process(pair, tmp_path):
 def test_fsdp_phase2_matches_one_process_and_resumes(pair, tmp_path):
     teacher, student, data = pair
     common = ["--teacher", teacher, "--student", student, "--data", data, "--threads", 1, "--phase", 2,
-              "--steps", 2, "--batch", 4, "--seq-len", 40, "--max-new-tokens", 8, "--lmbda", 1.0]
+              "--steps", 2, "--batch", 4, "--seq-len", 40, "--max-new-tokens", 8, "--lmbda", 1.0,
+              "--ema-decay", 0.5]  # the moving average lives in local shards (DTensor) and in the DCP checkpoint
     _one(*common, "-o", tmp_path / "one", "--log-json", tmp_path / "one.jsonl")
     _run(2, *common, "-o", tmp_path / "two", "--log-json", tmp_path / "two.jsonl", "--ckpt-every", 1,
          "--keep-ckpt")

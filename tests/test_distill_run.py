@@ -219,14 +219,15 @@ def _env():
     return env
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-master"])
-def test_kill9_then_resume_is_byte_identical(pair, tmp_path, precision):
+@pytest.mark.parametrize("precision,ema", [("fp32", 0), ("bf16-master", 0), ("fp32", 0.8)])
+def test_kill9_then_resume_is_byte_identical(pair, tmp_path, precision, ema):
     """bf16-master: the checkpoint must carry the fp32 masters (the bf16 weights alone would lose their low
-    bits, and the continued run would drift from the uninterrupted one)."""
+    bits, and the continued run would drift from the uninterrupted one). --ema-decay: it must carry the moving
+    average too (the written weights are the average)."""
     teacher, student, data, _ = pair
     common = ["--teacher", teacher, "--student", student, "--data", data, "--threads", "1", "--steps", 12,
               "--batch", 2, "--seq-len", 32, "--lr", 3e-4, "--ckpt-every", 3, "--log-every", 100,
-              "--precision", precision]
+              "--precision", precision, "--ema-decay", ema]
     ref = tmp_path / "ref"
     subprocess.run(_cli(*common, "-o", ref), check=True, env=_env(), cwd=REPO, capture_output=True)
 
@@ -248,6 +249,7 @@ def test_kill9_then_resume_is_byte_identical(pair, tmp_path, precision):
     for name in ("model.safetensors", "config.json", "pdqkit_lineage.json"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     assert not ckpt.exists()  # removed after the successful finish
+    assert read_lineage(out)[-1].get("ema_decay") == (ema or None)
 
 
 def test_resume_refuses_other_settings(pair, tmp_path, capsys):

@@ -147,7 +147,14 @@ def test_distill1_select_variants(tmp_path, trained_micro):
                         "--prune-args=--samples 8 --seq-len 128", "--distill1-args", "--batch 2 --seq-len 128",
                         "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
                         "--distill1-variants", "all=--lr 1e-2", "--distill1-select", "2,3", "--token-budget-pct", "2",
-                        "--phase1-only")
+                        "--phase1-only", "--parallel", "3")
+    # --parallel 3: the three runs (two behind their distill.select) at once; each tool's output stays one block
+    log = (tmp_path / "out0" / "pipeline.log").read_text()
+    assert "phase 1: 3 runs, 3 at a time" in log
+    for name in ("distill1-all", "distill1-select-x2", "distill1-select-x3"):
+        block = log.split(f"--- {name} ---\n", 1)[1].split("\n[", 1)[0]  # up to the next pipeline line
+        assert f"wrote {work / name} (phase 1" in block, block[-500:]
+        assert block.count("distill phase 1:") == 1
     budget = q["distill_budget_per_run"]
     assert set(budget) == {"distill1-all", "distill1-select-x2", "distill1-select-x3"}
     sel = q["distill1_data_selection"]

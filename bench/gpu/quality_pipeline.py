@@ -54,7 +54,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,13 +84,16 @@ class Pipeline:
         self.base = Path(args.base) if args.base else self.work / "base"
         self._teacher = None
         self._this_call: set[str] = set()  # stages recorded by this call (a new base drops the others)
+        # --parallel: phase-1 runs in threads (each a subprocess); log, quality.json and self.q under this lock
+        self._lock = threading.RLock()
 
     # ---------------------------------------------------------------------------------------- plumbing
     def log(self, msg: str) -> None:
-        line = f"[{time.time() - self.t0:6.1f}s] {msg}"
-        print(line, flush=True)
-        self.log_f.write(line + "\n")
-        self.log_f.flush()
+        with self._lock:
+            line = f"[{time.time() - self.t0:6.1f}s] {msg}"
+            print(line, flush=True)
+            self.log_f.write(line + "\n")
+            self.log_f.flush()
 
     def left(self) -> float:
         return self.a.deadline - (time.time() - self.t0)
@@ -96,14 +101,16 @@ class Pipeline:
     def save(self) -> None:
         from bench.cache import write_json_atomic
 
-        write_json_atomic(self.q, self.out / "quality.json")
-        write_json_atomic(self.q, self.work / "quality.json")
+        with self._lock:
+            write_json_atomic(self.q, self.out / "quality.json")
+            write_json_atomic(self.q, self.work / "quality.json")
 
     def stage(self, name: str, status: str, **info) -> None:
-        self.q["stages"][name] = {"status": status, **info}
-        self._this_call.add(name)
-        self.log(f"stage {name}: {status} {json.dumps(info, sort_keys=True) if info else ''}")
-        self.save()
+        with self._lock:
+            self.q["stages"][name] = {"status": status, **info}
+            self._this_call.add(name)
+            self.log(f"stage {name}: {status} {json.dumps(info, sort_keys=True) if info else ''}")
+            self.save()
 
     def run(self, name: str, cmd: list[str], min_s: float = 30) -> bool:
         """Run a tool; its output goes to pipeline.log. False (stage marked failed/skipped) on error."""
@@ -118,10 +125,12 @@ class Pipeline:
                                timeout=budget - 10)
         except subprocess.TimeoutExpired as e:
             out = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
-            self.log_f.write(out[-20000:] + "\n")
+            with self._lock:
+                self.log_f.write(f"--- {name} ---\n" + out[-20000:] + "\n")
             self.stage(name, "failed", reason="timeout (deadline)", seconds=round(time.time() - t, 1))
             return False
-        self.log_f.write(r.stdout[-50000:] + "\n")
+        with self._lock:  # a tool's whole output in one piece, also when runs go in parallel
+            self.log_f.write(f"--- {name} ---\n" + r.stdout[-50000:] + "\n")
         tail = "\n".join(r.stdout.strip().splitlines()[-3:])
         if r.returncode != 0:
             self.stage(name, "failed", rc=r.returncode, seconds=round(time.time() - t, 1), tail=tail[-1500:])
@@ -352,21 +361,33 @@ class Pipeline:
                 for hw in hws or [None]:
                     name = "distill1" + (f"-lr{lr}" if lr else "") + (f"-hw{hw}" if hw else "")
                     runs[name] = [*(["--lr", lr] if lr else []), *(["--hidden-weight", hw] if hw else [])]
-        kls = {}
-        for name, args in runs.items():
-            d = self.work / name
-            # a variant's own --batch / --seq-len size its --steps under --token-budget-pct (unless it sets them)
-            full = (self._token_budget([*extra1, *args], extra2, name)
-                    if self.a.token_budget_pct and variants else [*extra1, *args])
+        # a variant's own --batch / --seq-len size its --steps under --token-budget-pct (unless it sets them)
+        fulls = {name: (self._token_budget([*extra1, *args], extra2, name)
+                        if self.a.token_budget_pct and variants else [*extra1, *args]) for name, args in runs.items()}
+
+        def train(name: str) -> bool:
+            full = fulls[name]
             if name in selects:
                 sel = self._select(name, student, full, selects[name])
                 if sel is None:
-                    self.q.get("distill_budget_per_run", {}).pop(name, None)  # that run never happened
-                    continue
+                    with self._lock:
+                        self.q.get("distill_budget_per_run", {}).pop(name, None)  # that run never happened
+                    return False
                 full = [*full, "--data", str(sel)]
-            if self.run(name, self._distill_cmd(1, student, d, full), min_s=60):
-                kls[name] = read_lineage(d)[-1]["loss_last10"]["forward_kl"]
-                self.evaluate(name, d)
+            return self.run(name, self._distill_cmd(1, student, self.work / name, full), min_s=60)
+
+        kls, done = {}, {}
+        parallel = self.a.parallel > 1 and len(runs) > 1
+        if parallel:
+            # the small pair leaves an H200 mostly idle (~2 % MFU, launch-bound): N runs at once take about the
+            # time of one; the evaluations follow one by one in this process
+            self.log(f"phase 1: {len(runs)} runs, {min(self.a.parallel, len(runs))} at a time")
+            with ThreadPoolExecutor(self.a.parallel) as ex:
+                done = dict(zip(runs, ex.map(train, runs)))
+        for name in runs:
+            if done[name] if parallel else train(name):  # one at a time: train, then evaluate
+                kls[name] = read_lineage(self.work / name)[-1]["loss_last10"]["forward_kl"]
+                self.evaluate(name, self.work / name)
         if not kls:
             return False
         # a run on distill.select's windows trains on the hardest windows: its training KL is higher by design and
@@ -414,8 +435,9 @@ class Pipeline:
         meta = json.loads(meta_path(out).read_text())
         keys = ("pool_windows", "kept_windows", "scored_tokens", "kept_tokens", "windows_available", "kl_pool",
                 "kl_kept")
-        self.q.setdefault("distill1_data_selection", {})[name] = {"pool": mult, **{k: meta[k] for k in keys}}
-        self.save()
+        with self._lock:
+            self.q.setdefault("distill1_data_selection", {})[name] = {"pool": mult, **{k: meta[k] for k in keys}}
+            self.save()
         return out
 
     def s_distill(self):
@@ -620,6 +642,9 @@ def main(argv=None) -> int:
                          "('all': every window); variant select-xM, sized like --distill1-variants, evaluated, but "
                          "not selected for phase 2 while another run exists (its training KL is on harder windows)")
     ap.add_argument("--phase1-only", action="store_true", help="stop after phase 1 (diagnostic runs)")
+    ap.add_argument("--parallel", type=int, default=1, metavar="N",
+                    help="run up to N phase-1 runs (with their distill.select) at once on the one device, then "
+                         "evaluate them one by one (default 1: each run is evaluated before the next starts)")
     ap.add_argument("--token-budget-pct", type=float, default=0.0, metavar="P",
                     help="size phase 1 (--steps) so both phases use P %% of the teacher's training tokens (0: off)")
     ap.add_argument("--eval-tokens", type=int, default=0, help="validation tokens per eval (0: all)")
@@ -634,6 +659,8 @@ def main(argv=None) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown stage(s) {bad}; choose from {STAGES}")
+    if a.parallel < 1:
+        ap.error(f"--parallel {a.parallel}: must be a positive integer")
     try:  # option strings checked here, not hours later in the stage that reads them
         for entry in [*(x for x in a.criteria.split(",") if x), a.distill_from]:
             _prune_entry(entry)

@@ -1,0 +1,127 @@
+"""``python -m prune --criterion taylor`` (CPU): the loss-aware score and its wiring.
+
+The reference for the score is independent of autograd: central finite differences of each window's next-token
+loss when one channel of one layer's MLP intermediate is scaled by ``1 +- eps`` (float64 model, plain forwards
+with a bare hook). The pruned checkpoints are checked like tests/test_prune.py checks the other criteria: the
+kept channels (recovered by matching weight rows) are the top scores, on Gemma-4 text, multimodal and
+double-wide checkpoints and on Llama."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.factory import save_random_checkpoint
+from pack.checkpoint import read_lineage
+from prune.calib import default_calib_path, load_calibration
+from prune.config import PruneConfig
+from prune.run import load_model, prune_checkpoint
+from prune.taylor import taylor_stats
+
+torch.set_num_threads(1)
+SAMPLES, SEQ = 8, 128
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from bench.tokenizer import get_tokenizer
+
+    return get_tokenizer("micro")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("taylor")
+    out = {
+        "text": save_random_checkpoint("micro", d / "text", tokenizer=tok, seed=11),
+        "mm": save_random_checkpoint("micro", d / "mm", multimodal=True, tokenizer=tok, seed=12),
+        "wide": save_random_checkpoint("micro", d / "wide", tokenizer=tok, seed=13, use_double_wide_mlp=True),
+    }
+    torch.manual_seed(14)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=640, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=2048,
+                                         max_position_embeddings=512)).to(torch.bfloat16)
+    llama.save_pretrained(d / "llama")
+    tok.save_pretrained(d / "llama")
+    out["llama"] = d / "llama"
+    return out
+
+
+def _mlps(model):
+    return [layer.mlp for layer in model.get_decoder().layers]
+
+
+def _window_losses_fd(model, ids, layer, channel, scale) -> torch.Tensor:
+    """float64 [B]: each window's mean next-token CE with channel ``channel`` of layer ``layer`` scaled."""
+    def hook(module, args):
+        a = args[0].clone()
+        a[..., channel] *= scale
+        return (a,)
+    h = _mlps(model)[layer].down_proj.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+    finally:
+        h.remove()
+    return torch.stack([F.cross_entropy(logits[w, :-1], ids[w, 1:]) for w in range(ids.shape[0])])
+
+
+def test_scores_equal_finite_differences(ckpts, monkeypatch):
+    # Gemma-4's RMSNorm computes in fp32 even in an fp64 model, which would bury the finite differences in
+    # rounding noise; here it runs in the model's dtype (the same model for both sides of the comparison)
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+
+    def norm_in_dtype(self, x):
+        out = self._norm(x)
+        return out * self.weight if self.with_scale else out
+    monkeypatch.setattr(Gemma4RMSNorm, "forward", norm_in_dtype)
+    model = load_model(ckpts["text"]).double()
+    ids = torch.randint(4, 2048, (3, 48), generator=torch.Generator().manual_seed(0))
+    stats = taylor_stats(model, ids, batch_size=2)  # two batches: 2 + 1 windows
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert len(stats) == len(_mlps(model)) and all(st.tokens == 3 for st in stats)
+    eps = 1e-4  # central differences: agree to ~1e-6 relative here for eps from 1e-2 to 1e-5
+    for layer in (0, len(stats) - 1):
+        for channel in (0, 7, 300, 639):
+            d = (_window_losses_fd(model, ids, layer, channel, 1 + eps)
+                 - _window_losses_fd(model, ids, layer, channel, 1 - eps)) / (2 * eps)  # dL_w/dm_wj
+            st = stats[layer]
+            assert st.l2()[channel].item() == pytest.approx(d.square().sum().sqrt().item(), rel=1e-5, abs=1e-12)
+            assert st.mean_abs()[channel].item() == pytest.approx(d.abs().mean().item(), rel=1e-5, abs=1e-12)
+    # the score is not the activation size in disguise: the two rankings differ
+    from prune.stack import collect_mlp_stats
+
+    act = collect_mlp_stats(model, ids, batch_size=3)[0].l2()
+    assert not torch.equal(act.topk(512).indices.sort().values, stats[0].l2().topk(512).indices.sort().values)
+
+
+def _kept_rows(orig_mlp, pruned_mlp) -> list[int]:
+    where = {r.tobytes(): i for i, r in enumerate(orig_mlp.gate_proj.weight.detach().float().numpy())}
+    return [where[r.tobytes()] for r in pruned_mlp.gate_proj.weight.detach().float().numpy()]
+
+
+@pytest.mark.parametrize("kind", ["text", "mm", "wide", "llama"])
+def test_pruned_checkpoint_keeps_the_top_taylor_scores(ckpts, tok, tmp_path, kind):
+    out = tmp_path / kind
+    res = prune_checkpoint(ckpts[kind], out, PruneConfig(criterion="taylor", samples=SAMPLES, seq_len=SEQ,
+                                                        batch_size=4), progress=False)
+    assert "criterion taylor (l2 over windows)" in res.summary()
+    cal = load_calibration(default_calib_path("calib"), tok, SAMPLES, SEQ)
+    orig = load_model(ckpts[kind])
+    ref = taylor_stats(orig, cal.input_ids, batch_size=8)  # other batching than the run's
+    pruned = load_model(out)
+    for mo, mp, st in zip(_mlps(orig), _mlps(pruned), ref):
+        keep = mp.down_proj.in_features
+        assert keep == (1024 if mo.down_proj.in_features == 1280 else 512)
+        assert set(_kept_rows(mo, mp)) == set(st.l2().topk(keep).indices.tolist())
+    step = read_lineage(out)[-1]
+    assert step["method"] == "mlp_width/taylor" and step["params"]["aggregation"] == "l2"
+    assert step["calibration"][0]["num_samples"] == SAMPLES
+
+
+def test_taylor_with_refit_runs_both_passes(ckpts, tmp_path):
+    res = prune_checkpoint(ckpts["text"], tmp_path / "o", PruneConfig(criterion="taylor", samples=SAMPLES,
+                                                                     seq_len=SEQ, refit=True), progress=False)
+    assert len(res.refit_errors) == res.layers and all(e1 < e0 for e0, e1 in res.refit_errors)
