@@ -17,7 +17,8 @@ distill    ``python -m distill --teacher WORK/base --student WORK/pruned-A -o WO
            sized by the budget with its own batch); ``--distill1-select 2,all``: one more variant per pool
            multiple, trained on the highest teacher-student KL windows (``python -m distill.select``) of a
            pool of M x its tokens; ``--token-budget-pct P``: phase 1's steps chosen so both
-           phases use P % of the teacher's training tokens; ``--phase1-only``: no phase 2
+           phases use P % of the teacher's training tokens; ``--phase1-only``: no phase 2; ``--parallel N``: up
+           to N phase-1 runs at once (the small pair leaves the GPU mostly idle), evaluated afterwards
 final      ``python -m pack.quantize`` of the last distilled (else pruned) checkpoint; eval
 scratch    (only when named) the pruned width trained from scratch with ``--train-args``
            (``bench.train --mlp-width W`` into WORK/scratch-mlpW); eval — the control for the distill goal
