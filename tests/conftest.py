@@ -6,7 +6,8 @@ import importlib.util
 import pytest
 import torch
 
-pytest_plugins = ["tests.bench_fixtures"]  # session fixture `trained_micro` (bench evaluation bed)
+# session fixtures: `trained_micro` (bench evaluation bed); `micro_tok`, `prune_ckpts` (prune tests)
+pytest_plugins = ["tests.bench_fixtures", "tests.prune_fixtures"]
 
 
 def pytest_collection_modifyitems(config, items):

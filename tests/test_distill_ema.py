@@ -9,19 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.factory import build_model
 from distill.config import DistillConfig
 from distill.parallel import DistEnv
 from distill.train import Distiller
+from tests.distill_fixtures import micro_pair, resume_midway
 
 torch.set_num_threads(1)
 ENV = DistEnv(0, 1, 0, torch.device("cpu"))
-
-
-def _pair():
-    teacher = build_model("micro", seed=0, dtype=torch.bfloat16)
-    student = build_model("micro", seed=1, dtype=torch.float32, intermediate_size=256)
-    return teacher, student
 
 
 def _cfg(**kw):
@@ -37,7 +31,7 @@ def _ids(seed):
 @pytest.mark.parametrize("precision", ["fp32", "bf16-master"])
 def test_ema_is_the_moving_average_of_the_stepped_weights(precision):
     cfg = _cfg(precision=precision)
-    dz = Distiller(cfg, ENV, *_pair())
+    dz = Distiller(cfg, ENV, *micro_pair())
     ref = [p.detach().double().clone() for p in dz.opt_params]  # starts from the student
     for s in range(cfg.steps):
         dz.step(s, _ids(s))
@@ -53,7 +47,7 @@ def test_ema_is_the_moving_average_of_the_stepped_weights(precision):
 
 
 def test_no_ema_writes_the_last_weights():
-    dz = Distiller(_cfg(ema_decay=0.0), ENV, *_pair())
+    dz = Distiller(_cfg(ema_decay=0.0), ENV, *micro_pair())
     assert dz.ema is None
     dz.step(0, _ids(0))
     before = [p.detach().clone() for p in dz.params]
@@ -65,19 +59,11 @@ def test_no_ema_writes_the_last_weights():
 def test_checkpoint_restores_the_average(tmp_path, precision):
     """Save after 2 of 4 steps, load into a fresh Distiller, finish: the same average bit for bit."""
     cfg = _cfg(steps=4, precision=precision)
-    ref = Distiller(cfg, ENV, *_pair())
-    for s in range(4):
-        ref.step(s, _ids(s))
-    a = Distiller(cfg, ENV, *_pair())
-    for s in range(2):
-        a.step(s, _ids(s))
-    ck = a.save_state(tmp_path / "ck", 2, {"config": cfg.result_dict(), "history": []})
+    ref, a, b, ck = resume_midway(cfg, ENV, micro_pair, _ids, tmp_path / "ck", at=2)
     from torch.distributed.checkpoint import FileSystemReader
 
     md = FileSystemReader(str(ck)).read_metadata().state_dict_metadata
     assert sum(k.startswith("ema.") for k in md) == len(a.opt_params)
-    b = Distiller(cfg, ENV, *_pair())
-    b.load_state(ck)
     assert all(torch.equal(x, y) for x, y in zip(a.ema.values(), b.ema.values()))
     for s in range(2, 4):
         b.step(s, _ids(s))

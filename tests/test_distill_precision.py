@@ -10,20 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.factory import build_model
 from distill.config import DistillConfig
 from distill.parallel import DistEnv
 from distill.train import BF16_MASTER_DIST_ERROR, Distiller, lr_at, student_dtype
+from tests.distill_fixtures import micro_pair, resume_midway
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
-
-
-def _pair():
-    teacher = build_model("micro", seed=0, dtype=torch.bfloat16)
-    # a "pruned" student built in fp32 (as the benches build it): the Distiller casts it to the bf16 layout
-    student = build_model("micro", seed=1, dtype=torch.float32, intermediate_size=256)
-    return teacher, student
 
 
 def _cfg(**kw):
@@ -37,7 +30,7 @@ def _ids(seed=0, b=2, s=32):
 
 
 def test_bf16_master_trains_in_bf16_with_fp32_masters():
-    teacher, student = _pair()
+    teacher, student = micro_pair()
     dz = Distiller(_cfg(), DistEnv(0, 1, 0, CPU), teacher, student)
     assert all(p.dtype == torch.bfloat16 for p in student.parameters())
     inv_freq = [b for n, b in student.named_buffers() if n.endswith("inv_freq")]
@@ -69,7 +62,7 @@ def test_bf16_master_trains_in_bf16_with_fp32_masters():
 def test_bf16_master_step_equals_adamw_on_fp32_copies(train_embeddings):
     """Three steps (clip active: micro-model gradient norms are >> 1) against torch.optim.AdamW stepping fp32
     copies of the initial bf16 weights with the bf16 gradients the model produced, then rounding: bit-equal."""
-    teacher, student = _pair()
+    teacher, student = micro_pair()
     # non-default betas / eps (--adam-betas, --adam-eps): the reference gets them only from the config
     cfg = _cfg(lr=3e-3, steps=3, train_embeddings=train_embeddings, adam_betas=(0.8, 0.99), adam_eps=1e-4)
     dz = Distiller(cfg, DistEnv(0, 1, 0, CPU), teacher, student)
@@ -105,16 +98,8 @@ def test_bf16_master_step_equals_adamw_on_fp32_copies(train_embeddings):
 
 def test_bf16_master_checkpoint_restores_masters_and_adam(tmp_path):
     """Save after 2 of 4 steps, load into a fresh Distiller, finish: the same bits as 4 uninterrupted steps."""
-    env = DistEnv(0, 1, 0, CPU)
     cfg = _cfg(steps=4, lr=3e-3)
-    ref = Distiller(cfg, env, *_pair())
-    for s in range(4):
-        ref.step(s, _ids(s))
-
-    a = Distiller(cfg, env, *_pair())
-    for s in range(2):
-        a.step(s, _ids(s))
-    ck = a.save_state(tmp_path / "ck", 2, {"config": cfg.result_dict(), "history": []})
+    ref, a, b, ck = resume_midway(cfg, DistEnv(0, 1, 0, CPU), micro_pair, _ids, tmp_path / "ck", at=2)
     from torch.distributed.checkpoint import FileSystemReader
 
     md = FileSystemReader(str(ck)).read_metadata().state_dict_metadata
@@ -123,8 +108,6 @@ def test_bf16_master_checkpoint_restores_masters_and_adam(tmp_path):
     assert all(v.properties.dtype == torch.float32 for v in masters.values())  # fp32 masters, not bf16 weights
     assert any(k.startswith("optim.state.") and k.endswith("exp_avg_sq") for k in md)
 
-    b = Distiller(cfg, env, *_pair())
-    assert b.load_state(ck)["step"] == 2
     for ma, mb, pb in zip(a.opt_params, b.opt_params, b.params):
         assert torch.equal(ma, mb) and torch.equal(pb, mb.to(torch.bfloat16))
     for s in range(2, 4):
@@ -136,7 +119,7 @@ def test_bf16_master_checkpoint_restores_masters_and_adam(tmp_path):
 
 
 def test_bf16_master_refused_under_torchrun_and_config():
-    teacher, student = _pair()
+    teacher, student = micro_pair()
     with pytest.raises(ValueError, match="bf16-master runs in one process only; under torchrun use bf16-mixed"):
         Distiller(_cfg(), DistEnv(0, 2, 0, CPU), teacher, student)
     assert "\n" not in BF16_MASTER_DIST_ERROR

@@ -27,34 +27,6 @@ from prune.stack import ChannelStats, collect_mlp_stats
 SAMPLES, SEQ = 8, 128  # calibration size of these tests: 1024 tokens, > the micro sliding window (64)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from bench.tokenizer import get_tokenizer
-
-    return get_tokenizer("micro")
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, tok):
-    """Random micro checkpoints: text-only, multimodal, text-only with double-wide KV-shared MLPs, Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("base")
-    out = {
-        "text": save_random_checkpoint("micro", d / "text", tokenizer=tok, seed=1),
-        "mm": save_random_checkpoint("micro", d / "mm", multimodal=True, tokenizer=tok, seed=2),
-        "wide": save_random_checkpoint("micro", d / "wide", tokenizer=tok, seed=3, use_double_wide_mlp=True),
-    }
-    torch.manual_seed(4)
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=640, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=2048,
-                                         max_position_embeddings=512)).to(torch.bfloat16)
-    llama.save_pretrained(d / "llama")
-    tok.save_pretrained(d / "llama")
-    out["llama"] = d / "llama"
-    return out
-
-
 def _prune(src, dst, **kw):
     kw.setdefault("samples", SAMPLES)
     kw.setdefault("seq_len", SEQ)
@@ -62,7 +34,7 @@ def _prune(src, dst, **kw):
 
 
 @pytest.fixture(scope="module")
-def pruned(ckpts, tmp_path_factory):
+def pruned(prune_ckpts, tmp_path_factory):
     """``pruned(kind, criterion, aggregation="l2") -> (out_dir, PruneResult)``, each pruned once per module."""
     done = {}
 
@@ -70,7 +42,7 @@ def pruned(ckpts, tmp_path_factory):
         key = (kind, criterion, aggregation)
         if key not in done:
             out = tmp_path_factory.mktemp("pruned") / "-".join(key)
-            done[key] = out, _prune(ckpts[kind], out, criterion=criterion, aggregation=aggregation)
+            done[key] = out, _prune(prune_ckpts[kind], out, criterion=criterion, aggregation=aggregation)
         return done[key]
 
     return get
@@ -174,19 +146,19 @@ def test_kept_width_rejects_what_cannot_be_rounded(width, ratio, msg):
 
 # -------------------------------------------------------------------------------------------- calibration
 
-def test_calibration_windows_match_bench_corpus(tok):
+def test_calibration_windows_match_bench_corpus(micro_tok):
     from bench.corpus import packed_sequences, split_path
 
-    cal = load_calibration(split_path("calib"), tok, SAMPLES, SEQ)
-    assert torch.equal(cal.input_ids, packed_sequences("calib", tok, SEQ)[:SAMPLES])
+    cal = load_calibration(split_path("calib"), micro_tok, SAMPLES, SEQ)
+    assert torch.equal(cal.input_ids, packed_sequences("calib", micro_tok, SEQ)[:SAMPLES])
     assert cal.sha256 == hashlib.sha256(cal.input_ids.to(torch.int32).numpy().tobytes()).hexdigest()
 
 
 @pytest.mark.parametrize("kind", ["text", "mm", "wide", "llama"])
-def test_layer_by_layer_stats_equal_full_forward(ckpts, kind):
+def test_layer_by_layer_stats_equal_full_forward(prune_ckpts, kind):
     """The layer-by-layer runner (PLE slices, per-type rotary/masks, KV-shared states) computes exactly what
     the model's own forward computes: bit-identical statistics (same ops, same shapes)."""
-    model = load_model(ckpts[kind])
+    model = load_model(prune_ckpts[kind])
     ids = _ids(6, 96, seed=5)  # 96 > sliding window 64: the sliding mask matters
     got = collect_mlp_stats(model, ids, batch_size=4)
     ref = _full_forward_stats(model, ids)
@@ -199,19 +171,19 @@ def test_layer_by_layer_stats_equal_full_forward(ckpts, kind):
 # -------------------------------------------------------------------------------------------- exactness
 
 @pytest.mark.parametrize("kind", ["text", "mm"])
-def test_ratio_zero_is_the_identity(ckpts, tmp_path, kind):
-    res = _prune(ckpts[kind], tmp_path / "out", ratio=0.0)
+def test_ratio_zero_is_the_identity(prune_ckpts, tmp_path, kind):
+    res = _prune(prune_ckpts[kind], tmp_path / "out", ratio=0.0)
     assert res.width_after == res.width_before == 640 and res.calibration is None
-    a, b = _tensors(ckpts[kind]), _tensors(tmp_path / "out")
+    a, b = _tensors(prune_ckpts[kind]), _tensors(tmp_path / "out")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     ids = _ids()
-    assert torch.equal(_logits(load_model(ckpts[kind]), ids), _logits(load_model(tmp_path / "out"), ids))
+    assert torch.equal(_logits(load_model(prune_ckpts[kind]), ids), _logits(load_model(tmp_path / "out"), ids))
 
 
 @pytest.mark.parametrize("kind,criterion", [("text", "activation"), ("mm", "wanda"), ("wide", "magnitude"),
                                             ("llama", "activation")])
-def test_pruning_equals_zeroing_the_dropped_channels(ckpts, pruned, kind, criterion):
+def test_pruning_equals_zeroing_the_dropped_channels(prune_ckpts, pruned, kind, criterion):
     """Pruned model == unpruned model with the dropped channels zeroed (down_proj columns in one copy,
     gate_proj/up_proj rows in another).
 
@@ -220,8 +192,8 @@ def test_pruning_equals_zeroing_the_dropped_channels(ckpts, pruned, kind, criter
     bf16 execution: every bf16 matmul output is rounded, so the two differ by bf16 rounding noise; asserted
     below the noise floor of bf16 execution itself (max |bf16 - fp32 logits| of the pruned model)."""
     model = load_model(pruned(kind, criterion)[0]).float()
-    orig = load_model(ckpts[kind])
-    zero_down, zero_gate_up = load_model(ckpts[kind]).float(), load_model(ckpts[kind]).float()
+    orig = load_model(prune_ckpts[kind])
+    zero_down, zero_gate_up = load_model(prune_ckpts[kind]).float(), load_model(prune_ckpts[kind]).float()
     for mo, mp, md, mg in zip(_mlps(orig), _mlps(model), _mlps(zero_down), _mlps(zero_gate_up)):
         kept = _kept_rows(mo, mp)
         assert len(kept) == mo.down_proj.in_features * 4 // 5 and kept == sorted(kept)
@@ -242,18 +214,18 @@ def test_pruning_equals_zeroing_the_dropped_channels(ckpts, pruned, kind, criter
 # ----------------------------------------------------------------------------------------------- criteria
 
 @pytest.fixture(scope="module")
-def ref_stats(ckpts, tok):
+def ref_stats(prune_ckpts, micro_tok):
     """Full-forward statistics of the text checkpoint over the default calibration windows."""
     from bench.corpus import packed_sequences
 
-    return _full_forward_stats(load_model(ckpts["text"]), packed_sequences("calib", tok, SEQ)[:SAMPLES], batch=8)
+    return _full_forward_stats(load_model(prune_ckpts["text"]), packed_sequences("calib", micro_tok, SEQ)[:SAMPLES], batch=8)
 
 
 @pytest.mark.parametrize("criterion,aggregation", [("activation", "l2"), ("activation", "mean"), ("wanda", "l2"),
                                                    ("magnitude", "l2")])
-def test_kept_channels_are_the_top_scores(ckpts, tok, pruned, criterion, aggregation, ref_stats):
+def test_kept_channels_are_the_top_scores(prune_ckpts, micro_tok, pruned, criterion, aggregation, ref_stats):
     """Each layer keeps the top-512 channels of an independently computed score (stats from the full forward)."""
-    orig, model = load_model(ckpts["text"]), load_model(pruned("text", criterion, aggregation)[0])
+    orig, model = load_model(prune_ckpts["text"]), load_model(pruned("text", criterion, aggregation)[0])
     for mo, mp, st in zip(_mlps(orig), _mlps(model), ref_stats):
         act = st.sum_sq.sqrt() if aggregation == "l2" else st.sum_abs / st.tokens
         wg, wu, wd = (m.weight.double() for m in (mo.gate_proj, mo.up_proj, mo.down_proj))
@@ -262,17 +234,17 @@ def test_kept_channels_are_the_top_scores(ckpts, tok, pruned, criterion, aggrega
         assert set(_kept_rows(mo, mp)) == set(score.topk(512).indices.tolist())
 
 
-def test_random_criterion_follows_the_seed(ckpts, tmp_path):
+def test_random_criterion_follows_the_seed(prune_ckpts, tmp_path):
     kept = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        _prune(ckpts["text"], tmp_path / name, criterion="random", seed=seed)
-        kept[name] = _kept_rows(_mlps(load_model(ckpts["text"]))[0], _mlps(load_model(tmp_path / name))[0])
+        _prune(prune_ckpts["text"], tmp_path / name, criterion="random", seed=seed)
+        kept[name] = _kept_rows(_mlps(load_model(prune_ckpts["text"]))[0], _mlps(load_model(tmp_path / name))[0])
     assert kept["a"] == kept["b"] != kept["c"]
 
 
 # ------------------------------------------------------------------------------------------ output/loaders
 
-def test_multimodal_output_loads_and_only_language_mlps_change(ckpts, pruned):
+def test_multimodal_output_loads_and_only_language_mlps_change(prune_ckpts, pruned):
     from transformers import AutoConfig, Gemma4ForConditionalGeneration
 
     out, res = pruned("mm", "wanda")
@@ -280,10 +252,10 @@ def test_multimodal_output_loads_and_only_language_mlps_change(ckpts, pruned):
     model, info = Gemma4ForConditionalGeneration.from_pretrained(out, dtype=torch.bfloat16,
                                                                  output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]
-    cfg, base_cfg = AutoConfig.from_pretrained(out), AutoConfig.from_pretrained(ckpts["mm"])
+    cfg, base_cfg = AutoConfig.from_pretrained(out), AutoConfig.from_pretrained(prune_ckpts["mm"])
     assert cfg.text_config.intermediate_size == 512
     assert cfg.vision_config.intermediate_size == base_cfg.vision_config.intermediate_size
-    a, b = _tensors(ckpts["mm"]), _tensors(out)
+    a, b = _tensors(prune_ckpts["mm"]), _tensors(out)
     assert a.keys() == b.keys()
     changed = {k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])}
     mlp = {f"model.language_model.layers.{i}.mlp.{p}.weight" for i in range(6) for p in ("gate_proj", "up_proj",
@@ -306,12 +278,12 @@ def test_double_wide_layers_keep_twice_the_width(pruned):
     assert [m.down_proj.in_features for m in _mlps(model)] == [512] * 4 + [1024] * 2
 
 
-def test_lineage_records_the_prune_step(ckpts, pruned):
+def test_lineage_records_the_prune_step(prune_ckpts, pruned):
     out, res = pruned("text", "wanda")
     steps = read_lineage(out)
     assert [s["kind"] for s in steps] == ["base", "prune"] and steps[1]["from"] == "base"
     step = steps[1]
-    assert step["input_files_sha256"] == {"model.safetensors": sha256_file(ckpts["text"] / "model.safetensors")}
+    assert step["input_files_sha256"] == {"model.safetensors": sha256_file(prune_ckpts["text"] / "model.safetensors")}
     assert step["params"] == {"ratio": 0.2, "criterion": "wanda", "aggregation": "l2", "intermediate_size": 640,
                               "kept_intermediate_size": 512, "round_multiple": 128, "seed": 0}
     (cal,) = step["calibration"]
@@ -325,49 +297,49 @@ def test_lineage_records_the_prune_step(ckpts, pruned):
         assert part in summary
 
 
-def test_same_input_gives_byte_identical_output(ckpts, pruned, tmp_path):
+def test_same_input_gives_byte_identical_output(prune_ckpts, pruned, tmp_path):
     first, _ = pruned("text", "activation")
-    _prune(ckpts["text"], tmp_path / "again", criterion="activation")
+    _prune(prune_ckpts["text"], tmp_path / "again", criterion="activation")
     for f in ("model.safetensors", "config.json", "pdqkit_lineage.json"):
         assert (first / f).read_bytes() == (tmp_path / "again" / f).read_bytes()
 
 
-def test_calibration_from_a_plain_text_file(ckpts, tmp_path):
+def test_calibration_from_a_plain_text_file(prune_ckpts, tmp_path):
     from bench.corpus import load_texts
 
     f = tmp_path / "calib.txt"
     f.write_text("\n\n".join(load_texts("calib")[:20]))
-    res = _prune(ckpts["llama"], tmp_path / "out", calib=str(f), samples=4)
+    res = _prune(prune_ckpts["llama"], tmp_path / "out", calib=str(f), samples=4)
     assert res.calibration.documents == 1 and res.calibration.samples == 4
     assert read_lineage(tmp_path / "out")[-1]["calibration"][0]["dataset"] == str(f)
 
 
-def test_calibration_on_the_bench_train_split(ckpts, tok, tmp_path):
+def test_calibration_on_the_bench_train_split(prune_ckpts, micro_tok, tmp_path):
     """``--calib bench:train`` calibrates on the bed's train split (the windows bench.train packs) and the lineage
     names that split by content, not by its cache path."""
     from bench.corpus import packed_sequences
 
-    res = _prune(ckpts["text"], tmp_path / "out", calib="bench:train")
-    assert torch.equal(res.calibration.input_ids, packed_sequences("train", tok, SEQ)[:SAMPLES])
+    res = _prune(prune_ckpts["text"], tmp_path / "out", calib="bench:train")
+    assert torch.equal(res.calibration.input_ids, packed_sequences("train", micro_tok, SEQ)[:SAMPLES])
     (cal,) = read_lineage(tmp_path / "out")[-1]["calibration"]
     assert (cal["dataset"], cal["split"], cal["sha256"]) == ("bench.corpus", "train", res.calibration.sha256)
-    default = _prune(ckpts["text"], tmp_path / "default")
+    default = _prune(prune_ckpts["text"], tmp_path / "default")
     assert not torch.equal(default.calibration.input_ids, res.calibration.input_ids)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
 
 @pytest.fixture(scope="module")
-def bad_ckpts(tmp_path_factory, tok):
+def bad_ckpts(tmp_path_factory, micro_tok):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     d = tmp_path_factory.mktemp("bad")
     GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=2048, n_positions=128)).save_pretrained(
         d / "gpt2")
-    save_random_checkpoint("micro", d / "narrow", tokenizer=tok, intermediate_size=96)
+    save_random_checkpoint("micro", d / "narrow", tokenizer=micro_tok, intermediate_size=96)
     save_random_checkpoint("micro", d / "notok")
     (d / "empty.jsonl").write_text(json.dumps({"text": "short"}) + "\n")
-    save_random_checkpoint("micro", d / "bf16", tokenizer=tok)
+    save_random_checkpoint("micro", d / "bf16", tokenizer=micro_tok)
     from pack.quantize import main as quantize_main
 
     assert quantize_main([str(d / "bf16"), "-o", str(d / "quantized"), "--no-progress"]) == 0
@@ -386,12 +358,12 @@ def bad_ckpts(tmp_path_factory, tok):
     ("calib on valid", ["--calib", "bench:valid"], "--calib bench:valid: choose bench:calib or bench:train"),
     ("quantized", ["--ckpt=quantized"], "a quantized checkpoint (config.json has quantization_config); prune the bf16"),
     ("no tokenizer", ["--ckpt=notok"], "no usable tokenizer"),
-    ("bad criterion", ["--criterion", "taylor"], "invalid choice: 'taylor'"),
+    ("bad criterion", ["--criterion", "fisher"], "invalid choice: 'fisher'"),
     ("out exists", ["--out-exists"], "output directory exists; pass --force"),
     *([("no CUDA", ["--device", "cuda"], "CUDA")] if not torch.cuda.is_available() else []),
 ])
-def test_bad_input_one_line_error_nothing_written(ckpts, bad_ckpts, tmp_path, capsys, case, args, msg):
-    src, out = ckpts["text"], tmp_path / "out"
+def test_bad_input_one_line_error_nothing_written(prune_ckpts, bad_ckpts, tmp_path, capsys, case, args, msg):
+    src, out = prune_ckpts["text"], tmp_path / "out"
     argv = []
     for a in args:
         if a.startswith("--ckpt="):
@@ -417,7 +389,7 @@ def test_bad_input_one_line_error_nothing_written(ckpts, bad_ckpts, tmp_path, ca
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if case == "out exists" else [])  # no temp dirs
 
 
-def test_disk_full_while_writing_is_one_line_and_leaves_nothing(ckpts, tmp_path, capsys, monkeypatch):
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(prune_ckpts, tmp_path, capsys, monkeypatch):
     """safetensors reports a failed write (disk full, seen pruning an E4B-sized model) as its own SafetensorError,
     not an OSError: the CLI must still print one line and leave no partial output or temp dir behind."""
     import transformers.modeling_utils as mu
@@ -428,19 +400,19 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(ckpts, tmp_path,
 
     monkeypatch.setattr(mu, "safe_save_file", full)
     out = tmp_path / "out"
-    rc = main([str(ckpts["text"]), "-o", str(out), "--criterion", "magnitude", "--no-progress"])
+    rc = main([str(prune_ckpts["text"]), "-o", str(out), "--criterion", "magnitude", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and "No space left on device" in err, err
     assert err.startswith(f"prune: error: {out}: writing the checkpoint failed")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_end_to_end(ckpts, tmp_path):
+def test_cli_end_to_end(prune_ckpts, tmp_path):
     import subprocess
     import sys
 
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "prune", str(ckpts["mm"]), "-o", str(out), "--criterion", "wanda",
+    r = subprocess.run([sys.executable, "-m", "prune", str(prune_ckpts["mm"]), "-o", str(out), "--criterion", "wanda",
                         "--samples", "4", "--seq-len", "64"], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr

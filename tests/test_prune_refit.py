@@ -15,21 +15,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.corpus import packed_sequences
-from bench.factory import save_random_checkpoint
 from bench.tokenizer import get_tokenizer
 from pack.checkpoint import read_lineage, sha256_file
 from prune.__main__ import main
 from prune.config import PruneConfig
 from prune.run import load_model
-from tests.test_prune import SAMPLES, SEQ, _logits, _mlps, _prune, tok  # noqa: F401  (tok: module fixture)
+from tests.test_prune import SAMPLES, SEQ, _logits, _mlps, _prune
 
 DUP = 128  # channels of the "twins" checkpoint that are scaled copies of others (test_refit_recovers_...)
 
 
 @pytest.fixture(scope="module")
-def calib_ids(tok):
+def calib_ids(micro_tok):
     """The calibration windows prune reads by default (test_prune.py checks the equality)."""
-    return packed_sequences("calib", tok, SEQ)[:SAMPLES]
+    return packed_sequences("calib", micro_tok, SEQ)[:SAMPLES]
 
 
 def _twin_checkpoint(src: Path, dst: Path) -> Path:
@@ -52,14 +51,10 @@ def _twin_checkpoint(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, tok):
-    d = tmp_path_factory.mktemp("base")
-    text = save_random_checkpoint("micro", d / "text", tokenizer=tok, seed=1)
-    return {
-        "text": text,
-        "wide": save_random_checkpoint("micro", d / "wide", tokenizer=tok, seed=3, use_double_wide_mlp=True),
-        "twins": _twin_checkpoint(text, d / "twins"),
-    }
+def ckpts(tmp_path_factory, prune_ckpts):
+    """The shared text and double-wide checkpoints (tests/prune_fixtures.py) and text's twin-channel copy."""
+    twins = _twin_checkpoint(prune_ckpts["text"], tmp_path_factory.mktemp("base") / "twins")
+    return {"text": prune_ckpts["text"], "wide": prune_ckpts["wide"], "twins": twins}
 
 
 @pytest.fixture(scope="module")

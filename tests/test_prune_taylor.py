@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.factory import save_random_checkpoint
 from pack.checkpoint import read_lineage
 from prune.calib import default_calib_path, load_calibration
 from prune.config import PruneConfig
@@ -20,33 +19,6 @@ from prune.taylor import taylor_stats
 
 torch.set_num_threads(1)
 SAMPLES, SEQ = 8, 128
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from bench.tokenizer import get_tokenizer
-
-    return get_tokenizer("micro")
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("taylor")
-    out = {
-        "text": save_random_checkpoint("micro", d / "text", tokenizer=tok, seed=11),
-        "mm": save_random_checkpoint("micro", d / "mm", multimodal=True, tokenizer=tok, seed=12),
-        "wide": save_random_checkpoint("micro", d / "wide", tokenizer=tok, seed=13, use_double_wide_mlp=True),
-    }
-    torch.manual_seed(14)
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=640, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=2048,
-                                         max_position_embeddings=512)).to(torch.bfloat16)
-    llama.save_pretrained(d / "llama")
-    tok.save_pretrained(d / "llama")
-    out["llama"] = d / "llama"
-    return out
 
 
 def _mlps(model):
@@ -68,7 +40,7 @@ def _window_losses_fd(model, ids, layer, channel, scale) -> torch.Tensor:
     return torch.stack([F.cross_entropy(logits[w, :-1], ids[w, 1:]) for w in range(ids.shape[0])])
 
 
-def test_scores_equal_finite_differences(ckpts, monkeypatch):
+def test_scores_equal_finite_differences(prune_ckpts, monkeypatch):
     # Gemma-4's RMSNorm computes in fp32 even in an fp64 model, which would bury the finite differences in
     # rounding noise; here it runs in the model's dtype (the same model for both sides of the comparison)
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
@@ -77,7 +49,7 @@ def test_scores_equal_finite_differences(ckpts, monkeypatch):
         out = self._norm(x)
         return out * self.weight if self.with_scale else out
     monkeypatch.setattr(Gemma4RMSNorm, "forward", norm_in_dtype)
-    model = load_model(ckpts["text"]).double()
+    model = load_model(prune_ckpts["text"]).double()
     ids = torch.randint(4, 2048, (3, 48), generator=torch.Generator().manual_seed(0))
     stats = taylor_stats(model, ids, batch_size=2)  # two batches: 2 + 1 windows
     assert all(p.requires_grad for p in model.parameters())  # flags restored
@@ -103,13 +75,13 @@ def _kept_rows(orig_mlp, pruned_mlp) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", ["text", "mm", "wide", "llama"])
-def test_pruned_checkpoint_keeps_the_top_taylor_scores(ckpts, tok, tmp_path, kind):
+def test_pruned_checkpoint_keeps_the_top_taylor_scores(prune_ckpts, micro_tok, tmp_path, kind):
     out = tmp_path / kind
-    res = prune_checkpoint(ckpts[kind], out, PruneConfig(criterion="taylor", samples=SAMPLES, seq_len=SEQ,
+    res = prune_checkpoint(prune_ckpts[kind], out, PruneConfig(criterion="taylor", samples=SAMPLES, seq_len=SEQ,
                                                         batch_size=4), progress=False)
     assert "criterion taylor (l2 over windows)" in res.summary()
-    cal = load_calibration(default_calib_path("calib"), tok, SAMPLES, SEQ)
-    orig = load_model(ckpts[kind])
+    cal = load_calibration(default_calib_path("calib"), micro_tok, SAMPLES, SEQ)
+    orig = load_model(prune_ckpts[kind])
     ref = taylor_stats(orig, cal.input_ids, batch_size=8)  # other batching than the run's
     pruned = load_model(out)
     for mo, mp, st in zip(_mlps(orig), _mlps(pruned), ref):
@@ -121,7 +93,7 @@ def test_pruned_checkpoint_keeps_the_top_taylor_scores(ckpts, tok, tmp_path, kin
     assert step["calibration"][0]["num_samples"] == SAMPLES
 
 
-def test_taylor_with_refit_runs_both_passes(ckpts, tmp_path):
-    res = prune_checkpoint(ckpts["text"], tmp_path / "o", PruneConfig(criterion="taylor", samples=SAMPLES,
+def test_taylor_with_refit_runs_both_passes(prune_ckpts, tmp_path):
+    res = prune_checkpoint(prune_ckpts["text"], tmp_path / "o", PruneConfig(criterion="taylor", samples=SAMPLES,
                                                                      seq_len=SEQ, refit=True), progress=False)
     assert len(res.refit_errors) == res.layers and all(e1 < e0 for e0, e1 in res.refit_errors)
