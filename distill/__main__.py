@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global grad-norm clip, 0 = off (default %(default)s)")
     g.add_argument("--ema-decay", type=float, default=dflt("ema_decay"),
                    help="write an exponential moving average of the weights instead of the last ones: after every "
-                        "step ema = D * ema + (1 - D) * weights, starting from the student; about 1 / (1 - D) steps "
-                        "are averaged (0 = off, the default)")
+                        "step ema = D * ema + (1 - D) * weights, starting from the student, whose weights keep a "
+                        "share of D^steps (about 1 / (1 - D) steps are averaged once steps >> that; 0 = off, the "
+                        "default; 4 more bytes per trained weight)")
     g.add_argument("--seed", type=int, default=dflt("seed"), help="data order and sampling seed (default 0)")
     g.add_argument("--train-embeddings", action="store_true",
                    help="also train the token / per-layer embedding tables (tied lm_head); default frozen")

@@ -411,6 +411,9 @@ def _run(cfg: DistillConfig, env) -> dict:
               f"{env.world} rank(s) on {env.device.type}, {cfg.precision}; data {data.source} ({data.tokens:,} "
               f"tokens); {cfg.steps} steps x {cfg.batch} x {cfg.seq_len} = {cfg.steps * tokens_per_step:,} tokens; "
               f"load {load_s:.1f}s")
+    if cfg.ema_decay:
+        log.print(f"ema: writing the moving average (decay {cfg.ema_decay}); the student's starting weights keep a "
+                  f"share of {cfg.ema_decay ** cfg.steps:.3g} of it after {cfg.steps} steps")
     if data.selection:
         sel = data.selection
         log.print(f"data: chosen by distill.select, {sel['kept_windows']:,} of {sel['pool_windows']:,} pooled windows "
@@ -456,6 +459,9 @@ def _run(cfg: DistillConfig, env) -> dict:
     generated = sum(h["on_policy"] for h in history) * cfg.batch * cfg.max_new_tokens
     summary = _summary(cfg, data, history, generated, dz.layers, dz.layer_w, env)
     dz.use_ema()  # --ema-decay: the average is what is written (the logged losses are the raw weights')
+    if cfg.ema_decay:
+        summary["ema"] = {"decay": cfg.ema_decay, "start_weight": cfg.ema_decay ** cfg.steps,
+                          "losses_of": "the raw weights; the written weights are their moving average"}
     _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary)
     log.record({"event": "summary", **summary})
     log.close()
@@ -484,7 +490,7 @@ def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:
         "phase": cfg.phase, "losses": losses, "steps": cfg.steps, "batch": cfg.batch, "seq_len": cfg.seq_len,
         "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio, "warmup_steps": cfg.warmup_steps,
         "weight_decay": cfg.weight_decay, "adam_betas": list(cfg.adam_betas), "adam_eps": cfg.adam_eps,
-        "grad_clip": cfg.grad_clip, **({"ema_decay": cfg.ema_decay} if cfg.ema_decay else {}), "seed": cfg.seed,
+        "grad_clip": cfg.grad_clip, "seed": cfg.seed,
         "precision": cfg.precision, "train_embeddings": cfg.train_embeddings,
         "trainable": cfg.trainable, "world_size": env.world,
         "tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,

@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "backward on --device once per calibration batch (prune/taylor.py); magnitude and random "
                          "need no data")
     ap.add_argument("--agg", dest="aggregation", choices=AGGREGATIONS, default=d.aggregation,
-                    help=f"reduction of a channel's activations over calibration tokens (default {d.aggregation})")
+                    help=f"reduction of a channel's activations over calibration tokens, or for taylor of its loss "
+                         f"changes over calibration windows: l2 = sqrt(sum x^2), mean = mean |x| (default "
+                         f"{d.aggregation})")
     ap.add_argument("--calib", metavar="FILE", default=None,
                     help="calibration text: .jsonl with a 'text' field per line, or a plain text file, or "
                          "bench:train for the bench corpus train split (what the bench teacher was trained on) "

@@ -104,9 +104,9 @@ def _load_tokenizer(ckpt: Path):
     try:
         return AutoTokenizer.from_pretrained(ckpt)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{ckpt}: no usable tokenizer ({type(e).__name__}); the activation/wanda criteria tokenize "
-                         f"the calibration text with the checkpoint's tokenizer, and so does --refit: add tokenizer "
-                         f"files, or use --criterion magnitude|random without --refit") from None
+        raise ValueError(f"{ckpt}: no usable tokenizer ({type(e).__name__}); the activation/wanda/taylor criteria "
+                         f"tokenize the calibration text with the checkpoint's tokenizer, and so does --refit: add "
+                         f"tokenizer files, or use --criterion magnitude|random without --refit") from None
 
 
 def _calibration_record(cal: CalibrationSet, cfg: PruneConfig) -> dict:
@@ -174,8 +174,7 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
     layer_pass = cal is not None and (cfg.refit or (cfg.scores_from_data and not taylor))
     total = batches * ((len(layers) + 1) * layer_pass + taylor)
     bar = tqdm(total=total, desc="prune: calibrating", unit="batch", disable=not progress or not total)
-    scores_stats = (taylor_stats(model, cal.input_ids, batch_size=cfg.batch_size, device=cfg.device, progress=bar)
-                    if taylor else None)
+    scores_stats = None
 
     def prune_layer(i, st):
         """Select layer ``i``'s channels (scores from ``st``, or the taylor pass), refit its down_proj
@@ -196,6 +195,9 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
         slice_mlp(mlp, keep, down)
 
     with bar:
+        if taylor:
+            scores_stats = taylor_stats(model, cal.input_ids, batch_size=cfg.batch_size, device=cfg.device,
+                                        progress=bar)
         if layer_pass:
             collect_mlp_stats(model, cal.input_ids, batch_size=cfg.batch_size, device=cfg.device, progress=bar,
                               gram=cfg.refit, on_layer=prune_layer)

@@ -73,6 +73,12 @@ def _max_weight_diff(a: Path, b: Path) -> float:
     return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
 
 
+def _differing(a: Path, b: Path) -> int:
+    """How many weight elements of two checkpoints differ."""
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return sum(int((ta[k] != tb[k]).sum()) for k in ta)
+
+
 def _one(*args):
     """The single-process reference, in this process (1 thread, like each rank)."""
     from distill.__main__ import main
@@ -112,6 +118,11 @@ def test_fsdp_phase2_matches_one_process_and_resumes(pair, tmp_path):
     for a, b in zip(one, two):
         assert b["gjsd"] == pytest.approx(a["gjsd"], rel=1e-4)
     assert _max_weight_diff(tmp_path / "one", tmp_path / "two") <= 2e-3
+    # the moving average reached the written weights on both ranks' shards: against one process without it the
+    # 2-rank run differs in far more elements than against one process with it (the ranks' own rounding)
+    _one(*common[:-2], "-o", tmp_path / "one-raw")
+    near, far = _differing(tmp_path / "one", tmp_path / "two"), _differing(tmp_path / "one-raw", tmp_path / "two")
+    assert far > 20 * near + 1000, (near, far)
 
     # continue the 2-rank run from its sharded (DCP) step-1 checkpoint into a new output: same bytes
     assert (tmp_path / "two-ckpt" / "latest").read_text().strip() == "step-00000001"

@@ -249,7 +249,27 @@ def test_kill9_then_resume_is_byte_identical(pair, tmp_path, precision, ema):
     for name in ("model.safetensors", "config.json", "pdqkit_lineage.json"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     assert not ckpt.exists()  # removed after the successful finish
-    assert read_lineage(out)[-1].get("ema_decay") == (ema or None)
+    assert read_lineage(out)[-1].get("ema", {}).get("decay") == (ema or None)
+
+
+def test_ema_run_writes_the_average(pair, tmp_path):
+    """One step at a large lr: the written weights are 0.5 * (student + stepped weights) (within bf16 rounding of
+    the three), not the stepped weights; the lineage says whose losses it logged and the start's share."""
+    teacher, student, data, _ = pair
+    run = ("--steps", 1, "--batch", 2, "--seq-len", 32, "--lr", 1e-2, "--warmup-steps", 0)
+    assert distill_main(_args(teacher, student, tmp_path / "raw", data, *run)) == 0
+    assert distill_main(_args(teacher, student, tmp_path / "avg", data, *run, "--ema-decay", 0.5)) == 0
+    w0, w1, wa = (load_file(d / "model.safetensors") for d in (student, tmp_path / "raw", tmp_path / "avg"))
+    moved = 0
+    for name, a in wa.items():
+        x0, x1, xa = w0[name].float(), w1[name].float(), a.float()
+        tol = 2.0 ** -8 * torch.maximum(x0.abs(), x1.abs()) + 1e-12
+        assert ((xa - 0.5 * (x0 + x1)).abs() <= tol).all(), name
+        moved += int((xa != x1).sum())
+    assert moved > 0.5 * sum(int((w0[n] != w1[n]).sum()) for n in w1)  # most trained weights are averages
+    ema = read_lineage(tmp_path / "avg")[-1]["ema"]
+    assert ema["decay"] == 0.5 and ema["start_weight"] == 0.5 and "raw weights" in ema["losses_of"]
+    assert "ema" not in read_lineage(tmp_path / "raw")[-1]
 
 
 def test_resume_refuses_other_settings(pair, tmp_path, capsys):

@@ -4,7 +4,6 @@ carried into its lineage."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -218,7 +218,8 @@ def ref_stats(prune_ckpts, micro_tok):
     """Full-forward statistics of the text checkpoint over the default calibration windows."""
     from bench.corpus import packed_sequences
 
-    return _full_forward_stats(load_model(prune_ckpts["text"]), packed_sequences("calib", micro_tok, SEQ)[:SAMPLES], batch=8)
+    ids = packed_sequences("calib", micro_tok, SEQ)[:SAMPLES]
+    return _full_forward_stats(load_model(prune_ckpts["text"]), ids, batch=8)
 
 
 @pytest.mark.parametrize("criterion,aggregation", [("activation", "l2"), ("activation", "mean"), ("wanda", "l2"),

@@ -74,26 +74,75 @@ def _kept_rows(orig_mlp, pruned_mlp) -> list[int]:
     return [where[r.tobytes()] for r in pruned_mlp.gate_proj.weight.detach().float().numpy()]
 
 
+def _assert_top_scores(orig_dir, out_dir, micro_tok, aggregation="l2"):
+    """The pruned checkpoint kept, in every layer, the top channels of taylor_stats on the same calibration
+    windows and batches (the run's batch size 4: fp32 sums do not depend on it in practice, but a tie at the
+    cut could)."""
+    cal = load_calibration(default_calib_path("calib"), micro_tok, SAMPLES, SEQ)
+    orig = load_model(orig_dir)
+    ref = taylor_stats(orig, cal.input_ids, batch_size=4)
+    for mo, mp, st in zip(_mlps(orig), _mlps(load_model(out_dir)), ref):
+        keep = mp.down_proj.in_features
+        assert keep == (1024 if mo.down_proj.in_features == 1280 else 512)
+        score = st.l2() if aggregation == "l2" else st.mean_abs()
+        assert set(_kept_rows(mo, mp)) == set(score.topk(keep).indices.tolist())
+
+
 @pytest.mark.parametrize("kind", ["text", "mm", "wide", "llama"])
 def test_pruned_checkpoint_keeps_the_top_taylor_scores(prune_ckpts, micro_tok, tmp_path, kind):
     out = tmp_path / kind
     res = prune_checkpoint(prune_ckpts[kind], out, PruneConfig(criterion="taylor", samples=SAMPLES, seq_len=SEQ,
-                                                        batch_size=4), progress=False)
+                                                               batch_size=4), progress=False)
     assert "criterion taylor (l2 over windows)" in res.summary()
-    cal = load_calibration(default_calib_path("calib"), micro_tok, SAMPLES, SEQ)
-    orig = load_model(prune_ckpts[kind])
-    ref = taylor_stats(orig, cal.input_ids, batch_size=8)  # other batching than the run's
-    pruned = load_model(out)
-    for mo, mp, st in zip(_mlps(orig), _mlps(pruned), ref):
-        keep = mp.down_proj.in_features
-        assert keep == (1024 if mo.down_proj.in_features == 1280 else 512)
-        assert set(_kept_rows(mo, mp)) == set(st.l2().topk(keep).indices.tolist())
+    _assert_top_scores(prune_ckpts[kind], out, micro_tok)
     step = read_lineage(out)[-1]
     assert step["method"] == "mlp_width/taylor" and step["params"]["aggregation"] == "l2"
     assert step["calibration"][0]["num_samples"] == SAMPLES
 
 
-def test_taylor_with_refit_runs_both_passes(prune_ckpts, tmp_path):
+def test_taylor_with_refit_keeps_the_taylor_channels(prune_ckpts, micro_tok, tmp_path):
+    """--refit runs the layer-by-layer pass for its Gram matrices; the channels must still be taylor's (not the
+    activation statistics of that pass). The kept rows are matched on gate_proj, which the refit leaves alone."""
     res = prune_checkpoint(prune_ckpts["text"], tmp_path / "o", PruneConfig(criterion="taylor", samples=SAMPLES,
-                                                                     seq_len=SEQ, refit=True), progress=False)
+                                                                           seq_len=SEQ, batch_size=4, refit=True),
+                           progress=False)
     assert len(res.refit_errors) == res.layers and all(e1 < e0 for e0, e1 in res.refit_errors)
+    _assert_top_scores(prune_ckpts["text"], tmp_path / "o", micro_tok)
+
+
+def test_cli_mean_aggregation(prune_ckpts, micro_tok, tmp_path, capsys):
+    from prune.__main__ import main
+
+    out = tmp_path / "cli"
+    assert main([str(prune_ckpts["mm"]), "-o", str(out), "--criterion", "taylor", "--agg", "mean", "--samples",
+                 str(SAMPLES), "--seq-len", str(SEQ), "--batch-size", "4", "--no-progress"]) == 0
+    assert "criterion taylor (mean over windows)" in capsys.readouterr().out
+    _assert_top_scores(prune_ckpts["mm"], out, micro_tok, aggregation="mean")
+
+
+def test_the_model_comes_back_unchanged_also_after_a_failure(prune_ckpts):
+    """After the pass (fp32 on the device) every tensor is back, bit for bit, in its own dtype; hooks are gone and
+    requires_grad restored, also when the forward fails; it works under no_grad too."""
+    model = load_model(prune_ckpts["text"])
+    model.get_decoder().layers[1].requires_grad_(True)
+    def tensors():  # parameters and every buffer (the fp32 rotary inv_freq is not in the state dict)
+        return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    before = {k: v.detach().clone() for k, v in tensors().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    assert {v.dtype for v in before.values()} >= {torch.bfloat16, torch.float32}  # fp32 rotary buffers too
+
+    def unchanged():
+        after = tensors()
+        assert after.keys() == before.keys()
+        assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert all(not m._forward_pre_hooks for m in model.modules())
+
+    ids = torch.randint(4, 2048, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stats = taylor_stats(model, ids, batch_size=2)
+    assert all(st.tokens == 2 and torch.isfinite(st.l2()).all() and st.l2().max() > 0 for st in stats)
+    unchanged()
+    with pytest.raises(IndexError):
+        taylor_stats(model, torch.cat([ids, torch.full((1, 32), 10**6)]), batch_size=2)  # 2nd batch fails
+    unchanged()

@@ -119,7 +119,7 @@ def test_distill1_variants_phase1_only(tmp_path, trained_micro):
     work, q = _pipeline(tmp_path, trained_micro, "--stages", "prune,distill", "--criteria", "activation",
                         "--prune-args=--samples 8 --seq-len 128", "--distill1-args", "--batch 2 --seq-len 128",
                         "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
-                        "--distill1-variants", "all=; mlp4=--trainable mlp --batch 4; s3=--steps 3",
+                        "--distill1-variants", "all=; mlp4=--trainable mlp --batch 4; s3=--steps 3; ema=--ema-decay 0.5",
                         "--token-budget-pct", "5",
                         "--phase1-only")
     budget = q["distill_budget_per_run"]
@@ -131,7 +131,11 @@ def test_distill1_variants_phase1_only(tmp_path, trained_micro):
     own = budget["distill1-s3"]  # its own --steps: kept, and its tokens recorded against the budget
     assert read_lineage(work / "distill1-s3")[-1]["steps"] == own["phase1_steps"] == 3 and own["steps_given"]
     assert own["phase1_tokens"] == 3 * 2 * 128 and own["phase1_pct"] == 100 * own["phase1_tokens"] / own["teacher_tokens"]
-    assert {"distill1-all", "distill1-mlp4"} <= set(q["rows"]) and q["distill1_selection"]["run"] in budget
+    assert {"distill1-all", "distill1-mlp4", "distill1-ema"} <= set(q["rows"])
+    # the --ema-decay run logged the KL of weights it did not write: evaluated, but not a candidate for phase 2
+    chosen = q["distill1_selection"]
+    assert chosen["run"] in budget and chosen["run"] != "distill1-ema" and chosen["not_compared"] == ["distill1-ema"]
+    assert read_lineage(work / "distill1-ema")[-1]["ema"]["decay"] == 0.5
     assert not (work / "distill2").exists()
 
 
@@ -151,6 +155,9 @@ def test_distill1_select_variants(tmp_path, trained_micro):
     # --parallel 3: the three runs (two behind their distill.select) at once; each tool's output stays one block
     log = (tmp_path / "out0" / "pipeline.log").read_text()
     assert "phase 1: 3 runs, 3 at a time" in log
+    after = [ln for ln in log.split("phase 1: 3 runs, 3 at a time", 1)[1].splitlines() if ln.startswith("[")]
+    first_done = next(i for i, ln in enumerate(after) if "] stage " in ln)
+    assert sum("] $ " in ln for ln in after[:first_done]) == 3, after[:first_done + 1]  # all three started at once
     for name in ("distill1-all", "distill1-select-x2", "distill1-select-x3"):
         block = log.split(f"--- {name} ---\n", 1)[1].split("\n[", 1)[0]  # up to the next pipeline line
         assert f"wrote {work / name} (phase 1" in block, block[-500:]

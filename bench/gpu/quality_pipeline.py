@@ -362,12 +362,17 @@ class Pipeline:
                 for hw in hws or [None]:
                     name = "distill1" + (f"-lr{lr}" if lr else "") + (f"-hw{hw}" if hw else "")
                     runs[name] = [*(["--lr", lr] if lr else []), *(["--hidden-weight", hw] if hw else [])]
-        # a variant's own --batch / --seq-len size its --steps under --token-budget-pct (unless it sets them)
-        fulls = {name: (self._token_budget([*extra1, *args], extra2, name)
-                        if self.a.token_budget_pct and variants else [*extra1, *args]) for name, args in runs.items()}
+        fulls: dict[str, list[str]] = {}
+
+        def full_args(name: str) -> list[str]:
+            # a variant's own --batch / --seq-len size its --steps under --token-budget-pct (unless it sets them)
+            if name not in fulls:
+                args = [*extra1, *runs[name]]
+                fulls[name] = self._token_budget(args, extra2, name) if self.a.token_budget_pct and variants else args
+            return fulls[name]
 
         def train(name: str) -> bool:
-            full = fulls[name]
+            full = full_args(name)
             if name in selects:
                 sel = self._select(name, student, full, selects[name])
                 if sel is None:
@@ -377,14 +382,23 @@ class Pipeline:
                 full = [*full, "--data", str(sel)]
             return self.run(name, self._distill_cmd(1, student, self.work / name, full), min_s=60)
 
+        def train_in_thread(name: str) -> bool:
+            try:
+                return train(name)
+            except Exception as e:  # noqa: BLE001 — one broken run must not cost the others their evaluation
+                self.stage(name, "failed", reason=f"{type(e).__name__}: {e}")
+                return False
+
         kls, done = {}, {}
         parallel = self.a.parallel > 1 and len(runs) > 1
         if parallel:
             # the small pair leaves an H200 mostly idle (~2 % MFU, launch-bound): N runs at once take about the
-            # time of one; the evaluations follow one by one in this process
+            # time of one (their logged tok/s and MFU are then shares of the GPU); the evaluations follow one by one
+            for name in runs:
+                full_args(name)  # budgets first, in this thread (they write quality.json and the log)
             self.log(f"phase 1: {len(runs)} runs, {min(self.a.parallel, len(runs))} at a time")
             with ThreadPoolExecutor(self.a.parallel) as ex:
-                done = dict(zip(runs, ex.map(train, runs)))
+                done = dict(zip(runs, ex.map(train_in_thread, runs)))
         for name in runs:
             if done[name] if parallel else train(name):  # one at a time: train, then evaluate
                 kls[name] = read_lineage(self.work / name)[-1]["loss_last10"]["forward_kl"]
@@ -392,8 +406,10 @@ class Pipeline:
         if not kls:
             return False
         # a run on distill.select's windows trains on the hardest windows: its training KL is higher by design and
-        # not comparable with the others'. It is evaluated like every run but competes only when nothing else ran.
-        comparable = {k: v for k, v in kls.items() if k not in selects}
+        # not comparable with the others'; a run with --ema-decay logs the KL of weights it does not write (it
+        # writes their moving average). Both are evaluated like every run but compete only when nothing else ran.
+        apart = set(selects) | {n for n in kls if _distill_args(1, full_args(n))[1].ema_decay}
+        comparable = {k: v for k, v in kls.items() if k not in apart}
         only_selects = not comparable
         candidates = comparable or kls
         best = min(candidates, key=candidates.get)
@@ -407,8 +423,9 @@ class Pipeline:
                                         "train_forward_kl": kls,
                                         **({"not_compared": sorted(set(kls) - set(comparable))}
                                            if comparable and len(comparable) < len(kls) else {}),
-                                        **({"note": "only distill.select runs: each trained on other windows, "
-                                                    "so their training KLs are not comparable; the lowest taken"}
+                                        **({"note": "only distill.select / --ema-decay runs: their training KLs "
+                                                    "are not comparable (other windows, or not the written "
+                                                    "weights); the lowest taken"}
                                            if only_selects else {})}
         if (row := self.q["rows"].get(best)) is not None:
             self.q["rows"]["distill1"] = dict(row, label="distill1", selected=best)
