@@ -44,8 +44,14 @@ def taylor_stats(model, input_ids: torch.Tensor, *, batch_size: int = 8, device=
     For the pass the model is moved to ``device`` and computes in fp32 (an fp64 model in fp64); afterwards every
     parameter and buffer is back where it was with its own dtype (bf16 -> fp32 -> bf16 is exact, so the model is
     bit-identical) and the ``requires_grad`` flags are restored, also when the pass fails."""
+    # inference_mode(False): under a caller's inference mode the restored weights (and the sums) would become
+    # inference tensors
+    with torch.inference_mode(False):
+        return _taylor_stats(model, input_ids, batch_size, torch.device(device), progress)
+
+
+def _taylor_stats(model, input_ids, batch_size, device, progress):
     layers = language_stack(model).layers
-    device = torch.device(device)
     stats = [ChannelStats(layer.mlp.down_proj.in_features) for layer in layers]
     gates: list[torch.Tensor | None] = [None] * len(layers)
     # fp32 through the whole pass, not only at the gates: with bf16 activations and gradients the scores of the
@@ -64,16 +70,18 @@ def taylor_stats(model, input_ids: torch.Tensor, *, batch_size: int = 8, device=
     handles = []
     try:
         model.requires_grad_(False)
-        handles = [layer.mlp.down_proj.register_forward_pre_hook(gate_hook(i)) for i, layer in enumerate(layers)]
-        for t in tensors:  # in place (Parameter objects and ties stay): floating point tensors to dtype, on device
-            t.data = t.data.to(device, dtype if t.is_floating_point() else None)
+        handles = [layer.mlp.down_proj.register_forward_pre_hook(gate_hook(i))
+                   for i, layer in enumerate(layers)]
+        for t in tensors:  # in place (Parameter objects and ties stay), on device; floats: at least dtype
+            t.data = t.data.to(device, torch.promote_types(t.dtype, dtype) if t.is_floating_point() else None)
         with torch.enable_grad():
             for ids in input_ids.split(batch_size):
                 ids = ids.to(device)
                 for i, st in enumerate(stats):
-                    gates[i] = torch.ones(ids.shape[0], st.width, dtype=dtype, device=device, requires_grad=True)
+                    gates[i] = torch.ones(ids.shape[0], st.width, dtype=dtype, device=device,
+                                          requires_grad=True)
                 logits = model(input_ids=ids, use_cache=False).logits
-                # the windows are independent, so d(sum_w L_w)/dm_wj = dL_w/dm_wj: one backward gives every window's
+                # windows are independent, so d(sum_w L_w)/dm_wj = dL_w/dm_wj: one backward gives every window's
                 grads = torch.autograd.grad(_window_losses(logits, ids).sum(), gates)
                 del logits
                 for st, g in zip(stats, grads):
@@ -86,9 +94,11 @@ def taylor_stats(model, input_ids: torch.Tensor, *, batch_size: int = 8, device=
     finally:
         for h in handles:
             h.remove()
-        gates = [None] * len(layers)
+        gates[:] = [None] * len(layers)
         for t, (dev, dt) in zip(tensors, homes):
             t.data = t.data.to(dev, dt)
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the fp32 copy's blocks, for whoever uses the device next
     return stats

@@ -1,5 +1,5 @@
-"""Fixtures the prune tests share (tests/test_prune.py, tests/test_prune_taylor.py): the bench `micro` tokenizer
-and random micro checkpoints of every supported kind (a pytest plugin, see tests/conftest.py)."""
+"""Fixtures the prune tests share (tests/test_prune.py, test_prune_refit.py, test_prune_taylor.py): the bench
+`micro` tokenizer and random micro checkpoints of every supported kind (a pytest plugin, see tests/conftest.py)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -122,7 +122,8 @@ def test_cli_mean_aggregation(prune_ckpts, micro_tok, tmp_path, capsys):
 
 def test_the_model_comes_back_unchanged_also_after_a_failure(prune_ckpts):
     """After the pass (fp32 on the device) every tensor is back, bit for bit, in its own dtype; hooks are gone and
-    requires_grad restored, also when the forward fails; it works under no_grad too."""
+    requires_grad restored, also when the forward fails; it works under no_grad and inference_mode too (and the
+    weights do not come back as inference tensors)."""
     model = load_model(prune_ckpts["text"])
     model.get_decoder().layers[1].requires_grad_(True)
     def tensors():  # parameters and every buffer (the fp32 rotary inv_freq is not in the state dict)
@@ -143,6 +144,11 @@ def test_the_model_comes_back_unchanged_also_after_a_failure(prune_ckpts):
         stats = taylor_stats(model, ids, batch_size=2)
     assert all(st.tokens == 2 and torch.isfinite(st.l2()).all() and st.l2().max() > 0 for st in stats)
     unchanged()
+    with torch.inference_mode():
+        again = taylor_stats(model, ids, batch_size=2)
+    assert all(torch.equal(a.sum_sq, b.sum_sq) for a, b in zip(stats, again))
+    unchanged()
+    assert not any(p.is_inference() for p in model.parameters())
     with pytest.raises(IndexError):
         taylor_stats(model, torch.cat([ids, torch.full((1, 32), 10**6)]), batch_size=2)  # 2nd batch fails
     unchanged()

@@ -191,7 +191,10 @@ def test_distill1_select_options_checked_at_start(tmp_path):
                        (["--distill1-select", "2,2.0"], "'2.0': the same pool twice"),
                        (["--distill1-select", "2", "--distill1-variants", "select-x2=--lr 1e-4"],
                         "'select-x2': the name of a --distill1-select run"),
-                       (["--distill1-select", "2", "--distill1-lrs", "1e-4"], "not --distill1-lrs")):
+                       (["--distill1-select", "2", "--distill1-lrs", "1e-4"], "not --distill1-lrs"),
+                       (["--distill1-variants", "a=--lrr 1"], "--distill1-variants 'a': not valid python -m distill"),
+                       (["--distill1-args", "--ema-decay 1"], "--distill1-args: --ema-decay 1.0: must be in [0, 1)"),
+                       (["--distill2-args", "--beta 2"], "--distill2-args: --beta 2.0: must be in [0, 1]")):
         r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), *extra,
                             "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")],
                            cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -385,7 +385,7 @@ class Pipeline:
         def train_in_thread(name: str) -> bool:
             try:
                 return train(name)
-            except Exception as e:  # noqa: BLE001 — one broken run must not cost the others their evaluation
+            except (Exception, SystemExit) as e:  # noqa: BLE001 — one broken run must not cost the others theirs
                 self.stage(name, "failed", reason=f"{type(e).__name__}: {e}")
                 return False
 
@@ -573,6 +573,22 @@ def _distill_args(phase: int, extra: list[str]):
     return a, config_from_args(a)
 
 
+def _check_distill_args(a) -> None:
+    """Every set of distill arguments the run will pass (``--distill1-args`` alone and with each variant,
+    ``--distill2-args``) parsed and validated by distill itself now, not in a stage (or a worker thread) later.
+    Raises ValueError naming the option."""
+    sets = [("--distill1-args", 1, shlex.split(a.distill1_args)), ("--distill2-args", 2, shlex.split(a.distill2_args))]
+    sets += [(f"--distill1-variants {name!r}", 1, [*shlex.split(a.distill1_args), *args])
+             for name, args in a.distill1_variants.items()]
+    for what, phase, extra in sets:
+        try:
+            _distill_args(phase, extra)
+        except SystemExit:  # argparse: distill's parser has printed the reason on stderr
+            raise ValueError(f"{what}: not valid python -m distill arguments (the line above says why)") from None
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+
+
 def _pools(spec: str) -> tuple[str, ...]:
     """``"2,4,all"`` -> ("2", "4", "all"): pool multiples for --distill1-select (each a number >= 1, or all)."""
     out, seen = [], set()
@@ -689,6 +705,7 @@ def main(argv=None) -> int:
         if a.distill1_select and (a.distill1_lrs or a.distill1_hidden_weights):
             raise ValueError("--distill1-select runs beside --distill1-variants, not --distill1-lrs / "
                              "--distill1-hidden-weights: use variants")
+        _check_distill_args(a)
     except ValueError as e:
         ap.error(str(e))
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of the tools would flood pipeline.log
