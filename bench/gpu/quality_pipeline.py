@@ -410,7 +410,7 @@ class Pipeline:
         # writes their moving average). Both are evaluated like every run but compete only when nothing else ran.
         apart = set(selects) | {n for n in kls if _distill_args(1, full_args(n))[1].ema_decay}
         comparable = {k: v for k, v in kls.items() if k not in apart}
-        only_selects = not comparable
+        none_comparable = not comparable
         candidates = comparable or kls
         best = min(candidates, key=candidates.get)
         if dst.is_symlink() or dst.is_file():
@@ -426,7 +426,7 @@ class Pipeline:
                                         **({"note": "only distill.select / --ema-decay runs: their training KLs "
                                                     "are not comparable (other windows, or not the written "
                                                     "weights); the lowest taken"}
-                                           if only_selects else {})}
+                                           if none_comparable else {})}
         if (row := self.q["rows"].get(best)) is not None:
             self.q["rows"]["distill1"] = dict(row, label="distill1", selected=best)
             self.goals()
