@@ -22,7 +22,7 @@ from prune.__main__ import main
 from prune.calib import load_calibration
 from prune.config import PruneConfig, kept_width
 from prune.run import load_model, prune_checkpoint
-from prune.stack import ChannelStats, collect_mlp_stats
+from prune.stack import collect_mlp_stats
 
 SAMPLES, SEQ = 8, 128  # calibration size of these tests: 1024 tokens, > the micro sliding window (64)
 
