@@ -107,21 +107,17 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, module, optimizer, e
 
 def load_checkpoint(path: str | os.PathLike, module, optimizer, env: DistEnv, extra: dict | None = None) -> dict:
     """Load a step dir written by :func:`save_checkpoint` into ``module``/``optimizer`` (and the tensors of
-    ``extra``, in place, as passed to the save); returns its meta."""
+    ``extra``, which DCP fills in place, as passed to the save); returns its meta."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     msd, osd = get_state_dict(module, optimizer, options=_options())
-    state = {"model": msd, "optim": osd, **{group: dict(tensors) for group, tensors in (extra or {}).items()}}
+    state = {"model": msd, "optim": osd, **(extra or {})}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
-    for group, tensors in (extra or {}).items():  # DCP loads tensors in place; keep the caller's objects current
-        for name, t in tensors.items():
-            if state[group][name] is not t:
-                t.copy_(state[group][name])
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options())
     rng_f = path / f"rng-rank{env.rank}.pt"

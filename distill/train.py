@@ -459,9 +459,6 @@ def _run(cfg: DistillConfig, env) -> dict:
     generated = sum(h["on_policy"] for h in history) * cfg.batch * cfg.max_new_tokens
     summary = _summary(cfg, data, history, generated, dz.layers, dz.layer_w, env)
     dz.use_ema()  # --ema-decay: the average is what is written (the logged losses are the raw weights')
-    if cfg.ema_decay:
-        summary["ema"] = {"decay": cfg.ema_decay, "start_weight": cfg.ema_decay ** cfg.steps,
-                          "losses_of": "the raw weights; the written weights are their moving average"}
     _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary)
     log.record({"event": "summary", **summary})
     log.close()
@@ -491,6 +488,9 @@ def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:
         "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio, "warmup_steps": cfg.warmup_steps,
         "weight_decay": cfg.weight_decay, "adam_betas": list(cfg.adam_betas), "adam_eps": cfg.adam_eps,
         "grad_clip": cfg.grad_clip, "seed": cfg.seed,
+        **({"ema": {"decay": cfg.ema_decay, "start_weight": cfg.ema_decay ** cfg.steps,
+                    "losses_of": "the raw weights; the written weights are their moving average"}}
+           if cfg.ema_decay else {}),
         "precision": cfg.precision, "train_embeddings": cfg.train_embeddings,
         "trainable": cfg.trainable, "world_size": env.world,
         "tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,

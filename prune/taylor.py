@@ -94,7 +94,6 @@ def _taylor_stats(model, input_ids, batch_size, device, progress):
     finally:
         for h in handles:
             h.remove()
-        gates[:] = [None] * len(layers)
         for t, (dev, dt) in zip(tensors, homes):
             t.data = t.data.to(dev, dt)
         for p, f in zip(model.parameters(), flags):

@@ -389,7 +389,7 @@ class Pipeline:
                 self.stage(name, "failed", reason=f"{type(e).__name__}: {e}")
                 return False
 
-        kls, done = {}, {}
+        kls, done, averaged = {}, {}, set()
         parallel = self.a.parallel > 1 and len(runs) > 1
         if parallel:
             # the small pair leaves an H200 mostly idle (~2 % MFU, launch-bound): N runs at once take about the
@@ -401,15 +401,17 @@ class Pipeline:
                 done = dict(zip(runs, ex.map(train_in_thread, runs)))
         for name in runs:
             if done[name] if parallel else train(name):  # one at a time: train, then evaluate
-                kls[name] = read_lineage(self.work / name)[-1]["loss_last10"]["forward_kl"]
+                step = read_lineage(self.work / name)[-1]
+                kls[name] = step["loss_last10"]["forward_kl"]
+                if "ema" in step:
+                    averaged.add(name)
                 self.evaluate(name, self.work / name)
         if not kls:
             return False
         # a run on distill.select's windows trains on the hardest windows: its training KL is higher by design and
         # not comparable with the others'; a run with --ema-decay logs the KL of weights it does not write (it
         # writes their moving average). Both are evaluated like every run but compete only when nothing else ran.
-        apart = set(selects) | {n for n in kls if _distill_args(1, full_args(n))[1].ema_decay}
-        comparable = {k: v for k, v in kls.items() if k not in apart}
+        comparable = {k: v for k, v in kls.items() if k not in selects and k not in averaged}
         none_comparable = not comparable
         candidates = comparable or kls
         best = min(candidates, key=candidates.get)
