@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("phase 1 losses")
     g.add_argument("--temperature", type=float, default=dflt("temperature"),
                    help="KL temperature T (loss scaled by T^2) (default %(default)s)")
+    g.add_argument("--ce-weight", type=float, default=dflt("ce_weight"),
+                   help="weight of a cross-entropy term on the data's next tokens, added to the forward KL (0 = "
+                        "off, the default: pure distillation). The student then also learns from the data where "
+                        "it differs from the teacher; each sequence's last position has no label")
     g.add_argument("--hidden-weight", type=float, default=None,
                    help=f"weight of the hidden-state matching term, 0 = off {per_phase('hidden_weight')}")
     g.add_argument("--hidden-layers", type=_ints, default=None, metavar="I,J,...",

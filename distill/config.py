@@ -36,7 +36,7 @@ RESULT_FIELDS = (
     "teacher", "student", "phase", "data", "steps", "batch", "seq_len", "lr", "min_lr_ratio", "warmup_steps",
     "weight_decay", "adam_betas", "adam_eps", "grad_clip", "seed", "temperature", "hidden_weight", "hidden_layers",
     "hidden_layer_weights", "lmbda", "beta", "sample_temperature", "jsd_temperature", "max_new_tokens",
-    "train_embeddings", "precision", "chunk", "max_tokens", "attn", "trainable", "ema_decay",
+    "train_embeddings", "precision", "chunk", "max_tokens", "attn", "trainable", "ema_decay", "ce_weight",
 )
 
 
@@ -65,6 +65,7 @@ class DistillConfig:
     seed: int = 0
     # phase 1 losses
     temperature: float = 1.0
+    ce_weight: float = 0.0  # cross-entropy on the data's next tokens (temperature 1), added to the KL; 0: off
     hidden_weight: float | None = None
     hidden_layers: list[int] | None = None  # None: every decoder layer
     hidden_layer_weights: list[float] | None = None  # None: uniform 1/len(hidden_layers)
@@ -131,7 +132,7 @@ class DistillConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"--{name.replace('_', '-')} {v}: must be a positive number")
-        for name in ("weight_decay", "grad_clip", "hidden_weight"):
+        for name in ("weight_decay", "grad_clip", "hidden_weight", "ce_weight"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} {v}: must be a non-negative number (grad-clip 0: off)")
@@ -178,6 +179,9 @@ class DistillConfig:
             raise ValueError(f"--loss-impl {self.loss_impl!r}: choose autograd or fused")
         if self.loss_impl == "fused" and self.phase != 1:
             raise ValueError("--loss-impl fused is the forward-KL gradient (phase 1); phase 2's JSD needs autograd")
+        if self.ce_weight and self.phase != 1:
+            raise ValueError("--ce-weight is a phase-1 term (phase 2 scores continuations the student may have "
+                             "sampled itself: they have no data label); drop it")
         if self.compile_loss and self.phase != 1:
             raise ValueError("--compile-loss is for phase 1 (phase 2 scores a different number of tokens every "
                              "on-policy step: each size would compile again)")

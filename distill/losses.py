@@ -21,6 +21,8 @@ Conventions (all per token, summed over the vocabulary; reductions are the calle
   mixture ``m = beta * teacher + (1 - beta) * student`` the loss is
   ``beta * KL(teacher || m) + (1 - beta) * KL(student || m)`` (which tends to 0, not to a KL, as beta -> 0 or 1:
   hence the special cases).
+* data cross-entropy (optional, phase 1's ``--ce-weight``): ``-log softmax(z_s)[label]`` at temperature 1 on
+  the data's next token, added in the same chunk pass with its own per-row weights (0 where a row has no label).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import LOSS_IMPLS
 
 __all__ = [
-    "softcap", "lm_logits", "forward_kl", "generalized_jsd", "per_token_loss_fn", "chunked_logit_loss",
+    "softcap", "lm_logits", "forward_kl", "generalized_jsd", "data_ce", "per_token_loss_fn", "chunked_logit_loss",
     "hidden_state_loss",
 ]
 
@@ -93,25 +95,37 @@ def per_token_loss_fn(kind: str, *, temperature: float = 1.0, beta: float = 0.5)
     return fn
 
 
-def _chunk_loss_autograd_part(loss_fn, cap):
-    """``(y_s, y_t, w) -> sum(w * loss_fn(softcap(y_s), softcap(y_t)))`` on raw (pre-softcap) chunk logits: the
-    element-wise part of a chunk that the "autograd" path differentiates (and that ``compile`` hands to
-    ``torch.compile``, whose AOTAutograd backward then fuses the vocab-sized passes too)."""
-    def part(y_s, y_t, w):
-        return (loss_fn(softcap(y_s.float(), cap), softcap(y_t.float(), cap)) * w).sum()
+def data_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy ``-log softmax(z)[label]``: [..., V] fp32 logits, [...] int64 labels -> [...]."""
+    z = student_logits
+    return torch.logsumexp(z, dim=-1) - z.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _chunk_loss_autograd_part(loss_fn, cap, with_ce: bool = False):
+    """``(y_s, y_t, w[, labels, w_ce]) -> (sum(w * loss_fn(softcap(y_s), softcap(y_t))), sum(w_ce * CE))`` on raw
+    (pre-softcap) chunk logits: the element-wise part of a chunk that the "autograd" path differentiates (and that
+    ``compile`` hands to ``torch.compile``, whose AOTAutograd backward then fuses the vocab-sized passes too).
+    Without ``with_ce`` the CE value is a constant 0."""
+    def part(y_s, y_t, w, labels=None, w_ce=None):
+        z_s = softcap(y_s.float(), cap)
+        kl = (loss_fn(z_s, softcap(y_t.float(), cap)) * w).sum()
+        ce = (data_ce(z_s, labels) * w_ce).sum() if with_ce else torch.zeros((), device=y_s.device)
+        return kl, ce
     return part
 
 
 def _forward_kl_value_and_grad(y_s: torch.Tensor, y_t: torch.Tensor, w: torch.Tensor, cap: float | None,
-                               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward KL of one chunk with its gradient written out by hand (no autograd graph).
+                               temperature: float, labels: torch.Tensor | None = None,
+                               w_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward KL (plus, with ``labels``, the data CE) of one chunk with its gradient written out by hand.
 
-    y_s, y_t: [n, V] raw logits (``hidden @ lm_head.T``, matmul dtype); w: [n] fp32 row weights.
-    Returns ``(sum_i w_i * T^2 KL_i  (0-dim fp32), dL/dy_s [n, V] in y_s.dtype)``:
+    y_s, y_t: [n, V] raw logits (``hidden @ lm_head.T``, matmul dtype); w: [n] fp32 row weights; labels: [n]
+    int64 data tokens and w_ce: [n] fp32 their weights (0 for rows without a label), or both None.
+    Returns ``(sum_i w_i * T^2 KL_i, sum_i w_ce_i * CE_i (0-dim fp32 each), dL/dy_s [n, V] in y_s.dtype)``:
     with ``t = tanh(y/c)``, ``z = c t``, ``q = softmax(z_s/T)``, ``p = softmax(z_t/T)``:
-    ``dL/dz_s = w T (q - p)`` and ``dL/dy_s = dL/dz_s * (1 - t_s^2)`` — the same chain autograd walks
-    (``.float()``, ``/c``, tanh, ``*c``, ``/T``, log_softmax), in one element-wise pass instead of ~12, and no
-    ``[n, V]`` fp32 tensor kept for a backward. Equal to the autograd path to fp32 rounding.
+    ``dL/dz_s = w T (q - p) + w_ce (softmax(z_s) - onehot(label))`` and ``dL/dy_s = dL/dz_s * (1 - t_s^2)`` — the
+    same chain autograd walks (``.float()``, ``/c``, tanh, ``*c``, ``/T``, log_softmax), in one element-wise pass
+    instead of ~12, and no ``[n, V]`` fp32 tensor kept for a backward. Equal to the autograd path to fp32 rounding.
     """
     t = float(temperature)
     ys = y_s.float()
@@ -126,9 +140,16 @@ def _forward_kl_value_and_grad(y_s: torch.Tensor, y_t: torch.Tensor, w: torch.Te
     p = t_logp.exp()
     loss = ((p * (t_logp - s_logp)).sum(-1) * (t * t) * w).sum()
     g = (s_logp.exp() - p) * (w * t)[:, None]
+    ce = torch.zeros((), dtype=torch.float32, device=y_s.device)
+    if labels is not None:
+        logp1 = s_logp if t == 1.0 else F.log_softmax(z_s, dim=-1)
+        picked = logp1.gather(-1, labels[:, None])
+        ce = -(picked.squeeze(-1) * w_ce).sum()
+        g = g + logp1.exp() * w_ce[:, None]
+        g = g.scatter_add(-1, labels[:, None], -w_ce[:, None])
     if cap is not None:
         g = g * (1.0 - th * th)
-    return loss, g.to(y_s.dtype)
+    return loss, ce, g.to(y_s.dtype)
 
 
 _COMPILED: dict = {}
@@ -145,38 +166,42 @@ class _ChunkedLogitLoss(torch.autograd.Function):
     """Forward computes loss and its gradients chunk by chunk; backward only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, weights, loss_fn, cap, chunk, compute_dtype, impl, compile_):
+    def forward(ctx, h_s, w_s, h_t, w_t, weights, loss_fn, cap, chunk, compute_dtype, impl, compile_, labels,
+                ce_weights, stats):
         need_w = ctx.needs_input_grad[1]
+        with_ce = labels is not None
         grad_h = torch.empty_like(h_s)
         grad_w = torch.zeros_like(w_s, dtype=torch.float32) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        total_ce = torch.zeros((), dtype=torch.float32, device=h_s.device)
         with torch.no_grad():  # one cast per call, not per chunk
             w_t_c = w_t.to(compute_dtype)
             w_s_c = w_s.to(compute_dtype)
         if impl == "fused":
             fused = _forward_kl_value_and_grad
             if compile_:
-                fused = _compiled(_forward_kl_value_and_grad, ("fused", cap, loss_fn.temperature))
+                fused = _compiled(_forward_kl_value_and_grad, ("fused", cap, loss_fn.temperature, with_ce))
 
-            def chunk_fn(y_s, y_t, w):  # dL/dy_s written out by hand
-                return fused(y_s, y_t, w, cap, loss_fn.temperature)
+            def chunk_fn(y_s, y_t, w, lab, w_ce):  # dL/dy_s written out by hand
+                return fused(y_s, y_t, w, cap, loss_fn.temperature, lab, w_ce)
         else:
-            part = _chunk_loss_autograd_part(loss_fn, cap)
+            part = _chunk_loss_autograd_part(loss_fn, cap, with_ce)
             if compile_ and getattr(loss_fn, "kind", None) is not None:
-                part = _compiled(part, ("autograd", loss_fn.kind, loss_fn.temperature, loss_fn.beta, cap))
+                part = _compiled(part, ("autograd", loss_fn.kind, loss_fn.temperature, loss_fn.beta, cap, with_ce))
 
-            def chunk_fn(y_s, y_t, w):  # dL/dy_s by autograd through the element-wise part only
+            def chunk_fn(y_s, y_t, w, lab, w_ce):  # dL/dy_s by autograd through the element-wise part only
                 with torch.enable_grad():
                     y = y_s.detach().requires_grad_()
-                    loss = part(y, y_t, w)
-                    (g,) = torch.autograd.grad(loss, y)
-                return loss.detach(), g
+                    loss, ce = part(y, y_t, w, lab, w_ce)
+                    (g,) = torch.autograd.grad(loss + ce if with_ce else loss, y)
+                return loss.detach(), ce.detach(), g
         with torch.autocast(h_s.device.type, enabled=False), torch.no_grad():
             for i in range(0, h_s.shape[0], chunk):
                 h_c = h_s[i:i + chunk].to(compute_dtype)
                 y_s = h_c @ w_s_c.T
                 y_t = h_t[i:i + chunk].to(compute_dtype) @ w_t_c.T
-                loss, g = chunk_fn(y_s, y_t, weights[i:i + chunk])  # g = dL/dy_s [n, V] in compute_dtype
+                lab, w_ce = (labels[i:i + chunk], ce_weights[i:i + chunk]) if with_ce else (None, None)
+                loss, ce, g = chunk_fn(y_s, y_t, weights[i:i + chunk], lab, w_ce)  # g = dL/dy_s [n, V]
                 del y_s, y_t
                 # the matmul backward by hand, in the matmul dtype like autograd's (the copy into grad_h
                 # rounds to h_s.dtype exactly as autograd's backward of ``.to(compute_dtype)`` does)
@@ -184,36 +209,46 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 if need_w:
                     grad_w += g.T @ h_c
                 total += loss
-                del g, loss
+                total_ce += ce
+                del g, loss, ce
         ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
         ctx.need_w = need_w
         ctx.w_dtype = w_s.dtype
-        return total
+        if stats is not None:
+            stats.update(logit=total.detach().clone(), ce=total_ce.detach().clone())
+        return total + total_ce
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype)
         gw = (grad_w * grad_out).to(ctx.w_dtype) if ctx.need_w else None
-        return gh, gw, None, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 @torch.no_grad()
-def _chunked_loss_value(h_s, w_s, h_t, w_t, weights, loss_fn, cap, chunk, compute_dtype):
+def _chunked_loss_value(h_s, w_s, h_t, w_t, weights, loss_fn, cap, chunk, compute_dtype, labels, ce_weights,
+                        stats):
     w_s_c, w_t_c = w_s.to(compute_dtype), w_t.to(compute_dtype)
     total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+    total_ce = torch.zeros((), dtype=torch.float32, device=h_s.device)
     with torch.autocast(h_s.device.type, enabled=False):
         for i in range(0, h_s.shape[0], chunk):
             z_s = lm_logits(h_s[i:i + chunk].to(compute_dtype), w_s_c, cap)
             z_t = lm_logits(h_t[i:i + chunk].to(compute_dtype), w_t_c, cap)
             total += (loss_fn(z_s, z_t) * weights[i:i + chunk]).sum()
-    return total
+            if labels is not None:
+                total_ce += (data_ce(z_s, labels[i:i + chunk]) * ce_weights[i:i + chunk]).sum()
+    if stats is not None:
+        stats.update(logit=total.clone(), ce=total_ce.clone())
+    return total + total_ce
 
 
 def chunked_logit_loss(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor,
                        weights: torch.Tensor, loss_fn: Callable, *, cap: float | None, chunk: int = 1024,
                        compute_dtype: torch.dtype | None = None, impl: str = "autograd",
-                       compile: bool = False) -> torch.Tensor:
+                       compile: bool = False, labels: torch.Tensor | None = None,
+                       ce_weights: torch.Tensor | None = None, stats: dict | None = None) -> torch.Tensor:
     """``sum_i weights[i] * loss_fn(student_logits_i, teacher_logits_i)`` without materialising full logits.
 
     h_s: [N, d_s] student final hidden states (post final norm), any float dtype, may require grad.
@@ -226,7 +261,10 @@ def chunked_logit_loss(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, 
     impl: how a chunk's gradient is made — "autograd" (``torch.autograd.grad`` through the loss; any loss_fn)
     or "fused" (forward KL only: the gradient written out by hand, one element-wise pass, see
     :func:`_forward_kl_value_and_grad`). compile: ``torch.compile`` the chunk's element-wise part (either impl).
-    Returns a 0-dim fp32 tensor. Gradients equal those of the unchunked computation.
+    labels: [N] int64 data tokens in [0, V) with ce_weights: [N] fp32 (0 where a row has no label): adds
+    ``sum_i ce_weights[i] * CE(student_logits_i, labels[i])`` (:func:`data_ce`, temperature 1) in the same pass.
+    stats: if given, receives ``{"logit": the loss_fn sum, "ce": the CE sum}`` (detached 0-dim fp32).
+    Returns a 0-dim fp32 tensor (the sum of both terms). Gradients equal those of the unchunked computation.
     """
     if h_s.dim() != 2 or h_t.dim() != 2 or h_s.shape[0] != h_t.shape[0] or weights.shape != (h_s.shape[0],):
         raise ValueError(f"chunked_logit_loss: shapes h_s {tuple(h_s.shape)}, h_t {tuple(h_t.shape)}, "
@@ -240,11 +278,18 @@ def chunked_logit_loss(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, 
     if impl == "fused" and getattr(loss_fn, "kind", None) != "forward_kl":
         raise ValueError("chunked_logit_loss: impl 'fused' is written for forward KL only (per_token_loss_fn("
                          "'forward_kl')); use impl 'autograd' for other losses")
+    if (labels is None) != (ce_weights is None):
+        raise ValueError("chunked_logit_loss: give labels and ce_weights together (or neither)")
+    if labels is not None:
+        if labels.shape != (h_s.shape[0],) or ce_weights.shape != (h_s.shape[0],) or labels.dtype != torch.int64:
+            raise ValueError(f"chunked_logit_loss: labels {tuple(labels.shape)} {labels.dtype} / ce_weights "
+                             f"{tuple(ce_weights.shape)}: need int64 [N] and [N] with N = {h_s.shape[0]}")
+        ce_weights = ce_weights.float()
     if not (torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad)):
         return _chunked_loss_value(h_s, w_s, h_t, w_t, weights.float(), loss_fn, cap, int(chunk),
-                                   compute_dtype or h_s.dtype)
+                                   compute_dtype or h_s.dtype, labels, ce_weights, stats)
     return _ChunkedLogitLoss.apply(h_s, w_s, h_t, w_t, weights.float(), loss_fn, cap, int(chunk),
-                                   compute_dtype or h_s.dtype, impl, bool(compile))
+                                   compute_dtype or h_s.dtype, impl, bool(compile), labels, ce_weights, stats)
 
 
 def _normalised_mse(h_s: torch.Tensor, h_t: torch.Tensor, eps: float) -> torch.Tensor:

@@ -227,13 +227,15 @@ class DistillModule(nn.Module):
       (teacher lm_head weight); teacher_hidden {layer: [B, S, d]} for hidden matching;
       rows [n] int64 flat indices into B*S of the positions whose logits are scored, row_weights [n] fp32
       (the logit loss is ``sum(row_weights * per_token_loss)``); the hidden term is a mean over all B*S tokens.
+      With ``ce_weight`` > 0 the loss also holds ``ce_weight`` times the mean cross-entropy of the scored rows that
+      have a next data token in ``input_ids`` (every position but each sequence's last) against that token.
     Decode mode: ``forward(input_ids, cache=DynamicCache)`` -> fp32 softcapped logits of the last position [B, V].
     """
 
     def __init__(self, student: nn.Module, *, logit_loss: str, temperature: float, beta: float,
                  logit_weight: float, hidden_layers: list[int], hidden_weights: list[float],
                  chunk: int, compute_dtype: torch.dtype, loss_impl: str = "autograd",
-                 compile_loss: bool = False):
+                 compile_loss: bool = False, ce_weight: float = 0.0):
         super().__init__()
         self.student = student
         self.cap = getattr(text_config(student), "final_logit_softcapping", None)
@@ -246,6 +248,17 @@ class DistillModule(nn.Module):
         self.compute_dtype = compute_dtype
         self.loss_impl = loss_impl
         self.compile_loss = bool(compile_loss)
+        self.ce_weight = float(ce_weight)
+
+    def _data_labels(self, input_ids: torch.Tensor, rows: torch.Tensor):
+        """(labels [n] int64, ce weights [n] fp32) of the scored ``rows``: row ``b*S + s`` is labelled with
+        ``input_ids[b, s+1]``; each sequence's last position has no label (weight 0, label 0). The weights are
+        ``ce_weight / (labelled rows)``: a mean over this rank's labelled rows, as phase 1's KL is over its rows."""
+        b, S = input_ids.shape
+        nxt = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], 1).reshape(-1)
+        has = (torch.arange(S, device=input_ids.device) < S - 1).expand(b, S).reshape(-1)
+        labels, valid = nxt.index_select(0, rows), has.index_select(0, rows).float()
+        return labels, valid * (self.ce_weight / valid.sum().clamp_min(1.0))
 
     def forward(self, input_ids, teacher_last=None, teacher_head=None, teacher_hidden=None, rows=None,
                 row_weights=None, cache=None):
@@ -259,13 +272,16 @@ class DistillModule(nn.Module):
         with capture_layer_outputs(decoder.layers, match) as hs:
             h_s = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         d = h_s.shape[-1]
-        parts = {}
+        parts, stats = {}, {}
+        labels, ce_w = self._data_labels(input_ids, rows) if self.ce_weight > 0 else (None, None)
         logit = chunked_logit_loss(h_s.reshape(-1, d).index_select(0, rows), head,
                                    teacher_last.reshape(-1, teacher_last.shape[-1]).index_select(0, rows),
                                    teacher_head, row_weights, self.loss_fn, cap=self.cap, chunk=self.chunk,
                                    compute_dtype=self.compute_dtype, impl=self.loss_impl,
-                                   compile=self.compile_loss)
-        parts[self.logit_loss] = logit.detach()
+                                   compile=self.compile_loss, labels=labels, ce_weights=ce_w, stats=stats)
+        parts[self.logit_loss] = stats["logit"]
+        if labels is not None:
+            parts["data_ce"] = stats["ce"] / self.ce_weight  # the mean CE itself, not its weighted share
         total = self.logit_weight * logit
         if match:
             hidden, per_layer = hidden_state_loss([hs[i] for i in match], [teacher_hidden[i] for i in match],

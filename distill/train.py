@@ -200,7 +200,8 @@ class Distiller:
                                 temperature=cfg.temperature if cfg.phase == 1 else cfg.jsd_temperature,
                                 beta=cfg.beta, logit_weight=1.0, hidden_layers=self.layers,
                                 hidden_weights=layer_w, chunk=cfg.chunk, compute_dtype=compute_dtype,
-                                loss_impl=cfg.loss_impl, compile_loss=cfg.compile_loss)
+                                loss_impl=cfg.loss_impl, compile_loss=cfg.compile_loss,
+                                ce_weight=cfg.ce_weight)
         self.layer_w = layer_w
         if env.is_dist:
             parallel.shard_student(self.dm, decoder_layers(student), env, bf16_params=self.bf16)
@@ -472,6 +473,9 @@ def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:
     mean = lambda k: sum(h[k] for h in last) / len(last)  # noqa: E731
     if cfg.phase == 1:
         losses = {"forward_kl": {"weight": 1.0, "temperature": cfg.temperature}}
+        if cfg.ce_weight:
+            losses["data_ce"] = {"weight": cfg.ce_weight, "temperature": 1.0,
+                                 "targets": "the data's next token; each sequence's last position has none"}
         if layers:
             losses["hidden_mse"] = {"weight": cfg.hidden_weight, "layers": layers,
                                     "layer_weights": [w / cfg.hidden_weight for w in layer_w],
