@@ -141,12 +141,11 @@ def _forward_kl_value_and_grad(y_s: torch.Tensor, y_t: torch.Tensor, w: torch.Te
     loss = ((p * (t_logp - s_logp)).sum(-1) * (t * t) * w).sum()
     g = (s_logp.exp() - p) * (w * t)[:, None]
     ce = torch.zeros((), dtype=torch.float32, device=y_s.device)
-    if labels is not None:
+    if labels is not None:  # + w_ce (softmax(z_s) - onehot), in place: no further [n, V] tensor at T == 1
         logp1 = s_logp if t == 1.0 else F.log_softmax(z_s, dim=-1)
-        picked = logp1.gather(-1, labels[:, None])
-        ce = -(picked.squeeze(-1) * w_ce).sum()
-        g = g + logp1.exp() * w_ce[:, None]
-        g = g.scatter_add(-1, labels[:, None], -w_ce[:, None])
+        ce = -(logp1.gather(-1, labels[:, None]).squeeze(-1) * w_ce).sum()
+        g.addcmul_(logp1.exp_(), w_ce[:, None])  # logp1 (s_logp at T == 1) is not read again
+        g.scatter_add_(-1, labels[:, None], -w_ce[:, None])
     if cap is not None:
         g = g * (1.0 - th * th)
     return loss, ce, g.to(y_s.dtype)

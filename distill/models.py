@@ -228,7 +228,8 @@ class DistillModule(nn.Module):
       rows [n] int64 flat indices into B*S of the positions whose logits are scored, row_weights [n] fp32
       (the logit loss is ``sum(row_weights * per_token_loss)``); the hidden term is a mean over all B*S tokens.
       With ``ce_weight`` > 0 the loss also holds ``ce_weight`` times the mean cross-entropy of the scored rows that
-      have a next data token in ``input_ids`` (every position but each sequence's last) against that token.
+      have a next data token in ``input_ids`` (every position but each sequence's last) against that token
+      (``logit_weight`` scales the whole logit path, this term included).
     Decode mode: ``forward(input_ids, cache=DynamicCache)`` -> fp32 softcapped logits of the last position [B, V].
     """
 

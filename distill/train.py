@@ -391,8 +391,10 @@ def _run(cfg: DistillConfig, env) -> dict:
         else:
             meta = json.loads((ck / "meta.json").read_text())
             want = cfg.result_dict()
-            # checkpoints from before --adam-eps / --ema-decay ran with their defaults (torch's eps, no EMA)
-            had = {"adam_eps": DistillConfig.adam_eps, "ema_decay": DistillConfig.ema_decay, **meta["config"]}
+            # checkpoints from before --adam-eps / --ema-decay / --ce-weight ran with their defaults (torch's eps, no
+            # EMA, no data term)
+            had = {"adam_eps": DistillConfig.adam_eps, "ema_decay": DistillConfig.ema_decay,
+                   "ce_weight": DistillConfig.ce_weight, **meta["config"]}
             diff = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
             if meta.get("data_sha256", data.sha256) != data.sha256:  # the same path, rewritten since
                 raise ValueError(f"{ck}: checkpoint was trained on other data ({data.source} has changed since: "

@@ -289,12 +289,14 @@ def test_resume_refuses_other_settings(pair, tmp_path, capsys):
     eps = _args(teacher, student, tmp_path / "d", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
                 "--ckpt-dir", tmp_path / "a-ckpt", "--resume", "--adam-eps", 1e-5)
     assert distill_main(eps) == 1 and "different settings (adam_eps)" in capsys.readouterr().err
-    # a checkpoint written before --adam-eps existed (no adam_eps in its meta) ran with torch's 1e-8: it resumes
+    # a checkpoint written before --adam-eps / --ema-decay / --ce-weight existed (none of them in its meta) ran with
+    # their defaults (torch's 1e-8, no average, no data term): it resumes
     import json
 
     step = tmp_path / "a-ckpt" / "step-00000001"
     meta = json.loads((step / "meta.json").read_text())
-    del meta["config"]["adam_eps"]
+    for k in ("adam_eps", "ema_decay", "ce_weight"):
+        del meta["config"][k]
     (step / "meta.json").write_text(json.dumps(meta))
     old = _args(teacher, student, tmp_path / "e", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
                 "--ckpt-dir", tmp_path / "a-ckpt", "--resume")
