@@ -202,6 +202,23 @@ def test_distill1_select_options_checked_at_start(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_quantize_stages_need_compressed_tensors_at_start(tmp_path):
+    """Without compressed-tensors the quant / final stages are refused before any stage runs (they used to fail
+    at the end of a GPU call, after its training)."""
+    run = ("import runpy, sys; sys.modules['compressed_tensors'] = None; sys.argv = sys.argv[1:]; "
+           "runpy.run_path(sys.argv[0], run_name='__main__')")
+    for stages, named in (("train,eval,final", "final"), ("quant,prune", "quant")):
+        r = subprocess.run([sys.executable, "-c", run, str(REPO / "bench/gpu/quality_pipeline.py"), "--stages", stages,
+                            "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and f"stage(s) {named} run python -m pack.quantize" in r.stderr, r.stderr
+    assert not (tmp_path / "w").exists()
+    r = subprocess.run([sys.executable, "-c", run, str(REPO / "bench/gpu/quality_pipeline.py"), "--stages", "prune",
+                        "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--base", str(tmp_path / "none")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "compressed-tensors" not in r.stderr  # stages without pack.quantize do not need it
+
+
 def test_scratch_control_stage(tmp_path, trained_micro):
     """``--stages scratch`` trains the pruned width (kept_width(640, 0.2) = 512 for micro) from scratch with the
     given train args and evaluates it against the base (with ``--overlap-ngrams``: also per target subset)."""

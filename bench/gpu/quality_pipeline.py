@@ -697,6 +697,11 @@ def main(argv=None) -> int:
         ap.error(f"unknown stage(s) {bad}; choose from {STAGES}")
     if a.parallel < 1:
         ap.error(f"--parallel {a.parallel}: must be a positive integer")
+    if {"quant", "final"} & set(stages) and importlib.util.find_spec("compressed_tensors") is None:
+        # found at the start, not after the device time of the stages before them
+        ap.error(f"stage(s) {', '.join(s for s in stages if s in ('quant', 'final'))} run python -m pack.quantize, "
+                 "which needs compressed-tensors: pip install compressed-tensors (offline: pip install --no-index "
+                 "--no-deps --target DIR <its wheels>, then PYTHONPATH=DIR), or leave those stages out")
     try:  # option strings checked here, not hours later in the stage that reads them
         for entry in [*(x for x in a.criteria.split(",") if x), a.distill_from]:
             _prune_entry(entry)
