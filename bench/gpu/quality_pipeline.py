@@ -139,12 +139,6 @@ class Pipeline:
         self.stage(name, "ok", seconds=round(time.time() - t, 1), tail=tail[-600:])
         return True
 
-    def have(self, module: str) -> bool:
-        try:
-            return importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            return False
-
     def evaluate(self, label: str, ckpt: Path) -> dict | None:
         """Evaluate ``ckpt`` against the base (teacher); store its row under ``label``."""
         from bench.eval import evaluate
@@ -264,7 +258,7 @@ class Pipeline:
             self.evaluate(name, dst)
 
     def _quantize(self, src: Path, label: str):
-        if not self.have("pack.quantize"):
+        if not _have("pack.quantize"):
             self.stage(label, "skipped", reason="pack.quantize not available")
             return
         dst = self.work / f"{src.name}-w4a16"
@@ -276,7 +270,7 @@ class Pipeline:
         self._quantize(self.base, "quant")
 
     def s_prune(self):
-        if not self.have("prune.__main__"):
+        if not _have("prune.__main__"):
             self.stage("prune", "skipped", reason="prune not available")
             return
         crit = self.a.criteria.split(",") if self.a.criteria else list(_prune_criteria())
@@ -461,7 +455,7 @@ class Pipeline:
         return out
 
     def s_distill(self):
-        if not self.have("distill.__main__"):
+        if not _have("distill.__main__"):
             self.stage("distill", "skipped", reason="distill not available")
             return
         student = self.work / f"pruned-{_prune_name(self.a.distill_from)}"
@@ -565,6 +559,14 @@ def _variants(spec: str) -> dict[str, list[str]]:
             raise ValueError(f"--distill1-variants: {item!r} is not NAME=ARGS (NAME of letters, digits, _ . -)")
         out[name.strip()] = shlex.split(args)
     return out
+
+
+def _have(module: str) -> bool:
+    """Whether ``module`` (dotted names too) can be imported here, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def _distill_args(phase: int, extra: list[str]):
@@ -697,9 +699,9 @@ def main(argv=None) -> int:
         ap.error(f"unknown stage(s) {bad}; choose from {STAGES}")
     if a.parallel < 1:
         ap.error(f"--parallel {a.parallel}: must be a positive integer")
-    if {"quant", "final"} & set(stages) and importlib.util.find_spec("compressed_tensors") is None:
-        # found at the start, not after the device time of the stages before them
-        ap.error(f"stage(s) {', '.join(s for s in stages if s in ('quant', 'final'))} run python -m pack.quantize, "
+    quantizing = [s for s in stages if s in ("quant", "final")]
+    if quantizing and not _have("compressed_tensors"):  # found now, not after the device time of the stages before
+        ap.error(f"stage(s) {', '.join(quantizing)} run python -m pack.quantize, "
                  "which needs compressed-tensors: pip install compressed-tensors (offline: pip install --no-index "
                  "--no-deps --target DIR <its wheels>, then PYTHONPATH=DIR), or leave those stages out")
     try:  # option strings checked here, not hours later in the stage that reads them
