@@ -139,6 +139,26 @@ def test_distill1_variants_phase1_only(tmp_path, trained_micro):
     assert not (work / "distill2").exists()
 
 
+def test_distill2_from_overrides_the_kl_choice(tmp_path, trained_micro):
+    """``--distill2-from NAME`` continues phase 2 from that variant even where another run has the lower training
+    forward KL (a data cross-entropy term raises the KL it is selected by)."""
+    from pack.checkpoint import read_lineage
+
+    work, q = _pipeline(tmp_path, trained_micro, "--stages", "prune,distill", "--criteria", "activation",
+                        "--prune-args=--samples 8 --seq-len 128",
+                        "--distill1-args", "--steps 2 --batch 2 --seq-len 128",
+                        "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
+                        "--distill1-variants", "kd=;ce=--ce-weight 1", "--distill2-from", "ce")
+    kls = {n: read_lineage(work / n)[-1]["loss_last10"]["forward_kl"] for n in ("distill1-kd", "distill1-ce")}
+    chosen = q["distill1_selection"]
+    assert chosen["run"] == "distill1-ce" and chosen["by"] == "--distill2-from ce" and chosen["train_forward_kl"] == kls
+    assert (work / "distill1").resolve() == (work / "distill1-ce").resolve()
+    assert q["rows"]["distill1"]["ppl"] == q["rows"]["distill1-ce"]["ppl"]
+    d2 = read_lineage(work / "distill2")  # phase 2 continued from the data-term run
+    assert [s["kind"] for s in d2[-2:]] == ["distill", "distill"] and d2[-2]["losses"]["data_ce"]["weight"] == 1.0
+    assert "distill2" in q["rows"]
+
+
 def test_distill1_select_variants(tmp_path, trained_micro):
     """``--distill1-select 2,3`` adds one phase-1 run per pool multiple, trained on the windows distill.select
     keeps: as many tokens as the budget gives that run, chosen from a pool of 2x / 3x them (``all``, the whole train
@@ -193,6 +213,10 @@ def test_distill1_select_options_checked_at_start(tmp_path):
                         "'select-x2': the name of a --distill1-select run"),
                        (["--distill1-select", "2", "--distill1-lrs", "1e-4"], "not --distill1-lrs"),
                        (["--distill1-variants", "a=--lrr 1"], "--distill1-variants 'a': not valid python -m distill"),
+                       (["--distill1-variants", "a=;b=--ce-weight 0.1", "--distill2-from", "c"],
+                        "--distill2-from 'c': not a --distill1-variants name (a, b)"),
+                       (["--distill1-lrs", "1e-4,2e-4", "--distill2-from", "lr1e-4"],
+                        "--distill2-from 'lr1e-4': not a --distill1-variants name (none given)"),
                        (["--distill1-args", "--ema-decay 1"], "--distill1-args: --ema-decay 1.0: must be in [0, 1)"),
                        (["--distill2-args", "--beta 2"], "--distill2-args: --beta 2.0: must be in [0, 1]")):
         r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), *extra,

@@ -18,7 +18,8 @@ distill    ``python -m distill --teacher WORK/base --student WORK/pruned-A -o WO
            multiple, trained on the highest teacher-student KL windows (``python -m distill.select``) of a
            pool of M x its tokens; ``--token-budget-pct P``: phase 1's steps chosen so both
            phases use P % of the teacher's training tokens; ``--phase1-only``: no phase 2; ``--parallel N``: up
-           to N phase-1 runs at once (the small pair leaves the GPU mostly idle), evaluated afterwards
+           to N phase-1 runs at once (the small pair leaves the GPU mostly idle), evaluated afterwards;
+           ``--distill2-from NAME``: phase 2 continues from that variant whatever its training KL
 final      ``python -m pack.quantize`` of the last distilled (else pruned) checkpoint; eval
 scratch    (only when named) the pruned width trained from scratch with ``--train-args``
            (``bench.train --mlp-width W`` into WORK/scratch-mlpW); eval — the control for the distill goal
@@ -409,13 +410,20 @@ class Pipeline:
         none_comparable = not comparable
         candidates = comparable or kls
         best = min(candidates, key=candidates.get)
+        chosen = f"distill1-{self.a.distill2_from}" if self.a.distill2_from else None
+        if chosen is not None:  # the user's recipe, whatever its training KL
+            if chosen not in kls:
+                self.stage("distill1", "failed", reason=f"--distill2-from {self.a.distill2_from}: that run failed")
+                return False
+            best, none_comparable = chosen, False
         if dst.is_symlink() or dst.is_file():
             dst.unlink()
         elif dst.exists():
             shutil.rmtree(dst)
         dst.symlink_to(best)
         self.q["distill1_selection"] = {"run": best, "args": runs[best],
-                                        "by": "phase-1 training forward KL (mean of the last 10 steps)",
+                                        "by": (f"--distill2-from {self.a.distill2_from}" if chosen else
+                                               "phase-1 training forward KL (mean of the last 10 steps)"),
                                         "train_forward_kl": kls,
                                         **({"not_compared": sorted(set(kls) - set(comparable))}
                                            if comparable and len(comparable) < len(kls) else {}),
@@ -426,7 +434,7 @@ class Pipeline:
         if (row := self.q["rows"].get(best)) is not None:
             self.q["rows"]["distill1"] = dict(row, label="distill1", selected=best)
             self.goals()
-        self.log(f"distill1: {best} selected (training forward KL {kls})")
+        self.log(f"distill1: {best} selected ({'--distill2-from; ' if chosen else ''}training forward KL {kls})")
         self.save()
         return True
 
@@ -679,6 +687,10 @@ def main(argv=None) -> int:
                          "teacher-student KL windows of a random pool of M x phase 1's tokens of the train split "
                          "('all': every window); variant select-xM, sized like --distill1-variants, evaluated, but "
                          "not selected for phase 2 while another run exists (its training KL is on harder windows)")
+    ap.add_argument("--distill2-from", default="", metavar="NAME",
+                    help="continue phase 2 from the phase-1 variant NAME (a --distill1-variants name) instead of "
+                         "the run with the lowest training forward KL: for a recipe whose own terms (e.g. "
+                         "--ce-weight) raise that KL")
     ap.add_argument("--phase1-only", action="store_true", help="stop after phase 1 (diagnostic runs)")
     ap.add_argument("--parallel", type=int, default=1, metavar="N",
                     help="run up to N phase-1 runs (with their distill.select) at once on the one device, then "
@@ -711,6 +723,9 @@ def main(argv=None) -> int:
         clash = [n for n in a.distill1_variants if n in {f"select-x{m}" for m in a.distill1_select}]
         if clash:
             raise ValueError(f"--distill1-variants {clash[0]!r}: the name of a --distill1-select run; rename it")
+        if a.distill2_from and a.distill2_from not in a.distill1_variants:
+            raise ValueError(f"--distill2-from {a.distill2_from!r}: not a --distill1-variants name "
+                             f"({', '.join(a.distill1_variants) or 'none given'})")
         if a.distill1_select and (a.distill1_lrs or a.distill1_hidden_weights):
             raise ValueError("--distill1-select runs beside --distill1-variants, not --distill1-lrs / "
                              "--distill1-hidden-weights: use variants")
