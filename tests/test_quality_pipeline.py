@@ -141,7 +141,8 @@ def test_distill1_variants_phase1_only(tmp_path, trained_micro):
 
 def test_distill2_from_overrides_the_kl_choice(tmp_path, trained_micro):
     """``--distill2-from NAME`` continues phase 2 from that variant even where another run has the lower training
-    forward KL (a data cross-entropy term raises the KL it is selected by)."""
+    forward KL (a data cross-entropy term raises the KL it is selected by). When the named run fails in a later call
+    on the same machine, nothing of the earlier call's phase 1 / phase 2 is left for ``final`` or the table."""
     from pack.checkpoint import read_lineage
 
     work, q = _pipeline(tmp_path, trained_micro, "--stages", "prune,distill", "--criteria", "activation",
@@ -150,13 +151,32 @@ def test_distill2_from_overrides_the_kl_choice(tmp_path, trained_micro):
                         "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
                         "--distill1-variants", "kd=;ce=--ce-weight 1", "--distill2-from", "ce")
     kls = {n: read_lineage(work / n)[-1]["loss_last10"]["forward_kl"] for n in ("distill1-kd", "distill1-ce")}
+    assert kls["distill1-kd"] < kls["distill1-ce"]  # the premise: the KL rule alone would have taken kd
     chosen = q["distill1_selection"]
-    assert chosen["run"] == "distill1-ce" and chosen["by"] == "--distill2-from ce" and chosen["train_forward_kl"] == kls
+    assert chosen["run"] == "distill1-ce" and chosen["by"].startswith("--distill2-from ce")
+    assert chosen["train_forward_kl"] == kls and q["stages"]["distill1"] == {"status": "ok", "selected": "distill1-ce"}
     assert (work / "distill1").resolve() == (work / "distill1-ce").resolve()
     assert q["rows"]["distill1"]["ppl"] == q["rows"]["distill1-ce"]["ppl"]
     d2 = read_lineage(work / "distill2")  # phase 2 continued from the data-term run
     assert [s["kind"] for s in d2[-2:]] == ["distill", "distill"] and d2[-2]["losses"]["data_ce"]["weight"] == 1.0
     assert "distill2" in q["rows"]
+
+    # a second call whose named run fails: the earlier choice, phase 2 and their rows are gone, the call fails
+    out2 = tmp_path / "out-fail"
+    r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device",
+                        "cpu", "--base", str(trained_micro), "--stages", "distill", "--distill-from", "activation",
+                        "--distill1-args", "--steps 1 --batch 2 --seq-len 128",
+                        "--distill1-variants", f"bad=--data {tmp_path / 'missing.jsonl'}", "--distill2-from", "bad",
+                        "--eval-tokens", "2048", "--new-tokens", "0", "--work", str(work), "--out", str(out2)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    q2 = json.loads((out2 / "quality.json").read_text())
+    assert q2["stages"]["distill1-bad"]["status"] == "failed"
+    assert q2["stages"]["distill1"] == {"status": "failed", "reason": "--distill2-from bad: that run failed"}
+    assert q2["stages"]["distill2"]["status"] == "skipped" and "distill1_selection" not in q2
+    assert not {"distill1", "distill2"} & set(q2["rows"]) and "distill1_recovered" not in q2["goals"]
+    assert not (work / "distill1").exists() and not (work / "distill1").is_symlink()
+    assert not (work / "distill2").exists() and (work / "distill1-ce" / "config.json").is_file()
 
 
 def test_distill1_select_variants(tmp_path, trained_micro):
@@ -214,9 +234,12 @@ def test_distill1_select_options_checked_at_start(tmp_path):
                        (["--distill1-select", "2", "--distill1-lrs", "1e-4"], "not --distill1-lrs"),
                        (["--distill1-variants", "a=--lrr 1"], "--distill1-variants 'a': not valid python -m distill"),
                        (["--distill1-variants", "a=;b=--ce-weight 0.1", "--distill2-from", "c"],
-                        "--distill2-from 'c': not a --distill1-variants name (a, b)"),
+                        "--distill2-from 'c': not a --distill1-variants or --distill1-select run name (a, b)"),
                        (["--distill1-lrs", "1e-4,2e-4", "--distill2-from", "lr1e-4"],
-                        "--distill2-from 'lr1e-4': not a --distill1-variants name (none given)"),
+                        "--distill2-from 'lr1e-4': not a --distill1-variants or --distill1-select run name (none "
+                        "given)"),
+                       (["--stages", "prune", "--distill1-select", "2", "--distill2-from", "select-x2"],
+                        "--distill2-from 'select-x2': the distill stage is not in --stages"),
                        (["--distill1-args", "--ema-decay 1"], "--distill1-args: --ema-decay 1.0: must be in [0, 1)"),
                        (["--distill2-args", "--beta 2"], "--distill2-args: --beta 2.0: must be in [0, 1]")):
         r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), *extra,

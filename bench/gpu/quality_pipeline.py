@@ -331,7 +331,7 @@ class Pipeline:
         combination (WORK/distill1-lrX[-hwW], each evaluated); WORK/distill1 then links to the run with the lowest
         phase-1 training forward KL (mean of its last 10 steps, from its lineage: the objective every candidate
         shares, whatever its hidden-state weight) — chosen on training data, not on the validation split the
-        table reports."""
+        table reports — or to the run ``--distill2-from`` names, whatever its KL."""
         from pack.checkpoint import read_lineage
 
         dst = self.work / "distill1"
@@ -344,9 +344,7 @@ class Pipeline:
         if variants and (lrs or hws):
             raise ValueError("--distill1-variants / --distill1-select replace --distill1-lrs / "
                              "--distill1-hidden-weights: use one")
-        if not lrs and not hws and not variants:
-            if dst.is_symlink():  # left by an earlier sweep: never write through it
-                dst.unlink()
+        if not lrs and not hws and not variants:  # (_drop_downstream removed an earlier call's WORK/distill1)
             if not self.run("distill1", self._distill_cmd(1, student, dst, extra1), min_s=60):
                 return False
             self.evaluate("distill1", dst)
@@ -357,6 +355,9 @@ class Pipeline:
                 for hw in hws or [None]:
                     name = "distill1" + (f"-lr{lr}" if lr else "") + (f"-hw{hw}" if hw else "")
                     runs[name] = [*(["--lr", lr] if lr else []), *(["--hidden-weight", hw] if hw else [])]
+        if self.a.distill2_from:  # the chosen run first: one at a time, the deadline then cuts the others
+            first = f"distill1-{self.a.distill2_from}"
+            runs = {first: runs[first], **{k: v for k, v in runs.items() if k != first}}
         fulls: dict[str, list[str]] = {}
 
         def full_args(name: str) -> list[str]:
@@ -401,7 +402,12 @@ class Pipeline:
                 if "ema" in step:
                     averaged.add(name)
                 self.evaluate(name, self.work / name)
-        if not kls:
+        chosen = f"distill1-{self.a.distill2_from}" if self.a.distill2_from else None
+        if chosen not in kls if chosen else not kls:  # no run to continue from: say why (deadline or failure)
+            states = {self.q["stages"].get(n, {}).get("status", "failed") for n in ([chosen] if chosen else runs)}
+            status = "skipped" if states == {"skipped"} else "failed"
+            why = f"--distill2-from {self.a.distill2_from}: that run {status}" if chosen else "no phase-1 run finished"
+            self.stage("distill1", status, reason=why)
             return False
         # a run on distill.select's windows trains on the hardest windows: its training KL is higher by design and
         # not comparable with the others'; a run with --ema-decay logs the KL of weights it does not write (it
@@ -409,31 +415,28 @@ class Pipeline:
         comparable = {k: v for k, v in kls.items() if k not in selects and k not in averaged}
         none_comparable = not comparable
         candidates = comparable or kls
-        best = min(candidates, key=candidates.get)
-        chosen = f"distill1-{self.a.distill2_from}" if self.a.distill2_from else None
-        if chosen is not None:  # the user's recipe, whatever its training KL
-            if chosen not in kls:
-                self.stage("distill1", "failed", reason=f"--distill2-from {self.a.distill2_from}: that run failed")
-                return False
-            best, none_comparable = chosen, False
+        best = chosen or min(candidates, key=candidates.get)  # --distill2-from: the user's recipe, whatever its KL
         if dst.is_symlink() or dst.is_file():
             dst.unlink()
         elif dst.exists():
             shutil.rmtree(dst)
         dst.symlink_to(best)
+        incomparable = sorted(set(kls) - set(comparable))
         self.q["distill1_selection"] = {"run": best, "args": runs[best],
-                                        "by": (f"--distill2-from {self.a.distill2_from}" if chosen else
+                                        "by": (f"--distill2-from {self.a.distill2_from} (the training KLs "
+                                               "were not used)" if chosen else
                                                "phase-1 training forward KL (mean of the last 10 steps)"),
                                         "train_forward_kl": kls,
-                                        **({"not_compared": sorted(set(kls) - set(comparable))}
-                                           if comparable and len(comparable) < len(kls) else {}),
+                                        **({"not_compared": incomparable}
+                                           if incomparable and (chosen or not none_comparable) else {}),
                                         **({"note": "only distill.select / --ema-decay runs: their training KLs "
                                                     "are not comparable (other windows, or not the written "
                                                     "weights); the lowest taken"}
-                                           if none_comparable else {})}
+                                           if none_comparable and not chosen else {})}
         if (row := self.q["rows"].get(best)) is not None:
             self.q["rows"]["distill1"] = dict(row, label="distill1", selected=best)
             self.goals()
+        self.stage("distill1", "ok", selected=best)  # (also replaces a failure recorded by an earlier call)
         self.log(f"distill1: {best} selected ({'--distill2-from; ' if chosen else ''}training forward KL {kls})")
         self.save()
         return True
@@ -475,6 +478,8 @@ class Pipeline:
         if self.a.token_budget_pct and not (self.a.distill1_variants or self.a.distill1_select):
             extra1 = self._token_budget(extra1, extra2)
         if not self._phase1(student, extra1, extra2):
+            if not self.a.phase1_only:
+                self.stage("distill2", "skipped", reason="no phase-1 result in this call")
             return
         if self.a.phase1_only:
             self.stage("distill2", "skipped", reason="--phase1-only")
@@ -484,14 +489,23 @@ class Pipeline:
             self.evaluate("distill2", dst)
 
     def _drop_downstream(self) -> None:
-        """A new phase 1 makes an earlier call's phase 2 and final W4A16 (checkpoints on this warm machine, rows in
-        quality.json) stale: remove them, so ``final`` cannot quantize them and no table shows them as current."""
-        for name in ("distill2", "distill2-w4a16", "distill1-w4a16"):
+        """A new phase 1 makes an earlier call's phase-1 choice (WORK/distill1, its row and selection), phase 2 and
+        final W4A16 (checkpoints on this warm machine, rows and stage records in quality.json) stale: remove them,
+        so ``final`` cannot quantize them and no table shows them as current, even if this phase 1 fails."""
+        d1 = self.work / "distill1"
+        if d1.is_symlink() or d1.is_file():  # a link to the chosen run: never delete through it
+            d1.unlink()
+        for name in ("distill1", "distill2", "distill2-w4a16", "distill1-w4a16"):
             if (self.work / name).is_dir():
                 shutil.rmtree(self.work / name)
             if self.q["rows"].pop(name, None) is not None:
                 self.log(f"dropped the earlier call's {name} (a new phase 1 runs)")
-        for key in ("distill2_recovered", "final_quant_ppl_change_pct"):
+                if name.endswith("-w4a16"):
+                    self.q["stages"].pop("final", None)
+        for name in ("distill1", "distill2"):
+            self.q["stages"].pop(name, None)
+        self.q.pop("distill1_selection", None)
+        for key in ("distill1_recovered", "distill2_recovered", "final_quant_ppl_change_pct"):
             self.q["goals"].pop(key, None)
         self.goals()
         self.save()
@@ -681,16 +695,17 @@ def main(argv=None) -> int:
                     help="phase 1 once per --hidden-weight (x lr), selected like --distill1-lrs")
     ap.add_argument("--distill1-variants", default="", metavar="NAME=ARGS;...",
                     help="phase 1 once per variant (extra distill args, e.g. 'all=;mlp=--trainable mlp'), each "
-                         "sized by --token-budget-pct with its own batch; selected like --distill1-lrs")
+                         "sized by --token-budget-pct with its own batch; selected like --distill1-lrs (or by --distill2-from)")
     ap.add_argument("--distill1-select", type=_pools, default=(), metavar="M[,M...]",
                     help="phase 1 also once per M on the windows python -m distill.select keeps: the highest "
                          "teacher-student KL windows of a random pool of M x phase 1's tokens of the train split "
                          "('all': every window); variant select-xM, sized like --distill1-variants, evaluated, but "
                          "not selected for phase 2 while another run exists (its training KL is on harder windows)")
     ap.add_argument("--distill2-from", default="", metavar="NAME",
-                    help="continue phase 2 from the phase-1 variant NAME (a --distill1-variants name) instead of "
-                         "the run with the lowest training forward KL: for a recipe whose own terms (e.g. "
-                         "--ce-weight) raise that KL")
+                    help="continue phase 2 from the phase-1 run NAME (a --distill1-variants name, or select-xM) "
+                         "instead of the run with the lowest training forward KL: for a recipe whose own terms "
+                         "(e.g. --ce-weight) raise that KL; it runs first. With --phase1-only it is the run that "
+                         "WORK/distill1 and the final stage use")
     ap.add_argument("--phase1-only", action="store_true", help="stop after phase 1 (diagnostic runs)")
     ap.add_argument("--parallel", type=int, default=1, metavar="N",
                     help="run up to N phase-1 runs (with their distill.select) at once on the one device, then "
@@ -723,9 +738,12 @@ def main(argv=None) -> int:
         clash = [n for n in a.distill1_variants if n in {f"select-x{m}" for m in a.distill1_select}]
         if clash:
             raise ValueError(f"--distill1-variants {clash[0]!r}: the name of a --distill1-select run; rename it")
-        if a.distill2_from and a.distill2_from not in a.distill1_variants:
-            raise ValueError(f"--distill2-from {a.distill2_from!r}: not a --distill1-variants name "
-                             f"({', '.join(a.distill1_variants) or 'none given'})")
+        names = [*a.distill1_variants, *(f"select-x{m}" for m in a.distill1_select)]
+        if a.distill2_from and a.distill2_from not in names:
+            raise ValueError(f"--distill2-from {a.distill2_from!r}: not a --distill1-variants or --distill1-select "
+                             f"run name ({', '.join(names) or 'none given'})")
+        if a.distill2_from and "distill" not in stages:
+            raise ValueError(f"--distill2-from {a.distill2_from!r}: the distill stage is not in --stages")
         if a.distill1_select and (a.distill1_lrs or a.distill1_hidden_weights):
             raise ValueError("--distill1-select runs beside --distill1-variants, not --distill1-lrs / "
                              "--distill1-hidden-weights: use variants")
