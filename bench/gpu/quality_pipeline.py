@@ -695,7 +695,8 @@ def main(argv=None) -> int:
                     help="phase 1 once per --hidden-weight (x lr), selected like --distill1-lrs")
     ap.add_argument("--distill1-variants", default="", metavar="NAME=ARGS;...",
                     help="phase 1 once per variant (extra distill args, e.g. 'all=;mlp=--trainable mlp'), each "
-                         "sized by --token-budget-pct with its own batch; selected like --distill1-lrs (or by --distill2-from)")
+                         "sized by --token-budget-pct with its own batch; selected like --distill1-lrs (or by "
+                         "--distill2-from)")
     ap.add_argument("--distill1-select", type=_pools, default=(), metavar="M[,M...]",
                     help="phase 1 also once per M on the windows python -m distill.select keeps: the highest "
                          "teacher-student KL windows of a random pool of M x phase 1's tokens of the train split "
