@@ -391,10 +391,10 @@ def _run(cfg: DistillConfig, env) -> dict:
         else:
             meta = json.loads((ck / "meta.json").read_text())
             want = cfg.result_dict()
-            # checkpoints from before --adam-eps / --ema-decay / --ce-weight ran with their defaults (torch's eps, no
-            # EMA, no data term)
-            had = {"adam_eps": DistillConfig.adam_eps, "ema_decay": DistillConfig.ema_decay,
-                   "ce_weight": DistillConfig.ce_weight, **meta["config"]}
+            # a setting missing from an older checkpoint did not exist yet: that run had its default's behaviour (new
+            # options default to the old behaviour: --adam-eps torch's eps, --ema-decay no average, --ce-weight no
+            # data term); a field whose default is resolved per phase (None here) still counts as different
+            had = {**{k: getattr(DistillConfig, k, None) for k in want}, **meta["config"]}
             diff = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
             if meta.get("data_sha256", data.sha256) != data.sha256:  # the same path, rewritten since
                 raise ValueError(f"{ck}: checkpoint was trained on other data ({data.source} has changed since: "

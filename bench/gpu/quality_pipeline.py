@@ -436,9 +436,8 @@ class Pipeline:
         if (row := self.q["rows"].get(best)) is not None:
             self.q["rows"]["distill1"] = dict(row, label="distill1", selected=best)
             self.goals()
-        self.stage("distill1", "ok", selected=best)  # (also replaces a failure recorded by an earlier call)
         self.log(f"distill1: {best} selected ({'--distill2-from; ' if chosen else ''}training forward KL {kls})")
-        self.save()
+        self.stage("distill1", "ok", selected=best)  # saves quality.json; replaces an earlier call's failure record
         return True
 
     def _select(self, name: str, student: Path, distill_args: list[str], mult: str) -> Path | None:
