@@ -95,8 +95,8 @@ def _distiller(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, total_
     """The :class:`Distiller` the benches step (``total_steps`` = every step it will take, for the lr schedule)
     and this rank's rows of a random global batch of ids [batch, seq_len] (int64, seed 0, on ``env.device``).
     ``switches``: extra DistillConfig fields (attn, loss_impl, compile_loss, compile_layers, ckpt_layers,
-    precision; precision None: bf16-mixed on cuda, fp32 on cpu). Resets the CUDA peak-memory counter just before
-    the Distiller is built, so :func:`_peak_gb` counts it and the steps."""
+    precision, ce_weight, hidden_weight; precision None: bf16-mixed on cuda, fp32 on cpu). Resets the CUDA
+    peak-memory counter just before the Distiller is built, so :func:`_peak_gb` counts it and the steps."""
     device = env.device
     sw = dict(switches or {})
     precision = sw.pop("precision", None) or ("bf16-mixed" if device.type == "cuda" else "fp32")
@@ -174,6 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-layers", action="store_true")
     ap.add_argument("--ckpt-layers", type=int, default=None)
     ap.add_argument("--precision", default=None, choices=("bf16-mixed", "bf16-master", "fp32"))
+    ap.add_argument("--ce-weight", type=float, default=None,
+                    help="distill --ce-weight (phase 1: the data cross-entropy term, computed in the logit loss's pass)")
+    ap.add_argument("--hidden-weight", type=float, default=None, help="distill --hidden-weight")
     ap.add_argument("--json-name", default="distill_bench.json", help="file name of the JSON in --out")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -202,7 +205,8 @@ def _run(args, env) -> int:
     say = print if env.is_main else (lambda *a, **k: None)  # only rank 0 talks
     configs = _configs(args.configs)  # a bad spec fails before any model is built
     switches = {k: v for k, v in dict(attn=args.attn, loss_impl=args.loss_impl, ckpt_layers=args.ckpt_layers,
-                                      precision=args.precision).items() if v is not None}
+                                      precision=args.precision, ce_weight=args.ce_weight,
+                                      hidden_weight=args.hidden_weight).items() if v is not None}
     switches.update({k: True for k in ("compile_loss", "compile_layers") if getattr(args, k)})
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
