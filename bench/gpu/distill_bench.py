@@ -21,6 +21,8 @@ Usage (repo root, GPU machine)::
     python bench/gpu/distill_bench.py --pairs small --steps 10
     python bench/gpu/distill_bench.py --pairs e4b --configs "1,16,2048,1,1024" --attn pdq_hybrid \
         --loss-impl fused --compile-loss --compile-layers --ckpt-layers 28 --precision bf16-master
+    # the same with phase 1's data term (--ce-weight: phase-1 configurations only)
+    python bench/gpu/distill_bench.py --pairs e4b --configs "1,16,2048,1,1024" ... --ce-weight 0.2 --hidden-weight 10
     torchrun --standalone --nproc-per-node 2 bench/gpu/distill_bench.py --pairs e4b --configs "1,32,2048,1,1024"
 
 Under torchrun every rank builds the same random pair on its GPU and the student is sharded with FSDP2 (what
@@ -90,19 +92,26 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _cfg(phase, batch, seq_len, grad_ckpt, chunk, total_steps, peak_tflops, device, switches=None):
+    """The :class:`DistillConfig` of one bench configuration (its validation raises ``ValueError``, e.g. for
+    ``ce_weight`` outside phase 1). ``switches``: extra DistillConfig fields (attn, loss_impl, compile_loss,
+    compile_layers, ckpt_layers, precision, ce_weight, hidden_weight; precision None: bf16-mixed on cuda, fp32 on
+    cpu)."""
+    sw = dict(switches or {})
+    precision = sw.pop("precision", None) or ("bf16-mixed" if device.type == "cuda" else "fp32")
+    return DistillConfig(teacher="-", student="-", out="-", phase=phase, steps=total_steps, batch=batch,
+                         seq_len=seq_len, lr=1e-5, grad_ckpt=grad_ckpt, chunk=chunk, precision=precision,
+                         lmbda=1.0, max_new_tokens=128, peak_tflops=peak_tflops, **sw)
+
+
 def _distiller(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, total_steps, peak_tflops, env,
                switches=None):
     """The :class:`Distiller` the benches step (``total_steps`` = every step it will take, for the lr schedule)
     and this rank's rows of a random global batch of ids [batch, seq_len] (int64, seed 0, on ``env.device``).
-    ``switches``: extra DistillConfig fields (attn, loss_impl, compile_loss, compile_layers, ckpt_layers,
-    precision, ce_weight, hidden_weight; precision None: bf16-mixed on cuda, fp32 on cpu). Resets the CUDA
-    peak-memory counter just before the Distiller is built, so :func:`_peak_gb` counts it and the steps."""
+    ``switches``: as :func:`_cfg`. Resets the CUDA peak-memory counter just before the Distiller is built, so
+    :func:`_peak_gb` counts it and the steps."""
     device = env.device
-    sw = dict(switches or {})
-    precision = sw.pop("precision", None) or ("bf16-mixed" if device.type == "cuda" else "fp32")
-    cfg = DistillConfig(teacher="-", student="-", out="-", phase=phase, steps=total_steps, batch=batch,
-                        seq_len=seq_len, lr=1e-5, grad_ckpt=grad_ckpt, chunk=chunk, precision=precision,
-                        lmbda=1.0, max_new_tokens=128, peak_tflops=peak_tflops, **sw)
+    cfg = _cfg(phase, batch, seq_len, grad_ckpt, chunk, total_steps, peak_tflops, device, switches)
     if not grad_ckpt and student.is_gradient_checkpointing:
         student.gradient_checkpointing_disable()
     vocab = student.config.vocab_size
@@ -127,8 +136,8 @@ def _peak_gb(device):
 def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, warmup, peak_tflops, env,
             switches=None):
     """Time ``steps`` Distiller steps after ``warmup`` on random ids (``batch`` = global sequences per step).
-    ``switches``: extra DistillConfig fields (attn, loss_impl, compile_loss, compile_layers, ckpt_layers,
-    precision)."""
+    ``switches``: as :func:`_cfg`. The row's ``loss`` and ``loss_parts`` are the last step's; the parts as
+    ``python -m distill`` logs them (``hidden_mse`` with its weight in, ``data_ce`` the plain mean cross-entropy)."""
     device = env.device
     dz, ids = _distiller(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps + warmup, peak_tflops,
                          env, switches)
@@ -148,7 +157,9 @@ def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, wa
                 "mfu": _mfu(dz, tok_s, peak_tflops, env.world),
                 "model_tflops_per_s": dz.flops_per_token * tok_s / 1e12,
                 "n_student": dz.n_student, "n_teacher": dz.n_teacher,
-                "peak_mem_gb": max(peaks), "peak_mem_gb_per_rank": peaks, "loss": rec["loss"]}
+                "peak_mem_gb": max(peaks), "peak_mem_gb_per_rank": peaks, "loss": rec["loss"],
+                "loss_parts": {k: v for k, v in rec.items()
+                               if k not in ("step", "lr", "grad_norm", "on_policy", "loss")}}
     finally:
         dz.opt.zero_grad(set_to_none=True)
         del dz
@@ -175,8 +186,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-layers", type=int, default=None)
     ap.add_argument("--precision", default=None, choices=("bf16-mixed", "bf16-master", "fp32"))
     ap.add_argument("--ce-weight", type=float, default=None,
-                    help="distill --ce-weight (phase 1: the data cross-entropy term, computed in the logit loss's pass)")
-    ap.add_argument("--hidden-weight", type=float, default=None, help="distill --hidden-weight")
+                    help="distill --ce-weight: the data cross-entropy term, in the logit loss's chunked pass "
+                         "(phase-1 --configs only; e4b's default list is phase 1)")
+    ap.add_argument("--hidden-weight", type=float, default=None,
+                    help="distill --hidden-weight (default: distill's, 1 in phase 1)")
     ap.add_argument("--json-name", default="distill_bench.json", help="file name of the JSON in --out")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -208,8 +221,22 @@ def _run(args, env) -> int:
                                       precision=args.precision, ce_weight=args.ce_weight,
                                       hidden_weight=args.hidden_weight).items() if v is not None}
     switches.update({k: True for k in ("compile_loss", "compile_layers") if getattr(args, k)})
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    for pair in [p for p in args.pairs.split(",") if p]:  # every configuration's settings, before any model
+        if pair not in PAIRS:
+            say(f"distill_bench: unknown pair {pair!r}; choose from {sorted(PAIRS)}", file=sys.stderr)
+            return 2
+        for phase, batch, seq, ckpt, chunk in configs or CONFIGS[pair]:
+            try:
+                _cfg(phase, batch, seq, ckpt, chunk, args.steps + args.warmup, args.peak_tflops, device, switches)
+            except ValueError as e:
+                hint = (" (give phase-1 --configs: the default small/micro lists hold a phase-2 row)"
+                        if phase != 1 else "")
+                say(f"distill_bench: {pair} configuration {phase},{batch},{seq},{int(ckpt)},{chunk}: {e}{hint}",
+                    file=sys.stderr)
+                return 2
+    if device.type == "cuda":  # as python -m distill does on cuda; never on cpu (the flags are process-wide)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": name, "torch": torch.__version__, "world": env.world, "switches": switches,
               "date": _dt.date.today().isoformat(), "peak_tflops": args.peak_tflops,
@@ -222,9 +249,6 @@ def _run(args, env) -> int:
     say(f"{report['device']}, torch {report['torch']}, MFU vs {args.peak_tflops} TFLOP/s dense bf16")
     say(hdr)
     for pair in [p for p in args.pairs.split(",") if p]:
-        if pair not in PAIRS:
-            say(f"distill_bench: unknown pair {pair!r}; choose from {sorted(PAIRS)}", file=sys.stderr)
-            return 2
         teacher = student = None
         for phase, batch, seq, ckpt, chunk in configs or CONFIGS[pair]:
             # a fresh pair when the last Distiller changed the student in place (FSDP2 sharding, bf16 layout,
