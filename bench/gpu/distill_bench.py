@@ -158,8 +158,8 @@ def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, wa
                 "model_tflops_per_s": dz.flops_per_token * tok_s / 1e12,
                 "n_student": dz.n_student, "n_teacher": dz.n_teacher,
                 "peak_mem_gb": max(peaks), "peak_mem_gb_per_rank": peaks, "loss": rec["loss"],
-                "loss_parts": {k: v for k, v in rec.items()
-                               if k not in ("step", "lr", "grad_norm", "on_policy", "loss")}}
+                "loss_parts": {k: v for k, v in rec.items()  # the terms, not hidden_mse's per-layer split
+                               if k not in ("step", "lr", "grad_norm", "on_policy", "loss") and "/" not in k}}
     finally:
         dz.opt.zero_grad(set_to_none=True)
         del dz
