@@ -7,27 +7,17 @@ bench's ids, computed here independently by a plain forward pass and ``F.cross_e
 phase-2 configuration with ``--ce-weight`` is refused before any model is built."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bench.factory import build_model
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("distill_bench", REPO / "bench/gpu/distill_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench.gpu import distill_bench as db
 
 
-def _row(db, out, name, configs, *switches):
+def _row(out, name, configs, *switches):
     assert db.main(["--device", "cpu", "--pairs", "micro", "--steps", "1", "--warmup", "0", "--configs", configs,
                     "--out", str(out), "--json-name", name, *switches]) == 0
     rep = json.loads((out / name).read_text())
@@ -36,13 +26,12 @@ def _row(db, out, name, configs, *switches):
 
 
 def test_ce_and_hidden_weight_switches_reach_the_loss(tmp_path):
-    db = _bench()
     batch, seq, w = 2, 64, 0.5
     configs = f"1,{batch},{seq},0,64"
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    rep0, r0 = _row(db, tmp_path, "h3.json", configs, "--ce-weight", "0", "--hidden-weight", "3")
-    rep1, r1 = _row(db, tmp_path, "h3-ce.json", configs, "--ce-weight", str(w), "--hidden-weight", "3")
-    _, rh1 = _row(db, tmp_path, "h1.json", configs, "--hidden-weight", "1")
+    rep0, r0 = _row(tmp_path, "h3.json", configs, "--ce-weight", "0", "--hidden-weight", "3")
+    rep1, r1 = _row(tmp_path, "h3-ce.json", configs, "--ce-weight", str(w), "--hidden-weight", "3")
+    _, rh1 = _row(tmp_path, "h1.json", configs, "--hidden-weight", "1")
     assert rep0["switches"] == {"ce_weight": 0.0, "hidden_weight": 3.0}
     assert rep1["switches"] == {"ce_weight": w, "hidden_weight": 3.0}
     # the process-wide TF32 flags are only touched on cuda
@@ -61,7 +50,6 @@ def test_ce_and_hidden_weight_switches_reach_the_loss(tmp_path):
 
 
 def test_ce_weight_with_a_phase2_configuration_is_refused_first(tmp_path, capsys):
-    db = _bench()
     rc = db.main(["--device", "cpu", "--pairs", "micro", "--steps", "1", "--warmup", "0",
                   "--configs", "1,2,64,0,64;2,2,160,0,64", "--out", str(tmp_path), "--ce-weight", "0.5"])
     err = capsys.readouterr().err

@@ -221,7 +221,8 @@ def _run(args, env) -> int:
                                       precision=args.precision, ce_weight=args.ce_weight,
                                       hidden_weight=args.hidden_weight).items() if v is not None}
     switches.update({k: True for k in ("compile_loss", "compile_layers") if getattr(args, k)})
-    for pair in [p for p in args.pairs.split(",") if p]:  # every configuration's settings, before any model
+    pairs = [p for p in args.pairs.split(",") if p]
+    for pair in pairs:  # every configuration's settings, before any model is built
         if pair not in PAIRS:
             say(f"distill_bench: unknown pair {pair!r}; choose from {sorted(PAIRS)}", file=sys.stderr)
             return 2
@@ -248,7 +249,7 @@ def _run(args, env) -> int:
            f"{'TFLOP/s':>8} {'step ms':>8} {'peak GB':>8} {'tok/s/GPU':>10}  ({env.world} GPU(s); peak = max rank)")
     say(f"{report['device']}, torch {report['torch']}, MFU vs {args.peak_tflops} TFLOP/s dense bf16")
     say(hdr)
-    for pair in [p for p in args.pairs.split(",") if p]:
+    for pair in pairs:
         teacher = student = None
         for phase, batch, seq, ckpt, chunk in configs or CONFIGS[pair]:
             # a fresh pair when the last Distiller changed the student in place (FSDP2 sharding, bf16 layout,
