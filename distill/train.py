@@ -52,7 +52,18 @@ from .models import (DistillModule, MasterWeights, capture_layer_outputs, check_
 from .sample import continuation_mask, on_policy_step, row_seed, sample_continuations
 from .state import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["run", "Distiller", "lr_at", "checkpoint_sha256", "student_dtype"]
+__all__ = ["run", "Distiller", "lr_at", "checkpoint_sha256", "student_dtype", "loss_parts"]
+
+# the bookkeeping keys of a Distiller.step record; every other key but "loss" is a loss term
+_STEP_KEYS = ("step", "lr", "grad_norm", "on_policy")
+
+
+def loss_parts(rec: dict, per_layer: bool = True) -> dict:
+    """The loss terms of a :meth:`Distiller.step` record, in its order (``hidden_mse`` with its weight in,
+    ``data_ce`` the plain mean cross-entropy, ...); ``per_layer=False`` leaves out the hidden term's per-layer
+    split (``hidden_mse/<i>``)."""
+    return {k: v for k, v in rec.items()
+            if k not in _STEP_KEYS and k != "loss" and (per_layer or "/" not in k)}
 
 BF16_MASTER_DIST_ERROR = ("--precision bf16-master runs in one process only; under torchrun use bf16-mixed (FSDP2 "
                           "already computes in bf16 over fp32 sharded master weights, with an fp32 gradient reduce)")
@@ -430,8 +441,8 @@ def _run(cfg: DistillConfig, env) -> dict:
     for step in range(start, cfg.steps):
         ids = data.batch(step, cfg.batch, env.rank, env.world, cfg.seed).to(env.device)
         rec = dz.step(step, ids)
-        parts = [k for k in rec if k not in ("step", "lr", "grad_norm", "on_policy", "loss")]
-        history.append({k: rec[k] for k in ("step", "on_policy", "loss", *parts)})
+        parts = loss_parts(rec)
+        history.append({"step": rec["step"], "on_policy": rec["on_policy"], "loss": rec["loss"], **parts})
         step_int += 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             if cuda:
@@ -488,7 +499,7 @@ def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:
                                 "max_new_tokens": cfg.max_new_tokens}}
         if layers:
             losses["hidden_mse"] = {"weight": cfg.hidden_weight, "layers": layers}
-    keys = [k for k in history[-1] if k not in ("step", "on_policy") and "/" not in k]
+    keys = ["loss", *loss_parts(history[-1], per_layer=False)]
     return {
         "phase": cfg.phase, "losses": losses, "steps": cfg.steps, "batch": cfg.batch, "seq_len": cfg.seq_len,
         "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio, "warmup_steps": cfg.warmup_steps,

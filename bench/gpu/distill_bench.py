@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.factory import build_model  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
 from distill import parallel  # noqa: E402
-from distill.train import Distiller  # noqa: E402
+from distill.train import Distiller, loss_parts  # noqa: E402
 
 PAIRS = {"small": dict(scale="small", student_mlp=2048), "e4b": dict(scale="e4b", student_mlp=8192),
          "micro": dict(scale="micro", student_mlp=512)}  # micro: CPU smoke run of this script (--device cpu)
@@ -158,8 +158,7 @@ def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, wa
                 "model_tflops_per_s": dz.flops_per_token * tok_s / 1e12,
                 "n_student": dz.n_student, "n_teacher": dz.n_teacher,
                 "peak_mem_gb": max(peaks), "peak_mem_gb_per_rank": peaks, "loss": rec["loss"],
-                "loss_parts": {k: v for k, v in rec.items()  # the terms, not hidden_mse's per-layer split
-                               if k not in ("step", "lr", "grad_norm", "on_policy", "loss") and "/" not in k}}
+                "loss_parts": loss_parts(rec, per_layer=False)}
     finally:
         dz.opt.zero_grad(set_to_none=True)
         del dz
