@@ -1,7 +1,10 @@
-"""Shared pytest set-up: `gpu` tests skip without CUDA, `vllm` tests skip without vLLM."""
+"""Shared pytest set-up: `gpu` tests skip without CUDA, `vllm` tests skip without vLLM; under pytest-xdist (README's
+test command: ``-n 2 --dist loadfile --no-loadscope-reorder``) one CPU thread per process and the long files first."""
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +12,28 @@ import torch
 # session fixtures: `trained_micro` (bench evaluation bed); `micro_tok`, `prune_ckpts` (prune tests)
 pytest_plugins = ["tests.bench_fixtures", "tests.prune_fixtures"]
 
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
+    # Two workers on CI's two cores: each worker (most test modules already pin torch to one thread) and every
+    # process a test starts (pipelines, torchrun ranks, CLIs) run one OpenMP thread, so the cores are not
+    # oversubscribed. (A serial run leaves the started processes at torch's default; the suite passes both ways.)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The longest files on CI's 2-core host (pytest --durations, seventeenth session; together ~70 % of the suite's
+# time). With ``--dist loadfile --no-loadscope-reorder`` xdist hands out whole files in collection order, so these
+# start first and the many short files even out the two workers at the end.
+LONG_FILES = ("test_quality_pipeline.py", "test_marlin_exact_interp.py", "test_distill_run.py",
+              "test_distill_fsdp.py", "test_bench_multi.py", "test_prune_refit.py", "test_pack_errors.py")
+
+
+def _long_first(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(LONG_FILES)))  # stable: file order kept
+
 
 def pytest_collection_modifyitems(config, items):
+    if XDIST_WORKER:
+        _long_first(items)
     has_cuda = torch.cuda.is_available()
     has_vllm = importlib.util.find_spec("vllm") is not None
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
