@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ if XDIST_WORKER:
     # oversubscribed. (A serial run leaves the started processes at torch's default; the suite passes both ways.)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The longest files on CI's 2-core host (pytest --durations, seventeenth session; together ~70 % of the suite's
+# The longest files on CI's 2-core host (pytest --durations, seventeenth session; together ~75 % of the suite's
 # time). With ``--dist loadfile --no-loadscope-reorder`` xdist hands out whole files in collection order, so these
 # start first and the many short files even out the two workers at the end.
 LONG_FILES = ("test_quality_pipeline.py", "test_marlin_exact_interp.py", "test_distill_run.py",
@@ -28,7 +27,7 @@ LONG_FILES = ("test_quality_pipeline.py", "test_marlin_exact_interp.py", "test_d
 
 def _long_first(items: list) -> None:
     rank = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(LONG_FILES)))  # stable: file order kept
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: the file order is kept
 
 
 def pytest_collection_modifyitems(config, items):
