@@ -5,18 +5,18 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import pytest
-import torch
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
+    # Two workers on CI's two cores: each worker and every process a test starts (pipelines, torchrun ranks, CLIs)
+    # run one OpenMP thread, so the cores are not oversubscribed; set before torch is imported. (A serial run
+    # leaves the started processes at torch's default; the suite passes both ways.)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # session fixtures: `trained_micro` (bench evaluation bed); `micro_tok`, `prune_ckpts` (prune tests)
 pytest_plugins = ["tests.bench_fixtures", "tests.prune_fixtures"]
-
-XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
-if XDIST_WORKER:
-    # Two workers on CI's two cores: each worker (most test modules already pin torch to one thread) and every
-    # process a test starts (pipelines, torchrun ranks, CLIs) run one OpenMP thread, so the cores are not
-    # oversubscribed. (A serial run leaves the started processes at torch's default; the suite passes both ways.)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The longest files on CI's 2-core host (pytest --durations, seventeenth session; together ~75 % of the suite's
 # time). With ``--dist loadfile --no-loadscope-reorder`` xdist hands out whole files in collection order, so these
