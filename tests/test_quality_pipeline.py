@@ -141,15 +141,17 @@ def test_distill1_variants_phase1_only(tmp_path, trained_micro):
 
 def test_distill2_from_overrides_the_kl_choice(tmp_path, trained_micro):
     """``--distill2-from NAME`` continues phase 2 from that variant even where another run has the lower training
-    forward KL (a data cross-entropy term raises the KL it is selected by). When the named run fails in a later call
-    on the same machine, nothing of the earlier call's phase 1 / phase 2 is left for ``final`` or the table."""
+    forward KL (a data cross-entropy term raises the KL it is selected by); ``--distill2-also`` runs the same phase 2
+    from another variant beside it (``--parallel 2``: both at once). When the named run fails in a later call on the
+    same machine, nothing of the earlier call's phase 1 / phase 2 is left for ``final`` or the table."""
     from pack.checkpoint import read_lineage
 
     work, q = _pipeline(tmp_path, trained_micro, "--stages", "prune,distill", "--criteria", "activation",
                         "--prune-args=--samples 8 --seq-len 128",
                         "--distill1-args", "--steps 2 --batch 2 --seq-len 128",
                         "--distill2-args", "--steps 1 --batch 2 --seq-len 128 --max-new-tokens 32",
-                        "--distill1-variants", "kd=;ce=--ce-weight 1", "--distill2-from", "ce")
+                        "--distill1-variants", "kd=;ce=--ce-weight 1", "--distill2-from", "ce",
+                        "--distill2-also", "kd", "--parallel", "2")
     kls = {n: read_lineage(work / n)[-1]["loss_last10"]["forward_kl"] for n in ("distill1-kd", "distill1-ce")}
     assert kls["distill1-kd"] < kls["distill1-ce"]  # the premise: the KL rule alone would have taken kd
     chosen = q["distill1_selection"]
@@ -160,6 +162,18 @@ def test_distill2_from_overrides_the_kl_choice(tmp_path, trained_micro):
     d2 = read_lineage(work / "distill2")  # phase 2 continued from the data-term run
     assert [s["kind"] for s in d2[-2:]] == ["distill", "distill"] and d2[-2]["losses"]["data_ce"]["weight"] == 1.0
     assert "distill2" in q["rows"]
+    # --distill2-also kd: the same phase 2 from the other run, its own row, not selected and not quantized
+    also = read_lineage(work / "distill2-from-kd")
+    assert [s["kind"] for s in also[-2:]] == ["distill", "distill"] and "data_ce" not in also[-2]["losses"]
+    assert also[-2]["phase"] == 1 and also[-1]["phase"] == 2 and also[-1]["steps"] == d2[-1]["steps"] == 1
+    assert also[-2] == read_lineage(work / "distill1-kd")[-1]
+    assert q["stages"]["distill2-from-kd"]["status"] == "ok"
+    assert q["rows"]["distill2-from-kd"]["ppl"] != q["rows"]["distill2"]["ppl"]
+    assert set(q["goals"]["ppl_ratio"]) >= {"distill2", "distill2-from-kd"}
+    log = (tmp_path / "out0" / "pipeline.log").read_text().split("] stage distill1: ok", 1)[1]
+    lines = [ln for ln in log.splitlines() if ln.startswith("[")]
+    first_done = next(i for i, ln in enumerate(lines) if "] stage " in ln)
+    assert sum("--phase 2" in ln for ln in lines[:first_done]) == 2, lines[:first_done + 1]  # both started at once
 
     # a second call whose named run fails: the earlier choice, phase 2 and their rows are gone, the call fails
     out2 = tmp_path / "out-fail"
@@ -177,6 +191,7 @@ def test_distill2_from_overrides_the_kl_choice(tmp_path, trained_micro):
     assert not {"distill1", "distill2"} & set(q2["rows"]) and "distill1_recovered" not in q2["goals"]
     assert not (work / "distill1").exists() and not (work / "distill1").is_symlink()
     assert not (work / "distill2").exists() and (work / "distill1-ce" / "config.json").is_file()
+    assert not (work / "distill2-from-kd").exists() and "distill2-from-kd" not in {*q2["rows"], *q2["stages"]}
 
 
 def test_distill1_select_variants(tmp_path, trained_micro):
@@ -240,6 +255,15 @@ def test_distill1_select_options_checked_at_start(tmp_path):
                         "given)"),
                        (["--stages", "prune", "--distill1-select", "2", "--distill2-from", "select-x2"],
                         "--distill2-from 'select-x2': the distill stage is not in --stages"),
+                       (["--distill1-variants", "a=;b=--lr 2e-4", "--distill2-also", "b"],
+                        "--distill2-also: needs --distill2-from"),
+                       (["--distill1-variants", "a=;b=--lr 2e-4", "--distill2-from", "a", "--distill2-also", "b",
+                         "--phase1-only"], "--distill2-also: needs --distill2-from"),
+                       (["--distill1-variants", "a=;b=--lr 2e-4", "--distill2-from", "a", "--distill2-also", "a"],
+                        "--distill2-also 'a': not a --distill1-variants or --distill1-select run name other than"),
+                       (["--distill1-variants", "a=;b=--lr 2e-4", "--distill2-from", "a", "--distill2-also", "b,c"],
+                        "--distill2-also 'c': not a"),
+                       (["--distill2-also", "b,b"], "'b,b': a name twice"),
                        (["--distill1-args", "--ema-decay 1"], "--distill1-args: --ema-decay 1.0: must be in [0, 1)"),
                        (["--distill2-args", "--beta 2"], "--distill2-args: --beta 2.0: must be in [0, 1]")):
         r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), *extra,

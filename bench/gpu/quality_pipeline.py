@@ -19,7 +19,8 @@ distill    ``python -m distill --teacher WORK/base --student WORK/pruned-A -o WO
            pool of M x its tokens; ``--token-budget-pct P``: phase 1's steps chosen so both
            phases use P % of the teacher's training tokens; ``--phase1-only``: no phase 2; ``--parallel N``: up
            to N phase-1 runs at once (the small pair leaves the GPU mostly idle), evaluated afterwards;
-           ``--distill2-from NAME``: phase 2 continues from that variant whatever its training KL
+           ``--distill2-from NAME``: phase 2 continues from that variant whatever its training KL;
+           ``--distill2-also A,B``: phase 2 also from those variants (rows ``distill2-from-A``, not quantized)
 final      ``python -m pack.quantize`` of the last distilled (else pruned) checkpoint; eval
 scratch    (only when named) the pruned width trained from scratch with ``--train-args``
            (``bench.train --mlp-width W`` into WORK/scratch-mlpW); eval — the control for the distill goal
@@ -483,9 +484,33 @@ class Pipeline:
         if self.a.phase1_only:
             self.stage("distill2", "skipped", reason="--phase1-only")
             return
-        dst = self.work / "distill2"
-        if self.run("distill2", self._distill_cmd(2, self.work / "distill1", dst, extra2), min_s=60):
-            self.evaluate("distill2", dst)
+        # phase 2 from the chosen run, and with --distill2-also from those runs too (WORK/distill2-from-NAME):
+        # the same phase 2 after different phase-1 recipes on one teacher; up to --parallel at once (phase 2 is
+        # sampling-bound and leaves the GPU mostly idle), evaluated one by one afterwards
+        runs = {"distill2": self.work / "distill1"}
+        for name in self.a.distill2_also:
+            if (self.work / f"distill1-{name}" / "config.json").is_file():
+                runs[f"distill2-from-{name}"] = self.work / f"distill1-{name}"
+            else:
+                self.stage(f"distill2-from-{name}", "skipped", reason=f"phase-1 run distill1-{name} did not finish")
+
+        def phase2(name: str) -> bool:
+            try:
+                return self.run(name, self._distill_cmd(2, runs[name], self.work / name, extra2), min_s=60)
+            except Exception as e:  # noqa: BLE001 — one broken run must not cost the others theirs
+                self.stage(name, "failed", reason=f"{type(e).__name__}: {e}")
+                return False
+
+        if self.a.parallel > 1 and len(runs) > 1:
+            with ThreadPoolExecutor(self.a.parallel) as ex:
+                done = dict(zip(runs, ex.map(phase2, runs)))
+            for name in runs:
+                if done[name]:
+                    self.evaluate(name, self.work / name)
+        else:
+            for name in runs:
+                if phase2(name):
+                    self.evaluate(name, self.work / name)
 
     def _drop_downstream(self) -> None:
         """A new phase 1 makes an earlier call's phase-1 choice (WORK/distill1, its row and selection), phase 2 and
@@ -494,14 +519,16 @@ class Pipeline:
         d1 = self.work / "distill1"
         if d1.is_symlink() or d1.is_file():  # a link to the chosen run: never delete through it
             d1.unlink()
-        for name in ("distill1", "distill2", "distill2-w4a16", "distill1-w4a16"):
+        also = sorted({p.name for p in self.work.glob("distill2-from-*")} |
+                      {k for k in [*self.q["rows"], *self.q["stages"]] if k.startswith("distill2-from-")})
+        for name in ("distill1", "distill2", "distill2-w4a16", "distill1-w4a16", *also):
             if (self.work / name).is_dir():
                 shutil.rmtree(self.work / name)
             if self.q["rows"].pop(name, None) is not None:
                 self.log(f"dropped the earlier call's {name} (a new phase 1 runs)")
                 if name.endswith("-w4a16"):
                     self.q["stages"].pop("final", None)
-        for name in ("distill1", "distill2"):
+        for name in ("distill1", "distill2", *also):
             self.q["stages"].pop(name, None)
         self.q.pop("distill1_selection", None)
         for key in ("distill1_recovered", "distill2_recovered", "final_quant_ppl_change_pct"):
@@ -522,7 +549,8 @@ class Pipeline:
         order = ["base", "base-w4a16", *sorted(k for k in self.q["rows"] if k.startswith("pruned-") and
                                                not k.endswith("w4a16")),
                  *sorted(k for k in self.q["rows"] if k.startswith("distill1-") and not k.endswith("w4a16")),
-                 "distill1", "distill2", *sorted(k for k in self.q["rows"] if k.startswith("distill") and
+                 "distill1", "distill2", *sorted(k for k in self.q["rows"] if k.startswith("distill2-from-")),
+                 *sorted(k for k in self.q["rows"] if k.startswith("distill") and
                                                  k.endswith("w4a16")),
                  *sorted(k for k in self.q["rows"] if k.startswith("pruned-") and k.endswith("w4a16")),
                  *sorted(k for k in self.q["rows"] if k.startswith("scratch-"))]
@@ -634,6 +662,14 @@ def _pools(spec: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _names(spec: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ("a", "b"): phase-1 run names for --distill2-also (no repeats)."""
+    out = tuple(x.strip() for x in spec.split(",") if x.strip())
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"{spec!r}: a name twice")
+    return out
+
+
 PRUNE_OPTIONS = ("refit", "train")  # +refit: prune --refit; +train: calibrate on the train split
 
 
@@ -706,6 +742,11 @@ def main(argv=None) -> int:
                          "instead of the run with the lowest training forward KL: for a recipe whose own terms "
                          "(e.g. --ce-weight) raise that KL; it runs first. With --phase1-only it is the run that "
                          "WORK/distill1 and the final stage use")
+    ap.add_argument("--distill2-also", type=_names, default=(), metavar="NAME[,NAME...]",
+                    help="phase 2 also from these phase-1 runs (--distill1-variants names) into "
+                         "WORK/distill2-from-NAME, each evaluated (row distill2-from-NAME), not quantized: the same "
+                         "phase 2 after other phase-1 recipes on one teacher; needs --distill2-from (the run that "
+                         "distill2 and the final stage follow); up to --parallel phase-2 runs at once")
     ap.add_argument("--phase1-only", action="store_true", help="stop after phase 1 (diagnostic runs)")
     ap.add_argument("--parallel", type=int, default=1, metavar="N",
                     help="run up to N phase-1 runs (with their distill.select) at once on the one device, then "
@@ -744,6 +785,14 @@ def main(argv=None) -> int:
                              f"run name ({', '.join(names) or 'none given'})")
         if a.distill2_from and "distill" not in stages:
             raise ValueError(f"--distill2-from {a.distill2_from!r}: the distill stage is not in --stages")
+        if a.distill2_also:
+            if not a.distill2_from or a.phase1_only:
+                raise ValueError("--distill2-also: needs --distill2-from (the run distill2 follows) and phase 2 "
+                                 "(not --phase1-only)")
+            bad = [n for n in a.distill2_also if n not in names or n == a.distill2_from]
+            if bad:
+                raise ValueError(f"--distill2-also {bad[0]!r}: not a --distill1-variants or --distill1-select run "
+                                 f"name other than --distill2-from's ({', '.join(names)})")
         if a.distill1_select and (a.distill1_lrs or a.distill1_hidden_weights):
             raise ValueError("--distill1-select runs beside --distill1-variants, not --distill1-lrs / "
                              "--distill1-hidden-weights: use variants")
