@@ -6,12 +6,33 @@ and continue phase 2 from the run with the lowest phase-1 training forward KL (r
 compared here independently)."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def _pipeline_module():
+    spec = importlib.util.spec_from_file_location("quality_pipeline_cli", REPO / "bench/gpu/quality_pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _refused(capsys, *argv: str) -> tuple[int, str]:
+    """The pipeline's ``main(argv)`` in this process, for options it must refuse before any stage runs (argparse's
+    exit): (exit code, stderr). In-process because each case in a subprocess paid an interpreter start and a torch
+    import (~5 s on CI's two cores) to test the same parsing."""
+    with pytest.raises(SystemExit) as e:
+        _pipeline_module().main(list(argv))
+    return e.value.code, capsys.readouterr().err
 
 
 def _pipeline(tmp_path, base, *args, stdout: list | None = None) -> tuple[Path, dict]:
@@ -99,15 +120,14 @@ def test_refit_criteria_entry(tmp_path, trained_micro):
     assert q2["stages"]["final"]["status"] == "ok" and (work / "distill1-w4a16" / "config.json").is_file()
 
 
-def test_criteria_entry_options_checked_at_start(tmp_path, trained_micro):
+def test_criteria_entry_options_checked_at_start(tmp_path, capsys):
     """A criteria entry with an unknown or repeated option is refused before any stage runs."""
     for entry, msg in [("activation+wide", "options are +refit and +train"),
                        ("activation+refit+refit", "options are +refit and +train"), ("+refit", "options are"),
                        ("activaton+refit", "unknown criterion 'activaton'")]:
-        r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--stages", "prune",
-                            "--criteria", entry, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and msg in r.stderr, r.stderr[-500:]
+        code, err = _refused(capsys, "--stages", "prune", "--criteria", entry, "--work", str(tmp_path / "w"),
+                             "--out", str(tmp_path / "o"))
+        assert code == 2 and msg in err, err[-500:]
         assert not (tmp_path / "o" / "quality.json").exists()
 
 
@@ -241,7 +261,7 @@ def test_distill1_select_variants(tmp_path, trained_micro):
     assert not (work / "distill2").exists()
 
 
-def test_distill1_select_options_checked_at_start(tmp_path):
+def test_distill1_select_options_checked_at_start(tmp_path, capsys):
     for extra, msg in ((["--distill1-select", "2,0.5"], "'0.5': a pool multiple is a number >= 1 or 'all'"),
                        (["--distill1-select", "2,2.0"], "'2.0': the same pool twice"),
                        (["--distill1-select", "2", "--distill1-variants", "select-x2=--lr 1e-4"],
@@ -266,24 +286,23 @@ def test_distill1_select_options_checked_at_start(tmp_path):
                        (["--distill2-also", "b,b"], "'b,b': a name twice"),
                        (["--distill1-args", "--ema-decay 1"], "--distill1-args: --ema-decay 1.0: must be in [0, 1)"),
                        (["--distill2-args", "--beta 2"], "--distill2-args: --beta 2.0: must be in [0, 1]")):
-        r = subprocess.run([sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), *extra,
-                            "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and msg in r.stderr, r.stderr
+        code, err = _refused(capsys, *extra, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"))
+        assert code == 2 and msg in err, err
     assert not (tmp_path / "w").exists()
 
 
-def test_quantize_stages_need_compressed_tensors_at_start(tmp_path):
+def test_quantize_stages_need_compressed_tensors_at_start(tmp_path, capsys, monkeypatch):
     """Without compressed-tensors the quant / final stages are refused before any stage runs (they used to fail
     at the end of a GPU call, after its training)."""
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "compressed_tensors", None)  # not importable (find_spec returns None)
+        for stages, named in (("train,eval,final", "final"), ("quant,prune", "quant")):
+            code, err = _refused(capsys, "--stages", stages, "--work", str(tmp_path / "w"),
+                                 "--out", str(tmp_path / "o"))
+            assert code == 2 and f"stage(s) {named} run python -m pack.quantize" in err, err
+    assert not (tmp_path / "w").exists()
     run = ("import runpy, sys; sys.modules['compressed_tensors'] = None; sys.argv = sys.argv[1:]; "
            "runpy.run_path(sys.argv[0], run_name='__main__')")
-    for stages, named in (("train,eval,final", "final"), ("quant,prune", "quant")):
-        r = subprocess.run([sys.executable, "-c", run, str(REPO / "bench/gpu/quality_pipeline.py"), "--stages", stages,
-                            "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and f"stage(s) {named} run python -m pack.quantize" in r.stderr, r.stderr
-    assert not (tmp_path / "w").exists()
     r = subprocess.run([sys.executable, "-c", run, str(REPO / "bench/gpu/quality_pipeline.py"), "--stages", "prune",
                         "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--base", str(tmp_path / "none")],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
