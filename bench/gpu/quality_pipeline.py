@@ -501,16 +501,13 @@ class Pipeline:
                 self.stage(name, "failed", reason=f"{type(e).__name__}: {e}")
                 return False
 
-        if self.a.parallel > 1 and len(runs) > 1:
+        done, parallel = {}, self.a.parallel > 1 and len(runs) > 1
+        if parallel:
             with ThreadPoolExecutor(self.a.parallel) as ex:
                 done = dict(zip(runs, ex.map(phase2, runs)))
-            for name in runs:
-                if done[name]:
-                    self.evaluate(name, self.work / name)
-        else:
-            for name in runs:
-                if phase2(name):
-                    self.evaluate(name, self.work / name)
+        for name in runs:
+            if done[name] if parallel else phase2(name):  # one at a time: run, then evaluate
+                self.evaluate(name, self.work / name)
 
     def _drop_downstream(self) -> None:
         """A new phase 1 makes an earlier call's phase-1 choice (WORK/distill1, its row and selection), phase 2 and
@@ -550,8 +547,7 @@ class Pipeline:
                                                not k.endswith("w4a16")),
                  *sorted(k for k in self.q["rows"] if k.startswith("distill1-") and not k.endswith("w4a16")),
                  "distill1", "distill2", *sorted(k for k in self.q["rows"] if k.startswith("distill2-from-")),
-                 *sorted(k for k in self.q["rows"] if k.startswith("distill") and
-                                                 k.endswith("w4a16")),
+                 *sorted(k for k in self.q["rows"] if k.startswith("distill") and k.endswith("w4a16")),
                  *sorted(k for k in self.q["rows"] if k.startswith("pruned-") and k.endswith("w4a16")),
                  *sorted(k for k in self.q["rows"] if k.startswith("scratch-"))]
         rows = [dict(self.q["rows"][k], name=k) for k in dict.fromkeys(order) if k in self.q["rows"]]
