@@ -6,8 +6,6 @@ and continue phase 2 from the run with the lowest phase-1 training forward KL (r
 compared here independently)."""
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,15 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.gpu import quality_pipeline
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@functools.cache
-def _pipeline_module():
-    spec = importlib.util.spec_from_file_location("quality_pipeline_cli", REPO / "bench/gpu/quality_pipeline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _refused(capsys, *argv: str) -> tuple[int, str]:
@@ -31,7 +23,7 @@ def _refused(capsys, *argv: str) -> tuple[int, str]:
     exit): (exit code, stderr). In-process because each case in a subprocess paid an interpreter start and a torch
     import (~5 s on CI's two cores) to test the same parsing."""
     with pytest.raises(SystemExit) as e:
-        _pipeline_module().main(list(argv))
+        quality_pipeline.main(list(argv))
     return e.value.code, capsys.readouterr().err
 
 

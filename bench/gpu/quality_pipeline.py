@@ -380,11 +380,7 @@ class Pipeline:
             return self.run(name, self._distill_cmd(1, student, self.work / name, full), min_s=60)
 
         def train_in_thread(name: str) -> bool:
-            try:
-                return train(name)
-            except (Exception, SystemExit) as e:  # noqa: BLE001 — one broken run must not cost the others theirs
-                self.stage(name, "failed", reason=f"{type(e).__name__}: {e}")
-                return False
+            return self._isolated(name, lambda: train(name))
 
         kls, done, averaged = {}, {}, set()
         parallel = self.a.parallel > 1 and len(runs) > 1
@@ -441,6 +437,15 @@ class Pipeline:
         self.stage("distill1", "ok", selected=best)  # saves quality.json; replaces an earlier call's failure record
         return True
 
+    def _isolated(self, name: str, fn) -> bool:
+        """``fn()`` for the run ``name`` (one of several, e.g. on a worker thread): an error marks that run failed
+        and returns False, so one broken run does not cost the others theirs."""
+        try:
+            return fn()
+        except (Exception, SystemExit) as e:  # noqa: BLE001
+            self.stage(name, "failed", reason=f"{type(e).__name__}: {e}")
+            return False
+
     def _select(self, name: str, student: Path, distill_args: list[str], mult: str) -> Path | None:
         """``python -m distill.select`` for the phase-1 run ``name`` (its ``distill_args`` fix the tokens it trains
         on): score a pool of ``mult`` x those tokens of the train split (``all``: every window) and keep the highest
@@ -495,11 +500,8 @@ class Pipeline:
                 self.stage(f"distill2-from-{name}", "skipped", reason=f"phase-1 run distill1-{name} did not finish")
 
         def phase2(name: str) -> bool:
-            try:
-                return self.run(name, self._distill_cmd(2, runs[name], self.work / name, extra2), min_s=60)
-            except Exception as e:  # noqa: BLE001 — one broken run must not cost the others theirs
-                self.stage(name, "failed", reason=f"{type(e).__name__}: {e}")
-                return False
+            cmd = self._distill_cmd(2, runs[name], self.work / name, extra2)
+            return self._isolated(name, lambda: self.run(name, cmd, min_s=60))
 
         done, parallel = {}, self.a.parallel > 1 and len(runs) > 1
         if parallel:
