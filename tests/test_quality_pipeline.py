@@ -27,17 +27,16 @@ def _refused(capsys, *argv: str) -> tuple[int, str]:
     return e.value.code, capsys.readouterr().err
 
 
-def _pipeline(tmp_path, base, *args, stdout: list | None = None) -> tuple[Path, dict]:
-    """Run the pipeline on CPU (micro scale, ``--base base`` unless None) with ``args``; returns (work dir,
-    quality.json)
-    (and appends its stdout to ``stdout`` when given)."""
+def _pipeline(tmp_path, base, *args, stdout: list | None = None, rc: int = 0) -> tuple[Path, dict]:
+    """Run the pipeline on CPU (micro scale, ``--base base`` unless None) with ``args``; it must exit with ``rc``;
+    returns (work dir, quality.json) (and appends its stdout to ``stdout`` when given)."""
     work, out = tmp_path / "work", tmp_path / "out"
     out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"  # a new OUT per call, one WORK, as on the device
     cmd = [sys.executable, str(REPO / "bench/gpu/quality_pipeline.py"), "--scale", "micro", "--device", "cpu",
            *(["--base", str(base)] if base is not None else []), "--eval-tokens", "2048", "--prompts", "2",
            "--new-tokens", "4", *args, "--work", str(work), "--out", str(out)]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == rc, r.stdout[-3000:] + r.stderr[-3000:]
     if stdout is not None:
         stdout.append(r.stdout)
     return work, json.loads((out / "quality.json").read_text())
@@ -357,3 +356,34 @@ def test_new_base_drops_the_earlier_calls_numbers(tmp_path, trained_micro):
     _, q3 = _pipeline(tmp_path, trained_micro, "--stages", "eval")
     assert set(q3["rows"]) == {"base"} and q3["rows"]["base"]["ppl"] == q1["rows"]["base"]["ppl"]
     assert "train" not in q3 and sorted(p.name for p in work.iterdir()) == ["base", "quality.json"]
+
+
+def test_fork_and_exec_launch_write_the_same_bytes(tmp_path, trained_micro):
+    """``--launch fork`` (the default: each tool a fork of one forkserver that imported torch and transformers,
+    bench/toolrun.py) against ``--launch exec`` (a fresh ``python -m`` per tool, the reference): the same
+    checkpoints byte for byte and the same numbers; and a forked tool that fails is a failed stage."""
+    runs = {}
+    for launch in ("exec", "fork"):
+        runs[launch] = _pipeline(tmp_path / launch, trained_micro, "--launch", launch, "--stages",
+                                 "prune,distill,final", "--criteria", "activation", "--phase1-only",
+                                 "--prune-args", "--samples 4 --seq-len 64",
+                                 "--distill1-args", "--steps 2 --batch 2 --seq-len 64")
+    (we, qe), (wf, qf) = runs["exec"], runs["fork"]
+    for ckpt in ("pruned-activation", "distill1", "distill1-w4a16"):
+        files = sorted(p.name for p in (we / ckpt).iterdir())
+        assert files == sorted(p.name for p in (wf / ckpt).iterdir()) and "config.json" in files, ckpt
+        for name in files:
+            if name.endswith((".safetensors", ".json")) and name != "pdqkit_lineage.json":
+                assert (we / ckpt / name).read_bytes() == (wf / ckpt / name).read_bytes(), f"{ckpt}/{name}"
+    def numbers(q):  # each row without where its checkpoint lies and how long its eval took
+        return {k: {f: v for f, v in row.items() if f not in ("path", "seconds")} for k, row in q["rows"].items()}
+
+    assert numbers(qe) == numbers(qf) and set(qf["rows"]) == {"base", "pruned-activation", "distill1",
+                                                             "distill1-w4a16"}
+    assert qf["stages"]["final"]["status"] == "ok"
+
+    # a forked tool's failure: its exit code and last lines in the stage record, the pipeline's exit code 1
+    _, q = _pipeline(tmp_path / "bad", trained_micro, "--stages", "prune", "--criteria", "activation",
+                     "--prune-args=--no-such-option", rc=1)
+    s = q["stages"]["prune-activation"]
+    assert s["status"] == "failed" and s["rc"] == 2 and "unrecognized arguments: --no-such-option" in s["tail"]
