@@ -365,11 +365,11 @@ def test_fork_and_exec_launch_write_the_same_bytes(tmp_path, trained_micro):
     runs = {}
     for launch in ("exec", "fork"):
         runs[launch] = _pipeline(tmp_path / launch, trained_micro, "--launch", launch, "--stages",
-                                 "prune,distill,final", "--criteria", "activation", "--phase1-only",
+                                 "prune,distill", "--criteria", "activation", "--phase1-only",
                                  "--prune-args", "--samples 4 --seq-len 64",
                                  "--distill1-args", "--steps 2 --batch 2 --seq-len 64")
     (we, qe), (wf, qf) = runs["exec"], runs["fork"]
-    for ckpt in ("pruned-activation", "distill1", "distill1-w4a16"):
+    for ckpt in ("pruned-activation", "distill1"):  # (pack.quantize in a fork: test_refit_criteria_entry)
         files = sorted(p.name for p in (we / ckpt).iterdir())
         assert files == sorted(p.name for p in (wf / ckpt).iterdir()) and "config.json" in files, ckpt
         for name in files:
@@ -378,9 +378,7 @@ def test_fork_and_exec_launch_write_the_same_bytes(tmp_path, trained_micro):
     def numbers(q):  # each row without where its checkpoint lies and how long its eval took
         return {k: {f: v for f, v in row.items() if f not in ("path", "seconds")} for k, row in q["rows"].items()}
 
-    assert numbers(qe) == numbers(qf) and set(qf["rows"]) == {"base", "pruned-activation", "distill1",
-                                                             "distill1-w4a16"}
-    assert qf["stages"]["final"]["status"] == "ok"
+    assert numbers(qe) == numbers(qf) and set(qf["rows"]) == {"base", "pruned-activation", "distill1"}
 
     # a forked tool's failure: its exit code and last lines in the stage record, the pipeline's exit code 1
     _, q = _pipeline(tmp_path / "bad", trained_micro, "--stages", "prune", "--criteria", "activation",
