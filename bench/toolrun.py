@@ -9,19 +9,28 @@ its stdout and stderr going to one file, as ``stderr=STDOUT`` would.
 Why a forkserver and not a plain ``fork()`` of the caller: the caller may run threads (``--parallel``) and may
 hold a CUDA context (it evaluates checkpoints in-process); forking such a process is unsafe. The forkserver is a
 fresh single-threaded interpreter that never touches the GPU: torch only probes for CUDA through NVML there
-(``PYTORCH_NVML_BASED_CUDA_CHECK=1``), so each child initialises CUDA itself, as a new process does.
+(``PYTORCH_NVML_BASED_CUDA_CHECK=1`` in its environment only), so each child initialises CUDA itself, as a new
+process does.
 
-The child is a real process: its own pid, memory and CUDA context; ``kill``/timeouts work as with ``subprocess``.
-Its ``os.environ`` is the caller's at the time of ``run``. What differs from a fresh interpreter is only what the
-preload already imported (same modules, same versions): a variable that those modules read once at import time takes
-its value from the environment the forkserver started with.
+The child is a real process: its own pid, memory and CUDA context; ``kill``/timeouts work as with ``subprocess``, and
+at its end it joins its non-daemon threads and runs its atexit handlers as an interpreter would. Its ``os.environ`` is
+the caller's at the time of ``run``. What differs from a fresh interpreter:
+
+* what the preload already imported (same modules, same versions); a variable that those modules read once at import
+  time takes its value from the environment the forkserver started with;
+* stdin is /dev/null, ``multiprocessing.current_process().name`` is ``ForkServerProcess-N``, every child shares the
+  forkserver's hash seed, and ``sys.path`` holds the caller's entries after the working directory;
+* the caller's main script is imported in each child as ``__mp_main__`` (multiprocessing's rule), so it must keep
+  its entry point under ``if __name__ == "__main__"``.
 """
 from __future__ import annotations
 
 import atexit
 import multiprocessing
+import multiprocessing.connection
 import os
 import runpy
+import signal
 import sys
 import tempfile
 import threading
@@ -55,7 +64,7 @@ def _child(module: str, argv: list[str], cwd: str, env: dict[str, str], out_path
     os.environ.update(env)
     sys.path.insert(0, cwd)  # `python -m` puts the working directory first
     sys.argv = [module, *argv]
-    code = 0
+    code, interrupted = 0, False
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as e:  # the interpreter's own rules for sys.exit(x)
@@ -66,22 +75,38 @@ def _child(module: str, argv: list[str], cwd: str, env: dict[str, str], out_path
         else:
             print(e.code, file=sys.stderr)
             code = 1
+    except KeyboardInterrupt:  # the interpreter reports it, then ends by SIGINT (exit status -2)
+        traceback.print_exc()
+        interrupted = True
     except BaseException:
         traceback.print_exc()
         code = 1
     finally:
+        # what the interpreter does at shutdown, which multiprocessing's os._exit would skip: join the non-daemon
+        # threads (and run threading's own exit callbacks, e.g. ThreadPoolExecutor's), then the atexit handlers
         try:
-            atexit._run_exitfuncs()  # multiprocessing ends children with os._exit, which skips atexit
+            threading._shutdown()
+            atexit._run_exitfuncs()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+    if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     os._exit(code)
+
+
+# multiprocessing reads a forkserver child's exit status from a socket, and Process.start() polls every other live
+# child first: two threads polling one child at once can leave one of them an EOF, reported as exit status 255.
+# Every start and poll therefore holds this lock; waiting does not (it only watches the child's sentinel).
+_POLL_LOCK = threading.Lock()
 
 
 class ToolRunner:
     """Runs ``python -m`` tools as forks of one preloaded forkserver (see the module docstring).
 
-    Thread-safe: several threads may ``run`` at once; each run is its own child process.
+    Thread-safe: several threads may ``run`` at once; each run is its own child process. The forkserver is one per
+    process (multiprocessing's): the first ``start`` decides its preload.
     """
 
     def __init__(self, preload: tuple[str, ...] = PRELOAD):
@@ -95,11 +120,20 @@ class ToolRunner:
         with self._lock:
             if self._started:
                 return
-            os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
             self._ctx.set_forkserver_preload(self._preload)
             from multiprocessing import forkserver
 
-            forkserver.ensure_running()
+            # only the forkserver's environment: there torch.cuda.is_available() asks NVML instead of calling
+            # cuInit; the caller and the children keep theirs
+            before = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+            try:
+                forkserver.ensure_running()
+            finally:
+                if before is None:
+                    del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+                else:
+                    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = before
             self._started = True
 
     def run(self, cmd: list[str], cwd: str | Path, timeout: float | None = None) -> ToolResult:
@@ -112,13 +146,23 @@ class ToolRunner:
             out_path = f.name
         try:
             p = self._ctx.Process(target=_child, args=(cmd[2], list(cmd[3:]), str(cwd), dict(os.environ), out_path))
-            p.start()
-            p.join(timeout)
-            timed_out = p.is_alive()
-            if timed_out:
-                p.kill()
+            with _POLL_LOCK:
+                p.start()
+            try:
+                multiprocessing.connection.wait([p.sentinel], timeout)
+                with _POLL_LOCK:
+                    timed_out = p.is_alive()
+            except BaseException:  # the caller interrupted: do not leave the tool running (subprocess.run's rule)
+                with _POLL_LOCK:
+                    p.kill()
+                    p.join()
+                raise
+            with _POLL_LOCK:
+                if timed_out:
+                    p.kill()
                 p.join()
+                code = p.exitcode
             output = Path(out_path).read_text(errors="replace")
-            return ToolResult(p.exitcode, output, timed_out)
+            return ToolResult(code, output, timed_out)
         finally:
             os.unlink(out_path)

@@ -21,6 +21,15 @@ print("path0", sys.path[0] == os.getcwd())
 print("to stderr", file=sys.stderr, flush=True)
 print("preloaded", "json.decoder" in sys.modules)
 mode = sys.argv[1]
+if mode == "thread":  # a non-daemon thread and a pool job still running when the module ends
+    import threading, time
+    from concurrent.futures import ThreadPoolExecutor
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", flush=True))).start()
+    ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.3), print("pool job done", flush=True)))
+if mode == "none":
+    sys.exit(None)
+if mode == "interrupt":
+    raise KeyboardInterrupt
 if mode == "exit3":
     sys.exit(3)
 if mode == "msg":
@@ -47,27 +56,60 @@ def _reference(tmp_path, *args):
     return r.returncode, r.stdout
 
 
-@pytest.mark.parametrize("mode", ["ok", "exit3", "msg", "raise"])
+@pytest.mark.parametrize("mode", ["ok", "none", "exit3", "msg", "raise", "interrupt", "thread"])
 def test_same_exit_code_and_output_as_python_m(tmp_path, monkeypatch, runner, mode):
     (tmp_path / "pdq_toolrun_t.py").write_text(TOOL)
     monkeypatch.setenv("PDQ_TOOLRUN_T", f"set after the server started: {mode}")  # the caller's env at run time
     ref_code, ref_out = _reference(tmp_path, mode, "--x", "a b")
     got = runner.run([sys.executable, "-m", "pdq_toolrun_t", mode, "--x", "a b"], cwd=tmp_path, timeout=60)
-    assert not got.timed_out and got.returncode == ref_code == {"ok": 0, "exit3": 3, "msg": 1, "raise": 1}[mode]
+    codes = {"ok": 0, "none": 0, "exit3": 3, "msg": 1, "raise": 1, "interrupt": -2, "thread": 0}
+    assert not got.timed_out and got.returncode == ref_code == codes[mode]
     got_out = got.output
-    if mode == "raise":  # the traceback's frames differ (runpy's vs toolrun's), not its first and last lines
-        assert "Traceback (most recent call last):\n" in ref_out and "\nValueError: boom\n" in ref_out
+    if mode in ("raise", "interrupt"):  # the traceback's frames differ (runpy's vs toolrun's), not its first and last
+        last = {"raise": "ValueError: boom", "interrupt": "KeyboardInterrupt"}[mode]
+        assert "Traceback (most recent call last):\n" in ref_out and f"\n{last}\n" in ref_out
         got_out, ref_out = ("".join(x for x in o.splitlines(True) if not x.startswith("  ")) for o in (got_out, ref_out))
     # the one intended difference: what the forkserver imported ahead
     assert "preloaded True" in got_out and "preloaded False" in ref_out
     assert got_out.replace("preloaded True", "preloaded False") == ref_out
     assert f"name __main__ argv ['{mode}', '--x', 'a b'] cwd {tmp_path}" in ref_out and "atexit ran" in ref_out
+    assert ("thread done" in ref_out and "pool job done" in ref_out) == (mode == "thread")
 
 
 def test_timeout_kills_the_child(tmp_path, runner):
     (tmp_path / "pdq_toolrun_t.py").write_text(TOOL)
     got = runner.run([sys.executable, "-m", "pdq_toolrun_t", "sleep"], cwd=tmp_path, timeout=3)
     assert got.timed_out and got.returncode == -9 and "to stderr" in got.output
+
+
+def test_parallel_runs_keep_their_exit_codes(tmp_path, runner, monkeypatch):
+    """Runs from several threads at once: each gets its own child's exit status. multiprocessing reads a forkserver
+    child's status from a socket and polls other live children whenever one starts; the read is slowed down here
+    so that an unserialised second reader of the same child would see EOF (reported as status 255)."""
+    import random
+    import threading
+    import time
+    from multiprocessing import forkserver
+
+    read = forkserver.read_signed
+
+    def slow_read(fd):
+        time.sleep(random.random() * 0.05)
+        return read(fd)
+
+    monkeypatch.setattr(forkserver, "read_signed", slow_read)
+    (tmp_path / "pdq_code_t.py").write_text("import sys; sys.exit(int(sys.argv[1]))")
+    got, threads = {}, []
+    for t in range(4):
+        def work(t=t):
+            for i in range(6):
+                got[(t, i)] = runner.run([sys.executable, "-m", "pdq_code_t", str(10 * t + i)], cwd=tmp_path).returncode
+        threads.append(threading.Thread(target=work))
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert got == {(t, i): 10 * t + i for t in range(4) for i in range(6)}
 
 
 def test_refuses_anything_but_python_m(tmp_path, runner):

@@ -98,7 +98,6 @@ class Pipeline:
             from bench.toolrun import ToolRunner
 
             self.tools = ToolRunner()
-            self.tools.start()  # imports in the background while the corpus is checked and the base evaluated
 
     # ---------------------------------------------------------------------------------------- plumbing
     def log(self, msg: str) -> None:
@@ -598,6 +597,9 @@ class Pipeline:
                 s in stages for s in ("quant", "prune", "distill", "final", "scratch")):
             i = stages.index("train") + 1 if "train" in stages else 0  # the base row is every comparison's
             stages = [*stages[:i], "eval", *stages[i:]]  # reference: evaluate the base before the rest
+        if self.tools is not None and any(s in stages for s in ("train", "quant", "prune", "distill", "final",
+                                                                 "scratch")):
+            self.tools.start()  # imports in the background while the base is evaluated
         for s in stages:
             if s != "train" and not (self.base / "config.json").is_file():
                 self.stage(s, "skipped", reason=f"no base checkpoint at {self.base}")
