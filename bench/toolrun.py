@@ -31,6 +31,7 @@ import multiprocessing.connection
 import os
 import runpy
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -47,7 +48,7 @@ PRELOAD = ("torch", "numpy", "safetensors.torch", "tqdm", "transformers",
 
 @dataclass(frozen=True)
 class ToolResult:
-    returncode: int  # the exit status; -N for a signal, as subprocess reports it
+    returncode: int | None  # the exit status; -N for a signal, as subprocess reports it (run_exec: None on timeout)
     output: str  # stdout and stderr together
     timed_out: bool
 
@@ -150,19 +151,28 @@ class ToolRunner:
                 p.start()
             try:
                 multiprocessing.connection.wait([p.sentinel], timeout)
-                with _POLL_LOCK:
-                    timed_out = p.is_alive()
             except BaseException:  # the caller interrupted: do not leave the tool running (subprocess.run's rule)
                 with _POLL_LOCK:
                     p.kill()
                     p.join()
                 raise
             with _POLL_LOCK:
+                timed_out = p.is_alive()
                 if timed_out:
                     p.kill()
                 p.join()
                 code = p.exitcode
-            output = Path(out_path).read_text(errors="replace")
-            return ToolResult(code, output, timed_out)
+            return ToolResult(code, Path(out_path).read_text(errors="replace"), timed_out)
         finally:
             os.unlink(out_path)
+
+
+def run_exec(cmd: list[str], cwd: str | Path, timeout: float | None = None) -> ToolResult:
+    """The reference launch: ``cmd`` in a fresh interpreter (``subprocess.run``), its result as :class:`ToolResult`;
+    on timeout the child is killed (SIGKILL) and ``returncode`` is None."""
+    try:
+        p = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        return ToolResult(p.returncode, p.stdout, False)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
+        return ToolResult(None, out, True)

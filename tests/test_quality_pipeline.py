@@ -375,6 +375,7 @@ def test_fork_and_exec_launch_write_the_same_bytes(tmp_path, trained_micro):
         for name in files:
             if name.endswith((".safetensors", ".json")) and name != "pdqkit_lineage.json":
                 assert (we / ckpt / name).read_bytes() == (wf / ckpt / name).read_bytes(), f"{ckpt}/{name}"
+
     def numbers(q):  # each row without where its checkpoint lies and how long its eval took
         return {k: {f: v for f, v in row.items() if f not in ("path", "seconds")} for k, row in q["rows"].items()}
 

@@ -44,8 +44,9 @@ One ``run`` call may last 10 minutes, so split the work (same warm machine, ``--
 ``--deadline S`` (default 570) skips stages that would start after S seconds of this call and bounds each
 tool run, so the JSON is always written before the call's limit. Each tool runs as its own process, by default
 forked from one forkserver that imported torch and transformers once (``--launch fork``, bench/toolrun.py: ~10 s
-less per tool on the H200 machine, the same bytes); ``--launch exec`` starts a fresh ``python -m`` instead. Extra arguments per tool:
-``--train-args``, ``--prune-args``, ``--distill1-args``, ``--distill2-args`` (shell-quoted strings).
+less per tool on the H200 machine, the same bytes); ``--launch exec`` starts a fresh ``python -m`` instead.
+Extra arguments per tool: ``--train-args``, ``--prune-args``, ``--distill1-args``, ``--distill2-args``
+(shell-quoted strings).
 CPU smoke run of the plumbing: ``--scale micro --device cpu --train-args "--steps 20"``.
 """
 from __future__ import annotations
@@ -57,7 +58,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -67,6 +67,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.toolrun import ToolRunner, run_exec  # noqa: E402  (stdlib only: no torch import at startup)
 
 STAGES = ("train", "eval", "quant", "prune", "distill", "final", "scratch")
 DEFAULT_STAGES = STAGES[:-1]  # scratch (a second training run) only when asked for
@@ -92,12 +94,8 @@ class Pipeline:
         # --parallel: phase-1 runs in threads (each a subprocess); log, quality.json and self.q under this lock
         self._lock = threading.RLock()
         # --launch fork: tools run as forks of one interpreter that imported torch + transformers once (saves their
-        # 4-8 s of imports per tool on a small CPU, 2-4 s on the GPU machine); --launch exec: a fresh interpreter each
-        self.tools = None
-        if args.launch == "fork":
-            from bench.toolrun import ToolRunner
-
-            self.tools = ToolRunner()
+        # 4-10 s of imports per tool, on CI's CPU and on the H200 machine alike); --launch exec: a fresh one each
+        self.tools = ToolRunner() if args.launch == "fork" else None
 
     # ---------------------------------------------------------------------------------------- plumbing
     def log(self, msg: str) -> None:
@@ -132,17 +130,9 @@ class Pipeline:
             return False
         self.log("$ " + shlex.join(cmd))
         t = time.time()
-        if self.tools is not None:  # --launch fork: a fork of the preloaded forkserver (bench/toolrun.py)
-            r = self.tools.run(cmd, cwd=REPO, timeout=budget - 10)
-            rc, out, timed_out = r.returncode, r.output, r.timed_out
-        else:
-            try:
-                p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   timeout=budget - 10)
-                rc, out, timed_out = p.returncode, p.stdout, False
-            except subprocess.TimeoutExpired as e:
-                rc, timed_out = None, True
-                out = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
+        launch = self.tools.run if self.tools is not None else run_exec  # --launch fork / exec (bench/toolrun.py)
+        r = launch(cmd, cwd=REPO, timeout=budget - 10)
+        rc, out, timed_out = r.returncode, r.output, r.timed_out
         if timed_out:
             with self._lock:
                 self.log_f.write(f"--- {name} ---\n" + out[-20000:] + "\n")
@@ -597,8 +587,7 @@ class Pipeline:
                 s in stages for s in ("quant", "prune", "distill", "final", "scratch")):
             i = stages.index("train") + 1 if "train" in stages else 0  # the base row is every comparison's
             stages = [*stages[:i], "eval", *stages[i:]]  # reference: evaluate the base before the rest
-        if self.tools is not None and any(s in stages for s in ("train", "quant", "prune", "distill", "final",
-                                                                 "scratch")):
+        if self.tools is not None and any(s != "eval" for s in stages):  # every other stage runs tools
             self.tools.start()  # imports in the background while the base is evaluated
         for s in stages:
             if s != "train" and not (self.base / "config.json").is_file():
