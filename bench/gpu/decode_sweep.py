@@ -2,11 +2,12 @@
 
 ``python bench/gpu/decode_sweep.py --out DIR`` times, for each E4B shape and M in ``--ms``, the tuned table's config
 and every candidate of a wider space than :func:`kernels.w4a16_autotune.decode_candidates` (``num_stages`` up to 8,
-split-K up to 16 programs per SM), with the autotuner's own timer (CUDA graphs over weight copies rotated past the
-L2, GPU-only interval). Every variant passes the autotuner's tolerance gate first (unless ``--no-gate``). Prints
-the best five per (shape, M) with µs, TB/s and the speedup over the tuned config, and writes ``--name`` (JSON, the
-best 20 per row). Measured on the H200 (README, "Where the time goes"): no variant beats the tuned table by more than
-4 %, i.e. the decode kernel is not limited by bytes in flight.
+split-K up to 16 programs per SM), with the autotuner's own timer (CUDA graphs over weight copies rotated past the L2,
+GPU-only interval). Every variant passes the autotuner's tolerance gate first (unless ``--no-gate``). Prints the best
+five per (shape, M) with µs, TB/s and the speedup over the tuned config, and writes ``--name`` (JSON, the best 20 per
+row) with the registers and spills of every variant compiled (``compiled:`` lines). Measured on the H200 (README,
+"Where the time goes"): no variant beats the tuned table by more than 4 %, i.e. the decode kernel is not limited by
+bytes in flight.
 """
 from __future__ import annotations
 
@@ -40,6 +41,24 @@ def splits(cfg: W4A16Config, m: int, n: int, k: int, sms: int) -> list[int]:
     kb = k // cfg.block_k
     return sorted({s for s in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40) if s <= kb
                    and sms // 2 <= tiles * s <= 16 * sms} | ({1} if tiles >= sms // 2 else set()))
+
+
+def compiled_stats() -> list[dict]:
+    """Registers and spills of every decode variant this process compiled (best effort: Triton's cache layout
+    is not a public API; an empty list if it moved)."""
+    from kernels.w4a16_decode import _w4a16_splitk_kernel as kern
+
+    out = []
+    try:
+        for cache in kern.device_caches.values():
+            for ck in cache[0].values():
+                md = ck.metadata
+                out.append({"n_regs": ck.n_regs, "n_spills": ck.n_spills, "num_warps": md.num_warps,
+                             "num_stages": md.num_stages, "maxnreg": getattr(md, "maxnreg", None),
+                             "shared": md.shared})
+    except Exception:  # noqa: BLE001
+        return []
+    return sorted(out, key=lambda d: tuple(str(v) for v in d.values()))
 
 
 def main() -> int:
@@ -104,6 +123,9 @@ def main() -> int:
                                     "best": [{"us": us, **dataclasses.asdict(cfg)} for us, cfg in rows[:20]]})
         wps = ss = None
         torch.cuda.empty_cache()
+    results["compiled"] = compiled_stats()
+    for c in results["compiled"]:
+        log(f"compiled: {c}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, args.name), "w") as f:
         json.dump(results, f, indent=1)
