@@ -91,7 +91,8 @@ def main() -> int:
         x = torch.randn(5, 2560, device=dev, dtype=dtype)
         r = check_tolerance(w4a16_gemm(x, wp, s, config=dataclasses.replace(c, split_k=3)), x, wp, s)
         (good.append(c) if r <= 1.0 or args.no_gate else log(f"WRONG {r:.3g}: {c}"))
-    log(f"{len(good)}/{len(cands)} variants compiled and pass the tolerance gate")
+    log(f"{len(good)}/{len(cands)} variants compiled" + (" (tolerance gate NOT applied: --no-gate)" if args.no_gate
+                                                        else " and pass the tolerance gate"))
     results = {"device": props.name, "sm_count": sms, "date": time.strftime("%Y-%m-%d"), "rows": []}
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
