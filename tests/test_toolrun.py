@@ -24,8 +24,9 @@ mode = sys.argv[1]
 if mode == "thread":  # a non-daemon thread and a pool job still running when the module ends
     import threading, time
     from concurrent.futures import ThreadPoolExecutor
-    threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", flush=True))).start()
-    ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.3), print("pool job done", flush=True)))
+    done = threading.Event()  # the pool job prints after the thread: a fixed order to compare, not a race
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", flush=True), done.set())).start()
+    ThreadPoolExecutor(1).submit(lambda: (done.wait(), print("pool job done", flush=True)))
 if mode == "none":
     sys.exit(None)
 if mode == "interrupt":
