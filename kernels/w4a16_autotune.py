@@ -79,13 +79,19 @@ def candidates_for(m: int) -> list[W4A16Config]:
     return cands
 
 
-def split_candidates(cfg: W4A16Config, m: int, n: int, k: int, sms: int) -> list[int]:
+SPLITS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
+
+
+def split_candidates(cfg: W4A16Config, m: int, n: int, k: int, sms: int, max_per_sm: int = 8,
+                     values: tuple[int, ...] = SPLITS) -> list[int]:
+    """Split-K values worth timing: from ``values``, those that leave every split a K block and give between half a
+    program and ``max_per_sm`` programs per SM (1 as well when the tiles alone fill half the SMs)."""
     if cfg.kernel != "decode":
         return [1]
     tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
     kb = k // cfg.block_k
-    good = sorted({s for s in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32) if s <= kb
-                   and sms // 2 <= tiles * s <= 8 * sms} | ({1} if tiles >= sms // 2 else set()))
+    good = sorted({s for s in values if s <= kb
+                   and sms // 2 <= tiles * s <= max_per_sm * sms} | ({1} if tiles >= sms // 2 else set()))
     return good or [min(kb, max(1, round(2 * sms / tiles)))]
 
 
@@ -125,6 +131,17 @@ def ulp(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     p, tiny = (7, 2.0**-133) if dtype == torch.bfloat16 else (10, 2.0**-24)
     _, e = torch.frexp(a.float())
     return torch.clamp(torch.ldexp(torch.ones_like(a, dtype=torch.float32), e - 1 - p), min=tiny)
+
+
+def rotated_problem(n: int, k: int, dtype: torch.dtype, device, seed: int = 2):
+    """The timed problem of one (N, K) shape: ``(wps, ss, nbytes)``, enough weight/scale copies to rotate past the
+    L2 (the first from :func:`make_problem`, the rest random) and the bytes one call reads (weights + scales)."""
+    wp0, s0 = make_problem(n, k, dtype, device, seed=seed)
+    nbytes = wp0.numel() * 4 + s0.numel() * 2
+    copies = n_copies(nbytes)
+    wps = [wp0] + [torch.randint_like(wp0, -2**31, 2**31 - 1) for _ in range(copies - 1)]
+    ss = [s0] + [torch.rand_like(s0) * 0.01 for _ in range(copies - 1)]
+    return wps, ss, nbytes
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -208,18 +225,15 @@ def precompile(cfgs: list[W4A16Config], dtype: torch.dtype, jobs: int, log) -> s
 
 
 # ----------------------------------------------------------------------------------------------- tuning
-def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9) -> dict:
+def correctness_gate(cfgs, dtype: torch.dtype, log) -> set[W4A16Config]:
+    """The variants of ``cfgs`` (split_k ignored) that pass the §9B tolerance once on a small problem: odd M, and
+    for decode M = 16 too, with split-K 3; the others are logged and dropped, never tuned in."""
     from .w4a16 import w4a16_gemm
 
     dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    sms = props.multi_processor_count
-    all_cfgs = {c for m in ms for c in candidates_for(m)}
-    compiled = precompile(sorted(all_cfgs, key=str), dtype, jobs, log)
-    # correctness gate: each variant once on a small problem (odd M, split-K when it applies)
     wp, s = make_problem(512, 2560, dtype, dev, seed=1)
     good = set()
-    for c in sorted(compiled, key=str):
+    for c in sorted(cfgs, key=str):
         for m in ((5, 16) if c.kernel == "decode" else (77,)):
             x = torch.randn(m, 2560, device=dev, dtype=dtype)
             y = w4a16_gemm(x, wp, s, config=dataclasses.replace(c, split_k=3 if c.kernel == "decode" else 1))
@@ -229,14 +243,24 @@ def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9) -> dict:
                 break
         else:
             good.add(c)
-    log(f"{len(good)}/{len(compiled)} variants pass the correctness gate")
+    log(f"{len(good)}/{len(cfgs)} variants pass the correctness gate")
+    return good
+
+
+def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9) -> dict:
+    from .w4a16 import w4a16_gemm
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    sms = props.multi_processor_count
+    all_cfgs = {c for m in ms for c in candidates_for(m)}
+    compiled = precompile(sorted(all_cfgs, key=str), dtype, jobs, log)
+    good = correctness_gate(compiled, dtype, log)
     t_start = time.time()
     table = {}
     for n, k in shapes:
-        wp0, s0 = make_problem(n, k, dtype, dev, seed=2)
-        copies = n_copies(wp0.numel() * 4 + s0.numel() * 2)
-        wps = [wp0] + [torch.randint_like(wp0, -2**31, 2**31 - 1) for _ in range(copies - 1)]
-        ss = [s0] + [torch.rand_like(s0) * 0.01 for _ in range(copies - 1)]
+        wps, ss, nbytes = rotated_problem(n, k, dtype, dev)
+        copies = len(wps)
         entry = {}
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=dtype)
@@ -258,7 +282,7 @@ def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9) -> dict:
             if best is None:
                 continue
             entry[str(m)] = dataclasses.asdict(best[1])
-            gbps = (wp0.numel() * 4 + s0.numel() * 2) / best[0] / 1e3
+            gbps = nbytes / best[0] / 1e3
             log(f"{n}x{k} M={m}: {best[0]:.2f} us ({gbps:.0f} GB/s weights) {best[1]} "
                 f"[t={time.time() - t_start:.0f}s]")
         table[f"{n}x{k}"] = entry

@@ -65,7 +65,8 @@ def main() -> int:
         nbytes = n * kw * 4
         copies = n_copies(nbytes)
         ws = [torch.randint(-2**31, 2**31 - 1, (n, kw), dtype=torch.int32, device=dev) for _ in range(copies)]
-        out = torch.empty(64 * n + 4096 * sms, dtype=torch.int32, device=dev)
+        # one int32 per (split, row) or per program: the largest grids below are 8 splits x N rows, 16 programs/SM
+        out = torch.empty(max(8 * n, 16 * sms), dtype=torch.int32, device=dev)
         res = []
         for bn in (16, 32, 64, 128):
             for bk in (128, 256, 512, 1024):
