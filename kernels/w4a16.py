@@ -1,8 +1,9 @@
 """pdqkit's fast W4A16 GEMM: validation and the dispatcher by M (one screen).
 
 ``y = x @ W'^T (+ bias)``, ``W' = RN_dtype((q - 8) * s)`` read straight from a compressed-tensors pack-quantized
-Linear: see :func:`w4a16_gemm` for the contract. Decode-sized M goes to the split-K kernel, prefill-sized M to the
-tiled wgmma kernel (or dequantize + cuBLAS), as the per-GPU tuned table says (:mod:`kernels.w4a16_config`).
+Linear: see :func:`w4a16_gemm` for the contract. Decode-sized M goes to the CUDA-core GEMV (a few rows) or the split-K
+kernel, prefill-sized M to the tiled wgmma kernel (or dequantize + cuBLAS), as the per-GPU tuned table says
+(:mod:`kernels.w4a16_config`).
 """
 from __future__ import annotations
 
@@ -123,6 +124,14 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
         y = w4a16_decode(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
                          block_k=c.block_k, split_k=c.split_k, num_warps=c.num_warps, num_stages=c.num_stages,
                          kperm=c.kperm, w_is_a=c.w_is_a, dot_f32=interp, **kw)
+    elif c.kernel == "gemv_mma" and kw["use_asm"]:
+        from .w4a16_gemv_mma import w4a16_gemv_mma
+        y = w4a16_gemv_mma(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
+                           block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1)
+    elif c.kernel in ("gemv", "gemv_mma"):   # gemv_mma without inline PTX (interpreter): the same tiling on FMAs
+        from .w4a16_gemv import w4a16_gemv
+        y = w4a16_gemv(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
+                       block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, emu_rn=interp, **kw)
     elif c.kernel == "prefill":
         from .w4a16_prefill import w4a16_prefill
         y = w4a16_prefill(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,

@@ -24,7 +24,7 @@ import torch
 
 from .w4a16_config import W4A16Config, device_table_name, CONFIG_DIR
 
-E4B_SHAPES = ((3072, 2560), (2560, 2048), (16384, 2560), (2560, 8192), (8192, 8192))
+E4B_SHAPES = ((3072, 2560), (2560, 2048), (16384, 2560), (2560, 8192), (8192, 8192), (2048, 2560))  # last: KV-shared q_proj
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 L2_BYTES = 60 << 20
 
@@ -60,7 +60,23 @@ def prefill_candidates(block_m: int) -> list[W4A16Config]:
     return out
 
 
+def gemv_candidates(m: int) -> list[W4A16Config]:
+    """Tensor-core GEMV tilings (:mod:`kernels.w4a16_gemv_mma`) for M <= 4: ``block_m`` the power of two covering M
+    and the one below it; every thread 2..32 words per K block; both register pipeline depths."""
+    top = min(4, 1 << (m - 1).bit_length())
+    out = []
+    for bm in sorted({top, max(1, top // 2)}):
+        for bn in (2, 4, 8, 16, 32):
+            for bk in (256, 512, 1024, 2048):
+                for nw in (1, 2, 4):
+                    if 2 <= bn * bk // 8 / (32 * nw) <= 32:
+                        out += [W4A16Config("gemv_mma", bm, bn, bk, 1, nw, ns) for ns in (2, 3)]
+    return out
+
+
 def candidates_for(m: int) -> list[W4A16Config]:
+    if m <= 4:
+        return decode_candidates(16) + gemv_candidates(m)
     if m <= 16:
         return decode_candidates(16)
     if m <= 64:
@@ -227,16 +243,19 @@ def precompile(cfgs: list[W4A16Config], dtype: torch.dtype, jobs: int, log) -> s
 # ----------------------------------------------------------------------------------------------- tuning
 def correctness_gate(cfgs, dtype: torch.dtype, log) -> set[W4A16Config]:
     """The variants of ``cfgs`` (split_k ignored) that pass the §9B tolerance once on a small problem: odd M, and
-    for decode M = 16 too, with split-K 3; the others are logged and dropped, never tuned in."""
+    for decode and gemv M = 16 too, decode with split-K 3; K = 2560, or 4096 for tiles that do not divide 2560.
+    The others are logged and dropped, never tuned in."""
     from .w4a16 import w4a16_gemm
 
     dev = torch.device("cuda")
-    wp, s = make_problem(512, 2560, dtype, dev, seed=1)
+    problems = {k: make_problem(512, k, dtype, dev, seed=1) for k in (2560, 4096)}
     good = set()
     for c in sorted(cfgs, key=str):
-        for m in ((5, 16) if c.kernel == "decode" else (77,)):
-            x = torch.randn(m, 2560, device=dev, dtype=dtype)
-            y = w4a16_gemm(x, wp, s, config=dataclasses.replace(c, split_k=3 if c.kernel == "decode" else 1))
+        k = 2560 if c.fits(2560, 128) else 4096
+        wp, s = problems[k]
+        for m in ((5, 16) if c.kernel in ("decode", "gemv") else (77,)):
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            y = w4a16_gemm(x, wp, s, config=dataclasses.replace(c, split_k=3) if c.kernel == "decode" else c)
             r = check_tolerance(y, x, wp, s)
             if not r <= 1.0:
                 log(f"WRONG (tolerance ratio {r:.3g}) -> dropped: {c}")
@@ -266,7 +285,7 @@ def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9) -> dict:
             x = torch.randn(m, k, device=dev, dtype=dtype)
             best = None
             for c in candidates_for(m):
-                if dataclasses.replace(c, split_k=1) not in good or not c.fits(k, 128):
+                if dataclasses.replace(c, split_k=1) not in good or not c.fits(k, 128) or n % c.block_n:
                     continue
                 for sk in split_candidates(c, m, n, k, sms):
                     cfg = dataclasses.replace(c, split_k=sk)
@@ -301,6 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     ap.add_argument("--jobs", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop trying new configs after this many seconds")
+    ap.add_argument("--merge", action="store_true", help="keep the existing table's other (shape, M) entries and "
+                    "replace only the ones tuned now (the table read is --out if it exists, else this GPU's)")
     ap.add_argument("--also-compile", choices=("bfloat16", "float16"),
                     help="after tuning, precompile the chosen configs for this dtype too (warm Triton cache)")
     ap.add_argument("--demo", action="store_true", help="only run one decode and one prefill launch (for "
@@ -315,6 +336,17 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     result = tune(shapes, args.ms, getattr(torch, args.dtype), args.jobs, log, args.budget_s)
     out = args.out or str(CONFIG_DIR / device_table_name(result["device"]))
+    if args.merge:
+        base_path = out if os.path.isfile(out) else str(CONFIG_DIR / device_table_name(result["device"]))
+        if os.path.isfile(base_path):
+            with open(base_path) as f:
+                base = json.load(f)
+            shapes_new = result["shapes"]
+            result["shapes"] = base.get("shapes", {})
+            for shape, by_m in shapes_new.items():
+                result["shapes"].setdefault(shape, {}).update(by_m)
+            result["merged_into"] = {k: base.get(k) for k in ("date", "triton", "torch")}
+            log(f"merged {sum(map(len, shapes_new.values()))} entries into {base_path}'s table")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     with open(tmp, "w") as f:

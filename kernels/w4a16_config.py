@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-KERNELS = ("decode", "prefill", "dequant_mm")
+KERNELS = ("decode", "prefill", "dequant_mm", "gemv", "gemv_mma")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +27,14 @@ class W4A16Config:
 
     * ``kernel``: ``decode`` (split-K, :mod:`kernels.w4a16_decode`), ``prefill`` (full-K tiles,
       :mod:`kernels.w4a16_prefill`) or ``dequant_mm`` (dequantize the weight to the activation dtype, then
-      ``torch.matmul``; only worth it when the GEMM is far into the compute-bound regime).
-    * ``block_m``/``block_n``/``block_k``: tile; ``block_k`` in {64, 128, 256}.
+      ``torch.matmul``; only worth it when the GEMM is far into the compute-bound regime) or ``gemv`` (CUDA cores,
+      no split-K, :mod:`kernels.w4a16_gemv`; for a few activation rows) or ``gemv_mma`` (the same tiling on tensor
+      cores via ``mma.sync`` from registers, :mod:`kernels.w4a16_gemv_mma`; where inline PTX cannot run, the
+      dispatcher runs ``gemv`` with the same tiling).
+    * ``block_m``/``block_n``/``block_k``: tile; ``block_k`` in {64, 128, 256}. For ``gemv``: ``block_m`` (activation
+      rows per program) in {1, 2, 4, 8}, ``block_n`` (weight rows per program) a power of two <= 64, ``block_k`` in
+      {256, 512, 1024, 2048}; ``num_stages`` 2 or 3: K blocks of words held in registers (the one computed and
+      ``num_stages - 1`` in flight). ``gemv_mma``: the same, with ``block_m`` in {1, 2, 4} and ``block_n`` >= 2.
     * ``split_k``: K slices per output tile (decode only; clamped so that no slice is empty).
     * ``kperm``/``w_is_a``: K relabelling and weight-as-A-operand (see :mod:`kernels.w4a16_mainloop`).
     """
@@ -47,6 +53,18 @@ class W4A16Config:
     def __post_init__(self):
         if self.kernel not in KERNELS:
             raise ValueError(f"W4A16Config.kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.kernel in ("gemv", "gemv_mma"):
+            if self.kernel == "gemv_mma" and (self.block_m not in (1, 2, 4) or self.block_n < 2):
+                raise ValueError(f"gemv_mma needs block_m in (1, 2, 4) and block_n >= 2: {self}")
+            if self.block_m not in (1, 2, 4, 8) or self.block_k not in (256, 512, 1024, 2048):
+                raise ValueError(f"gemv needs block_m in (1, 2, 4, 8) and block_k in (256, 512, 1024, 2048): {self}")
+            if not 1 <= self.block_n <= 64 or self.block_n & (self.block_n - 1):
+                raise ValueError(f"gemv needs block_n a power of two <= 64, got {self.block_n}")
+            if self.split_k != 1 or self.kperm or self.w_is_a or self.num_warps not in (1, 2, 4, 8):
+                raise ValueError(f"gemv has no split-K, K relabelling or MMA operands, and 1-8 warps: {self}")
+            if self.num_stages not in (2, 3):
+                raise ValueError(f"gemv needs num_stages 2 or 3 (register pipeline depth), got {self.num_stages}")
+            return
         if self.block_k not in (64, 128, 256):
             raise ValueError(f"W4A16Config.block_k must be 64, 128 or 256, got {self.block_k}")
         for name in ("block_m", "block_n"):

@@ -130,6 +130,12 @@ _INTERP_SCRIPT = textwrap.dedent("""
         (C("prefill", 16, 64, 128, kperm=True, w_is_a=True), 7, 192, 256, 128, False),
         (C("prefill", 16, 128, 256, kperm=True, w_is_a=False), 20, 64, 512, -1, False),
         (C("dequant_mm"), 3, 64, 256, 128, True),
+        # the GEMVs (gemv_mma runs the CUDA-core kernel of the same tiling here: no inline PTX in the interpreter)
+        (C("gemv", 1, 8, 256, num_warps=2, num_stages=2), 1, 64, 768, 128, True),
+        (C("gemv", 4, 16, 512, num_warps=4, num_stages=3), 7, 64, 1536, 64, False),
+        (C("gemv", 8, 2, 256, num_warps=1, num_stages=3), 5, 64, 512, -1, True),
+        (C("gemv", 2, 4, 256, num_warps=1, num_stages=2), 3, 128, 1024, 512, False),
+        (C("gemv_mma", 2, 4, 512, num_warps=2, num_stages=3), 2, 64, 1024, 128, True),
     ]
     out = []
     for dtype in (torch.float16, torch.bfloat16):
@@ -141,10 +147,17 @@ _INTERP_SCRIPT = textwrap.dedent("""
         # a strided bias (the kernels index bias[cols] without a stride: the wrapper makes it contiguous)
         x, wp, s, _ = problem(3, 128, 256, dtype=dtype, seed=99)
         b = torch.randn(256, generator=torch.Generator().manual_seed(5)).to(dtype)[::2]
-        for cfg in cases[0][0], cases[7][0], cases[10][0]:
+        for cfg in cases[0][0], cases[7][0], cases[10][0], cases[11][0]:
             y = w4a16_gemm(x, wp, s, b, config=cfg)
             out.append(dict(case="strided bias", dtype=str(dtype), shape=list(y.shape), cfg=repr(cfg),
                             ratio=tolerance_ratio(y, x, wp, s, b.contiguous())))
+    # activations that start 2 bytes past an aligned address (the GEMVs load them as int32 pairs / 16-byte vectors)
+    for dtype in (torch.float16, torch.bfloat16):
+        x, wp, s, _ = problem(3, 64, 512, dtype=dtype, seed=7)
+        xo = torch.cat([torch.zeros(1, dtype=dtype), x.flatten()])[1:].view(3, 512)
+        y = w4a16_gemm(xo, wp, s, None, config=cases[12][0])
+        out.append(dict(case="offset x", dtype=str(dtype), shape=list(y.shape), cfg=repr(cases[12][0]),
+                        ratio=tolerance_ratio(y, x, wp, s)))
     # a forced config that cannot run this K is refused, not launched over part of K
     x, wp, s, _ = problem(2, 64, 384)
     try:
@@ -158,8 +171,9 @@ _INTERP_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernels_under_interpreter():
-    """Every kernel family / K labelling / operand order / split-K, fp16 and bf16 (fp32 dot in the interpreter),
-    group 128, 64 and channelwise, bias, odd M — through Triton's interpreter on the CPU."""
+    """Every kernel family / K labelling / operand order / split-K, the GEMV with every ``block_m`` and both
+    pipeline depths, fp16 and bf16 (fp32 dot in the interpreter), group 128, 64, 512 (> BLOCK_K) and channelwise,
+    bias, odd M and M not a multiple of ``block_m`` — through Triton's interpreter on the CPU."""
     # "true", not "1": pdqkit must read TRITON_INTERPRET as Triton does (1/true/yes/on)
     env = dict(os.environ, TRITON_INTERPRET="true", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT.format(repo=str(REPO))], cwd=REPO, env=env,
@@ -167,7 +181,7 @@ def test_triton_kernels_under_interpreter():
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads(line[len("RESULT "):])
-    assert len(results) == 22 + 6
+    assert len(results) == 2 * 16 + 2 * 4 + 2
     refused = next(ln for ln in proc.stdout.splitlines() if ln.startswith("REFUSED "))
     assert "cannot run K=384 with group size 128" in refused, refused
     bad = [r for r in results if not r["ratio"] <= 1.0]
@@ -178,8 +192,20 @@ def test_triton_kernels_under_interpreter():
 def test_config_validation():
     from kernels.w4a16_config import W4A16Config
 
-    with pytest.raises(ValueError, match="kernel"):
-        W4A16Config("gemv")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        W4A16Config("gemm")
+    with pytest.raises(ValueError, match="gemv needs block_m"):
+        W4A16Config("gemv")               # block_m 16: the GEMV takes 1..8 activation rows
+    with pytest.raises(ValueError, match="gemv_mma needs"):
+        W4A16Config("gemv_mma", 8, 16, 512, num_stages=2)
+    with pytest.raises(ValueError, match="power of two <= 64"):
+        W4A16Config("gemv", 1, 128, 512, num_stages=2)
+    with pytest.raises(ValueError, match="no split-K"):
+        W4A16Config("gemv", 1, 16, 512, split_k=2, num_stages=2)
+    with pytest.raises(ValueError, match="num_stages 2 or 3"):
+        W4A16Config("gemv", 1, 16, 512, num_stages=4)
+    g = W4A16Config("gemv_mma", 2, 8, 1024, num_stages=3)
+    assert g.fits(2048, 128) and not g.fits(2560, 128) and g.fits(4096, 2048)
     with pytest.raises(ValueError, match="block_k"):
         W4A16Config("decode", block_k=32)
     with pytest.raises(ValueError, match="power of two"):

@@ -59,6 +59,11 @@ VARIANTS = [
     ("prefill", dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, kperm=True, w_is_a=True)),
     ("prefill", dict(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)),
     ("dequant_mm", dict()),
+    ("gemv_mma", dict(block_m=1, block_n=2, block_k=512, num_warps=1, num_stages=3)),
+    ("gemv_mma", dict(block_m=2, block_n=8, block_k=256, num_warps=2, num_stages=2)),
+    ("gemv_mma", dict(block_m=4, block_n=32, block_k=512, num_warps=4, num_stages=3)),
+    ("gemv", dict(block_m=1, block_n=8, block_k=512, num_warps=1, num_stages=2)),
+    ("gemv", dict(block_m=8, block_n=4, block_k=512, num_warps=2, num_stages=3)),
 ]
 
 
@@ -69,6 +74,8 @@ def test_forced_variants(kernel, kw):
 
     wp, s = gpu_problem(3072, 2560, seed=1)
     for m in (1, 5, 16, 77, 300):
+        if kernel.startswith("gemv") and m > 16:
+            continue
         for split in ((1, 3, 20) if kernel == "decode" else (1,)):
             cfg = W4A16Config(kernel, split_k=split, **kw)
             x = torch.randn(m, 2560, device="cuda", dtype=torch.bfloat16)
@@ -87,10 +94,30 @@ def test_bias_channelwise_3d_and_strided_input():
         for m in (1, 300):
             x = torch.randn(2, m, k + 64, device="cuda", dtype=dtype)[..., 64:]  # strided view, 3-D
             for cfg in (W4A16Config("decode", 16, 128, 128, split_k=4, num_stages=4, kperm=True, w_is_a=True),
-                        W4A16Config("prefill", 128, 128, 64, num_warps=8)):
+                        W4A16Config("prefill", 128, 128, 64, num_warps=8),
+                        W4A16Config("gemv_mma", 2, 4, 512, num_warps=2, num_stages=3),
+                        W4A16Config("gemv", 2, 4, 512, num_warps=2, num_stages=3)):
                 y = w4a16_gemm(x, wp, s, b, config=cfg)
                 assert y.shape == (2, m, n)
                 assert tolerance_ratio(y, x, wp, s, b) <= 1.0, (group, m, cfg)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_gemv_offset_input_and_repeatability(dtype):
+    """The GEMVs on activations 2 bytes past a 16-byte boundary (they are re-aligned: the kernels' 16-byte loads
+    would fault), on a 2048x2560 q_proj shape (KV-shared Gemma-4 layers), twice with identical bits."""
+    from kernels.w4a16 import w4a16_gemm
+    from kernels.w4a16_config import W4A16Config as C
+
+    wp, s = gpu_problem(2048, 2560, dtype, seed=11)
+    for m in (1, 2, 3):
+        x = torch.randn(m * 2560 + 1, device="cuda", dtype=dtype)[1:].view(m, 2560)
+        assert x.data_ptr() % 16
+        for cfg in (C("gemv_mma", min(m, 2), 4, 512, num_warps=2, num_stages=3),
+                    C("gemv", 1, 8, 512, num_warps=1, num_stages=2)):
+            y = w4a16_gemm(x, wp, s, config=cfg)
+            assert torch.equal(y, w4a16_gemm(x, wp, s, config=cfg)), cfg
+            assert tolerance_ratio(y, x, wp, s) <= 1.0, (cfg, m)
 
 
 def test_deterministic_and_config_invariant():

@@ -1,0 +1,303 @@
+"""Batch-1..8 W4A16 GEMV on CUDA cores: no tensor cores, no shared memory, no barrier inside the K loop.
+
+``y[M, N] = x[M, K] @ W'[N, K]^T (+ bias)`` with W' dequantized from the compressed-tensors int4 layout
+(see :mod:`kernels.w4a16_mainloop` for the layout and for the exact dequantization ``W' = RN_dtype((u - 8) * s)``).
+
+The hardware reason
+-------------------
+At M = 1 a W4A16 GEMM is 2 FLOP per 0.5 B of weight: the only job is to stream ``weight_packed`` at HBM speed.
+The tensor-core kernel (:mod:`kernels.w4a16_decode`) pays for wgmma with a chain of waits in every K block: the
+cp.async ring, the scales' and the activations' trips through shared memory into the MMA operand layouts (four
+CTA barriers) and the wgmma wait itself, and at the end a split-K ticket with a GPU-scope memory barrier (ncu, H200,
+twentieth session). Here every thread instead:
+
+1. loads whole int32 words of its rows straight into registers (16-byte vector loads, coalesced along K), the next
+   K block's words issued before the current block is computed (a two-deep register pipeline, no shared memory);
+2. dequantizes each word with the packed PTX of :mod:`kernels.w4a16_mainloop` (``prmt``/``lop3``/``sub``/``mul`` on
+   bf16x2: the same ``RN((u - 8) * s)`` values, two per instruction) and widens them to fp32 (one ``shl`` or
+   ``and`` each: a bf16 is the top half of an fp32);
+3. multiplies with the activations in fp32 FMAs (the activation of each k is loaded once per block and reused by
+   every row the thread holds), accumulating one fp32 partial per word;
+4. after the K loop, sums its partials and the block reduces across threads once (``tl.sum``: a fixed tree, so the
+   bits do not depend on timing).
+
+That is ~4 instructions per weight at M = 1 (17 dequant + 8 widen + 8 FMA per word of 8 weights) and 1 FMA per
+weight for every further activation row: cheaper than the wgmma kernel's chain up to M of a few rows, dearer
+beyond (the tuned table picks per M). No split-K: a program owns ``BLOCK_N`` whole rows, so small-N shapes get
+many small programs (``BLOCK_N`` down to 1) instead, and the output needs no workspace, ticket or second pass.
+
+Precision: products ``x * W'`` of two 16-bit floats are exact in fp32, so the result differs from the reference
+(fp32 matmul of the dequantized weights, one rounding) only by fp32 summation order, like every other kernel here.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .w4a16_mainloop import round_to
+
+
+def _unpack_f32_ptx(bf16: bool) -> str:
+    """PTX for one int32 word + its (s, s) pair -> the word's 8 dequantized weights widened to fp32, in code order.
+
+    Steps 1-5 are :func:`kernels.w4a16_mainloop._unpack_ptx` (natural pairs, 17 instructions); then each packed
+    16-bit value is widened exactly: bf16 -> fp32 is a shift into the top half (``shl`` for the low half, ``and``
+    for the high half), fp16 -> fp32 a ``cvt``. Operands: ``$0..$7`` fp32 outputs, ``$8`` the word, ``$9`` the pair.
+    """
+    magic, bias, ty = ("0x43004300", "0x43084308", "bf16x2") if bf16 else ("0x64006400", "0x64086408", "f16x2")
+    lines = [".reg .b32 v, p0, p1, p2, p3, c;", ".reg .b16 h0, h1;", f"mov.b32 c, {bias};", "shr.u32 v, $8, 4;"]
+    lines += [f"prmt.b32 p{t}, $8, v, 0x{4 + t}{4 + t}{t}{t};" for t in range(4)]  # codes (2t, 2t+1) -> halves
+    lines += [f"lop3.b32 p{t}, p{t}, 0x000F000F, {magic}, 0xEA;" for t in range(4)]   # (p & mask) | magic
+    lines += [f"sub.rn.{ty} p{t}, p{t}, c;" for t in range(4)]                       # (B + u) - (B + 8)
+    lines += [f"mul.rn.{ty} p{t}, p{t}, $9;" for t in range(4)]                      # RN((u - 8) * s)
+    for t in range(4):
+        if bf16:
+            lines += [f"shl.b32 ${2 * t}, p{t}, 16;", f"and.b32 ${2 * t + 1}, p{t}, 0xFFFF0000;"]
+        else:
+            lines += [f"mov.b32 {{h0, h1}}, p{t};", f"cvt.f32.f16 ${2 * t}, h0;", f"cvt.f32.f16 ${2 * t + 1}, h1;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_PTX_F32_BF16 = tl.constexpr(_unpack_f32_ptx(True))
+_PTX_F32_FP16 = tl.constexpr(_unpack_f32_ptx(False))
+_CONSTRAINTS_F32 = tl.constexpr("=r,=r,=r,=r,=r,=r,=r,=r,r,r")
+
+
+def _load_x_ptx(bf16: bool) -> str:
+    """PTX: one 16-byte load of the 8 activations of a word (``ld.global.nc``: ``x`` is read-only here), widened
+    to fp32 in code order. Operands: ``$0..$7`` fp32 outputs, ``$8`` the 64-bit address."""
+    lines = [".reg .b32 a0, a1, a2, a3;", ".reg .b16 h0, h1;", "ld.global.nc.v4.b32 {a0, a1, a2, a3}, [$8];"]
+    for t in range(4):
+        if bf16:
+            lines += [f"shl.b32 ${2 * t}, a{t}, 16;", f"and.b32 ${2 * t + 1}, a{t}, 0xFFFF0000;"]
+        else:
+            lines += [f"mov.b32 {{h0, h1}}, a{t};", f"cvt.f32.f16 ${2 * t}, h0;", f"cvt.f32.f16 ${2 * t + 1}, h1;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_PTX_X_BF16 = tl.constexpr(_load_x_ptx(True))
+_PTX_X_FP16 = tl.constexpr(_load_x_ptx(False))
+_CONSTRAINTS_X = tl.constexpr("=r,=r,=r,=r,=r,=r,=r,=r,l")
+
+
+@triton.jit
+def _load_scales(p, USE_ASM: tl.constexpr):
+    """``*p`` for a tensor of scale pointers, through ``ld.global.nc`` asm so that it takes the layout its use
+    needs (see :func:`_load_x`)."""
+    if USE_ASM:
+        v = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [p.to(tl.int64, bitcast=True)],
+                                      dtype=tl.int16, is_pure=True, pack=1)
+        return v.to(p.dtype.element_ty, bitcast=True)
+    else:
+        return tl.load(p)
+
+
+@triton.jit
+def _dequant_f32(w, s, USE_ASM: tl.constexpr):
+    """Words ``w`` (int32, any shape) and their scales ``s`` (same shape, activation dtype) -> the 8 dequantized
+    weights of every word as eight fp32 tensors (codes 0..7), each exactly ``RN_dtype((u - 8) * s)``."""
+    if USE_ASM:
+        s16 = s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        s2 = s16 | (s16 << 16)
+        if s.dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(_PTX_F32_BF16, _CONSTRAINTS_F32, [w, s2], dtype=(tl.float32, ) * 8,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(_PTX_F32_FP16, _CONSTRAINTS_F32, [w, s2], dtype=(tl.float32, ) * 8,
+                                             is_pure=True, pack=1)
+    else:
+        # Plain Triton (interpreter, pre-Hopper bf16): (u - 8) * s is exact in fp32, then one rounding (§4).
+        sf = s.to(tl.float32)
+        d0 = round_to(((w & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
+        d1 = round_to((((w >> 4) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
+        d2 = round_to((((w >> 8) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
+        d3 = round_to((((w >> 12) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
+        d4 = round_to((((w >> 16) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
+        d5 = round_to((((w >> 20) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
+        d6 = round_to((((w >> 24) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
+        d7 = round_to((((w >> 28) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
+        return d0, d1, d2, d3, d4, d5, d6, d7
+
+
+@triton.jit
+def _widen(p, IS_BF16: tl.constexpr):
+    """An int32 holding two 16-bit floats (k, k+1) -> the two values as fp32 (exact)."""
+    if IS_BF16:
+        lo = (p << 16).to(tl.float32, bitcast=True)
+        hi = (p & -65536).to(tl.float32, bitcast=True)      # -65536 == 0xFFFF0000
+    else:
+        lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = ((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _load_x(x_ptr, xoff, m, M, stride_xm, IS_BF16: tl.constexpr, USE_ASM: tl.constexpr):
+    """The 8 activations ``x[m, 8j .. 8j+7]`` of every word j in ``xoff`` (its first int32 pair), as fp32.
+    Rows ``m >= M`` read row ``M - 1`` instead (their results are not stored)."""
+    p = x_ptr + tl.minimum(m, M - 1) * stride_xm + xoff
+    if USE_ASM:
+        # A plain tl.load would be laid out on its own and reach the weights' layout through shared memory (a
+        # barrier per use); the asm load takes the layout of its operand, i.e. the weights'.
+        if IS_BF16:
+            return tl.inline_asm_elementwise(_PTX_X_BF16, _CONSTRAINTS_X, [p.to(tl.int64, bitcast=True)],
+                                             dtype=(tl.float32, ) * 8, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(_PTX_X_FP16, _CONSTRAINTS_X, [p.to(tl.int64, bitcast=True)],
+                                             dtype=(tl.float32, ) * 8, is_pure=True, pack=1)
+    else:
+        x0, x1 = _widen(tl.load(p), IS_BF16)
+        x2, x3 = _widen(tl.load(p + 1), IS_BF16)
+        x4, x5 = _widen(tl.load(p + 2), IS_BF16)
+        x6, x7 = _widen(tl.load(p + 3), IS_BF16)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _row_dot(acc, x_ptr, xoff, m, M, stride_xm, d0, d1, d2, d3, d4, d5, d6, d7, IS_BF16: tl.constexpr,
+             USE_ASM: tl.constexpr):
+    """``acc[r, j] += sum_c W'[r, 8j + c] * x[m, 8j + c]``: 8 fp32 FMAs per word. ``x_ptr`` points at ``x`` viewed as
+    int32 pairs; ``xoff`` [words] is each word's first pair (4 pairs per word)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _load_x(x_ptr, xoff, m, M, stride_xm, IS_BF16, USE_ASM)
+    acc += d0 * x0
+    acc += d1 * x1
+    acc += d2 * x2
+    acc += d3 * x3
+    acc += d4 * x4
+    acc += d5 * x5
+    acc += d6 * x6
+    acc += d7 * x7
+    return acc
+
+
+@triton.jit
+def _finish_row(acc, bias, out_ptr, rows, m, M, stride_om, HAS_BIAS: tl.constexpr, EMU_RN: tl.constexpr):
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += bias
+    if EMU_RN:
+        y = round_to(y, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + m * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=(rows * 0 + m) < M)
+
+
+@triton.jit(do_not_specialize=["M", "stride_sn"])
+def _w4a16_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+    M, K,
+    stride_xm, stride_wn, stride_sn, stride_om,
+    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, IS_BF16: tl.constexpr, EMU_RN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    NG: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    WPB: tl.constexpr = BLOCK_K // 8          # int32 words per row per K block
+    WPG: tl.constexpr = WPB // NG             # words per scale group inside the block
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # N % BLOCK_N == 0 (checked by the wrapper): no masks
+    words = tl.arange(0, WPB)
+    # The word axis is one contiguous dimension, so Triton spreads a warp's threads along K (16-byte vectors) and
+    # gives each thread several rows of the same words: their activations are loaded once and reused.
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + words[None, :]
+    s_ptrs = s_ptr + rows.to(tl.int64)[:, None] * stride_sn + tl.arange(0, NG)[None, :]   # one per (row, group)
+    # First int32 pair of each word, as a [BLOCK_N, WPB] tensor whose rows repeat: built like ``w_ptrs`` so that it
+    # gets the weights' layout (a [WPB] vector would get its own layout and a shared-memory conversion per use);
+    # the loads of a thread's repeated rows are the same addresses, which the compiler merges.
+    xoff = (rows * 0)[:, None] + words[None, :] * 4
+
+    acc0 = tl.zeros([BLOCK_N, WPB], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, WPB], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, WPB], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, WPB], dtype=tl.float32)
+    acc4 = tl.zeros([BLOCK_N, WPB], dtype=tl.float32)
+    acc5 = tl.zeros([BLOCK_N, WPB], dtype=tl.float32)
+    acc6 = tl.zeros([BLOCK_N, WPB], dtype=tl.float32)
+    acc7 = tl.zeros([BLOCK_N, WPB], dtype=tl.float32)
+
+    # Register pipeline: the words of the next PREFETCH blocks are in flight while this block is computed.
+    kb_total = K // BLOCK_K
+    w = tl.load(w_ptrs)
+    if PREFETCH == 2:
+        w1 = tl.load(w_ptrs + WPB, mask=tl.full([BLOCK_N, WPB], 1, tl.int32) < kb_total, other=0)
+    for kb in range(0, kb_total):
+        more = tl.full([BLOCK_N, WPB], kb + PREFETCH, tl.int32) < kb_total   # (a tensor mask: the interpreter
+        w_next = tl.load(w_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)  #  takes no scalar one)
+        if GROUP_SIZE == 0:
+            col = 0
+        elif NG > 1:
+            col = kb * NG
+        else:
+            col = (kb * BLOCK_K) // GROUP_SIZE
+        # each group's scale, broadcast over its words in registers (a thread's 4-word vector lies in one group)
+        s = tl.reshape(tl.broadcast_to(_load_scales(s_ptrs + col, USE_ASM)[:, :, None], [BLOCK_N, NG, WPG]),
+                       [BLOCK_N, WPB])
+        d0, d1, d2, d3, d4, d5, d6, d7 = _dequant_f32(w, s, USE_ASM)
+        xk = xoff + kb * (BLOCK_K // 2)
+        acc0 = _row_dot(acc0, x_ptr, xk, m0, M, stride_xm, d0, d1, d2, d3, d4, d5, d6, d7, IS_BF16, USE_ASM)
+        if BLOCK_M > 1:
+            acc1 = _row_dot(acc1, x_ptr, xk, m0 + 1, M, stride_xm, d0, d1, d2, d3, d4, d5, d6, d7, IS_BF16, USE_ASM)
+        if BLOCK_M > 2:
+            acc2 = _row_dot(acc2, x_ptr, xk, m0 + 2, M, stride_xm, d0, d1, d2, d3, d4, d5, d6, d7, IS_BF16, USE_ASM)
+            acc3 = _row_dot(acc3, x_ptr, xk, m0 + 3, M, stride_xm, d0, d1, d2, d3, d4, d5, d6, d7, IS_BF16, USE_ASM)
+        if BLOCK_M > 4:
+            acc4 = _row_dot(acc4, x_ptr, xk, m0 + 4, M, stride_xm, d0, d1, d2, d3, d4, d5, d6, d7, IS_BF16, USE_ASM)
+            acc5 = _row_dot(acc5, x_ptr, xk, m0 + 5, M, stride_xm, d0, d1, d2, d3, d4, d5, d6, d7, IS_BF16, USE_ASM)
+            acc6 = _row_dot(acc6, x_ptr, xk, m0 + 6, M, stride_xm, d0, d1, d2, d3, d4, d5, d6, d7, IS_BF16, USE_ASM)
+            acc7 = _row_dot(acc7, x_ptr, xk, m0 + 7, M, stride_xm, d0, d1, d2, d3, d4, d5, d6, d7, IS_BF16, USE_ASM)
+        if PREFETCH == 2:
+            w = w1
+            w1 = w_next
+        else:
+            w = w_next
+
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows).to(tl.float32)
+    _finish_row(acc0, bias, out_ptr, rows, m0, M, stride_om, HAS_BIAS, EMU_RN)
+    if BLOCK_M > 1:
+        _finish_row(acc1, bias, out_ptr, rows, m0 + 1, M, stride_om, HAS_BIAS, EMU_RN)
+    if BLOCK_M > 2:
+        _finish_row(acc2, bias, out_ptr, rows, m0 + 2, M, stride_om, HAS_BIAS, EMU_RN)
+        _finish_row(acc3, bias, out_ptr, rows, m0 + 3, M, stride_om, HAS_BIAS, EMU_RN)
+    if BLOCK_M > 4:
+        _finish_row(acc4, bias, out_ptr, rows, m0 + 4, M, stride_om, HAS_BIAS, EMU_RN)
+        _finish_row(acc5, bias, out_ptr, rows, m0 + 5, M, stride_om, HAS_BIAS, EMU_RN)
+        _finish_row(acc6, bias, out_ptr, rows, m0 + 6, M, stride_om, HAS_BIAS, EMU_RN)
+        _finish_row(acc7, bias, out_ptr, rows, m0 + 7, M, stride_om, HAS_BIAS, EMU_RN)
+
+
+GEMV_BLOCK_M = (1, 2, 4, 8)
+
+
+def w4a16_gemv(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None, group_size: int, *, block_m: int, block_n: int, block_k: int,
+               num_warps: int, prefetch: int = 1, use_asm: bool = True, emu_rn: bool = False) -> torch.Tensor:
+    """Launch the CUDA-core GEMV. Inputs are assumed validated by :func:`kernels.w4a16.w4a16_gemm`:
+    ``x`` [M, K] contiguous bf16/fp16, ``weight_packed`` [N, K/8] int32 contiguous, ``weight_scale`` [N, K/G] of
+    ``x.dtype`` contiguous, ``bias`` [N] or None. Needs ``K % block_k == 0`` and ``N % block_n == 0``; ``block_m``
+    in (1, 2, 4, 8) activation rows share one dequantization (grid: N / block_n x cdiv(M, block_m)); ``prefetch``
+    (1 or 2): K blocks of words loaded ahead of the one being computed.
+    ``emu_rn``: round the output in software (the interpreter's fp32 -> bf16 cast truncates).
+    Returns ``[M, N]`` of ``x.dtype``."""
+    m, k = x.shape
+    n = weight_packed.shape[0]
+    if block_m not in GEMV_BLOCK_M:
+        raise ValueError(f"w4a16_gemv: block_m must be one of {GEMV_BLOCK_M}, got {block_m}")
+    if k % block_k or n % block_n:
+        raise ValueError(f"w4a16_gemv: need K % block_k == 0 and N % block_n == 0, got K={k}, N={n}, "
+                         f"block_k={block_k}, block_n={block_n}")
+    gk = 0 if group_size >= k else group_size  # 0: one scale column (channelwise)
+    ng = block_k // gk if 0 < gk < block_k else 1
+    if x.data_ptr() % 16:
+        x = x.clone()  # the 16-byte activation loads need an aligned row start (K % 128 == 0 keeps the rest so)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    x32 = x.view(torch.int32)  # (k, k+1) pairs as one word: [M, K/2]
+    _w4a16_gemv_kernel[(n // block_n, triton.cdiv(m, block_m))](
+        x32, weight_packed, weight_scale, bias if bias is not None else weight_scale, out,
+        m, k,
+        x32.stride(0), weight_packed.stride(0), weight_scale.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, USE_ASM=use_asm, IS_BF16=x.dtype == torch.bfloat16, EMU_RN=emu_rn,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE=gk, NG=ng,
+        PREFETCH=prefetch, num_warps=num_warps, num_stages=1,
+    )
+    return out

@@ -1,0 +1,247 @@
+"""Batch-1..4 W4A16 GEMV on tensor cores without shared memory: ``mma.sync`` fed straight from each thread's words.
+
+``y[M, N] = x[M, K] @ W'[N, K]^T (+ bias)``, the same contract and tiling as :mod:`kernels.w4a16_gemv` (a program
+owns ``BLOCK_N`` whole weight rows, no split-K), but the multiply-accumulate runs on the tensor cores.
+
+The hardware reason
+-------------------
+The CUDA-core GEMV spends ~40 instructions per int32 word (8 weights) at M = 1: 17 to dequantize, 8 to widen the
+bf16 weights to fp32, 8 FMAs, and the rest addressing; it is issue-bound (H200: gate_up at ~1.9 TB/s), and every
+further activation row costs 8 more FMAs per word. Here one ``mma.sync.m16n8k16`` takes the 16-bit weight pairs
+the dequantization already produced, so a word costs its 17 dequant instructions plus one MMA per activation row.
+
+How a warp's threads become an MMA, with Triton choosing the layout
+------------------------------------------------------------------
+Triton lays the ``[BLOCK_N/2, WPB]`` word tiles out with a warp's lanes along K (16-byte vectors), so the four
+lanes of a quad (lanes 4r..4r+3) always hold the *same* weight rows and *different* words. ``mma.sync`` m16n8k16
+(bf16, row.col) computes ``D[16, 8] += A[16, 16] B[16, 8]`` where lane ``4r + q`` supplies ``A[r, k]`` and
+``A[r + 8, k]`` for k in {2q, 2q+1, 2q+8, 2q+9} and ``B[k, c]`` for the same k and column ``c = r``. Each lane
+passes: as A rows r and r+8, two codes pairs of its word of row ``R1`` (first half of the tile) and of its word of
+row ``R2`` (second half), the same word index; as B, the activation pairs of that word. Then ``D[r, c]`` pairs A from
+quad r with B from quad c: it is a true dot product only where both come from the same lanes, i.e. on the diagonal
+``c = r``, where ``D[r, r]`` and ``D[r + 8, r]`` are quad r's partial dot products of rows R1 and R2 over its four
+words. The other 7/8 of each MMA is discarded: the tensor cores have that much to spare at M <= 4, the issue slots
+do not. Two MMAs cover a word pair (codes 0-3, then 4-7); the diagonal lane of each quad (``q = r // 2``, column
+parity ``r % 2``) picks its two accumulators after the K loop, and ``tl.sum`` adds them across the lanes.
+
+Precision: an MMA multiplies 16-bit values exactly and adds in fp32, as the reference does; only the fp32 summation
+order differs. Needs sm_80+ (``mma.sync`` bf16) and the bf16x2 dequant of sm_90 for bf16 activations (see
+:func:`kernels.w4a16.asm_ok`); inline PTX cannot run in the Triton interpreter, where the dispatcher runs the
+CUDA-core GEMV of the same tiling instead.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .w4a16_gemv import _load_scales
+
+
+def _dequant_pairs_ptx(bf16: bool) -> str:
+    """PTX: one int32 word + its (s, s) pair -> four packed 16-bit pairs, codes (0,1), (2,3), (4,5), (6,7), each
+    ``RN((u - 8) * s)`` (the 17 instructions of :func:`kernels.w4a16_mainloop._unpack_ptx`, natural pairs)."""
+    magic, bias, ty = ("0x43004300", "0x43084308", "bf16x2") if bf16 else ("0x64006400", "0x64086408", "f16x2")
+    lines = [".reg .b32 v, c;", f"mov.b32 c, {bias};", "shr.u32 v, $4, 4;"]
+    lines += [f"prmt.b32 ${t}, $4, v, 0x{4 + t}{4 + t}{t}{t};" for t in range(4)]
+    lines += [f"lop3.b32 ${t}, ${t}, 0x000F000F, {magic}, 0xEA;" for t in range(4)]
+    lines += [f"sub.rn.{ty} ${t}, ${t}, c;" for t in range(4)]
+    lines += [f"mul.rn.{ty} ${t}, ${t}, $5;" for t in range(4)]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_PTX_PAIRS_BF16 = tl.constexpr(_dequant_pairs_ptx(True))
+_PTX_PAIRS_FP16 = tl.constexpr(_dequant_pairs_ptx(False))
+_PTX_MMA_BF16 = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                             "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
+_PTX_MMA_FP16 = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                             "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
+# D[r, r] sits in c0/c2 of lane 4r + r/2 when r is even, in c1/c3 of that lane when r is odd; zero elsewhere.
+_PTX_DIAG = tl.constexpr("""{
+.reg .u32 l, r, q;
+.reg .pred p0, p1;
+mov.u32 l, %laneid;
+shr.u32 r, l, 2;
+and.b32 q, l, 3;
+shl.b32 q, q, 1;
+setp.eq.u32 p0, r, q;
+add.u32 q, q, 1;
+setp.eq.u32 p1, r, q;
+mov.f32 $0, 0f00000000;
+mov.f32 $1, 0f00000000;
+@p0 mov.f32 $0, $2;
+@p0 mov.f32 $1, $4;
+@p1 mov.f32 $0, $3;
+@p1 mov.f32 $1, $5;
+}""")
+_PTX_LOAD4 = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];")
+
+
+@triton.jit
+def _pairs(w, s, IS_BF16: tl.constexpr):
+    s16 = s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    s2 = s16 | (s16 << 16)
+    if IS_BF16:
+        return tl.inline_asm_elementwise(_PTX_PAIRS_BF16, "=r,=r,=r,=r,r,r", [w, s2], dtype=(tl.int32, ) * 4,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_PTX_PAIRS_FP16, "=r,=r,=r,=r,r,r", [w, s2], dtype=(tl.int32, ) * 4,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma(c0, c1, c2, c3, a0, a1, a2, a3, b0, b1, IS_BF16: tl.constexpr):
+    # (is_pure=False: never merge or drop a warp-collective instruction)
+    if IS_BF16:
+        return tl.inline_asm_elementwise(_PTX_MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                                         [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.float32, ) * 4,
+                                         is_pure=False, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_PTX_MMA_FP16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                                         [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.float32, ) * 4,
+                                         is_pure=False, pack=1)
+
+
+@triton.jit
+def _row_mma(c0, c1, c2, c3, x_ptr, xoff, m, M, stride_xm, pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3,
+             IS_BF16: tl.constexpr):
+    """Two MMAs for activation row ``m``: codes 0-3, then 4-7, of the lane's word of rows R1 (``pa*``) and R2."""
+    p = x_ptr + tl.minimum(m, M - 1) * stride_xm + xoff
+    x0, x1, x2, x3 = tl.inline_asm_elementwise(_PTX_LOAD4, "=r,=r,=r,=r,l", [p.to(tl.int64, bitcast=True)],
+                                               dtype=(tl.int32, ) * 4, is_pure=True, pack=1)
+    c0, c1, c2, c3 = _mma(c0, c1, c2, c3, pa0, pb0, pa1, pb1, x0, x1, IS_BF16)
+    c0, c1, c2, c3 = _mma(c0, c1, c2, c3, pa2, pb2, pa3, pb3, x2, x3, IS_BF16)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _finish_mma(c0, c1, c2, c3, b_lo, b_hi, out_ptr, rows_lo, rows_hi, m, M, stride_om, HAS_BIAS: tl.constexpr):
+    y_lo, y_hi = tl.inline_asm_elementwise(_PTX_DIAG, "=f,=f,f,f,f,f", [c0, c1, c2, c3],
+                                           dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    y_lo = tl.sum(y_lo, axis=1)
+    y_hi = tl.sum(y_hi, axis=1)
+    if HAS_BIAS:
+        y_lo += b_lo
+        y_hi += b_hi
+    ok = (rows_lo * 0 + m) < M
+    tl.store(out_ptr + m * stride_om + rows_lo, y_lo.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + m * stride_om + rows_hi, y_hi.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["M", "stride_sn"])
+def _w4a16_gemv_mma_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+    M, K,
+    stride_xm, stride_wn, stride_sn, stride_om,
+    HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    NG: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    HALF: tl.constexpr = BLOCK_N // 2
+    WPB: tl.constexpr = BLOCK_K // 8
+    WPG: tl.constexpr = WPB // NG
+    rows_lo = pid_n * BLOCK_N + tl.arange(0, HALF)      # R1 of every lane: first half of the program's rows
+    rows_hi = rows_lo + HALF                            # R2: second half, same word index
+    words = tl.arange(0, WPB)
+    wl_ptrs = w_ptr + rows_lo.to(tl.int64)[:, None] * stride_wn + words[None, :]
+    wh_ptrs = w_ptr + rows_hi.to(tl.int64)[:, None] * stride_wn + words[None, :]
+    sl_ptrs = s_ptr + rows_lo.to(tl.int64)[:, None] * stride_sn + tl.arange(0, NG)[None, :]
+    sh_ptrs = s_ptr + rows_hi.to(tl.int64)[:, None] * stride_sn + tl.arange(0, NG)[None, :]
+    xoff = (rows_lo * 0)[:, None] + words[None, :] * 4   # see kernels.w4a16_gemv: takes the words' layout
+
+    z = tl.zeros([HALF, WPB], dtype=tl.float32)
+    a0, a1, a2, a3 = z, z, z, z   # accumulators of activation row m0 (c0..c3 of the MMA), then m0+1, ...
+    b0, b1, b2, b3 = z, z, z, z
+    e0, e1, e2, e3 = z, z, z, z
+    f0, f1, f2, f3 = z, z, z, z
+
+    # Register pipeline: the words of the next PREFETCH blocks are in flight while this block is computed.
+    kb_total = K // BLOCK_K
+    wl = tl.load(wl_ptrs)
+    wh = tl.load(wh_ptrs)
+    if PREFETCH == 2:
+        more = tl.full([HALF, WPB], 1, tl.int32) < kb_total
+        wl1 = tl.load(wl_ptrs + WPB, mask=more, other=0)
+        wh1 = tl.load(wh_ptrs + WPB, mask=more, other=0)
+    for kb in range(0, kb_total):
+        more = tl.full([HALF, WPB], kb + PREFETCH, tl.int32) < kb_total
+        wl_next = tl.load(wl_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)
+        wh_next = tl.load(wh_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)
+        if GROUP_SIZE == 0:
+            col = 0
+        elif NG > 1:
+            col = kb * NG
+        else:
+            col = (kb * BLOCK_K) // GROUP_SIZE
+        sl = tl.reshape(tl.broadcast_to(_load_scales(sl_ptrs + col, True)[:, :, None], [HALF, NG, WPG]), [HALF, WPB])
+        sh = tl.reshape(tl.broadcast_to(_load_scales(sh_ptrs + col, True)[:, :, None], [HALF, NG, WPG]), [HALF, WPB])
+        pa0, pa1, pa2, pa3 = _pairs(wl, sl, IS_BF16)
+        pb0, pb1, pb2, pb3 = _pairs(wh, sh, IS_BF16)
+        xk = xoff + kb * (BLOCK_K // 2)
+        a0, a1, a2, a3 = _row_mma(a0, a1, a2, a3, x_ptr, xk, m0, M, stride_xm, pa0, pa1, pa2, pa3,
+                                  pb0, pb1, pb2, pb3, IS_BF16)
+        if BLOCK_M > 1:
+            b0, b1, b2, b3 = _row_mma(b0, b1, b2, b3, x_ptr, xk, m0 + 1, M, stride_xm, pa0, pa1, pa2, pa3,
+                                      pb0, pb1, pb2, pb3, IS_BF16)
+        if BLOCK_M > 2:
+            e0, e1, e2, e3 = _row_mma(e0, e1, e2, e3, x_ptr, xk, m0 + 2, M, stride_xm, pa0, pa1, pa2, pa3,
+                                      pb0, pb1, pb2, pb3, IS_BF16)
+            f0, f1, f2, f3 = _row_mma(f0, f1, f2, f3, x_ptr, xk, m0 + 3, M, stride_xm, pa0, pa1, pa2, pa3,
+                                      pb0, pb1, pb2, pb3, IS_BF16)
+        if PREFETCH == 2:
+            wl = wl1
+            wh = wh1
+            wl1 = wl_next
+            wh1 = wh_next
+        else:
+            wl = wl_next
+            wh = wh_next
+
+    bias_lo = tl.zeros([HALF], dtype=tl.float32)
+    bias_hi = tl.zeros([HALF], dtype=tl.float32)
+    if HAS_BIAS:
+        bias_lo = tl.load(bias_ptr + rows_lo).to(tl.float32)
+        bias_hi = tl.load(bias_ptr + rows_hi).to(tl.float32)
+    _finish_mma(a0, a1, a2, a3, bias_lo, bias_hi, out_ptr, rows_lo, rows_hi, m0, M, stride_om, HAS_BIAS)
+    if BLOCK_M > 1:
+        _finish_mma(b0, b1, b2, b3, bias_lo, bias_hi, out_ptr, rows_lo, rows_hi, m0 + 1, M, stride_om, HAS_BIAS)
+    if BLOCK_M > 2:
+        _finish_mma(e0, e1, e2, e3, bias_lo, bias_hi, out_ptr, rows_lo, rows_hi, m0 + 2, M, stride_om, HAS_BIAS)
+        _finish_mma(f0, f1, f2, f3, bias_lo, bias_hi, out_ptr, rows_lo, rows_hi, m0 + 3, M, stride_om, HAS_BIAS)
+
+
+GEMV_MMA_BLOCK_M = (1, 2, 4)
+
+
+def w4a16_gemv_mma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, group_size: int, *, block_m: int, block_n: int, block_k: int,
+                   num_warps: int, prefetch: int = 1) -> torch.Tensor:
+    """Launch the tensor-core GEMV (CUDA only; sm_80+, bf16 needs sm_90). Same operand contract as
+    :func:`kernels.w4a16_gemv.w4a16_gemv`; ``block_m`` in (1, 2, 4), ``block_n`` >= 2 (two row halves);
+    ``prefetch`` (1 or 2): K blocks of words loaded ahead of the one being computed.
+    Returns ``[M, N]`` of ``x.dtype``."""
+    m, k = x.shape
+    n = weight_packed.shape[0]
+    if block_m not in GEMV_MMA_BLOCK_M or block_n < 2:
+        raise ValueError(f"w4a16_gemv_mma: need block_m in {GEMV_MMA_BLOCK_M} and block_n >= 2, got "
+                         f"block_m={block_m}, block_n={block_n}")
+    if k % block_k or n % block_n:
+        raise ValueError(f"w4a16_gemv_mma: need K % block_k == 0 and N % block_n == 0, got K={k}, N={n}, "
+                         f"block_k={block_k}, block_n={block_n}")
+    gk = 0 if group_size >= k else group_size
+    ng = block_k // gk if 0 < gk < block_k else 1
+    if x.data_ptr() % 16:
+        x = x.clone()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    x32 = x.view(torch.int32)
+    _w4a16_gemv_mma_kernel[(n // block_n, triton.cdiv(m, block_m))](
+        x32, weight_packed, weight_scale, bias if bias is not None else weight_scale, out,
+        m, k,
+        x32.stride(0), weight_packed.stride(0), weight_scale.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE=gk, NG=ng,
+        PREFETCH=prefetch, num_warps=num_warps, num_stages=1,
+    )
+    return out
