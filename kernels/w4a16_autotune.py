@@ -24,7 +24,8 @@ import torch
 
 from .w4a16_config import W4A16Config, device_table_name, CONFIG_DIR
 
-E4B_SHAPES = ((3072, 2560), (2560, 2048), (16384, 2560), (2560, 8192), (8192, 8192), (2048, 2560))  # last: KV-shared q_proj
+# qkv, o, gate_up (pruned), down (pruned), an 8192^2 reference, and the KV-shared layers' q_proj
+E4B_SHAPES = ((3072, 2560), (2560, 2048), (16384, 2560), (2560, 8192), (8192, 8192), (2048, 2560))
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 L2_BYTES = 60 << 20
 

@@ -12,7 +12,7 @@ CTA barriers) and the wgmma wait itself, and at the end a split-K ticket with a 
 twentieth session). Here every thread instead:
 
 1. loads whole int32 words of its rows straight into registers (16-byte vector loads, coalesced along K), the next
-   K block's words issued before the current block is computed (a two-deep register pipeline, no shared memory);
+   one or two K blocks' words issued before the current block is computed (a register pipeline, no shared memory);
 2. dequantizes each word with the packed PTX of :mod:`kernels.w4a16_mainloop` (``prmt``/``lop3``/``sub``/``mul`` on
    bf16x2: the same ``RN((u - 8) * s)`` values, two per instruction) and widens them to fp32 (one ``shl`` or
    ``and`` each: a bf16 is the top half of an fp32);
@@ -21,10 +21,22 @@ twentieth session). Here every thread instead:
 4. after the K loop, sums its partials and the block reduces across threads once (``tl.sum``: a fixed tree, so the
    bits do not depend on timing).
 
-That is ~4 instructions per weight at M = 1 (17 dequant + 8 widen + 8 FMA per word of 8 weights) and 1 FMA per
-weight for every further activation row: cheaper than the wgmma kernel's chain up to M of a few rows, dearer
-beyond (the tuned table picks per M). No split-K: a program owns ``BLOCK_N`` whole rows, so small-N shapes get
-many small programs (``BLOCK_N`` down to 1) instead, and the output needs no workspace, ticket or second pass.
+That is 17 dequant + 8 widen + 8 FMA instructions per word of 8 weights, ~40 with the addressing (the loop's SASS,
+Triton 3.6, sm_90a), and 8 more FMAs per word for every further activation row. No split-K: a program owns
+``BLOCK_N`` whole rows, so small-N shapes get many small programs (``BLOCK_N`` down to 1) instead, and the output
+needs no workspace, ticket or second pass.
+
+Measured (H200, 2026-11-30, ``bench/gpu/gemv_sweep.py``): at M = 1 this kernel beat the split-K wgmma kernel on all
+five E4B shapes (1.12-1.66x) and it is issue-bound (gate_up 1.9 TB/s, and each further row costs time in proportion
+to its FMAs). :mod:`kernels.w4a16_gemv_mma` does the multiply-accumulate on tensor cores from the same registers
+(~23 instructions per word) and was faster on every row, so the tuned table uses that one; this kernel is what
+``gemv_mma`` configs run where inline PTX cannot (the Triton interpreter; bf16 before sm_90), and a ``gemv`` config.
+
+Why the activations and scales are loaded by inline PTX: a ``tl.load`` is a layout anchor in Triton, laid out by
+its own pointer's contiguity, and its result then reaches the weights' layout through shared memory (a
+``convert_layout`` with CTA barriers, in every K block). An ``ld.global.nc`` in ``inline_asm_elementwise`` is an
+ordinary elementwise op that takes the layout of the words it is combined with; the compiler merges the repeated
+loads of a thread's rows (same addresses).
 
 Precision: products ``x * W'`` of two 16-bit floats are exact in fp32, so the result differs from the reference
 (fp32 matmul of the dequantized weights, one rounding) only by fp32 summation order, like every other kernel here.

@@ -93,8 +93,8 @@ def main() -> int:
             rows.sort(key=lambda r: r[0])
             log(f"{shape} M={m}: tuned {t_tuned:.2f} us ({nbytes / t_tuned / 1e6:.2f} TB/s) {tuned}")
             for us, cfg in rows[:5]:
-                log(f"    {us:7.2f} us {nbytes / us / 1e6:.2f} TB/s  x{t_tuned / us:.3f}  {cfg.kernel} bm{cfg.block_m} "
-                    f"bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} st{cfg.num_stages}")
+                log(f"    {us:7.2f} us {nbytes / us / 1e6:.2f} TB/s  x{t_tuned / us:.3f}  {cfg.kernel} "
+                    f"bm{cfg.block_m} bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} st{cfg.num_stages}")
             results["rows"].append({"shape": shape, "m": m, "bytes": nbytes, "tuned_us": t_tuned,
                                     "tuned": dataclasses.asdict(tuned),
                                     "best": [{"us": us, **dataclasses.asdict(cfg)} for us, cfg in rows[:20]]})
