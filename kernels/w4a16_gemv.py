@@ -33,13 +33,14 @@ to its FMAs). :mod:`kernels.w4a16_gemv_mma` does the multiply-accumulate on tens
 ``gemv_mma`` configs run where inline PTX cannot (the Triton interpreter; bf16 before sm_90), and a ``gemv`` config.
 
 Why the activations and scales are loaded by inline PTX: a ``tl.load`` is a layout anchor in Triton, laid out by
-its own pointer's contiguity, and its result then reaches the weights' layout through shared memory (a
-``convert_layout`` with CTA barriers, in every K block). An ``ld.global.nc`` in ``inline_asm_elementwise`` is an
-ordinary elementwise op that takes the layout of the words it is combined with; the compiler merges the repeated
-loads of a thread's rows (same addresses).
-
-Precision: products ``x * W'`` of two 16-bit floats are exact in fp32, so the result differs from the reference
-(fp32 matmul of the dequantized weights, one rounding) only by fp32 summation order, like every other kernel here.
+its own pointer's contiguity, and its result may reach the words' layout only through shared memory (a
+``convert_layout`` with CTA barriers, in every K block). Seen in the SASS of ahead-of-time sm_90a compiles
+(``bench/gpu/sass_loop.py``, Triton 3.6 and 3.9): scales by ``tl.load`` put two barriers and three shared-memory
+accesses into the loop of ``BLOCK_N`` 16 / ``BLOCK_K`` 1024 / 4 warps; activations loaded as a ``[WPB]`` vector
+converted the dequantized weights instead. An ``ld.global.nc`` in ``inline_asm_elementwise`` is an ordinary
+elementwise op that takes the layout of the words it is combined with, and the compiler merges the repeated loads of
+a thread's rows (same addresses). ``tests/test_kernels_fast.py`` checks the compiled loops for barriers and
+shared-memory accesses.
 """
 from __future__ import annotations
 
@@ -47,27 +48,28 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16_mainloop import round_to
+from .w4a16_mainloop import dequant_ptx_lines, round_to
+
+
+def _widen_ptx_lines(bf16: bool, pairs: list[str]) -> list[str]:
+    """PTX: registers holding two 16-bit floats each -> the values as fp32 in ``$0, $1, ...`` (pair t -> ``$2t``,
+    ``$2t+1``), exactly: a bf16 is the top half of an fp32 (``shl`` / ``and``), an fp16 needs a ``cvt`` (through
+    ``h0, h1``, which the caller declares)."""
+    lines = []
+    for t, p in enumerate(pairs):
+        if bf16:
+            lines += [f"shl.b32 ${2 * t}, {p}, 16;", f"and.b32 ${2 * t + 1}, {p}, 0xFFFF0000;"]
+        else:
+            lines += [f"mov.b32 {{h0, h1}}, {p};", f"cvt.f32.f16 ${2 * t}, h0;", f"cvt.f32.f16 ${2 * t + 1}, h1;"]
+    return lines
 
 
 def _unpack_f32_ptx(bf16: bool) -> str:
-    """PTX for one int32 word + its (s, s) pair -> the word's 8 dequantized weights widened to fp32, in code order.
-
-    Steps 1-5 are :func:`kernels.w4a16_mainloop._unpack_ptx` (natural pairs, 17 instructions); then each packed
-    16-bit value is widened exactly: bf16 -> fp32 is a shift into the top half (``shl`` for the low half, ``and``
-    for the high half), fp16 -> fp32 a ``cvt``. Operands: ``$0..$7`` fp32 outputs, ``$8`` the word, ``$9`` the pair.
-    """
-    magic, bias, ty = ("0x43004300", "0x43084308", "bf16x2") if bf16 else ("0x64006400", "0x64086408", "f16x2")
-    lines = [".reg .b32 v, p0, p1, p2, p3, c;", ".reg .b16 h0, h1;", f"mov.b32 c, {bias};", "shr.u32 v, $8, 4;"]
-    lines += [f"prmt.b32 p{t}, $8, v, 0x{4 + t}{4 + t}{t}{t};" for t in range(4)]  # codes (2t, 2t+1) -> halves
-    lines += [f"lop3.b32 p{t}, p{t}, 0x000F000F, {magic}, 0xEA;" for t in range(4)]   # (p & mask) | magic
-    lines += [f"sub.rn.{ty} p{t}, p{t}, c;" for t in range(4)]                       # (B + u) - (B + 8)
-    lines += [f"mul.rn.{ty} p{t}, p{t}, $9;" for t in range(4)]                      # RN((u - 8) * s)
-    for t in range(4):
-        if bf16:
-            lines += [f"shl.b32 ${2 * t}, p{t}, 16;", f"and.b32 ${2 * t + 1}, p{t}, 0xFFFF0000;"]
-        else:
-            lines += [f"mov.b32 {{h0, h1}}, p{t};", f"cvt.f32.f16 ${2 * t}, h0;", f"cvt.f32.f16 ${2 * t + 1}, h1;"]
+    """PTX for one int32 word + its (s, s) pair -> the word's 8 dequantized weights widened to fp32, in code order:
+    :func:`kernels.w4a16_mainloop.dequant_ptx_lines` (natural pairs, 17 instructions), then one instruction per
+    value. Operands: ``$0..$7`` fp32 outputs, ``$8`` the word, ``$9`` the pair."""
+    core = dequant_ptx_lines(bf16, True, "$8", "$9")
+    lines = core[:1] + [".reg .b16 h0, h1;"] + core[1:] + _widen_ptx_lines(bf16, ["p0", "p1", "p2", "p3"])
     return "{\n" + "\n".join(lines) + "\n}"
 
 
@@ -80,17 +82,25 @@ def _load_x_ptx(bf16: bool) -> str:
     """PTX: one 16-byte load of the 8 activations of a word (``ld.global.nc``: ``x`` is read-only here), widened
     to fp32 in code order. Operands: ``$0..$7`` fp32 outputs, ``$8`` the 64-bit address."""
     lines = [".reg .b32 a0, a1, a2, a3;", ".reg .b16 h0, h1;", "ld.global.nc.v4.b32 {a0, a1, a2, a3}, [$8];"]
-    for t in range(4):
-        if bf16:
-            lines += [f"shl.b32 ${2 * t}, a{t}, 16;", f"and.b32 ${2 * t + 1}, a{t}, 0xFFFF0000;"]
-        else:
-            lines += [f"mov.b32 {{h0, h1}}, a{t};", f"cvt.f32.f16 ${2 * t}, h0;", f"cvt.f32.f16 ${2 * t + 1}, h1;"]
+    lines += _widen_ptx_lines(bf16, ["a0", "a1", "a2", "a3"])
     return "{\n" + "\n".join(lines) + "\n}"
 
 
 _PTX_X_BF16 = tl.constexpr(_load_x_ptx(True))
 _PTX_X_FP16 = tl.constexpr(_load_x_ptx(False))
 _CONSTRAINTS_X = tl.constexpr("=r,=r,=r,=r,=r,=r,=r,=r,l")
+
+
+@triton.jit
+def scale_column(kb, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr, NG: tl.constexpr):
+    """First scale column of K block ``kb``: ``kb * NG`` when a block spans NG groups, ``kb * BLOCK_K // G`` when a
+    group spans blocks, 0 for channelwise scales (``GROUP_SIZE`` 0)."""
+    if GROUP_SIZE == 0:
+        return 0
+    elif NG > 1:
+        return kb * NG
+    else:
+        return (kb * BLOCK_K) // GROUP_SIZE
 
 
 @triton.jit
@@ -111,13 +121,9 @@ def _dequant_f32(w, s, USE_ASM: tl.constexpr):
     weights of every word as eight fp32 tensors (codes 0..7), each exactly ``RN_dtype((u - 8) * s)``."""
     if USE_ASM:
         s16 = s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        s2 = s16 | (s16 << 16)
-        if s.dtype == tl.bfloat16:
-            return tl.inline_asm_elementwise(_PTX_F32_BF16, _CONSTRAINTS_F32, [w, s2], dtype=(tl.float32, ) * 8,
-                                             is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(_PTX_F32_FP16, _CONSTRAINTS_F32, [w, s2], dtype=(tl.float32, ) * 8,
-                                             is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_PTX_F32_BF16 if s.dtype == tl.bfloat16 else _PTX_F32_FP16,
+                                         _CONSTRAINTS_F32, [w, s16 | (s16 << 16)], dtype=(tl.float32, ) * 8,
+                                         is_pure=True, pack=1)
     else:
         # Plain Triton (interpreter, pre-Hopper bf16): (u - 8) * s is exact in fp32, then one rounding (§4).
         sf = s.to(tl.float32)
@@ -152,12 +158,9 @@ def _load_x(x_ptr, xoff, m, M, stride_xm, IS_BF16: tl.constexpr, USE_ASM: tl.con
     if USE_ASM:
         # A plain tl.load would be laid out on its own and reach the weights' layout through shared memory (a
         # barrier per use); the asm load takes the layout of its operand, i.e. the weights'.
-        if IS_BF16:
-            return tl.inline_asm_elementwise(_PTX_X_BF16, _CONSTRAINTS_X, [p.to(tl.int64, bitcast=True)],
-                                             dtype=(tl.float32, ) * 8, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(_PTX_X_FP16, _CONSTRAINTS_X, [p.to(tl.int64, bitcast=True)],
-                                             dtype=(tl.float32, ) * 8, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_PTX_X_BF16 if IS_BF16 else _PTX_X_FP16, _CONSTRAINTS_X,
+                                         [p.to(tl.int64, bitcast=True)], dtype=(tl.float32, ) * 8, is_pure=True,
+                                         pack=1)
     else:
         x0, x1 = _widen(tl.load(p), IS_BF16)
         x2, x3 = _widen(tl.load(p + 1), IS_BF16)
@@ -234,12 +237,7 @@ def _w4a16_gemv_kernel(
     for kb in range(0, kb_total):
         more = tl.full([BLOCK_N, WPB], kb + PREFETCH, tl.int32) < kb_total   # (a tensor mask: the interpreter
         w_next = tl.load(w_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)  #  takes no scalar one)
-        if GROUP_SIZE == 0:
-            col = 0
-        elif NG > 1:
-            col = kb * NG
-        else:
-            col = (kb * BLOCK_K) // GROUP_SIZE
+        col = scale_column(kb, BLOCK_K, GROUP_SIZE, NG)
         # each group's scale, broadcast over its words in registers (a thread's 4-word vector lies in one group)
         s = tl.reshape(tl.broadcast_to(_load_scales(s_ptrs + col, USE_ASM)[:, :, None], [BLOCK_N, NG, WPG]),
                        [BLOCK_N, WPB])
@@ -311,5 +309,6 @@ def w4a16_gemv(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
         HAS_BIAS=bias is not None, USE_ASM=use_asm, IS_BF16=x.dtype == torch.bfloat16, EMU_RN=emu_rn,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE=gk, NG=ng,
         PREFETCH=prefetch, num_warps=num_warps, num_stages=1,
+        enable_fp_fusion=True,  # acc + w * x -> one FFMA (Triton 3.10 turns contraction off by default)
     )
     return out

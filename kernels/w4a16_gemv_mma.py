@@ -35,18 +35,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16_gemv import _load_scales
+from .w4a16_gemv import _load_scales, scale_column
+from .w4a16_mainloop import dequant_ptx_lines
 
 
 def _dequant_pairs_ptx(bf16: bool) -> str:
     """PTX: one int32 word + its (s, s) pair -> four packed 16-bit pairs, codes (0,1), (2,3), (4,5), (6,7), each
-    ``RN((u - 8) * s)`` (the 17 instructions of :func:`kernels.w4a16_mainloop._unpack_ptx`, natural pairs)."""
-    magic, bias, ty = ("0x43004300", "0x43084308", "bf16x2") if bf16 else ("0x64006400", "0x64086408", "f16x2")
-    lines = [".reg .b32 v, c;", f"mov.b32 c, {bias};", "shr.u32 v, $4, 4;"]
-    lines += [f"prmt.b32 ${t}, $4, v, 0x{4 + t}{4 + t}{t}{t};" for t in range(4)]
-    lines += [f"lop3.b32 ${t}, ${t}, 0x000F000F, {magic}, 0xEA;" for t in range(4)]
-    lines += [f"sub.rn.{ty} ${t}, ${t}, c;" for t in range(4)]
-    lines += [f"mul.rn.{ty} ${t}, ${t}, $5;" for t in range(4)]
+    ``RN((u - 8) * s)`` (:func:`kernels.w4a16_mainloop.dequant_ptx_lines`, natural pairs, 17 instructions)."""
+    lines = dequant_ptx_lines(bf16, True, "$4", "$5") + [f"mov.b32 ${t}, p{t};" for t in range(4)]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
@@ -80,26 +76,16 @@ _PTX_LOAD4 = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];")
 @triton.jit
 def _pairs(w, s, IS_BF16: tl.constexpr):
     s16 = s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    s2 = s16 | (s16 << 16)
-    if IS_BF16:
-        return tl.inline_asm_elementwise(_PTX_PAIRS_BF16, "=r,=r,=r,=r,r,r", [w, s2], dtype=(tl.int32, ) * 4,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise(_PTX_PAIRS_FP16, "=r,=r,=r,=r,r,r", [w, s2], dtype=(tl.int32, ) * 4,
-                                         is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_PTX_PAIRS_BF16 if IS_BF16 else _PTX_PAIRS_FP16, "=r,=r,=r,=r,r,r",
+                                     [w, s16 | (s16 << 16)], dtype=(tl.int32, ) * 4, is_pure=True, pack=1)
 
 
 @triton.jit
 def _mma(c0, c1, c2, c3, a0, a1, a2, a3, b0, b1, IS_BF16: tl.constexpr):
     # (is_pure=False: never merge or drop a warp-collective instruction)
-    if IS_BF16:
-        return tl.inline_asm_elementwise(_PTX_MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
-                                         [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.float32, ) * 4,
-                                         is_pure=False, pack=1)
-    else:
-        return tl.inline_asm_elementwise(_PTX_MMA_FP16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
-                                         [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.float32, ) * 4,
-                                         is_pure=False, pack=1)
+    return tl.inline_asm_elementwise(_PTX_MMA_BF16 if IS_BF16 else _PTX_MMA_FP16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                                     [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.float32, ) * 4,
+                                     is_pure=False, pack=1)
 
 
 @triton.jit
@@ -169,12 +155,7 @@ def _w4a16_gemv_mma_kernel(
         more = tl.full([HALF, WPB], kb + PREFETCH, tl.int32) < kb_total
         wl_next = tl.load(wl_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)
         wh_next = tl.load(wh_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)
-        if GROUP_SIZE == 0:
-            col = 0
-        elif NG > 1:
-            col = kb * NG
-        else:
-            col = (kb * BLOCK_K) // GROUP_SIZE
+        col = scale_column(kb, BLOCK_K, GROUP_SIZE, NG)
         sl = tl.reshape(tl.broadcast_to(_load_scales(sl_ptrs + col, True)[:, :, None], [HALF, NG, WPG]), [HALF, WPB])
         sh = tl.reshape(tl.broadcast_to(_load_scales(sh_ptrs + col, True)[:, :, None], [HALF, NG, WPG]), [HALF, WPB])
         pa0, pa1, pa2, pa3 = _pairs(wl, sl, IS_BF16)

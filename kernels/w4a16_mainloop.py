@@ -44,25 +44,33 @@ import triton
 import triton.language as tl
 
 
-def _unpack_ptx(bf16: bool, natural_pairs: bool) -> str:
-    """PTX for one int32 word -> 8 dequantized 16-bit values, as four packed (lo, hi) register pairs.
+def dequant_ptx_lines(bf16: bool, natural_pairs: bool, word: str, scale2: str) -> list[str]:
+    """The PTX core of every pdqkit dequantization: int32 ``word`` + the (s, s) pair ``scale2`` -> four packed
+    16-bit pairs in registers ``p0..p3``, each ``RN((u - 8) * s)`` (declares ``v, p0..p3, c``; callers add outputs).
 
     ``natural_pairs``: pair t holds codes (2t, 2t+1) (``prmt`` builds it: 17 instructions per word).
     Otherwise pair t holds codes (t, t+4) straight from ``lop3(w >> 4t)`` (15 instructions per word) — used with
     the K relabelling of :func:`_kperm`, which makes exactly that pair the fragment's (k, k+1).
-    Operands: ``$0..$7`` the eight dequantized codes in code order, ``$8`` the word, ``$9`` the scale pair.
     """
     magic, bias, ty = ("0x43004300", "0x43084308", "bf16x2") if bf16 else ("0x64006400", "0x64086408", "f16x2")
     lines = [".reg .b32 v, p0, p1, p2, p3, c;", f"mov.b32 c, {bias};"]
     if natural_pairs:
-        lines.append("shr.u32 v, $8, 4;")
-        lines += [f"prmt.b32 p{t}, $8, v, 0x{4 + t}{4 + t}{t}{t};" for t in range(4)]
+        lines.append(f"shr.u32 v, {word}, 4;")
+        lines += [f"prmt.b32 p{t}, {word}, v, 0x{4 + t}{4 + t}{t}{t};" for t in range(4)]
     else:
-        lines.append("mov.b32 p0, $8;")
-        lines += [f"shr.u32 p{t}, $8, {4 * t};" for t in range(1, 4)]
+        lines.append(f"mov.b32 p0, {word};")
+        lines += [f"shr.u32 p{t}, {word}, {4 * t};" for t in range(1, 4)]
     lines += [f"lop3.b32 p{t}, p{t}, 0x000F000F, {magic}, 0xEA;" for t in range(4)]   # (p & mask) | magic
     lines += [f"sub.rn.{ty} p{t}, p{t}, c;" for t in range(4)]                       # (B + u) - (B + 8)
-    lines += [f"mul.rn.{ty} p{t}, p{t}, $9;" for t in range(4)]                      # RN((u - 8) * s)
+    lines += [f"mul.rn.{ty} p{t}, p{t}, {scale2};" for t in range(4)]                # RN((u - 8) * s)
+    return lines
+
+
+def _unpack_ptx(bf16: bool, natural_pairs: bool) -> str:
+    """PTX for one int32 word -> 8 dequantized 16-bit values (:func:`dequant_ptx_lines`), as four packed (lo, hi)
+    register pairs. Operands: ``$0..$7`` the eight dequantized codes in code order, ``$8`` the word, ``$9`` the
+    scale pair."""
+    lines = dequant_ptx_lines(bf16, natural_pairs, "$8", "$9")
     # outputs in code order: pair t holds codes (2t, 2t+1) or (t, t+4)
     lines += [f"mov.b32 {{${2 * t}, ${2 * t + 1}}}, p{t};" if natural_pairs else f"mov.b32 {{${t}, ${t + 4}}}, p{t};"
               for t in range(4)]

@@ -188,6 +188,25 @@ def test_triton_kernels_under_interpreter():
     assert not bad, bad
 
 
+@pytest.mark.parametrize("kernel,bm,bn,bk,warps,dtype", [
+    ("gemv_mma", 1, 16, 1024, 4, "bf16"), ("gemv_mma", 2, 8, 512, 2, "fp16"), ("gemv_mma", 4, 2, 256, 1, "bf16"),
+    ("gemv", 1, 16, 1024, 4, "bf16"), ("gemv", 2, 8, 512, 2, "fp16"),
+])
+def test_gemv_k_loop_has_no_barrier_or_shared_memory(kernel, bm, bn, bk, warps, dtype):
+    """The GEMVs' design property, checked on the SASS of an ahead-of-time sm_90a compile (Triton's own ptxas, no
+    GPU): the K loop has no CTA barrier and no shared-memory access (activations and scales reach the words' layout
+    through asm loads, not a convert_layout), and gemv_mma issues one MMA per word and activation row."""
+    from bench.gpu.sass_loop import compile_gemv, loop_stats
+
+    st = loop_stats(compile_gemv(kernel, bm, bn, bk, warps, dtype))
+    assert st["barriers"] == 0 and st["shared"] == 0, st
+    words = bn * bk // 8 // (32 * warps)
+    if kernel == "gemv_mma":
+        assert st["opcodes"]["HMMA"] == words * bm, st
+    else:
+        assert st["opcodes"]["FFMA"] >= 8 * words * bm and st["opcodes"]["HMMA"] == 0, st
+
+
 # ------------------------------------------------------------------------------------------------ configs
 def test_config_validation():
     from kernels.w4a16_config import W4A16Config

@@ -1,0 +1,90 @@
+"""Compile the GEMV kernels ahead of time for sm_90a on any machine (no GPU) and count their K loop's SASS.
+
+``python bench/gpu/sass_loop.py [--kernel gemv|gemv_mma] [--block-m 1] [--block-n 16] [--block-k 1024] [--warps 4]``
+prints the K loop's instruction count, instructions per int32 word, the top opcodes, and the barriers and
+shared-memory instructions inside the loop. It uses Triton's own ``ptxas`` / ``nvdisasm`` (shipped with the triton
+wheel), so the figures are those of the installed Triton version: the README's come from Triton 3.6.0 (the GPU
+image's). The loop is the code between the back-edge label and its branch.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+_SIG_COMMON = {"x_ptr": "*i32", "w_ptr": "*i32", "M": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
+               "stride_sn": "i32", "stride_om": "i32"}
+
+
+def compile_gemv(kernel: str, block_m: int, block_n: int, block_k: int, num_warps: int, dtype: str = "bf16",
+                 group: int = 128, prefetch: int = 1):
+    """The compiled kernel (``triton.compile`` for CUDA sm_90, pointers and strides 16-divisible as at run time)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if kernel == "gemv":
+        from kernels.w4a16_gemv import _w4a16_gemv_kernel as fn
+        extra = dict(USE_ASM=True, EMU_RN=False)
+    else:
+        from kernels.w4a16_gemv_mma import _w4a16_gemv_mma_kernel as fn
+        extra = {}
+    const = dict(HAS_BIAS=False, IS_BF16=dtype == "bf16", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                 GROUP_SIZE=group, NG=block_k // group if group < block_k else 1, PREFETCH=prefetch, **extra)
+    sig = {name: ("constexpr" if name in const else _SIG_COMMON.get(name, f"*{dtype}")) for name in fn.arg_names}
+    args = list(fn.arg_names)
+    attrs = {(args.index(a),): [["tt.divisibility", 16]] for a in
+             ("x_ptr", "w_ptr", "s_ptr", "bias_ptr", "out_ptr", "K", "stride_xm", "stride_wn", "stride_om")}
+    src = ASTSource(fn, sig, const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
+
+
+def loop_stats(compiled) -> dict:
+    """SASS of the K loop: ``{"instructions", "opcodes" (Counter), "barriers", "shared"}``."""
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    lines = sass.splitlines()
+    branches = [(i, m.group(1)) for i, ln in enumerate(lines) for m in [re.search(r"BRA `\((\.L_x_\d+)\)", ln)] if m]
+    labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.match(r"^\.L_x_\d+:$", ln)}
+    back = [(labels[lab], i) for i, lab in branches if lab in labels and labels[lab] < i]
+    if not back:
+        raise RuntimeError("no backward branch: the kernel has no loop")
+    start, end = max(back, key=lambda se: se[1] - se[0])
+    ops = [m.group(1) for ln in lines[start:end]
+           for m in [re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", ln)] if m]
+    c = collections.Counter(ops)
+    return {"instructions": len(ops), "opcodes": c, "barriers": c["BAR"],
+            "shared": sum(v for k, v in c.items() if k in ("LDS", "STS", "LDSM", "STSM"))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernel", choices=("gemv", "gemv_mma"), default="gemv_mma")
+    ap.add_argument("--block-m", type=int, default=1)
+    ap.add_argument("--block-n", type=int, default=16)
+    ap.add_argument("--block-k", type=int, default=1024)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    args = ap.parse_args()
+    st = loop_stats(compile_gemv(args.kernel, args.block_m, args.block_n, args.block_k, args.warps, args.dtype))
+    words = args.block_n * args.block_k // 8 // (32 * args.warps)
+    print(f"{args.kernel} bm{args.block_m} bn{args.block_n} bk{args.block_k} w{args.warps} {args.dtype}: "
+          f"{st['instructions']} loop instructions, {words} words per thread, "
+          f"{st['instructions'] / words:.1f} per word; barriers {st['barriers']}, shared-memory ops {st['shared']}; "
+          f"top {dict(st['opcodes'].most_common(10))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
