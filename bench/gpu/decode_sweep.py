@@ -57,6 +57,44 @@ def compiled_stats() -> list[dict]:
     return sorted(out, key=lambda d: tuple(str(v) for v in d.values()))
 
 
+def sweep_against_table(shapes, ms, dtype, log, configs_for) -> dict:
+    """Time, for each ``"NxK"`` shape and M, the tuned table's config and then every config of
+    ``configs_for(m, n, k)`` with the autotuner's timer; log the best five per row, return the JSON-able results
+    (``rows``: shape, m, bytes, tuned_us, tuned, the 20 fastest as ``best``). Shared by the GEMV sweep."""
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    sms = props.multi_processor_count
+    results = {"device": props.name, "sm_count": sms, "date": time.strftime("%Y-%m-%d"), "rows": []}
+    for shape in shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        wps, ss, nbytes = rotated_problem(n, k, dtype, dev)
+        copies = len(wps)
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+            tuned = select_config(m, n, k, 128, props.name, sms)
+            rows = []
+            for cfg in [tuned] + configs_for(m, n, k):
+                try:
+                    us = graph_time_us(lambda i: w4a16_gemm(x, wps[i % copies], ss[i], config=cfg), copies)
+                except Exception as e:  # noqa: BLE001
+                    log(f"  {shape} M={m} {cfg}: {type(e).__name__} {str(e)[:160]}")
+                    continue
+                rows.append((us, cfg))
+            t_tuned = rows[0][0]
+            rows.sort(key=lambda r: r[0])
+            log(f"{shape} M={m}: tuned {t_tuned:.2f} us ({nbytes / t_tuned / 1e6:.2f} TB/s) {tuned}")
+            for us, cfg in rows[:5]:
+                log(f"    {us:7.2f} us {nbytes / us / 1e6:.2f} TB/s  x{t_tuned / us:.3f}  {cfg.kernel} "
+                    f"bm{cfg.block_m} bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} st{cfg.num_stages} "
+                    f"split{cfg.split_k}")
+            results["rows"].append({"shape": shape, "m": m, "bytes": nbytes, "tuned_us": t_tuned,
+                                    "tuned": dataclasses.asdict(tuned),
+                                    "best": [{"us": us, **dataclasses.asdict(cfg)} for us, cfg in rows[:20]]})
+        wps = ss = None
+        torch.cuda.empty_cache()
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -84,34 +122,10 @@ def main() -> int:
     if args.no_gate:
         log(f"{len(ok)}/{len(cands)} variants compiled (tolerance gate NOT applied: --no-gate)")
     good = sorted(ok if args.no_gate else correctness_gate(ok, dtype, log), key=str)
-    results = {"device": props.name, "sm_count": sms, "date": time.strftime("%Y-%m-%d"), "rows": []}
-    for shape in args.shapes:
-        n, k = (int(v) for v in shape.split("x"))
-        wps, ss, nbytes = rotated_problem(n, k, dtype, dev)
-        copies = len(wps)
-        for m in args.ms:
-            x = torch.randn(m, k, device=dev, dtype=dtype)
-            tuned = select_config(m, n, k, 128, props.name, sms)
-            rows = []
-            for cfg in [tuned] + [dataclasses.replace(c, split_k=sk) for c in good if c.fits(k, 128)
-                                  for sk in split_candidates(c, m, n, k, sms, **SWEEP_SPLITS)]:
-                try:
-                    us = graph_time_us(lambda i: w4a16_gemm(x, wps[i % copies], ss[i], config=cfg), copies)
-                except Exception as e:  # noqa: BLE001
-                    log(f"  {shape} M={m} {cfg}: {type(e).__name__} {str(e)[:160]}")
-                    continue
-                rows.append((us, cfg))
-            t_tuned = rows[0][0]
-            rows.sort(key=lambda r: r[0])
-            log(f"{shape} M={m}: tuned {t_tuned:.2f} us ({nbytes / t_tuned / 1e6:.2f} TB/s) {tuned}")
-            for us, cfg in rows[:5]:
-                log(f"    {us:7.2f} us {nbytes / us / 1e6:.2f} TB/s  x{t_tuned / us:.3f}  bn{cfg.block_n} "
-                    f"bk{cfg.block_k} w{cfg.num_warps} st{cfg.num_stages} split{cfg.split_k}")
-            results["rows"].append({"shape": shape, "m": m, "bytes": nbytes, "tuned_us": t_tuned,
-                                    "tuned": dataclasses.asdict(tuned),
-                                    "best": [{"us": us, **dataclasses.asdict(cfg)} for us, cfg in rows[:20]]})
-        wps = ss = None
-        torch.cuda.empty_cache()
+    results = sweep_against_table(
+        args.shapes, args.ms, dtype, log,
+        lambda m, n, k: [dataclasses.replace(c, split_k=sk) for c in good if c.fits(k, 128)
+                         for sk in split_candidates(c, m, n, k, sms, **SWEEP_SPLITS)])
     results["compiled"] = compiled_stats()
     for c in results["compiled"]:
         log(f"compiled: {c}")

@@ -1,28 +1,26 @@
-"""Sweep of the CUDA-core GEMV (:mod:`kernels.w4a16_gemv`) against the tuned table, M = 1..16, E4B shapes.
+"""Sweep of the GEMVs (:mod:`kernels.w4a16_gemv`, :mod:`kernels.w4a16_gemv_mma`) against the tuned table, M = 1..16.
 
 ``python bench/gpu/gemv_sweep.py --out DIR`` compiles every GEMV tiling of ``--bns`` x ``--bks`` x ``--warps`` (for
 each M the ``block_m`` values of ``gemv_block_ms``), drops the ones that fail the autotuner's tolerance gate, then
 times each with the autotuner's timer (CUDA graphs over weight copies rotated past the L2, GPU-only interval) beside
 the tuned table's config for the same (shape, M), in the same process. Prints the best five per row with µs, TB/s and
-the speedup over the tuned config; writes ``--name`` (JSON, the best 20 per row).
+the speedup over the tuned config; writes ``--name`` (JSON, the best 20 per row). The timing loop is
+:func:`bench.gpu.decode_sweep.sweep_against_table`, shared with the decode sweep.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from kernels.w4a16 import w4a16_gemm  # noqa: E402
-from kernels.w4a16_autotune import (E4B_SHAPES, correctness_gate, graph_time_us, precompile,  # noqa: E402
-                                    rotated_problem)
-from kernels.w4a16_config import W4A16Config, select_config  # noqa: E402
+from bench.gpu.decode_sweep import sweep_against_table  # noqa: E402
+from kernels.w4a16_autotune import E4B_SHAPES, correctness_gate, precompile  # noqa: E402
+from kernels.w4a16_config import W4A16Config  # noqa: E402
 
 
 def gemv_block_ms(m: int) -> list[int]:
@@ -63,43 +61,15 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--name", default="gemv_sweep.json")
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    sms = props.multi_processor_count
     dtype = torch.bfloat16
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     bms = sorted({bm for m in args.ms for bm in gemv_block_ms(m)})
     cands = candidates(bms, args.bns, args.bks, args.warps, args.max_words, args.kernels, args.stages)
     ok = precompile(cands, dtype, args.jobs, log)
     good = sorted(correctness_gate(ok, dtype, log), key=str)
-    results = {"device": props.name, "sm_count": sms, "date": time.strftime("%Y-%m-%d"), "rows": []}
-    for shape in args.shapes:
-        n, k = (int(v) for v in shape.split("x"))
-        wps, ss, nbytes = rotated_problem(n, k, dtype, dev)
-        copies = len(wps)
-        for m in args.ms:
-            x = torch.randn(m, k, device=dev, dtype=dtype)
-            tuned = select_config(m, n, k, 128, props.name, sms)
-            rows = []
-            for cfg in [tuned] + [c for c in good if c.block_m in gemv_block_ms(m) and c.fits(k, 128)
-                                  and n % c.block_n == 0]:
-                try:
-                    us = graph_time_us(lambda i: w4a16_gemm(x, wps[i % copies], ss[i], config=cfg), copies)
-                except Exception as e:  # noqa: BLE001
-                    log(f"  {shape} M={m} {cfg}: {type(e).__name__} {str(e)[:160]}")
-                    continue
-                rows.append((us, cfg))
-            t_tuned = rows[0][0]
-            rows.sort(key=lambda r: r[0])
-            log(f"{shape} M={m}: tuned {t_tuned:.2f} us ({nbytes / t_tuned / 1e6:.2f} TB/s) {tuned}")
-            for us, cfg in rows[:5]:
-                log(f"    {us:7.2f} us {nbytes / us / 1e6:.2f} TB/s  x{t_tuned / us:.3f}  {cfg.kernel} "
-                    f"bm{cfg.block_m} bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} st{cfg.num_stages}")
-            results["rows"].append({"shape": shape, "m": m, "bytes": nbytes, "tuned_us": t_tuned,
-                                    "tuned": dataclasses.asdict(tuned),
-                                    "best": [{"us": us, **dataclasses.asdict(cfg)} for us, cfg in rows[:20]]})
-        wps = ss = None
-        torch.cuda.empty_cache()
+    results = sweep_against_table(
+        args.shapes, args.ms, dtype, log,
+        lambda m, n, k: [c for c in good if c.block_m in gemv_block_ms(m) and c.fits(k, 128) and n % c.block_n == 0])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, args.name), "w") as f:
         json.dump(results, f, indent=1)
