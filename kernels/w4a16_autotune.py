@@ -61,17 +61,28 @@ def prefill_candidates(block_m: int) -> list[W4A16Config]:
     return out
 
 
-def gemv_candidates(m: int) -> list[W4A16Config]:
-    """Tensor-core GEMV tilings (:mod:`kernels.w4a16_gemv_mma`) for M <= 4: ``block_m`` the power of two covering M
-    and the one below it; every thread 2..32 words per K block; both register pipeline depths."""
-    top = min(4, 1 << (m - 1).bit_length())
+def gemv_block_ms(m: int, kernel: str = "gemv_mma") -> list[int]:
+    """``block_m`` values worth timing at M for a GEMV kernel: the power of two covering M (capped at the kernel's
+    largest, 4 for ``gemv_mma`` and 8 for ``gemv``) and the one below it."""
+    top = min(4 if kernel == "gemv_mma" else 8, 1 << (m - 1).bit_length())
+    return sorted({top, max(1, top // 2)})
+
+
+def gemv_candidates(m: int, kernels=("gemv_mma",), bns=(2, 4, 8, 16, 32), bks=(256, 512, 1024, 2048),
+                    warps=(1, 2, 4), stages=(2, 3), max_words: int = 32) -> list[W4A16Config]:
+    """GEMV tilings for M (the autotuner's: tensor-core GEMV only, :mod:`kernels.w4a16_gemv_mma`): ``block_m`` from
+    :func:`gemv_block_ms`; every thread at least one vector per K block (``gemv_mma``: 2 words, one per row half,
+    loaded apart; ``gemv``: 4) and at most ``max_words`` words; every register pipeline depth of ``stages``."""
     out = []
-    for bm in sorted({top, max(1, top // 2)}):
-        for bn in (2, 4, 8, 16, 32):
-            for bk in (256, 512, 1024, 2048):
-                for nw in (1, 2, 4):
-                    if 2 <= bn * bk // 8 / (32 * nw) <= 32:
-                        out += [W4A16Config("gemv_mma", bm, bn, bk, 1, nw, ns) for ns in (2, 3)]
+    for kern in kernels:
+        for bm in gemv_block_ms(m, kern):
+            for bn in bns:
+                for bk in bks:
+                    for nw in warps:
+                        if kern == "gemv_mma" and bn < 2:
+                            continue
+                        if (2 if kern == "gemv_mma" else 4) <= bn * bk // 8 / (32 * nw) <= max_words:
+                            out += [W4A16Config(kern, bm, bn, bk, 1, nw, ns) for ns in stages]
     return out
 
 

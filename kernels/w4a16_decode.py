@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .counters import grow_zeros
-from .w4a16_mainloop import store_tile, w4a16_mainloop
+from .w4a16_mainloop import scale_groups, store_tile, w4a16_mainloop
 
 
 @triton.jit(do_not_specialize=["M", "SPLIT_K", "KB_PER_SPLIT", "stride_sn"])
@@ -111,8 +111,7 @@ def w4a16_decode(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: tor
         ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     else:
         ws = cnt.view(torch.float32)  # not touched when SPLIT_K == 1 (typed pointer for the compiled-in branch)
-    gk = 0 if group_size >= k else group_size  # 0: one scale column (channelwise)
-    ng = block_k // gk if 0 < gk < block_k else 1
+    gk, ng = scale_groups(group_size, k, block_k)
     _w4a16_splitk_kernel[(grid_mn, split_k)](
         x, weight_packed, weight_scale, bias if bias is not None else weight_scale, out, ws, cnt,
         m, n, k,

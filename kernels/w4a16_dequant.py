@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16_mainloop import dequant_block
+from .w4a16_mainloop import dequant_block, scale_groups
 
 
 @triton.jit(do_not_specialize=["stride_sn"])
@@ -45,9 +45,8 @@ def dequantize_weight(weight_packed: torch.Tensor, weight_scale: torch.Tensor, g
     """``[N, K/8]`` int32 + ``[N, K/G]`` scales (bf16/fp16) -> ``[N, K]`` in the scale dtype (K % 128 == 0)."""
     n, k = weight_packed.shape[0], weight_packed.shape[1] * 8
     out = torch.empty((n, k), dtype=weight_scale.dtype, device=weight_packed.device)
-    gk = 0 if group_size >= k else group_size
     block_k = 128
-    ng = block_k // gk if 0 < gk < block_k else 1
+    gk, ng = scale_groups(group_size, k, block_k)
     grid = (triton.cdiv(n, 64), k // block_k)
     _dequant_kernel[grid](weight_packed, weight_scale, out, n, k, weight_packed.stride(0), weight_scale.stride(0),
                           out.stride(0), USE_ASM=use_asm, BLOCK_N=64, BLOCK_K=block_k, GROUP_SIZE=gk, NG=ng,

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16_mainloop import dequant_ptx_lines, round_to
+from .w4a16_mainloop import dequant_ptx_lines, round_to, scale_groups
 
 
 def _widen_ptx_lines(bf16: bool, pairs: list[str]) -> list[str]:
@@ -116,6 +116,22 @@ def _load_scales(p, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def group_scales(s_ptrs, col, USE_ASM: tl.constexpr, WPG: tl.constexpr):
+    """Scales ``[R, NG]`` (pointers ``s_ptrs + col``) broadcast over each group's ``WPG`` words -> ``[R, NG * WPG]``,
+    in registers (a thread's 4-word vector lies inside one group)."""
+    s = _load_scales(s_ptrs + col, USE_ASM)
+    R: tl.constexpr = s.shape[0]
+    NG: tl.constexpr = s.shape[1]
+    return tl.reshape(tl.broadcast_to(s[:, :, None], [R, NG, WPG]), [R, NG * WPG])
+
+
+@triton.jit
+def _code_f32(w, shift: tl.constexpr, sf, dtype: tl.constexpr):
+    """Code ``shift / 4`` of every word, dequantized as :func:`_dequant_f32`'s plain path does it."""
+    return round_to((((w >> shift) & 0xF) - 8).to(tl.float32) * sf, dtype).to(tl.float32)
+
+
+@triton.jit
 def _dequant_f32(w, s, USE_ASM: tl.constexpr):
     """Words ``w`` (int32, any shape) and their scales ``s`` (same shape, activation dtype) -> the 8 dequantized
     weights of every word as eight fp32 tensors (codes 0..7), each exactly ``RN_dtype((u - 8) * s)``."""
@@ -127,15 +143,9 @@ def _dequant_f32(w, s, USE_ASM: tl.constexpr):
     else:
         # Plain Triton (interpreter, pre-Hopper bf16): (u - 8) * s is exact in fp32, then one rounding (§4).
         sf = s.to(tl.float32)
-        d0 = round_to(((w & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
-        d1 = round_to((((w >> 4) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
-        d2 = round_to((((w >> 8) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
-        d3 = round_to((((w >> 12) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
-        d4 = round_to((((w >> 16) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
-        d5 = round_to((((w >> 20) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
-        d6 = round_to((((w >> 24) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
-        d7 = round_to((((w >> 28) & 0xF) - 8).to(tl.float32) * sf, s.dtype).to(tl.float32)
-        return d0, d1, d2, d3, d4, d5, d6, d7
+        return (_code_f32(w, 0, sf, s.dtype), _code_f32(w, 4, sf, s.dtype), _code_f32(w, 8, sf, s.dtype),
+                _code_f32(w, 12, sf, s.dtype), _code_f32(w, 16, sf, s.dtype), _code_f32(w, 20, sf, s.dtype),
+                _code_f32(w, 24, sf, s.dtype), _code_f32(w, 28, sf, s.dtype))
 
 
 @triton.jit
@@ -238,10 +248,7 @@ def _w4a16_gemv_kernel(
         more = tl.full([BLOCK_N, WPB], kb + PREFETCH, tl.int32) < kb_total   # (a tensor mask: the interpreter
         w_next = tl.load(w_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)  #  takes no scalar one)
         col = scale_column(kb, BLOCK_K, GROUP_SIZE, NG)
-        # each group's scale, broadcast over its words in registers (a thread's 4-word vector lies in one group)
-        s = tl.reshape(tl.broadcast_to(_load_scales(s_ptrs + col, USE_ASM)[:, :, None], [BLOCK_N, NG, WPG]),
-                       [BLOCK_N, WPB])
-        d0, d1, d2, d3, d4, d5, d6, d7 = _dequant_f32(w, s, USE_ASM)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _dequant_f32(w, group_scales(s_ptrs, col, USE_ASM, WPG), USE_ASM)
         xk = xoff + kb * (BLOCK_K // 2)
         acc0 = _row_dot(acc0, x_ptr, xk, m0, M, stride_xm, d0, d1, d2, d3, d4, d5, d6, d7, IS_BF16, USE_ASM)
         if BLOCK_M > 1:
@@ -279,6 +286,25 @@ def _w4a16_gemv_kernel(
 GEMV_BLOCK_M = (1, 2, 4, 8)
 
 
+def gemv_operands(name: str, x: torch.Tensor, weight_packed: torch.Tensor, group_size: int, block_m: int,
+                  block_n: int, block_k: int, block_ms: tuple[int, ...]):
+    """Host side shared by both GEMVs: check the tile, and return ``(x32, out, GROUP_SIZE, NG, grid)``: ``x`` as
+    int32 (k, k+1) pairs ``[M, K/2]`` (copied first if its start is not 16-byte aligned: the kernels load 16 bytes
+    at a time; K % 128 == 0 keeps every row aligned), the ``[M, N]`` output, the scale constexprs and the grid."""
+    m, k = x.shape
+    n = weight_packed.shape[0]
+    if block_m not in block_ms:
+        raise ValueError(f"{name}: block_m must be one of {block_ms}, got {block_m}")
+    if k % block_k or n % block_n:
+        raise ValueError(f"{name}: need K % block_k == 0 and N % block_n == 0, got K={k}, N={n}, "
+                         f"block_k={block_k}, block_n={block_n}")
+    if x.data_ptr() % 16:
+        x = x.clone()
+    gk, ng = scale_groups(group_size, k, block_k)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    return x.view(torch.int32), out, gk, ng, (n // block_n, triton.cdiv(m, block_m))
+
+
 def w4a16_gemv(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None, group_size: int, *, block_m: int, block_n: int, block_k: int,
                num_warps: int, prefetch: int = 1, use_asm: bool = True, emu_rn: bool = False) -> torch.Tensor:
@@ -289,22 +315,11 @@ def w4a16_gemv(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     (1 or 2): K blocks of words loaded ahead of the one being computed.
     ``emu_rn``: round the output in software (the interpreter's fp32 -> bf16 cast truncates).
     Returns ``[M, N]`` of ``x.dtype``."""
-    m, k = x.shape
-    n = weight_packed.shape[0]
-    if block_m not in GEMV_BLOCK_M:
-        raise ValueError(f"w4a16_gemv: block_m must be one of {GEMV_BLOCK_M}, got {block_m}")
-    if k % block_k or n % block_n:
-        raise ValueError(f"w4a16_gemv: need K % block_k == 0 and N % block_n == 0, got K={k}, N={n}, "
-                         f"block_k={block_k}, block_n={block_n}")
-    gk = 0 if group_size >= k else group_size  # 0: one scale column (channelwise)
-    ng = block_k // gk if 0 < gk < block_k else 1
-    if x.data_ptr() % 16:
-        x = x.clone()  # the 16-byte activation loads need an aligned row start (K % 128 == 0 keeps the rest so)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    x32 = x.view(torch.int32)  # (k, k+1) pairs as one word: [M, K/2]
-    _w4a16_gemv_kernel[(n // block_n, triton.cdiv(m, block_m))](
+    x32, out, gk, ng, grid = gemv_operands("w4a16_gemv", x, weight_packed, group_size, block_m, block_n, block_k,
+                                           GEMV_BLOCK_M)
+    _w4a16_gemv_kernel[grid](
         x32, weight_packed, weight_scale, bias if bias is not None else weight_scale, out,
-        m, k,
+        x.shape[0], x.shape[1],
         x32.stride(0), weight_packed.stride(0), weight_scale.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, USE_ASM=use_asm, IS_BF16=x.dtype == torch.bfloat16, EMU_RN=emu_rn,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE=gk, NG=ng,

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16_gemv import _load_scales, scale_column
+from .w4a16_gemv import gemv_operands, group_scales, scale_column
 from .w4a16_mainloop import dequant_ptx_lines
 
 
@@ -156,8 +156,8 @@ def _w4a16_gemv_mma_kernel(
         wl_next = tl.load(wl_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)
         wh_next = tl.load(wh_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)
         col = scale_column(kb, BLOCK_K, GROUP_SIZE, NG)
-        sl = tl.reshape(tl.broadcast_to(_load_scales(sl_ptrs + col, True)[:, :, None], [HALF, NG, WPG]), [HALF, WPB])
-        sh = tl.reshape(tl.broadcast_to(_load_scales(sh_ptrs + col, True)[:, :, None], [HALF, NG, WPG]), [HALF, WPB])
+        sl = group_scales(sl_ptrs, col, True, WPG)
+        sh = group_scales(sh_ptrs, col, True, WPG)
         pa0, pa1, pa2, pa3 = _pairs(wl, sl, IS_BF16)
         pb0, pb1, pb2, pb3 = _pairs(wh, sh, IS_BF16)
         xk = xoff + kb * (BLOCK_K // 2)
@@ -203,23 +203,13 @@ def w4a16_gemv_mma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: t
     :func:`kernels.w4a16_gemv.w4a16_gemv`; ``block_m`` in (1, 2, 4), ``block_n`` >= 2 (two row halves);
     ``prefetch`` (1 or 2): K blocks of words loaded ahead of the one being computed.
     Returns ``[M, N]`` of ``x.dtype``."""
-    m, k = x.shape
-    n = weight_packed.shape[0]
-    if block_m not in GEMV_MMA_BLOCK_M or block_n < 2:
-        raise ValueError(f"w4a16_gemv_mma: need block_m in {GEMV_MMA_BLOCK_M} and block_n >= 2, got "
-                         f"block_m={block_m}, block_n={block_n}")
-    if k % block_k or n % block_n:
-        raise ValueError(f"w4a16_gemv_mma: need K % block_k == 0 and N % block_n == 0, got K={k}, N={n}, "
-                         f"block_k={block_k}, block_n={block_n}")
-    gk = 0 if group_size >= k else group_size
-    ng = block_k // gk if 0 < gk < block_k else 1
-    if x.data_ptr() % 16:
-        x = x.clone()
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    x32 = x.view(torch.int32)
-    _w4a16_gemv_mma_kernel[(n // block_n, triton.cdiv(m, block_m))](
+    if block_n < 2:
+        raise ValueError(f"w4a16_gemv_mma: need block_n >= 2 (two row halves), got {block_n}")
+    x32, out, gk, ng, grid = gemv_operands("w4a16_gemv_mma", x, weight_packed, group_size, block_m, block_n,
+                                           block_k, GEMV_MMA_BLOCK_M)
+    _w4a16_gemv_mma_kernel[grid](
         x32, weight_packed, weight_scale, bias if bias is not None else weight_scale, out,
-        m, k,
+        x.shape[0], x.shape[1],
         x32.stride(0), weight_packed.stride(0), weight_scale.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE=gk, NG=ng,

@@ -44,6 +44,13 @@ import triton
 import triton.language as tl
 
 
+def scale_groups(group_size: int, k: int, block_k: int) -> tuple[int, int]:
+    """The ``(GROUP_SIZE, NG)`` constexprs every kernel here takes: ``GROUP_SIZE`` is G, or 0 when one scale column
+    covers all of K (channelwise); ``NG`` the scale groups per K block (``block_k // G`` when G < block_k, else 1)."""
+    gk = 0 if group_size >= k else group_size
+    return gk, (block_k // gk if 0 < gk < block_k else 1)
+
+
 def dequant_ptx_lines(bf16: bool, natural_pairs: bool, word: str, scale2: str) -> list[str]:
     """The PTX core of every pdqkit dequantization: int32 ``word`` + the (s, s) pair ``scale2`` -> four packed
     16-bit pairs in registers ``p0..p3``, each ``RN((u - 8) * s)`` (declares ``v, p0..p3, c``; callers add outputs).

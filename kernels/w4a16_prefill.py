@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16_mainloop import store_tile, w4a16_mainloop
+from .w4a16_mainloop import scale_groups, store_tile, w4a16_mainloop
 
 
 @triton.jit(do_not_specialize=["M", "stride_sn"])
@@ -75,8 +75,7 @@ def w4a16_prefill(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: to
     m, k = x.shape
     n = weight_packed.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    gk = 0 if group_size >= k else group_size
-    ng = block_k // gk if 0 < gk < block_k else 1
+    gk, ng = scale_groups(group_size, k, block_k)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _w4a16_tiled_kernel[grid](
         x, weight_packed, weight_scale, bias if bias is not None else weight_scale, out,

@@ -95,6 +95,12 @@ def sweep_against_table(shapes, ms, dtype, log, configs_for) -> dict:
     return results
 
 
+def save_results(results: dict, out: str, name: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(results, f, indent=1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -129,9 +135,7 @@ def main() -> int:
     results["compiled"] = compiled_stats()
     for c in results["compiled"]:
         log(f"compiled: {c}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, args.name), "w") as f:
-        json.dump(results, f, indent=1)
+    save_results(results, args.out, args.name)
     return 0
 
 
