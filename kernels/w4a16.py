@@ -105,20 +105,22 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     if x.device.type != "cuda" and not interp:
         return w4a16_reference(x, weight_packed, weight_scale, bias)
     x2 = x2.contiguous()
+    kw = dict(use_asm=not interp and asm_ok(x))
     if config is None:
         if interp:
             name, sms = "interpreter", 4
         else:
             props = torch.cuda.get_device_properties(x.device)
             name, sms = props.name, props.multi_processor_count
-        config = select_config(m, n, k, group, name, sms)
+        # untuned shapes get the tensor-core GEMV at M <= 2 only where its inline PTX runs (the CUDA-core fallback
+        # was not measured against split-K off the H200)
+        config = select_config(m, n, k, group, name, sms, gemv=kw["use_asm"])
     c = config
     if c.kernel != "dequant_mm" and not c.fits(k, group):
         raise ValueError(f"w4a16_gemm: config {c} cannot run K={k} with group size {group} (block_k must divide K "
                          "and hold whole groups or lie inside one)")
     if bias is not None:
         bias = bias.contiguous()  # the kernels read bias[cols] without a stride
-    kw = dict(use_asm=not interp and asm_ok(x))
     if c.kernel == "decode":
         from .w4a16_decode import w4a16_decode
         y = w4a16_decode(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,

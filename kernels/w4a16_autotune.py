@@ -373,13 +373,15 @@ def main(argv=None) -> int:
 
 
 def demo_launches() -> int:
-    """One split-K decode launch (M=5) and one prefill launch (M=300), ragged tiles, checked against the reference;
+    """One split-K decode launch (M=5), one prefill launch (M=300) and one tensor-core GEMV launch (M=3 in a 4-row
+    program), ragged tiles, checked against the reference;
     then the tuned M=1 launch on the 16384x2560 gate_up shape (the one a profiler should look at)."""
     from .w4a16 import w4a16_gemm
 
     wp, s = make_problem(3072, 2560, torch.bfloat16, "cuda")
     for m, cfg in ((5, W4A16Config("decode", 16, 128, 128, 4, 4, 4, True, True)),
-                   (300, W4A16Config("prefill", 128, 128, 64, 1, 8, 3))):
+                   (300, W4A16Config("prefill", 128, 128, 64, 1, 8, 3)),
+                   (3, W4A16Config("gemv_mma", 4, 2, 512, 1, 1, 3))):
         x = torch.randn(m, 2560, device="cuda", dtype=torch.bfloat16)
         y = w4a16_gemm(x, wp, s, config=cfg)
         torch.cuda.synchronize()

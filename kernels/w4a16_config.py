@@ -107,14 +107,34 @@ def load_table(device_name: str) -> dict:
     return table
 
 
-def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> W4A16Config:
+def heuristic_gemv(m: int, k: int, group_size: int) -> W4A16Config | None:
+    """The tensor-core GEMV for M <= 2 (``None`` where its tiles cannot run K / the group size): the tilings that the
+    H200 sweeps (2026-11-30) put within 0.83-1.00 of the best GEMV at M = 1, 2 on the E4B shapes, each 1.3-2.5x
+    faster than the split-K heuristic at M = 1 there. Long K (>= 4096) gets 1024-wide K blocks over 4 warps, the
+    rest 512 (or 256) over one warp; two weight rows per program (four for long K)."""
+    if m > 2:
+        return None
+    if k >= 4096 and k % 1024 == 0:
+        cfg = W4A16Config("gemv_mma", block_m=m, block_n=4, block_k=1024, num_warps=4, num_stages=3)
+    else:
+        bk = 512 if k % 512 == 0 else 256
+        cfg = W4A16Config("gemv_mma", block_m=m, block_n=2, block_k=bk, num_warps=1, num_stages=3)
+    return cfg if cfg.fits(k, group_size) else None
+
+
+def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int, gemv: bool = False) -> W4A16Config:
     """Fallback for GPUs/shapes without a tuned entry: the rules the H200 tuning (2026-11-28) mostly followed.
 
+    * M <= 2 with ``gemv`` (the caller's word that the GEMV's inline PTX runs on this GPU and dtype, see
+      :func:`kernels.w4a16.asm_ok`): the tensor-core GEMV, :func:`heuristic_gemv`.
     * M <= 256: split-K kernel, weights as the wgmma A operand with relabelled K; K split until there are ~4
       (M <= 16) or ~2 programs per SM, keeping >= 2 K blocks per split.
     * 256 < M < 1024: 128x128 wgmma tiles, BLOCK_K 64, 8 warps, 3 stages, no split.
     * M >= 1024: dequantize + cuBLAS (compute-bound; the dequant pass is < 20% of the GEMM).
     """
+    cfg = heuristic_gemv(m, k, group_size) if gemv else None
+    if cfg is not None:
+        return cfg
     bk = 128 if k % 128 == 0 else 64
     if group_size < k and group_size % bk and bk % group_size:
         bk = 64
@@ -131,11 +151,13 @@ def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> 
     return W4A16Config("dequant_mm")
 
 
-def select_config(m: int, n: int, k: int, group_size: int, device_name: str, sm_count: int) -> W4A16Config:
-    """Tuned entry for (M, N, K) on ``device_name`` if there is one that fits, else :func:`heuristic_config`."""
+def select_config(m: int, n: int, k: int, group_size: int, device_name: str, sm_count: int,
+                  gemv: bool = False) -> W4A16Config:
+    """Tuned entry for (M, N, K) on ``device_name`` if there is one that fits, else :func:`heuristic_config`
+    (``gemv``: see there)."""
     entries = load_table(device_name).get((n, k))
     if entries:
         cfg = next((c for mm, c in entries if mm >= m), entries[-1][1])
         if cfg.fits(k, group_size):
             return cfg
-    return heuristic_config(m, n, k, group_size, sm_count)
+    return heuristic_config(m, n, k, group_size, sm_count, gemv)

@@ -255,8 +255,36 @@ def test_config_table_lookup(tmp_path, monkeypatch):
         assert h == wc.heuristic_config(1, 512, 512, 128, 10) and h.kernel == "decode" and h.split_k >= 1
         assert wc.select_config(300, 512, 512, 128, "Other", 132).kernel == "prefill"
         assert wc.select_config(3000, 512, 512, 128, "Other", 132).kernel == "dequant_mm"
+        # a tuned entry wins over the GEMV heuristic
+        assert wc.select_config(1, 256, 512, 128, "Fake GPU 9", 10, gemv=True) == a
     finally:
         wc.load_table.cache_clear()
+
+
+@pytest.mark.parametrize("m,k,group,want", [
+    (1, 512, 128, ("gemv_mma", 1, 2, 512, 1)),
+    (2, 2560, 128, ("gemv_mma", 2, 2, 512, 1)),
+    (1, 8192, 128, ("gemv_mma", 1, 4, 1024, 4)),
+    (2, 4096, -1, ("gemv_mma", 2, 4, 1024, 4)),      # channelwise
+    (1, 4608, 128, ("gemv_mma", 1, 2, 512, 1)),      # long K, not a multiple of 1024
+    (1, 2304, 128, ("gemv_mma", 1, 2, 256, 1)),      # K a multiple of 256 only
+    (1, 2304, 32, ("gemv_mma", 1, 2, 256, 1)),
+    (3, 2560, 128, None),                            # M > 2: split-K
+    (1, 640, 128, None),                             # K not a multiple of 256
+    (1, 1536, 384, None),                            # a 384 group neither holds nor lies inside a 512 block
+])
+def test_heuristic_gemv_for_untuned_shapes(m, k, group, want):
+    from kernels.w4a16_config import heuristic_config, select_config
+
+    g = k if group < 0 else group
+    got = select_config(m, 1024, k, g, "No Such GPU", 132, gemv=True)
+    if want is None:
+        assert got.kernel == "decode"
+    else:
+        assert (got.kernel, got.block_m, got.block_n, got.block_k, got.num_warps) == want
+        assert got.fits(k, g) and got.num_stages == 3
+    # without the caller's word that the GEMV's PTX runs: the split-K heuristic, as before
+    assert heuristic_config(m, 1024, k, g, 132).kernel == "decode"
 
 
 # ------------------------------------------------------------------------------------------------ op + module
