@@ -108,10 +108,11 @@ def load_table(device_name: str) -> dict:
 
 
 def heuristic_gemv(m: int, k: int, group_size: int) -> W4A16Config | None:
-    """The tensor-core GEMV for M <= 2 (``None`` where its tiles cannot run K / the group size): the tilings that the
-    H200 sweeps (2026-11-30) put within 0.83-1.00 of the best GEMV at M = 1, 2 on the E4B shapes, each 1.3-2.5x
-    faster than the split-K heuristic at M = 1 there. Long K (>= 4096) gets 1024-wide K blocks over 4 warps, the
-    rest 512 (or 256) over one warp; two weight rows per program (four for long K)."""
+    """The tensor-core GEMV for M <= 2 (``None`` where its tiles cannot run K / the group size). Long K (>= 4096, a
+    multiple of 1024) gets four weight rows per program and 1024-wide K blocks over 4 warps, the rest two rows and
+    512-wide (or 256-wide) blocks over one warp. Measured on the H200 (``bench/gpu/heuristic_check.py``,
+    2026-11-30): 1.14-2.32x the split-K heuristic at M = 1 on the E4B and `small` shapes, 0.86-1.01 of the tuned
+    entries' speed on the E4B shapes."""
     if m > 2:
         return None
     if k >= 4096 and k % 1024 == 0:

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from kernels.w4a16 import w4a16_gemm  # noqa: E402
 from kernels.w4a16_autotune import E4B_SHAPES, check_tolerance, graph_time_us, rotated_problem  # noqa: E402
-from kernels.w4a16_config import heuristic_config, heuristic_gemv, load_table  # noqa: E402
+from kernels.w4a16_config import heuristic_config, heuristic_gemv, load_table, select_config  # noqa: E402
 
 # the `small` model (bench/factory.py): qkv / o of the sliding and full layers, gate_up, down
 SMALL_SHAPES = ((768, 512), (512, 512), (1536, 512), (512, 1024), (5120, 512), (512, 2560))
@@ -32,10 +32,10 @@ def main() -> int:
         wps, ss, nbytes = rotated_problem(n, k, dtype, dev)
         for m in (1, 2):
             x = torch.randn(m, k, device=dev, dtype=dtype)
-            entries = table.get((n, k))
-            cfgs = {"tuned": next((c for mm, c in entries if mm >= m), None) if entries else None,
+            sms = props.multi_processor_count
+            cfgs = {"tuned": select_config(m, n, k, 128, props.name, sms) if (n, k) in table else None,
                     "gemv heuristic": heuristic_gemv(m, k, 128),
-                    "split-K heuristic": heuristic_config(m, n, k, 128, props.multi_processor_count)}
+                    "split-K heuristic": heuristic_config(m, n, k, 128, sms)}
             us = {}
             for name, cfg in cfgs.items():
                 if cfg is None:
