@@ -129,7 +129,7 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     elif c.kernel == "gemv_mma" and kw["use_asm"]:
         from .w4a16_gemv_mma import w4a16_gemv_mma
         y = w4a16_gemv_mma(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
-                           block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1)
+                           block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, chain=c.chain)
     elif c.kernel in ("gemv", "gemv_mma"):   # gemv_mma without inline PTX (interpreter): the same tiling on FMAs
         from .w4a16_gemv import w4a16_gemv
         y = w4a16_gemv(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,

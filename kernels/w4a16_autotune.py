@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .w4a16_config import W4A16Config, device_table_name, CONFIG_DIR
+from .w4a16_config import CONFIG_DIR, W4A16Config, chain_ok, device_table_name
 
 # qkv, o, gate_up (pruned), down (pruned), an 8192^2 reference, and the KV-shared layers' q_proj
 E4B_SHAPES = ((3072, 2560), (2560, 2048), (16384, 2560), (2560, 8192), (8192, 8192), (2048, 2560))
@@ -72,7 +72,8 @@ def gemv_candidates(m: int, kernels=("gemv_mma",), bns=(2, 4, 8, 16, 32), bks=(2
                     warps=(1, 2, 4), stages=(2, 3), max_words: int = 32) -> list[W4A16Config]:
     """GEMV tilings for M (the autotuner's: tensor-core GEMV only, :mod:`kernels.w4a16_gemv_mma`): ``block_m`` from
     :func:`gemv_block_ms`; every thread at least one vector per K block (``gemv_mma``: 2 words, one per row half,
-    loaded apart; ``gemv``: 4) and at most ``max_words`` words; every register pipeline depth of ``stages``."""
+    loaded apart; ``gemv``: 4) and at most ``max_words`` words; every register pipeline depth of ``stages``;
+    ``gemv_mma`` with and without ``chain`` where the tiling allows it."""
     out = []
     for kern in kernels:
         for bm in gemv_block_ms(m, kern):
@@ -83,6 +84,8 @@ def gemv_candidates(m: int, kernels=("gemv_mma",), bns=(2, 4, 8, 16, 32), bks=(2
                             continue
                         if (2 if kern == "gemv_mma" else 4) <= bn * bk // 8 / (32 * nw) <= max_words:
                             out += [W4A16Config(kern, bm, bn, bk, 1, nw, ns) for ns in stages]
+                            if kern == "gemv_mma" and chain_ok(bn, bk, nw):
+                                out += [W4A16Config(kern, bm, bn, bk, 1, nw, ns, chain=True) for ns in stages]
     return out
 
 
@@ -373,19 +376,21 @@ def main(argv=None) -> int:
 
 
 def demo_launches() -> int:
-    """One split-K decode launch (M=5), one prefill launch (M=300) and one tensor-core GEMV launch (M=3 in a 4-row
-    program), ragged tiles, checked against the reference;
+    """One split-K decode launch (M=5), one prefill launch (M=300) and two tensor-core GEMV launches (M=3 in a 4-row
+    program, per-word and chained accumulators), ragged tiles, checked against the reference;
     then the tuned M=1 launch on the 16384x2560 gate_up shape (the one a profiler should look at)."""
     from .w4a16 import w4a16_gemm
 
     wp, s = make_problem(3072, 2560, torch.bfloat16, "cuda")
     for m, cfg in ((5, W4A16Config("decode", 16, 128, 128, 4, 4, 4, True, True)),
                    (300, W4A16Config("prefill", 128, 128, 64, 1, 8, 3)),
-                   (3, W4A16Config("gemv_mma", 4, 2, 512, 1, 1, 3))):
+                   (3, W4A16Config("gemv_mma", 4, 2, 512, 1, 1, 3)),
+                   (3, W4A16Config("gemv_mma", 4, 8, 512, 1, 2, 2, chain=True))):
         x = torch.randn(m, 2560, device="cuda", dtype=torch.bfloat16)
         y = w4a16_gemm(x, wp, s, config=cfg)
         torch.cuda.synchronize()
-        print(f"demo {cfg.kernel} M={m}: tolerance ratio {check_tolerance(y, x, wp, s):.3f}", flush=True)
+        name = cfg.kernel + (" chain" if cfg.chain else "")
+        print(f"demo {name} M={m}: tolerance ratio {check_tolerance(y, x, wp, s):.3f}", flush=True)
     wp, s = make_problem(16384, 2560, torch.bfloat16, "cuda")
     x = torch.randn(1, 2560, device="cuda", dtype=torch.bfloat16)
     y = w4a16_gemm(x, wp, s)

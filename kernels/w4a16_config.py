@@ -37,6 +37,8 @@ class W4A16Config:
       ``num_stages - 1`` in flight). ``gemv_mma``: the same, with ``block_m`` in {1, 2, 4} and ``block_n`` >= 2.
     * ``split_k``: K slices per output tile (decode only; clamped so that no slice is empty).
     * ``kperm``/``w_is_a``: K relabelling and weight-as-A-operand (see :mod:`kernels.w4a16_mainloop`).
+    * ``chain`` (``gemv_mma`` only): the four words of a thread's 16-byte vector share one MMA accumulator set
+      instead of one set per word (:func:`chain_ok` says which tilings allow it).
     """
 
     kernel: str
@@ -49,6 +51,7 @@ class W4A16Config:
     kperm: bool = False
     w_is_a: bool = False
     group_m: int = 8
+    chain: bool = False
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -64,7 +67,12 @@ class W4A16Config:
                 raise ValueError(f"gemv has no split-K, K relabelling or MMA operands, and 1-8 warps: {self}")
             if self.num_stages not in (2, 3):
                 raise ValueError(f"gemv needs num_stages 2 or 3 (register pipeline depth), got {self.num_stages}")
+            if self.chain and (self.kernel != "gemv_mma" or not chain_ok(self.block_n, self.block_k,
+                                                                         self.num_warps)):
+                raise ValueError(f"chain is a gemv_mma option and needs 4 words per thread and row half: {self}")
             return
+        if self.chain:
+            raise ValueError(f"chain is a gemv_mma option: {self}")
         if self.block_k not in (64, 128, 256):
             raise ValueError(f"W4A16Config.block_k must be 64, 128 or 256, got {self.block_k}")
         for name in ("block_m", "block_n"):
@@ -86,6 +94,12 @@ class W4A16Config:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def chain_ok(block_n: int, block_k: int, num_warps: int) -> bool:
+    """Whether a ``gemv_mma`` tiling gives every thread whole 16-byte vectors (4 words) of each row half, so that
+    the words of a vector can share one accumulator set (``chain``) without moving data between threads."""
+    return (block_n // 2) * (block_k // 8) >= 4 * 32 * num_warps
 
 
 def device_table_name(device_name: str) -> str:

@@ -24,6 +24,20 @@ words. The other 7/8 of each MMA is discarded: the tensor cores have that much t
 do not. Two MMAs cover a word pair (codes 0-3, then 4-7); the diagonal lane of each quad (``q = r // 2``, column
 parity ``r % 2``) picks its two accumulators after the K loop, and ``tl.sum`` adds them across the lanes.
 
+Chained accumulators (``CHAIN``, the config's ``chain``)
+-------------------------------------------------------
+Triton keeps one accumulator set (c0..c3) per element, i.e. per word a thread holds, for each activation row: with
+8 words of each row half per thread that is 32 registers per row, more than the words themselves. With ``CHAIN``
+the words of a thread's 16-byte vector are split in registers (``tl.reshape`` + ``tl.split``, no data movement)
+and their MMAs chained into one set, a quarter of the accumulators (gate_up's tiling at M = 1: 127 -> 78
+registers, the same K loop; ``bench/gpu/sass_loop.py --chain``). Measured on the H200 (2026-11-30,
+``bench/gpu/gemv_chain_ab.py``, ``bench/gpu/table_ab.py``): at M = 2, where the accumulators double, the chained
+tilings the autotuner picked are 1.075x (gate_up) and 1.09x (8192x8192) faster than the tuned per-word ones; at
+M = 1 chaining does not pay (0.88-0.95x on the tuned tilings, best chained within 0.95-1.0x of the best per-word):
+ptxas then sinks the next block's loads behind most of the MMAs instead of issuing them first, and at M = 1 the
+grid, not the register file, bounds the warps per SM (gate_up: 2,048 one-warp programs, 15.5 per SM). The
+autotuner times both forms.
+
 Precision: an MMA multiplies 16-bit values exactly and adds in fp32, as the reference does; only the fp32 summation
 order differs. Needs sm_80+ (``mma.sync`` bf16) and the bf16x2 dequant of sm_90 for bf16 activations (see
 :func:`kernels.w4a16.asm_ok`); inline PTX cannot run in the Triton interpreter, where the dispatcher runs the
@@ -35,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .w4a16_config import chain_ok
 from .w4a16_gemv import gemv_operands, group_scales, scale_column
 from .w4a16_mainloop import dequant_ptx_lines
 
@@ -101,6 +116,37 @@ def _row_mma(c0, c1, c2, c3, x_ptr, xoff, m, M, stride_xm, pa0, pa1, pa2, pa3, p
 
 
 @triton.jit
+def _split4(t):
+    """``[R, W]`` with a thread's 16-byte vectors along W -> the 4 words of every vector as four ``[R, W / 4]``
+    tensors (in-register: the reshape and splits only rename a thread's registers)."""
+    R: tl.constexpr = t.shape[0]
+    W: tl.constexpr = t.shape[1]
+    lo, hi = tl.split(tl.reshape(t, [R, W // 4, 2, 2]))
+    t0, t1 = tl.split(lo)
+    t2, t3 = tl.split(hi)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _chain_rows(a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3, x_ptr, xk, m0, M, stride_xm,
+                wl, wh, sl, sh, BLOCK_M: tl.constexpr, IS_BF16: tl.constexpr):
+    """One word per thread-vector slot: its MMAs for every activation row, into the vector's shared accumulators."""
+    pa0, pa1, pa2, pa3 = _pairs(wl, sl, IS_BF16)
+    pb0, pb1, pb2, pb3 = _pairs(wh, sh, IS_BF16)
+    a0, a1, a2, a3 = _row_mma(a0, a1, a2, a3, x_ptr, xk, m0, M, stride_xm, pa0, pa1, pa2, pa3,
+                              pb0, pb1, pb2, pb3, IS_BF16)
+    if BLOCK_M > 1:
+        b0, b1, b2, b3 = _row_mma(b0, b1, b2, b3, x_ptr, xk, m0 + 1, M, stride_xm, pa0, pa1, pa2, pa3,
+                                  pb0, pb1, pb2, pb3, IS_BF16)
+    if BLOCK_M > 2:
+        e0, e1, e2, e3 = _row_mma(e0, e1, e2, e3, x_ptr, xk, m0 + 2, M, stride_xm, pa0, pa1, pa2, pa3,
+                                  pb0, pb1, pb2, pb3, IS_BF16)
+        f0, f1, f2, f3 = _row_mma(f0, f1, f2, f3, x_ptr, xk, m0 + 3, M, stride_xm, pa0, pa1, pa2, pa3,
+                                  pb0, pb1, pb2, pb3, IS_BF16)
+    return a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3
+
+
+@triton.jit
 def _finish_mma(c0, c1, c2, c3, b_lo, b_hi, out_ptr, rows_lo, rows_hi, m, M, stride_om, HAS_BIAS: tl.constexpr):
     y_lo, y_hi = tl.inline_asm_elementwise(_PTX_DIAG, "=f,=f,f,f,f,f", [c0, c1, c2, c3],
                                            dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
@@ -121,7 +167,7 @@ def _w4a16_gemv_mma_kernel(
     stride_xm, stride_wn, stride_sn, stride_om,
     HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    NG: tl.constexpr, PREFETCH: tl.constexpr,
+    NG: tl.constexpr, PREFETCH: tl.constexpr, CHAIN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
@@ -137,7 +183,8 @@ def _w4a16_gemv_mma_kernel(
     sh_ptrs = s_ptr + rows_hi.to(tl.int64)[:, None] * stride_sn + tl.arange(0, NG)[None, :]
     xoff = (rows_lo * 0)[:, None] + words[None, :] * 4   # see kernels.w4a16_gemv: takes the words' layout
 
-    z = tl.zeros([HALF, WPB], dtype=tl.float32)
+    ACC_W: tl.constexpr = WPB // 4 if CHAIN else WPB   # CHAIN: one accumulator set per 4-word vector
+    z = tl.zeros([HALF, ACC_W], dtype=tl.float32)
     a0, a1, a2, a3 = z, z, z, z   # accumulators of activation row m0 (c0..c3 of the MMA), then m0+1, ...
     b0, b1, b2, b3 = z, z, z, z
     e0, e1, e2, e3 = z, z, z, z
@@ -158,19 +205,31 @@ def _w4a16_gemv_mma_kernel(
         col = scale_column(kb, BLOCK_K, GROUP_SIZE, NG)
         sl = group_scales(sl_ptrs, col, True, WPG)
         sh = group_scales(sh_ptrs, col, True, WPG)
-        pa0, pa1, pa2, pa3 = _pairs(wl, sl, IS_BF16)
-        pb0, pb1, pb2, pb3 = _pairs(wh, sh, IS_BF16)
         xk = xoff + kb * (BLOCK_K // 2)
-        a0, a1, a2, a3 = _row_mma(a0, a1, a2, a3, x_ptr, xk, m0, M, stride_xm, pa0, pa1, pa2, pa3,
-                                  pb0, pb1, pb2, pb3, IS_BF16)
-        if BLOCK_M > 1:
-            b0, b1, b2, b3 = _row_mma(b0, b1, b2, b3, x_ptr, xk, m0 + 1, M, stride_xm, pa0, pa1, pa2, pa3,
-                                      pb0, pb1, pb2, pb3, IS_BF16)
-        if BLOCK_M > 2:
-            e0, e1, e2, e3 = _row_mma(e0, e1, e2, e3, x_ptr, xk, m0 + 2, M, stride_xm, pa0, pa1, pa2, pa3,
-                                      pb0, pb1, pb2, pb3, IS_BF16)
-            f0, f1, f2, f3 = _row_mma(f0, f1, f2, f3, x_ptr, xk, m0 + 3, M, stride_xm, pa0, pa1, pa2, pa3,
-                                      pb0, pb1, pb2, pb3, IS_BF16)
+        if CHAIN:
+            # The four words of a thread's vector chain their MMAs into one accumulator set: a quarter of the
+            # accumulator registers (see the module docstring for when that pays). A vector lies in one scale group.
+            wl0, wl1_, wl2, wl3 = _split4(wl)
+            wh0, wh1_, wh2, wh3 = _split4(wh)
+            sl0, _, _, _ = _split4(sl)
+            sh0, _, _, _ = _split4(sh)
+            x0, x1, x2, x3 = _split4(xk)
+            a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = _chain_rows(
+                a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3, x_ptr, x0, m0, M, stride_xm,
+                wl0, wh0, sl0, sh0, BLOCK_M, IS_BF16)
+            a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = _chain_rows(
+                a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3, x_ptr, x1, m0, M, stride_xm,
+                wl1_, wh1_, sl0, sh0, BLOCK_M, IS_BF16)
+            a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = _chain_rows(
+                a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3, x_ptr, x2, m0, M, stride_xm,
+                wl2, wh2, sl0, sh0, BLOCK_M, IS_BF16)
+            a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = _chain_rows(
+                a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3, x_ptr, x3, m0, M, stride_xm,
+                wl3, wh3, sl0, sh0, BLOCK_M, IS_BF16)
+        else:
+            a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = _chain_rows(
+                a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3, x_ptr, xk, m0, M, stride_xm,
+                wl, wh, sl, sh, BLOCK_M, IS_BF16)
         if PREFETCH == 2:
             wl = wl1
             wh = wh1
@@ -198,13 +257,17 @@ GEMV_MMA_BLOCK_M = (1, 2, 4)
 
 def w4a16_gemv_mma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                    bias: torch.Tensor | None, group_size: int, *, block_m: int, block_n: int, block_k: int,
-                   num_warps: int, prefetch: int = 1) -> torch.Tensor:
+                   num_warps: int, prefetch: int = 1, chain: bool = False) -> torch.Tensor:
     """Launch the tensor-core GEMV (CUDA only; sm_80+, bf16 needs sm_90). Same operand contract as
     :func:`kernels.w4a16_gemv.w4a16_gemv`; ``block_m`` in (1, 2, 4), ``block_n`` >= 2 (two row halves);
-    ``prefetch`` (1 or 2): K blocks of words loaded ahead of the one being computed.
+    ``prefetch`` (1 or 2): K blocks of words loaded ahead of the one being computed; ``chain``: one accumulator set
+    per 16-byte vector of words instead of per word (needs :func:`chain_ok`).
     Returns ``[M, N]`` of ``x.dtype``."""
     if block_n < 2:
         raise ValueError(f"w4a16_gemv_mma: need block_n >= 2 (two row halves), got {block_n}")
+    if chain and not chain_ok(block_n, block_k, num_warps):
+        raise ValueError(f"w4a16_gemv_mma: chain needs 4 words per thread and row half, got block_n={block_n}, "
+                         f"block_k={block_k}, num_warps={num_warps}")
     x32, out, gk, ng, grid = gemv_operands("w4a16_gemv_mma", x, weight_packed, group_size, block_m, block_n,
                                            block_k, GEMV_MMA_BLOCK_M)
     _w4a16_gemv_mma_kernel[grid](
@@ -213,6 +276,6 @@ def w4a16_gemv_mma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: t
         x32.stride(0), weight_packed.stride(0), weight_scale.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE=gk, NG=ng,
-        PREFETCH=prefetch, num_warps=num_warps, num_stages=1,
+        PREFETCH=prefetch, CHAIN=chain, num_warps=num_warps, num_stages=1,
     )
     return out

@@ -188,23 +188,55 @@ def test_triton_kernels_under_interpreter():
     assert not bad, bad
 
 
-@pytest.mark.parametrize("kernel,bm,bn,bk,warps,dtype", [
-    ("gemv_mma", 1, 16, 1024, 4, "bf16"), ("gemv_mma", 2, 8, 512, 2, "fp16"), ("gemv_mma", 4, 2, 256, 1, "bf16"),
-    ("gemv", 1, 16, 1024, 4, "bf16"), ("gemv", 2, 8, 512, 2, "fp16"),
+@pytest.mark.parametrize("kernel,bm,bn,bk,warps,dtype,chain", [
+    ("gemv_mma", 1, 16, 1024, 4, "bf16", False), ("gemv_mma", 2, 8, 512, 2, "fp16", False),
+    ("gemv_mma", 4, 2, 256, 1, "bf16", False), ("gemv_mma", 2, 8, 1024, 2, "bf16", True),
+    ("gemv_mma", 4, 16, 512, 4, "fp16", True),
+    ("gemv", 1, 16, 1024, 4, "bf16", False), ("gemv", 2, 8, 512, 2, "fp16", False),
 ])
-def test_gemv_k_loop_has_no_barrier_or_shared_memory(kernel, bm, bn, bk, warps, dtype):
+def test_gemv_k_loop_has_no_barrier_or_shared_memory(kernel, bm, bn, bk, warps, dtype, chain):
     """The GEMVs' design property, checked on the SASS of an ahead-of-time sm_90a compile (Triton's own ptxas, no
     GPU): the K loop has no CTA barrier and no shared-memory access (activations and scales reach the words' layout
-    through asm loads, not a convert_layout), and gemv_mma issues one MMA per word and activation row."""
+    through asm loads, not a convert_layout; with ``chain`` the vector's words are split in registers), and
+    gemv_mma issues one MMA per word and activation row."""
     from bench.gpu.sass_loop import compile_gemv, loop_stats
 
-    st = loop_stats(compile_gemv(kernel, bm, bn, bk, warps, dtype))
+    st = loop_stats(compile_gemv(kernel, bm, bn, bk, warps, dtype, chain=chain))
     assert st["barriers"] == 0 and st["shared"] == 0, st
     words = bn * bk // 8 // (32 * warps)
     if kernel == "gemv_mma":
         assert st["opcodes"]["HMMA"] == words * bm, st
     else:
         assert st["opcodes"]["FFMA"] >= 8 * words * bm and st["opcodes"]["HMMA"] == 0, st
+
+
+def test_gemv_candidates_offer_chain_where_the_tiling_allows_it():
+    """The autotuner times every ``gemv_mma`` tiling with and without ``chain`` where :func:`chain_ok` holds, and
+    only there; the CUDA-core GEMV never chains."""
+    from kernels.w4a16_autotune import gemv_candidates
+    from kernels.w4a16_config import chain_ok
+
+    for m in (1, 2, 4):
+        cands = gemv_candidates(m, kernels=("gemv_mma", "gemv"))
+        plain = {(c.kernel, c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages) for c in cands if not c.chain}
+        chained = {(c.kernel, c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages) for c in cands if c.chain}
+        assert chained == {t for t in plain if t[0] == "gemv_mma" and chain_ok(t[2], t[3], t[4])}
+        assert chained and chained < plain
+
+
+def test_gemv_mma_chain_frees_accumulator_registers():
+    """``chain`` (:mod:`kernels.w4a16_gemv_mma`): the four words of a thread's 16-byte vector share one accumulator
+    set, so a thread holding 8 words of each row half (gate_up's tuned tiling) needs 4 x 6 = 24 fewer accumulator
+    registers, with the same K loop (same MMAs, no barrier, no shared memory). Checked on ahead-of-time sm_90a
+    compiles (cuobjdump's register count)."""
+    from bench.gpu.sass_loop import compile_gemv, loop_stats, registers
+
+    per_word = compile_gemv("gemv_mma", 1, 8, 512, 1, prefetch=1, chain=False)
+    chained = compile_gemv("gemv_mma", 1, 8, 512, 1, prefetch=1, chain=True)
+    a, b = loop_stats(per_word), loop_stats(chained)
+    assert b["barriers"] == 0 and b["shared"] == 0, b
+    assert b["opcodes"]["HMMA"] == a["opcodes"]["HMMA"] == 16, (a, b)
+    assert registers(chained) <= registers(per_word) - 24, (registers(chained), registers(per_word))
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -217,6 +249,12 @@ def test_config_validation():
         W4A16Config("gemv")               # block_m 16: the GEMV takes 1..8 activation rows
     with pytest.raises(ValueError, match="gemv_mma needs"):
         W4A16Config("gemv_mma", 8, 16, 512, num_stages=2)
+    W4A16Config("gemv_mma", 1, 8, 512, num_warps=1, num_stages=2, chain=True)   # 4 words per thread and row half
+    for bad in (dict(kernel="gemv_mma", block_m=1, block_n=4, block_k=512, num_warps=2, num_stages=2),
+                dict(kernel="gemv", block_m=1, block_n=8, block_k=512, num_warps=1, num_stages=2),
+                dict(kernel="decode")):
+        with pytest.raises(ValueError, match="chain is a gemv_mma option"):
+            W4A16Config(chain=True, **bad)
     with pytest.raises(ValueError, match="power of two <= 64"):
         W4A16Config("gemv", 1, 128, 512, num_stages=2)
     with pytest.raises(ValueError, match="no split-K"):

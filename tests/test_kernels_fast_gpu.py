@@ -139,6 +139,37 @@ def test_gemv_offset_input_and_repeatability(dtype):
             assert tolerance_ratio(y, x, wp, s) <= 1.0, (cfg, m)
 
 
+CHAIN_TILINGS = ((1, 8, 512, 1, 2), (2, 4, 1024, 1, 3), (4, 16, 512, 4, 2), (1, 2, 2048, 1, 2), (2, 32, 256, 2, 3))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_gemv_mma_chain_against_reference(dtype):
+    """The tensor-core GEMV with one accumulator set per 4-word vector (``chain``) and per word, on the same
+    tilings: both within the tolerance of the reference, with and without bias, group 128 and channelwise, every
+    ragged M up to 4; and ``chain=True`` is refused where a thread holds less than a vector of each row half."""
+    from kernels.w4a16_config import chain_ok
+    from kernels.w4a16_gemv_mma import w4a16_gemv_mma
+
+    n, k = 2560, 2048
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    for group in (128, -1):
+        wp, s = gpu_problem(n, k, dtype, group=group, seed=5)
+        gs = group if group > 0 else k
+        for bm, bn, bk, nw, st in CHAIN_TILINGS:
+            assert chain_ok(bn, bk, nw)
+            for m in range(1, 5):
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                for chain in (False, True):
+                    for bias in (None, b):
+                        y = w4a16_gemv_mma(x, wp, s, bias, gs, block_m=bm, block_n=bn, block_k=bk, num_warps=nw,
+                                           prefetch=st - 1, chain=chain)
+                        r = tolerance_ratio(y, x, wp, s, bias)
+                        assert r <= 1.0, (group, bm, bn, bk, nw, st, m, chain, bias is not None, r)
+    assert not chain_ok(2, 512, 1)
+    with pytest.raises(ValueError, match="chain needs 4 words per thread"):
+        w4a16_gemv_mma(x, wp, s, None, k, block_m=1, block_n=2, block_k=512, num_warps=1, chain=True)
+
+
 def test_deterministic_and_config_invariant():
     """Same call twice -> same bits (split-K included). With no split-K, bits depend only on (BLOCK_K, K labelling):
     not on BLOCK_M/BLOCK_N/warps/stages, decode vs prefill kernel, mma.sync vs wgmma (§9B)."""

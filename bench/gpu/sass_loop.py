@@ -1,8 +1,8 @@
 """Compile the GEMV kernels ahead of time for sm_90a on any machine (no GPU) and count their K loop's SASS.
 
-``python bench/gpu/sass_loop.py [--kernel gemv|gemv_mma] [--block-m 1] [--block-n 16] [--block-k 1024] [--warps 4]``
-prints the K loop's instruction count, instructions per int32 word, the top opcodes, and the barriers and
-shared-memory instructions inside the loop. It uses Triton's own ``ptxas`` / ``nvdisasm`` (shipped with the triton
+``python bench/gpu/sass_loop.py [--kernel gemv|gemv_mma] [--block-m 1] [--block-n 16] [--block-k 1024] [--warps 4]
+[--stages 2] [--chain]`` prints the registers per thread, the K loop's instruction count, instructions per int32
+word, the top opcodes, and the barriers and shared-memory instructions inside the loop. It uses Triton's own ``ptxas`` / ``nvdisasm`` (shipped with the triton
 wheel), so the figures are those of the installed Triton version: the README's come from Triton 3.6.0 (the GPU
 image's). The loop is the code between the back-edge label and its branch.
 """
@@ -23,7 +23,7 @@ _SIG_COMMON = {"x_ptr": "*i32", "w_ptr": "*i32", "M": "i32", "K": "i32", "stride
 
 
 def compile_gemv(kernel: str, block_m: int, block_n: int, block_k: int, num_warps: int, dtype: str = "bf16",
-                 group: int = 128, prefetch: int = 1):
+                 group: int = 128, prefetch: int = 1, chain: bool = False):
     """The compiled kernel (``triton.compile`` for CUDA sm_90, pointers and strides 16-divisible as at run time)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -34,7 +34,7 @@ def compile_gemv(kernel: str, block_m: int, block_n: int, block_k: int, num_warp
         extra = dict(USE_ASM=True, EMU_RN=False)
     else:
         from kernels.w4a16_gemv_mma import _w4a16_gemv_mma_kernel as fn
-        extra = {}
+        extra = dict(CHAIN=chain)
     const = dict(HAS_BIAS=False, IS_BF16=dtype == "bf16", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  GROUP_SIZE=group, NG=block_k // group if group < block_k else 1, PREFETCH=prefetch, **extra)
     sig = {name: ("constexpr" if name in const else _SIG_COMMON.get(name, f"*{dtype}")) for name in fn.arg_names}
@@ -68,6 +68,19 @@ def loop_stats(compiled) -> dict:
             "shared": sum(v for k, v in c.items() if k in ("LDS", "STS", "LDSM", "STSM"))}
 
 
+def registers(compiled) -> int:
+    """Registers per thread of the compiled kernel (``cuobjdump -res-usage`` of its cubin): what limits how many
+    warps an SM holds (65,536 registers per SM)."""
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", out).group(1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", choices=("gemv", "gemv_mma"), default="gemv_mma")
@@ -76,11 +89,15 @@ def main() -> int:
     ap.add_argument("--block-k", type=int, default=1024)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    ap.add_argument("--stages", type=int, default=2, help="register pipeline depth (prefetch = stages - 1)")
+    ap.add_argument("--chain", action="store_true", help="gemv_mma: one accumulator set per 4-word vector")
     args = ap.parse_args()
-    st = loop_stats(compile_gemv(args.kernel, args.block_m, args.block_n, args.block_k, args.warps, args.dtype))
+    compiled = compile_gemv(args.kernel, args.block_m, args.block_n, args.block_k, args.warps, args.dtype,
+                            prefetch=args.stages - 1, chain=args.chain)
+    st = loop_stats(compiled)
     words = args.block_n * args.block_k // 8 // (32 * args.warps)
     print(f"{args.kernel} bm{args.block_m} bn{args.block_n} bk{args.block_k} w{args.warps} {args.dtype}: "
-          f"{st['instructions']} loop instructions, {words} words per thread, "
+          f"{registers(compiled)} registers, {st['instructions']} loop instructions, {words} words per thread, "
           f"{st['instructions'] / words:.1f} per word; barriers {st['barriers']}, shared-memory ops {st['shared']}; "
           f"top {dict(st['opcodes'].most_common(10))}")
     return 0
