@@ -287,7 +287,7 @@ GEMV_BLOCK_M = (1, 2, 4, 8)
 
 
 def gemv_operands(name: str, x: torch.Tensor, weight_packed: torch.Tensor, group_size: int, block_m: int,
-                  block_n: int, block_k: int, block_ms: tuple[int, ...]):
+                  block_n: int, block_k: int, block_ms: tuple[int, ...], prefetch: int):
     """Host side shared by both GEMVs: check the tile, and return ``(x32, out, GROUP_SIZE, NG, grid)``: ``x`` as
     int32 (k, k+1) pairs ``[M, K/2]`` (copied first if its start is not 16-byte aligned: the kernels load 16 bytes
     at a time; K % 128 == 0 keeps every row aligned), the ``[M, N]`` output, the scale constexprs and the grid."""
@@ -295,6 +295,8 @@ def gemv_operands(name: str, x: torch.Tensor, weight_packed: torch.Tensor, group
     n = weight_packed.shape[0]
     if block_m not in block_ms:
         raise ValueError(f"{name}: block_m must be one of {block_ms}, got {block_m}")
+    if prefetch not in (1, 2):
+        raise ValueError(f"{name}: prefetch must be 1 or 2 (K blocks of words in flight), got {prefetch}")
     if k % block_k or n % block_n:
         raise ValueError(f"{name}: need K % block_k == 0 and N % block_n == 0, got K={k}, N={n}, "
                          f"block_k={block_k}, block_n={block_n}")
@@ -316,7 +318,7 @@ def w4a16_gemv(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     ``emu_rn``: round the output in software (the interpreter's fp32 -> bf16 cast truncates).
     Returns ``[M, N]`` of ``x.dtype``."""
     x32, out, gk, ng, grid = gemv_operands("w4a16_gemv", x, weight_packed, group_size, block_m, block_n, block_k,
-                                           GEMV_BLOCK_M)
+                                           GEMV_BLOCK_M, prefetch)
     _w4a16_gemv_kernel[grid](
         x32, weight_packed, weight_scale, bias if bias is not None else weight_scale, out,
         x.shape[0], x.shape[1],

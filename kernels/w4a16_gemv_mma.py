@@ -269,7 +269,7 @@ def w4a16_gemv_mma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: t
         raise ValueError(f"w4a16_gemv_mma: chain needs 4 words per thread and row half, got block_n={block_n}, "
                          f"block_k={block_k}, num_warps={num_warps}")
     x32, out, gk, ng, grid = gemv_operands("w4a16_gemv_mma", x, weight_packed, group_size, block_m, block_n,
-                                           block_k, GEMV_MMA_BLOCK_M)
+                                           block_k, GEMV_MMA_BLOCK_M, prefetch)
     _w4a16_gemv_mma_kernel[grid](
         x32, weight_packed, weight_scale, bias if bias is not None else weight_scale, out,
         x.shape[0], x.shape[1],

@@ -210,6 +210,23 @@ def test_gemv_k_loop_has_no_barrier_or_shared_memory(kernel, bm, bn, bk, warps, 
         assert st["opcodes"]["FFMA"] >= 8 * words * bm and st["opcodes"]["HMMA"] == 0, st
 
 
+def test_gemv_wrappers_refuse_unsupported_pipeline_depth_and_chain():
+    """Both GEMV launchers refuse a register pipeline depth other than 1 or 2 before launching anything (a depth
+    the kernel does not implement would read the wrong K blocks), and gemv_mma refuses ``chain`` on a tiling that
+    gives a thread less than a 16-byte vector of each row half."""
+    from kernels.w4a16_gemv import w4a16_gemv
+    from kernels.w4a16_gemv_mma import w4a16_gemv_mma
+
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    wp = torch.zeros(64, 64, dtype=torch.int32)
+    s = torch.ones(64, 4, dtype=torch.bfloat16)
+    for fn in (w4a16_gemv, w4a16_gemv_mma):
+        with pytest.raises(ValueError, match="prefetch must be 1 or 2"):
+            fn(x, wp, s, None, 128, block_m=1, block_n=8, block_k=512, num_warps=1, prefetch=3)
+    with pytest.raises(ValueError, match="chain needs 4 words per thread"):
+        w4a16_gemv_mma(x, wp, s, None, 128, block_m=1, block_n=2, block_k=512, num_warps=1, chain=True)
+
+
 def test_gemv_candidates_offer_chain_where_the_tiling_allows_it():
     """The autotuner times every ``gemv_mma`` tiling with and without ``chain`` where :func:`chain_ok` holds, and
     only there; the CUDA-core GEMV never chains."""

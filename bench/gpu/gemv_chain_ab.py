@@ -69,7 +69,8 @@ def main() -> int:
     ap.add_argument("--bns", nargs="+", type=int, default=[2, 4, 8, 16])
     ap.add_argument("--bks", nargs="+", type=int, default=[512, 1024, 2048])
     ap.add_argument("--warps", nargs="+", type=int, default=[1, 2, 4])
-    ap.add_argument("--prefetch", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--prefetch", nargs="+", type=int, default=[1, 2],
+                    help="register pipeline depths (3 needs the kernel of bench/results/h200-2026-11-30i/exp/)")
     ap.add_argument("--max-words", type=int, default=32)
     ap.add_argument("--jobs", type=int, default=14)
     args = ap.parse_args()
