@@ -33,7 +33,7 @@ and their MMAs chained into one set, a quarter of the accumulators (gate_up's ti
 registers, the same K loop; ``bench/gpu/sass_loop.py --chain``). Measured on the H200 (2026-11-30,
 ``bench/gpu/gemv_chain_ab.py``, ``bench/gpu/table_ab.py``): at M = 2, where the accumulators double, the chained
 tilings the autotuner picked are 1.075x (gate_up) and 1.09x (8192x8192) faster than the tuned per-word ones; at
-M = 1 chaining does not pay (0.88-0.95x on the tuned tilings, best chained within 0.95-1.0x of the best per-word):
+M = 1 chaining does not pay (0.88-0.95x on the tuned tilings; the best chained tiling 0.83-1.0x the best per-word):
 ptxas then sinks the next block's loads behind most of the MMAs instead of issuing them first, and at M = 1 the
 grid, not the register file, bounds the warps per SM (gate_up: 2,048 one-warp programs, 15.5 per SM). The
 autotuner times both forms.
@@ -128,9 +128,10 @@ def _split4(t):
 
 
 @triton.jit
-def _chain_rows(a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3, x_ptr, xk, m0, M, stride_xm,
-                wl, wh, sl, sh, BLOCK_M: tl.constexpr, IS_BF16: tl.constexpr):
-    """One word per thread-vector slot: its MMAs for every activation row, into the vector's shared accumulators."""
+def _word_mma(acc, x_ptr, xk, m0, M, stride_xm, wl, wh, sl, sh, BLOCK_M: tl.constexpr, IS_BF16: tl.constexpr):
+    """The MMAs of one word slot (words ``wl`` of rows R1, ``wh`` of rows R2, scales ``sl``/``sh``, activation
+    offsets ``xk``) for every activation row, into ``acc``: the 16 accumulators c0..c3 of rows m0..m0+3."""
+    a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = acc
     pa0, pa1, pa2, pa3 = _pairs(wl, sl, IS_BF16)
     pb0, pb1, pb2, pb3 = _pairs(wh, sh, IS_BF16)
     a0, a1, a2, a3 = _row_mma(a0, a1, a2, a3, x_ptr, xk, m0, M, stride_xm, pa0, pa1, pa2, pa3,
@@ -185,10 +186,7 @@ def _w4a16_gemv_mma_kernel(
 
     ACC_W: tl.constexpr = WPB // 4 if CHAIN else WPB   # CHAIN: one accumulator set per 4-word vector
     z = tl.zeros([HALF, ACC_W], dtype=tl.float32)
-    a0, a1, a2, a3 = z, z, z, z   # accumulators of activation row m0 (c0..c3 of the MMA), then m0+1, ...
-    b0, b1, b2, b3 = z, z, z, z
-    e0, e1, e2, e3 = z, z, z, z
-    f0, f1, f2, f3 = z, z, z, z
+    acc = (z, ) * 16   # c0..c3 of the MMA for activation row m0, then m0+1, m0+2, m0+3
 
     # Register pipeline: the words of the next PREFETCH blocks are in flight while this block is computed.
     kb_total = K // BLOCK_K
@@ -214,22 +212,12 @@ def _w4a16_gemv_mma_kernel(
             sl0, _, _, _ = _split4(sl)
             sh0, _, _, _ = _split4(sh)
             x0, x1, x2, x3 = _split4(xk)
-            a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = _chain_rows(
-                a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3, x_ptr, x0, m0, M, stride_xm,
-                wl0, wh0, sl0, sh0, BLOCK_M, IS_BF16)
-            a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = _chain_rows(
-                a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3, x_ptr, x1, m0, M, stride_xm,
-                wl1_, wh1_, sl0, sh0, BLOCK_M, IS_BF16)
-            a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = _chain_rows(
-                a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3, x_ptr, x2, m0, M, stride_xm,
-                wl2, wh2, sl0, sh0, BLOCK_M, IS_BF16)
-            a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = _chain_rows(
-                a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3, x_ptr, x3, m0, M, stride_xm,
-                wl3, wh3, sl0, sh0, BLOCK_M, IS_BF16)
+            acc = _word_mma(acc, x_ptr, x0, m0, M, stride_xm, wl0, wh0, sl0, sh0, BLOCK_M, IS_BF16)
+            acc = _word_mma(acc, x_ptr, x1, m0, M, stride_xm, wl1_, wh1_, sl0, sh0, BLOCK_M, IS_BF16)
+            acc = _word_mma(acc, x_ptr, x2, m0, M, stride_xm, wl2, wh2, sl0, sh0, BLOCK_M, IS_BF16)
+            acc = _word_mma(acc, x_ptr, x3, m0, M, stride_xm, wl3, wh3, sl0, sh0, BLOCK_M, IS_BF16)
         else:
-            a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = _chain_rows(
-                a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3, x_ptr, xk, m0, M, stride_xm,
-                wl, wh, sl, sh, BLOCK_M, IS_BF16)
+            acc = _word_mma(acc, x_ptr, xk, m0, M, stride_xm, wl, wh, sl, sh, BLOCK_M, IS_BF16)
         if PREFETCH == 2:
             wl = wl1
             wh = wh1
@@ -239,6 +227,7 @@ def _w4a16_gemv_mma_kernel(
             wl = wl_next
             wh = wh_next
 
+    a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = acc
     bias_lo = tl.zeros([HALF], dtype=tl.float32)
     bias_hi = tl.zeros([HALF], dtype=tl.float32)
     if HAS_BIAS:
