@@ -4,8 +4,9 @@
 [--warps 1 2] [--prefetch 1 2 3]`` (GPU): for every shape and M, times :func:`kernels.w4a16_gemv_mma.w4a16_gemv_mma`
 on every tiling of the grid with one accumulator set per word (``chain=False``) and, where the tiling allows it, per
 4-word vector (``chain=True``), at every prefetch depth; each variant is checked against the pure-torch reference
-first. Prints the tuned table's entry, then the best eight variants with µs, TB/s and speed relative to the tuned
-entry (timed in the same process with the autotuner's timer: CUDA graphs over weight copies rotated past the L2).
+first. Prints the tuned table's entry and the dispatcher's heuristic for shapes without one, then the best eight
+variants with µs, TB/s and speed relative to the tuned entry (the heuristic where there is none); all timed in the
+same process with the autotuner's timer (CUDA graphs over weight copies rotated past the L2).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from kernels.w4a16 import w4a16_gemm  # noqa: E402
 from kernels.w4a16_autotune import check_tolerance, graph_time_us, rotated_problem  # noqa: E402
-from kernels.w4a16_config import load_table  # noqa: E402
+from kernels.w4a16_config import heuristic_config, load_table  # noqa: E402
 from kernels.w4a16_config import chain_ok  # noqa: E402
 from kernels.w4a16_gemv_mma import w4a16_gemv_mma  # noqa: E402
 
@@ -78,15 +79,18 @@ def main() -> int:
     precompile([(n, k, m, v) for n, k in shapes for m in args.ms for v in variants(n, k, m, args)], args.jobs)
     dev = torch.device("cuda")
     table = dict(load_table(torch.cuda.get_device_name(dev)))
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
     dtype = torch.bfloat16
     for n, k in shapes:
         shape = f"{n}x{k}"
         wps, ss, nbytes = rotated_problem(n, k, dtype, dev)
         for m in args.ms:
             x = torch.randn(m, k, device=dev, dtype=dtype)
-            tuned = dict(table.get((n, k), [])).get(m)
-            t_tuned = graph_time_us(lambda i: w4a16_gemm(x, wps[i % len(wps)], ss[i % len(ss)], config=tuned),
-                                    len(wps), replays=5)
+            base = {"tuned": dict(table.get((n, k), [])).get(m),
+                    "heuristic": heuristic_config(m, n, k, 128, sms, gemv=True)}
+            t_base = {tag: graph_time_us(lambda i, c=c: w4a16_gemm(x, wps[i % len(wps)], ss[i % len(ss)], config=c),
+                                         len(wps), replays=5) for tag, c in base.items() if c is not None}
+            t_tuned = t_base.get("tuned", t_base["heuristic"])
             rows = []
             for bm, bn, bk, nw, pf, chain in variants(n, k, m, args):
                 def call(i, bn=bn, bk=bk, nw=nw, pf=pf, chain=chain, bm=bm):
@@ -96,9 +100,11 @@ def main() -> int:
                 assert tol <= 1.0, (n, k, m, bn, bk, nw, pf, chain, tol)
                 rows.append((graph_time_us(call, len(wps), replays=5), bn, bk, nw, pf, chain))
             rows.sort()
-            print(f"{shape} M={m}: tuned {tuned.kernel} bn{tuned.block_n} bk{tuned.block_k} w{tuned.num_warps} "
-                  f"st{tuned.num_stages} {t_tuned:6.2f} us ({nbytes / t_tuned / 1e6:.2f} TB/s); "
-                  f"{len(rows)} variants", flush=True)
+            for tag, t in t_base.items():
+                c = base[tag]
+                print(f"{shape} M={m}: {tag} {c.kernel} bn{c.block_n} bk{c.block_k} w{c.num_warps} st{c.num_stages}"
+                      f"{' chain' if c.chain else ''} {t:6.2f} us ({nbytes / t / 1e6:.2f} TB/s)", flush=True)
+            print(f"   {len(rows)} variants", flush=True)
             for us, bn, bk, nw, pf, chain in rows[:8]:
                 print(f"   bn{bn:<3} bk{bk:<5} w{nw} prefetch {pf} chain {int(chain)}: {us:6.2f} us "
                       f"({nbytes / us / 1e6:.2f} TB/s) x{t_tuned / us:.3f}", flush=True)
