@@ -95,6 +95,11 @@ class W4A16Config:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
+    def brief(self) -> str:
+        """One-line label for logs, e.g. ``gemv_mma bm2 bn32 bk512 w4 st2 chain`` (split-K only when > 1)."""
+        s = f"{self.kernel} bm{self.block_m} bn{self.block_n} bk{self.block_k} w{self.num_warps} st{self.num_stages}"
+        return s + (f" sk{self.split_k}" if self.split_k > 1 else "") + (" chain" if self.chain else "")
+
 
 def chain_ok(block_n: int, block_k: int, num_warps: int) -> bool:
     """Whether a ``gemv_mma`` tiling gives every thread whole 16-byte vectors (4 words) of each row half, so that

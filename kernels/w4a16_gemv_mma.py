@@ -30,8 +30,8 @@ Triton keeps one accumulator set (c0..c3) per element, i.e. per word a thread ho
 8 words of each row half per thread that is 32 registers per row, more than the words themselves. With ``CHAIN``
 the words of a thread's 16-byte vector are split in registers (``tl.reshape`` + ``tl.split``, no data movement)
 and their MMAs chained into one set, a quarter of the accumulators (gate_up's tiling at M = 1: 127 -> 78
-registers, the same K loop; ``bench/gpu/sass_loop.py --chain``). Measured on the H200 (2026-11-30,
-``bench/gpu/gemv_chain_ab.py``, ``bench/gpu/table_ab.py``): at M = 2, where the accumulators double, the chained
+registers, the same loop instructions; ``bench/gpu/sass_loop.py --chain``). Measured on the H200 (2026-11-30,
+``bench/results/h200-2026-11-30i/``; ``bench/gpu/gemv_sweep.py`` and ``bench/gpu/table_ab.py`` repeat it): at M = 2, where the accumulators double, the chained
 tilings the autotuner picked are 1.075x (gate_up) and 1.09x (8192x8192) faster than the tuned per-word ones; at
 M = 1 chaining does not pay (0.88-0.95x on the tuned tilings; the best chained tiling 0.83-1.0x the best per-word):
 ptxas then sinks the next block's loads behind most of the MMAs instead of issuing them first, and at M = 1 the

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from kernels.w4a16 import w4a16_gemm  # noqa: E402
+from kernels.w4a16 import asm_ok, w4a16_gemm  # noqa: E402
 from kernels.w4a16_autotune import (E4B_SHAPES, SPLITS, correctness_gate, graph_time_us,  # noqa: E402
                                     precompile, rotated_problem, split_candidates)
 from kernels.w4a16_config import W4A16Config, select_config  # noqa: E402
@@ -58,9 +58,10 @@ def compiled_stats() -> list[dict]:
 
 
 def sweep_against_table(shapes, ms, dtype, log, configs_for) -> dict:
-    """Time, for each ``"NxK"`` shape and M, the tuned table's config and then every config of
-    ``configs_for(m, n, k)`` with the autotuner's timer; log the best five per row, return the JSON-able results
-    (``rows``: shape, m, bytes, tuned_us, tuned, the 20 fastest as ``best``). Shared by the GEMV sweep."""
+    """Time, for each ``"NxK"`` shape and M, the config the dispatcher picks (the tuned table's, else its heuristic)
+    and then every config of ``configs_for(m, n, k)`` with the autotuner's timer; log the best five per row, return
+    the JSON-able results (``rows``: shape, m, bytes, tuned_us, tuned, the 20 fastest as ``best``). Shared by the
+    GEMV sweep."""
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     sms = props.multi_processor_count
@@ -71,7 +72,7 @@ def sweep_against_table(shapes, ms, dtype, log, configs_for) -> dict:
         copies = len(wps)
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=dtype)
-            tuned = select_config(m, n, k, 128, props.name, sms)
+            tuned = select_config(m, n, k, 128, props.name, sms, gemv=asm_ok(x))   # what the dispatcher runs
             rows = []
             for cfg in [tuned] + configs_for(m, n, k):
                 try:
@@ -84,9 +85,7 @@ def sweep_against_table(shapes, ms, dtype, log, configs_for) -> dict:
             rows.sort(key=lambda r: r[0])
             log(f"{shape} M={m}: tuned {t_tuned:.2f} us ({nbytes / t_tuned / 1e6:.2f} TB/s) {tuned}")
             for us, cfg in rows[:5]:
-                log(f"    {us:7.2f} us {nbytes / us / 1e6:.2f} TB/s  x{t_tuned / us:.3f}  {cfg.kernel} "
-                    f"bm{cfg.block_m} bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} st{cfg.num_stages} "
-                    f"split{cfg.split_k}")
+                log(f"    {us:7.2f} us {nbytes / us / 1e6:.2f} TB/s  x{t_tuned / us:.3f}  {cfg.brief()}")
             results["rows"].append({"shape": shape, "m": m, "bytes": nbytes, "tuned_us": t_tuned,
                                     "tuned": dataclasses.asdict(tuned),
                                     "best": [{"us": us, **dataclasses.asdict(cfg)} for us, cfg in rows[:20]]})

@@ -4,8 +4,9 @@
 each M the ``block_m`` values of :func:`kernels.w4a16_autotune.gemv_block_ms`; candidates from its
 ``gemv_candidates``), drops the ones that fail the autotuner's tolerance gate, then
 times each with the autotuner's timer (CUDA graphs over weight copies rotated past the L2, GPU-only interval) beside
-the tuned table's config for the same (shape, M), in the same process. Prints the best five per row with µs, TB/s and
-the speedup over the tuned config; writes ``--name`` (JSON, the best 20 per row). The timing loop is
+the config the dispatcher picks for the same (shape, M) (the tuned table's, else its heuristic), in the same process.
+Prints the best five per row with µs, TB/s and the speedup over that config, then per row the best ``gemv_mma``
+variant with and without ``chain`` among the 20 fastest; writes ``--name`` (JSON, the best 20 per row). The timing loop is
 :func:`bench.gpu.decode_sweep.sweep_against_table`, shared with the decode sweep.
 """
 from __future__ import annotations
@@ -47,6 +48,12 @@ def main() -> int:
         args.shapes, args.ms, dtype, log,
         lambda m, n, k: [c for c in good if c.block_m in gemv_block_ms(m, "gemv") and c.fits(k, 128)
                          and n % c.block_n == 0])
+    for row in results["rows"]:   # gemv_mma with and without `chain` (one accumulator set per 16-byte vector)
+        plain = min((b["us"] for b in row["best"] if b["kernel"] == "gemv_mma" and not b["chain"]), default=None)
+        chained = min((b["us"] for b in row["best"] if b["chain"]), default=None)
+        if plain and chained:
+            log(f"{row['shape']} M={row['m']}: best gemv_mma per word {plain:.2f} us, chained {chained:.2f} us: "
+                f"x{plain / chained:.3f}")
     save_results(results, args.out, args.name)
     return 0
 

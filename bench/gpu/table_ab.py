@@ -30,11 +30,6 @@ def read(path: str) -> dict:
             for shape, by_m in data["shapes"].items()}
 
 
-def brief(c: W4A16Config) -> str:
-    s = f"{c.kernel} bm{c.block_m} bn{c.block_n} bk{c.block_k} w{c.num_warps} st{c.num_stages}"
-    return s + (f" sk{c.split_k}" if c.split_k > 1 else "") + (" chain" if c.chain else "")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--old", required=True)
@@ -61,8 +56,8 @@ def main() -> int:
                 for tag in order:
                     t[tag] = min(t[tag], graph_time_us(calls[tag], len(wps), replays=5))
             gains[m].append(t["old"] / t["new"])
-            print(f"{n}x{k} M={m}: old {brief(c_old)} {t['old']:6.2f} us ({nbytes / t['old'] / 1e6:.2f} TB/s) | "
-                  f"new {brief(c_new)} {t['new']:6.2f} us ({nbytes / t['new'] / 1e6:.2f} TB/s) "
+            print(f"{n}x{k} M={m}: old {c_old.brief()} {t['old']:6.2f} us ({nbytes / t['old'] / 1e6:.2f} TB/s) | "
+                  f"new {c_new.brief()} {t['new']:6.2f} us ({nbytes / t['new'] / 1e6:.2f} TB/s) "
                   f"x{t['old'] / t['new']:.3f}", flush=True)
         torch.cuda.empty_cache()
     for m, g in sorted(gains.items()):
