@@ -1,9 +1,9 @@
 """pdqkit's fast W4A16 GEMM: validation and the dispatcher by M (one screen).
 
 ``y = x @ W'^T (+ bias)``, ``W' = RN_dtype((q - 8) * s)`` read straight from a compressed-tensors pack-quantized
-Linear: see :func:`w4a16_gemm` for the contract. Decode-sized M goes to the CUDA-core GEMV (a few rows) or the split-K
-kernel, prefill-sized M to the tiled wgmma kernel (or dequantize + cuBLAS), as the per-GPU tuned table says
-(:mod:`kernels.w4a16_config`).
+Linear: see :func:`w4a16_gemm` for the contract. Decode-sized M goes to the tensor-core GEMVs (up to 16 rows) or
+the split-K kernel, prefill-sized M to the tiled wgmma kernel (or dequantize + cuBLAS), as the per-GPU tuned table
+says (:mod:`kernels.w4a16_config`).
 """
 from __future__ import annotations
 
@@ -130,9 +130,15 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
         from .w4a16_gemv_mma import w4a16_gemv_mma
         y = w4a16_gemv_mma(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
                            block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, chain=c.chain)
-    elif c.kernel in ("gemv", "gemv_mma"):   # gemv_mma without inline PTX (interpreter): the same tiling on FMAs
+    elif c.kernel == "gemv_mma8" and kw["use_asm"] and weight_packed.data_ptr() % 16 == 0:
+        from .w4a16_gemv_mma8 import w4a16_gemv_mma8
+        y = w4a16_gemv_mma8(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
+                            block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, chain=c.chain)
+    elif c.kernel in ("gemv", "gemv_mma", "gemv_mma8"):
+        # the MMA GEMVs without inline PTX (interpreter, bf16 before sm_90) or, for gemv_mma8, on a weight tensor
+        # off a 16-byte boundary (its word layout needs the alignment): the same tiling on FMAs (<= 8 rows a program)
         from .w4a16_gemv import w4a16_gemv
-        y = w4a16_gemv(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
+        y = w4a16_gemv(x2, weight_packed, weight_scale, bias, group, block_m=min(8, c.block_m), block_n=c.block_n,
                        block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, emu_rn=interp, **kw)
     elif c.kernel == "prefill":
         from .w4a16_prefill import w4a16_prefill

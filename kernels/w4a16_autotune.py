@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .w4a16_config import CONFIG_DIR, W4A16Config, chain_ok, device_table_name
+from .w4a16_config import CONFIG_DIR, W4A16Config, chain_ok, device_table_name, mma8_ok
 
 # qkv, o, gate_up (pruned), down (pruned), an 8192^2 reference, and the KV-shared layers' q_proj
 E4B_SHAPES = ((3072, 2560), (2560, 2048), (16384, 2560), (2560, 8192), (8192, 8192), (2048, 2560))
@@ -63,9 +63,11 @@ def prefill_candidates(block_m: int) -> list[W4A16Config]:
 
 def gemv_block_ms(m: int, kernel: str = "gemv_mma") -> list[int]:
     """``block_m`` values worth timing at M for a GEMV kernel: the power of two covering M (capped at the kernel's
-    largest, 4 for ``gemv_mma`` and 8 for ``gemv``) and the one below it."""
-    top = min(4 if kernel == "gemv_mma" else 8, 1 << (m - 1).bit_length())
-    return sorted({top, max(1, top // 2)})
+    largest, 4 for ``gemv_mma``, 8 for ``gemv`` and 16 for ``gemv_mma8``) and the one below it (``gemv_mma8``: at
+    least 8, its MMA's column count)."""
+    top = min({"gemv_mma": 4, "gemv": 8, "gemv_mma8": 16}[kernel], 1 << (m - 1).bit_length())
+    low = 8 if kernel == "gemv_mma8" else 1
+    return sorted({max(low, top), max(low, top // 2)})
 
 
 def gemv_candidates(m: int, kernels=("gemv_mma",), bns=(2, 4, 8, 16, 32), bks=(256, 512, 1024, 2048),
@@ -89,11 +91,30 @@ def gemv_candidates(m: int, kernels=("gemv_mma",), bns=(2, 4, 8, 16, 32), bks=(2
     return out
 
 
+def gemv_mma8_candidates(m: int, bns=(16, 32, 64), bks=(128, 256, 512, 1024), warps=(1, 2, 4, 8),
+                         stages=(2, 3), max_words: int = 32) -> list[W4A16Config]:
+    """Tilings of the full-MMA GEMV (:mod:`kernels.w4a16_gemv_mma8`) for M: ``block_m`` from :func:`gemv_block_ms`,
+    every :func:`~kernels.w4a16_config.mma8_ok` tiling of ``bns`` x ``bks`` x ``warps`` with at most ``max_words``
+    words per thread (a thread holds at least 8: one vector of each row half), every pipeline depth of ``stages``,
+    with and without ``chain``."""
+    out = []
+    for bm in gemv_block_ms(m, "gemv_mma8"):
+        for bn in bns:
+            for bk in bks:
+                for nw in warps:
+                    if mma8_ok(bn, bk, nw) and bn * bk // 8 // (32 * nw) <= max_words:
+                        out += [W4A16Config("gemv_mma8", bm, bn, bk, 1, nw, ns, chain=ch)
+                                for ns in stages for ch in (False, True)]
+    return out
+
+
 def candidates_for(m: int) -> list[W4A16Config]:
-    if m <= 4:
+    if m <= 2:
         return decode_candidates(16) + gemv_candidates(m)
+    if m <= 4:
+        return decode_candidates(16) + gemv_candidates(m) + gemv_mma8_candidates(m)
     if m <= 16:
-        return decode_candidates(16)
+        return decode_candidates(16) + gemv_mma8_candidates(m)
     if m <= 64:
         return decode_candidates(m) + prefill_candidates(64)
     # split-K over big tiles: at M ~ 128..256 there are too few 128x128 tiles to fill 132 SMs
@@ -258,7 +279,8 @@ def precompile(cfgs: list[W4A16Config], dtype: torch.dtype, jobs: int, log) -> s
 # ----------------------------------------------------------------------------------------------- tuning
 def correctness_gate(cfgs, dtype: torch.dtype, log) -> set[W4A16Config]:
     """The variants of ``cfgs`` (split_k ignored) that pass the §9B tolerance once on a small problem: odd M, and
-    for decode and gemv M = 16 too, decode with split-K 3; K = 2560, or 4096 for tiles that do not divide 2560.
+    for decode and gemv M = 16 too (gemv_mma8: 5, 13, 16), decode with split-K 3; K = 2560, or 4096 for tiles
+    that do not divide 2560.
     The others are logged and dropped, never tuned in."""
     from .w4a16 import w4a16_gemm
 
@@ -268,7 +290,7 @@ def correctness_gate(cfgs, dtype: torch.dtype, log) -> set[W4A16Config]:
     for c in sorted(cfgs, key=str):
         k = 2560 if c.fits(2560, 128) else 4096
         wp, s = problems[k]
-        for m in ((5, 16) if c.kernel in ("decode", "gemv") else (77,)):
+        for m in {"decode": (5, 16), "gemv": (5, 16), "gemv_mma8": (5, 13, 16)}.get(c.kernel, (77,)):
             x = torch.randn(m, k, device=dev, dtype=dtype)
             y = w4a16_gemm(x, wp, s, config=dataclasses.replace(c, split_k=3) if c.kernel == "decode" else c)
             r = check_tolerance(y, x, wp, s)
@@ -376,8 +398,9 @@ def main(argv=None) -> int:
 
 
 def demo_launches() -> int:
-    """One split-K decode launch (M=5), one prefill launch (M=300) and two tensor-core GEMV launches (M=3 in a 4-row
-    program, per-word and chained accumulators), ragged tiles, checked against the reference;
+    """One split-K decode launch (M=5), one prefill launch (M=300), two diagonal tensor-core GEMV launches (M=3 in a
+    4-row program, per-word and chained accumulators) and two full-MMA ones (M=13 of 16, M=6 of 8, chained), ragged
+    tiles, checked against the reference;
     then the tuned M=1 launch on the 16384x2560 gate_up shape (the one a profiler should look at)."""
     from .w4a16 import w4a16_gemm
 
@@ -385,7 +408,9 @@ def demo_launches() -> int:
     for m, cfg in ((5, W4A16Config("decode", 16, 128, 128, 4, 4, 4, True, True)),
                    (300, W4A16Config("prefill", 128, 128, 64, 1, 8, 3)),
                    (3, W4A16Config("gemv_mma", 4, 2, 512, 1, 1, 3)),
-                   (3, W4A16Config("gemv_mma", 4, 8, 512, 1, 2, 2, chain=True))):
+                   (3, W4A16Config("gemv_mma", 4, 8, 512, 1, 2, 2, chain=True)),
+                   (13, W4A16Config("gemv_mma8", 16, 16, 512, 1, 4, 3)),
+                   (6, W4A16Config("gemv_mma8", 8, 32, 256, 1, 2, 2, chain=True))):
         x = torch.randn(m, 2560, device="cuda", dtype=torch.bfloat16)
         y = w4a16_gemm(x, wp, s, config=cfg)
         torch.cuda.synchronize()

@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-KERNELS = ("decode", "prefill", "dequant_mm", "gemv", "gemv_mma")
+KERNELS = ("decode", "prefill", "dequant_mm", "gemv", "gemv_mma", "gemv_mma8")
+CHUNK_K = 128   # gemv_mma8: weights of K per word-tile row (16 int32 words: 4 lanes x one 16-byte vector)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,15 +31,18 @@ class W4A16Config:
       ``torch.matmul``; only worth it when the GEMM is far into the compute-bound regime) or ``gemv`` (CUDA cores,
       no split-K, :mod:`kernels.w4a16_gemv`; for a few activation rows) or ``gemv_mma`` (the same tiling on tensor
       cores via ``mma.sync`` from registers, :mod:`kernels.w4a16_gemv_mma`; where inline PTX cannot run, the
-      dispatcher runs ``gemv`` with the same tiling).
+      dispatcher runs ``gemv`` with the same tiling) or ``gemv_mma8`` (the same on tensor cores with every MMA
+      column an activation row, :mod:`kernels.w4a16_gemv_mma8`; for 5..16 rows; without inline PTX: ``gemv``).
     * ``block_m``/``block_n``/``block_k``: tile; ``block_k`` in {64, 128, 256}. For ``gemv``: ``block_m`` (activation
       rows per program) in {1, 2, 4, 8}, ``block_n`` (weight rows per program) a power of two <= 64, ``block_k`` in
       {256, 512, 1024, 2048}; ``num_stages`` 2 or 3: K blocks of words held in registers (the one computed and
       ``num_stages - 1`` in flight). ``gemv_mma``: the same, with ``block_m`` in {1, 2, 4} and ``block_n`` >= 2.
+      ``gemv_mma8``: ``block_m`` 8 or 16, ``block_n`` 16..128, ``block_k`` 128..2048, :func:`mma8_ok`.
     * ``split_k``: K slices per output tile (decode only; clamped so that no slice is empty).
     * ``kperm``/``w_is_a``: K relabelling and weight-as-A-operand (see :mod:`kernels.w4a16_mainloop`).
-    * ``chain`` (``gemv_mma`` only): the four words of a thread's 16-byte vector share one MMA accumulator set
-      instead of one set per word (:func:`chain_ok` says which tilings allow it).
+    * ``chain`` (``gemv_mma``, ``gemv_mma8``): the four words of a thread's 16-byte vector share one MMA
+      accumulator set instead of one set per word (:func:`chain_ok` says which ``gemv_mma`` tilings allow it; every
+      ``gemv_mma8`` tiling does).
     """
 
     kernel: str
@@ -56,6 +60,17 @@ class W4A16Config:
     def __post_init__(self):
         if self.kernel not in KERNELS:
             raise ValueError(f"W4A16Config.kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.kernel == "gemv_mma8":
+            if self.block_m not in (8, 16) or self.block_k not in (128, 256, 512, 1024, 2048):
+                raise ValueError(f"gemv_mma8 needs block_m 8 or 16 and block_k in 128..2048: {self}")
+            if self.block_n not in (16, 32, 64, 128) or not mma8_ok(self.block_n, self.block_k, self.num_warps):
+                raise ValueError(f"gemv_mma8 needs block_n in 16..128 and (block_n/16)*(block_k/128) >= "
+                                 f"num_warps: {self}")
+            if self.split_k != 1 or self.kperm or self.w_is_a or self.num_warps not in (1, 2, 4, 8):
+                raise ValueError(f"gemv_mma8 has no split-K, K relabelling or MMA operands, and 1-8 warps: {self}")
+            if self.num_stages not in (2, 3):
+                raise ValueError(f"gemv needs num_stages 2 or 3 (register pipeline depth), got {self.num_stages}")
+            return
         if self.kernel in ("gemv", "gemv_mma"):
             if self.kernel == "gemv_mma" and (self.block_m not in (1, 2, 4) or self.block_n < 2):
                 raise ValueError(f"gemv_mma needs block_m in (1, 2, 4) and block_n >= 2: {self}")
@@ -105,6 +120,13 @@ def chain_ok(block_n: int, block_k: int, num_warps: int) -> bool:
     """Whether a ``gemv_mma`` tiling gives every thread whole 16-byte vectors (4 words) of each row half, so that
     the words of a vector can share one accumulator set (``chain``) without moving data between threads."""
     return (block_n // 2) * (block_k // 8) >= 4 * 32 * num_warps
+
+
+def mma8_ok(block_n: int, block_k: int, num_warps: int) -> bool:
+    """Whether a ``gemv_mma8`` tiling fills its ``[TR, 16]`` word tiles with whole warps of 8 x 4 lanes: 8-row
+    groups in each row half (``block_n`` a multiple of 16), whole 128-wide K chunks, and ``TR`` (the tile rows,
+    ``(block_n / 16) * (block_k / 128)`` times 8) at least ``8 * num_warps``."""
+    return block_n % 16 == 0 and block_k % CHUNK_K == 0 and (block_n // 16) * (block_k // CHUNK_K) >= num_warps
 
 
 def device_table_name(device_name: str) -> str:

@@ -136,6 +136,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
         (C("gemv", 8, 2, 256, num_warps=1, num_stages=3), 5, 64, 512, -1, True),
         (C("gemv", 2, 4, 256, num_warps=1, num_stages=2), 3, 128, 1024, 512, False),
         (C("gemv_mma", 2, 4, 512, num_warps=2, num_stages=3), 2, 64, 1024, 128, True),
+        (C("gemv_mma8", 16, 16, 128, num_warps=1, num_stages=3, chain=True), 13, 64, 384, 32, True),
     ]
     out = []
     for dtype in (torch.float16, torch.bfloat16):
@@ -181,7 +182,7 @@ def test_triton_kernels_under_interpreter():
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads(line[len("RESULT "):])
-    assert len(results) == 2 * 16 + 2 * 4 + 2
+    assert len(results) == 2 * 17 + 2 * 4 + 2
     refused = next(ln for ln in proc.stdout.splitlines() if ln.startswith("REFUSED "))
     assert "cannot run K=384 with group size 128" in refused, refused
     bad = [r for r in results if not r["ratio"] <= 1.0]
@@ -193,12 +194,14 @@ def test_triton_kernels_under_interpreter():
     ("gemv_mma", 4, 2, 256, 1, "bf16", False), ("gemv_mma", 2, 8, 1024, 2, "bf16", True),
     ("gemv_mma", 4, 16, 512, 4, "fp16", True),
     ("gemv", 1, 16, 1024, 4, "bf16", False), ("gemv", 2, 8, 512, 2, "fp16", False),
+    ("gemv_mma8", 8, 16, 512, 4, "bf16", False), ("gemv_mma8", 16, 32, 256, 2, "fp16", True),
+    ("gemv_mma8", 16, 64, 128, 4, "bf16", False),
 ])
 def test_gemv_k_loop_has_no_barrier_or_shared_memory(kernel, bm, bn, bk, warps, dtype, chain):
     """The GEMVs' design property, checked on the SASS of an ahead-of-time sm_90a compile (Triton's own ptxas, no
     GPU): the K loop has no CTA barrier and no shared-memory access (activations and scales reach the words' layout
     through asm loads, not a convert_layout; with ``chain`` the vector's words are split in registers), and
-    gemv_mma issues one MMA per word and activation row."""
+    gemv_mma issues one MMA per word and activation row, gemv_mma8 one per word and 8 activation rows."""
     from bench.gpu.sass_loop import compile_gemv, loop_stats
 
     st = loop_stats(compile_gemv(kernel, bm, bn, bk, warps, dtype, chain=chain))
@@ -206,8 +209,33 @@ def test_gemv_k_loop_has_no_barrier_or_shared_memory(kernel, bm, bn, bk, warps, 
     words = bn * bk // 8 // (32 * warps)
     if kernel == "gemv_mma":
         assert st["opcodes"]["HMMA"] == words * bm, st
+    elif kernel == "gemv_mma8":
+        assert st["opcodes"]["HMMA"] == words * bm // 8, st
     else:
         assert st["opcodes"]["FFMA"] >= 8 * words * bm and st["opcodes"]["HMMA"] == 0, st
+
+
+@pytest.mark.parametrize("bm,bn,bk,warps,chain,dtype", [
+    (8, 16, 128, 1, False, "bf16"), (16, 16, 512, 4, True, "bf16"), (8, 32, 256, 2, True, "fp16"),
+    (16, 64, 1024, 8, False, "bf16"), (8, 16, 2048, 8, True, "fp16"),
+])
+def test_gemv_mma8_word_tiles_get_the_lane_layout_its_mma_needs(bm, bn, bk, warps, chain, dtype):
+    """gemv_mma8's MMAs are right only if the 8 quads of a warp hold the same words of 8 rows: Triton must lay its
+    ``[TR, 16]`` int32 word loads out with 16-byte vectors, 8 x 4 lanes and the warps along the tile rows. Checked on
+    the TTGIR of ahead-of-time sm_90a compiles (the layout follows from the tile shape and the pointers' 16-byte
+    alignment, which the launcher requires)."""
+    import re
+
+    from bench.gpu.sass_loop import compile_gemv
+
+    ir = compile_gemv("gemv_mma8", bm, bn, bk, warps, dtype, prefetch=1, chain=chain).asm["ttgir"]
+    aliases = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<\{[^}]*\}>)", ir, re.M))
+    tr = 8 * (bn // 16) * (bk // 128)
+    loads = re.findall(rf"tt\.load [^:]*: tensor<{tr}x16x!tt\.ptr<i32>, (#\w+)>", ir)
+    assert len(loads) == 4, loads   # both row halves: before the loop and the prefetch inside it
+    want = (f"#ttg.blocked<{{sizePerThread = [1, 4], threadsPerWarp = [8, 4], warpsPerCTA = [{warps}, 1], "
+            "order = [1, 0]}>")
+    assert {aliases[a] for a in loads} == {want}, {aliases[a] for a in loads}
 
 
 def test_gemv_wrappers_refuse_unsupported_pipeline_depth_and_chain():
@@ -227,6 +255,27 @@ def test_gemv_wrappers_refuse_unsupported_pipeline_depth_and_chain():
         w4a16_gemv_mma(x, wp, s, None, 128, block_m=1, block_n=2, block_k=512, num_warps=1, chain=True)
 
 
+def test_gemv_mma8_launcher_refusals():
+    """The full-MMA GEMV refuses, before launching, what would break its lane layout: a tiling with fewer tile rows
+    than 8 per warp or rows not in groups of 8 per half, weights off a 16-byte boundary, groups of 16; and block_m
+    other than 8 / 16 and pipeline depths other than 1 / 2 like the other GEMVs."""
+    from kernels.w4a16_gemv_mma8 import w4a16_gemv_mma8
+
+    x = torch.randn(8, 512, dtype=torch.bfloat16)
+    wp = torch.zeros(64, 64, dtype=torch.int32)
+    s = torch.ones(64, 4, dtype=torch.bfloat16)
+    kw = dict(block_m=8, block_n=16, block_k=128, num_warps=1)
+    for bad, msg in ((dict(num_warps=2), "num_warps"), (dict(block_n=8), "block_n % 16"),
+                     (dict(block_k=64), "block_k % 128"), (dict(block_m=4), "block_m must be one of"),
+                     (dict(prefetch=3), "prefetch must be 1 or 2")):
+        with pytest.raises(ValueError, match=msg):
+            w4a16_gemv_mma8(x, wp, s, None, 128, **{**kw, **bad})
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        w4a16_gemv_mma8(x, torch.zeros(64 * 64 + 1, dtype=torch.int32)[1:].view(64, 64), s, None, 128, **kw)
+    with pytest.raises(ValueError, match="group size 16"):
+        w4a16_gemv_mma8(x, wp, torch.ones(64, 32, dtype=torch.bfloat16), None, 16, **kw)
+
+
 def test_gemv_candidates_offer_chain_where_the_tiling_allows_it():
     """The autotuner times every ``gemv_mma`` tiling with and without ``chain`` where :func:`chain_ok` holds, and
     only there; the CUDA-core GEMV never chains."""
@@ -239,6 +288,21 @@ def test_gemv_candidates_offer_chain_where_the_tiling_allows_it():
         chained = {(c.kernel, c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages) for c in cands if c.chain}
         assert chained == {t for t in plain if t[0] == "gemv_mma" and chain_ok(t[2], t[3], t[4])}
         assert chained and chained < plain
+
+
+def test_gemv_mma8_candidates():
+    """The autotuner times the full-MMA GEMV from M = 3 on (every tiling :func:`mma8_ok` allows, 8..32 words a
+    thread, both pipeline depths, with and without chain), 8- and 16-row programs at M = 16, and not at M <= 2."""
+    from kernels.w4a16_autotune import candidates_for, gemv_mma8_candidates
+    from kernels.w4a16_config import mma8_ok
+
+    assert not [c for m in (1, 2) for c in candidates_for(m) if c.kernel == "gemv_mma8"]
+    for m, bms in ((4, {8}), (8, {8}), (16, {8, 16})):
+        cands = gemv_mma8_candidates(m)
+        assert {c.block_m for c in cands} == bms and set(cands) <= set(candidates_for(m))
+        assert all(mma8_ok(c.block_n, c.block_k, c.num_warps) for c in cands)
+        assert {c.chain for c in cands} == {False, True} and {c.num_stages for c in cands} == {2, 3}
+        assert all(8 <= c.block_n * c.block_k // 8 // (32 * c.num_warps) <= 32 for c in cands)
 
 
 def test_gemv_mma_chain_frees_accumulator_registers():
@@ -274,6 +338,13 @@ def test_config_validation():
             W4A16Config(chain=True, **bad)
     with pytest.raises(ValueError, match="power of two <= 64"):
         W4A16Config("gemv", 1, 128, 512, num_stages=2)
+    W4A16Config("gemv_mma8", 16, 16, 512, num_warps=4, num_stages=2, chain=True)
+    for bad, msg in ((dict(block_m=4), "block_m 8 or 16"), (dict(block_k=64), "block_m 8 or 16"),
+                     (dict(block_n=8), "block_n in 16..128"), (dict(num_warps=8), "num_warps"),
+                     (dict(split_k=2), "no split-K"), (dict(num_stages=4), "num_stages 2 or 3")):
+        with pytest.raises(ValueError, match=msg):
+            W4A16Config(**{**dict(kernel="gemv_mma8", block_m=8, block_n=16, block_k=512, num_warps=4,
+                                  num_stages=2), **bad})
     with pytest.raises(ValueError, match="no split-K"):
         W4A16Config("gemv", 1, 16, 512, split_k=2, num_stages=2)
     with pytest.raises(ValueError, match="num_stages 2 or 3"):

@@ -167,6 +167,46 @@ def test_gemv_mma_chain_against_reference(dtype):
                         assert r <= 1.0, (group, bm, bn, bk, nw, st, m, chain, bias is not None, r)
 
 
+MMA8_TILINGS = ((8, 16, 128, 1, 2), (16, 16, 512, 4, 3), (8, 32, 256, 2, 2), (16, 64, 1024, 8, 3),
+                (16, 32, 128, 2, 2), (8, 16, 2048, 8, 3))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_gemv_mma8_against_reference(dtype):
+    """The full-MMA GEMV (every MMA column an activation row) against the reference: six tilings (1-8 warps, one
+    to 16 K chunks per block, the chunks split across warps or held by one), M from 1 to 33 (ragged column blocks,
+    several programs along M), per-word and chained accumulators, with and without bias, scale groups 32, 64, 128,
+    256 and channelwise (the refusals are checked on the CPU)."""
+    from kernels.w4a16_gemv_mma8 import w4a16_gemv_mma8
+
+    n, k = 2560, 4096
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    for group in (32, 64, 128, 256, -1):
+        wp, s = gpu_problem(n, k, dtype, group=group, seed=6)
+        gs = group if group > 0 else k
+        for bm, bn, bk, nw, st in MMA8_TILINGS:
+            for m in (1, 3, 8, 13, 16, 17, 33):
+                if group not in (128, -1) and m not in (3, 16):
+                    continue
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                for chain in (False, True):
+                    for bias in (None, b):
+                        y = w4a16_gemv_mma8(x, wp, s, bias, gs, block_m=bm, block_n=bn, block_k=bk, num_warps=nw,
+                                            prefetch=st - 1, chain=chain)
+                        r = tolerance_ratio(y, x, wp, s, bias)
+                        assert r <= 1.0, (group, bm, bn, bk, nw, st, m, chain, bias is not None, r)
+    # a weight tensor off a 16-byte boundary runs the CUDA-core GEMV of the same tiling through the dispatcher
+    from kernels.w4a16 import w4a16_gemm
+    from kernels.w4a16_config import W4A16Config
+
+    wp, s = gpu_problem(n, k, dtype, seed=7)
+    wo = torch.cat([wp.new_zeros(1), wp.flatten()])[1:].view(n, k // 8)
+    assert wo.data_ptr() % 16
+    x = torch.randn(11, k, device="cuda", dtype=dtype)
+    y = w4a16_gemm(x, wo, s, config=W4A16Config("gemv_mma8", 16, 16, 512, num_warps=4, num_stages=2))
+    assert tolerance_ratio(y, x, wp, s) <= 1.0
+
+
 def test_deterministic_and_config_invariant():
     """Same call twice -> same bits (split-K included). With no split-K, bits depend only on (BLOCK_K, K labelling):
     not on BLOCK_M/BLOCK_N/warps/stages, decode vs prefill kernel, mma.sync vs wgmma (§9B)."""

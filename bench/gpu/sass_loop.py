@@ -1,7 +1,7 @@
 """Compile the GEMV kernels ahead of time for sm_90a on any machine (no GPU) and count their K loop's SASS.
 
-``python bench/gpu/sass_loop.py [--kernel gemv|gemv_mma] [--block-m 1] [--block-n 16] [--block-k 1024] [--warps 4]
-[--stages 2] [--chain]`` prints the registers per thread, the K loop's instruction count, instructions per int32
+``python bench/gpu/sass_loop.py [--kernel gemv|gemv_mma|gemv_mma8] [--block-m 1] [--block-n 16] [--block-k 1024]
+[--warps 4] [--stages 2] [--chain]`` prints the registers per thread, the K loop's instruction count, instructions per int32
 word, the top opcodes, and the barriers and shared-memory instructions inside the loop. It uses Triton's own ``ptxas`` / ``nvdisasm`` (shipped with the triton
 wheel), so the figures are those of the installed Triton version: the README's come from Triton 3.6.0 (the GPU
 image's). The loop is the code between the back-edge label and its branch.
@@ -32,11 +32,16 @@ def compile_gemv(kernel: str, block_m: int, block_n: int, block_k: int, num_warp
     if kernel == "gemv":
         from kernels.w4a16_gemv import _w4a16_gemv_kernel as fn
         extra = dict(USE_ASM=True, EMU_RN=False)
-    else:
+    elif kernel == "gemv_mma":
         from kernels.w4a16_gemv_mma import _w4a16_gemv_mma_kernel as fn
         extra = dict(CHAIN=chain)
+    else:
+        from kernels.w4a16_gemv_mma8 import CHUNK_K, _w4a16_gemv_mma8_kernel as fn
+        extra = dict(CHAIN=chain, NGC=CHUNK_K // group if group < CHUNK_K else 1)
+    if kernel != "gemv_mma8":
+        extra["NG"] = block_k // group if group < block_k else 1
     const = dict(HAS_BIAS=False, IS_BF16=dtype == "bf16", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                 GROUP_SIZE=group, NG=block_k // group if group < block_k else 1, PREFETCH=prefetch, **extra)
+                 GROUP_SIZE=group, PREFETCH=prefetch, **extra)
     sig = {name: ("constexpr" if name in const else _SIG_COMMON.get(name, f"*{dtype}")) for name in fn.arg_names}
     args = list(fn.arg_names)
     attrs = {(args.index(a),): [["tt.divisibility", 16]] for a in
@@ -83,7 +88,7 @@ def registers(compiled) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=("gemv", "gemv_mma"), default="gemv_mma")
+    ap.add_argument("--kernel", choices=("gemv", "gemv_mma", "gemv_mma8"), default="gemv_mma")
     ap.add_argument("--block-m", type=int, default=1)
     ap.add_argument("--block-n", type=int, default=16)
     ap.add_argument("--block-k", type=int, default=1024)
