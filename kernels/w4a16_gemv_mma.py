@@ -148,6 +148,39 @@ def _word_mma(acc, x_ptr, xk, m0, M, stride_xm, wl, wh, sl, sh, BLOCK_M: tl.cons
 
 
 @triton.jit
+def pipeline_start(wl_ptrs, wh_ptrs, kb_total, WPB: tl.constexpr, PREFETCH: tl.constexpr):
+    """The register pipeline of both tensor-core GEMVs, first step: the words of rows R1 (``wl_ptrs``) and R2 of
+    K block 0 and, for PREFETCH 2, of block 1 (zeros past the end). Returns ``(wl, wh, wl1, wh1)``; the last two
+    are the block in flight (unused at PREFETCH 1)."""
+    wl = tl.load(wl_ptrs)
+    wh = tl.load(wh_ptrs)
+    wl1 = wl
+    wh1 = wh
+    if PREFETCH == 2:
+        more = tl.full(wl_ptrs.shape, 1, tl.int32) < kb_total
+        wl1 = tl.load(wl_ptrs + WPB, mask=more, other=0)
+        wh1 = tl.load(wh_ptrs + WPB, mask=more, other=0)
+    return wl, wh, wl1, wh1
+
+
+@triton.jit
+def pipeline_load(wl_ptrs, wh_ptrs, kb, kb_total, WPB: tl.constexpr, PREFETCH: tl.constexpr):
+    """Issue the loads of K block ``kb + PREFETCH`` (zeros past the end) at the top of block ``kb``."""
+    more = tl.full(wl_ptrs.shape, kb + PREFETCH, tl.int32) < kb_total
+    return (tl.load(wl_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0),
+            tl.load(wh_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0))
+
+
+@triton.jit
+def pipeline_shift(wl1, wh1, wl_next, wh_next, PREFETCH: tl.constexpr):
+    """End of block ``kb``: the words of block ``kb + 1`` become current -> ``(wl, wh, wl1, wh1)``."""
+    if PREFETCH == 2:
+        return wl1, wh1, wl_next, wh_next
+    else:
+        return wl_next, wh_next, wl1, wh1
+
+
+@triton.jit
 def _finish_mma(c0, c1, c2, c3, b_lo, b_hi, out_ptr, rows_lo, rows_hi, m, M, stride_om, HAS_BIAS: tl.constexpr):
     y_lo, y_hi = tl.inline_asm_elementwise(_PTX_DIAG, "=f,=f,f,f,f,f", [c0, c1, c2, c3],
                                            dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
@@ -190,16 +223,9 @@ def _w4a16_gemv_mma_kernel(
 
     # Register pipeline: the words of the next PREFETCH blocks are in flight while this block is computed.
     kb_total = K // BLOCK_K
-    wl = tl.load(wl_ptrs)
-    wh = tl.load(wh_ptrs)
-    if PREFETCH == 2:
-        more = tl.full([HALF, WPB], 1, tl.int32) < kb_total
-        wl1 = tl.load(wl_ptrs + WPB, mask=more, other=0)
-        wh1 = tl.load(wh_ptrs + WPB, mask=more, other=0)
+    wl, wh, wl1, wh1 = pipeline_start(wl_ptrs, wh_ptrs, kb_total, WPB, PREFETCH)
     for kb in range(0, kb_total):
-        more = tl.full([HALF, WPB], kb + PREFETCH, tl.int32) < kb_total
-        wl_next = tl.load(wl_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)
-        wh_next = tl.load(wh_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)
+        wl_next, wh_next = pipeline_load(wl_ptrs, wh_ptrs, kb, kb_total, WPB, PREFETCH)
         col = scale_column(kb, BLOCK_K, GROUP_SIZE, NG)
         sl = group_scales(sl_ptrs, col, True, WPG)
         sh = group_scales(sh_ptrs, col, True, WPG)
@@ -218,14 +244,7 @@ def _w4a16_gemv_mma_kernel(
             acc = _word_mma(acc, x_ptr, x3, m0, M, stride_xm, wl3, wh3, sl0, sh0, BLOCK_M, IS_BF16)
         else:
             acc = _word_mma(acc, x_ptr, xk, m0, M, stride_xm, wl, wh, sl, sh, BLOCK_M, IS_BF16)
-        if PREFETCH == 2:
-            wl = wl1
-            wh = wh1
-            wl1 = wl_next
-            wh1 = wh_next
-        else:
-            wl = wl_next
-            wh = wh_next
+        wl, wh, wl1, wh1 = pipeline_shift(wl1, wh1, wl_next, wh_next, PREFETCH)
 
     a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, f0, f1, f2, f3 = acc
     bias_lo = tl.zeros([HALF], dtype=tl.float32)

@@ -1,4 +1,4 @@
-"""Batch-5..16 W4A16 GEMV on tensor cores without shared memory: every column of each ``mma.sync`` an activation row.
+"""Batch-3..16 W4A16 GEMV on tensor cores without shared memory: every column of each ``mma.sync`` an activation row.
 
 ``y[M, N] = x[M, K] @ W'[N, K]^T (+ bias)``, the operand contract of :mod:`kernels.w4a16_gemv` (a program owns
 ``BLOCK_N`` whole weight rows, no split-K, words loaded straight into registers one or two K blocks ahead, no
@@ -34,14 +34,16 @@ After the K loop a thread sums its words' accumulators (in registers), the chunk
 With ``CHAIN`` the four words of a thread's vector share one accumulator set (always possible here: a thread holds
 whole vectors).
 
-Measured (H200, 2026-11-30, ``bench/results/h200-2026-11-30j/``): ~25 SASS instructions per word at 8 activation
-rows, ~28 at 16 (``bench/gpu/sass_loop.py --kernel gemv_mma8``), against ~28 for the diagonal GEMV at 4 rows. The
+Measured (H200, 2026-11-30, ``bench/results/h200-2026-11-30j/``): 24.6 SASS instructions per word at 8 activation
+rows, 25.6-28.5 at 16 (``bench/gpu/sass_loop.py --kernel gemv_mma8``), against 29.8-36 for the diagonal GEMV at 4
+rows (two tilings). The
 autotuner put it into the table at M = 4 (gate_up 1.17x, 8192x8192 1.11x the split-K entries), M = 8 (qkv, o,
 gate_up, 8192x8192: 1.03-1.19x) and M = 16 (o: 1.06x). It is not faster everywhere: each lane loads 16 bytes of its
 own activation row per word pair, 8 or 16 rows per warp 64 bytes apart, so a warp's activation load touches 16 L1
 lines where the diagonal GEMV's touches 4 (rows of a thread that share a chunk share the load: the tile rows are
-ordered chunk-fastest for that, which made M = 16 1.2x faster on gate_up); at M = 16 the split-K wgmma kernel stays
-ahead on gate_up, down, 8192x8192 and qkv (0.88-0.97x). A reading of the SASS and sweeps, not a profile.
+ordered chunk-fastest for that, which made M = 16 1.15x faster on gate_up); at M = 16 the split-K wgmma kernel
+stays ahead on five of the six E4B shapes (best variant 0.78-1.00x of it). ncu at gate_up M = 8: L1/TEX throughput
+78 % (the M = 1 diagonal GEMV: 47 %), 56 % of the warps' stalls waiting on L1TEX data.
 
 Precision: as :mod:`kernels.w4a16_gemv_mma` (16-bit products exact, fp32 sums, only the order differs). Needs
 sm_80+ (bf16 dequant: sm_90, :func:`kernels.w4a16.asm_ok`) and 16-byte aligned ``weight_packed`` (the layout
@@ -56,7 +58,7 @@ import triton.language as tl
 
 from .w4a16_config import CHUNK_K, mma8_ok
 from .w4a16_gemv import _load_scales, gemv_operands
-from .w4a16_gemv_mma import _mma, _pairs, _split4, _PTX_LOAD4
+from .w4a16_gemv_mma import _mma, _pairs, _split4, _PTX_LOAD4, pipeline_load, pipeline_shift, pipeline_start
 
 
 @triton.jit
@@ -166,17 +168,10 @@ def _w4a16_gemv_mma8_kernel(
     z = tl.zeros([TR, ACC_W], dtype=tl.float32)
     acc = (z, ) * 8   # c0..c3 of column block m0..m0+7, then of m0+8..m0+15
 
-    kb_total = K // BLOCK_K
-    wl = tl.load(wl_ptrs)
-    wh = tl.load(wh_ptrs)
-    if PREFETCH == 2:
-        more = tl.full([TR, 16], 1, tl.int32) < kb_total
-        wl1 = tl.load(wl_ptrs + WPB, mask=more, other=0)
-        wh1 = tl.load(wh_ptrs + WPB, mask=more, other=0)
+    kb_total = K // BLOCK_K   # register pipeline as in kernels.w4a16_gemv_mma
+    wl, wh, wl1, wh1 = pipeline_start(wl_ptrs, wh_ptrs, kb_total, WPB, PREFETCH)
     for kb in range(0, kb_total):
-        more = tl.full([TR, 16], kb + PREFETCH, tl.int32) < kb_total
-        wl_next = tl.load(wl_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)
-        wh_next = tl.load(wh_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)
+        wl_next, wh_next = pipeline_load(wl_ptrs, wh_ptrs, kb, kb_total, WPB, PREFETCH)
         sl = _chunk_scales(sl_rows, chunk, kb, BLOCK_K, GROUP_SIZE, NGC)
         sh = _chunk_scales(sh_rows, chunk, kb, BLOCK_K, GROUP_SIZE, NGC)
         xka = xa + kb * (BLOCK_K // 2)
@@ -194,14 +189,7 @@ def _w4a16_gemv_mma8_kernel(
             acc = _word_mma8(acc, x_ptr, xa3, xb3, wl3, wh3, sl0, sh0, BLOCK_M, IS_BF16)
         else:
             acc = _word_mma8(acc, x_ptr, xka, xkb, wl, wh, sl, sh, BLOCK_M, IS_BF16)
-        if PREFETCH == 2:
-            wl = wl1
-            wh = wh1
-            wl1 = wl_next
-            wh1 = wh_next
-        else:
-            wl = wl_next
-            wh = wh_next
+        wl, wh, wl1, wh1 = pipeline_shift(wl1, wh1, wl_next, wh_next, PREFETCH)
 
     a0, a1, a2, a3, b0, b1, b2, b3 = acc
     rows_lo = pid_n * BLOCK_N + tl.arange(0, HALF)
