@@ -148,33 +148,57 @@ def load_table(device_name: str) -> dict:
     return table
 
 
-def heuristic_gemv(m: int, k: int, group_size: int) -> W4A16Config | None:
-    """The tensor-core GEMV for M <= 2 (``None`` where its tiles cannot run K / the group size). Long K (>= 4096, a
-    multiple of 1024) gets four weight rows per program and 1024-wide K blocks over 4 warps, the rest two rows and
-    512-wide (or 256-wide) blocks over one warp. Measured on the H200 (``bench/gpu/heuristic_check.py``,
-    2026-11-30): 1.14-2.32x the split-K heuristic at M = 1 on the E4B and `small` shapes, 0.86-1.01 of the tuned
-    entries' speed on the E4B shapes."""
-    if m > 2:
-        return None
-    if k >= 4096 and k % 1024 == 0:
-        cfg = W4A16Config("gemv_mma", block_m=m, block_n=4, block_k=1024, num_warps=4, num_stages=3)
+def heuristic_gemv(m: int, n: int, k: int, group_size: int) -> W4A16Config | None:
+    """The tensor-core GEMVs for untuned shapes (``None`` where their tiles cannot run K / the group size, or where
+    the split-K kernel is the better guess).
+
+    * M <= 2, the diagonal GEMV (:mod:`kernels.w4a16_gemv_mma`): long K (>= 4096, a multiple of 1024) gets four
+      weight rows per program and 1024-wide K blocks over 4 warps, the rest two rows and 512-wide (or 256-wide)
+      blocks over one warp. Measured on the H200 (``bench/gpu/heuristic_check.py``, 2026-11-30): 1.14-2.32x the
+      split-K heuristic at M = 1 on the E4B and `small` shapes, 0.86-1.01 of the tuned entries' speed on E4B.
+    * 3 <= M <= 8, and M <= 16 for matrices of at most 2^23 weights, the full-MMA GEMV
+      (:mod:`kernels.w4a16_gemv_mma8`, 8-row programs): 16 rows and 1024-wide K blocks over 8 warps, chained, where
+      K is a multiple of 1024; else 512-wide blocks, over 8 warps with 32 rows and chained where N >= 8192, over 4
+      warps with 16 rows otherwise; split-K where K is not a multiple of 512. Measured on the H200 (twenty-fourth
+      session, ``heuristic_check.py --ms 3 4 8 16 --probe``, seven tilings on the six E4B and six `small` shapes):
+      these were the best or within 10 % of the best tiling on every row they are used on, 0.98-1.95x the split-K
+      heuristic; at M = 16 on larger matrices (gate_up, down, 8192x8192) every tiling lost to split-K (0.56-0.86x).
+      Re-run on the rules as written (``heuristic_check.py --ms 1 2 3 4 8 16``): 0.96-1.95x the split-K heuristic at
+      M = 3..16, 0.80-1.01 of the tuned entries' speed on the E4B shapes.
+    """
+    if m <= 2:
+        if k >= 4096 and k % 1024 == 0:
+            cfg = W4A16Config("gemv_mma", block_m=m, block_n=4, block_k=1024, num_warps=4, num_stages=3)
+        else:
+            bk = 512 if k % 512 == 0 else 256
+            cfg = W4A16Config("gemv_mma", block_m=m, block_n=2, block_k=bk, num_warps=1, num_stages=3)
+    elif m <= 8 or (m <= 16 and n * k <= 1 << 23):
+        if k % 1024 == 0:
+            cfg = W4A16Config("gemv_mma8", block_m=8, block_n=16, block_k=1024, num_warps=8, num_stages=3,
+                              chain=True)
+        elif k % 512:
+            return None
+        elif n >= 8192:
+            cfg = W4A16Config("gemv_mma8", block_m=8, block_n=32, block_k=512, num_warps=8, num_stages=2,
+                              chain=True)
+        else:
+            cfg = W4A16Config("gemv_mma8", block_m=8, block_n=16, block_k=512, num_warps=4, num_stages=3)
     else:
-        bk = 512 if k % 512 == 0 else 256
-        cfg = W4A16Config("gemv_mma", block_m=m, block_n=2, block_k=bk, num_warps=1, num_stages=3)
-    return cfg if cfg.fits(k, group_size) else None
+        return None
+    return cfg if cfg.fits(k, group_size) and n % cfg.block_n == 0 else None
 
 
 def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int, gemv: bool = False) -> W4A16Config:
     """Fallback for GPUs/shapes without a tuned entry: the rules the H200 tuning (2026-11-28) mostly followed.
 
-    * M <= 2 with ``gemv`` (the caller's word that the GEMV's inline PTX runs on this GPU and dtype, see
-      :func:`kernels.w4a16.asm_ok`): the tensor-core GEMV, :func:`heuristic_gemv`.
+    * With ``gemv`` (the caller's word that the GEMVs' inline PTX runs on this GPU and dtype, see
+      :func:`kernels.w4a16.asm_ok`): the tensor-core GEMVs where :func:`heuristic_gemv` gives one (M <= 16).
     * M <= 256: split-K kernel, weights as the wgmma A operand with relabelled K; K split until there are ~4
       (M <= 16) or ~2 programs per SM, keeping >= 2 K blocks per split.
     * 256 < M < 1024: 128x128 wgmma tiles, BLOCK_K 64, 8 warps, 3 stages, no split.
     * M >= 1024: dequantize + cuBLAS (compute-bound; the dequant pass is < 20% of the GEMM).
     """
-    cfg = heuristic_gemv(m, k, group_size) if gemv else None
+    cfg = heuristic_gemv(m, n, k, group_size) if gemv else None
     if cfg is not None:
         return cfg
     bk = 128 if k % 128 == 0 else 64

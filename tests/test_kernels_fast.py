@@ -395,9 +395,17 @@ def test_config_table_lookup(tmp_path, monkeypatch):
     (1, 4608, 128, ("gemv_mma", 1, 2, 512, 1)),      # long K, not a multiple of 1024
     (1, 2304, 128, ("gemv_mma", 1, 2, 256, 1)),      # K a multiple of 256 only
     (1, 2304, 32, ("gemv_mma", 1, 2, 256, 1)),
-    (3, 2560, 128, None),                            # M > 2: split-K
     (1, 640, 128, None),                             # K not a multiple of 256
     (1, 1536, 384, None),                            # a 384 group neither holds nor lies inside a 512 block
+    # M = 3..16: the full-MMA GEMV in 8-row programs
+    (3, 2560, 128, ("gemv_mma8", 8, 16, 512, 4)),
+    (8, 4096, 128, ("gemv_mma8", 8, 16, 1024, 8)),
+    (5, 3072, 32, ("gemv_mma8", 8, 16, 1024, 8)),
+    (16, 2048, -1, ("gemv_mma8", 8, 16, 1024, 8)),   # 2M weights: up to M = 16
+    (16, 16384, 128, None),                          # 2^24 weights > 2^23: split-K from M = 9
+    (8, 8192, 128, ("gemv_mma8", 8, 16, 1024, 8)),
+    (17, 2048, 128, None),                           # M > 16: split-K
+    (4, 2304, 128, None),                            # K not a multiple of 512
 ])
 def test_heuristic_gemv_for_untuned_shapes(m, k, group, want):
     from kernels.w4a16_config import heuristic_config, select_config
@@ -408,9 +416,22 @@ def test_heuristic_gemv_for_untuned_shapes(m, k, group, want):
         assert got.kernel == "decode"
     else:
         assert (got.kernel, got.block_m, got.block_n, got.block_k, got.num_warps) == want
-        assert got.fits(k, g) and got.num_stages == 3
-    # without the caller's word that the GEMV's PTX runs: the split-K heuristic, as before
+        assert got.fits(k, g) and got.num_stages == 3 and got.chain == (got.kernel == "gemv_mma8" and k % 1024 == 0)
+    # without the caller's word that the GEMVs' PTX runs: the split-K heuristic, as before
     assert heuristic_config(m, 1024, k, g, 132).kernel == "decode"
+
+
+def test_heuristic_gemv_mma8_by_matrix_size():
+    """The full-MMA GEMV's rules that depend on N: 32 rows over 8 warps, chained, for N >= 8192 (K a multiple of
+    512 only); 8-row programs at M = 9..16 only for matrices of at most 2^23 weights (larger ones lost to split-K
+    on the H200)."""
+    from kernels.w4a16_config import W4A16Config, heuristic_gemv
+
+    assert heuristic_gemv(8, 16384, 2560, 128) == W4A16Config("gemv_mma8", 8, 32, 512, 1, 8, 2, chain=True)
+    assert heuristic_gemv(4, 4096, 2560, 128) == W4A16Config("gemv_mma8", 8, 16, 512, 1, 4, 3)
+    assert heuristic_gemv(16, 2048, 2560, 128) == W4A16Config("gemv_mma8", 8, 16, 512, 1, 4, 3)
+    assert heuristic_gemv(16, 16384, 2560, 128) is None and heuristic_gemv(9, 3328, 2560, 128) is None
+    assert heuristic_gemv(8, 8200, 2560, 128) is None    # N not a multiple of the 32-row program
 
 
 # ------------------------------------------------------------------------------------------------ op + module
