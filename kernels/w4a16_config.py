@@ -154,15 +154,17 @@ def heuristic_gemv(m: int, n: int, k: int, group_size: int) -> W4A16Config | Non
 
     * M <= 2, the diagonal GEMV (:mod:`kernels.w4a16_gemv_mma`): long K (>= 4096, a multiple of 1024) gets four
       weight rows per program and 1024-wide K blocks over 4 warps, the rest two rows and 512-wide (or 256-wide)
-      blocks over one warp. Measured on the H200 (``bench/gpu/heuristic_check.py``, 2026-11-30): 1.14-2.32x the
-      split-K heuristic at M = 1 on the E4B and `small` shapes, 0.86-1.01 of the tuned entries' speed on E4B.
+      blocks over one warp. Measured on the H200 (``bench/gpu/heuristic_check.py``, twenty-second session):
+      1.14-2.32x the split-K heuristic at M = 1 on the E4B and `small` shapes, 0.86-1.01 of the tuned entries' speed
+      on E4B.
     * 3 <= M <= 8, and M <= 16 for matrices of at most 2^23 weights, the full-MMA GEMV
       (:mod:`kernels.w4a16_gemv_mma8`, 8-row programs): 16 rows and 1024-wide K blocks over 8 warps, chained, where
       K is a multiple of 1024; else 512-wide blocks, over 8 warps with 32 rows and chained where N >= 8192, over 4
       warps with 16 rows otherwise; split-K where K is not a multiple of 512. Measured on the H200 (twenty-fourth
       session, ``heuristic_check.py --ms 3 4 8 16 --probe``, seven tilings on the six E4B and six `small` shapes):
       these were the best or within 10 % of the best tiling on every row they are used on, 0.98-1.95x the split-K
-      heuristic; at M = 16 on larger matrices (gate_up, down, 8192x8192) every tiling lost to split-K (0.56-0.86x).
+      heuristic; at M = 16 on larger matrices (gate_up, down, 8192x8192) these lost to split-K (0.56-0.86x; of the
+      probed tilings only a 16-row program won there, on gate_up, 1.07x).
       Re-run on the rules as written (``heuristic_check.py --ms 1 2 3 4 8 16``): 0.96-1.95x the split-K heuristic at
       M = 3..16, 0.80-1.01 of the tuned entries' speed on the E4B shapes.
     """
