@@ -128,6 +128,17 @@ def _split4(t):
 
 
 @triton.jit
+def chain_split(wl, wh, sl, sh):
+    """``chain`` (both tensor-core GEMVs): the 4 words of every thread's 16-byte vector of rows R1 (``wl``) and R2
+    (``wh``) as separate tensors, and the scale of each vector (a vector lies in one scale group)."""
+    wl0, wl1, wl2, wl3 = _split4(wl)
+    wh0, wh1, wh2, wh3 = _split4(wh)
+    sl0, _, _, _ = _split4(sl)
+    sh0, _, _, _ = _split4(sh)
+    return wl0, wl1, wl2, wl3, wh0, wh1, wh2, wh3, sl0, sh0
+
+
+@triton.jit
 def _word_mma(acc, x_ptr, xk, m0, M, stride_xm, wl, wh, sl, sh, BLOCK_M: tl.constexpr, IS_BF16: tl.constexpr):
     """The MMAs of one word slot (words ``wl`` of rows R1, ``wh`` of rows R2, scales ``sl``/``sh``, activation
     offsets ``xk``) for every activation row, into ``acc``: the 16 accumulators c0..c3 of rows m0..m0+3."""
@@ -232,11 +243,8 @@ def _w4a16_gemv_mma_kernel(
         xk = xoff + kb * (BLOCK_K // 2)
         if CHAIN:
             # The four words of a thread's vector chain their MMAs into one accumulator set: a quarter of the
-            # accumulator registers (see the module docstring for when that pays). A vector lies in one scale group.
-            wl0, wl1_, wl2, wl3 = _split4(wl)
-            wh0, wh1_, wh2, wh3 = _split4(wh)
-            sl0, _, _, _ = _split4(sl)
-            sh0, _, _, _ = _split4(sh)
+            # accumulator registers (see the module docstring for when that pays).
+            wl0, wl1_, wl2, wl3, wh0, wh1_, wh2, wh3, sl0, sh0 = chain_split(wl, wh, sl, sh)
             x0, x1, x2, x3 = _split4(xk)
             acc = _word_mma(acc, x_ptr, x0, m0, M, stride_xm, wl0, wh0, sl0, sh0, BLOCK_M, IS_BF16)
             acc = _word_mma(acc, x_ptr, x1, m0, M, stride_xm, wl1_, wh1_, sl0, sh0, BLOCK_M, IS_BF16)

@@ -58,7 +58,8 @@ import triton.language as tl
 
 from .w4a16_config import CHUNK_K, mma8_ok
 from .w4a16_gemv import _load_scales, gemv_operands
-from .w4a16_gemv_mma import _mma, _pairs, _split4, _PTX_LOAD4, pipeline_load, pipeline_shift, pipeline_start
+from .w4a16_gemv_mma import (_PTX_LOAD4, _mma, _pairs, _split4, chain_split, pipeline_load, pipeline_shift,
+                             pipeline_start)
 
 
 @triton.jit
@@ -177,10 +178,7 @@ def _w4a16_gemv_mma8_kernel(
         xka = xa + kb * (BLOCK_K // 2)
         xkb = xb + kb * (BLOCK_K // 2)
         if CHAIN:
-            wl0, wl1_, wl2, wl3 = _split4(wl)
-            wh0, wh1_, wh2, wh3 = _split4(wh)
-            sl0, _, _, _ = _split4(sl)
-            sh0, _, _, _ = _split4(sh)
+            wl0, wl1_, wl2, wl3, wh0, wh1_, wh2, wh3, sl0, sh0 = chain_split(wl, wh, sl, sh)
             xa0, xa1, xa2, xa3 = _split4(xka)
             xb0, xb1, xb2, xb3 = _split4(xkb)
             acc = _word_mma8(acc, x_ptr, xa0, xb0, wl0, wh0, sl0, sh0, BLOCK_M, IS_BF16)

@@ -9,6 +9,7 @@ fixed ``gemv_mma8`` tilings at M >= 3 (:data:`MMA8_PROBE`), the data a rule for 
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -29,8 +30,6 @@ MMA8_PROBE = ((16, 512, 4, 3, False), (16, 512, 4, 2, True), (32, 512, 8, 2, Tru
 
 
 def main() -> int:
-    import argparse
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--probe", action="store_true")
