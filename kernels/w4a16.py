@@ -31,6 +31,27 @@ def asm_ok(x: torch.Tensor) -> bool:
     return _capability(index) >= (9, 0)
 
 
+def tma_ok(x: torch.Tensor, weight_packed: torch.Tensor) -> bool:
+    """Whether the Gluon prefill kernel (:mod:`kernels.w4a16_prefill_tma`) can run: Hopper (wgmma and TMA are sm_90
+    instructions; sm_100 has neither wgmma nor this code path), the inline-PTX dequantization (:func:`asm_ok`),
+    Triton's Gluon, and TMA's 16-byte alignment of both operands' base addresses and rows."""
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if _capability(index)[0] != 9 or not asm_ok(x) or not _gluon_available():
+        return False
+    k = x.shape[-1]
+    return x.data_ptr() % 16 == 0 and weight_packed.data_ptr() % 16 == 0 and (k * x.element_size()) % 16 == 0 \
+        and (k // 2) % 16 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_available() -> bool:
+    try:
+        from . import w4a16_prefill_tma  # noqa: F401
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
 def shape_supported(n: int, k: int) -> bool:
     """N and K the kernels tile: positive, ``N % 64 == 0`` and ``K % 128 == 0``."""
     return n > 0 and k > 0 and n % 64 == 0 and k % 128 == 0
@@ -114,7 +135,8 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
             name, sms = props.name, props.multi_processor_count
         # untuned shapes get the tensor-core GEMV at M <= 2 only where its inline PTX runs (the CUDA-core fallback
         # was not measured against split-K off the H200)
-        config = select_config(m, n, k, group, name, sms, gemv=kw["use_asm"])
+        config = select_config(m, n, k, group, name, sms, gemv=kw["use_asm"],
+                               tma=not interp and 32 < m < 1024 and tma_ok(x2, weight_packed))
     c = config
     if c.kernel != "dequant_mm" and not c.fits(k, group):
         raise ValueError(f"w4a16_gemm: config {c} cannot run K={k} with group size {group} (block_k must divide K "
@@ -140,7 +162,16 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
         from .w4a16_gemv import w4a16_gemv
         y = w4a16_gemv(x2, weight_packed, weight_scale, bias, group, block_m=min(8, c.block_m), block_n=c.block_n,
                        block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, emu_rn=interp, **kw)
-    elif c.kernel == "prefill":
+    elif c.kernel == "prefill_tma" and not interp and tma_ok(x2, weight_packed):
+        from .w4a16_prefill_tma import w4a16_prefill_tma
+        y = w4a16_prefill_tma(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
+                             block_k=c.block_k, num_stages=c.num_stages, group_m=c.group_m)
+    elif c.kernel in ("prefill", "prefill_tma"):
+        # prefill_tma off Hopper, without Gluon, under the interpreter or on unaligned operands: the Triton-language
+        # tiled kernel with the same output tile (8 warps for wgmma's 128-row tiles)
+        if c.kernel == "prefill_tma":
+            c = W4A16Config("prefill", block_m=min(c.block_m, 128), block_n=128, block_k=64,
+                            num_warps=8 if c.block_m >= 128 else 4, num_stages=3, group_m=c.group_m)
         from .w4a16_prefill import w4a16_prefill
         y = w4a16_prefill(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
                           block_k=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages, kperm=c.kperm,

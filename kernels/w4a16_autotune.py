@@ -26,7 +26,7 @@ from .w4a16_config import CONFIG_DIR, W4A16Config, chain_ok, device_table_name, 
 
 # qkv, o, gate_up (pruned), down (pruned), an 8192^2 reference, and the KV-shared layers' q_proj
 E4B_SHAPES = ((3072, 2560), (2560, 2048), (16384, 2560), (2560, 8192), (8192, 8192), (2048, 2560))
-M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 L2_BYTES = 60 << 20
 
 
@@ -58,6 +58,20 @@ def prefill_candidates(block_m: int) -> list[W4A16Config]:
                         if nw == 4 and (block_m > 64 or bn > 128):
                             continue
                         out.append(W4A16Config("prefill", block_m, bn, bk, 1, nw, ns, kp, wa))
+    return out
+
+
+def prefill_tma_candidates(block_ms=(64, 128, 256), smem_max: int = 200 << 10) -> list[W4A16Config]:
+    """Tilings of the Gluon prefill kernel (:mod:`kernels.w4a16_prefill_tma`): ``block_m`` from ``block_ms``,
+    ``block_n`` 64 / 128, ``block_k`` 64 (3-5 ring slots) or 128 (2-4), each within ``smem_max`` bytes of ring
+    (activation box + word box per slot)."""
+    out = []
+    for bm in block_ms:
+        for bn in (64, 128):
+            for bk, stages in ((64, (3, 4, 5)), (128, (2, 3, 4))):
+                for ns in stages:
+                    if ns * (bm * bk * 2 + bn * bk // 2) <= smem_max:
+                        out.append(W4A16Config("prefill_tma", bm, bn, bk, 1, bn // 16, ns))
     return out
 
 
@@ -116,16 +130,16 @@ def candidates_for(m: int) -> list[W4A16Config]:
     if m <= 16:
         return decode_candidates(16) + gemv_mma8_candidates(m)
     if m <= 64:
-        return decode_candidates(m) + prefill_candidates(64)
+        return decode_candidates(m) + prefill_candidates(64) + prefill_tma_candidates((64,))
     # split-K over big tiles: at M ~ 128..256 there are too few 128x128 tiles to fill 132 SMs
     splitk_big = [W4A16Config("decode", 64, 128, 128, 1, 4, 4, True, True),
                   W4A16Config("decode", 64, 128, 64, 1, 4, 4, False, False),
                   W4A16Config("decode", 128, 128, 64, 1, 8, 3, False, False),
                   W4A16Config("decode", 128, 128, 128, 1, 8, 3, True, True),
                   W4A16Config("decode", 128, 256, 64, 1, 8, 3, False, False)]
-    cands = prefill_candidates(64) + prefill_candidates(128) + splitk_big
+    cands = prefill_candidates(64) + prefill_candidates(128) + splitk_big + prefill_tma_candidates((64, 128))
     if m >= 256:
-        cands += prefill_candidates(256)
+        cands += prefill_candidates(256) + prefill_tma_candidates((256,))
     if m >= 1024:
         cands.append(W4A16Config("dequant_mm"))
     return cands
@@ -400,15 +414,16 @@ def main(argv=None) -> int:
 
 
 def demo_launches() -> int:
-    """One split-K decode launch (M=5), one prefill launch (M=300), two diagonal tensor-core GEMV launches (M=3 in a
-    4-row program, per-word and chained accumulators) and two full-MMA ones (M=13 of 16, M=6 of 8, chained), ragged
-    tiles, checked against the reference;
+    """One split-K decode launch (M=5), two prefill launches (M=300, Triton and Gluon), two diagonal tensor-core
+    GEMV launches (M=3 in a 4-row program, per-word and chained accumulators) and two full-MMA ones (M=13 of 16, M=6
+    of 8, chained), ragged tiles, checked against the reference;
     then the tuned M=1 and M=8 launches on the 16384x2560 gate_up shape (the ones a profiler should look at)."""
     from .w4a16 import w4a16_gemm
 
     wp, s = make_problem(3072, 2560, torch.bfloat16, "cuda")
     for m, cfg in ((5, W4A16Config("decode", 16, 128, 128, 4, 4, 4, True, True)),
                    (300, W4A16Config("prefill", 128, 128, 64, 1, 8, 3)),
+                   (300, W4A16Config("prefill_tma", 128, 64, 128, 1, 4, 3)),
                    (3, W4A16Config("gemv_mma", 4, 2, 512, 1, 1, 3)),
                    (3, W4A16Config("gemv_mma", 4, 8, 512, 1, 2, 2, chain=True)),
                    (13, W4A16Config("gemv_mma8", 16, 16, 512, 1, 4, 3)),

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-KERNELS = ("decode", "prefill", "dequant_mm", "gemv", "gemv_mma", "gemv_mma8")
+KERNELS = ("decode", "prefill", "dequant_mm", "gemv", "gemv_mma", "gemv_mma8", "prefill_tma")
 CHUNK_K = 128   # gemv_mma8: weights of K per word-tile row (16 int32 words: 4 lanes x one 16-byte vector)
 
 
@@ -32,12 +32,16 @@ class W4A16Config:
       no split-K, :mod:`kernels.w4a16_gemv`; for a few activation rows) or ``gemv_mma`` (the same tiling on tensor
       cores via ``mma.sync`` from registers, :mod:`kernels.w4a16_gemv_mma`; where inline PTX cannot run, the
       dispatcher runs ``gemv`` with the same tiling) or ``gemv_mma8`` (the same on tensor cores with every MMA
-      column an activation row, :mod:`kernels.w4a16_gemv_mma8`; for 5..16 rows; without inline PTX: ``gemv``).
+      column an activation row, :mod:`kernels.w4a16_gemv_mma8`; for 5..16 rows; without inline PTX: ``gemv``) or
+      ``prefill_tma`` (full-K tiles in Gluon: TMA ring, weights dequantized into wgmma's register operand,
+      :mod:`kernels.w4a16_prefill_tma`; sm_90 only, elsewhere the dispatcher runs ``prefill``).
     * ``block_m``/``block_n``/``block_k``: tile; ``block_k`` in {64, 128, 256}. For ``gemv``: ``block_m`` (activation
       rows per program) in {1, 2, 4, 8}, ``block_n`` (weight rows per program) a power of two <= 64, ``block_k`` in
       {256, 512, 1024, 2048}; ``num_stages`` 2 or 3: K blocks of words held in registers (the one computed and
       ``num_stages - 1`` in flight). ``gemv_mma``: the same, with ``block_m`` in {1, 2, 4} and ``block_n`` >= 2.
       ``gemv_mma8``: ``block_m`` 8 or 16, ``block_n`` 16..128, ``block_k`` 128..2048, :func:`mma8_ok`.
+      ``prefill_tma``: ``block_m`` 64, 128 or 256, ``block_n`` 64 or 128 with ``num_warps = block_n / 16``,
+      ``block_k`` 64 or 128, ``num_stages`` (TMA ring slots) 2..6.
     * ``split_k``: K slices per output tile (decode only; clamped so that no slice is empty).
     * ``kperm``/``w_is_a``: K relabelling and weight-as-A-operand (see :mod:`kernels.w4a16_mainloop`).
     * ``chain`` (``gemv_mma``, ``gemv_mma8``): the four words of a thread's 16-byte vector share one MMA
@@ -70,6 +74,14 @@ class W4A16Config:
                 raise ValueError(f"gemv_mma8 has no split-K, K relabelling or MMA operands, and 1-8 warps: {self}")
             if self.num_stages not in (2, 3):
                 raise ValueError(f"gemv needs num_stages 2 or 3 (register pipeline depth), got {self.num_stages}")
+            return
+        if self.kernel == "prefill_tma":
+            if self.block_m not in (64, 128, 256) or self.block_n not in (64, 128) or self.block_k not in (64, 128):
+                raise ValueError(f"prefill_tma needs block_m 64/128/256, block_n 64/128 and block_k 64/128: {self}")
+            if self.num_warps != self.block_n // 16 or not 2 <= self.num_stages <= 6:
+                raise ValueError(f"prefill_tma needs num_warps = block_n / 16 and num_stages 2..6: {self}")
+            if self.split_k != 1 or self.kperm or self.w_is_a or self.chain:
+                raise ValueError(f"prefill_tma has no split-K, K relabelling, operand choice or chain: {self}")
             return
         if self.kernel in ("gemv", "gemv_mma"):
             if self.kernel == "gemv_mma" and (self.block_m not in (1, 2, 4) or self.block_n < 2):
@@ -105,6 +117,8 @@ class W4A16Config:
         """Whether this tile can run K (a multiple of block_k) with scale groups of ``group_size`` (K: channelwise)."""
         if k % self.block_k:
             return False
+        if self.kernel == "prefill_tma":   # one scale per row per K block
+            return group_size >= k or group_size % self.block_k == 0
         return group_size >= k or group_size % self.block_k == 0 or self.block_k % group_size == 0
 
     def to_json(self) -> dict:
@@ -190,17 +204,39 @@ def heuristic_gemv(m: int, n: int, k: int, group_size: int) -> W4A16Config | Non
     return cfg if cfg.fits(k, group_size) and n % cfg.block_n == 0 else None
 
 
-def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int, gemv: bool = False) -> W4A16Config:
+def heuristic_tma(m: int, n: int, k: int, group_size: int, sm_count: int) -> W4A16Config | None:
+    """The Gluon prefill kernel (:mod:`kernels.w4a16_prefill_tma`) for untuned shapes at 32 < M < 1024, where its
+    tiles run K and the group size (``None`` elsewhere): 64 weight rows and 128-wide K blocks on four warps; 64
+    activation rows (4 ring slots) up to M = 64 and wherever 128-row tiles would leave SMs idle, else 128 (3 slots).
+
+    Measured on the H200 (twenty-fifth session, ``bench/gpu/heuristic_check.py --ms 32 64 128 256 512 1000 --tma``,
+    six tilings on the six E4B and six `small` shapes), against :func:`heuristic_config`'s split-K and Triton
+    tiles: this rule's tiling 0.85-3.03x (1.03-3.03x at M = 128..256; below 1 on 2560x8192 at M = 64, 0.87x, and
+    5120x512 at M = 512, 0.85x); at M = 32 the kernel lost on four of the twelve shapes (0.57-0.98x), so it starts
+    above 32."""
+    if not 32 < m < 1024 or n % 64 or k % 128 or not (group_size >= k or group_size % 128 == 0):
+        return None
+    bm = 64 if m <= 64 or -(-m // 128) * (n // 64) < sm_count else 128
+    return W4A16Config("prefill_tma", block_m=bm, block_n=64, block_k=128, num_warps=4,
+                       num_stages=4 if bm == 64 else 3)
+
+
+def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int, gemv: bool = False,
+                     tma: bool = False) -> W4A16Config:
     """Fallback for GPUs/shapes without a tuned entry: the rules the H200 tuning (2026-11-28) mostly followed.
 
     * With ``gemv`` (the caller's word that the GEMVs' inline PTX runs on this GPU and dtype, see
       :func:`kernels.w4a16.asm_ok`): the tensor-core GEMVs where :func:`heuristic_gemv` gives one (M <= 16).
+    * With ``tma`` (the caller's word that the Gluon prefill kernel runs: Hopper, aligned operands, see
+      :func:`kernels.w4a16.tma_ok`): that kernel where :func:`heuristic_tma` gives one (32 < M < 1024).
     * M <= 256: split-K kernel, weights as the wgmma A operand with relabelled K; K split until there are ~4
       (M <= 16) or ~2 programs per SM, keeping >= 2 K blocks per split.
     * 256 < M < 1024: 128x128 wgmma tiles, BLOCK_K 64, 8 warps, 3 stages, no split.
     * M >= 1024: dequantize + cuBLAS (compute-bound; the dequant pass is < 20% of the GEMM).
     """
     cfg = heuristic_gemv(m, n, k, group_size) if gemv else None
+    if cfg is None and tma:
+        cfg = heuristic_tma(m, n, k, group_size, sm_count)
     if cfg is not None:
         return cfg
     bk = 128 if k % 128 == 0 else 64
@@ -220,12 +256,12 @@ def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int, gem
 
 
 def select_config(m: int, n: int, k: int, group_size: int, device_name: str, sm_count: int,
-                  gemv: bool = False) -> W4A16Config:
+                  gemv: bool = False, tma: bool = False) -> W4A16Config:
     """Tuned entry for (M, N, K) on ``device_name`` if there is one that fits, else :func:`heuristic_config`
-    (``gemv``: see there)."""
+    (``gemv``, ``tma``: see there)."""
     entries = load_table(device_name).get((n, k))
     if entries:
         cfg = next((c for mm, c in entries if mm >= m), entries[-1][1])
         if cfg.fits(k, group_size):
             return cfg
-    return heuristic_config(m, n, k, group_size, sm_count, gemv)
+    return heuristic_config(m, n, k, group_size, sm_count, gemv, tma)

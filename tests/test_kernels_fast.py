@@ -137,6 +137,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
         (C("gemv", 2, 4, 256, num_warps=1, num_stages=2), 3, 128, 1024, 512, False),
         (C("gemv_mma", 2, 4, 512, num_warps=2, num_stages=3), 2, 64, 1024, 128, True),
         (C("gemv_mma8", 16, 16, 128, num_warps=1, num_stages=3, chain=True), 13, 64, 384, 32, True),
+        # the Gluon prefill kernel cannot be interpreted: the dispatcher runs the Triton tiled kernel instead
+        (C("prefill_tma", 64, 64, 128, num_warps=4, num_stages=3), 70, 128, 256, 128, True),
     ]
     out = []
     for dtype in (torch.float16, torch.bfloat16):
@@ -182,7 +184,7 @@ def test_triton_kernels_under_interpreter():
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads(line[len("RESULT "):])
-    assert len(results) == 2 * 17 + 2 * 4 + 2
+    assert len(results) == 2 * 18 + 2 * 4 + 2
     refused = next(ln for ln in proc.stdout.splitlines() if ln.startswith("REFUSED "))
     assert "cannot run K=384 with group size 128" in refused, refused
     bad = [r for r in results if not r["ratio"] <= 1.0]
@@ -303,6 +305,91 @@ def test_gemv_mma8_candidates():
         assert all(mma8_ok(c.block_n, c.block_k, c.num_warps) for c in cands)
         assert {c.chain for c in cands} == {False, True} and {c.num_stages for c in cands} == {2, 3}
         assert all(8 <= c.block_n * c.block_k // 8 // (32 * c.num_warps) <= 32 for c in cands)
+
+
+@pytest.mark.parametrize("bm,bn,bk,stages,dtype,group", [
+    (128, 64, 128, 3, "bf16", 128), (256, 64, 64, 3, "bf16", 128), (64, 128, 128, 2, "fp16", 256),
+    (256, 128, 64, 4, "bf16", 0),
+])
+def test_prefill_tma_compiles_to_register_operand_wgmma(bm, bn, bk, stages, dtype, group):
+    """The Gluon prefill kernel's design, checked on ahead-of-time sm_90a compiles with the installed Triton (no
+    GPU). Compiling at all proves the layout claim its docstring makes: the dequantized tile is converted to wgmma's
+    A-operand layout with ``assert_trivial=True``, i.e. each thread computed exactly its own fragment. The SASS then
+    shows every wgmma taking A from registers (bk / 16 per K block), a full wait after each block (an A operand in
+    registers must not be overwritten while its wgmma runs; with one left in flight it was, on the H200), and no
+    register spills."""
+    from bench.gpu.sass_loop import compile_prefill_tma, prefill_tma_stats
+
+    st = prefill_tma_stats(compile_prefill_tma(bm, bn, bk, stages, dtype, group))
+    assert st["hgmma"] == st["hgmma_reg_a"] == bk // 16, st
+    assert st["waits"] and set(st["waits"]) == {"0x0"}, st
+    assert st["local"] == 0, st
+
+
+def test_prefill_tma_config_and_candidates():
+    """``prefill_tma`` configs: warps follow block_n (one warp per 16 weight rows), one scale per row and K block
+    (groups that are a multiple of block_k, or channelwise); the autotuner's tilings fit the shared memory and are
+    tried from M = 17 on (64-row tiles up to M = 64)."""
+    from kernels.w4a16_autotune import candidates_for, prefill_tma_candidates
+    from kernels.w4a16_config import W4A16Config
+
+    c = W4A16Config("prefill_tma", 128, 64, 128, num_warps=4, num_stages=3)
+    assert c.fits(2560, 128) and c.fits(2560, 2560) and c.fits(4096, 256) and not c.fits(2560, 64)
+    assert not c.fits(2560 + 64, 128) and W4A16Config("prefill_tma", 128, 64, 64, num_warps=4).fits(2560, 64)
+    for bad, msg in ((dict(num_warps=8), "num_warps = block_n / 16"), (dict(block_n=256, num_warps=16), "block_n"),
+                     (dict(block_m=32), "block_m"), (dict(block_k=256), "block_k"), (dict(num_stages=1), "2..6"),
+                     (dict(split_k=2), "no split-K"), (dict(kperm=True), "no split-K"), (dict(chain=True), "chain")):
+        with pytest.raises(ValueError, match=msg):
+            W4A16Config(**{**dict(kernel="prefill_tma", block_m=128, block_n=64, block_k=128, num_warps=4,
+                                  num_stages=3), **bad})
+    cands = prefill_tma_candidates()
+    assert len(cands) == len(set(cands)) >= 24
+    assert all(c.num_stages * (c.block_m * c.block_k * 2 + c.block_n * c.block_k // 2) <= 200 << 10 for c in cands)
+    for m in (32, 64):
+        assert {c.block_m for c in candidates_for(m) if c.kernel == "prefill_tma"} == {64}
+    assert {c.block_m for c in candidates_for(128) if c.kernel == "prefill_tma"} == {64, 128}
+    assert {c.block_m for c in candidates_for(1024) if c.kernel == "prefill_tma"} == {64, 128, 256}
+    assert not [c for m in (1, 4, 16) for c in candidates_for(m) if c.kernel == "prefill_tma"]
+
+
+def test_heuristic_tma_for_untuned_shapes():
+    """Untuned shapes at 32 < M < 1024 take the Gluon prefill kernel where the caller says it runs (``tma``): 64-row
+    tiles up to M = 64 and where 128-row tiles would not fill the SMs, else 128-row tiles; nothing where its K blocks
+    cannot hold whole scale groups. Without ``tma`` the split-K / Triton tiles stay (other GPUs, unaligned inputs)."""
+    from kernels.w4a16_config import heuristic_config, heuristic_tma, select_config
+
+    assert heuristic_tma(32, 3072, 2560, 128, 132) is None and heuristic_tma(1024, 3072, 2560, 128, 132) is None
+    c = heuristic_tma(33, 16384, 2560, 128, 132)
+    assert (c.kernel, c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages) == \
+        ("prefill_tma", 64, 64, 128, 4, 4)
+    assert heuristic_tma(256, 3072, 2560, 128, 132).block_m == 64      # 2 x 48 = 96 tiles of 128 rows < 132 SMs
+    c = heuristic_tma(256, 16384, 2560, 128, 132)                       # 2 x 256 tiles
+    assert (c.block_m, c.num_stages) == (128, 3)
+    assert heuristic_tma(128, 8192, 8192, 128, 132).block_m == 64      # 128 tiles of 128 rows: < 1 per SM ...
+    assert heuristic_tma(128, 8192, 8192, 128, 64).block_m == 128       # ... but 2 per SM on a 64-SM GPU
+    assert heuristic_tma(129, 8192, 8192, 128, 132).block_m == 128      # 256 tiles
+    assert heuristic_tma(300, 512, 2560, 2560, 132).block_m == 64       # channelwise scales
+    assert heuristic_tma(300, 512, 2560, 64, 132) is None and heuristic_tma(300, 512, 2624, 128, 132) is None
+    assert heuristic_tma(300, 544, 2560, 128, 132) is None              # N not a multiple of 64
+    assert heuristic_config(300, 512, 2560, 128, 132, tma=True).kernel == "prefill_tma"
+    assert heuristic_config(300, 512, 2560, 128, 132).kernel == "prefill"
+    assert heuristic_config(200, 512, 2560, 128, 132).kernel == "decode"
+    assert heuristic_config(200, 512, 2560, 64, 132, tma=True).kernel == "decode"
+    assert select_config(300, 512, 2560, 128, "No Such GPU", 132, tma=True).kernel == "prefill_tma"
+
+
+def test_prefill_tma_launcher_refusals():
+    """The Gluon launcher refuses what its tiles cannot run before anything is launched (CPU tensors suffice)."""
+    from kernels.w4a16_prefill_tma import w4a16_prefill_tma
+
+    x = torch.zeros(4, 256, dtype=torch.bfloat16)
+    wp, s = torch.zeros(64, 32, dtype=torch.int32), torch.ones(64, 2, dtype=torch.bfloat16)
+    for kw, msg in ((dict(block_k=256), "block_k must be 64 or 128"), (dict(block_n=32), "block_n must be 64"),
+                    (dict(block_m=24), "block_m a multiple of 16")):
+        with pytest.raises(ValueError, match=msg):
+            w4a16_prefill_tma(x, wp, s, None, 128, **{**dict(block_m=64, block_n=64, block_k=128), **kw})
+    with pytest.raises(ValueError, match="group size 64"):
+        w4a16_prefill_tma(x, wp, torch.ones(64, 4, dtype=torch.bfloat16), None, 64, block_m=64, block_n=64)
 
 
 def test_gemv_mma_chain_frees_accumulator_registers():

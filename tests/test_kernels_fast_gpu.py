@@ -213,6 +213,46 @@ def test_gemv_mma8_against_reference(dtype):
     assert tolerance_ratio(y, x, wp, s) <= 1.0
 
 
+TMA_TILINGS = ((64, 64, 64, 3), (64, 128, 128, 2), (128, 64, 128, 3), (128, 128, 64, 4), (256, 64, 64, 3),
+              (256, 128, 128, 2))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_prefill_tma_against_reference(dtype):
+    """The Gluon prefill kernel against the reference: six tilings (64-256 activation rows, 4 or 8 warps, one or two
+    64-wide activation boxes per K block, 2-4 ring slots), M from 1 to 600 (tiles past M zero-filled by TMA),
+    N = 2560 and a ragged N = 2560 + 64 against 128-row tiles, bias, scale groups 128, 256 and channelwise; then
+    through the dispatcher: Hopper runs it, and an activation tensor off a 16-byte boundary (TMA needs the
+    alignment) runs the Triton tiled kernel instead."""
+    from kernels.w4a16 import w4a16_gemm, tma_ok
+    from kernels.w4a16_config import W4A16Config
+    from kernels.w4a16_prefill_tma import w4a16_prefill_tma
+
+    k = 4096
+    for n in (2560, 2624):
+        b = torch.randn(n, device="cuda", dtype=dtype)
+        for group in (128, 256, -1):
+            wp, s = gpu_problem(n, k, dtype, group=group, seed=8)
+            gs = group if group > 0 else k
+            for bm, bn, bk, st in TMA_TILINGS:
+                for m in (1, 77, 256, 600):
+                    if (group != 128 or n != 2560) and m not in (77, 600):
+                        continue
+                    x = torch.randn(m, k, device="cuda", dtype=dtype)
+                    for bias in (None, b):
+                        y = w4a16_prefill_tma(x, wp, s, bias, gs, block_m=bm, block_n=bn, block_k=bk, num_stages=st)
+                        r = tolerance_ratio(y, x, wp, s, bias)
+                        assert r <= 1.0, (n, group, bm, bn, bk, st, m, bias is not None, r)
+    wp, s = gpu_problem(3072, 2560, dtype, seed=9)
+    x = torch.randn(300, 2560, device="cuda", dtype=dtype)
+    cfg = W4A16Config("prefill_tma", 128, 64, 128, num_warps=4, num_stages=3)
+    assert tma_ok(x, wp) == (torch.cuda.get_device_capability()[0] == 9)
+    assert tolerance_ratio(w4a16_gemm(x, wp, s, config=cfg), x, wp, s) <= 1.0
+    xo = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(300, 2560)
+    assert xo.data_ptr() % 16 and not tma_ok(xo, wp)
+    assert tolerance_ratio(w4a16_gemm(xo, wp, s, config=cfg), x, wp, s) <= 1.0
+
+
 def test_deterministic_and_config_invariant():
     """Same call twice -> same bits (split-K included). With no split-K, bits depend only on (BLOCK_K, K labelling):
     not on BLOCK_M/BLOCK_N/warps/stages, decode vs prefill kernel, mma.sync vs wgmma (§9B)."""

@@ -1,10 +1,14 @@
 """Compile the GEMV kernels ahead of time for sm_90a on any machine (no GPU) and count their K loop's SASS.
 
-``python bench/gpu/sass_loop.py [--kernel gemv|gemv_mma|gemv_mma8] [--block-m 1] [--block-n 16] [--block-k 1024]
-[--warps 4] [--stages 2] [--chain]`` prints the registers per thread, the K loop's instruction count, instructions per int32
-word, the top opcodes, and the barriers and shared-memory instructions inside the loop. It uses Triton's own ``ptxas`` / ``nvdisasm`` (shipped with the triton
-wheel), so the figures are those of the installed Triton version: the README's come from Triton 3.6.0 (the GPU
-image's). The loop is the code between the back-edge label and its branch.
+``python bench/gpu/sass_loop.py [--kernel gemv|gemv_mma|gemv_mma8|prefill_tma] [--block-m 1] [--block-n 16]
+[--block-k 1024] [--warps 4] [--stages 2] [--chain]`` prints the registers per thread, the K loop's instruction
+count, instructions per int32 word, the top opcodes, and the barriers and shared-memory instructions inside the
+loop. It uses Triton's own ``ptxas`` / ``nvdisasm`` (shipped with the triton wheel), so the figures are those of the
+installed Triton version: the README's come from Triton 3.6.0 (the GPU image's). The loop is the code between the
+back-edge label and its branch.
+
+``--kernel prefill_tma`` compiles the Gluon prefill kernel instead (``--stages``: its ring slots) and prints
+whole-kernel facts: the wgmma form, waits, barriers and spills.
 """
 from __future__ import annotations
 
@@ -50,6 +54,55 @@ def compile_gemv(kernel: str, block_m: int, block_n: int, block_k: int, num_warp
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
 
 
+def compile_prefill_tma(block_m: int, block_n: int, block_k: int, num_stages: int, dtype: str = "bf16",
+                       group: int = 128, k: int = 2560):
+    """The Gluon prefill kernel (:mod:`kernels.w4a16_prefill_tma`) compiled for CUDA sm_90 (its TMA descriptors'
+    types taken from descriptors built on CPU tensors of the launch's shapes)."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from kernels.w4a16_prefill_tma import _w4a16_prefill_tma_kernel as fn, descriptors
+
+    tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    xd, wd = descriptors(torch.zeros(block_m, k, dtype=tdt), torch.zeros(block_n, k // 8, dtype=torch.int32),
+                         block_m, block_n, block_k)
+    const = dict(HAS_BIAS=False, IS_BF16=dtype == "bf16", BM=block_m, BN=block_n, BK=block_k,
+                 GROUP_SIZE=group, STAGES=num_stages, GROUP_M=8)
+    sig = {"x_desc": mangle_type(xd), "w_desc": mangle_type(wd), "s_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
+           "out_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "stride_sn": "i32", "stride_om": "i32",
+           **{name: "constexpr" for name in const}}
+    args = list(fn.arg_names)
+    attrs = {(args.index(a),): [["tt.divisibility", 16]] for a in ("s_ptr", "bias_ptr", "out_ptr", "K", "stride_om")}
+    return triton.compile(GluonASTSource(fn, sig, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=block_n // 16))
+
+
+def sass_text(compiled) -> str:
+    """nvdisasm of the compiled kernel's cubin."""
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def prefill_tma_stats(compiled) -> dict:
+    """Whole-kernel SASS facts of the Gluon prefill kernel: its wgmma instructions (``hgmma``: all, ``hgmma_reg_a``:
+    with the A operand in registers), the wgmma waits (``waits``: their ``gsb0`` thresholds), CTA barriers, and
+    local-memory traffic (``local``: spills)."""
+    sass = sass_text(compiled)
+    return {"hgmma": len(re.findall(r"\bHGMMA\.", sass)),
+            "hgmma_reg_a": len(re.findall(r"\bHGMMA\.\w+\.F32(?:\.BF16)? R\d+, R\d+, gdesc", sass)),
+            "waits": re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x\d+)", sass),
+            "barriers": len(re.findall(r"\bBAR\.SYNC", sass)),
+            "local": len(re.findall(r"\b(?:LDL|STL)\b", sass))}
+
+
 def loop_stats(compiled) -> dict:
     """SASS of the K loop: ``{"instructions", "opcodes" (Counter), "barriers", "shared"}``."""
     import triton
@@ -88,7 +141,7 @@ def registers(compiled) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=("gemv", "gemv_mma", "gemv_mma8"), default="gemv_mma")
+    ap.add_argument("--kernel", choices=("gemv", "gemv_mma", "gemv_mma8", "prefill_tma"), default="gemv_mma")
     ap.add_argument("--block-m", type=int, default=1)
     ap.add_argument("--block-n", type=int, default=16)
     ap.add_argument("--block-k", type=int, default=1024)
@@ -97,6 +150,11 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=2, help="register pipeline depth (prefetch = stages - 1)")
     ap.add_argument("--chain", action="store_true", help="gemv_mma: one accumulator set per 4-word vector")
     args = ap.parse_args()
+    if args.kernel == "prefill_tma":   # --block-m/n/k, --stages: the ring slots
+        compiled = compile_prefill_tma(args.block_m, args.block_n, args.block_k, args.stages, args.dtype)
+        print(f"prefill_tma bm{args.block_m} bn{args.block_n} bk{args.block_k} st{args.stages} {args.dtype}: "
+              f"{registers(compiled)} registers; whole kernel: {prefill_tma_stats(compiled)}")
+        return 0
     compiled = compile_gemv(args.kernel, args.block_m, args.block_n, args.block_k, args.warps, args.dtype,
                             prefetch=args.stages - 1, chain=args.chain)
     st = loop_stats(compiled)

@@ -1,0 +1,243 @@
+"""Prefill-shaped W4A16 GEMM in Gluon: a TMA ring, weights dequantized straight into wgmma's register A operand.
+
+``y[M, N] = x[M, K] @ W'[N, K]^T (+ bias)``, W' = RN((u - 8) * s) read straight from the compressed-tensors
+layout (``weight_packed[N, K/8]`` int32, ``weight_scale[N, K/G]``; see :mod:`kernels.w4a16_mainloop`).
+
+The hardware reason for this kernel
+-----------------------------------
+The Triton-language tiled kernel (:mod:`kernels.w4a16_prefill`) reaches ~320-440 TFLOP/s at M = 256 on the H200:
+its activations (or dequantized weights) go global -> shared memory -> registers -> shared memory again, with
+four CTA barriers per K block. Gluon (Triton's lower-level language) gives the pieces Machete is built from:
+
+* **TMA ring.** The activation boxes ``x[BM, 64]`` and the word tile ``w[BN, BK/8]`` of the next ``STAGES - 1``
+  K blocks are in flight as TMA copies (one mbarrier per slot): no address registers, no per-thread ``cp.async``.
+* **Weights as the A operand, in registers.** wgmma computes ``acc^T[BN, BM] += W'[BN, BK] @ x^T[BK, BM]``. A may
+  come from registers, so the dequantized weights never touch shared memory, and B (the activations) is read by
+  the tensor cores straight from the TMA box (natural K order, 128-byte swizzle): no K relabelling, no re-store.
+* **Each thread dequantizes only its own fragment.** wgmma's A fragment gives lane ``l`` the k pairs
+  ``(2t, 2t+1)`` (t = l % 4) of every 8-wide k step, i.e. byte ``t`` of every int32 word of its two rows. The word
+  tile is read from shared memory with the four lanes of a quad sharing each word (a broadcast read), and one
+  ``prmt`` picks byte ``t``: 5 instructions per (k, k+1) pair (``shr``, ``prmt``, ``lop3`` to bf16 ``128 + u``,
+  ``sub`` 136, ``mul`` by (s, s)), 2.5 per weight. The result's register layout is the fragment's own, checked at
+  compile time by ``convert_layout(..., assert_trivial=True)`` (:func:`word_layout`).
+* **A full wait after each K block's wgmma.** ptxas does not keep a register A operand alive for an
+  asynchronous wgmma: with one wgmma left in flight (the first version of this kernel), the next block's
+  dequantization wrote the same registers and the results were wrong on the H200 (tiles of 128-256 activation
+  rows, whose wgmmas run longest). So each CTA is serial in itself, and dequantization overlaps the tensor cores
+  across CTAs: 4 warps and 72-102 KB of ring per CTA let 2-3 share an SM. A version that staged the dequantized
+  tile in shared memory to keep one wgmma in flight was slower on every shape that it did not lose to
+  dequantize + cuBLAS anyway (``bench/results/h200-2026-12-01/dev``).
+
+One CTA barrier per K block (Gluon adds three more around the TMA issue) orders every warp's reads of a ring slot
+before the TMA that refills it.
+
+Determinism: fixed K order, no split-K: the bits depend only on the K order of the k16 MMA chain per output.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BOX_K = 64   # activation columns per TMA box: one 128-byte swizzled row of bf16 (the widest swizzle TMA has)
+SUB_K = gl.constexpr(BOX_K)
+# Triton >= 3.7 renamed tma.async_copy_global_to_shared to tma.async_load (the GPU image has 3.6, CI 3.9)
+# and gl.thread_barrier to gl.barrier.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+_PTX_SRC = {
+    # word $2, byte selector $3 (0x4400 + 0x1111 t), scale pair $4 -> codes (2t, 2t+1) as RN((u - 8) * s)
+    True: "{\n.reg .b32 v, p, c;\nmov.b32 c, 0x43084308;\nshr.u32 v, $2, 4;\nprmt.b32 p, $2, v, $3;\n"
+          "lop3.b32 p, p, 0x000F000F, 0x43004300, 0xEA;\nsub.rn.bf16x2 p, p, c;\n"
+          "mul.rn.bf16x2 p, p, $4;\nmov.b32 {$0, $1}, p;\n}",
+    False: "{\n.reg .b32 v, p, c;\nmov.b32 c, 0x64086408;\nshr.u32 v, $2, 4;\nprmt.b32 p, $2, v, $3;\n"
+           "lop3.b32 p, p, 0x000F000F, 0x64006400, 0xEA;\nsub.rn.f16x2 p, p, c;\n"
+           "mul.rn.f16x2 p, p, $4;\nmov.b32 {$0, $1}, p;\n}",
+}
+_PTX_BF16 = gl.constexpr(_PTX_SRC[True])
+_PTX_FP16 = gl.constexpr(_PTX_SRC[False])
+
+
+@triton.constexpr_function
+def _log2(v):
+    return v.bit_length() - 1
+
+
+@triton.constexpr_function
+def word_layout(BN, BK, num_warps):
+    """Layout of the ``[BN, BK/8, 4]`` (row n, word j, byte t) tensor whose element is code pair (8j + 2t, +1):
+    exactly wgmma's A fragment for ``[BN, BK]`` once the pair is joined (k = 8j + 2t + h). Lanes: t (2 bits), then
+    rows 0..7; registers: row + 8, then the words; warps: 16-row slabs."""
+    reg = [[8, 0, 0]] + [[0, 1 << i, 0] for i in range(_log2(BK // 8))]
+    lane = [[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    warp = [[16 << i, 0, 0] for i in range(_log2(num_warps))]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [BN, BK // 8, 4])
+
+
+@gluon.jit
+def _issue(x_desc, w_desc, x_smem, w_smem, bars, kb, off_m, off_n, pred, STAGES: gl.constexpr,
+           BK: gl.constexpr):
+    """TMA copies of K block ``kb`` (BK/64 activation boxes of 64 columns, one word box) into ring slot
+    ``kb % STAGES``; the slot's mbarrier completes when all their bytes have landed."""
+    SUB: gl.constexpr = BK // SUB_K
+    slot = kb % STAGES
+    bar = bars.index(slot)
+    mbarrier.expect(bar, SUB * x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
+    for h in gl.static_range(SUB):
+        _tma_load(x_desc, [off_m, kb * BK + h * SUB_K], bar, x_smem.index(slot * SUB + h), pred=pred)
+    _tma_load(w_desc, [off_n, kb * (BK // 8)], bar, w_smem.index(slot), pred=pred)
+
+
+@gluon.jit
+def _scale_pairs(s_ptr, rows, col, stride_sn):
+    """(s, s) packed in one int32 per row: the ``mul.bf16x2`` / ``mul.f16x2`` operand."""
+    s = gl.load(s_ptr + rows * stride_sn + col)
+    s16 = s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    return s16 | (s16 << 16)
+
+
+@gluon.jit
+def _dequant(w, sel, s2, BN: gl.constexpr, BK: gl.constexpr, IS_BF16: gl.constexpr):
+    """Words ``[BN, BK/8]`` (layout ``SliceLayout(2, word_layout)``) -> ``[BN, BK]`` W' in the layout that
+    :func:`word_layout` gives after the join: each thread computes only its own fragment pairs."""
+    args = [gl.expand_dims(w, 2), sel, gl.expand_dims(gl.expand_dims(s2, 1), 2)]
+    if IS_BF16:
+        lo, hi = gl.inline_asm_elementwise(_PTX_BF16, "=h,=h,r,r,r", args, dtype=(gl.bfloat16, gl.bfloat16),
+                                           is_pure=True, pack=1)
+    else:
+        lo, hi = gl.inline_asm_elementwise(_PTX_FP16, "=h,=h,r,r,r", args, dtype=(gl.float16, gl.float16),
+                                           is_pure=True, pack=1)
+    return gl.reshape(gl.join(lo, hi), [BN, BK])
+
+
+@gluon.jit
+def _w4a16_prefill_tma_kernel(
+    x_desc, w_desc, s_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_sn, stride_om,
+    HAS_BIAS: gl.constexpr, IS_BF16: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+    GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+):
+    NW: gl.constexpr = gl.num_warps()
+    SUB: gl.constexpr = BK // SUB_K
+    pid = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BM)
+    num_pid_n = gl.cdiv(N, BN)
+    # Grouped ordering (Triton matmul tutorial): GROUP_M row-tiles walk the same column-tiles together (L2 reuse).
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = gl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    off_m = pid_m * BM
+    off_n = pid_n * BN
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BM, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    L3: gl.constexpr = word_layout(BN, BK, NW)
+    LW: gl.constexpr = gl.SliceLayout(2, L3)                     # words [BN, BK/8], shared by a quad's 4 lanes
+    LROW: gl.constexpr = gl.SliceLayout(1, LW)                   # [BN] rows (scales)
+    LT: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))  # [4] byte index t
+
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * SUB, BM, SUB_K], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+
+    num_k = K // BK
+    for i in gl.static_range(STAGES - 1):
+        _issue(x_desc, w_desc, x_smem, w_smem, bars, i, off_m, off_n, i < num_k, STAGES, BK)
+
+    rows = gl.minimum(off_n + gl.arange(0, BN, layout=LROW), N - 1)
+    t = gl.arange(0, 4, layout=LT)
+    sel = gl.expand_dims(gl.expand_dims(0x4400 + 0x1111 * t, 0), 0)          # [1, 1, 4] prmt selectors
+    s2 = _scale_pairs(s_ptr, rows, 0, stride_sn)
+
+    acc = gl.zeros([BN, BM], gl.float32, layout=mma)
+    for kb in range(num_k):
+        slot = kb % STAGES
+        # the next block's scales, one iteration ahead (2-byte loads: too narrow for TMA)
+        if GROUP_SIZE == 0:
+            s2_next = s2
+        else:
+            s2_next = _scale_pairs(s_ptr, rows, (gl.minimum(kb + 1, num_k - 1) * BK) // GROUP_SIZE, stride_sn)
+        mbarrier.wait(bars.index(slot), (kb // STAGES) & 1)
+        wd = _dequant(w_smem.index(slot).load(LW), sel, s2, BN, BK, IS_BF16)
+        # Every warp is past block kb-1 (its words read, its wgmma retired below): refill that slot.
+        _cta_barrier()
+        nxt = kb + STAGES - 1
+        _issue(x_desc, w_desc, x_smem, w_smem, bars, nxt, off_m, off_n, nxt < num_k, STAGES, BK)
+        if SUB == 1:
+            a = gl.convert_layout(wd, a_layout, assert_trivial=True)
+            acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+        else:
+            # k bit 6 is a register bit of the word layout: splitting the two 64-wide halves moves no data
+            a0, a1 = gl.split(gl.permute(gl.reshape(wd, [BN, 2, SUB_K]), (0, 2, 1)))
+            a0 = gl.convert_layout(a0, a_layout, assert_trivial=True)
+            a1 = gl.convert_layout(a1, a_layout, assert_trivial=True)
+            acc = warpgroup_mma(a0, x_smem.index(slot * 2).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a1, x_smem.index(slot * 2 + 1).permute((1, 0)), acc, is_async=True)
+        # Wait for it before anything else runs: ptxas does not keep a register A operand alive for an
+        # asynchronous wgmma (measured: with one wgmma left in flight, the next block's dequantization overwrote
+        # it and the results were wrong). The overlap of dequantization and MMA comes from the other CTAs on
+        # the SM instead (2-3 per SM fit: 72-102 KB of shared memory each).
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        s2 = s2_next
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    # acc^T[BN, BM] -> out[M, N]
+    n_idx = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+    m_idx = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+    if HAS_BIAS:
+        acc += gl.expand_dims(gl.load(bias_ptr + n_idx, mask=n_idx < N, other=0.0).to(gl.float32), 1)
+    mask = gl.expand_dims(n_idx < N, 1) & gl.expand_dims(m_idx < M, 0)
+    ptrs = out_ptr + gl.expand_dims(m_idx.to(gl.int64), 0) * stride_om + gl.expand_dims(n_idx, 1)
+    gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def descriptors(x: torch.Tensor, weight_packed: torch.Tensor, block_m: int, block_n: int, block_k: int):
+    """TMA descriptors of the activations ``[M, K]`` (box ``[block_m, 64]``, 128-byte swizzle) and the words
+    ``[N, K/8]`` (box ``[block_n, block_k / 8]``)."""
+    xl = gl.NVMMASharedLayout.get_default_for([block_m, BOX_K], gl.bfloat16 if x.dtype == torch.bfloat16
+                                              else gl.float16)
+    wl = gl.NVMMASharedLayout.get_default_for([block_n, block_k // 8], gl.int32)
+    return (TensorDescriptor.from_tensor(x, [block_m, BOX_K], xl),
+            TensorDescriptor.from_tensor(weight_packed, [block_n, block_k // 8], wl))
+
+
+def w4a16_prefill_tma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None, group_size: int, *, block_m: int = 128, block_n: int = 64,
+                     block_k: int = 128, num_stages: int = 4, group_m: int = 8) -> torch.Tensor:
+    """Launch the Gluon prefill kernel (sm_90: wgmma, TMA).
+
+    * ``x`` ``[M, K]`` bf16/fp16, contiguous, 16-byte aligned; ``weight_packed`` ``[N, K/8]`` int32 contiguous,
+      16-byte aligned; ``weight_scale`` ``[N, K/G]`` of x's dtype, G a multiple of ``block_k`` or G = K.
+    * ``block_m`` (activation rows, wgmma's N) a multiple of 16 in 16..256; ``block_n`` (weight rows) 64 or 128:
+      one warp per 16 rows; ``block_k`` 64 or 128 (one or two 64-wide activation boxes per stage).
+
+    Returns ``[M, N]`` of x's dtype."""
+    m, k = x.shape
+    n = weight_packed.shape[0]
+    if block_k not in (64, 128) or k % block_k or not (group_size >= k or group_size % block_k == 0):
+        raise ValueError(f"w4a16_prefill_tma: block_k must be 64 or 128 and divide K={k} and the group size "
+                         f"{group_size} (or the group be channelwise), got block_k={block_k}")
+    if block_n not in (64, 128) or block_m % 16 or not 16 <= block_m <= 256:
+        raise ValueError(f"w4a16_prefill_tma: block_n must be 64 or 128 and block_m a multiple of 16 in 16..256, "
+                         f"got {block_n}, {block_m}")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    x_desc, w_desc = descriptors(x, weight_packed, block_m, block_n, block_k)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _w4a16_prefill_tma_kernel[grid](
+        x_desc, w_desc, weight_scale, bias if bias is not None else weight_scale, out,
+        m, n, k, weight_scale.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, BM=block_m, BN=block_n, BK=block_k,
+        GROUP_SIZE=0 if group_size >= k else group_size, STAGES=num_stages, GROUP_M=group_m,
+        num_warps=block_n // 16,
+    )
+    return out
