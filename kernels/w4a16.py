@@ -168,7 +168,7 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
                              block_k=c.block_k, num_stages=c.num_stages, group_m=c.group_m)
     elif c.kernel in ("prefill", "prefill_tma"):
         # prefill_tma off Hopper, without Gluon, under the interpreter or on unaligned operands: the Triton-language
-        # tiled kernel with the same output tile (8 warps for wgmma's 128-row tiles)
+        # tiled kernel (its usual 128-wide weight tile; 8 warps for 128 activation rows)
         if c.kernel == "prefill_tma":
             c = W4A16Config("prefill", block_m=min(c.block_m, 128), block_n=128, block_k=64,
                             num_warps=8 if c.block_m >= 128 else 4, num_stages=3, group_m=c.group_m)

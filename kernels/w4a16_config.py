@@ -209,11 +209,11 @@ def heuristic_tma(m: int, n: int, k: int, group_size: int, sm_count: int) -> W4A
     tiles run K and the group size (``None`` elsewhere): 64 weight rows and 128-wide K blocks on four warps; 64
     activation rows (4 ring slots) up to M = 64 and wherever 128-row tiles would leave SMs idle, else 128 (3 slots).
 
-    Measured on the H200 (twenty-fifth session, ``bench/gpu/heuristic_check.py --ms 32 64 128 256 512 1000 --tma``,
-    six tilings on the six E4B and six `small` shapes), against :func:`heuristic_config`'s split-K and Triton
-    tiles: this rule's tiling 0.85-3.03x (1.03-3.03x at M = 128..256; below 1 on 2560x8192 at M = 64, 0.87x, and
-    5120x512 at M = 512, 0.85x); at M = 32 the kernel lost on four of the twelve shapes (0.57-0.98x), so it starts
-    above 32."""
+    Read off six tilings timed on the H200 (twenty-fifth session, ``bench/gpu/heuristic_check.py --ms 32 64 128 256
+    512 1000 --tma``, the six E4B and six `small` shapes) beside :func:`heuristic_config`'s split-K and Triton tiles;
+    at M = 32 the kernel lost on five of the twelve shapes (0.57-0.98x), so the rule starts above 32. Re-run as
+    written (``--ms 33 64 128 256 512 1000``): 0.71-3.05x the rule it replaces, geomean 1.51x over 72 rows, below 1x
+    on 2560x8192 at M = 33 and 64, 5120x512 at M = 512 and 1000, and 512x2560 at M = 33."""
     if not 32 < m < 1024 or n % 64 or k % 128 or not (group_size >= k or group_size % 128 == 0):
         return None
     bm = 64 if m <= 64 or -(-m // 128) * (n // 64) < sm_count else 128

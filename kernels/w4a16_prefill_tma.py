@@ -23,8 +23,8 @@ four CTA barriers per K block. Gluon (Triton's lower-level language) gives the p
 * **A full wait after each K block's wgmma.** ptxas does not keep a register A operand alive for an
   asynchronous wgmma: with one wgmma left in flight (the first version of this kernel), the next block's
   dequantization wrote the same registers and the results were wrong on the H200 (tiles of 128-256 activation
-  rows, whose wgmmas run longest). So each CTA is serial in itself, and dequantization overlaps the tensor cores
-  across CTAs: 4 warps and 72-102 KB of ring per CTA let 2-3 share an SM. A version that staged the dequantized
+  rows, whose wgmmas run longest). So each CTA is serial in itself, and dequantization can overlap the tensor
+  cores only across CTAs: with 4 warps and 60-147 KB of ring, 1-3 share an SM. A version that staged the dequantized
   tile in shared memory to keep one wgmma in flight was slower on every shape that it did not lose to
   dequantize + cuBLAS anyway (``bench/results/h200-2026-12-01/dev``).
 
