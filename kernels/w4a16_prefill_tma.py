@@ -42,6 +42,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .w4a16_prefill import grouped_tile
+
 BOX_K = 64   # activation columns per TMA box: one 128-byte swizzled row of bf16 (the widest swizzle TMA has)
 SUB_K = gl.constexpr(BOX_K)
 # Triton >= 3.7 renamed tma.async_copy_global_to_shared to tma.async_load (the GPU image has 3.6, CI 3.9)
@@ -123,16 +125,7 @@ def _w4a16_prefill_tma_kernel(
 ):
     NW: gl.constexpr = gl.num_warps()
     SUB: gl.constexpr = BK // SUB_K
-    pid = gl.program_id(0)
-    num_pid_m = gl.cdiv(M, BM)
-    num_pid_n = gl.cdiv(N, BN)
-    # Grouped ordering (Triton matmul tutorial): GROUP_M row-tiles walk the same column-tiles together (L2 reuse).
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = gl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(gl.program_id(0), M, N, BM, BN, GROUP_M)   # the Triton kernel's tile order
     off_m = pid_m * BM
     off_n = pid_n * BN
 
