@@ -177,8 +177,8 @@ def _w4a16_prefill_tma_kernel(
             acc = warpgroup_mma(a1, x_smem.index(slot * 2 + 1).permute((1, 0)), acc, is_async=True)
         # Wait for it before anything else runs: ptxas does not keep a register A operand alive for an
         # asynchronous wgmma (measured: with one wgmma left in flight, the next block's dequantization overwrote
-        # it and the results were wrong). The overlap of dequantization and MMA comes from the other CTAs on
-        # the SM instead (2-3 per SM fit: 72-102 KB of shared memory each).
+        # it and the results were wrong). Dequantization and MMA can overlap only across the CTAs on an SM
+        # (1-3 fit: 60-147 KB of ring each).
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         s2 = s2_next
     for i in gl.static_range(STAGES):
