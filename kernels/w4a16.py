@@ -34,13 +34,12 @@ def asm_ok(x: torch.Tensor) -> bool:
 def tma_ok(x: torch.Tensor, weight_packed: torch.Tensor) -> bool:
     """Whether the Gluon prefill kernel (:mod:`kernels.w4a16_prefill_tma`) can run: Hopper (wgmma and TMA are sm_90
     instructions; sm_100 has neither wgmma nor this code path), the inline-PTX dequantization (:func:`asm_ok`),
-    Triton's Gluon, and TMA's 16-byte alignment of both operands' base addresses and rows."""
+    Triton's Gluon, and TMA's 16-byte alignment of both operands' base addresses (their contiguous rows are
+    multiples of 16 bytes already: :func:`check_w4a16_args` requires K % 128 == 0)."""
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if _capability(index)[0] != 9 or not asm_ok(x) or not _gluon_available():
         return False
-    k = x.shape[-1]
-    return x.data_ptr() % 16 == 0 and weight_packed.data_ptr() % 16 == 0 and (k * x.element_size()) % 16 == 0 \
-        and (k // 2) % 16 == 0
+    return x.data_ptr() % 16 == 0 and weight_packed.data_ptr() % 16 == 0
 
 
 @functools.lru_cache(maxsize=None)

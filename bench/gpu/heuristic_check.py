@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from kernels.w4a16 import w4a16_gemm  # noqa: E402
 from kernels.w4a16_autotune import E4B_SHAPES, check_tolerance, graph_time_us, rotated_problem  # noqa: E402
 from kernels.w4a16_config import (W4A16Config, heuristic_config, heuristic_gemv, heuristic_tma,  # noqa: E402
-                                   load_table, select_config)
+                                   load_table, mma8_ok, select_config)
 
 # the `small` model (bench/factory.py): qkv / o of the sliding and full layers, gate_up, down
 SMALL_SHAPES = ((768, 512), (512, 512), (1536, 512), (512, 1024), (5120, 512), (512, 2560))
@@ -56,7 +56,7 @@ def main() -> int:
             if args.probe and m > 2:
                 for bm in sorted({8, 16 if m > 8 else 8}):
                     for bn, bk, nw, st, ch in MMA8_PROBE:
-                        if k % bk == 0 and (bn // 16) * (bk // 128) >= nw and (bm == 16 or bn != 32 or bk != 256):
+                        if k % bk == 0 and mma8_ok(bn, bk, nw) and (bm == 16 or bn != 32 or bk != 256):
                             cfgs[f"mma8 bm{bm} bn{bn} bk{bk} w{nw} st{st}{' chain' if ch else ''}"] = W4A16Config(
                                 "gemv_mma8", bm, bn, bk, 1, nw, st, chain=ch)
             if args.tma:

@@ -105,14 +105,7 @@ def prefill_tma_stats(compiled) -> dict:
 
 def loop_stats(compiled) -> dict:
     """SASS of the K loop: ``{"instructions", "opcodes" (Counter), "barriers", "shared"}``."""
-    import triton
-
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
-    lines = sass.splitlines()
+    lines = sass_text(compiled).splitlines()
     branches = [(i, m.group(1)) for i, ln in enumerate(lines) for m in [re.search(r"BRA `\((\.L_x_\d+)\)", ln)] if m]
     labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.match(r"^\.L_x_\d+:$", ln)}
     back = [(labels[lab], i) for i, lab in branches if lab in labels and labels[lab] < i]
