@@ -21,12 +21,17 @@ four CTA barriers per K block. Gluon (Triton's lower-level language) gives the p
   ``sub`` 136, ``mul`` by (s, s)), 2.5 per weight. The result's register layout is the fragment's own, checked at
   compile time by ``convert_layout(..., assert_trivial=True)`` (:func:`word_layout`).
 * **A full wait after each K block's wgmma.** ptxas does not keep a register A operand alive for an
-  asynchronous wgmma: with one wgmma left in flight (the first version of this kernel), the next block's
-  dequantization wrote the same registers and the results were wrong on the H200 (tiles of 128-256 activation
-  rows, whose wgmmas run longest). So each CTA is serial in itself, and dequantization can overlap the tensor
-  cores only across CTAs: with 4 warps and 60-147 KB of ring, 1-3 share an SM. A version that staged the dequantized
-  tile in shared memory to keep one wgmma in flight was slower on every shape that it did not lose to
-  dequantize + cuBLAS anyway (``bench/results/h200-2026-12-01/dev``).
+  asynchronous wgmma: it allocates the next block's dequantization into the registers the running wgmma still
+  reads. The wait's ``deps`` reach ptxas only as a PTX comment, and a later use of the operand after the wait
+  (compiled only) either made ptxas serialize every wgmma (C7514) or made it keep a copy elsewhere while still
+  reusing the wgmma's registers. Measured twice on the H200: the first version of this kernel, and a re-run that
+  refilled a ring slot only after its wgmma had retired (710 of 968 overlapped outputs differed from the serial
+  ones, on every tiling; ``bench/results/h200-2026-12-01b``, with the SASS). That overlapped version, wrong
+  results included, was only 1.05x the serial one (geomean of the best tilings over 20 shape/M rows). So each CTA
+  is serial in itself, and dequantization can overlap the tensor cores only across CTAs: with 4 warps and
+  60-147 KB of ring, 1-3 share an SM. A version that staged the dequantized tile in shared memory to keep one
+  wgmma in flight was slower on every shape that it did not lose to dequantize + cuBLAS anyway
+  (``bench/results/h200-2026-12-01/dev``).
 
 One CTA barrier per K block (Gluon adds three more around the TMA issue) orders every warp's reads of a ring slot
 before the TMA that refills it.
