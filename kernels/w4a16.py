@@ -32,7 +32,7 @@ def asm_ok(x: torch.Tensor) -> bool:
 
 
 def tma_ok(x: torch.Tensor, weight_packed: torch.Tensor) -> bool:
-    """Whether the Gluon prefill kernel (:mod:`kernels.w4a16_prefill_tma`) can run: Hopper (wgmma and TMA are sm_90
+    """Whether the Gluon prefill kernels (:mod:`kernels.w4a16_prefill_tma`, ``_wsp``) can run: Hopper (wgmma and TMA are sm_90
     instructions; sm_100 has neither wgmma nor this code path), the inline-PTX dequantization (:func:`asm_ok`),
     Triton's Gluon, and TMA's 16-byte alignment of both operands' base addresses (their contiguous rows are
     multiples of 16 bytes already: :func:`check_w4a16_args` requires K % 128 == 0)."""
@@ -45,7 +45,7 @@ def tma_ok(x: torch.Tensor, weight_packed: torch.Tensor) -> bool:
 @functools.lru_cache(maxsize=None)
 def _gluon_available() -> bool:
     try:
-        from . import w4a16_prefill_tma  # noqa: F401
+        from . import w4a16_prefill_tma, w4a16_prefill_wsp  # noqa: F401
     except (ImportError, AttributeError):
         return False
     return True
@@ -165,10 +165,14 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
         from .w4a16_prefill_tma import w4a16_prefill_tma
         y = w4a16_prefill_tma(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
                              block_k=c.block_k, num_stages=c.num_stages, group_m=c.group_m)
-    elif c.kernel in ("prefill", "prefill_tma"):
-        # prefill_tma off Hopper, without Gluon, under the interpreter or on unaligned operands: the Triton-language
-        # tiled kernel (its usual 128-wide weight tile; 8 warps for 128 activation rows)
-        if c.kernel == "prefill_tma":
+    elif c.kernel == "prefill_wsp" and not interp and tma_ok(x2, weight_packed):
+        from .w4a16_prefill_wsp import w4a16_prefill_wsp
+        y = w4a16_prefill_wsp(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_k=c.block_k,
+                              num_stages=c.num_stages, group_m=c.group_m, split_k=c.split_k)
+    elif c.kernel in ("prefill", "prefill_tma", "prefill_wsp"):
+        # the Gluon kernels off Hopper, without Gluon, under the interpreter or on unaligned operands: the
+        # Triton-language tiled kernel (its usual 128-wide weight tile; 8 warps for 128 activation rows)
+        if c.kernel != "prefill":
             c = W4A16Config("prefill", block_m=min(c.block_m, 128), block_n=128, block_k=64,
                             num_warps=8 if c.block_m >= 128 else 4, num_stages=3, group_m=c.group_m)
         from .w4a16_prefill import w4a16_prefill

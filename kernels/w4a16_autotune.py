@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .w4a16_config import CONFIG_DIR, W4A16Config, chain_ok, device_table_name, mma8_ok
+from .w4a16_config import CONFIG_DIR, KERNELS, W4A16Config, chain_ok, device_table_name, mma8_ok
 
 # qkv, o, gate_up (pruned), down (pruned), an 8192^2 reference, and the KV-shared layers' q_proj
 E4B_SHAPES = ((3072, 2560), (2560, 2048), (16384, 2560), (2560, 8192), (8192, 8192), (2048, 2560))
@@ -72,6 +72,19 @@ def prefill_tma_candidates(block_ms=(64, 128, 256), smem_max: int = 200 << 10) -
                 for ns in stages:
                     if ns * (bm * bk * 2 + bn * bk // 2) <= smem_max:
                         out.append(W4A16Config("prefill_tma", bm, bn, bk, 1, bn // 16, ns))
+    return out
+
+
+def prefill_wsp_candidates(m: int, smem_max: int = 224 << 10) -> list[W4A16Config]:
+    """Tilings of the warp-specialised Gluon prefill kernel (:mod:`kernels.w4a16_prefill_wsp`, 128 weight rows):
+    ``block_m`` 128 (and 256 from M = 256), ``block_k`` 64 (4-6 ring slots) or 128 (2-4), within ``smem_max``
+    bytes of ring. Its split-K values come from :func:`split_candidates`."""
+    out = []
+    for bm in (128, 256) if m >= 256 else (128, ):
+        for bk, stages in ((64, (4, 5, 6)), (128, (2, 3, 4))):
+            for ns in stages:
+                if ns * (bm * bk * 2 + 128 * bk // 2) <= smem_max:
+                    out.append(W4A16Config("prefill_wsp", bm, 128, bk, 1, 4, ns))
     return out
 
 
@@ -137,7 +150,8 @@ def candidates_for(m: int) -> list[W4A16Config]:
                   W4A16Config("decode", 128, 128, 64, 1, 8, 3, False, False),
                   W4A16Config("decode", 128, 128, 128, 1, 8, 3, True, True),
                   W4A16Config("decode", 128, 256, 64, 1, 8, 3, False, False)]
-    cands = prefill_candidates(64) + prefill_candidates(128) + splitk_big + prefill_tma_candidates((64, 128))
+    cands = (prefill_candidates(64) + prefill_candidates(128) + splitk_big + prefill_tma_candidates((64, 128))
+             + prefill_wsp_candidates(m))
     if m >= 256:
         cands += prefill_candidates(256) + prefill_tma_candidates((256,))
     if m >= 1024:
@@ -151,7 +165,13 @@ SPLITS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
 def split_candidates(cfg: W4A16Config, m: int, n: int, k: int, sms: int, max_per_sm: int = 8,
                      values: tuple[int, ...] = SPLITS) -> list[int]:
     """Split-K values worth timing: from ``values``, those that leave every split a K block and give between half a
-    program and ``max_per_sm`` programs per SM (1 as well when the tiles alone fill half the SMs)."""
+    program and ``max_per_sm`` programs per SM (1 as well when the tiles alone fill half the SMs). ``prefill_wsp``
+    (one CTA per SM: its warps hold the register file) and ``prefill_tma``: 1, and 2..4 where the tiles leave SMs
+    idle (``prefill_tma``: fewer than two per SM) and the splits make at most four programs per SM."""
+    if cfg.kernel in ("prefill_wsp", "prefill_tma"):
+        tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
+        busy = sms if cfg.kernel == "prefill_wsp" else 2 * sms
+        return [1] + [s for s in (2, 3, 4) if s <= k // cfg.block_k and tiles < busy and tiles * s <= 4 * sms]
     if cfg.kernel != "decode":
         return [1]
     tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
@@ -264,6 +284,8 @@ def _compile_worker(args):
         try:
             m = 64 if cfg.kernel != "decode" else min(cfg.block_m, 64)
             w4a16_gemm(x[:m], wp, s, config=dataclasses.replace(cfg, split_k=2 if cfg.kernel == "decode" else 1))
+            if cfg.kernel in ("prefill_wsp", "prefill_tma"):   # their split-K epilogue is a separate variant
+                w4a16_gemm(x[:m], wp, s, config=dataclasses.replace(cfg, split_k=2))
             _t.cuda.synchronize()
             res.append((c, None, time.time() - t))
         except Exception as e:  # noqa: BLE001 - reported, config dropped
@@ -293,8 +315,8 @@ def precompile(cfgs: list[W4A16Config], dtype: torch.dtype, jobs: int, log) -> s
 # ----------------------------------------------------------------------------------------------- tuning
 def correctness_gate(cfgs, dtype: torch.dtype, log) -> set[W4A16Config]:
     """The variants of ``cfgs`` (split_k ignored) that pass the §9B tolerance once on a small problem: odd M, and
-    for decode and gemv M = 16 too (gemv_mma8: 5, 13, 16), decode with split-K 3; K = 2560, or 4096 for tiles
-    that do not divide 2560.
+    for decode and gemv M = 16 too (gemv_mma8: 5, 13, 16), decode with split-K 3, the Gluon prefill kernels with
+    1 and 3; K = 2560, or 4096 for tiles that do not divide 2560.
     The others are logged and dropped, never tuned in."""
     from .w4a16 import w4a16_gemm
 
@@ -304,10 +326,11 @@ def correctness_gate(cfgs, dtype: torch.dtype, log) -> set[W4A16Config]:
     for c in sorted(cfgs, key=str):
         k = 2560 if c.fits(2560, 128) else 4096
         wp, s = problems[k]
+        splits = (3, ) if c.kernel == "decode" else (1, 3) if c.kernel in ("prefill_wsp", "prefill_tma") else (1, )
         for m in {"decode": (5, 16), "gemv": (5, 16), "gemv_mma8": (5, 13, 16)}.get(c.kernel, (77,)):
             x = torch.randn(m, k, device=dev, dtype=dtype)
-            y = w4a16_gemm(x, wp, s, config=dataclasses.replace(c, split_k=3) if c.kernel == "decode" else c)
-            r = check_tolerance(y, x, wp, s)
+            r = max(check_tolerance(w4a16_gemm(x, wp, s, config=dataclasses.replace(c, split_k=sk)), x, wp, s)
+                    for sk in splits)
             if not r <= 1.0:
                 log(f"WRONG (tolerance ratio {r:.3g}) -> dropped: {c}")
                 break
@@ -317,13 +340,25 @@ def correctness_gate(cfgs, dtype: torch.dtype, log) -> set[W4A16Config]:
     return good
 
 
-def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9) -> dict:
+def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9, kernels=None, incumbent=None) -> dict:
+    """Time the candidates of every (shape, M) and keep the fastest. ``kernels``: time only candidates of these
+    kernels; ``incumbent``: a table's ``shapes`` dict whose entry for (shape, M), if any, is timed beside them (so a
+    restricted re-tune replaces an entry only with a faster one)."""
     from .w4a16 import w4a16_gemm
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     sms = props.multi_processor_count
-    all_cfgs = {c for m in ms for c in candidates_for(m)}
+    incumbent = incumbent or {}
+
+    def cands(m):
+        return [c for c in candidates_for(m) if kernels is None or c.kernel in kernels]
+
+    def held(n, k, m):
+        e = incumbent.get(f"{n}x{k}", {}).get(str(m))
+        return W4A16Config(**e) if e else None
+
+    all_cfgs = {c for m in ms for c in cands(m)} | {c for n, k in shapes for m in ms for c in [held(n, k, m)] if c}
     compiled = precompile(sorted(all_cfgs, key=str), dtype, jobs, log)
     good = correctness_gate(compiled, dtype, log)
     t_start = time.time()
@@ -335,10 +370,11 @@ def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9) -> dict:
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=dtype)
             best = None
-            for c in candidates_for(m):
+            inc = held(n, k, m)
+            for c in cands(m) + ([inc] if inc else []):
                 if dataclasses.replace(c, split_k=1) not in good or not c.fits(k, 128) or n % c.block_n:
                     continue
-                for sk in split_candidates(c, m, n, k, sms):
+                for sk in [c.split_k] if c is inc else split_candidates(c, m, n, k, sms):
                     cfg = dataclasses.replace(c, split_k=sk)
                     try:
                         us = graph_time_us(lambda i: w4a16_gemm(x, wps[i % copies], ss[i], config=cfg), copies)
@@ -353,8 +389,8 @@ def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9) -> dict:
                 continue
             entry[str(m)] = dataclasses.asdict(best[1])
             gbps = nbytes / best[0] / 1e3
-            log(f"{n}x{k} M={m}: {best[0]:.2f} us ({gbps:.0f} GB/s weights) {best[1]} "
-                f"[t={time.time() - t_start:.0f}s]")
+            log(f"{n}x{k} M={m}: {best[0]:.2f} us ({gbps:.0f} GB/s weights) {best[1]}"
+                f"{' (the incumbent)' if best[1] == inc else ''} [t={time.time() - t_start:.0f}s]")
         table[f"{n}x{k}"] = entry
         wps = ss = None  # free the copies before the next shape
         torch.cuda.empty_cache()
@@ -373,6 +409,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop trying new configs after this many seconds")
     ap.add_argument("--merge", action="store_true", help="keep the existing table's other (shape, M) entries and "
                     "replace only the ones tuned now (the table read is --out if it exists, else this GPU's)")
+    ap.add_argument("--kernels", nargs="+", choices=KERNELS, help="time only these kernels' candidates; with "
+                    "--merge the table's own entry for each (shape, M) is timed too and kept unless beaten")
     ap.add_argument("--also-compile", choices=("bfloat16", "float16"),
                     help="after tuning, precompile the chosen configs for this dtype too (warm Triton cache)")
     ap.add_argument("--demo", action="store_true", help="only run one decode and one prefill launch (for "
@@ -385,13 +423,16 @@ def main(argv=None) -> int:
         return demo_launches()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    result = tune(shapes, args.ms, getattr(torch, args.dtype), args.jobs, log, args.budget_s)
-    out = args.out or str(CONFIG_DIR / device_table_name(result["device"]))
+    out = args.out or str(CONFIG_DIR / device_table_name(torch.cuda.get_device_name()))
+    base_path = out if os.path.isfile(out) else str(CONFIG_DIR / device_table_name(torch.cuda.get_device_name()))
+    base = None
+    if args.merge and os.path.isfile(base_path):
+        with open(base_path) as f:
+            base = json.load(f)
+    result = tune(shapes, args.ms, getattr(torch, args.dtype), args.jobs, log, args.budget_s, kernels=args.kernels,
+                  incumbent=base["shapes"] if base and args.kernels else None)
     if args.merge:
-        base_path = out if os.path.isfile(out) else str(CONFIG_DIR / device_table_name(result["device"]))
-        if os.path.isfile(base_path):
-            with open(base_path) as f:
-                base = json.load(f)
+        if base is not None:
             shapes_new = result["shapes"]
             result["shapes"] = base.get("shapes", {})
             for shape, by_m in shapes_new.items():
@@ -414,7 +455,8 @@ def main(argv=None) -> int:
 
 
 def demo_launches() -> int:
-    """One split-K decode launch (M=5), two prefill launches (M=300, Triton and Gluon), two diagonal tensor-core
+    """One split-K decode launch (M=5), four prefill launches (M=300, Triton and both Gluon kernels; M=200 through
+    ``prefill_wsp``'s split-K), two diagonal tensor-core
     GEMV launches (M=3 in a 4-row program, per-word and chained accumulators) and two full-MMA ones (M=13 of 16, M=6
     of 8, chained), ragged tiles, checked against the reference;
     then the tuned M=1 and M=8 launches on the 16384x2560 gate_up shape (the ones a profiler should look at)."""
@@ -424,6 +466,8 @@ def demo_launches() -> int:
     for m, cfg in ((5, W4A16Config("decode", 16, 128, 128, 4, 4, 4, True, True)),
                    (300, W4A16Config("prefill", 128, 128, 64, 1, 8, 3)),
                    (300, W4A16Config("prefill_tma", 128, 64, 128, 1, 4, 3)),
+                   (300, W4A16Config("prefill_wsp", 256, 128, 128, 1, 4, 3)),
+                   (200, W4A16Config("prefill_wsp", 128, 128, 128, 3, 4, 2)),
                    (3, W4A16Config("gemv_mma", 4, 2, 512, 1, 1, 3)),
                    (3, W4A16Config("gemv_mma", 4, 8, 512, 1, 2, 2, chain=True)),
                    (13, W4A16Config("gemv_mma8", 16, 16, 512, 1, 4, 3)),
@@ -431,7 +475,7 @@ def demo_launches() -> int:
         x = torch.randn(m, 2560, device="cuda", dtype=torch.bfloat16)
         y = w4a16_gemm(x, wp, s, config=cfg)
         torch.cuda.synchronize()
-        name = cfg.kernel + (" chain" if cfg.chain else "")
+        name = cfg.kernel + (" chain" if cfg.chain else "") + (f" split {cfg.split_k}" if cfg.split_k > 1 else "")
         print(f"demo {name} M={m}: tolerance ratio {check_tolerance(y, x, wp, s):.3f}", flush=True)
     wp, s = make_problem(16384, 2560, torch.bfloat16, "cuda")
     for m in (1, 8):

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-KERNELS = ("decode", "prefill", "dequant_mm", "gemv", "gemv_mma", "gemv_mma8", "prefill_tma")
+KERNELS = ("decode", "prefill", "dequant_mm", "gemv", "gemv_mma", "gemv_mma8", "prefill_tma", "prefill_wsp")
 CHUNK_K = 128   # gemv_mma8: weights of K per word-tile row (16 int32 words: 4 lanes x one 16-byte vector)
 
 
@@ -34,15 +34,19 @@ class W4A16Config:
       dispatcher runs ``gemv`` with the same tiling) or ``gemv_mma8`` (the same on tensor cores with every MMA
       column an activation row, :mod:`kernels.w4a16_gemv_mma8`; for 5..16 rows; without inline PTX: ``gemv``) or
       ``prefill_tma`` (full-K tiles in Gluon: TMA ring, weights dequantized into wgmma's register operand,
-      :mod:`kernels.w4a16_prefill_tma`; sm_90 only, elsewhere the dispatcher runs ``prefill``).
+      :mod:`kernels.w4a16_prefill_tma`; sm_90 only, elsewhere the dispatcher runs ``prefill``) or ``prefill_wsp``
+      (the same arithmetic warp-specialised: a TMA producer warp and two consumer warpgroups of 64 weight rows,
+      optional serial split-K, :mod:`kernels.w4a16_prefill_wsp`; sm_90 only, elsewhere ``prefill``).
     * ``block_m``/``block_n``/``block_k``: tile; ``block_k`` in {64, 128, 256}. For ``gemv``: ``block_m`` (activation
       rows per program) in {1, 2, 4, 8}, ``block_n`` (weight rows per program) a power of two <= 64, ``block_k`` in
       {256, 512, 1024, 2048}; ``num_stages`` 2 or 3: K blocks of words held in registers (the one computed and
       ``num_stages - 1`` in flight). ``gemv_mma``: the same, with ``block_m`` in {1, 2, 4} and ``block_n`` >= 2.
       ``gemv_mma8``: ``block_m`` 8 or 16, ``block_n`` 16..128, ``block_k`` 128..2048, :func:`mma8_ok`.
       ``prefill_tma``: ``block_m`` 64, 128 or 256, ``block_n`` 64 or 128 with ``num_warps = block_n / 16``,
-      ``block_k`` 64 or 128, ``num_stages`` (TMA ring slots) 2..6.
-    * ``split_k``: K slices per output tile (decode only; clamped so that no slice is empty).
+      ``block_k`` 64 or 128, ``num_stages`` (TMA ring slots) 2..6. ``prefill_wsp``: the same but ``block_n`` 128
+      (two warpgroups), ``num_warps`` 4 (the default partition; the kernel runs 12 warps).
+    * ``split_k``: K slices per output tile (decode and the Gluon prefill kernels; clamped so that no slice is
+      empty).
     * ``kperm``/``w_is_a``: K relabelling and weight-as-A-operand (see :mod:`kernels.w4a16_mainloop`).
     * ``chain`` (``gemv_mma``, ``gemv_mma8``): the four words of a thread's 16-byte vector share one MMA
       accumulator set instead of one set per word (:func:`chain_ok` says which ``gemv_mma`` tilings allow it; every
@@ -80,8 +84,16 @@ class W4A16Config:
                 raise ValueError(f"prefill_tma needs block_m 64/128/256, block_n 64/128 and block_k 64/128: {self}")
             if self.num_warps != self.block_n // 16 or not 2 <= self.num_stages <= 6:
                 raise ValueError(f"prefill_tma needs num_warps = block_n / 16 and num_stages 2..6: {self}")
-            if self.split_k != 1 or self.kperm or self.w_is_a or self.chain:
-                raise ValueError(f"prefill_tma has no split-K, K relabelling, operand choice or chain: {self}")
+            if self.split_k < 1 or self.kperm or self.w_is_a or self.chain:
+                raise ValueError(f"prefill_tma has no K relabelling, operand choice or chain: {self}")
+            return
+        if self.kernel == "prefill_wsp":
+            if self.block_m not in (64, 128, 256) or self.block_n != 128 or self.block_k not in (64, 128):
+                raise ValueError(f"prefill_wsp needs block_m 64/128/256, block_n 128 and block_k 64/128: {self}")
+            if self.num_warps != 4 or not 2 <= self.num_stages <= 6:
+                raise ValueError(f"prefill_wsp needs num_warps 4 and num_stages 2..6: {self}")
+            if self.split_k < 1 or self.kperm or self.w_is_a or self.chain:
+                raise ValueError(f"prefill_wsp has no K relabelling, operand choice or chain: {self}")
             return
         if self.kernel in ("gemv", "gemv_mma"):
             if self.kernel == "gemv_mma" and (self.block_m not in (1, 2, 4) or self.block_n < 2):
@@ -117,7 +129,7 @@ class W4A16Config:
         """Whether this tile can run K (a multiple of block_k) with scale groups of ``group_size`` (K: channelwise)."""
         if k % self.block_k:
             return False
-        if self.kernel == "prefill_tma":   # one scale per row per K block
+        if self.kernel in ("prefill_tma", "prefill_wsp"):   # one scale per row per K block
             return group_size >= k or group_size % self.block_k == 0
         return group_size >= k or group_size % self.block_k == 0 or self.block_k % group_size == 0
 

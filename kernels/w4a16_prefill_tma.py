@@ -31,12 +31,15 @@ four CTA barriers per K block. Gluon (Triton's lower-level language) gives the p
   is serial in itself, and dequantization can overlap the tensor cores only across CTAs: with 4 warps and
   60-147 KB of ring, 1-3 share an SM. A version that staged the dequantized tile in shared memory to keep one
   wgmma in flight was slower on every shape that it did not lose to dequantize + cuBLAS anyway
-  (``bench/results/h200-2026-12-01/dev``).
+  (``bench/results/h200-2026-12-01/dev``). Within a CTA they overlap in :mod:`kernels.w4a16_prefill_wsp`: two
+  consumer warpgroups, each serial, that drift apart (faster where its grid fills the GPU).
 
 One CTA barrier per K block (Gluon adds three more around the TMA issue) orders every warp's reads of a ring slot
 before the TMA that refills it.
 
-Determinism: fixed K order, no split-K: the bits depend only on the K order of the k16 MMA chain per output.
+Determinism: fixed K order: the bits depend only on the K order of the k16 MMA chain per output, and with the
+optional serial split-K (for grids that leave SMs idle) on the split count too: the partials are summed in split
+order, whichever split finishes last.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .counters import grow_zeros
 from .w4a16_prefill import grouped_tile
 
 BOX_K = 64   # activation columns per TMA box: one 128-byte swizzled row of bf16 (the widest swizzle TMA has)
@@ -86,12 +90,12 @@ def word_layout(BN, BK, num_warps):
 
 
 @gluon.jit
-def _issue(x_desc, w_desc, x_smem, w_smem, bars, kb, off_m, off_n, pred, STAGES: gl.constexpr,
+def _issue(x_desc, w_desc, x_smem, w_smem, bars, i, kb, off_m, off_n, pred, STAGES: gl.constexpr,
            BK: gl.constexpr):
-    """TMA copies of K block ``kb`` (BK/64 activation boxes of 64 columns, one word box) into ring slot
-    ``kb % STAGES``; the slot's mbarrier completes when all their bytes have landed."""
+    """TMA copies of K block ``kb`` (BK/64 activation boxes of 64 columns, one word box), this CTA's ``i``-th, into
+    ring slot ``i % STAGES``; the slot's mbarrier completes when all their bytes have landed."""
     SUB: gl.constexpr = BK // SUB_K
-    slot = kb % STAGES
+    slot = i % STAGES
     bar = bars.index(slot)
     mbarrier.expect(bar, SUB * x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
     for h in gl.static_range(SUB):
@@ -123,10 +127,10 @@ def _dequant(w, sel, s2, BN: gl.constexpr, BK: gl.constexpr, IS_BF16: gl.constex
 
 @gluon.jit
 def _w4a16_prefill_tma_kernel(
-    x_desc, w_desc, s_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_sn, stride_om,
+    x_desc, w_desc, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_sn, stride_om, split_k, kb_per_split,
     HAS_BIAS: gl.constexpr, IS_BF16: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-    GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+    GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, SPLIT: gl.constexpr,
 ):
     NW: gl.constexpr = gl.num_warps()
     SUB: gl.constexpr = BK // SUB_K
@@ -147,29 +151,36 @@ def _w4a16_prefill_tma_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
 
-    num_k = K // BK
+    # this CTA's K blocks: all of them, or split program_id(1)'s share
+    kb_lo = gl.program_id(1) * kb_per_split
+    kb_hi = gl.minimum(kb_lo + kb_per_split, K // BK)
+    num_k = kb_hi - kb_lo
     for i in gl.static_range(STAGES - 1):
-        _issue(x_desc, w_desc, x_smem, w_smem, bars, i, off_m, off_n, i < num_k, STAGES, BK)
+        _issue(x_desc, w_desc, x_smem, w_smem, bars, i, kb_lo + i, off_m, off_n, i < num_k, STAGES, BK)
 
     rows = gl.minimum(off_n + gl.arange(0, BN, layout=LROW), N - 1)
     t = gl.arange(0, 4, layout=LT)
     sel = gl.expand_dims(gl.expand_dims(0x4400 + 0x1111 * t, 0), 0)          # [1, 1, 4] prmt selectors
-    s2 = _scale_pairs(s_ptr, rows, 0, stride_sn)
+    if GROUP_SIZE == 0:
+        s2 = _scale_pairs(s_ptr, rows, 0, stride_sn)
+    else:
+        s2 = _scale_pairs(s_ptr, rows, (kb_lo * BK) // GROUP_SIZE, stride_sn)
 
     acc = gl.zeros([BN, BM], gl.float32, layout=mma)
-    for kb in range(num_k):
-        slot = kb % STAGES
+    for i in range(num_k):
+        kb = kb_lo + i
+        slot = i % STAGES
         # the next block's scales, one iteration ahead (2-byte loads: too narrow for TMA)
         if GROUP_SIZE == 0:
             s2_next = s2
         else:
-            s2_next = _scale_pairs(s_ptr, rows, (gl.minimum(kb + 1, num_k - 1) * BK) // GROUP_SIZE, stride_sn)
-        mbarrier.wait(bars.index(slot), (kb // STAGES) & 1)
+            s2_next = _scale_pairs(s_ptr, rows, (gl.minimum(kb + 1, kb_hi - 1) * BK) // GROUP_SIZE, stride_sn)
+        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
         wd = _dequant(w_smem.index(slot).load(LW), sel, s2, BN, BK, IS_BF16)
         # Every warp is past block kb-1 (its words read, its wgmma retired below): refill that slot.
         _cta_barrier()
-        nxt = kb + STAGES - 1
-        _issue(x_desc, w_desc, x_smem, w_smem, bars, nxt, off_m, off_n, nxt < num_k, STAGES, BK)
+        nxt = i + STAGES - 1
+        _issue(x_desc, w_desc, x_smem, w_smem, bars, nxt, kb_lo + nxt, off_m, off_n, nxt < num_k, STAGES, BK)
         if SUB == 1:
             a = gl.convert_layout(wd, a_layout, assert_trivial=True)
             acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
@@ -192,6 +203,43 @@ def _w4a16_prefill_tma_kernel(
     # acc^T[BN, BM] -> out[M, N]
     n_idx = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     m_idx = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+    store_acc(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, gl.program_id(0), gl.num_programs(0), n_idx, m_idx, M, N,
+              stride_om, split_k, HAS_BIAS, SPLIT)
+
+
+@gluon.jit
+def store_acc(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, ticket_idx, n_tickets, n_idx, m_idx, M, N, stride_om,
+              split_k, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr):
+    """Store ``acc^T[n, m]`` (fp32 ``[RN, BM]``, rows ``n_idx``, columns ``m_idx``) to ``out[m, n]`` (+ bias),
+    rounding once.
+
+    With ``SPLIT`` (serial split-K, as in :mod:`kernels.w4a16_decode`): every split stores its fp32 partial tile to
+    ``ws[split, ticket, RN, BM]`` and takes a ticket from ``cnt[ticket_idx]`` (acq_rel, GPU scope, after a barrier
+    of the calling warps); the one that draws the last sums all partials **in split order**, so the bits do not
+    depend on which split finished last, and resets the counter to 0. The workspace holds whole tiles in the
+    accumulator's own order, so its addresses are the thread's base plus constants (no masks, few registers)."""
+    RN: gl.constexpr = acc.shape[0]
+    BM: gl.constexpr = acc.shape[1]
+    if SPLIT:
+        local = (gl.expand_dims(gl.arange(0, RN, layout=n_idx.type.layout), 1) * BM
+                 + gl.expand_dims(gl.arange(0, BM, layout=m_idx.type.layout), 0))
+        tile = ws_ptr + ticket_idx * (RN * BM)
+        split_stride = n_tickets * (RN * BM)
+        gl.store(tile + gl.program_id(1) * split_stride + local, acc)
+        _cta_barrier()   # every calling warp's partial is issued before the ticket (the release is cumulative)
+        ticket = gl.atomic_add(cnt_ptr + ticket_idx, 1, sem="acq_rel", scope="gpu")
+        if ticket == split_k - 1:
+            acc = gl.load(tile + local, cache_modifier=".cg")
+            for s in range(1, split_k):
+                acc += gl.load(tile + s * split_stride + local, cache_modifier=".cg")
+            _store_out(acc, out_ptr, bias_ptr, n_idx, m_idx, M, N, stride_om, HAS_BIAS)
+            gl.atomic_xchg(cnt_ptr + ticket_idx, 0, sem="relaxed", scope="gpu")
+    else:
+        _store_out(acc, out_ptr, bias_ptr, n_idx, m_idx, M, N, stride_om, HAS_BIAS)
+
+
+@gluon.jit
+def _store_out(acc, out_ptr, bias_ptr, n_idx, m_idx, M, N, stride_om, HAS_BIAS: gl.constexpr):
     if HAS_BIAS:
         acc += gl.expand_dims(gl.load(bias_ptr + n_idx, mask=n_idx < N, other=0.0).to(gl.float32), 1)
     mask = gl.expand_dims(n_idx < N, 1) & gl.expand_dims(m_idx < M, 0)
@@ -211,13 +259,15 @@ def descriptors(x: torch.Tensor, weight_packed: torch.Tensor, block_m: int, bloc
 
 def w4a16_prefill_tma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None, group_size: int, *, block_m: int = 128, block_n: int = 64,
-                     block_k: int = 128, num_stages: int = 4, group_m: int = 8) -> torch.Tensor:
+                     block_k: int = 128, num_stages: int = 4, group_m: int = 8, split_k: int = 1) -> torch.Tensor:
     """Launch the Gluon prefill kernel (sm_90: wgmma, TMA).
 
     * ``x`` ``[M, K]`` bf16/fp16, contiguous, 16-byte aligned; ``weight_packed`` ``[N, K/8]`` int32 contiguous,
       16-byte aligned; ``weight_scale`` ``[N, K/G]`` of x's dtype, G a multiple of ``block_k`` or G = K.
     * ``block_m`` (activation rows, wgmma's N) a multiple of 16 in 16..256; ``block_n`` (weight rows) 64 or 128:
       one warp per 16 rows; ``block_k`` 64 or 128 (one or two 64-wide activation boxes per stage).
+    * ``split_k`` > 1: serial split-K, each split a contiguous run of K blocks (:func:`store_acc`); clamped so
+      that no split is empty (1 if the workspace would pass 2^31 floats).
 
     Returns ``[M, N]`` of x's dtype."""
     m, k = x.shape
@@ -225,17 +275,37 @@ def w4a16_prefill_tma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale
     if block_k not in (64, 128) or k % block_k or not (group_size >= k or group_size % block_k == 0):
         raise ValueError(f"w4a16_prefill_tma: block_k must be 64 or 128 and divide K={k} and the group size "
                          f"{group_size} (or the group be channelwise), got block_k={block_k}")
-    if block_n not in (64, 128) or block_m % 16 or not 16 <= block_m <= 256:
-        raise ValueError(f"w4a16_prefill_tma: block_n must be 64 or 128 and block_m a multiple of 16 in 16..256, "
-                         f"got {block_n}, {block_m}")
+    if block_n not in (64, 128) or block_m % 16 or not 16 <= block_m <= 256 or split_k < 1:
+        raise ValueError(f"w4a16_prefill_tma: block_n must be 64 or 128, block_m a multiple of 16 in 16..256 and "
+                         f"split_k >= 1, got {block_n}, {block_m}, {split_k}")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     x_desc, w_desc = descriptors(x, weight_packed, block_m, block_n, block_k)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _w4a16_prefill_tma_kernel[grid](
-        x_desc, w_desc, weight_scale, bias if bias is not None else weight_scale, out,
-        m, n, k, weight_scale.stride(0), out.stride(0),
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split_k, kb_per_split, ws, cnt = split_workspace(x, k // block_k, split_k, tiles, block_n * block_m)
+    _w4a16_prefill_tma_kernel[(tiles, split_k)](
+        x_desc, w_desc, weight_scale, bias if bias is not None else weight_scale, out, ws, cnt,
+        m, n, k, weight_scale.stride(0), out.stride(0), split_k, kb_per_split,
         HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, BM=block_m, BN=block_n, BK=block_k,
-        GROUP_SIZE=0 if group_size >= k else group_size, STAGES=num_stages, GROUP_M=group_m,
+        GROUP_SIZE=0 if group_size >= k else group_size, STAGES=num_stages, GROUP_M=group_m, SPLIT=split_k > 1,
         num_warps=block_n // 16,
     )
     return out
+
+
+# The split-K tickets: device -> every counter buffer handed out there (kernels.counters.grow_zeros).
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def split_workspace(x: torch.Tensor, kb_total: int, split_k: int, tickets: int, tile_elems: int):
+    """``(split_k, kb_per_split, ws, cnt)`` of a serial split-K launch (:func:`store_acc`): ``split_k`` clamped so
+    that no split is empty, the fp32 partial tiles ``ws[split_k, tickets, tile_elems]`` (a typed stand-in when there
+    is no split) and a zeroed ticket counter per tile (shared by every launch on the device: one stream, as HF and
+    vLLM run)."""
+    if split_k * tickets * tile_elems >= 2**31:   # int32 workspace offsets; split-K is for small grids anyway
+        split_k = 1
+    kb_per_split = triton.cdiv(kb_total, max(1, min(split_k, kb_total)))
+    split_k = triton.cdiv(kb_total, kb_per_split)
+    cnt = grow_zeros(_COUNTERS, x.device, tickets, 4096)
+    ws = (torch.empty(split_k * tickets * tile_elems, dtype=torch.float32, device=x.device) if split_k > 1
+          else cnt.view(torch.float32))   # not touched without a split (a typed pointer for the compiled-out branch)
+    return split_k, kb_per_split, ws, cnt

@@ -139,6 +139,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
         (C("gemv_mma8", 16, 16, 128, num_warps=1, num_stages=3, chain=True), 13, 64, 384, 32, True),
         # the Gluon prefill kernel cannot be interpreted: the dispatcher runs the Triton tiled kernel instead
         (C("prefill_tma", 64, 64, 128, num_warps=4, num_stages=3), 70, 128, 256, 128, True),
+        (C("prefill_wsp", 128, 128, 128, split_k=2, num_warps=4, num_stages=3), 70, 128, 256, 128, True),
     ]
     out = []
     for dtype in (torch.float16, torch.bfloat16):
@@ -184,7 +185,7 @@ def test_triton_kernels_under_interpreter():
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads(line[len("RESULT "):])
-    assert len(results) == 2 * 18 + 2 * 4 + 2
+    assert len(results) == 2 * 19 + 2 * 4 + 2
     refused = next(ln for ln in proc.stdout.splitlines() if ln.startswith("REFUSED "))
     assert "cannot run K=384 with group size 128" in refused, refused
     bad = [r for r in results if not r["ratio"] <= 1.0]
@@ -307,22 +308,28 @@ def test_gemv_mma8_candidates():
         assert all(8 <= c.block_n * c.block_k // 8 // (32 * c.num_warps) <= 32 for c in cands)
 
 
-@pytest.mark.parametrize("bm,bn,bk,stages,dtype,group", [
-    (128, 64, 128, 3, "bf16", 128), (256, 64, 64, 3, "bf16", 128), (64, 128, 128, 2, "fp16", 256),
-    (256, 128, 64, 4, "bf16", 0),
+@pytest.mark.parametrize("bm,bn,bk,stages,dtype,group,split,wsp", [
+    (128, 64, 128, 3, "bf16", 128, False, False), (256, 64, 64, 3, "bf16", 128, False, False),
+    (64, 128, 128, 2, "fp16", 256, False, False), (256, 128, 64, 4, "bf16", 0, False, False),
+    (128, 64, 128, 3, "bf16", 128, True, False), (256, 128, 64, 3, "fp16", 128, True, False),
+    (256, 128, 128, 3, "bf16", 128, False, True), (128, 128, 128, 2, "bf16", 0, True, True),
+    (256, 128, 64, 5, "fp16", 256, True, True),
 ])
-def test_prefill_tma_compiles_to_register_operand_wgmma(bm, bn, bk, stages, dtype, group):
-    """The Gluon prefill kernel's design, checked on ahead-of-time sm_90a compiles with the installed Triton (no
-    GPU). Compiling at all proves the layout claim its docstring makes: the dequantized tile is converted to wgmma's
+def test_prefill_tma_compiles_to_register_operand_wgmma(bm, bn, bk, stages, dtype, group, split, wsp):
+    """The Gluon prefill kernels' design, checked on ahead-of-time sm_90a compiles with the installed Triton (no
+    GPU), with and without their split-K epilogue, ``prefill_tma`` and the warp-specialised ``prefill_wsp``.
+    Compiling at all proves the layout claim their docstring makes: the dequantized tile is converted to wgmma's
     A-operand layout with ``assert_trivial=True``, i.e. each thread computed exactly its own fragment. The SASS then
-    shows every wgmma taking A from registers (bk / 16 per K block), a full wait after each block (an A operand in
-    registers must not be overwritten while its wgmma runs; with one left in flight it was, on the H200), and no
-    register spills."""
+    shows every wgmma taking A from registers (bk / 16 per K block and warpgroup program), a full wait after each
+    block (an A operand in registers must not be overwritten while its wgmma runs; with one left in flight it was,
+    on the H200), and no register spills (the split-K workspace holds whole tiles in the accumulator's order, so
+    its addresses cost no registers: with masked [M, N] offsets ``prefill_wsp`` spilled)."""
     from bench.gpu.sass_loop import compile_prefill_tma, prefill_tma_stats
 
-    st = prefill_tma_stats(compile_prefill_tma(bm, bn, bk, stages, dtype, group))
-    assert st["hgmma"] == st["hgmma_reg_a"] == bk // 16, st
-    assert st["waits"] and set(st["waits"]) == {"0x0"}, st
+    st = prefill_tma_stats(compile_prefill_tma(bm, bn, bk, stages, dtype, group, split=split, wsp=wsp))
+    programs = 2 if wsp else 1     # prefill_wsp: the two consumer warpgroups are separate code
+    assert st["hgmma"] == st["hgmma_reg_a"] == programs * bk // 16, st
+    assert st["waits"] and set(st["waits"]) == {"0x0"} and len(st["waits"]) == programs, st
     assert st["local"] == 0, st
 
 
@@ -338,7 +345,7 @@ def test_prefill_tma_config_and_candidates():
     assert not c.fits(2560 + 64, 128) and W4A16Config("prefill_tma", 128, 64, 64, num_warps=4).fits(2560, 64)
     for bad, msg in ((dict(num_warps=8), "num_warps = block_n / 16"), (dict(block_n=256, num_warps=16), "block_n"),
                      (dict(block_m=32), "block_m"), (dict(block_k=256), "block_k"), (dict(num_stages=1), "2..6"),
-                     (dict(split_k=2), "no split-K"), (dict(kperm=True), "no split-K"), (dict(chain=True), "chain")):
+                     (dict(kperm=True), "no K relabelling"), (dict(chain=True), "chain")):
         with pytest.raises(ValueError, match=msg):
             W4A16Config(**{**dict(kernel="prefill_tma", block_m=128, block_n=64, block_k=128, num_warps=4,
                                   num_stages=3), **bad})
@@ -350,6 +357,37 @@ def test_prefill_tma_config_and_candidates():
     assert {c.block_m for c in candidates_for(128) if c.kernel == "prefill_tma"} == {64, 128}
     assert {c.block_m for c in candidates_for(1024) if c.kernel == "prefill_tma"} == {64, 128, 256}
     assert not [c for m in (1, 4, 16) for c in candidates_for(m) if c.kernel == "prefill_tma"]
+    assert W4A16Config("prefill_tma", 128, 64, 128, split_k=3, num_warps=4).split_k == 3
+
+
+def test_prefill_wsp_config_candidates_and_splits():
+    """``prefill_wsp`` configs: 128 weight rows on a 4-warp default partition, 2..6 ring slots, split-K allowed;
+    the autotuner's tilings fit 224 KB of ring and are tried from M = 65 on (256-row tiles from M = 256); split-K
+    values for both Gluon kernels only where the tiles leave SMs idle."""
+    import dataclasses
+
+    from kernels.w4a16_autotune import candidates_for, prefill_wsp_candidates, split_candidates
+    from kernels.w4a16_config import W4A16Config
+
+    base = dict(kernel="prefill_wsp", block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=3)
+    c = W4A16Config(**base, split_k=2)
+    assert c.fits(2560, 128) and c.fits(2560, 2560) and not c.fits(2560, 64) and not c.fits(2560 + 64, 128)
+    for bad, msg in ((dict(block_n=64), "block_n 128"), (dict(num_warps=8), "num_warps 4"),
+                     (dict(num_stages=7), "2..6"), (dict(block_k=256), "block_k"), (dict(w_is_a=True), "operand")):
+        with pytest.raises(ValueError, match=msg):
+            W4A16Config(**{**base, **bad})
+    assert not [c for m in (16, 64) for c in candidates_for(m) if c.kernel == "prefill_wsp"]
+    assert {c.block_m for c in candidates_for(128) if c.kernel == "prefill_wsp"} == {128}
+    cands = prefill_wsp_candidates(1024)
+    assert {c.block_m for c in cands} == {128, 256} and set(cands) <= set(candidates_for(1024))
+    assert all(c.num_stages * (c.block_m * c.block_k * 2 + 64 * c.block_k) <= 224 << 10 for c in cands)
+    wsp = W4A16Config(**base)
+    assert split_candidates(wsp, 256, 2560, 8192, 132) == [1, 2, 3, 4]      # 20 x 2 tiles on 132 SMs
+    assert split_candidates(wsp, 256, 16384, 2560, 132) == [1]              # 128 x 2 tiles
+    tma = W4A16Config("prefill_tma", 128, 64, 128, num_warps=4, num_stages=3)
+    assert split_candidates(tma, 256, 3072, 2560, 132) == [1, 2, 3, 4]      # 48 x 2 tiles: under 2 per SM
+    assert split_candidates(tma, 1024, 3072, 2560, 132) == [1]              # 384 tiles
+    assert split_candidates(dataclasses.replace(tma, block_k=64), 64, 512, 128, 132) == [1, 2]   # 2 K blocks
 
 
 def test_heuristic_tma_for_untuned_shapes():
@@ -379,8 +417,9 @@ def test_heuristic_tma_for_untuned_shapes():
 
 
 def test_prefill_tma_launcher_refusals():
-    """The Gluon launcher refuses what its tiles cannot run before anything is launched (CPU tensors suffice)."""
+    """The Gluon launchers refuse what their tiles cannot run before anything is launched (CPU tensors suffice)."""
     from kernels.w4a16_prefill_tma import w4a16_prefill_tma
+    from kernels.w4a16_prefill_wsp import w4a16_prefill_wsp
 
     x = torch.zeros(4, 256, dtype=torch.bfloat16)
     wp, s = torch.zeros(64, 32, dtype=torch.int32), torch.ones(64, 2, dtype=torch.bfloat16)
@@ -390,6 +429,12 @@ def test_prefill_tma_launcher_refusals():
             w4a16_prefill_tma(x, wp, s, None, 128, **{**dict(block_m=64, block_n=64, block_k=128), **kw})
     with pytest.raises(ValueError, match="group size 64"):
         w4a16_prefill_tma(x, wp, torch.ones(64, 4, dtype=torch.bfloat16), None, 64, block_m=64, block_n=64)
+    with pytest.raises(ValueError, match="split_k >= 1"):
+        w4a16_prefill_tma(x, wp, s, None, 128, block_m=64, block_n=64, split_k=0)
+    for kw, msg in ((dict(block_k=256), "block_k must be 64 or 128"), (dict(block_m=24), "multiple of 16"),
+                    (dict(block_m=512), "multiple of 16"), (dict(split_k=0), "split_k >= 1")):
+        with pytest.raises(ValueError, match=msg):
+            w4a16_prefill_wsp(x, wp, s, None, 128, **{**dict(block_m=64, block_k=128), **kw})
 
 
 def test_gemv_mma_chain_frees_accumulator_registers():

@@ -253,6 +253,63 @@ def test_prefill_tma_against_reference(dtype):
     assert tolerance_ratio(w4a16_gemm(xo, wp, s, config=cfg), x, wp, s) <= 1.0
 
 
+WSP_TILINGS = ((128, 128, 3, 1), (256, 128, 3, 1), (256, 64, 5, 1), (128, 128, 2, 3), (256, 64, 4, 2),
+               (64, 128, 4, 4))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_prefill_wsp_and_split_k_against_reference(dtype):
+    """The warp-specialised Gluon prefill kernel (producer warp, two consumer warpgroups) and the serial split-K of
+    both Gluon kernels against the reference: M from 1 to 600, N = 2560 and a ragged 2624 (the second warpgroup's
+    rows past N), bias, scale groups 128, 256 and channelwise. Without a split, ``prefill_wsp`` gives the bits of
+    ``prefill_tma`` with the same activation rows and K block (each output is one k16 MMA chain in K order); with
+    one, a repeated call gives the same bits (partials summed in split order) and the tickets are back at zero."""
+    from kernels.w4a16 import w4a16_gemm
+    from kernels.w4a16_config import W4A16Config
+    from kernels.w4a16_prefill_tma import _COUNTERS, w4a16_prefill_tma
+    from kernels.w4a16_prefill_wsp import w4a16_prefill_wsp
+
+    k = 4096
+    for n in (2560, 2624):
+        b = torch.randn(n, device="cuda", dtype=dtype)
+        for group in (128, 256, -1):
+            wp, s = gpu_problem(n, k, dtype, group=group, seed=10)
+            gs = group if group > 0 else k
+            for bm, bk, st, sk in WSP_TILINGS:
+                for m in (1, 77, 256, 600):
+                    if (group != 128 or n != 2560) and m not in (77, 600):
+                        continue
+                    x = torch.randn(m, k, device="cuda", dtype=dtype)
+                    for bias in (None, b):
+                        y = w4a16_prefill_wsp(x, wp, s, bias, gs, block_m=bm, block_k=bk, num_stages=st, split_k=sk)
+                        r = tolerance_ratio(y, x, wp, s, bias)
+                        assert r <= 1.0, ("wsp", n, group, bm, bk, st, sk, m, bias is not None, r)
+                        if sk == 1:
+                            ref = w4a16_prefill_tma(x, wp, s, bias, gs, block_m=bm, block_n=64, block_k=bk,
+                                                    num_stages=2)
+                            assert torch.equal(y, ref), ("wsp bits", n, group, bm, bk, m)
+                        else:
+                            y2 = w4a16_prefill_wsp(x, wp, s, bias, gs, block_m=bm, block_k=bk, num_stages=st,
+                                                   split_k=sk)
+                            assert torch.equal(y, y2), ("wsp split repeat", n, group, bm, bk, sk, m)
+                            yt = w4a16_prefill_tma(x, wp, s, bias, gs, block_m=bm, block_n=64, block_k=bk,
+                                                   num_stages=st, split_k=sk)
+                            r = tolerance_ratio(yt, x, wp, s, bias)
+                            assert r <= 1.0, ("tma split", n, group, bm, bk, st, sk, m, bias is not None, r)
+                            assert torch.equal(yt, y), ("same split, same partials, same sum", n, group, bm, sk, m)
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in _COUNTERS[torch.device("cuda", torch.cuda.current_device())])
+    # through the dispatcher, and its fallback for an activation tensor off a 16-byte boundary
+    wp, s = gpu_problem(3072, 2560, dtype, seed=9)
+    x = torch.randn(300, 2560, device="cuda", dtype=dtype)
+    xo = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(300, 2560)
+    for cfg in (W4A16Config("prefill_wsp", 256, 128, 128, num_warps=4, num_stages=3),
+                W4A16Config("prefill_wsp", 128, 128, 128, split_k=3, num_warps=4, num_stages=2),
+                W4A16Config("prefill_tma", 128, 64, 128, split_k=2, num_warps=4, num_stages=3)):
+        assert tolerance_ratio(w4a16_gemm(x, wp, s, config=cfg), x, wp, s) <= 1.0, cfg
+        assert tolerance_ratio(w4a16_gemm(xo, wp, s, config=cfg), x, wp, s) <= 1.0, cfg
+
+
 def test_deterministic_and_config_invariant():
     """Same call twice -> same bits (split-K included). With no split-K, bits depend only on (BLOCK_K, K labelling):
     not on BLOCK_M/BLOCK_N/warps/stages, decode vs prefill kernel, mma.sync vs wgmma (§9B)."""

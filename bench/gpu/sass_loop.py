@@ -1,14 +1,15 @@
 """Compile the GEMV kernels ahead of time for sm_90a on any machine (no GPU) and count their K loop's SASS.
 
-``python bench/gpu/sass_loop.py [--kernel gemv|gemv_mma|gemv_mma8|prefill_tma] [--block-m 1] [--block-n 16]
+``python bench/gpu/sass_loop.py [--kernel gemv|gemv_mma|gemv_mma8|prefill_tma|prefill_wsp] [--block-m 1] [--block-n 16]
 [--block-k 1024] [--warps 4] [--stages 2] [--chain]`` prints the registers per thread, the K loop's instruction
 count, instructions per int32 word, the top opcodes, and the barriers and shared-memory instructions inside the
 loop. It uses Triton's own ``ptxas`` / ``nvdisasm`` (shipped with the triton wheel), so the figures are those of the
 installed Triton version: the README's come from Triton 3.6.0 (the GPU image's). The loop is the code between the
 back-edge label and its branch.
 
-``--kernel prefill_tma`` compiles the Gluon prefill kernel instead (``--stages``: its ring slots) and prints
-whole-kernel facts: the wgmma form, waits, barriers and spills.
+``--kernel prefill_tma`` (or ``prefill_wsp``, the warp-specialised one) compiles a Gluon prefill kernel instead
+(``--stages``: its ring slots, ``--split``: its split-K variant) and prints whole-kernel facts: the wgmma form,
+waits, barriers and spills.
 """
 from __future__ import annotations
 
@@ -55,29 +56,36 @@ def compile_gemv(kernel: str, block_m: int, block_n: int, block_k: int, num_warp
 
 
 def compile_prefill_tma(block_m: int, block_n: int, block_k: int, num_stages: int, dtype: str = "bf16",
-                       group: int = 128, k: int = 2560):
-    """The Gluon prefill kernel (:mod:`kernels.w4a16_prefill_tma`) compiled for CUDA sm_90 (its TMA descriptors'
-    types taken from descriptors built on CPU tensors of the launch's shapes)."""
+                        group: int = 128, k: int = 2560, split: bool = False, wsp: bool = False):
+    """A Gluon prefill kernel compiled for CUDA sm_90 (its TMA descriptors' types taken from descriptors built on CPU
+    tensors of the launch's shapes): :mod:`kernels.w4a16_prefill_tma`, or with ``wsp`` the warp-specialised
+    :mod:`kernels.w4a16_prefill_wsp` (``block_n`` must then be 128); ``split``: the serial split-K variant."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    from kernels.w4a16_prefill_tma import _w4a16_prefill_tma_kernel as fn, descriptors
+    from kernels.w4a16_prefill_tma import _w4a16_prefill_tma_kernel, descriptors
+    from kernels.w4a16_prefill_wsp import _w4a16_prefill_wsp_kernel
 
     tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
     xd, wd = descriptors(torch.zeros(block_m, k, dtype=tdt), torch.zeros(block_n, k // 8, dtype=torch.int32),
                          block_m, block_n, block_k)
-    const = dict(HAS_BIAS=False, IS_BF16=dtype == "bf16", BM=block_m, BN=block_n, BK=block_k,
-                 GROUP_SIZE=group, STAGES=num_stages, GROUP_M=8)
+    const = dict(HAS_BIAS=False, IS_BF16=dtype == "bf16", BM=block_m, BK=block_k, GROUP_SIZE=group,
+                 STAGES=num_stages, GROUP_M=8, SPLIT=split)
+    if wsp:
+        fn, const["CONSUMER_REGS"] = _w4a16_prefill_wsp_kernel, 232
+    else:
+        fn, const["BN"] = _w4a16_prefill_tma_kernel, block_n
     sig = {"x_desc": mangle_type(xd), "w_desc": mangle_type(wd), "s_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
-           "out_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "stride_sn": "i32", "stride_om": "i32",
+           "out_ptr": f"*{dtype}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_sn": "i32", "stride_om": "i32", "split_k": "i32", "kb_per_split": "i32",
            **{name: "constexpr" for name in const}}
     args = list(fn.arg_names)
     attrs = {(args.index(a),): [["tt.divisibility", 16]] for a in ("s_ptr", "bias_ptr", "out_ptr", "K", "stride_om")}
     return triton.compile(GluonASTSource(fn, sig, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=block_n // 16))
+                          options=dict(num_warps=4 if wsp else block_n // 16))
 
 
 def sass_text(compiled) -> str:
@@ -134,7 +142,9 @@ def registers(compiled) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=("gemv", "gemv_mma", "gemv_mma8", "prefill_tma"), default="gemv_mma")
+    ap.add_argument("--kernel", choices=("gemv", "gemv_mma", "gemv_mma8", "prefill_tma", "prefill_wsp"),
+                    default="gemv_mma")
+    ap.add_argument("--split", action="store_true", help="prefill_tma / prefill_wsp: the split-K variant")
     ap.add_argument("--block-m", type=int, default=1)
     ap.add_argument("--block-n", type=int, default=16)
     ap.add_argument("--block-k", type=int, default=1024)
@@ -143,8 +153,10 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=2, help="register pipeline depth (prefetch = stages - 1)")
     ap.add_argument("--chain", action="store_true", help="gemv_mma: one accumulator set per 4-word vector")
     args = ap.parse_args()
-    if args.kernel == "prefill_tma":   # --block-m/n/k, --stages: the ring slots
-        compiled = compile_prefill_tma(args.block_m, args.block_n, args.block_k, args.stages, args.dtype)
+    if args.kernel in ("prefill_tma", "prefill_wsp"):   # --block-m/n/k, --stages: the ring slots
+        wsp = args.kernel == "prefill_wsp"
+        compiled = compile_prefill_tma(args.block_m, 128 if wsp else args.block_n, args.block_k, args.stages,
+                                       args.dtype, split=args.split, wsp=wsp)
         print(f"prefill_tma bm{args.block_m} bn{args.block_n} bk{args.block_k} st{args.stages} {args.dtype}: "
               f"{registers(compiled)} registers; whole kernel: {prefill_tma_stats(compiled)}")
         return 0

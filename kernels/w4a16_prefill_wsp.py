@@ -1,0 +1,188 @@
+"""Prefill-shaped W4A16 GEMM in Gluon, warp-specialised: one TMA producer warp, two consumer warpgroups.
+
+``y[M, N] = x[M, K] @ W'[N, K]^T (+ bias)``, the same arithmetic as :mod:`kernels.w4a16_prefill_tma` (weights
+dequantized straight into wgmma's register A operand, fixed K order), with a different schedule.
+
+The hardware reason for this kernel
+-----------------------------------
+In ``prefill_tma`` every warp of a CTA waits for its K block's wgmma before it dequantizes the next one (ptxas
+does not keep a register A operand alive across an asynchronous wgmma), and a CTA barrier per K block keeps all
+warps in step, so within a CTA the ALUs (dequantization) and the tensor cores (wgmma) take turns.
+
+Here a CTA owns ``2 x 64`` weight rows and ``BM`` activation rows and splits them between two consumer
+warpgroups, 64 weight rows each, that share every activation box of the ring:
+
+* **Producer warp** (a worker partition, 1 warp): waits on a slot's ``empty`` barrier, then issues the TMA copies
+  of the next K block (activation boxes and the ``[128, BK/8]`` word tile) against its ``ready`` barrier.
+* **Consumers** (the default partition and one worker partition, 4 warps each): wait on ``ready``, dequantize
+  their 64 rows of words into wgmma's A fragment, run the wgmma, wait for it, then arrive on ``empty`` (count 2:
+  the slot is refilled only once both warpgroups' wgmmas that read it have retired).
+* No CTA barrier in the K loop (the barriers Gluon emits there are named ones of the partition's 128 threads), so
+  the two warpgroups drift apart: while one's wgmma runs on the tensor cores the other dequantizes on the ALUs of
+  the same SM sub-partitions. Each warpgroup is still serial in itself, so no register is read by a wgmma in
+  flight while it is rewritten.
+
+Triton pads the producer's partition to a warpgroup, so a CTA runs 12 warps and holds the register file (168
+registers each at launch, rebalanced by ``setmaxnreg``: 232 for the worker consumer, 24 for the producer): one
+CTA per SM. That suits grids of at least ~132 tiles (gate_up, 8192x8192: 1.10-1.20x ``prefill_tma`` at M =
+256-1024 on the H200); on the small E4B shapes the tiles leave SMs idle, which the optional serial split-K
+(:func:`kernels.w4a16_prefill_tma.store_acc`, one ticket per warpgroup) helps only where K is long (``down``,
+K = 8192: 1.25x at M = 256 with split 3).
+
+Determinism: each output is one warpgroup's chain of k16 MMAs in K order: without a split the bits are
+``prefill_tma``'s with the same activation rows and K block (checked on the GPU), with one they depend on the split
+count too (partials summed in split order).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+
+from .w4a16_prefill import grouped_tile
+from .w4a16_prefill_tma import (SUB_K, _dequant, _scale_pairs, _tma_load, descriptors, split_workspace, store_acc,
+                                word_layout)
+
+
+@gluon.jit
+def _producer(x_desc, w_desc, x_smem, w_smem, ready, empty, off_m, off_n, kb_lo, kb_hi,
+              STAGES: gl.constexpr, BK: gl.constexpr):
+    SUB: gl.constexpr = BK // SUB_K
+    for i in range(kb_hi - kb_lo):
+        kb = kb_lo + i
+        slot = i % STAGES
+        # A fresh barrier counts as having completed the phase before its first: the first pass does not wait.
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+        bar = ready.index(slot)
+        mbarrier.expect(bar, SUB * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+        for h in gl.static_range(SUB):
+            _tma_load(x_desc, [off_m, kb * BK + h * SUB_K], bar, x_smem.index(slot * SUB + h))
+        _tma_load(w_desc, [off_n, kb * (BK // 8)], bar, w_smem.index(slot))
+
+
+@gluon.jit
+def _consumer(x_smem, w_smem, ready, empty, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, kb_lo, kb_hi,
+              split_k, ticket_idx, stride_sn, stride_om, off_m, off_n, ROW0: gl.constexpr, HAS_BIAS: gl.constexpr,
+              IS_BF16: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, GROUP_SIZE: gl.constexpr,
+              STAGES: gl.constexpr, SPLIT: gl.constexpr):
+    RW: gl.constexpr = 64
+    NW: gl.constexpr = 4
+    SUB: gl.constexpr = BK // SUB_K
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BM, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    L3: gl.constexpr = word_layout(RW, BK, NW)
+    LW: gl.constexpr = gl.SliceLayout(2, L3)
+    LROW: gl.constexpr = gl.SliceLayout(1, LW)
+    LT: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L3))
+
+    rows = gl.minimum(off_n + ROW0 + gl.arange(0, RW, layout=LROW), N - 1)
+    t = gl.arange(0, 4, layout=LT)
+    sel = gl.expand_dims(gl.expand_dims(0x4400 + 0x1111 * t, 0), 0)
+    if GROUP_SIZE == 0:
+        s2 = _scale_pairs(s_ptr, rows, 0, stride_sn)
+    else:
+        s2 = _scale_pairs(s_ptr, rows, (kb_lo * BK) // GROUP_SIZE, stride_sn)
+
+    acc = gl.zeros([RW, BM], gl.float32, layout=mma)
+    for i in range(kb_hi - kb_lo):
+        kb = kb_lo + i
+        slot = i % STAGES
+        if GROUP_SIZE == 0:
+            s2_next = s2
+        else:
+            s2_next = _scale_pairs(s_ptr, rows, (gl.minimum(kb + 1, kb_hi - 1) * BK) // GROUP_SIZE, stride_sn)
+        mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+        wd = _dequant(w_smem.index(slot).slice(ROW0, RW, dim=0).load(LW), sel, s2, RW, BK, IS_BF16)
+        if SUB == 1:
+            a = gl.convert_layout(wd, a_layout, assert_trivial=True)
+            acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+        else:
+            a0, a1 = gl.split(gl.permute(gl.reshape(wd, [RW, 2, SUB_K]), (0, 2, 1)))
+            a0 = gl.convert_layout(a0, a_layout, assert_trivial=True)
+            a1 = gl.convert_layout(a1, a_layout, assert_trivial=True)
+            acc = warpgroup_mma(a0, x_smem.index(slot * 2).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a1, x_smem.index(slot * 2 + 1).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        # The wgmma has retired, and it could not start before all four warps had dequantized their words:
+        # this warpgroup is done with the slot.
+        mbarrier.arrive(empty.index(slot), count=1)
+        s2 = s2_next
+
+    n_idx = off_n + ROW0 + gl.arange(0, RW, layout=gl.SliceLayout(1, mma))
+    m_idx = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+    # split-K: one ticket per warpgroup's half tile; the barrier in store_acc is this partition's own
+    store_acc(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, ticket_idx, 2 * gl.num_programs(0), n_idx, m_idx, M, N,
+              stride_om, split_k, HAS_BIAS, SPLIT)
+
+
+@gluon.jit
+def _w4a16_prefill_wsp_kernel(
+    x_desc, w_desc, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_sn, stride_om, split_k, kb_per_split,
+    HAS_BIAS: gl.constexpr, IS_BF16: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
+    GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    SPLIT: gl.constexpr,
+):
+    BN: gl.constexpr = 128
+    SUB: gl.constexpr = BK // SUB_K
+    pid_m, pid_n = grouped_tile(gl.program_id(0), M, N, BM, BN, GROUP_M)
+    off_m = pid_m * BM
+    off_n = pid_n * BN
+
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * SUB, BM, SUB_K], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    kb_lo = gl.program_id(1) * kb_per_split
+    kb_hi = gl.minimum(kb_lo + kb_per_split, K // BK)
+    tile = gl.program_id(0) * 2
+
+    gl.warp_specialize([
+        (_consumer, (x_smem, w_smem, ready, empty, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, kb_lo, kb_hi,
+                     split_k, tile, stride_sn, stride_om, off_m, off_n, 0, HAS_BIAS, IS_BF16, BM, BK, GROUP_SIZE,
+                     STAGES, SPLIT)),
+        (_consumer, (x_smem, w_smem, ready, empty, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, kb_lo, kb_hi,
+                     split_k, tile + 1, stride_sn, stride_om, off_m, off_n, 64, HAS_BIAS, IS_BF16, BM, BK,
+                     GROUP_SIZE, STAGES, SPLIT)),
+        (_producer, (x_desc, w_desc, x_smem, w_smem, ready, empty, off_m, off_n, kb_lo, kb_hi, STAGES, BK)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def w4a16_prefill_wsp(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None, group_size: int, *, block_m: int = 128, block_k: int = 128,
+                      num_stages: int = 4, group_m: int = 8, split_k: int = 1,
+                      consumer_regs: int = 232) -> torch.Tensor:
+    """Launch the warp-specialised Gluon prefill kernel (sm_90: wgmma, TMA).
+
+    * ``x`` ``[M, K]`` bf16/fp16, contiguous, 16-byte aligned; ``weight_packed`` ``[N, K/8]`` int32 contiguous,
+      16-byte aligned; ``weight_scale`` ``[N, K/G]`` of x's dtype, G a multiple of ``block_k`` or G = K.
+    * 128 weight rows per CTA (two consumer warpgroups of 64), ``block_m`` activation rows (wgmma's N, a multiple
+      of 16 in 16..256), ``block_k`` 64 or 128; ``split_k`` > 1: serial split-K as in
+      :func:`kernels.w4a16_prefill_tma.store_acc`, one ticket per warpgroup.
+
+    Returns ``[M, N]`` of x's dtype."""
+    m, k = x.shape
+    n = weight_packed.shape[0]
+    if block_k not in (64, 128) or k % block_k or not (group_size >= k or group_size % block_k == 0):
+        raise ValueError(f"w4a16_prefill_wsp: block_k must be 64 or 128 and divide K={k} and the group size "
+                         f"{group_size} (or the group be channelwise), got block_k={block_k}")
+    if block_m % 16 or not 16 <= block_m <= 256 or split_k < 1:
+        raise ValueError(f"w4a16_prefill_wsp: block_m must be a multiple of 16 in 16..256 and split_k >= 1, got "
+                         f"{block_m}, {split_k}")
+    x_desc, w_desc = descriptors(x, weight_packed, block_m, 128, block_k)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    split_k, kb_per_split, ws, cnt = split_workspace(x, k // block_k, split_k, 2 * tiles, 64 * block_m)
+    _w4a16_prefill_wsp_kernel[(tiles, split_k)](
+        x_desc, w_desc, weight_scale, bias if bias is not None else weight_scale, out, ws, cnt,
+        m, n, k, weight_scale.stride(0), out.stride(0), split_k, kb_per_split,
+        HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, BM=block_m, BK=block_k,
+        GROUP_SIZE=0 if group_size >= k else group_size, STAGES=num_stages, GROUP_M=group_m,
+        CONSUMER_REGS=consumer_regs, SPLIT=split_k > 1, num_warps=4,
+    )
+    return out
