@@ -126,6 +126,45 @@ def _dequant(w, sel, s2, BN: gl.constexpr, BK: gl.constexpr, IS_BF16: gl.constex
 
 
 @gluon.jit
+def _block_scales(s_ptr, rows, kb, stride_sn, BK: gl.constexpr, GROUP_SIZE: gl.constexpr):
+    """Scale pairs of K block ``kb`` for ``rows`` (GROUP_SIZE 0: channelwise, one column)."""
+    if GROUP_SIZE == 0:
+        return _scale_pairs(s_ptr, rows, 0, stride_sn)
+    else:
+        return _scale_pairs(s_ptr, rows, (kb * BK) // GROUP_SIZE, stride_sn)
+
+
+@gluon.jit
+def _next_scales(s2, s_ptr, rows, kb, stride_sn, BK: gl.constexpr, GROUP_SIZE: gl.constexpr):
+    """:func:`_block_scales` of block ``kb``, loaded one iteration ahead (2-byte loads: too narrow for TMA); the
+    channelwise ones are loaded once, so ``s2`` is kept."""
+    if GROUP_SIZE == 0:
+        return s2
+    else:
+        return _block_scales(s_ptr, rows, kb, stride_sn, BK, GROUP_SIZE)
+
+
+@gluon.jit
+def _mma_block(wd, x_smem, slot, acc, a_layout: gl.constexpr, SUB: gl.constexpr):
+    """``acc += wd @ x^T`` for one K block (``wd`` ``[RW, 64 * SUB]`` dequantized weights, ``x_smem`` slot
+    ``slot``'s SUB activation boxes), then wait for it before anything else runs: ptxas does not keep a register A
+    operand alive for an asynchronous wgmma (measured: with one wgmma left in flight, the next block's
+    dequantization overwrote it and the results were wrong)."""
+    RW: gl.constexpr = wd.shape[0]
+    if SUB == 1:
+        a = gl.convert_layout(wd, a_layout, assert_trivial=True)
+        acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+    else:
+        # k bit 6 is a register bit of the word layout: splitting the two 64-wide halves moves no data
+        a0, a1 = gl.split(gl.permute(gl.reshape(wd, [RW, 2, SUB_K]), (0, 2, 1)))
+        a0 = gl.convert_layout(a0, a_layout, assert_trivial=True)
+        a1 = gl.convert_layout(a1, a_layout, assert_trivial=True)
+        acc = warpgroup_mma(a0, x_smem.index(slot * 2).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(a1, x_smem.index(slot * 2 + 1).permute((1, 0)), acc, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+
+@gluon.jit
 def _w4a16_prefill_tma_kernel(
     x_desc, w_desc, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_sn, stride_om, split_k, kb_per_split,
@@ -161,41 +200,22 @@ def _w4a16_prefill_tma_kernel(
     rows = gl.minimum(off_n + gl.arange(0, BN, layout=LROW), N - 1)
     t = gl.arange(0, 4, layout=LT)
     sel = gl.expand_dims(gl.expand_dims(0x4400 + 0x1111 * t, 0), 0)          # [1, 1, 4] prmt selectors
-    if GROUP_SIZE == 0:
-        s2 = _scale_pairs(s_ptr, rows, 0, stride_sn)
-    else:
-        s2 = _scale_pairs(s_ptr, rows, (kb_lo * BK) // GROUP_SIZE, stride_sn)
+    s2 = _block_scales(s_ptr, rows, kb_lo, stride_sn, BK, GROUP_SIZE)
 
     acc = gl.zeros([BN, BM], gl.float32, layout=mma)
     for i in range(num_k):
         kb = kb_lo + i
         slot = i % STAGES
-        # the next block's scales, one iteration ahead (2-byte loads: too narrow for TMA)
-        if GROUP_SIZE == 0:
-            s2_next = s2
-        else:
-            s2_next = _scale_pairs(s_ptr, rows, (gl.minimum(kb + 1, kb_hi - 1) * BK) // GROUP_SIZE, stride_sn)
+        s2_next = _next_scales(s2, s_ptr, rows, gl.minimum(kb + 1, kb_hi - 1), stride_sn, BK, GROUP_SIZE)
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
         wd = _dequant(w_smem.index(slot).load(LW), sel, s2, BN, BK, IS_BF16)
         # Every warp is past block kb-1 (its words read, its wgmma retired below): refill that slot.
         _cta_barrier()
         nxt = i + STAGES - 1
         _issue(x_desc, w_desc, x_smem, w_smem, bars, nxt, kb_lo + nxt, off_m, off_n, nxt < num_k, STAGES, BK)
-        if SUB == 1:
-            a = gl.convert_layout(wd, a_layout, assert_trivial=True)
-            acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
-        else:
-            # k bit 6 is a register bit of the word layout: splitting the two 64-wide halves moves no data
-            a0, a1 = gl.split(gl.permute(gl.reshape(wd, [BN, 2, SUB_K]), (0, 2, 1)))
-            a0 = gl.convert_layout(a0, a_layout, assert_trivial=True)
-            a1 = gl.convert_layout(a1, a_layout, assert_trivial=True)
-            acc = warpgroup_mma(a0, x_smem.index(slot * 2).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(a1, x_smem.index(slot * 2 + 1).permute((1, 0)), acc, is_async=True)
-        # Wait for it before anything else runs: ptxas does not keep a register A operand alive for an
-        # asynchronous wgmma (measured: with one wgmma left in flight, the next block's dequantization overwrote
-        # it and the results were wrong). Dequantization and MMA can overlap only across the CTAs on an SM
-        # (1-3 fit: 60-147 KB of ring each).
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        # Waited for inside: dequantization and MMA overlap only across the CTAs on an SM (1-3 fit: 60-147 KB of
+        # ring each).
+        acc = _mma_block(wd, x_smem, slot, acc, a_layout, SUB)
         s2 = s2_next
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
@@ -247,6 +267,17 @@ def _store_out(acc, out_ptr, bias_ptr, n_idx, m_idx, M, N, stride_om, HAS_BIAS: 
     gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def check_launch(kernel: str, k: int, group_size: int, block_m: int, block_n: int, block_k: int, split_k: int):
+    """Refuse, before anything is launched, a tiling the Gluon prefill kernels cannot run (``kernel`` names the
+    launcher in the message)."""
+    if block_k not in (64, 128) or k % block_k or not (group_size >= k or group_size % block_k == 0):
+        raise ValueError(f"{kernel}: block_k must be 64 or 128 and divide K={k} and the group size {group_size} "
+                         f"(or the group be channelwise), got block_k={block_k}")
+    if block_n not in (64, 128) or block_m % 16 or not 16 <= block_m <= 256 or split_k < 1:
+        raise ValueError(f"{kernel}: block_n must be 64 or 128, block_m a multiple of 16 in 16..256 and split_k >= 1, "
+                         f"got {block_n}, {block_m}, {split_k}")
+
+
 def descriptors(x: torch.Tensor, weight_packed: torch.Tensor, block_m: int, block_n: int, block_k: int):
     """TMA descriptors of the activations ``[M, K]`` (box ``[block_m, 64]``, 128-byte swizzle) and the words
     ``[N, K/8]`` (box ``[block_n, block_k / 8]``)."""
@@ -272,12 +303,7 @@ def w4a16_prefill_tma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale
     Returns ``[M, N]`` of x's dtype."""
     m, k = x.shape
     n = weight_packed.shape[0]
-    if block_k not in (64, 128) or k % block_k or not (group_size >= k or group_size % block_k == 0):
-        raise ValueError(f"w4a16_prefill_tma: block_k must be 64 or 128 and divide K={k} and the group size "
-                         f"{group_size} (or the group be channelwise), got block_k={block_k}")
-    if block_n not in (64, 128) or block_m % 16 or not 16 <= block_m <= 256 or split_k < 1:
-        raise ValueError(f"w4a16_prefill_tma: block_n must be 64 or 128, block_m a multiple of 16 in 16..256 and "
-                         f"split_k >= 1, got {block_n}, {block_m}, {split_k}")
+    check_launch("w4a16_prefill_tma", k, group_size, block_m, block_n, block_k, split_k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     x_desc, w_desc = descriptors(x, weight_packed, block_m, block_n, block_k)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)

@@ -39,11 +39,11 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from .w4a16_prefill import grouped_tile
-from .w4a16_prefill_tma import (SUB_K, _dequant, _scale_pairs, _tma_load, descriptors, split_workspace, store_acc,
-                                word_layout)
+from .w4a16_prefill_tma import (SUB_K, _block_scales, _dequant, _mma_block, _next_scales, _tma_load, check_launch,
+                                descriptors, split_workspace, store_acc, word_layout)
 
 
 @gluon.jit
@@ -80,31 +80,16 @@ def _consumer(x_smem, w_smem, ready, empty, s_ptr, bias_ptr, out_ptr, ws_ptr, cn
     rows = gl.minimum(off_n + ROW0 + gl.arange(0, RW, layout=LROW), N - 1)
     t = gl.arange(0, 4, layout=LT)
     sel = gl.expand_dims(gl.expand_dims(0x4400 + 0x1111 * t, 0), 0)
-    if GROUP_SIZE == 0:
-        s2 = _scale_pairs(s_ptr, rows, 0, stride_sn)
-    else:
-        s2 = _scale_pairs(s_ptr, rows, (kb_lo * BK) // GROUP_SIZE, stride_sn)
+    s2 = _block_scales(s_ptr, rows, kb_lo, stride_sn, BK, GROUP_SIZE)
 
     acc = gl.zeros([RW, BM], gl.float32, layout=mma)
     for i in range(kb_hi - kb_lo):
         kb = kb_lo + i
         slot = i % STAGES
-        if GROUP_SIZE == 0:
-            s2_next = s2
-        else:
-            s2_next = _scale_pairs(s_ptr, rows, (gl.minimum(kb + 1, kb_hi - 1) * BK) // GROUP_SIZE, stride_sn)
+        s2_next = _next_scales(s2, s_ptr, rows, gl.minimum(kb + 1, kb_hi - 1), stride_sn, BK, GROUP_SIZE)
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
         wd = _dequant(w_smem.index(slot).slice(ROW0, RW, dim=0).load(LW), sel, s2, RW, BK, IS_BF16)
-        if SUB == 1:
-            a = gl.convert_layout(wd, a_layout, assert_trivial=True)
-            acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
-        else:
-            a0, a1 = gl.split(gl.permute(gl.reshape(wd, [RW, 2, SUB_K]), (0, 2, 1)))
-            a0 = gl.convert_layout(a0, a_layout, assert_trivial=True)
-            a1 = gl.convert_layout(a1, a_layout, assert_trivial=True)
-            acc = warpgroup_mma(a0, x_smem.index(slot * 2).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(a1, x_smem.index(slot * 2 + 1).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc = _mma_block(wd, x_smem, slot, acc, a_layout, SUB)
         # The wgmma has retired, and it could not start before all four warps had dequantized their words:
         # this warpgroup is done with the slot.
         mbarrier.arrive(empty.index(slot), count=1)
@@ -168,12 +153,7 @@ def w4a16_prefill_wsp(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale
     Returns ``[M, N]`` of x's dtype."""
     m, k = x.shape
     n = weight_packed.shape[0]
-    if block_k not in (64, 128) or k % block_k or not (group_size >= k or group_size % block_k == 0):
-        raise ValueError(f"w4a16_prefill_wsp: block_k must be 64 or 128 and divide K={k} and the group size "
-                         f"{group_size} (or the group be channelwise), got block_k={block_k}")
-    if block_m % 16 or not 16 <= block_m <= 256 or split_k < 1:
-        raise ValueError(f"w4a16_prefill_wsp: block_m must be a multiple of 16 in 16..256 and split_k >= 1, got "
-                         f"{block_m}, {split_k}")
+    check_launch("w4a16_prefill_wsp", k, group_size, block_m, 128, block_k, split_k)
     x_desc, w_desc = descriptors(x, weight_packed, block_m, 128, block_k)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -31,6 +31,22 @@ def geomean(v):
     return math.exp(sum(map(math.log, v)) / len(v)) if v else float("nan")
 
 
+def rotated_with_dequantized(n: int, k: int, dtype, dev):
+    """The autotuner's rotated weight copies (``wps``, ``ss``) and the dequantized bf16 copies cuBLAS multiplies
+    (enough of them to rotate past the L2, at least two)."""
+    wps, ss, _ = rotated_problem(n, k, dtype, dev)
+    wds = [dequantize(wp, s, (n, k)) for wp, s in zip(wps, ss)]
+    return wps, ss, wds[:max(2, n_copies(n * k * 2))]
+
+
+def peers_us(x, wps, ss, wds) -> tuple[float, float]:
+    """µs of cuBLAS on the dequantized weights and of the tuned ``w4a16_gemm`` path, best of two timings each."""
+    t_cublas = min(graph_time_us(lambda i: x @ wds[i % len(wds)].t(), len(wds), replays=5) for _ in range(2))
+    t_tuned = min(graph_time_us(lambda i: w4a16_gemm(x, wps[i % len(wps)], ss[i % len(ss)]), len(wps), replays=5)
+                  for _ in range(2))
+    return t_cublas, t_tuned
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", type=int, nargs="+", default=[256, 1024, 4096])
@@ -63,18 +79,14 @@ def main() -> int:
         y = w4a16_prefill_tma(x, wp, s, None, k0, block_m=128, block_n=64, block_k=bk, num_stages=3)
         print(f"check channelwise block_k={bk}: tol {check_tolerance(y, x, wp, s):.3f}", flush=True)
 
-    rows, vs_tuned, vs_cublas_best, vs_cublas_tuned = [], [], [], []
+    vs_tuned, vs_cublas_best, vs_cublas_tuned = [], [], []
     for shape in args.shapes:
         n, k = map(int, shape.split("x"))
-        wps, ss, nbytes = rotated_problem(n, k, dtype, dev)
-        wds = [dequantize(wp, s, (n, k)) for wp, s in zip(wps, ss)]
-        wds = wds[:max(2, n_copies(n * k * 2))]
+        wps, ss, wds = rotated_with_dequantized(n, k, dtype, dev)
         for m in args.ms:
             x = torch.randn(m, k, device=dev, dtype=dtype)
             flop = 2.0 * m * n * k
-            t_cublas = min(graph_time_us(lambda i: x @ wds[i % len(wds)].t(), len(wds), replays=5) for _ in range(2))
-            t_tuned = min(graph_time_us(lambda i: w4a16_gemm(x, wps[i % len(wps)], ss[i % len(ss)]), len(wps),
-                                        replays=5) for _ in range(2))
+            t_cublas, t_tuned = peers_us(x, wps, ss, wds)
             best = (math.inf, None)
             line = []
             for bm, bn, bk, st in cfgs:

@@ -20,19 +20,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from kernels.w4a16 import w4a16_gemm  # noqa: E402
-from kernels.w4a16_autotune import (check_tolerance, graph_time_us, make_problem, n_copies,  # noqa: E402
-                                    rotated_problem)
+from bench.gpu.prefill_tma_check import geomean, peers_us, rotated_with_dequantized  # noqa: E402
+from kernels.w4a16_autotune import check_tolerance, graph_time_us, make_problem  # noqa: E402
 from kernels.w4a16_prefill_tma import w4a16_prefill_tma  # noqa: E402
 from kernels.w4a16_prefill_wsp import w4a16_prefill_wsp  # noqa: E402
-from pack.packing import dequantize  # noqa: E402
 
 SHAPES = ("3072x2560", "2560x2048", "16384x2560", "2560x8192", "8192x8192")
 TMA = ("128,64,128,4", "128,64,128,3", "256,64,64,3", "64,64,128,4")
-
-
-def geomean(v):
-    return math.exp(sum(map(math.log, v)) / len(v)) if v else float("nan")
 
 
 def main() -> int:
@@ -84,15 +78,11 @@ def main() -> int:
     g_tuned, g_tma, g_wsp, g_best = [], [], [], []
     for shape in args.shapes:
         n, k = map(int, shape.split("x"))
-        wps, ss, nbytes = rotated_problem(n, k, dtype, dev)
-        wds = [dequantize(wp, s, (n, k)) for wp, s in zip(wps, ss)]
-        wds = wds[:max(2, n_copies(n * k * 2))]
+        wps, ss, wds = rotated_with_dequantized(n, k, dtype, dev)
         for m in args.ms:
             x = torch.randn(m, k, device=dev, dtype=dtype)
             flop = 2.0 * m * n * k
-            t_cublas = min(graph_time_us(lambda i: x @ wds[i % len(wds)].t(), len(wds), replays=5) for _ in range(2))
-            t_tuned = min(graph_time_us(lambda i: w4a16_gemm(x, wps[i % len(wps)], ss[i % len(ss)]), len(wps),
-                                        replays=5) for _ in range(2))
+            t_cublas, t_tuned = peers_us(x, wps, ss, wds)
             best = {"tma": (math.inf, None), "wsp": (math.inf, None)}
             lines = []
             for kind, grid in (("tma", tmas), ("wsp", cfgs)):
