@@ -24,8 +24,8 @@ warpgroups, 64 weight rows each, that share every activation box of the ring:
 
 Triton pads the producer's partition to a warpgroup, so a CTA runs 12 warps and holds the register file (168
 registers each at launch, rebalanced by ``setmaxnreg``: 232 for the worker consumer, 24 for the producer): one
-CTA per SM. That suits grids of at least ~132 tiles (gate_up, 8192x8192: 1.10-1.20x ``prefill_tma`` at M =
-256-1024 on the H200); on the small E4B shapes the tiles leave SMs idle, which the optional serial split-K
+CTA per SM. That suits grids of at least ~132 tiles (gate_up, 8192x8192 at M = 256-1024 on the H200: 1.12-1.20x
+the table entries it replaced, ``prefill_tma`` and at gate_up M = 1024 dequantize + cuBLAS); on the small E4B shapes the tiles leave SMs idle, which the optional serial split-K
 (:func:`kernels.w4a16_prefill_tma.store_acc`, one ticket per warpgroup) helps only where K is long (``down``,
 K = 8192: 1.25x at M = 256 with split 3).
 
