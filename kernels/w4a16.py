@@ -32,10 +32,10 @@ def asm_ok(x: torch.Tensor) -> bool:
 
 
 def tma_ok(x: torch.Tensor, weight_packed: torch.Tensor) -> bool:
-    """Whether the Gluon prefill kernels (:mod:`kernels.w4a16_prefill_tma`, ``_wsp``) can run: Hopper (wgmma and TMA are sm_90
-    instructions; sm_100 has neither wgmma nor this code path), the inline-PTX dequantization (:func:`asm_ok`),
-    Triton's Gluon, and TMA's 16-byte alignment of both operands' base addresses (their contiguous rows are
-    multiples of 16 bytes already: :func:`check_w4a16_args` requires K % 128 == 0)."""
+    """Whether the Gluon prefill kernels (:mod:`kernels.w4a16_prefill_tma`, ``_wsp``) can run: Hopper (wgmma and
+    TMA are sm_90 instructions; sm_100 has neither wgmma nor this code path), the inline-PTX dequantization
+    (:func:`asm_ok`), Triton's Gluon, and TMA's 16-byte alignment of both operands' base addresses (their contiguous
+    rows are multiples of 16 bytes already: :func:`check_w4a16_args` requires K % 128 == 0)."""
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if _capability(index)[0] != 9 or not asm_ok(x) or not _gluon_available():
         return False
@@ -164,7 +164,7 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     elif c.kernel == "prefill_tma" and not interp and tma_ok(x2, weight_packed):
         from .w4a16_prefill_tma import w4a16_prefill_tma
         y = w4a16_prefill_tma(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
-                             block_k=c.block_k, num_stages=c.num_stages, group_m=c.group_m)
+                             block_k=c.block_k, num_stages=c.num_stages, group_m=c.group_m, split_k=c.split_k)
     elif c.kernel == "prefill_wsp" and not interp and tma_ok(x2, weight_packed):
         from .w4a16_prefill_wsp import w4a16_prefill_wsp
         y = w4a16_prefill_wsp(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_k=c.block_k,
