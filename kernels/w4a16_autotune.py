@@ -423,8 +423,9 @@ def main(argv=None) -> int:
         return demo_launches()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    out = args.out or str(CONFIG_DIR / device_table_name(torch.cuda.get_device_name()))
-    base_path = out if os.path.isfile(out) else str(CONFIG_DIR / device_table_name(torch.cuda.get_device_name()))
+    own_table = str(CONFIG_DIR / device_table_name(torch.cuda.get_device_name()))
+    out = args.out or own_table
+    base_path = out if os.path.isfile(out) else own_table
     base = None
     if args.merge and os.path.isfile(base_path):
         with open(base_path) as f:
