@@ -42,24 +42,17 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from .w4a16_prefill import grouped_tile
-from .w4a16_prefill_tma import (SUB_K, _block_scales, _dequant, _mma_block, _next_scales, _tma_load, check_launch,
+from .w4a16_prefill_tma import (SUB_K, _block_scales, _dequant, _issue, _mma_block, _next_scales, check_launch,
                                 descriptors, split_workspace, store_acc, word_layout)
 
 
 @gluon.jit
 def _producer(x_desc, w_desc, x_smem, w_smem, ready, empty, off_m, off_n, kb_lo, kb_hi,
               STAGES: gl.constexpr, BK: gl.constexpr):
-    SUB: gl.constexpr = BK // SUB_K
     for i in range(kb_hi - kb_lo):
-        kb = kb_lo + i
-        slot = i % STAGES
         # A fresh barrier counts as having completed the phase before its first: the first pass does not wait.
-        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-        bar = ready.index(slot)
-        mbarrier.expect(bar, SUB * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-        for h in gl.static_range(SUB):
-            _tma_load(x_desc, [off_m, kb * BK + h * SUB_K], bar, x_smem.index(slot * SUB + h))
-        _tma_load(w_desc, [off_n, kb * (BK // 8)], bar, w_smem.index(slot))
+        mbarrier.wait(empty.index(i % STAGES), ((i // STAGES) & 1) ^ 1)
+        _issue(x_desc, w_desc, x_smem, w_smem, ready, i, kb_lo + i, off_m, off_n, True, STAGES, BK)
 
 
 @gluon.jit
