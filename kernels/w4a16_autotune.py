@@ -76,15 +76,18 @@ def prefill_tma_candidates(block_ms=(64, 128, 256), smem_max: int = 200 << 10) -
 
 
 def prefill_wsp_candidates(m: int, smem_max: int = 224 << 10) -> list[W4A16Config]:
-    """Tilings of the warp-specialised Gluon prefill kernel (:mod:`kernels.w4a16_prefill_wsp`, 128 weight rows):
-    ``block_m`` 128 (and 256 from M = 256), ``block_k`` 64 (4-6 ring slots) or 128 (2-4), within ``smem_max``
-    bytes of ring. Its split-K values come from :func:`split_candidates`."""
+    """Tilings of the warp-specialised Gluon prefill kernel (:mod:`kernels.w4a16_prefill_wsp`): ``block_n`` 128
+    (the warpgroups split the rows) or 64 (they split the K blocks; their fp32 halves meet in ``64 x block_m x 4``
+    bytes of shared memory), ``block_m`` 128 (and 256 from M = 256), ``block_k`` 64 (4-6 ring slots) or 128 (2-5),
+    within ``smem_max`` bytes of ring and reduction buffer. Its split-K values come from :func:`split_candidates`."""
     out = []
-    for bm in (128, 256) if m >= 256 else (128, ):
-        for bk, stages in ((64, (4, 5, 6)), (128, (2, 3, 4))):
-            for ns in stages:
-                if ns * (bm * bk * 2 + 128 * bk // 2) <= smem_max:
-                    out.append(W4A16Config("prefill_wsp", bm, 128, bk, 1, 4, ns))
+    for bn in (128, 64):
+        for bm in (128, 256) if m >= 256 else (128, ):
+            for bk, stages in ((64, (4, 5, 6)), (128, (2, 3, 4, 5))):
+                for ns in stages:
+                    red = 64 * bm * 4 if bn == 64 else 0
+                    if ns * (bm * bk * 2 + bn * bk // 2) + red <= smem_max:
+                        out.append(W4A16Config("prefill_wsp", bm, bn, bk, 1, 4, ns))
     return out
 
 
@@ -456,8 +459,8 @@ def main(argv=None) -> int:
 
 
 def demo_launches() -> int:
-    """One split-K decode launch (M=5), four prefill launches (M=300, Triton and both Gluon kernels; M=200 through
-    ``prefill_wsp``'s split-K), two diagonal tensor-core
+    """One split-K decode launch (M=5), six prefill launches (M=300, Triton and both Gluon kernels; ``prefill_wsp``
+    with 128 rows, split-K at M=200, and with K halves, M=300 and split-K at M=200), two diagonal tensor-core
     GEMV launches (M=3 in a 4-row program, per-word and chained accumulators) and two full-MMA ones (M=13 of 16, M=6
     of 8, chained), ragged tiles, checked against the reference;
     then the tuned M=1 and M=8 launches on the 16384x2560 gate_up shape (the ones a profiler should look at)."""
@@ -469,6 +472,8 @@ def demo_launches() -> int:
                    (300, W4A16Config("prefill_tma", 128, 64, 128, 1, 4, 3)),
                    (300, W4A16Config("prefill_wsp", 256, 128, 128, 1, 4, 3)),
                    (200, W4A16Config("prefill_wsp", 128, 128, 128, 3, 4, 2)),
+                   (300, W4A16Config("prefill_wsp", 128, 64, 128, 1, 4, 4)),
+                   (200, W4A16Config("prefill_wsp", 256, 64, 64, 2, 4, 4)),
                    (3, W4A16Config("gemv_mma", 4, 2, 512, 1, 1, 3)),
                    (3, W4A16Config("gemv_mma", 4, 8, 512, 1, 2, 2, chain=True)),
                    (13, W4A16Config("gemv_mma8", 16, 16, 512, 1, 4, 3)),

@@ -35,16 +35,18 @@ class W4A16Config:
       column an activation row, :mod:`kernels.w4a16_gemv_mma8`; for 5..16 rows; without inline PTX: ``gemv``) or
       ``prefill_tma`` (full-K tiles in Gluon: TMA ring, weights dequantized into wgmma's register operand,
       :mod:`kernels.w4a16_prefill_tma`; sm_90 only, elsewhere the dispatcher runs ``prefill``) or ``prefill_wsp``
-      (the same arithmetic warp-specialised: a TMA producer warp and two consumer warpgroups of 64 weight rows,
-      optional serial split-K, :mod:`kernels.w4a16_prefill_wsp`; sm_90 only, elsewhere ``prefill``).
+      (the same arithmetic warp-specialised: a TMA producer warp and two consumer warpgroups of 64 weight rows
+      each, which split the CTA's weight rows or its K blocks; optional serial split-K,
+      :mod:`kernels.w4a16_prefill_wsp`; sm_90 only, elsewhere ``prefill``).
     * ``block_m``/``block_n``/``block_k``: tile; ``block_k`` in {64, 128, 256}. For ``gemv``: ``block_m`` (activation
       rows per program) in {1, 2, 4, 8}, ``block_n`` (weight rows per program) a power of two <= 64, ``block_k`` in
       {256, 512, 1024, 2048}; ``num_stages`` 2 or 3: K blocks of words held in registers (the one computed and
       ``num_stages - 1`` in flight). ``gemv_mma``: the same, with ``block_m`` in {1, 2, 4} and ``block_n`` >= 2.
       ``gemv_mma8``: ``block_m`` 8 or 16, ``block_n`` 16..128, ``block_k`` 128..2048, :func:`mma8_ok`.
       ``prefill_tma``: ``block_m`` 64, 128 or 256, ``block_n`` 64 or 128 with ``num_warps = block_n / 16``,
-      ``block_k`` 64 or 128, ``num_stages`` (TMA ring slots) 2..6. ``prefill_wsp``: the same but ``block_n`` 128
-      (two warpgroups), ``num_warps`` 4 (the default partition; the kernel runs 12 warps).
+      ``block_k`` 64 or 128, ``num_stages`` (TMA ring slots) 2..6. ``prefill_wsp``: the same but ``num_warps`` 4 (the
+      default partition; the kernel runs 12 warps) and ``block_n`` 128 (two warpgroups of 64 rows) or 64 (two
+      warpgroups on the same rows, every other K block each).
     * ``split_k``: K slices per output tile (decode and the Gluon prefill kernels; clamped so that no slice is
       empty).
     * ``kperm``/``w_is_a``: K relabelling and weight-as-A-operand (see :mod:`kernels.w4a16_mainloop`).
@@ -88,8 +90,8 @@ class W4A16Config:
                 raise ValueError(f"prefill_tma has no K relabelling, operand choice or chain: {self}")
             return
         if self.kernel == "prefill_wsp":
-            if self.block_m not in (64, 128, 256) or self.block_n != 128 or self.block_k not in (64, 128):
-                raise ValueError(f"prefill_wsp needs block_m 64/128/256, block_n 128 and block_k 64/128: {self}")
+            if self.block_m not in (64, 128, 256) or self.block_n not in (64, 128) or self.block_k not in (64, 128):
+                raise ValueError(f"prefill_wsp needs block_m 64/128/256, block_n 64/128 and block_k 64/128: {self}")
             if self.num_warps != 4 or not 2 <= self.num_stages <= 6:
                 raise ValueError(f"prefill_wsp needs num_warps 4 and num_stages 2..6: {self}")
             if self.split_k < 1 or self.kperm or self.w_is_a or self.chain:

@@ -9,29 +9,45 @@ In ``prefill_tma`` every warp of a CTA waits for its K block's wgmma before it d
 does not keep a register A operand alive across an asynchronous wgmma), and a CTA barrier per K block keeps all
 warps in step, so within a CTA the ALUs (dequantization) and the tensor cores (wgmma) take turns.
 
-Here a CTA owns ``2 x 64`` weight rows and ``BM`` activation rows and splits them between two consumer
-warpgroups, 64 weight rows each, that share every activation box of the ring:
+A CTA runs two consumer warpgroups (64 weight rows each, ``BM`` activation rows) fed by one producer warp through
+a TMA ring, in one of two modes:
+
+* ``block_n`` 128: the CTA owns ``2 x 64`` weight rows, one half per warpgroup; both read every activation box.
+* ``block_n`` 64: the CTA owns 64 weight rows; the warpgroups take every other K block (even / odd) and their two
+  fp32 sums meet in ``64 x BM x 4`` bytes of shared memory at the end (even + odd, in that order). This halves
+  each CTA's serial chain of K blocks for the grids that leave SMs idle (the small E4B shapes at M = 256: 80-96
+  CTAs on 132 SMs), which split-K across CTAs did not shorten enough (its partials go through global memory and a
+  second wave).
+
+The partitions:
 
 * **Producer warp** (a worker partition, 1 warp): waits on a slot's ``empty`` barrier, then issues the TMA copies
-  of the next K block (activation boxes and the ``[128, BK/8]`` word tile) against its ``ready`` barrier.
+  of the next K block (activation boxes and the ``[block_n, BK/8]`` word tile) against its ``ready`` barrier.
 * **Consumers** (the default partition and one worker partition, 4 warps each): wait on ``ready``, dequantize
-  their 64 rows of words into wgmma's A fragment, run the wgmma, wait for it, then arrive on ``empty`` (count 2:
-  the slot is refilled only once both warpgroups' wgmmas that read it have retired).
+  their 64 rows of words into wgmma's A fragment, run the wgmma, wait for it, then arrive on ``empty`` (count 2
+  when both read the slot, else 1: the slot is refilled only once the wgmmas that read it have retired).
 * No CTA barrier in the K loop (the barriers Gluon emits there are named ones of the partition's 128 threads), so
   the two warpgroups drift apart: while one's wgmma runs on the tensor cores the other dequantizes on the ALUs of
   the same SM sub-partitions. Each warpgroup is still serial in itself, so no register is read by a wgmma in
   flight while it is rewritten.
+* With K halves and an odd ring, the slots go to the two warpgroups in turn, and one can get a whole lap ahead:
+  an mbarrier wait checks only the parity of a phase, so its wait for block ``i`` would pass on block
+  ``i - STAGES``'s phase before that had landed. It first waits for the other warpgroup's release of block
+  ``i - STAGES`` (measured: without that wait, 1024 CTAs of 64 K blocks at 5 slots ended in an unspecified launch
+  failure on the H200; a GPU test runs that launch).
 
 Triton pads the producer's partition to a warpgroup, so a CTA runs 12 warps and holds the register file (168
 registers each at launch, rebalanced by ``setmaxnreg``: 232 for the worker consumer, 24 for the producer): one
-CTA per SM. That suits grids of at least ~132 tiles (gate_up, 8192x8192 at M = 256-1024 on the H200: 1.12-1.20x
-the table entries it replaced, ``prefill_tma`` and at gate_up M = 1024 dequantize + cuBLAS); on the small E4B shapes the tiles leave SMs idle, which the optional serial split-K
-(:func:`kernels.w4a16_prefill_tma.store_acc`, one ticket per warpgroup) helps only where K is long (``down``,
-K = 8192: 1.25x at M = 256 with split 3).
+CTA per SM. Measured on the H200 against the table entries they replaced (A/B in one process): 128 rows per CTA
+1.12-1.20x on gate_up and 8192x8192 at M = 256-1024 (``prefill_tma``, dequantize + cuBLAS before), with split-K
+3 1.25x on ``down`` at M = 256; K halves 1.07-1.10x on qkv and o at M = 256 (``prefill_tma`` before), 1.18x on
+8192x8192 and 1.48x on ``down`` (split-K 3) at M = 128; the optional serial split-K
+(:func:`kernels.w4a16_prefill_tma.store_acc`) takes one ticket per warpgroup, or per CTA with K halves.
 
-Determinism: each output is one warpgroup's chain of k16 MMAs in K order: without a split the bits are
-``prefill_tma``'s with the same activation rows and K block (checked on the GPU), with one they depend on the split
-count too (partials summed in split order).
+Determinism: with 128 rows each output is one warpgroup's chain of k16 MMAs in K order: without a split the bits
+are ``prefill_tma``'s with the same activation rows and K block (checked on the GPU); with K halves it is the even
+blocks' chain plus the odd blocks' chain; with a split the bits depend on the split count too (partials summed in
+split order).
 """
 from __future__ import annotations
 
@@ -42,8 +58,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from .w4a16_prefill import grouped_tile
-from .w4a16_prefill_tma import (SUB_K, _block_scales, _dequant, _issue, _mma_block, _next_scales, check_launch,
-                                descriptors, split_workspace, store_acc, word_layout)
+from .w4a16_prefill_tma import (SUB_K, _block_scales, _cta_barrier, _dequant, _issue, _mma_block, _next_scales,
+                                check_launch, descriptors, split_workspace, store_acc, word_layout)
 
 
 @gluon.jit
@@ -56,10 +72,14 @@ def _producer(x_desc, w_desc, x_smem, w_smem, ready, empty, off_m, off_n, kb_lo,
 
 
 @gluon.jit
-def _consumer(x_smem, w_smem, ready, empty, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, kb_lo, kb_hi,
-              split_k, ticket_idx, stride_sn, stride_om, off_m, off_n, ROW0: gl.constexpr, HAS_BIAS: gl.constexpr,
-              IS_BF16: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, GROUP_SIZE: gl.constexpr,
-              STAGES: gl.constexpr, SPLIT: gl.constexpr):
+def _consumer(x_smem, w_smem, ready, empty, red, red_bar, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, kb_lo,
+              kb_hi, split_k, ticket_idx, n_tickets, stride_sn, stride_om, off_m, off_n, ROW0: gl.constexpr,
+              KPAR: gl.constexpr, KSTEP: gl.constexpr, HAS_BIAS: gl.constexpr, IS_BF16: gl.constexpr,
+              BM: gl.constexpr, BK: gl.constexpr, GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr,
+              SPLIT: gl.constexpr):
+    """One consumer warpgroup: weight rows ``ROW0 .. ROW0 + 63`` of the CTA's word box, the CTA's K blocks
+    ``KPAR, KPAR + KSTEP, ...`` (KSTEP 1: all of them; 2: every other one, the two warpgroups' halves summed in the
+    epilogue, this one's when ``KPAR`` is 0)."""
     RW: gl.constexpr = 64
     NW: gl.constexpr = 4
     SUB: gl.constexpr = BK // SUB_K
@@ -73,13 +93,22 @@ def _consumer(x_smem, w_smem, ready, empty, s_ptr, bias_ptr, out_ptr, ws_ptr, cn
     rows = gl.minimum(off_n + ROW0 + gl.arange(0, RW, layout=LROW), N - 1)
     t = gl.arange(0, 4, layout=LT)
     sel = gl.expand_dims(gl.expand_dims(0x4400 + 0x1111 * t, 0), 0)
-    s2 = _block_scales(s_ptr, rows, kb_lo, stride_sn, BK, GROUP_SIZE)
+    s2 = _block_scales(s_ptr, rows, gl.minimum(kb_lo + KPAR, kb_hi - 1), stride_sn, BK, GROUP_SIZE)
 
     acc = gl.zeros([RW, BM], gl.float32, layout=mma)
-    for i in range(kb_hi - kb_lo):
+    for i in range(KPAR, kb_hi - kb_lo, KSTEP):
         kb = kb_lo + i
         slot = i % STAGES
-        s2_next = _next_scales(s2, s_ptr, rows, gl.minimum(kb + 1, kb_hi - 1), stride_sn, BK, GROUP_SIZE)
+        s2_next = _next_scales(s2, s_ptr, rows, gl.minimum(kb + KSTEP, kb_hi - 1), stride_sn, BK, GROUP_SIZE)
+        if KSTEP == 2 and STAGES % 2 == 1:
+            # An odd ring gives a slot to the two warpgroups in turn, and one may run a whole lap ahead: its wait
+            # for block i's parity of ``ready`` would pass on block i - STAGES's phase if that one (the other
+            # warpgroup's) has not landed yet. So first wait until the other warpgroup has released block
+            # i - STAGES (the producer's own wait; a fresh barrier passes it).
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+        # Block i's phase of its slot: the slot's earlier phases have completed (this warpgroup consumed the
+        # slot's previous block, or waited above for the other's release of it), and it cannot complete a later
+        # one first (the producer refills it only after block i is released).
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
         wd = _dequant(w_smem.index(slot).slice(ROW0, RW, dim=0).load(LW), sel, s2, RW, BK, IS_BF16)
         acc = _mma_block(wd, x_smem, slot, acc, a_layout, SUB)
@@ -90,71 +119,96 @@ def _consumer(x_smem, w_smem, ready, empty, s_ptr, bias_ptr, out_ptr, ws_ptr, cn
 
     n_idx = off_n + ROW0 + gl.arange(0, RW, layout=gl.SliceLayout(1, mma))
     m_idx = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
-    # split-K: one ticket per warpgroup's half tile; the barrier in store_acc is this partition's own
-    store_acc(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, ticket_idx, 2 * gl.num_programs(0), n_idx, m_idx, M, N,
-              stride_om, split_k, HAS_BIAS, SPLIT)
+    if KSTEP == 2 and KPAR == 1:
+        # the odd K blocks' sum goes to shared memory for the other warpgroup: every warp's part is written
+        # (this partition's barrier) before the one arrive
+        red.store(acc)
+        _cta_barrier()
+        mbarrier.arrive(red_bar, count=1)
+    else:
+        if KSTEP == 2:
+            mbarrier.wait(red_bar, 0)
+            acc = acc + red.load(mma)     # even + odd blocks, always in this order: deterministic
+        # split-K: a ticket per tile (KSTEP 2) or per warpgroup's half tile; the barrier in store_acc is this
+        # partition's own
+        store_acc(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, ticket_idx, n_tickets, n_idx, m_idx, M, N, stride_om,
+                  split_k, HAS_BIAS, SPLIT)
 
 
 @gluon.jit
 def _w4a16_prefill_wsp_kernel(
     x_desc, w_desc, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_sn, stride_om, split_k, kb_per_split,
-    HAS_BIAS: gl.constexpr, IS_BF16: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
+    HAS_BIAS: gl.constexpr, IS_BF16: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
     GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     SPLIT: gl.constexpr,
 ):
-    BN: gl.constexpr = 128
-    SUB: gl.constexpr = BK // SUB_K
     pid_m, pid_n = grouped_tile(gl.program_id(0), M, N, BM, BN, GROUP_M)
     off_m = pid_m * BM
     off_n = pid_n * BN
+    SUB: gl.constexpr = BK // SUB_K
+    KSPLIT: gl.constexpr = BN == 64   # both warpgroups on the same 64 rows, every other K block each
 
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * SUB, BM, SUB_K], x_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    red_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
+        mbarrier.init(empty.index(i), count=1 if KSPLIT else 2)
+    mbarrier.init(red_bar, count=1)
+    if KSPLIT:
+        # the odd blocks' fp32 sum, [64, BM]: swizzled so that the accumulator's row pairs do not share banks
+        red = gl.allocate_shared_memory(gl.float32, [64, BM], gl.SwizzledSharedLayout(2, 1, 8, order=[1, 0]))
+    else:
+        red = red_bar   # not used
     kb_lo = gl.program_id(1) * kb_per_split
     kb_hi = gl.minimum(kb_lo + kb_per_split, K // BK)
-    tile = gl.program_id(0) * 2
+    if KSPLIT:
+        t0, t1, n_tickets = gl.program_id(0), gl.program_id(0), gl.num_programs(0)
+    else:
+        t0, t1, n_tickets = gl.program_id(0) * 2, gl.program_id(0) * 2 + 1, gl.num_programs(0) * 2
+    KSTEP: gl.constexpr = 2 if KSPLIT else 1
+    ROW1: gl.constexpr = 0 if KSPLIT else 64
 
     gl.warp_specialize([
-        (_consumer, (x_smem, w_smem, ready, empty, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, kb_lo, kb_hi,
-                     split_k, tile, stride_sn, stride_om, off_m, off_n, 0, HAS_BIAS, IS_BF16, BM, BK, GROUP_SIZE,
-                     STAGES, SPLIT)),
-        (_consumer, (x_smem, w_smem, ready, empty, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, kb_lo, kb_hi,
-                     split_k, tile + 1, stride_sn, stride_om, off_m, off_n, 64, HAS_BIAS, IS_BF16, BM, BK,
-                     GROUP_SIZE, STAGES, SPLIT)),
+        (_consumer, (x_smem, w_smem, ready, empty, red, red_bar, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
+                     kb_lo, kb_hi, split_k, t0, n_tickets, stride_sn, stride_om, off_m, off_n, 0, 0, KSTEP,
+                     HAS_BIAS, IS_BF16, BM, BK, GROUP_SIZE, STAGES, SPLIT)),
+        (_consumer, (x_smem, w_smem, ready, empty, red, red_bar, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
+                     kb_lo, kb_hi, split_k, t1, n_tickets, stride_sn, stride_om, off_m, off_n, ROW1,
+                     KSTEP - 1, KSTEP, HAS_BIAS, IS_BF16, BM, BK, GROUP_SIZE, STAGES, SPLIT)),
         (_producer, (x_desc, w_desc, x_smem, w_smem, ready, empty, off_m, off_n, kb_lo, kb_hi, STAGES, BK)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
 def w4a16_prefill_wsp(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
-                      bias: torch.Tensor | None, group_size: int, *, block_m: int = 128, block_k: int = 128,
-                      num_stages: int = 4, group_m: int = 8, split_k: int = 1,
+                      bias: torch.Tensor | None, group_size: int, *, block_m: int = 128, block_n: int = 128,
+                      block_k: int = 128, num_stages: int = 4, group_m: int = 8, split_k: int = 1,
                       consumer_regs: int = 232) -> torch.Tensor:
     """Launch the warp-specialised Gluon prefill kernel (sm_90: wgmma, TMA).
 
     * ``x`` ``[M, K]`` bf16/fp16, contiguous, 16-byte aligned; ``weight_packed`` ``[N, K/8]`` int32 contiguous,
       16-byte aligned; ``weight_scale`` ``[N, K/G]`` of x's dtype, G a multiple of ``block_k`` or G = K.
-    * 128 weight rows per CTA (two consumer warpgroups of 64), ``block_m`` activation rows (wgmma's N, a multiple
-      of 16 in 16..256), ``block_k`` 64 or 128; ``split_k`` > 1: serial split-K as in
-      :func:`kernels.w4a16_prefill_tma.store_acc`, one ticket per warpgroup.
+    * ``block_n`` weight rows per CTA: 128 (two consumer warpgroups of 64 rows) or 64 (both warpgroups on the
+      same rows, every other K block each; ``64 * block_m * 4`` more bytes of shared memory), ``block_m``
+      activation rows (wgmma's N, a multiple of 16 in 16..256), ``block_k`` 64 or 128; ``split_k`` > 1: serial
+      split-K as in :func:`kernels.w4a16_prefill_tma.store_acc`, one ticket per warpgroup (per CTA with 64 rows).
 
     Returns ``[M, N]`` of x's dtype."""
     m, k = x.shape
     n = weight_packed.shape[0]
-    check_launch("w4a16_prefill_wsp", k, group_size, block_m, 128, block_k, split_k)
-    x_desc, w_desc = descriptors(x, weight_packed, block_m, 128, block_k)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
+    check_launch("w4a16_prefill_wsp", k, group_size, block_m, block_n, block_k, split_k)
+    x_desc, w_desc = descriptors(x, weight_packed, block_m, block_n, block_k)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    split_k, kb_per_split, ws, cnt = split_workspace(x, k // block_k, split_k, 2 * tiles, 64 * block_m)
+    tickets = tiles if block_n == 64 else 2 * tiles
+    split_k, kb_per_split, ws, cnt = split_workspace(x, k // block_k, split_k, tickets, 64 * block_m)
     _w4a16_prefill_wsp_kernel[(tiles, split_k)](
         x_desc, w_desc, weight_scale, bias if bias is not None else weight_scale, out, ws, cnt,
         m, n, k, weight_scale.stride(0), out.stride(0), split_k, kb_per_split,
-        HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, BM=block_m, BK=block_k,
+        HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, BM=block_m, BN=block_n, BK=block_k,
         GROUP_SIZE=0 if group_size >= k else group_size, STAGES=num_stages, GROUP_M=group_m,
         CONSUMER_REGS=consumer_regs, SPLIT=split_k > 1, num_warps=4,
     )

@@ -313,7 +313,8 @@ def test_gemv_mma8_candidates():
     (64, 128, 128, 2, "fp16", 256, False, False), (256, 128, 64, 4, "bf16", 0, False, False),
     (128, 64, 128, 3, "bf16", 128, True, False), (256, 128, 64, 3, "fp16", 128, True, False),
     (256, 128, 128, 3, "bf16", 128, False, True), (128, 128, 128, 2, "bf16", 0, True, True),
-    (256, 128, 64, 5, "fp16", 256, True, True),
+    (256, 128, 64, 5, "fp16", 256, True, True), (128, 64, 128, 5, "bf16", 128, False, True),
+    (256, 64, 64, 4, "fp16", 0, True, True),
 ])
 def test_prefill_tma_compiles_to_register_operand_wgmma(bm, bn, bk, stages, dtype, group, split, wsp):
     """The Gluon prefill kernels' design, checked on ahead-of-time sm_90a compiles with the installed Triton (no
@@ -361,8 +362,9 @@ def test_prefill_tma_config_and_candidates():
 
 
 def test_prefill_wsp_config_candidates_and_splits():
-    """``prefill_wsp`` configs: 128 weight rows on a 4-warp default partition, 2..6 ring slots, split-K allowed;
-    the autotuner's tilings fit 224 KB of ring and are tried from M = 65 on (256-row tiles from M = 256); split-K
+    """``prefill_wsp`` configs: 128 or 64 weight rows on a 4-warp default partition, 2..6 ring slots, split-K
+    allowed; the autotuner's tilings fit 224 KB of ring (and, with 64 rows, the warpgroups' reduction buffer) and
+    are tried from M = 65 on (256-row tiles from M = 256); split-K
     values for both Gluon kernels only where the tiles leave SMs idle."""
     import dataclasses
 
@@ -372,7 +374,7 @@ def test_prefill_wsp_config_candidates_and_splits():
     base = dict(kernel="prefill_wsp", block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=3)
     c = W4A16Config(**base, split_k=2)
     assert c.fits(2560, 128) and c.fits(2560, 2560) and not c.fits(2560, 64) and not c.fits(2560 + 64, 128)
-    for bad, msg in ((dict(block_n=64), "block_n 128"), (dict(num_warps=8), "num_warps 4"),
+    for bad, msg in ((dict(block_n=256), "block_n 64/128"), (dict(num_warps=8), "num_warps 4"),
                      (dict(num_stages=7), "2..6"), (dict(block_k=256), "block_k"), (dict(w_is_a=True), "operand")):
         with pytest.raises(ValueError, match=msg):
             W4A16Config(**{**base, **bad})
@@ -380,7 +382,9 @@ def test_prefill_wsp_config_candidates_and_splits():
     assert {c.block_m for c in candidates_for(128) if c.kernel == "prefill_wsp"} == {128}
     cands = prefill_wsp_candidates(1024)
     assert {c.block_m for c in cands} == {128, 256} and set(cands) <= set(candidates_for(1024))
-    assert all(c.num_stages * (c.block_m * c.block_k * 2 + 64 * c.block_k) <= 224 << 10 for c in cands)
+    assert {c.block_n for c in cands} == {64, 128} and {c.num_stages for c in cands if c.block_n == 64} >= {4, 5}
+    assert all(c.num_stages * (c.block_m * c.block_k * 2 + c.block_n * c.block_k // 2)
+               + (64 * c.block_m * 4 if c.block_n == 64 else 0) <= 224 << 10 for c in cands)
     wsp = W4A16Config(**base)
     assert split_candidates(wsp, 256, 2560, 8192, 132) == [1, 2, 3, 4]      # 20 x 2 tiles on 132 SMs
     assert split_candidates(wsp, 256, 16384, 2560, 132) == [1]              # 128 x 2 tiles

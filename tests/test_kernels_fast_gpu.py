@@ -316,6 +316,45 @@ def test_prefill_wsp_and_split_k_against_reference(dtype):
         assert tolerance_ratio(w4a16_gemm(xo, wp, s, config=cfg), x, wp, s) <= 1.0, cfg
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_prefill_wsp_k_halves_against_reference(dtype):
+    """``prefill_wsp`` with 64 weight rows: the two warpgroups take every other K block and meet in shared memory.
+    Against the reference on an even and an odd ring (an odd one hands each slot to the two warpgroups in turn), one
+    with split-K, M from 1 to 600, a ragged N with a bias, channelwise scales; a repeated call gives the same bits.
+    Then the launch that once failed (a warpgroup a whole lap of the odd ring ahead of the other passed its wait on
+    an older phase): 1024 x 8192 x 8192, 1024 CTAs of 64 K blocks, bf16."""
+    from kernels.w4a16 import w4a16_gemm
+    from kernels.w4a16_config import W4A16Config
+    from kernels.w4a16_prefill_tma import _COUNTERS
+    from kernels.w4a16_prefill_wsp import w4a16_prefill_wsp
+
+    k = 4096
+    for n, group in ((2560, 128), (2624, 128), (2560, -1)):
+        wp, s = gpu_problem(n, k, dtype, group=group, seed=11)
+        gs = group if group > 0 else k
+        b = torch.randn(n, device="cuda", dtype=dtype) if n == 2624 else None
+        for bm, bk, st, sk in ((128, 128, 5, 1), (128, 128, 4, 1), (256, 64, 4, 2)):
+            if n != 2560 and st != 5:
+                continue
+            for m in (1, 77, 256, 600):
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                y = w4a16_prefill_wsp(x, wp, s, b, gs, block_m=bm, block_n=64, block_k=bk, num_stages=st, split_k=sk)
+                r = tolerance_ratio(y, x, wp, s, b)
+                assert r <= 1.0, ("wsp k halves", n, group, bm, bk, st, sk, m, r)
+                y2 = w4a16_prefill_wsp(x, wp, s, b, gs, block_m=bm, block_n=64, block_k=bk, num_stages=st, split_k=sk)
+                assert torch.equal(y, y2), ("wsp k halves repeat", n, group, bm, bk, st, sk, m)
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in _COUNTERS[torch.device("cuda", torch.cuda.current_device())])
+    if dtype == torch.bfloat16:
+        wp, s = gpu_problem(8192, 8192, dtype, seed=12)
+        x = torch.randn(1024, 8192, device="cuda", dtype=dtype)
+        cfg = W4A16Config("prefill_wsp", 128, 64, 128, num_warps=4, num_stages=5)
+        y = w4a16_gemm(x, wp, s, config=cfg)
+        for _ in range(3):
+            assert torch.equal(w4a16_gemm(x, wp, s, config=cfg), y)
+        assert tolerance_ratio(y, x, wp, s) <= 1.0
+
+
 def test_deterministic_and_config_invariant():
     """Same call twice -> same bits (split-K included). With no split-K, bits depend only on (BLOCK_K, K labelling):
     not on BLOCK_M/BLOCK_N/warps/stages, decode vs prefill kernel, mma.sync vs wgmma (§9B)."""

@@ -1,13 +1,14 @@
 """The warp-specialised Gluon prefill kernel (:mod:`kernels.w4a16_prefill_wsp`) against ``prefill_tma``, the tuned
 path and cuBLAS, same process.
 
-``python bench/gpu/prefill_wsp_check.py [--ms 256 1024 4096] [--shapes 3072x2560 ...] [--configs 128,128,4 ...]``
+``python bench/gpu/prefill_wsp_check.py [--ms 256 1024 4096] [--shapes 3072x2560 ...] [--configs 128,128,128,4 ...]``
 (GPU, sm_90): checks every config against the pure-torch reference (§9B tolerance; bf16 and fp16, bias, ragged M,
-a ragged N, channelwise scales) and, bit for bit, against ``prefill_tma`` with the same activation rows and K
-block (each output is one chain of k16 MMAs in K order in both). Then times each (shape, M) with the autotuner's
-timer (CUDA graphs over weight copies rotated past the L2): the tuned ``w4a16_gemm`` path, cuBLAS on the
-dequantized bf16 weight, ``prefill_tma`` tilings and every ``wsp`` config. Prints µs, TFLOP/s and the speed against
-cuBLAS, then geomeans against cuBLAS.
+a ragged N, channelwise scales). Without split-K and with 128 weight rows it also checks, bit for bit, against
+``prefill_tma`` with the same activation rows and K block (each output is one chain of k16 MMAs in K order in
+both); the other configs (64 weight rows: the two warpgroups split K; split-K) against a repeat of themselves.
+Then times each (shape, M) with the autotuner's timer (CUDA graphs over weight copies rotated past the L2): the
+tuned ``w4a16_gemm`` path, cuBLAS on the dequantized bf16 weight, ``prefill_tma`` tilings and every ``wsp`` config.
+Prints µs, TFLOP/s and the speed against cuBLAS, then geomeans against cuBLAS.
 """
 from __future__ import annotations
 
@@ -33,14 +34,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", type=int, nargs="+", default=[256, 512, 1024, 4096])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    ap.add_argument("--configs", nargs="+", default=["128,128,4", "256,128,3", "256,64,5", "64,128,4", "128,128,2",
-                                                     "64,128,4,2", "128,128,3,2", "128,128,2,2", "64,128,4,3",
-                                                     "128,128,2,3", "64,128,4,4"],
-                    help="block_m,block_k,num_stages[,split_k]")
+    ap.add_argument("--configs", nargs="+", default=["128,128,128,4", "256,128,128,3", "128,64,128,4", "128,64,128,5",
+                                                     "128,64,64,6", "256,64,128,2", "256,64,64,4", "64,64,128,4",
+                                                     "128,64,128,4,2", "128,128,128,4,3"],
+                    help="block_m,block_n,block_k,num_stages[,split_k] (block_n 64: the warpgroups split K)")
     ap.add_argument("--tma", nargs="*", default=list(TMA), help="prefill_tma block_m,block_n,block_k,stages")
     ap.add_argument("--regs", type=int, default=232, help="consumer registers (setmaxnreg)")
     args = ap.parse_args()
-    cfgs = [tuple(map(int, (c + ",1").split(",")[:4])) for c in args.configs]
+    cfgs = [tuple(map(int, (c + ",1").split(",")[:5])) for c in args.configs]
     tmas = [tuple(map(int, c.split(","))) for c in args.tma]
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -52,26 +53,27 @@ def main() -> int:
         for m in ms:
             x = torch.randn(m, k0, device=dev, dtype=dt)
             bias = torch.randn(n0, device=dev, dtype=dt) if m == 300 else None
-            for bm, bk, st, sk in cfgs:
-                y = w4a16_prefill_wsp(x, wp, s, bias, 128, block_m=bm, block_k=bk, num_stages=st, split_k=sk,
-                                      consumer_regs=args.regs)
-                y2 = w4a16_prefill_wsp(x, wp, s, bias, 128, block_m=bm, block_k=bk, num_stages=st, split_k=sk,
-                                       consumer_regs=args.regs)
+            for bm, bn, bk, st, sk in cfgs:
+                y = w4a16_prefill_wsp(x, wp, s, bias, 128, block_m=bm, block_n=bn, block_k=bk, num_stages=st,
+                                      split_k=sk, consumer_regs=args.regs)
+                y2 = w4a16_prefill_wsp(x, wp, s, bias, 128, block_m=bm, block_n=bn, block_k=bk, num_stages=st,
+                                       split_k=sk, consumer_regs=args.regs)
                 tol = check_tolerance(y, x, wp, s, bias)
-                if sk == 1:
+                if sk == 1 and bn == 128:
                     ref = w4a16_prefill_tma(x, wp, s, bias, 128, block_m=bm, block_n=64, block_k=bk, num_stages=2)
                     bits = "= prefill_tma" if torch.equal(y, ref) else "DIFFER from prefill_tma"
                 else:
                     bits = "repeat identical" if torch.equal(y, y2) else "REPEAT DIFFERS"
                 fails += tol > 1 or bits[0].isupper()
-                print(f"check {dt} {n0}x{k0} M={m} bias={bias is not None} cfg={bm},{bk},{st},{sk}: tol {tol:.3f} "
+                print(f"check {dt} {n0}x{k0} M={m} bias={bias is not None} cfg={bm},{bn},{bk},{st},{sk}: tol {tol:.3f} "
                       f"{'ok' if tol <= 1 else 'FAIL'}, {bits}", flush=True)
     wp, s = make_problem(3072, 2560, torch.bfloat16, dev, group=2560, seed=6)
     x = torch.randn(200, 2560, device=dev, dtype=torch.bfloat16)
-    for bk in (64, 128):
-        tol = check_tolerance(w4a16_prefill_wsp(x, wp, s, None, 2560, block_m=128, block_k=bk, num_stages=3), x, wp, s)
+    for bn, bk in ((128, 64), (128, 128), (64, 128)):
+        tol = check_tolerance(w4a16_prefill_wsp(x, wp, s, None, 2560, block_m=128, block_n=bn, block_k=bk,
+                                                num_stages=3), x, wp, s)
         fails += tol > 1
-        print(f"check channelwise block_k={bk}: tol {tol:.3f}", flush=True)
+        print(f"check channelwise block_n={bn} block_k={bk}: tol {tol:.3f}", flush=True)
     print(f"correctness: {fails} failures", flush=True)
 
     dtype = torch.bfloat16
@@ -93,10 +95,10 @@ def main() -> int:
                             x, wps[i % len(wps)], ss[i % len(ss)], None, 128, block_m=bm, block_n=bn, block_k=bk,
                             num_stages=st)
                     else:
-                        bm, bk, st, sk = cfg
-                        call = lambda i, bm=bm, bk=bk, st=st, sk=sk: w4a16_prefill_wsp(
-                            x, wps[i % len(wps)], ss[i % len(ss)], None, 128, block_m=bm, block_k=bk, num_stages=st,
-                            split_k=sk, consumer_regs=args.regs)
+                        bm, bn, bk, st, sk = cfg
+                        call = lambda i, bm=bm, bn=bn, bk=bk, st=st, sk=sk: w4a16_prefill_wsp(
+                            x, wps[i % len(wps)], ss[i % len(ss)], None, 128, block_m=bm, block_n=bn, block_k=bk,
+                            num_stages=st, split_k=sk, consumer_regs=args.regs)
                     tol = check_tolerance(call(0), x, wps[0], ss[0])
                     t = min(graph_time_us(call, len(wps), replays=5) for _ in range(2))
                     tag = ",".join(map(str, cfg))

@@ -59,7 +59,7 @@ def compile_prefill_tma(block_m: int, block_n: int, block_k: int, num_stages: in
                         group: int = 128, k: int = 2560, split: bool = False, wsp: bool = False):
     """A Gluon prefill kernel compiled for CUDA sm_90 (its TMA descriptors' types taken from descriptors built on CPU
     tensors of the launch's shapes): :mod:`kernels.w4a16_prefill_tma`, or with ``wsp`` the warp-specialised
-    :mod:`kernels.w4a16_prefill_wsp` (``block_n`` must then be 128); ``split``: the serial split-K variant."""
+    :mod:`kernels.w4a16_prefill_wsp` (``block_n`` 128: two 64-row halves; 64: two K halves); ``split``: the serial split-K variant."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -74,10 +74,11 @@ def compile_prefill_tma(block_m: int, block_n: int, block_k: int, num_stages: in
                          block_m, block_n, block_k)
     const = dict(HAS_BIAS=False, IS_BF16=dtype == "bf16", BM=block_m, BK=block_k, GROUP_SIZE=group,
                  STAGES=num_stages, GROUP_M=8, SPLIT=split)
+    const["BN"] = block_n
     if wsp:
         fn, const["CONSUMER_REGS"] = _w4a16_prefill_wsp_kernel, 232
     else:
-        fn, const["BN"] = _w4a16_prefill_tma_kernel, block_n
+        fn = _w4a16_prefill_tma_kernel
     sig = {"x_desc": mangle_type(xd), "w_desc": mangle_type(wd), "s_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
            "out_ptr": f"*{dtype}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
            "stride_sn": "i32", "stride_om": "i32", "split_k": "i32", "kb_per_split": "i32",
@@ -155,9 +156,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.kernel in ("prefill_tma", "prefill_wsp"):   # --block-m/n/k, --stages: the ring slots
         wsp = args.kernel == "prefill_wsp"
-        compiled = compile_prefill_tma(args.block_m, 128 if wsp else args.block_n, args.block_k, args.stages,
-                                       args.dtype, split=args.split, wsp=wsp)
-        print(f"prefill_tma bm{args.block_m} bn{args.block_n} bk{args.block_k} st{args.stages} {args.dtype}: "
+        compiled = compile_prefill_tma(args.block_m, args.block_n, args.block_k, args.stages, args.dtype,
+                                       split=args.split, wsp=wsp)
+        print(f"{args.kernel} bm{args.block_m} bn{args.block_n} bk{args.block_k} st{args.stages} {args.dtype}: "
               f"{registers(compiled)} registers; whole kernel: {prefill_tma_stats(compiled)}")
         return 0
     compiled = compile_gemv(args.kernel, args.block_m, args.block_n, args.block_k, args.warps, args.dtype,
