@@ -15,9 +15,8 @@ a TMA ring, in one of two modes:
 * ``block_n`` 128: the CTA owns ``2 x 64`` weight rows, one half per warpgroup; both read every activation box.
 * ``block_n`` 64: the CTA owns 64 weight rows; the warpgroups take every other K block (even / odd) and their two
   fp32 sums meet in ``64 x BM x 4`` bytes of shared memory at the end (even + odd, in that order). This halves
-  each CTA's serial chain of K blocks for the grids that leave SMs idle (the small E4B shapes at M = 256: 80-96
-  CTAs on 132 SMs), which split-K across CTAs did not shorten enough (its partials go through global memory and a
-  second wave).
+  each CTA's serial chain of K blocks for the grids that leave SMs idle (the small E4B shapes at M = 256: 64-96
+  CTAs of 128 x 64 on 132 SMs), where split-K across CTAs (partials through global memory) paid only on long K.
 
 The partitions:
 
@@ -31,17 +30,18 @@ The partitions:
   the same SM sub-partitions. Each warpgroup is still serial in itself, so no register is read by a wgmma in
   flight while it is rewritten.
 * With K halves and an odd ring, the slots go to the two warpgroups in turn, and one can get a whole lap ahead:
-  an mbarrier wait checks only the parity of a phase, so its wait for block ``i`` would pass on block
-  ``i - STAGES``'s phase before that had landed. It first waits for the other warpgroup's release of block
-  ``i - STAGES`` (measured: without that wait, 1024 CTAs of 64 K blocks at 5 slots ended in an unspecified launch
-  failure on the H200; a GPU test runs that launch).
+  an mbarrier wait names a phase only by its parity, so a wait for block ``i`` made while block ``i - STAGES``
+  (the other warpgroup's) has not landed takes the completed phase of block ``i - 2 STAGES`` (same parity) for
+  block ``i``'s. So it first waits for the other warpgroup's release of block ``i - STAGES``. Without that wait,
+  1024 CTAs of 64 K blocks at 5 slots ended in an unspecified launch failure on the H200 (the cause above was
+  inferred from the code afterwards; a GPU test runs that launch).
 
 Triton pads the producer's partition to a warpgroup, so a CTA runs 12 warps and holds the register file (168
 registers each at launch, rebalanced by ``setmaxnreg``: 232 for the worker consumer, 24 for the producer): one
 CTA per SM. Measured on the H200 against the table entries they replaced (A/B in one process): 128 rows per CTA
-1.12-1.20x on gate_up and 8192x8192 at M = 256-1024 (``prefill_tma``, dequantize + cuBLAS before), with split-K
-3 1.25x on ``down`` at M = 256; K halves 1.07-1.10x on qkv and o at M = 256 (``prefill_tma`` before), 1.18x on
-8192x8192 and 1.48x on ``down`` (split-K 3) at M = 128; the optional serial split-K
+1.12-1.14x on gate_up at M = 256-1024 and 1.20x on 8192x8192 at M = 512-1024 (``prefill_tma``, dequantize +
+cuBLAS before); K halves 1.07-1.10x on qkv and o at M = 256 (``prefill_tma`` before), 1.18x on 8192x8192 and 1.48x
+on ``down`` (with split-K 3) at M = 128; the optional serial split-K
 (:func:`kernels.w4a16_prefill_tma.store_acc`) takes one ticket per warpgroup, or per CTA with K halves.
 
 Determinism: with 128 rows each output is one warpgroup's chain of k16 MMAs in K order: without a split the bits
@@ -101,10 +101,10 @@ def _consumer(x_smem, w_smem, ready, empty, red, red_bar, s_ptr, bias_ptr, out_p
         slot = i % STAGES
         s2_next = _next_scales(s2, s_ptr, rows, gl.minimum(kb + KSTEP, kb_hi - 1), stride_sn, BK, GROUP_SIZE)
         if KSTEP == 2 and STAGES % 2 == 1:
-            # An odd ring gives a slot to the two warpgroups in turn, and one may run a whole lap ahead: its wait
-            # for block i's parity of ``ready`` would pass on block i - STAGES's phase if that one (the other
-            # warpgroup's) has not landed yet. So first wait until the other warpgroup has released block
-            # i - STAGES (the producer's own wait; a fresh barrier passes it).
+            # An odd ring gives a slot to the two warpgroups in turn, and one may run a whole lap ahead: while
+            # block i - STAGES (the other warpgroup's) has not landed, a wait for block i's parity of ``ready``
+            # would take block i - 2 STAGES's completed phase. So first wait until the other warpgroup has
+            # released block i - STAGES (the producer's own wait; a fresh barrier passes it).
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
         # Block i's phase of its slot: the slot's earlier phases have completed (this warpgroup consumed the
         # slot's previous block, or waited above for the other's release of it), and it cannot complete a later

@@ -320,8 +320,8 @@ def test_prefill_wsp_and_split_k_against_reference(dtype):
 def test_prefill_wsp_k_halves_against_reference(dtype):
     """``prefill_wsp`` with 64 weight rows: the two warpgroups take every other K block and meet in shared memory.
     Against the reference on an even and an odd ring (an odd one hands each slot to the two warpgroups in turn), one
-    with split-K, M from 1 to 600, a ragged N with a bias, channelwise scales; a repeated call gives the same bits.
-    Then the launch that once failed (a warpgroup a whole lap of the odd ring ahead of the other passed its wait on
+    with split-K, M from 1 to 600, a ragged N with a bias, channelwise scales; a repeated call gives the same bits;
+    K blocks per CTA odd (21) and one (the odd warpgroup has none), with and without split-K. Then the launch that once failed (a warpgroup a whole lap of the odd ring ahead of the other passed its wait on
     an older phase): 1024 x 8192 x 8192, 1024 CTAs of 64 K blocks, bf16."""
     from kernels.w4a16 import w4a16_gemm
     from kernels.w4a16_config import W4A16Config
@@ -343,6 +343,14 @@ def test_prefill_wsp_k_halves_against_reference(dtype):
                 assert r <= 1.0, ("wsp k halves", n, group, bm, bk, st, sk, m, r)
                 y2 = w4a16_prefill_wsp(x, wp, s, b, gs, block_m=bm, block_n=64, block_k=bk, num_stages=st, split_k=sk)
                 assert torch.equal(y, y2), ("wsp k halves repeat", n, group, bm, bk, st, sk, m)
+    # an odd number of K blocks per CTA (the odd warpgroup has one block fewer) and a single one (it has none)
+    for k1, bm, bk, st, sk in ((2688, 128, 128, 5, 1), (2688, 128, 128, 4, 1), (2688, 256, 64, 4, 2),
+                               (128, 128, 128, 5, 1), (128, 256, 64, 4, 2)):
+        wp, s = gpu_problem(2560, k1, dtype, seed=13)
+        x = torch.randn(77, k1, device="cuda", dtype=dtype)
+        y = w4a16_prefill_wsp(x, wp, s, None, 128, block_m=bm, block_n=64, block_k=bk, num_stages=st, split_k=sk)
+        r = tolerance_ratio(y, x, wp, s)
+        assert r <= 1.0, ("wsp k halves, odd K blocks", k1, bm, bk, st, sk, r)
     torch.cuda.synchronize()
     assert all(int(c.abs().sum()) == 0 for c in _COUNTERS[torch.device("cuda", torch.cuda.current_device())])
     if dtype == torch.bfloat16:

@@ -8,7 +8,8 @@ a ragged N, channelwise scales). Without split-K and with 128 weight rows it als
 both); the other configs (64 weight rows: the two warpgroups split K; split-K) against a repeat of themselves.
 Then times each (shape, M) with the autotuner's timer (CUDA graphs over weight copies rotated past the L2): the
 tuned ``w4a16_gemm`` path, cuBLAS on the dequantized bf16 weight, ``prefill_tma`` tilings and every ``wsp`` config.
-Prints µs, TFLOP/s and the speed against cuBLAS, then geomeans against cuBLAS.
+Prints µs, TFLOP/s and the speed against cuBLAS, then geomeans against cuBLAS. (``--configs`` took
+``block_m,block_k,num_stages[,split_k]`` with 128 rows before the twenty-eighth session; it now names ``block_n``.)
 """
 from __future__ import annotations
 

@@ -147,15 +147,19 @@ def main() -> int:
                     default="gemv_mma")
     ap.add_argument("--split", action="store_true", help="prefill_tma / prefill_wsp: the split-K variant")
     ap.add_argument("--block-m", type=int, default=1)
-    ap.add_argument("--block-n", type=int, default=16)
+    ap.add_argument("--block-n", type=int, help="default: 16 (GEMVs), 64 (prefill_tma), 128 (prefill_wsp)")
     ap.add_argument("--block-k", type=int, default=1024)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     ap.add_argument("--stages", type=int, default=2, help="register pipeline depth (prefetch = stages - 1)")
     ap.add_argument("--chain", action="store_true", help="gemv_mma: one accumulator set per 4-word vector")
     args = ap.parse_args()
+    if args.block_n is None:
+        args.block_n = {"prefill_tma": 64, "prefill_wsp": 128}.get(args.kernel, 16)
     if args.kernel in ("prefill_tma", "prefill_wsp"):   # --block-m/n/k, --stages: the ring slots
         wsp = args.kernel == "prefill_wsp"
+        if args.block_n not in (64, 128):
+            ap.error(f"--kernel {args.kernel} needs --block-n 64 or 128, got {args.block_n}")
         compiled = compile_prefill_tma(args.block_m, args.block_n, args.block_k, args.stages, args.dtype,
                                        split=args.split, wsp=wsp)
         print(f"{args.kernel} bm{args.block_m} bn{args.block_n} bk{args.block_k} st{args.stages} {args.dtype}: "
