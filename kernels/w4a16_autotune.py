@@ -83,9 +83,9 @@ def prefill_wsp_candidates(m: int, smem_max: int = 224 << 10) -> list[W4A16Confi
     out = []
     for bn in (128, 64):
         for bm in (128, 256) if m >= 256 else (128, ):
+            red = 64 * bm * 4 if bn == 64 else 0   # the K halves' reduction buffer
             for bk, stages in ((64, (4, 5, 6)), (128, (2, 3, 4, 5))):
                 for ns in stages:
-                    red = 64 * bm * 4 if bn == 64 else 0
                     if ns * (bm * bk * 2 + bn * bk // 2) + red <= smem_max:
                         out.append(W4A16Config("prefill_wsp", bm, bn, bk, 1, 4, ns))
     return out
