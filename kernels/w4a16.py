@@ -168,7 +168,8 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     elif c.kernel == "prefill_wsp" and not interp and tma_ok(x2, weight_packed):
         from .w4a16_prefill_wsp import w4a16_prefill_wsp
         y = w4a16_prefill_wsp(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
-                              block_k=c.block_k, num_stages=c.num_stages, group_m=c.group_m, split_k=c.split_k)
+                              block_k=c.block_k, num_stages=c.num_stages, group_m=c.group_m, split_k=c.split_k,
+                              stream_k=c.stream_k)
     elif c.kernel in ("prefill", "prefill_tma", "prefill_wsp"):
         # the Gluon kernels off Hopper, without Gluon, under the interpreter or on unaligned operands: the
         # Triton-language tiled kernel (its usual 128-wide weight tile; 8 warps for 128 activation rows)

@@ -184,6 +184,21 @@ def split_candidates(cfg: W4A16Config, m: int, n: int, k: int, sms: int, max_per
     return good or [min(kb, max(1, round(2 * sms / tiles)))]
 
 
+def launch_variants(cfg: W4A16Config, m: int, n: int, k: int, sms: int) -> list[W4A16Config]:
+    """``cfg`` with each of its :func:`split_candidates`, and for ``prefill_wsp`` with stream-K where its tiles
+    are fewer than four per SM (with more, the last wave's idle SMs cost little)."""
+    out = [dataclasses.replace(cfg, split_k=sk, stream_k=False) for sk in split_candidates(cfg, m, n, k, sms)]
+    tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
+    if cfg.kernel == "prefill_wsp" and tiles < 4 * sms:
+        out.append(dataclasses.replace(cfg, split_k=1, stream_k=True))
+    return out
+
+
+def base_variant(cfg: W4A16Config) -> W4A16Config:
+    """The compiled kernel a config shares with its split-K and stream-K launches (one compile and gate each)."""
+    return dataclasses.replace(cfg, split_k=1, stream_k=False)
+
+
 # ----------------------------------------------------------------------------------------------- data
 def make_problem(n: int, k: int, dtype: torch.dtype, device, group: int = 128, seed: int = 0):
     """Random codes/scales in the compressed-tensors layout (packed on the GPU: pack.packing on CPU is slow)."""
@@ -289,6 +304,8 @@ def _compile_worker(args):
             w4a16_gemm(x[:m], wp, s, config=dataclasses.replace(cfg, split_k=2 if cfg.kernel == "decode" else 1))
             if cfg.kernel in ("prefill_wsp", "prefill_tma"):   # their split-K epilogue is a separate variant
                 w4a16_gemm(x[:m], wp, s, config=dataclasses.replace(cfg, split_k=2))
+            if cfg.kernel == "prefill_wsp":                     # and prefill_wsp's stream-K one
+                w4a16_gemm(x[:m], wp, s, config=dataclasses.replace(cfg, stream_k=True))
             _t.cuda.synchronize()
             res.append((c, None, time.time() - t))
         except Exception as e:  # noqa: BLE001 - reported, config dropped
@@ -298,7 +315,7 @@ def _compile_worker(args):
 
 def precompile(cfgs: list[W4A16Config], dtype: torch.dtype, jobs: int, log) -> set[W4A16Config]:
     """Compile every distinct variant in ``jobs`` spawned processes; returns the configs that compiled."""
-    keys = sorted({dataclasses.replace(c, split_k=1) for c in cfgs}, key=str)
+    keys = sorted({base_variant(c) for c in cfgs}, key=str)
     chunks = [[dataclasses.asdict(c) for c in keys[i::jobs]] for i in range(jobs)]
     chunks = [c for c in chunks if c]
     t = time.time()
@@ -317,9 +334,10 @@ def precompile(cfgs: list[W4A16Config], dtype: torch.dtype, jobs: int, log) -> s
 
 # ----------------------------------------------------------------------------------------------- tuning
 def correctness_gate(cfgs, dtype: torch.dtype, log) -> set[W4A16Config]:
-    """The variants of ``cfgs`` (split_k ignored) that pass the §9B tolerance once on a small problem: odd M, and
-    for decode and gemv M = 16 too (gemv_mma8: 5, 13, 16), decode with split-K 3, the Gluon prefill kernels with
-    1 and 3; K = 2560, or 4096 for tiles that do not divide 2560.
+    """The variants of ``cfgs`` (split_k and stream_k ignored) that pass the §9B tolerance once on a small problem:
+    odd M, and for decode and gemv M = 16 too (gemv_mma8: 5, 13, 16), decode with split-K 3, the Gluon prefill
+    kernels with split-K 1 and 3 (``prefill_wsp`` with stream-K too); K = 2560, or 4096 for tiles that do not
+    divide 2560.
     The others are logged and dropped, never tuned in."""
     from .w4a16 import w4a16_gemm
 
@@ -330,10 +348,12 @@ def correctness_gate(cfgs, dtype: torch.dtype, log) -> set[W4A16Config]:
         k = 2560 if c.fits(2560, 128) else 4096
         wp, s = problems[k]
         splits = (3, ) if c.kernel == "decode" else (1, 3) if c.kernel in ("prefill_wsp", "prefill_tma") else (1, )
+        variants = [dataclasses.replace(c, split_k=sk) for sk in splits]
+        if c.kernel == "prefill_wsp":
+            variants.append(dataclasses.replace(c, stream_k=True))
         for m in {"decode": (5, 16), "gemv": (5, 16), "gemv_mma8": (5, 13, 16)}.get(c.kernel, (77,)):
             x = torch.randn(m, k, device=dev, dtype=dtype)
-            r = max(check_tolerance(w4a16_gemm(x, wp, s, config=dataclasses.replace(c, split_k=sk)), x, wp, s)
-                    for sk in splits)
+            r = max(check_tolerance(w4a16_gemm(x, wp, s, config=v), x, wp, s) for v in variants)
             if not r <= 1.0:
                 log(f"WRONG (tolerance ratio {r:.3g}) -> dropped: {c}")
                 break
@@ -375,10 +395,9 @@ def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9, kernels=
             best = None
             inc = held(n, k, m)
             for c in cands(m) + ([inc] if inc else []):
-                if dataclasses.replace(c, split_k=1) not in good or not c.fits(k, 128) or n % c.block_n:
+                if base_variant(c) not in good or not c.fits(k, 128) or n % c.block_n:
                     continue
-                for sk in [c.split_k] if c is inc else split_candidates(c, m, n, k, sms):
-                    cfg = dataclasses.replace(c, split_k=sk)
+                for cfg in [c] if c is inc else launch_variants(c, m, n, k, sms):
                     try:
                         us = graph_time_us(lambda i: w4a16_gemm(x, wps[i % copies], ss[i], config=cfg), copies)
                     except Exception as e:  # noqa: BLE001
@@ -390,7 +409,7 @@ def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9, kernels=
                     break
             if best is None:
                 continue
-            entry[str(m)] = dataclasses.asdict(best[1])
+            entry[str(m)] = best[1].to_json()
             gbps = nbytes / best[0] / 1e3
             log(f"{n}x{k} M={m}: {best[0]:.2f} us ({gbps:.0f} GB/s weights) {best[1]}"
                 f"{' (the incumbent)' if best[1] == inc else ''} [t={time.time() - t_start:.0f}s]")
@@ -459,8 +478,9 @@ def main(argv=None) -> int:
 
 
 def demo_launches() -> int:
-    """One split-K decode launch (M=5), six prefill launches (M=300, Triton and both Gluon kernels; ``prefill_wsp``
-    with 128 rows, split-K at M=200, and with K halves, M=300 on an odd ring and split-K at M=200), two diagonal
+    """One split-K decode launch (M=5), eight prefill launches (M=300, Triton and both Gluon kernels; ``prefill_wsp``
+    with 128 rows, split-K at M=200, and with K halves, M=300 on an odd ring and split-K at M=200; ``prefill_wsp``
+    with stream-K, 128 rows at M=300 and K halves on an odd ring at M=200), two diagonal
     tensor-core GEMV launches (M=3 in a 4-row program, per-word and chained accumulators) and two full-MMA ones
     (M=13 of 16, M=6 of 8, chained), ragged tiles, checked against the reference;
     then the tuned M=1 and M=8 launches on the 16384x2560 gate_up shape (the ones a profiler should look at)."""
@@ -474,6 +494,8 @@ def demo_launches() -> int:
                    (200, W4A16Config("prefill_wsp", 128, 128, 128, 3, 4, 2)),
                    (300, W4A16Config("prefill_wsp", 128, 64, 128, 1, 4, 5)),
                    (200, W4A16Config("prefill_wsp", 256, 64, 64, 2, 4, 4)),
+                   (300, W4A16Config("prefill_wsp", 128, 128, 128, 1, 4, 4, stream_k=True)),
+                   (200, W4A16Config("prefill_wsp", 128, 64, 128, 1, 4, 5, stream_k=True)),
                    (3, W4A16Config("gemv_mma", 4, 2, 512, 1, 1, 3)),
                    (3, W4A16Config("gemv_mma", 4, 8, 512, 1, 2, 2, chain=True)),
                    (13, W4A16Config("gemv_mma8", 16, 16, 512, 1, 4, 3)),
@@ -481,7 +503,8 @@ def demo_launches() -> int:
         x = torch.randn(m, 2560, device="cuda", dtype=torch.bfloat16)
         y = w4a16_gemm(x, wp, s, config=cfg)
         torch.cuda.synchronize()
-        name = cfg.kernel + (" chain" if cfg.chain else "") + (f" split {cfg.split_k}" if cfg.split_k > 1 else "")
+        name = (cfg.kernel + (" chain" if cfg.chain else "") + (f" split {cfg.split_k}" if cfg.split_k > 1 else "")
+                + (" stream-K" if cfg.stream_k else ""))
         print(f"demo {name} M={m}: tolerance ratio {check_tolerance(y, x, wp, s):.3f}", flush=True)
     wp, s = make_problem(16384, 2560, torch.bfloat16, "cuda")
     for m in (1, 8):

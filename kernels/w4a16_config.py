@@ -36,7 +36,7 @@ class W4A16Config:
       ``prefill_tma`` (full-K tiles in Gluon: TMA ring, weights dequantized into wgmma's register operand,
       :mod:`kernels.w4a16_prefill_tma`; sm_90 only, elsewhere the dispatcher runs ``prefill``) or ``prefill_wsp``
       (the same arithmetic warp-specialised: a TMA producer warp and two consumer warpgroups of 64 weight rows
-      each, which split the CTA's weight rows or its K blocks; optional serial split-K,
+      each, which split the CTA's weight rows or its K blocks; optional serial split-K or stream-K,
       :mod:`kernels.w4a16_prefill_wsp`; sm_90 only, elsewhere ``prefill``).
     * ``block_m``/``block_n``/``block_k``: tile; ``block_k`` in {64, 128, 256}. For ``gemv``: ``block_m`` (activation
       rows per program) in {1, 2, 4, 8}, ``block_n`` (weight rows per program) a power of two <= 64, ``block_k`` in
@@ -53,6 +53,8 @@ class W4A16Config:
     * ``chain`` (``gemv_mma``, ``gemv_mma8``): the four words of a thread's 16-byte vector share one MMA
       accumulator set instead of one set per word (:func:`chain_ok` says which ``gemv_mma`` tilings allow it; every
       ``gemv_mma8`` tiling does).
+    * ``stream_k`` (``prefill_wsp``, without split-K): one CTA per SM, each an equal share of all (tile, K block)
+      steps; the tiles shared by CTAs are summed in step order.
     """
 
     kernel: str
@@ -66,8 +68,11 @@ class W4A16Config:
     w_is_a: bool = False
     group_m: int = 8
     chain: bool = False
+    stream_k: bool = False
 
     def __post_init__(self):
+        if self.stream_k and (self.kernel != "prefill_wsp" or self.split_k != 1):
+            raise ValueError(f"stream_k is a prefill_wsp option and replaces split-K (split_k 1): {self}")
         if self.kernel not in KERNELS:
             raise ValueError(f"W4A16Config.kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.kernel == "gemv_mma8":
@@ -136,12 +141,18 @@ class W4A16Config:
         return group_size >= k or group_size % self.block_k == 0 or self.block_k % group_size == 0
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, without ``stream_k`` when it is off (tables written before it existed read the same)."""
+        d = dataclasses.asdict(self)
+        if not self.stream_k:
+            del d["stream_k"]
+        return d
 
     def brief(self) -> str:
-        """One-line label for logs, e.g. ``gemv_mma bm2 bn32 bk512 w4 st2 chain`` (split-K only when > 1)."""
+        """One-line label for logs, e.g. ``gemv_mma bm2 bn32 bk512 w4 st2 chain`` (split-K only when > 1,
+        ``stream`` for stream-K)."""
         s = f"{self.kernel} bm{self.block_m} bn{self.block_n} bk{self.block_k} w{self.num_warps} st{self.num_stages}"
-        return s + (f" sk{self.split_k}" if self.split_k > 1 else "") + (" chain" if self.chain else "")
+        return (s + (f" sk{self.split_k}" if self.split_k > 1 else "") + (" chain" if self.chain else "")
+                + (" stream" if self.stream_k else ""))
 
 
 def chain_ok(block_n: int, block_k: int, num_warps: int) -> bool:

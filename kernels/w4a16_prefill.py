@@ -46,6 +46,20 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return pid_m, pid_n
 
 
+@triton.jit
+def stream_span(c, G, W):
+    """Stream-K (:mod:`kernels.w4a16_prefill_wsp`; scalar code like :func:`grouped_tile`): CTA ``c`` of ``G``'s
+    share of the ``W`` (tile, K block) steps, ``[c W / G, (c + 1) W / G)``."""
+    return c * W // G, (c + 1) * W // G
+
+
+@triton.jit
+def stream_owners(t, KB, G, W):
+    """Stream-K: the first and the last CTA whose share holds a step of tile ``t`` (steps ``t KB .. t KB + KB - 1``;
+    step ``w`` lies in the share of CTA ``((w + 1) G - 1) / W``)."""
+    return ((t * KB + 1) * G - 1) // W, ((t * KB + KB) * G - 1) // W
+
+
 @triton.jit(do_not_specialize=["M", "stride_sn"])
 def _w4a16_tiled_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,

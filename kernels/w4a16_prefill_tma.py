@@ -259,6 +259,31 @@ def store_acc(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, ticket_idx, n_tickets, n_
 
 
 @gluon.jit
+def store_parts(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, ticket_idx, own, first, rest, rest_stride, n_parts,
+                n_idx, m_idx, M, N, stride_om, HAS_BIAS: gl.constexpr):
+    """One of ``n_parts`` fp32 partial tiles of one output tile (``prefill_wsp``'s stream-K; :func:`store_acc`
+    is the same protocol for split-K, with the split's parts at a fixed stride): store it to workspace tile
+    ``own`` (workspace tiles are ``RN x BM`` floats each), take a ticket from ``cnt[ticket_idx]`` (acq_rel, GPU
+    scope, after a barrier of the calling warps); the caller that draws the last sums the parts in a fixed order,
+    tile ``first`` then tiles ``rest + s * rest_stride`` for s = 0 .. n_parts - 2, stores the result like
+    :func:`store_acc` and resets the counter to 0. The workspace holds whole tiles in the accumulator's own order,
+    so its addresses are the thread's base plus constants (no masks, few registers)."""
+    RN: gl.constexpr = acc.shape[0]
+    BM: gl.constexpr = acc.shape[1]
+    local = (gl.expand_dims(gl.arange(0, RN, layout=n_idx.type.layout), 1) * BM
+             + gl.expand_dims(gl.arange(0, BM, layout=m_idx.type.layout), 0))
+    gl.store(ws_ptr + own * (RN * BM) + local, acc)
+    _cta_barrier()   # every calling warp's partial is issued before the ticket (the release is cumulative)
+    ticket = gl.atomic_add(cnt_ptr + ticket_idx, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_parts - 1:
+        acc = gl.load(ws_ptr + first * (RN * BM) + local, cache_modifier=".cg")
+        for s in range(0, n_parts - 1):
+            acc += gl.load(ws_ptr + (rest + s * rest_stride) * (RN * BM) + local, cache_modifier=".cg")
+        _store_out(acc, out_ptr, bias_ptr, n_idx, m_idx, M, N, stride_om, HAS_BIAS)
+        gl.atomic_xchg(cnt_ptr + ticket_idx, 0, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
 def _store_out(acc, out_ptr, bias_ptr, n_idx, m_idx, M, N, stride_om, HAS_BIAS: gl.constexpr):
     if HAS_BIAS:
         acc += gl.expand_dims(gl.load(bias_ptr + n_idx, mask=n_idx < N, other=0.0).to(gl.float32), 1)

@@ -334,6 +334,84 @@ def test_prefill_tma_compiles_to_register_operand_wgmma(bm, bn, bk, stages, dtyp
     assert st["local"] == 0, st
 
 
+@pytest.mark.parametrize("bm,bn,bk,stages,dtype,group", [
+    (128, 128, 128, 4, "bf16", 128), (128, 64, 128, 5, "bf16", 128), (256, 64, 64, 4, "fp16", 0),
+    (256, 128, 64, 3, "bf16", 256),
+])
+def test_prefill_wsp_stream_k_compiles_to_register_operand_wgmma(bm, bn, bk, stages, dtype, group):
+    """``prefill_wsp``'s stream-K variant (a loop over the tiles of the CTA's share around the same K loop, the
+    parts summed through the workspace) keeps the design the test above checks: register-A wgmmas, one full wait
+    per K block and warpgroup, no spills."""
+    from bench.gpu.sass_loop import compile_prefill_tma, prefill_tma_stats
+
+    st = prefill_tma_stats(compile_prefill_tma(bm, bn, bk, stages, dtype, group, wsp=True, stream=True))
+    assert st["hgmma"] == st["hgmma_reg_a"] == 2 * bk // 16, st
+    assert st["waits"] and set(st["waits"]) == {"0x0"} and len(st["waits"]) == 2, st
+    assert st["local"] == 0, st
+
+
+_STREAM_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {repo!r})
+    import torch, triton, triton.language as tl
+    from kernels.w4a16_prefill import stream_owners, stream_span
+
+    @triton.jit
+    def spans(out, G, W):
+        c = tl.program_id(0)
+        lo, hi = stream_span(c, G, W)
+        tl.store(out + 2 * c, lo)
+        tl.store(out + 2 * c + 1, hi)
+
+    @triton.jit
+    def owners(out, KB, G, W):
+        t = tl.program_id(0)
+        cf, cl = stream_owners(t, KB, G, W)
+        tl.store(out + 2 * t, cf)
+        tl.store(out + 2 * t + 1, cl)
+
+    res = []
+    for tiles, kb, sms in ((1, 1, 132), (1, 20, 132), (7, 3, 4), (48, 20, 132), (96, 20, 132), (80, 16, 132),
+                           (144, 20, 132), (264, 20, 132), (512, 20, 132), (5, 64, 132), (13, 7, 11)):
+        w = tiles * kb
+        g = min(sms, w)
+        a = torch.zeros(2 * g, dtype=torch.int32)
+        b = torch.zeros(2 * tiles, dtype=torch.int32)
+        spans[(g,)](a, g, w)
+        owners[(tiles,)](b, kb, g, w)
+        res.append(dict(tiles=tiles, kb=kb, g=g, spans=a.tolist(), owners=b.tolist()))
+    print("RESULT " + json.dumps(res))
+""")
+
+
+def test_prefill_wsp_stream_k_partition():
+    """The stream-K share arithmetic ``prefill_wsp`` runs (:func:`kernels.w4a16_prefill.stream_span` and
+    ``stream_owners``, interpreted on the CPU) against brute force over eleven grids (one step per CTA, CTAs
+    inside one tile, tiles inside one CTA's share, whole tiles per CTA): the shares cover every step once, each
+    tile's owners are exactly the CTAs whose shares meet it, and no CTA writes one workspace slot twice (a tail
+    slot for the tile its share ends in, a head slot for the tile it starts in, whenever that tile has more than one
+    owner)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT.format(repo=str(REPO))], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for r in json.loads(line[len("RESULT "):]):
+        tiles, kb, g = r["tiles"], r["kb"], r["g"]
+        spans = [tuple(r["spans"][2 * c:2 * c + 2]) for c in range(g)]
+        steps = [w for lo, hi in spans for w in range(lo, hi)]
+        assert steps == list(range(tiles * kb)) and all(hi > lo for lo, hi in spans), r
+        slots = []
+        for t in range(tiles):
+            cf, cl = r["owners"][2 * t:2 * t + 2]
+            meet = [c for c, (lo, hi) in enumerate(spans) if lo < (t + 1) * kb and hi > t * kb]
+            assert meet == list(range(cf, cl + 1)), (r, t, meet)
+            if cl > cf:
+                slots += [("tail", cf)] + [("head", c) for c in range(cf + 1, cl + 1)]
+                assert spans[cf][1] <= (t + 1) * kb and all(spans[c][0] >= t * kb for c in range(cf + 1, cl + 1))
+        assert len(slots) == len(set(slots)), r
+
+
 def test_prefill_tma_config_and_candidates():
     """``prefill_tma`` configs: warps follow block_n (one warp per 16 weight rows), one scale per row and K block
     (groups that are a multiple of block_k, or channelwise); the autotuner's tilings fit the shared memory and are
@@ -365,10 +443,12 @@ def test_prefill_wsp_config_candidates_and_splits():
     """``prefill_wsp`` configs: 128 or 64 weight rows on a 4-warp default partition, 2..6 ring slots, split-K
     allowed; the autotuner's tilings fit 224 KB of ring (and, with 64 rows, the warpgroups' reduction buffer) and
     are tried from M = 65 on (256-row tiles from M = 256); split-K
-    values for both Gluon kernels only where the tiles leave SMs idle."""
+    values for both Gluon kernels only where the tiles leave SMs idle; ``prefill_wsp``'s stream-K (not with split-K,
+    written to tables only when on) where its tiles are fewer than four per SM."""
     import dataclasses
 
-    from kernels.w4a16_autotune import candidates_for, prefill_wsp_candidates, split_candidates
+    from kernels.w4a16_autotune import (base_variant, candidates_for, launch_variants, prefill_wsp_candidates,
+                                        split_candidates)
     from kernels.w4a16_config import W4A16Config
 
     base = dict(kernel="prefill_wsp", block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=3)
@@ -388,7 +468,19 @@ def test_prefill_wsp_config_candidates_and_splits():
     wsp = W4A16Config(**base)
     assert split_candidates(wsp, 256, 2560, 8192, 132) == [1, 2, 3, 4]      # 20 x 2 tiles on 132 SMs
     assert split_candidates(wsp, 256, 16384, 2560, 132) == [1]              # 128 x 2 tiles
+    stream = W4A16Config(**base, stream_k=True)
+    assert "stream" in stream.brief() and stream.to_json()["stream_k"] and "stream_k" not in wsp.to_json()
+    assert W4A16Config(**stream.to_json()) == stream and W4A16Config(**wsp.to_json()) == wsp
+    for bad in (dict(base, split_k=2), dict(base, kernel="prefill_tma", num_warps=8)):
+        with pytest.raises(ValueError, match="stream_k"):
+            W4A16Config(**bad, stream_k=True)
+    assert launch_variants(wsp, 256, 2560, 8192, 132) == [dataclasses.replace(wsp, split_k=s) for s in (1, 2, 3, 4)
+                                                          ] + [stream]    # 40 tiles
+    assert launch_variants(wsp, 4096, 16384, 2560, 132) == [wsp]            # 4096 tiles
+    assert launch_variants(stream, 1024, 2560, 8192, 132) == [wsp, stream]  # 160 tiles
+    assert base_variant(dataclasses.replace(stream, num_stages=4)) == dataclasses.replace(wsp, num_stages=4)
     tma = W4A16Config("prefill_tma", 128, 64, 128, num_warps=4, num_stages=3)
+    assert launch_variants(tma, 256, 3072, 2560, 132) == [dataclasses.replace(tma, split_k=s) for s in (1, 2, 3, 4)]
     assert split_candidates(tma, 256, 3072, 2560, 132) == [1, 2, 3, 4]      # 48 x 2 tiles: under 2 per SM
     assert split_candidates(tma, 1024, 3072, 2560, 132) == [1]              # 384 tiles
     assert split_candidates(dataclasses.replace(tma, block_k=64), 64, 512, 128, 132) == [1, 2]   # 2 K blocks
@@ -436,7 +528,8 @@ def test_prefill_tma_launcher_refusals():
     with pytest.raises(ValueError, match="split_k >= 1"):
         w4a16_prefill_tma(x, wp, s, None, 128, block_m=64, block_n=64, split_k=0)
     for kw, msg in ((dict(block_k=256), "block_k must be 64 or 128"), (dict(block_m=24), "multiple of 16"),
-                    (dict(block_m=512), "multiple of 16"), (dict(split_k=0), "split_k >= 1")):
+                    (dict(block_m=512), "multiple of 16"), (dict(split_k=0), "split_k >= 1"),
+                    (dict(split_k=2, stream_k=True), "stream_k replaces split-K")):
         with pytest.raises(ValueError, match=msg):
             w4a16_prefill_wsp(x, wp, s, None, 128, **{**dict(block_m=64, block_k=128), **kw})
 

@@ -38,11 +38,13 @@ def main() -> int:
     ap.add_argument("--configs", nargs="+", default=["128,128,128,4", "256,128,128,3", "128,64,128,4", "128,64,128,5",
                                                      "128,64,64,6", "256,64,128,2", "256,64,64,4", "64,64,128,4",
                                                      "128,64,128,4,2", "128,128,128,4,3"],
-                    help="block_m,block_n,block_k,num_stages[,split_k] (block_n 64: the warpgroups split K)")
+                    help="block_m,block_n,block_k,num_stages[,split_k or s] (block_n 64: the warpgroups split K; "
+                         "s: stream-K)")
     ap.add_argument("--tma", nargs="*", default=list(TMA), help="prefill_tma block_m,block_n,block_k,stages")
     ap.add_argument("--regs", type=int, default=232, help="consumer registers (setmaxnreg)")
     args = ap.parse_args()
-    cfgs = [tuple(map(int, (c + ",1").split(",")[:5])) for c in args.configs]
+    # the fifth field: split_k, or "s" for stream-K (encoded as split_k 0 here)
+    cfgs = [tuple(int(v.replace("s", "0")) for v in (c + ",1").split(",")[:5]) for c in args.configs]
     tmas = [tuple(map(int, c.split(","))) for c in args.tma]
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -56,9 +58,9 @@ def main() -> int:
             bias = torch.randn(n0, device=dev, dtype=dt) if m == 300 else None
             for bm, bn, bk, st, sk in cfgs:
                 y = w4a16_prefill_wsp(x, wp, s, bias, 128, block_m=bm, block_n=bn, block_k=bk, num_stages=st,
-                                      split_k=sk, consumer_regs=args.regs)
+                                      split_k=max(sk, 1), stream_k=sk == 0, consumer_regs=args.regs)
                 y2 = w4a16_prefill_wsp(x, wp, s, bias, 128, block_m=bm, block_n=bn, block_k=bk, num_stages=st,
-                                       split_k=sk, consumer_regs=args.regs)
+                                       split_k=max(sk, 1), stream_k=sk == 0, consumer_regs=args.regs)
                 tol = check_tolerance(y, x, wp, s, bias)
                 if sk == 1 and bn == 128:
                     ref = w4a16_prefill_tma(x, wp, s, bias, 128, block_m=bm, block_n=64, block_k=bk, num_stages=2)
@@ -66,15 +68,16 @@ def main() -> int:
                 else:
                     bits = "repeat identical" if torch.equal(y, y2) else "REPEAT DIFFERS"
                 fails += tol > 1 or bits[0].isupper()
-                print(f"check {dt} {n0}x{k0} M={m} bias={bias is not None} cfg={bm},{bn},{bk},{st},{sk}: tol {tol:.3f} "
+                print(f"check {dt} {n0}x{k0} M={m} bias={bias is not None} cfg={bm},{bn},{bk},{st},{sk or 's'}: "
+                      f"tol {tol:.3f} "
                       f"{'ok' if tol <= 1 else 'FAIL'}, {bits}", flush=True)
     wp, s = make_problem(3072, 2560, torch.bfloat16, dev, group=2560, seed=6)
     x = torch.randn(200, 2560, device=dev, dtype=torch.bfloat16)
-    for bn, bk in ((128, 64), (128, 128), (64, 128)):
+    for bn, bk, stream in ((128, 64, False), (128, 128, False), (64, 128, False), (128, 128, True), (64, 64, True)):
         tol = check_tolerance(w4a16_prefill_wsp(x, wp, s, None, 2560, block_m=128, block_n=bn, block_k=bk,
-                                                num_stages=3), x, wp, s)
+                                                num_stages=3, stream_k=stream), x, wp, s)
         fails += tol > 1
-        print(f"check channelwise block_n={bn} block_k={bk}: tol {tol:.3f}", flush=True)
+        print(f"check channelwise block_n={bn} block_k={bk} stream_k={stream}: tol {tol:.3f}", flush=True)
     print(f"correctness: {fails} failures", flush=True)
 
     dtype = torch.bfloat16
@@ -99,10 +102,11 @@ def main() -> int:
                         bm, bn, bk, st, sk = cfg
                         call = lambda i, bm=bm, bn=bn, bk=bk, st=st, sk=sk: w4a16_prefill_wsp(
                             x, wps[i % len(wps)], ss[i % len(ss)], None, 128, block_m=bm, block_n=bn, block_k=bk,
-                            num_stages=st, split_k=sk, consumer_regs=args.regs)
+                            num_stages=st, split_k=max(sk, 1), stream_k=sk == 0, consumer_regs=args.regs)
                     tol = check_tolerance(call(0), x, wps[0], ss[0])
                     t = min(graph_time_us(call, len(wps), replays=5) for _ in range(2))
-                    tag = ",".join(map(str, cfg))
+                    tag = ",".join(map(str, cfg[:4])) + ("" if len(cfg) < 5 else ",s" if cfg[4] == 0
+                                                         else f",{cfg[4]}")
                     lines.append(f"{kind} {tag}: {t:7.2f} ({flop / t / 1e6:5.0f} TF/s, x{t_cublas / t:.3f} cuBLAS"
                                  f"{'' if tol <= 1 else ' TOL FAIL'})")
                     if tol <= 1 and t < best[kind][0]:

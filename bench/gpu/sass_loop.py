@@ -56,10 +56,12 @@ def compile_gemv(kernel: str, block_m: int, block_n: int, block_k: int, num_warp
 
 
 def compile_prefill_tma(block_m: int, block_n: int, block_k: int, num_stages: int, dtype: str = "bf16",
-                        group: int = 128, k: int = 2560, split: bool = False, wsp: bool = False):
+                        group: int = 128, k: int = 2560, split: bool = False, wsp: bool = False,
+                        stream: bool = False):
     """A Gluon prefill kernel compiled for CUDA sm_90 (its TMA descriptors' types taken from descriptors built on CPU
     tensors of the launch's shapes): :mod:`kernels.w4a16_prefill_tma`, or with ``wsp`` the warp-specialised
-    :mod:`kernels.w4a16_prefill_wsp` (``block_n`` 128: two 64-row halves; 64: two K halves); ``split``: the serial split-K variant."""
+    :mod:`kernels.w4a16_prefill_wsp` (``block_n`` 128: two 64-row halves; 64: two K halves); ``split``: the serial
+    split-K variant; ``stream``: ``prefill_wsp``'s stream-K variant."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -76,7 +78,7 @@ def compile_prefill_tma(block_m: int, block_n: int, block_k: int, num_stages: in
                  STAGES=num_stages, GROUP_M=8, SPLIT=split)
     const["BN"] = block_n
     if wsp:
-        fn, const["CONSUMER_REGS"] = _w4a16_prefill_wsp_kernel, 232
+        fn, const["CONSUMER_REGS"], const["STREAM"] = _w4a16_prefill_wsp_kernel, 232, stream
     else:
         fn = _w4a16_prefill_tma_kernel
     sig = {"x_desc": mangle_type(xd), "w_desc": mangle_type(wd), "s_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
