@@ -60,6 +60,15 @@ def stream_owners(t, KB, G, W):
     return ((t * KB + 1) * G - 1) // W, ((t * KB + KB) * G - 1) // W
 
 
+@triton.jit
+def stream_parts(c, cf, G, NH, H):
+    """Stream-K workspace tiles of a tile whose owners are CTAs ``cf .. cl`` (more than one), for the ``H``-th of its
+    ``NH`` tickets: ``(own, first, rest)``: CTA ``c``'s own slot (the tail slot ``c`` of the tails ``[G, NH]`` for the
+    first owner, whose share ends in the tile; else its head slot in the heads ``[G, NH]`` that follow), and the
+    reader's order, the first owner's tail then the heads of ``cf + 1 .. cl`` at stride ``NH`` from ``rest``."""
+    return tl.where(c == cf, c, G + c) * NH + H, cf * NH + H, (G + cf + 1) * NH + H
+
+
 @triton.jit(do_not_specialize=["M", "stride_sn"])
 def _w4a16_tiled_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,

@@ -50,12 +50,12 @@ one ring. A tile whose steps all lie in one share is stored directly; a shared o
 takes the last ticket (:func:`kernels.w4a16_prefill_tma.store_parts`): the tail of its first owner's share, then
 the heads of the next owners' shares, in step order. With K halves the reduction buffer is reused per tile (a
 second mbarrier says when the even warpgroup has read it). Measured on the H200 (twenty-ninth session,
-``bench/results/h200-2026-12-01e``): where every share is whole tiles (264 tiles on 132 SMs) it runs as fast as
-the tiled launch (30.5 against 30.6 us), and it won one table entry, ``down`` (2560x8192) at M = 512, 1.086x
-against split-K 3. On four E4B shapes at M = 256 and 1024 (a first version) its best tiling reached only
-0.66-0.91x of the best tiled one or the table's entry: a share there is a few K blocks (7-15 at M = 256),
-and a shared tile's partial store, fenced ticket and the last owner's reloads cost more than the idle SMs it
-fills. The tiled launch's code is kept apart on purpose: a first version
+``bench/results/h200-2026-12-01e``): where every share is whole tiles it runs as fast as the tiled launch or
+faster (30.5 against 30.6 us with 264 tiles on 132 SMs, 47.9 against 52.1 with 528), and it won one table entry,
+``down`` (2560x8192) at M = 512, 1.086x against split-K 3. On four E4B shapes at M = 256 and 1024 (a first
+version) its best tiling reached only 0.66-0.91x of the best tiled one or the table's entry. The likely cost (by
+inference, not profiled): a shared tile's partial store, fenced ticket and the last owner's reloads, against
+shares of a few K blocks (10-15 on qkv and o at M = 256). The tiled launch's code is kept apart on purpose: a first version
 that ran both through one loop over tiles made the 3-slot 128-row tilings 0.90-0.985x as fast (one-process A/B);
 as written, the tiled kernel's SASS is byte-identical to the one before stream-K (Triton 3.6 and 3.9).
 
@@ -76,7 +76,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from .counters import grow_zeros
-from .w4a16_prefill import grouped_tile, stream_owners, stream_span
+from .w4a16_prefill import grouped_tile, stream_owners, stream_parts, stream_span
 from .w4a16_prefill_tma import (_COUNTERS, SUB_K, _block_scales, _cta_barrier, _dequant, _issue, _mma_block,
                                 _next_scales, _store_out, check_launch, descriptors, split_workspace, store_acc,
                                 store_parts, word_layout)
@@ -244,9 +244,9 @@ def _consumer_stream(x_smem, w_smem, ready, empty, red, red_bar, red_free, s_ptr
             if cf == cl:
                 _store_out(acc, out_ptr, bias_ptr, n_idx, m_idx, M, N, stride_om, HAS_BIAS)
             else:
-                own = gl.where(c == cf, c, G + c) * NH + H
-                store_parts(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, t * NH + H, own, cf * NH + H,
-                            (G + cf + 1) * NH + H, NH, cl - cf + 1, n_idx, m_idx, M, N, stride_om, HAS_BIAS)
+                own, part0, rest = stream_parts(c, cf, G, NH, H)
+                store_parts(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, t * NH + H, own, part0, rest, NH, cl - cf + 1,
+                            n_idx, m_idx, M, N, stride_om, HAS_BIAS)
 
 
 @gluon.jit
@@ -360,7 +360,7 @@ def w4a16_prefill_wsp(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale
       split-K as in :func:`kernels.w4a16_prefill_tma.store_acc`, one ticket per warpgroup (per CTA with 64 rows).
     * ``stream_k``: one CTA per SM (:func:`stream_grid`), each an equal share of all (tile, K block) steps; a tile
       shared by several CTAs is summed by the last to finish, in step order (:func:`store_parts`). Not with
-      ``split_k`` > 1.
+      ``split_k`` > 1. Where :func:`stream_grid` refuses (more than ~2^31 / SMs steps) the tiled launch runs.
 
     Returns ``[M, N]`` of x's dtype."""
     m, k = x.shape

@@ -354,7 +354,7 @@ _STREAM_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {repo!r})
     import torch, triton, triton.language as tl
-    from kernels.w4a16_prefill import stream_owners, stream_span
+    from kernels.w4a16_prefill import stream_owners, stream_parts, stream_span
 
     @triton.jit
     def spans(out, G, W):
@@ -364,11 +364,18 @@ _STREAM_SCRIPT = textwrap.dedent("""
         tl.store(out + 2 * c + 1, hi)
 
     @triton.jit
-    def owners(out, KB, G, W):
+    def owners(out, parts, KB, G, W, NH: tl.constexpr):
         t = tl.program_id(0)
         cf, cl = stream_owners(t, KB, G, W)
         tl.store(out + 2 * t, cf)
         tl.store(out + 2 * t + 1, cl)
+        for c in range(cf, cl + 1):
+            for h in tl.static_range(NH):
+                own, first, rest = stream_parts(c, cf, G, NH, h)
+                base = parts + ((t * G + c) * NH + h) * 3
+                tl.store(base, own)
+                tl.store(base + 1, first)
+                tl.store(base + 2, rest)
 
     res = []
     for tiles, kb, sms in ((1, 1, 132), (1, 20, 132), (7, 3, 4), (48, 20, 132), (96, 20, 132), (80, 16, 132),
@@ -377,20 +384,21 @@ _STREAM_SCRIPT = textwrap.dedent("""
         g = min(sms, w)
         a = torch.zeros(2 * g, dtype=torch.int32)
         b = torch.zeros(2 * tiles, dtype=torch.int32)
+        p = torch.zeros(tiles * g * 2 * 3, dtype=torch.int32)
         spans[(g,)](a, g, w)
-        owners[(tiles,)](b, kb, g, w)
-        res.append(dict(tiles=tiles, kb=kb, g=g, spans=a.tolist(), owners=b.tolist()))
+        owners[(tiles,)](b, p, kb, g, w, 2)
+        res.append(dict(tiles=tiles, kb=kb, g=g, spans=a.tolist(), owners=b.tolist(), parts=p.tolist()))
     print("RESULT " + json.dumps(res))
 """)
 
 
 def test_prefill_wsp_stream_k_partition():
-    """The stream-K share arithmetic ``prefill_wsp`` runs (:func:`kernels.w4a16_prefill.stream_span` and
-    ``stream_owners``, interpreted on the CPU) against brute force over eleven grids (one step per CTA, CTAs
-    inside one tile, tiles inside one CTA's share, whole tiles per CTA): the shares cover every step once, each
-    tile's owners are exactly the CTAs whose shares meet it, and no CTA writes one workspace slot twice (a tail
-    slot for the tile its share ends in, a head slot for the tile it starts in, whenever that tile has more than one
-    owner)."""
+    """The stream-K arithmetic ``prefill_wsp`` runs (:func:`kernels.w4a16_prefill.stream_span`, ``stream_owners``
+    and ``stream_parts``, interpreted on the CPU) against brute force over eleven grids (one step per CTA, CTAs
+    inside one tile, tiles inside one CTA's share, whole tiles per CTA), two tickets per tile: the shares cover every
+    step once, each tile's owners are exactly the CTAs whose shares meet it, and the workspace slots of a shared
+    tile's owners are the ones its reader sums, in step order, inside the ``[2, G, 2]`` workspace, none written
+    twice in a launch."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT.format(repo=str(REPO))], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -406,10 +414,16 @@ def test_prefill_wsp_stream_k_partition():
             cf, cl = r["owners"][2 * t:2 * t + 2]
             meet = [c for c, (lo, hi) in enumerate(spans) if lo < (t + 1) * kb and hi > t * kb]
             assert meet == list(range(cf, cl + 1)), (r, t, meet)
-            if cl > cf:
-                slots += [("tail", cf)] + [("head", c) for c in range(cf + 1, cl + 1)]
-                assert spans[cf][1] <= (t + 1) * kb and all(spans[c][0] >= t * kb for c in range(cf + 1, cl + 1))
-        assert len(slots) == len(set(slots)), r
+            if cl == cf:
+                continue    # stored directly, no workspace
+            for h in range(2):
+                own, first, rest = zip(*(r["parts"][((t * g + c) * 2 + h) * 3:][:3] for c in range(cf, cl + 1)))
+                assert set(first) == {first[0]} and set(rest) == {rest[0]}, (r, t, h)
+                # the reader sums the owners' slots in step order (owner cf's tail first), all in the workspace
+                assert [first[0]] + [rest[0] + s * 2 for s in range(cl - cf)] == list(own), (r, t, h, own)
+                assert all(0 <= o < 2 * g * 2 for o in own), (r, t, h, own)
+                slots += own
+        assert len(slots) == len(set(slots)), r    # no slot written twice in a launch
 
 
 def test_prefill_tma_config_and_candidates():

@@ -368,8 +368,8 @@ def test_prefill_wsp_stream_k_against_reference(dtype):
     """``prefill_wsp`` with stream-K (one CTA per SM, each an equal share of all (tile, K block) steps; a tile shared
     by CTAs summed through the workspace in step order): 128 rows and K halves (an odd ring), M from 1 to 600, a
     ragged N with a bias, channelwise scales, an odd number of K blocks and a single one (CTAs that hold one step);
-    repeated calls give the same bits and the tickets are back at zero. Where every CTA's share is whole tiles (264
-    tiles on 132 SMs) no tile is shared: the bits are the tiled launch's."""
+    repeated calls give the same bits and the tickets are back at zero. Where every CTA's share is two whole tiles
+    (twice as many tiles as SMs) no tile is shared: the bits are the tiled launch's."""
     from kernels.w4a16_prefill_tma import _COUNTERS
     from kernels.w4a16_prefill_wsp import w4a16_prefill_wsp
 
@@ -389,12 +389,12 @@ def test_prefill_wsp_stream_k_against_reference(dtype):
                 assert torch.equal(y, w4a16_prefill_wsp(x, wp, s, b, gs, **kw)), ("repeat", n, k, bm, bn, m)
     torch.cuda.synchronize()
     assert all(int(c.abs().sum()) == 0 for c in _COUNTERS[torch.device("cuda", torch.cuda.current_device())])
-    if torch.cuda.get_device_properties(0).multi_processor_count == 132:
-        wp, s = gpu_problem(3072, 2560, dtype, seed=15)
-        x = torch.randn(704, 2560, device="cuda", dtype=dtype)    # 11 x 24 = 264 tiles of 64 x 128, 2 per CTA
-        kw = dict(block_m=64, block_n=128, block_k=128, num_stages=4)
-        assert torch.equal(w4a16_prefill_wsp(x, wp, s, None, 128, stream_k=True, **kw),
-                           w4a16_prefill_wsp(x, wp, s, None, 128, **kw))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    wp, s = gpu_problem(128 * sms, 2560, dtype, seed=15)
+    x = torch.randn(128, 2560, device="cuda", dtype=dtype)    # 2 x SMs tiles of 64 x 128: two whole ones per CTA
+    kw = dict(block_m=64, block_n=128, block_k=128, num_stages=4)
+    assert torch.equal(w4a16_prefill_wsp(x, wp, s, None, 128, stream_k=True, **kw),
+                       w4a16_prefill_wsp(x, wp, s, None, 128, **kw))
 
 
 def test_deterministic_and_config_invariant():
@@ -431,7 +431,7 @@ def test_cuda_graph_replay_matches_eager():
     from kernels.w4a16 import w4a16_gemm
 
     wp, s = gpu_problem(2560, 8192, seed=4)
-    # M = 500 takes the table's stream-K entry (its workspace and tickets inside the captured graph)
+    # on the H200, M = 500 takes the table's stream-K entry (its workspace and tickets inside the captured graph)
     xs = [torch.randn(m, 8192, device="cuda", dtype=torch.bfloat16) for m in (1, 8, 256, 500)]
     eager = [w4a16_gemm(x, wp, s) for x in xs]
     g = torch.cuda.CUDAGraph()

@@ -5,7 +5,8 @@ path and cuBLAS, same process.
 (GPU, sm_90): checks every config against the pure-torch reference (§9B tolerance; bf16 and fp16, bias, ragged M,
 a ragged N, channelwise scales). Without split-K and with 128 weight rows it also checks, bit for bit, against
 ``prefill_tma`` with the same activation rows and K block (each output is one chain of k16 MMAs in K order in
-both); the other configs (64 weight rows: the two warpgroups split K; split-K) against a repeat of themselves.
+both); the other configs (64 weight rows: the two warpgroups split K; split-K; stream-K, a fifth field ``s``)
+against a repeat of themselves; the channelwise check runs two stream-K tilings too.
 Then times each (shape, M) with the autotuner's timer (CUDA graphs over weight copies rotated past the L2): the
 tuned ``w4a16_gemm`` path, cuBLAS on the dequantized bf16 weight, ``prefill_tma`` tilings and every ``wsp`` config.
 Prints µs, TFLOP/s and the speed against cuBLAS, then geomeans against cuBLAS. (``--configs`` took
@@ -43,8 +44,11 @@ def main() -> int:
     ap.add_argument("--tma", nargs="*", default=list(TMA), help="prefill_tma block_m,block_n,block_k,stages")
     ap.add_argument("--regs", type=int, default=232, help="consumer registers (setmaxnreg)")
     args = ap.parse_args()
-    # the fifth field: split_k, or "s" for stream-K (encoded as split_k 0 here)
+    # the fifth field: split_k (>= 1), or "s" for stream-K (encoded as split_k 0 here)
     cfgs = [tuple(int(v.replace("s", "0")) for v in (c + ",1").split(",")[:5]) for c in args.configs]
+    bad = [c for c, cfg in zip(args.configs, cfgs) if len(c.split(",")) > 4 and c.split(",")[4] != "s" and cfg[4] < 1]
+    if bad:
+        ap.error(f"--configs: the fifth field is a split_k >= 1 or s (stream-K), got {bad}")
     tmas = [tuple(map(int, c.split(","))) for c in args.tma]
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
