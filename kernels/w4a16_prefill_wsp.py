@@ -67,8 +67,6 @@ launch's bits, checked on the GPU).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -80,6 +78,7 @@ from .w4a16_prefill import grouped_tile, stream_owners, stream_parts, stream_spa
 from .w4a16_prefill_tma import (_COUNTERS, SUB_K, _block_scales, _cta_barrier, _dequant, _issue, _mma_block,
                                 _next_scales, _store_out, check_launch, descriptors, split_workspace, store_acc,
                                 store_parts, word_layout)
+from .w4a16_marlin import device_sms
 
 
 @gluon.jit
@@ -259,18 +258,22 @@ def _w4a16_prefill_wsp_kernel(
 ):
     SUB: gl.constexpr = BK // SUB_K
     KSPLIT: gl.constexpr = BN == 64   # both warpgroups on the same 64 rows, every other K block each
+    KSTEP: gl.constexpr = 2 if KSPLIT else 1
+    ROW1: gl.constexpr = 0 if KSPLIT else 64   # the worker consumer's first weight row
     if STREAM:
         # stream-K: the CTA's steps lo .. hi - 1 of all W (tile, K block) steps (step w: tile w / KB's block w % KB)
         KB = K // BK
         W = ((M + BM - 1) // BM) * ((N + BN - 1) // BN) * KB
         lo, hi = stream_span(gl.program_id(0), gl.num_programs(0), W)
-        x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * SUB, BM, SUB_K], x_desc.layout)
-        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1 if KSPLIT else 2)
+    # the TMA ring: STAGES slots of activation boxes and word tiles, each with a ready and an empty barrier
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * SUB, BM, SUB_K], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1 if KSPLIT else 2)
+    if STREAM:
         if KSPLIT:
             # the odd steps' sum of a tile; red_bar: written (odd warpgroup), red_free: read (even warpgroup)
             red = gl.allocate_shared_memory(gl.float32, [64, BM], gl.SwizzledSharedLayout(2, 1, 8, order=[1, 0]))
@@ -281,8 +284,6 @@ def _w4a16_prefill_wsp_kernel(
         else:
             red, red_bar, red_free = ready, ready, ready   # not used with 128 rows
         NH: gl.constexpr = 1 if KSPLIT else 2
-        KSTEP: gl.constexpr = 2 if KSPLIT else 1
-        ROW1: gl.constexpr = 0 if KSPLIT else 64
         H1: gl.constexpr = 0 if KSPLIT else 1
         gl.warp_specialize([
             (_consumer_stream, (x_smem, w_smem, ready, empty, red, red_bar, red_free, s_ptr, bias_ptr, out_ptr,
@@ -298,15 +299,7 @@ def _w4a16_prefill_wsp_kernel(
         pid_m, pid_n = grouped_tile(gl.program_id(0), M, N, BM, BN, GROUP_M)
         off_m = pid_m * BM
         off_n = pid_n * BN
-
-        x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * SUB, BM, SUB_K], x_desc.layout)
-        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         red_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1 if KSPLIT else 2)
         mbarrier.init(red_bar, count=1)
         if KSPLIT:
             # the odd blocks' fp32 sum, [64, BM]: swizzled so that the accumulator's row pairs do not share banks
@@ -319,8 +312,6 @@ def _w4a16_prefill_wsp_kernel(
             t0, t1, n_tickets = gl.program_id(0), gl.program_id(0), gl.num_programs(0)
         else:
             t0, t1, n_tickets = gl.program_id(0) * 2, gl.program_id(0) * 2 + 1, gl.num_programs(0) * 2
-        KSTEP: gl.constexpr = 2 if KSPLIT else 1
-        ROW1: gl.constexpr = 0 if KSPLIT else 64
 
         gl.warp_specialize([
             (_consumer, (x_smem, w_smem, ready, empty, red, red_bar, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
@@ -331,11 +322,6 @@ def _w4a16_prefill_wsp_kernel(
                          KSTEP - 1, KSTEP, HAS_BIAS, IS_BF16, BM, BK, GROUP_SIZE, STAGES, SPLIT)),
             (_producer, (x_desc, w_desc, x_smem, w_smem, ready, empty, off_m, off_n, kb_lo, kb_hi, STAGES, BK)),
         ], [4, 1], [CONSUMER_REGS, 24])
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def stream_grid(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, sms: int) -> int:
@@ -373,7 +359,7 @@ def w4a16_prefill_wsp(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     nh = 1 if block_n == 64 else 2
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    grid = stream_grid(m, n, k, block_m, block_n, block_k, _sm_count(index)) if stream_k else 0
+    grid = stream_grid(m, n, k, block_m, block_n, block_k, device_sms(index)) if stream_k else 0
     if grid:
         # tails and heads of the CTAs' shares, [2, grid, nh] tiles of 64 x block_m floats; a ticket per tile half
         ws = torch.empty(2 * grid * nh * 64 * block_m, dtype=torch.float32, device=x.device)

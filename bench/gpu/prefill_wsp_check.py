@@ -44,11 +44,13 @@ def main() -> int:
     ap.add_argument("--tma", nargs="*", default=list(TMA), help="prefill_tma block_m,block_n,block_k,stages")
     ap.add_argument("--regs", type=int, default=232, help="consumer registers (setmaxnreg)")
     args = ap.parse_args()
-    # the fifth field: split_k (>= 1), or "s" for stream-K (encoded as split_k 0 here)
-    cfgs = [tuple(int(v.replace("s", "0")) for v in (c + ",1").split(",")[:5]) for c in args.configs]
-    bad = [c for c, cfg in zip(args.configs, cfgs) if len(c.split(",")) > 4 and c.split(",")[4] != "s" and cfg[4] < 1]
-    if bad:
-        ap.error(f"--configs: the fifth field is a split_k >= 1 or s (stream-K), got {bad}")
+    # the fifth field: split_k (>= 1, default 1), or "s" for stream-K (encoded as split_k 0 here)
+    cfgs = []
+    for c in args.configs:
+        f = (c + ",1").split(",")[:5]
+        if f[4] != "s" and int(f[4]) < 1:
+            ap.error(f"--configs: the fifth field is a split_k >= 1 or s (stream-K), got {c}")
+        cfgs.append(tuple(int(v) for v in f[:4]) + (0 if f[4] == "s" else int(f[4]), ))
     tmas = [tuple(map(int, c.split(","))) for c in args.tma]
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
