@@ -84,19 +84,31 @@ def _prefetch_hashes(ckpt: Path | None):
     return FileHasher(files)
 
 
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (timeout, Slurm, docker stop) cleans up like Ctrl-C: no temp dir is left
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_interrupted = threading.Event()
+
+
+def _on_stop_signal(signum, frame):
+    """SIGINT (Ctrl-C) and SIGTERM (timeout, Slurm, docker stop): clean up like Ctrl-C, no temp dir is left.
+
+    The KeyboardInterrupt lands wherever the main thread is, possibly inside threading's own locking (seen in CI:
+    a SIGTERM during ``Thread.start`` surfaced as ``RuntimeError: release unlocked lock``). So the arrival is
+    recorded first, and :func:`_run` reports whatever exception follows it as the interruption."""
+    _interrupted.set()
+    raise KeyboardInterrupt
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     hasher = None if args.demo else _prefetch_hashes(args.ckpt)
-    old = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    _interrupted.clear()
+    old = {s: signal.signal(s, _on_stop_signal) for s in _STOP_SIGNALS} if main_thread else {}
     try:
         return _run(args, hasher)
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
         if hasher is not None:
             hasher.cancel()  # a no-op once quantize_checkpoint has its result; stops it on an early error
 
@@ -123,15 +135,17 @@ def _run(args: argparse.Namespace, hasher) -> int:
         result = quantize_checkpoint(args.ckpt, out, recipe, device=args.device, force=force,
                                      max_shard_size=args.max_shard_size, progress=not args.no_progress,
                                      input_hasher=hasher)
-    except QuantizeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the machine, not the input: disk full, permission denied, a file where a dir should be
-        print(f"error: {e}; nothing was written", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or _interrupted.is_set():  # whatever the signal turned into
+            print("error: interrupted; nothing was written", file=sys.stderr)
+            return 130
+        if isinstance(e, QuantizeError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError):  # the machine, not the input: disk full, permission denied, a dir for a file
+            print(f"error: {e}; nothing was written", file=sys.stderr)
+            return 1
+        raise
     print(result.summary())
     return 0
 

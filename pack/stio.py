@@ -267,7 +267,12 @@ class SafetensorsFileWriter:
         self._sha = hashlib.sha256()
         self._hq: queue.Queue = queue.Queue(maxsize=4)
         self._hasher = threading.Thread(target=self._hash_loop, name="pdqkit-sha256-out", daemon=True)
-        self._hasher.start()
+        try:
+            self._hasher.start()
+        except BaseException:  # e.g. interrupted: close the file; a thread that did start ends on the None
+            self._hq.put(None)
+            self._fh.close()
+            raise
         self._next = 0
         try:
             self._emit(struct.pack("<Q", len(hb)) + hb)
