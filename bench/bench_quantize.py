@@ -24,8 +24,10 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,11 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 ORACLE = REPO / "tests" / "oracle" / "llmc_oneshot.py"
 
 
-def _run(argv: list[str], log: Path) -> dict:
-    """Run ``argv`` as a child; wall seconds and the child's peak RSS (bytes)."""
+def _run(argv: list[str], log: Path, cache: Path | None = None) -> dict:
+    """Run ``argv`` as a child (``$PDQKIT_CACHE`` = ``cache`` if given); wall and CPU seconds, peak RSS (GiB)."""
+    env = dict(os.environ, PDQKIT_CACHE=str(cache)) if cache is not None else None
     with open(log, "w") as fh:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -131,19 +134,26 @@ def main(argv=None) -> int:
                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rss_floor_gib": floor}
     ours, ref = args.work / "pdqkit-w4a16", args.work / "llmc-w4a16"
     pdq = [sys.executable, "-m", "pack.quantize", str(base), "-o", str(ours), "--force", "--no-progress"]
-    runs: dict[str, list[dict]] = {"pdqkit": [], "pdqkit_fp32div": [], "pdqkit_preimported": [],
-                                   "llmcompressor": []}
+    runs: dict[str, list[dict]] = {"pdqkit": [], "pdqkit_fp32div": [], "pdqkit_warm": [], "pdqkit_fp32div_warm": [],
+                                   "pdqkit_preimported": [], "llmcompressor": []}
+    # "cold": an empty plan cache every run (a first run: plans with transformers and compressed-tensors);
+    # "warm": a plan cache filled by an earlier run on this config (pack.plancache; neither library imported)
+    warm_cache = args.work / "plan-cache"
+    shutil.rmtree(warm_cache, ignore_errors=True)
+    _run(pdq + ["-o", str(ours) + "-prime"], args.work / "pdqkit-prime.log", warm_cache)
     for _ in range(args.repeats):  # interleaved, so a busy machine slows both alike
-        _warm(base)
-        runs["pdqkit"].append(_run(pdq + ["--rounding", "eager"], args.work / "pdqkit.log"))
-        print("pdqkit (eager):", runs["pdqkit"][-1], flush=True)
-        _warm(base)
-        runs["pdqkit_fp32div"].append(_run(pdq + ["--rounding", "fp32div", "-o", str(ours) + "-fp32div"],
-                                           args.work / "pdqkit-fp32div.log"))
-        print("pdqkit (fp32div):", runs["pdqkit_fp32div"][-1], flush=True)
+        for key, rounding, cached in (("pdqkit", "eager", False), ("pdqkit_fp32div", "fp32div", False),
+                                      ("pdqkit_warm", "eager", True), ("pdqkit_fp32div_warm", "fp32div", True)):
+            _warm(base)
+            dst = ours if key == "pdqkit" else Path(f"{ours}-{key}")
+            with tempfile.TemporaryDirectory(prefix="pdqkit-cold-cache-") as cold:
+                runs[key].append(_run(pdq + ["--rounding", rounding, "-o", str(dst)], args.work / f"{key}.log",
+                                      warm_cache if cached else Path(cold)))
+            print(f"{key}:", runs[key][-1], flush=True)
         _warm(base)
         log = args.work / "pdqkit-preimported.log"
-        r = _run([sys.executable, "-c", _PDQ_WORK, *pdq[3:], "--rounding", "eager", "-o", str(ours) + "-pre"], log)
+        r = _run([sys.executable, "-c", _PDQ_WORK, *pdq[3:], "--rounding", "eager", "-o", str(ours) + "-pre",
+                  "--no-plan-cache"], log)
         runs["pdqkit_preimported"].append({**r, **{k: round(v, 2) for k, v in _last_json(log).items()}})
         print("pdqkit (eager, imports first, work timed):", runs["pdqkit_preimported"][-1], flush=True)
         if not args.skip_llmc:
@@ -164,6 +174,11 @@ def main(argv=None) -> int:
         p, r = best["pdqkit"], best["llmcompressor"]
         results["speedup"] = round(r["wall_s"] / p["wall_s"], 2)
         results["speedup_fp32div"] = round(r["wall_s"] / best["pdqkit_fp32div"]["wall_s"], 2)
+        results["speedup_warm"] = round(r["wall_s"] / best["pdqkit_warm"]["wall_s"], 2)
+        results["speedup_fp32div_warm"] = round(r["wall_s"] / best["pdqkit_fp32div_warm"]["wall_s"], 2)
+        results["rss_ratio_warm"] = round(best["pdqkit_warm"]["peak_rss_gib"] / r["peak_rss_gib"], 3)
+        warm_out = Path(f"{ours}-pdqkit_warm") / "model.safetensors"
+        results["identical_model_safetensors_warm"] = warm_out.read_bytes() == b
         results["rss_ratio"] = round(p["peak_rss_gib"] / r["peak_rss_gib"], 3)
         results["cpu_ratio"] = round(r["cpu_s"] / p["cpu_s"], 2)
         # without the import time: both tools' work after their imports, best of the repeats
@@ -176,10 +191,13 @@ def main(argv=None) -> int:
               % args.repeats)
         for k, v in best.items():
             print(f"| {k} | {v['wall_s']} | {v['cpu_s']} | {v['peak_rss_gib']} |")
-        print(f"speedup {results['speedup']}x (eager; fp32div {results['speedup_fp32div']}x; CPU time "
-              f"{results['cpu_ratio']}x less), peak RSS "
+        print(f"speedup, cold plan cache: {results['speedup']}x (eager; fp32div {results['speedup_fp32div']}x; "
+              f"CPU time {results['cpu_ratio']}x less), peak RSS "
               f"{results['rss_ratio']:.3f} of llmcompressor's, model.safetensors identical (eager): "
               f"{results['identical_model_safetensors']}")
+        print(f"speedup, warm plan cache: {results['speedup_warm']}x (eager; fp32div "
+              f"{results['speedup_fp32div_warm']}x), peak RSS {results['rss_ratio_warm']:.3f} of llmcompressor's, "
+              f"model.safetensors identical (eager): {results['identical_model_safetensors_warm']}")
         w = results["work_only"]
         print(f"without imports: pdqkit {w['pdqkit_s']} s vs llmcompressor {w['llmcompressor_s']} s of work after "
               f"the imports ({w['pdqkit_imports_s']} s / {w['llmcompressor_imports_s']} s of imports): "

@@ -89,7 +89,7 @@ def _write_bf16(model, out: Path, shared_file: Path) -> None:
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(tmp)
         recipe = QuantRecipe()
-        saved = plan_model(tmp, recipe.targets, recipe.ignore).saved  # the keys save_pretrained writes
+        saved = plan_model(tmp, recipe).saved  # the keys save_pretrained writes
         sd = model.state_dict()
         if missing := [k for k in saved if k not in sd]:
             raise RuntimeError(f"model state_dict lacks {missing[:3]} that config.json implies")

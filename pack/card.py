@@ -22,13 +22,21 @@ from __future__ import annotations
 
 import json
 
-__all__ = ["vllm_settings", "vllm_config_yaml", "model_card"]
+__all__ = ["serving_facts", "vllm_settings", "vllm_config_yaml", "model_card"]
 
 
-def _head_dim_fix(plan) -> dict | None:
+def serving_facts(config) -> dict:
+    """What vLLM needs to know about a model, from its transformers config (``PretrainedConfig``): JSON-able, so
+    the plan cache (pack.plancache) can keep it. Keys: ``max_position_embeddings`` (int or None), ``multimodal``
+    (the language model is a sub-config), ``head_dim_fix`` (dict or None, see :func:`_head_dim_fix`)."""
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    max_pos = getattr(tc, "max_position_embeddings", None)
+    return {"max_position_embeddings": int(max_pos) if max_pos else None, "multimodal": tc is not config,
+            "head_dim_fix": _head_dim_fix(config, tc)}
+
+
+def _head_dim_fix(cfg, tc) -> dict | None:
     """Gemma-4 head-dim override (dict form of the callable in shared/gpu/README.md), or None if not needed."""
-    cfg = plan.model.config
-    tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     per_layer = getattr(tc, "per_layer_config", None)
     if per_layer is None:
         return None
@@ -44,15 +52,13 @@ def _head_dim_fix(plan) -> dict | None:
 
 def vllm_settings(plan, max_model_len: int = 8192) -> dict:
     """vLLM engine arguments (CLI spelling) for this checkpoint: what ``vllm_config.yaml`` holds."""
-    tc = plan.model.config.get_text_config()
-    max_pos = getattr(tc, "max_position_embeddings", None) or max_model_len
+    facts = plan.serving
+    max_pos = facts["max_position_embeddings"] or max_model_len
     s = {"dtype": "bfloat16", "max-model-len": int(min(max_model_len, max_pos)), "attention-backend": "TRITON_ATTN"}
-    multimodal = tc is not plan.model.config
-    if multimodal:
+    if facts["multimodal"]:
         s["language-model-only"] = True
-    fix = _head_dim_fix(plan)
-    if fix:
-        s["hf-overrides"] = fix
+    if facts["head_dim_fix"]:
+        s["hf-overrides"] = facts["head_dim_fix"]
     return s
 
 

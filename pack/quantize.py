@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-shard-size", default="20GB", help="largest output file (default 20GB, like "
                     "llmcompressor: a single model.safetensors up to that size)")
     ap.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    ap.add_argument("--no-plan-cache", action="store_true",
+                    help="plan afresh (import transformers and compressed-tensors, ~1.5 s) and store nothing; by "
+                    "default the model plan is kept in $PDQKIT_CACHE/plans (~/.cache/pdqkit/plans) under a key "
+                    "of config.json, the recipe and the library versions and sources")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--demo", nargs="?", const="micro", choices=("micro", "small"), metavar="SCALE",
                     help="build a random multimodal Gemma-4 checkpoint of SCALE (micro|small, default micro; "
@@ -134,7 +138,7 @@ def _run(args: argparse.Namespace, hasher) -> int:
         recipe = QuantRecipe(ignore=(*args.ignore, *args.extra_ignore), group_size=args.group_size, rounding=args.rounding)
         result = quantize_checkpoint(args.ckpt, out, recipe, device=args.device, force=force,
                                      max_shard_size=args.max_shard_size, progress=not args.no_progress,
-                                     input_hasher=hasher)
+                                     input_hasher=hasher, plan_cache=not args.no_plan_cache)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt) or _interrupted.is_set():  # whatever the signal turned into
             print("error: interrupted; nothing was written", file=sys.stderr)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,16 +27,20 @@ _QUANT_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_zero_point", ".we
                    ".weight_global_scale", ".qweight", ".qzeros", ".scales")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelPlan:
-    """The meta-device model of a checkpoint and what the writer does with it."""
+    """What the writer needs to know about a checkpoint's model for one recipe, derived from the meta-device model.
+
+    Model-free and JSON-able (except ``config``, which is config.json as read): pack.plancache keeps it across runs.
+    """
 
     config: dict                                # config.json as read
     architecture: str                           # e.g. "Gemma4ForConditionalGeneration"
-    model: torch.nn.Module                      # on the meta device
-    targeted: dict[str, torch.nn.Module]        # module name -> targeted Linear, named_modules() order
-    saved: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)  # key -> (shape, dtype)
-    keep_fp32: tuple[str, ...] = ()             # module-name fragments transformers keeps in fp32
+    targeted: tuple[str, ...]                   # module names of the targeted Linears, named_modules() order
+    saved: dict[str, tuple[int, ...]]           # state_dict key save_pretrained writes -> shape, state_dict order
+    keep_fp32: tuple[str, ...]                  # module-name fragments transformers keeps in fp32
+    quantization_config: dict                   # config.json's quantization_config block for the recipe
+    serving: dict                               # pack.card.serving_facts of the model's config
 
 
 def load_config(ckpt: Path) -> dict:
@@ -105,18 +109,24 @@ def build_meta_model(ckpt: Path, cfg: dict) -> tuple[str, torch.nn.Module]:
     return arch, model.eval()
 
 
-def _saved_keys(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _saved_keys(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """state_dict keys ``save_pretrained`` would write (tied aliases removed), with meta shapes."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     sd = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
-    return {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
+    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-def plan_model(ckpt: Path, targets, ignore) -> ModelPlan:
-    """Config -> meta model -> targeted Linears and the tensor keys to write."""
+def plan_model(ckpt: Path, recipe) -> ModelPlan:
+    """Config -> meta model -> targeted Linears, the tensor keys to write, the quantization_config block.
+
+    ``recipe``: a pack.qconfig.QuantRecipe. Imports transformers and compressed-tensors (~1.5 s of a CPU run):
+    pack.plancache.cached_plan keeps the result for the next run with the same inputs."""
     from compressed_tensors.utils.match import match_named_modules
     from transformers.conversion_mapping import get_model_conversion_mapping
+
+    from .card import serving_facts
+    from .qconfig import quantization_config
 
     cfg = load_config(ckpt)
     arch, model = build_meta_model(ckpt, cfg)
@@ -124,10 +134,11 @@ def plan_model(ckpt: Path, targets, ignore) -> ModelPlan:
         raise QuantizeError(f"{Path(ckpt) / 'config.json'}: transformers renames or converts {arch}'s checkpoint "
                             f"tensors on load; pdqkit's streaming writer supports architectures stored as-is "
                             f"(e.g. Gemma-4, Llama, Qwen)")
-    targeted = dict(match_named_modules(model, list(targets), list(ignore)))
+    targeted = dict(match_named_modules(model, list(recipe.targets), list(recipe.ignore)))
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) + tuple(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    return ModelPlan(cfg, arch, model, targeted, _saved_keys(model), keep)
+    qcfg = quantization_config(model, targeted, recipe)
+    return ModelPlan(cfg, arch, tuple(targeted), _saved_keys(model), keep, qcfg, serving_facts(model.config))
 
 
 def looks_quantized(name: str) -> bool:

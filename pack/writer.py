@@ -8,7 +8,9 @@ Pipeline (spec pack-quantized.md):
 2. **plan** (:mod:`pack.targets`, :mod:`pack.qconfig`): the architecture built from config.json on the meta
    device says which Linears are targeted (recipe ``targets`` minus ``ignore``) and which tensors
    ``save_pretrained`` would write; the input tensors are checked against it (missing tensors, shapes, dtypes,
-   K % group, already-quantized input) before anything is written.
+   K % group, already-quantized input) before anything is written. The plan is kept in :mod:`pack.plancache`
+   under a key of everything it depends on: a later run on the same config, recipe and libraries reads it back
+   and imports neither transformers' architecture nor compressed-tensors.
 3. **lay out** the output: per targeted Linear ``<m>.weight_packed`` (I32 ``[N, K/8]``), ``<m>.weight_scale``
    (BF16 ``[N, K/g]``), ``<m>.weight_shape`` (I64 ``[2]``) in place of ``<m>.weight``; every other tensor
    unchanged; shards of at most ``max_shard_size`` bytes (default 20 GB like llmcompressor: E4B fits one file).
@@ -45,9 +47,10 @@ from .errors import QuantizeError
 from .gcpause import gc_paused
 from .packing import PACK_FACTOR
 from .pipeline import Piece, Quantizer, passthrough_pieces, row_blocks, stream_file
-from .qconfig import EQUIVALENT_TO, QuantRecipe, quantization_config
+from .plancache import cached_plan
+from .qconfig import EQUIVALENT_TO, QuantRecipe
 from .stio import ST_DTYPES, SafetensorsFileWriter, SourceFiles, tensor_bytes
-from .targets import ModelPlan, load_config, looks_quantized, plan_model
+from .targets import ModelPlan, load_config, looks_quantized
 
 __all__ = ["DEFAULT_MAX_SHARD_SIZE", "QuantizeResult", "quantize_checkpoint", "parse_size"]
 
@@ -93,6 +96,7 @@ class QuantizeResult:
     peak_rss: int
     files_sha256: dict[str, str] = field(default_factory=dict)
     stream_seconds: float = 0.0     # of which: streaming the tensors (after imports, planning, checks)
+    plan_cached: bool = False       # the model plan came from pack.plancache (transformers not imported)
 
     @property
     def gbps(self) -> float:
@@ -100,11 +104,12 @@ class QuantizeResult:
 
     def summary(self) -> str:
         stream = self.bytes_in / self.stream_seconds / 1e9 if self.stream_seconds > 0 else float("inf")
+        plan = "cached" if self.plan_cached else "built"
         return (f"pdqkit quantize: {self.quantized_modules} Linears quantized ({self.quantized_tensors} tensors), "
                 f"{self.kept_tensors} tensors kept, {len(self.dropped)} dropped; "
                 f"{self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out in {self.seconds:.2f} s "
-                f"({self.gbps:.2f} GB/s; streaming {stream:.2f} GB/s); peak RSS {self.peak_rss / 2**30:.2f} GiB "
-                f"-> {self.out}")
+                f"({self.gbps:.2f} GB/s; streaming {stream:.2f} GB/s; plan {plan}); "
+                f"peak RSS {self.peak_rss / 2**30:.2f} GiB -> {self.out}")
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -134,7 +139,7 @@ def _check_inputs(plan: ModelPlan, src: SourceFiles, recipe: QuantRecipe) -> tup
                             f"embeddings) and not stored on its own; leave it in bf16 with --extra-ignore {m}")
     scheme = recipe.observer_scheme()
     cast = []
-    for key, (shape, _) in plan.saved.items():
+    for key, shape in plan.saved.items():
         e = src.tensors.get(key)
         if e is None:
             raise QuantizeError(f"{src.dir}: tensor {key} is missing from the checkpoint but {plan.architecture} "
@@ -314,11 +319,12 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                         device: str = "cpu", force: bool = False,
                         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                         progress: bool = False, vllm_max_model_len: int = 8192,
-                        input_hasher: FileHasher | None = None) -> QuantizeResult:
+                        input_hasher: FileHasher | None = None, plan_cache: bool = True) -> QuantizeResult:
     """Quantize bf16 checkpoint dir ``ckpt`` into a pack-quantized checkpoint dir ``out`` (see module doc).
 
     ``input_hasher``: a :class:`~pack.checkpoint.FileHasher` already hashing ``ckpt``'s safetensors files (the
     CLI starts it before importing torch); used if its file list is this checkpoint's, else a new one is started.
+    ``plan_cache``: read and store the model plan in pack.plancache (False: plan afresh, store nothing).
     Raises :class:`QuantizeError` (nothing written) for bad input or options.
     """
     t0 = time.perf_counter()
@@ -348,8 +354,8 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
             hasher = FileHasher(src.files)
         try:
             with gc_paused():
-                plan = plan_model(ckpt, recipe.targets, recipe.ignore)
-            qcfg = quantization_config(plan.model, plan.targeted, recipe)
+                plan, plan_cached = cached_plan(ckpt, recipe, use_cache=plan_cache)
+            qcfg = plan.quantization_config
             dropped, cast = _check_inputs(plan, src, recipe)
             quantizer = Quantizer(src, recipe.observer_scheme(), device)
             shards = _shard(_plan_outputs(plan, src, recipe, set(cast), quantizer), max_bytes)
@@ -385,7 +391,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     return QuantizeResult(out=out, quantized_modules=n_mod, quantized_tensors=3 * n_mod,
                           kept_tensors=n_tensors - 3 * n_mod, dropped=dropped, cast=cast, bytes_in=bytes_in,
                           bytes_out=bytes_out, seconds=time.perf_counter() - t0, peak_rss=_peak_rss(),
-                          files_sha256=out_hashes, stream_seconds=t_stream)
+                          files_sha256=out_hashes, stream_seconds=t_stream, plan_cached=plan_cached)
 
 
 def _write_metadata(tmp: Path, ckpt: Path, previous: list[dict], plan: ModelPlan, recipe: QuantRecipe, qcfg: dict,
