@@ -11,7 +11,8 @@ Both tools run as separate processes, end to end (imports included), interleaved
 wall time reported: the machine is shared); a third pdqkit run imports its libraries first and times the work
 after them, which llmcompressor's oracle script reports too (``work_only``: the ratio without import time);
 pdqkit in eager rounding (the only mode a CPU llmcompressor run produces, so the outputs are compared byte for
-byte) and in its default fp32div mode. Peak RSS is each process's own
+byte) and in its default fp32div mode, each with a cold plan cache (an empty ``$PDQKIT_CACHE`` per run: a first
+run) and a warm one (filled once before the loop: pack.plancache, transformers and compressed-tensors not imported). Peak RSS is each process's own
 ``ru_maxrss`` (``os.wait4``; this driver stays small because a child inherits its parent's high-water mark,
 recorded as ``rss_floor_gib``: the peak a ``true`` child reports);
 the input is read once before each run so both start with a warm page cache.
