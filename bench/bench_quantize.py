@@ -11,8 +11,8 @@ Both tools run as separate processes, end to end (imports included), interleaved
 wall time reported: the machine is shared); a third pdqkit run imports its libraries first and times the work
 after them, which llmcompressor's oracle script reports too (``work_only``: the ratio without import time);
 pdqkit in eager rounding (the only mode a CPU llmcompressor run produces, so the outputs are compared byte for
-byte) and in its default fp32div mode, each with a cold plan cache (an empty ``$PDQKIT_CACHE`` per run: a first
-run) and a warm one (filled once before the loop: pack.plancache, transformers and compressed-tensors not imported). Peak RSS is each process's own
+byte) and in its default fp32div mode, each with a cold plan cache (an empty ``$PDQKIT_PLAN_CACHE`` per run: a
+first run) and a warm one (filled once before the loop: pack.plancache, transformers and compressed-tensors not imported). Peak RSS is each process's own
 ``ru_maxrss`` (``os.wait4``; this driver stays small because a child inherits its parent's high-water mark,
 recorded as ``rss_floor_gib``: the peak a ``true`` child reports);
 the input is read once before each run so both start with a warm page cache.
@@ -36,9 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 ORACLE = REPO / "tests" / "oracle" / "llmc_oneshot.py"
 
 
-def _run(argv: list[str], log: Path, cache: Path | None = None) -> dict:
-    """Run ``argv`` as a child (``$PDQKIT_CACHE`` = ``cache`` if given); wall and CPU seconds, peak RSS (GiB)."""
-    env = dict(os.environ, PDQKIT_CACHE=str(cache)) if cache is not None else None
+def _run(argv: list[str], log: Path, plans: Path | None = None) -> dict:
+    """Run ``argv`` as a child (plan cache dir ``$PDQKIT_PLAN_CACHE`` = ``plans`` if given); wall and CPU seconds,
+    peak RSS (GiB)."""
+    env = dict(os.environ, PDQKIT_PLAN_CACHE=str(plans)) if plans is not None else None
     with open(log, "w") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -150,6 +151,9 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory(prefix="pdqkit-cold-cache-") as cold:
                 runs[key].append(_run(pdq + ["--rounding", rounding, "-o", str(dst)], args.work / f"{key}.log",
                                       warm_cache if cached else Path(cold)))
+            said = (args.work / f"{key}.log").read_text().strip().splitlines()[-1]
+            if ("plan cached" if cached else "plan built") not in said:  # the run measured what its name says
+                raise SystemExit(f"{key}: expected a {'warm' if cached else 'cold'} plan cache; the run said: {said}")
             print(f"{key}:", runs[key][-1], flush=True)
         _warm(base)
         log = args.work / "pdqkit-preimported.log"

@@ -27,11 +27,11 @@ __all__ = ["serving_facts", "vllm_settings", "vllm_config_yaml", "model_card"]
 
 def serving_facts(config) -> dict:
     """What vLLM needs to know about a model, from its transformers config (``PretrainedConfig``): JSON-able, so
-    the plan cache (pack.plancache) can keep it. Keys: ``max_position_embeddings`` (int or None), ``multimodal``
-    (the language model is a sub-config), ``head_dim_fix`` (dict or None, see :func:`_head_dim_fix`)."""
+    the plan cache (pack.plancache) can keep it. Keys: ``max_position_embeddings`` (as configured, or None),
+    ``multimodal`` (the language model is a sub-config), ``head_dim_fix`` (dict or None, see
+    :func:`_head_dim_fix`)."""
     tc = config.get_text_config() if hasattr(config, "get_text_config") else config
-    max_pos = getattr(tc, "max_position_embeddings", None)
-    return {"max_position_embeddings": int(max_pos) if max_pos else None, "multimodal": tc is not config,
+    return {"max_position_embeddings": getattr(tc, "max_position_embeddings", None), "multimodal": tc is not config,
             "head_dim_fix": _head_dim_fix(config, tc)}
 
 

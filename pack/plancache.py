@@ -9,15 +9,19 @@ the same inputs reads it back and imports neither library.
 The key (sha256 of a JSON document) covers:
 * the bytes of config.json;
 * the recipe's targets, ignore list and weight args (rounding does not change the plan);
-* the installed versions of transformers, compressed-tensors and torch;
-* the source files of transformers' model packages for every ``model_type`` in config.json, so an edited
-  or editable install is covered too;
+* the installed versions of transformers, compressed-tensors, pydantic (its ``model_dump`` writes the block) and
+  torch;
+* the source files of transformers' model package for every ``model_type`` in config.json (a type without a
+  package of its own, such as ``gemma4_text``, maps to the longest prefix that has one: ``gemma4``) and of the
+  transformers modules that build and save models (``modeling_utils``, ``configuration_utils``,
+  ``conversion_mapping``, ``models/auto/configuration_auto``), so an edited or editable transformers is covered
+  too (compressed-tensors is covered by its version only);
 * pdqkit's own planning sources: targets, qconfig, card and this module.
 
-Where it lives: ``$PDQKIT_CACHE/plans/<key>.json``; ``$PDQKIT_CACHE`` defaults to ``~/.cache/pdqkit``. Entries are
-written to a temp file and renamed. An entry that cannot be read or does not parse is rebuilt. A cache
-directory that cannot be written only costs the speed-up. Errors are never cached: a bad config is planned,
-and reported, on every run.
+Where it lives: ``$PDQKIT_PLAN_CACHE`` if set, else ``$PDQKIT_CACHE/plans``; ``$PDQKIT_CACHE`` defaults to
+``~/.cache/pdqkit``. Entries are written to a temp file and renamed. An entry that cannot be read or does not
+parse is rebuilt. A cache that cannot be located, read or written only costs the speed-up. Errors are never
+cached: a bad config is planned, and reported, on every run.
 """
 from __future__ import annotations
 
@@ -33,16 +37,24 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # stdlib-only at import: bench.cache takes cache_root from here without importing torch
     from .targets import ModelPlan
 
-__all__ = ["PLAN_FORMAT", "cache_root", "plan_key", "cached_plan"]
+__all__ = ["PLAN_FORMAT", "cache_root", "plan_cache_dir", "plan_key", "cached_plan"]
 
 PLAN_FORMAT = 1  # bump when ModelPlan's fields or their meaning change
 _PDQKIT_SOURCES = ("targets.py", "qconfig.py", "card.py", "plancache.py")
-_VERSIONED = ("transformers", "compressed-tensors", "torch")
+_VERSIONED = ("transformers", "compressed-tensors", "pydantic", "torch")
+_TRANSFORMERS_SHARED = ("modeling_utils.py", "configuration_utils.py", "conversion_mapping.py",
+                        "models/auto/configuration_auto.py")
 
 
 def cache_root() -> Path:
-    """``$PDQKIT_CACHE`` if set, else ``~/.cache/pdqkit`` (not created here)."""
+    """``$PDQKIT_CACHE`` if set, else ``~/.cache/pdqkit`` (not created here). Raises RuntimeError when neither is
+    set and the home directory cannot be determined."""
     return Path(os.environ.get("PDQKIT_CACHE") or Path.home() / ".cache" / "pdqkit")
+
+
+def plan_cache_dir() -> Path:
+    """Where plans are kept: ``$PDQKIT_PLAN_CACHE`` if set, else ``cache_root() / "plans"``."""
+    return Path(os.environ.get("PDQKIT_PLAN_CACHE") or cache_root() / "plans")
 
 
 def _model_types(cfg) -> set[str]:
@@ -59,20 +71,31 @@ def _model_types(cfg) -> set[str]:
     return found
 
 
-def _sources_sha256(cfg: dict) -> str:
-    """sha256 over transformers' model-package sources for ``cfg``'s model types and pdqkit's planning sources;
-    found without importing transformers (``find_spec`` of a top-level package runs none of its code)."""
-    h = hashlib.sha256()
-    files = [Path(__file__).parent / f for f in _PDQKIT_SOURCES]
+def _model_package(models: Path, model_type: str) -> Path | None:
+    """transformers' package folder for ``model_type``: its own, else the longest ``_``-prefix that has one
+    (``gemma4_text`` -> ``gemma4``, ``clip_vision_model`` -> ``clip``); None if there is none."""
+    parts = model_type.replace("-", "_").split("_")
+    for n in range(len(parts), 0, -1):
+        d = models / "_".join(parts[:n])
+        if d.is_dir():
+            return d
+    return None
+
+
+def _sources_sha256(cfg: dict, pdqkit_dir: Path = Path(__file__).parent) -> str:
+    """sha256 over pdqkit's planning sources and transformers' sources that shape ``cfg``'s plan; found without
+    importing transformers (``find_spec`` of a top-level package runs none of its code)."""
+    files = [pdqkit_dir / f for f in _PDQKIT_SOURCES]
     spec = find_spec("transformers")
     if spec is not None and spec.submodule_search_locations:
-        models = Path(next(iter(spec.submodule_search_locations))) / "models"
-        for mt in sorted(_model_types(cfg)):
-            d = models / mt.replace("-", "_")
-            if d.is_dir():
-                files += sorted(d.glob("*.py"))
+        root = Path(next(iter(spec.submodule_search_locations)))
+        files += [root / f for f in _TRANSFORMERS_SHARED if (root / f).is_file()]
+        packages = {_model_package(root / "models", mt) for mt in _model_types(cfg)} - {None}
+        for d in sorted(packages):
+            files += sorted(d.glob("*.py"))
+    h = hashlib.sha256()
     for f in files:
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        h.update(str(f.relative_to(f.parents[1])).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -83,14 +106,14 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def plan_key(ckpt: Path, recipe) -> str:
-    """The cache key of ``ckpt``'s plan for ``recipe`` (pack.qconfig.QuantRecipe): hex sha256."""
-    raw = (Path(ckpt) / "config.json").read_bytes()
-    doc = {"format": PLAN_FORMAT, "config_sha256": hashlib.sha256(raw).hexdigest(),
+def plan_key(config: dict, recipe) -> str:
+    """The cache key of the plan of ``config`` (config.json as parsed) for ``recipe`` (pack.qconfig.QuantRecipe):
+    hex sha256. The parsed config, not the file's bytes: the plan is the one of exactly the config a run holds."""
+    doc = {"format": PLAN_FORMAT, "config": config,
            "recipe": {"targets": list(recipe.targets), "ignore": list(recipe.ignore),
                       "weights": recipe.weights_dict()},
            "versions": {p: _version(p) for p in _VERSIONED},
-           "sources_sha256": _sources_sha256(json.loads(raw))}
+           "sources_sha256": _sources_sha256(config)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -114,6 +137,7 @@ def _from_json(d, config: dict) -> ModelPlan | None:
         return None
     ok = (isinstance(plan.architecture, str) and all(isinstance(x, str) for x in plan.targeted + plan.keep_fp32)
           and isinstance(plan.quantization_config, dict) and isinstance(plan.serving, dict)
+          and {"config_groups", "format", "ignore", "quant_method"} <= set(plan.quantization_config)
           and {"max_position_embeddings", "multimodal", "head_dim_fix"} <= set(plan.serving))
     return plan if ok else None
 
@@ -124,6 +148,7 @@ def _store(path: Path, plan: ModelPlan) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
         try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the entry from other users of a shared cache
             with os.fdopen(fd, "w") as fh:
                 json.dump(_to_json(plan), fh, indent=1)
             os.replace(tmp, path)
@@ -144,7 +169,10 @@ def cached_plan(ckpt: Path, recipe, *, use_cache: bool = True) -> tuple[ModelPla
     if not use_cache:
         return plan_model(ckpt, recipe), False
     cfg = load_config(ckpt)  # the cheap checks first, as plan_model does them
-    path = cache_root() / "plans" / f"{plan_key(ckpt, recipe)}.json"
+    try:
+        path = plan_cache_dir() / f"{plan_key(cfg, recipe)}.json"
+    except (OSError, RuntimeError):  # no home directory, a source file unreadable: plan without the cache
+        return plan_model(ckpt, recipe), False
     try:
         plan = _from_json(json.loads(path.read_text()), cfg)
     except (OSError, ValueError):  # absent, unreadable, not JSON
@@ -152,5 +180,6 @@ def cached_plan(ckpt: Path, recipe, *, use_cache: bool = True) -> tuple[ModelPla
     if plan is not None:
         return plan, True
     plan = plan_model(ckpt, recipe)
-    _store(path, plan)
+    if plan.config == cfg:  # config.json unchanged since it was read for the key
+        _store(path, plan)
     return plan, False

@@ -97,7 +97,7 @@ def _on_stop_signal(signum, frame):
 
     The KeyboardInterrupt lands wherever the main thread is, possibly inside threading's own locking (seen in CI:
     a SIGTERM during ``Thread.start`` surfaced as ``RuntimeError: release unlocked lock``). So the arrival is
-    recorded first, and :func:`_run` reports whatever exception follows it as the interruption."""
+    recorded first, and :func:`_run` reports whatever exception follows it as the interruption (naming it)."""
     _interrupted.set()
     raise KeyboardInterrupt
 
@@ -107,12 +107,16 @@ def _main(argv: list[str] | None) -> int:
     hasher = None if args.demo else _prefetch_hashes(args.ckpt)
     main_thread = threading.current_thread() is threading.main_thread()
     _interrupted.clear()
-    old = {s: signal.signal(s, _on_stop_signal) for s in _STOP_SIGNALS} if main_thread else {}
+    old = {}
+    for s in _STOP_SIGNALS if main_thread else ():  # signal handlers live in the main thread only
+        if signal.getsignal(s) is not signal.SIG_IGN:  # started with the signal ignored (nohup, `cmd &`): keep it so
+            old[s] = signal.signal(s, _on_stop_signal)
     try:
         return _run(args, hasher)
     finally:
         for s, handler in old.items():
-            signal.signal(s, handler)
+            if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(s, handler)
         if hasher is not None:
             hasher.cancel()  # a no-op once quantize_checkpoint has its result; stops it on an early error
 
@@ -141,7 +145,9 @@ def _run(args: argparse.Namespace, hasher) -> int:
                                      input_hasher=hasher, plan_cache=not args.no_plan_cache)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt) or _interrupted.is_set():  # whatever the signal turned into
-            print("error: interrupted; nothing was written", file=sys.stderr)
+            first = (str(e).splitlines() or [""])[0]  # one line, whatever the message
+            then = "" if isinstance(e, KeyboardInterrupt) else f" (then {type(e).__name__}: {first})"
+            print(f"error: interrupted{then}; nothing was written", file=sys.stderr)
             return 130
         if isinstance(e, QuantizeError):
             print(f"error: {e}", file=sys.stderr)

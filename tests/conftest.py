@@ -42,3 +42,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "vllm" in item.keywords and not (has_vllm and has_cuda):
             item.add_marker(skip_vllm)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plan_cache(tmp_path_factory, monkeypatch):
+    """Every test gets an empty plan cache of its own (pack.plancache), so each first run plans afresh whatever
+    the machine's ~/.cache/pdqkit holds; the processes a test starts inherit it. Not inside ``tmp_path``, which
+    tests inspect."""
+    monkeypatch.setenv("PDQKIT_PLAN_CACHE", str(tmp_path_factory.mktemp("plans")))

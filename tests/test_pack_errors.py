@@ -310,8 +310,35 @@ def test_signal_that_surfaces_as_another_error_is_reported_as_interrupt(ckpt, tm
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-c", _SIGNAL_TURNS_INTO_ERROR.format(sig=sig), str(ckpt), "-o", str(out),
                         "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 130 and r.stderr.strip() == "error: interrupted; nothing was written", r.stderr[-800:]
+    want = "error: interrupted (then RuntimeError: release unlocked lock); nothing was written"
+    assert r.returncode == 130 and r.stderr.strip() == want, r.stderr[-800:]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.name]), list(tmp_path.iterdir())
+
+
+# Started with SIGINT ignored (a background job of a script, nohup): the run keeps ignoring it.
+_SIGINT_WHILE_IGNORED = """
+import os, signal, sys, time
+import pack.writer
+from pack.quantize import main
+
+real = pack.writer.stream_file
+def stream_file(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)  # a handler would run here
+    return real(*args, **kwargs)
+
+pack.writer.stream_file = stream_file
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ignored_sigint_stays_ignored(ckpt, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", _SIGINT_WHILE_IGNORED, str(ckpt), "-o", str(out), "--no-progress"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert (out / "config.json").is_file()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pack.errors import QuantizeError
+import pack.plancache as pc
 from pack.plancache import PLAN_FORMAT, _sources_sha256, cached_plan, plan_key
 from pack.qconfig import QuantRecipe
 from pack.targets import plan_model
@@ -33,13 +34,13 @@ def mm_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "cache"
-    monkeypatch.setenv("PDQKIT_CACHE", str(d))
+    d = tmp_path / "plans"
+    monkeypatch.setenv("PDQKIT_PLAN_CACHE", str(d))
     return d
 
 
 def _entries(cache: Path) -> list[Path]:
-    return sorted((cache / "plans").glob("*.json")) if (cache / "plans").is_dir() else []
+    return sorted(cache.glob("*.json")) if cache.is_dir() else []
 
 
 def test_cached_plan_equals_fresh_plan(mm_ckpt, cache):
@@ -58,42 +59,76 @@ def test_cached_plan_equals_fresh_plan(mm_ckpt, cache):
     assert cached_plan(mm_ckpt, recipe, use_cache=False) == (fresh, False) and _entries(cache) == []
 
 
-def test_key_follows_every_input(mm_ckpt, tmp_path):
-    base = plan_key(mm_ckpt, QuantRecipe())
-    assert plan_key(mm_ckpt, QuantRecipe()) == base
-    assert plan_key(mm_ckpt, QuantRecipe(rounding="eager")) == base  # rounding does not change the plan
-    assert plan_key(mm_ckpt, QuantRecipe(group_size=64)) != base
-    assert plan_key(mm_ckpt, QuantRecipe(ignore=("lm_head",))) != base
-    assert plan_key(mm_ckpt, QuantRecipe(targets=("re:.*mlp.*",))) != base
-    other = tmp_path / "other"
-    shutil.copytree(mm_ckpt, other)
-    assert plan_key(other, QuantRecipe()) == base  # the bytes of config.json, not the directory's path
-    cfg = json.loads((other / "config.json").read_text())
+def _key(ckpt: Path, recipe: QuantRecipe) -> str:
+    return plan_key(json.loads((ckpt / "config.json").read_text()), recipe)
+
+
+def test_key_follows_every_input(mm_ckpt, tmp_path, monkeypatch):
+    base = _key(mm_ckpt, QuantRecipe())
+    assert _key(mm_ckpt, QuantRecipe()) == base
+    assert _key(mm_ckpt, QuantRecipe(rounding="eager")) == base  # rounding does not change the plan
+    assert _key(mm_ckpt, QuantRecipe(group_size=64)) != base
+    assert _key(mm_ckpt, QuantRecipe(ignore=("lm_head",))) != base
+    assert _key(mm_ckpt, QuantRecipe(targets=("re:.*mlp.*",))) != base
+    cfg = json.loads((mm_ckpt / "config.json").read_text())
     cfg["text_config"]["intermediate_size"] += 128
-    (other / "config.json").write_text(json.dumps(cfg))
-    assert plan_key(other, QuantRecipe()) != base
+    assert plan_key(cfg, QuantRecipe()) != base
+    for pkg in ("transformers", "compressed-tensors", "pydantic", "torch"):  # each library's version
+        real = pc._version
+        monkeypatch.setattr(pc, "_version", lambda p, pkg=pkg, real=real: "0.0.0-other" if p == pkg else real(p))
+        assert _key(mm_ckpt, QuantRecipe()) != base, pkg
+        monkeypatch.setattr(pc, "_version", real)
+    assert _key(mm_ckpt, QuantRecipe()) == base
 
 
-def test_key_follows_transformers_model_sources(tmp_path, monkeypatch):
-    """The model package of every model_type in config.json is hashed, found without importing transformers."""
+def test_key_follows_pdqkit_planning_sources(tmp_path):
+    pdqkit = tmp_path / "pack"
+    shutil.copytree(REPO / "pack", pdqkit)
+    cfg = {"model_type": "gemma4"}
+    assert _sources_sha256(cfg, pdqkit) == _sources_sha256(cfg)
+    for name in ("targets.py", "qconfig.py", "card.py", "plancache.py"):
+        f = pdqkit / name
+        keep = f.read_bytes()
+        f.write_bytes(keep + b"# edited\n")
+        assert _sources_sha256(cfg, pdqkit) != _sources_sha256(cfg), name
+        f.write_bytes(keep)
+
+
+def test_key_follows_transformers_sources(tmp_path, monkeypatch):
+    """The model package of every model_type in config.json (or the longest prefix that has one) and transformers'
+    model-building modules are hashed, found without importing transformers."""
     root = tmp_path / "site" / "transformers"
-    for mt in ("gemma4", "siglip", "unrelated"):
+    for mt in ("gemma4", "clip", "unrelated", "auto"):
         (root / "models" / mt).mkdir(parents=True)
         (root / "models" / mt / f"modeling_{mt}.py").write_text("x = 1\n")
+    (root / "models" / "auto" / "configuration_auto.py").write_text("x = 1\n")
+    (root / "modeling_utils.py").write_text("x = 1\n")
     spec = types.SimpleNamespace(submodule_search_locations=[str(root)])
-    monkeypatch.setattr("pack.plancache.find_spec", lambda name: spec if name == "transformers" else None)
-    cfg = {"model_type": "gemma4", "vision_config": {"model_type": "siglip"}}
-    base = _sources_sha256(cfg)
+    monkeypatch.setattr(pc, "find_spec", lambda name: spec if name == "transformers" else None)
+    # a text-only Gemma-4 (gemma4_text lives in models/gemma4) with a tower whose type has no package of its own
+    cfg = {"model_type": "gemma4_text", "vision_config": {"model_type": "clip_vision_model"}}
+    seen = _sources_sha256(cfg)
     (root / "models" / "unrelated" / "modeling_unrelated.py").write_text("x = 2\n")
-    assert _sources_sha256(cfg) == base
-    (root / "models" / "siglip" / "modeling_siglip.py").write_text("x = 2\n")  # a sub-config's model package
-    changed = _sources_sha256(cfg)
-    assert changed != base
-    (root / "models" / "gemma4" / "configuration_gemma4.py").write_text("y = 1\n")  # a new file
-    assert _sources_sha256(cfg) != changed
+    assert _sources_sha256(cfg) == seen
+    for f in ("models/gemma4/modeling_gemma4.py", "models/clip/modeling_clip.py", "modeling_utils.py",
+              "models/auto/configuration_auto.py", "models/gemma4/configuration_gemma4.py"):  # the last one new
+        (root / f).write_text("x = 3\n")
+        assert _sources_sha256(cfg) != seen, f
+        seen = _sources_sha256(cfg)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "wrong format", "missing field", "empty"])
+def test_no_home_directory_plans_without_the_cache(mm_ckpt, monkeypatch):
+    monkeypatch.delenv("PDQKIT_PLAN_CACHE")
+    monkeypatch.delenv("PDQKIT_CACHE", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(pc.Path, "home", staticmethod(no_home))
+    assert cached_plan(mm_ckpt, QuantRecipe()) == (plan_model(mm_ckpt, QuantRecipe()), False)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "wrong format", "missing field", "empty", "block without ignore"])
 def test_damaged_entry_is_rebuilt(mm_ckpt, cache, damage):
     recipe = QuantRecipe()
     fresh, _ = cached_plan(mm_ckpt, recipe)
@@ -101,7 +136,9 @@ def test_damaged_entry_is_rebuilt(mm_ckpt, cache, damage):
     good = json.loads(entry.read_text())
     bad = {"garbage": "{not json", "empty": "",
            "wrong format": json.dumps({**good, "format": PLAN_FORMAT + 1}),
-           "missing field": json.dumps({k: v for k, v in good.items() if k != "serving"})}[damage]
+           "missing field": json.dumps({k: v for k, v in good.items() if k != "serving"}),
+           "block without ignore": json.dumps({**good, "quantization_config": {
+               k: v for k, v in good["quantization_config"].items() if k != "ignore"}})}[damage]
     entry.write_text(bad)
     plan, hit = cached_plan(mm_ckpt, recipe)
     assert (plan, hit) == (fresh, False)
@@ -112,7 +149,7 @@ def test_damaged_entry_is_rebuilt(mm_ckpt, cache, damage):
 def test_unwritable_cache_costs_only_the_speedup(mm_ckpt, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setenv("PDQKIT_CACHE", str(blocker))  # plans/ cannot be created under a file
+    monkeypatch.setenv("PDQKIT_PLAN_CACHE", str(blocker / "plans"))  # cannot be created under a file
     fresh = plan_model(mm_ckpt, QuantRecipe())
     assert cached_plan(mm_ckpt, QuantRecipe()) == (fresh, False)
     assert cached_plan(mm_ckpt, QuantRecipe()) == (fresh, False)
@@ -142,19 +179,30 @@ print(json.dumps({"rc": rc, "imported": sorted(m for m in ("transformers", "comp
 def _cli(ckpt: Path, out: Path, cache: Path, *extra: str) -> tuple[dict, str]:
     r = subprocess.run([sys.executable, "-c", _RUN, str(ckpt), "-o", str(out), "--no-progress", *extra],
                        cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PDQKIT_CACHE": str(cache)})
+                       env={**os.environ, "PDQKIT_PLAN_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     return json.loads(lines[-1]), lines[-2]
 
 
-def test_warm_run_imports_neither_library_and_writes_the_same_bytes(mm_ckpt, tmp_path):
-    cache = tmp_path / "cache"
-    ref, ref_line = _cli(mm_ckpt, tmp_path / "ref", cache, "--no-plan-cache")
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory) -> Path:
+    """Text-only micro Gemma-4 (Gemma4ForCausalLM, model_type gemma4_text), bf16."""
+    from bench.factory import save_random_checkpoint
+
+    return save_random_checkpoint("micro", tmp_path_factory.mktemp("pc") / "text", vocab_size=4096)
+
+
+@pytest.mark.parametrize("which", ["multimodal, default recipe", "text-only, more ignored, group 64"])
+def test_warm_run_imports_neither_library_and_writes_the_same_bytes(request, tmp_path, which):
+    ckpt, extra = ((request.getfixturevalue("mm_ckpt"), ()) if which.startswith("multimodal") else
+                   (request.getfixturevalue("text_ckpt"), ("--extra-ignore", "re:.*down_proj", "--group-size", "64")))
+    cache = tmp_path / "plans"
+    ref, ref_line = _cli(ckpt, tmp_path / "ref", cache, "--no-plan-cache", *extra)
     assert ref == {"rc": 0, "imported": ["compressed_tensors", "transformers"]} and "plan built" in ref_line
     assert _entries(cache) == []
-    cold, cold_line = _cli(mm_ckpt, tmp_path / "cold", cache)
-    warm, warm_line = _cli(mm_ckpt, tmp_path / "warm", cache)
+    cold, cold_line = _cli(ckpt, tmp_path / "cold", cache, *extra)
+    warm, warm_line = _cli(ckpt, tmp_path / "warm", cache, *extra)
     assert "plan built" in cold_line and len(_entries(cache)) == 1
     assert warm == {"rc": 0, "imported": []} and "plan cached" in warm_line
     names = sorted(p.name for p in (tmp_path / "ref").iterdir())

@@ -58,6 +58,27 @@ def test_writer_checks_order_and_sizes(tmp_path):
     w.abort()
 
 
+def test_writer_closes_its_file_when_the_hash_thread_cannot_start(tmp_path, monkeypatch):
+    """An interrupt inside ``Thread.start`` (where CI saw a SIGTERM land) leaves no open file behind."""
+    import pack.stio
+
+    opened = []
+
+    def tracking_open(*args, **kwargs):
+        fh = open(*args, **kwargs)
+        opened.append(fh)
+        return fh
+
+    def interrupted_start(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pack.stio, "open", tracking_open, raising=False)
+    monkeypatch.setattr(pack.stio.threading.Thread, "start", interrupted_start)
+    with pytest.raises(KeyboardInterrupt):
+        SafetensorsFileWriter(tmp_path / "x.safetensors", {"a": ("BF16", (4, 8))})
+    assert len(opened) == 1 and opened[0].closed
+
+
 def test_reader_roundtrip(tmp_path):
     tensors = _tensors()
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
