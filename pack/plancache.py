@@ -143,7 +143,7 @@ def _from_json(d, config: dict) -> ModelPlan | None:
 
 
 def _store(path: Path, plan: ModelPlan) -> None:
-    """Write the entry atomically; a cache dir that cannot be written is skipped silently."""
+    """Write the entry atomically; a cache dir that cannot be written, or a plan JSON cannot hold, is skipped."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
@@ -155,7 +155,7 @@ def _store(path: Path, plan: ModelPlan) -> None:
         except BaseException:
             os.unlink(tmp)
             raise
-    except OSError:
+    except (OSError, TypeError, ValueError):  # cannot write, or a value JSON cannot hold: no entry, same run
         pass
 
 
