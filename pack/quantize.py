@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true", help="replace OUT if it exists")
     ap.add_argument("--no-plan-cache", action="store_true",
                     help="plan afresh (import transformers and compressed-tensors, ~1.5 s) and store nothing; by "
-                    "default the model plan is kept in $PDQKIT_CACHE/plans (~/.cache/pdqkit/plans) under a key "
-                    "of config.json, the recipe and the library versions and sources")
+                    "default the model plan is kept in $PDQKIT_PLAN_CACHE, else $PDQKIT_CACHE/plans "
+                    "(~/.cache/pdqkit/plans), under a key of config.json, the recipe and the library versions "
+                    "and sources")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--demo", nargs="?", const="micro", choices=("micro", "small"), metavar="SCALE",
                     help="build a random multimodal Gemma-4 checkpoint of SCALE (micro|small, default micro; "
