@@ -89,7 +89,7 @@ def _lineage_lines(lineage: list[dict]) -> list[str]:
     return out
 
 
-def model_card(plan, recipe, qcfg: dict, lineage: list[dict], *, quantized_modules: int, files: dict,
+def model_card(plan, recipe, lineage: list[dict], *, quantized_modules: int, files: dict,
                total_bytes: int, max_model_len: int = 8192) -> str:
     arch = plan.architecture
     s = vllm_settings(plan, max_model_len)  # the same settings as vllm_config.yaml
@@ -103,6 +103,7 @@ def model_card(plan, recipe, qcfg: dict, lineage: list[dict], *, quantized_modul
              if recipe.rounding == "fp32div" else
              "llmcompressor on CPU, or with CT_ENFORCE_EAGER=1, or llmcompressor <= 0.12 (compressed-tensors 0.17)")
     w = recipe.weights_dict()
+    n_ignored = len(plan.quantization_config["ignore"])
     lines = [
         "---",
         "library_name: transformers",
@@ -118,9 +119,8 @@ def model_card(plan, recipe, qcfg: dict, lineage: list[dict], *, quantized_modul
         "",
         f"- {quantized_modules} Linear layers (targets `{list(recipe.targets)}`), stored as `weight_packed` (int32, "
         "8 codes per word), `weight_scale` (bf16), `weight_shape`.",
-        f"- Not quantized (kept bf16): every module matching `{list(recipe.ignore)}` "
-        f"({len(qcfg['ignore'])} Linear modules listed in config.json `quantization_config.ignore`), "
-        "embeddings, norms, buffers.",
+        f"- Not quantized (kept bf16): every module matching `{list(recipe.ignore)}` ({n_ignored} Linear modules "
+        "listed in config.json `quantization_config.ignore`), embeddings, norms, buffers.",
         f"- Weights: `{json.dumps(w)}`.",
         f"- Rounding mode `{recipe.rounding}`: byte-identical to {equiv}.",
         "",

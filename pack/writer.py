@@ -355,7 +355,6 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
         try:
             with gc_paused():
                 plan, plan_cached = cached_plan(ckpt, recipe, use_cache=plan_cache)
-            qcfg = plan.quantization_config
             dropped, cast = _check_inputs(plan, src, recipe)
             quantizer = Quantizer(src, recipe.observer_scheme(), device)
             shards = _shard(_plan_outputs(plan, src, recipe, set(cast), quantizer), max_bytes)
@@ -380,7 +379,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                     equivalent_to=EQUIVALENT_TO[recipe.rounding], calibration=[], tool=_tool_info(),
                     input_dir=ckpt.name,
                     input_sha256=hasher.result(), output_sha256=out_hashes, **created)
-                _write_metadata(tmp, ckpt, previous, plan, recipe, qcfg, step, out_hashes, total,
+                _write_metadata(tmp, ckpt, previous, plan, recipe, step, out_hashes, total,
                                 vllm_max_model_len, created)
                 bytes_out = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         finally:
@@ -394,7 +393,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                           files_sha256=out_hashes, stream_seconds=t_stream, plan_cached=plan_cached)
 
 
-def _write_metadata(tmp: Path, ckpt: Path, previous: list[dict], plan: ModelPlan, recipe: QuantRecipe, qcfg: dict,
+def _write_metadata(tmp: Path, ckpt: Path, previous: list[dict], plan: ModelPlan, recipe: QuantRecipe,
                     step: dict, out_hashes: dict, total: int, vllm_max_model_len: int, created: dict) -> None:
     """Aux files, lineage + quant_recipe.json, vllm_config.yaml, model card; config.json last."""
     copy_aux_files(ckpt, tmp)
@@ -402,12 +401,12 @@ def _write_metadata(tmp: Path, ckpt: Path, previous: list[dict], plan: ModelPlan
     json_dump({"schema": RECIPE_SCHEMA, **created, "tool": step["tool"], "source_lineage": lineage},
               tmp / RECIPE_FILE)
     (tmp / "vllm_config.yaml").write_text(card.vllm_config_yaml(plan, vllm_max_model_len))
-    (tmp / "README.md").write_text(card.model_card(plan, recipe, qcfg, lineage, quantized_modules=len(plan.targeted),
+    (tmp / "README.md").write_text(card.model_card(plan, recipe, lineage, quantized_modules=len(plan.targeted),
                                                    files=out_hashes, total_bytes=total,
                                                    max_model_len=vllm_max_model_len))
     # config.json last: a temp dir left by a killed run never looks like a loadable checkpoint
     config = dict(plan.config)
-    config["quantization_config"] = qcfg
+    config["quantization_config"] = plan.quantization_config
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
