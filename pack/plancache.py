@@ -15,13 +15,19 @@ The key (sha256 of a JSON document) covers:
   package of its own, such as ``gemma4_text``, maps to the longest prefix that has one: ``gemma4``) and of the
   transformers modules that build and save models (``modeling_utils``, ``configuration_utils``,
   ``conversion_mapping``, ``models/auto/configuration_auto``), so an edited or editable transformers is covered
-  too (compressed-tensors is covered by its version only);
+  too;
+* every source file of compressed-tensors (its matching rules and config models: ~115 files, ~0.5 MB, ~10 ms);
 * pdqkit's own planning sources: targets, qconfig, card and this module.
 
 Where it lives: ``$PDQKIT_PLAN_CACHE`` if set, else ``$PDQKIT_CACHE/plans``; ``$PDQKIT_CACHE`` defaults to
 ``~/.cache/pdqkit``. Entries are written to a temp file and renamed. An entry that cannot be read or does not
 parse is rebuilt. A cache that cannot be located, read or written only costs the speed-up. Errors are never
 cached: a bad config is planned, and reported, on every run.
+
+Size: an entry is ~17 KB for a 1B-parameter Gemma-4 (one name and shape per output tensor). A run that reads an
+entry marks it used (its mtime); a run that stores one keeps the :data:`MAX_ENTRIES` most recently used and
+deletes the rest, and deletes temp files older than :data:`STALE_TMP_S` (left by a writer killed mid-write; a
+younger one may be another run's write in progress).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
@@ -37,9 +44,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # stdlib-only at import: bench.cache takes cache_root from here without importing torch
     from .targets import ModelPlan
 
-__all__ = ["PLAN_FORMAT", "cache_root", "plan_cache_dir", "plan_key", "cached_plan"]
+__all__ = ["PLAN_FORMAT", "MAX_ENTRIES", "STALE_TMP_S", "cache_root", "plan_cache_dir", "plan_key", "cached_plan"]
 
 PLAN_FORMAT = 1  # bump when ModelPlan's fields or their meaning change
+MAX_ENTRIES = 256  # entries kept (least recently used go first): ~4 MB at ~17 KB each
+STALE_TMP_S = 3600  # a temp file this old (seconds) belongs to no live writer
 _PDQKIT_SOURCES = ("targets.py", "qconfig.py", "card.py", "plancache.py")
 _VERSIONED = ("transformers", "compressed-tensors", "pydantic", "torch")
 _TRANSFORMERS_SHARED = ("modeling_utils.py", "configuration_utils.py", "conversion_mapping.py",
@@ -82,20 +91,32 @@ def _model_package(models: Path, model_type: str) -> Path | None:
     return None
 
 
+def _package_root(name: str) -> Path | None:
+    """The folder of installed top-level package ``name``, found without running any of its code (``find_spec`` of
+    a top-level package imports nothing); None if it is not installed."""
+    spec = find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _sources_sha256(cfg: dict, pdqkit_dir: Path = Path(__file__).parent) -> str:
-    """sha256 over pdqkit's planning sources and transformers' sources that shape ``cfg``'s plan; found without
-    importing transformers (``find_spec`` of a top-level package runs none of its code)."""
-    files = [pdqkit_dir / f for f in _PDQKIT_SOURCES]
-    spec = find_spec("transformers")
-    if spec is not None and spec.submodule_search_locations:
-        root = Path(next(iter(spec.submodule_search_locations)))
-        files += [root / f for f in _TRANSFORMERS_SHARED if (root / f).is_file()]
+    """sha256 over pdqkit's planning sources and the transformers and compressed-tensors sources that shape
+    ``cfg``'s plan; each file is named by its path below its package's folder (``pack/targets.py``,
+    ``transformers/models/gemma4/modeling_gemma4.py``, ...), so the same sources hash alike wherever installed."""
+    files = [(pdqkit_dir, pdqkit_dir / f) for f in _PDQKIT_SOURCES]
+    root = _package_root("transformers")
+    if root is not None:
+        files += [(root, root / f) for f in _TRANSFORMERS_SHARED if (root / f).is_file()]
         packages = {_model_package(root / "models", mt) for mt in _model_types(cfg)} - {None}
         for d in sorted(packages):
-            files += sorted(d.glob("*.py"))
+            files += [(root, f) for f in sorted(d.glob("*.py"))]
+    root = _package_root("compressed_tensors")
+    if root is not None:
+        files += [(root, f) for f in sorted(root.rglob("*.py"))]
     h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(f.parents[1])).encode() + b"\0" + f.read_bytes() + b"\0")
+    for top, f in files:
+        h.update(str(f.relative_to(top.parent)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -156,7 +177,34 @@ def _store(path: Path, plan: ModelPlan) -> None:
             os.unlink(tmp)
             raise
     except (OSError, TypeError, ValueError):  # cannot write, or a value JSON cannot hold: no entry, same run
-        pass
+        return
+    _prune(path.parent)
+
+
+def _prune(cache: Path) -> None:
+    """Keep the :data:`MAX_ENTRIES` most recently used entries of ``cache``; delete temp files older than
+    :data:`STALE_TMP_S`. Best effort: another run may be pruning too, or the cache may be read-only."""
+    try:
+        names = list(cache.iterdir())
+    except OSError:
+        return
+    now, entries = time.time(), []
+    for f in names:
+        try:
+            st = f.stat()
+            if f.name.startswith(".") and f.name.endswith(".tmp"):
+                if now - st.st_mtime > STALE_TMP_S:
+                    f.unlink()
+            elif f.suffix == ".json":
+                entries.append((st.st_mtime_ns, f.name, f))
+        except OSError:  # gone meanwhile (another run pruned it), or not ours to delete
+            pass
+    entries.sort(reverse=True)  # most recently used first; the name breaks ties, so every run agrees
+    for *_, f in entries[MAX_ENTRIES:]:
+        try:
+            f.unlink()
+        except OSError:
+            pass
 
 
 def cached_plan(ckpt: Path, recipe, *, use_cache: bool = True) -> tuple[ModelPlan, bool]:
@@ -178,6 +226,10 @@ def cached_plan(ckpt: Path, recipe, *, use_cache: bool = True) -> tuple[ModelPla
     except (OSError, ValueError):  # absent, unreadable, not JSON
         plan = None
     if plan is not None:
+        try:
+            os.utime(path)  # used now: the last to be pruned
+        except OSError:  # a read-only shared cache still serves
+            pass
         return plan, True
     plan = plan_model(ckpt, recipe)
     if plan.config == cfg:  # config.json unchanged since it was read for the key

@@ -210,3 +210,56 @@ def test_warm_run_imports_neither_library_and_writes_the_same_bytes(request, tmp
         assert sorted(p.name for p in (tmp_path / d).iterdir()) == names
         for n in names:
             assert (tmp_path / d / n).read_bytes() == (tmp_path / "ref" / n).read_bytes(), (d, n)
+
+
+def test_key_follows_compressed_tensors_sources(tmp_path, monkeypatch):
+    """Every source file of compressed-tensors (its matching rules and config models shape the plan) is hashed,
+    subpackages included, found without importing it."""
+    root = tmp_path / "site" / "compressed_tensors"
+    (root / "utils").mkdir(parents=True)
+    (root / "__init__.py").write_text("x = 1\n")
+    (root / "utils" / "match.py").write_text("x = 1\n")
+    spec = types.SimpleNamespace(submodule_search_locations=[str(root)])
+    monkeypatch.setattr(pc, "find_spec", lambda name: spec if name == "compressed_tensors" else None)
+    cfg = {"model_type": "gemma4"}
+    seen = _sources_sha256(cfg)
+    (root / "README.md").write_text("not a source\n")
+    assert _sources_sha256(cfg) == seen
+    for f in ("utils/match.py", "__init__.py", "quantization/quant_args.py"):  # the last one new
+        (root / f).parent.mkdir(exist_ok=True)
+        (root / f).write_text("x = 3\n")
+        assert _sources_sha256(cfg) != seen, f
+        seen = _sources_sha256(cfg)
+
+
+def test_store_keeps_the_most_recently_used_entries(mm_ckpt, cache, monkeypatch):
+    """A run that stores an entry keeps the MAX_ENTRIES most recently used and deletes stale temp files only."""
+    monkeypatch.setattr(pc, "MAX_ENTRIES", 2)
+    cache.mkdir(parents=True)
+    for i, name in enumerate(("a.json", "b.json", "c.json")):  # last used in 2001, a first and c last
+        (cache / name).write_text("{}")
+        os.utime(cache / name, (1e9 + i, 1e9 + i))
+    stale, live = cache / ".x.json.tmp", cache / ".y.json.tmp"  # a killed writer's file; a writer still at work
+    stale.write_text("")
+    live.write_text("")
+    os.utime(stale, (1e9, 1e9))
+    cached_plan(mm_ckpt, QuantRecipe())
+    left = {p.name for p in cache.iterdir()}
+    new = f"{_key(mm_ckpt, QuantRecipe())}.json"
+    assert left == {new, "c.json", ".y.json.tmp"}
+
+
+def test_a_hit_marks_its_entry_used(mm_ckpt, cache, monkeypatch):
+    recipe = QuantRecipe()
+    plan, _ = cached_plan(mm_ckpt, recipe)
+    (entry,) = _entries(cache)
+    os.utime(entry, (1e9, 1e9))
+    assert cached_plan(mm_ckpt, recipe) == (plan, True)
+    assert entry.stat().st_mtime > 1e9 + 3600
+    # a cache this run may read but not touch (read-only, another user's) still serves the plan
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pc.os, "utime", refuse)
+    assert cached_plan(mm_ckpt, recipe) == (plan, True)
