@@ -27,13 +27,15 @@ cached: a bad config is planned, and reported, on every run.
 Size: an entry is ~17 KB for a 1B-parameter Gemma-4 (one name and shape per output tensor). A run that reads an
 entry marks it used (its mtime); a run that stores one keeps the :data:`MAX_ENTRIES` most recently used and
 deletes the rest, and deletes temp files older than :data:`STALE_TMP_S` (left by a writer killed mid-write; a
-younger one may be another run's write in progress).
+younger one may be another run's write in progress). It touches no file whose name is not an entry's or a temp
+file's, so other files in the folder are safe.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -49,6 +51,10 @@ __all__ = ["PLAN_FORMAT", "MAX_ENTRIES", "STALE_TMP_S", "cache_root", "plan_cach
 PLAN_FORMAT = 1  # bump when ModelPlan's fields or their meaning change
 MAX_ENTRIES = 256  # entries kept (least recently used go first): ~4 MB at ~17 KB each
 STALE_TMP_S = 3600  # a temp file this old (seconds) belongs to no live writer
+# what _store writes (an entry named by its key; mkstemp's temp file beside it): the only names _prune touches, so a
+# $PDQKIT_PLAN_CACHE pointed at a folder that holds other files loses none of them
+_ENTRY = re.compile(r"[0-9a-f]{64}\.json")
+_TEMP = re.compile(r"\.[0-9a-f]{64}\..+\.tmp", re.DOTALL)
 _PDQKIT_SOURCES = ("targets.py", "qconfig.py", "card.py", "plancache.py")
 _VERSIONED = ("transformers", "compressed-tensors", "pydantic", "torch")
 _TRANSFORMERS_SHARED = ("modeling_utils.py", "configuration_utils.py", "conversion_mapping.py",
@@ -113,7 +119,7 @@ def _sources_sha256(cfg: dict, pdqkit_dir: Path = Path(__file__).parent) -> str:
             files += [(root, f) for f in sorted(d.glob("*.py"))]
     root = _package_root("compressed_tensors")
     if root is not None:
-        files += [(root, f) for f in sorted(root.rglob("*.py"))]
+        files += [(root, f) for f in sorted(root.rglob("*.py")) if f.is_file()]
     h = hashlib.sha256()
     for top, f in files:
         h.update(str(f.relative_to(top.parent)).encode() + b"\0" + f.read_bytes() + b"\0")
@@ -191,12 +197,11 @@ def _prune(cache: Path) -> None:
     now, entries = time.time(), []
     for f in names:
         try:
-            st = f.stat()
-            if f.name.startswith(".") and f.name.endswith(".tmp"):
-                if now - st.st_mtime > STALE_TMP_S:
+            if _TEMP.fullmatch(f.name):
+                if now - f.stat().st_mtime > STALE_TMP_S:
                     f.unlink()
-            elif f.suffix == ".json":
-                entries.append((st.st_mtime_ns, f.name, f))
+            elif _ENTRY.fullmatch(f.name):
+                entries.append((f.stat().st_mtime_ns, f.name, f))
         except OSError:  # gone meanwhile (another run pruned it), or not ours to delete
             pass
     entries.sort(reverse=True)  # most recently used first; the name breaks ties, so every run agrees
@@ -219,7 +224,8 @@ def cached_plan(ckpt: Path, recipe, *, use_cache: bool = True) -> tuple[ModelPla
     cfg = load_config(ckpt)  # the cheap checks first, as plan_model does them
     try:
         path = plan_cache_dir() / f"{plan_key(cfg, recipe)}.json"
-    except (OSError, RuntimeError):  # no home directory, a source file unreadable: plan without the cache
+    except (OSError, RuntimeError, ValueError):  # no home directory; a source file unreadable or its name not
+        # UTF-8; a package in sys.modules without __spec__ (find_spec): plan without the cache
         return plan_model(ckpt, recipe), False
     try:
         plan = _from_json(json.loads(path.read_text()), cfg)

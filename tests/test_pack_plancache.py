@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -128,6 +129,17 @@ def test_no_home_directory_plans_without_the_cache(mm_ckpt, monkeypatch):
     assert cached_plan(mm_ckpt, QuantRecipe()) == (plan_model(mm_ckpt, QuantRecipe()), False)
 
 
+@pytest.mark.parametrize("error", [ValueError("transformers.__spec__ is None"),  # find_spec on a bare module
+                                   UnicodeEncodeError("utf-8", "x", 0, 1, "surrogates not allowed")])
+def test_a_key_that_cannot_be_computed_plans_without_the_cache(mm_ckpt, cache, monkeypatch, error):
+    def fail(name):
+        raise error
+
+    monkeypatch.setattr(pc, "find_spec", fail)
+    assert cached_plan(mm_ckpt, QuantRecipe()) == (plan_model(mm_ckpt, QuantRecipe()), False)
+    assert _entries(cache) == []
+
+
 @pytest.mark.parametrize("damage", ["garbage", "wrong format", "missing field", "empty", "block without ignore"])
 def test_damaged_entry_is_rebuilt(mm_ckpt, cache, damage):
     recipe = QuantRecipe()
@@ -230,36 +242,57 @@ def test_key_follows_compressed_tensors_sources(tmp_path, monkeypatch):
         (root / f).write_text("x = 3\n")
         assert _sources_sha256(cfg) != seen, f
         seen = _sources_sha256(cfg)
+    # the same sources installed elsewhere hash alike (paths are taken below the package's parent folder)
+    shutil.copytree(root, tmp_path / "other-site" / "compressed_tensors")
+    spec.submodule_search_locations = [str(tmp_path / "other-site" / "compressed_tensors")]
+    assert _sources_sha256(cfg) == seen
+
+
+def _fake_entry(cache: Path, name: str, mtime: float) -> Path:
+    f = cache / name
+    f.write_text("{}")
+    os.utime(f, (mtime, mtime))
+    return f
 
 
 def test_store_keeps_the_most_recently_used_entries(mm_ckpt, cache, monkeypatch):
-    """A run that stores an entry keeps the MAX_ENTRIES most recently used and deletes stale temp files only."""
+    """A run that stores an entry keeps the MAX_ENTRIES most recently used, deletes stale temp files, and touches
+    no other file of the folder."""
     monkeypatch.setattr(pc, "MAX_ENTRIES", 2)
     cache.mkdir(parents=True)
-    for i, name in enumerate(("a.json", "b.json", "c.json")):  # last used in 2001, a first and c last
-        (cache / name).write_text("{}")
-        os.utime(cache / name, (1e9 + i, 1e9 + i))
-    stale, live = cache / ".x.json.tmp", cache / ".y.json.tmp"  # a killed writer's file; a writer still at work
-    stale.write_text("")
-    live.write_text("")
-    os.utime(stale, (1e9, 1e9))
+    # names in the reverse order of their last use (2001): an order by name would keep the wrong one
+    for i, c in enumerate("fdb"):
+        _fake_entry(cache, c * 64 + ".json", 1e9 + i)
+    stale = _fake_entry(cache, "." + "e" * 64 + ".json.k2j_8x.tmp", 1e9)  # a killed writer's file
+    _fake_entry(cache, "." + "e" * 64 + ".json.q0a9zz.tmp", time.time())  # a writer still at work
+    for other in ("package.json", ".vimswap.tmp", "notes.txt"):  # not the cache's: never deleted, however old
+        _fake_entry(cache, other, 1e9)
     cached_plan(mm_ckpt, QuantRecipe())
     left = {p.name for p in cache.iterdir()}
     new = f"{_key(mm_ckpt, QuantRecipe())}.json"
-    assert left == {new, "c.json", ".y.json.tmp"}
+    assert left == {new, "b" * 64 + ".json", "." + "e" * 64 + ".json.q0a9zz.tmp",
+                    "package.json", ".vimswap.tmp", "notes.txt"}
+    assert not stale.exists()
 
 
-def test_a_hit_marks_its_entry_used(mm_ckpt, cache, monkeypatch):
+@pytest.mark.parametrize("refusal", [PermissionError(13, "Permission denied"),
+                                     OSError(30, "Read-only file system")])
+def test_a_hit_marks_its_entry_used(mm_ckpt, cache, monkeypatch, refusal):
     recipe = QuantRecipe()
     plan, _ = cached_plan(mm_ckpt, recipe)
     (entry,) = _entries(cache)
     os.utime(entry, (1e9, 1e9))
+    newer = _fake_entry(cache, "c" * 64 + ".json", 1e9 + 60)
     assert cached_plan(mm_ckpt, recipe) == (plan, True)
     assert entry.stat().st_mtime > 1e9 + 3600
-    # a cache this run may read but not touch (read-only, another user's) still serves the plan
+    # the hit protects the entry from the next store's pruning; the entry not used since goes
+    monkeypatch.setattr(pc, "MAX_ENTRIES", 2)
+    cached_plan(mm_ckpt, QuantRecipe(group_size=64))
+    assert entry.exists() and not newer.exists() and len(_entries(cache)) == 2
 
+    # a cache this run may read but not touch (read-only, another user's) still serves the plan
     def refuse(*a, **k):
-        raise PermissionError(13, "Permission denied")
+        raise refusal
 
     monkeypatch.setattr(pc.os, "utime", refuse)
     assert cached_plan(mm_ckpt, recipe) == (plan, True)
