@@ -1,6 +1,6 @@
 """pdqkit ``python -m pack.quantize`` vs llmcompressor ``oneshot`` on the same ~1B-parameter random Gemma-4.
 
-Not a test: run it by hand on the CPU machine (2 cores, 24 GiB) and record the numbers (README "pack").
+Not a test: run it by hand on the CPU machine (2 cores, 24 GiB) and record the numbers (pack/README.md).
 
     python bench/bench_quantize.py [--layers 10] [--vocab 32768] [--oracle-python .oracle-venv/bin/python]
 

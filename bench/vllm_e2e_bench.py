@@ -67,7 +67,7 @@ SHARED_KEYS = ("model.embed_tokens.weight", "model.embed_tokens_per_layer.weight
 SHARED_SHARD, LAYER_SHARD = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 BATCHES = (1, 16, 64)
 RESULTS = "vllm_e2e_bench.json"
-# README reference (H200, vLLM 0.26.0 kernels, CUDA graphs): batch-1 decode ms/step
+# kernels/README.md reference (H200, vLLM 0.26.0 kernels, CUDA graphs): batch-1 decode ms/step
 REFERENCE_B1_MS = {"bf16-full": 4.35, "bf16-pruned": 3.95, "w4a16-marlin": 3.40, "w4a16-vllm": 4.18}
 
 

@@ -5,9 +5,9 @@ and every candidate of a wider space than :func:`kernels.w4a16_autotune.decode_c
 split-K up to 16 programs per SM), with the autotuner's own timer (CUDA graphs over weight copies rotated past the L2,
 GPU-only interval). Every variant passes the autotuner's tolerance gate first (unless ``--no-gate``). Prints the best
 five per (shape, M) with µs, TB/s and the speedup over the tuned config, and writes ``--name`` (JSON, the best 20 per
-row) with the registers and spills of every variant compiled (``compiled:`` lines). Measured on the H200 (README,
-"Where the time goes"): no variant beats the tuned table by more than 4 %, i.e. the decode kernel is not limited by
-bytes in flight.
+row) with the registers and spills of every variant compiled (``compiled:`` lines). Measured on the H200
+(kernels/README.md, "Where the time goes"): no variant beats the tuned table by more than 4 %, i.e. the decode
+kernel is not limited by bytes in flight.
 """
 from __future__ import annotations
 

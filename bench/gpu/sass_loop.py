@@ -4,7 +4,7 @@
 [--block-k 1024] [--warps 4] [--stages 2] [--chain]`` prints the registers per thread, the K loop's instruction
 count, instructions per int32 word, the top opcodes, and the barriers and shared-memory instructions inside the
 loop. It uses Triton's own ``ptxas`` / ``nvdisasm`` (shipped with the triton wheel), so the figures are those of the
-installed Triton version: the README's come from Triton 3.6.0 (the GPU image's). The loop is the code between the
+installed Triton version: kernels/README.md's come from Triton 3.6.0 (the GPU image's). The loop is the code between the
 back-edge label and its branch.
 
 ``--kernel prefill_tma`` (or ``prefill_wsp``, the warp-specialised one) compiles a Gluon prefill kernel instead

@@ -36,7 +36,7 @@ Usage (repo root, vLLM importable, e.g. ``export PYTHONPATH=/tmp/site VLLM_USE_F
 control and the pdqkit kernels) runs on GPU i mod N, so each comparison is made on one GPU and the modes compile
 and run beside fewer neighbours. GPU j is the j-th entry of an inherited CUDA_VISIBLE_DEVICES (else device j).
 On two H200s (2026-11-29) ``exact`` was bit-identical to Marlin in ``graph-det`` (on another GPU than Marlin's)
-and not in ``graph``, where the Marlin control agreed (README, vLLM plugin section).
+and not in ``graph``, where the Marlin control agreed (kernels/README.md, vLLM plugin section).
 
 Prints a compact table; writes ``vllm_e2e_check.json`` (and the engine logs) to ``--out`` (default ``$OUT``).
 Exit status 0 when every gate passed (exact bit-identity in eager mode, kernel logs/census, fast goal).
