@@ -301,6 +301,9 @@ def stream_file(*args, **kwargs):
     raise AssertionError("the signal never arrived")
 
 pack.writer.stream_file = stream_file
+# start as a foreground run does: the suite itself may run as a background job (`nohup pytest &`), whose children
+# start with SIGINT ignored, and the CLI then keeps ignoring it (the test below)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(main(sys.argv[1:]))
 """
 
