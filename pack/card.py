@@ -89,8 +89,8 @@ def _lineage_lines(lineage: list[dict]) -> list[str]:
     return out
 
 
-def model_card(plan, recipe, lineage: list[dict], *, quantized_modules: int, files: dict,
-               total_bytes: int, max_model_len: int = 8192) -> str:
+def model_card(plan, recipe, lineage: list[dict], *, files: dict, total_bytes: int,
+               max_model_len: int = 8192) -> str:
     arch = plan.architecture
     s = vllm_settings(plan, max_model_len)  # the same settings as vllm_config.yaml
     fix = s.get("hf-overrides")
@@ -117,7 +117,7 @@ def model_card(plan, recipe, lineage: list[dict], *, quantized_modules: int, fil
         "",
         "## What is quantized",
         "",
-        f"- {quantized_modules} Linear layers (targets `{list(recipe.targets)}`), stored as `weight_packed` (int32, "
+        f"- {len(plan.targeted)} Linear layers (targets `{list(recipe.targets)}`), stored as `weight_packed` (int32, "
         "8 codes per word), `weight_scale` (bf16), `weight_shape`.",
         f"- Not quantized (kept bf16): every module matching `{list(recipe.ignore)}` ({n_ignored} Linear modules "
         "listed in config.json `quantization_config.ignore`), embeddings, norms, buffers.",

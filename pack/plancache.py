@@ -209,16 +209,18 @@ def _prune(cache: Path) -> None:
             f.unlink()
 
 
-def cached_plan(ckpt: Path, recipe, *, use_cache: bool = True) -> tuple[ModelPlan, bool]:
+def cached_plan(ckpt: Path, recipe, *, use_cache: bool = True,
+                config: dict | None = None) -> tuple[ModelPlan, bool]:
     """``ckpt``'s plan for ``recipe`` and whether it came from the cache.
 
-    ``use_cache=False`` plans afresh and stores nothing. Raises pack.errors.QuantizeError for bad input (always
-    from a fresh plan: only successes are stored)."""
+    ``use_cache=False`` plans afresh and stores nothing. ``config``: ``ckpt``'s config.json as
+    pack.targets.load_config returned it, if the caller has it (else it is read here). Raises
+    pack.errors.QuantizeError for bad input (always from a fresh plan: only successes are stored)."""
     from .targets import load_config, plan_model
 
     if not use_cache:
         return plan_model(ckpt, recipe), False
-    cfg = load_config(ckpt)  # the cheap checks first, as plan_model does them
+    cfg = load_config(ckpt) if config is None else config  # the cheap checks first, as plan_model does them
     try:
         path = plan_cache_dir() / f"{plan_key(cfg, recipe)}.json"
     except (OSError, RuntimeError, ValueError):  # no home directory; a source file unreadable or its name not

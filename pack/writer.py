@@ -339,7 +339,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
         raise QuantizeError(f"{out}: the output directory must not be, contain or lie inside the input {ckpt}")
     if out.exists() and not force:
         raise QuantizeError(f"{out}: output directory exists; pass --force to replace it")
-    load_config(ckpt)  # cheap checks first: a bad config.json is reported before the weights
+    config = load_config(ckpt)  # cheap checks first: a bad config.json is reported before the weights
     created = _created()  # a bad SOURCE_DATE_EPOCH is reported here too, before any work
     try:
         previous = read_lineage(ckpt)  # carried into the output's lineage; a broken file stops us before any work
@@ -354,7 +354,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
             hasher = FileHasher(src.files)
         try:
             with gc_paused():
-                plan, plan_cached = cached_plan(ckpt, recipe, use_cache=plan_cache)
+                plan, plan_cached = cached_plan(ckpt, recipe, use_cache=plan_cache, config=config)
             dropped, cast = _check_inputs(plan, src, recipe)
             quantizer = Quantizer(src, recipe.observer_scheme(), device)
             shards = _shard(_plan_outputs(plan, src, recipe, set(cast), quantizer), max_bytes)
@@ -401,8 +401,7 @@ def _write_metadata(tmp: Path, ckpt: Path, previous: list[dict], plan: ModelPlan
     json_dump({"schema": RECIPE_SCHEMA, **created, "tool": step["tool"], "source_lineage": lineage},
               tmp / RECIPE_FILE)
     (tmp / "vllm_config.yaml").write_text(card.vllm_config_yaml(plan, vllm_max_model_len))
-    (tmp / "README.md").write_text(card.model_card(plan, recipe, lineage, quantized_modules=len(plan.targeted),
-                                                   files=out_hashes, total_bytes=total,
+    (tmp / "README.md").write_text(card.model_card(plan, recipe, lineage, files=out_hashes, total_bytes=total,
                                                    max_model_len=vllm_max_model_len))
     # config.json last: a temp dir left by a killed run never looks like a loadable checkpoint
     config = dict(plan.config)
