@@ -435,14 +435,17 @@ def main(argv=None) -> int:
                     "--merge the table's own entry for each (shape, M) is timed too and kept unless beaten")
     ap.add_argument("--also-compile", choices=("bfloat16", "float16"),
                     help="after tuning, precompile the chosen configs for this dtype too (warm Triton cache)")
-    ap.add_argument("--demo", action="store_true", help="only run one decode and one prefill launch (for "
-                    "compute-sanitizer) and exit")
+    ap.add_argument("--demo", action="store_true", help="only run the demo launches (for compute-sanitizer: "
+                    "every kernel family and prefill_wsp mode once, then the tuned gate_up M=1 and M=8) and exit")
+    ap.add_argument("--demo-only", metavar="I,J,...", type=lambda v: {int(i) for i in v.split(",")},
+                    help="with --demo: run only these launches (0-based, in the order --demo prints them), e.g. "
+                    "to run one sanitizer process per launch")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: autotuning needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.demo:
-        return demo_launches()
+        return demo_launches(args.demo_only)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     own_table = str(CONFIG_DIR / device_table_name(torch.cuda.get_device_name()))
@@ -477,41 +480,51 @@ def main(argv=None) -> int:
     return 0
 
 
-def demo_launches() -> int:
+def demo_launches(only: set[int] | None = None) -> int:
     """One split-K decode launch (M=5), eight prefill launches (M=300, Triton and both Gluon kernels; ``prefill_wsp``
     with 128 rows, split-K at M=200, and with K halves, M=300 on an odd ring and split-K at M=200; ``prefill_wsp``
     with stream-K, 128 rows at M=300 and K halves on an odd ring at M=200), two diagonal
     tensor-core GEMV launches (M=3 in a 4-row program, per-word and chained accumulators) and two full-MMA ones
     (M=13 of 16, M=6 of 8, chained), ragged tiles, checked against the reference;
-    then the tuned M=1 and M=8 launches on the 16384x2560 gate_up shape (the ones a profiler should look at)."""
+    then the tuned M=1 and M=8 launches on the 16384x2560 gate_up shape (the ones a profiler should look at).
+    ``only``: the indices (0..14, in that order) to run; None runs all."""
     from .w4a16 import w4a16_gemm
 
+    fixed = ((5, W4A16Config("decode", 16, 128, 128, 4, 4, 4, True, True)),
+             (300, W4A16Config("prefill", 128, 128, 64, 1, 8, 3)),
+             (300, W4A16Config("prefill_tma", 128, 64, 128, 1, 4, 3)),
+             (300, W4A16Config("prefill_wsp", 256, 128, 128, 1, 4, 3)),
+             (200, W4A16Config("prefill_wsp", 128, 128, 128, 3, 4, 2)),
+             (300, W4A16Config("prefill_wsp", 128, 64, 128, 1, 4, 5)),
+             (200, W4A16Config("prefill_wsp", 256, 64, 64, 2, 4, 4)),
+             (300, W4A16Config("prefill_wsp", 128, 128, 128, 1, 4, 4, stream_k=True)),
+             (200, W4A16Config("prefill_wsp", 128, 64, 128, 1, 4, 5, stream_k=True)),
+             (3, W4A16Config("gemv_mma", 4, 2, 512, 1, 1, 3)),
+             (3, W4A16Config("gemv_mma", 4, 8, 512, 1, 2, 2, chain=True)),
+             (13, W4A16Config("gemv_mma8", 16, 16, 512, 1, 4, 3)),
+             (6, W4A16Config("gemv_mma8", 8, 32, 256, 1, 2, 2, chain=True)))
+    tuned = (1, 8)
+    if only is not None and not only <= set(range(len(fixed) + len(tuned))):
+        print(f"error: --demo-only takes indices 0..{len(fixed) + len(tuned) - 1}", file=sys.stderr)
+        return 2
     wp, s = make_problem(3072, 2560, torch.bfloat16, "cuda")
-    for m, cfg in ((5, W4A16Config("decode", 16, 128, 128, 4, 4, 4, True, True)),
-                   (300, W4A16Config("prefill", 128, 128, 64, 1, 8, 3)),
-                   (300, W4A16Config("prefill_tma", 128, 64, 128, 1, 4, 3)),
-                   (300, W4A16Config("prefill_wsp", 256, 128, 128, 1, 4, 3)),
-                   (200, W4A16Config("prefill_wsp", 128, 128, 128, 3, 4, 2)),
-                   (300, W4A16Config("prefill_wsp", 128, 64, 128, 1, 4, 5)),
-                   (200, W4A16Config("prefill_wsp", 256, 64, 64, 2, 4, 4)),
-                   (300, W4A16Config("prefill_wsp", 128, 128, 128, 1, 4, 4, stream_k=True)),
-                   (200, W4A16Config("prefill_wsp", 128, 64, 128, 1, 4, 5, stream_k=True)),
-                   (3, W4A16Config("gemv_mma", 4, 2, 512, 1, 1, 3)),
-                   (3, W4A16Config("gemv_mma", 4, 8, 512, 1, 2, 2, chain=True)),
-                   (13, W4A16Config("gemv_mma8", 16, 16, 512, 1, 4, 3)),
-                   (6, W4A16Config("gemv_mma8", 8, 32, 256, 1, 2, 2, chain=True))):
+    for i, (m, cfg) in enumerate(fixed):
+        if only is not None and i not in only:
+            continue
         x = torch.randn(m, 2560, device="cuda", dtype=torch.bfloat16)
         y = w4a16_gemm(x, wp, s, config=cfg)
         torch.cuda.synchronize()
         name = (cfg.kernel + (" chain" if cfg.chain else "") + (f" split {cfg.split_k}" if cfg.split_k > 1 else "")
                 + (" stream-K" if cfg.stream_k else ""))
-        print(f"demo {name} M={m}: tolerance ratio {check_tolerance(y, x, wp, s):.3f}", flush=True)
+        print(f"demo {i} {name} M={m}: tolerance ratio {check_tolerance(y, x, wp, s):.3f}", flush=True)
     wp, s = make_problem(16384, 2560, torch.bfloat16, "cuda")
-    for m in (1, 8):
+    for i, m in enumerate(tuned, start=len(fixed)):
+        if only is not None and i not in only:
+            continue
         x = torch.randn(m, 2560, device="cuda", dtype=torch.bfloat16)
         y = w4a16_gemm(x, wp, s)
         torch.cuda.synchronize()
-        print(f"demo tuned gate_up M={m}: tolerance ratio {check_tolerance(y, x, wp, s):.3f}", flush=True)
+        print(f"demo {i} tuned gate_up M={m}: tolerance ratio {check_tolerance(y, x, wp, s):.3f}", flush=True)
     return 0
 
 

@@ -299,13 +299,13 @@ def _w4a16_prefill_wsp_kernel(
         pid_m, pid_n = grouped_tile(gl.program_id(0), M, N, BM, BN, GROUP_M)
         off_m = pid_m * BM
         off_n = pid_n * BN
-        red_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(red_bar, count=1)
         if KSPLIT:
+            red_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(red_bar, count=1)
             # the odd blocks' fp32 sum, [64, BM]: swizzled so that the accumulator's row pairs do not share banks
             red = gl.allocate_shared_memory(gl.float32, [64, BM], gl.SwizzledSharedLayout(2, 1, 8, order=[1, 0]))
         else:
-            red = red_bar   # not used
+            red, red_bar = ready, ready   # not used with 128 rows
         kb_lo = gl.program_id(1) * kb_per_split
         kb_hi = gl.minimum(kb_lo + kb_per_split, K // BK)
         if KSPLIT:
