@@ -20,8 +20,8 @@ them is one about its own model of the synchronisation, not about a kernel of ou
   partition barrier, and arrives once on an mbarrier; a 4-warp worker partition waits on it, loads the tile and
   stores it to global memory (``prefill_wsp``'s K-halves epilogue, reduced to the hand-over).
 - ``handoff_cta``: the same tile written and read by the same 4 warps of a plain kernel around a CTA barrier
-  (``bar.sync 0``), no warp specialisation: the pattern racecheck is built for: a report here would mean the tool misreads these
-  layouts, not the hand-over.
+  (``bar.sync 0``), no warp specialisation: the pattern racecheck is built for (a report here would mean the
+  tool misreads the tile's layouts, not the hand-over).
 
 Each kernel's output is checked against torch; the script prints one line per control and exits 1 on a wrong
 value. The racecheck summary lines (one per launch, in this order) are the result. Measured on the H200 (2026-12-01,
