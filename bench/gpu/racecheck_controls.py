@@ -161,7 +161,8 @@ def run(name: str, ctas: int) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="capture,capture3,handoff,handoff_cta", help="comma-separated controls, in order")
+    ap.add_argument("--only", default="capture,capture3,handoff,handoff_cta",
+                    help="comma-separated controls, run in this order")
     ap.add_argument("--ctas", type=int, default=8, help="CTAs per launch (racecheck's time grows with them)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
