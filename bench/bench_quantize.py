@@ -11,8 +11,10 @@ Both tools run as separate processes, end to end (imports included), interleaved
 wall time reported: the machine is shared); a third pdqkit run imports its libraries first and times the work
 after them, which llmcompressor's oracle script reports too (``work_only``: the ratio without import time);
 pdqkit in eager rounding (the only mode a CPU llmcompressor run produces, so the outputs are compared byte for
-byte) and in its default fp32div mode, each with a cold plan cache (an empty ``$PDQKIT_PLAN_CACHE`` per run: a
-first run) and a warm one (filled once before the loop: pack.plancache, transformers and compressed-tensors not imported). Peak RSS is each process's own
+byte) and in its default fp32div mode, each with cold caches (an empty ``$PDQKIT_PLAN_CACHE`` and
+``$PDQKIT_HASH_CACHE`` per run: a first run) and warm ones (filled once before the loop: a repeat run on the same
+input, which takes its plan from pack.plancache, importing neither transformers nor compressed-tensors, and its
+input files' sha256 from pack.hashcache; each run's summary line is checked for it). Peak RSS is each process's own
 ``ru_maxrss`` (``os.wait4``; this driver stays small because a child inherits its parent's high-water mark,
 recorded as ``rss_floor_gib``: the peak a ``true`` child reports);
 the input is read once before each run so both start with a warm page cache.
@@ -36,10 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 ORACLE = REPO / "tests" / "oracle" / "llmc_oneshot.py"
 
 
-def _run(argv: list[str], log: Path, plans: Path | None = None) -> dict:
-    """Run ``argv`` as a child (plan cache dir ``$PDQKIT_PLAN_CACHE`` = ``plans`` if given); wall and CPU seconds,
-    peak RSS (GiB)."""
-    env = dict(os.environ, PDQKIT_PLAN_CACHE=str(plans)) if plans is not None else None
+def _run(argv: list[str], log: Path, caches: Path | None = None) -> dict:
+    """Run ``argv`` as a child (if ``caches`` is given, ``$PDQKIT_PLAN_CACHE`` = ``caches/plans`` and
+    ``$PDQKIT_HASH_CACHE`` = ``caches/hashes``); wall and CPU seconds, peak RSS (GiB)."""
+    env = None if caches is None else dict(os.environ, PDQKIT_PLAN_CACHE=str(caches / "plans"),
+                                           PDQKIT_HASH_CACHE=str(caches / "hashes"))
     with open(log, "w") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -138,9 +141,11 @@ def main(argv=None) -> int:
     pdq = [sys.executable, "-m", "pack.quantize", str(base), "-o", str(ours), "--force", "--no-progress"]
     runs: dict[str, list[dict]] = {"pdqkit": [], "pdqkit_fp32div": [], "pdqkit_warm": [], "pdqkit_fp32div_warm": [],
                                    "pdqkit_preimported": [], "llmcompressor": []}
-    # "cold": an empty plan cache every run (a first run: plans with transformers and compressed-tensors);
-    # "warm": a plan cache filled by an earlier run on this config (pack.plancache; neither library imported)
-    warm_cache = args.work / "plan-cache"
+    # "cold": empty caches every run (a first run: plans with transformers and compressed-tensors, hashes every
+    # input file); "warm": caches filled by an earlier run on this input (pack.plancache: neither library
+    # imported; pack.hashcache: no input file read for its sha256)
+    warm_cache = args.work / "caches"
+    shutil.rmtree(args.work / "plan-cache", ignore_errors=True)  # the layout before the hash cache
     shutil.rmtree(warm_cache, ignore_errors=True)
     _run(pdq + ["-o", str(ours) + "-prime"], args.work / "pdqkit-prime.log", warm_cache)
     for _ in range(args.repeats):  # interleaved, so a busy machine slows both alike
@@ -152,13 +157,16 @@ def main(argv=None) -> int:
                 runs[key].append(_run(pdq + ["--rounding", rounding, "-o", str(dst)], args.work / f"{key}.log",
                                       warm_cache if cached else Path(cold)))
             said = (args.work / f"{key}.log").read_text().strip().splitlines()[-1]
-            if ("plan cached" if cached else "plan built") not in said:  # the run measured what its name says
-                raise SystemExit(f"{key}: expected a {'warm' if cached else 'cold'} plan cache; the run said: {said}")
+            n_files = len(list(base.glob("*.safetensors")))
+            want = ("plan cached", f"{n_files} of {n_files} input hashes cached") if cached else \
+                ("plan built", f"0 of {n_files} input hashes cached")
+            if not all(w in said for w in want):  # the run measured what its name says
+                raise SystemExit(f"{key}: expected {' and '.join(want)}; the run said: {said}")
             print(f"{key}:", runs[key][-1], flush=True)
         _warm(base)
         log = args.work / "pdqkit-preimported.log"
         r = _run([sys.executable, "-c", _PDQ_WORK, *pdq[3:], "--rounding", "eager", "-o", str(ours) + "-pre",
-                  "--no-plan-cache"], log)
+                  "--no-plan-cache", "--no-hash-cache"], log)
         runs["pdqkit_preimported"].append({**r, **{k: round(v, 2) for k, v in _last_json(log).items()}})
         print("pdqkit (eager, imports first, work timed):", runs["pdqkit_preimported"][-1], flush=True)
         if not args.skip_llmc:
@@ -196,11 +204,12 @@ def main(argv=None) -> int:
               % args.repeats)
         for k, v in best.items():
             print(f"| {k} | {v['wall_s']} | {v['cpu_s']} | {v['peak_rss_gib']} |")
-        print(f"speedup, cold plan cache: {results['speedup']}x (eager; fp32div {results['speedup_fp32div']}x; "
+        print(f"speedup, cold caches (a first run): {results['speedup']}x (eager; fp32div "
+              f"{results['speedup_fp32div']}x; "
               f"CPU time {results['cpu_ratio']}x less), peak RSS "
               f"{results['rss_ratio']:.3f} of llmcompressor's, model.safetensors identical (eager): "
               f"{results['identical_model_safetensors']}")
-        print(f"speedup, warm plan cache: {results['speedup_warm']}x (eager; fp32div "
+        print(f"speedup, warm caches (a repeat run): {results['speedup_warm']}x (eager; fp32div "
               f"{results['speedup_fp32div_warm']}x), peak RSS {results['rss_ratio_warm']:.3f} of llmcompressor's, "
               f"model.safetensors identical (eager): {results['identical_model_safetensors_warm']}")
         w = results["work_only"]

@@ -15,13 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from pack.plancache import cache_root as pack_cache_root
+from pack.cachedir import cache_root as pack_cache_root
 
 __all__ = ["cache_root", "cached_dir", "sha256_text", "write_json_atomic"]
 
 
 def cache_root() -> Path:
-    """``$PDQKIT_CACHE`` if set, else ``~/.cache/pdqkit`` (created on demand); shared with pack.plancache."""
+    """``$PDQKIT_CACHE`` if set, else ``~/.cache/pdqkit`` (created on demand); shared with pack.cachedir."""
     root = pack_cache_root()
     root.mkdir(parents=True, exist_ok=True)
     return root

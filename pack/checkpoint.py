@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from . import hashcache  # standard library only, like the next two
 from .errors import QuantizeError
 from .sha256 import CHUNK, sha256_files  # standard library only: keeps this module torch-free
 
@@ -131,35 +132,48 @@ class FileHasher:
     it cost: :mod:`pack.sha256`). The child runs that module's file with the standard library only (``-I -S``:
     isolated, no site packages, so it starts in ~30 ms and needs pdqkit on no path). Torch-free:
     ``python -m pack.quantize`` starts it before importing torch.
+
+    ``use_cache``: take the hashes of unchanged files from the input-hash cache (:mod:`pack.hashcache`) and
+    store the new ones there; the child hashes only the others, and is not started when there are none
+    (:attr:`cached` counts the files found). False: hash every file, store nothing.
     """
 
-    def __init__(self, files: list[Path], chunk: int = CHUNK):
+    def __init__(self, files: list[Path], chunk: int = CHUNK, use_cache: bool = True):
         self.files = [Path(f).absolute() for f in files]  # absolute once: the writer compares them to its own
+        self._known, self._states = hashcache.lookup(self.files) if use_cache else ({}, {})
+        self.cached = len(self._known)
+        todo = [f for f in self.files if f not in self._known]
         script = Path(__file__).with_name("sha256.py")
         self._proc = subprocess.Popen([sys.executable, "-I", "-S", str(script), "--chunk", str(chunk),
-                                       *map(str, self.files)], stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                       *map(str, todo)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) if todo else None
         self._output: tuple[str, str] | None = None  # the child's (stdout, stderr) once it has exited
         self._cancelled = False
+        self._stored = False
 
     def _wait(self) -> tuple[str, str]:
         if self._output is None:
-            self._output = self._proc.communicate()
+            self._output = self._proc.communicate() if self._proc is not None else ("{}", "")
         return self._output
 
     def result(self) -> dict[str, str]:
-        """``{file name: sha256 hex}``; raises OSError with the child's message if it could not read a file, or
-        RuntimeError if it was cancelled."""
+        """``{file name: sha256 hex}`` in the order of ``files``; raises OSError with the child's message if it
+        could not read a file, or RuntimeError if it was cancelled."""
         out, err = self._wait()
         if self._cancelled:
             raise RuntimeError("input hashing was cancelled")
-        if self._proc.returncode != 0:
+        if self._proc is not None and self._proc.returncode != 0:
             raise OSError(f"hashing the input failed: {err.strip() or f'exit status {self._proc.returncode}'}")
-        return json.loads(out)
+        by_name = json.loads(out)
+        fresh = {f: by_name[f.name] for f in self.files if f not in self._known}
+        if self._states and not self._stored:  # once: result() may be asked again
+            hashcache.store(self._states, fresh)
+            self._stored = True
+        return {f.name: self._known[f] if f in self._known else fresh[f] for f in self.files}
 
     def cancel(self) -> None:
         """Stop the child if it still runs (harmless once it has finished: :meth:`result` still answers)."""
-        if self._proc.poll() is None:
+        if self._proc is not None and self._proc.poll() is None:
             self._cancelled = True
             self._proc.kill()
         self._wait()

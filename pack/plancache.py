@@ -20,57 +20,40 @@ The key (sha256 of a JSON document) covers:
 * pdqkit's own planning sources: targets, qconfig, card and this module.
 
 Where it lives: ``$PDQKIT_PLAN_CACHE`` if set, else ``$PDQKIT_CACHE/plans``; ``$PDQKIT_CACHE`` defaults to
-``~/.cache/pdqkit``. Entries are written to a temp file and renamed. An entry that cannot be read or does not
-parse is rebuilt. A cache that cannot be located, read or written only costs the speed-up. Errors are never
-cached: a bad config is planned, and reported, on every run.
+``~/.cache/pdqkit``. Entries are written, read, marked used and pruned by :mod:`pack.cachedir` (atomic writes,
+the :data:`MAX_ENTRIES` most recently used kept, stale temp files deleted, no other file touched). An entry that
+cannot be read or does not parse is rebuilt. A cache that cannot be located, read or written only costs the
+speed-up. Errors are never cached: a bad config is planned, and reported, on every run.
 
-Size: an entry is ~17 KB for a 1B-parameter Gemma-4 (one name and shape per output tensor). A run that reads an
-entry marks it used (its mtime); a run that stores one keeps the :data:`MAX_ENTRIES` most recently used and
-deletes the rest, and deletes temp files older than :data:`STALE_TMP_S` (left by a writer killed mid-write; a
-younger one may be another run's write in progress). It touches no file whose name is not an entry's or a temp
-file's, so other files in the folder are safe.
+Size: an entry is ~17 KB for a 1B-parameter Gemma-4 (one name and shape per output tensor).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import tempfile
-import time
-from contextlib import suppress
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # stdlib-only at import: bench.cache takes cache_root from here without importing torch
+from .cachedir import cache_dir, read_entry, store_entry
+
+if TYPE_CHECKING:  # stdlib-only at import: ``python -m pack.quantize`` reads the cache before importing torch
     from .targets import ModelPlan
 
-__all__ = ["PLAN_FORMAT", "MAX_ENTRIES", "STALE_TMP_S", "cache_root", "plan_cache_dir", "plan_key", "cached_plan"]
+__all__ = ["PLAN_FORMAT", "MAX_ENTRIES", "plan_cache_dir", "plan_key", "cached_plan"]
 
 PLAN_FORMAT = 1  # bump when ModelPlan's fields or their meaning change
 MAX_ENTRIES = 256  # entries kept (least recently used go first): ~4 MB at ~17 KB each
-STALE_TMP_S = 3600  # a temp file this old (seconds) belongs to no live writer
-# what _store writes (an entry named by its key; mkstemp's temp file beside it): the only names _prune touches, so a
-# $PDQKIT_PLAN_CACHE pointed at a folder that holds other files loses none of them
-_ENTRY = re.compile(r"[0-9a-f]{64}\.json")
-_TEMP = re.compile(r"\.[0-9a-f]{64}\..+\.tmp", re.DOTALL)
 _PDQKIT_SOURCES = ("targets.py", "qconfig.py", "card.py", "plancache.py")
 _VERSIONED = ("transformers", "compressed-tensors", "pydantic", "torch")
 _TRANSFORMERS_SHARED = ("modeling_utils.py", "configuration_utils.py", "conversion_mapping.py",
                         "models/auto/configuration_auto.py")
 
 
-def cache_root() -> Path:
-    """``$PDQKIT_CACHE`` if set, else ``~/.cache/pdqkit`` (not created here). Raises RuntimeError when neither is
-    set and the home directory cannot be determined."""
-    return Path(os.environ.get("PDQKIT_CACHE") or Path.home() / ".cache" / "pdqkit")
-
-
 def plan_cache_dir() -> Path:
-    """Where plans are kept: ``$PDQKIT_PLAN_CACHE`` if set, else ``cache_root() / "plans"``."""
-    return Path(os.environ.get("PDQKIT_PLAN_CACHE") or cache_root() / "plans")
+    """Where plans are kept: ``$PDQKIT_PLAN_CACHE`` if set, else ``$PDQKIT_CACHE/plans``."""
+    return cache_dir("PDQKIT_PLAN_CACHE", "plans")
 
 
 def _model_types(cfg) -> set[str]:
@@ -170,45 +153,6 @@ def _from_json(d, config: dict) -> ModelPlan | None:
     return plan if ok else None
 
 
-def _store(path: Path, plan: ModelPlan) -> None:
-    """Write the entry atomically; a cache dir that cannot be written, or a plan JSON cannot hold, is skipped."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the entry from other users of a shared cache
-            with os.fdopen(fd, "w") as fh:
-                json.dump(_to_json(plan), fh, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except (OSError, TypeError, ValueError):  # cannot write, or a value JSON cannot hold: no entry, same run
-        return
-    _prune(path.parent)
-
-
-def _prune(cache: Path) -> None:
-    """Keep the :data:`MAX_ENTRIES` most recently used entries of ``cache``; delete temp files older than
-    :data:`STALE_TMP_S`. Best effort: another run may be pruning too, or the cache may be read-only."""
-    try:
-        names = list(cache.iterdir())
-    except OSError:
-        return
-    now, entries = time.time(), []
-    for f in names:
-        with suppress(OSError):  # gone meanwhile (another run pruned it), or not ours to delete
-            if _TEMP.fullmatch(f.name):
-                if now - f.stat().st_mtime > STALE_TMP_S:
-                    f.unlink()
-            elif _ENTRY.fullmatch(f.name):
-                entries.append((f.stat().st_mtime_ns, f.name, f))
-    entries.sort(reverse=True)  # most recently used first; the name breaks ties, so every run agrees
-    for *_, f in entries[MAX_ENTRIES:]:
-        with suppress(OSError):
-            f.unlink()
-
-
 def cached_plan(ckpt: Path, recipe, *, use_cache: bool = True,
                 config: dict | None = None) -> tuple[ModelPlan, bool]:
     """``ckpt``'s plan for ``recipe`` and whether it came from the cache.
@@ -226,15 +170,11 @@ def cached_plan(ckpt: Path, recipe, *, use_cache: bool = True,
     except (OSError, RuntimeError, ValueError):  # no home directory; a source file unreadable or its name not
         # UTF-8; a package in sys.modules without __spec__ (find_spec): plan without the cache
         return plan_model(ckpt, recipe), False
-    try:
-        plan = _from_json(json.loads(path.read_text()), cfg)
-    except (OSError, ValueError):  # absent, unreadable, not JSON
-        plan = None
+    entry = read_entry(path)  # None: absent, unreadable, not JSON
+    plan = None if entry is None else _from_json(entry, cfg)
     if plan is not None:
-        with suppress(OSError):  # a read-only shared cache still serves
-            os.utime(path)  # used now: the last to be pruned
         return plan, True
     plan = plan_model(ckpt, recipe)
     if plan.config == cfg:  # config.json unchanged since it was read for the key
-        _store(path, plan)
+        store_entry(path, _to_json(plan), MAX_ENTRIES)
     return plan, False

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "default the model plan is kept in $PDQKIT_PLAN_CACHE, else $PDQKIT_CACHE/plans "
                     "(~/.cache/pdqkit/plans), under a key of config.json, the recipe and the library versions "
                     "and sources")
+    ap.add_argument("--no-hash-cache", action="store_true",
+                    help="hash every input file for the lineage (~1 s per 2 GB) and store nothing; by default the "
+                    "sha256 of an unchanged file is taken from $PDQKIT_HASH_CACHE, else $PDQKIT_CACHE/hashes "
+                    "(~/.cache/pdqkit/hashes), under a key of its path, inode, size and times")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--demo", nargs="?", const="micro", choices=("micro", "small"), metavar="SCALE",
                     help="build a random multimodal Gemma-4 checkpoint of SCALE (micro|small, default micro; "
@@ -75,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
-def _prefetch_hashes(ckpt: Path | None):
+def _prefetch_hashes(ckpt: Path | None, use_cache: bool):
     """Start hashing ``ckpt``'s safetensors files now, on another core, while this one imports torch and
-    transformers (~2 s); None when ``ckpt`` is not a checkpoint dir (the real checks report that, in order)."""
+    transformers (~2 s); None when ``ckpt`` is not a checkpoint dir (the real checks report that, in order).
+    ``use_cache``: take unchanged files' hashes from pack.hashcache."""
     from .checkpoint import FileHasher, safetensors_files
 
     if ckpt is None or not (ckpt / "config.json").is_file():
@@ -86,7 +91,7 @@ def _prefetch_hashes(ckpt: Path | None):
         files, _ = safetensors_files(ckpt)
     except QuantizeError:
         return None
-    return FileHasher(files)
+    return FileHasher(files, use_cache=use_cache)
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -105,7 +110,7 @@ def _on_stop_signal(signum, frame):
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    hasher = None if args.demo else _prefetch_hashes(args.ckpt)
+    hasher = None if args.demo else _prefetch_hashes(args.ckpt, not args.no_hash_cache)
     main_thread = threading.current_thread() is threading.main_thread()
     _interrupted.clear()
     old = {}
@@ -143,7 +148,8 @@ def _run(args: argparse.Namespace, hasher) -> int:
         recipe = QuantRecipe(ignore=(*args.ignore, *args.extra_ignore), group_size=args.group_size, rounding=args.rounding)
         result = quantize_checkpoint(args.ckpt, out, recipe, device=args.device, force=force,
                                      max_shard_size=args.max_shard_size, progress=not args.no_progress,
-                                     input_hasher=hasher, plan_cache=not args.no_plan_cache)
+                                     input_hasher=hasher, plan_cache=not args.no_plan_cache,
+                                     hash_cache=not args.no_hash_cache)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt) or _interrupted.is_set():  # whatever the signal turned into
             first = (str(e).splitlines() or [""])[0]  # one line, whatever the message

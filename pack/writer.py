@@ -4,7 +4,8 @@ Pipeline (spec pack-quantized.md):
 
 1. **check** config.json (:func:`pack.targets.load_config`) and the safetensors headers (:mod:`pack.stio`);
    hash the input files in a child process (:class:`pack.checkpoint.FileHasher`; the CLI starts it before
-   importing torch, so the input is hashed on the second core while the first imports torch and transformers).
+   importing torch, so the input is hashed on the second core while the first imports torch and transformers),
+   all but those whose hash :mod:`pack.hashcache` holds for the file as it is (path, inode, size, times).
 2. **plan** (:mod:`pack.targets`, :mod:`pack.qconfig`): the architecture built from config.json on the meta
    device says which Linears are targeted (recipe ``targets`` minus ``ignore``) and which tensors
    ``save_pretrained`` would write; the input tensors are checked against it (missing tensors, shapes, dtypes,
@@ -97,6 +98,7 @@ class QuantizeResult:
     files_sha256: dict[str, str] = field(default_factory=dict)
     stream_seconds: float = 0.0     # of which: streaming the tensors (after imports, planning, checks)
     plan_cached: bool = False       # the model plan came from pack.plancache (transformers not imported)
+    hashes_cached: tuple[int, int] = (0, 0)  # (input files whose sha256 came from pack.hashcache, input files)
 
     @property
     def gbps(self) -> float:
@@ -108,7 +110,8 @@ class QuantizeResult:
         return (f"pdqkit quantize: {self.quantized_modules} Linears quantized ({self.quantized_tensors} tensors), "
                 f"{self.kept_tensors} tensors kept, {len(self.dropped)} dropped; "
                 f"{self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out in {self.seconds:.2f} s "
-                f"({self.gbps:.2f} GB/s; streaming {stream:.2f} GB/s; plan {plan}); "
+                f"({self.gbps:.2f} GB/s; streaming {stream:.2f} GB/s; plan {plan}; "
+                f"{self.hashes_cached[0]} of {self.hashes_cached[1]} input hashes cached); "
                 f"peak RSS {self.peak_rss / 2**30:.2f} GiB -> {self.out}")
 
 
@@ -319,12 +322,15 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                         device: str = "cpu", force: bool = False,
                         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                         progress: bool = False, vllm_max_model_len: int = 8192,
-                        input_hasher: FileHasher | None = None, plan_cache: bool = True) -> QuantizeResult:
+                        input_hasher: FileHasher | None = None, plan_cache: bool = True,
+                        hash_cache: bool = True) -> QuantizeResult:
     """Quantize bf16 checkpoint dir ``ckpt`` into a pack-quantized checkpoint dir ``out`` (see module doc).
 
     ``input_hasher``: a :class:`~pack.checkpoint.FileHasher` already hashing ``ckpt``'s safetensors files (the
     CLI starts it before importing torch); used if its file list is this checkpoint's, else a new one is started.
     ``plan_cache``: read and store the model plan in pack.plancache (False: plan afresh, store nothing).
+    ``hash_cache``: take unchanged input files' sha256 from pack.hashcache and store new ones (False: hash every
+    file, store nothing); applies to the hasher started here (``input_hasher`` was started with its own choice).
     Raises :class:`QuantizeError` (nothing written) for bad input or options.
     """
     t0 = time.perf_counter()
@@ -351,7 +357,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
         if hasher is None or hasher.files != src.files:  # both absolute (ckpt is; FileHasher stores them so)
             if hasher is not None:
                 hasher.cancel()
-            hasher = FileHasher(src.files)
+            hasher = FileHasher(src.files, use_cache=hash_cache)
         try:
             with gc_paused():
                 plan, plan_cached = cached_plan(ckpt, recipe, use_cache=plan_cache, config=config)
@@ -390,7 +396,8 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     return QuantizeResult(out=out, quantized_modules=n_mod, quantized_tensors=3 * n_mod,
                           kept_tensors=n_tensors - 3 * n_mod, dropped=dropped, cast=cast, bytes_in=bytes_in,
                           bytes_out=bytes_out, seconds=time.perf_counter() - t0, peak_rss=_peak_rss(),
-                          files_sha256=out_hashes, stream_seconds=t_stream, plan_cached=plan_cached)
+                          files_sha256=out_hashes, stream_seconds=t_stream, plan_cached=plan_cached,
+                          hashes_cached=(hasher.cached, len(hasher.files)))
 
 
 def _write_metadata(tmp: Path, ckpt: Path, previous: list[dict], plan: ModelPlan, recipe: QuantRecipe,

@@ -46,7 +46,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_plan_cache(tmp_path_factory, monkeypatch):
-    """Every test gets an empty plan cache of its own (pack.plancache), so each first run plans afresh whatever
-    the machine's ~/.cache/pdqkit holds; the processes a test starts inherit it. Not inside ``tmp_path``, which
-    tests inspect."""
+    """Every test gets an empty plan cache and input-hash cache of its own (pack.plancache, pack.hashcache), so
+    each first run plans and hashes afresh whatever the machine's ~/.cache/pdqkit holds, and no test writes there;
+    the processes a test starts inherit them. Not inside ``tmp_path``, which tests inspect."""
     monkeypatch.setenv("PDQKIT_PLAN_CACHE", str(tmp_path_factory.mktemp("plans")))
+    monkeypatch.setenv("PDQKIT_HASH_CACHE", str(tmp_path_factory.mktemp("hashes")))

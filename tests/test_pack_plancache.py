@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pack.errors import QuantizeError
+import pack.cachedir as cachedir
 import pack.plancache as pc
 from pack.plancache import PLAN_FORMAT, _sources_sha256, cached_plan, plan_key
 from pack.qconfig import QuantRecipe
@@ -294,5 +295,5 @@ def test_a_hit_marks_its_entry_used(mm_ckpt, cache, monkeypatch, refusal):
     def refuse(*a, **k):
         raise refusal
 
-    monkeypatch.setattr(pc.os, "utime", refuse)
+    monkeypatch.setattr(cachedir.os, "utime", refuse)
     assert cached_plan(mm_ckpt, recipe) == (plan, True)

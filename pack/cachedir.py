@@ -1,0 +1,93 @@
+"""pdqkit's on-disk caches: where they live, and how an entry is written, read, marked used and pruned.
+
+Two caches use this module (standard library only, so ``python -m pack.quantize`` can consult them before it
+imports torch): the plan cache (:mod:`pack.plancache`, ``$PDQKIT_PLAN_CACHE``) and the input-hash cache
+(:mod:`pack.hashcache`, ``$PDQKIT_HASH_CACHE``), each a folder under ``$PDQKIT_CACHE`` (default
+``~/.cache/pdqkit``) unless its own variable points elsewhere.
+
+An entry is one JSON file named ``<64 hex digits>.json`` (its key). It is written to a temp file beside it
+(``.<key>.<random>.tmp``) and renamed, so a reader sees a whole entry or none. A run that reads an entry marks it
+used (its mtime); a run that stores one keeps the ``max_entries`` most recently used and deletes the rest, and
+deletes temp files older than :data:`STALE_TMP_S` (left by a writer killed mid-write; a younger one may be another
+run's write in progress). Nothing touches a file whose name is not an entry's or a temp file's, so a cache
+variable pointed at a folder that holds other files loses none of them. Every operation is best effort: a cache
+that cannot be located, read or written only costs the speed-up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from contextlib import suppress
+from pathlib import Path
+
+__all__ = ["STALE_TMP_S", "cache_root", "cache_dir", "read_entry", "store_entry", "prune"]
+
+STALE_TMP_S = 3600  # a temp file this old (seconds) belongs to no live writer
+_ENTRY = re.compile(r"[0-9a-f]{64}\.json")
+_TEMP = re.compile(r"\.[0-9a-f]{64}\..+\.tmp", re.DOTALL)
+
+
+def cache_root() -> Path:
+    """``$PDQKIT_CACHE`` if set, else ``~/.cache/pdqkit`` (not created here). Raises RuntimeError when neither is
+    set and the home directory cannot be determined."""
+    return Path(os.environ.get("PDQKIT_CACHE") or Path.home() / ".cache" / "pdqkit")
+
+
+def cache_dir(env_var: str, name: str) -> Path:
+    """``$<env_var>`` if set, else ``cache_root() / name``."""
+    return Path(os.environ.get(env_var) or cache_root() / name)
+
+
+def read_entry(path: Path):
+    """The JSON value of entry ``path``, marked used; None if it is absent, unreadable or not JSON."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    with suppress(OSError):  # a read-only shared cache still serves
+        os.utime(path)  # used now: the last to be pruned
+    return value
+
+
+def store_entry(path: Path, value, max_entries: int) -> bool:
+    """Write entry ``path`` (``<key>.json``) atomically, then :func:`prune` its folder to ``max_entries``; whether
+    it was written. A folder that cannot be written, or a value JSON cannot hold, is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the entry from other users of a shared cache
+            with os.fdopen(fd, "w") as fh:
+                json.dump(value, fh, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except (OSError, TypeError, ValueError):  # cannot write, or a value JSON cannot hold: no entry, same run
+        return False
+    prune(path.parent, max_entries)
+    return True
+
+
+def prune(cache: Path, max_entries: int) -> None:
+    """Keep the ``max_entries`` most recently used entries of ``cache``; delete temp files older than
+    :data:`STALE_TMP_S`. Best effort: another run may be pruning too, or the cache may be read-only."""
+    try:
+        names = list(cache.iterdir())
+    except OSError:
+        return
+    now, entries = time.time(), []
+    for f in names:
+        with suppress(OSError):  # gone meanwhile (another run pruned it), or not ours to delete
+            if _TEMP.fullmatch(f.name):
+                if now - f.stat().st_mtime > STALE_TMP_S:
+                    f.unlink()
+            elif _ENTRY.fullmatch(f.name):
+                entries.append((f.stat().st_mtime_ns, f.name, f))
+    entries.sort(reverse=True)  # most recently used first; the name breaks ties, so every run agrees
+    for *_, f in entries[max_entries:]:
+        with suppress(OSError):
+            f.unlink()

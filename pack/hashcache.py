@@ -1,0 +1,126 @@
+"""The input-hash cache: the sha256 of a checkpoint's files kept across runs, under what ``stat`` says of them.
+
+Every ``pack.quantize`` run records the sha256 of each input safetensors file in its lineage. Hashing is the
+largest CPU cost of a repeat run on the same checkpoint (2.24 GB at ~2.2 GB/s per core on the 2-core CPU machine:
+~1 CPU-s of a ~4 CPU-s run; ~7 s for E4B's 16 GB). So a run stores each file's hash under a key of the file's
+identity and state, and a later run finds it there instead of reading the file again, the way git's index and
+build caches decide that a file is unchanged.
+
+The key (sha256 of a JSON document) covers the file's real path (symlinks resolved, as the Hugging Face hub cache
+links its snapshots to blobs), its device and inode, its size, and its modification and status-change times in
+nanoseconds. Writing a file changes its mtime and ctime, replacing it (a rename onto it, a fresh download)
+changes its inode and ctime, and no system call sets a ctime back: a file with the same key holds the bytes that
+were hashed. Two guards keep a file that was still being written out of the cache:
+
+* a hash is stored only if the file's ctime lay at least :data:`SETTLE_NS` before the run looked at it (a file
+  written within a timestamp tick of the lookup could change again without its times changing);
+* and only if the file's stat after hashing equals the one before.
+
+A file that fails either guard is hashed again on the next run. ``--no-hash-cache`` (``use_cache=False``) reads
+and stores nothing: every file is hashed.
+
+Where it lives: ``$PDQKIT_HASH_CACHE`` if set, else ``$PDQKIT_CACHE/hashes`` (``~/.cache/pdqkit/hashes``).
+Entries (~0.2 KB, one per file) are written, read and pruned by :mod:`pack.cachedir`: the
+:data:`MAX_ENTRIES` most recently used are kept. An entry that cannot be read, or that does not hold this key's
+file, is ignored. Standard library only: the CLI consults the cache before it imports torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .cachedir import cache_dir, read_entry, store_entry
+
+__all__ = ["HASH_FORMAT", "MAX_ENTRIES", "SETTLE_NS", "FileState", "hash_cache_dir", "file_state", "lookup",
+           "store"]
+
+HASH_FORMAT = 1  # bump when the key's fields or an entry's layout change
+MAX_ENTRIES = 4096  # entries kept (least recently used go first): ~1 MB; one per input file
+SETTLE_NS = 2_000_000_000  # a file changed less than this before the lookup may still be being written
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def hash_cache_dir() -> Path:
+    """Where input hashes are kept: ``$PDQKIT_HASH_CACHE`` if set, else ``$PDQKIT_CACHE/hashes``."""
+    return cache_dir("PDQKIT_HASH_CACHE", "hashes")
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What ``stat`` says of a file (symlinks followed), and when it was asked (``seen_ns``, not in the key)."""
+
+    path: str  # the real path
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    seen_ns: int
+
+    def key(self) -> str:
+        doc = {"format": HASH_FORMAT, **asdict(self)}
+        del doc["seen_ns"]
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def same_file(self, other: FileState) -> bool:
+        return self.key() == other.key()
+
+    def settled(self) -> bool:
+        return self.seen_ns - self.ctime_ns >= SETTLE_NS
+
+
+def file_state(f: Path) -> FileState:
+    """The :class:`FileState` of ``f`` now. Raises OSError if it cannot be stat'ed."""
+    seen = time.time_ns()
+    st = os.stat(f)
+    return FileState(os.path.realpath(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, seen)
+
+
+def lookup(files: list[Path]) -> tuple[dict[Path, str], dict[Path, FileState]]:
+    """``({file: sha256 hex}`` of the ``files`` the cache knows, ``{file: FileState}`` of every file that could be
+    stat'ed``)``; the states go to :func:`store` once the others are hashed. Never raises: a file that cannot be
+    stat'ed, or a cache that cannot be located or read, is simply not known."""
+    known, states = {}, {}
+    try:
+        cache = hash_cache_dir()
+    except RuntimeError:  # no $PDQKIT_CACHE and no home directory
+        return known, states
+    for f in files:
+        try:
+            state = file_state(f)
+        except OSError:  # the hasher reports it, naming the file
+            continue
+        states[f] = state
+        entry = read_entry(cache / f"{state.key()}.json")
+        if (isinstance(entry, dict) and entry.get("format") == HASH_FORMAT and entry.get("size") == state.size
+                and isinstance(entry.get("sha256"), str) and _HEX.fullmatch(entry["sha256"])):
+            known[f] = entry["sha256"]
+    return known, states
+
+
+def store(states: dict[Path, FileState], hashes: dict[Path, str]) -> int:
+    """Store the ``hashes`` just computed for files whose ``states`` :func:`lookup` took: those that had settled
+    before it and are unchanged since. Returns how many were stored; best effort, never raises."""
+    try:
+        cache = hash_cache_dir()
+    except RuntimeError:
+        return 0
+    stored = 0
+    for f, digest in hashes.items():
+        before = states.get(f)
+        if before is None or not before.settled() or not _HEX.fullmatch(digest):
+            continue
+        try:
+            unchanged = file_state(f).same_file(before)
+        except OSError:
+            continue
+        if unchanged:
+            stored += store_entry(cache / f"{before.key()}.json",
+                                  {"format": HASH_FORMAT, "path": before.path, "size": before.size, "sha256": digest},
+                                  MAX_ENTRIES)
+    return stored
