@@ -6,9 +6,9 @@ imports torch): the plan cache (:mod:`pack.plancache`, ``$PDQKIT_PLAN_CACHE``) a
 ``~/.cache/pdqkit``) unless its own variable points elsewhere.
 
 An entry is one JSON file named ``<64 hex digits>.json`` (its key). It is written to a temp file beside it
-(``.<key>.<random>.tmp``) and renamed, so a reader sees a whole entry or none. A run that reads an entry marks it
-used (its mtime); a run that stores one keeps the ``max_entries`` most recently used and deletes the rest, and
-deletes temp files older than :data:`STALE_TMP_S` (left by a writer killed mid-write; a younger one may be another
+(``.<key>.<random>.tmp``) and renamed, so a reader sees a whole entry or none. A run that uses an entry marks it
+used (its mtime); a run that stores entries then prunes the folder: it keeps the ``max_entries`` most recently
+used and deletes the rest, and deletes temp files older than :data:`STALE_TMP_S` (left by a writer killed mid-write; a younger one may be another
 run's write in progress). Nothing touches a file whose name is not an entry's or a temp file's, so a cache
 variable pointed at a folder that holds other files loses none of them. Every operation is best effort: a cache
 that cannot be located, read or written only costs the speed-up.
@@ -23,7 +23,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-__all__ = ["STALE_TMP_S", "cache_root", "cache_dir", "read_entry", "store_entry", "prune"]
+__all__ = ["STALE_TMP_S", "cache_root", "cache_dir", "read_entry", "mark_used", "store_entry", "prune"]
 
 STALE_TMP_S = 3600  # a temp file this old (seconds) belongs to no live writer
 _ENTRY = re.compile(r"[0-9a-f]{64}\.json")
@@ -42,19 +42,23 @@ def cache_dir(env_var: str, name: str) -> Path:
 
 
 def read_entry(path: Path):
-    """The JSON value of entry ``path``, marked used; None if it is absent, unreadable or not JSON."""
+    """The JSON value of entry ``path``; None if it is absent, unreadable or not JSON."""
     try:
-        value = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    with suppress(OSError):  # a read-only shared cache still serves
-        os.utime(path)  # used now: the last to be pruned
-    return value
 
 
-def store_entry(path: Path, value, max_entries: int) -> bool:
-    """Write entry ``path`` (``<key>.json``) atomically, then :func:`prune` its folder to ``max_entries``; whether
-    it was written. A folder that cannot be written, or a value JSON cannot hold, is skipped."""
+def mark_used(path: Path) -> None:
+    """Mark entry ``path`` used now (its mtime): the last to be pruned. A read-only shared cache still serves."""
+    with suppress(OSError):
+        os.utime(path)
+
+
+def store_entry(path: Path, value) -> bool:
+    """Write entry ``path`` (``<key>.json``) atomically; whether it was written. A folder that cannot be written,
+    or a value JSON cannot hold, is skipped. The caller prunes the folder (:func:`prune`) once it has stored its
+    entries."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
@@ -68,7 +72,6 @@ def store_entry(path: Path, value, max_entries: int) -> bool:
             raise
     except (OSError, TypeError, ValueError):  # cannot write, or a value JSON cannot hold: no entry, same run
         return False
-    prune(path.parent, max_entries)
     return True
 
 

@@ -135,11 +135,15 @@ class FileHasher:
 
     ``use_cache``: take the hashes of unchanged files from the input-hash cache (:mod:`pack.hashcache`) and
     store the new ones there; the child hashes only the others, and is not started when there are none
-    (:attr:`cached` counts the files found). False: hash every file, store nothing.
+    (:attr:`cached` counts the files found). False: hash every file, store nothing. The files' names must differ
+    (the result is keyed by name, as the lineage is): ValueError otherwise.
     """
 
     def __init__(self, files: list[Path], chunk: int = CHUNK, use_cache: bool = True):
         self.files = [Path(f).absolute() for f in files]  # absolute once: the writer compares them to its own
+        names = [f.name for f in self.files]
+        if len(set(names)) != len(names):  # the result (and the lineage) is keyed by file name
+            raise ValueError(f"files with the same name: {sorted({n for n in names if names.count(n) > 1})}")
         self._known, self._states = hashcache.lookup(self.files) if use_cache else ({}, {})
         self.cached = len(self._known)
         todo = [f for f in self.files if f not in self._known]

@@ -3,26 +3,32 @@
 Every ``pack.quantize`` run records the sha256 of each input safetensors file in its lineage. Hashing is the
 largest CPU cost of a repeat run on the same checkpoint (2.24 GB at ~2.2 GB/s per core on the 2-core CPU machine:
 ~1 CPU-s of a ~4 CPU-s run; ~7 s for E4B's 16 GB). So a run stores each file's hash under a key of the file's
-identity and state, and a later run finds it there instead of reading the file again, the way git's index and
-build caches decide that a file is unchanged.
+identity and state, and a later run finds it there instead of reading the file again, the rule git's index uses
+to call a file unchanged.
 
 The key (sha256 of a JSON document) covers the file's real path (symlinks resolved, as the Hugging Face hub cache
 links its snapshots to blobs), its device and inode, its size, and its modification and status-change times in
-nanoseconds. Writing a file changes its mtime and ctime, replacing it (a rename onto it, a fresh download)
-changes its inode and ctime, and no system call sets a ctime back: a file with the same key holds the bytes that
-were hashed. Two guards keep a file that was still being written out of the cache:
+nanoseconds. On a local POSIX filesystem, writing a file sets its mtime and ctime to the current time, replacing
+it (a rename onto it) gives another inode, and no call sets a ctime: as long as the system clock is not set back,
+a file with the same key holds the bytes that were hashed. The state is taken from a freshly opened file
+(``fstat``), so an NFS client revalidates it with the server (close-to-open) rather than answering from its
+attribute cache. Not covered: filesystems that fake or do not keep ctime (FAT, some FUSE and network
+filesystems), and writes through a shared ``mmap`` whose timestamps the kernel has not updated yet; for such
+inputs pass ``--no-hash-cache``. Two guards keep a file that was still being written out of the cache:
 
 * a hash is stored only if the file's ctime lay at least :data:`SETTLE_NS` before the run looked at it (a file
   written within a timestamp tick of the lookup could change again without its times changing);
-* and only if the file's stat after hashing equals the one before.
+* and only if the file's state after hashing equals the one before.
 
 A file that fails either guard is hashed again on the next run. ``--no-hash-cache`` (``use_cache=False``) reads
 and stores nothing: every file is hashed.
 
 Where it lives: ``$PDQKIT_HASH_CACHE`` if set, else ``$PDQKIT_CACHE/hashes`` (``~/.cache/pdqkit/hashes``).
-Entries (~0.2 KB, one per file) are written, read and pruned by :mod:`pack.cachedir`: the
-:data:`MAX_ENTRIES` most recently used are kept. An entry that cannot be read, or that does not hold this key's
-file, is ignored. Standard library only: the CLI consults the cache before it imports torch.
+Whoever can write there can supply the input hashes of later runs' lineages: share the folder only among users
+who trust each other. Entries (~0.2 KB, one per file) are written, read and pruned by :mod:`pack.cachedir`: the
+:data:`MAX_ENTRIES` most recently used are kept. An entry that cannot be read, or is not a well-formed entry of
+this format and the file's size, is ignored. Standard library only: the CLI consults the cache before it imports
+torch.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .cachedir import cache_dir, read_entry, store_entry
+from .cachedir import cache_dir, mark_used, prune, read_entry, store_entry
 
 __all__ = ["HASH_FORMAT", "MAX_ENTRIES", "SETTLE_NS", "FileState", "hash_cache_dir", "file_state", "lookup",
            "store"]
@@ -75,16 +81,21 @@ class FileState:
 
 
 def file_state(f: Path) -> FileState:
-    """The :class:`FileState` of ``f`` now. Raises OSError if it cannot be stat'ed."""
+    """The :class:`FileState` of ``f`` now, from the file opened for reading (``fstat``: on NFS, revalidated
+    with the server on open). Raises OSError if it cannot be opened."""
     seen = time.time_ns()
-    st = os.stat(f)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
     return FileState(os.path.realpath(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, seen)
 
 
 def lookup(files: list[Path]) -> tuple[dict[Path, str], dict[Path, FileState]]:
     """``({file: sha256 hex}`` of the ``files`` the cache knows, ``{file: FileState}`` of every file that could be
-    stat'ed``)``; the states go to :func:`store` once the others are hashed. Never raises: a file that cannot be
-    stat'ed, or a cache that cannot be located or read, is simply not known."""
+    opened``)``; the states go to :func:`store` once the others are hashed. Never raises: a file that cannot be
+    opened, or a cache that cannot be located or read, is simply not known."""
     known, states = {}, {}
     try:
         cache = hash_cache_dir()
@@ -96,10 +107,12 @@ def lookup(files: list[Path]) -> tuple[dict[Path, str], dict[Path, FileState]]:
         except OSError:  # the hasher reports it, naming the file
             continue
         states[f] = state
-        entry = read_entry(cache / f"{state.key()}.json")
+        path = cache / f"{state.key()}.json"
+        entry = read_entry(path)
         if (isinstance(entry, dict) and entry.get("format") == HASH_FORMAT and entry.get("size") == state.size
                 and isinstance(entry.get("sha256"), str) and _HEX.fullmatch(entry["sha256"])):
             known[f] = entry["sha256"]
+            mark_used(path)
     return known, states
 
 
@@ -121,6 +134,7 @@ def store(states: dict[Path, FileState], hashes: dict[Path, str]) -> int:
             continue
         if unchanged:
             stored += store_entry(cache / f"{before.key()}.json",
-                                  {"format": HASH_FORMAT, "path": before.path, "size": before.size, "sha256": digest},
-                                  MAX_ENTRIES)
+                                  {"format": HASH_FORMAT, "path": before.path, "size": before.size, "sha256": digest})
+    if stored:
+        prune(cache, MAX_ENTRIES)  # once, however many files were stored
     return stored

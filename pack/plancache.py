@@ -36,7 +36,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cachedir import cache_dir, read_entry, store_entry
+from .cachedir import cache_dir, mark_used, prune, read_entry, store_entry
 
 if TYPE_CHECKING:  # stdlib-only at import: ``python -m pack.quantize`` reads the cache before importing torch
     from .targets import ModelPlan
@@ -173,8 +173,9 @@ def cached_plan(ckpt: Path, recipe, *, use_cache: bool = True,
     entry = read_entry(path)  # None: absent, unreadable, not JSON
     plan = None if entry is None else _from_json(entry, cfg)
     if plan is not None:
+        mark_used(path)
         return plan, True
     plan = plan_model(ckpt, recipe)
-    if plan.config == cfg:  # config.json unchanged since it was read for the key
-        store_entry(path, _to_json(plan), MAX_ENTRIES)
+    if plan.config == cfg and store_entry(path, _to_json(plan)):  # config.json unchanged since it was read
+        prune(path.parent, MAX_ENTRIES)
     return plan, False

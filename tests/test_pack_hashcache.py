@@ -48,11 +48,23 @@ def _sha(f: Path) -> str:
 
 
 def _rewrite_same_size_and_mtime(f: Path) -> None:
-    """New bytes, same size, the old mtime put back: only the ctime (never settable) tells the change."""
+    """New bytes, same size, the old mtime put back: only the ctime (never settable) tells the change. Written
+    again until the ctime has moved (a filesystem with coarse timestamps needs a later tick)."""
     st = f.stat()
-    time.sleep(0.05)  # past any timestamp tick of the first write
-    f.write_bytes(os.urandom(st.st_size))
-    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for _ in range(40):
+        time.sleep(0.05)
+        f.write_bytes(os.urandom(st.st_size))
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if f.stat().st_ctime_ns != st.st_ctime_ns:
+            return
+    raise AssertionError(f"{f}: its ctime did not move in 2 s")
+
+
+def _cached(files: list[Path]) -> int:
+    """How many of ``files`` a new FileHasher finds in the cache (its child, if any, stopped)."""
+    h = FileHasher(files)
+    h.cancel()
+    return h.cached
 
 
 def test_second_run_takes_the_cache_and_starts_no_child(tmp_path, cache, settled):
@@ -86,7 +98,26 @@ def test_a_fresh_file_is_hashed_but_not_stored(tmp_path, cache):
     files = _shards(tmp_path / "ckpt", n=1)
     assert FileHasher(files).result() == {files[0].name: _sha(files[0])}
     assert _entries(cache) == []
-    assert FileHasher(files).cached == 0
+    assert _cached(files) == 0
+
+
+def test_the_settle_guard_boundary():
+    state = hc.FileState("/x", 1, 2, 3, mtime_ns=10, ctime_ns=10, seen_ns=10 + hc.SETTLE_NS)
+    assert state.settled()
+    assert not hc.FileState("/x", 1, 2, 3, mtime_ns=10, ctime_ns=11, seen_ns=10 + hc.SETTLE_NS).settled()
+    assert state.key() == hc.FileState("/x", 1, 2, 3, 10, 10, seen_ns=0).key()  # when it was asked: not the key
+    for other in (dict(path="/y"), dict(dev=9), dict(ino=9), dict(size=9), dict(mtime_ns=9), dict(ctime_ns=9)):
+        fields = {**dict(path="/x", dev=1, ino=2, size=3, mtime_ns=10, ctime_ns=10, seen_ns=0), **other}
+        assert hc.FileState(**fields).key() != state.key(), other
+
+
+def test_files_with_the_same_name_are_refused(tmp_path, cache, settled):
+    """The result, like the lineage, is keyed by file name: two files of one name would share a hash."""
+    (a, ) = _shards(tmp_path / "a", n=1)
+    (b, ) = _shards(tmp_path / "b", n=1)
+    with pytest.raises(ValueError, match="same name"):
+        FileHasher([a, b])
+    assert _entries(cache) == []
 
 
 def test_a_file_changed_while_hashed_is_not_stored(tmp_path, cache, settled):
@@ -113,7 +144,7 @@ def test_bad_entries_are_ignored(tmp_path, cache, settled):
         assert h.cached == 0 and h.result() == {f.name: digest}, bad
         entry.write_text(bad)  # the run above stored a good entry again; keep testing the bad one
     entry.write_text(json.dumps(good))
-    assert FileHasher([f]).cached == 1
+    assert _cached([f]) == 1
 
 
 def test_a_symlinked_file_shares_its_target_entry(tmp_path, cache, settled):
@@ -149,7 +180,7 @@ def test_a_cache_that_cannot_be_used_costs_only_the_speedup(tmp_path, monkeypatc
         assert h.cached == 0 and h.result() == {files[0].name: _sha(files[0])}
 
 
-def test_unreadable_file_is_still_reported_by_the_child(tmp_path, cache, settled):
+def test_a_missing_file_is_still_reported_by_the_child(tmp_path, cache, settled):
     good, gone = _shards(tmp_path / "ckpt")
     FileHasher([good]).result()
     gone.unlink()
@@ -166,8 +197,8 @@ def test_store_keeps_the_most_recently_used_entries(tmp_path, cache, settled, mo
         FileHasher([f]).result()
         time.sleep(0.01)
     assert len(_entries(cache)) == 2
-    assert FileHasher([files[0]]).cached == 0  # the least recently used went first
-    assert FileHasher(files[1:]).cached == 2
+    assert _cached([files[0]]) == 0  # the least recently used went first
+    assert _cached(files[1:]) == 2
 
 
 def test_cli_runs_write_the_same_bytes_with_without_and_from_the_cache(tmp_path, cache, settled, capsys):
