@@ -144,7 +144,10 @@ class FileHasher:
         names = [f.name for f in self.files]
         if len(set(names)) != len(names):  # the result (and the lineage) is keyed by file name
             raise ValueError(f"files with the same name: {sorted({n for n in names if names.count(n) > 1})}")
-        self._known, self._states = hashcache.lookup(self.files) if use_cache else ({}, {})
+        # the files' states now, before any is read (pack.stio.SourceFiles.check_unchanged compares them with
+        # the files the run quantized); with the cache, the hashes it holds for exactly those states
+        self._known, self._states = hashcache.lookup(self.files) if use_cache else ({}, hashcache.states(self.files))
+        self.use_cache = use_cache
         self.cached = len(self._known)
         todo = [f for f in self.files if f not in self._known]
         script = Path(__file__).with_name("sha256.py")
@@ -170,10 +173,16 @@ class FileHasher:
             raise OSError(f"hashing the input failed: {err.strip() or f'exit status {self._proc.returncode}'}")
         by_name = json.loads(out)
         fresh = {f: by_name[f.name] for f in self.files if f not in self._known}
-        if self._states and not self._stored:  # once: result() may be asked again
+        if self.use_cache and self._states and not self._stored:  # once: result() may be asked again
             hashcache.store(self._states, fresh)
             self._stored = True
         return {f.name: self._known[f] if f in self._known else fresh[f] for f in self.files}
+
+    @property
+    def states(self) -> dict:
+        """``{file: pack.hashcache.FileState}`` of the files as they were when this hasher started (those it could
+        open): every hash it returns, from the cache or the child, is of a file that was in that state then."""
+        return dict(self._states)
 
     def cancel(self) -> None:
         """Stop the child if it still runs (harmless once it has finished: :meth:`result` still answers)."""

@@ -42,8 +42,8 @@ from pathlib import Path
 
 from .cachedir import cache_dir, mark_used, prune, read_entry, store_entry
 
-__all__ = ["HASH_FORMAT", "MAX_ENTRIES", "SETTLE_NS", "FileState", "hash_cache_dir", "file_state", "lookup",
-           "store"]
+__all__ = ["HASH_FORMAT", "MAX_ENTRIES", "SETTLE_NS", "FileState", "hash_cache_dir", "file_state", "states",
+           "lookup", "store"]
 
 HASH_FORMAT = 1  # bump when the key's fields or an entry's layout change
 MAX_ENTRIES = 4096  # entries kept (least recently used go first): ~1 MB; one per input file
@@ -92,40 +92,47 @@ def file_state(f: Path) -> FileState:
     return FileState(os.path.realpath(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, seen)
 
 
+def states(files: list[Path]) -> dict[Path, FileState]:
+    """``{file: FileState}`` of the ``files`` that can be opened (the others are left out, not raised)."""
+    out = {}
+    for f in files:
+        try:
+            out[f] = file_state(f)
+        except OSError:
+            continue
+    return out
+
+
 def lookup(files: list[Path]) -> tuple[dict[Path, str], dict[Path, FileState]]:
     """``({file: sha256 hex}`` of the ``files`` the cache knows, ``{file: FileState}`` of every file that could be
     opened``)``; the states go to :func:`store` once the others are hashed. Never raises: a file that cannot be
     opened, or a cache that cannot be located or read, is simply not known."""
-    known, states = {}, {}
+    found = states(files)  # a file that cannot be opened: the hasher reports it, naming the file
+    known = {}
     try:
         cache = hash_cache_dir()
     except RuntimeError:  # no $PDQKIT_CACHE and no home directory
-        return known, states
-    for f in files:
-        try:
-            state = file_state(f)
-        except OSError:  # the hasher reports it, naming the file
-            continue
-        states[f] = state
+        return known, found
+    for f, state in found.items():
         path = cache / f"{state.key()}.json"
         entry = read_entry(path)
         if (isinstance(entry, dict) and entry.get("format") == HASH_FORMAT and entry.get("size") == state.size
                 and isinstance(entry.get("sha256"), str) and _HEX.fullmatch(entry["sha256"])):
             known[f] = entry["sha256"]
             mark_used(path)
-    return known, states
+    return known, found
 
 
-def store(states: dict[Path, FileState], hashes: dict[Path, str]) -> int:
-    """Store the ``hashes`` just computed for files whose ``states`` :func:`lookup` took: those that had settled
-    before it and are unchanged since. Returns how many were stored; best effort, never raises."""
+def store(seen: dict[Path, FileState], hashes: dict[Path, str]) -> int:
+    """Store the ``hashes`` just computed for files whose states :func:`lookup` took (``seen``): those that had
+    settled before it and are unchanged since. Returns how many were stored; best effort, never raises."""
     try:
         cache = hash_cache_dir()
     except RuntimeError:
         return 0
     stored = 0
     for f, digest in hashes.items():
-        before = states.get(f)
+        before = seen.get(f)
         if before is None or not before.settled() or not _HEX.fullmatch(digest):
             continue
         try:

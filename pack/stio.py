@@ -35,6 +35,7 @@ import torch
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME, safetensors_files
 from .errors import QuantizeError
+from .hashcache import FileState, file_state
 
 __all__ = [
     "ST_DTYPES", "TensorEntry", "read_header", "SourceFiles", "read_tensor", "read_bytes", "iter_chunks",
@@ -109,11 +110,18 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
 
 
 class SourceFiles:
-    """The safetensors files of an HF checkpoint dir (``model.safetensors`` or an index + shards)."""
+    """The safetensors files of an HF checkpoint dir (``model.safetensors`` or an index + shards).
+
+    :attr:`states` holds each file's state (path, inode, size, times) from before its header was read;
+    :meth:`check_unchanged` says whether the files are still those (the run read one version of each)."""
 
     def __init__(self, ckpt: Path):
         self.dir = Path(ckpt)
         self.files, weight_map = safetensors_files(self.dir)
+        try:
+            self.states: dict[Path, FileState] = {f: file_state(f) for f in self.files}
+        except OSError as e:
+            raise QuantizeError(f"{e.filename}: cannot read it ({e.strerror})") from None
         self.tensors: dict[str, TensorEntry] = {}
         for f in self.files:
             for name, e in read_header(f).items():
@@ -134,6 +142,23 @@ class SourceFiles:
     @property
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+    def check_unchanged(self, earlier: dict[Path, FileState] | None = None) -> None:
+        """Raise QuantizeError if a file is no longer the one :attr:`states` describes, or (``earlier``: states
+        taken before, e.g. when the input hasher started) was not that one then either: written, touched or
+        replaced while the run read it, so its bytes, its header and its lineage hash may be of different
+        versions."""
+        for f in self.files:
+            then = [self.states[f]] + ([earlier[f]] if earlier and f in earlier else [])
+            try:
+                now = file_state(f)
+            except OSError as e:
+                raise QuantizeError(f"{f}: cannot read it any more ({e.strerror}); it changed while pdqkit read "
+                                    f"it: run again once the checkpoint is complete") from None
+            if not all(now.same_file(s) for s in then):
+                raise QuantizeError(f"{f}: changed while pdqkit read it (its size, inode or times are not those "
+                                    f"of the start of the run); nothing was written: run again once the "
+                                    f"checkpoint is complete")
 
     def fd(self, path: Path) -> int:
         with self._lock:

@@ -375,6 +375,9 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                 finally:  # an error message then starts on its own line, not glued to the bar's
                     bar.close()
                 t_stream = time.perf_counter() - t_stream
+                in_hashes = hasher.result()
+                # every file read is the one whose header was read and whose hash the lineage records
+                src.check_unchanged(hasher.states)
                 if len(shards) > 1:
                     n_params = sum(prod(o.shape) for sh in shards for o in sh)
                     json_dump({"metadata": {"total_parameters": n_params, "total_size": total},
@@ -384,7 +387,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                     config_groups=recipe.config_groups(), ignore=list(recipe.ignore), rounding_mode=recipe.rounding,
                     equivalent_to=EQUIVALENT_TO[recipe.rounding], calibration=[], tool=_tool_info(),
                     input_dir=ckpt.name,
-                    input_sha256=hasher.result(), output_sha256=out_hashes, **created)
+                    input_sha256=in_hashes, output_sha256=out_hashes, **created)
                 _write_metadata(tmp, ckpt, previous, plan, recipe, step, out_hashes, total,
                                 vllm_max_model_len, created)
                 bytes_out = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())

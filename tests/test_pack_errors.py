@@ -375,3 +375,40 @@ def test_killed_mid_write_leaves_no_checkpoint(tmp_path, sig):
     else:
         assert proc.returncode == 130 and err.strip() == "error: interrupted; nothing was written", err[-800:]
         assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
+
+
+def test_input_touched_while_read(ckpt, tmp_path, capsys, monkeypatch):
+    """A file written, touched or replaced while the run reads it: its bytes, header and lineage hash may be of
+    different versions, so the run stops and writes nothing."""
+    import pack.writer as writer
+
+    real = writer._write_shards
+
+    def then_touch(*a, **k):
+        result = real(*a, **k)
+        time.sleep(0.05)  # past the timestamp tick of the run's start
+        os.utime(ckpt / "model.safetensors")  # same bytes, new times
+        return result
+
+    monkeypatch.setattr(writer, "_write_shards", then_touch)
+    _fails(capsys, [ckpt, "-o", tmp_path / "out"], "model.safetensors: changed while pdqkit read it",
+           "run again once the checkpoint is complete")
+
+
+def test_input_replaced_after_the_hasher_started(ckpt, tmp_path):
+    """The CLI starts hashing before torch is imported; a file replaced after that (a download finishing) is not
+    the one the hash is of, even with the same bytes."""
+    from pack.checkpoint import FileHasher
+    from pack.errors import QuantizeError
+    from pack.writer import quantize_checkpoint
+
+    f = ckpt / "model.safetensors"
+    hasher = FileHasher([f.resolve()])
+    hasher.result()
+    copy = tmp_path / "copy.safetensors"
+    shutil.copyfile(f, copy)
+    os.replace(copy, f)  # same bytes, another inode
+    with pytest.raises(QuantizeError, match="changed while pdqkit read it"):
+        quantize_checkpoint(ckpt, tmp_path / "out", input_hasher=hasher)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
