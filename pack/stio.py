@@ -143,19 +143,23 @@ class SourceFiles:
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
-    def check_unchanged(self, earlier: dict[Path, FileState] | None = None) -> None:
-        """Raise QuantizeError if a file is no longer the one :attr:`states` describes, or (``earlier``: states
-        taken before, e.g. when the input hasher started) was not that one then either: written, touched or
-        replaced while the run read it, so its bytes, its header and its lineage hash may be of different
-        versions."""
+    def check_unchanged(self, earlier: dict[Path, FileState] | None = None, strict: bool = True) -> None:
+        """Raise QuantizeError if a safetensors file is no longer the one :attr:`states` describes, or
+        (``earlier``: states taken before, e.g. when the input hasher started) was not that one then either:
+        written, touched or replaced while the run read it, so its bytes, its header and its lineage hash may be
+        of different versions. ``strict``: compare path, device, inode, size, mtime and ctime; False: size and
+        mtime only (filesystems whose inode numbers or ctimes are not stable; ``--no-hash-cache``)."""
+        def same(a: FileState, b: FileState) -> bool:
+            return a.same_file(b) if strict else (a.size, a.mtime_ns) == (b.size, b.mtime_ns)
+
         for f in self.files:
             then = [self.states[f]] + ([earlier[f]] if earlier and f in earlier else [])
             try:
                 now = file_state(f)
             except OSError as e:
-                raise QuantizeError(f"{f}: cannot read it any more ({e.strerror}); it changed while pdqkit read "
-                                    f"it: run again once the checkpoint is complete") from None
-            if not all(now.same_file(s) for s in then):
+                raise QuantizeError(f"{f}: cannot read it any more ({e.strerror}): it changed while pdqkit read "
+                                    f"it; nothing was written: run again once the checkpoint is complete") from None
+            if not all(same(now, s) for s in then):
                 raise QuantizeError(f"{f}: changed while pdqkit read it (its size, inode or times are not those "
                                     f"of the start of the run); nothing was written: run again once the "
                                     f"checkpoint is complete")

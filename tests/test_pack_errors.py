@@ -377,38 +377,74 @@ def test_killed_mid_write_leaves_no_checkpoint(tmp_path, sig):
         assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
 
 
-def test_input_touched_while_read(ckpt, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--no-hash-cache"]])
+def test_input_touched_while_read(ckpt, tmp_path, capsys, monkeypatch, extra):
     """A file written, touched or replaced while the run reads it: its bytes, header and lineage hash may be of
-    different versions, so the run stops and writes nothing."""
+    different versions, so the run stops and writes nothing (without the hash cache judged by size and mtime)."""
     import pack.writer as writer
 
     real = writer._write_shards
 
     def then_touch(*a, **k):
         result = real(*a, **k)
-        time.sleep(0.05)  # past the timestamp tick of the run's start
-        os.utime(ckpt / "model.safetensors")  # same bytes, new times
+        os.utime(ckpt / "model.safetensors")  # same bytes, the current time (copytree kept the source's mtime)
         return result
 
     monkeypatch.setattr(writer, "_write_shards", then_touch)
-    _fails(capsys, [ckpt, "-o", tmp_path / "out"], "model.safetensors: changed while pdqkit read it",
+    _fails(capsys, [ckpt, "-o", tmp_path / "out", *extra], "model.safetensors: changed while pdqkit read it",
            "run again once the checkpoint is complete")
+
+
+def test_input_deleted_while_read(ckpt, tmp_path, capsys, monkeypatch):
+    import pack.writer as writer
+
+    real = writer._write_shards
+
+    def then_delete(*a, **k):
+        result = real(*a, **k)
+        (ckpt / "model.safetensors").unlink()
+        return result
+
+    monkeypatch.setattr(writer, "_write_shards", then_delete)
+    _fails(capsys, [ckpt, "-o", tmp_path / "out"], "model.safetensors: cannot read it any more",
+           "nothing was written")
 
 
 def test_input_replaced_after_the_hasher_started(ckpt, tmp_path):
     """The CLI starts hashing before torch is imported; a file replaced after that (a download finishing) is not
-    the one the hash is of, even with the same bytes."""
+    the one the hash is of, even with the same bytes. Without the hash cache (size and mtime only) a copy that
+    keeps both passes: the rule for filesystems whose inodes are not stable."""
     from pack.checkpoint import FileHasher
     from pack.errors import QuantizeError
     from pack.writer import quantize_checkpoint
 
     f = ckpt / "model.safetensors"
-    hasher = FileHasher([f.resolve()])
-    hasher.result()
-    copy = tmp_path / "copy.safetensors"
-    shutil.copyfile(f, copy)
-    os.replace(copy, f)  # same bytes, another inode
-    with pytest.raises(QuantizeError, match="changed while pdqkit read it"):
-        quantize_checkpoint(ckpt, tmp_path / "out", input_hasher=hasher)
-    assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    for use_cache in (True, False):
+        hasher = FileHasher([f.resolve()], use_cache=use_cache)
+        hasher.result()
+        copy = tmp_path / "copy.safetensors"
+        shutil.copy2(f, copy)  # the bytes and the mtime
+        os.replace(copy, f)  # another inode and ctime
+        if use_cache:
+            with pytest.raises(QuantizeError, match="changed while pdqkit read it"):
+                quantize_checkpoint(ckpt, tmp_path / "out", input_hasher=hasher)
+            assert not (tmp_path / "out").exists()
+            assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+        else:
+            quantize_checkpoint(ckpt, tmp_path / "out", input_hasher=hasher, hash_cache=False)
+            assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_hub_style_snapshot_of_symlinks_is_not_a_change(ckpt, tmp_path, capsys):
+    """The Hugging Face hub cache: snapshot files are symlinks to blobs; the states are the blobs'."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snap.mkdir()
+    for p in ckpt.iterdir():
+        shutil.move(str(p), blobs / p.name)
+        (snap / p.name).symlink_to(blobs / p.name)
+    for run in ("cold", "warm"):
+        capsys.readouterr()
+        assert main([str(snap), "-o", str(tmp_path / run), "--no-progress"]) == 0, capsys.readouterr().err
+    cold, warm = (tmp_path / run / "model.safetensors" for run in ("cold", "warm"))
+    assert warm.read_bytes() == cold.read_bytes()
