@@ -149,7 +149,8 @@ def main(argv=None) -> int:
     shutil.rmtree(warm_cache, ignore_errors=True)
     # the hash cache stores no file changed less than SETTLE_NS before the run: a just-built input must settle
     from pack.hashcache import SETTLE_NS
-    newest = max(f.stat().st_ctime_ns for f in base.glob("*.safetensors"))
+    shards = sorted(base.glob("*.safetensors"))
+    newest = max(f.stat().st_ctime_ns for f in shards)
     time.sleep(max(0.0, (newest + SETTLE_NS - time.time_ns()) / 1e9 + 0.1))
     _run(pdq + ["-o", str(ours) + "-prime"], args.work / "pdqkit-prime.log", warm_cache)
     for _ in range(args.repeats):  # interleaved, so a busy machine slows both alike
@@ -161,9 +162,8 @@ def main(argv=None) -> int:
                 runs[key].append(_run(pdq + ["--rounding", rounding, "-o", str(dst)], args.work / f"{key}.log",
                                       warm_cache if cached else Path(cold)))
             said = (args.work / f"{key}.log").read_text().strip().splitlines()[-1]
-            n_files = len(list(base.glob("*.safetensors")))
-            want = ("plan cached", f"{n_files} of {n_files} input hashes cached") if cached else \
-                ("plan built", f"0 of {n_files} input hashes cached")
+            want = ("plan cached", f"{len(shards)} of {len(shards)} input hashes cached") if cached else \
+                ("plan built", f"0 of {len(shards)} input hashes cached")
             if not all(w in said for w in want):  # the run measured what its name says
                 raise SystemExit(f"{key}: expected {' and '.join(want)}; the run said: {said}")
             print(f"{key}:", runs[key][-1], flush=True)

@@ -8,8 +8,8 @@ imports torch): the plan cache (:mod:`pack.plancache`, ``$PDQKIT_PLAN_CACHE``) a
 An entry is one JSON file named ``<64 hex digits>.json`` (its key). It is written to a temp file beside it
 (``.<key>.<random>.tmp``) and renamed, so a reader sees a whole entry or none. A run that uses an entry marks it
 used (its mtime); a run that stores entries then prunes the folder: it keeps the ``max_entries`` most recently
-used and deletes the rest, and deletes temp files older than :data:`STALE_TMP_S` (left by a writer killed mid-write; a younger one may be another
-run's write in progress). Nothing touches a file whose name is not an entry's or a temp file's, so a cache
+used and deletes the rest, and deletes temp files older than :data:`STALE_TMP_S` (left by a writer killed
+mid-write; a younger one may be another run's write in progress). Nothing touches a file whose name is not an entry's or a temp file's, so a cache
 variable pointed at a folder that holds other files loses none of them. Every operation is best effort: a cache
 that cannot be located, read or written only costs the speed-up.
 """

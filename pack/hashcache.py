@@ -68,13 +68,17 @@ class FileState:
     ctime_ns: int
     seen_ns: int
 
+    def identity(self) -> tuple:
+        """Everything but ``seen_ns``: equal for the same file in the same state."""
+        return self.path, self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns
+
     def key(self) -> str:
         doc = {"format": HASH_FORMAT, **asdict(self)}
         del doc["seen_ns"]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
     def same_file(self, other: FileState) -> bool:
-        return self.key() == other.key()
+        return self.identity() == other.identity()
 
     def settled(self) -> bool:
         return self.seen_ns - self.ctime_ns >= SETTLE_NS

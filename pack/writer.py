@@ -331,8 +331,8 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     ``plan_cache``: read and store the model plan in pack.plancache (False: plan afresh, store nothing).
     ``hash_cache``: take unchanged input files' sha256 from pack.hashcache and store new ones (False: hash every
     file, store nothing); applies to the hasher started here (``input_hasher`` was started with its own choice).
-    Either way the run stops if an input safetensors file changed while it was read (False: judged by size and
-    mtime only, for filesystems whose inodes or ctimes are not stable).
+    Either way the run stops if an input safetensors file changed while it was read (judged by size and mtime only
+    when the hasher runs without the cache, for filesystems whose inodes or ctimes are not stable).
     Raises :class:`QuantizeError` (nothing written) for bad input or options.
     """
     t0 = time.perf_counter()
@@ -378,9 +378,9 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                     bar.close()
                 t_stream = time.perf_counter() - t_stream
                 in_hashes = hasher.result()
-                # every file read is the one whose header was read and whose hash the lineage records (without
-                # the hash cache, whose rule needs stable inodes and ctimes, by size and mtime only)
-                src.check_unchanged(hasher.states, strict=hash_cache)
+                # every file read is the one whose header was read and whose hash the lineage records (for a
+                # hasher without the cache, whose rule needs stable inodes and ctimes, by size and mtime only)
+                src.check_unchanged(hasher.states, strict=hasher.use_cache)
                 if len(shards) > 1:
                     n_params = sum(prod(o.shape) for sh in shards for o in sh)
                     json_dump({"metadata": {"total_parameters": n_params, "total_size": total},
