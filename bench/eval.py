@@ -60,7 +60,8 @@ def load_model(path, device="cpu", dtype=None):
     """``(model, tokenizer)`` of checkpoint dir ``path`` via ``AutoModelForCausalLM``/``AutoTokenizer``.
 
     ``dtype`` None: fp32 on CPU, bf16 on CUDA. A pack-quantized checkpoint is loaded in bf16 and
-    decompressed by one forward on ``device`` (compressed-tensors' hook) before being cast to ``dtype``."""
+    decompressed by one forward on ``device`` (compressed-tensors' hook) before being cast to ``dtype``. In bf16 the
+    model computes as ``from_pretrained(dtype=torch.bfloat16)`` gives it: the RoPE ``inv_freq`` buffers stay fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -74,6 +75,12 @@ def load_model(path, device="cpu", dtype=None):
     if _is_quantized(model):
         with torch.no_grad():
             model(input_ids=torch.tensor([[tok.bos_token_id or 0]], device=device))
+    if dtype == torch.bfloat16:
+        # as loaded: bf16 weights, RoPE inv_freq buffers in fp32 (transformers computes them so); a plain
+        # model.to(bf16) would round those frequencies and score every model at shifted positions
+        from distill.models import to_bf16_layout
+
+        return to_bf16_layout(model), tok
     return model.to(dtype), tok
 
 
@@ -275,7 +282,14 @@ def evaluate(ckpts, teacher=None, device="cpu", dtype=None, max_tokens: int | No
     for c in (ref, *ckpts):
         if not (c / "config.json").is_file():
             raise FileNotFoundError(f"{c}: not a checkpoint directory (no config.json)")
-    seq_len = seq_len or base_seq_len(ref)
+    if seq_len is None:
+        seq_len = base_seq_len(ref, default=0)
+        log(f"windows of {seq_len or 512} tokens: " + (f"{ref}'s training length (its lineage)" if seq_len else
+                                                       f"{ref}'s lineage names no training length (--seq-len)"))
+        seq_len = seq_len or 512
+    if max_tokens is not None and max_tokens < seq_len:
+        raise ValueError(f"--max-tokens {max_tokens}: fewer than one window of {seq_len} tokens (--seq-len)")
+    dtype = dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)
     t_model, tok = load_model(ref, device, dtype) if teacher else (None, None)
     if tok is None:
         from transformers import AutoTokenizer
@@ -286,7 +300,8 @@ def evaluate(ckpts, teacher=None, device="cpu", dtype=None, max_tokens: int | No
     prompt_ids = prompt_windows(tok, prompt_len, prompts) if teacher and new_tokens > 0 else None
     t_greedy = greedy_tokens(t_model, prompt_ids, new_tokens, tok.pad_token_id) if prompt_ids is not None else None
     report = {"schema": "pdqkit_bench_eval/1", "corpus_sha256": corpus_sha256(), "tokenizer_sha256": tok_sha,
-              "split": "valid", "seq_len": seq_len, "windows": len(windows), "device": str(device),
+              "split": "valid", "seq_len": seq_len, "windows": len(windows), "max_tokens": max_tokens,
+              "device": str(device), "dtype": str(dtype).removeprefix("torch."),
               "teacher": str(ref) if teacher else None, "prompts": prompts, "prompt_len": prompt_len,
               "new_tokens": new_tokens, "rows": []}
     masks = {}
@@ -379,7 +394,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     ap.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    ap.add_argument("--max-tokens", type=int, default=65536, help="validation tokens to evaluate (0: all)")
+    ap.add_argument("--max-tokens", type=int, default=65536, help="validation tokens to evaluate, from the split's "
+                    "start (0: all 248,969 / 297,111 of small / micro; the results tables use 0)")
     ap.add_argument("--seq-len", type=int, help="window length (default: the base model's training seq_len)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16, help="greedy-agreement prompts (M)")

@@ -37,6 +37,7 @@ RESULT_FIELDS = (
     "weight_decay", "adam_betas", "adam_eps", "grad_clip", "seed", "temperature", "hidden_weight", "hidden_layers",
     "hidden_layer_weights", "lmbda", "beta", "sample_temperature", "jsd_temperature", "max_new_tokens",
     "train_embeddings", "precision", "chunk", "max_tokens", "attn", "trainable", "ema_decay", "ce_weight",
+    "loss_impl", "compile_loss", "compile_layers",   # same math, other fp32 rounding: other bytes
 )
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["TokenBlocks", "load_tokenizer", "load_blocks"]
+__all__ = ["TokenBlocks", "load_tokenizer", "pair_tokenizer", "load_blocks"]
 
 
 @dataclass
@@ -73,6 +73,19 @@ def load_tokenizer(*ckpts):
         if any(d.glob("tokenizer*")):
             return AutoTokenizer.from_pretrained(d)
     return None
+
+
+def pair_tokenizer(student, teacher):
+    """The tokenizer the data is encoded with (the student's, else the teacher's: :func:`load_tokenizer`), after
+    checking that a teacher and a student that both carry one carry the same (sha256 of the serialised backend):
+    distillation compares the two models' logits id by id, so both must read the text as the same ids."""
+    s_tok, t_tok = load_tokenizer(student), load_tokenizer(teacher)
+    s_sha, t_sha = _tokenizer_sha256(s_tok), _tokenizer_sha256(t_tok)
+    if s_sha is not None and t_sha is not None and s_sha != t_sha:
+        raise ValueError(f"{student}: its tokenizer differs from the teacher's ({teacher}); distillation compares "
+                         "logits id by id, so both models must use one tokenizer (if they do, copy the teacher's "
+                         "tokenizer files into the student checkpoint)")
+    return s_tok if s_tok is not None else t_tok
 
 
 def _tokenizer_sha256(tokenizer) -> str | None:

@@ -157,7 +157,7 @@ def select(cfg: SelectConfig, progress: bool = True) -> dict:
     """Score the pool, write ``cfg.out`` and its sidecar; returns the sidecar's dict."""
     from tqdm import tqdm
 
-    from .data import load_blocks, load_tokenizer
+    from .data import load_blocks, pair_tokenizer
     from .models import check_pair, load_model, text_config
     from .train import checkpoint_sha256
 
@@ -169,7 +169,7 @@ def select(cfg: SelectConfig, progress: bool = True) -> dict:
     teacher = load_model(cfg.teacher, dtype, dev)
     student = load_model(cfg.student, dtype, dev)
     check_pair(teacher, student, cfg.teacher, cfg.student)
-    tokenizer = load_tokenizer(cfg.student, cfg.teacher)
+    tokenizer = pair_tokenizer(cfg.student, cfg.teacher)
     data = load_blocks(cfg.data, tokenizer, cfg.seq_len, None, text_config(student).vocab_size)
     n = data.blocks.shape[0]
     keep = cfg.tokens // cfg.seq_len

@@ -10,9 +10,10 @@ Per step (global batch ``B`` windows of ``S`` tokens, ``B / W`` per rank):
 
 Learning rate: linear warm-up over ``warmup_steps``, cosine decay to ``lr * min_lr_ratio`` at the last step.
 Figures: loss parts, tokens/s (training tokens ``B*S`` per step, all ranks), and on CUDA the MFU: model FLOPs
-``(6 N_student + 2 N_teacher) * tokens`` (N = matmul weights, :func:`distill.models.matmul_params`; attention
-score FLOPs, the losses and phase-2 generation not counted) over ``peak_tflops`` per GPU (default 989.4 TFLOP/s,
-H100/H200 SXM dense bf16).
+``(6 N_student + 2 N_teacher) * tokens`` (N = matmul weights, :func:`distill.models.matmul_params`; in phase 2
+the lm_head's weights only for the continuation share of the tokens; attention score FLOPs, the losses and phase-2
+generation not counted, though generation's time is in the denominator) over ``peak_tflops`` per GPU (default
+989.4 TFLOP/s, H100/H200 SXM dense bf16).
 
 Precision (``--precision``; the teacher is always a bf16 model run as is):
 
@@ -43,7 +44,7 @@ import torch
 
 from . import parallel
 from .config import DistillConfig
-from .data import load_blocks, load_tokenizer
+from .data import load_blocks, pair_tokenizer
 from .select import check_use as check_selection_use
 from .select import read_meta as read_selection_meta
 from .models import (DistillModule, MasterWeights, capture_layer_outputs, check_pair, compile_decoder_layers,
@@ -153,7 +154,10 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def _prepare_output(cfg: DistillConfig, env) -> None:
+    from pack.checkpoint import check_output_dir
+
     out, ckpt = Path(cfg.out), Path(cfg.ckpt_dir)
+    check_output_dir(out, teacher=cfg.teacher, student=cfg.student)
     out_r, ckpt_r = out.resolve(), ckpt.resolve()
     if ckpt_r == out_r or out_r in ckpt_r.parents:
         raise ValueError(f"--ckpt-dir {ckpt}: must not be the output dir {out} or inside it (the output is replaced "
@@ -207,6 +211,7 @@ class Distiller:
         student.train()
         self.layers, layer_w = cfg.layer_selection(text_config(student).num_hidden_layers)
         self.n_student, self.n_teacher = matmul_params(student), matmul_params(teacher)
+        self.n_head = student.get_output_embeddings().weight.numel()   # V x d, the same in both (check_pair)
         self.dm = DistillModule(student, logit_loss="forward_kl" if cfg.phase == 1 else "gjsd",
                                 temperature=cfg.temperature if cfg.phase == 1 else cfg.jsd_temperature,
                                 beta=cfg.beta, logit_weight=1.0, hidden_layers=self.layers,
@@ -281,9 +286,14 @@ class Distiller:
             self.masters.copy_to_model()
 
     @property
-    def flops_per_token(self) -> int:
-        """Model FLOPs per trained token: 6 N_student (forward + backward) + 2 N_teacher (forward)."""
-        return 6 * self.n_student + 2 * self.n_teacher
+    def flops_per_token(self) -> float:
+        """Model FLOPs per trained token: 6 N_student (forward + backward) + 2 N_teacher (forward). In phase 2 only the
+        ``max_new_tokens`` continuation positions of each ``seq_len`` row reach the (tied) lm_head of either model,
+        so its ``V x d`` weights count for that share of the tokens."""
+        if self.cfg.phase == 1:
+            return 6 * self.n_student + 2 * self.n_teacher
+        share = self.cfg.max_new_tokens / self.cfg.seq_len
+        return 6 * (self.n_student - self.n_head) + 2 * (self.n_teacher - self.n_head) + 8 * self.n_head * share
 
     def _rows(self, step: int, ids: torch.Tensor):
         """(ids, flat rows scored, their weights, on_policy) for this rank's batch ``ids`` [B/W, S]."""
@@ -381,7 +391,7 @@ def _run(cfg: DistillConfig, env) -> dict:
     teacher = load_model(cfg.teacher, torch.bfloat16, env.device, cfg.attn)
     student = load_model(cfg.student, student_dtype(cfg.precision), env.device, cfg.attn)
     check_pair(teacher, student, cfg.teacher, cfg.student)
-    tokenizer = load_tokenizer(cfg.student, cfg.teacher)
+    tokenizer = pair_tokenizer(cfg.student, cfg.teacher)
     dz = Distiller(cfg, env, teacher, student, _eos_ids(student, tokenizer))
 
     # data

@@ -20,3 +20,26 @@ def grow_zeros(pool: dict, device: torch.device, n: int, min_n: int) -> torch.Te
     if not bufs or bufs[-1].numel() < n:
         bufs.append(torch.zeros(max(n, min_n), dtype=torch.int32, device=device))
     return bufs[-1]
+
+
+# One pool per kernel family (device -> buffers), shared by that family's launches: split-K decode, the Gluon
+# prefill kernels (prefill_tma and prefill_wsp share one), and the marlin-order kernel's fused fold.
+_POOLS: dict[str, dict] = {}
+FAMILIES = ("decode", "prefill", "marlin")
+
+
+def pool(family: str) -> dict:
+    """The counter pool of a kernel family (one of :data:`FAMILIES`)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown counter pool {family!r}: one of {FAMILIES}")
+    return _POOLS.setdefault(family, {})
+
+
+def reserve(device: torch.device, n: int = 1 << 16) -> None:
+    """Allocate every family's counter buffer on ``device`` now (at least ``n`` counters each, zeroed), e.g. at
+    model load, before any CUDA-graph capture. A buffer first allocated inside a capture would be zeroed only when
+    that graph replays, and graphs captured after it would reuse it unzeroed. 2^16 counters (256 KiB per family)
+    cover a split-K or prefill launch of 65,536 output tiles, far beyond vLLM's largest captured batch on E4B."""
+    device = torch.device(device)
+    for family in FAMILIES:
+        grow_zeros(pool(family), device, n, n)

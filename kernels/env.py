@@ -5,6 +5,22 @@ import os
 
 
 def interpreting() -> bool:
-    """``TRITON_INTERPRET`` read the way Triton reads it (1 / true / yes / on, any case; anything else is off):
+    """``TRITON_INTERPRET`` read the way Triton 3.6 and 3.9 read it (1 / true / yes / on / y, any case, no
+    surrounding blanks; anything else is off; checked against ``triton.knobs.runtime.interpret``):
     the kernels then run in Triton's CPU interpreter, where inline PTX cannot run and bf16 is emulated."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+TABLE_ENV = "PDQKIT_W4A16_TABLE"
+CENSUS_ENV = "PDQKIT_W4A16_CENSUS"
+
+
+def table_override() -> str | None:
+    """``$PDQKIT_W4A16_TABLE``: the path of a tuned table (``python -m kernels.w4a16_autotune --out FILE``) to use
+    instead of the packaged ``kernels/configs/<GPU>.json``; None when unset or empty."""
+    return os.environ.get(TABLE_ENV, "").strip() or None
+
+
+def census_enabled() -> bool:
+    """``$PDQKIT_W4A16_CENSUS`` (1 / true / yes / on): :func:`kernels.w4a16.census` counts every launch."""
+    return os.environ.get(CENSUS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")

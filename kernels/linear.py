@@ -26,17 +26,22 @@ __all__ = ["W4A16Linear", "swap_w4a16_linears"]
 class W4A16Linear(nn.Module):
     """Linear layer with an int4 (group-wise, symmetric) weight in the compressed-tensors layout.
 
-    Buffers ``weight_packed [N, K/8] int32`` and ``weight_scale [N, K/G]`` (activation dtype), optional ``bias [N]``.
-    ``forward(x[..., K]) -> [..., N]`` calls ``torch.ops.pdqkit.w4a16_gemm`` (see its docstring for the numerics).
+    Buffers ``weight_packed [N, K/8] int32``, ``weight_scale [N, K/G]`` (activation dtype: bf16 or fp16) and
+    ``weight_shape [2] int64`` (``[N, K]``, so that ``save_pretrained`` writes a checkpoint compressed-tensors can load
+    back), optional ``bias [N]``. ``forward(x[..., K]) -> [..., N]`` calls ``torch.ops.pdqkit.w4a16_gemm`` (see its
+    docstring for the numerics).
     """
 
     def __init__(self, weight_packed: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
         dtype = dtype or weight_scale.dtype
+        _check_dtype(dtype)
         self.out_features, self.in_features = weight_packed.shape[0], weight_packed.shape[1] * 8
         self.register_buffer("weight_packed", weight_packed.contiguous())
         self.register_buffer("weight_scale", weight_scale.to(dtype).contiguous())
+        self.register_buffer("weight_shape", torch.tensor([self.out_features, self.in_features], dtype=torch.int64,
+                                                          device=weight_packed.device))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +54,24 @@ class W4A16Linear(nn.Module):
         g = self.in_features // self.weight_scale.shape[1]
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={g}, "
                 f"bias={self.bias is not None}, dtype={self.weight_scale.dtype}")
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"W4A16 layers compute in bfloat16 or float16 activations, not {dtype}; load the model with "
+                         "dtype=torch.bfloat16 (or pass dtype= to swap_w4a16_linears)")
+
+
+def _still_compressed(module: nn.Module) -> bool:
+    """Whether compressed-tensors' decompression hook still has work on ``module``: packed codes, or integer
+    weights with scales (8-bit formats), on a module of any type, unless it is ours."""
+    if isinstance(module, W4A16Linear):
+        return False
+    if getattr(module, "weight_packed", None) is not None:
+        return True
+    w = getattr(module, "weight", None)
+    scaled_ints = isinstance(w, torch.Tensor) and not w.is_floating_point()
+    return scaled_ints and getattr(module, "weight_scale", None) is not None
 
 
 def _symmetric_int4(module: nn.Module, extra) -> bool:
@@ -96,14 +119,16 @@ def swap_w4a16_linears(model: nn.Module, checkpoint: str | Path | None = None,
     Sources, per module: its own ``weight_packed``/``weight_scale`` parameters (a model as loaded, still
     compressed), else — when ``checkpoint`` (a pack-quantized checkpoint dir) is given — the tensors
     ``<name>.weight_packed``/``<name>.weight_scale`` read from its safetensors. ``dtype``: activation dtype
-    (default: the dtype of the model's first floating-point parameter). Linears whose shape the kernel refuses
-    (N % 64, K % 128) are left alone (and stay with compressed-tensors' decompression). The model's
-    compressed-tensors decompression hook is removed when nothing is left for it to decompress.
+    (default: the dtype of the model's first floating-point parameter; bf16 or fp16, else ``ValueError`` before
+    anything changes). Linears whose shape or scales the kernel refuses (N % 64, K % 128, scales not ``[N, K/G]``)
+    are left alone (and stay with compressed-tensors' decompression). The model's compressed-tensors decompression
+    hook is removed only when no module, of any type, is left for it to decompress.
     """
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
+    _check_dtype(dtype)
     read = _checkpoint_reader(checkpoint) if checkpoint is not None else None
-    swapped, left = [], 0
+    swapped = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or isinstance(module, W4A16Linear):
             continue
@@ -119,10 +144,9 @@ def swap_w4a16_linears(model: nn.Module, checkpoint: str | Path | None = None,
             t = getattr(module, suffix, None)
             return t if t is not None or read is None else read(f"{name}.{suffix}")
 
-        groups = ws.shape[1] if ws.dim() == 2 else 0
+        groups = ws.shape[1] if ws.dim() == 2 and ws.shape[0] == n else 0   # e.g. block scales [N/128, K/128]: no
         group_ok = groups > 0 and k % groups == 0 and group_supported(k // groups, k)
         if not shape_supported(n, k) or k != module.in_features or not group_ok or not _symmetric_int4(module, extra):
-            left += compressed
             continue
         device = next((t.device for t in module.parameters(recurse=False)), wp.device)
         new = W4A16Linear(wp.detach().to(device), ws.detach().to(device), module.bias, dtype=dtype)
@@ -130,7 +154,7 @@ def swap_w4a16_linears(model: nn.Module, checkpoint: str | Path | None = None,
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         swapped.append(name)
     hook = getattr(model, "ct_decompress_hook", None)
-    if hook is not None and swapped and not left:
+    if hook is not None and swapped and not any(_still_compressed(m) for m in model.modules()):
         hook.remove()
         delattr(model, "ct_decompress_hook")
     return swapped

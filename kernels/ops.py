@@ -33,9 +33,10 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     (GPU, M bucket). Use ``pdqkit::w4a16_gemm_exact`` for Marlin's bits.
 
     Execution: CUDA tensors run pdqkit's Triton kernels (split-K decode kernel for small M, wgmma tiles for large M,
-    per-GPU tuned configs in ``kernels/configs``); CPU tensors run the pure-torch reference. The decode kernel
-    keeps a per-device int32 tile-counter buffer that it leaves zeroed: do not run two of these GEMMs concurrently
-    on different streams of one device (call it once eagerly before CUDA-graph capture so the buffer exists).
+    per-GPU tuned configs in ``kernels/configs``); CPU tensors run the pure-torch reference. The split-K and Gluon
+    prefill kernels keep per-device int32 tile-counter buffers that they leave zeroed: do not run two of these
+    GEMMs concurrently on different streams of one device, and allocate the buffers before CUDA-graph capture
+    (``kernels.counters.reserve(device)``; the vLLM plugin does it at load).
     """
     from .w4a16 import w4a16_gemm as _impl
 

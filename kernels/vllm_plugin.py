@@ -54,6 +54,8 @@ import os
 
 import torch
 
+from .counters import reserve
+
 __all__ = [
     "ENV_VAR", "CHOICES", "COMPILE_CACHE_KEY", "KERNEL_CLASS_NAMES", "selected_kernel", "coverage",
     "register", "kernel_class",
@@ -287,6 +289,8 @@ def _kernel_classes() -> dict:
             w_q = getattr(layer, self.w_q_name)
             # Marlin's own choice: cudaDevAttrMultiProcessorCount of the weight's device (the slice's under MIG)
             self.sms = torch.cuda.get_device_properties(w_q.device).multi_processor_count if w_q.is_cuda else -1
+            if w_q.is_cuda:   # the fused fold's counters: allocated outside any CUDA-graph capture
+                reserve(w_q.device)
             for var in ("VLLM_MARLIN_USE_ATOMIC_ADD", "VLLM_MARLIN_INPUT_DTYPE"):
                 if getattr(envs, var):
                     log.warning_once("pdqkit: %s is set; Marlin would then change its arithmetic, the exact "
@@ -310,9 +314,10 @@ def _kernel_classes() -> dict:
         """pdqkit's fast Triton W4A16 GEMM (not bit-identical to Marlin; same dequantized weights).
 
         The op reads the compressed-tensors layout directly (no repack) and adds the bias in fp32 before its
-        single rounding. Its split-K decode kernel keeps a per-device tile-counter buffer that must exist before
-        CUDA-graph capture (vLLM 0.26.0 captures without eager warm-up runs): one M=1 call on the first layer
-        of each device creates it (and compiles the decode kernel) at load time.
+        single rounding. Its split-K and Gluon prefill kernels keep per-device tile-counter buffers that must exist
+        before CUDA-graph capture (vLLM 0.26.0 captures without eager warm-up runs): they are allocated at load
+        time (:func:`kernels.counters.reserve`), and one M=1 call on the first layer of each device compiles the
+        batch-1 kernel.
         """
 
         choice = "fast"
@@ -322,6 +327,7 @@ def _kernel_classes() -> dict:
             self._plain_ct_params(layer)
             w_q, w_s, _, _ = self._get_weight_params(layer)
             if w_q.is_cuda and w_q.device not in self._warmed:
+                reserve(w_q.device)
                 x = torch.zeros(1, self.config.partition_weight_shape[0], dtype=w_s.dtype, device=w_q.device)
                 torch.ops.pdqkit.w4a16_gemm(x, w_q, w_s, None)
                 self._warmed.add(w_q.device)

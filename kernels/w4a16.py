@@ -11,10 +11,41 @@ import functools
 
 import torch
 
-from .env import interpreting
+from .env import census_enabled, interpreting
 from .w4a16_config import W4A16Config, select_config
 
 _DTYPES = (torch.bfloat16, torch.float16)
+
+# The launch census, on when $PDQKIT_W4A16_CENSUS is set as this module is imported (else None: one test per call).
+# A serving engine's log names only vLLM's layer class; this says which of our kernels ran, on which shapes and M.
+_CENSUS: dict | None = {} if census_enabled() else None
+
+
+def census(reset: bool = False) -> dict[str, dict]:
+    """What :func:`w4a16_gemm` ran since the census began or was last reset: ``{"<kernel> NxK [<config>]": {"calls",
+    "m_min", "m_max"}}``, where ``<kernel>`` is the kernel that actually ran after the dispatcher's fallbacks (e.g.
+    ``prefill`` for a ``prefill_wsp`` entry on unaligned operands) or ``reference`` (the pure-torch path), and
+    ``<config>`` the launch the table or heuristic chose (:meth:`W4A16Config.brief`; ``fallback for ...`` when
+    another kernel ran it). Under CUDA graphs it counts captures, not replays. ``{}`` when ``$PDQKIT_W4A16_CENSUS``
+    was not set at import."""
+    if _CENSUS is None:
+        return {}
+    snap = {key: dict(v) for key, v in _CENSUS.items()}
+    if reset:
+        _CENSUS.clear()
+    return snap
+
+
+def _count(ran: str, m: int, n: int, k: int, asked: W4A16Config | None) -> None:
+    if asked is None:
+        key = f"{ran} {n}x{k}"
+    elif asked.kernel == ran:
+        key = f"{ran} {n}x{k} [{asked.brief()}]"
+    else:
+        key = f"{ran} {n}x{k} [fallback for {asked.brief()}]"
+    e = _CENSUS.setdefault(key, {"calls": 0, "m_min": m, "m_max": m})
+    e["calls"] += 1
+    e["m_min"], e["m_max"] = min(e["m_min"], m), max(e["m_max"], m)
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,6 +154,8 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
         return x.new_empty((*x.shape[:-1], n))
     interp = interpreting()
     if x.device.type != "cuda" and not interp:
+        if _CENSUS is not None:
+            _count("reference", m, n, k, None)
         return w4a16_reference(x, weight_packed, weight_scale, bias)
     x2 = x2.contiguous()
     kw = dict(use_asm=not interp and asm_ok(x))
@@ -142,6 +175,7 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
                          "and hold whole groups or lie inside one)")
     if bias is not None:
         bias = bias.contiguous()  # the kernels read bias[cols] without a stride
+    ran = c.kernel
     if c.kernel == "decode":
         from .w4a16_decode import w4a16_decode
         y = w4a16_decode(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
@@ -158,6 +192,7 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     elif c.kernel in ("gemv", "gemv_mma", "gemv_mma8"):
         # the MMA GEMVs without inline PTX (interpreter, bf16 before sm_90) or, for gemv_mma8, on a weight tensor
         # off a 16-byte boundary (its word layout needs the alignment): the same tiling on FMAs (<= 8 rows a program)
+        ran = "gemv"
         from .w4a16_gemv import w4a16_gemv
         y = w4a16_gemv(x2, weight_packed, weight_scale, bias, group, block_m=min(8, c.block_m), block_n=c.block_n,
                        block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, emu_rn=interp, **kw)
@@ -174,6 +209,7 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
         # the Gluon kernels off Hopper, without Gluon, under the interpreter or on unaligned operands: the
         # Triton-language tiled kernel (its usual 128-wide weight tile; 8 warps for 128 activation rows)
         if c.kernel != "prefill":
+            ran = "prefill"
             c = W4A16Config("prefill", block_m=min(c.block_m, 128), block_n=128, block_k=64,
                             num_warps=8 if c.block_m >= 128 else 4, num_stages=3, group_m=c.group_m)
         from .w4a16_prefill import w4a16_prefill
@@ -181,6 +217,9 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
                           block_k=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages, kperm=c.kperm,
                           w_is_a=c.w_is_a, group_m=c.group_m, dot_f32=interp, **kw)
     else:
+        ran = "dequant_mm"
         from .w4a16_dequant import w4a16_dequant_mm
         y = w4a16_dequant_mm(x2, weight_packed, weight_scale, bias, group, **kw)
+    if _CENSUS is not None:
+        _count(ran, m, n, k, config)
     return y.reshape(*x.shape[:-1], n)

@@ -423,7 +423,8 @@ def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9, kernels=
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kernels.w4a16_autotune", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="output JSON (default kernels/configs/<GPU name>.json)")
+    ap.add_argument("--out", help="output JSON (default kernels/configs/<GPU name>.json); another file is used by "
+                    "the dispatcher through PDQKIT_W4A16_TABLE=FILE")
     ap.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in E4B_SHAPES], help="NxK ...")
     ap.add_argument("--ms", nargs="+", type=int, default=list(M_BUCKETS))
     ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")

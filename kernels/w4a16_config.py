@@ -8,14 +8,19 @@ Tables live in ``kernels/configs/<device name>.json`` (e.g. ``NVIDIA_H200.json``
 
 Lookup for (M, N, K): the table of the current GPU, the entry "NxK", then the smallest tuned M >= M (the largest
 if M is beyond the table). A GPU without a table, or a shape not in it, gets :func:`heuristic_config`.
+``$PDQKIT_W4A16_TABLE=FILE`` replaces the packaged table with one written by ``kernels.w4a16_autotune --out FILE``
+(it must name this GPU in its ``device`` field).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import os
 import re
 from pathlib import Path
+
+from .env import TABLE_ENV, table_override
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 KERNELS = ("decode", "prefill", "dequant_mm", "gemv", "gemv_mma", "gemv_mma8", "prefill_tma", "prefill_wsp")
@@ -173,17 +178,44 @@ def device_table_name(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
 
 
-@functools.lru_cache(maxsize=None)
+def table_path(device_name: str) -> Path:
+    """The tuned table the dispatcher reads for ``device_name``: ``$PDQKIT_W4A16_TABLE`` when set (a table written by
+    ``python -m kernels.w4a16_autotune --out FILE``, e.g. for a GPU or shapes the package has no table for), else
+    ``kernels/configs/<device name>.json`` (which may not exist)."""
+    override = table_override()
+    return Path(override) if override else CONFIG_DIR / device_table_name(device_name)
+
+
 def load_table(device_name: str) -> dict:
-    """``shapes`` of the tuned table of ``device_name`` as ``{(N, K): [(M, W4A16Config), ...]}`` (sorted by M)."""
-    path = CONFIG_DIR / device_table_name(device_name)
-    if not path.is_file():
+    """``shapes`` of the tuned table of ``device_name`` (:func:`table_path`) as ``{(N, K): [(M, W4A16Config), ...]}``
+    (sorted by M); ``{}`` when the packaged table does not exist. A table named by ``$PDQKIT_W4A16_TABLE`` must exist,
+    parse, and have been tuned on a GPU of this name (its ``device`` field): else ``ValueError`` naming the file.
+    Read once per (GPU name, override) and process: this runs on every eager call of the GEMM."""
+    return _load_table(device_name, table_override())
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(device_name: str, override: str | None) -> dict:
+    path = override or str(CONFIG_DIR / device_table_name(device_name))
+    explicit = override is not None
+    where = f"{TABLE_ENV}={path}" if explicit else path
+    if not os.path.isfile(path):
+        if explicit:
+            raise ValueError(f"{where}: no such file; unset {TABLE_ENV} or point it at a table written by "
+                             "python -m kernels.w4a16_autotune --out FILE")
         return {}
-    data = json.loads(path.read_text())
-    table = {}
-    for shape, by_m in data.get("shapes", {}).items():
-        n, k = (int(v) for v in shape.split("x"))
-        table[(n, k)] = sorted((int(m), W4A16Config(**cfg)) for m, cfg in by_m.items())
+    try:
+        data = json.loads(Path(path).read_text())
+        table = {}
+        for shape, by_m in data.get("shapes", {}).items():
+            n, k = (int(v) for v in shape.split("x"))
+            table[(n, k)] = sorted((int(m), W4A16Config(**cfg)) for m, cfg in by_m.items())
+    except (ValueError, TypeError, AttributeError) as e:   # bad JSON, shape key, M key or config field
+        raise ValueError(f"{where}: not a tuned table ({type(e).__name__}: {e}); write it with "
+                         "python -m kernels.w4a16_autotune --out FILE") from None
+    if explicit and data.get("device") != device_name:
+        raise ValueError(f"{where}: tuned on {data.get('device')!r}, this GPU is {device_name!r}; tune this GPU "
+                         f"(python -m kernels.w4a16_autotune --out FILE) or unset {TABLE_ENV}")
     return table
 
 

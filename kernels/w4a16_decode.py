@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .counters import grow_zeros
+from .counters import grow_zeros, pool
 from .w4a16_mainloop import scale_groups, store_tile, w4a16_mainloop
 
 
@@ -86,7 +86,7 @@ def _w4a16_splitk_kernel(
 
 
 # The split-K tickets: device -> every counter buffer handed out there (kernels.counters.grow_zeros).
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = pool("decode")
 
 
 def w4a16_decode(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,

@@ -62,7 +62,7 @@ import triton.language as tl
 
 from pack.packing import PACK_FACTOR, group_size_of
 
-from .counters import grow_zeros
+from .counters import grow_zeros, pool
 from .env import interpreting
 from .marlin_schedule import Launch, Schedule, build_schedule
 
@@ -648,7 +648,7 @@ LAST_COMPILED: dict = {}  # the compiled kernels the latest call launched (kerne
 
 # The fused fold's per-tile arrival counters: device -> every buffer handed out there (kernels.counters.grow_zeros).
 # Calls on concurrent streams of one device must not share them: launch them in order or pass ``fuse=False``.
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = pool("marlin")
 
 
 @functools.lru_cache(maxsize=16)

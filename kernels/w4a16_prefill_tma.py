@@ -50,7 +50,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .counters import grow_zeros
+from .counters import grow_zeros, pool
 from .w4a16_prefill import grouped_tile
 
 BOX_K = 64   # activation columns per TMA box: one 128-byte swizzled row of bf16 (the widest swizzle TMA has)
@@ -344,7 +344,7 @@ def w4a16_prefill_tma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale
 
 
 # The split-K tickets: device -> every counter buffer handed out there (kernels.counters.grow_zeros).
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = pool("prefill")
 
 
 def split_workspace(x: torch.Tensor, kb_total: int, split_k: int, tickets: int, tile_elems: int):

@@ -50,16 +50,33 @@ def json_dump(obj, path: Path) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def check_output_dir(out: str | os.PathLike, **inputs) -> None:
+    """Refuse an output directory that is, contains or lies inside one of ``inputs`` (``name=path``), compared
+    resolved (symlinks and ``..``), so that no spelling of a path lets a run replace or delete what it reads:
+    ``ValueError`` naming both."""
+    out_r = Path(out).resolve()
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        in_r = Path(path).resolve()
+        if out_r == in_r or out_r in in_r.parents or in_r in out_r.parents:
+            raise ValueError(f"{out}: the output directory must not be, contain or lie inside the {name} {path}")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield an empty temp dir next to ``out``; on success replace ``out`` with it, on any error delete it.
+    """Yield an empty temp dir next to ``out``; on success replace ``out`` with it, on any error delete it (and the
+    parent directories it created; an ``out`` it had moved aside is put back).
 
     The temp dir is named ``.<name>.tmp-XXXX`` (hidden, not checkpoint-looking). Raises ``FileExistsError``
-    up front when ``out`` exists and ``force`` is false.
+    up front when ``out`` exists and ``force`` is false. ``out``'s parent is resolved (``..``, symlinks), so the
+    renames never run through a directory that one of them moves.
     """
     out = Path(out).absolute()
+    out = out.parent.resolve() / out.name
     if out.exists() and not force:
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]   # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -68,12 +85,22 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / "x", out)
+                old.rmdir()
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:   # only directories this call created, and only while empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
         raise
 
 

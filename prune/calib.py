@@ -8,9 +8,10 @@ bed evaluates on).
 
 Windows: documents are read in file order, each tokenized as ``<bos> text <eos>`` (the same stream layout the
 bench trains on) and concatenated; the stream is cut into non-overlapping ``seq_len`` windows and the first
-``samples`` windows are used (packing across document boundaries, no padding). Reading stops as soon as
-``samples * seq_len`` tokens are in, so a large file costs only what is used; a smaller file gives fewer
-windows (the run reports the count it used). Shuffle the file beforehand for a random sample.
+``samples`` windows are used (packing across document boundaries, no padding). A ``.jsonl`` file is read in
+batches of 64 documents until ``samples * seq_len`` tokens are in, so a large one costs little more than what is
+used; a plain-text file is one document, read and tokenized whole. A smaller file gives fewer windows (the run
+reports the count it used). Shuffle the file beforehand for a random sample.
 """
 from __future__ import annotations
 

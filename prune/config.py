@@ -50,6 +50,9 @@ class PruneConfig:
         for name in ("samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
+        if self.criterion == "taylor" and self.seq_len < 2:
+            raise ValueError(f"--seq-len {self.seq_len}: taylor needs windows of at least 2 tokens (a window's loss "
+                             "is its next-token prediction; one token has none)")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
         if self.calib is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pack.checkpoint import lineage_step, save_bf16_checkpoint
+from pack.checkpoint import check_output_dir, lineage_step, save_bf16_checkpoint
 from pack.sha256 import sha256_files
 
 from .calib import CalibrationSet, bench_split, default_calib_path, load_calibration
@@ -95,7 +95,13 @@ def load_model(ckpt, config=None):
     if cls is None:
         raise ValueError(f"{ckpt}: config.json names architecture {arch!r}, which transformers "
                          f"{transformers.__version__} does not provide")
-    return cls.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    from safetensors import SafetensorError
+
+    try:
+        return cls.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    except SafetensorError as e:   # e.g. a truncated file: safetensors' own error names no file
+        raise ValueError(f"{ckpt}: a safetensors file of the checkpoint is unreadable ({e}); copy or save the "
+                         "checkpoint again") from None
 
 
 def _load_tokenizer(ckpt: Path):
@@ -137,8 +143,7 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
     ckpt, out = Path(ckpt), Path(out)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
-    if out.absolute() == ckpt.absolute():
-        raise ValueError(f"{out}: the output directory must differ from the input checkpoint")
+    check_output_dir(out, **{"input checkpoint": ckpt})
     if out.exists() and not force:
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -210,7 +215,7 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
               "aggregation": cfg.aggregation if cfg.scores_from_data else None,
               "intermediate_size": width, "kept_intermediate_size": kept, "round_multiple": ROUND_MULTIPLE,
               "seed": cfg.seed}
-    if cfg.refit:  # only with --refit, so that a run without it writes exactly what it always did
+    if cfg.refit and cfg.ratio > 0:  # only a refit that ran (a run without one writes what it always did)
         params.update(refit=True, refit_damp=cfg.refit_damp)
     step = lineage_step("prune", method=f"mlp_width/{cfg.criterion}", params=params,
                         input_files_sha256=input_sha,

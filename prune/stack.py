@@ -35,10 +35,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "check_supported", "language_stack", "ChannelStats", "collect_mlp_stats"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "check_supported", "language_stack", "ChannelStats",
+           "collect_mlp_stats"]
 
 # model_type of the checkpoint's config -> the stack class that runs its decoder layer by layer
 SUPPORTED_MODEL_TYPES = ("gemma4", "gemma4_text", "llama")
+# the classes with a language-model head whose stack prune runs (taylor needs the head's loss)
+SUPPORTED_ARCHITECTURES = ("Gemma4ForConditionalGeneration", "Gemma4ForCausalLM", "LlamaForCausalLM")
 
 
 def check_supported(config, where: str = "checkpoint") -> None:
@@ -48,6 +51,10 @@ def check_supported(config, where: str = "checkpoint") -> None:
         arch = ",".join(getattr(config, "architectures", None) or ["?"])
         raise ValueError(f"{where}: architecture {arch} (model_type {mt}) is not supported; prune handles Gemma-4 "
                          f"(gemma4, gemma4_text) and Llama (gate/up/down MLP) language stacks")
+    archs = getattr(config, "architectures", None) or []
+    if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{where}: architecture {','.join(archs) or '(none in config.json)'} is not supported; prune "
+                         f"handles {', '.join(SUPPORTED_ARCHITECTURES)} (a language model with its head)")
     tc = config.get_text_config()
     if getattr(tc, "enable_moe_block", False):
         raise ValueError(f"{where}: Gemma-4 MoE models (enable_moe_block) are not supported; only dense MLPs")
@@ -120,15 +127,28 @@ class Gemma4Stack(_Stack):
         super().__init__(model)
         self.config = self.decoder.config
         self._shape_ctx = {}  # (B, S) -> {layer_type: (position_embeddings, mask)}: they depend on shape only
+        # the multimodal model's forward reads image / video / audio placeholder ids as the pad token (embedding
+        # and per-layer inputs): a calibration text that spells a placeholder must be read the same way
+        outer = model.config if hasattr(model.config, "text_config") else None
+        ids = [getattr(outer, f"{m}_token_id", None) for m in ("image", "video", "audio")] if outer else []
+        self.placeholders = [i for i in ids if i is not None]
 
     def begin(self, input_ids):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         d = self.decoder
+        mask = None
+        if self.placeholders:
+            mask = torch.isin(input_ids, torch.tensor(self.placeholders, device=input_ids.device))
+            input_ids = torch.where(mask, self.config.pad_token_id, input_ids)
         embeds = d.embed_tokens(input_ids)
         ple = None
         if d.hidden_size_per_layer_input:  # [B, S, L, ple_dim], kept on the CPU (see module docstring)
-            ple = d.project_per_layer_inputs(embeds, d.get_per_layer_inputs(input_ids, embeds)).cpu()
+            ple_embeds = embeds
+            if mask is not None:   # as Gemma4Model.forward: the raw pad row where a placeholder was
+                pad = d.embed_tokens.weight[self.config.pad_token_id].view(1, 1, -1)
+                ple_embeds = torch.where(mask[..., None], pad, embeds)
+            ple = d.project_per_layer_inputs(embeds, d.get_per_layer_inputs(input_ids, ple_embeds)).cpu()
         pos = torch.arange(input_ids.shape[1], device=embeds.device).unsqueeze(0)
         key = tuple(input_ids.shape)
         if key not in self._shape_ctx:

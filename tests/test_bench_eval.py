@@ -87,6 +87,24 @@ def test_greedy_agreement_and_unigram_helpers():
     assert bench_eval.unigram_perplexity(counts, windows) == pytest.approx(direct, rel=1e-12)
 
 
+@pytest.mark.parametrize("which", ["bf16", "quantized"])
+def test_bf16_load_computes_like_from_pretrained(trained_micro, quantized_micro, which):
+    """In bf16 (the CUDA default) the harness scores the model ``from_pretrained(dtype=bf16)`` gives: RoPE
+    frequencies kept in fp32 (a plain ``.to(bf16)`` rounds them and shifts every position), logits equal."""
+    from transformers import AutoModelForCausalLM
+
+    path = trained_micro if which == "bf16" else quantized_micro
+    model, _ = bench_eval.load_model(path, "cpu", torch.bfloat16)
+    inv = {n: b.dtype for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    assert inv and set(inv.values()) == {torch.float32}, inv
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids = torch.randint(4, 2048, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref(input_ids=ids[:, :1])   # a pack-quantized model decompresses on its first forward
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
 def test_pack_quantized_checkpoint_loads_through_hf(trained_micro, quantized_micro):
     cfg = json.loads((quantized_micro / "config.json").read_text())
     assert cfg["quantization_config"]["format"] == "pack-quantized"
@@ -179,3 +197,10 @@ def test_cli_overlap_ngrams(trained_micro, tmp_path, capsys):
     assert row["subsets"]["seen4"]["tokens"] > 0
     with pytest.raises(SystemExit):
         bench_eval.main([str(trained_micro), "--overlap-ngrams", "0"])
+
+
+def test_report_names_its_tokens_and_dtype_and_refuses_less_than_a_window(trained_micro):
+    rep = bench_eval.evaluate([trained_micro], log=lambda *a: None, **{**QUICK, "prompts": 0, "new_tokens": 0})
+    assert (rep["max_tokens"], rep["dtype"], rep["device"]) == (1024, "float32", "cpu")
+    with pytest.raises(ValueError, match="--max-tokens 100: fewer than one window of 128 tokens"):
+        bench_eval.evaluate([trained_micro], log=lambda *a: None, **{**QUICK, "max_tokens": 100})

@@ -148,8 +148,15 @@ def test_cli_errors_are_one_line(pair, tmp_path, capsys):
     assert distill_main(_args(teacher, student, tmp_path / "o", data, "--steps", 1, "--seq-len", 32,
                               "--batch", 2, "--hidden-layers", "0,9")) == 1
     assert "the models have 6 layers" in capsys.readouterr().err
-    assert distill_main(_args(teacher, tmp_path, tmp_path / "o", data)) == 1
+    (tmp_path / "empty").mkdir()
+    assert distill_main(_args(teacher, tmp_path / "empty", tmp_path / "o", data)) == 1
     assert "no config.json" in capsys.readouterr().err
+    # --force never lets the output replace (or a folder holding) the teacher or the student
+    for out, who in ((student, "student"), (Path(teacher).parent, "teacher")):
+        assert distill_main(_args(teacher, student, out, data, "--steps", 1, "--force")) == 1
+        err = capsys.readouterr().err
+        assert f"must not be, contain or lie inside the {who}" in err and err.count("\n") == 1, err
+    assert (Path(student) / "config.json").is_file() and (Path(teacher) / "config.json").is_file()
     # a student of another hidden size / depth: refused with the field named
     from bench.factory import save_random_checkpoint
 
@@ -272,6 +279,34 @@ def test_ema_run_writes_the_average(pair, tmp_path):
     assert "ema" not in read_lineage(tmp_path / "raw")[-1]
 
 
+def _word_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def test_teacher_and_student_tokenizers_must_agree(pair, tmp_path, capsys):
+    """A student whose tokenizer maps text to other ids than the teacher's is refused before training (a one-line
+    error naming both); the same tokenizer in both, or one in either, passes."""
+    import shutil
+
+    teacher, student, data, _ = pair
+    words = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(60)]
+    t2, s2 = shutil.copytree(teacher, tmp_path / "t"), shutil.copytree(student, tmp_path / "s")
+    _word_tokenizer(words).save_pretrained(t2)
+    _word_tokenizer(words[:4] + words[4:][::-1]).save_pretrained(s2)   # same size, other ids
+    assert distill_main(_args(t2, s2, tmp_path / "o", data, "--steps", 1, "--batch", 2, "--seq-len", 32)) == 1
+    err = capsys.readouterr().err
+    assert f"{s2}: its tokenizer differs from the teacher's ({t2})" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+    _word_tokenizer(words).save_pretrained(s2)
+    assert distill_main(_args(t2, s2, tmp_path / "o", data, "--steps", 1, "--batch", 2, "--seq-len", 32)) == 0
+    assert distill_main(_args(t2, student, tmp_path / "o2", data, "--steps", 1, "--batch", 2, "--seq-len", 32)) == 0
+
+
 def test_resume_refuses_other_settings(pair, tmp_path, capsys):
     teacher, student, data, _ = pair
     base = _args(teacher, student, tmp_path / "a", data, "--steps", 2, "--batch", 2, "--seq-len", 32)
@@ -289,6 +324,10 @@ def test_resume_refuses_other_settings(pair, tmp_path, capsys):
     eps = _args(teacher, student, tmp_path / "d", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
                 "--ckpt-dir", tmp_path / "a-ckpt", "--resume", "--adam-eps", 1e-5)
     assert distill_main(eps) == 1 and "different settings (adam_eps)" in capsys.readouterr().err
+    # the fused loss kernel computes the same loss with other fp32 rounding: other bytes, another run
+    fused = _args(teacher, student, tmp_path / "f", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
+                  "--ckpt-dir", tmp_path / "a-ckpt", "--resume", "--loss-impl", "fused")
+    assert distill_main(fused) == 1 and "different settings (loss_impl)" in capsys.readouterr().err
     # a checkpoint written before --adam-eps / --ema-decay / --ce-weight existed (none of them in its meta) ran with
     # their defaults (torch's 1e-8, no average, no data term): it resumes
     import json

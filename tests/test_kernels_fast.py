@@ -171,6 +171,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
         refused = str(e)
     print("REFUSED " + refused)
     print("RESULT " + json.dumps(out))
+    from kernels.w4a16 import census
+    print("CENSUS " + json.dumps(census()))
 """)
 
 
@@ -179,7 +181,7 @@ def test_triton_kernels_under_interpreter():
     pipeline depths, fp16 and bf16 (fp32 dot in the interpreter), group 128, 64, 512 (> BLOCK_K) and channelwise,
     bias, odd M and M not a multiple of ``block_m`` — through Triton's interpreter on the CPU."""
     # "true", not "1": pdqkit must read TRITON_INTERPRET as Triton does (1/true/yes/on)
-    env = dict(os.environ, TRITON_INTERPRET="true", PYTHONPATH=str(REPO))
+    env = dict(os.environ, TRITON_INTERPRET="true", PYTHONPATH=str(REPO), PDQKIT_W4A16_CENSUS="1")
     proc = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT.format(repo=str(REPO))], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -190,6 +192,17 @@ def test_triton_kernels_under_interpreter():
     assert "cannot run K=384 with group size 128" in refused, refused
     bad = [r for r in results if not r["ratio"] <= 1.0]
     assert not bad, bad
+    # the launch census names the kernel that actually ran: the Gluon and inline-PTX kernels cannot run in the
+    # interpreter, so their configs ran on the Triton tiled kernel / the CUDA-core GEMV, and the census says so
+    cen = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("CENSUS "))[len("CENSUS "):])
+    assert cen["prefill 128x256 [fallback for prefill_wsp bm128 bn128 bk128 w4 st3 sk2]"] == \
+        {"calls": 2, "m_min": 70, "m_max": 70}
+    assert cen["prefill 128x256 [fallback for prefill_tma bm64 bn64 bk128 w4 st3]"]["calls"] == 2
+    assert cen["gemv 64x384 [fallback for gemv_mma8 bm16 bn16 bk128 w1 st3 chain]"]["calls"] == 2
+    assert cen["gemv 64x1024 [fallback for gemv_mma bm2 bn4 bk512 w2 st3]"] == {"calls": 2, "m_min": 2, "m_max": 2}
+    # one tile config on one shape at two M (case 7 at M = 33, the strided-bias run at M = 3): one entry
+    assert cen["prefill 128x256 [prefill bm32 bn64 bk64 w4 st3]"] == {"calls": 4, "m_min": 3, "m_max": 33}
+    assert sum(e["calls"] for e in cen.values()) == len(results)   # the refused config is not counted
 
 
 @pytest.mark.parametrize("kernel,bm,bn,bk,warps,dtype,chain", [
@@ -614,7 +627,8 @@ def test_config_table_lookup(tmp_path, monkeypatch):
     (tmp_path / "Fake_GPU_9.json").write_text(json.dumps(
         {"device": "Fake GPU 9", "shapes": {"256x512": {"1": a.to_json(), "64": a.to_json(), "4096": b.to_json()}}}))
     monkeypatch.setattr(wc, "CONFIG_DIR", tmp_path)
-    wc.load_table.cache_clear()
+    monkeypatch.delenv("PDQKIT_W4A16_TABLE", raising=False)
+    wc._load_table.cache_clear()
     try:
         assert wc.select_config(1, 256, 512, 128, "Fake GPU 9", 10) == a
         assert wc.select_config(2, 256, 512, 128, "Fake GPU 9", 10) == a        # next bucket up
@@ -627,7 +641,62 @@ def test_config_table_lookup(tmp_path, monkeypatch):
         # a tuned entry wins over the GEMV heuristic
         assert wc.select_config(1, 256, 512, 128, "Fake GPU 9", 10, gemv=True) == a
     finally:
-        wc.load_table.cache_clear()
+        wc._load_table.cache_clear()
+
+
+def test_config_table_override(tmp_path, monkeypatch):
+    """``$PDQKIT_W4A16_TABLE`` replaces the packaged table with a file written by the autotuner; a file that is
+    missing, not a table, or tuned on another GPU is refused with its name, never silently ignored."""
+    import kernels.w4a16_config as wc
+
+    a = wc.W4A16Config("prefill_wsp", 128, 64, 128, num_warps=4, num_stages=5)
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps({"device": "NVIDIA H200", "shapes": {"3072x2560": {"4096": a.to_json()}}}))
+    packaged = wc.load_table("NVIDIA H200")
+    assert (3072, 2560) in packaged and (768, 512) not in packaged
+    try:
+        monkeypatch.setenv("PDQKIT_W4A16_TABLE", str(own))
+        assert wc.load_table("NVIDIA H200") == {(3072, 2560): [(4096, a)]}
+        assert wc.select_config(300, 3072, 2560, 128, "NVIDIA H200", 132, gemv=True, tma=True) == a
+        assert wc.select_config(1, 3072, 2560, 128, "NVIDIA H200", 132, gemv=True) == a   # the file alone decides
+        # a shape the file lacks gets the heuristic, not the packaged entry
+        assert wc.select_config(1, 2560, 2048, 128, "NVIDIA H200", 132, gemv=True) == \
+            wc.heuristic_config(1, 2560, 2048, 128, 132, gemv=True)
+        with pytest.raises(ValueError, match=r"PDQKIT_W4A16_TABLE=.*mine\.json: tuned on 'NVIDIA H200', this GPU is "
+                                             r"'NVIDIA H100 80GB HBM3'"):
+            wc.load_table("NVIDIA H100 80GB HBM3")
+        bad = {"missing.json": None, "garbled.json": "{not json", "field.json": json.dumps(
+            {"device": "NVIDIA H200", "shapes": {"3072x2560": {"1": {"kernel": "decode", "bogus": 1}}}}),
+               "shape.json": json.dumps({"device": "NVIDIA H200", "shapes": {"3072by2560": {}}})}
+        for name, text in bad.items():
+            if text is not None:
+                (tmp_path / name).write_text(text)
+            monkeypatch.setenv("PDQKIT_W4A16_TABLE", str(tmp_path / name))
+            with pytest.raises(ValueError, match=rf"PDQKIT_W4A16_TABLE=.*{name}: "
+                                                 rf"{'no such file' if text is None else 'not a tuned table'}"):
+                wc.select_config(1, 3072, 2560, 128, "NVIDIA H200", 132)
+        monkeypatch.setenv("PDQKIT_W4A16_TABLE", "")   # empty = unset: the packaged table again
+        assert wc.load_table("NVIDIA H200") == packaged
+    finally:
+        wc._load_table.cache_clear()
+
+
+def test_launch_census_on_the_cpu_path(monkeypatch):
+    """The census (off by default) counts calls per kernel that ran and shape, with the M range; reset empties it."""
+    import kernels.w4a16 as w
+
+    assert w.census() == {}   # $PDQKIT_W4A16_CENSUS is not set for the test session
+    monkeypatch.setattr(w, "_CENSUS", {})
+    for m in (3, 1, 7):
+        x, wp, s, _ = problem(m, 64, 256, seed=m)
+        w.w4a16_gemm(x, wp, s)
+    x, wp, s, _ = problem(2, 128, 256)
+    w.w4a16_gemm(x.reshape(1, 2, 256), wp, s)
+    w.w4a16_gemm(x[:0], wp, s)   # M = 0 launches nothing
+    want = {"reference 64x256": {"calls": 3, "m_min": 1, "m_max": 7},
+            "reference 128x256": {"calls": 1, "m_min": 2, "m_max": 2}}
+    assert w.census(reset=True) == want
+    assert w.census() == {}
 
 
 @pytest.mark.parametrize("m,k,group,want", [
@@ -762,3 +831,102 @@ def test_swap_leaves_what_w4a16linear_cannot_compute(micro_w4a16):
         update={"weights": c.quantization_scheme.weights.model_copy(update={"num_bits": 8})})
     names = swap_w4a16_linears(model)
     assert set(linears) - set(names) == set(linears[:3]) and len(names) == len(linears) - 3
+    # a layer left alone keeps compressed-tensors' hook, which then decompresses it on the first forward
+    assert hasattr(model, "ct_decompress_hook")
+    with torch.no_grad():
+        assert model(torch.tensor([[2, 17, 99]])).logits.shape == (1, 3, 2048)
+
+
+def test_swap_keeps_the_hook_for_any_module_still_compressed(micro_w4a16):
+    """Layers the swap does not take (packed codes of another dtype, block-shaped scales) stay compressed, so the
+    decompression hook must stay, and the model must still run; scales that are not ``[N, K/G]`` are refused."""
+    from transformers import AutoModelForCausalLM
+
+    from kernels.linear import swap_w4a16_linears
+
+    ids = torch.tensor([[2, 17, 99, 5]])
+    ref = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = ref(ids).logits
+    model = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16)
+    linears = [n for n, m in model.named_modules() if hasattr(m, "weight_packed")]
+    a = model.get_submodule(linears[0])
+    a.weight_packed = torch.nn.Parameter(a.weight_packed.data.view(torch.uint8), requires_grad=False)
+    names = swap_w4a16_linears(model)
+    assert linears[0] not in names and len(names) == len(linears) - 1
+    assert hasattr(model, "ct_decompress_hook")
+    model = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16)
+    b = model.get_submodule(linears[1])
+    b.weight_scale = torch.nn.Parameter(b.weight_scale.data[:1], requires_grad=False)   # [1, K/G]: not per row
+    assert linears[1] not in swap_w4a16_linears(model) and hasattr(model, "ct_decompress_hook")
+    # nothing left over: the hook goes, and the swapped model computes what the decompressed one does
+    model = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16)
+    assert len(swap_w4a16_linears(model)) == len(linears) and not hasattr(model, "ct_decompress_hook")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+
+
+def test_swapped_model_saves_and_loads_back(micro_w4a16, tmp_path):
+    """``save_pretrained`` of a swapped model writes a pack-quantized checkpoint (``weight_shape`` included) that
+    transformers loads back to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from kernels.linear import swap_w4a16_linears
+
+    model = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16)
+    swap_w4a16_linears(model)
+    model.save_pretrained(tmp_path / "saved")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16)
+    ids = torch.tensor([[2, 17, 99, 5]])
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, ref(ids).logits)
+
+
+def test_swap_refuses_a_dtype_the_kernel_cannot_run(micro_w4a16):
+    """fp32 activations: refused before any layer is swapped or the hook removed."""
+    from transformers import AutoModelForCausalLM
+
+    from kernels.linear import W4A16Linear, swap_w4a16_linears
+
+    model = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="bfloat16 or float16 activations, not torch.float32"):
+        swap_w4a16_linears(model)
+    assert hasattr(model, "ct_decompress_hook") and not any(isinstance(m, W4A16Linear) for m in model.modules())
+    with pytest.raises(ValueError, match="not torch.float32"):
+        swap_w4a16_linears(model, dtype=torch.float32)
+    x, wp, s, _ = problem(3, 128, 256)
+    with pytest.raises(ValueError, match="not torch.float32"):
+        W4A16Linear(wp, s.float())
+
+
+def test_counter_pools_reserved_up_front():
+    """kernels.counters.reserve allocates every family's counter buffer (zeroed) where the kernels will find it, so
+    that no buffer is first allocated inside a CUDA-graph capture; a later need within it allocates nothing."""
+    from kernels import counters, w4a16_decode, w4a16_marlin
+
+    dev = torch.device("cpu")
+    assert w4a16_decode._COUNTERS is counters.pool("decode") and w4a16_marlin._COUNTERS is counters.pool("marlin")
+    try:
+        counters.reserve(dev, 5000)
+        bufs = {f: counters.pool(f)[dev] for f in counters.FAMILIES}
+        assert all(len(b) == 1 and b[0].numel() == 5000 and not b[0].any() for b in bufs.values())
+        first = bufs["decode"][0]
+        assert counters.grow_zeros(counters.pool("decode"), dev, 4096, 4096) is first and len(bufs["decode"]) == 1
+        assert counters.grow_zeros(counters.pool("decode"), dev, 6000, 4096).numel() == 6000
+        assert len(bufs["decode"]) == 2 and bufs["decode"][0] is first   # the old one kept alive for graphs
+    finally:
+        for f in counters.FAMILIES:
+            counters.pool(f).pop(dev, None)
+    with pytest.raises(ValueError, match="unknown counter pool 'gemv'"):
+        counters.pool("gemv")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "on", "ON", "y", "Y", " 1", "1 ", "t", "2", "0", ""])
+def test_interpreting_reads_triton_interpret_as_triton_does(monkeypatch, value):
+    from triton import knobs
+
+    from kernels.env import interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() == bool(knobs.runtime.interpret)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -424,6 +425,14 @@ def test_engine_env_shares_the_kernel_choice(tmp_path, monkeypatch):
     assert x["PYTHONPATH"].split(os.pathsep)[:len(vec.plugin_pythonpath(tmp_path))] == vec.plugin_pythonpath(tmp_path)
     d = vec.engine_env("default", tmp_path, "t")
     assert not {"PDQKIT_VLLM_KERNEL", "VLLM_DISABLED_KERNELS", "TORCHINDUCTOR_DETERMINISTIC"} & set(d)
+    # the fast kernel's table is never inherited, only given; pdqkit engines count their launches
+    monkeypatch.setenv("PDQKIT_W4A16_TABLE", "/somewhere/else.json")
+    f = vec.engine_env("fast", tmp_path, "t")
+    assert f["PDQKIT_W4A16_CENSUS"] == "1" and "PDQKIT_W4A16_TABLE" not in f
+    f = vec.engine_env("fast", tmp_path, "t", table=Path("mine.json"))
+    assert f["PDQKIT_W4A16_TABLE"] == str(Path("mine.json").absolute())
+    m = vec.engine_env("marlin", tmp_path, "t", table=Path("mine.json"))
+    assert not {"PDQKIT_W4A16_TABLE", "PDQKIT_W4A16_CENSUS"} & set(m)
     with pytest.raises(ValueError, match="unknown kernel 'slow'"):
         vec.engine_env("slow", tmp_path, "t")
 

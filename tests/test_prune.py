@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,9 @@ def test_layer_by_layer_stats_equal_full_forward(prune_ckpts, kind):
     the model's own forward computes: bit-identical statistics (same ops, same shapes)."""
     model = load_model(prune_ckpts[kind])
     ids = _ids(6, 96, seed=5)  # 96 > sliding window 64: the sliding mask matters
+    if kind == "mm":   # placeholder ids in the text: the model's forward reads them as the pad token
+        model.config.image_token_id, model.config.audio_token_id = 7, 9
+        ids[:, 10], ids[2:, 40], ids[0, 41] = 7, 9, 7
     got = collect_mlp_stats(model, ids, batch_size=4)
     ref = _full_forward_stats(model, ids)
     assert len(got) == len(ref) == len(_mlps(model))
@@ -172,8 +176,10 @@ def test_layer_by_layer_stats_equal_full_forward(prune_ckpts, kind):
 
 @pytest.mark.parametrize("kind", ["text", "mm"])
 def test_ratio_zero_is_the_identity(prune_ckpts, tmp_path, kind):
-    res = _prune(prune_ckpts[kind], tmp_path / "out", ratio=0.0)
+    res = _prune(prune_ckpts[kind], tmp_path / "out", ratio=0.0, refit=True)
     assert res.width_after == res.width_before == 640 and res.calibration is None
+    # nothing removed, so no refit ran: the lineage says none
+    assert "refit" not in read_lineage(tmp_path / "out")[-1]["params"]
     a, b = _tensors(prune_ckpts[kind]), _tensors(tmp_path / "out")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -334,9 +340,13 @@ def test_calibration_on_the_bench_train_split(prune_ckpts, micro_tok, tmp_path):
 def bad_ckpts(tmp_path_factory, micro_tok):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
     d = tmp_path_factory.mktemp("bad")
     GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=2048, n_positions=128)).save_pretrained(
         d / "gpt2")
+    LlamaForSequenceClassification(LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=1,
+                                               num_attention_heads=2, vocab_size=2048)).save_pretrained(d / "llamacls")
     save_random_checkpoint("micro", d / "narrow", tokenizer=micro_tok, intermediate_size=96)
     save_random_checkpoint("micro", d / "notok")
     (d / "empty.jsonl").write_text(json.dumps({"text": "short"}) + "\n")
@@ -344,6 +354,11 @@ def bad_ckpts(tmp_path_factory, micro_tok):
     from pack.quantize import main as quantize_main
 
     assert quantize_main([str(d / "bf16"), "-o", str(d / "quantized"), "--no-progress"]) == 0
+    import shutil
+
+    shutil.copytree(d / "bf16", d / "truncated")
+    with open(d / "truncated" / "model.safetensors", "r+b") as fh:
+        fh.truncate(4096)
     return d
 
 
@@ -354,6 +369,10 @@ def bad_ckpts(tmp_path_factory, micro_tok):
     ("ratio rounds back", ["--ratio", "0.05"], "rounds back to 640"),
     ("narrow", ["--ckpt=narrow"], "intermediate_size 96 is below the rounding multiple 128"),
     ("gpt2", ["--ckpt=gpt2"], "GPT2LMHeadModel (model_type gpt2) is not supported"),
+    ("no lm head", ["--ckpt=llamacls"], "architecture LlamaForSequenceClassification is not supported"),
+    ("truncated", ["--ckpt=truncated", "--criterion", "magnitude"],
+     "a safetensors file of the checkpoint is unreadable"),
+    ("taylor 1 token", ["--criterion", "taylor", "--seq-len", "1"], "taylor needs windows of at least 2 tokens"),
     ("missing calib", ["--calib", "/nonexistent/calib.jsonl"], "calibration file /nonexistent/calib.jsonl: no such"),
     ("tiny calib", ["--calib=empty.jsonl"], "fewer than one --seq-len"),
     ("calib on valid", ["--calib", "bench:valid"], "--calib bench:valid: choose bench:calib or bench:train"),
@@ -406,6 +425,58 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(prune_ckpts, tmp
     assert rc == 1 and len(err.splitlines()) == 1 and "No space left on device" in err, err
     assert err.startswith(f"prune: error: {out}: writing the checkpoint failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_that_is_or_holds_the_input_is_refused(prune_ckpts, tmp_path, capsys):
+    """With --force, no spelling of the output path (a symlink to the input, ``..``, a folder holding the input)
+    may replace or delete the input checkpoint: refused before any work, the input untouched."""
+    import shutil
+
+    from pack.sha256 import sha256_files
+
+    parent = tmp_path / "parent"
+    src = Path(shutil.copytree(prune_ckpts["text"], parent / "base"))
+    before = sha256_files(sorted(src.iterdir()))
+    (tmp_path / "link").symlink_to(src)
+    for out in (tmp_path / "link", src / ".." / "base", parent, src):
+        rc = main([str(src), "-o", str(out), "--force", "--criterion", "magnitude", "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1, err
+        assert "the output directory must not be, contain or lie inside the input checkpoint" in err, err
+    assert sha256_files(sorted(src.iterdir())) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "parent"]
+    assert [p.name for p in parent.iterdir()] == ["base"]
+
+
+def test_atomic_output_dir_puts_back_what_it_moved_and_removes_what_it_made(tmp_path, monkeypatch):
+    from pack import checkpoint as ck
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    real = os.replace
+
+    def second_rename_fails(a, b):
+        if Path(a).name.startswith(".out.tmp-"):
+            raise OSError("rename failed")
+        return real(a, b)
+
+    monkeypatch.setattr(ck.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="rename failed"):
+        with ck.atomic_output_dir(out, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.setattr(ck.os, "replace", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
+    # a failed run under parents it created removes them again (only those, only while empty)
+    deep = tmp_path / "a" / "b" / "out"
+    with pytest.raises(RuntimeError):
+        with ck.atomic_output_dir(deep):
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # ".." in the path: the renames go through the resolved parent
+    with ck.atomic_output_dir(out / ".." / "out", force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_cli_end_to_end(prune_ckpts, tmp_path):

@@ -20,6 +20,12 @@ What it checks, on one pack-quantized checkpoint (written by ``python -m pack.qu
   only the pdqkit class, and the plugin's own "registered first" line), and a census of every
   ``CompressedTensorsWNA16`` layer of the loaded model (``LLM.apply_model``) must show that class on all of them.
 
+* which of pdqkit's kernels ran (not a gate): pdqkit engines run with the launch census on
+  (``PDQKIT_W4A16_CENSUS=1``, :func:`kernels.w4a16.census`), reported per engine for the start-up, the batch-1 and
+  the batched generate calls (kernel, calls, M range; a Gluon or inline-PTX config that fell back is marked).
+  ``--fast-table FILE`` gives the fast engines a tuned table of their own (``PDQKIT_W4A16_TABLE``), e.g. one that
+  routes this model's prefill shapes to ``prefill_wsp``.
+
 Each engine runs in its own subprocess (one engine per process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), several at
 once (``--parallel``; small engines share the GPU through ``kv_cache_memory_bytes``). The plugin is found the way
 vLLM finds any plugin, through the ``vllm.general_plugins`` entry point: when pdqkit is not pip-installed, a
@@ -72,7 +78,8 @@ KERNEL_LOG_RE = re.compile(r"Using (\w+) for CompressedTensorsWNA16")
 PLUGIN_LOG_RE = re.compile(r"pdqkit: PDQKIT_VLLM_KERNEL=(\w+), (\w+) registered first")
 TOPK = 5
 # env vars that select kernels: never inherited by an engine from the caller's shell
-_KERNEL_ENV = ("PDQKIT_VLLM_KERNEL", "VLLM_DISABLED_KERNELS", "VLLM_MARLIN_USE_ATOMIC_ADD", "VLLM_MARLIN_INPUT_DTYPE")
+_KERNEL_ENV = ("PDQKIT_VLLM_KERNEL", "VLLM_DISABLED_KERNELS", "VLLM_MARLIN_USE_ATOMIC_ADD", "VLLM_MARLIN_INPUT_DTYPE",
+               "PDQKIT_W4A16_TABLE", "PDQKIT_W4A16_CENSUS")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,12 +172,15 @@ def kernel_env(kernel: str, work: Path, pythonpath: str = "") -> dict[str, str]:
     return {"PDQKIT_VLLM_KERNEL": kernel, "PYTHONPATH": _with_plugin_path(work, pythonpath)}
 
 
-def engine_env(kernel: str, work: Path, tag: str, deterministic_inductor: bool = False) -> dict[str, str]:
+def engine_env(kernel: str, work: Path, tag: str, deterministic_inductor: bool = False,
+               table: Path | None = None) -> dict[str, str]:
     """Environment of one engine subprocess. ``kernel``: ``default`` (vLLM's choice), ``marlin`` (Marlin forced),
-    ``fast`` / ``exact`` (pdqkit plugin). In-process engine, own torch.compile cache dir per run tag.
+    ``fast`` / ``exact`` (pdqkit plugin: with the launch census on, ``kernels.w4a16.census``). In-process engine,
+    own torch.compile cache dir per run tag.
     ``deterministic_inductor``: ``TORCHINDUCTOR_DETERMINISTIC=1`` (Inductor times no choice that changes numerics,
     e.g. a compiled reduction's order, which could otherwise differ from one engine to the next); removed if
-    inherited and not asked for."""
+    inherited and not asked for. ``table``: a tuned table for pdqkit's fast kernel (``PDQKIT_W4A16_TABLE``) instead
+    of the packaged one; never inherited."""
     env = scrubbed_environ()
     # the plugin's path on every engine (a default or Marlin engine just does not select it)
     env["PYTHONPATH"] = _with_plugin_path(work, env.get("PYTHONPATH", ""))
@@ -180,6 +190,10 @@ def engine_env(kernel: str, work: Path, tag: str, deterministic_inductor: bool =
         var, value = DETERMINISTIC_INDUCTOR_ENV
         env[var] = value
     env.update({k: v for k, v in kernel_env(kernel, work).items() if k != "PYTHONPATH"})
+    if kernel in PDQKIT_CLASSES:
+        env["PDQKIT_W4A16_CENSUS"] = "1"
+        if table is not None:
+            env["PDQKIT_W4A16_TABLE"] = str(Path(table).absolute())
     return env
 
 
@@ -380,10 +394,17 @@ def engine_main(spec_path: str) -> None:
     prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
     sp = SamplingParams(temperature=0.0, max_tokens=spec["new_tokens"], logprobs=TOPK, ignore_eos=True,
                         detokenize=False, seed=0)
+    # pdqkit's launch census ({} unless the fast kernel ran with PDQKIT_W4A16_CENSUS=1): what ran in the start-up
+    # (profile run, graph capture), then in each generate call
+    launches = lambda: (sys.modules["kernels.w4a16"].census(reset=True)  # noqa: E731
+                        if "kernels.w4a16" in sys.modules else {})
+    result["launches"] = {"startup": launches()}
     t1 = time.perf_counter()
     if spec.get("generate", True):
         result["b1"] = [_to_lists(llm.generate([p], sp, use_tqdm=False))[0] for p in prompts]
+        result["launches"]["b1"] = launches()
         result["batched"] = _to_lists(llm.generate(prompts, sp, use_tqdm=False))
+        result["launches"]["batched"] = launches()
     result["generate_s"] = round(time.perf_counter() - t1, 1)
     finish_engine(result, spec["result"])
 
@@ -513,6 +534,8 @@ def main(argv=None) -> int:
                          "random token ids: for trained checkpoints")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--fast-table", type=Path, help="a tuned table for the fast kernel (PDQKIT_W4A16_TABLE, e.g. "
+                    "one that sends prefill to prefill_wsp on this model's shapes) instead of the packaged one")
     ap.add_argument("--fast-goal", type=float, default=0.9, help="fraction of prompts fast must match (default 0.9)")
     ap.add_argument("--parallel", type=int, default=4, help="engines running at once (default 4)")
     ap.add_argument("--gpus", type=int, default=1,
@@ -576,7 +599,7 @@ def main(argv=None) -> int:
             eng["compilation_config"]["inductor_compile_config"] = dict(DETERMINISTIC_INDUCTOR_CONFIG)
         spec = {"ckpt": str(ckpt), "engine": eng, "prompts": prompts if gen else prompts[:1],
                 "new_tokens": args.new_tokens, "generate": gen}
-        env = engine_env(kernel, work, tag, deterministic_inductor=mode == "graph-det")
+        env = engine_env(kernel, work, tag, deterministic_inductor=mode == "graph-det", table=args.fast_table)
         if tag in gpu_of:
             env["CUDA_VISIBLE_DEVICES"] = gpu_of[tag]
         r = run_engine_subprocess(Path(__file__).resolve(), spec, env, logs / f"{tag}.log", args.timeout)
@@ -595,9 +618,12 @@ def main(argv=None) -> int:
     report = {"checkpoint": str(ckpt), "prompts": len(prompts), "new_tokens": args.new_tokens,
               "prompt_source": "bench corpus valid text" if args.text_prompts else "random token ids",
               "prompt_lengths": [len(p) for p in prompts], "wall_s": round(time.perf_counter() - t0, 1),
-              "kernel_use": {}, "exact": {}, "fast": {}, "marlin": {}, "gates": {}}
+              "fast_table": str(args.fast_table) if args.fast_table else None,
+              "kernel_use": {}, "launches": {}, "exact": {}, "fast": {}, "marlin": {}, "gates": {}}
     for tag, kernel, _, _ in runs:
         report["kernel_use"][tag] = check_kernel_use(results[tag], kernel)
+        if results[tag].get("launches", {}).get("startup") or results[tag].get("launches", {}).get("b1"):
+            report["launches"][tag] = results[tag]["launches"]
 
     def compare(ref: dict, got: dict, cmp) -> dict:
         if "error" in ref or "error" in got:
@@ -627,6 +653,15 @@ def main(argv=None) -> int:
     print(f"\n{'engine':<16} {'kernel used (log / census)':<58} ok")
     for tag, u in report["kernel_use"].items():
         print(f"{tag:<16} {', '.join(u['logged']) or '-':<30} {json.dumps(u['census']):<27} {'yes' if u['ok'] else 'NO'}")
+    for tag, phases in report["launches"].items():   # which of pdqkit's kernels ran, per generate call
+        for phase in ("b1", "batched"):
+            ran = {}
+            for key, e in phases.get(phase, {}).items():
+                name = key.split(" ")[0] + (" (fallback)" if "fallback for" in key else "")
+                lo, hi, c = ran.get(name, (e["m_min"], e["m_max"], 0))
+                ran[name] = (min(lo, e["m_min"]), max(hi, e["m_max"]), c + e["calls"])
+            print(f"launches {tag} {phase}: " + ", ".join(f"{n} x{c} (M {lo}..{hi})" for n, (lo, hi, c) in
+                                                           sorted(ran.items())))
     print(f"\n{'check':<22} {'batch 1':<58} batched")
     for k in [*kernels, "marlin"]:
         for mode in modes:
