@@ -104,6 +104,9 @@ def build_model(scale: str, multimodal: bool = False, seed: int = 0, dtype=torch
     with torch.device(device), no_init_weights():
         laid_out = cls._from_config(cfg, dtype=dtype)
     laid_out.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the buffers the state dict leaves out (RoPE inv_freq, the audio tower's inv_timescales):
+        for name, b in model.named_buffers():  # computed in fp32 like from_pretrained does, stored in their dtype
+            laid_out.get_buffer(name).copy_(b)
     laid_out.tie_weights()  # load_state_dict copies lm_head into its own tensor: re-tie it as from_pretrained does
     return laid_out.eval()
 

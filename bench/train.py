@@ -8,15 +8,16 @@
   (compile time counts against the time budget).
 * Data: the corpus train split (:mod:`bench.corpus`) tokenized by the scale's bench tokenizer, packed
   into fixed ``seq_len`` windows across document boundaries, sampled by a seeded permutation per epoch.
-* Schedule: AdamW (β 0.9/0.95, weight decay on matrices only), linear warmup then cosine decay to
-  ``min_lr_ratio``·lr, gradient clipping at 1.0. ``--time-budget S`` (default 280 s for ``small``) shortens
-  the run when, measured after the first steps, it would not finish in S seconds: the cosine is re-planned
-  for the steps that fit, and the steps actually run are recorded.
+* Schedule: AdamW (β 0.9/0.95, weight decay on matrices except the embedding tables), linear warmup then
+  cosine decay to ``min_lr_ratio``·lr, gradient clipping at 1.0. ``--time-budget S`` (default 280 s for
+  ``small``) shortens the run when, measured after the first steps, it would not finish in S seconds: the
+  cosine is re-planned for the steps that fit, and the steps actually run are recorded.
 * Output: a bf16 checkpoint (:func:`pack.checkpoint.save_bf16_checkpoint`) with the tokenizer and a
   ``base`` lineage step (recipe, tokens seen, corpus/tokenizer hashes, final losses, validation and
   unigram-baseline perplexity), plus ``train_log.json`` (loss curve, validation curve, tokens/s).
-* Determinism: on CPU the same arguments give the same weight bytes (deterministic algorithms;
-  ``torch.manual_seed(seed)`` for the init, a separate seeded generator for the data order).
+* Determinism: on CPU the same arguments without ``--time-budget`` give the same weight bytes (deterministic
+  algorithms; ``torch.manual_seed(seed)`` for the init, a separate seeded generator for the data order); a time
+  budget cuts the run at a step count that depends on the measured speed.
 """
 from __future__ import annotations
 
@@ -141,6 +142,9 @@ def _train(cfg: TrainConfig, out, force: bool, log) -> dict:
     tok = get_tokenizer(cfg.scale)
     stream_len = len(corpus.token_stream("train", tok, cfg.train_tokens))
     seqs = corpus.packed_sequences("train", tok, cfg.seq_len, cfg.train_tokens).to(device)
+    if len(seqs) < cfg.batch:  # a batch would silently shrink, and tokens_seen (steps x batch x seq_len) overstate
+        raise ValueError(f"--train-tokens {cfg.train_tokens}: {len(seqs)} windows of {cfg.seq_len} tokens, fewer "
+                         f"than one --batch of {cfg.batch}; raise --train-tokens or lower --batch")
     valid = eval_windows(tok, cfg.seq_len, cfg.eval_tokens)
     log(f"train split: {len(seqs)} windows × {cfg.seq_len} = {seqs.numel():,} tokens "
         f"(corpus {corpus.corpus_sha256()[:12]}, tokenizer v{len(tok)}); valid: {valid.numel():,} tokens")
@@ -189,8 +193,9 @@ def _train(cfg: TrainConfig, out, force: bool, log) -> dict:
             perm, pos = torch.randperm(len(seqs), generator=g), 0
         x = seqs[perm[pos:pos + cfg.batch].to(device)]
         pos += cfg.batch
+        lr_now = cfg.lr * sched(step)  # what this step runs at (a re-plan below changes later steps only)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * sched(step)
+            group["lr"] = lr_now
         loss = loss_of(x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -220,7 +225,7 @@ def _train(cfg: TrainConfig, out, force: bool, log) -> dict:
             tps = len(lv) * cfg.batch * cfg.seq_len / (now - t_log)
             t_log = now
             curve.extend([s, v] for s, v in zip(range(step - len(lv) + 1, step + 1), lv))
-            log(f"step {step:5d}/{total}  loss {lv[-1]:.4f}  lr {cfg.lr * sched(step - 1):.2e}  "
+            log(f"step {step:5d}/{total}  loss {lv[-1]:.4f}  lr {lr_now:.2e}  "
                 f"{tps:,.0f} tok/s")
         if step % cfg.eval_every == 0 or step == total:
             vl = valid_loss()
@@ -272,15 +277,17 @@ def trained_micro_checkpoint(**overrides) -> Path:
     """A trained ``micro`` checkpoint (``TEST_MICRO`` + ``overrides``) from the bench cache, trained on first use.
 
     The cache key covers the config, the corpus and tokenizer hashes, torch's version and the sources of
-    the trainer, the model factory, the evaluator and the checkpoint writer, so a change to any of them retrains."""
+    the trainer, the model factory, the corpus and tokenizer code (how text becomes the token stream, which
+    special tokens the checkpoint's tokenizer gets), the evaluator and the checkpoint writer, so a change to any
+    of them retrains."""
     from bench import corpus
     from bench.cache import cached_dir, sha256_text
     from bench.tokenizer import get_tokenizer, vocab_sha256
 
     cfg = TrainConfig(**{**TEST_MICRO, **overrides})
     repo = Path(__file__).parents[1]  # what the checkpoint and its lineage are made by
-    sources = [(repo / f).read_text() for f in ("bench/train.py", "bench/factory.py", "bench/eval.py",
-                                                 "pack/checkpoint.py")]
+    sources = [(repo / f).read_text() for f in ("bench/train.py", "bench/factory.py", "bench/corpus.py",
+                                                 "bench/tokenizer.py", "bench/eval.py", "pack/checkpoint.py")]
     key = sha256_text(json.dumps(dataclasses.asdict(cfg), sort_keys=True), corpus.corpus_sha256(),
                       vocab_sha256(get_tokenizer(cfg.scale)), torch.__version__, *sources)[:16]
     d = cached_dir(f"trained-micro-{key}", lambda tmp: train(cfg, tmp / "ckpt", log=lambda *a: None))

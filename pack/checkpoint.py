@@ -63,6 +63,16 @@ def check_output_dir(out: str | os.PathLike, **inputs) -> None:
             raise ValueError(f"{out}: the output directory must not be, contain or lie inside the {name} {path}")
 
 
+class InterruptedAfterCommit(KeyboardInterrupt):
+    """An interruption (Ctrl-C, SIGTERM) that arrived after :func:`atomic_output_dir` had put the new output in
+    place, while it deleted the previous copy: the output is complete; ``old`` may be left behind."""
+
+    def __init__(self, out: Path, old: Path):
+        super().__init__(f"{out} was written; interrupted while deleting the previous copy, which may remain at "
+                         f"{old} (delete it)")
+        self.out, self.old = out, old
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield an empty temp dir next to ``out``; on success replace ``out`` with it, on any error delete it (and the
@@ -79,6 +89,7 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]   # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint dir is an ordinary directory
@@ -91,7 +102,6 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
                 os.replace(old / "x", out)
                 old.rmdir()
                 raise
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     except BaseException:
@@ -102,6 +112,11 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
             except OSError:
                 break
         raise
+    if old is not None:   # the new output is in place: an interruption from here on must not say otherwise
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        except KeyboardInterrupt:
+            raise InterruptedAfterCommit(out, old) from None
 
 
 def copy_aux_files(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:
@@ -139,6 +154,9 @@ def safetensors_files(ckpt: str | os.PathLike) -> tuple[list[Path], dict[str, st
             raise QuantizeError(f"{index_f}: not a valid safetensors index ({type(e).__name__}: {e}); "
                                 f"fix or delete it") from None
         for f in files:
+            if Path(f).name != f:
+                raise QuantizeError(f"{index_f}: shard {f} is not a file name beside the index (as save_pretrained "
+                                    f"writes them); re-save the checkpoint with save_pretrained")
             if not (ckpt / f).is_file():
                 raise QuantizeError(f"{index_f}: lists shard {f}, which is missing from {ckpt}; "
                                     f"copy the complete checkpoint")

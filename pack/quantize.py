@@ -110,7 +110,9 @@ def _on_stop_signal(signum, frame):
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    hasher = None if args.demo else _prefetch_hashes(args.ckpt, not args.no_hash_cache)
+    # resolved as the writer resolves it, so that the writer takes this hasher instead of starting another
+    hasher = None if args.demo or args.ckpt is None else _prefetch_hashes(args.ckpt.resolve(),
+                                                                           not args.no_hash_cache)
     main_thread = threading.current_thread() is threading.main_thread()
     _interrupted.clear()
     old = {}
@@ -151,6 +153,11 @@ def _run(args: argparse.Namespace, hasher) -> int:
                                      input_hasher=hasher, plan_cache=not args.no_plan_cache,
                                      hash_cache=not args.no_hash_cache)
     except BaseException as e:
+        from .checkpoint import InterruptedAfterCommit
+
+        if isinstance(e, InterruptedAfterCommit):   # the output is complete: say so, not "nothing was written"
+            print(f"error: interrupted: {e}", file=sys.stderr)
+            return 130
         if isinstance(e, KeyboardInterrupt) or _interrupted.is_set():  # whatever the signal turned into
             first = (str(e).splitlines() or [""])[0]  # one line, whatever the message
             then = "" if isinstance(e, KeyboardInterrupt) else f" (then {type(e).__name__}: {first})"

@@ -140,6 +140,7 @@ def _check_inputs(plan: ModelPlan, src: SourceFiles, recipe: QuantRecipe) -> tup
         m = tied[0].removesuffix(".weight")
         raise QuantizeError(f"{src.dir}: {m} is targeted but its weight is tied to another tensor (e.g. the "
                             f"embeddings) and not stored on its own; leave it in bf16 with --extra-ignore {m}")
+    _check_fused_sets(plan, src)
     scheme = recipe.observer_scheme()
     cast = []
     for key, shape in plan.saved.items():
@@ -154,10 +155,11 @@ def _check_inputs(plan: ModelPlan, src: SourceFiles, recipe: QuantRecipe) -> tup
             if e.dtype != "BF16":
                 raise QuantizeError(
                     f"{e.file}: tensor {key} is {e.dtype}, not BF16; pdqkit quantizes bf16 checkpoints: convert "
-                    f"it first (model.to(torch.bfloat16).save_pretrained(dir)) or --ignore that module")
+                    f"it first (model.to(torch.bfloat16).save_pretrained(dir)) or leave it in bf16 with "
+                    f"--extra-ignore {key.removesuffix('.weight')}")
             if len(shape) != 2:
                 raise QuantizeError(f"{e.file}: targeted {key} is not a 2-D Linear weight (shape {list(shape)}); "
-                                    f"--ignore that module")
+                                    f"leave it out with --extra-ignore {key.removesuffix('.weight')}")
             module = key.removesuffix(".weight")
             try:
                 scheme.check_k(shape[1], module)
@@ -170,6 +172,27 @@ def _check_inputs(plan: ModelPlan, src: SourceFiles, recipe: QuantRecipe) -> tup
             cast.append(key)
     dropped = sorted(set(src.tensors) - set(plan.saved))
     return dropped, cast
+
+
+# Linears vLLM loads as one fused layer (qkv_proj, gate_up_proj): it refuses a checkpoint that quantizes only some
+# of them ("Found a different quantization schemes", spec §4.1)
+FUSED_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _check_fused_sets(plan: ModelPlan, src: SourceFiles) -> None:
+    targeted = set(plan.targeted)
+    modules = {k.removesuffix(".weight") for k in plan.saved if k.endswith(".weight")}
+    for parent, _, leaf in sorted(m.rpartition(".") for m in targeted):
+        for fused in FUSED_SETS:
+            if leaf not in fused:
+                continue
+            members = [f"{parent}.{x}" for x in fused if f"{parent}.{x}" in modules]
+            left = [m for m in members if m not in targeted]
+            if left:
+                raise QuantizeError(
+                    f"{src.dir}: {left[0]} is ignored but {parent}.{leaf} is quantized; vLLM loads "
+                    f"{'/'.join(fused)} of a layer as one fused Linear and refuses mixed schemes: ignore all of "
+                    f"{', '.join(m.rpartition('.')[2] for m in members)} there, or none")
 
 
 def _keeps_fp32(plan: ModelPlan, key: str) -> bool:
@@ -241,6 +264,11 @@ def _tool_info() -> dict:
                                  timeout=10).stdout.strip()
             if sha:
                 info["git"] = sha
+                # the code that writes the bytes differs from that commit: say so (docs and tests do not count)
+                st = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--",
+                                     "pack", "pyproject.toml"], capture_output=True, text=True, timeout=10)
+                if st.returncode == 0 and st.stdout.strip():
+                    info["git_dirty"] = True
         except (OSError, subprocess.SubprocessError):
             pass
     return info
@@ -393,7 +421,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                     input_sha256=in_hashes, output_sha256=out_hashes, **created)
                 _write_metadata(tmp, ckpt, previous, plan, recipe, step, out_hashes, total,
                                 vllm_max_model_len, created)
-                bytes_out = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+                bytes_out = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))  # like bytes_in: weights
         finally:
             torch.set_num_threads(threads)
             hasher.cancel()
@@ -406,10 +434,25 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                           hashes_cached=(hasher.cached, len(hasher.files)))
 
 
+def base_step(ckpt: Path, files_sha256: dict[str, str]) -> dict:
+    """The ``base`` lineage step of an input that carries no lineage (spec §6: every other step names its
+    ``from``): a Hugging Face hub snapshot (``.../models--ORG--NAME/snapshots/REV``) by hub id and revision, any
+    other checkpoint by its directory name; with the input files' sha256."""
+    parts = ckpt.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        model, revision = parts[-3].removeprefix("models--").replace("--", "/"), parts[-1]
+    else:
+        model, revision = ckpt.name, None
+    return lineage_step("base", model=model, revision=revision, files_sha256=files_sha256)
+
+
 def _write_metadata(tmp: Path, ckpt: Path, previous: list[dict], plan: ModelPlan, recipe: QuantRecipe,
                     step: dict, out_hashes: dict, total: int, vllm_max_model_len: int, created: dict) -> None:
-    """Aux files, lineage + quant_recipe.json, vllm_config.yaml, model card; config.json last."""
+    """Aux files, lineage + quant_recipe.json, vllm_config.yaml, model card; config.json last. An input without a
+    lineage gets a ``base`` step first (:func:`base_step`)."""
     copy_aux_files(ckpt, tmp)
+    if not previous:
+        previous = [base_step(ckpt, step["input_sha256"])]
     lineage = write_lineage(tmp, previous, step)
     json_dump({"schema": RECIPE_SCHEMA, **created, "tool": step["tool"], "source_lineage": lineage},
               tmp / RECIPE_FILE)

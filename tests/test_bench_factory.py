@@ -86,6 +86,12 @@ def test_micro_save_load_round_trip(tmp_path, multimodal):
     assert sd.keys() == ref_sd.keys()
     for k in sd:
         assert torch.equal(sd[k], ref_sd[k]), k
+    # the buffers the state dict leaves out (RoPE inv_freq, the audio tower's inv_timescales) too: computed in fp32
+    # by from_pretrained and by build_model alike, then stored in their own dtype
+    bufs, ref_bufs = dict(loaded.named_buffers()), dict(ref.named_buffers())
+    assert bufs.keys() == ref_bufs.keys()
+    for k in bufs:
+        assert bufs[k].dtype == ref_bufs[k].dtype and torch.equal(bufs[k], ref_bufs[k]), k
     on_disk = load_file(out / "model.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in on_disk.values() if v.is_floating_point())
     x = torch.randint(0, 2048, (1, 12))

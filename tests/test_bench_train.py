@@ -87,3 +87,11 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--scale", "e4b", "-o", str(tmp_path / "y")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_fewer_windows_than_a_batch_is_refused(tmp_path):
+    """A batch would silently shrink to the windows there are, and tokens_seen (steps x batch x seq_len, which the
+    lineage and the distill budget read) would overstate what was trained."""
+    with pytest.raises(ValueError, match="4 windows of 32 tokens, fewer than one --batch of 8"):
+        train(TrainConfig(**{**TINY, "batch": 8, "train_tokens": 128}), tmp_path / "o", log=_quiet)
+    assert not (tmp_path / "o").exists()

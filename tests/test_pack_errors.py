@@ -448,3 +448,87 @@ def test_a_hub_style_snapshot_of_symlinks_is_not_a_change(ckpt, tmp_path, capsys
         assert main([str(snap), "-o", str(tmp_path / run), "--no-progress"]) == 0, capsys.readouterr().err
     cold, warm = (tmp_path / run / "model.safetensors" for run in ("cold", "warm"))
     assert warm.read_bytes() == cold.read_bytes()
+
+
+def test_partly_ignored_fused_set_is_refused(ckpt, tmp_path, capsys):
+    """vLLM loads q/k/v (and gate/up) of a layer as one Linear and refuses mixed schemes: ignoring some of a set is
+    refused, naming the module; ignoring all of it (or none) is fine."""
+    _fails(capsys, [ckpt, "-o", tmp_path / "o", "--extra-ignore", r"re:.*layers\.0\.self_attn\.k_proj$"],
+           "model.layers.0.self_attn.k_proj is ignored but model.layers.0.self_attn.q_proj is quantized",
+           "ignore all of q_proj, k_proj, v_proj there, or none")
+    _fails(capsys, [ckpt, "-o", tmp_path / "o", "--extra-ignore", "model.layers.1.mlp.up_proj"],
+           "model.layers.1.mlp.up_proj is ignored but model.layers.1.mlp.gate_proj is quantized")
+    assert main([str(ckpt), "-o", str(tmp_path / "ok"), "--no-progress", "--extra-ignore",
+                 r"re:.*layers\.0\.self_attn\.[qkv]_proj$", "model.layers.1.mlp.gate_proj",
+                 "model.layers.1.mlp.up_proj"]) == 0, capsys.readouterr().err
+
+
+def test_index_with_shards_in_a_subfolder(ckpt, tmp_path, capsys):
+    (ckpt / "a").mkdir()
+    shutil.move(str(ckpt / "model.safetensors"), ckpt / "a" / "model.safetensors")
+    names = load_file(ckpt / "a" / "model.safetensors").keys()
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "a/model.safetensors" for k in names}}))
+    _fails(capsys, [ckpt, "-o", tmp_path / "o"], "shard a/model.safetensors is not a file name beside the index")
+
+
+def test_interrupt_after_the_output_is_in_place_says_so(ckpt, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while --force deletes the previous output (after the new one is in place) must not report "nothing
+    was written": the new output is complete."""
+    from pack import checkpoint
+
+    out = tmp_path / "o"
+    assert main([str(ckpt), "-o", str(out), "--no-progress"]) == 0
+    real = checkpoint.shutil.rmtree
+
+    def interrupted(path, *a, **kw):
+        if Path(path).name.startswith(".o.old-"):
+            raise KeyboardInterrupt
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", interrupted)
+    capsys.readouterr()
+    assert main([str(ckpt), "-o", str(out), "--no-progress", "--force"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: interrupted: {out} was written") and "nothing was written" not in err, err
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_input_without_lineage_gets_a_base_step(ckpt, tmp_path, capsys):
+    """Spec §6: every step but the base names its ``from``. A plain Hugging Face checkpoint (no lineage) gets a
+    ``base`` step: a hub snapshot by hub id and revision, any other dir by name; with the input's sha256. The
+    summary's GB out counts the weight files, as GB in does."""
+    import hashlib
+
+    from pack.writer import quantize_checkpoint
+
+    (ckpt / "pdqkit_lineage.json").unlink()
+    snap = tmp_path / "hub" / "models--google--gemma-4-E4B-it" / "snapshots" / "0123abc"
+    shutil.copytree(ckpt, snap)
+    sha = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
+    for src, model, revision in ((ckpt, "in", None), (snap, "google/gemma-4-E4B-it", "0123abc")):
+        res = quantize_checkpoint(src, tmp_path / f"o-{model[:2]}", progress=False)
+        steps = json.loads((res.out / "quant_recipe.json").read_text())["source_lineage"]
+        assert [(s["id"], s.get("from")) for s in steps] == [("base", None), ("quant", "base")]
+        assert (steps[0]["model"], steps[0]["revision"], steps[0]["files_sha256"]) == \
+            (model, revision, {"model.safetensors": sha})
+        assert res.bytes_out == (res.out / "model.safetensors").stat().st_size
+
+
+def test_a_path_with_dotdot_reuses_the_early_hasher(ckpt, tmp_path, capsys, monkeypatch):
+    """The CLI starts hashing the input before importing torch; a CKPT spelled with ``..`` must not make the writer
+    throw that hasher away and hash everything again."""
+    from pack import checkpoint
+
+    made = []
+    real = checkpoint.FileHasher.__init__
+
+    def counting(self, files, *a, **kw):
+        made.append([str(f) for f in files])
+        real(self, files, *a, **kw)
+
+    monkeypatch.setattr(checkpoint.FileHasher, "__init__", counting)
+    (tmp_path / "x").mkdir()
+    assert main([str(tmp_path / "x" / ".." / "in"), "-o", str(tmp_path / "o"), "--no-progress",
+                 "--no-hash-cache"]) == 0, capsys.readouterr().err
+    assert made == [[str(ckpt.resolve() / "model.safetensors")]]

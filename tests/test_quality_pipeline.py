@@ -386,3 +386,21 @@ def test_fork_and_exec_launch_write_the_same_bytes(tmp_path, trained_micro):
                      "--prune-args=--no-such-option", rc=1)
     s = q["stages"]["prune-activation"]
     assert s["status"] == "failed" and s["rc"] == 2 and "unrecognized arguments: --no-such-option" in s["tail"]
+
+
+def test_rows_stay_consistent_across_calls(tmp_path, trained_micro):
+    """Three findings of the thirty-fourth session's review, on one warm WORK dir: a base not named ``base`` still
+    gets the ``base-w4a16`` row (and the quantization goal); a new pruned student drops the distilled checkpoints
+    and rows made from the old one (``final`` would quantize them, ``distill*_recovered`` would compare across);
+    and a call that scores on other tokens drops the earlier rows instead of comparing with them."""
+    assert trained_micro.name != "base"
+    args = ("--criteria", "magnitude", "--distill-from", "magnitude", "--distill1-args", "--steps 1 --batch 2 "
+            "--seq-len 64", "--phase1-only")
+    work, q1 = _pipeline(tmp_path, trained_micro, "--stages", "eval,quant,prune,distill", *args)
+    assert {"base", "base-w4a16", "pruned-magnitude", "distill1"} <= set(q1["rows"])
+    assert "quant_ppl_change_pct" in q1["goals"] and (work / "base-w4a16" / "config.json").is_file()
+    _, q2 = _pipeline(tmp_path, trained_micro, "--stages", "prune", "--ratio", "0.5", *args)
+    assert not any(k.startswith("distill") for k in q2["rows"]) and not (work / "distill1").exists()
+    assert "distill1_recovered" not in q2["goals"] and "base-w4a16" in q2["rows"]
+    _, q3 = _pipeline(tmp_path, trained_micro, "--stages", "eval", "--eval-tokens", "1024")
+    assert set(q3["rows"]) == {"base"} and q3["rows"]["base"]["tokens"] < q2["rows"]["base"]["tokens"]

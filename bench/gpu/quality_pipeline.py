@@ -210,10 +210,11 @@ class Pipeline:
             g["final_quant_ppl_change_pct"] = 100 * (rows[f"{last}-w4a16"]["ppl"] / rows[last]["ppl"] - 1)
 
     # ---------------------------------------------------------------------------------------- stages
-    def _train(self, name: str, dst: Path, *extra: str) -> bool:
-        """``bench.train`` at ``--scale`` into ``dst`` with ``extra`` and ``--train-args`` (stage ``name``)."""
+    def _train(self, name: str, dst: Path, *extra: str, last: tuple[str, ...] = ()) -> bool:
+        """``bench.train`` at ``--scale`` into ``dst`` with ``extra``, ``--train-args`` and ``last`` (which win over
+        ``--train-args``) (stage ``name``)."""
         cmd = [sys.executable, "-m", "bench.train", "--scale", self.a.scale, "-o", str(dst), "--force",
-               "--device", self.a.device, *extra, *shlex.split(self.a.train_args)]
+               "--device", self.a.device, *extra, *shlex.split(self.a.train_args), *last]
         return self.run(name, cmd, min_s=120 if self.a.scale == "small" else 10)
 
     def s_train(self):
@@ -254,28 +255,36 @@ class Pipeline:
 
     def s_scratch(self):
         """Control for the distillation goal: the pruned student's architecture (MLP width kept by ``--ratio``)
-        trained from scratch with the teacher's own recipe (``--train-args``, same data and steps), evaluated
-        like every row (``scratch-mlpW``): what this width reaches with 100 % of the teacher's tokens."""
+        trained from scratch with the teacher's own recipe (``--train-args``, same data; when a time budget cut the
+        teacher's run, the steps and warm-up it actually ran, from its lineage, with no time budget, so the faster
+        narrow model does not get more), evaluated like every row (``scratch-mlpW``): what this width reaches with
+        100 % of the teacher's tokens."""
+        from pack.checkpoint import read_lineage
         from prune.config import kept_width
 
         cfg = json.loads((self.base / "config.json").read_text())
         width = kept_width(cfg.get("text_config", cfg)["intermediate_size"], self.a.ratio)
         name = f"scratch-mlp{width}"
         dst = self.work / name
-        if self._train(name, dst, "--mlp-width", str(width), "--no-unigram"):
+        recipe = next((s for s in read_lineage(self.base) if s.get("kind") == "base"), {}).get("recipe", {})
+        cut = "steps" in recipe and recipe.get("steps_planned", recipe["steps"]) != recipe["steps"]
+        pin = ("--steps", str(recipe["steps"]), "--warmup", str(recipe["warmup"]), "--time-budget", "0") if cut else ()
+        if self._train(name, dst, "--mlp-width", str(width), "--no-unigram", last=pin):
             self.evaluate(name, dst)
 
-    def _quantize(self, src: Path, label: str):
+    def _quantize(self, src: Path, label: str, name: str | None = None):
+        """``pack.quantize`` ``src`` into WORK/``name`` (default ``<src name>-w4a16``), evaluated as row ``name``."""
         if not _have("pack.quantize"):
             self.stage(label, "skipped", reason="pack.quantize not available")
             return
-        dst = self.work / f"{src.name}-w4a16"
+        name = name or f"{src.name}-w4a16"
+        dst = self.work / name
         if self.run(label, [sys.executable, "-m", "pack.quantize", str(src), "-o", str(dst), "--device",
                             self.a.device, "--force", "--no-progress"], min_s=30):
-            self.evaluate(f"{src.name}-w4a16", dst)
+            self.evaluate(name, dst)
 
     def s_quant(self):
-        self._quantize(self.base, "quant")
+        self._quantize(self.base, "quant", "base-w4a16")   # the row goals() and the table read, whatever --base is
 
     def s_prune(self):
         if not _have("prune.__main__"):
@@ -292,6 +301,8 @@ class Pipeline:
             if self.run(f"prune-{name}", [sys.executable, "-m", "prune", str(self.base), "-o", str(dst), "--ratio",
                                           str(self.a.ratio), "--criterion", c, "--device", self.a.device, "--force",
                                           "--no-progress", *extra, *shlex.split(self.a.prune_args)], min_s=30):
+                if name == _prune_name(self.a.distill_from):
+                    self._drop_distilled(f"a new pruned-{name}")
                 self.evaluate(f"pruned-{name}", dst)
 
     def _distill_cmd(self, phase: int, src: Path, dst: Path, extra: list[str]) -> list[str]:
@@ -517,6 +528,29 @@ class Pipeline:
             if done[name] if parallel else phase2(name):  # one at a time: run, then evaluate
                 self.evaluate(name, self.work / name)
 
+    def _drop_distilled(self, why: str) -> None:
+        """A new pruned student makes every distilled checkpoint of an earlier call (``distill1*``, ``distill2*`` and
+        their W4A16) stale: they were distilled from the old one, and ``final`` would quantize them. Drop them, their
+        rows, stage records, budgets and selection."""
+        gone = sorted({p.name for p in self.work.iterdir() if p.name.startswith(("distill1", "distill2"))})
+        for n in gone:
+            p = self.work / n
+            p.unlink() if p.is_symlink() or not p.is_dir() else shutil.rmtree(p)
+        rows = [k for k in self.q["rows"] if k.startswith(("distill1", "distill2"))]
+        for k in rows:
+            del self.q["rows"][k]
+        for k in [k for k in self.q["stages"] if k.startswith(("distill1", "distill2")) or k == "final"]:
+            del self.q["stages"][k]
+        for k in ("distill_budget", "distill_budget_per_run", "distill1_selection", "distill1_data_selection"):
+            self.q.pop(k, None)
+        for key in ("distill1_recovered", "distill2_recovered", "final_quant_ppl_change_pct"):
+            self.q["goals"].pop(key, None)
+        if gone or rows:
+            names = ", ".join(sorted(set(gone) | set(rows)))
+            self.log(f"{why}: earlier distilled checkpoints and rows dropped ({names})")
+        self.goals()
+        self.save()
+
     def _drop_downstream(self) -> None:
         """A new phase 1 makes an earlier call's phase-1 choice (WORK/distill1, its row and selection), phase 2 and
         final W4A16 (checkpoints on this warm machine, rows and stage records in quality.json) stale: remove them,
@@ -571,6 +605,16 @@ class Pipeline:
                       torch=torch.__version__, python=sys.version.split()[0], base=str(self.base))
         if previous_base is not None and previous_base != str(self.base):
             self._forget_old_base(f"--base is now {self.base} (was {previous_base})")
+        # rows of an earlier call compare with this call's only if scored on the same tokens and prompts
+        settings = {"max_tokens": self.a.eval_tokens or None, "prompts": self.a.prompts,
+                    "new_tokens": self.a.new_tokens, "overlap_ngrams": list(self.a.overlap_ngrams)}
+        if self.q.get("eval_settings", settings) != settings and self.q["rows"]:
+            self.log(f"evaluation settings {settings} differ from the earlier calls' {self.q['eval_settings']}: "
+                     f"their rows dropped ({', '.join(self.q['rows'])}); the base is evaluated again")
+            self.q["rows"], self.q["goals"] = {}, {}
+            for k in ("unigram_ppl", "eval"):
+                self.q.pop(k, None)
+        self.q["eval_settings"] = settings
         try:
             from bench.corpus import corpus_sha256
             from bench.tokenizer import get_tokenizer
