@@ -6,7 +6,8 @@ Method: bf16, group 128, no bias. Each timed unit is a CUDA graph that calls the
 weight copies (c chosen so the copies exceed 3x the 60 MB L2: every call streams its weights from HBM);
 time per call = median over 20 graph replays (CUDA events) / c (``kernels.w4a16_autotune.graph_time_us``).
 Prints µs per call for both kernels, the ratio
-(goal <= 3x), and the exact kernel's effective bandwidth (weights + scales + x + output bytes / time) as TB/s and
+(goal <= 3x), and the exact kernel's effective bandwidth (weight + scale bytes / time; activations and output left
+out, as in every pdqkit benchmark) as TB/s and
 as % of the device-to-device copy bandwidth measured in the same run. ``--tune`` also times a few Triton tile
 choices of the exact kernel (all give identical bits).
 """

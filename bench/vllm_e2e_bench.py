@@ -213,7 +213,21 @@ def engine_main(spec_path: str) -> None:
 # driver
 # ----------------------------------------------------------------------------------------------------------------
 
-def _table(results: dict) -> str:
+def resume_state(res_file: Path, settings: dict) -> dict:
+    """The results of earlier calls in ``res_file`` to resume from, if they were measured with exactly ``settings``
+    (every setting a measurement depends on); else a fresh state, so that a ``--scale micro`` dry run and an e4b
+    run never share one table. The state records ``settings``."""
+    state = json.loads(res_file.read_text()) if res_file.is_file() else {"variants": {}}
+    if state["variants"] and state.get("settings") != settings:
+        print(f"{res_file}: its {len(state['variants'])} variants were measured with other settings "
+              f"({state.get('settings')}); measuring again", flush=True)
+        state = {"variants": {}}
+    state["settings"] = settings
+    return state
+
+
+def _table(results: dict, with_reference: bool = True) -> str:
+    """The results table; ``with_reference``: the reference column (measured for ``--scale e4b --compile vllm``)."""
     marlin = results.get("w4a16-marlin", {}).get("decode", {})
     head = (f"{'variant':<20} {'kernel (log)':<26} " + " ".join(f"{'b' + str(b) + ' ms/step':>12}" for b in BATCHES)
             + " " + " ".join(f"{'b' + str(b) + ' tok/s':>10}" for b in BATCHES) + f" {'prefill tok/s':>13}"
@@ -230,7 +244,7 @@ def _table(results: dict) -> str:
         ms = " ".join(f"{dec[str(b)]['ms_per_step']:>12.3f}" for b in BATCHES)
         tps = " ".join(f"{dec[str(b)]['tok_s']:>10.0f}" for b in BATCHES)
         vs = (f"{marlin['1']['ms_per_step'] / dec['1']['ms_per_step']:>11.2f}x" if "1" in marlin else f"{'-':>12}")
-        ref = REFERENCE_B1_MS.get(name)
+        ref = REFERENCE_B1_MS.get(name) if with_reference else None
         kern = ",".join(r.get("kernels_logged", [])) or "(unquantized)"
         if r.get("kernel_ok") is False:
             kern = "WRONG KERNEL: " + kern
@@ -296,7 +310,12 @@ def main(argv=None) -> int:
 
     # one results file per compile mode: numbers of different modes never mix
     res_file = work / (RESULTS if args.compile == "vllm" else RESULTS.replace(".json", f"-{args.compile}.json"))
-    state = json.loads(res_file.read_text()) if res_file.is_file() else {"variants": {}}
+    settings = {"scale": args.scale, "pruned_width": args.pruned_width, "prompt_len": args.prompt_len,
+                "prefill_len": args.prefill_len, "prefill_prompts": args.prefill_prompts, "t0": args.t0,
+                "decode_steps": steps, "reps": args.reps, "max_model_len": args.max_model_len,
+                "kv_cache_gib": args.kv_cache_gib, "gpu_memory_utilization": args.gpu_memory_utilization,
+                "compile": args.compile}
+    state = resume_state(res_file, settings)
     state["meta"] = {"scale": args.scale, "pruned_width": args.pruned_width, "batches": list(BATCHES),
                      "prompt_len": args.prompt_len, "prefill_len": args.prefill_len,
                      "compile": args.compile, "cuda_graphs": args.compile != "eager",
@@ -338,7 +357,8 @@ def main(argv=None) -> int:
         print(f"[{name}] {r['wall_s']} s (startup {r.get('startup_s', '-')} s), kernels {r['kernels_logged']}, "
               f"census {r.get('census')}: {msg}", flush=True)
 
-    print("\n" + _table(state["variants"]))
+    res_file.write_text(json.dumps(state, indent=1))   # settings and meta of this call, also when nothing ran
+    print("\n" + _table(state["variants"], with_reference=args.scale == "e4b" and args.compile == "vllm"))
     left = [v for v in variants if "decode" not in state["variants"].get(v, {})]
     print("\nall variants done" if not left else f"\nnot measured yet: {left}")
     if out != work:

@@ -311,11 +311,16 @@ def _case_line(r: dict) -> str:
             f"{extra}")
 
 
-def failures(results: list[dict]) -> int:
+def failures(results: list[dict], sms_rows: list[dict] = ()) -> int:
+    """Failing cases, plus failing rows of the SM-count experiment: a worker or shim error, any mismatch, or a shim
+    that did not make the worker see the SM count it was asked for (then the experiment showed nothing)."""
     bad = 0
     for r in results:
         bad += int("error" in r or r.get("mismatches", 1) != 0 or r.get("variant_mismatches", 0) != 0
                    or r.get("emulation_mismatches", 0) != 0)
+    for r in sms_rows:
+        bad += int("error" in r or r.get("mismatches", 1) != 0 or r.get("errors", 1) != 0
+                   or r.get("reported_by_shim") != r.get("sms"))
     return bad
 
 
@@ -506,7 +511,7 @@ def main(argv=None) -> int:
     if args.golden:
         with open(args.golden, "w") as f:
             json.dump(golden(results, report["meta"]), f, indent=1)
-    bad = failures(results)
+    bad = failures(results, report.get("sms_experiment", []))
     if not args.worker_sms:
         m = report["meta"]
         print(summary(results))

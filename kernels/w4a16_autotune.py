@@ -145,8 +145,8 @@ def candidates_for(m: int) -> list[W4A16Config]:
         return decode_candidates(16) + gemv_candidates(m) + gemv_mma8_candidates(m)
     if m <= 16:
         return decode_candidates(16) + gemv_mma8_candidates(m)
-    if m <= 64:
-        return decode_candidates(m) + prefill_candidates(64) + prefill_tma_candidates((64,))
+    if m <= 64:   # decode tiles come in powers of two: the one that holds M
+        return decode_candidates(1 << (m - 1).bit_length()) + prefill_candidates(64) + prefill_tma_candidates((64,))
     # split-K over big tiles: at M ~ 128..256 there are too few 128x128 tiles to fill 132 SMs
     splitk_big = [W4A16Config("decode", 64, 128, 128, 1, 4, 4, True, True),
                   W4A16Config("decode", 64, 128, 64, 1, 4, 4, False, False),
@@ -282,8 +282,10 @@ def graph_time_us(call, n_calls: int, replays: int = 3) -> float:
 
 
 def n_copies(bytes_per_copy: int) -> int:
-    """Copies to rotate through so that consecutive calls miss the L2 (~3x its size), at least 2."""
-    return max(2, min(64, math.ceil(3 * L2_BYTES / max(1, bytes_per_copy))))
+    """Copies to rotate through so that consecutive calls miss the L2: together ~3x its size, at least 2. (Capped
+    at 64 before the thirty-fourth session: matrices under ~3 MB, the `small` model's, then rotated through 0.14-0.7x
+    the L2 and were timed partly from it.)"""
+    return max(2, math.ceil(3 * L2_BYTES / max(1, bytes_per_copy)))
 
 
 # ----------------------------------------------------------------------------------------------- compile
@@ -394,7 +396,10 @@ def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9, kernels=
             x = torch.randn(m, k, device=dev, dtype=dtype)
             best = None
             inc = held(n, k, m)
-            for c in cands(m) + ([inc] if inc else []):
+            # the incumbent first: a budget that runs out mid-way still compares against it; once the budget is
+            # spent, a (shape, M) gets no entry (a --merge then keeps the table's own) rather than an untried one
+            out_of_time = time.time() - t_start > time_budget_s
+            for c in ([inc] if inc else []) + ([] if out_of_time else cands(m)):
                 if base_variant(c) not in good or not c.fits(k, 128) or n % c.block_n:
                     continue
                 for cfg in [c] if c is inc else launch_variants(c, m, n, k, sms):
@@ -407,7 +412,7 @@ def tune(shapes, ms, dtype, jobs: int, log, time_budget_s: float = 1e9, kernels=
                         best = (us, cfg)
                 if time.time() - t_start > time_budget_s:
                     break
-            if best is None:
+            if best is None or (out_of_time and inc is None):
                 continue
             entry[str(m)] = best[1].to_json()
             gbps = nbytes / best[0] / 1e3

@@ -930,3 +930,16 @@ def test_interpreting_reads_triton_interpret_as_triton_does(monkeypatch, value):
 
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert interpreting() == bool(knobs.runtime.interpret)
+
+
+def test_timer_rotation_covers_three_l2s_for_any_matrix_and_every_m_has_candidates():
+    """The autotuner and benchmarks rotate weight copies so that consecutive calls miss the L2: together >= 3x its
+    size for any matrix (a cap of 64 copies once left the small model's matrices L2-resident). Every M the tuner
+    may be asked for gets decode tiles that hold it (M = 48 crashed on a 48-row tile)."""
+    from kernels.w4a16_autotune import L2_BYTES, candidates_for, n_copies
+
+    for nbytes in (512 * 512 // 2, 768 * 512 // 2 + 768 * 4 * 2, 5120 * 512 // 2, 16384 * 2560 // 2, 10**9):
+        c = n_copies(nbytes)
+        assert c >= 2 and (c * nbytes >= 3 * L2_BYTES or c == 2) and (c - 1) * nbytes < 3 * L2_BYTES + nbytes
+    for m in (17, 33, 48, 63, 64):
+        assert {c.block_m for c in candidates_for(m) if c.kernel == "decode"} >= {1 << (m - 1).bit_length()}

@@ -224,3 +224,16 @@ def test_schedules_of_golden_cases_are_unchanged():
         g = -1 if c["group"] in (-1, c["k"]) else c["group"]
         sched = build_schedule(c["m"], c["n"], c["k"], g, "bfloat16" if c["dtype"] == "bf16" else "float16", c["sms"])
         assert sched.sha256()[:16] == c["schedule_sha"], c
+
+
+def test_verify_counts_a_failed_sm_count_experiment():
+    """kernels.verify exits non-zero on any failing case, and on an SM-count experiment row that failed: a worker
+    or shim error, a mismatch, or a shim that did not make the worker see the SM count asked for."""
+    from kernels.verify import failures
+
+    ok_case = {"mismatches": 0}
+    ok_row = {"sms": 114, "reported_by_shim": 114, "mismatches": 0, "errors": 0}
+    assert failures([ok_case], [ok_row]) == 0
+    for bad in ({**ok_row, "mismatches": 5}, {**ok_row, "errors": 1}, {**ok_row, "reported_by_shim": 132},
+                {"error": "no C compiler"}, {"sms": 114, "error": "worker failed"}):
+        assert failures([ok_case], [bad]) == 1, bad

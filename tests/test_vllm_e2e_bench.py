@@ -35,3 +35,24 @@ def test_cli_rejects_bad_decode_steps_before_any_work(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "bench/vllm_e2e_bench.py"), "--decode-steps", "1:5",
                         "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--decode-steps" in r.stderr and not (tmp_path / "w").exists()
+
+
+def test_resume_only_under_the_same_settings(tmp_path, capsys):
+    """Variants measured under other settings (another scale, prompt length, compile mode...) are measured again,
+    never put into one table with this call's; the same settings resume; the reference column only for e4b."""
+    import json
+
+    from bench.vllm_e2e_bench import _table, resume_state
+
+    f = tmp_path / "r.json"
+    micro = {"scale": "micro", "prompt_len": 64}
+    f.write_text(json.dumps({"settings": micro, "variants": {"w4a16-marlin": {"decode": {}}}}))
+    assert resume_state(f, micro)["variants"] == {"w4a16-marlin": {"decode": {}}}
+    fresh = resume_state(f, {**micro, "scale": "e4b"})
+    assert fresh == {"variants": {}, "settings": {**micro, "scale": "e4b"}}
+    assert "measured with other settings" in capsys.readouterr().out
+    f.write_text(json.dumps({"variants": {"w4a16-marlin": {}}}))   # a file written before settings were recorded
+    assert resume_state(f, micro)["variants"] == {}
+    dec = {str(b): {"ms_per_step": 4.0, "tok_s": 250.0} for b in BATCHES}
+    res = {"bf16-full": {"decode": dec, "prefill": {"tok_s": 1.0}}}
+    assert "4.35" in _table(res) and "4.35" not in _table(res, with_reference=False)
