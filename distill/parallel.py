@@ -46,6 +46,9 @@ def init(device: str = "auto") -> DistEnv:
         raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     if device == "cuda":  # an explicit index: torch.cuda.set_device (and NCCL's device_id) refuse a bare "cuda"
         device = f"cuda:{local_rank}" if world > 1 else f"cuda:{torch.cuda.current_device()}"
+    elif device.startswith("cuda:") and world > 1 and torch.device(device).index != local_rank:
+        raise ValueError(f"--device {device} under torchrun: every rank would use that one GPU; pass --device cuda "
+                         f"(rank r takes cuda:LOCAL_RANK) or set CUDA_VISIBLE_DEVICES")
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -97,7 +100,11 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown(env: DistEnv, ok: bool = True) -> None:
+    """Leave the process group: after a barrier when the run succeeded; without one when it failed (the failure may
+    be this rank's alone, and the others, inside a collective, would never reach the barrier: every rank would
+    wait until the process group's timeout and the error would never be printed)."""
     if env.is_dist and dist.is_initialized():
-        dist.barrier()
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()

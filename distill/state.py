@@ -91,7 +91,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, module, optimizer, e
     torch.save(rng, tmp / f"rng-rank{env.rank}.pt")
     barrier(env)
     if env.is_main:
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True) + "\n")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world": env.world}, indent=1,
+                                                  sort_keys=True) + "\n")
         final = ckpt_dir / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -113,6 +114,13 @@ def load_checkpoint(path: str | os.PathLike, module, optimizer, env: DistEnv, ex
 
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
+    if meta.get("world", 1) != env.world:   # ranks shard the data and hold their own RNG: another count, another run
+        raise ValueError(f"{path}: checkpoint written by {meta.get('world', 1)} rank(s), this run has {env.world}; "
+                         "resume with the same number of processes, or --force to start over")
+    rng_f = path / f"rng-rank{env.rank}.pt"
+    if not rng_f.is_file():
+        raise ValueError(f"{path}: {rng_f.name} is missing (an incomplete checkpoint); resume from another one, or "
+                         "--force to start over")
     msd, osd = get_state_dict(module, optimizer, options=_options())
     state = {"model": msd, "optim": osd, **(extra or {})}
     with warnings.catch_warnings():
@@ -120,12 +128,10 @@ def load_checkpoint(path: str | os.PathLike, module, optimizer, env: DistEnv, ex
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options())
-    rng_f = path / f"rng-rank{env.rank}.pt"
-    if rng_f.is_file():
-        rng = torch.load(rng_f, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and env.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], env.device)
+    rng = torch.load(rng_f, weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and env.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], env.device)
     if env.is_dist:
         dist.barrier()
     return meta

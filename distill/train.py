@@ -176,10 +176,13 @@ def _prepare_output(cfg: DistillConfig, env) -> None:
 def run(cfg: DistillConfig) -> dict:
     """Run one distillation phase as configured; returns the summary written into the lineage step."""
     env = parallel.init(cfg.device)
+    ok = False
     try:
-        return _run(cfg, env)
+        result = _run(cfg, env)
+        ok = True
+        return result
     finally:
-        parallel.shutdown(env)
+        parallel.shutdown(env, ok)
 
 
 class Distiller:

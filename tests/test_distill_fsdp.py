@@ -132,3 +132,29 @@ def test_fsdp_phase2_matches_one_process_and_resumes(pair, tmp_path):
     assert "(step 1/2)" in res.stdout
     assert ((tmp_path / "resumed" / "model.safetensors").read_bytes()
             == (tmp_path / "two" / "model.safetensors").read_bytes())
+
+
+def test_a_one_rank_failure_under_torchrun_is_reported_not_hung(pair, tmp_path):
+    """An error on rank 0 alone (here: its --log-json cannot be opened) must end the run with the one-line error;
+    a barrier on the way out used to wait for ranks stuck in FSDP's collectives until the process-group timeout."""
+    teacher, student, data = pair
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "distill", "--teacher", teacher, "--student", student, "-o", tmp_path / "o", "--data", data,
+           "--steps", 2, "--batch", 2, "--seq-len", 64, "--device", "cpu", "--log-json", "/proc/nonexistent/x.jsonl"]
+    res = subprocess.run([str(a) for a in cmd], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "distill: error:" in res.stderr + res.stdout, res.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_another_world_size_is_refused(pair, tmp_path, capsys):
+    """A checkpoint of a 2-rank run resumed by one process would mix two runs (data shards, per-rank RNG) and
+    record the wrong world size in the lineage: refused."""
+    from distill.__main__ import main
+
+    teacher, student, data = pair
+    args = ["--teacher", teacher, "--student", student, "-o", tmp_path / "o", "--data", data, "--steps", 3,
+            "--batch", 2, "--seq-len", 64, "--device", "cpu", "--ckpt-every", 1, "--keep-ckpt"]
+    _run(2, *args)
+    assert main([str(a) for a in args[:-3]] + ["--ckpt-dir", str(tmp_path / "o-ckpt"), "--resume", "--force"]) == 1
+    assert "checkpoint written by 2 rank(s), this run has 1" in capsys.readouterr().err

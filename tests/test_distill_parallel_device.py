@@ -46,3 +46,14 @@ def test_real_cuda_init_gives_an_indexed_device(monkeypatch):
     for arg in ("cuda", "auto"):
         env = parallel.init(arg)
         assert env.device == torch.device("cuda", torch.cuda.current_device()) and not env.is_dist
+
+
+def test_an_explicit_gpu_under_torchrun_is_refused_unless_it_is_the_ranks_own(monkeypatch):
+    """``--device cuda:0`` under torchrun would put every rank on GPU 0 (NCCL then fails or oversubscribes it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match="--device cuda:0 under torchrun: every rank would use that one GPU"):
+        parallel.init("cuda:0")
