@@ -84,7 +84,7 @@ def load_model(path, device="cpu", dtype=None):
     return model.to(dtype), tok
 
 
-def base_seq_len(path, default: int = 512) -> int:
+def base_seq_len(path, default: int | None = 512) -> int | None:
     """The ``seq_len`` the model's base step was trained with (lineage), else ``default``."""
     from pack.checkpoint import read_lineage
 
@@ -283,10 +283,10 @@ def evaluate(ckpts, teacher=None, device="cpu", dtype=None, max_tokens: int | No
         if not (c / "config.json").is_file():
             raise FileNotFoundError(f"{c}: not a checkpoint directory (no config.json)")
     if seq_len is None:
-        seq_len = base_seq_len(ref, default=0)
-        log(f"windows of {seq_len or 512} tokens: " + (f"{ref}'s training length (its lineage)" if seq_len else
-                                                       f"{ref}'s lineage names no training length (--seq-len)"))
-        seq_len = seq_len or 512
+        trained = base_seq_len(ref, default=None)
+        seq_len = trained or 512
+        log(f"windows of {seq_len} tokens: " + (f"{ref}'s training length (its lineage)" if trained else
+                                                f"{ref}'s lineage names no training length (--seq-len)"))
     if max_tokens is not None and max_tokens < seq_len:
         raise ValueError(f"--max-tokens {max_tokens}: fewer than one window of {seq_len} tokens (--seq-len)")
     dtype = dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)

@@ -157,7 +157,7 @@ def _prepare_output(cfg: DistillConfig, env) -> None:
     from pack.checkpoint import check_output_dir
 
     out, ckpt = Path(cfg.out), Path(cfg.ckpt_dir)
-    check_output_dir(out, teacher=cfg.teacher, student=cfg.student)
+    check_output_dir(out, {"teacher": cfg.teacher, "student": cfg.student})
     out_r, ckpt_r = out.resolve(), ckpt.resolve()
     if ckpt_r == out_r or out_r in ckpt_r.parents:
         raise ValueError(f"--ckpt-dir {ckpt}: must not be the output dir {out} or inside it (the output is replaced "

@@ -178,19 +178,12 @@ def device_table_name(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
 
 
-def table_path(device_name: str) -> Path:
-    """The tuned table the dispatcher reads for ``device_name``: ``$PDQKIT_W4A16_TABLE`` when set (a table written by
-    ``python -m kernels.w4a16_autotune --out FILE``, e.g. for a GPU or shapes the package has no table for), else
-    ``kernels/configs/<device name>.json`` (which may not exist)."""
-    override = table_override()
-    return Path(override) if override else CONFIG_DIR / device_table_name(device_name)
-
-
 def load_table(device_name: str) -> dict:
-    """``shapes`` of the tuned table of ``device_name`` (:func:`table_path`) as ``{(N, K): [(M, W4A16Config), ...]}``
-    (sorted by M); ``{}`` when the packaged table does not exist. A table named by ``$PDQKIT_W4A16_TABLE`` must exist,
-    parse, and have been tuned on a GPU of this name (its ``device`` field): else ``ValueError`` naming the file.
-    Read once per (GPU name, override) and process: this runs on every eager call of the GEMM."""
+    """``shapes`` of the tuned table of ``device_name`` as ``{(N, K): [(M, W4A16Config), ...]}`` (sorted by M):
+    ``$PDQKIT_W4A16_TABLE`` when set, else ``kernels/configs/<device name>.json`` (``{}`` when that does not
+    exist). A table named by ``$PDQKIT_W4A16_TABLE`` must exist, parse, and have been tuned on a GPU of this name
+    (its ``device`` field): else ``ValueError`` naming the file. Read once per (GPU name, override) and process:
+    this runs on every eager call of the GEMM."""
     return _load_table(device_name, table_override())
 
 

@@ -50,14 +50,12 @@ def json_dump(obj, path: Path) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def check_output_dir(out: str | os.PathLike, **inputs) -> None:
-    """Refuse an output directory that is, contains or lies inside one of ``inputs`` (``name=path``), compared
+def check_output_dir(out: str | os.PathLike, inputs: dict[str, str | os.PathLike]) -> None:
+    """Refuse an output directory that is, contains or lies inside one of ``inputs`` (``{what: path}``), compared
     resolved (symlinks and ``..``), so that no spelling of a path lets a run replace or delete what it reads:
     ``ValueError`` naming both."""
     out_r = Path(out).resolve()
     for name, path in inputs.items():
-        if path is None:
-            continue
         in_r = Path(path).resolve()
         if out_r == in_r or out_r in in_r.parents or in_r in out_r.parents:
             raise ValueError(f"{out}: the output directory must not be, contain or lie inside the {name} {path}")

@@ -42,8 +42,8 @@ from typing import Callable
 import torch
 
 from . import card
-from .checkpoint import (INDEX_NAME, RECIPE_FILE, SINGLE_NAME, FileHasher, atomic_output_dir, copy_aux_files,
-                         json_dump, lineage_step, read_lineage, write_lineage)
+from .checkpoint import (INDEX_NAME, RECIPE_FILE, SINGLE_NAME, FileHasher, atomic_output_dir, check_output_dir,
+                         copy_aux_files, json_dump, lineage_step, read_lineage, write_lineage)
 from .errors import QuantizeError
 from .gcpause import gc_paused
 from .packing import PACK_FACTOR
@@ -371,8 +371,10 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     max_bytes = parse_size(max_shard_size)
     if isinstance(vllm_max_model_len, bool) or not isinstance(vllm_max_model_len, int) or vllm_max_model_len < 1:
         raise QuantizeError(f"vllm_max_model_len {vllm_max_model_len!r}: must be a positive integer")
-    if out == ckpt or ckpt in out.parents or out in ckpt.parents:
-        raise QuantizeError(f"{out}: the output directory must not be, contain or lie inside the input {ckpt}")
+    try:
+        check_output_dir(out, {"input": ckpt})
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
     if out.exists() and not force:
         raise QuantizeError(f"{out}: output directory exists; pass --force to replace it")
     config = load_config(ckpt)  # cheap checks first: a bad config.json is reported before the weights

@@ -143,7 +143,7 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
     ckpt, out = Path(ckpt), Path(out)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
-    check_output_dir(out, **{"input checkpoint": ckpt})
+    check_output_dir(out, {"input checkpoint": ckpt})
     if out.exists() and not force:
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
