@@ -18,6 +18,12 @@ def grow_zeros(pool: dict, device: torch.device, n: int, min_n: int) -> torch.Te
     """
     bufs = pool.setdefault(device, [])
     if not bufs or bufs[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # inside a capture torch.zeros only records the memset: eager calls and graphs captured later would
+            # use the new buffer before this graph ever replays, with garbage tickets (tiles never written)
+            raise RuntimeError(f"pdqkit: a launch needs {n} tile counters on {device} but only "
+                               f"{bufs[-1].numel() if bufs else 0} exist, and a CUDA graph is being captured; call "
+                               f"kernels.counters.reserve({str(device)!r}, {n}) before capturing")
         bufs.append(torch.zeros(max(n, min_n), dtype=torch.int32, device=device))
     return bufs[-1]
 
@@ -35,11 +41,18 @@ def pool(family: str) -> dict:
     return _POOLS.setdefault(family, {})
 
 
-def reserve(device: torch.device, n: int = 1 << 16) -> None:
+def reserve(device: torch.device, n: int = 1 << 16, zero: bool = False) -> None:
     """Allocate every family's counter buffer on ``device`` now (at least ``n`` counters each, zeroed), e.g. at
     model load, before any CUDA-graph capture. A buffer first allocated inside a capture would be zeroed only when
     that graph replays, and graphs captured after it would reuse it unzeroed. 2^16 counters (256 KiB per family)
-    cover a split-K or prefill launch of 65,536 output tiles, far beyond vLLM's largest captured batch on E4B."""
+    cover a split-K or prefill launch of 65,536 output tiles, far beyond vLLM's largest captured batch on E4B.
+
+    ``zero=True`` also re-zeroes the buffers that already exist there. The kernels leave every counter at zero, so
+    this is only needed when the memory may have been lost under them: vLLM's sleep mode (level 2) discards and
+    remaps the weights' memory pool, where the plugin allocated them, before weights are loaded again."""
     device = torch.device(device)
     for family in FAMILIES:
         grow_zeros(pool(family), device, n, n)
+        if zero:
+            for buf in pool(family)[device]:
+                buf.zero_()

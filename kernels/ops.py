@@ -30,7 +30,11 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     final rounding, where ``W'[n,k] = RN_dtype(q[n,k] * s[n, k // G])`` = :func:`pack.packing.dequantize` (the same
     dequantized values as Marlin/Machete and transformers). Not bit-identical to Marlin (summation order differs;
     within one output ulp + 2^-16·Σ|x·w|, marlin-arithmetic.md §9B); deterministic run to run for a given
-    (GPU, M bucket). Use ``pdqkit::w4a16_gemm_exact`` for Marlin's bits.
+    (GPU, M bucket). Use ``pdqkit::w4a16_gemm_exact`` for Marlin's bits. One exception to "fp32 accumulation, one
+    rounding": where the dispatcher picks ``dequant_mm`` (by default M >= 1024), the GEMM is cuBLAS's on the
+    dequantized weight and follows torch's cuBLAS settings, like any bf16/fp16 ``nn.Linear``: with
+    ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` (fp16 likewise; True by default) cuBLAS
+    may add split-K partials in 16 bits, and ``addmm`` adds the bias in its epilogue.
 
     Execution: CUDA tensors run pdqkit's Triton kernels (split-K decode kernel for small M, wgmma tiles for large M,
     per-GPU tuned configs in ``kernels/configs``); CPU tensors run the pure-torch reference. The split-K and Gluon

@@ -440,8 +440,9 @@ def golden(results: list[dict], meta: dict) -> dict:
 def _meta(lib: str) -> dict:
     import triton
 
-    so = os.environ.get("PDQKIT_VLLM_C_SO") or "/tmp/pdqkit_vllm_C_stable_libtorch.abi3.so"
-    so_sha = hashlib.sha256(open(so, "rb").read()).hexdigest() if os.path.exists(so) else None
+    from .vllm_ops import loaded_sha256
+
+    so_sha = loaded_sha256()  # the library actually loaded (not whatever sits at some path)
     props = torch.cuda.get_device_properties(0)
     return {"date": datetime.date.today().isoformat(), "device": props.name, "sms": props.multi_processor_count,
             "torch": torch.__version__, "triton": triton.__version__, "marlin_library": lib,

@@ -19,9 +19,13 @@ explicit choice, made with one environment variable::
 With a kernel chosen, its class is registered with vLLM's mixed-precision linear kernel registry
 (``vllm.model_executor.kernels.linear.register_linear_kernel(cls, PlatformEnum.CUDA, "mp")``) and moved to the
 FRONT of the CUDA list, so ``choose_mp_linear_kernel`` tries it before CutlassW4A8/Machete/Marlin/... for every
-``CompressedTensorsWNA16`` layer. ``can_implement`` says exactly what it covers (:func:`coverage`); any other
-layer falls through to vLLM's next kernel, and the reason is logged (vLLM itself logs reasons only when *no*
-kernel fits). vLLM then logs ``Using PdqkitFastLinearKernel for CompressedTensorsWNA16`` (or ``...Exact...``).
+layer vLLM routes through that registry: ``CompressedTensorsWNA16`` (what pdqkit writes, and what is tested), but
+also other symmetric uint4b8 methods that use it, such as GPTQ-Marlin checkpoints without act-order (same
+arithmetic after vLLM's own layout permutation; not tested end to end). ``can_implement`` says exactly what it
+covers (:func:`coverage`); any other layer falls through to vLLM's next kernel, and the reason is logged (vLLM
+itself logs reasons only when *no* kernel fits). On a platform the kernels cannot serve at all (not CUDA, or a
+GPU below sm_80) :func:`register` registers nothing and logs a warning (:func:`platform_refusal`). vLLM then
+logs ``Using PdqkitFastLinearKernel for CompressedTensorsWNA16`` (or ``...Exact...``).
 ``VLLM_DISABLED_KERNELS`` can name our classes too; ``--linear-backend`` other than ``auto`` filters them out.
 
 Layout contract (what ``process_weights_after_loading`` receives)
@@ -58,7 +62,7 @@ from .counters import reserve
 
 __all__ = [
     "ENV_VAR", "CHOICES", "COMPILE_CACHE_KEY", "KERNEL_CLASS_NAMES", "selected_kernel", "coverage",
-    "register", "kernel_class",
+    "register", "kernel_class", "platform_refusal",
 ]
 
 ENV_VAR = "PDQKIT_VLLM_KERNEL"
@@ -146,6 +150,19 @@ def coverage(*, weight_type: str, act_dtype: torch.dtype, group_size: int, n: in
     return True, None
 
 
+def platform_refusal(is_cuda: bool, capability: tuple[int, int] | None) -> str | None:
+    """Why the chosen kernel cannot serve on this platform at all (None when it can). vLLM drops a kernel whose
+    ``get_min_capability`` the GPU does not reach before it ever asks ``can_implement``, and keeps the reason
+    only when no kernel fits: without this check a T4 or a ROCm GPU would run every layer on vLLM's kernels
+    while the log said pdqkit's was registered. ``capability``: (major, minor), None when unknown."""
+    if not is_cuda:
+        return "the platform is not CUDA (pdqkit's Triton W4A16 kernels are registered for CUDA only)"
+    if capability is not None and capability[0] * 10 + capability[1] < MIN_CAPABILITY:
+        return (f"the GPU is sm_{capability[0]}{capability[1]}, below the sm_{MIN_CAPABILITY} the kernels need "
+                "(bf16 tensor-core MMA)")
+    return None
+
+
 def _load_op(choice: str):
     """Import the pdqkit module that defines the op of ``choice`` (registers ``torch.ops.pdqkit.*``)."""
     import importlib
@@ -169,9 +186,19 @@ def register() -> None:
     if choice is None:
         logger.debug("pdqkit: %s unset, vLLM's own W4A16 kernels are used", ENV_VAR)
         return
+    from vllm.platforms import PlatformEnum, current_platform
+
+    try:
+        cc = current_platform.get_device_capability() if current_platform.is_cuda() else None
+    except Exception:  # noqa: BLE001  (no device visible in this process: the workers check again)
+        cc = None
+    why = platform_refusal(current_platform.is_cuda(), None if cc is None else (cc.major, cc.minor))
+    if why:
+        _vllm_logger().warning("pdqkit: %s=%s is set but %s; vLLM's own W4A16 kernels serve every layer",
+                               ENV_VAR, choice, why)
+        return
     _load_op(choice)
     from vllm.model_executor.kernels import linear as vllm_linear
-    from vllm.platforms import PlatformEnum
 
     cls = kernel_class(choice)
     # vLLM's public API appends; candidates are tried in list order, so move ours to the front (once).
@@ -277,8 +304,9 @@ def _kernel_classes() -> dict:
         the SM count of the weight's device (what Marlin reads: ``cudaDevAttrMultiProcessorCount``),
         the bias added INSIDE the GEMM epilogue (``RN(RN(acc) + b)``, Marlin's order; the bias stays in its
         natural order: Marlin's permutation of it is internal to Marlin), then reshape to ``[..., N]``.
-        Not mirrored (Marlin opt-ins that change its arithmetic): ``VLLM_MARLIN_USE_ATOMIC_ADD=1`` (atomic,
-        non-deterministic reduction) and ``VLLM_MARLIN_INPUT_DTYPE`` (int8/fp8 activations).
+        Not mirrored: ``VLLM_MARLIN_USE_ATOMIC_ADD=1`` (atomic, non-deterministic reduction; a warning is
+        logged). ``VLLM_MARLIN_INPUT_DTYPE`` (int8/fp8 activations) makes vLLM ask for an activation type
+        :func:`coverage` refuses, so with it every layer runs on vLLM's Marlin (W4A8), as the log says.
         """
 
         choice = "exact"
@@ -289,12 +317,13 @@ def _kernel_classes() -> dict:
             w_q = getattr(layer, self.w_q_name)
             # Marlin's own choice: cudaDevAttrMultiProcessorCount of the weight's device (the slice's under MIG)
             self.sms = torch.cuda.get_device_properties(w_q.device).multi_processor_count if w_q.is_cuda else -1
-            if w_q.is_cuda:   # the fused fold's counters: allocated outside any CUDA-graph capture
-                reserve(w_q.device)
-            for var in ("VLLM_MARLIN_USE_ATOMIC_ADD", "VLLM_MARLIN_INPUT_DTYPE"):
-                if getattr(envs, var):
-                    log.warning_once("pdqkit: %s is set; Marlin would then change its arithmetic, the exact "
-                                     "kernel does not follow it (bit-identity to Marlin is lost)", var)
+            if w_q.is_cuda:   # the fused fold's counters: allocated outside any CUDA-graph capture, and zeroed
+                reserve(w_q.device, zero=True)   # on every load (sleep mode level 2 discards their memory)
+            # VLLM_MARLIN_INPUT_DTYPE never reaches here: vLLM then asks for int8/fp8 activations, which coverage()
+            # refuses (logged), and Marlin serves those layers
+            if envs.VLLM_MARLIN_USE_ATOMIC_ADD:
+                log.warning_once("pdqkit: VLLM_MARLIN_USE_ATOMIC_ADD is set; Marlin would then reduce with "
+                                 "atomics, the exact kernel does not follow it (bit-identity to Marlin is lost)")
             try:  # a hint only: whatever vLLM's config looks like, loading goes on
                 cc = get_current_vllm_config_or_none().compilation_config
                 hint = inductor_hint(cc.mode, cc.backend, cc.inductor_compile_config)
@@ -326,8 +355,9 @@ def _kernel_classes() -> dict:
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             self._plain_ct_params(layer)
             w_q, w_s, _, _ = self._get_weight_params(layer)
+            if w_q.is_cuda:   # zeroed on every load, not only the first: sleep mode level 2 discards them
+                reserve(w_q.device, zero=True)
             if w_q.is_cuda and w_q.device not in self._warmed:
-                reserve(w_q.device)
                 x = torch.zeros(1, self.config.partition_weight_shape[0], dtype=w_s.dtype, device=w_q.device)
                 torch.ops.pdqkit.w4a16_gemm(x, w_q, w_s, None)
                 self._warmed.add(w_q.device)

@@ -62,6 +62,14 @@ def asm_ok(x: torch.Tensor) -> bool:
     return _capability(index) >= (9, 0)
 
 
+def mma_ok(x: torch.Tensor) -> bool:
+    """Whether the tensor-core GEMVs (:mod:`kernels.w4a16_gemv_mma`, ``_mma8``) can run for ``x``: their inline PTX
+    dequantization (:func:`asm_ok`) and ``mma.sync.m16n8k16``, an sm_80 instruction (sm_75 has only m16n8k8), so
+    fp16 on a Turing GPU takes the CUDA-core GEMV instead of failing in ptxas."""
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return asm_ok(x) and _capability(index) >= (8, 0)
+
+
 def tma_ok(x: torch.Tensor, weight_packed: torch.Tensor) -> bool:
     """Whether the Gluon prefill kernels (:mod:`kernels.w4a16_prefill_tma`, ``_wsp``) can run: Hopper (wgmma and
     TMA are sm_90 instructions; sm_100 has neither wgmma nor this code path), the inline-PTX dequantization
@@ -157,8 +165,15 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
         if _CENSUS is not None:
             _count("reference", m, n, k, None)
         return w4a16_reference(x, weight_packed, weight_scale, bias)
+    if x.device.type == "cuda" and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        # Triton launches on the CURRENT device and its current stream, not on the operands' device: a model on
+        # cuda:1 (or spread over GPUs by device_map) would fail Triton's pointer check, or with peer access run on
+        # another GPU's stream, unordered with the work around it. Switch for this call (once: inside, it matches).
+        with torch.cuda.device(x.device):
+            return w4a16_gemm(x, weight_packed, weight_scale, bias, config)
     x2 = x2.contiguous()
     kw = dict(use_asm=not interp and asm_ok(x))
+    mma = kw["use_asm"] and mma_ok(x)
     if config is None:
         if interp:
             name, sms = "interpreter", 4
@@ -167,7 +182,7 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
             name, sms = props.name, props.multi_processor_count
         # untuned shapes get the tensor-core GEMV at M <= 2 only where its inline PTX runs (the CUDA-core fallback
         # was not measured against split-K off the H200)
-        config = select_config(m, n, k, group, name, sms, gemv=kw["use_asm"],
+        config = select_config(m, n, k, group, name, sms, gemv=mma,
                                tma=not interp and 32 < m < 1024 and tma_ok(x2, weight_packed))
     c = config
     if c.kernel != "dequant_mm" and not c.fits(k, group):
@@ -181,16 +196,17 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
         y = w4a16_decode(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
                          block_k=c.block_k, split_k=c.split_k, num_warps=c.num_warps, num_stages=c.num_stages,
                          kperm=c.kperm, w_is_a=c.w_is_a, dot_f32=interp, **kw)
-    elif c.kernel == "gemv_mma" and kw["use_asm"]:
+    elif c.kernel == "gemv_mma" and mma:
         from .w4a16_gemv_mma import w4a16_gemv_mma
         y = w4a16_gemv_mma(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
                            block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, chain=c.chain)
-    elif c.kernel == "gemv_mma8" and kw["use_asm"] and weight_packed.data_ptr() % 16 == 0:
+    elif c.kernel == "gemv_mma8" and mma and weight_packed.data_ptr() % 16 == 0:
         from .w4a16_gemv_mma8 import w4a16_gemv_mma8
         y = w4a16_gemv_mma8(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
                             block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, chain=c.chain)
     elif c.kernel in ("gemv", "gemv_mma", "gemv_mma8"):
-        # the MMA GEMVs without inline PTX (interpreter, bf16 before sm_90) or, for gemv_mma8, on a weight tensor
+        # the MMA GEMVs without inline PTX (interpreter, bf16 before sm_90) or mma.sync.m16n8k16 (before sm_80)
+        # or, for gemv_mma8, on a weight tensor
         # off a 16-byte boundary (its word layout needs the alignment): the same tiling on FMAs (<= 8 rows a program)
         ran = "gemv"
         from .w4a16_gemv import w4a16_gemv

@@ -56,7 +56,9 @@ def dequantize_weight(weight_packed: torch.Tensor, weight_scale: torch.Tensor, g
 
 def w4a16_dequant_mm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None, group_size: int, use_asm: bool = True) -> torch.Tensor:
-    """``x @ W'^T (+ bias)`` via :func:`dequantize_weight` and cuBLAS (fp32 accumulation, one rounding)."""
+    """``x @ W'^T (+ bias)`` via :func:`dequantize_weight` and cuBLAS: fp32 accumulation inside cuBLAS's tiles,
+    but torch's ``allow_{bf16,fp16}_reduced_precision_reduction`` (True by default) lets cuBLAS add split-K
+    partials in 16 bits, as for any bf16 ``nn.Linear``; the bias is added in ``addmm``'s epilogue."""
     w = dequantize_weight(weight_packed, weight_scale, group_size, use_asm)
     if bias is None:
         return torch.matmul(x, w.t())

@@ -105,11 +105,13 @@ def _unpack_asm(w, s2, IS_BF16: tl.constexpr, NAT_PAIRS: tl.constexpr):
 @triton.jit
 def round_to(v, dtype: tl.constexpr):
     """fp32 -> ``dtype`` with round-to-nearest-even, also under TRITON_INTERPRET (whose fp32->bf16 cast truncates):
-    for bf16 the rounding is done on the fp32 bits first, so the final cast is exact (finite values)."""
+    for bf16 the rounding is done on the fp32 bits first, so the final cast is exact (finite values). NaN stays
+    NaN: the bit trick would carry a NaN's payload into the exponent or the sign (the GPU's NaN 0x7FFFFFFF became
+    -0.0) or drop a payload held in the low bits (inf), so a corrupt scale would silently act as a zero weight."""
     if dtype == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
+        v = tl.where(v != v, float("nan"), bits.to(tl.float32, bitcast=True))  # a quiet NaN: truncation keeps it
     return v.to(dtype)
 
 

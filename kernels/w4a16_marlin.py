@@ -679,6 +679,21 @@ def _check(x, weight_packed, weight_scale, bias) -> tuple[int, int, int]:
     return x.numel() // k if k else 0, n, k
 
 
+INT32_LIMIT = 2**31  # offsets the kernels compute in int32 stay below this (tests lower it to force chunking)
+
+
+def _grid_chunks(sched: Schedule, row_cap: int):
+    """``(group, count, first_row)`` for every grid to launch: each launch group of ``sched`` (same-shaped Marlin
+    launches, one grid) cut into runs of launches spanning at most ``row_cap`` rows."""
+    for grp in sched.groups:
+        ln = sched.launches[grp.first]
+        per = row_cap // ln.m_split
+        if per < 1:
+            raise ValueError(f"N={ln.n}: one launch's {ln.m_split} rows overflow int32 offsets")
+        for c0 in range(0, grp.count, per):
+            yield grp, min(per, grp.count - c0), ln.row_off + c0 * ln.m_split
+
+
 def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None = None, use_fp32_reduce: bool = True, sms: int = -1,
                      *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
@@ -701,16 +716,28 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
     Returns:
         ``[..., N]`` in x's dtype.
     """
-    LAST_COMPILED.clear()  # only what this call runs (the fused decode path launches no pass 2)
     m, n, k = _check(x, weight_packed, weight_scale, bias)
-    if max(x.numel(), m * n, weight_packed.numel() * 2) >= 2**31:
-        raise ValueError(f"M={m}, N={n}, K={k} too large: the kernels index with int32 offsets")
+    if x.device.type == "cuda" and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        # Triton launches on the current device's current stream: run this call on the operands' device
+        with torch.cuda.device(x.device):
+            return w4a16_gemm_exact(x, weight_packed, weight_scale, bias, use_fp32_reduce, sms, block_m=block_m,
+                                    block_n=block_n, num_warps=num_warps, num_stages=num_stages, split=split,
+                                    prefetch=prefetch, wr_fast=wr_fast, swap=swap, fuse=fuse, tile_load=tile_load,
+                                    maxnreg=maxnreg)
+    LAST_COMPILED.clear()  # only what this call runs (the fused decode path launches no pass 2)
+    if weight_packed.numel() * 2 >= INT32_LIMIT:
+        raise ValueError(f"N={n}, K={k} too large: the kernels index the weight with int32 offsets")
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     x2 = x.reshape(m, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
+    # Activation and output rows are indexed with int32 offsets (row * stride) inside a grid. Marlin moves its
+    # pointers launch by launch, so any M works there; here each grid gets views starting at its first row and
+    # covers at most `row_cap` rows, which keeps every offset below 2^31 whatever M is (bits unchanged: every
+    # launch computes its rows on its own).
+    row_cap = (INT32_LIMIT - 1) // max(x2.stride(0), n, 1)
     emu = interpreting()
     if sms == -1:
         if x.device.type != "cuda":
@@ -725,7 +752,7 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
     b = bias.contiguous() if bias is not None else ws
     out2 = out.view(m, n)
     is_bf16 = x.dtype == torch.bfloat16
-    for grp in sched.groups:
+    for grp, count, row0 in _grid_chunks(sched, row_cap):
         ln = sched.launches[grp.first]
         cfg = pass_config(ln, block_m, block_n, num_warps, num_stages, split, prefetch, wr_fast, swap, fuse,
                           tile_load, maxnreg)
@@ -733,11 +760,12 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
         nsub, subs, pieces = _pass1_counts(ln, bm, bn)
         needs_pass2 = sp or any(len(f) > 1 for f in ln.folds)
         slot0, nslots = (0, pieces) if sp else (ln.part1_tiles, ln.slots)
-        part_numel = grp.count * nslots * subs * (ln.cfg.kw if sp else 1) * bm * bn if needs_pass2 else 1
-        if part_numel >= 2**31:
+        part_numel = count * nslots * subs * (ln.cfg.kw if sp else 1) * bm * bn if needs_pass2 else 1
+        if part_numel >= INT32_LIMIT:
             raise ValueError(f"M={m}, N={n}, K={k}: fp32 workspace too large for int32 indexing")
         part = torch.empty(part_numel, dtype=torch.float32, device=x.device)
-        scalars = dict(ROW_OFF=ln.row_off, M_SPLIT=ln.m_split, MB=ln.mb, N_TILES=ln.n_tiles, K_TILES=ln.k_tiles,
+        xg, og = x2[row0:], out2[row0:]  # this grid's rows start at its views' row 0
+        scalars = dict(ROW_OFF=0, M_SPLIT=ln.m_split, MB=ln.mb, N_TILES=ln.n_tiles, K_TILES=ln.k_tiles,
                        T1=ln.part1_tiles, T2=ln.part2_tiles, ITERS=ln.iters, MAXB=ln.max_pieces_per_block,
                        TN=ln.cfg.thread_n, NSUB=nsub, SUBS=subs, SLOT0=slot0, NSLOTS=nslots,
                        CHANNELWISE=int(channelwise), HAS_BIAS=int(bias is not None),
@@ -745,10 +773,10 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
         common = dict(KW=ln.cfg.kw, BM=bm, BN=bn, SPLIT=sp, IS_BF16=is_bf16, EMU=emu,
                       enable_fp_fusion=False)  # no mul+add -> fma contraction anywhere: every rounding is Marlin's
         fan = ln.cfg.kw if sp else 1  # SPLIT: one program per warp-row chain
-        grid1 = (pieces * fan, subs, grp.count) if cfg.wr_fast else (pieces, subs * fan, grp.count)
-        ctr = grow_zeros(_COUNTERS, x.device, grp.count * ln.tiles * subs, 1 << 16) if cfg.fuse else part
+        grid1 = (pieces * fan, subs, count) if cfg.wr_fast else (pieces, subs * fan, count)
+        ctr = grow_zeros(_COUNTERS, x.device, count * ln.tiles * subs, 1 << 16) if cfg.fuse else part
         LAST_COMPILED["pass1"] = _marlin_pass1[grid1](
-            x2, wq, ws, b, out2, part, ctr, x2.stride(0), wq.stride(0), ws.stride(0), out2.stride(0),
+            xg, wq, ws, b, og, part, ctr, x2.stride(0), wq.stride(0), ws.stride(0), out2.stride(0),
             GROUP=max(g, 1), **scalars, TK=ln.cfg.thread_k, GROUPED=int(not channelwise),
             OWN_SCALE=int(not channelwise and g < ln.cfg.thread_k), PREFETCH=cfg.prefetch, WR_FAST=cfg.wr_fast,
             SWAP=cfg.swap, FUSE=cfg.fuse, TILE_LOAD=cfg.tile_load, **common,
@@ -756,7 +784,7 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
             **({} if cfg.maxnreg is None or emu else {"maxnreg": cfg.maxnreg}),
         )
         if needs_pass2 and not cfg.fuse:
-            LAST_COMPILED["pass2"] = _marlin_pass2[(ln.tiles if sp else ln.part2_tiles, subs, grp.count)](
-                part, out2, ws, b, out2.stride(0), ws.stride(0), **scalars, **common, num_warps=4,
+            LAST_COMPILED["pass2"] = _marlin_pass2[(ln.tiles if sp else ln.part2_tiles, subs, count)](
+                part, og, ws, b, out2.stride(0), ws.stride(0), **scalars, **common, num_warps=4,
             )
     return out

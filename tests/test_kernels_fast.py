@@ -114,7 +114,7 @@ def test_bad_inputs_raise(mutate, msg):
 _INTERP_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {repo!r})
-    from kernels.w4a16 import w4a16_gemm
+    from kernels.w4a16 import w4a16_gemm, w4a16_reference
     from kernels.w4a16_config import W4A16Config as C
     from tests.test_kernels_fast import problem, tolerance_ratio
     cases = [
@@ -173,6 +173,27 @@ _INTERP_SCRIPT = textwrap.dedent("""
     print("RESULT " + json.dumps(out))
     from kernels.w4a16 import census
     print("CENSUS " + json.dumps(census()))
+    # round_to, the software fp32 -> bf16 rounding of the plain-Triton dequantization (GPUs before sm_90, and the
+    # interpreter), on every bit pattern class: it must round like torch (RNE, overflow to inf) and keep NaN NaN.
+    # The GPU's canonical NaN 0x7FFFFFFF once carried into the sign bit and came out as -0.0.
+    import triton, triton.language as tl
+    from kernels.w4a16_mainloop import round_to
+
+    @triton.jit
+    def _round(src, dst, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        v = tl.load(src + i, mask=i < n)
+        tl.store(dst + i, round_to(v, tl.bfloat16).to(tl.int16, bitcast=True), mask=i < n)
+
+    words = [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800001, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x3F808000,
+             0x3F818000, 0x3F808001, 0x00008000, 0x80000000, 0x00000001, 0x3F800000]
+    src = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32).view(torch.float32)
+    dst = torch.empty(len(words), dtype=torch.int16)
+    _round[(1,)](src, dst, len(words), BLOCK=16)
+    got, want = dst.view(torch.bfloat16).float(), src.to(torch.bfloat16).float()
+    nan = [dict(word=hex(w), got=str(g.item()), want=str(e.item()), ok=bool((g.isnan() and e.isnan()) or
+            (g.view(torch.int32) == e.view(torch.int32)))) for w, g, e in zip(words, got, want)]
+    print("NAN " + json.dumps(nan))
 """)
 
 
@@ -203,6 +224,8 @@ def test_triton_kernels_under_interpreter():
     # one tile config on one shape at two M (case 7 at M = 33, the strided-bias run at M = 3): one entry
     assert cen["prefill 128x256 [prefill bm32 bn64 bk64 w4 st3]"] == {"calls": 4, "m_min": 3, "m_max": 33}
     assert sum(e["calls"] for e in cen.values()) == len(results)   # the refused config is not counted
+    nan = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("NAN "))[len("NAN "):])
+    assert len(nan) == 14 and all(r["ok"] for r in nan), [r for r in nan if not r["ok"]]
 
 
 @pytest.mark.parametrize("kernel,bm,bn,bk,warps,dtype,chain", [
@@ -915,11 +938,33 @@ def test_counter_pools_reserved_up_front():
         assert counters.grow_zeros(counters.pool("decode"), dev, 4096, 4096) is first and len(bufs["decode"]) == 1
         assert counters.grow_zeros(counters.pool("decode"), dev, 6000, 4096).numel() == 6000
         assert len(bufs["decode"]) == 2 and bufs["decode"][0] is first   # the old one kept alive for graphs
+        # memory lost under the buffers (vLLM sleep mode level 2): zero=True re-zeroes every existing buffer
+        for b in bufs["decode"] + bufs["marlin"]:
+            b.fill_(3)
+        counters.reserve(dev, 5000)
+        assert bufs["decode"][1].all()                     # plain reserve leaves existing buffers as they are
+        counters.reserve(dev, 5000, zero=True)
+        assert not any(b.any() for b in bufs["decode"] + bufs["marlin"])
     finally:
         for f in counters.FAMILIES:
             counters.pool(f).pop(dev, None)
     with pytest.raises(ValueError, match="unknown counter pool 'gemv'"):
         counters.pool("gemv")
+
+
+def test_counter_pool_never_grows_inside_a_graph_capture(monkeypatch):
+    """A buffer first allocated inside a CUDA-graph capture is zeroed only when that graph replays: growing the
+    pool during a capture is refused with the fix (reserve before capturing); within the reserved size it is not."""
+    from kernels import counters
+
+    dev = torch.device("cuda", 0)   # never touched: the check comes before any allocation
+    pool = {dev: [torch.zeros(8, dtype=torch.int32)]}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert counters.grow_zeros(pool, dev, 8, 8) is pool[dev][0]
+    with pytest.raises(RuntimeError, match=r"needs 9 tile counters on cuda:0 but only 8 exist.*"
+                                           r"reserve\('cuda:0', 9\) before capturing"):
+        counters.grow_zeros(pool, dev, 9, 8)
+    assert len(pool[dev]) == 1
 
 
 @pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "on", "ON", "y", "Y", " 1", "1 ", "t", "2", "0", ""])

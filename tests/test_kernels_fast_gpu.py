@@ -475,7 +475,8 @@ def test_hf_generation_matches_reference(tmp_path, request):
     from pathlib import Path
 
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("compressed_tensors")  # pack.quantize and HF's loader need it (GPU image: wheelhouse part1)
+    # compressed-tensors is a hard dependency (pyproject.toml): a GPU image without it fails here, never skips
+    # (GPU image: wheelhouse part1)
     from bench.gpu.vllm_e2e_check import text_prompts
     from pack.quantize import main as quantize_main
     from tests.greedy_ties import greedy_tie_check
@@ -496,3 +497,28 @@ def test_hf_generation_matches_reference(tmp_path, request):
     rows, bad = greedy_tie_check(ref, ours, text_prompts(base, 6, 96, seed=3), "cuda")
     print("\n".join(map(str, rows)))
     assert not bad, f"greedy disagreements that are not ties: {bad}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (operands on the non-current one)")
+def test_operands_on_a_gpu_that_is_not_the_current_one():
+    """Triton launches on the current device: with cuda:0 current and every operand on cuda:1, both ops must run
+    on cuda:1 and leave cuda:0 current: the fast op within the tolerance of the reference for each kernel family
+    the dispatcher picks by M, the marlin-order op with the same bits as the same call made on cuda:0."""
+    from kernels.w4a16 import w4a16_gemm
+    from kernels.w4a16_marlin import w4a16_gemm_exact
+
+    dev = torch.device("cuda", 1)
+    n, k = 2560, 2048
+    wp0, s0 = gpu_problem(n, k, torch.bfloat16, seed=3)
+    wp, s = wp0.to(dev), s0.to(dev)
+    with torch.cuda.device(0):
+        for m in (1, 5, 13, 300, 2048):   # gemv_mma, decode / gemv_mma8, prefill_tma / _wsp, dequant_mm
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            y = w4a16_gemm(x, wp, s)
+            torch.cuda.synchronize(dev)
+            assert y.device == dev and torch.cuda.current_device() == 0
+            assert tolerance_ratio(y, x, wp, s) <= 1.0, m
+            e = w4a16_gemm_exact(x, wp, s)
+            assert e.device == dev and torch.cuda.current_device() == 0
+            # the same call on the current device gives the same bits (sms of cuda:1 == cuda:0's on one host)
+            assert torch.equal(e.cpu(), w4a16_gemm_exact(x.to(0), wp0, s0).cpu()), m

@@ -93,6 +93,22 @@ def _worker() -> dict:
                 kw = dict(kw)
                 mut = emulate_marlin(x, wp, ws, bias, red, kw.pop("sms", sms), **kw)
                 report["mutants"].setdefault(name, []).append(int((bits(out) != bits(mut)).sum()))
+    # Large M: the launch group of 2 x 8192 rows cut into one grid per launch (the int32 limit lowered so that
+    # one launch's rows fit and two do not), views that start at each grid's first row, and a row-strided x
+    import kernels.w4a16_marlin as wm
+    x, wp, ws = exact_chunk_inputs(16400, 64, 128, 128, torch.float16, seed=7, big=2, small=(-24, -14))
+    xs = torch.zeros(16400, 192, dtype=torch.float16)
+    xs[:, :128] = x
+    whole = w4a16_gemm_exact(x, wp, ws, None, True, 4)
+    saved, wm.INT32_LIMIT = wm.INT32_LIMIT, 8192 * 192 + 1
+    try:
+        cut = [w4a16_gemm_exact(v, wp, ws, None, True, 4) for v in (x, xs[:, :128])]
+    finally:
+        wm.INT32_LIMIT = saved
+    ref = emulate_marlin(x, wp, ws, None, True, 4)
+    report["big_m"] = {"mismatches": [int((bits(o) != bits(ref)).sum()) for o in [whole] + cut],
+                       "grids": sum(1 for _ in wm._grid_chunks(wm.build_schedule(16400, 64, 128, 128, "float16", 4),
+                                                               (8192 * 192) // 192))}
     from kernels.w4a16_marlin import _COUNTERS  # the fused fold's arrival counters: used, and left at zero
     report["counters"] = [int(b.abs().sum()) for bufs in _COUNTERS.values() for b in bufs]
     if GOLDEN.exists():
@@ -122,6 +138,15 @@ def test_kernel_matches_emulation_bit_for_bit(interp):
         assert c["finite"], c
         assert c["mismatches"] == 0 and not any(c["variant_mismatches"]), c
     assert interp["counters"] and not any(interp["counters"]), interp["counters"]  # fused fold ran and reset
+
+
+def test_large_m_cut_into_int32_safe_grids(interp):
+    """M = 16,400 (two 8,192-row Marlin launches in one group, then 16 rows): with the int32 limit lowered below
+    two launches' rows, each launch gets its own grid on views from its first row; the bits stay Marlin's (the
+    emulation) for contiguous and row-strided x, and equal to the uncut run."""
+    big = interp["big_m"]
+    assert big["grids"] == 3, big
+    assert big["mismatches"] == [0, 0, 0], big
 
 
 def test_the_comparison_detects_wrong_orders(interp):

@@ -1,6 +1,7 @@
 """``pdqkit::w4a16_gemm_exact`` registration, schema, fake implementation and input checks (CPU)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -68,3 +69,34 @@ def test_counters_grow_without_freeing():
     assert b.numel() == 65 and not b.any() and pool[dev] == [a, b] and pool[dev][0] is a
     assert grow_zeros(pool, dev, 1, 64) is b  # the newest serves every smaller call
 
+
+
+def test_vllm_ops_xz_copy_is_loaded_from_a_private_fresh_file(tmp_path, monkeypatch):
+    """The xz copy of vLLM's ops library is decompressed into a fresh private directory, loaded and deleted; the
+    sha256 reported is the one of the bytes loaded. A library planted at the old fixed /tmp path is never used."""
+    import hashlib
+    import lzma
+    import tempfile
+
+    import _lzma
+
+    from kernels import vllm_ops
+
+    lib = open(_lzma.__file__, "rb").read()   # any shared object: load_library only dlopens it
+    xz = tmp_path / "ops.so.xz"
+    xz.write_bytes(lzma.compress(lib))
+    made = []
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(real_mkdtemp(**kw)) or made[-1])
+    loads = []
+    monkeypatch.setattr(torch.ops, "load_library", lambda p: loads.append(
+        (p, open(p, "rb").read(), os.stat(os.path.dirname(p)).st_mode & 0o777)))
+    monkeypatch.setattr(vllm_ops, "_XZ", xz)
+    monkeypatch.setattr(vllm_ops, "_loaded", False)
+    monkeypatch.setattr(vllm_ops.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.delenv("PDQKIT_VLLM_C_SO", raising=False)
+    where = vllm_ops.load_vllm_ops()
+    assert len(loads) == 1 and loads[0][1] == lib and loads[0][0].startswith(made[0] + "/")
+    assert loads[0][2] == 0o700                                   # no other user could have placed it there
+    assert not os.path.exists(made[0])                           # deleted once loaded
+    assert vllm_ops.loaded_sha256() == hashlib.sha256(lib).hexdigest() and str(xz) in where

@@ -116,6 +116,18 @@ def test_coverage_is_exactly_the_stated_set(n, k, group, dtype, wtype, zp, gidx)
     assert ok == stated and (why is None) == stated
 
 
+@pytest.mark.parametrize("is_cuda,cc,refused", [
+    (True, (9, 0), None), (True, (8, 0), None), (True, (8, 9), None), (True, (10, 0), None), (True, None, None),
+    (True, (7, 5), "sm_75, below the sm_80"), (True, (7, 0), "sm_70"), (False, None, "not CUDA"),
+    (False, (9, 0), "not CUDA"),
+])
+def test_platform_refusal(is_cuda, cc, refused):
+    """vLLM skips a kernel whose minimum capability the GPU lacks without asking it, so register() must say so
+    itself: refused below sm_80 and off CUDA, with the reason; an unknown capability is not refused."""
+    why = plugin.platform_refusal(is_cuda, cc)
+    assert (why is None) == (refused is None) and (refused is None or refused in why), why
+
+
 # ---------------------------------------------------------------------------------------------- op signatures
 
 def _schema_args(op) -> list[str]:
