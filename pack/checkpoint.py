@@ -1,7 +1,9 @@
 """Checkpoint plumbing shared by every pdqkit stage: atomic output directories, the bf16 HF writer, lineage.
 
 * :func:`atomic_output_dir` — write into a hidden temp dir beside the target and rename at the end, so an
-  interrupted run (even ``kill -9``) never leaves a checkpoint-looking directory behind.
+  interrupted run (even ``kill -9``) never leaves a checkpoint-looking directory behind; with ``fsync``, every file
+  is on disk before the rename and the rename is on disk when it returns (a crash or power loss cannot leave a
+  complete-looking output with unwritten blocks).
 * :func:`save_bf16_checkpoint` — ``save_pretrained`` a model as bf16 safetensors that BOTH loaders accept:
   vLLM 0.26.0 refuses unquantized Gemma-4 checkpoints with KV-shared layers unless their (unused) ``k_norm``
   weights are present, and transformers never writes them, so we add ones-filled ``k_norm`` tensors for those
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -40,7 +43,7 @@ AUX_FILE_PATTERNS = (
 
 __all__ = [
     "SINGLE_NAME", "INDEX_NAME", "KNORM_SHARD", "safetensors_files", "FileHasher",
-    "LINEAGE_FILE", "RECIPE_FILE", "atomic_output_dir", "copy_aux_files", "sha256_file", "read_lineage",
+    "LINEAGE_FILE", "RECIPE_FILE", "atomic_output_dir", "fsync_tree", "copy_aux_files", "sha256_file", "read_lineage",
     "write_lineage", "lineage_step", "kv_shared_k_norm_tensors", "save_bf16_checkpoint", "json_dump",
 ]
 
@@ -71,14 +74,59 @@ class InterruptedAfterCommit(KeyboardInterrupt):
         self.out, self.old = out, old
 
 
+def _fsync_dir(d: Path) -> None:
+    """fsync a directory: its entries (files created or renamed in it) reach the disk. Skipped where a directory
+    cannot be opened or synced (not POSIX; a filesystem that refuses: EINVAL), which makes its renames as durable
+    as it does."""
+    try:
+        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (PermissionError, IsADirectoryError):  # Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Make every file under ``root`` and every directory entry of it durable: the files' data first (``fdatasync``:
+    the data and the size, not the times), then each directory, deepest first. Raises OSError (EIO: the data did not
+    reach the disk). Files whose writeback was started (:func:`pack.stio.start_writeback`) cost only their tail."""
+    sync = getattr(os, "fdatasync", os.fsync)
+    dirs = []
+    for top, _, names in os.walk(root):
+        dirs.append(Path(top))
+        for name in sorted(names):
+            f = Path(top) / name
+            if f.is_symlink():  # its target is not ours to sync; the link itself is a directory entry
+                continue
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                sync(fd)
+            finally:
+                os.close(fd)
+    for d in reversed(dirs):
+        _fsync_dir(d)
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: str | os.PathLike, force: bool = False, fsync: bool = False) -> Iterator[Path]:
     """Yield an empty temp dir next to ``out``; on success replace ``out`` with it, on any error delete it (and the
     parent directories it created; an ``out`` it had moved aside is put back).
 
     The temp dir is named ``.<name>.tmp-XXXX`` (hidden, not checkpoint-looking). Raises ``FileExistsError``
     up front when ``out`` exists and ``force`` is false. ``out``'s parent is resolved (``..``, symlinks), so the
     renames never run through a directory that one of them moves.
+
+    ``fsync``: durable output. Before the rename every file and directory of the temp dir is synced
+    (:func:`fsync_tree`), after it ``out``'s parent (and the parents of directories this call created), so that a
+    crash or power loss never leaves an ``out`` of the right files whose blocks were never written back
+    (preallocated, they read as zeros), and an ``out`` there once this returns stays there. Without it the rename
+    may reach the disk before the data. (A crash in the middle of a ``force`` swap can leave the previous copy at
+    ``.<name>.old-XXXX``, as an interruption there does.)
     """
     out = Path(out).absolute()
     out = out.parent.resolve() / out.name
@@ -91,6 +139,8 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint dir is an ordinary directory
+        if fsync:
+            fsync_tree(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -115,6 +165,9 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
             shutil.rmtree(old, ignore_errors=True)
         except KeyboardInterrupt:
             raise InterruptedAfterCommit(out, old) from None
+    if fsync:  # the rename (and the previous copy's removal, the directories this call made) on disk too
+        for d in [out.parent, *(p.parent for p in made)]:
+            _fsync_dir(d)
 
 
 def copy_aux_files(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:

@@ -72,13 +72,16 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     if not _LITTLE_ENDIAN:
         u = u.view(torch.uint8)
         return _words_big_endian(u[:, 0::2] | (u[:, 1::2] << 4))
-    v = u.view(torch.int16)  # [N, K/2]: element 2i in the low byte, 2i+1 in the high byte
+    # Flat, then viewed: a contiguous tensor may still have strides a dtype view refuses (a [1, K] transpose of a
+    # [K, 1] tensor has stride (1, 1); an [N, 0] one has no bytes at all), while its flat reshape is always a
+    # plain 1-D view of the same memory. Row-major rows of a multiple of 8 codes keep each word within its row.
+    v = u.reshape(-1).view(torch.int16)  # element 2i in the low byte, 2i+1 in the high byte
     pairs = (v >> 4).bitwise_or_(v).bitwise_and_(0xFF).to(torch.uint8)  # u[2i] | u[2i+1] << 4
-    return pairs.view(torch.int32)
+    return pairs.view(torch.int32).view(n, (k + pad) // PACK_FACTOR)
 
 
 def _words_big_endian(pairs: torch.Tensor) -> torch.Tensor:
-    b = pairs.to(torch.int64).view(pairs.shape[0], -1, 4)
+    b = pairs.to(torch.int64).reshape(pairs.shape[0], pairs.shape[1] // 4, 4)  # no -1: K may be 0
     w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
@@ -96,7 +99,7 @@ def unpack_uint4(packed: torch.Tensor, k: int) -> torch.Tensor:
     else:
         w = packed.to(torch.int64) & 0xFFFFFFFF
         u = ((w.unsqueeze(-1) >> _SHIFTS.to(w.device)) & 0xF).to(torch.uint8)
-    return u.reshape(n, -1)[:, :k].contiguous()
+    return u.reshape(n, PACK_FACTOR * packed.shape[1])[:, :k].contiguous()  # no -1: N or K may be 0
 
 
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:

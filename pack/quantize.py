@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hash every input file for the lineage (~1 s per 2 GB) and store nothing; by default the "
                     "sha256 of an unchanged file is taken from $PDQKIT_HASH_CACHE, else $PDQKIT_CACHE/hashes "
                     "(~/.cache/pdqkit/hashes), under a key of its path, inode, size and times")
+    ap.add_argument("--no-fsync", action="store_true",
+                    help="do not wait for the output to reach the disk before renaming it into place (by default "
+                    "every file and the rename are fsynced, so that a crash or power loss just after the run cannot "
+                    "leave a complete-looking checkpoint with unwritten blocks; the disk writes start while the "
+                    "files are streamed, so the wait at the end is short); the bytes written are the same")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--demo", nargs="?", const="micro", choices=("micro", "small"), metavar="SCALE",
                     help="build a random multimodal Gemma-4 checkpoint of SCALE (micro|small, default micro; "
@@ -151,7 +156,7 @@ def _run(args: argparse.Namespace, hasher) -> int:
         result = quantize_checkpoint(args.ckpt, out, recipe, device=args.device, force=force,
                                      max_shard_size=args.max_shard_size, progress=not args.no_progress,
                                      input_hasher=hasher, plan_cache=not args.no_plan_cache,
-                                     hash_cache=not args.no_hash_cache)
+                                     hash_cache=not args.no_hash_cache, fsync=not args.no_fsync)
     except BaseException as e:
         from .checkpoint import InterruptedAfterCommit
 

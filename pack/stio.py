@@ -13,7 +13,9 @@ Linear weight's row block, or a 4 MiB chunk of a passthrough tensor) per worker 
   serialises zero-length stand-ins), offsets follow that order, the header is the same compact JSON padded
   with spaces to 8 bytes. Tensors are then streamed in that order and hashed on the way (sha256, in a thread),
   into a file whose blocks are reserved up front (``fallocate``: writes into delayed-allocation pages cost the
-  kernel up to ~10x more).
+  kernel up to ~10x more). With ``writeback``, the kernel is asked to start writing each completed stretch of the
+  file to disk as the writer goes (``sync_file_range``), so that the fsync before the output is renamed into
+  place (:func:`pack.checkpoint.atomic_output_dir`) waits only for the tail.
   ``tests/test_pack_stio.py`` checks byte equality with ``save_file``.
 """
 from __future__ import annotations
@@ -39,10 +41,11 @@ from .hashcache import FileState, file_state
 
 __all__ = [
     "ST_DTYPES", "TensorEntry", "read_header", "SourceFiles", "read_tensor", "read_bytes", "iter_chunks",
-    "tensor_bytes", "SafetensorsFileWriter", "INDEX_NAME", "SINGLE_NAME",
+    "tensor_bytes", "start_writeback", "SafetensorsFileWriter", "INDEX_NAME", "SINGLE_NAME",
 ]
 
 CHUNK = 4 << 20  # bytes per read/write of a passthrough tensor (small buffers: reused by the allocator)
+WRITEBACK_STEP = 8 << 20  # with writeback: bytes written between two requests to start writing them to disk
 
 # safetensors dtype string -> torch dtype (the ones torch can hold)
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -255,6 +258,39 @@ def _preallocate(fd: int, size: int) -> None:
         fallocate(fd, 0, 0, size)  # -1 (EOPNOTSUPP, ENOSPC...): plain writes report any real problem
 
 
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait for it
+
+
+@functools.cache
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux) as a ctypes function, looked up once; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    f.restype = ctypes.c_int
+    return f
+
+
+def start_writeback(fd: int, offset: int, n: int) -> None:
+    """Ask the kernel to start writing bytes ``[offset, offset + n)`` of ``fd`` to disk, without waiting (Linux
+    ``sync_file_range(2)`` with ``SYNC_FILE_RANGE_WRITE``; nothing elsewhere).
+
+    Why: without it the kernel writes an output's dirty pages back only ~30 s later or under memory pressure, so
+    the fsync that makes the output durable would write the whole file at the end (~0.23 s for 600 MB on the CPU
+    machine). Started as the writer goes, the disk writes overlap the streaming and the fsync waits for the tail.
+    Only a head start: it syncs no metadata and flushes no disk cache; the fsync is what makes the data durable
+    (and reports any error: one here is ignored)."""
+    f = _sync_file_range()
+    if f is not None and n > 0:
+        f(fd, offset, n, SYNC_FILE_RANGE_WRITE)
+
+
 def _safetensors_order(specs: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> list[str]:
     """Ask safetensors in which order ``save_file`` lays these tensors out (it depends on dtype and name)."""
     from safetensors.torch import save
@@ -269,10 +305,15 @@ class SafetensorsFileWriter:
 
     ``specs``: name -> (safetensors dtype string, shape). Call :meth:`write` once per tensor, in
     :attr:`order`; :meth:`close` checks completeness and returns the file's sha256.
+
+    ``writeback``: start writing the file to disk as it is written (:func:`start_writeback`, every
+    :data:`WRITEBACK_STEP` bytes and the tail at :meth:`close`), on the hashing thread, so that a later fsync of the
+    file (the caller's: :func:`pack.checkpoint.atomic_output_dir` with ``fsync``) finds most of it on disk already.
+    The file's bytes do not depend on it.
     """
 
     def __init__(self, path: Path, specs: dict[str, tuple[str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, writeback: bool = False):
         self.path = Path(path)
         metadata = {"format": "pt"} if metadata is None else metadata
         self.order = _safetensors_order(specs, metadata)
@@ -295,6 +336,7 @@ class SafetensorsFileWriter:
         # sha256 in its own thread (hashlib releases the GIL): hashing overlaps the writes
         self._sha = hashlib.sha256()
         self._hq: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None  # raised in the hashing thread, reported by close()
         self._hasher = threading.Thread(target=self._hash_loop, name="pdqkit-sha256-out", daemon=True)
         try:
             self._hasher.start()
@@ -303,6 +345,8 @@ class SafetensorsFileWriter:
             self._fh.close()
             raise
         self._next = 0
+        self._writeback = writeback and _sync_file_range() is not None
+        self._started = 0  # bytes [0, _started) were handed to start_writeback
         try:
             self._emit(struct.pack("<Q", len(hb)) + hb)
         except BaseException:  # e.g. disk full: no open file or running thread left behind
@@ -310,12 +354,32 @@ class SafetensorsFileWriter:
             raise
 
     def _hash_loop(self) -> None:
-        while (data := self._hq.get()) is not None:
-            self._sha.update(data)
+        # data to hash, or (offset, n): a range written and flushed, to start writing to disk. Here rather than on
+        # the writer's thread: sync_file_range may block while the disk's request queue is full. An error is kept
+        # for close() and the queue still drained: the writer must never block on a dead thread.
+        while (item := self._hq.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                if type(item) is tuple:
+                    start_writeback(self._fh.fileno(), *item)  # the file is closed only after this thread ended
+                else:
+                    self._sha.update(item)
+            except BaseException as e:  # noqa: BLE001 - reported by close()
+                self._error = e
 
     def _emit(self, data) -> None:
         self._fh.write(data)
         self._hq.put(data)
+        if self._writeback and self._fh.tell() - self._started >= WRITEBACK_STEP:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        self._fh.flush()  # the small tensors wait in the file object's buffer: the kernel must have them
+        end = self._fh.tell()
+        if end > self._started:
+            self._hq.put((self._started, end - self._started))
+            self._started = end
 
     def write(self, name: str, chunks: Iterable) -> None:
         """Write tensor ``name`` (the next one in :attr:`order`) from an iterable of byte buffers.
@@ -338,14 +402,21 @@ class SafetensorsFileWriter:
             raise RuntimeError(f"{self.path.name}: only {self._next} of {len(self.order)} tensors written")
         if self._fh.tell() != self.total:  # preallocation set the size up front: check every byte was written
             raise RuntimeError(f"{self.path.name}: wrote {self._fh.tell()} bytes, the layout says {self.total}")
-        self._fh.close()
+        if self._writeback:
+            self._start_writeback()  # the tail: written while the caller finishes the output
+        else:
+            self._fh.flush()  # a full disk is reported here, before the hash thread is stopped
         self._hq.put(None)
-        self._hasher.join()
+        self._hasher.join()  # before the file is closed: the thread may still use its descriptor
+        self._fh.close()
+        if self._error is not None:
+            raise RuntimeError(f"{self.path.name}: hashing or writeback failed "
+                               f"({type(self._error).__name__}: {self._error})") from self._error
         return self._sha.hexdigest()
 
     def abort(self) -> None:
         try:
-            self._fh.close()  # may fail flushing (disk full): the hash thread is stopped all the same
-        finally:
             self._hq.put(None)
             self._hasher.join()
+        finally:
+            self._fh.close()  # may fail flushing (disk full): raised after the thread has stopped

@@ -12,16 +12,18 @@ built from ``config.json`` on the **meta device** (transformers' own architectur
 """
 from __future__ import annotations
 
+import copy
 import json
+import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import QuantizeError
 
-__all__ = ["ModelPlan", "load_config", "build_meta_model", "plan_model"]
+__all__ = ["ModelPlan", "load_config", "hf_config", "build_meta_model", "plan_model"]
 
 _QUANT_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx",
                    ".weight_global_scale", ".qweight", ".qzeros", ".scales")
@@ -41,6 +43,9 @@ class ModelPlan:
     keep_fp32: tuple[str, ...]                  # module-name fragments transformers keeps in fp32
     quantization_config: dict                   # config.json's quantization_config block for the recipe
     serving: dict                               # pack.card.serving_facts of the model's config
+    # transformers modules whose classes make up the model and its configs (bases included): what else the plan
+    # was derived from, for pack.plancache to check on a hit; provenance, not part of the plan's value
+    sources: tuple[str, ...] = field(default=(), compare=False)
 
 
 def load_config(ckpt: Path) -> dict:
@@ -75,15 +80,49 @@ def _check_dtype(cfg: dict, f: Path) -> None:
                     f"e.g. model.to(torch.bfloat16).save_pretrained(dir) (sets dtype bfloat16)")
 
 
-def build_meta_model(ckpt: Path, cfg: dict) -> tuple[str, torch.nn.Module]:
-    """Instantiate the checkpoint's architecture from its config on the meta device (no weights)."""
-    import transformers
+def hf_config(ckpt: Path, cfg: dict):
+    """The transformers config object that ``AutoConfig.from_pretrained(ckpt)`` builds, built from ``cfg``, the
+    dict this run read from config.json, instead of from a second read of the file: a file rewritten between two
+    reads would give a plan of other bytes than those read, checked and keyed (pack.plancache).
+
+    The steps are transformers 5.x's own (``AutoConfig.from_pretrained`` -> ``PreTrainedConfig.get_config_dict``
+    -> ``from_dict``): special floats decoded, the hub snapshot's commit hash, its ``mistral`` + ``layer_types``
+    -> ``ministral`` rule, the class of ``model_type``, ``name_or_path``. A config whose ``auto_map`` names an
+    ``AutoConfig`` but whose model_type transformers lacks is refused with transformers' message, without its
+    interactive prompt (pdqkit never runs a checkpoint's code). A config listing ``configuration_files`` (which
+    transformers may take from a versioned ``config.X.json``) goes through ``from_pretrained`` itself.
+    """
     from transformers import AutoConfig
+    from transformers.configuration_utils import PreTrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.utils.hub import extract_commit_hash
+
+    if "configuration_files" in cfg:
+        return AutoConfig.from_pretrained(str(ckpt))
+    d = PreTrainedConfig._decode_special_floats(copy.deepcopy(cfg))
+    d["_commit_hash"] = extract_commit_hash(os.path.join(str(ckpt), "config.json"), None)
+    model_type = d["model_type"]
+    if model_type == "mistral" and "layer_types" in d:
+        d["model_type"] = model_type = "ministral"
+    if model_type not in CONFIG_MAPPING:
+        auto_map = d.get("auto_map")
+        if isinstance(auto_map, dict) and "AutoConfig" in auto_map:
+            raise ValueError(f"The repository {ckpt} contains custom code which must be executed to correctly load "
+                             f"the model. You can inspect the repository content at {os.path.abspath(ckpt)} .")
+        raise ValueError(f"The checkpoint you are trying to load has model type `{model_type}` but Transformers "
+                         f"does not recognize this architecture. This could be because of an issue with the "
+                         f"checkpoint, or because your version of Transformers is out of date.")
+    return CONFIG_MAPPING[model_type].from_dict(d, name_or_path=str(ckpt))
+
+
+def build_meta_model(ckpt: Path, cfg: dict) -> tuple[str, torch.nn.Module]:
+    """Instantiate the checkpoint's architecture from its config dict ``cfg`` on the meta device (no weights)."""
+    import transformers
 
     f = Path(ckpt) / "config.json"
     _check_dtype(cfg, f)
     try:
-        hf_config = AutoConfig.from_pretrained(str(ckpt))
+        config = hf_config(ckpt, cfg)
     except Exception as e:  # noqa: BLE001 - unknown model_type (ValueError/KeyError) or inconsistent config
         msg = (str(e).splitlines() or [type(e).__name__])[0]
         raise QuantizeError(f"{f}: transformers {transformers.__version__} cannot read this config "
@@ -101,7 +140,7 @@ def build_meta_model(ckpt: Path, cfg: dict) -> tuple[str, torch.nn.Module]:
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            model = cls(hf_config)
+            model = cls(config)
     except Exception as e:  # noqa: BLE001 - any inconsistency of the config surfaces here
         msg = (str(e).splitlines() or [type(e).__name__])[0]
         raise QuantizeError(f"{f}: transformers cannot build {arch} from this config ({type(e).__name__}: "
@@ -117,18 +156,44 @@ def _saved_keys(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-def plan_model(ckpt: Path, recipe) -> ModelPlan:
+def _class_modules(model: torch.nn.Module) -> tuple[str, ...]:
+    """The transformers modules that define the classes of ``model``'s modules and of its config and sub-configs,
+    their base classes included (a sub-config left out of config.json takes its class's default, which may live
+    in another model package than any model_type config.json names)."""
+    from transformers.configuration_utils import PreTrainedConfig
+
+    found: set[str] = set()
+
+    def add(obj) -> None:
+        found.update(c.__module__ for c in type(obj).__mro__ if c.__module__.startswith("transformers."))
+
+    for m in model.modules():
+        add(m)
+    configs, seen = [model.config], set()
+    while configs:
+        c = configs.pop()
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        add(c)
+        configs += [v for v in vars(c).values() if isinstance(v, PreTrainedConfig)]
+    return tuple(sorted(found))
+
+
+def plan_model(ckpt: Path, recipe, config: dict | None = None) -> ModelPlan:
     """Config -> meta model -> targeted Linears, the tensor keys to write, the quantization_config block.
 
-    ``recipe``: a pack.qconfig.QuantRecipe. Imports transformers and compressed-tensors (~1.5 s of a CPU run):
-    pack.plancache.cached_plan keeps the result for the next run with the same inputs."""
+    ``recipe``: a pack.qconfig.QuantRecipe. ``config``: ``ckpt``'s config.json as :func:`load_config` returned it,
+    if the caller has it (the model is then built from that dict: config.json is not read again); else it is read
+    here. Imports transformers and compressed-tensors (~1.5 s of a CPU run): pack.plancache.cached_plan keeps the
+    result for the next run with the same inputs."""
     from compressed_tensors.utils.match import match_named_modules
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     from .card import serving_facts
     from .qconfig import quantization_config
 
-    cfg = load_config(ckpt)
+    cfg = load_config(ckpt) if config is None else config
     arch, model = build_meta_model(ckpt, cfg)
     if get_model_conversion_mapping(model, add_legacy=False):
         raise QuantizeError(f"{Path(ckpt) / 'config.json'}: transformers renames or converts {arch}'s checkpoint "
@@ -138,7 +203,8 @@ def plan_model(ckpt: Path, recipe) -> ModelPlan:
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) + tuple(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     qcfg = quantization_config(model, targeted, recipe)
-    return ModelPlan(cfg, arch, tuple(targeted), _saved_keys(model), keep, qcfg, serving_facts(model.config))
+    return ModelPlan(cfg, arch, tuple(targeted), _saved_keys(model), keep, qcfg, serving_facts(model.config),
+                     _class_modules(model))
 
 
 def looks_quantized(name: str) -> bool:

@@ -21,7 +21,10 @@ Pipeline (spec pack-quantized.md):
    ``from_pretrained(dtype=bfloat16)``); a few MB per worker in memory, never a whole model or shard.
 5. **finish**: index (if sharded), tokenizer/processor files, ``pdqkit_lineage.json`` + ``quant_recipe.json``
    (spec §6), model card, ``vllm_config.yaml`` and ``config.json`` (+ ``quantization_config``, §3) last; the
-   temp dir is renamed to ``out`` only when everything succeeded (:func:`pack.checkpoint.atomic_output_dir`).
+   temp dir is renamed to ``out`` only when everything succeeded (:func:`pack.checkpoint.atomic_output_dir`),
+   and only once every file is on disk (``fsync``, on by default: the writer starts each file's writeback as it
+   streams, so the final sync waits for the tail; the rename is synced too). ``fsync=False`` (``--no-fsync``)
+   skips it: the bytes are the same, only a crash soon after the run could leave unwritten blocks.
 
 Same input and options -> byte-identical output (no timestamps unless ``SOURCE_DATE_EPOCH`` is set).
 """
@@ -326,14 +329,16 @@ def _workers(device: str) -> int:
 MAX_AHEAD_BYTES = 64 << 20  # bytes in flight ahead of the writer (bounds the peak RSS)
 
 
-def _write_shards(tmp: Path, shards: list[list[_Out]], workers: int, bar) -> tuple[dict, dict, int]:
-    """Stream every shard file; returns ({file: sha256}, {tensor: file}, total tensor bytes)."""
+def _write_shards(tmp: Path, shards: list[list[_Out]], workers: int, bar,
+                  writeback: bool = False) -> tuple[dict, dict, int]:
+    """Stream every shard file; returns ({file: sha256}, {tensor: file}, total tensor bytes). ``writeback``: start
+    writing each file to disk as it is written (pack.stio.SafetensorsFileWriter)."""
     names = ([SINGLE_NAME] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     hashes, weight_map, total = {}, {}, 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdqkit-work") as pool:
         for fname, shard in zip(names, shards):
-            w = SafetensorsFileWriter(tmp / fname, {o.name: (o.dtype, o.shape) for o in shard})
+            w = SafetensorsFileWriter(tmp / fname, {o.name: (o.dtype, o.shape) for o in shard}, writeback=writeback)
             try:
                 stream_file(w, {o.name: o.pieces() for o in shard}, pool, max_inflight=4 * workers + 4,
                             max_bytes=MAX_AHEAD_BYTES, on_tensor=lambda name: bar.update(1))
@@ -351,7 +356,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                         progress: bool = False, vllm_max_model_len: int = 8192,
                         input_hasher: FileHasher | None = None, plan_cache: bool = True,
-                        hash_cache: bool = True) -> QuantizeResult:
+                        hash_cache: bool = True, fsync: bool = True) -> QuantizeResult:
     """Quantize bf16 checkpoint dir ``ckpt`` into a pack-quantized checkpoint dir ``out`` (see module doc).
 
     ``input_hasher``: a :class:`~pack.checkpoint.FileHasher` already hashing ``ckpt``'s safetensors files (the
@@ -361,6 +366,8 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     file, store nothing); applies to the hasher started here (``input_hasher`` was started with its own choice).
     Either way the run stops if an input safetensors file changed while it was read (judged by size and mtime only
     when the hasher runs without the cache, for filesystems whose inodes or ctimes are not stable).
+    ``fsync``: every output file is on disk before ``out`` is renamed into place, and the rename is synced (see
+    pack.checkpoint.atomic_output_dir); False skips that (same bytes; recorded nowhere).
     Raises :class:`QuantizeError` (nothing written) for bad input or options.
     """
     t0 = time.perf_counter()
@@ -399,11 +406,12 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
             n_tensors = sum(len(s) for s in shards)
             if device == "cpu":
                 torch.set_num_threads(1)  # parallel over weights instead (see pack.pipeline)
-            with atomic_output_dir(out, force=force) as tmp:
+            with atomic_output_dir(out, force=force, fsync=fsync) as tmp:
                 bar = _progress(n_tensors, progress)
                 t_stream = time.perf_counter()
                 try:
-                    out_hashes, weight_map, total = _write_shards(tmp, shards, _workers(device), bar)
+                    out_hashes, weight_map, total = _write_shards(tmp, shards, _workers(device), bar,
+                                                                  writeback=fsync)
                 finally:  # an error message then starts on its own line, not glued to the bar's
                     bar.close()
                 t_stream = time.perf_counter() - t_stream

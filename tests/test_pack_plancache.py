@@ -96,27 +96,163 @@ def test_key_follows_pdqkit_planning_sources(tmp_path):
         f.write_bytes(keep)
 
 
-def test_key_follows_transformers_sources(tmp_path, monkeypatch):
-    """The model package of every model_type in config.json (or the longest prefix that has one) and transformers'
-    model-building modules are hashed, found without importing transformers."""
+def _fake_transformers(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "site" / "transformers"
     for mt in ("gemma4", "clip", "unrelated", "auto"):
         (root / "models" / mt).mkdir(parents=True)
         (root / "models" / mt / f"modeling_{mt}.py").write_text("x = 1\n")
     (root / "models" / "auto" / "configuration_auto.py").write_text("x = 1\n")
     (root / "modeling_utils.py").write_text("x = 1\n")
+    (root / "utils").mkdir()
+    (root / "utils" / "hub.py").write_text("x = 1\n")
     spec = types.SimpleNamespace(submodule_search_locations=[str(root)])
     monkeypatch.setattr(pc, "find_spec", lambda name: spec if name == "transformers" else None)
+    return root
+
+
+def test_key_follows_transformers_sources(tmp_path, monkeypatch):
+    """The model package of every model_type in config.json (or the longest prefix that has one) and transformers'
+    model-building modules are hashed, found without importing transformers."""
+    root = _fake_transformers(tmp_path, monkeypatch)
+    monkeypatch.setattr(pc, "_as_distributed", lambda root: True)  # a wheel install: its version names its code
     # a text-only Gemma-4 (gemma4_text lives in models/gemma4) with a tower whose type has no package of its own
     cfg = {"model_type": "gemma4_text", "vision_config": {"model_type": "clip_vision_model"}}
     seen = _sources_sha256(cfg)
-    (root / "models" / "unrelated" / "modeling_unrelated.py").write_text("x = 2\n")
-    assert _sources_sha256(cfg) == seen
+    for f in ("models/unrelated/modeling_unrelated.py", "utils/hub.py", "models/unrelated/new.py"):
+        (root / f).write_text("x = 2\n")
+        assert _sources_sha256(cfg) == seen, f
     for f in ("models/gemma4/modeling_gemma4.py", "models/clip/modeling_clip.py", "modeling_utils.py",
-              "models/auto/configuration_auto.py", "models/gemma4/configuration_gemma4.py"):  # the last one new
+              "models/auto/configuration_auto.py", "models/gemma4/configuration_gemma4.py",  # the last one new
+              "modeling_layers.py", "initialization.py", "models/auto/modeling_auto.py"):  # new too
         (root / f).write_text("x = 3\n")
         assert _sources_sha256(cfg) != seen, f
         seen = _sources_sha256(cfg)
+
+
+def test_key_of_an_editable_transformers_follows_every_source(tmp_path, monkeypatch):
+    """A transformers that is not its distribution's own files (editable, or a checkout on the path) has a version
+    that names no fixed code: every .py file of the imported package is hashed."""
+    root = _fake_transformers(tmp_path, monkeypatch)
+    monkeypatch.setattr(pc, "_as_distributed", lambda root: False)
+    cfg = {"model_type": "gemma4_text"}
+    seen = _sources_sha256(cfg)
+    (root / "models" / "unrelated" / "notes.txt").write_text("not a source\n")
+    assert _sources_sha256(cfg) == seen
+    for f in ("models/unrelated/modeling_unrelated.py", "utils/hub.py", "models/unrelated/new.py", "new.py"):
+        (root / f).write_text("x = 4\n")
+        assert _sources_sha256(cfg) != seen, f
+        seen = _sources_sha256(cfg)
+
+
+class _Dist:
+    def __init__(self, site: Path, direct_url: str | None):
+        self.site, self.direct_url = site, direct_url
+
+    def read_text(self, name):
+        return self.direct_url if name == "direct_url.json" else None
+
+    def locate_file(self, path):
+        return self.site / path
+
+
+@pytest.mark.parametrize("direct_url, where, expected", [
+    (None, "site", True),                                                       # a wheel from an index
+    ('{"url": "file:///src/t", "dir_info": {}}', "site", True),                 # pip install ./t (a copy)
+    ('{"url": "file:///src/t", "dir_info": {"editable": true}}', "site", False),  # pip install -e
+    (None, "elsewhere", False),                                                 # a checkout on PYTHONPATH
+    ("{not json", "site", False),
+])
+def test_as_distributed(tmp_path, monkeypatch, direct_url, where, expected):
+    site, other = tmp_path / "site", tmp_path / "src"
+    for d in (site, other):
+        (d / "transformers").mkdir(parents=True)
+    monkeypatch.setattr(pc, "distribution", lambda name: _Dist(site, direct_url))
+    root = (site if where == "site" else other) / "transformers"
+    assert pc._as_distributed(root) is expected
+
+
+def test_the_installed_transformers_counts_as_distributed():
+    root = pc._package_root("transformers")
+    assert root is not None and pc._as_distributed(root)  # the venv's transformers is a wheel install
+
+
+_TINY_GEMMA3 = {
+    "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "dtype": "bfloat16",
+    "mm_tokens_per_image": 4,
+    "text_config": {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128,
+                    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+                    "vocab_size": 512, "sliding_window": 64},
+    # no model_type: transformers takes Gemma3Config's default class for it, SiglipVisionConfig (models/siglip)
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+}
+
+
+def test_sources_name_the_package_of_a_sub_config_without_model_type(tmp_path):
+    """A sub-config without model_type brings in a model package the key cannot name from config.json
+    (SiglipVisionConfig, transformers' default for Gemma-3's vision_config): the model's classes name it, and an
+    entry's ``depends`` record lists its files."""
+    from pack.targets import _class_modules, build_meta_model
+
+    ckpt = tmp_path / "gemma3"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(_TINY_GEMMA3))
+    _, model = build_meta_model(ckpt, _TINY_GEMMA3)  # plan_model refuses Gemma-3 (renamed tensors) after this
+    assert type(model.config.vision_config).__module__ == "transformers.models.siglip.configuration_siglip"
+    modules = _class_modules(model)
+    assert {"transformers.models.siglip.configuration_siglip", "transformers.models.siglip.modeling_siglip",
+            "transformers.models.gemma3.modeling_gemma3", "transformers.modeling_utils"} <= set(modules)
+    assert not any("/siglip/" in f for f in _key_files_named(_TINY_GEMMA3))  # the key alone misses it
+    files = pc._depends(_TINY_GEMMA3, modules)["files"]
+    assert {"transformers/models/siglip/configuration_siglip.py", "transformers/models/siglip/modeling_siglip.py",
+            "transformers/activations.py"} <= set(files)
+    assert not set(files) & set(_key_files_named(_TINY_GEMMA3))  # what the key hashes is not hashed twice
+
+
+def test_a_hit_checks_the_files_its_entry_depends_on(mm_ckpt, cache):
+    """The entry records the sources beyond the key with their sha256; a hit whose listed files no longer hold
+    those bytes (or are gone) is planned afresh and the entry rewritten."""
+    recipe = QuantRecipe()
+    fresh = plan_model(mm_ckpt, recipe)
+    assert "transformers.models.gemma4.modeling_gemma4" in fresh.sources
+    assert cached_plan(mm_ckpt, recipe) == (fresh, False)
+    (entry,) = _entries(cache)
+    stored = json.loads(entry.read_text())
+    depends = stored["depends"]["files"]
+    assert "transformers/activations.py" in depends  # the activations' classes: not among the key's files
+    root = pc._package_root("transformers")
+    assert stored["depends"]["sha256"] == pc._hash_files([(root, root.parent / n) for n in depends])
+    assert cached_plan(mm_ckpt, recipe) == (fresh, True)
+    entry.write_text(json.dumps({**stored, "depends": {**stored["depends"], "sha256": "0" * 64}}))  # other bytes
+    assert cached_plan(mm_ckpt, recipe) == (fresh, False)
+    assert json.loads(entry.read_text()) == stored
+    entry.write_text(json.dumps({**stored, "depends": {**stored["depends"],
+                                                       "files": depends + ["transformers/models/gone.py"]}}))
+    assert cached_plan(mm_ckpt, recipe) == (fresh, False)
+    assert cached_plan(mm_ckpt, recipe) == (fresh, True)
+
+
+def _key_files_named(cfg: dict) -> list[str]:
+    return [pc._rel(top, f) for top, f in pc._key_files(cfg)]
+
+
+def test_depends_follow_the_listed_files(tmp_path, monkeypatch):
+    """The check of a hit reads the listed files as they are now: an edit of one of them is a miss."""
+    root = _fake_transformers(tmp_path, monkeypatch)
+    monkeypatch.setattr(pc, "_as_distributed", lambda root: True)
+    (root / "models" / "clip" / "configuration_clip.py").write_text("x = 1\n")
+    record = pc._depends({"model_type": "gemma4"}, ["transformers.models.clip.configuration_clip",
+                                                    "transformers.utils.hub", "transformers.modeling_utils",
+                                                    "torch.nn.modules.linear"])
+    # the clip package whole, utils/hub.py; modeling_utils.py is in the key already, torch is not transformers
+    assert record["files"] == ["transformers/models/clip/configuration_clip.py",
+                               "transformers/models/clip/modeling_clip.py", "transformers/utils/hub.py"]
+    assert pc._depends_unchanged(record)
+    (root / "models" / "clip" / "modeling_clip.py").write_text("x = 5\n")
+    assert not pc._depends_unchanged(record)
+    assert pc._depends_unchanged(pc._depends({"model_type": "gemma4"}, ["transformers.models.clip.modeling_clip"]))
+    for bad in (None, {}, {"files": "x", "sha256": ""}, {"files": [1], "sha256": ""}):
+        assert not pc._depends_unchanged(bad)
 
 
 def test_no_home_directory_plans_without_the_cache(mm_ckpt, monkeypatch):
@@ -297,3 +433,105 @@ def test_a_hit_marks_its_entry_used(mm_ckpt, cache, monkeypatch, refusal):
 
     monkeypatch.setattr(cachedir.os, "utime", refuse)
     assert cached_plan(mm_ckpt, recipe) == (plan, True)
+
+
+def _config_only(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")  # planning reads nothing else
+    return dst
+
+
+@pytest.mark.parametrize("when", ["after each read", "before transformers reads it", "both"])
+def test_the_plan_is_built_from_the_config_the_key_holds(mm_ckpt, tmp_path, cache, monkeypatch, when):
+    """config.json rewritten while a run plans (after a read of it, or just before transformers would read it again
+    to build its config object: the window where the key's bytes and the model's could differ): the plan returned
+    and stored under the key of the bytes read is that config's plan, not the other one's."""
+    import transformers
+
+    import pack.targets
+
+    ckpt = _config_only(mm_ckpt, tmp_path / "racy")
+    keyed = json.loads((ckpt / "config.json").read_text())
+    other = json.loads(json.dumps(keyed))
+    other["text_config"]["intermediate_size"] += 128  # other shapes: another plan
+    expected = plan_model(_config_only(mm_ckpt, tmp_path / "pristine"), QuantRecipe())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps(other))
+    assert plan_model(tmp_path / "other", QuantRecipe()).saved != expected.saved
+
+    def rewrite() -> None:
+        (ckpt / "config.json").write_text(json.dumps(other))
+
+    real_load, real_from_pretrained = pack.targets.load_config, transformers.AutoConfig.from_pretrained
+
+    def load_then_rewrite(path):
+        cfg = real_load(path)
+        rewrite()  # every later read sees the other config
+        return cfg
+
+    def rewrite_then_read(cls, *args, **kwargs):
+        rewrite()
+        return real_from_pretrained(*args, **kwargs)
+
+    if when != "before transformers reads it":
+        monkeypatch.setattr(pack.targets, "load_config", load_then_rewrite)
+    if when != "after each read":
+        monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", classmethod(rewrite_then_read))
+    for keyed_config in (None, keyed):  # read by cached_plan, or handed over by the writer (which read it)
+        (ckpt / "config.json").write_text(json.dumps(keyed))
+        plan, hit = cached_plan(ckpt, QuantRecipe(), config=keyed_config)
+        assert plan == expected and plan.saved == expected.saved
+        (entry,) = _entries(cache)
+        assert entry.name == f"{plan_key(keyed, QuantRecipe())}.json"
+        assert pc._from_json(json.loads(entry.read_text()), keyed) == expected  # what a later hit returns
+        # use_cache=False builds from the same single read
+        (ckpt / "config.json").write_text(json.dumps(keyed))
+        assert cached_plan(ckpt, QuantRecipe(), use_cache=False, config=keyed_config) == (expected, False)
+
+
+def _snapshot(src: Path, root: Path) -> Path:
+    d = root / "models--org--name" / "snapshots" / ("ab12" * 10)
+    return _config_only(src, d)
+
+
+@pytest.mark.parametrize("which", ["mm_ckpt", "text_ckpt", "snapshot", "special float", "mistral layer_types",
+                                   "unknown model_type"])
+def test_hf_config_is_what_from_pretrained_builds(request, tmp_path, which):
+    """pack.targets.hf_config builds from the dict already read the same config object as transformers'
+    AutoConfig.from_pretrained reading the file (the reference)."""
+    from transformers import AutoConfig
+
+    from pack.targets import hf_config
+
+    if which in ("mm_ckpt", "text_ckpt"):
+        ckpt = request.getfixturevalue(which)
+    elif which == "snapshot":  # a hub snapshot: transformers records its commit hash
+        ckpt = _snapshot(request.getfixturevalue("text_ckpt"), tmp_path)
+    else:
+        ckpt = tmp_path / "c"
+        ckpt.mkdir()
+        text = json.loads((request.getfixturevalue("text_ckpt") / "config.json").read_text())
+        cfg = ({**text, "pdqkit_test_float": {"__float__": "Infinity"}} if which == "special float" else
+               {**text, "model_type": "no_such_model_type"} if which == "unknown model_type" else
+               {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "num_key_value_heads": 1, "vocab_size": 256, "layer_types": ["full_attention"] * 2})
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    if which == "unknown model_type":  # the same first line (what pdqkit's one-line error quotes)
+        with pytest.raises(ValueError) as ref_error:
+            AutoConfig.from_pretrained(str(ckpt))
+        with pytest.raises(ValueError) as our_error:
+            hf_config(ckpt, cfg)
+        assert str(our_error.value).splitlines()[0] == str(ref_error.value).splitlines()[0]
+        return
+    ours, ref = hf_config(ckpt, cfg), AutoConfig.from_pretrained(str(ckpt))
+    # compared as transformers serialises them (PreTrainedConfig.__eq__ trips over Gemma-4's per-layer attributes)
+    assert type(ours) is type(ref) and ours.to_json_string(use_diff=False) == ref.to_json_string(use_diff=False)
+    assert (ours.name_or_path, ours._commit_hash) == (ref.name_or_path, ref._commit_hash)  # not serialised
+    if which == "snapshot":
+        assert ours._commit_hash == "ab12" * 10
+    if which == "special float":
+        assert ours.pdqkit_test_float == float("inf")
+    if which == "mistral layer_types":
+        assert ours.model_type == "ministral" and cfg["model_type"] == "mistral"  # the dict read is not changed

@@ -234,3 +234,64 @@ def test_cuda_device_same_bytes(base, out_fp32div, tmp_path):
     out = tmp_path / "cuda"
     quantize_checkpoint(base, out, QuantRecipe(), device="cuda")
     assert _files(out) == _files(out_fp32div)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names synced descriptors through /proc/self/fd")
+@pytest.mark.parametrize("shards", ["one file", "sharded"])
+def test_output_is_synced_before_the_rename(base, out_fp32div, tmp_path, monkeypatch, shards):
+    """Durable output: every file of the output (each shard, the metadata, the aux files) is fdatasync'ed and the
+    temp dir fsynced before it is renamed into place, the parent dir after; the shards' writeback was started
+    while they were written. --no-fsync syncs nothing and writes the same bytes."""
+    import os
+
+    import pack.stio
+
+    events: list[tuple[str, str]] = []
+    started: list[tuple[str, int, int]] = []
+
+    def spy(kind, real):
+        def call(fd):
+            events.append((kind, os.readlink(f"/proc/self/fd/{fd}")))
+            return real(fd)
+        return call
+
+    real_replace, real_start = os.replace, pack.stio.start_writeback
+
+    def replace(src, dst, **kw):
+        events.append(("replace", f"{src} -> {dst}"))
+        return real_replace(src, dst, **kw)
+
+    def start(fd, off, n):
+        started.append((os.readlink(f"/proc/self/fd/{fd}"), off, n))
+        return real_start(fd, off, n)
+
+    monkeypatch.setattr(os, "fsync", spy("fsync", os.fsync))
+    monkeypatch.setattr(os, "fdatasync", spy("fdatasync", os.fdatasync))
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(pack.stio, "start_writeback", start)
+    extra = ["--max-shard-size", "2MB"] if shards == "sharded" else []
+    out = tmp_path / "synced"
+    assert main([str(base), "-o", str(out), "--no-progress", "--no-plan-cache", *extra]) == 0
+    (rename,) = [i for i, (k, what) in enumerate(events) if k == "replace" and what.endswith(f" -> {out}")]
+    tmp = events[rename][1].split(" -> ")[0]
+    names = sorted(p.name for p in out.iterdir())
+    assert (len([n for n in names if n.endswith(".safetensors")]) > 1) is (shards == "sharded")
+    before, after = events[:rename], events[rename + 1:]
+    assert {f"{tmp}/{n}" for n in names} <= {p for k, p in before if k == "fdatasync"}  # every file's data
+    assert ("fsync", tmp) in before  # its directory entries
+    assert ("fsync", str(tmp_path)) in after  # the rename
+    for n in names:
+        if n.endswith(".safetensors"):  # writeback started on the way: the whole file, in order, no gap
+            ranges = [(o, k) for p, o, k in started if p == f"{tmp}/{n}"]
+            assert len(ranges) >= 1 and ranges[0][0] == 0
+            assert all(a + m == b for (a, m), (b, _) in zip(ranges, ranges[1:]))
+            assert ranges[-1][0] + ranges[-1][1] == (out / n).stat().st_size
+    # --no-fsync: nothing synced, no writeback started, the same bytes
+    events.clear()
+    started.clear()
+    unsynced = tmp_path / "unsynced"
+    assert main([str(base), "-o", str(unsynced), "--no-progress", "--no-plan-cache", "--no-fsync", *extra]) == 0
+    assert not [e for e in events if e[0] != "replace"] and not started
+    assert _files(unsynced) == _files(out)
+    if shards == "one file":
+        assert _files(out) == _files(out_fp32div)  # the same bytes as a run with the default options

@@ -6,11 +6,13 @@ import hashlib
 import json
 import os
 import struct
+import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from pack import stio
 from pack.errors import QuantizeError
 from pack.stio import SafetensorsFileWriter, SourceFiles, iter_chunks, read_header, read_tensor, tensor_bytes
 
@@ -46,6 +48,65 @@ def test_writer_is_byte_identical_to_save_file(tmp_path):
     ours, ref = (tmp_path / "ours.safetensors").read_bytes(), (tmp_path / "ref.safetensors").read_bytes()
     assert ours == ref
     assert sha == hashlib.sha256(ref).hexdigest()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux-only")
+def test_writer_starts_writeback_of_every_byte_once_written(tmp_path, monkeypatch):
+    """writeback=True: the writer asks the kernel to start writing every byte of the file to disk, in order, in
+    stretches of about WRITEBACK_STEP, each once its bytes are in the file (flushed from the file object's buffer);
+    the file is the same. writeback=False asks for nothing."""
+    monkeypatch.setattr(stio, "WRITEBACK_STEP", 1 << 20)
+    asked: list[tuple[int, int]] = []
+    ok: list[bool] = []
+    real = stio.start_writeback
+
+    def spy(fd, off, n):
+        asked.append((off, n))
+        with open(f, "rb") as fh:  # already written (the kernel has them): another reader sees them
+            fh.seek(off)
+            ok.append(fh.read(n) == expected[off:off + n])
+        real(fd, off, n)
+
+    monkeypatch.setattr(stio, "start_writeback", spy)
+    g = torch.Generator().manual_seed(5)
+    tensors = {"big": torch.randn(1 << 20, generator=g), "small": torch.randn(3, generator=g).bfloat16(),
+               "mid": torch.randint(-2**31, 2**31 - 1, (300_000,), generator=g, dtype=torch.int32)}
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    expected = (tmp_path / "ref.safetensors").read_bytes()
+    for writeback in (True, False):
+        asked.clear()
+        f = tmp_path / f"wb-{writeback}.safetensors"
+        w = SafetensorsFileWriter(f, {k: (_st(v.dtype), tuple(v.shape)) for k, v in tensors.items()},
+                                  writeback=writeback)
+        for name in w.order:
+            b = bytes(tensor_bytes(tensors[name]))
+            w.write(name, [b[i:i + (300 << 10)] for i in range(0, len(b), 300 << 10)])
+        w.close()
+        assert f.read_bytes() == expected
+        if not writeback:
+            assert asked == []
+            continue
+        assert len(asked) >= 5 and all(ok)
+        assert asked[0][0] == 0 and sum(n for _, n in asked) == len(expected)
+        assert all(a + n == b for (a, n), (b, _) in zip(asked, asked[1:]))  # contiguous, no byte twice
+        assert all(n >= 1 << 20 for _, n in asked[:-1])  # stretches of at least WRITEBACK_STEP, then the tail
+
+
+def test_writer_reports_a_failed_writeback_instead_of_hanging(tmp_path, monkeypatch):
+    """An error on the hashing thread (here: the writeback request) is raised by close(); the writer, which hands
+    that thread its work through a bounded queue, does not wait forever on it."""
+    monkeypatch.setattr(stio, "WRITEBACK_STEP", 1 << 16)
+    monkeypatch.setattr(stio, "_sync_file_range", lambda: (lambda *a: 0))  # present, even off Linux
+
+    def broken(fd, off, n):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(stio, "start_writeback", broken)
+    w = SafetensorsFileWriter(tmp_path / "x.safetensors", {"a": ("F32", (1 << 18,))}, writeback=True)
+    b = bytes(1 << 20)
+    w.write("a", [b[i:i + (1 << 14)] for i in range(0, len(b), 1 << 14)])  # many more chunks than the queue holds
+    with pytest.raises(RuntimeError, match=r"x\.safetensors: hashing or writeback failed \(OSError: .*Input/output"):
+        w.close()
 
 
 def test_writer_checks_order_and_sizes(tmp_path):
@@ -146,7 +207,7 @@ def test_no_weights(tmp_path):
         SourceFiles(tmp_path)
 
 
-def test_file_hasher_matches_hashlib_and_cancels(tmp_path):
+def test_file_hasher_matches_hashlib(tmp_path):
     """The background input hasher (started by the CLI before torch is imported) gives each file's sha256."""
     from pack.checkpoint import FileHasher, safetensors_files, sha256_file
 
@@ -158,12 +219,55 @@ def test_file_hasher_matches_hashlib_and_cancels(tmp_path):
     assert h.result() == {"model.safetensors": hashlib.sha256(data).hexdigest()}
     assert h.result()["model.safetensors"] == sha256_file(files[0])
     h.cancel()  # after the result: harmless
-    stopped = FileHasher(files, chunk=1 << 10, use_cache=False)  # a child to stop, whatever the cache holds
-    stopped.cancel()  # stopped mid-file, or already done: never a hash of part of the file
+    assert h.result() == {"model.safetensors": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
+def test_file_hasher_cancel_stops_the_child(tmp_path):
+    """cancel() kills a child that is still hashing: the child is gone at once and result() says it was cancelled.
+
+    The input is a named pipe that this test holds open for writing, so the child blocks on it until the test
+    lets it go: it is certainly still running when cancel() is called. Should cancel() only wait, the pipe is fed
+    and closed after a few seconds, the child finishes, and result() returns a hash: the test fails instead of
+    hanging."""
+    import signal
+    import threading
+    import time
+
+    from pack.checkpoint import FileHasher
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)  # a writer end that never blocks: opening the pipe to read does not block
+    released = threading.Event()
+
+    def release():  # only if cancel() did not stop the child
+        released.set()
+        os.write(writer, b"x" * 1000)
+        os.close(writer)
+
+    h = FileHasher([fifo], use_cache=False)
+    assert h._proc is not None
+    timer = threading.Timer(5.0, release)
+    timer.start()
     try:
-        assert stopped.result() == h.result()
-    except RuntimeError as e:
-        assert "cancelled" in str(e)
+        time.sleep(0.3)  # the child has started and opened the pipe (either way it cannot finish before release)
+        assert h._proc.poll() is None
+        t0 = time.monotonic()
+        h.cancel()
+        elapsed = time.monotonic() - t0
+    finally:
+        timer.cancel()
+        timer.join()
+    if not released.is_set():
+        os.close(writer)
+    assert not released.is_set() and elapsed < 4.0  # cancel() did not wait for the child to finish
+    assert h._proc.returncode == -signal.SIGKILL  # killed, and reaped: no process left behind
+    with pytest.raises(ProcessLookupError):
+        os.kill(h._proc.pid, 0)
+    with pytest.raises(RuntimeError, match="input hashing was cancelled"):
+        h.result()
+    h.cancel()  # again: harmless
 
 
 def test_file_hasher_child_reports_unreadable_file(tmp_path):

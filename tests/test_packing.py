@@ -117,3 +117,36 @@ def test_property_roundtrip_and_ct_equivalence(n, k, seed):
 def test_cuda_packs_same_words():
     codes = torch.randint(-8, 8, (257, 1032), generator=torch.Generator().manual_seed(3), dtype=torch.int8)
     assert torch.equal(pack_int4(codes.cuda()).cpu(), pack_int4(codes))
+
+
+def _words_by_hand(codes: torch.Tensor) -> list[list[int]]:
+    """Reference packer in plain Python ints (spec §2.1): nibble ``q + 8`` of element ``8j + i`` at bits ``4i`` of
+    word ``j``, rows padded with u = 0, words as int32 two's complement."""
+    out = []
+    for row in codes.tolist():
+        u = [q + 8 for q in row] + [0] * (-len(row) % 8)
+        words = [sum(u[8 * j + i] << (4 * i) for i in range(8)) for j in range(len(u) // 8)]
+        out.append([w - 2**32 if w >= 2**31 else w for w in words])
+    return out
+
+
+@pytest.mark.parametrize("make", [
+    lambda g: torch.randint(-8, 8, (16, 1), generator=g, dtype=torch.int8).t(),   # [1, 16], strides (1, 1)
+    lambda g: torch.randint(-8, 8, (13, 1), generator=g, dtype=torch.int8).t(),   # the same, padded
+    lambda g: torch.randint(-8, 8, (24, 1), generator=g, dtype=torch.int32).t(),  # other dtype, converted
+    lambda g: torch.randint(-8, 8, (1, 40), generator=g, dtype=torch.int8)[:, 3:19],  # [1, 16] at an odd offset
+    lambda g: torch.zeros(3, 0, dtype=torch.int8),                                 # K = 0
+    lambda g: torch.zeros(0, 16, dtype=torch.int8),                                # N = 0
+    lambda g: torch.zeros(0, 0, dtype=torch.int8),
+], ids=["1xK transposed", "1xK transposed padded", "int32 transposed", "1xK offset slice", "K=0", "N=0", "0x0"])
+def test_contiguous_codes_with_unusual_strides(make):
+    """Contiguous tensors whose strides forbid a dtype view (a transposed column, a size-0 dimension) pack like
+    any other: the same words as the hand-computed reference and compressed-tensors' packer."""
+    codes = make(torch.Generator().manual_seed(11))
+    assert codes.is_contiguous()
+    n, k = codes.shape
+    ours = pack_int4(codes)
+    assert ours.dtype == torch.int32 and ours.shape == (n, -(-k // 8))
+    assert ours.tolist() == _words_by_hand(codes)
+    assert torch.equal(ours, pack_to_int32(codes.to(torch.int8), num_bits=4))
+    assert torch.equal(unpack_int4(ours, k), codes.to(torch.int8))
