@@ -6,6 +6,7 @@ per-GPU throughput and per-rank peak memory."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,23 +35,28 @@ def test_loss_parity_one_vs_two_processes(tmp_path):
     (a0, *_), (b0, *_) = rep["loss_one"], rep["loss_many"]
     assert abs(a0 - b0) <= 1e-6 * abs(a0) and rep["max_rel_diff"] < 1e-3, rep
     assert rep["max_abs_diff"] == max(abs(a - b) for a, b in zip(rep["loss_one"], rep["loss_many"]))
-    # the figure: drawn where matplotlib is installed (not a pdqkit dependency); else no file, and --replot says why
+    # the figure (matplotlib is in the [test] extra, so CI draws it): a real image of the figure's size
+    # (7 x 6 in at 110 dpi), not blank
+    from matplotlib.image import imread
+
     png = out / "loss_parity.png"
-    try:
-        import matplotlib  # noqa: F401
-        has_mpl = True
-    except ImportError:
-        has_mpl = False
-    assert png.is_file() == has_mpl
-    if has_mpl:
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        png.unlink()  # --replot redraws it from the report alone
-    r = subprocess.run([sys.executable, str(REPO / "bench/gpu/loss_parity.py"), "--replot",
-                        str(out / "loss_parity.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
-    if has_mpl:
-        assert r.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG", r.stderr[-2000:]
-    else:
-        assert r.returncode == 2 and "matplotlib is not installed" in r.stderr and not png.exists()
+    first = png.read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(png)
+    assert img.shape[:2] == (660, 770) and img[..., :3].std() > 0.05, (img.shape, img[..., :3].std())
+    png.unlink()  # --replot redraws it from the report alone: the same figure, the same bytes (Agg, no timestamp)
+    replot = [sys.executable, str(REPO / "bench/gpu/loss_parity.py"), "--replot", str(out / "loss_parity.json")]
+    r = subprocess.run(replot, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"wrote {png}" in r.stdout, r.stderr[-2000:]
+    assert png.read_bytes() == first
+    # without matplotlib (a pdqkit install without the [test] extra): --replot says why and draws nothing. A
+    # module that fails to import stands in for the missing package (PYTHONPATH comes before site-packages).
+    png.unlink()
+    (tmp_path / "no_mpl").mkdir()
+    (tmp_path / "no_mpl" / "matplotlib.py").write_text("raise ImportError('no matplotlib in this test')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "no_mpl"), str(REPO)]))
+    r = subprocess.run(replot, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "matplotlib is not installed" in r.stderr and not png.exists(), r.stderr[-2000:]
 
 
 def test_distill_bench_under_torchrun(tmp_path):

@@ -56,30 +56,45 @@ def test_fused_refuses_jsd_and_unknown_impl():
         DistillConfig(teacher="t", student="s", out="o", phase=2, loss_impl="fused")
 
 
+def _recording_backend(graphs: list, on_graph=None):
+    """A torch.compile backend that appends every graph Dynamo captured to ``graphs`` (after ``on_graph(gm)``, if
+    given) and runs it as aot_eager does (the same capture and AOTAutograd split as inductor, no C++ build on the
+    CPU runner). A function Dynamo does not capture (falls back to eager) leaves ``graphs`` as it was."""
+    def backend(gm, example_inputs):
+        graphs.append(on_graph(gm) if on_graph else gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    return backend
+
+
 @pytest.fixture
 def aot_eager_compile(monkeypatch):
-    """``torch.compile`` -> the aot_eager backend (same graph capture and AOTAutograd split as inductor, no C++
-    build on the CPU runner), with distill.losses' compile cache emptied; yields the list of compiled fns."""
+    """``torch.compile`` -> :func:`_recording_backend` with distill.losses' compile cache and Dynamo's caches
+    emptied (a recompile limit left over from other tests would make Dynamo fall back to eager silently); yields
+    ``(compiled fns, captured graphs)``."""
     real = torch.compile
-    calls = []
+    calls, graphs = [], []
 
     def fake_compile(fn, **kw):
         calls.append(fn)
-        return real(fn, backend="aot_eager", dynamic=False)
+        return real(fn, backend=_recording_backend(graphs), dynamic=False)
 
+    torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(L, "_COMPILED", {})
-    return calls
+    return calls, graphs
 
 
 @pytest.mark.parametrize("impl,kind", [("fused", "forward_kl"), ("autograd", "gjsd")])
 def test_compiled_chunk_equals_eager(aot_eager_compile, impl, kind):
-    """compile=True goes through torch.compile and gives the eager values."""
-    calls = aot_eager_compile
+    """compile=True goes through torch.compile (Dynamo captures the chunk function into a graph rather than
+    falling back to eager) and gives the eager values."""
+    calls, graphs = aot_eager_compile
     fn = per_token_loss_fn(kind, temperature=1.5, beta=0.3)
     ref = _loss_and_grads(impl, fn)
+    assert not calls and not graphs  # the eager reference compiled nothing
     got = _loss_and_grads(impl, fn, compile=True)
-    assert calls, "compile=True did not compile"
+    assert calls, "compile=True did not call torch.compile"
+    assert graphs, "torch.compile captured no graph of the chunk function"
     for a, b in zip(got, ref):
         _close(a, b, 1e-5)
 
@@ -87,7 +102,7 @@ def test_compiled_chunk_equals_eager(aot_eager_compile, impl, kind):
 def test_compiled_hidden_loss_equals_checkpointed(aot_eager_compile):
     """hidden_state_loss(compile=True) (hand-written gradient, compiled) gives the default path's value and
     gradients, bf16 and fp32 hidden states, two layers with different weights."""
-    calls = aot_eager_compile
+    calls, graphs = aot_eager_compile
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):
         hs0 = [torch.randn(2, 7, 24, generator=g).to(dtype) for _ in range(2)]
@@ -103,7 +118,7 @@ def test_compiled_hidden_loss_equals_checkpointed(aot_eager_compile):
         _close(t1, t0, 1e-5)
         for a, b in zip(p1 + g1, p0 + g0):
             _close(a, b, 1e-5 if dtype == torch.float32 else 1e-2)
-    assert calls, "compile=True did not compile"
+    assert calls and graphs, "compile=True did not compile"
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -199,11 +214,30 @@ def test_partial_checkpointing_same_gradients(micro):
 
 
 def test_compiled_layers_same_values_and_hooks():
+    """compile_decoder_layers gives the eager values and gradients, layer hooks still fire, and Dynamo really
+    captured a graph for every kind of decoder layer (sliding / full attention, with own / shared KV)."""
     model = build_model("micro", seed=2, dtype=torch.float32).train()
+    layers = decoder_layers(model)
+    cfg = model.config
+    first_shared = cfg.num_hidden_layers - cfg.num_kv_shared_layers
+    kinds = [(t, i >= first_shared) for i, t in enumerate(cfg.layer_types)]
+    assert len(set(kinds)) == 4  # micro has all four kinds
     ids = torch.randint(4, 2000, (2, 96), generator=torch.Generator().manual_seed(2))
     ref = _forward_backward(model, ids, "sdpa", capture=(0, 5))
-    compile_decoder_layers(model, backend="aot_eager")
-    got = _forward_backward(model, ids, "sdpa", capture=(0, 5))
+    # which layer's forward Dynamo is capturing when the backend gets a graph: a pre-hook (eager, outside the
+    # compiled forward) notes the layer about to run; layers of one kind may share one compiled graph
+    running = [None]
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: running.__setitem__(0, i))
+               for i, layer in enumerate(layers)]
+    captured = []
+    torch._dynamo.reset()  # no compiled code or recompile limit left over from other tests
+    try:
+        compile_decoder_layers(model, backend=_recording_backend(captured, lambda gm: running[0]))
+        got = _forward_backward(model, ids, "sdpa", capture=(0, 5))
+    finally:
+        for h in handles:
+            h.remove()
+    assert {kinds[i] for i in captured} == set(kinds), f"graphs captured for layers {captured} only"
     again = _forward_backward(model, ids, "sdpa", capture=(2,))  # other hooks: still eager around forward
     _close(got[0], ref[0], 1e-5)
     for i in (0, 5):

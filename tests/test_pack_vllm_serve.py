@@ -238,10 +238,10 @@ def test_sigterm_to_the_driver_stops_the_server(tmp_path):
                 pass
 
 
-def _stub_driver(monkeypatch, tmp_path, offline_tokens):
+def _stub_driver(monkeypatch, tmp_path, offline_tokens, cuda_differs=False):
     """main()'s collaborators replaced: quantizing copies the checkpoint (adding the card files the serve step
-    needs), the HF / offline-vLLM workers answer from the stand-in's token rule, and the server is the
-    stand-in."""
+    needs; with ``cuda_differs`` the --device cuda copy's model.safetensors has its last byte changed), the HF /
+    offline-vLLM workers answer from the stand-in's token rule, and the server is the stand-in."""
     import functools
     import shutil
 
@@ -249,6 +249,10 @@ def _stub_driver(monkeypatch, tmp_path, offline_tokens):
         shutil.copytree(src, dst, dirs_exist_ok=True)
         (dst / "vllm_config.yaml").write_text('dtype: "bfloat16"\n')
         (dst / "mode").write_text("ok")
+        if cuda_differs and device == "cuda":
+            data = bytearray((dst / "model.safetensors").read_bytes())
+            data[-1] ^= 1
+            (dst / "model.safetensors").write_bytes(bytes(data))
 
     def spawn(kind, spec, work, name, env=None):
         toks = offline_tokens(spec["prompts"], spec["new_tokens"])
@@ -284,9 +288,25 @@ def test_driver_reports_a_serve_failure_in_its_json(monkeypatch, tmp_path):
     rep = json.loads((tmp_path / "o" / "pack_vllm_check.json").read_text())
     assert rc == 1 and any("has no tokenizer" in f for f in rep["failures"]), rep["failures"]
     e = rep["checkpoints"]["micro"]
-    assert e["vllm_serve"]["ok"] is False and e["cpu_cuda_identical"] and e["vllm_marlin"]["vs_hf"]
+    assert e["vllm_serve"]["ok"] is False and e["vllm_marlin"]["vs_hf"]
+    # the stub's two quantized copies are the same bytes: reported identical, no failure for it (the other side
+    # of the comparison: test_driver_reports_cpu_cuda_outputs_that_differ)
+    assert e["cpu_cuda_identical"] is True and not any("outputs differ" in f for f in rep["failures"])
     # main stops a running server on SIGTERM, and gives the handler back when it returns
     assert handlers == [pvc._on_sigterm] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_driver_reports_cpu_cuda_outputs_that_differ(monkeypatch, tmp_path):
+    """One byte of the --device cuda output differs from the --device cpu output: reported in the entry and as a
+    failure (exit status 1)."""
+    import json
+
+    _stub_driver(monkeypatch, tmp_path, _expected, cuda_differs=True)
+    rc = pvc.main(["--scales", "micro", "--serve", "--prompts", "2", "--new-tokens", "3",
+                   "--out", str(tmp_path / "o")])
+    rep = json.loads((tmp_path / "o" / "pack_vllm_check.json").read_text())
+    assert rc == 1 and rep["checkpoints"]["micro"]["cpu_cuda_identical"] is False
+    assert "micro: --device cpu and --device cuda outputs differ" in rep["failures"], rep["failures"]
 
 
 def _stub_driver_with_tokenizer(monkeypatch, tmp_path):

@@ -162,8 +162,9 @@ def test_layer_by_layer_stats_equal_full_forward(prune_ckpts, kind):
     model = load_model(prune_ckpts[kind])
     ids = _ids(6, 96, seed=5)  # 96 > sliding window 64: the sliding mask matters
     if kind == "mm":   # placeholder ids in the text: the model's forward reads them as the pad token
-        model.config.image_token_id, model.config.audio_token_id = 7, 9
-        ids[:, 10], ids[2:, 40], ids[0, 41] = 7, 9, 7
+        # all three kinds, each moved into the 2048-token vocabulary (by default they lie outside it)
+        model.config.image_token_id, model.config.video_token_id, model.config.audio_token_id = 7, 8, 9
+        ids[:, 10], ids[2:, 40], ids[0, 41], ids[1:4, 60], ids[5, 61:63] = 7, 9, 7, 8, 8
     got = collect_mlp_stats(model, ids, batch_size=4)
     ref = _full_forward_stats(model, ids)
     assert len(got) == len(ref) == len(_mlps(model))

@@ -2,9 +2,9 @@
 
 The reference for the score is independent of autograd: central finite differences of each window's next-token
 loss when one channel of one layer's MLP intermediate is scaled by ``1 +- eps`` (float64 model, plain forwards
-with a bare hook). The pruned checkpoints are checked like tests/test_prune.py checks the other criteria: the
-kept channels (recovered by matching weight rows) are the top scores, on Gemma-4 text, multimodal and
-double-wide checkpoints and on Llama."""
+with a bare hook), on Gemma-4 text, multimodal and double-wide checkpoints and on Llama. The pruned checkpoints
+are checked like tests/test_prune.py checks the other criteria: the kept channels (recovered by matching weight
+rows) are the top scores of ``taylor_stats`` (checked against the finite differences on the same four kinds)."""
 from __future__ import annotations
 
 import pytest
@@ -40,23 +40,49 @@ def _window_losses_fd(model, ids, layer, channel, scale) -> torch.Tensor:
     return torch.stack([F.cross_entropy(logits[w, :-1], ids[w, 1:]) for w in range(ids.shape[0])])
 
 
-def test_scores_equal_finite_differences(prune_ckpts, monkeypatch):
-    # Gemma-4's RMSNorm computes in fp32 even in an fp64 model, which would bury the finite differences in
-    # rounding noise; here it runs in the model's dtype (the same model for both sides of the comparison)
+# Per checkpoint kind: the layers and channels compared with finite differences. The first and the last layer
+# (on `wide` the last is a double-wide KV-shared one, 1280 channels: 640, 1000 and 1279 lie beyond the normal
+# width), and channels spread over the width, so that scores attached to the wrong channels (e.g. in reverse
+# order: 0 <-> 639, 7 <-> 632, 640 <-> 639) cannot pass on any kind.
+_FD_POINTS = {
+    "text": {0: (0, 7, 300, 639), 5: (0, 7, 300, 639)},
+    "mm": {0: (0, 7, 300, 639), 5: (0, 7, 300, 639)},
+    "wide": {0: (0, 7, 300, 639), 5: (0, 7, 300, 639, 640, 1000, 1279)},
+    "llama": {0: (0, 7, 300, 639), 1: (0, 7, 300, 639)},
+}
+
+
+@pytest.mark.parametrize("kind", list(_FD_POINTS))
+def test_scores_equal_finite_differences(prune_ckpts, monkeypatch, kind):
+    # Gemma-4's and Llama's RMSNorms compute in fp32 even in an fp64 model, which would bury the finite
+    # differences in rounding noise; here they run in the model's dtype (the same model for both sides of the
+    # comparison)
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     def norm_in_dtype(self, x):
         out = self._norm(x)
         return out * self.weight if self.with_scale else out
+
+    def llama_norm_in_dtype(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
     monkeypatch.setattr(Gemma4RMSNorm, "forward", norm_in_dtype)
-    model = load_model(prune_ckpts["text"]).double()
+    monkeypatch.setattr(LlamaRMSNorm, "forward", llama_norm_in_dtype)
+    model = load_model(prune_ckpts[kind]).double()
+    widths = [m.down_proj.in_features for m in _mlps(model)]
+    points = _FD_POINTS[kind]
+    assert max(points) == len(widths) - 1 and all(max(ch) == widths[i] - 1 for i, ch in points.items())
+    if kind == "wide":
+        assert widths[-1] == 2 * widths[0]  # the last layer's MLP really is double width
     ids = torch.randint(4, 2048, (3, 48), generator=torch.Generator().manual_seed(0))
     stats = taylor_stats(model, ids, batch_size=2)  # two batches: 2 + 1 windows
     assert all(p.requires_grad for p in model.parameters())  # flags restored
-    assert len(stats) == len(_mlps(model)) and all(st.tokens == 3 for st in stats)
-    eps = 1e-4  # central differences: agree to ~1e-6 relative here for eps from 1e-2 to 1e-5
-    for layer in (0, len(stats) - 1):
-        for channel in (0, 7, 300, 639):
+    assert [st.width for st in stats] == widths and all(st.tokens == 3 for st in stats)
+    # central differences: their O(eps^2) error reached 8e-6 relative at eps 1e-4 (mm, layer 0, channel 639; 7e-4
+    # at 1e-3); at 1e-5 that channel agrees to 1e-7 and every sampled one on mm to 3e-7 (fp64 rounding)
+    eps = 1e-5
+    for layer, channels in points.items():
+        for channel in channels:
             d = (_window_losses_fd(model, ids, layer, channel, 1 + eps)
                  - _window_losses_fd(model, ids, layer, channel, 1 - eps)) / (2 * eps)  # dL_w/dm_wj
             st = stats[layer]
