@@ -229,17 +229,24 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 @functools.cache
-def _fallocate():
-    """libc's ``fallocate`` as a ctypes function, looked up once; None where this libc has none."""
+def _libc(name: str, *argtypes: str):
+    """libc's function ``name`` as a ctypes function taking ``argtypes`` (ctypes type names) and returning an int,
+    looked up once; None off Linux or where this libc has none."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        f = ctypes.CDLL(None, use_errno=True).fallocate
+        f = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    f.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    f.argtypes = tuple(getattr(ctypes, t) for t in argtypes)
     f.restype = ctypes.c_int
     return f
+
+
+def _fallocate():
+    return _libc("fallocate", "c_int", "c_int", "c_int64", "c_int64")
 
 
 def _preallocate(fd: int, size: int) -> None:
@@ -261,20 +268,8 @@ def _preallocate(fd: int, size: int) -> None:
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait for it
 
 
-@functools.cache
 def _sync_file_range():
-    """libc's ``sync_file_range`` (Linux) as a ctypes function, looked up once; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        f = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    f.restype = ctypes.c_int
-    return f
+    return _libc("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
 
 
 def start_writeback(fd: int, offset: int, n: int) -> None:
