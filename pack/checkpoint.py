@@ -43,8 +43,9 @@ AUX_FILE_PATTERNS = (
 
 __all__ = [
     "SINGLE_NAME", "INDEX_NAME", "KNORM_SHARD", "safetensors_files", "FileHasher",
-    "LINEAGE_FILE", "RECIPE_FILE", "atomic_output_dir", "fsync_tree", "copy_aux_files", "sha256_file", "read_lineage",
-    "write_lineage", "lineage_step", "kv_shared_k_norm_tensors", "save_bf16_checkpoint", "json_dump",
+    "LINEAGE_FILE", "RECIPE_FILE", "atomic_output_dir", "fsync_tree", "InterruptedAfterCommit", "UnsyncedAfterCommit",
+    "copy_aux_files", "sha256_file", "read_lineage", "write_lineage", "lineage_step", "kv_shared_k_norm_tensors",
+    "save_bf16_checkpoint", "json_dump",
 ]
 
 
@@ -68,10 +69,28 @@ class InterruptedAfterCommit(KeyboardInterrupt):
     """An interruption (Ctrl-C, SIGTERM) that arrived after :func:`atomic_output_dir` had put the new output in
     place, while it deleted the previous copy: the output is complete; ``old`` may be left behind."""
 
-    def __init__(self, out: Path, old: Path):
-        super().__init__(f"{out} was written; interrupted while deleting the previous copy, which may remain at "
-                         f"{old} (delete it)")
+    def __init__(self, out: Path, old: Path | None):
+        if old is None:   # interrupted while the directory entries were synced (atomic_output_dir's fsync)
+            msg = (f"{out} was written; interrupted while syncing it to disk (a crash before the system syncs may "
+                   "lose it)")
+        else:
+            msg = (f"{out} was written; interrupted while deleting the previous copy, which may remain at {old} "
+                   "(delete it)")
+        super().__init__(msg)
         self.out, self.old = out, old
+
+
+class UnsyncedAfterCommit(OSError):
+    """Syncing the directory entries failed after :func:`atomic_output_dir` had put the new output in place: the
+    output is complete, but whether it survives a crash is not known."""
+
+    def __init__(self, out: Path, err: OSError):
+        super().__init__(err.errno, f"{out} was written, but syncing it to disk failed ({err.strerror or err}): it "
+                                    f"may not survive a crash; run `sync`, or write it again with --force")
+        self.out = out
+
+
+_NO_SYNC = (errno.EINVAL, errno.ENOTSUP)  # "this filesystem does not sync": not an I/O error
 
 
 def _fsync_dir(d: Path) -> None:
@@ -85,7 +104,7 @@ def _fsync_dir(d: Path) -> None:
     try:
         os.fsync(fd)
     except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+        if e.errno not in _NO_SYNC + (errno.EBADF,):
             raise
     finally:
         os.close(fd)
@@ -106,6 +125,9 @@ def fsync_tree(root: Path) -> None:
             fd = os.open(f, os.O_RDONLY)
             try:
                 sync(fd)
+            except OSError as e:   # a filesystem with no file sync at all: as durable as it makes it
+                if e.errno not in _NO_SYNC:
+                    raise
             finally:
                 os.close(fd)
     for d in reversed(dirs):
@@ -166,8 +188,13 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, fsync: bool =
         except KeyboardInterrupt:
             raise InterruptedAfterCommit(out, old) from None
     if fsync:  # the rename (and the previous copy's removal, the directories this call made) on disk too
-        for d in [out.parent, *(p.parent for p in made)]:
-            _fsync_dir(d)
+        try:
+            for d in [out.parent, *(p.parent for p in made)]:
+                _fsync_dir(d)
+        except KeyboardInterrupt:   # the output is in place: never "nothing was written" from here on
+            raise InterruptedAfterCommit(out, None) from None
+        except OSError as e:
+            raise UnsyncedAfterCommit(out, e) from e
 
 
 def copy_aux_files(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:

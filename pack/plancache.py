@@ -16,10 +16,11 @@ The key (sha256 of a JSON document) covers:
   transformers modules that build and save models (``modeling_utils``, ``configuration_utils``,
   ``conversion_mapping``, ``modeling_layers``, ``initialization``, ``models/auto/configuration_auto`` and
   ``modeling_auto``);
-* when the imported transformers is not its installed distribution's own files (an editable install, whose
-  ``direct_url.json`` says ``editable``, or a package found elsewhere than the distribution's files, e.g. a
-  source checkout on ``PYTHONPATH``), so that its version names no fixed code: every source file of that
-  package instead (~2,700 files, ~53 MB: ~0.1 s);
+* when the imported transformers is not its distribution's own files as installed from an index (any install
+  with a ``direct_url.json``: editable, a local directory, a VCS or archive URL; a legacy develop install or a
+  checkout with an ``.egg-info``; a package found elsewhere than the distribution's files, e.g. a source checkout
+  on ``PYTHONPATH``), so that its version names no fixed code: every source file of that package instead (~2,700
+  files, ~53 MB: ~0.1 s);
 * every source file of compressed-tensors (its matching rules and config models: ~115 files, ~0.5 MB, 4-9 ms);
 * pdqkit's own planning sources: targets, qconfig, card and this module.
 
@@ -102,19 +103,19 @@ def _package_root(name: str) -> Path | None:
 
 
 def _as_distributed(root: Path, top: str = "transformers", dist_name: str = "transformers") -> bool:
-    """Whether package ``top``, found at ``root``, is distribution ``dist_name``'s own installed files, whose version
-    then names its code: not an editable install (``direct_url.json``: ``dir_info.editable``) and not a package
-    found elsewhere than the distribution's files (a source checkout on ``PYTHONPATH``)."""
+    """Whether package ``top``, found at ``root``, is distribution ``dist_name``'s own files as installed from an
+    index, whose version then names its code. Not so for: an install from a local directory, a VCS or an archive
+    URL (any ``direct_url.json``: editable or not, its version string pins no code); a legacy develop install or a
+    source checkout with an ``.egg-info`` (no ``RECORD`` listing ``top/__init__.py``); a package found elsewhere
+    than the distribution's files (a checkout on ``PYTHONPATH``)."""
     try:
         dist = distribution(dist_name)
-    except PackageNotFoundError:
+        if dist.read_text("direct_url.json") is not None:
+            return False
+        record = dist.read_text("RECORD") or ""
+    except (PackageNotFoundError, OSError, ValueError):
         return False
-    try:
-        direct = json.loads(dist.read_text("direct_url.json") or "{}")
-    except ValueError:  # not JSON: nothing it says can be trusted
-        return False
-    info = direct.get("dir_info") if isinstance(direct, dict) else None
-    if isinstance(info, dict) and info.get("editable"):
+    if not any(line.startswith(f"{top}/__init__.py,") for line in record.splitlines()):
         return False
     return Path(dist.locate_file(top)).resolve() == root.resolve()
 

@@ -158,11 +158,14 @@ def _run(args: argparse.Namespace, hasher) -> int:
                                      input_hasher=hasher, plan_cache=not args.no_plan_cache,
                                      hash_cache=not args.no_hash_cache, fsync=not args.no_fsync)
     except BaseException as e:
-        from .checkpoint import InterruptedAfterCommit
+        from .checkpoint import InterruptedAfterCommit, UnsyncedAfterCommit
 
         if isinstance(e, InterruptedAfterCommit):   # the output is complete: say so, not "nothing was written"
             print(f"error: interrupted: {e}", file=sys.stderr)
             return 130
+        if isinstance(e, UnsyncedAfterCommit):      # likewise
+            print(f"error: {e.strerror}", file=sys.stderr)
+            return 1
         if isinstance(e, KeyboardInterrupt) or _interrupted.is_set():  # whatever the signal turned into
             first = (str(e).splitlines() or [""])[0]  # one line, whatever the message
             then = "" if isinstance(e, KeyboardInterrupt) else f" (then {type(e).__name__}: {first})"

@@ -90,16 +90,22 @@ def hf_config(ckpt: Path, cfg: dict):
     -> ``ministral`` rule, the class of ``model_type``, ``name_or_path``. A config whose ``auto_map`` names an
     ``AutoConfig`` but whose model_type transformers lacks is refused with transformers' message, without its
     interactive prompt (pdqkit never runs a checkpoint's code). A config listing ``configuration_files`` (which
-    transformers may take from a versioned ``config.X.json``) goes through ``from_pretrained`` itself.
+    transformers may take from a versioned ``config.X.json``) goes through ``from_pretrained`` itself, and so does
+    every config with a transformers that lacks the internals used here (the second read is then back).
     """
     from transformers import AutoConfig
-    from transformers.configuration_utils import PreTrainedConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.utils.hub import extract_commit_hash
 
+    try:  # transformers internals (5.16 and 5.17 have them): a version without them reads the file again instead
+        from transformers.configuration_utils import PreTrainedConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers.utils.hub import extract_commit_hash
+
+        decode = PreTrainedConfig._decode_special_floats
+    except (ImportError, AttributeError):
+        return AutoConfig.from_pretrained(str(ckpt))
     if "configuration_files" in cfg:
         return AutoConfig.from_pretrained(str(ckpt))
-    d = PreTrainedConfig._decode_special_floats(copy.deepcopy(cfg))
+    d = decode(copy.deepcopy(cfg))
     d["_commit_hash"] = extract_commit_hash(os.path.join(str(ckpt), "config.json"), None)
     model_type = d["model_type"]
     if model_type == "mistral" and "layer_types" in d:

@@ -494,6 +494,37 @@ def test_interrupt_after_the_output_is_in_place_says_so(ckpt, tmp_path, capsys, 
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("failure", ["interrupt", "eio"])
+def test_a_failed_sync_after_the_rename_says_the_output_is_written(ckpt, tmp_path, capsys, monkeypatch, failure):
+    """The directory fsyncs run after the output is in place: a Ctrl-C or an I/O error there must say that the
+    output was written (and that its durability is unconfirmed), never "nothing was written"."""
+    import errno
+
+    from pack import checkpoint
+
+    out = tmp_path / "o"
+    real = checkpoint._fsync_dir
+
+    def failing(d):
+        if out.exists():   # only once the rename has happened
+            if failure == "interrupt":
+                raise KeyboardInterrupt
+            raise OSError(errno.EIO, "Input/output error")
+        return real(d)
+
+    monkeypatch.setattr(checkpoint, "_fsync_dir", failing)
+    capsys.readouterr()
+    rc = main([str(ckpt), "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert "nothing was written" not in err and len(err.splitlines()) == 1, err
+    if failure == "interrupt":
+        assert rc == 130 and err.startswith(f"error: interrupted: {out} was written; interrupted while syncing"), err
+    else:
+        assert rc == 1 and err.startswith(f"error: {out} was written, but syncing it to disk failed "
+                                          "(Input/output error)") and "--force" in err, err
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
 def test_input_without_lineage_gets_a_base_step(ckpt, tmp_path, capsys):
     """Spec §6: every step but the base names its ``from``. A plain Hugging Face checkpoint (no lineage) gets a
     ``base`` step: a hub snapshot by hub id and revision, any other dir by name; with the input's sha256. The

@@ -145,28 +145,34 @@ def test_key_of_an_editable_transformers_follows_every_source(tmp_path, monkeypa
 
 
 class _Dist:
-    def __init__(self, site: Path, direct_url: str | None):
-        self.site, self.direct_url = site, direct_url
+    def __init__(self, site: Path, direct_url: str | None, record: str | None):
+        self.site, self.direct_url, self.record = site, direct_url, record
 
     def read_text(self, name):
-        return self.direct_url if name == "direct_url.json" else None
+        return {"direct_url.json": self.direct_url, "RECORD": self.record}.get(name)
 
     def locate_file(self, path):
         return self.site / path
 
 
-@pytest.mark.parametrize("direct_url, where, expected", [
-    (None, "site", True),                                                       # a wheel from an index
-    ('{"url": "file:///src/t", "dir_info": {}}', "site", True),                 # pip install ./t (a copy)
-    ('{"url": "file:///src/t", "dir_info": {"editable": true}}', "site", False),  # pip install -e
-    (None, "elsewhere", False),                                                 # a checkout on PYTHONPATH
-    ("{not json", "site", False),
+_RECORD = "transformers/__init__.py,sha256=abc,123\ntransformers/modeling_utils.py,sha256=def,456\n"
+
+
+@pytest.mark.parametrize("direct_url, record, where, expected", [
+    (None, _RECORD, "site", True),                                                # a wheel from an index
+    ('{"url": "file:///src/t", "dir_info": {}}', _RECORD, "site", False),         # pip install ./t: any code
+    ('{"url": "file:///src/t", "dir_info": {"editable": true}}', _RECORD, "site", False),  # pip install -e
+    ('{"url": "https://x/t.git", "vcs_info": {"vcs": "git"}}', _RECORD, "site", False),  # pip install git+...
+    (None, None, "site", False),                     # an .egg-info (setup.py develop, an old checkout): no RECORD
+    (None, "transformers/utils.py,,\n", "site", False),   # a RECORD that does not list the package
+    (None, _RECORD, "elsewhere", False),                                          # a checkout on PYTHONPATH
+    ("{not json", _RECORD, "site", False),
 ])
-def test_as_distributed(tmp_path, monkeypatch, direct_url, where, expected):
+def test_as_distributed(tmp_path, monkeypatch, direct_url, record, where, expected):
     site, other = tmp_path / "site", tmp_path / "src"
     for d in (site, other):
         (d / "transformers").mkdir(parents=True)
-    monkeypatch.setattr(pc, "distribution", lambda name: _Dist(site, direct_url))
+    monkeypatch.setattr(pc, "distribution", lambda name: _Dist(site, direct_url, record))
     root = (site if where == "site" else other) / "transformers"
     assert pc._as_distributed(root) is expected
 

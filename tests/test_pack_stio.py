@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import sys
+import threading
 
 import pytest
 import torch
@@ -102,11 +104,23 @@ def test_writer_reports_a_failed_writeback_instead_of_hanging(tmp_path, monkeypa
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(stio, "start_writeback", broken)
-    w = SafetensorsFileWriter(tmp_path / "x.safetensors", {"a": ("F32", (1 << 18,))}, writeback=True)
-    b = bytes(1 << 20)
-    w.write("a", [b[i:i + (1 << 14)] for i in range(0, len(b), 1 << 14)])  # many more chunks than the queue holds
-    with pytest.raises(RuntimeError, match=r"x\.safetensors: hashing or writeback failed \(OSError: .*Input/output"):
-        w.close()
+    got: list = []
+
+    def run():  # in a thread: a writer that does hang fails this test after 30 s instead of stalling the suite
+        try:
+            w = SafetensorsFileWriter(tmp_path / "x.safetensors", {"a": ("F32", (1 << 18,))}, writeback=True)
+            b = bytes(1 << 20)
+            w.write("a", [b[i:i + (1 << 14)] for i in range(0, len(b), 1 << 14)])  # more chunks than the queue holds
+            w.close()
+        except BaseException as e:  # noqa: BLE001 - checked below
+            got.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the writer hung on its hashing thread"
+    assert len(got) == 1 and isinstance(got[0], RuntimeError), got
+    assert re.search(r"x\.safetensors: hashing or writeback failed \(OSError: .*Input/output", str(got[0])), got
 
 
 def test_writer_checks_order_and_sizes(tmp_path):

@@ -297,6 +297,7 @@ def test_lineage_records_the_prune_step(prune_ckpts, pruned):
     (cal,) = step["calibration"]
     assert (cal["dataset"], cal["split"], cal["num_samples"], cal["seq_len"], cal["tokens"], cal["seed"]) == \
            ("bench.corpus", "calib", SAMPLES, SEQ, SAMPLES * SEQ, 0)
+    assert cal["selection"] == "first"   # the first windows of the stream: the seed did not pick them
     assert cal["sha256"] == res.calibration.sha256
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 512
     summary = res.summary()

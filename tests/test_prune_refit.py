@@ -263,3 +263,20 @@ def test_bad_refit_damp_one_line_error_nothing_written(ckpts, tmp_path, capsys, 
 def test_prune_config_rejects_bad_damp(damp):
     with pytest.raises(ValueError, match="--refit-damp"):
         PruneConfig(refit=True, refit_damp=damp)
+
+
+def test_refit_warns_when_fitted_on_few_tokens_per_column(ckpts, tmp_path, capsys):
+    """Fewer than 4 calibration tokens per kept down_proj column: the least squares fit those tokens and the
+    summary's (in-sample) error reduction says little about other text, so the run warns on stderr, counting
+    the double-wide layers' kept width."""
+    from prune.run import REFIT_MIN_TOKENS_PER_CHANNEL as k, refit_warning
+
+    assert refit_warning(k * 512, 512) is None
+    w = refit_warning(k * 512 - 1, 512)
+    assert w and "in-sample" in w and "512 kept columns" in w and f"only {k * 512 - 1} " in w and "\n" not in w
+    assert SAMPLES * SEQ < k * 1024   # this suite's calibration is small: the wide run must warn
+    capsys.readouterr()
+    _prune(ckpts["wide"], tmp_path / "w", refit=True)
+    assert refit_warning(SAMPLES * SEQ, 1024) in capsys.readouterr().err
+    _prune(ckpts["wide"], tmp_path / "p")   # no refit, no warning
+    assert "in-sample" not in capsys.readouterr().err
