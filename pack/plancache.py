@@ -115,7 +115,7 @@ def _as_distributed(root: Path, top: str = "transformers", dist_name: str = "tra
         record = dist.read_text("RECORD") or ""
     except (PackageNotFoundError, OSError, ValueError):
         return False
-    if not any(line.startswith(f"{top}/__init__.py,") for line in record.splitlines()):
+    if f"\n{top}/__init__.py," not in "\n" + record:  # one substring search of ~300 KB (~0.3 ms), every run
         return False
     return Path(dist.locate_file(top)).resolve() == root.resolve()
 
