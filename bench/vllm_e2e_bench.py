@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gpu.vllm_e2e_check import (check_kernel_use, engine_env, finish_engine,  # noqa: E402
+from bench.gpu.vllm_e2e_check import (check_kernel_use, engine_env, finish_engine, launch_summary,  # noqa: E402
                                       install_engine_reaper, pack_quantize, run_engine_subprocess, start_engine,
                                       text_config_of)
 
@@ -206,6 +206,11 @@ def engine_main(spec_path: str) -> None:
     res["prefill"] = {"tok_s": round(n * L / min(ts), 0), "prompts": n, "prompt_len": L,
                       "s_all": [round(t, 4) for t in ts]}
     res["bench_s"] = round(time.perf_counter() - t0, 1)
+    # pdqkit's launch census (engine_env turns it on for pdqkit engines): every launch made from Python over the
+    # whole bench, per kernel, shape and config (start-up, warm-up, prefills beyond the captured batch sizes); CUDA
+    # graph replays are not seen
+    w4a16 = sys.modules.get("kernels.w4a16")
+    res["launches"] = w4a16.census(reset=True) if w4a16 is not None else {}
     finish_engine(res, spec["result"])
 
 
@@ -356,6 +361,8 @@ def main(argv=None) -> int:
                if "decode" in r else "ERROR " + r.get("error", "")[-300:])
         print(f"[{name}] {r['wall_s']} s (startup {r.get('startup_s', '-')} s), kernels {r['kernels_logged']}, "
               f"census {r.get('census')}: {msg}", flush=True)
+        if r.get("launches"):
+            print(f"[{name}] launches: {launch_summary(r['launches'])}", flush=True)
 
     res_file.write_text(json.dumps(state, indent=1))   # settings and meta of this call, also when nothing ran
     print("\n" + _table(state["variants"], with_reference=args.scale == "e4b" and args.compile == "vllm"))

@@ -439,3 +439,19 @@ def test_vllm_e2e_reduced(tmp_path):
         f = report["fast"]["eager"][batch]
         assert f["positions_compared"] > 0 and f["dlogprob_max"] < 0.1, f
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_launch_summary_groups_kernels_over_shapes_and_marks_fallbacks():
+    """The one-line census summary both vLLM drivers print: calls summed and M ranges merged per kernel over all
+    shapes and configs, a dispatcher fallback listed apart from the kernel run by choice."""
+    from bench.gpu.vllm_e2e_check import launch_summary
+
+    cen = {"gemv_mma 2560x2048 [gemv_mma bm1 bn2 bk512 w1 st3]": {"calls": 3, "m_min": 1, "m_max": 1},
+           "gemv_mma 3072x2560": {"calls": 2, "m_min": 1, "m_max": 2},
+           "prefill 2560x2048 [fallback for prefill_wsp bm128 bn128 bk128 w4 st3]": {"calls": 1, "m_min": 300,
+                                                                                    "m_max": 300},
+           "prefill 2560x2048 [prefill bm32 bn64 bk64 w4 st3]": {"calls": 2, "m_min": 40, "m_max": 70},
+           "prefill_wsp 8192x8192 [prefill_wsp bm128 bn128 bk128 w4 st3]": {"calls": 4, "m_min": 128, "m_max": 1024}}
+    assert launch_summary(cen) == ("gemv_mma x5 (M 1..2), prefill x2 (M 40..70), prefill (fallback) x1 (M 300..300), "
+                                   "prefill_wsp x4 (M 128..1024)")
+    assert launch_summary({}) == "-"

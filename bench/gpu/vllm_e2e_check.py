@@ -413,6 +413,17 @@ def engine_main(spec_path: str) -> None:
 # comparisons
 # ----------------------------------------------------------------------------------------------------------------
 
+def launch_summary(census: dict) -> str:
+    """One line from a :func:`kernels.w4a16.census`: each kernel that ran (a dispatcher fallback marked), its calls
+    and M range, over all shapes."""
+    ran = {}
+    for key, e in census.items():
+        name = key.split(" ")[0] + (" (fallback)" if "fallback for" in key else "")
+        lo, hi, c = ran.get(name, (e["m_min"], e["m_max"], 0))
+        ran[name] = (min(lo, e["m_min"]), max(hi, e["m_max"]), c + e["calls"])
+    return ", ".join(f"{n} x{c} (M {lo}..{hi})" for n, (lo, hi, c) in sorted(ran.items())) or "-"
+
+
 def compare_exact(ref: list[dict], got: list[dict]) -> dict:
     """Bit-identity of tokens and of the top-k logprob lists (token ids, values, ranks) per prompt."""
     tok_same = lp_same = 0
@@ -655,13 +666,7 @@ def main(argv=None) -> int:
         print(f"{tag:<16} {', '.join(u['logged']) or '-':<30} {json.dumps(u['census']):<27} {'yes' if u['ok'] else 'NO'}")
     for tag, phases in report["launches"].items():   # which of pdqkit's kernels ran, per generate call
         for phase in ("b1", "batched"):
-            ran = {}
-            for key, e in phases.get(phase, {}).items():
-                name = key.split(" ")[0] + (" (fallback)" if "fallback for" in key else "")
-                lo, hi, c = ran.get(name, (e["m_min"], e["m_max"], 0))
-                ran[name] = (min(lo, e["m_min"]), max(hi, e["m_max"]), c + e["calls"])
-            print(f"launches {tag} {phase}: " + ", ".join(f"{n} x{c} (M {lo}..{hi})" for n, (lo, hi, c) in
-                                                           sorted(ran.items())))
+            print(f"launches {tag} {phase}: {launch_summary(phases.get(phase, {}))}")
     print(f"\n{'check':<22} {'batch 1':<58} batched")
     for k in [*kernels, "marlin"]:
         for mode in modes:
