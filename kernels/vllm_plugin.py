@@ -355,12 +355,12 @@ def _kernel_classes() -> dict:
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             self._plain_ct_params(layer)
             w_q, w_s, _, _ = self._get_weight_params(layer)
-            if w_q.is_cuda:   # zeroed on every load, not only the first: sleep mode level 2 discards them
-                reserve(w_q.device, zero=True)
-            if w_q.is_cuda and w_q.device not in self._warmed:
-                x = torch.zeros(1, self.config.partition_weight_shape[0], dtype=w_s.dtype, device=w_q.device)
-                torch.ops.pdqkit.w4a16_gemm(x, w_q, w_s, None)
-                self._warmed.add(w_q.device)
+            if w_q.is_cuda:
+                reserve(w_q.device, zero=True)   # on every load, not only the first: sleep mode level 2 discards them
+                if w_q.device not in self._warmed:
+                    x = torch.zeros(1, self.config.partition_weight_shape[0], dtype=w_s.dtype, device=w_q.device)
+                    torch.ops.pdqkit.w4a16_gemm(x, w_q, w_s, None)
+                    self._warmed.add(w_q.device)
 
         def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -148,6 +148,22 @@ def w4a16_reference(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: 
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+def on_operand_gpu(fn):
+    """Decorate an op ``fn(x, ...)`` so that it runs with ``x``'s GPU as the current device.
+
+    Triton launches on the CURRENT device and its current stream, not on the operands' device: a model on cuda:1
+    (or spread over GPUs by ``device_map``) would fail Triton's pointer check, or with peer access run on another
+    GPU's stream, unordered with the work around it. One ``current_device`` lookup per call otherwise."""
+    @functools.wraps(fn)
+    def run(x: torch.Tensor, *args, **kwargs):
+        if x.device.type == "cuda" and x.device.index is not None and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+    return run
+
+
+@on_operand_gpu
 def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None, config: W4A16Config | None = None) -> torch.Tensor:
     """``y[..., N] = x[..., K] @ W'^T (+ bias)`` — see :func:`kernels.ops.w4a16_gemm` for the full contract.
@@ -165,12 +181,6 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
         if _CENSUS is not None:
             _count("reference", m, n, k, None)
         return w4a16_reference(x, weight_packed, weight_scale, bias)
-    if x.device.type == "cuda" and x.device.index is not None and x.device.index != torch.cuda.current_device():
-        # Triton launches on the CURRENT device and its current stream, not on the operands' device: a model on
-        # cuda:1 (or spread over GPUs by device_map) would fail Triton's pointer check, or with peer access run on
-        # another GPU's stream, unordered with the work around it. Switch for this call (once: inside, it matches).
-        with torch.cuda.device(x.device):
-            return w4a16_gemm(x, weight_packed, weight_scale, bias, config)
     x2 = x2.contiguous()
     kw = dict(use_asm=not interp and asm_ok(x))
     mma = kw["use_asm"] and mma_ok(x)

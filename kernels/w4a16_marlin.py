@@ -65,6 +65,7 @@ from pack.packing import PACK_FACTOR, group_size_of
 from .counters import grow_zeros, pool
 from .env import interpreting
 from .marlin_schedule import Launch, Schedule, build_schedule
+from .w4a16 import on_operand_gpu
 
 __all__ = ["w4a16_gemm_exact", "device_sms", "PassConfig", "pass_config"]
 
@@ -694,6 +695,7 @@ def _grid_chunks(sched: Schedule, row_cap: int):
             yield grp, min(per, grp.count - c0), ln.row_off + c0 * ln.m_split
 
 
+@on_operand_gpu   # Triton launches on the current device: run on the operands' GPU
 def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None = None, use_fp32_reduce: bool = True, sms: int = -1,
                      *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
@@ -717,13 +719,6 @@ def w4a16_gemm_exact(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale:
         ``[..., N]`` in x's dtype.
     """
     m, n, k = _check(x, weight_packed, weight_scale, bias)
-    if x.device.type == "cuda" and x.device.index is not None and x.device.index != torch.cuda.current_device():
-        # Triton launches on the current device's current stream: run this call on the operands' device
-        with torch.cuda.device(x.device):
-            return w4a16_gemm_exact(x, weight_packed, weight_scale, bias, use_fp32_reduce, sms, block_m=block_m,
-                                    block_n=block_n, num_warps=num_warps, num_stages=num_stages, split=split,
-                                    prefetch=prefetch, wr_fast=wr_fast, swap=swap, fuse=fuse, tile_load=tile_load,
-                                    maxnreg=maxnreg)
     LAST_COMPILED.clear()  # only what this call runs (the fused decode path launches no pass 2)
     if weight_packed.numel() * 2 >= INT32_LIMIT:
         raise ValueError(f"N={n}, K={k} too large: the kernels index the weight with int32 offsets")

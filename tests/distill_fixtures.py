@@ -1,8 +1,12 @@
-"""A training-checkpoint round trip that the distill state tests share (tests/test_distill_precision.py,
-tests/test_distill_ema.py)."""
+"""What the distill tests share: a training-checkpoint round trip (tests/test_distill_precision.py,
+tests/test_distill_ema.py) and a torch.compile that records what Dynamo captured (tests/test_distill_speed.py,
+tests/test_distill_ce.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
+
+import distill.losses as L
 
 from bench.factory import build_model
 from distill.train import Distiller
@@ -29,3 +33,31 @@ def resume_midway(cfg, env, make_pair, ids, ck_dir, at: int):
     b = Distiller(cfg, env, *make_pair())
     assert b.load_state(ck)["step"] == at
     return ref, a, b, ck
+
+
+def recording_backend(graphs: list, on_graph=None):
+    """A torch.compile backend that appends every graph Dynamo captured to ``graphs`` (after ``on_graph(gm)``, if
+    given) and runs it as aot_eager does (the same capture and AOTAutograd split as inductor, no C++ build on the
+    CPU runner). A function Dynamo does not capture (falls back to eager) leaves ``graphs`` as it was."""
+    def backend(gm, example_inputs):
+        graphs.append(on_graph(gm) if on_graph else gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    return backend
+
+
+@pytest.fixture
+def aot_eager_compile(monkeypatch):
+    """``torch.compile`` -> :func:`recording_backend` with distill.losses' compile cache and Dynamo's caches
+    emptied (a recompile limit left over from other tests would make Dynamo fall back to eager silently); yields
+    ``(compiled fns, captured graphs)``."""
+    real = torch.compile
+    calls, graphs = [], []
+
+    def fake_compile(fn, **kw):
+        calls.append(fn)
+        return real(fn, backend=recording_backend(graphs), dynamic=False)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(L, "_COMPILED", {})
+    return calls, graphs

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import distill.losses as L
 from distill.__main__ import main as distill_main
 from distill.config import DistillConfig
 from distill.losses import chunked_logit_loss, forward_kl, per_token_loss_fn, softcap
 from distill.models import DistillModule, load_model, set_trainable
 from distill.toy import save_pair
 from pack.checkpoint import read_lineage
+from tests.distill_fixtures import aot_eager_compile  # noqa: F401 (a fixture)
 
 torch.set_num_threads(1)
 
@@ -89,20 +89,8 @@ def test_ce_weights_zero_is_the_kl_alone_and_value_path_agrees():
 
 
 @pytest.mark.parametrize("impl", ["fused", "autograd"])
-def test_compiled_ce_equals_eager(monkeypatch, impl):
-    real = torch.compile
-    graphs = []
-
-    def backend(gm, example_inputs):  # aot_eager: the same capture and AOTAutograd split as inductor, no C++ build
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
-    def fake_compile(fn, **kw):
-        return real(fn, backend=backend, dynamic=False)
-
-    torch._dynamo.reset()  # no recompile limit left over from other tests (it would fall back to eager silently)
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(L, "_COMPILED", {})
+def test_compiled_ce_equals_eager(aot_eager_compile, impl):
+    _, graphs = aot_eager_compile
     h_s, w_s, h_t, w_t, wts, labels, w_ce = _case(seed=2)
     fn = per_token_loss_fn("forward_kl", temperature=1.5)
     out = []

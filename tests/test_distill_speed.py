@@ -12,6 +12,7 @@ from distill.attention import NAME, _window_bool_mask, hybrid_mask, register, sl
 from distill.config import DistillConfig
 from distill.losses import chunked_logit_loss, per_token_loss_fn
 from distill.models import capture_layer_outputs, compile_decoder_layers, decoder_layers, limit_checkpointing
+from tests.distill_fixtures import aot_eager_compile, recording_backend  # noqa: F401 (a fixture)
 
 torch.set_num_threads(1)
 
@@ -54,34 +55,6 @@ def test_fused_refuses_jsd_and_unknown_impl():
         _loss_and_grads("fast", per_token_loss_fn("forward_kl"))
     with pytest.raises(ValueError, match="fused"):
         DistillConfig(teacher="t", student="s", out="o", phase=2, loss_impl="fused")
-
-
-def _recording_backend(graphs: list, on_graph=None):
-    """A torch.compile backend that appends every graph Dynamo captured to ``graphs`` (after ``on_graph(gm)``, if
-    given) and runs it as aot_eager does (the same capture and AOTAutograd split as inductor, no C++ build on the
-    CPU runner). A function Dynamo does not capture (falls back to eager) leaves ``graphs`` as it was."""
-    def backend(gm, example_inputs):
-        graphs.append(on_graph(gm) if on_graph else gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-    return backend
-
-
-@pytest.fixture
-def aot_eager_compile(monkeypatch):
-    """``torch.compile`` -> :func:`_recording_backend` with distill.losses' compile cache and Dynamo's caches
-    emptied (a recompile limit left over from other tests would make Dynamo fall back to eager silently); yields
-    ``(compiled fns, captured graphs)``."""
-    real = torch.compile
-    calls, graphs = [], []
-
-    def fake_compile(fn, **kw):
-        calls.append(fn)
-        return real(fn, backend=_recording_backend(graphs), dynamic=False)
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(L, "_COMPILED", {})
-    return calls, graphs
 
 
 @pytest.mark.parametrize("impl,kind", [("fused", "forward_kl"), ("autograd", "gjsd")])
@@ -232,7 +205,7 @@ def test_compiled_layers_same_values_and_hooks():
     captured = []
     torch._dynamo.reset()  # no compiled code or recompile limit left over from other tests
     try:
-        compile_decoder_layers(model, backend=_recording_backend(captured, lambda gm: running[0]))
+        compile_decoder_layers(model, backend=recording_backend(captured, lambda gm: running[0]))
         got = _forward_backward(model, ids, "sdpa", capture=(0, 5))
     finally:
         for h in handles:
