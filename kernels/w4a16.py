@@ -209,11 +209,13 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     elif c.kernel == "gemv_mma" and mma:
         from .w4a16_gemv_mma import w4a16_gemv_mma
         y = w4a16_gemv_mma(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
-                           block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, chain=c.chain)
+                           block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, chain=c.chain,
+                           split_k=c.split_k)
     elif c.kernel == "gemv_mma8" and mma and weight_packed.data_ptr() % 16 == 0:
         from .w4a16_gemv_mma8 import w4a16_gemv_mma8
         y = w4a16_gemv_mma8(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
-                            block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, chain=c.chain)
+                            block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, chain=c.chain,
+                            split_k=c.split_k)
     elif c.kernel in ("gemv", "gemv_mma", "gemv_mma8"):
         # the MMA GEMVs without inline PTX (interpreter, bf16 before sm_90) or mma.sync.m16n8k16 (before sm_80)
         # or, for gemv_mma8, on a weight tensor
@@ -221,7 +223,8 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
         ran = "gemv"
         from .w4a16_gemv import w4a16_gemv
         y = w4a16_gemv(x2, weight_packed, weight_scale, bias, group, block_m=min(8, c.block_m), block_n=c.block_n,
-                       block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, emu_rn=interp, **kw)
+                       block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, split_k=c.split_k,
+                       emu_rn=interp, **kw)
     elif c.kernel == "prefill_tma" and not interp and tma_ok(x2, weight_packed):
         from .w4a16_prefill_tma import w4a16_prefill_tma
         y = w4a16_prefill_tma(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,

@@ -163,6 +163,7 @@ def candidates_for(m: int) -> list[W4A16Config]:
 
 
 SPLITS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
+GEMV_SPLITS = (2, 3, 4, 6, 8)
 
 
 def split_candidates(cfg: W4A16Config, m: int, n: int, k: int, sms: int, max_per_sm: int = 8,
@@ -170,15 +171,18 @@ def split_candidates(cfg: W4A16Config, m: int, n: int, k: int, sms: int, max_per
     """Split-K values worth timing: from ``values``, those that leave every split a K block and give between half a
     program and ``max_per_sm`` programs per SM (1 as well when the tiles alone fill half the SMs). ``prefill_wsp``
     (one CTA per SM: its warps hold the register file) and ``prefill_tma``: 1, and 2..4 where the tiles leave SMs
-    idle (``prefill_tma``: fewer than two per SM) and the splits make at most four programs per SM."""
+    idle (``prefill_tma``: fewer than two per SM) and the splits make at most four programs per SM. The GEMVs: 1,
+    and those of :data:`GEMV_SPLITS` that leave every split a K block and make at most 16 programs per SM."""
     if cfg.kernel in ("prefill_wsp", "prefill_tma"):
         tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
         busy = sms if cfg.kernel == "prefill_wsp" else 2 * sms
         return [1] + [s for s in (2, 3, 4) if s <= k // cfg.block_k and tiles < busy and tiles * s <= 4 * sms]
-    if cfg.kernel != "decode":
-        return [1]
     tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
     kb = k // cfg.block_k
+    if cfg.kernel in ("gemv", "gemv_mma", "gemv_mma8"):   # small programs: up to 16 per SM
+        return [1] + [s for s in GEMV_SPLITS if s <= kb and tiles * s <= 16 * sms]
+    if cfg.kernel != "decode":
+        return [1]
     good = sorted({s for s in values if s <= kb
                    and sms // 2 <= tiles * s <= max_per_sm * sms} | ({1} if tiles >= sms // 2 else set()))
     return good or [min(kb, max(1, round(2 * sms / tiles)))]
@@ -297,6 +301,8 @@ def _compile_worker(args):
     dtype = getattr(_t, dtype_name)
     wp, s = make_problem(256, 2048, dtype, "cuda")
     x = _t.randn(64, 2048, device="cuda", dtype=dtype)
+    wp4, s4 = make_problem(256, 4096, dtype, "cuda")
+    x4 = _t.randn(16, 4096, device="cuda", dtype=dtype)
     res = []
     for c in cfgs:
         cfg = W4A16Config(**c)
@@ -308,6 +314,8 @@ def _compile_worker(args):
                 w4a16_gemm(x[:m], wp, s, config=dataclasses.replace(cfg, split_k=2))
             if cfg.kernel == "prefill_wsp":                     # and prefill_wsp's stream-K one
                 w4a16_gemm(x[:m], wp, s, config=dataclasses.replace(cfg, stream_k=True))
+            if cfg.kernel.startswith("gemv"):                   # the GEMVs' split-K variant (two K blocks or more)
+                w4a16_gemm(x4[:16], wp4, s4, config=dataclasses.replace(cfg, split_k=2))
             _t.cuda.synchronize()
             res.append((c, None, time.time() - t))
         except Exception as e:  # noqa: BLE001 - reported, config dropped
@@ -338,8 +346,8 @@ def precompile(cfgs: list[W4A16Config], dtype: torch.dtype, jobs: int, log) -> s
 def correctness_gate(cfgs, dtype: torch.dtype, log) -> set[W4A16Config]:
     """The variants of ``cfgs`` (split_k and stream_k ignored) that pass the §9B tolerance once on a small problem:
     odd M, and for decode and gemv M = 16 too (gemv_mma8: 5, 13, 16), decode with split-K 3, the Gluon prefill
-    kernels with split-K 1 and 3 (``prefill_wsp`` with stream-K too); K = 2560, or 4096 for tiles that do not
-    divide 2560.
+    kernels and the GEMVs with split-K 1 and 3 (``prefill_wsp`` with stream-K too); K = 2560, or 4096 for tiles
+    that do not divide 2560.
     The others are logged and dropped, never tuned in."""
     from .w4a16 import w4a16_gemm
 
@@ -349,7 +357,8 @@ def correctness_gate(cfgs, dtype: torch.dtype, log) -> set[W4A16Config]:
     for c in sorted(cfgs, key=str):
         k = 2560 if c.fits(2560, 128) else 4096
         wp, s = problems[k]
-        splits = (3, ) if c.kernel == "decode" else (1, 3) if c.kernel in ("prefill_wsp", "prefill_tma") else (1, )
+        splits = (3, ) if c.kernel == "decode" else (1, 3) if c.kernel in ("prefill_wsp", "prefill_tma", "gemv",
+                                                                         "gemv_mma", "gemv_mma8") else (1, )
         variants = [dataclasses.replace(c, split_k=sk) for sk in splits]
         if c.kernel == "prefill_wsp":
             variants.append(dataclasses.replace(c, stream_k=True))
@@ -491,9 +500,10 @@ def demo_launches(only: set[int] | None = None) -> int:
     with 128 rows, split-K at M=200, and with K halves, M=300 on an odd ring and split-K at M=200; ``prefill_wsp``
     with stream-K, 128 rows at M=300 and K halves on an odd ring at M=200), two diagonal
     tensor-core GEMV launches (M=3 in a 4-row program, per-word and chained accumulators) and two full-MMA ones
-    (M=13 of 16, M=6 of 8, chained), ragged tiles, checked against the reference;
+    (M=13 of 16, M=6 of 8, chained), ragged tiles, then both with split-K (M=2, 3 splits of 2, 2, 1 K blocks; M=11
+    of 16, 4 splits), checked against the reference;
     then the tuned M=1 and M=8 launches on the 16384x2560 gate_up shape (the ones a profiler should look at).
-    ``only``: the indices (0..14, in that order) to run; None runs all."""
+    ``only``: the indices (0..16, in that order) to run; None runs all."""
     from .w4a16 import w4a16_gemm
 
     fixed = ((5, W4A16Config("decode", 16, 128, 128, 4, 4, 4, True, True)),
@@ -508,7 +518,9 @@ def demo_launches(only: set[int] | None = None) -> int:
              (3, W4A16Config("gemv_mma", 4, 2, 512, 1, 1, 3)),
              (3, W4A16Config("gemv_mma", 4, 8, 512, 1, 2, 2, chain=True)),
              (13, W4A16Config("gemv_mma8", 16, 16, 512, 1, 4, 3)),
-             (6, W4A16Config("gemv_mma8", 8, 32, 256, 1, 2, 2, chain=True)))
+             (6, W4A16Config("gemv_mma8", 8, 32, 256, 1, 2, 2, chain=True)),
+             (2, W4A16Config("gemv_mma", 2, 8, 512, 3, 2, 3)),
+             (11, W4A16Config("gemv_mma8", 16, 16, 512, 4, 4, 2, chain=True)))
     tuned = (1, 8)
     if only is not None and not only <= set(range(len(fixed) + len(tuned))):
         print(f"error: --demo-only takes indices 0..{len(fixed) + len(tuned) - 1}", file=sys.stderr)

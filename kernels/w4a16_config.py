@@ -34,7 +34,7 @@ class W4A16Config:
     * ``kernel``: ``decode`` (split-K, :mod:`kernels.w4a16_decode`), ``prefill`` (full-K tiles,
       :mod:`kernels.w4a16_prefill`) or ``dequant_mm`` (dequantize the weight to the activation dtype, then
       ``torch.matmul``; only worth it when the GEMM is far into the compute-bound regime) or ``gemv`` (CUDA cores,
-      no split-K, :mod:`kernels.w4a16_gemv`; for a few activation rows) or ``gemv_mma`` (the same tiling on tensor
+      :mod:`kernels.w4a16_gemv`; for a few activation rows) or ``gemv_mma`` (the same tiling on tensor
       cores via ``mma.sync`` from registers, :mod:`kernels.w4a16_gemv_mma`; where inline PTX cannot run, the
       dispatcher runs ``gemv`` with the same tiling) or ``gemv_mma8`` (the same on tensor cores with every MMA
       column an activation row, :mod:`kernels.w4a16_gemv_mma8`; for 5..16 rows; without inline PTX: ``gemv``) or
@@ -52,8 +52,8 @@ class W4A16Config:
       ``block_k`` 64 or 128, ``num_stages`` (TMA ring slots) 2..6. ``prefill_wsp``: the same but ``num_warps`` 4 (the
       default partition; the kernel runs 12 warps) and ``block_n`` 128 (two warpgroups of 64 rows) or 64 (two
       warpgroups on the same rows, every other K block each).
-    * ``split_k``: K slices per output tile (decode and the Gluon prefill kernels; clamped so that no slice is
-      empty).
+    * ``split_k``: K slices per output tile (decode, the GEMVs and the Gluon prefill kernels; clamped so that no
+      slice is empty).
     * ``kperm``/``w_is_a``: K relabelling and weight-as-A-operand (see :mod:`kernels.w4a16_mainloop`).
     * ``chain`` (``gemv_mma``, ``gemv_mma8``): the four words of a thread's 16-byte vector share one MMA
       accumulator set instead of one set per word (:func:`chain_ok` says which ``gemv_mma`` tilings allow it; every
@@ -86,8 +86,9 @@ class W4A16Config:
             if self.block_n not in (16, 32, 64, 128) or not mma8_ok(self.block_n, self.block_k, self.num_warps):
                 raise ValueError(f"gemv_mma8 needs block_n in 16..128 and (block_n/16)*(block_k/128) >= "
                                  f"num_warps: {self}")
-            if self.split_k != 1 or self.kperm or self.w_is_a or self.num_warps not in (1, 2, 4, 8):
-                raise ValueError(f"gemv_mma8 has no split-K, K relabelling or MMA operands, and 1-8 warps: {self}")
+            if self.split_k < 1 or self.kperm or self.w_is_a or self.num_warps not in (1, 2, 4, 8):
+                raise ValueError(f"gemv_mma8 has no K relabelling or MMA operands, split_k >= 1 and 1-8 warps: "
+                                 f"{self}")
             if self.num_stages not in (2, 3):
                 raise ValueError(f"gemv needs num_stages 2 or 3 (register pipeline depth), got {self.num_stages}")
             return
@@ -114,8 +115,8 @@ class W4A16Config:
                 raise ValueError(f"gemv needs block_m in (1, 2, 4, 8) and block_k in (256, 512, 1024, 2048): {self}")
             if not 1 <= self.block_n <= 64 or self.block_n & (self.block_n - 1):
                 raise ValueError(f"gemv needs block_n a power of two <= 64, got {self.block_n}")
-            if self.split_k != 1 or self.kperm or self.w_is_a or self.num_warps not in (1, 2, 4, 8):
-                raise ValueError(f"gemv has no split-K, K relabelling or MMA operands, and 1-8 warps: {self}")
+            if self.split_k < 1 or self.kperm or self.w_is_a or self.num_warps not in (1, 2, 4, 8):
+                raise ValueError(f"gemv has no K relabelling or MMA operands, split_k >= 1 and 1-8 warps: {self}")
             if self.num_stages not in (2, 3):
                 raise ValueError(f"gemv needs num_stages 2 or 3 (register pipeline depth), got {self.num_stages}")
             if self.chain and (self.kernel != "gemv_mma" or not chain_ok(self.block_n, self.block_k,

@@ -22,9 +22,16 @@ twentieth session). Here every thread instead:
    bits do not depend on timing).
 
 That is 17 dequant + 8 widen + 8 FMA instructions per word of 8 weights, ~40 with the addressing (the loop's SASS,
-Triton 3.6, sm_90a), and 8 more FMAs per word for every further activation row. No split-K: a program owns
-``BLOCK_N`` whole rows, so small-N shapes get many small programs (``BLOCK_N`` down to 1) instead, and the output
-needs no workspace, ticket or second pass.
+Triton 3.6, sm_90a), and 8 more FMAs per word for every further activation row. A program owns ``BLOCK_N`` whole
+rows, so small-N shapes get many small programs (``BLOCK_N`` down to 1), and with ``SPLIT_K`` 1 the output needs no
+workspace, ticket or second pass.
+
+Optional split-K (all three GEMVs, :func:`emit` and :func:`split_reduce`): where N is small and K long (E4B's
+``down_proj``, 2560 x 8192), even the smallest tiles give too few programs to keep enough loads in flight at 8..16
+activation rows. With ``SPLIT_K`` > 1 program (n, m, s) streams only the K blocks of split s, stores its fp32 partial
+tile to a workspace and takes a ticket from a per-tile counter, as :mod:`kernels.w4a16_decode` does (CUTLASS's
+serial split-K semaphore): the program that draws the last ticket sums the partials **in split order**, adds the
+bias, rounds once and stores, so the bits do not depend on which split finished last.
 
 Measured (H200, 2026-11-30, ``bench/gpu/gemv_sweep.py``): at M = 1 this kernel beat the split-K wgmma kernel on all
 five E4B shapes (1.12-1.66x) and it is issue-bound (gate_up 1.9 TB/s, and each further row costs time in proportion
@@ -48,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .counters import grow_zeros, pool
 from .w4a16_mainloop import dequant_ptx_lines, round_to, scale_groups
 
 
@@ -197,26 +205,79 @@ def _row_dot(acc, x_ptr, xoff, m, M, stride_xm, d0, d1, d2, d3, d4, d5, d6, d7, 
 
 
 @triton.jit
-def _finish_row(acc, bias, out_ptr, rows, m, M, stride_om, HAS_BIAS: tl.constexpr, EMU_RN: tl.constexpr):
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += bias
-    if EMU_RN:
-        y = round_to(y, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + m * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=(rows * 0 + m) < M)
+def emit(y, bias, out_ptr, ws_ptr, rows, m, M, N, stride_om, pid_k, HAS_BIAS: tl.constexpr, EMU_RN: tl.constexpr,
+         SPLIT: tl.constexpr):
+    """Store a GEMV program's fp32 dot products ``y`` of weight rows ``rows`` and activation row(s) ``m`` (any shapes
+    that broadcast together; entries with ``m >= M`` are dropped): without ``SPLIT`` the output (+ ``bias``, one
+    rounding to the output dtype), with ``SPLIT`` split ``pid_k``'s partial (no bias) into the fp32 workspace
+    ``ws[pid_k, m, rows]`` of ``[SPLIT_K, M, N]``, for :func:`split_reduce`."""
+    ok = (m + rows * 0) < M
+    if SPLIT:
+        tl.store(ws_ptr + (pid_k * M + m) * N + rows, y, mask=ok)
+    else:
+        if HAS_BIAS:
+            y += bias
+        if EMU_RN:
+            y = round_to(y, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + m * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["M", "stride_sn"])
+@triton.jit
+def split_reduce(ws_ptr, cnt_ptr, bias_ptr, out_ptr, pid_n, pid_m, M, N, stride_om, SPLIT_K,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, EMU_RN: tl.constexpr):
+    """After every :func:`emit` of a split program: take a ticket for output tile (``pid_m``, ``pid_n``); the
+    program that draws the last one sums the tile's ``SPLIT_K`` partials in split order, adds the bias, rounds once,
+    stores, and returns the counter to zero (the launch leaves every counter as it found it)."""
+    tl.debug_barrier()  # every thread's partial is issued before the ticket (the release below is cumulative)
+    tile = pid_m * tl.num_programs(0) + pid_n
+    ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if ticket == SPLIT_K - 1:
+        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = (r[:, None] < M) & (c[None, :] < N)
+        p = ws_ptr + r[:, None] * N + c[None, :]
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in range(0, SPLIT_K):  # fixed order: the bits do not depend on which split finished last
+            total += tl.load(p + s * M * N, mask=ok, other=0.0, cache_modifier=".cg")  # L2: not the stale L1
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + c).to(tl.float32)[None, :]
+        if EMU_RN:
+            total = round_to(total, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r[:, None] * stride_om + c[None, :], total.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def split_range(K, KB_PER_SPLIT, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+    """``(kb_lo, kb_n)``: the first K block of this program's split (axis 2 of the grid) and how many it streams;
+    ``(0, K / BLOCK_K)`` without ``SPLIT``."""
+    if SPLIT:
+        kb_lo = tl.program_id(2) * KB_PER_SPLIT
+        return kb_lo, tl.minimum(KB_PER_SPLIT, K // BLOCK_K - kb_lo)
+    else:
+        return 0, K // BLOCK_K
+
+
+@triton.jit
+def _finish_row(acc, bias, out_ptr, ws_ptr, rows, m, M, N, stride_om, pid_k, HAS_BIAS: tl.constexpr,
+                EMU_RN: tl.constexpr, SPLIT: tl.constexpr):
+    emit(tl.sum(acc, axis=1), bias, out_ptr, ws_ptr, rows, m, M, N, stride_om, pid_k, HAS_BIAS, EMU_RN, SPLIT)
+
+
+@triton.jit(do_not_specialize=["M", "N", "stride_sn", "SPLIT_K", "KB_PER_SPLIT"])
 def _w4a16_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
-    M, K,
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
+    SPLIT_K, KB_PER_SPLIT,
     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, IS_BF16: tl.constexpr, EMU_RN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    NG: tl.constexpr, PREFETCH: tl.constexpr,
+    NG: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    m0 = tl.program_id(1) * BLOCK_M
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    m0 = pid_m * BLOCK_M
     WPB: tl.constexpr = BLOCK_K // 8          # int32 words per row per K block
     WPG: tl.constexpr = WPB // NG             # words per scale group inside the block
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # N % BLOCK_N == 0 (checked by the wrapper): no masks
@@ -240,14 +301,17 @@ def _w4a16_gemv_kernel(
     acc7 = tl.zeros([BLOCK_N, WPB], dtype=tl.float32)
 
     # Register pipeline: the words of the next PREFETCH blocks are in flight while this block is computed.
-    kb_total = K // BLOCK_K
+    kb_lo, kb_total = split_range(K, KB_PER_SPLIT, BLOCK_K, SPLIT)   # this split's K blocks (all without SPLIT)
+    if SPLIT:
+        w_ptrs += kb_lo * WPB
+        xoff += kb_lo * (BLOCK_K // 2)
     w = tl.load(w_ptrs)
     if PREFETCH == 2:
         w1 = tl.load(w_ptrs + WPB, mask=tl.full([BLOCK_N, WPB], 1, tl.int32) < kb_total, other=0)
     for kb in range(0, kb_total):
         more = tl.full([BLOCK_N, WPB], kb + PREFETCH, tl.int32) < kb_total   # (a tensor mask: the interpreter
         w_next = tl.load(w_ptrs + (kb + PREFETCH) * WPB, mask=more, other=0)  #  takes no scalar one)
-        col = scale_column(kb, BLOCK_K, GROUP_SIZE, NG)
+        col = scale_column(kb_lo + kb, BLOCK_K, GROUP_SIZE, NG)
         d0, d1, d2, d3, d4, d5, d6, d7 = _dequant_f32(w, group_scales(s_ptrs, col, USE_ASM, WPG), USE_ASM)
         xk = xoff + kb * (BLOCK_K // 2)
         acc0 = _row_dot(acc0, x_ptr, xk, m0, M, stride_xm, d0, d1, d2, d3, d4, d5, d6, d7, IS_BF16, USE_ASM)
@@ -270,17 +334,20 @@ def _w4a16_gemv_kernel(
     bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows).to(tl.float32)
-    _finish_row(acc0, bias, out_ptr, rows, m0, M, stride_om, HAS_BIAS, EMU_RN)
+    _finish_row(acc0, bias, out_ptr, ws_ptr, rows, m0, M, N, stride_om, pid_k, HAS_BIAS, EMU_RN, SPLIT)
     if BLOCK_M > 1:
-        _finish_row(acc1, bias, out_ptr, rows, m0 + 1, M, stride_om, HAS_BIAS, EMU_RN)
+        _finish_row(acc1, bias, out_ptr, ws_ptr, rows, m0 + 1, M, N, stride_om, pid_k, HAS_BIAS, EMU_RN, SPLIT)
     if BLOCK_M > 2:
-        _finish_row(acc2, bias, out_ptr, rows, m0 + 2, M, stride_om, HAS_BIAS, EMU_RN)
-        _finish_row(acc3, bias, out_ptr, rows, m0 + 3, M, stride_om, HAS_BIAS, EMU_RN)
+        _finish_row(acc2, bias, out_ptr, ws_ptr, rows, m0 + 2, M, N, stride_om, pid_k, HAS_BIAS, EMU_RN, SPLIT)
+        _finish_row(acc3, bias, out_ptr, ws_ptr, rows, m0 + 3, M, N, stride_om, pid_k, HAS_BIAS, EMU_RN, SPLIT)
     if BLOCK_M > 4:
-        _finish_row(acc4, bias, out_ptr, rows, m0 + 4, M, stride_om, HAS_BIAS, EMU_RN)
-        _finish_row(acc5, bias, out_ptr, rows, m0 + 5, M, stride_om, HAS_BIAS, EMU_RN)
-        _finish_row(acc6, bias, out_ptr, rows, m0 + 6, M, stride_om, HAS_BIAS, EMU_RN)
-        _finish_row(acc7, bias, out_ptr, rows, m0 + 7, M, stride_om, HAS_BIAS, EMU_RN)
+        _finish_row(acc4, bias, out_ptr, ws_ptr, rows, m0 + 4, M, N, stride_om, pid_k, HAS_BIAS, EMU_RN, SPLIT)
+        _finish_row(acc5, bias, out_ptr, ws_ptr, rows, m0 + 5, M, N, stride_om, pid_k, HAS_BIAS, EMU_RN, SPLIT)
+        _finish_row(acc6, bias, out_ptr, ws_ptr, rows, m0 + 6, M, N, stride_om, pid_k, HAS_BIAS, EMU_RN, SPLIT)
+        _finish_row(acc7, bias, out_ptr, ws_ptr, rows, m0 + 7, M, N, stride_om, pid_k, HAS_BIAS, EMU_RN, SPLIT)
+    if SPLIT:
+        split_reduce(ws_ptr, cnt_ptr, bias_ptr, out_ptr, pid_n, pid_m, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N,
+                     HAS_BIAS, EMU_RN)
 
 
 GEMV_BLOCK_M = (1, 2, 4, 8)
@@ -307,25 +374,55 @@ def gemv_operands(name: str, x: torch.Tensor, weight_packed: torch.Tensor, group
     return x.view(torch.int32), out, gk, ng, (n // block_n, triton.cdiv(m, block_m))
 
 
+# The split-K tickets of the GEMVs: the decode family's pool (kernels.counters); launches on one stream run in
+# order and each leaves its counters at zero, so the split-K kernels of both modules share the buffers.
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = pool("decode")
+
+
+def split_plan(x32: torch.Tensor, n: int, k: int, block_k: int, split_k: int, grid: tuple[int, int]):
+    """Host side of a GEMV's split-K: ``(grid3, split_k, kb_per_split, ws, cnt)``. ``split_k`` is clamped so that
+    no split is empty (and to 1 where the workspace's int32 offsets would overflow); ``grid3`` is ``grid`` with
+    the splits as its third axis; ``ws`` the fp32 ``[split_k, M, N]`` workspace and ``cnt`` the tile counters
+    (with ``split_k`` 1, placeholders the kernel never touches)."""
+    if split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    m = x32.shape[0]
+    kb_total = k // block_k
+    if split_k * m * n >= 2**31:
+        split_k = 1
+    kb_per_split = triton.cdiv(kb_total, max(1, min(split_k, kb_total)))
+    split_k = triton.cdiv(kb_total, kb_per_split)
+    if split_k == 1:
+        return (*grid, 1), 1, kb_total, x32, x32
+    cnt = grow_zeros(_COUNTERS, x32.device, grid[0] * grid[1], 4096)
+    ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x32.device)
+    return (*grid, split_k), split_k, kb_per_split, ws, cnt
+
+
 def w4a16_gemv(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None, group_size: int, *, block_m: int, block_n: int, block_k: int,
-               num_warps: int, prefetch: int = 1, use_asm: bool = True, emu_rn: bool = False) -> torch.Tensor:
+               num_warps: int, prefetch: int = 1, split_k: int = 1, use_asm: bool = True,
+               emu_rn: bool = False) -> torch.Tensor:
     """Launch the CUDA-core GEMV. Inputs are assumed validated by :func:`kernels.w4a16.w4a16_gemm`:
     ``x`` [M, K] contiguous bf16/fp16, ``weight_packed`` [N, K/8] int32 contiguous, ``weight_scale`` [N, K/G] of
     ``x.dtype`` contiguous, ``bias`` [N] or None. Needs ``K % block_k == 0`` and ``N % block_n == 0``; ``block_m``
-    in (1, 2, 4, 8) activation rows share one dequantization (grid: N / block_n x cdiv(M, block_m)); ``prefetch``
-    (1 or 2): K blocks of words loaded ahead of the one being computed.
+    in (1, 2, 4, 8) activation rows share one dequantization (grid: N / block_n x cdiv(M, block_m) x splits);
+    ``prefetch`` (1 or 2): K blocks of words loaded ahead of the one being computed; ``split_k``: K slices per
+    output tile (:func:`split_plan`).
     ``emu_rn``: round the output in software (the interpreter's fp32 -> bf16 cast truncates).
     Returns ``[M, N]`` of ``x.dtype``."""
     x32, out, gk, ng, grid = gemv_operands("w4a16_gemv", x, weight_packed, group_size, block_m, block_n, block_k,
                                            GEMV_BLOCK_M, prefetch)
+    n, k = weight_packed.shape[0], x.shape[1]
+    grid, split_k, kb_per_split, ws, cnt = split_plan(x32, n, k, block_k, split_k, grid)
     _w4a16_gemv_kernel[grid](
-        x32, weight_packed, weight_scale, bias if bias is not None else weight_scale, out,
-        x.shape[0], x.shape[1],
+        x32, weight_packed, weight_scale, bias if bias is not None else weight_scale, out, ws, cnt,
+        x.shape[0], n, k,
         x32.stride(0), weight_packed.stride(0), weight_scale.stride(0), out.stride(0),
+        split_k, kb_per_split,
         HAS_BIAS=bias is not None, USE_ASM=use_asm, IS_BF16=x.dtype == torch.bfloat16, EMU_RN=emu_rn,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE=gk, NG=ng,
-        PREFETCH=prefetch, num_warps=num_warps, num_stages=1,
+        PREFETCH=prefetch, SPLIT=split_k > 1, num_warps=num_warps, num_stages=1,
         enable_fp_fusion=True,  # acc + w * x -> one FFMA (Triton 3.10 turns contraction off by default)
     )
     return out

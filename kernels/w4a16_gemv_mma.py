@@ -1,7 +1,8 @@
 """Batch-1..4 W4A16 GEMV on tensor cores without shared memory: ``mma.sync`` fed straight from each thread's words.
 
 ``y[M, N] = x[M, K] @ W'[N, K]^T (+ bias)``, the same contract and tiling as :mod:`kernels.w4a16_gemv` (a program
-owns ``BLOCK_N`` whole weight rows, no split-K), but the multiply-accumulate runs on the tensor cores.
+owns ``BLOCK_N`` whole weight rows, over all of K or, with split-K, over one K slice), but the multiply-accumulate
+runs on the tensor cores.
 
 The hardware reason
 -------------------
@@ -50,7 +51,7 @@ import triton
 import triton.language as tl
 
 from .w4a16_config import chain_ok
-from .w4a16_gemv import gemv_operands, group_scales, scale_column
+from .w4a16_gemv import emit, gemv_operands, group_scales, scale_column, split_plan, split_range, split_reduce
 from .w4a16_mainloop import dequant_ptx_lines
 
 
@@ -192,30 +193,28 @@ def pipeline_shift(wl1, wh1, wl_next, wh_next, PREFETCH: tl.constexpr):
 
 
 @triton.jit
-def _finish_mma(c0, c1, c2, c3, b_lo, b_hi, out_ptr, rows_lo, rows_hi, m, M, stride_om, HAS_BIAS: tl.constexpr):
+def _finish_mma(c0, c1, c2, c3, b_lo, b_hi, out_ptr, ws_ptr, rows_lo, rows_hi, m, M, N, stride_om, pid_k,
+                HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
     y_lo, y_hi = tl.inline_asm_elementwise(_PTX_DIAG, "=f,=f,f,f,f,f", [c0, c1, c2, c3],
                                            dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-    y_lo = tl.sum(y_lo, axis=1)
-    y_hi = tl.sum(y_hi, axis=1)
-    if HAS_BIAS:
-        y_lo += b_lo
-        y_hi += b_hi
-    ok = (rows_lo * 0 + m) < M
-    tl.store(out_ptr + m * stride_om + rows_lo, y_lo.to(out_ptr.dtype.element_ty), mask=ok)
-    tl.store(out_ptr + m * stride_om + rows_hi, y_hi.to(out_ptr.dtype.element_ty), mask=ok)
+    emit(tl.sum(y_lo, axis=1), b_lo, out_ptr, ws_ptr, rows_lo, m, M, N, stride_om, pid_k, HAS_BIAS, False, SPLIT)
+    emit(tl.sum(y_hi, axis=1), b_hi, out_ptr, ws_ptr, rows_hi, m, M, N, stride_om, pid_k, HAS_BIAS, False, SPLIT)
 
 
-@triton.jit(do_not_specialize=["M", "stride_sn"])
+@triton.jit(do_not_specialize=["M", "N", "stride_sn", "SPLIT_K", "KB_PER_SPLIT"])
 def _w4a16_gemv_mma_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
-    M, K,
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
+    SPLIT_K, KB_PER_SPLIT,
     HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    NG: tl.constexpr, PREFETCH: tl.constexpr, CHAIN: tl.constexpr,
+    NG: tl.constexpr, PREFETCH: tl.constexpr, CHAIN: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    m0 = tl.program_id(1) * BLOCK_M
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    m0 = pid_m * BLOCK_M
     HALF: tl.constexpr = BLOCK_N // 2
     WPB: tl.constexpr = BLOCK_K // 8
     WPG: tl.constexpr = WPB // NG
@@ -233,11 +232,15 @@ def _w4a16_gemv_mma_kernel(
     acc = (z, ) * 16   # c0..c3 of the MMA for activation row m0, then m0+1, m0+2, m0+3
 
     # Register pipeline: the words of the next PREFETCH blocks are in flight while this block is computed.
-    kb_total = K // BLOCK_K
+    kb_lo, kb_total = split_range(K, KB_PER_SPLIT, BLOCK_K, SPLIT)   # this split's K blocks (all without SPLIT)
+    if SPLIT:
+        wl_ptrs += kb_lo * WPB
+        wh_ptrs += kb_lo * WPB
+        xoff += kb_lo * (BLOCK_K // 2)
     wl, wh, wl1, wh1 = pipeline_start(wl_ptrs, wh_ptrs, kb_total, WPB, PREFETCH)
     for kb in range(0, kb_total):
         wl_next, wh_next = pipeline_load(wl_ptrs, wh_ptrs, kb, kb_total, WPB, PREFETCH)
-        col = scale_column(kb, BLOCK_K, GROUP_SIZE, NG)
+        col = scale_column(kb_lo + kb, BLOCK_K, GROUP_SIZE, NG)
         sl = group_scales(sl_ptrs, col, True, WPG)
         sh = group_scales(sh_ptrs, col, True, WPG)
         xk = xoff + kb * (BLOCK_K // 2)
@@ -260,12 +263,19 @@ def _w4a16_gemv_mma_kernel(
     if HAS_BIAS:
         bias_lo = tl.load(bias_ptr + rows_lo).to(tl.float32)
         bias_hi = tl.load(bias_ptr + rows_hi).to(tl.float32)
-    _finish_mma(a0, a1, a2, a3, bias_lo, bias_hi, out_ptr, rows_lo, rows_hi, m0, M, stride_om, HAS_BIAS)
+    _finish_mma(a0, a1, a2, a3, bias_lo, bias_hi, out_ptr, ws_ptr, rows_lo, rows_hi, m0, M, N, stride_om, pid_k,
+                HAS_BIAS, SPLIT)
     if BLOCK_M > 1:
-        _finish_mma(b0, b1, b2, b3, bias_lo, bias_hi, out_ptr, rows_lo, rows_hi, m0 + 1, M, stride_om, HAS_BIAS)
+        _finish_mma(b0, b1, b2, b3, bias_lo, bias_hi, out_ptr, ws_ptr, rows_lo, rows_hi, m0 + 1, M, N, stride_om,
+                    pid_k, HAS_BIAS, SPLIT)
     if BLOCK_M > 2:
-        _finish_mma(e0, e1, e2, e3, bias_lo, bias_hi, out_ptr, rows_lo, rows_hi, m0 + 2, M, stride_om, HAS_BIAS)
-        _finish_mma(f0, f1, f2, f3, bias_lo, bias_hi, out_ptr, rows_lo, rows_hi, m0 + 3, M, stride_om, HAS_BIAS)
+        _finish_mma(e0, e1, e2, e3, bias_lo, bias_hi, out_ptr, ws_ptr, rows_lo, rows_hi, m0 + 2, M, N, stride_om,
+                    pid_k, HAS_BIAS, SPLIT)
+        _finish_mma(f0, f1, f2, f3, bias_lo, bias_hi, out_ptr, ws_ptr, rows_lo, rows_hi, m0 + 3, M, N, stride_om,
+                    pid_k, HAS_BIAS, SPLIT)
+    if SPLIT:
+        split_reduce(ws_ptr, cnt_ptr, bias_ptr, out_ptr, pid_n, pid_m, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N,
+                     HAS_BIAS, False)
 
 
 GEMV_MMA_BLOCK_M = (1, 2, 4)
@@ -273,12 +283,12 @@ GEMV_MMA_BLOCK_M = (1, 2, 4)
 
 def w4a16_gemv_mma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                    bias: torch.Tensor | None, group_size: int, *, block_m: int, block_n: int, block_k: int,
-                   num_warps: int, prefetch: int = 1, chain: bool = False) -> torch.Tensor:
+                   num_warps: int, prefetch: int = 1, chain: bool = False, split_k: int = 1) -> torch.Tensor:
     """Launch the tensor-core GEMV (CUDA only; sm_80+, bf16 needs sm_90). Same operand contract as
     :func:`kernels.w4a16_gemv.w4a16_gemv`; ``block_m`` in (1, 2, 4), ``block_n`` >= 2 (two row halves);
     ``prefetch`` (1 or 2): K blocks of words loaded ahead of the one being computed; ``chain``: one accumulator set
-    per 16-byte vector of words instead of per word (needs :func:`chain_ok`).
-    Returns ``[M, N]`` of ``x.dtype``."""
+    per 16-byte vector of words instead of per word (needs :func:`chain_ok`); ``split_k``: K slices per output
+    tile (:func:`kernels.w4a16_gemv.split_plan`). Returns ``[M, N]`` of ``x.dtype``."""
     if block_n < 2:
         raise ValueError(f"w4a16_gemv_mma: need block_n >= 2 (two row halves), got {block_n}")
     if chain and not chain_ok(block_n, block_k, num_warps):
@@ -286,12 +296,15 @@ def w4a16_gemv_mma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: t
                          f"block_k={block_k}, num_warps={num_warps}")
     x32, out, gk, ng, grid = gemv_operands("w4a16_gemv_mma", x, weight_packed, group_size, block_m, block_n,
                                            block_k, GEMV_MMA_BLOCK_M, prefetch)
+    n, k = weight_packed.shape[0], x.shape[1]
+    grid, split_k, kb_per_split, ws, cnt = split_plan(x32, n, k, block_k, split_k, grid)
     _w4a16_gemv_mma_kernel[grid](
-        x32, weight_packed, weight_scale, bias if bias is not None else weight_scale, out,
-        x.shape[0], x.shape[1],
+        x32, weight_packed, weight_scale, bias if bias is not None else weight_scale, out, ws, cnt,
+        x.shape[0], n, k,
         x32.stride(0), weight_packed.stride(0), weight_scale.stride(0), out.stride(0),
+        split_k, kb_per_split,
         HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE=gk, NG=ng,
-        PREFETCH=prefetch, CHAIN=chain, num_warps=num_warps, num_stages=1,
+        PREFETCH=prefetch, CHAIN=chain, SPLIT=split_k > 1, num_warps=num_warps, num_stages=1,
     )
     return out

@@ -1,8 +1,9 @@
 """Batch-3..16 W4A16 GEMV on tensor cores without shared memory: every column of each ``mma.sync`` an activation row.
 
 ``y[M, N] = x[M, K] @ W'[N, K]^T (+ bias)``, the operand contract of :mod:`kernels.w4a16_gemv` (a program owns
-``BLOCK_N`` whole weight rows, no split-K, words loaded straight into registers one or two K blocks ahead, no
-barrier and no shared memory in the K loop), for ``BLOCK_M`` = 8 or 16 activation rows per program.
+``BLOCK_N`` whole weight rows over all of K or one split-K slice, words loaded straight into registers one or two
+K blocks ahead, no barrier and no shared memory in the K loop), for ``BLOCK_M`` = 8 or 16 activation rows per
+program.
 
 The hardware reason
 -------------------
@@ -45,6 +46,11 @@ ordered chunk-fastest for that, which made M = 16 1.15x faster on gate_up); at M
 stays ahead on five of the six E4B shapes (best variant 0.78-1.00x of it). ncu at gate_up M = 8: L1/TEX throughput
 78 % (the M = 1 diagonal GEMV: 47 %), 56 % of the warps' stalls waiting on L1TEX data.
 
+Split-K (thirty-sixth session, H200, ``bench/results/h200-2026-12-01l/``): on down_proj (2560 x 8192) the 160
+programs of 16 rows leave the GPU short of loads in flight; 16-row programs over 1024-wide K blocks in 6 / 4 K
+slices (:func:`kernels.w4a16_gemv.split_reduce` sums them) took M = 4 from 10.78 to 9.20 µs and M = 8 from 10.91 to
+9.79 µs (the split-K wgmma kernel before); on the other E4B shapes split-K changed nothing measurable.
+
 Precision: as :mod:`kernels.w4a16_gemv_mma` (16-bit products exact, fp32 sums, only the order differs). Needs
 sm_80+ (bf16 dequant: sm_90, :func:`kernels.w4a16.asm_ok`) and 16-byte aligned ``weight_packed`` (the layout
 above depends on it; the launcher refuses other pointers). Where inline PTX cannot run the dispatcher runs the
@@ -57,7 +63,7 @@ import triton
 import triton.language as tl
 
 from .w4a16_config import CHUNK_K, mma8_ok
-from .w4a16_gemv import _load_scales, gemv_operands
+from .w4a16_gemv import _load_scales, emit, gemv_operands, split_plan, split_range, split_reduce
 from .w4a16_gemv_mma import (_PTX_LOAD4, _mma, _pairs, _split4, chain_split, pipeline_load, pipeline_shift,
                              pipeline_start)
 
@@ -113,38 +119,39 @@ def _thread_sum(c, KC: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def _store_cols(c, b, out_ptr, rows, m, M, stride_om, KC: tl.constexpr, HALF: tl.constexpr,
-                HAS_BIAS: tl.constexpr):
-    """One accumulator of every lane (``[TR, W]``) -> ``out[m[t], rows]`` for the lane columns ``m`` ([1, 4])."""
-    y = _thread_sum(c, KC, HALF)
-    if HAS_BIAS:
-        y += b[:, None]
-    tl.store(out_ptr + m * stride_om + rows[:, None], y.to(out_ptr.dtype.element_ty),
-             mask=(m + rows[:, None] * 0) < M)
+def _store_cols(c, b, out_ptr, ws_ptr, rows, m, M, N, stride_om, pid_k, KC: tl.constexpr, HALF: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """One accumulator of every lane (``[TR, W]``) -> ``out[m[t], rows]`` for the lane columns ``m`` ([1, 4])
+    (with ``SPLIT``: the split's partial, :func:`kernels.w4a16_gemv.emit`)."""
+    emit(_thread_sum(c, KC, HALF), b[:, None], out_ptr, ws_ptr, rows[:, None], m, M, N, stride_om, pid_k, HAS_BIAS,
+         False, SPLIT)
 
 
 @triton.jit
-def _finish8(c0, c1, c2, c3, b_lo, b_hi, out_ptr, rows_lo, rows_hi, mb, M, stride_om, KC: tl.constexpr,
-             HALF: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _finish8(c0, c1, c2, c3, b_lo, b_hi, out_ptr, ws_ptr, rows_lo, rows_hi, mb, M, N, stride_om, pid_k,
+             KC: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
     """Store one column block: c0/c1 are rows R1 x activation rows ``mb + 2t`` / ``mb + 2t + 1``, c2/c3 rows R2."""
     m = mb + 2 * tl.arange(0, 4)[None, :]
-    _store_cols(c0, b_lo, out_ptr, rows_lo, m, M, stride_om, KC, HALF, HAS_BIAS)
-    _store_cols(c1, b_lo, out_ptr, rows_lo, m + 1, M, stride_om, KC, HALF, HAS_BIAS)
-    _store_cols(c2, b_hi, out_ptr, rows_hi, m, M, stride_om, KC, HALF, HAS_BIAS)
-    _store_cols(c3, b_hi, out_ptr, rows_hi, m + 1, M, stride_om, KC, HALF, HAS_BIAS)
+    _store_cols(c0, b_lo, out_ptr, ws_ptr, rows_lo, m, M, N, stride_om, pid_k, KC, HALF, HAS_BIAS, SPLIT)
+    _store_cols(c1, b_lo, out_ptr, ws_ptr, rows_lo, m + 1, M, N, stride_om, pid_k, KC, HALF, HAS_BIAS, SPLIT)
+    _store_cols(c2, b_hi, out_ptr, ws_ptr, rows_hi, m, M, N, stride_om, pid_k, KC, HALF, HAS_BIAS, SPLIT)
+    _store_cols(c3, b_hi, out_ptr, ws_ptr, rows_hi, m + 1, M, N, stride_om, pid_k, KC, HALF, HAS_BIAS, SPLIT)
 
 
-@triton.jit(do_not_specialize=["M", "stride_sn"])
+@triton.jit(do_not_specialize=["M", "N", "stride_sn", "SPLIT_K", "KB_PER_SPLIT"])
 def _w4a16_gemv_mma8_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
-    M, K,
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
+    SPLIT_K, KB_PER_SPLIT,
     HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    NGC: tl.constexpr, PREFETCH: tl.constexpr, CHAIN: tl.constexpr,
+    NGC: tl.constexpr, PREFETCH: tl.constexpr, CHAIN: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    m0 = tl.program_id(1) * BLOCK_M
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    m0 = pid_m * BLOCK_M
     HALF: tl.constexpr = BLOCK_N // 2        # rows R1 = first half, R2 = second half (same words)
     RG: tl.constexpr = HALF // 8             # groups of 8 rows (the MMA's rows g) per half
     KC: tl.constexpr = BLOCK_K // 128        # K chunks of 16 words per block
@@ -169,12 +176,18 @@ def _w4a16_gemv_mma8_kernel(
     z = tl.zeros([TR, ACC_W], dtype=tl.float32)
     acc = (z, ) * 8   # c0..c3 of column block m0..m0+7, then of m0+8..m0+15
 
-    kb_total = K // BLOCK_K   # register pipeline as in kernels.w4a16_gemv_mma
+    # register pipeline as in kernels.w4a16_gemv_mma, over this split's K blocks (all without SPLIT)
+    kb_lo, kb_total = split_range(K, KB_PER_SPLIT, BLOCK_K, SPLIT)
+    if SPLIT:
+        wl_ptrs += kb_lo * WPB
+        wh_ptrs += kb_lo * WPB
+        xa += kb_lo * (BLOCK_K // 2)
+        xb += kb_lo * (BLOCK_K // 2)
     wl, wh, wl1, wh1 = pipeline_start(wl_ptrs, wh_ptrs, kb_total, WPB, PREFETCH)
     for kb in range(0, kb_total):
         wl_next, wh_next = pipeline_load(wl_ptrs, wh_ptrs, kb, kb_total, WPB, PREFETCH)
-        sl = _chunk_scales(sl_rows, chunk, kb, BLOCK_K, GROUP_SIZE, NGC)
-        sh = _chunk_scales(sh_rows, chunk, kb, BLOCK_K, GROUP_SIZE, NGC)
+        sl = _chunk_scales(sl_rows, chunk, kb_lo + kb, BLOCK_K, GROUP_SIZE, NGC)
+        sh = _chunk_scales(sh_rows, chunk, kb_lo + kb, BLOCK_K, GROUP_SIZE, NGC)
         xka = xa + kb * (BLOCK_K // 2)
         xkb = xb + kb * (BLOCK_K // 2)
         if CHAIN:
@@ -197,10 +210,14 @@ def _w4a16_gemv_mma8_kernel(
     if HAS_BIAS:
         bias_lo = tl.load(bias_ptr + rows_lo).to(tl.float32)
         bias_hi = tl.load(bias_ptr + rows_hi).to(tl.float32)
-    _finish8(a0, a1, a2, a3, bias_lo, bias_hi, out_ptr, rows_lo, rows_hi, m0, M, stride_om, KC, HALF, HAS_BIAS)
+    _finish8(a0, a1, a2, a3, bias_lo, bias_hi, out_ptr, ws_ptr, rows_lo, rows_hi, m0, M, N, stride_om, pid_k, KC,
+             HALF, HAS_BIAS, SPLIT)
     if BLOCK_M > 8:
-        _finish8(b0, b1, b2, b3, bias_lo, bias_hi, out_ptr, rows_lo, rows_hi, m0 + 8, M, stride_om, KC, HALF,
-                 HAS_BIAS)
+        _finish8(b0, b1, b2, b3, bias_lo, bias_hi, out_ptr, ws_ptr, rows_lo, rows_hi, m0 + 8, M, N, stride_om, pid_k,
+                 KC, HALF, HAS_BIAS, SPLIT)
+    if SPLIT:
+        split_reduce(ws_ptr, cnt_ptr, bias_ptr, out_ptr, pid_n, pid_m, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N,
+                     HAS_BIAS, False)
 
 
 GEMV_MMA8_BLOCK_M = (8, 16)
@@ -208,12 +225,13 @@ GEMV_MMA8_BLOCK_M = (8, 16)
 
 def w4a16_gemv_mma8(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                     bias: torch.Tensor | None, group_size: int, *, block_m: int, block_n: int, block_k: int,
-                    num_warps: int, prefetch: int = 1, chain: bool = False) -> torch.Tensor:
+                    num_warps: int, prefetch: int = 1, chain: bool = False, split_k: int = 1) -> torch.Tensor:
     """Launch the full-MMA GEMV (CUDA only; sm_80+, bf16 needs sm_90). Same operand contract as
     :func:`kernels.w4a16_gemv.w4a16_gemv`, plus: ``weight_packed`` 16-byte aligned; ``block_m`` 8 or 16;
     ``block_n`` a multiple of 16; ``block_k`` a multiple of 128 with ``(block_n / 16) * (block_k / 128) >=
     num_warps`` (:func:`mma8_ok`); group size 32 or more; ``prefetch`` 1 or 2; ``chain``: one accumulator set per
-    16-byte vector. Returns ``[M, N]`` of ``x.dtype``."""
+    16-byte vector; ``split_k``: K slices per output tile (:func:`kernels.w4a16_gemv.split_plan`). Returns
+    ``[M, N]`` of ``x.dtype``."""
     if not mma8_ok(block_n, block_k, num_warps):
         raise ValueError(f"w4a16_gemv_mma8: need block_n % 16 == 0, block_k % 128 == 0 and (block_n/16)*(block_k/128)"
                          f" >= num_warps, got block_n={block_n}, block_k={block_k}, num_warps={num_warps}")
@@ -226,12 +244,15 @@ def w4a16_gemv_mma8(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: 
     x32, out, gk, _, grid = gemv_operands("w4a16_gemv_mma8", x, weight_packed, group_size, block_m, block_n,
                                           block_k, GEMV_MMA8_BLOCK_M, prefetch)
     ngc = CHUNK_K // gk if 0 < gk < CHUNK_K else 1
+    n, k = weight_packed.shape[0], x.shape[1]
+    grid, split_k, kb_per_split, ws, cnt = split_plan(x32, n, k, block_k, split_k, grid)
     _w4a16_gemv_mma8_kernel[grid](
-        x32, weight_packed, weight_scale, bias if bias is not None else weight_scale, out,
-        x.shape[0], x.shape[1],
+        x32, weight_packed, weight_scale, bias if bias is not None else weight_scale, out, ws, cnt,
+        x.shape[0], n, k,
         x32.stride(0), weight_packed.stride(0), weight_scale.stride(0), out.stride(0),
+        split_k, kb_per_split,
         HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE=gk, NGC=ngc,
-        PREFETCH=prefetch, CHAIN=chain, num_warps=num_warps, num_stages=1,
+        PREFETCH=prefetch, CHAIN=chain, SPLIT=split_k > 1, num_warps=num_warps, num_stages=1,
     )
     return out

@@ -140,6 +140,12 @@ _INTERP_SCRIPT = textwrap.dedent("""
         # the Gluon prefill kernel cannot be interpreted: the dispatcher runs the Triton tiled kernel instead
         (C("prefill_tma", 64, 64, 128, num_warps=4, num_stages=3), 70, 128, 256, 128, True),
         (C("prefill_wsp", 128, 128, 128, split_k=2, num_warps=4, num_stages=3), 70, 128, 256, 128, True),
+        # the GEMVs with split-K: unequal splits (5 K blocks in 2, 2, 1), a split clamped to the K blocks there
+        # are, a split starting at an odd block inside a scale group of two blocks, the fallback's 8-row programs
+        (C("gemv", 4, 16, 256, split_k=3, num_warps=4, num_stages=2), 7, 64, 1280, 128, True),
+        (C("gemv_mma", 2, 4, 512, split_k=8, num_warps=2, num_stages=3), 2, 64, 1024, -1, False),
+        (C("gemv", 2, 8, 256, split_k=2, num_warps=1, num_stages=3), 3, 128, 1536, 512, True),
+        (C("gemv_mma8", 16, 16, 256, split_k=2, num_warps=2, num_stages=3, chain=True), 13, 64, 768, 64, True),
     ]
     out = []
     for dtype in (torch.float16, torch.bfloat16):
@@ -173,6 +179,10 @@ _INTERP_SCRIPT = textwrap.dedent("""
     print("RESULT " + json.dumps(out))
     from kernels.w4a16 import census
     print("CENSUS " + json.dumps(census()))
+    # the split-K launches (decode and the GEMVs) left every tile counter at zero
+    from kernels.counters import pool
+    bufs = [b for bs in pool("decode").values() for b in bs]
+    print("COUNTERS " + json.dumps([len(bufs), sum(int(b.abs().sum()) for b in bufs)]))
     # round_to, the software fp32 -> bf16 rounding of the plain-Triton dequantization (GPUs before sm_90, and the
     # interpreter), on every bit pattern class: it must round like torch (RNE, overflow to inf) and keep NaN NaN.
     # The GPU's canonical NaN 0x7FFFFFFF once carried into the sign bit and came out as -0.0.
@@ -208,7 +218,7 @@ def test_triton_kernels_under_interpreter():
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads(line[len("RESULT "):])
-    assert len(results) == 2 * 19 + 2 * 4 + 2
+    assert len(results) == 2 * 23 + 2 * 4 + 2
     refused = next(ln for ln in proc.stdout.splitlines() if ln.startswith("REFUSED "))
     assert "cannot run K=384 with group size 128" in refused, refused
     bad = [r for r in results if not r["ratio"] <= 1.0]
@@ -221,6 +231,10 @@ def test_triton_kernels_under_interpreter():
     assert cen["prefill 128x256 [fallback for prefill_tma bm64 bn64 bk128 w4 st3]"]["calls"] == 2
     assert cen["gemv 64x384 [fallback for gemv_mma8 bm16 bn16 bk128 w1 st3 chain]"]["calls"] == 2
     assert cen["gemv 64x1024 [fallback for gemv_mma bm2 bn4 bk512 w2 st3]"] == {"calls": 2, "m_min": 2, "m_max": 2}
+    assert cen["gemv 64x768 [fallback for gemv_mma8 bm16 bn16 bk256 w2 st3 sk2 chain]"]["calls"] == 2
+    assert cen["gemv 128x1536 [gemv bm2 bn8 bk256 w1 st3 sk2]"]["calls"] == 2
+    n_bufs, left = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("COUNTERS "))[9:])
+    assert n_bufs >= 1 and left == 0
     # one tile config on one shape at two M (case 7 at M = 33, the strided-bias run at M = 3): one entry
     assert cen["prefill 128x256 [prefill bm32 bn64 bk64 w4 st3]"] == {"calls": 4, "m_min": 3, "m_max": 33}
     assert sum(e["calls"] for e in cen.values()) == len(results)   # the refused config is not counted
@@ -327,6 +341,22 @@ def test_gemv_candidates_offer_chain_where_the_tiling_allows_it():
         chained = {(c.kernel, c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages) for c in cands if c.chain}
         assert chained == {t for t in plain if t[0] == "gemv_mma" and chain_ok(t[2], t[3], t[4])}
         assert chained and chained < plain
+
+
+def test_gemv_split_candidates():
+    """The autotuner times the GEMVs with split-K where the splits keep a K block each and make at most 16 programs
+    per SM (on the 132-SM H200: down_proj's 16-row programs of 8 activation rows, 160 tiles, take every split up
+    to 8; the two-row programs of M = 1, 1,280 tiles, none)."""
+    from kernels.w4a16_autotune import GEMV_SPLITS, launch_variants, split_candidates
+    from kernels.w4a16_config import W4A16Config as C
+
+    mma8 = C("gemv_mma8", 8, 16, 1024, num_warps=4, num_stages=2, chain=True)
+    assert split_candidates(mma8, 8, 2560, 8192, 132) == [1, 2, 3, 4, 6, 8]
+    assert split_candidates(mma8, 8, 2560, 8192, 66) == [1, 2, 3, 4, 6]        # 8 splits: 1,280 > 16 x 66
+    assert split_candidates(mma8, 8, 2560, 2048, 132) == [1, 2]                # two 1024-wide K blocks
+    assert split_candidates(C("gemv_mma", 1, 2, 2048, num_warps=4, num_stages=2), 1, 2560, 8192, 132) == [1]
+    assert [c.split_k for c in launch_variants(C("gemv", 4, 32, 512, num_warps=2, num_stages=2), 4, 2560, 8192,
+                                               132)] == [1, *GEMV_SPLITS]
 
 
 def test_gemv_mma8_candidates():
@@ -620,12 +650,13 @@ def test_config_validation():
     W4A16Config("gemv_mma8", 16, 16, 512, num_warps=4, num_stages=2, chain=True)
     for bad, msg in ((dict(block_m=4), "block_m 8 or 16"), (dict(block_k=64), "block_m 8 or 16"),
                      (dict(block_n=8), "block_n in 16..128"), (dict(num_warps=8), "num_warps"),
-                     (dict(split_k=2), "no split-K"), (dict(num_stages=4), "num_stages 2 or 3")):
+                     (dict(split_k=0), "split_k >= 1"), (dict(num_stages=4), "num_stages 2 or 3")):
         with pytest.raises(ValueError, match=msg):
             W4A16Config(**{**dict(kernel="gemv_mma8", block_m=8, block_n=16, block_k=512, num_warps=4,
                                   num_stages=2), **bad})
-    with pytest.raises(ValueError, match="no split-K"):
-        W4A16Config("gemv", 1, 16, 512, split_k=2, num_stages=2)
+    with pytest.raises(ValueError, match="split_k >= 1"):
+        W4A16Config("gemv", 1, 16, 512, split_k=0, num_stages=2)
+    assert W4A16Config("gemv_mma", 1, 16, 512, split_k=3, num_stages=2).brief() == "gemv_mma bm1 bn16 bk512 w4 st2 sk3"
     with pytest.raises(ValueError, match="num_stages 2 or 3"):
         W4A16Config("gemv", 1, 16, 512, num_stages=4)
     g = W4A16Config("gemv_mma", 2, 8, 1024, num_stages=3)

@@ -23,13 +23,15 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-_SIG_COMMON = {"x_ptr": "*i32", "w_ptr": "*i32", "M": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
-               "stride_sn": "i32", "stride_om": "i32"}
+_SIG_COMMON = {"x_ptr": "*i32", "w_ptr": "*i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
+               "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_om": "i32",
+               "SPLIT_K": "i32", "KB_PER_SPLIT": "i32"}
 
 
 def compile_gemv(kernel: str, block_m: int, block_n: int, block_k: int, num_warps: int, dtype: str = "bf16",
-                 group: int = 128, prefetch: int = 1, chain: bool = False):
-    """The compiled kernel (``triton.compile`` for CUDA sm_90, pointers and strides 16-divisible as at run time)."""
+                 group: int = 128, prefetch: int = 1, chain: bool = False, split: bool = False):
+    """The compiled kernel (``triton.compile`` for CUDA sm_90, pointers and strides 16-divisible as at run time);
+    ``split``: its split-K variant."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -46,7 +48,7 @@ def compile_gemv(kernel: str, block_m: int, block_n: int, block_k: int, num_warp
     if kernel != "gemv_mma8":
         extra["NG"] = block_k // group if group < block_k else 1
     const = dict(HAS_BIAS=False, IS_BF16=dtype == "bf16", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                 GROUP_SIZE=group, PREFETCH=prefetch, **extra)
+                 GROUP_SIZE=group, PREFETCH=prefetch, SPLIT=split, **extra)
     sig = {name: ("constexpr" if name in const else _SIG_COMMON.get(name, f"*{dtype}")) for name in fn.arg_names}
     args = list(fn.arg_names)
     attrs = {(args.index(a),): [["tt.divisibility", 16]] for a in
@@ -147,7 +149,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", choices=("gemv", "gemv_mma", "gemv_mma8", "prefill_tma", "prefill_wsp"),
                     default="gemv_mma")
-    ap.add_argument("--split", action="store_true", help="prefill_tma / prefill_wsp: the split-K variant")
+    ap.add_argument("--split", action="store_true", help="the split-K variant")
     ap.add_argument("--block-m", type=int, default=1)
     ap.add_argument("--block-n", type=int, help="default: 16 (GEMVs), 64 (prefill_tma), 128 (prefill_wsp)")
     ap.add_argument("--block-k", type=int, default=1024)
@@ -168,7 +170,7 @@ def main() -> int:
               f"{registers(compiled)} registers; whole kernel: {prefill_tma_stats(compiled)}")
         return 0
     compiled = compile_gemv(args.kernel, args.block_m, args.block_n, args.block_k, args.warps, args.dtype,
-                            prefetch=args.stages - 1, chain=args.chain)
+                            prefetch=args.stages - 1, chain=args.chain, split=args.split)
     st = loop_stats(compiled)
     words = args.block_n * args.block_k // 8 // (32 * args.warps)
     print(f"{args.kernel} bm{args.block_m} bn{args.block_n} bk{args.block_k} w{args.warps} {args.dtype}: "
