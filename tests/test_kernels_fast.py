@@ -790,7 +790,7 @@ def test_heuristic_gemv_for_untuned_shapes(m, k, group, want):
 def test_heuristic_gemv_mma8_by_matrix_size():
     """The full-MMA GEMV's rules that depend on N: 32 rows over 8 warps, chained, for N >= 8192 (K a multiple of
     512 only); 8-row programs at M = 9..16 only for matrices of at most 2^23 weights (larger ones lost to split-K
-    on the H200)."""
+    on the H200); and on K: split-K for long K at M <= 8."""
     from kernels.w4a16_config import W4A16Config, heuristic_gemv
 
     assert heuristic_gemv(8, 16384, 2560, 128) == W4A16Config("gemv_mma8", 8, 32, 512, 1, 8, 2, chain=True)
@@ -798,6 +798,11 @@ def test_heuristic_gemv_mma8_by_matrix_size():
     assert heuristic_gemv(16, 2048, 2560, 128) == W4A16Config("gemv_mma8", 8, 16, 512, 1, 4, 3)
     assert heuristic_gemv(16, 16384, 2560, 128) is None and heuristic_gemv(9, 3328, 2560, 128) is None
     assert heuristic_gemv(8, 8200, 2560, 128) is None    # N not a multiple of the 32-row program
+    # long K at M = 3..8: split-K, 2 slices below K = 16384, 3 from there; none at M <= 2 or for shorter K
+    assert heuristic_gemv(4, 2560, 8192, 128) == W4A16Config("gemv_mma8", 8, 16, 1024, 2, 8, 3, chain=True)
+    assert heuristic_gemv(8, 3584, 18944, 128) == W4A16Config("gemv_mma8", 8, 16, 512, 3, 4, 3)
+    assert heuristic_gemv(3, 4096, 14336, 128).split_k == 2 and heuristic_gemv(8, 2048, 16384, 128).split_k == 3
+    assert heuristic_gemv(2, 2560, 8192, 128).split_k == 1 and heuristic_gemv(8, 2560, 4096, 128).split_k == 1
 
 
 # ------------------------------------------------------------------------------------------------ op + module

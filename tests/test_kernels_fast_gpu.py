@@ -54,13 +54,14 @@ def test_sweep_m_against_reference(n, k, dtype):
 def test_untuned_shapes_take_the_gemv_heuristic(dtype):
     """Shapes without a tuned entry (the trained `small` model's, odd ones): M <= 2 runs the diagonal tensor-core
     GEMV of the heuristic, M = 3..16 the full-MMA one where K is a multiple of 512 (M = 9..16 only for matrices of
-    at most 2^23 weights), the rest the split-K kernel; all within the tolerance."""
+    at most 2^23 weights; split into 2 K slices at M <= 8 for K >= 8192, 3 from K = 16384), the rest the split-K
+    kernel; all within the tolerance."""
     from kernels.w4a16 import w4a16_gemm
     from kernels.w4a16_config import load_table, select_config
 
     props = torch.cuda.get_device_properties(0)
     for n, k in ((1536, 512), (512, 1024), (4096, 512), (512, 2048), (192, 2304), (640, 6144), (256, 640),
-                 (10240, 1536)):
+                 (10240, 1536), (1024, 8192), (512, 16384)):
         assert (n, k) not in load_table(props.name)
         wp, s = gpu_problem(n, k, dtype, seed=n * 7 + k)
         for m in (1, 2, 3, 8, 13, 16, 17):
@@ -70,6 +71,8 @@ def test_untuned_shapes_take_the_gemv_heuristic(dtype):
             else:
                 want = "gemv_mma8" if k % 512 == 0 and (m <= 8 or m <= 16 and n * k <= 1 << 23) else "decode"
             assert cfg.kernel == want, (n, k, m, cfg)
+            split = (2 if k < 16384 else 3) if want == "gemv_mma8" and m <= 8 and k >= 8192 else 1
+            assert cfg.split_k == split or want == "decode", (n, k, m, cfg)
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             r = tolerance_ratio(w4a16_gemm(x, wp, s), x, wp, s)
             assert r <= 1.0, f"{n}x{k} M={m} {cfg}: tolerance ratio {r:.3g}"

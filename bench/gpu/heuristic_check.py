@@ -6,11 +6,13 @@ evaluation model's shapes (not tuned), at each M, times the tuned entry (if any)
 :func:`kernels.w4a16_config.heuristic_config` with the autotuner's timer (CUDA graphs over weight copies rotated past
 the L2), each checked against the pure-torch reference first. Prints µs and the ratios. ``--probe`` also times a few
 fixed ``gemv_mma8`` tilings at M >= 3 (:data:`MMA8_PROBE`), the data a rule for that kernel is read from; ``--tma``
-the ``prefill_tma`` tilings of :data:`TMA_PROBE`.
+the ``prefill_tma`` tilings of :data:`TMA_PROBE`; ``--splits 2 4 8`` the GEMV heuristic's config with those split-K
+values; ``--shapes NxK ...`` other shapes.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -38,13 +40,19 @@ def main() -> int:
     ap.add_argument("--ms", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--tma", action="store_true", help="also time the prefill_tma tilings of TMA_PROBE")
+    ap.add_argument("--splits", nargs="+", type=int, default=[],
+                    help="also time the GEMV heuristic's config with each of these split-K values")
+    ap.add_argument("--shapes", nargs="+", help="NxK ... instead of the E4B and `small` shapes")
     args = ap.parse_args()
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     table = load_table(props.name)
     dtype = torch.bfloat16
     ratios = []
-    for n, k in E4B_SHAPES + SMALL_SHAPES:
+    shapes = E4B_SHAPES + SMALL_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes]
+    for n, k in shapes:
         wps, ss, nbytes = rotated_problem(n, k, dtype, dev)
         for m in args.ms:
             x = torch.randn(m, k, device=dev, dtype=dtype)
@@ -59,6 +67,9 @@ def main() -> int:
                         if k % bk == 0 and mma8_ok(bn, bk, nw) and (bm == 16 or bn != 32 or bk != 256):
                             cfgs[f"mma8 bm{bm} bn{bn} bk{bk} w{nw} st{st}{' chain' if ch else ''}"] = W4A16Config(
                                 "gemv_mma8", bm, bn, bk, 1, nw, st, chain=ch)
+            if cfgs["gemv heuristic"] is not None:
+                for sk in args.splits:
+                    cfgs[f"gemv sk{sk}"] = dataclasses.replace(cfgs["gemv heuristic"], split_k=sk)
             if args.tma:
                 for bm, bn, bk, st in TMA_PROBE:
                     if k % bk == 0 and n % bn == 0:
@@ -84,6 +95,10 @@ def main() -> int:
                 if "tuned" in us:
                     line += f" | gemv / tuned {us['tuned'] / g:.2f}x"
                     ratios.append(us["tuned"] / g)
+            splits = {name: t for name, t in us.items() if name.startswith("gemv sk")}
+            if splits and g:
+                best = min(splits, key=splits.get)
+                line += f" | best split {best}: {g / splits[best]:.2f}x the gemv heuristic"
             probes = {name: t for name, t in us.items() if name.startswith(("mma8", "tma "))}
             if probes:
                 best = min(probes, key=probes.get)
