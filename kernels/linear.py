@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.pdqkit.w4a16_gemm)
+from .counters import reserve
 from .w4a16 import group_supported, shape_supported
 
 __all__ = ["W4A16Linear", "swap_w4a16_linears"]
@@ -122,13 +123,15 @@ def swap_w4a16_linears(model: nn.Module, checkpoint: str | Path | None = None,
     (default: the dtype of the model's first floating-point parameter; bf16 or fp16, else ``ValueError`` before
     anything changes). Linears whose shape or scales the kernel refuses (N % 64, K % 128, scales not ``[N, K/G]``)
     are left alone (and stay with compressed-tensors' decompression). The model's compressed-tensors decompression
-    hook is removed only when no module, of any type, is left for it to decompress.
+    hook is removed only when no module, of any type, is left for it to decompress. On every GPU that holds a
+    swapped layer the split-K kernels' tile counters are allocated now (:func:`kernels.counters.reserve`), so that a
+    CUDA-graph capture (``torch.compile(mode="reduce-overhead")``, a static-cache generate) never has to create them.
     """
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
     _check_dtype(dtype)
     read = _checkpoint_reader(checkpoint) if checkpoint is not None else None
-    swapped = []
+    swapped, devices = [], set()
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or isinstance(module, W4A16Linear):
             continue
@@ -153,6 +156,10 @@ def swap_w4a16_linears(model: nn.Module, checkpoint: str | Path | None = None,
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         swapped.append(name)
+        devices.add(new.weight_packed.device)
+    for device in devices:
+        if device.type == "cuda":
+            reserve(device)
     hook = getattr(model, "ct_decompress_hook", None)
     if hook is not None and swapped and not any(_still_compressed(m) for m in model.modules()):
         hook.remove()

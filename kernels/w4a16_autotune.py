@@ -172,7 +172,8 @@ def split_candidates(cfg: W4A16Config, m: int, n: int, k: int, sms: int, max_per
     program and ``max_per_sm`` programs per SM (1 as well when the tiles alone fill half the SMs). ``prefill_wsp``
     (one CTA per SM: its warps hold the register file) and ``prefill_tma``: 1, and 2..4 where the tiles leave SMs
     idle (``prefill_tma``: fewer than two per SM) and the splits make at most four programs per SM. The GEMVs: 1,
-    and those of :data:`GEMV_SPLITS` that leave every split a K block and make at most 16 programs per SM."""
+    and those of :data:`GEMV_SPLITS` that leave every split a K block and make at most 16 programs per SM, each as
+    the number of slices it launches (:func:`kernels.w4a16_gemv.effective_split`: 6 over 8 K blocks is 4)."""
     if cfg.kernel in ("prefill_wsp", "prefill_tma"):
         tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
         busy = sms if cfg.kernel == "prefill_wsp" else 2 * sms
@@ -180,7 +181,8 @@ def split_candidates(cfg: W4A16Config, m: int, n: int, k: int, sms: int, max_per
     tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
     kb = k // cfg.block_k
     if cfg.kernel in ("gemv", "gemv_mma", "gemv_mma8"):   # small programs: up to 16 per SM
-        return [1] + [s for s in GEMV_SPLITS if s <= kb and tiles * s <= 16 * sms]
+        from .w4a16_gemv import effective_split   # (a request that clamps to another's launch is timed once)
+        return sorted({1} | {effective_split(kb, s) for s in GEMV_SPLITS if s <= kb and tiles * s <= 16 * sms})
     if cfg.kernel != "decode":
         return [1]
     good = sorted({s for s in values if s <= kb
@@ -501,7 +503,7 @@ def demo_launches(only: set[int] | None = None) -> int:
     with stream-K, 128 rows at M=300 and K halves on an odd ring at M=200), two diagonal
     tensor-core GEMV launches (M=3 in a 4-row program, per-word and chained accumulators) and two full-MMA ones
     (M=13 of 16, M=6 of 8, chained), ragged tiles, then both with split-K (M=2, 3 splits of 2, 2, 1 K blocks; M=11
-    of 16, 4 splits), checked against the reference;
+    of 16, split 4 asked, which over 5 K blocks launches the same 3 slices), checked against the reference;
     then the tuned M=1 and M=8 launches on the 16384x2560 gate_up shape (the ones a profiler should look at).
     ``only``: the indices (0..16, in that order) to run; None runs all."""
     from .w4a16 import w4a16_gemm

@@ -232,11 +232,11 @@ def heuristic_gemv(m: int, n: int, k: int, group_size: int) -> W4A16Config | Non
       probed tilings only a 16-row program won there, on gate_up, 1.07x).
       Re-run on the rules as written (``heuristic_check.py --ms 1 2 3 4 8 16``): 0.96-1.95x the split-K heuristic at
       M = 3..16, 0.80-1.01 of the tuned entries' speed on the E4B shapes.
-    * Long K (>= 8192) at M = 3..8: that GEMV with split-K, 2 slices (3 from K = 16384). Measured on the H200
-      (thirty-sixth session, ``heuristic_check.py --splits 2 3 4 6 8``, the down_proj shapes of E4B, Llama-3.2-1B /
-      3B, Llama-3-8B, Llama-2-13B and Qwen2-7B at M = 4 and 8): 1.01-1.69x the unsplit GEMV on all twelve rows,
-      0.97-1.24x the split-K heuristic (below 1 on 4096x14336, 5120x13824 and 3584x18944 at M = 8: 0.97-0.98x; the
-      unsplit GEMV was 0.61-0.97x there). Splitting at M <= 2 was slower on five of the six shapes.
+    * Long K (>= 8192) at M = 3..8 and N < 8192: that GEMV with split-K, 2 slices (3 from K = 16384). Measured on
+      the H200 (thirty-sixth session, ``heuristic_check.py --splits 2 3 4 6 8``, the down_proj shapes of E4B,
+      Llama-3.2-1B / 3B, Llama-3-8B, Llama-2-13B and Qwen2-7B at M = 4 and 8): 1.01-1.69x the unsplit GEMV on all
+      twelve rows, 0.97-1.24x the split-K heuristic (below 1 on 4096x14336, 5120x13824 and 3584x18944 at M = 8:
+      0.97-0.98x; the unsplit GEMV was 0.61-0.97x there). Splitting at M <= 2 was slower on five of the six shapes.
     """
     if m <= 2:
         if k >= 4096 and k % 1024 == 0:
@@ -255,7 +255,7 @@ def heuristic_gemv(m: int, n: int, k: int, group_size: int) -> W4A16Config | Non
                               chain=True)
         else:
             cfg = W4A16Config("gemv_mma8", block_m=8, block_n=16, block_k=512, num_warps=4, num_stages=3)
-        if m <= 8 and k >= 8192:
+        if m <= 8 and k >= 8192 and n < 8192:   # measured on N = 2048..5120 (below 8192: 16-row programs)
             cfg = dataclasses.replace(cfg, split_k=2 if k < 16384 else 3)
     else:
         return None

@@ -379,19 +379,27 @@ def gemv_operands(name: str, x: torch.Tensor, weight_packed: torch.Tensor, group
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = pool("decode")
 
 
+def effective_split(kb_total: int, split_k: int) -> int:
+    """The number of K slices a request of ``split_k`` over ``kb_total`` K blocks launches: ``ceil(kb_total / s)``
+    blocks per slice for ``s = min(split_k, kb_total)``, and as many slices as that takes (none empty); e.g. 6 over
+    8 blocks is 4 slices of 2."""
+    return triton.cdiv(kb_total, triton.cdiv(kb_total, max(1, min(split_k, kb_total))))
+
+
 def split_plan(x32: torch.Tensor, n: int, k: int, block_k: int, split_k: int, grid: tuple[int, int]):
     """Host side of a GEMV's split-K: ``(grid3, split_k, kb_per_split, ws, cnt)``. ``split_k`` is clamped so that
     no split is empty (and to 1 where the workspace's int32 offsets would overflow); ``grid3`` is ``grid`` with
     the splits as its third axis; ``ws`` the fp32 ``[split_k, M, N]`` workspace and ``cnt`` the tile counters
-    (with ``split_k`` 1, placeholders the kernel never touches)."""
+    (with ``split_k`` 1, placeholders the kernel never touches). The returned ``split_k`` is
+    :func:`effective_split`'s."""
     if split_k < 1:
         raise ValueError(f"split_k must be >= 1, got {split_k}")
     m = x32.shape[0]
     kb_total = k // block_k
+    split_k = effective_split(kb_total, split_k)
     if split_k * m * n >= 2**31:
         split_k = 1
-    kb_per_split = triton.cdiv(kb_total, max(1, min(split_k, kb_total)))
-    split_k = triton.cdiv(kb_total, kb_per_split)
+    kb_per_split = triton.cdiv(kb_total, split_k)
     if split_k == 1:
         return (*grid, 1), 1, kb_total, x32, x32
     cnt = grow_zeros(_COUNTERS, x32.device, grid[0] * grid[1], 4096)

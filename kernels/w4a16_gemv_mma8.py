@@ -47,8 +47,8 @@ stays ahead on five of the six E4B shapes (best variant 0.78-1.00x of it). ncu a
 78 % (the M = 1 diagonal GEMV: 47 %), 56 % of the warps' stalls waiting on L1TEX data.
 
 Split-K (thirty-sixth session, H200, ``bench/results/h200-2026-12-01l/``): on down_proj (2560 x 8192) the 160
-programs of 16 rows leave the GPU short of loads in flight; 16-row programs over 1024-wide K blocks in 6 / 4 K
-slices (:func:`kernels.w4a16_gemv.split_reduce` sums them) took M = 4 from 10.78 to 9.20 µs and M = 8 from 10.91 to
+programs of 16 rows leave the GPU short of loads in flight; 16-row programs over 1024-wide K blocks in 4 K slices
+(:func:`kernels.w4a16_gemv.split_reduce` sums them) took M = 4 from 10.78 to 9.20 µs and M = 8 from 10.91 to
 9.79 µs (the split-K wgmma kernel before); on the other E4B shapes split-K changed nothing measurable.
 
 Precision: as :mod:`kernels.w4a16_gemv_mma` (16-bit products exact, fp32 sums, only the order differs). Needs

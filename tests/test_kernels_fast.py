@@ -147,6 +147,13 @@ _INTERP_SCRIPT = textwrap.dedent("""
         (C("gemv", 2, 8, 256, split_k=2, num_warps=1, num_stages=3), 3, 128, 1536, 512, True),
         (C("gemv_mma8", 16, 16, 256, split_k=2, num_warps=2, num_stages=3, chain=True), 13, 64, 768, 64, True),
     ]
+    import kernels.w4a16_gemv as gemv_mod
+    launched, plan = [], gemv_mod.split_plan
+    def _record(*a, **kw):   # the K slices every GEMV launch made (the interpreter runs the CUDA-core GEMV)
+        r = plan(*a, **kw)
+        launched.append(r[1])
+        return r
+    gemv_mod.split_plan = _record
     out = []
     for dtype in (torch.float16, torch.bfloat16):
         for i, (cfg, m, n, k, g, bias) in enumerate(cases):
@@ -183,6 +190,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
     from kernels.counters import pool
     bufs = [b for bs in pool("decode").values() for b in bs]
     print("COUNTERS " + json.dumps([len(bufs), sum(int(b.abs().sum()) for b in bufs)]))
+    print("SPLITS " + json.dumps(launched))
     # round_to, the software fp32 -> bf16 rounding of the plain-Triton dequantization (GPUs before sm_90, and the
     # interpreter), on every bit pattern class: it must round like torch (RNE, overflow to inf) and keep NaN NaN.
     # The GPU's canonical NaN 0x7FFFFFFF once carried into the sign bit and came out as -0.0.
@@ -235,6 +243,9 @@ def test_triton_kernels_under_interpreter():
     assert cen["gemv 128x1536 [gemv bm2 bn8 bk256 w1 st3 sk2]"]["calls"] == 2
     n_bufs, left = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("COUNTERS "))[9:])
     assert n_bufs >= 1 and left == 0
+    # the four split GEMV cases launched 3, 2, 2 and 2 slices (5 blocks in 3; 8 asked over 2; 6 in 2; 3 in 2), twice
+    splits = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("SPLITS "))[7:])
+    assert sorted(s for s in splits if s > 1) == [2] * 6 + [3] * 2, splits
     # one tile config on one shape at two M (case 7 at M = 33, the strided-bias run at M = 3): one entry
     assert cen["prefill 128x256 [prefill bm32 bn64 bk64 w4 st3]"] == {"calls": 4, "m_min": 3, "m_max": 33}
     assert sum(e["calls"] for e in cen.values()) == len(results)   # the refused config is not counted
@@ -351,12 +362,16 @@ def test_gemv_split_candidates():
     from kernels.w4a16_config import W4A16Config as C
 
     mma8 = C("gemv_mma8", 8, 16, 1024, num_warps=4, num_stages=2, chain=True)
-    assert split_candidates(mma8, 8, 2560, 8192, 132) == [1, 2, 3, 4, 6, 8]
-    assert split_candidates(mma8, 8, 2560, 8192, 66) == [1, 2, 3, 4, 6]        # 8 splits: 1,280 > 16 x 66
+    # as the slices they launch: over 8 K blocks, 3 is 3 slices (3, 3, 2) and 6 is 4 (of 2), 4's launch
+    assert split_candidates(mma8, 8, 2560, 8192, 132) == [1, 2, 3, 4, 8]
+    assert split_candidates(mma8, 8, 2560, 8192, 66) == [1, 2, 3, 4]           # 8 splits: 1,280 > 16 x 66
     assert split_candidates(mma8, 8, 2560, 2048, 132) == [1, 2]                # two 1024-wide K blocks
+    assert split_candidates(mma8, 8, 2560, 10240, 132) == [1, 2, 3, 4, 5]      # 10 blocks: 6 and 8 launch 5
     assert split_candidates(C("gemv_mma", 1, 2, 2048, num_warps=4, num_stages=2), 1, 2560, 8192, 132) == [1]
     assert [c.split_k for c in launch_variants(C("gemv", 4, 32, 512, num_warps=2, num_stages=2), 4, 2560, 8192,
-                                               132)] == [1, *GEMV_SPLITS]
+                                               132)] == [1, *GEMV_SPLITS]                  # 16 blocks: none clamps
+    from kernels.w4a16_gemv import effective_split
+    assert [effective_split(5, s) for s in (1, 2, 3, 4, 5, 9)] == [1, 2, 3, 3, 5, 5]
 
 
 def test_gemv_mma8_candidates():
@@ -803,6 +818,7 @@ def test_heuristic_gemv_mma8_by_matrix_size():
     assert heuristic_gemv(8, 3584, 18944, 128) == W4A16Config("gemv_mma8", 8, 16, 512, 3, 4, 3)
     assert heuristic_gemv(3, 4096, 14336, 128).split_k == 2 and heuristic_gemv(8, 2048, 16384, 128).split_k == 3
     assert heuristic_gemv(2, 2560, 8192, 128).split_k == 1 and heuristic_gemv(8, 2560, 4096, 128).split_k == 1
+    assert heuristic_gemv(8, 8192, 8192, 128).split_k == 1     # not measured on N >= 8192
 
 
 # ------------------------------------------------------------------------------------------------ op + module
@@ -838,16 +854,21 @@ def micro_w4a16(tmp_path_factory):
     return d / "w4a16"
 
 
-def test_swap_hf_model(micro_w4a16):
+def test_swap_hf_model(micro_w4a16, monkeypatch):
     """Swap on a real transformers load of a pack-quantized checkpoint: the same logits as compressed-tensors'
-    own decompression (bit for bit on the CPU, whose path is the pure-torch reference) and the same greedy tokens."""
+    own decompression (bit for bit on the CPU, whose path is the pure-torch reference) and the same greedy tokens.
+    Tile counters are reserved on GPUs only (the GPU test checks that they are)."""
     from transformers import AutoModelForCausalLM
 
+    import kernels.linear
     from kernels.linear import W4A16Linear, swap_w4a16_linears
 
+    reserved = []
+    monkeypatch.setattr(kernels.linear, "reserve", lambda device: reserved.append(device))
     ref = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16)
     ours = AutoModelForCausalLM.from_pretrained(micro_w4a16, dtype=torch.bfloat16)
     names = swap_w4a16_linears(ours)
+    assert reserved == []
     assert len(names) == 39 and not hasattr(ours, "ct_decompress_hook")
     assert all(isinstance(ours.get_submodule(n), W4A16Linear) for n in names)
     ids = torch.tensor([[2, 17, 99, 5, 300, 7]])

@@ -71,7 +71,7 @@ def test_untuned_shapes_take_the_gemv_heuristic(dtype):
             else:
                 want = "gemv_mma8" if k % 512 == 0 and (m <= 8 or m <= 16 and n * k <= 1 << 23) else "decode"
             assert cfg.kernel == want, (n, k, m, cfg)
-            split = (2 if k < 16384 else 3) if want == "gemv_mma8" and m <= 8 and k >= 8192 else 1
+            split = (2 if k < 16384 else 3) if want == "gemv_mma8" and m <= 8 and k >= 8192 and n < 8192 else 1
             assert cfg.split_k == split or want == "decode", (n, k, m, cfg)
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             r = tolerance_ratio(w4a16_gemm(x, wp, s), x, wp, s)
@@ -548,9 +548,13 @@ def test_hf_generation_matches_reference(tmp_path, request):
     load = dict(dtype=torch.bfloat16, device_map="cuda")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w4a16", **load)
     ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w4a16", **load)
+    from kernels.counters import FAMILIES, pool
+    for family in FAMILIES:   # (buffers of earlier tests: no graph holds them any more)
+        pool(family).clear()
     names = swap_w4a16_linears(ours)
     assert names and all(isinstance(ours.get_submodule(n), W4A16Linear) for n in names)
-    assert ours.get_submodule(names[0]).weight_packed.is_cuda
+    dev = ours.get_submodule(names[0]).weight_packed.device
+    assert dev.type == "cuda" and all(pool(f)[dev][-1].numel() >= 1 << 16 for f in FAMILIES)   # reserved
     for m in (ref, ours):
         m.generation_config.eos_token_id = None  # N plain argmax steps, like vLLM's ignore_eos
     rows, bad = greedy_tie_check(ref, ours, text_prompts(base, 6, 96, seed=3), "cuda")
