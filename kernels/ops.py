@@ -36,11 +36,12 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
     ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` (fp16 likewise; True by default) cuBLAS
     may add split-K partials in 16 bits, and ``addmm`` adds the bias in its epilogue.
 
-    Execution: CUDA tensors run pdqkit's Triton kernels (split-K decode kernel for small M, wgmma tiles for large M,
-    per-GPU tuned configs in ``kernels/configs``); CPU tensors run the pure-torch reference. The split-K and Gluon
-    prefill kernels keep per-device int32 tile-counter buffers that they leave zeroed: do not run two of these
-    GEMMs concurrently on different streams of one device, and allocate the buffers before CUDA-graph capture
-    (``kernels.counters.reserve(device)``; the vLLM plugin does it at load).
+    Execution: CUDA tensors run pdqkit's Triton kernels (tensor-core GEMVs or the split-K decode kernel for small M,
+    wgmma tiles for large M, per-GPU tuned configs in ``kernels/configs``); CPU tensors run the pure-torch
+    reference. The split-K launches (decode kernel and GEMVs) and the Gluon prefill kernels keep per-device int32
+    tile-counter buffers that they leave zeroed: do not run two of these GEMMs concurrently on different streams of
+    one device, and allocate the buffers before CUDA-graph capture (``kernels.counters.reserve(device)``; the vLLM
+    plugin and ``swap_w4a16_linears`` do it at load).
     """
     from .w4a16 import w4a16_gemm as _impl
 
