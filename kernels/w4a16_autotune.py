@@ -172,22 +172,23 @@ def split_candidates(cfg: W4A16Config, m: int, n: int, k: int, sms: int, max_per
     program and ``max_per_sm`` programs per SM (1 as well when the tiles alone fill half the SMs). ``prefill_wsp``
     (one CTA per SM: its warps hold the register file) and ``prefill_tma``: 1, and 2..4 where the tiles leave SMs
     idle (``prefill_tma``: fewer than two per SM) and the splits make at most four programs per SM. The GEMVs: 1,
-    and those of :data:`GEMV_SPLITS` that leave every split a K block and make at most 16 programs per SM, each as
-    the number of slices it launches (:func:`kernels.w4a16_gemv.effective_split`: 6 over 8 K blocks is 4)."""
+    and those of :data:`GEMV_SPLITS` that leave every split a K block and make at most 16 programs per SM. Every
+    value as the number of slices it launches (:func:`kernels.w4a16_gemv.effective_split`, the decode kernel's clamp
+    too: 6 over 8 K blocks is 4), so that no launch is timed twice."""
     if cfg.kernel in ("prefill_wsp", "prefill_tma"):
         tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
         busy = sms if cfg.kernel == "prefill_wsp" else 2 * sms
         return [1] + [s for s in (2, 3, 4) if s <= k // cfg.block_k and tiles < busy and tiles * s <= 4 * sms]
+    from .w4a16_gemv import effective_split   # a request that clamps to another's slices is timed once
     tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
     kb = k // cfg.block_k
     if cfg.kernel in ("gemv", "gemv_mma", "gemv_mma8"):   # small programs: up to 16 per SM
-        from .w4a16_gemv import effective_split   # (a request that clamps to another's launch is timed once)
         return sorted({1} | {effective_split(kb, s) for s in GEMV_SPLITS if s <= kb and tiles * s <= 16 * sms})
     if cfg.kernel != "decode":
         return [1]
-    good = sorted({s for s in values if s <= kb
-                   and sms // 2 <= tiles * s <= max_per_sm * sms} | ({1} if tiles >= sms // 2 else set()))
-    return good or [min(kb, max(1, round(2 * sms / tiles)))]
+    good = sorted({effective_split(kb, s) for s in values if s <= kb and sms // 2 <= tiles * s <= max_per_sm * sms}
+                  | ({1} if tiles >= sms // 2 else set()))
+    return good or [effective_split(kb, max(1, round(2 * sms / tiles)))]
 
 
 def launch_variants(cfg: W4A16Config, m: int, n: int, k: int, sms: int) -> list[W4A16Config]:

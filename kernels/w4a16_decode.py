@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .counters import grow_zeros, pool
+from .w4a16_gemv import effective_split
 from .w4a16_mainloop import scale_groups, store_tile, w4a16_mainloop
 
 
@@ -102,8 +103,8 @@ def w4a16_decode(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: tor
     kb_total = k // block_k
     if split_k * m * n >= 2**31:  # int32 workspace offsets; split-K is a small-M tool anyway
         split_k = 1
-    kb_per_split = triton.cdiv(kb_total, max(1, min(split_k, kb_total)))
-    split_k = triton.cdiv(kb_total, kb_per_split)
+    split_k = effective_split(kb_total, split_k)
+    kb_per_split = triton.cdiv(kb_total, split_k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid_mn = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     cnt = grow_zeros(_COUNTERS, x.device, grid_mn, 4096)

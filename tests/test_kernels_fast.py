@@ -357,7 +357,8 @@ def test_gemv_candidates_offer_chain_where_the_tiling_allows_it():
 def test_gemv_split_candidates():
     """The autotuner times the GEMVs with split-K where the splits keep a K block each and make at most 16 programs
     per SM (on the 132-SM H200: down_proj's 16-row programs of 8 activation rows, 160 tiles, take every split up
-    to 8; the two-row programs of M = 1, 1,280 tiles, none)."""
+    to 8; the two-row programs of M = 1, 1,280 tiles, none), every split (the decode kernel's too) as the slices it
+    launches, so that no launch is timed twice."""
     from kernels.w4a16_autotune import GEMV_SPLITS, launch_variants, split_candidates
     from kernels.w4a16_config import W4A16Config as C
 
@@ -372,6 +373,32 @@ def test_gemv_split_candidates():
                                                132)] == [1, *GEMV_SPLITS]                  # 16 blocks: none clamps
     from kernels.w4a16_gemv import effective_split
     assert [effective_split(5, s) for s in (1, 2, 3, 4, 5, 9)] == [1, 2, 3, 3, 5, 5]
+    for kb in range(1, 65):   # the launches' slices: ceil(kb / s') blocks each, none empty, all blocks covered
+        for want in range(1, 41):
+            s = effective_split(kb, want)
+            per = -(-kb // s)
+            assert s <= max(1, min(want, kb)) and (s - 1) * per < kb <= s * per, (kb, want, s)
+    # the decode kernel clamps the same way: 6 and 8 over 10 K blocks launch 5 slices, timed once
+    dec = C("decode", 16, 64, 256, split_k=1, kperm=True, w_is_a=True)
+    assert split_candidates(dec, 16, 3072, 2560, 132) == [2, 3, 4, 5, 10]
+
+
+def test_packaged_table_stores_the_slices_it_launches():
+    """Every split-K entry of the packaged H200 table (decode kernel and GEMVs) holds the number of K slices it
+    launches, so that logs and the launch census name the launch that runs (a split the kernels clamp, e.g. 6 over
+    10 K blocks = 5 slices, would not)."""
+    import json
+
+    from kernels.w4a16_config import CONFIG_DIR
+    from kernels.w4a16_gemv import effective_split
+
+    shapes = json.loads((CONFIG_DIR / "NVIDIA_H200.json").read_text())["shapes"]
+    entries = [(shape, m, c) for shape, by_m in shapes.items() for m, c in by_m.items()
+               if c["kernel"] in ("decode", "gemv", "gemv_mma", "gemv_mma8") and c["split_k"] > 1]
+    assert len(entries) > 10
+    for shape, m, c in entries:
+        kb = int(shape.split("x")[1]) // c["block_k"]
+        assert effective_split(kb, c["split_k"]) == c["split_k"], (shape, m, c)
 
 
 def test_gemv_mma8_candidates():
