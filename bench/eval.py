@@ -106,6 +106,9 @@ def prompt_windows(tokenizer, prompt_len: int, n_prompts: int, split: str = "val
     """``n_prompts`` prompts of ``prompt_len`` tokens spread evenly over ``split`` (int64 ``[M, P]``)."""
     from bench.corpus import token_stream
 
+    if n_prompts < 1 or prompt_len < 1:
+        raise ValueError(f"greedy agreement needs at least one prompt of at least one token, got {n_prompts} "
+                         f"prompts of {prompt_len}; pass --new-tokens 0 to skip it")
     stream = token_stream(split, tokenizer)
     if len(stream) < n_prompts * prompt_len:
         raise ValueError(f"split {split} has {len(stream)} tokens, too few for {n_prompts}×{prompt_len} prompts")

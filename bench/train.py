@@ -276,10 +276,12 @@ TEST_MICRO = dict(scale="micro", steps=40, batch=8, seq_len=128, lr=3e-3, warmup
 def trained_micro_checkpoint(**overrides) -> Path:
     """A trained ``micro`` checkpoint (``TEST_MICRO`` + ``overrides``) from the bench cache, trained on first use.
 
-    The cache key covers the config, the corpus and tokenizer hashes, torch's version and the sources of
-    the trainer, the model factory, the corpus and tokenizer code (how text becomes the token stream, which
+    The cache key covers the config, the corpus and tokenizer hashes, torch's and transformers' versions (the
+    Gemma-4 modelling code trains it) and the sources of the trainer, the model factory, the corpus and tokenizer code (how text becomes the token stream, which
     special tokens the checkpoint's tokenizer gets), the evaluator and the checkpoint writer, so a change to any
     of them retrains."""
+    import transformers
+
     from bench import corpus
     from bench.cache import cached_dir, sha256_text
     from bench.tokenizer import get_tokenizer, vocab_sha256
@@ -289,7 +291,8 @@ def trained_micro_checkpoint(**overrides) -> Path:
     sources = [(repo / f).read_text() for f in ("bench/train.py", "bench/factory.py", "bench/corpus.py",
                                                  "bench/tokenizer.py", "bench/eval.py", "pack/checkpoint.py")]
     key = sha256_text(json.dumps(dataclasses.asdict(cfg), sort_keys=True), corpus.corpus_sha256(),
-                      vocab_sha256(get_tokenizer(cfg.scale)), torch.__version__, *sources)[:16]
+                      vocab_sha256(get_tokenizer(cfg.scale)), torch.__version__, transformers.__version__,
+                      *sources)[:16]
     d = cached_dir(f"trained-micro-{key}", lambda tmp: train(cfg, tmp / "ckpt", log=lambda *a: None))
     return d / "ckpt"
 

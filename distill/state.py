@@ -91,14 +91,23 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, module, optimizer, e
     torch.save(rng, tmp / f"rng-rank{env.rank}.pt")
     barrier(env)
     if env.is_main:
+        from pack.checkpoint import fsync_dir, fsync_tree
+
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world": env.world}, indent=1,
                                                   sort_keys=True) + "\n")
+        # durable before it is named: every rank's files (one directory they all wrote, after the barrier), then
+        # the rename, then `latest`, so a power loss never leaves `latest` naming data that did not reach the disk
+        # after the older steps were deleted
+        fsync_tree(tmp)
         final = ckpt_dir / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(ckpt_dir)
         latest_tmp = ckpt_dir / f".{LATEST}.tmp"
         latest_tmp.write_text(name + "\n")
+        fsync_tree(latest_tmp)
         os.replace(latest_tmp, ckpt_dir / LATEST)
+        fsync_dir(ckpt_dir)
         for old in ckpt_dir.glob("step-*"):  # keep only the newest
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)

@@ -162,6 +162,11 @@ def _prepare_output(cfg: DistillConfig, env) -> None:
     if ckpt_r == out_r or out_r in ckpt_r.parents:
         raise ValueError(f"--ckpt-dir {ckpt}: must not be the output dir {out} or inside it (the output is replaced "
                          f"when the run ends); pass another --ckpt-dir")
+    if cfg.log_json and out_r in Path(cfg.log_json).resolve().parents:
+        # the log's folder would create OUT before the run ends (then the final write refuses it), or with --force
+        # the output's atomic swap would delete the log
+        raise ValueError(f"--log-json {cfg.log_json}: must not be inside the output dir {out} (the output is "
+                         f"written at the end, as a whole); pass a path outside it")
     if out.exists() and not cfg.force:
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
     if ckpt.exists() and not (cfg.resume or cfg.force) and latest_checkpoint(ckpt) is not None:

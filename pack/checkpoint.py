@@ -42,9 +42,9 @@ AUX_FILE_PATTERNS = (
 )
 
 __all__ = [
-    "SINGLE_NAME", "INDEX_NAME", "KNORM_SHARD", "safetensors_files", "FileHasher",
-    "LINEAGE_FILE", "RECIPE_FILE", "atomic_output_dir", "fsync_tree", "InterruptedAfterCommit", "UnsyncedAfterCommit",
-    "copy_aux_files", "sha256_file", "read_lineage", "write_lineage", "lineage_step", "kv_shared_k_norm_tensors",
+    "SINGLE_NAME", "INDEX_NAME", "KNORM_SHARD", "safetensors_files", "FileHasher", "LINEAGE_FILE", "RECIPE_FILE",
+    "atomic_output_dir", "fsync_dir", "fsync_tree", "InterruptedAfterCommit", "UnsyncedAfterCommit", "copy_aux_files",
+    "sha256_file", "read_lineage", "write_lineage", "lineage_step", "kv_shared_k_norm_tensors",
     "save_bf16_checkpoint", "json_dump",
 ]
 
@@ -93,7 +93,7 @@ class UnsyncedAfterCommit(OSError):
 _NO_SYNC = (errno.EINVAL, errno.ENOTSUP)  # "this filesystem does not sync": not an I/O error
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
     """fsync a directory: its entries (files created or renamed in it) reach the disk. Skipped where a directory
     cannot be opened or synced (not POSIX; a filesystem that refuses: EINVAL), which makes its renames as durable
     as it does."""
@@ -112,9 +112,13 @@ def _fsync_dir(d: Path) -> None:
 
 def fsync_tree(root: Path) -> None:
     """Make every file under ``root`` and every directory entry of it durable: the files' data first (``fdatasync``:
-    the data and the size, not the times), then each directory, deepest first. Raises OSError (EIO: the data did not
-    reach the disk). Files whose writeback was started (:func:`pack.stio.start_writeback`) cost only their tail."""
-    sync = getattr(os, "fdatasync", os.fsync)
+    the data and the size, not the times), then each directory, deepest first; a file ``root``: its data only.
+    Raises OSError (EIO: the data did not reach the disk). Files whose writeback was started
+    (:func:`pack.stio.start_writeback`) cost only their tail."""
+    root = Path(root)
+    if root.is_file() and not root.is_symlink():
+        _fsync_file(root)
+        return
     dirs = []
     for top, _, names in os.walk(root):
         dirs.append(Path(top))
@@ -122,16 +126,21 @@ def fsync_tree(root: Path) -> None:
             f = Path(top) / name
             if f.is_symlink():  # its target is not ours to sync; the link itself is a directory entry
                 continue
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                sync(fd)
-            except OSError as e:   # a filesystem with no file sync at all: as durable as it makes it
-                if e.errno not in _NO_SYNC:
-                    raise
-            finally:
-                os.close(fd)
+            _fsync_file(f)
     for d in reversed(dirs):
-        _fsync_dir(d)
+        fsync_dir(d)
+
+
+def _fsync_file(f: Path) -> None:
+    sync = getattr(os, "fdatasync", os.fsync)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        sync(fd)
+    except OSError as e:   # a filesystem with no file sync at all: as durable as it makes it
+        if e.errno not in _NO_SYNC:
+            raise
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -190,7 +199,7 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, fsync: bool =
     if fsync:  # the rename (and the previous copy's removal, the directories this call made) on disk too
         try:
             for d in [out.parent, *(p.parent for p in made)]:
-                _fsync_dir(d)
+                fsync_dir(d)
         except KeyboardInterrupt:   # the output is in place: never "nothing was written" from here on
             raise InterruptedAfterCommit(out, None) from None
         except OSError as e:

@@ -204,3 +204,8 @@ def test_report_names_its_tokens_and_dtype_and_refuses_less_than_a_window(traine
     assert (rep["max_tokens"], rep["dtype"], rep["device"]) == (1024, "float32", "cpu")
     with pytest.raises(ValueError, match="--max-tokens 100: fewer than one window of 128 tokens"):
         bench_eval.evaluate([trained_micro], log=lambda *a: None, **{**QUICK, "max_tokens": 100})
+    # greedy agreement asked for with no prompts: a message that says how to skip it (was numpy's "need at least
+    # one array to stack")
+    with pytest.raises(ValueError, match="at least one prompt .* --new-tokens 0"):
+        bench_eval.evaluate([trained_micro], trained_micro, log=lambda *a: None,
+                            **{**QUICK, "prompts": 0, "new_tokens": 4})

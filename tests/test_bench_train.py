@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,26 @@ def test_fewer_windows_than_a_batch_is_refused(tmp_path):
     with pytest.raises(ValueError, match="4 windows of 32 tokens, fewer than one --batch of 8"):
         train(TrainConfig(**{**TINY, "batch": 8, "train_tokens": 128}), tmp_path / "o", log=_quiet)
     assert not (tmp_path / "o").exists()
+
+
+def test_trained_micro_cache_key_covers_the_transformers_version(monkeypatch):
+    """The cached test checkpoint is trained by transformers' Gemma-4 code: another transformers version must train
+    a fresh one, not reuse the old entry (the corpus pin does not catch it once the corpus is cached)."""
+    import transformers
+
+    import bench.cache
+    from bench.train import trained_micro_checkpoint
+
+    names, real = [], bench.cache.cached_dir
+
+    def fake_cached_dir(name, build):   # the corpus and tokenizer come from the cache as usual
+        if not name.startswith("trained-micro-"):
+            return real(name, build)
+        names.append(name)
+        return Path("/nonexistent") / name
+
+    monkeypatch.setattr(bench.cache, "cached_dir", fake_cached_dir)
+    trained_micro_checkpoint()
+    monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".other")
+    trained_micro_checkpoint()
+    assert len(names) == 2 and names[0] != names[1]

@@ -102,6 +102,11 @@ def test_fsdp_two_ranks_match_one_process(pair, tmp_path, ce):
         for k in ("loss", "forward_kl", "hidden_mse", *(["data_ce"] if ce else [])):
             # step 1: same weights, only the summation order differs; later steps drift (see module docstring)
             assert b[k] == pytest.approx(a[k], rel=1e-6 if a["step"] == 1 else 1e-3), (a["step"], k)
+        # the clipping norm over the ranks' shards is the whole model's (one shard's would be ~30 % off, and would
+        # barely move the losses: AdamW hardly depends on the gradient's scale). It drifts faster than the losses
+        # (measured: 6e-5 at step 2, up to 9 % by step 4 with the data term), so steps 1 and 2 only
+        if a["step"] <= 2:
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6 if a["step"] == 1 else 1e-3), a["step"]
     assert _max_weight_diff(tmp_path / "one", tmp_path / "two") <= 2e-3  # a few bf16 ulps of |w| < 0.5
     assert json.loads((tmp_path / "two" / "pdqkit_lineage.json").read_text())["source_lineage"][-1][
         "world_size"] == 2

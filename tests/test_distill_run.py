@@ -382,6 +382,11 @@ def test_checkpoint_cleanup_removes_only_its_own_files(pair, tmp_path, capsys):
     assert distill_main(_args(teacher, student, tmp_path / "o", data, *run[:-2], "--ckpt-dir",
                               tmp_path / "o" / "ck")) == 1
     assert "must not be the output dir" in capsys.readouterr().err
+    # a JSON log inside the output dir: refused before anything is written (it used to create OUT, so that the
+    # finished run's own write refused it, or with --force the output's swap deleted the log)
+    assert distill_main(_args(teacher, student, tmp_path / "o", data, *run[:-2], "--ckpt-dir", tmp_path / "ck2",
+                              "--log-json", tmp_path / "o" / "log.jsonl")) == 1
+    assert "must not be inside the output dir" in capsys.readouterr().err and not (tmp_path / "o").exists()
     # --force over an earlier run's checkpoints deletes those, not the rest of the dir
     assert distill_main(_args(teacher, student, mine / "d1", data, *run, "--keep-ckpt", "--force")) == 0
     assert (mine / "latest").is_file()
@@ -464,3 +469,41 @@ def test_trainable_mlp_changes_only_mlp_weights(pair, tmp_path):
     assert read_lineage(out)[-1]["trainable"] == "mlp"
     with pytest.raises(ValueError, match="trainable mlp"):
         DistillConfig(teacher="t", student="s", out="o", trainable="mlp", train_embeddings=True)
+
+
+def test_training_checkpoint_is_durable_before_it_is_named(tmp_path, monkeypatch):
+    """A training checkpoint's files (model, optimizer, RNG, meta) are synced before the step dir is renamed into
+    place, the rename before `latest` names it, and `latest` itself before the older step dirs are deleted: a power
+    loss never leaves `latest` naming data that did not reach the disk."""
+    import pack.checkpoint
+    from distill.parallel import DistEnv
+    from distill.state import LATEST, save_checkpoint
+
+    events, ck = [], tmp_path / "ck"
+    real_tree, real_dir = pack.checkpoint.fsync_tree, pack.checkpoint.fsync_dir
+
+    def tree(root):
+        root = Path(root)
+        events.append(("tree", root.name, sorted(p.name for p in root.iterdir()) if root.is_dir() else None))
+        real_tree(root)
+
+    def fdir(d):   # (fsync_tree syncs the step dir's own directories through it too: those are not listed)
+        if Path(d) == ck:
+            events.append(("dir", ck.name, (ck / LATEST).is_file() and (ck / LATEST).read_text().strip()))
+        real_dir(d)
+
+    monkeypatch.setattr(pack.checkpoint, "fsync_tree", tree)
+    monkeypatch.setattr(pack.checkpoint, "fsync_dir", fdir)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    env = DistEnv(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    save_checkpoint(ck, 1, model, opt, env, {"k": 1})
+    events.clear()
+    save_checkpoint(ck, 2, model, opt, env, {"k": 1})
+    (kind0, name0, files0), rename, (kind2, name2, _), after = events
+    assert (kind0, name0) == ("tree", ".step-00000002.tmp") and {"meta.json", "rng-rank0.pt"} <= set(files0)
+    assert rename == ("dir", "ck", "step-00000001")                  # the step dir renamed, `latest` still old
+    assert (kind2, name2) == ("tree", f".{LATEST}.tmp") and after == ("dir", "ck", "step-00000002")
+    assert sorted(p.name for p in ck.iterdir()) == [LATEST, "step-00000002"]

@@ -503,7 +503,7 @@ def test_a_failed_sync_after_the_rename_says_the_output_is_written(ckpt, tmp_pat
     from pack import checkpoint
 
     out = tmp_path / "o"
-    real = checkpoint._fsync_dir
+    real = checkpoint.fsync_dir
 
     def failing(d):
         if out.exists():   # only once the rename has happened
@@ -512,7 +512,7 @@ def test_a_failed_sync_after_the_rename_says_the_output_is_written(ckpt, tmp_pat
             raise OSError(errno.EIO, "Input/output error")
         return real(d)
 
-    monkeypatch.setattr(checkpoint, "_fsync_dir", failing)
+    monkeypatch.setattr(checkpoint, "fsync_dir", failing)
     capsys.readouterr()
     rc = main([str(ckpt), "-o", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip()
