@@ -277,9 +277,9 @@ def trained_micro_checkpoint(**overrides) -> Path:
     """A trained ``micro`` checkpoint (``TEST_MICRO`` + ``overrides``) from the bench cache, trained on first use.
 
     The cache key covers the config, the corpus and tokenizer hashes, torch's and transformers' versions (the
-    Gemma-4 modelling code trains it) and the sources of the trainer, the model factory, the corpus and tokenizer code (how text becomes the token stream, which
-    special tokens the checkpoint's tokenizer gets), the evaluator and the checkpoint writer, so a change to any
-    of them retrains."""
+    Gemma-4 modelling code trains it) and the sources of the trainer, the model factory, the corpus and tokenizer
+    code (how text becomes the token stream, which special tokens the checkpoint's tokenizer gets), the evaluator
+    and the checkpoint writer, so a change to any of them retrains."""
     import transformers
 
     from bench import corpus
