@@ -172,9 +172,14 @@ def _prepare_output(cfg: DistillConfig, env) -> None:
     if ckpt.exists() and not (cfg.resume or cfg.force) and latest_checkpoint(ckpt) is not None:
         raise FileExistsError(f"{ckpt}: training checkpoints of an earlier run exist; pass --resume to continue "
                               "that run, or --force to start over (deletes them)")
+
+
+def _start_fresh(cfg: DistillConfig, env) -> None:
+    """``--force`` without ``--resume``: delete an earlier run's training checkpoints, once the models and the data
+    have loaded and every setting checked out (a run refused for bad input leaves them, and its log, alone)."""
     parallel.barrier(env)
     if env.is_main and cfg.force and not cfg.resume:
-        clear_checkpoints(ckpt)
+        clear_checkpoints(Path(cfg.ckpt_dir))
     parallel.barrier(env)
 
 
@@ -390,7 +395,6 @@ def _run(cfg: DistillConfig, env) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     _prepare_output(cfg, env)
-    log = _Log(env, cfg.log_json, append=cfg.resume)
     torch.manual_seed(cfg.seed)
 
     # models: teacher frozen bf16; student fp32 master weights (bf16 under bf16-master, its fp32 masters live in
@@ -410,6 +414,8 @@ def _run(cfg: DistillConfig, env) -> dict:
         if data.selection:
             check_selection_use(data.selection, cfg.data, cfg.seq_len, cfg.max_tokens)
     load_s = time.perf_counter() - t_load
+    _start_fresh(cfg, env)
+    log = _Log(env, cfg.log_json, append=cfg.resume)   # (opened here: "w" empties an earlier run's log)
 
     # resume
     start, history = 0, []

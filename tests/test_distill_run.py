@@ -388,8 +388,17 @@ def test_checkpoint_cleanup_removes_only_its_own_files(pair, tmp_path, capsys):
                               "--log-json", tmp_path / "o" / "log.jsonl")) == 1
     assert "must not be inside the output dir" in capsys.readouterr().err and not (tmp_path / "o").exists()
     # --force over an earlier run's checkpoints deletes those, not the rest of the dir
-    assert distill_main(_args(teacher, student, mine / "d1", data, *run, "--keep-ckpt", "--force")) == 0
+    log = tmp_path / "d1.jsonl"
+    assert distill_main(_args(teacher, student, mine / "d1", data, *run, "--keep-ckpt", "--force", "--log-json",
+                              log)) == 0
     assert (mine / "latest").is_file()
+    # ... but only once the run has loaded and checked its input: a run refused for bad input (a layer the models
+    # do not have, found after loading them) leaves the earlier run's checkpoints and log as they were
+    kept, logged = (mine / "latest").read_text(), log.read_text()
+    assert distill_main(_args(teacher, student, mine / "d1", data, *run, "--force", "--log-json", log,
+                              "--hidden-layers", "0,9")) == 1
+    assert "--hidden-layers" in capsys.readouterr().err
+    assert (mine / "latest").read_text() == kept and (mine / kept.strip()).is_dir() and log.read_text() == logged
     assert distill_main(_args(teacher, student, mine / "d1", data, *run, "--force")) == 0
     assert sorted(p.name for p in mine.iterdir()) == ["d1", "notes.txt"]
 
