@@ -112,6 +112,31 @@ def test_fsdp_two_ranks_match_one_process(pair, tmp_path, ce):
         "world_size"] == 2
 
 
+def test_fsdp_phase2_with_early_eos_matches_one_process(pair, tmp_path):
+    """Phase 2 with continuations cut short by EOS: a student whose generation config names a third of the
+    vocabulary as EOS (ids 4..699) ends most sampled rows after a token or two, unevenly across the ranks. Only the
+    tokens up to and including the first EOS are scored, and the loss is their mean over the whole global batch:
+    2 ranks give one process's gjsd, and the masking changes it (the same weights without the EOS ids score all
+    8 tokens of every row). Random micro models sampled without it practically never draw an EOS."""
+    teacher, student, data = pair
+    eos_student = tmp_path / "student-eos"
+    shutil.copytree(student, eos_student)
+    gen = eos_student / "generation_config.json"
+    cfg = json.loads(gen.read_text()) if gen.is_file() else {}
+    gen.write_text(json.dumps({**cfg, "eos_token_id": list(range(4, 700))}))
+    common = ["--teacher", teacher, "--data", data, "--threads", 1, "--phase", 2, "--steps", 2, "--batch", 4,
+              "--seq-len", 40, "--max-new-tokens", 8, "--lmbda", 1.0, "--beta", 0.3]
+    _one(*common, "--student", eos_student, "-o", tmp_path / "one", "--log-json", tmp_path / "one.jsonl")
+    _one(*common, "--student", student, "-o", tmp_path / "plain", "--log-json", tmp_path / "plain.jsonl")
+    _run(2, *common, "--student", eos_student, "-o", tmp_path / "two", "--log-json", tmp_path / "two.jsonl")
+    one, two, plain = (_steps(tmp_path / f"{n}.jsonl") for n in ("one", "two", "plain"))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [r["step"] for r in plain] == [1, 2]
+    assert all(r["on_policy"] for r in one + two)
+    for a, b, c in zip(one, two, plain):
+        assert b["gjsd"] == pytest.approx(a["gjsd"], rel=1e-4)
+        assert abs(c["gjsd"] - a["gjsd"]) > 1e-3 * abs(a["gjsd"])   # the EOS masking took effect
+
+
 def test_fsdp_phase2_matches_one_process_and_resumes(pair, tmp_path):
     teacher, student, data = pair
     common = ["--teacher", teacher, "--student", student, "--data", data, "--threads", 1, "--phase", 2,
