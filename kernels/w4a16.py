@@ -12,7 +12,7 @@ import functools
 import torch
 
 from .env import census_enabled, interpreting
-from .w4a16_config import W4A16Config, select_config
+from .w4a16_config import GEMV_KERNELS, W4A16Config, select_config
 
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -216,7 +216,7 @@ def w4a16_gemm(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
         y = w4a16_gemv_mma8(x2, weight_packed, weight_scale, bias, group, block_m=c.block_m, block_n=c.block_n,
                             block_k=c.block_k, num_warps=c.num_warps, prefetch=c.num_stages - 1, chain=c.chain,
                             split_k=c.split_k)
-    elif c.kernel in ("gemv", "gemv_mma", "gemv_mma8"):
+    elif c.kernel in GEMV_KERNELS:
         # the MMA GEMVs without inline PTX (interpreter, bf16 before sm_90) or mma.sync.m16n8k16 (before sm_80)
         # or, for gemv_mma8, on a weight tensor
         # off a 16-byte boundary (its word layout needs the alignment): the same tiling on FMAs (<= 8 rows a program)

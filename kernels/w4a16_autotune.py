@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from .w4a16_config import CONFIG_DIR, KERNELS, W4A16Config, chain_ok, device_table_name, mma8_ok
+from .w4a16_config import (CONFIG_DIR, GEMV_KERNELS, KERNELS, W4A16Config, chain_ok, device_table_name,
+                           effective_split, mma8_ok)
 
 # qkv, o, gate_up (pruned), down (pruned), an 8192^2 reference, and the KV-shared layers' q_proj
 E4B_SHAPES = ((3072, 2560), (2560, 2048), (16384, 2560), (2560, 8192), (8192, 8192), (2048, 2560))
@@ -173,16 +174,15 @@ def split_candidates(cfg: W4A16Config, m: int, n: int, k: int, sms: int, max_per
     (one CTA per SM: its warps hold the register file) and ``prefill_tma``: 1, and 2..4 where the tiles leave SMs
     idle (``prefill_tma``: fewer than two per SM) and the splits make at most four programs per SM. The GEMVs: 1,
     and those of :data:`GEMV_SPLITS` that leave every split a K block and make at most 16 programs per SM. Every
-    value as the number of slices it launches (:func:`kernels.w4a16_gemv.effective_split`, the decode kernel's clamp
+    value as the number of slices it launches (:func:`kernels.w4a16_config.effective_split`, the decode kernel's clamp
     too: 6 over 8 K blocks is 4), so that no launch is timed twice."""
     if cfg.kernel in ("prefill_wsp", "prefill_tma"):
         tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
         busy = sms if cfg.kernel == "prefill_wsp" else 2 * sms
         return [1] + [s for s in (2, 3, 4) if s <= k // cfg.block_k and tiles < busy and tiles * s <= 4 * sms]
-    from .w4a16_gemv import effective_split   # a request that clamps to another's slices is timed once
     tiles = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
     kb = k // cfg.block_k
-    if cfg.kernel in ("gemv", "gemv_mma", "gemv_mma8"):   # small programs: up to 16 per SM
+    if cfg.kernel in GEMV_KERNELS:   # small programs: up to 16 per SM
         return sorted({1} | {effective_split(kb, s) for s in GEMV_SPLITS if s <= kb and tiles * s <= 16 * sms})
     if cfg.kernel != "decode":
         return [1]
@@ -317,7 +317,7 @@ def _compile_worker(args):
                 w4a16_gemm(x[:m], wp, s, config=dataclasses.replace(cfg, split_k=2))
             if cfg.kernel == "prefill_wsp":                     # and prefill_wsp's stream-K one
                 w4a16_gemm(x[:m], wp, s, config=dataclasses.replace(cfg, stream_k=True))
-            if cfg.kernel.startswith("gemv"):                   # the GEMVs' split-K variant (two K blocks or more)
+            if cfg.kernel in GEMV_KERNELS:                      # the GEMVs' split-K variant (two K blocks or more)
                 w4a16_gemm(x4[:16], wp4, s4, config=dataclasses.replace(cfg, split_k=2))
             _t.cuda.synchronize()
             res.append((c, None, time.time() - t))
@@ -360,8 +360,8 @@ def correctness_gate(cfgs, dtype: torch.dtype, log) -> set[W4A16Config]:
     for c in sorted(cfgs, key=str):
         k = 2560 if c.fits(2560, 128) else 4096
         wp, s = problems[k]
-        splits = (3, ) if c.kernel == "decode" else (1, 3) if c.kernel in ("prefill_wsp", "prefill_tma", "gemv",
-                                                                         "gemv_mma", "gemv_mma8") else (1, )
+        splits = (3, ) if c.kernel == "decode" else (1, 3) if c.kernel in ("prefill_wsp", "prefill_tma",
+                                                                         *GEMV_KERNELS) else (1, )
         variants = [dataclasses.replace(c, split_k=sk) for sk in splits]
         if c.kernel == "prefill_wsp":
             variants.append(dataclasses.replace(c, stream_k=True))

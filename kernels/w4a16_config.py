@@ -24,6 +24,7 @@ from .env import TABLE_ENV, table_override
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 KERNELS = ("decode", "prefill", "dequant_mm", "gemv", "gemv_mma", "gemv_mma8", "prefill_tma", "prefill_wsp")
+GEMV_KERNELS = ("gemv", "gemv_mma", "gemv_mma8")
 CHUNK_K = 128   # gemv_mma8: weights of K per word-tile row (16 int32 words: 4 lanes x one 16-byte vector)
 
 
@@ -159,6 +160,13 @@ class W4A16Config:
         s = f"{self.kernel} bm{self.block_m} bn{self.block_n} bk{self.block_k} w{self.num_warps} st{self.num_stages}"
         return (s + (f" sk{self.split_k}" if self.split_k > 1 else "") + (" chain" if self.chain else "")
                 + (" stream" if self.stream_k else ""))
+
+
+def effective_split(kb_total: int, split_k: int) -> int:
+    """The number of K slices a request of ``split_k`` over ``kb_total`` K blocks launches: ``ceil(kb_total / s)``
+    blocks per slice for ``s = min(split_k, kb_total)``, and as many slices as that takes (none empty); e.g. 6 over
+    8 blocks is 4 slices of 2."""
+    return -(-kb_total // -(-kb_total // max(1, min(split_k, kb_total))))
 
 
 def chain_ok(block_n: int, block_k: int, num_warps: int) -> bool:

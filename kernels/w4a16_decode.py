@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .counters import grow_zeros, pool
-from .w4a16_gemv import effective_split
+from .w4a16_config import effective_split
 from .w4a16_mainloop import scale_groups, store_tile, w4a16_mainloop
 
 

@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from .counters import grow_zeros, pool
+from .w4a16_config import effective_split
 from .w4a16_mainloop import dequant_ptx_lines, round_to, scale_groups
 
 
@@ -379,19 +380,12 @@ def gemv_operands(name: str, x: torch.Tensor, weight_packed: torch.Tensor, group
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = pool("decode")
 
 
-def effective_split(kb_total: int, split_k: int) -> int:
-    """The number of K slices a request of ``split_k`` over ``kb_total`` K blocks launches: ``ceil(kb_total / s)``
-    blocks per slice for ``s = min(split_k, kb_total)``, and as many slices as that takes (none empty); e.g. 6 over
-    8 blocks is 4 slices of 2."""
-    return triton.cdiv(kb_total, triton.cdiv(kb_total, max(1, min(split_k, kb_total))))
-
-
 def split_plan(x32: torch.Tensor, n: int, k: int, block_k: int, split_k: int, grid: tuple[int, int]):
     """Host side of a GEMV's split-K: ``(grid3, split_k, kb_per_split, ws, cnt)``. ``split_k`` is clamped so that
     no split is empty (and to 1 where the workspace's int32 offsets would overflow); ``grid3`` is ``grid`` with
     the splits as its third axis; ``ws`` the fp32 ``[split_k, M, N]`` workspace and ``cnt`` the tile counters
     (with ``split_k`` 1, placeholders the kernel never touches). The returned ``split_k`` is
-    :func:`effective_split`'s."""
+    :func:`kernels.w4a16_config.effective_split`'s."""
     if split_k < 1:
         raise ValueError(f"split_k must be >= 1, got {split_k}")
     m = x32.shape[0]

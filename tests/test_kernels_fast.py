@@ -371,7 +371,7 @@ def test_gemv_split_candidates():
     assert split_candidates(C("gemv_mma", 1, 2, 2048, num_warps=4, num_stages=2), 1, 2560, 8192, 132) == [1]
     assert [c.split_k for c in launch_variants(C("gemv", 4, 32, 512, num_warps=2, num_stages=2), 4, 2560, 8192,
                                                132)] == [1, *GEMV_SPLITS]                  # 16 blocks: none clamps
-    from kernels.w4a16_gemv import effective_split
+    from kernels.w4a16_config import effective_split
     assert [effective_split(5, s) for s in (1, 2, 3, 4, 5, 9)] == [1, 2, 3, 3, 5, 5]
     for kb in range(1, 65):   # the launches' slices: ceil(kb / s') blocks each, none empty, all blocks covered
         for want in range(1, 41):
@@ -390,7 +390,7 @@ def test_packaged_table_stores_the_slices_it_launches():
     import json
 
     from kernels.w4a16_config import CONFIG_DIR
-    from kernels.w4a16_gemv import effective_split
+    from kernels.w4a16_config import effective_split
 
     shapes = json.loads((CONFIG_DIR / "NVIDIA_H200.json").read_text())["shapes"]
     entries = [(shape, m, c) for shape, by_m in shapes.items() for m, c in by_m.items()
