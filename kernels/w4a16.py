@@ -102,36 +102,39 @@ def group_supported(group: int, k: int) -> bool:
 
 
 def check_w4a16_args(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
-                     bias: torch.Tensor | None) -> tuple[int, int, int]:
-    """Validate the operands of :func:`w4a16_gemm`; returns ``(N, K, group_size)`` or raises ``ValueError``."""
+                     bias: torch.Tensor | None, name: str = "w4a16_gemm",
+                     any_n: bool = False) -> tuple[int, int, int]:
+    """Validate the operands of :func:`w4a16_gemm` (or of the launcher ``name``); returns ``(N, K, group_size)`` or
+    raises ``ValueError``. ``any_n``: N need not be a multiple of 64 (a launcher that masks ragged N)."""
     if x.dtype not in _DTYPES:
-        raise ValueError(f"w4a16_gemm: x must be bfloat16 or float16, got {x.dtype}")
+        raise ValueError(f"{name}: x must be bfloat16 or float16, got {x.dtype}")
     if weight_packed.dtype != torch.int32 or weight_packed.dim() != 2:
-        raise ValueError(f"w4a16_gemm: weight_packed must be int32 [N, K/8], got {weight_packed.dtype} "
+        raise ValueError(f"{name}: weight_packed must be int32 [N, K/8], got {weight_packed.dtype} "
                          f"{tuple(weight_packed.shape)}")
     n, k = weight_packed.shape[0], weight_packed.shape[1] * 8
     if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"w4a16_gemm: x's last dim {tuple(x.shape)[-1:]} != K = 8 * weight_packed.shape[1] = {k}")
-    if not shape_supported(n, k):
-        raise ValueError(f"w4a16_gemm: need N and K positive, N % 64 == 0 and K % 128 == 0, got N={n}, K={k} "
+        raise ValueError(f"{name}: x's last dim {tuple(x.shape)[-1:]} != K = 8 * weight_packed.shape[1] = {k}")
+    if not (shape_supported(n, k) or any_n and shape_supported(64 * n, k)):
+        rule = "K % 128 == 0" if any_n else "N % 64 == 0 and K % 128 == 0"
+        raise ValueError(f"{name}: need N and K positive, {rule}, got N={n}, K={k} "
                          "(pad the Linear or keep it in bf16)")
     if weight_scale.dim() != 2 or weight_scale.shape[0] != n or not weight_scale.shape[1] or k % weight_scale.shape[1]:
-        raise ValueError(f"w4a16_gemm: weight_scale must be [N={n}, K/G] with G dividing K={k}, got "
+        raise ValueError(f"{name}: weight_scale must be [N={n}, K/G] with G dividing K={k}, got "
                          f"{tuple(weight_scale.shape)}")
     if weight_scale.dtype != x.dtype:
-        raise ValueError(f"w4a16_gemm: weight_scale dtype {weight_scale.dtype} != x dtype {x.dtype}; convert the "
+        raise ValueError(f"{name}: weight_scale dtype {weight_scale.dtype} != x dtype {x.dtype}; convert the "
                          "scales once at load time (weight_scale.to(x.dtype))")
     group = k // weight_scale.shape[1]
     if not group_supported(group, k):
-        raise ValueError(f"w4a16_gemm: group size {group} unsupported (need 32, 64, a multiple of 128, or "
+        raise ValueError(f"{name}: group size {group} unsupported (need 32, 64, a multiple of 128, or "
                          "channelwise)")
     if not (weight_packed.is_contiguous() and weight_scale.is_contiguous()):
-        raise ValueError("w4a16_gemm: weight_packed and weight_scale must be contiguous (make them so at load time)")
+        raise ValueError(f"{name}: weight_packed and weight_scale must be contiguous (make them so at load time)")
     if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
-        raise ValueError(f"w4a16_gemm: bias must be [{n}] of {x.dtype}, got {bias.dtype} {tuple(bias.shape)}")
+        raise ValueError(f"{name}: bias must be [{n}] of {x.dtype}, got {bias.dtype} {tuple(bias.shape)}")
     devs = {t.device for t in (x, weight_packed, weight_scale, bias) if t is not None}
     if len(devs) != 1:
-        raise ValueError(f"w4a16_gemm: operands on different devices: {sorted(map(str, devs))}")
+        raise ValueError(f"{name}: operands on different devices: {sorted(map(str, devs))}")
     return n, k, group
 
 

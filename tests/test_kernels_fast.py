@@ -279,6 +279,74 @@ def test_gemv_k_loop_has_no_barrier_or_shared_memory(kernel, bm, bn, bk, warps, 
         assert st["opcodes"]["FFMA"] >= 8 * words * bm and st["opcodes"]["HMMA"] == 0, st
 
 
+@pytest.mark.parametrize("bm,bn,bk,warps,stages,dtype,group", [
+    (8, 16, 512, 1, 2, "bf16", 128), (8, 32, 512, 4, 2, "bf16", 128), (16, 32, 512, 4, 3, "fp16", 128),
+    (8, 64, 256, 2, 6, "bf16", 0), (16, 16, 1024, 2, 4, "fp16", 64), (8, 32, 1024, 8, 2, "bf16", 256),
+    (16, 64, 512, 4, 2, "bf16", 128),
+])
+def test_gemv_tma_k_loop_reads_words_from_its_tma_ring(bm, bn, bk, warps, stages, dtype, group):
+    """The TMA-fed GEMV's design, checked on the SASS of ahead-of-time sm_90a compiles (no GPU): compiling at all
+    proves that the four words of each 16-byte vector split into :func:`vec_layout` by register renaming
+    (``convert_layout(..., assert_trivial=True)``; which word is which is checked on the GPU only); in the K loop
+    the words arrive through shared memory (one 16-byte ``LDS`` per vector), both row halves' TMA copies are issued
+    before the loop reads the slot (the refill of the previous block's slot, before this block's wait: issued after
+    the reads, ptxas sank it behind the block's MMAs) behind the async-proxy fence that orders the slot's earlier
+    reads before the copy, one MMA per word and 8 activation rows, and no register spills."""
+    import re
+
+    from bench.gpu.sass_loop import compile_gemv_tma, loop_stats, sass_text
+    from kernels.w4a16_gemv_tma import gemv_tma_ok
+
+    assert gemv_tma_ok(bn, bk, warps)   # only tilings the launcher runs
+    compiled = compile_gemv_tma(bm, bn, bk, warps, stages, dtype, group, k=4096, bias=group == 0)
+    st = loop_stats(compiled, "HMMA")
+    words = bn * bk // 8 // (32 * warps)
+    assert st["opcodes"]["HMMA"] == words * bm // 8, st
+    assert st["opcodes"]["LDS"] == words // 4 and st["opcodes"]["STS"] == 0, st
+    assert st["opcodes"]["UTMALDG"] == 2, st
+    seq = st["sequence"]
+    assert max(i for i, op in enumerate(seq) if op == "UTMALDG") < seq.index("LDS"), seq
+    assert "FENCE" in seq[:seq.index("UTMALDG")], seq
+    assert not re.findall(r"\b(?:LDL|STL)\b", sass_text(compiled))
+
+
+def test_gemv_tma_refuses_what_it_cannot_run():
+    """The TMA GEMV's launcher refuses, before anything is launched, tilings its layout cannot hold, groups smaller
+    than a thread's 32-code vector, a group size the scales contradict, and mismatched operands (it is called
+    directly, not through the dispatcher's checks)."""
+    from kernels.w4a16_gemv_tma import gemv_tma_ok, w4a16_gemv_tma
+
+    assert gemv_tma_ok(16, 512, 1) and gemv_tma_ok(64, 1024, 8) and gemv_tma_ok(16, 128, 1)
+    assert not gemv_tma_ok(8, 512, 1)        # two halves of at least 8 rows (the MMA's row groups)
+    assert not gemv_tma_ok(48, 512, 1)       # powers of two only
+    assert not gemv_tma_ok(16, 2048, 4)      # block_k at most 1024
+    assert not gemv_tma_ok(16, 128, 2)       # one (chunk, 8-row group) per warp at least
+    assert not gemv_tma_ok(32, 1024, 2)      # 64 words per thread: spills
+    x = torch.zeros(8, 1024, dtype=torch.bfloat16)
+    wp = torch.zeros(64, 128, dtype=torch.int32)
+    s = torch.ones(64, 8, dtype=torch.bfloat16)
+    for kw, msg in ((dict(block_m=4), "block_m"), (dict(block_n=8), "tiling"), (dict(block_k=768), "tiling"),
+                    (dict(num_stages=0), "tiling")):
+        args = dict(block_m=8, block_n=16, block_k=512, num_warps=1, num_stages=2) | kw
+        with pytest.raises(ValueError, match=msg):
+            w4a16_gemv_tma(x, wp, s, None, 128, **args)
+    kw = dict(block_m=8, block_n=16, block_k=512, num_warps=1, num_stages=2)
+    with pytest.raises(ValueError, match="group size 16"):
+        w4a16_gemv_tma(x, wp, torch.ones(64, 64, dtype=torch.bfloat16), None, 16, **kw)
+    with pytest.raises(ValueError, match="group size 64 disagrees"):    # the scales say 128
+        w4a16_gemv_tma(x, wp, s, None, 64, **kw)
+    with pytest.raises(ValueError, match="group size -1 disagrees"):    # -1 (channelwise) needs one column
+        w4a16_gemv_tma(x, wp, s, None, -1, **kw)
+    with pytest.raises(ValueError, match="dtype"):
+        w4a16_gemv_tma(x, wp, s.half(), None, 128, **kw)
+    with pytest.raises(ValueError, match="last dim"):
+        w4a16_gemv_tma(x[:, :512], wp, s, None, 128, **kw)
+    with pytest.raises(ValueError, match="bias"):
+        w4a16_gemv_tma(x, wp, s, torch.zeros(65, dtype=torch.bfloat16), 128, **kw)
+    with pytest.raises(ValueError, match="K % 128"):                    # ragged N is fine, ragged K is not
+        w4a16_gemv_tma(x[:, :1000], wp[:, :125], s[:, :5], None, 200, **kw)
+
+
 @pytest.mark.parametrize("bm,bn,bk,warps,chain,dtype", [
     (8, 16, 128, 1, False, "bf16"), (16, 16, 512, 4, True, "bf16"), (8, 32, 256, 2, True, "fp16"),
     (16, 64, 1024, 8, False, "bf16"), (8, 16, 2048, 8, True, "fp16"),

@@ -272,6 +272,55 @@ def test_gemv_split_k_against_reference(dtype):
         assert torch.equal(e, o)
 
 
+GEMV_TMA_TILINGS = ((16, 512, 1, 2), (32, 256, 2, 3), (32, 512, 4, 2), (64, 1024, 8, 2), (16, 1024, 4, 6))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_gemv_tma_against_reference(dtype):
+    """The TMA-fed GEMV (not in the dispatcher: a measured experiment, see kernels/README.md), called directly:
+    ring depths 2-6, 1-8 warps, 8 and 16 activation rows a program, ragged M (two programs along M at 20) and a
+    ragged N (the TMA box past the last row reads zeros, the stores are masked), bias, activations given as a
+    transposed view; scale groups 256, 64, 32 and channelwise (-1) on one tiling; one K block (1 and 2 slots).
+    Within the tolerance of the reference, the same bits twice, and the same bits from a CUDA-graph replay."""
+    from kernels.w4a16_gemv_tma import w4a16_gemv_tma
+
+    n, k = 1040, 4096
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    runs = []
+    wp, s = gpu_problem(n, k, dtype, seed=11)
+    for bn, bk, nw, st in GEMV_TMA_TILINGS:
+        for m in (1, 2, 5, 8, 9, 13, 16, 20):
+            runs.append((wp, s, 128, bn, bk, nw, st, m, b if m in (5, 13) else None))
+    for group in (256, 64, 32, -1):
+        wpg, sg = gpu_problem(n, k, dtype, group=group, seed=12)
+        for m in (3, 13):
+            runs.append((wpg, sg, group, 32, 512, 4, 2, m, None))
+    wp1, s1 = gpu_problem(n, 512, dtype, seed=13)   # one K block: the ring never refills (1 and 2 slots)
+    runs += [(wp1, s1, 128, 16, 512, 1, 1, 3, None), (wp1, s1, 128, 32, 512, 4, 2, 11, b)]
+    for wp_, s_, group, bn, bk, nw, st, m, bias in runs:
+        k = wp_.shape[1] * 8
+        x = torch.randn(k, m, device="cuda", dtype=dtype).t()   # a transposed view: the launcher copies it
+        kw = dict(block_m=8 if m <= 8 else 16, block_n=bn, block_k=bk, num_warps=nw, num_stages=st)
+        y = w4a16_gemv_tma(x, wp_, s_, bias, group, **kw)
+        r = tolerance_ratio(y, x, wp_, s_, bias)
+        assert r <= 1.0, (group, bn, bk, nw, st, m, bias is not None, r)
+        assert torch.equal(y, w4a16_gemv_tma(x, wp_, s_, bias, group, **kw)), (group, bn, bk, nw, st, m)
+    k = 4096
+    xs = [torch.randn(m, k, device="cuda", dtype=dtype) for m in (1, 8, 16)]
+    kws = [dict(block_m=8, block_n=16, block_k=512, num_warps=1, num_stages=2),
+           dict(block_m=8, block_n=32, block_k=512, num_warps=4, num_stages=2),
+           dict(block_m=16, block_n=32, block_k=256, num_warps=2, num_stages=3)]
+    eager = [w4a16_gemv_tma(x, wp, s, None, 128, **kw) for x, kw in zip(xs, kws)]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = [w4a16_gemv_tma(x, wp, s, None, 128, **kw) for x, kw in zip(xs, kws)]
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    for e, o in zip(eager, outs):
+        assert torch.equal(e, o)
+
+
 TMA_TILINGS = ((64, 64, 64, 3), (64, 128, 128, 2), (128, 64, 128, 3), (128, 128, 64, 4), (256, 64, 64, 3),
               (256, 128, 128, 2))
 

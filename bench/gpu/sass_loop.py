@@ -1,11 +1,14 @@
 """Compile the GEMV kernels ahead of time for sm_90a on any machine (no GPU) and count their K loop's SASS.
 
-``python bench/gpu/sass_loop.py [--kernel gemv|gemv_mma|gemv_mma8|prefill_tma|prefill_wsp] [--block-m 1] [--block-n 16]
-[--block-k 1024] [--warps 4] [--stages 2] [--chain]`` prints the registers per thread, the K loop's instruction
-count, instructions per int32 word, the top opcodes, and the barriers and shared-memory instructions inside the
-loop. It uses Triton's own ``ptxas`` / ``nvdisasm`` (shipped with the triton wheel), so the figures are those of the
-installed Triton version: kernels/README.md's come from Triton 3.6.0 (the GPU image's). The loop is the code between the
-back-edge label and its branch.
+``python bench/gpu/sass_loop.py [--kernel gemv|gemv_mma|gemv_mma8|gemv_tma|prefill_tma|prefill_wsp] [--block-m 1]
+[--block-n 16] [--block-k 1024] [--warps 4] [--stages 2] [--chain]`` prints the registers per thread, the K loop's
+instruction count, instructions per int32 word, the top opcodes, and the barriers and shared-memory instructions
+inside the loop. It uses Triton's own ``ptxas`` / ``nvdisasm`` (shipped with the triton wheel), so the figures are
+those of the installed Triton version: kernels/README.md's come from Triton 3.6.0 (the GPU image's). The loop is the
+code between the back-edge label and its branch.
+
+``--kernel gemv_tma`` compiles the TMA-fed GEMV (:mod:`kernels.w4a16_gemv_tma`; ``--stages``: its ring slots) and
+counts the K loop like the other GEMVs.
 
 ``--kernel prefill_tma`` (or ``prefill_wsp``, the warp-specialised one) compiles a Gluon prefill kernel instead
 (``--stages``: its ring slots, ``--split``: its split-K variant) and prints whole-kernel facts: the wgmma form,
@@ -93,6 +96,31 @@ def compile_prefill_tma(block_m: int, block_n: int, block_k: int, num_stages: in
                           options=dict(num_warps=4 if wsp else block_n // 16))
 
 
+def compile_gemv_tma(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
+                     dtype: str = "bf16", group: int = 128, k: int = 2560, bias: bool = False):
+    """The TMA-fed GEMV (:mod:`kernels.w4a16_gemv_tma`) compiled for CUDA sm_90 (its word descriptor's type taken
+    from a descriptor built on a CPU tensor of the launch's shape); ``group`` 0: channelwise."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from kernels.w4a16_gemv_tma import _w4a16_gemv_tma_kernel as fn, word_descriptor
+
+    wd = word_descriptor(torch.zeros(block_n, k // 8, dtype=torch.int32), block_n, block_k)
+    const = dict(HAS_BIAS=bias, IS_BF16=dtype == "bf16", BM=block_m, BN=block_n, BK=block_k, GROUP_SIZE=group,
+                 STAGES=num_stages)
+    sig = {"w_desc": mangle_type(wd), "x_ptr": "*i32", "s_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
+           "out_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_sn": "i32",
+           "stride_om": "i32", **{name: "constexpr" for name in const}}
+    args = list(fn.arg_names)
+    attrs = {(args.index(a),): [["tt.divisibility", 16]] for a in
+             ("x_ptr", "s_ptr", "bias_ptr", "out_ptr", "K", "stride_xm", "stride_om")}
+    return triton.compile(GluonASTSource(fn, sig, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps))
+
+
 def sass_text(compiled) -> str:
     """nvdisasm of the compiled kernel's cubin."""
     import triton
@@ -116,19 +144,29 @@ def prefill_tma_stats(compiled) -> dict:
             "local": len(re.findall(r"\b(?:LDL|STL)\b", sass))}
 
 
-def loop_stats(compiled) -> dict:
-    """SASS of the K loop: ``{"instructions", "opcodes" (Counter), "barriers", "shared"}``."""
+def loop_stats(compiled, needle: str | None = None) -> dict:
+    """SASS of the K loop: ``{"instructions", "opcodes" (Counter), "sequence" (the opcodes in order), "barriers",
+    "shared"}``. The loop is the longest backward branch, or with ``needle`` (an opcode, e.g. ``"HMMA"``) the one
+    whose body holds the most of it, the earliest-starting among those (the Gluon kernels' out-of-line mbarrier
+    retry paths branch back to the wait inside the loop, from past the epilogue)."""
     lines = sass_text(compiled).splitlines()
     branches = [(i, m.group(1)) for i, ln in enumerate(lines) for m in [re.search(r"BRA `\((\.L_x_\d+)\)", ln)] if m]
     labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.match(r"^\.L_x_\d+:$", ln)}
     back = [(labels[lab], i) for i, lab in branches if lab in labels and labels[lab] < i]
     if not back:
         raise RuntimeError("no backward branch: the kernel has no loop")
-    start, end = max(back, key=lambda se: se[1] - se[0])
-    ops = [m.group(1) for ln in lines[start:end]
-           for m in [re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", ln)] if m]
+
+    def opcodes(start, end):
+        return [m.group(1) for ln in lines[start:end]
+                for m in [re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", ln)] if m]
+    if needle is None:
+        start, end = max(back, key=lambda se: se[1] - se[0])
+    else:
+        # the loop proper starts first: a retry path's back edge lands on the mbarrier wait inside it
+        start, end = max(back, key=lambda se: (opcodes(*se).count(needle), -se[0], se[0] - se[1]))
+    ops = opcodes(start, end)
     c = collections.Counter(ops)
-    return {"instructions": len(ops), "opcodes": c, "barriers": c["BAR"],
+    return {"instructions": len(ops), "opcodes": c, "sequence": ops, "barriers": c["BAR"],
             "shared": sum(v for k, v in c.items() if k in ("LDS", "STS", "LDSM", "STSM"))}
 
 
@@ -147,7 +185,7 @@ def registers(compiled) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=("gemv", "gemv_mma", "gemv_mma8", "prefill_tma", "prefill_wsp"),
+    ap.add_argument("--kernel", choices=("gemv", "gemv_mma", "gemv_mma8", "gemv_tma", "prefill_tma", "prefill_wsp"),
                     default="gemv_mma")
     ap.add_argument("--split", action="store_true", help="the split-K variant")
     ap.add_argument("--block-m", type=int, default=1)
@@ -169,9 +207,13 @@ def main() -> int:
         print(f"{args.kernel} bm{args.block_m} bn{args.block_n} bk{args.block_k} st{args.stages} {args.dtype}: "
               f"{registers(compiled)} registers; whole kernel: {prefill_tma_stats(compiled)}")
         return 0
-    compiled = compile_gemv(args.kernel, args.block_m, args.block_n, args.block_k, args.warps, args.dtype,
-                            prefetch=args.stages - 1, chain=args.chain, split=args.split)
-    st = loop_stats(compiled)
+    if args.kernel == "gemv_tma":   # --stages: the ring slots
+        compiled = compile_gemv_tma(args.block_m, args.block_n, args.block_k, args.warps, args.stages, args.dtype)
+        st = loop_stats(compiled, "HMMA")
+    else:
+        compiled = compile_gemv(args.kernel, args.block_m, args.block_n, args.block_k, args.warps, args.dtype,
+                                prefetch=args.stages - 1, chain=args.chain, split=args.split)
+        st = loop_stats(compiled)
     words = args.block_n * args.block_k // 8 // (32 * args.warps)
     print(f"{args.kernel} bm{args.block_m} bn{args.block_n} bk{args.block_k} w{args.warps} {args.dtype}: "
           f"{registers(compiled)} registers, {st['instructions']} loop instructions, {words} words per thread, "
