@@ -415,7 +415,13 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                 finally:  # an error message then starts on its own line, not glued to the bar's
                     bar.close()
                 t_stream = time.perf_counter() - t_stream
-                in_hashes = hasher.result()
+                try:
+                    in_hashes = hasher.result()
+                except OSError:
+                    # the hashing child could not read an input file: if the files changed under the run (deleted,
+                    # replaced), say that, as the check below would (bad input, exit 2), not "hashing failed"
+                    src.check_unchanged(hasher.states, strict=hasher.use_cache)
+                    raise
                 # every file read is the one whose header was read and whose hash the lineage records (for a
                 # hasher without the cache, whose rule needs stable inodes and ctimes, by size and mtime only)
                 src.check_unchanged(hasher.states, strict=hasher.use_cache)

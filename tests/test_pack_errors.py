@@ -410,6 +410,30 @@ def test_input_deleted_while_read(ckpt, tmp_path, capsys, monkeypatch):
            "nothing was written")
 
 
+def test_input_deleted_before_the_hasher_read_it(ckpt, tmp_path, capsys, monkeypatch):
+    """The input hasher is a child process that reads the files at its own pace: when it finds a file deleted (a
+    race the test above can hit on a loaded machine, CI of 179366c), the error is the same bad-input one, not the
+    hasher's own failure."""
+    import pack.checkpoint as checkpoint
+    import pack.writer as writer
+
+    real = writer._write_shards
+
+    def then_delete(*a, **k):
+        result = real(*a, **k)
+        (ckpt / "model.safetensors").unlink()
+        return result
+
+    def child_failed(self):
+        raise OSError(f"hashing the input failed: {ckpt / 'model.safetensors'}: cannot read it (No such file or "
+                      "directory)")
+
+    monkeypatch.setattr(writer, "_write_shards", then_delete)
+    monkeypatch.setattr(checkpoint.FileHasher, "result", child_failed)
+    _fails(capsys, [ckpt, "-o", tmp_path / "out"], "model.safetensors: cannot read it any more",
+           "nothing was written")
+
+
 def test_input_replaced_after_the_hasher_started(ckpt, tmp_path):
     """The CLI starts hashing before torch is imported; a file replaced after that (a download finishing) is not
     the one the hash is of, even with the same bytes. Without the hash cache (size and mtime only) a copy that
