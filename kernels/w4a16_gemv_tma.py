@@ -46,18 +46,13 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .w4a16_config import CHUNK_K
-from .w4a16_gemv_mma import _dequant_pairs_ptx
+# the PTX strings of the register GEMV (constexprs, which Gluon shares with Triton's language)
+from .w4a16_gemv_mma import _PTX_MMA_BF16, _PTX_MMA_FP16, _PTX_PAIRS_BF16, _PTX_PAIRS_FP16
 
 # Triton >= 3.7 renamed tma.async_copy_global_to_shared to tma.async_load and gl.thread_barrier to gl.barrier.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
-_PTX_PAIRS_BF16 = gl.constexpr(_dequant_pairs_ptx(True))
-_PTX_PAIRS_FP16 = gl.constexpr(_dequant_pairs_ptx(False))
-_PTX_MMA_BF16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                             "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
-_PTX_MMA_FP16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                             "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
 # 16 bytes of activations at $4 where $5 (the activation row) < $6 (M), zeros otherwise: no traffic for idle columns
 _PTX_LOAD4_IF = gl.constexpr("{\n.reg .pred p;\nsetp.lt.s32 p, $5, $6;\nmov.b32 $0, 0;\nmov.b32 $1, 0;\n"
                              "mov.b32 $2, 0;\nmov.b32 $3, 0;\n@p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];\n}")
