@@ -43,7 +43,8 @@ AUX_FILE_PATTERNS = (
 
 __all__ = [
     "SINGLE_NAME", "INDEX_NAME", "KNORM_SHARD", "safetensors_files", "FileHasher", "LINEAGE_FILE", "RECIPE_FILE",
-    "atomic_output_dir", "fsync_dir", "fsync_tree", "InterruptedAfterCommit", "UnsyncedAfterCommit", "copy_aux_files",
+    "atomic_output_dir", "fsync_dir", "fsync_tree", "InterruptedAfterCommit", "OutputAppeared", "UnsyncedAfterCommit",
+    "copy_aux_files",
     "sha256_file", "read_lineage", "write_lineage", "lineage_step", "kv_shared_k_norm_tensors",
     "save_bf16_checkpoint", "json_dump",
 ]
@@ -78,6 +79,12 @@ class InterruptedAfterCommit(KeyboardInterrupt):
                    "(delete it)")
         super().__init__(msg)
         self.out, self.old = out, old
+
+
+class OutputAppeared(FileExistsError):
+    """Without ``force``, :func:`atomic_output_dir` found ``out`` in place when it came to rename its output there
+    (another run wrote it meanwhile, e.g. two runs with the same default output dir): nothing was written, and the
+    other output is kept."""
 
 
 class UnsyncedAfterCommit(OSError):
@@ -149,7 +156,8 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, fsync: bool =
     parent directories it created; an ``out`` it had moved aside is put back).
 
     The temp dir is named ``.<name>.tmp-XXXX`` (hidden, not checkpoint-looking). Raises ``FileExistsError``
-    up front when ``out`` exists and ``force`` is false. ``out``'s parent is resolved (``..``, symlinks), so the
+    up front when ``out`` exists and ``force`` is false, and :class:`OutputAppeared` at the end if it appeared
+    meanwhile (the rename never replaces it then). ``out``'s parent is resolved (``..``, symlinks), so the
     renames never run through a directory that one of them moves.
 
     ``fsync``: durable output. Before the rename every file and directory of the temp dir is synced
@@ -172,7 +180,7 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, fsync: bool =
         tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint dir is an ordinary directory
         if fsync:
             fsync_tree(tmp)
-        if out.exists():
+        if force and out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
             try:
@@ -182,7 +190,16 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, fsync: bool =
                 old.rmdir()
                 raise
         else:
-            os.replace(tmp, out)
+            # rename(2) never replaces a non-empty directory (nor a directory a file): an ``out`` that another run
+            # wrote while this one ran is kept, and this run fails instead of both reporting success
+            try:
+                os.rename(tmp, out)
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    fix = "run again" if force else "pass --force to replace it"
+                    raise OutputAppeared(e.errno, f"{out}: appeared while this run wrote its output (another run?); "
+                                                  f"nothing was written; {fix}") from None
+                raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for p in made:   # only directories this call created, and only while empty

@@ -158,7 +158,7 @@ def _run(args: argparse.Namespace, hasher) -> int:
                                      input_hasher=hasher, plan_cache=not args.no_plan_cache,
                                      hash_cache=not args.no_hash_cache, fsync=not args.no_fsync)
     except BaseException as e:
-        from .checkpoint import InterruptedAfterCommit, UnsyncedAfterCommit
+        from .checkpoint import InterruptedAfterCommit, OutputAppeared, UnsyncedAfterCommit
 
         if isinstance(e, InterruptedAfterCommit):   # the output is complete: say so, not "nothing was written"
             print(f"error: interrupted: {e}", file=sys.stderr)
@@ -173,6 +173,9 @@ def _run(args: argparse.Namespace, hasher) -> int:
             return 130
         if isinstance(e, QuantizeError):
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, OutputAppeared):   # like the output dir found at the start: the invocation, not the machine
+            print(f"error: {e.strerror}", file=sys.stderr)
             return 2
         if isinstance(e, OSError):  # the machine, not the input: disk full, permission denied, a dir for a file
             print(f"error: {e}; nothing was written", file=sys.stderr)

@@ -144,7 +144,8 @@ class SourceFiles:
 
     @property
     def nbytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
+        """The files' sizes as :attr:`states` recorded them (no I/O: the files may be gone by now)."""
+        return sum(st.size for st in self.states.values())
 
     def check_unchanged(self, earlier: dict[Path, FileState] | None = None, strict: bool = True) -> None:
         """Raise QuantizeError if a safetensors file is no longer the one :attr:`states` describes, or

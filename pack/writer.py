@@ -410,10 +410,16 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                 bar = _progress(n_tensors, progress)
                 t_stream = time.perf_counter()
                 try:
-                    out_hashes, weight_map, total = _write_shards(tmp, shards, _workers(device), bar,
-                                                                  writeback=fsync)
-                finally:  # an error message then starts on its own line, not glued to the bar's
-                    bar.close()
+                    try:
+                        out_hashes, weight_map, total = _write_shards(tmp, shards, _workers(device), bar,
+                                                                      writeback=fsync)
+                    finally:  # an error message then starts on its own line, not glued to the bar's
+                        bar.close()
+                except (OSError, QuantizeError):
+                    # a read that failed (deleted, truncated) or found garbage (NaN/Inf) in an input replaced under
+                    # the run: say that the input changed, as the check below would, not the symptom
+                    src.check_unchanged(hasher.states, strict=hasher.use_cache)
+                    raise
                 t_stream = time.perf_counter() - t_stream
                 try:
                     in_hashes = hasher.result()
@@ -441,7 +447,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
         finally:
             torch.set_num_threads(threads)
             hasher.cancel()
-        bytes_in = src.nbytes
+        bytes_in = src.nbytes   # from the states taken at the start: no I/O after the commit (an input may be gone)
     n_mod = len(plan.targeted)
     return QuantizeResult(out=out, quantized_modules=n_mod, quantized_tensors=3 * n_mod,
                           kept_tensors=n_tensors - 3 * n_mod, dropped=dropped, cast=cast, bytes_in=bytes_in,

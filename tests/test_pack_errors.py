@@ -410,6 +410,93 @@ def test_input_deleted_while_read(ckpt, tmp_path, capsys, monkeypatch):
            "nothing was written")
 
 
+def test_input_deleted_before_it_was_streamed(ckpt, tmp_path, capsys, monkeypatch):
+    """An input deleted after its header was read but before the quantizer opened it (a review's repro): the
+    bad-input error, not the raw errno of the failed open (exit 1 before)."""
+    import pack.writer as writer
+
+    real = writer._write_shards
+
+    def delete_then_write(*a, **k):
+        (ckpt / "model.safetensors").unlink()
+        return real(*a, **k)
+
+    monkeypatch.setattr(writer, "_write_shards", delete_then_write)
+    _fails(capsys, [ckpt, "-o", tmp_path / "out"], "model.safetensors: cannot read it any more",
+           "nothing was written")
+
+
+def test_input_replaced_with_garbage_before_it_was_streamed(ckpt, tmp_path, capsys, monkeypatch):
+    """An input replaced (rename over) by a file of the same size whose weights are NaN, after its header was read:
+    the run says the input changed, not that the model holds NaN."""
+    import pack.writer as writer
+
+    real = writer._write_shards
+    bad = tmp_path / "bad.safetensors"
+    t = load_file(ckpt / "model.safetensors")
+    t[WEIGHT] = torch.full_like(t[WEIGHT], float("nan"))
+    save_file(t, bad, metadata={"format": "pt"})
+
+    def replace_then_write(*a, **k):
+        os.replace(bad, ckpt / "model.safetensors")
+        return real(*a, **k)
+
+    monkeypatch.setattr(writer, "_write_shards", replace_then_write)
+    _fails(capsys, [ckpt, "-o", tmp_path / "out"], "model.safetensors: changed while pdqkit read it",
+           "nothing was written")
+
+
+def test_output_that_appears_during_the_run_is_kept(ckpt, tmp_path, capsys, monkeypatch):
+    """Two runs with the same output dir (e.g. the default CKPT-w4a16 for two recipes): without --force, the one
+    that finishes second finds the other's output in place and fails (exit 2), keeping it; before, both reported
+    success and the later silently replaced the earlier. With --force the later replaces it, as asked."""
+    import pack.writer as writer
+
+    out = tmp_path / "out"
+    real = writer._write_shards
+
+    def other_run_finishes_first(*a, **k):
+        result = real(*a, **k)
+        out.mkdir()
+        (out / "config.json").write_text("the other run's")
+        return result
+
+    monkeypatch.setattr(writer, "_write_shards", other_run_finishes_first)
+    capsys.readouterr()
+    rc = main([str(ckpt), "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert "appeared while this run wrote its output" in err and "pass --force" in err, err
+    assert (out / "config.json").read_text() == "the other run's" and sorted(p.name for p in out.iterdir()) == [
+        "config.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]   # no temp dir left
+    shutil.rmtree(out)
+    assert main([str(ckpt), "-o", str(out), "--no-progress", "--force"]) == 0
+    assert (out / "model.safetensors").is_file() and json.loads((out / "config.json").read_text())
+
+
+def test_input_deleted_after_the_output_was_committed(ckpt, tmp_path, capsys, monkeypatch):
+    """An input that disappears after the output is in place does not turn a finished run into "nothing was
+    written" (exit 1 before: the summary stat'ed the inputs after the commit)."""
+    import contextlib
+
+    import pack.writer as writer
+
+    real = writer.atomic_output_dir
+
+    @contextlib.contextmanager
+    def then_delete(*a, **k):
+        with real(*a, **k) as tmp:
+            yield tmp
+        (ckpt / "model.safetensors").unlink()
+
+    monkeypatch.setattr(writer, "atomic_output_dir", then_delete)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main([str(ckpt), "-o", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    assert (out / "model.safetensors").is_file()
+
+
 def test_input_deleted_before_the_hasher_read_it(ckpt, tmp_path, capsys, monkeypatch):
     """The input hasher is a child process that reads the files at its own pace: when it finds a file deleted (a
     race the test above can hit on a loaded machine, CI of 179366c), the error is the same bad-input one, not the

@@ -255,11 +255,15 @@ def test_output_is_synced_before_the_rename(base, out_fp32div, tmp_path, monkeyp
             return real(fd)
         return call
 
-    real_replace, real_start = os.replace, pack.stio.start_writeback
+    real_replace, real_rename, real_start = os.replace, os.rename, pack.stio.start_writeback
 
     def replace(src, dst, **kw):
         events.append(("replace", f"{src} -> {dst}"))
         return real_replace(src, dst, **kw)
+
+    def rename(src, dst, **kw):   # the commit without --force (never replaces an output another run wrote)
+        events.append(("replace", f"{src} -> {dst}"))
+        return real_rename(src, dst, **kw)
 
     def start(fd, off, n):
         started.append((os.readlink(f"/proc/self/fd/{fd}"), off, n))
@@ -268,6 +272,7 @@ def test_output_is_synced_before_the_rename(base, out_fp32div, tmp_path, monkeyp
     monkeypatch.setattr(os, "fsync", spy("fsync", os.fsync))
     monkeypatch.setattr(os, "fdatasync", spy("fdatasync", os.fdatasync))
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(pack.stio, "start_writeback", start)
     extra = ["--max-shard-size", "2MB"] if shards == "sharded" else []
     out = tmp_path / "synced"
