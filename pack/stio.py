@@ -96,9 +96,16 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     except (SafetensorError, OSError) as e:
         raise QuantizeError(f"{path}: not a valid safetensors file ({e}); the file is truncated or corrupt: "
                             f"re-download or re-save the checkpoint") from None
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
+    try:   # a second open: the file may have changed since safe_open validated it
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, struct.error, ValueError) as e:   # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise QuantizeError(f"{path}: changed while pdqkit read it (its header no longer reads as the one just "
+                            f"validated: {type(e).__name__}); nothing was written: run again once the checkpoint is "
+                            f"complete") from None
     base = 8 + n
     out = {}
     for name, info in header.items():

@@ -446,6 +446,26 @@ def test_input_replaced_with_garbage_before_it_was_streamed(ckpt, tmp_path, caps
            "nothing was written")
 
 
+def test_input_truncated_between_validation_and_header_read(ckpt, tmp_path, capsys, monkeypatch):
+    """The header is read through a second open after safetensors validated the file: a file truncated in between
+    gives the one-line changed-input error, not a struct.error traceback (a review's repro)."""
+    import contextlib
+
+    import safetensors
+
+    real = safetensors.safe_open
+
+    @contextlib.contextmanager
+    def then_truncate(path, *a, **k):
+        with real(path, *a, **k) as f:
+            yield f
+        os.truncate(path, 4)
+
+    monkeypatch.setattr(safetensors, "safe_open", then_truncate)
+    _fails(capsys, [ckpt, "-o", tmp_path / "out"], "model.safetensors: changed while pdqkit read it",
+           "nothing was written")
+
+
 def test_output_that_appears_during_the_run_is_kept(ckpt, tmp_path, capsys, monkeypatch):
     """Two runs with the same output dir (e.g. the default CKPT-w4a16 for two recipes): without --force, the one
     that finishes second finds the other's output in place and fails (exit 2), keeping it; before, both reported
