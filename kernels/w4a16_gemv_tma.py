@@ -45,7 +45,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .w4a16_config import CHUNK_K
 # the PTX strings of the register GEMV (constexprs, which Gluon shares with Triton's language)
 from .w4a16_gemv_mma import _PTX_MMA_BF16, _PTX_MMA_FP16, _PTX_PAIRS_BF16, _PTX_PAIRS_FP16
 
@@ -333,5 +332,3 @@ def w4a16_gemv_tma(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: t
     )
     return out
 
-
-assert CHUNK_K == 128   # the chunk of 16 words this kernel's layout is built on

@@ -415,17 +415,12 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                                                                       writeback=fsync)
                     finally:  # an error message then starts on its own line, not glued to the bar's
                         bar.close()
-                except (OSError, QuantizeError):
-                    # a read that failed (deleted, truncated) or found garbage (NaN/Inf) in an input replaced under
-                    # the run: say that the input changed, as the check below would, not the symptom
-                    src.check_unchanged(hasher.states, strict=hasher.use_cache)
-                    raise
-                t_stream = time.perf_counter() - t_stream
-                try:
+                    t_stream = time.perf_counter() - t_stream
                     in_hashes = hasher.result()
-                except OSError:
-                    # the hashing child could not read an input file: if the files changed under the run (deleted,
-                    # replaced), say that, as the check below would (bad input, exit 2), not "hashing failed"
+                except (OSError, QuantizeError):
+                    # a read that failed (deleted, truncated), garbage (NaN/Inf) in an input replaced under the run,
+                    # or the hashing child finding a file gone: if the inputs changed, say that (bad input, exit 2),
+                    # as the check below would, not the symptom
                     src.check_unchanged(hasher.states, strict=hasher.use_cache)
                     raise
                 # every file read is the one whose header was read and whose hash the lineage records (for a
@@ -447,7 +442,7 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
         finally:
             torch.set_num_threads(threads)
             hasher.cancel()
-        bytes_in = src.nbytes   # from the states taken at the start: no I/O after the commit (an input may be gone)
+        bytes_in = src.nbytes   # no I/O: an input may be gone after the commit
     n_mod = len(plan.targeted)
     return QuantizeResult(out=out, quantized_modules=n_mod, quantized_tensors=3 * n_mod,
                           kept_tensors=n_tensors - 3 * n_mod, dropped=dropped, cast=cast, bytes_in=bytes_in,

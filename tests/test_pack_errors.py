@@ -52,6 +52,24 @@ def _fails(capsys, args, *needles) -> str:
     return err
 
 
+def _around_streaming(monkeypatch, before=None, after=None) -> None:
+    """Run ``before()`` just before the run streams the weights (headers read, plan built) and ``after()`` just
+    after (output files written, nothing committed yet)."""
+    import pack.writer as writer
+
+    real = writer._write_shards
+
+    def wrapped(*a, **k):
+        if before:
+            before()
+        result = real(*a, **k)
+        if after:
+            after()
+        return result
+
+    monkeypatch.setattr(writer, "_write_shards", wrapped)
+
+
 def _edit_weights(d: Path, fn) -> None:
     f = d / "model.safetensors"
     t = load_file(f)
@@ -381,31 +399,14 @@ def test_killed_mid_write_leaves_no_checkpoint(tmp_path, sig):
 def test_input_touched_while_read(ckpt, tmp_path, capsys, monkeypatch, extra):
     """A file written, touched or replaced while the run reads it: its bytes, header and lineage hash may be of
     different versions, so the run stops and writes nothing (without the hash cache judged by size and mtime)."""
-    import pack.writer as writer
-
-    real = writer._write_shards
-
-    def then_touch(*a, **k):
-        result = real(*a, **k)
-        os.utime(ckpt / "model.safetensors")  # same bytes, the current time (copytree kept the source's mtime)
-        return result
-
-    monkeypatch.setattr(writer, "_write_shards", then_touch)
+    # same bytes, the current time (copytree kept the source's mtime)
+    _around_streaming(monkeypatch, after=lambda: os.utime(ckpt / "model.safetensors"))
     _fails(capsys, [ckpt, "-o", tmp_path / "out", *extra], "model.safetensors: changed while pdqkit read it",
            "run again once the checkpoint is complete")
 
 
 def test_input_deleted_while_read(ckpt, tmp_path, capsys, monkeypatch):
-    import pack.writer as writer
-
-    real = writer._write_shards
-
-    def then_delete(*a, **k):
-        result = real(*a, **k)
-        (ckpt / "model.safetensors").unlink()
-        return result
-
-    monkeypatch.setattr(writer, "_write_shards", then_delete)
+    _around_streaming(monkeypatch, after=(ckpt / "model.safetensors").unlink)
     _fails(capsys, [ckpt, "-o", tmp_path / "out"], "model.safetensors: cannot read it any more",
            "nothing was written")
 
@@ -413,15 +414,7 @@ def test_input_deleted_while_read(ckpt, tmp_path, capsys, monkeypatch):
 def test_input_deleted_before_it_was_streamed(ckpt, tmp_path, capsys, monkeypatch):
     """An input deleted after its header was read but before the quantizer opened it (a review's repro): the
     bad-input error, not the raw errno of the failed open (exit 1 before)."""
-    import pack.writer as writer
-
-    real = writer._write_shards
-
-    def delete_then_write(*a, **k):
-        (ckpt / "model.safetensors").unlink()
-        return real(*a, **k)
-
-    monkeypatch.setattr(writer, "_write_shards", delete_then_write)
+    _around_streaming(monkeypatch, before=(ckpt / "model.safetensors").unlink)
     _fails(capsys, [ckpt, "-o", tmp_path / "out"], "model.safetensors: cannot read it any more",
            "nothing was written")
 
@@ -429,19 +422,11 @@ def test_input_deleted_before_it_was_streamed(ckpt, tmp_path, capsys, monkeypatc
 def test_input_replaced_with_garbage_before_it_was_streamed(ckpt, tmp_path, capsys, monkeypatch):
     """An input replaced (rename over) by a file of the same size whose weights are NaN, after its header was read:
     the run says the input changed, not that the model holds NaN."""
-    import pack.writer as writer
-
-    real = writer._write_shards
     bad = tmp_path / "bad.safetensors"
     t = load_file(ckpt / "model.safetensors")
     t[WEIGHT] = torch.full_like(t[WEIGHT], float("nan"))
     save_file(t, bad, metadata={"format": "pt"})
-
-    def replace_then_write(*a, **k):
-        os.replace(bad, ckpt / "model.safetensors")
-        return real(*a, **k)
-
-    monkeypatch.setattr(writer, "_write_shards", replace_then_write)
+    _around_streaming(monkeypatch, before=lambda: os.replace(bad, ckpt / "model.safetensors"))
     _fails(capsys, [ckpt, "-o", tmp_path / "out"], "model.safetensors: changed while pdqkit read it",
            "nothing was written")
 
@@ -470,18 +455,13 @@ def test_output_that_appears_during_the_run_is_kept(ckpt, tmp_path, capsys, monk
     """Two runs with the same output dir (e.g. the default CKPT-w4a16 for two recipes): without --force, the one
     that finishes second finds the other's output in place and fails (exit 2), keeping it; before, both reported
     success and the later silently replaced the earlier. With --force the later replaces it, as asked."""
-    import pack.writer as writer
-
     out = tmp_path / "out"
-    real = writer._write_shards
 
-    def other_run_finishes_first(*a, **k):
-        result = real(*a, **k)
+    def other_run_finishes_first():
         out.mkdir()
         (out / "config.json").write_text("the other run's")
-        return result
 
-    monkeypatch.setattr(writer, "_write_shards", other_run_finishes_first)
+    _around_streaming(monkeypatch, after=other_run_finishes_first)
     capsys.readouterr()
     rc = main([str(ckpt), "-o", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip()
@@ -522,20 +502,12 @@ def test_input_deleted_before_the_hasher_read_it(ckpt, tmp_path, capsys, monkeyp
     race the test above can hit on a loaded machine, CI of 179366c), the error is the same bad-input one, not the
     hasher's own failure."""
     import pack.checkpoint as checkpoint
-    import pack.writer as writer
-
-    real = writer._write_shards
-
-    def then_delete(*a, **k):
-        result = real(*a, **k)
-        (ckpt / "model.safetensors").unlink()
-        return result
 
     def child_failed(self):
         raise OSError(f"hashing the input failed: {ckpt / 'model.safetensors'}: cannot read it (No such file or "
                       "directory)")
 
-    monkeypatch.setattr(writer, "_write_shards", then_delete)
+    _around_streaming(monkeypatch, after=(ckpt / "model.safetensors").unlink)
     monkeypatch.setattr(checkpoint.FileHasher, "result", child_failed)
     _fails(capsys, [ckpt, "-o", tmp_path / "out"], "model.safetensors: cannot read it any more",
            "nothing was written")
