@@ -5,7 +5,8 @@ imports torch): the plan cache (:mod:`pack.plancache`, ``$PDQKIT_PLAN_CACHE``) a
 (:mod:`pack.hashcache`, ``$PDQKIT_HASH_CACHE``), each a folder under ``$PDQKIT_CACHE`` (default
 ``~/.cache/pdqkit``) unless its own variable points elsewhere.
 
-An entry is one JSON file named ``<64 hex digits>.json`` (its key). It is written to a temp file beside it
+An entry is one JSON object in a file named ``<64 hex digits>.json`` (its key), which it names again in its
+``"key"`` field: a reader ignores an entry whose field and name differ. It is written to a temp file beside it
 (``.<key>.<random>.tmp``) and renamed, so a reader sees a whole entry or none. A run that uses an entry marks it
 used (its mtime); a run that stores entries then prunes the folder: it keeps the ``max_entries`` most recently
 used and deletes the rest, and deletes temp files older than :data:`STALE_TMP_S` (left by a writer killed
@@ -41,12 +42,17 @@ def cache_dir(env_var: str, name: str) -> Path:
     return Path(os.environ.get(env_var) or cache_root() / name)
 
 
-def read_entry(path: Path):
-    """The JSON value of entry ``path``; None if it is absent, unreadable or not JSON."""
+def read_entry(path: Path) -> dict | None:
+    """The value of entry ``path`` (a JSON object); None if it is absent, unreadable, not JSON, or does not name
+    ``path``'s key as its own (an entry copied or renamed to another key's name, or one written before entries
+    named their key, is not trusted for that key)."""
     try:
-        return json.loads(path.read_text())
+        entry = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(entry, dict) or entry.get("key") != path.stem:
+        return None
+    return entry
 
 
 def mark_used(path: Path) -> None:
@@ -55,10 +61,11 @@ def mark_used(path: Path) -> None:
         os.utime(path)
 
 
-def store_entry(path: Path, value) -> bool:
-    """Write entry ``path`` (``<key>.json``) atomically; whether it was written. A folder that cannot be written,
-    or a value JSON cannot hold, is skipped. The caller prunes the folder (:func:`prune`) once it has stored its
-    entries."""
+def store_entry(path: Path, value: dict) -> bool:
+    """Write entry ``path`` (``<key>.json``) atomically: the object ``value`` with ``"key"`` set to the key, which
+    :func:`read_entry` checks; whether it was written. A folder that cannot be written, or a value JSON cannot
+    hold, is skipped. The caller prunes the folder (:func:`prune`) once it has stored its entries."""
+    value = {**value, "key": path.stem}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)

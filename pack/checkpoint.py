@@ -165,7 +165,8 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, fsync: bool =
     crash or power loss never leaves an ``out`` of the right files whose blocks were never written back
     (preallocated, they read as zeros), and an ``out`` there once this returns stays there. Without it the rename
     may reach the disk before the data. (A crash in the middle of a ``force`` swap can leave the previous copy at
-    ``.<name>.old-XXXX``, as an interruption there does.)
+    ``.<name>.old-XXXX/x``, as can another run whose output takes ``out``'s place in that moment: the error
+    then names the folder.)
     """
     out = Path(out).absolute()
     out = out.parent.resolve() / out.name
@@ -182,24 +183,31 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, fsync: bool =
             fsync_tree(tmp)
         if force and out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
             try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / "x", out)
-                old.rmdir()
-                raise
-        else:
-            # rename(2) never replaces a non-empty directory (nor a directory a file): an ``out`` that another run
-            # wrote while this one ran is kept, and this run fails instead of both reporting success
-            try:
-                os.rename(tmp, out)
+                os.replace(out, old / "x")
             except OSError as e:
-                if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-                    fix = "run again" if force else "pass --force to replace it"
-                    raise OutputAppeared(e.errno, f"{out}: appeared while this run wrote its output (another run?); "
-                                                  f"nothing was written; {fix}") from None
-                raise
+                old.rmdir()
+                old = None
+                if not isinstance(e, FileNotFoundError):   # not: moved aside meanwhile by another --force run
+                    raise
+        # rename(2) never replaces a non-empty directory (nor a directory a file): an ``out`` that another run
+        # wrote while this one ran is kept, and this run fails instead of both reporting success
+        try:
+            os.rename(tmp, out)
+        except BaseException as e:
+            kept = ""
+            if old is not None:   # put the previous copy back, unless another run's output took its place
+                try:
+                    os.rename(old / "x", out)
+                    old.rmdir()
+                except OSError:
+                    kept = f"; the copy it replaces was moved to {old / 'x'}"
+                old = None
+            if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                fix = "run again" if force else "pass --force to replace it"
+                raise OutputAppeared(e.errno, f"{out}: appeared while this run wrote its output (another run?); "
+                                              f"nothing was written{kept}; {fix}") from None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for p in made:   # only directories this call created, and only while empty

@@ -27,7 +27,8 @@ Where it lives: ``$PDQKIT_HASH_CACHE`` if set, else ``$PDQKIT_CACHE/hashes`` (``
 Whoever can write there can supply the input hashes of later runs' lineages: share the folder only among users
 who trust each other. Entries (~0.2 KB, one per file) are written, read and pruned by :mod:`pack.cachedir`: the
 :data:`MAX_ENTRIES` most recently used are kept. An entry that cannot be read, or is not a well-formed entry of
-this format and the file's size, is ignored. Standard library only: the CLI consults the cache before it imports
+this format and the file's size, or names another key than its file's (an entry copied over another's name), is
+ignored. Standard library only: the CLI consults the cache before it imports
 torch.
 """
 from __future__ import annotations

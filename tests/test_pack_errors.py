@@ -566,6 +566,50 @@ def test_partly_ignored_fused_set_is_refused(ckpt, tmp_path, capsys):
                  "model.layers.1.mlp.up_proj"]) == 0, capsys.readouterr().err
 
 
+def test_force_runs_that_race_for_the_same_output(ckpt, tmp_path, capsys, monkeypatch):
+    """Two --force runs with the same output dir. (1) The other run moves the previous copy aside between this
+    run's check and its own move: this run has nothing to replace, and commits. (2) The other run's output takes
+    the place this run just emptied: this run fails with exit 2, keeps the other's output, and names where the
+    copy it had moved aside is (before: a raw "Directory not empty" with exit 1, and that copy left unnamed)."""
+    from pack import checkpoint
+
+    out = tmp_path / "out"
+    assert main([str(ckpt), "-o", str(out), "--no-progress"]) == 0
+    real = checkpoint.os.replace
+    moved = []
+
+    def others_move_first(src, dst):   # (1): the other run's os.replace(out, its old) lands first
+        if Path(src) == out and not moved:
+            moved.append(tmp_path / "elsewhere")
+            real(out, moved[0])
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", others_move_first)
+    capsys.readouterr()
+    assert main([str(ckpt), "-o", str(out), "--no-progress", "--force"]) == 0, capsys.readouterr().err
+    assert moved and (out / "model.safetensors").is_file() and json.loads((out / "config.json").read_text())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]   # no temp or old dir left
+
+    def others_output_lands(src, dst):   # (2): just after this run moved the previous copy aside
+        result = real(src, dst)
+        if Path(src) == out:
+            out.mkdir()
+            (out / "config.json").write_text("the other run's")
+        return result
+
+    monkeypatch.setattr(checkpoint.os, "replace", others_output_lands)
+    rc = main([str(ckpt), "-o", str(out), "--no-progress", "--force"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert "appeared while this run wrote its output" in err and "nothing was written" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert (out / "config.json").read_text() == "the other run's"
+    olds = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+    assert len(olds) == 1 and f"the copy it replaces was moved to {olds[0] / 'x'}" in err, err
+    assert (olds[0] / "x" / "model.safetensors").is_file()   # the previous copy, intact
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+
+
 def test_index_with_shards_in_a_subfolder(ckpt, tmp_path, capsys):
     (ckpt / "a").mkdir()
     shutil.move(str(ckpt / "model.safetensors"), ckpt / "a" / "model.safetensors")

@@ -138,13 +138,29 @@ def test_bad_entries_are_ignored(tmp_path, cache, settled):
     good = json.loads(entry.read_text())
     for bad in ("not json", json.dumps([1, 2]), json.dumps({**good, "sha256": "f" * 63}),
                 json.dumps({**good, "sha256": digest.upper()}), json.dumps({**good, "size": good["size"] + 1}),
-                json.dumps({**good, "format": hc.HASH_FORMAT + 1})):
+                json.dumps({**good, "format": hc.HASH_FORMAT + 1}), json.dumps({**good, "key": "0" * 64}),
+                json.dumps({k: v for k, v in good.items() if k != "key"})):
         entry.write_text(bad)
         h = FileHasher([f])
         assert h.cached == 0 and h.result() == {f.name: digest}, bad
         entry.write_text(bad)  # the run above stored a good entry again; keep testing the bad one
     entry.write_text(json.dumps(good))
     assert _cached([f]) == 1
+
+
+def test_an_entry_under_another_files_key_is_not_trusted(tmp_path, cache, settled):
+    """Two files of one size: each one's entry copied over the other's name (a cache folder merged or restored
+    by hand) is not taken for it, though format, size and digest are well-formed: the entry names its key."""
+    files = _shards(tmp_path / "ckpt")   # same size
+    want = {f.name: _sha(f) for f in files}
+    assert FileHasher(files).result() == want
+    a, b = _entries(cache)
+    text_a, text_b = a.read_text(), b.read_text()
+    a.write_text(text_b)
+    b.write_text(text_a)
+    h = FileHasher(files)
+    assert h.cached == 0 and h.result() == want
+    assert _cached(files) == 2   # stored again, under the right names
 
 
 def test_a_symlinked_file_shares_its_target_entry(tmp_path, cache, settled):

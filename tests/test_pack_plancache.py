@@ -283,7 +283,8 @@ def test_a_key_that_cannot_be_computed_plans_without_the_cache(mm_ckpt, cache, m
     assert _entries(cache) == []
 
 
-@pytest.mark.parametrize("damage", ["garbage", "wrong format", "missing field", "empty", "block without ignore"])
+@pytest.mark.parametrize("damage", ["garbage", "wrong format", "missing field", "empty", "block without ignore",
+                                    "another key's", "no key"])
 def test_damaged_entry_is_rebuilt(mm_ckpt, cache, damage):
     recipe = QuantRecipe()
     fresh, _ = cached_plan(mm_ckpt, recipe)
@@ -293,7 +294,9 @@ def test_damaged_entry_is_rebuilt(mm_ckpt, cache, damage):
            "wrong format": json.dumps({**good, "format": PLAN_FORMAT + 1}),
            "missing field": json.dumps({k: v for k, v in good.items() if k != "serving"}),
            "block without ignore": json.dumps({**good, "quantization_config": {
-               k: v for k, v in good["quantization_config"].items() if k != "ignore"}})}[damage]
+               k: v for k, v in good["quantization_config"].items() if k != "ignore"}}),
+           "another key's": json.dumps({**good, "key": "0" * 64}),   # copied or renamed from another key's name
+           "no key": json.dumps({k: v for k, v in good.items() if k != "key"})}[damage]
     entry.write_text(bad)
     plan, hit = cached_plan(mm_ckpt, recipe)
     assert (plan, hit) == (fresh, False)
