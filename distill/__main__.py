@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the logit loss's chunk math and the hidden-state term (with its gradient)")
     g.add_argument("--compile-layers", action="store_true",
                    help="torch.compile every decoder layer of teacher and student (phase 1)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic CUDA kernels (torch.use_deterministic_algorithms, a fixed cuBLAS workspace, "
+                        "Inductor's deterministic mode): a CUDA run, and a kill -9 + --resume of it, writes the same "
+                        "bytes every time (CPU runs always do)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g = ap.add_argument_group("checkpoints and logs")
     g.add_argument("--ckpt-every", type=int, default=0, metavar="N",

@@ -37,7 +37,7 @@ RESULT_FIELDS = (
     "weight_decay", "adam_betas", "adam_eps", "grad_clip", "seed", "temperature", "hidden_weight", "hidden_layers",
     "hidden_layer_weights", "lmbda", "beta", "sample_temperature", "jsd_temperature", "max_new_tokens",
     "train_embeddings", "precision", "chunk", "max_tokens", "attn", "trainable", "ema_decay", "ce_weight",
-    "loss_impl", "compile_loss", "compile_layers",   # same math, other fp32 rounding: other bytes
+    "loss_impl", "compile_loss", "compile_layers", "deterministic",   # same math, other rounding: other bytes
 )
 
 
@@ -92,6 +92,9 @@ class DistillConfig:
     compile_loss: bool = False  # torch.compile the logit loss's chunk math and the hidden-state term (+ its grad)
     compile_layers: bool = False  # torch.compile every decoder layer's forward (teacher and student; phase 1)
     device: str = "auto"  # auto, cpu, cuda, cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
+    # deterministic kernels (train.use_deterministic_kernels): a CUDA run, and a kill -9 + --resume of it, gives
+    # the same bytes every time; without it CUDA runs differ in rounding (atomics in attention and cuBLAS)
+    deterministic: bool = False
     threads: int | None = None
     # checkpoints and logs
     ckpt_every: int = 0

@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -183,16 +184,57 @@ def _start_fresh(cfg: DistillConfig, env) -> None:
     parallel.barrier(env)
 
 
+@contextlib.contextmanager
+def deterministic_kernels(on: bool = True):
+    """Make CUDA training reproducible to the bit within the block (``--deterministic``); enter before any CUDA
+    work. ``on=False``: a no-op. The process-wide switches are put back on exit.
+
+    Without it a CUDA run's rounding varies from run to run: the memory-efficient and flash SDPA backward kernels
+    accumulate the query gradient with atomics, some cuBLAS paths split K across a workspace whose reduction order
+    depends on the stream's history, and Inductor may autotune to another kernel in another process. So:
+    ``torch.use_deterministic_algorithms`` (SDPA and scatter/index kernels take their deterministic paths; an op
+    with none raises, naming itself), ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (what cuBLAS needs for it; read when a
+    cuBLAS handle is made, so it is set here, unless the environment already sets it), and Inductor's
+    ``deterministic`` mode (no benchmark-driven kernel choice) where this torch has it."""
+    if not on:
+        yield
+        return
+    try:
+        import torch._inductor.config as inductor_config
+    except ImportError:   # a torch without Inductor: nothing compiled to make deterministic
+        inductor_config = None
+    has_inductor_flag = inductor_config is not None and hasattr(inductor_config, "deterministic")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+              inductor_config.deterministic if has_inductor_flag else None)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    if has_inductor_flag:
+        inductor_config.deterministic = True
+    try:
+        yield
+    finally:
+        algorithms, warn_only, benchmark, workspace, inductor = before
+        torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        if has_inductor_flag:
+            inductor_config.deterministic = inductor
+
+
 def run(cfg: DistillConfig) -> dict:
     """Run one distillation phase as configured; returns the summary written into the lineage step."""
-    env = parallel.init(cfg.device)
-    ok = False
-    try:
-        result = _run(cfg, env)
-        ok = True
-        return result
-    finally:
-        parallel.shutdown(env, ok)
+    with deterministic_kernels(cfg.deterministic):
+        env = parallel.init(cfg.device)
+        ok = False
+        try:
+            result = _run(cfg, env)
+            ok = True
+            return result
+        finally:
+            parallel.shutdown(env, ok)
 
 
 class Distiller:
@@ -534,6 +576,7 @@ def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:
            if cfg.ema_decay else {}),
         "precision": cfg.precision, "train_embeddings": cfg.train_embeddings,
         "trainable": cfg.trainable, "world_size": env.world,
+        **({"deterministic": True} if cfg.deterministic else {}),
         "tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,
         **({"generated_tokens": gen_tokens} if cfg.phase == 2 else {}),
         "loss_first": {k: history[0][k] for k in keys},

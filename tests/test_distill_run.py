@@ -259,6 +259,86 @@ def test_kill9_then_resume_is_byte_identical(pair, tmp_path, precision, ema):
     assert read_lineage(out)[-1].get("ema", {}).get("decay") == (ema or None)
 
 
+def test_deterministic_kernels_are_switched_on_for_the_run_and_back_off_after(pair, tmp_path, monkeypatch):
+    """--deterministic turns on torch's deterministic algorithms and cuBLAS's fixed workspace for the run (seen
+    from inside it), and puts the process-wide switches back afterwards, also after a failed run."""
+    import distill.train as train
+
+    teacher, student, data, _ = pair
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []
+    real = train._run
+
+    def spy(cfg, env):
+        seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return real(cfg, env)
+
+    monkeypatch.setattr(train, "_run", spy)
+    run = _args(teacher, student, tmp_path / "o", data, "--steps", 1, "--batch", 2, "--seq-len", 32)
+    assert distill_main(run + ["--deterministic"]) == 0
+    assert distill_main(_args(teacher, student, tmp_path / "o2", data, "--steps", 1, "--batch", 2,
+                              "--seq-len", 32)) == 0
+    assert seen == [(True, ":4096:8"), (False, None)]
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert read_lineage(tmp_path / "o")[-1]["deterministic"] is True
+    assert "deterministic" not in read_lineage(tmp_path / "o2")[-1]
+
+    def fails(cfg, env):
+        assert torch.are_deterministic_algorithms_enabled()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train, "_run", fails)
+    assert distill_main(run + ["--deterministic", "--force"]) == 1
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+@pytest.fixture(scope="module")
+def pair512(tmp_path_factory):
+    """The micro pair with E4B's 512-wide full-attention heads, which SDPA's flash kernel does not take: their
+    backward runs the memory-efficient kernel, whose query gradient is accumulated with atomics by default (on
+    the H200 two default runs of such a pair differed in 42.7M of their weights: bench/gpu/distill_determinism.py)."""
+    root = tmp_path_factory.mktemp("distill_pair512")
+    teacher, student = save_pair(root, "micro", width=512, global_head_dim=512)
+    return teacher, student, _write_ids(root / "data.jsonl", 16, 1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("phase", [1, 2])
+def test_cuda_kill9_then_resume_is_byte_identical_with_deterministic_kernels(pair512, tmp_path, phase):
+    """On CUDA (bf16-mixed, SDPA) with --deterministic: a second uninterrupted run, and a run killed with kill -9
+    after a checkpoint and resumed, write the same bytes as the first run. Phase 2 samples continuations on the
+    GPU from the checkpointed RNG state."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    teacher, student, data = pair512
+    common = ["--teacher", teacher, "--student", student, "--data", data, "--device", "cuda", "--deterministic",
+              "--phase", phase, "--steps", 8, "--batch", 8, "--seq-len", 512, "--lr", 3e-4, "--ckpt-every", 2,
+              "--log-every", 100]
+    if phase == 2:
+        common += ["--max-new-tokens", 32, "--lmbda", 1.0]
+    outs = []
+    for name in ("ref", "ref2"):
+        subprocess.run(_cli(*common, "-o", tmp_path / name), check=True, env=_env(), cwd=REPO, capture_output=True)
+        outs.append(tmp_path / name)
+
+    out, ckpt = tmp_path / "killed", tmp_path / "killed-ckpt"
+    proc = subprocess.Popen(_cli(*common, "-o", out), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (ckpt / "latest").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "meta.json").read_text())["step"]
+    assert 0 < killed_at < 8 and not out.exists()
+    res = subprocess.run(_cli(*common, "-o", out, "--resume"), env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"(step {killed_at}/8)" in res.stdout
+    for d in (outs[1], out):
+        for name in ("model.safetensors", "config.json", "pdqkit_lineage.json"):
+            assert (d / name).read_bytes() == (outs[0] / name).read_bytes(), (d.name, name)
+
+
 def test_ema_run_writes_the_average(pair, tmp_path):
     """One step at a large lr: the written weights are 0.5 * (student + stepped weights) (within bf16 rounding of
     the three), not the stepped weights; the lineage says whose losses it logged and the start's share."""
@@ -328,13 +408,17 @@ def test_resume_refuses_other_settings(pair, tmp_path, capsys):
     fused = _args(teacher, student, tmp_path / "f", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
                   "--ckpt-dir", tmp_path / "a-ckpt", "--resume", "--loss-impl", "fused")
     assert distill_main(fused) == 1 and "different settings (loss_impl)" in capsys.readouterr().err
-    # a checkpoint written before --adam-eps / --ema-decay / --ce-weight existed (none of them in its meta) ran with
-    # their defaults (torch's 1e-8, no average, no data term): it resumes
+    # deterministic kernels round differently from the default ones on CUDA: another run
+    det = _args(teacher, student, tmp_path / "g", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
+                "--ckpt-dir", tmp_path / "a-ckpt", "--resume", "--deterministic")
+    assert distill_main(det) == 1 and "different settings (deterministic)" in capsys.readouterr().err
+    # a checkpoint written before --adam-eps / --ema-decay / --ce-weight / --deterministic existed (none of them in
+    # its meta) ran with their defaults (torch's 1e-8, no average, no data term, default kernels): it resumes
     import json
 
     step = tmp_path / "a-ckpt" / "step-00000001"
     meta = json.loads((step / "meta.json").read_text())
-    for k in ("adam_eps", "ema_decay", "ce_weight"):
+    for k in ("adam_eps", "ema_decay", "ce_weight", "deterministic"):
         del meta["config"][k]
     (step / "meta.json").write_text(json.dumps(meta))
     old = _args(teacher, student, tmp_path / "e", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
