@@ -168,7 +168,7 @@ def _prepare_output(cfg: DistillConfig, env) -> None:
         # the output's atomic swap would delete the log
         raise ValueError(f"--log-json {cfg.log_json}: must not be inside the output dir {out} (the output is "
                          f"written at the end, as a whole); pass a path outside it")
-    if out.exists() and not cfg.force:
+    if os.path.lexists(out) and not cfg.force:   # a dangling symlink is in the way too
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
     if ckpt.exists() and not (cfg.resume or cfg.force) and latest_checkpoint(ckpt) is not None:
         raise FileExistsError(f"{ckpt}: training checkpoints of an earlier run exist; pass --resume to continue "
@@ -184,30 +184,42 @@ def _start_fresh(cfg: DistillConfig, env) -> None:
     parallel.barrier(env)
 
 
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")   # the CUBLAS_WORKSPACE_CONFIG values torch accepts as deterministic
+
+
 @contextlib.contextmanager
 def deterministic_kernels(on: bool = True):
     """Make CUDA training reproducible to the bit within the block (``--deterministic``); enter before any CUDA
-    work. ``on=False``: a no-op. The process-wide switches are put back on exit.
+    work. ``on=False``: a no-op.
 
     Without it a CUDA run's rounding varies from run to run: the memory-efficient and flash SDPA backward kernels
     accumulate the query gradient with atomics, some cuBLAS paths split K across a workspace whose reduction order
     depends on the stream's history, and Inductor may autotune to another kernel in another process. So:
     ``torch.use_deterministic_algorithms`` (SDPA and scatter/index kernels take their deterministic paths; an op
-    with none raises, naming itself), ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (what cuBLAS needs for it; read when a
-    cuBLAS handle is made, so it is set here, unless the environment already sets it), and Inductor's
-    ``deterministic`` mode (no benchmark-driven kernel choice) where this torch has it."""
+    with none raises, naming itself) and Inductor's ``deterministic`` mode (no benchmark-driven kernel choice)
+    where this torch has it, both put back on exit; and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless the environment
+    sets another deterministic value. cuBLAS and torch read that variable once per process, at the first CUDA
+    matmul, so it stays set, and a process that initialised CUDA before without it is refused (ValueError), as is
+    a value cuBLAS does not make deterministic."""
     if not on:
         yield
         return
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace is not None and workspace not in CUBLAS_DETERMINISTIC:
+        raise ValueError(f"--deterministic: CUBLAS_WORKSPACE_CONFIG={workspace} does not make cuBLAS deterministic; "
+                         f"unset it or set it to {' or '.join(CUBLAS_DETERMINISTIC)}")
+    if workspace is None and torch.cuda.is_initialized():
+        raise ValueError("--deterministic: CUDA was initialised in this process before CUBLAS_WORKSPACE_CONFIG was "
+                         "set (cuBLAS reads it once); set CUBLAS_WORKSPACE_CONFIG=:4096:8 before the first CUDA "
+                         "call, or run python -m distill in a process of its own")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC[0])
     try:
         import torch._inductor.config as inductor_config
     except ImportError:   # a torch without Inductor: nothing compiled to make deterministic
         inductor_config = None
     has_inductor_flag = inductor_config is not None and hasattr(inductor_config, "deterministic")
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-              inductor_config.deterministic if has_inductor_flag else None)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+              torch.backends.cudnn.benchmark, inductor_config.deterministic if has_inductor_flag else None)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     if has_inductor_flag:
@@ -215,11 +227,9 @@ def deterministic_kernels(on: bool = True):
     try:
         yield
     finally:
-        algorithms, warn_only, benchmark, workspace, inductor = before
+        algorithms, warn_only, benchmark, inductor = before
         torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
-        if workspace is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         if has_inductor_flag:
             inductor_config.deterministic = inductor
 

@@ -65,8 +65,8 @@ def store_entry(path: Path, value: dict) -> bool:
     """Write entry ``path`` (``<key>.json``) atomically: the object ``value`` with ``"key"`` set to the key, which
     :func:`read_entry` checks; whether it was written. A folder that cannot be written, or a value JSON cannot
     hold, is skipped. The caller prunes the folder (:func:`prune`) once it has stored its entries."""
-    value = {**value, "key": path.stem}
     try:
+        value = {**value, "key": path.stem}
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
         try:

@@ -70,8 +70,11 @@ class InterruptedAfterCommit(KeyboardInterrupt):
     """An interruption (Ctrl-C, SIGTERM) that arrived after :func:`atomic_output_dir` had put the new output in
     place, while it deleted the previous copy: the output is complete; ``old`` may be left behind."""
 
-    def __init__(self, out: Path, old: Path | None):
-        if old is None:   # interrupted while the directory entries were synced (atomic_output_dir's fsync)
+    def __init__(self, out: Path, old: Path | None, just_committed: bool = False):
+        if just_committed:   # interrupted the moment the rename returned
+            msg = f"{out} was written; interrupted as it was put in place" + (
+                f"; the previous copy remains at {old} (delete it)" if old is not None else "")
+        elif old is None:   # interrupted while the directory entries were synced (atomic_output_dir's fsync)
             msg = (f"{out} was written; interrupted while syncing it to disk (a crash before the system syncs may "
                    "lose it)")
         else:
@@ -82,9 +85,9 @@ class InterruptedAfterCommit(KeyboardInterrupt):
 
 
 class OutputAppeared(FileExistsError):
-    """Without ``force``, :func:`atomic_output_dir` found ``out`` in place when it came to rename its output there
-    (another run wrote it meanwhile, e.g. two runs with the same default output dir): nothing was written, and the
-    other output is kept."""
+    """:func:`atomic_output_dir` found ``out`` in place when it came to rename its output there (another run wrote
+    it meanwhile, e.g. two runs with the same default output dir; with ``force``, after this run had moved the
+    previous copy aside): nothing was written, and the other output is kept."""
 
 
 class UnsyncedAfterCommit(OSError):
@@ -150,6 +153,24 @@ def _fsync_file(f: Path) -> None:
         os.close(fd)
 
 
+def _put_back(old: Path | None, out: Path) -> Path | None:
+    """Undo :func:`atomic_output_dir`'s move of the previous ``out`` to ``old / "x"``: None when it is back (or
+    there was none), else where it still is (another run's output took its place meanwhile)."""
+    if old is None:
+        return None
+    if not os.path.lexists(old / "x"):   # interrupted between making ``old`` and moving ``out`` into it
+        with contextlib.suppress(OSError):
+            old.rmdir()
+        return None
+    try:
+        os.rename(old / "x", out)
+    except OSError:
+        return old / "x"
+    with contextlib.suppress(OSError):
+        old.rmdir()
+    return None
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, force: bool = False, fsync: bool = False) -> Iterator[Path]:
     """Yield an empty temp dir next to ``out``; on success replace ``out`` with it, on any error delete it (and the
@@ -170,51 +191,54 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, fsync: bool =
     """
     out = Path(out).absolute()
     out = out.parent.resolve() / out.name
-    if out.exists() and not force:
+    if os.path.lexists(out) and not force:   # lexists: a dangling symlink is in the way too
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]   # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
+    old = None   # set while this run holds the previous copy aside, at old / "x"
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint dir is an ordinary directory
         if fsync:
             fsync_tree(tmp)
-        if force and out.exists():
+        if force and os.path.lexists(out):
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             try:
                 os.replace(out, old / "x")
-            except OSError as e:
+            except FileNotFoundError:   # moved aside meanwhile by another --force run: nothing to replace now
                 old.rmdir()
                 old = None
-                if not isinstance(e, FileNotFoundError):   # not: moved aside meanwhile by another --force run
-                    raise
         # rename(2) never replaces a non-empty directory (nor a directory a file): an ``out`` that another run
         # wrote while this one ran is kept, and this run fails instead of both reporting success
         try:
             os.rename(tmp, out)
-        except BaseException as e:
-            kept = ""
-            if old is not None:   # put the previous copy back, unless another run's output took its place
-                try:
-                    os.rename(old / "x", out)
-                    old.rmdir()
-                except OSError:
-                    kept = f"; the copy it replaces was moved to {old / 'x'}"
-                old = None
-            if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
                 fix = "run again" if force else "pass --force to replace it"
                 raise OutputAppeared(e.errno, f"{out}: appeared while this run wrote its output (another run?); "
-                                              f"nothing was written{kept}; {fix}") from None
+                                              f"nothing was written; {fix}") from None
             raise
-    except BaseException:
+    except BaseException as e:
+        if not tmp.exists():   # renamed: only an interruption can land after the rename returned
+            raise InterruptedAfterCommit(out, old, just_committed=True) from None
         shutil.rmtree(tmp, ignore_errors=True)
+        stranded = _put_back(old, out)
         for p in made:   # only directories this call created, and only while empty
             try:
                 p.rmdir()
             except OSError:
                 break
+        if stranded is None:
+            raise
+        # the previous copy could not go back: say where it is, in the one line the CLI prints
+        note = f"the copy it was to replace is at {stranded}, since another output took its place"
+        if isinstance(e, OSError) and e.strerror:   # OutputAppeared, or the rename's own error
+            raise type(e)(e.errno, f"{e.strerror}; {note}") from None
+        if type(e) is KeyboardInterrupt:
+            raise KeyboardInterrupt(note) from None
+        if hasattr(e, "add_note"):   # Python >= 3.11
+            e.add_note(note)
         raise
     if old is not None:   # the new output is in place: an interruption from here on must not say otherwise
         try:

@@ -27,8 +27,8 @@ Where it lives: ``$PDQKIT_HASH_CACHE`` if set, else ``$PDQKIT_CACHE/hashes`` (``
 Whoever can write there can supply the input hashes of later runs' lineages: share the folder only among users
 who trust each other. Entries (~0.2 KB, one per file) are written, read and pruned by :mod:`pack.cachedir`: the
 :data:`MAX_ENTRIES` most recently used are kept. An entry that cannot be read, or is not a well-formed entry of
-this format and the file's size, or names another key than its file's (an entry copied over another's name), is
-ignored. Standard library only: the CLI consults the cache before it imports
+this format and the file's path and size, or names another key than its file's (an entry copied over another's
+name), is ignored. Standard library only: the CLI consults the cache before it imports
 torch.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ from .cachedir import cache_dir, mark_used, prune, read_entry, store_entry
 __all__ = ["HASH_FORMAT", "MAX_ENTRIES", "SETTLE_NS", "FileState", "hash_cache_dir", "file_state", "states",
            "lookup", "store"]
 
-HASH_FORMAT = 1  # bump when the key's fields or an entry's layout change
+HASH_FORMAT = 2  # bump when the key's fields or an entry's layout change (2: entries name their key)
 MAX_ENTRIES = 4096  # entries kept (least recently used go first): ~1 MB; one per input file
 SETTLE_NS = 2_000_000_000  # a file changed less than this before the lookup may still be being written
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -122,6 +122,7 @@ def lookup(files: list[Path]) -> tuple[dict[Path, str], dict[Path, FileState]]:
         path = cache / f"{state.key()}.json"
         entry = read_entry(path)
         if (isinstance(entry, dict) and entry.get("format") == HASH_FORMAT and entry.get("size") == state.size
+                and entry.get("path") == state.path
                 and isinstance(entry.get("sha256"), str) and _HEX.fullmatch(entry["sha256"])):
             known[f] = entry["sha256"]
             mark_used(path)

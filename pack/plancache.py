@@ -55,7 +55,8 @@ if TYPE_CHECKING:  # stdlib-only at import: ``python -m pack.quantize`` reads th
 
 __all__ = ["PLAN_FORMAT", "MAX_ENTRIES", "plan_cache_dir", "plan_key", "cached_plan"]
 
-PLAN_FORMAT = 2  # bump when ModelPlan's fields or their meaning change, or an entry's layout (2: "depends")
+PLAN_FORMAT = 3  # bump when ModelPlan's fields or their meaning change, or an entry's layout (2: "depends"; 3:
+#                  entries name their key)
 MAX_ENTRIES = 256  # entries kept (least recently used go first): ~4 MB at ~17 KB each
 _PDQKIT_SOURCES = ("targets.py", "qconfig.py", "card.py", "plancache.py")
 _VERSIONED = ("transformers", "compressed-tensors", "pydantic", "torch")
@@ -265,7 +266,7 @@ def cached_plan(ckpt: Path, recipe, *, use_cache: bool = True,
     except (OSError, RuntimeError, ValueError):  # no home directory; a source file unreadable or its name not
         # UTF-8; a package in sys.modules without __spec__ (find_spec): plan without the cache
         return plan_model(ckpt, recipe, cfg), False
-    entry = read_entry(path)  # None: absent, unreadable, not JSON
+    entry = read_entry(path)  # None: absent, unreadable, not JSON, or another key's entry
     plan = None if entry is None else _from_json(entry, cfg)
     try:
         if plan is not None and _depends_unchanged(entry.get("depends")):

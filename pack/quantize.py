@@ -168,7 +168,11 @@ def _run(args: argparse.Namespace, hasher) -> int:
             return 1
         if isinstance(e, KeyboardInterrupt) or _interrupted.is_set():  # whatever the signal turned into
             first = (str(e).splitlines() or [""])[0]  # one line, whatever the message
-            then = "" if isinstance(e, KeyboardInterrupt) else f" (then {type(e).__name__}: {first})"
+            # a KeyboardInterrupt's own text, if any, is what the cleanup found (pack.checkpoint.atomic_output_dir)
+            if isinstance(e, KeyboardInterrupt):
+                then = f"; {first}" if first else ""
+            else:
+                then = f" (then {type(e).__name__}: {first})"
             print(f"error: interrupted{then}; nothing was written", file=sys.stderr)
             return 130
         if isinstance(e, QuantizeError):

@@ -2,6 +2,7 @@
 (:func:`prune_checkpoint`)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -166,7 +167,7 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
     check_output_dir(out, {"input checkpoint": ckpt})
-    if out.exists() and not force:
+    if os.path.lexists(out) and not force:   # a dangling symlink is in the way too
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")

@@ -605,9 +605,70 @@ def test_force_runs_that_race_for_the_same_output(ckpt, tmp_path, capsys, monkey
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     assert (out / "config.json").read_text() == "the other run's"
     olds = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
-    assert len(olds) == 1 and f"the copy it replaces was moved to {olds[0] / 'x'}" in err, err
+    assert len(olds) == 1 and f"the copy it was to replace is at {olds[0] / 'x'}" in err, err
     assert (olds[0] / "x" / "model.safetensors").is_file()   # the previous copy, intact
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+
+
+@pytest.mark.parametrize("when", ["after the move aside", "after the rename"])
+def test_force_swap_interrupted(ckpt, tmp_path, capsys, monkeypatch, when):
+    """A stop signal lands the moment one of the --force swap's renames returns. After the previous copy was moved
+    aside: it is put back, and the run says nothing was written. After the new output was renamed into place: the
+    run says it was written and where the previous copy remains (before: "nothing was written" both times, and
+    the previous copy left in .out.old-XXXX, unnamed)."""
+    from pack import checkpoint
+
+    out = tmp_path / "out"
+    assert main([str(ckpt), "-o", str(out), "--no-progress"]) == 0
+    before = (out / "model.safetensors").read_bytes()
+    (out / "mark").write_text("the previous copy")
+    name = "replace" if when == "after the move aside" else "rename"
+    real = getattr(checkpoint.os, name)
+
+    def then_interrupted(src, dst):
+        result = real(src, dst)
+        if (Path(src) == out) if name == "replace" else (Path(dst) == out):
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(checkpoint.os, name, then_interrupted)
+    capsys.readouterr()
+    assert main([str(ckpt), "-o", str(out), "--no-progress", "--force"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: interrupted") and "\n" not in err, err
+    olds = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    if when == "after the move aside":
+        assert err == "error: interrupted; nothing was written", err
+        assert (out / "mark").read_text() == "the previous copy" and not olds   # put back
+    else:
+        assert f"{out} was written" in err and "nothing was written" not in err, err
+        assert len(olds) == 1 and f"the previous copy remains at {olds[0]}" in err, err
+        assert not (out / "mark").exists() and (olds[0] / "x" / "mark").is_file()
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_a_dangling_symlink_at_the_output(ckpt, tmp_path, capsys):
+    """A symlink to nothing where an output dir goes. atomic_output_dir (prune's and distill's writes too) treats
+    it as an existing output: refused without force, the link replaced with it (before: a rename onto the link,
+    ENOTDIR, reported as "appeared while this run wrote its output" on every run). pack.quantize resolves OUT
+    first, so its output goes where the link points."""
+    from pack.checkpoint import atomic_output_dir
+
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match="output directory exists; pass --force"):
+        with atomic_output_dir(link):
+            pass
+    with atomic_output_dir(link, force=True) as tmp:
+        (tmp / "f").write_text("new")
+    assert not link.is_symlink() and (link / "f").read_text() == "new" and not (tmp_path / "nowhere").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".link.")]   # no temp or old dir left
+
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "target")
+    assert main([str(ckpt), "-o", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    assert out.is_symlink() and (tmp_path / "target" / "model.safetensors").is_file()
 
 
 def test_index_with_shards_in_a_subfolder(ckpt, tmp_path, capsys):

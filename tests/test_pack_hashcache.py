@@ -138,7 +138,7 @@ def test_bad_entries_are_ignored(tmp_path, cache, settled):
     good = json.loads(entry.read_text())
     for bad in ("not json", json.dumps([1, 2]), json.dumps({**good, "sha256": "f" * 63}),
                 json.dumps({**good, "sha256": digest.upper()}), json.dumps({**good, "size": good["size"] + 1}),
-                json.dumps({**good, "format": hc.HASH_FORMAT + 1}), json.dumps({**good, "key": "0" * 64}),
+                json.dumps({**good, "format": hc.HASH_FORMAT + 1}), json.dumps({**good, "key": "0" * 64}), json.dumps({**good, "path": "/elsewhere"}),
                 json.dumps({k: v for k, v in good.items() if k != "key"})):
         entry.write_text(bad)
         h = FileHasher([f])

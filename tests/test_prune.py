@@ -456,18 +456,18 @@ def test_atomic_output_dir_puts_back_what_it_moved_and_removes_what_it_made(tmp_
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    real = os.replace
+    real = os.rename
 
-    def second_rename_fails(a, b):
+    def second_rename_fails(a, b):   # the commit (the first moved the previous copy aside, with os.replace)
         if Path(a).name.startswith(".out.tmp-"):
             raise OSError("rename failed")
         return real(a, b)
 
-    monkeypatch.setattr(ck.os, "replace", second_rename_fails)
+    monkeypatch.setattr(ck.os, "rename", second_rename_fails)
     with pytest.raises(OSError, match="rename failed"):
         with ck.atomic_output_dir(out, force=True) as tmp:
             (tmp / "new.txt").write_text("new")
-    monkeypatch.setattr(ck.os, "replace", real)
+    monkeypatch.setattr(ck.os, "rename", real)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
     # a failed run under parents it created removes them again (only those, only while empty)
     deep = tmp_path / "a" / "b" / "out"
