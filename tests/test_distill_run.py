@@ -226,6 +226,23 @@ def _env():
     return env
 
 
+def _kill9_after_a_checkpoint_then_resume(common: list, out: Path, ckpt: Path, steps: int, wait_s: float) -> None:
+    """Start ``python -m distill *common -o out``, kill -9 it once its first checkpoint is in ``ckpt``, then run it
+    again with ``--resume``: it must continue from that step and finish."""
+    proc = subprocess.Popen(_cli(*common, "-o", out), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + wait_s
+    while not (ckpt / "latest").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "meta.json").read_text())["step"]
+    assert 0 < killed_at < steps and not out.exists()
+    res = subprocess.run(_cli(*common, "-o", out, "--resume"), env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "continuing from" in res.stdout and f"(step {killed_at}/{steps})" in res.stdout
+
+
 @pytest.mark.parametrize("precision,ema", [("fp32", 0), ("bf16-master", 0), ("fp32", 0.8)])
 def test_kill9_then_resume_is_byte_identical(pair, tmp_path, precision, ema):
     """bf16-master: the checkpoint must carry the fp32 masters (the bf16 weights alone would lose their low
@@ -238,21 +255,8 @@ def test_kill9_then_resume_is_byte_identical(pair, tmp_path, precision, ema):
     ref = tmp_path / "ref"
     subprocess.run(_cli(*common, "-o", ref), check=True, env=_env(), cwd=REPO, capture_output=True)
 
-    out = tmp_path / "killed"
-    ckpt = tmp_path / "killed-ckpt"
-    proc = subprocess.Popen(_cli(*common, "-o", out), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (ckpt / "latest").is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "meta.json").read_text())["step"]
-    assert 0 < killed_at < 12 and not out.exists()
-
-    res = subprocess.run(_cli(*common, "-o", out, "--resume"), env=_env(), cwd=REPO, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert "continuing from" in res.stdout and f"(step {killed_at}/12)" in res.stdout
+    out, ckpt = tmp_path / "killed", tmp_path / "killed-ckpt"
+    _kill9_after_a_checkpoint_then_resume(common, out, ckpt, steps=12, wait_s=120)
     for name in ("model.safetensors", "config.json", "pdqkit_lineage.json"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     assert not ckpt.exists()  # removed after the successful finish
@@ -327,19 +331,8 @@ def test_cuda_kill9_then_resume_is_byte_identical_with_deterministic_kernels(pai
         subprocess.run(_cli(*common, "-o", tmp_path / name), check=True, env=_env(), cwd=REPO, capture_output=True)
         outs.append(tmp_path / name)
 
-    out, ckpt = tmp_path / "killed", tmp_path / "killed-ckpt"
-    proc = subprocess.Popen(_cli(*common, "-o", out), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (ckpt / "latest").is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "meta.json").read_text())["step"]
-    assert 0 < killed_at < 8 and not out.exists()
-    res = subprocess.run(_cli(*common, "-o", out, "--resume"), env=_env(), cwd=REPO, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert f"(step {killed_at}/8)" in res.stdout
+    out = tmp_path / "killed"
+    _kill9_after_a_checkpoint_then_resume(common, out, tmp_path / "killed-ckpt", steps=8, wait_s=300)
     for d in (outs[1], out):
         for name in ("model.safetensors", "config.json", "pdqkit_lineage.json"):
             assert (d / name).read_bytes() == (outs[0] / name).read_bytes(), (d.name, name)
