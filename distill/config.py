@@ -92,7 +92,7 @@ class DistillConfig:
     compile_loss: bool = False  # torch.compile the logit loss's chunk math and the hidden-state term (+ its grad)
     compile_layers: bool = False  # torch.compile every decoder layer's forward (teacher and student; phase 1)
     device: str = "auto"  # auto, cpu, cuda, cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
-    # deterministic kernels (train.use_deterministic_kernels): a CUDA run, and a kill -9 + --resume of it, gives
+    # deterministic kernels (train.deterministic_kernels): a CUDA run, and a kill -9 + --resume of it, gives
     # the same bytes every time; without it CUDA runs differ in rounding (atomics in attention and cuBLAS)
     deterministic: bool = False
     threads: int | None = None

@@ -217,12 +217,13 @@ def deterministic_kernels(on: bool = True):
         import torch._inductor.config as inductor_config
     except ImportError:   # a torch without Inductor: nothing compiled to make deterministic
         inductor_config = None
-    has_inductor_flag = inductor_config is not None and hasattr(inductor_config, "deterministic")
+    if not hasattr(inductor_config, "deterministic"):   # (an older torch has no such switch)
+        inductor_config = None
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.benchmark, inductor_config.deterministic if has_inductor_flag else None)
+              torch.backends.cudnn.benchmark, inductor_config and inductor_config.deterministic)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
-    if has_inductor_flag:
+    if inductor_config is not None:
         inductor_config.deterministic = True
     try:
         yield
@@ -230,7 +231,7 @@ def deterministic_kernels(on: bool = True):
         algorithms, warn_only, benchmark, inductor = before
         torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
-        if has_inductor_flag:
+        if inductor_config is not None:
             inductor_config.deterministic = inductor
 
 
