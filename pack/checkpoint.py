@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -307,12 +308,20 @@ def safetensors_files(ckpt: str | os.PathLike) -> tuple[list[Path], dict[str, st
 
 class FileHasher:
     """sha256 of ``files``, computed by a child process (:mod:`pack.sha256`) on another core while this one
-    imports torch and transformers; :meth:`result` waits for it, :meth:`cancel` stops it early.
+    imports torch and transformers; :meth:`result` waits for it, :meth:`cancel` stops it early, :meth:`close`
+    also closes the files.
 
     A process, not a thread: a hashing thread convoys with the importing main thread on the GIL (why, and what
     it cost: :mod:`pack.sha256`). The child runs that module's file with the standard library only (``-I -S``:
     isolated, no site packages, so it starts in ~30 ms and needs pdqkit on no path). Torch-free:
     ``python -m pack.quantize`` starts it before importing torch.
+
+    The files are opened once, here, and stay open until :meth:`close`: the child hashes them through these
+    descriptors (inherited), and :class:`pack.stio.SourceFiles` reads headers and tensors through them
+    (:attr:`fds`). So the hash and the tensors are of one version of each file even if it is replaced (a rename
+    onto it) while the run reads it, a change that a check by size and mtime alone (``use_cache=False``, for
+    filesystems without stable inodes or ctimes) cannot see. A file that cannot be opened is passed to the child
+    by path, which reports it.
 
     ``use_cache``: take the hashes of unchanged files from the input-hash cache (:mod:`pack.hashcache`) and
     store the new ones there; the child hashes only the others, and is not started when there are none
@@ -325,16 +334,21 @@ class FileHasher:
         names = [f.name for f in self.files]
         if len(set(names)) != len(names):  # the result (and the lineage) is keyed by file name
             raise ValueError(f"files with the same name: {sorted({n for n in names if names.count(n) > 1})}")
-        # the files' states now, before any is read (pack.stio.SourceFiles.check_unchanged compares them with
-        # the files the run quantized); with the cache, the hashes it holds for exactly those states
-        self._known, self._states = hashcache.lookup(self.files) if use_cache else ({}, hashcache.states(self.files))
+        # the files opened, and their states then, before any is read (pack.stio.SourceFiles.check_unchanged
+        # compares them with the files the run quantized); with the cache, the hashes it holds for those states
+        self._fds, self._states = hashcache.open_files(self.files)
+        self._close_fds = weakref.finalize(self, _close_all, list(self._fds.values()))  # if close() is never called
+        self._known = hashcache.lookup(self._states) if use_cache else {}
         self.use_cache = use_cache
         self.cached = len(self._known)
         todo = [f for f in self.files if f not in self._known]
+        args = [a for f in todo if f in self._fds for a in ("--fd", str(self._fds[f]), str(f))]
+        args += [str(f) for f in todo if f not in self._fds]
         script = Path(__file__).with_name("sha256.py")
-        self._proc = subprocess.Popen([sys.executable, "-I", "-S", str(script), "--chunk", str(chunk),
-                                       *map(str, todo)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True) if todo else None
+        self._proc = subprocess.Popen([sys.executable, "-I", "-S", str(script), "--chunk", str(chunk), *args],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, pass_fds=[self._fds[f] for f in todo if f in self._fds]
+                                      ) if todo else None
         self._output: tuple[str, str] | None = None  # the child's (stdout, stderr) once it has exited
         self._cancelled = False
         self._stored = False
@@ -361,9 +375,15 @@ class FileHasher:
 
     @property
     def states(self) -> dict:
-        """``{file: pack.hashcache.FileState}`` of the files as they were when this hasher started (those it could
-        open): every hash it returns, from the cache or the child, is of a file that was in that state then."""
+        """``{file: pack.hashcache.FileState}`` of the files as they were when this hasher opened them (those it
+        could open): every hash it returns, from the cache or the child, is of a file that was in that state then."""
         return dict(self._states)
+
+    @property
+    def fds(self) -> dict[Path, int]:
+        """``{file: descriptor}`` of the files this hasher opened (those it could), open until :meth:`close`:
+        read the files through these to read what the hashes are of (``pread``: never move their offsets)."""
+        return dict(self._fds)
 
     def cancel(self) -> None:
         """Stop the child if it still runs (harmless once it has finished: :meth:`result` still answers)."""
@@ -371,6 +391,20 @@ class FileHasher:
             self._cancelled = True
             self._proc.kill()
         self._wait()
+
+    def close(self) -> None:
+        """:meth:`cancel`, then close the files (:meth:`result` still answers; :attr:`fds` is then empty)."""
+        self.cancel()
+        self._fds.clear()
+        self._close_fds()   # once: a second call does nothing
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def read_lineage(ckpt: str | os.PathLike) -> list[dict]:

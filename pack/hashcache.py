@@ -43,8 +43,8 @@ from pathlib import Path
 
 from .cachedir import cache_dir, mark_used, prune, read_entry, store_entry
 
-__all__ = ["HASH_FORMAT", "MAX_ENTRIES", "SETTLE_NS", "FileState", "hash_cache_dir", "file_state", "states",
-           "lookup", "store"]
+__all__ = ["HASH_FORMAT", "MAX_ENTRIES", "SETTLE_NS", "FileState", "hash_cache_dir", "fd_state", "file_state",
+           "open_files", "lookup", "store"]
 
 HASH_FORMAT = 2  # bump when the key's fields or an entry's layout change (2: entries name their key)
 MAX_ENTRIES = 4096  # entries kept (least recently used go first): ~1 MB; one per input file
@@ -85,39 +85,54 @@ class FileState:
         return self.seen_ns - self.ctime_ns >= SETTLE_NS
 
 
+def fd_state(f: Path, fd: int, seen_ns: int | None = None) -> FileState:
+    """The :class:`FileState` of file ``f`` open as ``fd`` (``fstat``: the file that descriptor reads, whatever
+    the path names by now); ``seen_ns``: when it was looked at (default: now)."""
+    seen = time.time_ns() if seen_ns is None else seen_ns
+    st = os.fstat(fd)
+    return FileState(os.path.realpath(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, seen)
+
+
 def file_state(f: Path) -> FileState:
     """The :class:`FileState` of ``f`` now, from the file opened for reading (``fstat``: on NFS, revalidated
     with the server on open). Raises OSError if it cannot be opened."""
     seen = time.time_ns()
     fd = os.open(f, os.O_RDONLY)
     try:
-        st = os.fstat(fd)
+        return fd_state(f, fd, seen)
     finally:
         os.close(fd)
-    return FileState(os.path.realpath(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, seen)
 
 
-def states(files: list[Path]) -> dict[Path, FileState]:
-    """``{file: FileState}`` of the ``files`` that can be opened (the others are left out, not raised)."""
-    out = {}
+def open_files(files: list[Path]) -> tuple[dict[Path, int], dict[Path, FileState]]:
+    """Open the ``files`` for reading and keep them open: ``({file: fd}, {file: FileState})`` of those that can
+    be opened (the others are left out, not raised; whoever reads them reports it). Every later read through
+    these descriptors is of the file in that state, even once the path names another file (a rename onto it).
+    The caller closes the descriptors."""
+    fds, found = {}, {}
     for f in files:
+        seen = time.time_ns()
         try:
-            out[f] = file_state(f)
+            fd = os.open(f, os.O_RDONLY)
         except OSError:
             continue
-    return out
+        fds[f] = fd
+        try:
+            found[f] = fd_state(f, fd, seen)
+        except OSError:   # (fstat of an open file hardly fails; the file is then read and reported as any other)
+            pass
+    return fds, found
 
 
-def lookup(files: list[Path]) -> tuple[dict[Path, str], dict[Path, FileState]]:
-    """``({file: sha256 hex}`` of the ``files`` the cache knows, ``{file: FileState}`` of every file that could be
-    opened``)``; the states go to :func:`store` once the others are hashed. Never raises: a file that cannot be
-    opened, or a cache that cannot be located or read, is simply not known."""
-    found = states(files)  # a file that cannot be opened: the hasher reports it, naming the file
+def lookup(found: dict[Path, FileState]) -> dict[Path, str]:
+    """``{file: sha256 hex}`` of the files in ``found`` (their states, e.g. from :func:`open_files`) that the
+    cache knows; the states go to :func:`store` once the others are hashed. Never raises: a cache that cannot be
+    located or read simply knows nothing."""
     known = {}
     try:
         cache = hash_cache_dir()
     except RuntimeError:  # no $PDQKIT_CACHE and no home directory
-        return known, found
+        return known
     for f, state in found.items():
         path = cache / f"{state.key()}.json"
         entry = read_entry(path)
@@ -126,7 +141,7 @@ def lookup(files: list[Path]) -> tuple[dict[Path, str], dict[Path, FileState]]:
                 and isinstance(entry.get("sha256"), str) and _HEX.fullmatch(entry["sha256"])):
             known[f] = entry["sha256"]
             mark_used(path)
-    return known, found
+    return known
 
 
 def store(seen: dict[Path, FileState], hashes: dict[Path, str]) -> int:

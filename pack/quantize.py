@@ -131,7 +131,7 @@ def _main(argv: list[str] | None) -> int:
             if handler is not None:  # None: a handler not installed from Python, which cannot be put back
                 signal.signal(s, handler)
         if hasher is not None:
-            hasher.cancel()  # a no-op once quantize_checkpoint has its result; stops it on an early error
+            hasher.close()  # a no-op once quantize_checkpoint has closed it; stops it on an early error
 
 
 def _run(args: argparse.Namespace, hasher) -> int:

@@ -1,4 +1,5 @@
-"""``python -m pack.sha256 [--chunk BYTES] FILE...``: print ``{file name: sha256 hex}`` of the files as one JSON line.
+"""``python -m pack.sha256 [--chunk BYTES] [--fd N FILE]... [FILE...]``: print ``{file name: sha256 hex}`` of the
+files as one JSON line.
 
 The child process behind :class:`pack.checkpoint.FileHasher`. It hashes in a process of its own (standard
 library only: starts in ~30 ms) rather than in a thread of ``pack.quantize``, because a thread shares the GIL
@@ -8,32 +9,57 @@ makes the importing thread hand it over. Measured on the 2-core CPU machine (1.1
 2.2 GB): next to a hashing thread the imports and planning ended at 2.45-2.55 s and the hash at ~1.95 s; next
 to this process at 2.27-2.45 s, with the hash done well before.
 
+``--fd N FILE``: hash the file open as descriptor ``N``, inherited from the parent (``subprocess``'s ``pass_fds``),
+named ``FILE``: the parent reads the tensors through that same descriptor, so the hash is of the bytes it reads
+even if ``FILE`` is replaced meanwhile (a rename onto it). Read with ``pread``: the descriptor's offset, shared
+with the parent, is never moved.
+
 Exit status 0 with the JSON line on stdout, or 1 with a one-line message on stderr.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
-__all__ = ["CHUNK", "sha256_files", "main"]
+__all__ = ["CHUNK", "sha256_fd", "sha256_files", "main"]
 
 CHUNK = 16 << 20  # bytes per read: 16 MiB
 
 
-def sha256_files(files: list[Path], chunk: int = CHUNK) -> dict[str, str]:
-    """``{file name: sha256 hex}`` of ``files``, read ``chunk`` bytes at a time into one reused buffer (no fresh
-    pages to fault in for every block)."""
+def sha256_fd(fd: int, buf: bytearray) -> str:
+    """sha256 hex of everything the file open as ``fd`` holds, read into ``buf`` (reused: no fresh pages to
+    fault in for every block): a regular file with ``pread`` from its start, anything else (a pipe) as it comes."""
+    h, view, off = hashlib.sha256(), memoryview(buf), 0
+    regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    while n := (os.preadv(fd, [buf], off) if regular else os.readv(fd, [buf])):
+        h.update(view[:n])
+        off += n
+    return h.hexdigest()
+
+
+def sha256_files(files: list[Path | tuple[int, Path]], chunk: int = CHUNK) -> dict[str, str]:
+    """``{file name: sha256 hex}`` of ``files``: paths, or ``(fd, path)`` for a file already open as ``fd``;
+    ``chunk`` bytes per read."""
     buf = bytearray(chunk)
-    view = memoryview(buf)
     out = {}
     for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb", buffering=0) as fh:
-            while n := fh.readinto(buf):
-                h.update(view[:n])
-        out[Path(f).name] = h.hexdigest()
+        if isinstance(f, tuple):
+            fd, f = f
+            try:
+                out[Path(f).name] = sha256_fd(fd, buf)
+            except OSError as e:
+                e.filename = str(f)   # name the file, not the descriptor
+                raise
+            continue
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            out[Path(f).name] = sha256_fd(fd, buf)
+        finally:
+            os.close(fd)
     return out
 
 
@@ -42,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     chunk = CHUNK
     if args[:1] == ["--chunk"]:
         chunk, args = int(args[1]), args[2:]
+    files: list[Path | tuple[int, Path]] = []
+    while args[:1] == ["--fd"]:
+        files.append((int(args[1]), Path(args[2])))
+        args = args[3:]
+    files += [Path(a) for a in args]
     try:
-        hashes = sha256_files([Path(a) for a in args], chunk)
+        hashes = sha256_files(files, chunk)
     except OSError as e:
         print(f"{e.filename}: cannot read it ({e.strerror})", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ import queue
 import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME, safetensors_files
 from .errors import QuantizeError
-from .hashcache import FileState, file_state
+from .hashcache import FileState, fd_state, file_state
 
 __all__ = [
     "ST_DTYPES", "TensorEntry", "read_header", "SourceFiles", "read_tensor", "read_bytes", "iter_chunks",
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 CHUNK = 4 << 20  # bytes per read/write of a passthrough tensor (small buffers: reused by the allocator)
+MAX_HEADER = 100_000_000  # the longest header safetensors accepts (bytes)
 WRITEBACK_STEP = 8 << 20  # with writeback: bytes written between two requests to start writing them to disk
 
 # safetensors dtype string -> torch dtype (the ones torch can hold)
@@ -85,21 +87,34 @@ class TensorEntry:
         return self.dtype in ST_DTYPES and ST_DTYPES[self.dtype].is_floating_point
 
 
-def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Validate ``path`` with safetensors' own ``safe_open`` and return its tensors (absolute offsets)."""
+def read_header(path: Path, fd: int | None = None) -> dict[str, TensorEntry]:
+    """Validate ``path`` with safetensors' own ``safe_open`` and return its tensors (absolute offsets).
+
+    ``fd``: the file open as that descriptor is what gets validated and read (on Linux ``safe_open`` is given
+    ``/proc/self/fd/N``: the file behind the descriptor, even once ``path`` names another); read its tensors
+    through it too. Errors name ``path``."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    via = path
+    if fd is not None and os.path.isdir("/proc/self/fd"):
+        via = Path(f"/proc/self/fd/{fd}")
     try:
-        with safe_open(str(path), framework="pt"):
+        with safe_open(str(via), framework="pt"):
             pass
     except (SafetensorError, OSError) as e:
         raise QuantizeError(f"{path}: not a valid safetensors file ({e}); the file is truncated or corrupt: "
                             f"re-download or re-save the checkpoint") from None
-    try:   # a second open: the file may have changed since safe_open validated it
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+    try:   # a second read: the file may have changed since safe_open validated it
+        if fd is None:
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+        else:
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            if n > MAX_HEADER:   # (not the length just validated: do not try to allocate it)
+                raise ValueError(f"header length {n}")
+            header = json.loads(os.pread(fd, n, 8))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (OSError, struct.error, ValueError) as e:   # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
@@ -122,32 +137,46 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
 class SourceFiles:
     """The safetensors files of an HF checkpoint dir (``model.safetensors`` or an index + shards).
 
-    :attr:`states` holds each file's state (path, inode, size, times) from before its header was read;
-    :meth:`check_unchanged` says whether the files are still those (the run read one version of each)."""
+    Each file is opened once and read only through that descriptor (``pread``), header and tensors, so the run
+    reads one version of it. ``opened``: ``{file: descriptor}`` of files already open (a
+    :class:`pack.checkpoint.FileHasher`'s, whose hashes are then of the same bytes), used as they are and not
+    closed here. :attr:`states` holds each file's state (path, inode, size, times) from before its header was
+    read; :meth:`check_unchanged` says whether the files are still those (the run read one version of each)."""
 
-    def __init__(self, ckpt: Path):
+    def __init__(self, ckpt: Path, opened: dict[Path, int] | None = None):
         self.dir = Path(ckpt)
         self.files, weight_map = safetensors_files(self.dir)
-        try:
-            self.states: dict[Path, FileState] = {f: file_state(f) for f in self.files}
-        except OSError as e:
-            raise QuantizeError(f"{e.filename}: cannot read it ({e.strerror})") from None
+        opened = opened or {}
+        self._fds: dict[Path, int] = {f: opened[f] for f in self.files if f in opened}
+        self._own: list[int] = []   # the descriptors opened here, closed by close()
+        self.states: dict[Path, FileState] = {}
         self.tensors: dict[str, TensorEntry] = {}
-        for f in self.files:
-            for name, e in read_header(f).items():
-                if name in self.tensors:
-                    raise QuantizeError(f"{f}: tensor {name} also appears in {self.tensors[name].file.name}; "
-                                        f"the checkpoint's shards overlap: re-save it")
-                self.tensors[name] = e
-        if weight_map is not None:
-            index_f = self.dir / INDEX_NAME
-            for name, f in weight_map.items():
-                e = self.tensors.get(name)
-                if e is None or e.file.name != f:
-                    raise QuantizeError(f"{index_f}: says {name} is in {f}, but it is not there; the index "
-                                        f"does not match the shards: re-save the checkpoint")
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()  # fd() is called from the quantizer's worker threads
+        try:
+            for f in self.files:
+                seen = time.time_ns()
+                try:
+                    if f not in self._fds:
+                        self._fds[f] = os.open(f, os.O_RDONLY)
+                        self._own.append(self._fds[f])
+                    self.states[f] = fd_state(f, self._fds[f], seen)
+                except OSError as e:
+                    raise QuantizeError(f"{f}: cannot read it ({e.strerror})") from None
+            for f in self.files:
+                for name, e in read_header(f, self._fds[f]).items():
+                    if name in self.tensors:
+                        raise QuantizeError(f"{f}: tensor {name} also appears in {self.tensors[name].file.name}; "
+                                            f"the checkpoint's shards overlap: re-save it")
+                    self.tensors[name] = e
+            if weight_map is not None:
+                index_f = self.dir / INDEX_NAME
+                for name, f in weight_map.items():
+                    e = self.tensors.get(name)
+                    if e is None or e.file.name != f:
+                        raise QuantizeError(f"{index_f}: says {name} is in {f}, but it is not there; the index "
+                                            f"does not match the shards: re-save the checkpoint")
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def nbytes(self) -> int:
@@ -176,15 +205,14 @@ class SourceFiles:
                                     f"checkpoint is complete")
 
     def fd(self, path: Path) -> int:
-        with self._lock:
-            if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY)
-            return self._fds[path]
+        """The descriptor ``path`` (one of :attr:`files`) is read through."""
+        return self._fds[path]
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        """Close the descriptors opened here (not those passed as ``opened``)."""
+        for fd in self._own:
             os.close(fd)
-        self._fds.clear()
+        self._own.clear()
 
     def __enter__(self):
         return self

@@ -30,6 +30,7 @@ Same input and options -> byte-identical output (no timestamps unless ``SOURCE_D
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,7 +47,7 @@ import torch
 
 from . import card
 from .checkpoint import (INDEX_NAME, RECIPE_FILE, SINGLE_NAME, FileHasher, atomic_output_dir, check_output_dir,
-                         copy_aux_files, json_dump, lineage_step, read_lineage, write_lineage)
+                         copy_aux_files, json_dump, lineage_step, read_lineage, safetensors_files, write_lineage)
 from .errors import QuantizeError
 from .gcpause import gc_paused
 from .packing import PACK_FACTOR
@@ -391,12 +392,14 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
     except ValueError as e:
         raise QuantizeError(str(e)) from None
     threads = torch.get_num_threads()
-    with SourceFiles(ckpt) as src:
-        hasher = input_hasher
-        if hasher is None or hasher.files != src.files:  # both absolute (ckpt is; FileHasher stores them so)
-            if hasher is not None:
-                hasher.cancel()
-            hasher = FileHasher(src.files, use_cache=hash_cache)
+    files, _ = safetensors_files(ckpt)
+    hasher = input_hasher
+    if hasher is None or hasher.files != files:  # both absolute (ckpt is; FileHasher stores them so)
+        if hasher is not None:
+            hasher.close()
+        hasher = FileHasher(files, use_cache=hash_cache)
+    # the tensors are read through the hasher's descriptors: the hashes are of the bytes quantized
+    with contextlib.closing(hasher), SourceFiles(ckpt, opened=hasher.fds) as src:
         try:
             with gc_paused():
                 plan, plan_cached = cached_plan(ckpt, recipe, use_cache=plan_cache, config=config)

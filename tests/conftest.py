@@ -51,3 +51,14 @@ def _fresh_plan_cache(tmp_path_factory, monkeypatch):
     the processes a test starts inherit them. Not inside ``tmp_path``, which tests inspect."""
     monkeypatch.setenv("PDQKIT_PLAN_CACHE", str(tmp_path_factory.mktemp("plans")))
     monkeypatch.setenv("PDQKIT_HASH_CACHE", str(tmp_path_factory.mktemp("hashes")))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _transformers_logs_to_the_session_stderr():
+    """transformers' log handler writes to the ``sys.stderr`` of when its logging was first set up. Set up inside a
+    test that captures stderr (capsys), that is the test's buffer, closed when the test ends: a later warning then
+    prints ``--- Logging error ---`` into another test's captured stderr (seen: test_config_transformers_cannot_build
+    run after the stio and hash-cache tests). So it is set up once, before any test."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")

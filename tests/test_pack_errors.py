@@ -538,6 +538,38 @@ def test_input_replaced_after_the_hasher_started(ckpt, tmp_path):
             assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_input_replaced_unseen_is_still_read_as_it_was_hashed(ckpt, tmp_path):
+    """Without the hash cache a change is judged by size and mtime only, so a file replaced (rename onto it) by
+    other bytes of the same size and mtime after the hasher opened it is not seen. The run still reads one version:
+    the tensors, like the hash, come through the descriptors the hasher opened, so the output and its lineage are
+    those of the bytes hashed. Before, the hash was of the first file and the tensors of the second."""
+    import hashlib
+
+    from pack.checkpoint import FileHasher
+    from pack.writer import quantize_checkpoint
+
+    f = ckpt / "model.safetensors"
+    first = f.read_bytes()
+    ref = tmp_path / "ref" / ckpt.name   # the same input, never replaced
+    shutil.copytree(ckpt, ref)
+    quantize_checkpoint(ref, tmp_path / "ref-out", hash_cache=False)
+
+    hasher = FileHasher([f.resolve()], use_cache=False)
+    other = load_file(f)
+    other[WEIGHT] = -other[WEIGHT]
+    save_file(other, tmp_path / "other.safetensors", metadata={"format": "pt"})
+    st = f.stat()
+    assert (tmp_path / "other.safetensors").stat().st_size == st.st_size
+    os.utime(tmp_path / "other.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp_path / "other.safetensors", f)   # before the run reads a header or a tensor
+    quantize_checkpoint(ckpt, tmp_path / "out", input_hasher=hasher, hash_cache=False)
+
+    out, want = tmp_path / "out", tmp_path / "ref-out"
+    assert (out / "model.safetensors").read_bytes() == (want / "model.safetensors").read_bytes()
+    (step, ) = [s for s in json.loads((out / "quant_recipe.json").read_text())["source_lineage"] if s["kind"] == "quant"]
+    assert step["input_sha256"] == {"model.safetensors": hashlib.sha256(first).hexdigest()}
+
+
 def test_a_hub_style_snapshot_of_symlinks_is_not_a_change(ckpt, tmp_path, capsys):
     """The Hugging Face hub cache: snapshot files are symlinks to blobs; the states are the blobs'."""
     blobs, snap = tmp_path / "blobs", tmp_path / "snapshot"

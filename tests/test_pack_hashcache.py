@@ -123,11 +123,11 @@ def test_files_with_the_same_name_are_refused(tmp_path, cache, settled):
 def test_a_file_changed_while_hashed_is_not_stored(tmp_path, cache, settled):
     (f, ) = _shards(tmp_path / "ckpt", n=1)
     digest = _sha(f)
-    known, states = hc.lookup([f])
-    assert known == {} and set(states) == {f}
+    states = {f: hc.file_state(f)}
+    assert hc.lookup(states) == {}
     _rewrite_same_size_and_mtime(f)  # between the lookup and the store
     assert hc.store(states, {f: digest}) == 0 and _entries(cache) == []
-    assert hc.store(hc.lookup([f])[1], {f: _sha(f)}) == 1
+    assert hc.store({f: hc.file_state(f)}, {f: _sha(f)}) == 1
 
 
 def test_bad_entries_are_ignored(tmp_path, cache, settled):

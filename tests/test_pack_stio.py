@@ -179,14 +179,56 @@ def good_file(tmp_path):
     return f
 
 
-def test_truncated_file_fails(good_file):
+def test_reader_reads_the_files_through_the_descriptors_it_is_given(tmp_path):
+    """SourceFiles given a FileHasher's open files reads headers and tensors through them, so what it reads is what
+    was hashed even once the path names another file; it leaves them open, and the hasher's close() closes them."""
+    from pack.checkpoint import FileHasher
+
+    tensors = _tensors()
+    f = tmp_path / "model.safetensors"
+    save_file(tensors, f, metadata={"format": "pt"})
+    first = f.read_bytes()
+    h = FileHasher([f], use_cache=False)
+    fds = h.fds
+    save_file({"other": torch.ones(3)}, tmp_path / "new.safetensors")
+    os.replace(tmp_path / "new.safetensors", f)
+    with SourceFiles(tmp_path, opened=fds) as src:
+        assert src.fd(f) == fds[f] and set(src.tensors) == set(tensors)
+        for name, t in tensors.items():
+            assert torch.equal(read_tensor(src, src.tensors[name]), t)
+    os.fstat(fds[f])  # still open
+    assert h.result() == {f.name: hashlib.sha256(first).hexdigest()}
+    h.close()
+    with pytest.raises(OSError):
+        os.fstat(fds[f])
+    assert h.fds == {} and h.result() == {f.name: hashlib.sha256(first).hexdigest()}
+    h.close()  # again: harmless
+    with SourceFiles(tmp_path) as src:  # a reader of its own opens the file the path names now
+        assert set(src.tensors) == {"other"}
+
+
+@pytest.fixture(params=["path", "descriptor"])
+def read_header_of(request):
+    """read_header by path, or through an open descriptor (errors name the path either way)."""
+    def read(f):
+        if request.param == "path":
+            return read_header(f)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            return read_header(f, fd)
+        finally:
+            os.close(fd)
+    return read
+
+
+def test_truncated_file_fails(good_file, read_header_of):
     data = good_file.read_bytes()
     good_file.write_bytes(data[:-7])
     with pytest.raises(QuantizeError, match=r"model\.safetensors: not a valid safetensors file"):
-        read_header(good_file)
+        read_header_of(good_file)
 
 
-def test_lying_header_fails(good_file):
+def test_lying_header_fails(good_file, read_header_of):
     data = good_file.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n])
@@ -194,8 +236,8 @@ def test_lying_header_fails(good_file):
     hb = json.dumps(header).encode()
     hb += b" " * (-len(hb) % 8)
     good_file.write_bytes(struct.pack("<Q", len(hb)) + hb + data[8 + n:])
-    with pytest.raises(QuantizeError, match="truncated or corrupt"):
-        read_header(good_file)
+    with pytest.raises(QuantizeError, match=r"model\.safetensors: .*truncated or corrupt"):
+        read_header_of(good_file)
 
 
 def test_garbage_file_fails(tmp_path):

@@ -7,6 +7,8 @@ first run's sha256, the largest weight difference from the first run (in bf16 ul
 and the median training tokens/s of the steps after the first two (from ``--log-json``)::
 
     python bench/gpu/distill_determinism.py --out $OUT/det --scales micro small --phases 1 2
+    python bench/gpu/distill_determinism.py --out $OUT/det --scales micro --global-head-dim 512 \\
+        --modes deterministic --extra "--loss-impl fused --compile-loss --compile-layers"
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -70,6 +73,9 @@ def main() -> None:
     ap.add_argument("--global-head-dim", type=int, default=None,
                     help="override the full-attention layers' head dim (E4B: 512, which SDPA's flash kernel "
                          "does not take: the memory-efficient kernel runs instead)")
+    ap.add_argument("--modes", nargs="+", choices=("default", "deterministic"), default=["default", "deterministic"])
+    ap.add_argument("--extra", default="", help="more `python -m distill` options for every run, one string "
+                    "(e.g. \"--loss-impl fused --compile-loss --compile-layers\"); recorded in the JSON")
     args = ap.parse_args()
     from distill.toy import save_pair
 
@@ -86,7 +92,7 @@ def main() -> None:
         vocab = (vocab.get("text_config") or vocab)["vocab_size"]
         data = _ids(root / "data.jsonl", 64, 1024, vocab)
         for phase in args.phases:
-            for mode in ("default", "deterministic"):
+            for mode in args.modes:
                 runs = []
                 for r in range(args.repeats):
                     out = root / f"p{phase}-{mode}-{r}"
@@ -99,6 +105,7 @@ def main() -> None:
                         cmd += ["--max-new-tokens", "32"]
                     if mode == "deterministic":
                         cmd.append("--deterministic")
+                    cmd += shlex.split(args.extra)
                     t0 = time.perf_counter()
                     res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
                     wall = time.perf_counter() - t0
@@ -121,7 +128,7 @@ def main() -> None:
                 row = dict(scale=scale, phase=phase, mode=mode, runs=len(runs), same_bytes_as_first=same,
                            max_abs_diff=worst, max_diff_bf16_ulps=worst_ulp, weights_that_differ=differ,
                            tokens_per_s=tps, walls=[round(w, 1) for *_, w in runs])
-                row.update(over)
+                row.update(over, extra=args.extra)
                 rows.append(row)
                 print(f"{root.name:6s} phase {phase} {mode:13s}: {same}/{len(runs) - 1} later runs byte-identical "
                       f"to the first; largest difference {worst:.3g} ({worst_ulp:.1f} bf16 ulps), "
