@@ -394,9 +394,11 @@ class FileHasher:
 
     def close(self) -> None:
         """:meth:`cancel`, then close the files (:meth:`result` still answers; :attr:`fds` is then empty)."""
-        self.cancel()
-        self._fds.clear()
-        self._close_fds()   # once: a second call does nothing
+        try:
+            self.cancel()
+        finally:
+            self._fds.clear()
+            self._close_fds()   # once: a second call does nothing
 
 
 def _close_all(fds: list[int]) -> None:

@@ -110,17 +110,22 @@ def open_files(files: list[Path]) -> tuple[dict[Path, int], dict[Path, FileState
     these descriptors is of the file in that state, even once the path names another file (a rename onto it).
     The caller closes the descriptors."""
     fds, found = {}, {}
-    for f in files:
-        seen = time.time_ns()
-        try:
-            fd = os.open(f, os.O_RDONLY)
-        except OSError:
-            continue
-        fds[f] = fd
-        try:
-            found[f] = fd_state(f, fd, seen)
-        except OSError:   # (fstat of an open file hardly fails; the file is then read and reported as any other)
-            pass
+    try:
+        for f in files:
+            seen = time.time_ns()
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                continue
+            fds[f] = fd
+            try:
+                found[f] = fd_state(f, fd, seen)
+            except OSError:   # (fstat of an open file hardly fails; the file is then read and reported as any other)
+                pass
+    except BaseException:   # (a stop signal half-way: close what was opened)
+        for fd in fds.values():
+            os.close(fd)
+        raise
     return fds, found
 
 

@@ -11,8 +11,9 @@ to this process at 2.27-2.45 s, with the hash done well before.
 
 ``--fd N FILE``: hash the file open as descriptor ``N``, inherited from the parent (``subprocess``'s ``pass_fds``),
 named ``FILE``: the parent reads the tensors through that same descriptor, so the hash is of the bytes it reads
-even if ``FILE`` is replaced meanwhile (a rename onto it). Read with ``pread``: the descriptor's offset, shared
-with the parent, is never moved.
+even if ``FILE`` is replaced meanwhile (a rename onto it). Read through an open file of the child's own for the
+same file (``/proc/self/fd/N``), so the parent's readers do not share its read-ahead, else through the descriptor
+itself with ``pread`` (its offset, shared with the parent, is never moved).
 
 Exit status 0 with the JSON line on stdout, or 1 with a one-line message on stderr.
 """
@@ -41,25 +42,35 @@ def sha256_fd(fd: int, buf: bytearray) -> str:
     return h.hexdigest()
 
 
+def _own_open_file(fd: int) -> int | None:
+    """A descriptor of this process's own open file for the regular file open as ``fd`` (``/proc/self/fd/N``:
+    the same file even once its path names another), so that the parent's readers, which share ``fd``'s open
+    file, do not share its read-ahead state; None where that cannot be had (no /proc, not a regular file)."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return None
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    except OSError:
+        return None
+
+
 def sha256_files(files: list[Path | tuple[int, Path]], chunk: int = CHUNK) -> dict[str, str]:
     """``{file name: sha256 hex}`` of ``files``: paths, or ``(fd, path)`` for a file already open as ``fd``;
-    ``chunk`` bytes per read."""
+    ``chunk`` bytes per read. An OSError names the file's path."""
     buf = bytearray(chunk)
     out = {}
     for f in files:
-        if isinstance(f, tuple):
-            fd, f = f
-            try:
-                out[Path(f).name] = sha256_fd(fd, buf)
-            except OSError as e:
-                e.filename = str(f)   # name the file, not the descriptor
-                raise
-            continue
-        fd = os.open(f, os.O_RDONLY)
+        fd, f = f if isinstance(f, tuple) else (None, f)
         try:
-            out[Path(f).name] = sha256_fd(fd, buf)
-        finally:
-            os.close(fd)
+            own = os.open(f, os.O_RDONLY) if fd is None else _own_open_file(fd)
+            try:
+                out[Path(f).name] = sha256_fd(fd if own is None else own, buf)
+            finally:
+                if own is not None:
+                    os.close(own)
+        except OSError as e:
+            e.filename = str(f)   # the file, not a descriptor or None
+            raise
     return out
 
 

@@ -87,12 +87,27 @@ class TensorEntry:
         return self.dtype in ST_DTYPES and ST_DTYPES[self.dtype].is_floating_point
 
 
+def _changed(path: Path, why: str) -> QuantizeError:
+    return QuantizeError(f"{path}: changed while pdqkit read it ({why}); nothing was written: run again once the "
+                         f"checkpoint is complete")
+
+
+def _names_fd_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` names the file open as ``fd`` (same device and inode)."""
+    try:
+        a, b = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def read_header(path: Path, fd: int | None = None) -> dict[str, TensorEntry]:
     """Validate ``path`` with safetensors' own ``safe_open`` and return its tensors (absolute offsets).
 
-    ``fd``: the file open as that descriptor is what gets validated and read (on Linux ``safe_open`` is given
-    ``/proc/self/fd/N``: the file behind the descriptor, even once ``path`` names another); read its tensors
-    through it too. Errors name ``path``."""
+    ``fd``: the file open as that descriptor is what gets validated and read; read its tensors through it too.
+    On Linux ``safe_open`` is given ``/proc/self/fd/N``, the file behind the descriptor even once ``path`` names
+    another; without /proc it is given ``path``, which must then still name the descriptor's file. Errors name
+    ``path``."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -103,8 +118,20 @@ def read_header(path: Path, fd: int | None = None) -> dict[str, TensorEntry]:
         with safe_open(str(via), framework="pt"):
             pass
     except (SafetensorError, OSError) as e:
+        if fd is not None and not _names_fd_file(path, fd):   # e.g. a partial file replaced by a complete one
+            raise _changed(path, "it was replaced after the run opened it") from None
+        if isinstance(e, OSError) and via != path:   # (its message names /proc, not the file, and maybe no reason)
+            try:
+                os.close(os.open(via, os.O_RDONLY))
+                reason = e.strerror or type(e).__name__
+            except OSError as again:
+                reason = again.strerror
+            raise QuantizeError(f"{path}: cannot read it any more (opening it again to check it failed: {reason}); "
+                                f"run again once it can be read") from None
         raise QuantizeError(f"{path}: not a valid safetensors file ({e}); the file is truncated or corrupt: "
                             f"re-download or re-save the checkpoint") from None
+    if fd is not None and via == path and not _names_fd_file(path, fd):   # checked one file, would read another
+        raise _changed(path, "it was replaced after the run opened it")
     try:   # a second read: the file may have changed since safe_open validated it
         if fd is None:
             with open(path, "rb") as fh:
@@ -118,9 +145,7 @@ def read_header(path: Path, fd: int | None = None) -> dict[str, TensorEntry]:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (OSError, struct.error, ValueError) as e:   # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
-        raise QuantizeError(f"{path}: changed while pdqkit read it (its header no longer reads as the one just "
-                            f"validated: {type(e).__name__}); nothing was written: run again once the checkpoint is "
-                            f"complete") from None
+        raise _changed(path, f"its header no longer reads as the one just validated: {type(e).__name__}") from None
     base = 8 + n
     out = {}
     for name, info in header.items():
@@ -137,27 +162,28 @@ def read_header(path: Path, fd: int | None = None) -> dict[str, TensorEntry]:
 class SourceFiles:
     """The safetensors files of an HF checkpoint dir (``model.safetensors`` or an index + shards).
 
-    Each file is opened once and read only through that descriptor (``pread``), header and tensors, so the run
-    reads one version of it. ``opened``: ``{file: descriptor}`` of files already open (a
-    :class:`pack.checkpoint.FileHasher`'s, whose hashes are then of the same bytes), used as they are and not
-    closed here. :attr:`states` holds each file's state (path, inode, size, times) from before its header was
-    read; :meth:`check_unchanged` says whether the files are still those (the run read one version of each)."""
+    Each file is opened once and read only through that open file (``pread``), header and tensors, so the run
+    reads one version of it. ``opened``: ``{file: descriptor}`` of the files already open (a
+    :class:`pack.checkpoint.FileHasher`'s, whose hashes are then of the same bytes): each is duplicated (``dup``:
+    the same open file, a descriptor of this object's own, so the owner may close its own at any time); a file
+    listed now but missing from ``opened`` is refused as changed (it could not be opened then, or the index was
+    rewritten since). :attr:`states` holds each file's state (path, inode, size, times) from before its header
+    was read; :meth:`check_unchanged` says whether the files are still those (the run read one version of each)."""
 
     def __init__(self, ckpt: Path, opened: dict[Path, int] | None = None):
         self.dir = Path(ckpt)
         self.files, weight_map = safetensors_files(self.dir)
-        opened = opened or {}
-        self._fds: dict[Path, int] = {f: opened[f] for f in self.files if f in opened}
-        self._own: list[int] = []   # the descriptors opened here, closed by close()
+        self._fds: dict[Path, int] = {}   # every one of them this object's own, closed by close()
         self.states: dict[Path, FileState] = {}
         self.tensors: dict[str, TensorEntry] = {}
         try:
             for f in self.files:
                 seen = time.time_ns()
                 try:
-                    if f not in self._fds:
-                        self._fds[f] = os.open(f, os.O_RDONLY)
-                        self._own.append(self._fds[f])
+                    if opened is not None and f not in opened:
+                        os.close(os.open(f, os.O_RDONLY))   # the reason it could not be opened, if it still holds
+                        raise _changed(f, "it could not be opened when the run started, or was not listed then")
+                    self._fds[f] = os.dup(opened[f]) if opened is not None else os.open(f, os.O_RDONLY)
                     self.states[f] = fd_state(f, self._fds[f], seen)
                 except OSError as e:
                     raise QuantizeError(f"{f}: cannot read it ({e.strerror})") from None
@@ -209,10 +235,10 @@ class SourceFiles:
         return self._fds[path]
 
     def close(self) -> None:
-        """Close the descriptors opened here (not those passed as ``opened``)."""
-        for fd in self._own:
+        """Close this object's descriptors (``opened``'s owner keeps its own)."""
+        for fd in self._fds.values():
             os.close(fd)
-        self._own.clear()
+        self._fds.clear()
 
     def __enter__(self):
         return self

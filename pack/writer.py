@@ -400,6 +400,10 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
         hasher = FileHasher(files, use_cache=hash_cache)
     # the tensors are read through the hasher's descriptors: the hashes are of the bytes quantized
     with contextlib.closing(hasher), SourceFiles(ckpt, opened=hasher.fds) as src:
+        if src.files != hasher.files:   # the index was rewritten between the two listings: hashes of other files
+            raise QuantizeError(f"{ckpt / INDEX_NAME}: changed while pdqkit read it (it lists other weight files than "
+                                f"at the start of the run); nothing was written: run again once the checkpoint is "
+                                f"complete")
         try:
             with gc_paused():
                 plan, plan_cached = cached_plan(ckpt, recipe, use_cache=plan_cache, config=config)

@@ -538,6 +538,44 @@ def test_input_replaced_after_the_hasher_started(ckpt, tmp_path):
             assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("rewrite", ["a shard renamed", "a shard dropped"])
+def test_index_rewritten_between_the_two_listings(ckpt, tmp_path, monkeypatch, rewrite):
+    """The writer lists the shards for the input hasher, then the reader lists them again: an index rewritten in
+    between (a re-save finishing) would have the lineage hash one set of files and the run read another. Refused
+    as a changed input, nothing written (a review's repro: with a shard renamed the run succeeded before). A shard
+    the hasher did not open is refused by the reader; a hashed shard no longer listed, by the writer."""
+    import pack.writer as writer
+    from pack.errors import QuantizeError
+
+    t = load_file(ckpt / "model.safetensors")
+    names = sorted(t)
+    (ckpt / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for f, ns in shards.items():
+        save_file({n: t[n] for n in ns}, ckpt / f, metadata={"format": "pt"})
+    wm = {n: f for f, ns in shards.items() for n in ns}
+    index = ckpt / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    if rewrite == "a shard renamed":
+        shutil.copy(ckpt / "model-00002-of-00002.safetensors", ckpt / "model-00003.safetensors")
+        v2 = {n: "model-00003.safetensors" if f.startswith("model-00002") else f for n, f in wm.items()}
+    else:
+        v2 = {n: f for n, f in wm.items() if f.startswith("model-00001")}
+    real = writer.safetensors_files
+
+    def listed_then_rewritten(c):
+        listed = real(c)
+        index.write_text(json.dumps({"metadata": {}, "weight_map": v2}))
+        return listed
+
+    monkeypatch.setattr(writer, "safetensors_files", listed_then_rewritten)
+    why = "or was not listed then" if rewrite == "a shard renamed" else "it lists other weight files than at the start"
+    with pytest.raises(QuantizeError, match=f"changed while pdqkit read it \\(.*{why}"):
+        writer.quantize_checkpoint(ckpt, tmp_path / "out", hash_cache=False)
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
 def test_input_replaced_unseen_is_still_read_as_it_was_hashed(ckpt, tmp_path):
     """Without the hash cache a change is judged by size and mtime only, so a file replaced (rename onto it) by
     other bytes of the same size and mtime after the hasher opened it is not seen. The run still reads one version:

@@ -193,18 +193,63 @@ def test_reader_reads_the_files_through_the_descriptors_it_is_given(tmp_path):
     save_file({"other": torch.ones(3)}, tmp_path / "new.safetensors")
     os.replace(tmp_path / "new.safetensors", f)
     with SourceFiles(tmp_path, opened=fds) as src:
-        assert src.fd(f) == fds[f] and set(src.tensors) == set(tensors)
-        for name, t in tensors.items():
-            assert torch.equal(read_tensor(src, src.tensors[name]), t)
-    os.fstat(fds[f])  # still open
-    assert h.result() == {f.name: hashlib.sha256(first).hexdigest()}
-    h.close()
-    with pytest.raises(OSError):
-        os.fstat(fds[f])
+        assert set(src.tensors) == set(tensors)
+        assert os.path.samestat(os.fstat(src.fd(f)), os.fstat(fds[f]))   # the file the hasher opened
+        assert h.result() == {f.name: hashlib.sha256(first).hexdigest()}
+        h.close()   # the hasher's descriptors closed (or its object collected) while the reader still reads
+        with pytest.raises(OSError):
+            os.fstat(fds[f])
+        spare = os.open(tmp_path / "model.safetensors", os.O_RDONLY)   # may take a number the hasher freed
+        try:
+            for name, t in tensors.items():   # the reader's own copies still read the first file
+                assert torch.equal(read_tensor(src, src.tensors[name]), t)
+        finally:
+            os.close(spare)
     assert h.fds == {} and h.result() == {f.name: hashlib.sha256(first).hexdigest()}
     h.close()  # again: harmless
     with SourceFiles(tmp_path) as src:  # a reader of its own opens the file the path names now
         assert set(src.tensors) == {"other"}
+
+
+def test_reader_refuses_a_file_its_opener_did_not_open(tmp_path):
+    """A file listed now but not among the descriptors given (it could not be opened when the run started, or the
+    index listed other files then) is refused as changed: its hash, if any, is not of what would be read."""
+    save_file({"a": torch.ones(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(QuantizeError, match=r"model\.safetensors: changed while pdqkit read it \(it could not be "
+                                            r"opened when the run started"):
+        SourceFiles(tmp_path, opened={})
+
+
+REPLACED = r"model\.safetensors: changed while pdqkit read it \(it was replaced after the run opened it\)"
+
+
+def test_reader_refuses_a_file_replaced_before_its_header_was_checked(tmp_path, monkeypatch):
+    """The file the run opened is replaced (rename onto it) before its header is validated: a partial download
+    replaced by the complete file is reported as changed, not as corrupt; and without /proc (``safe_open`` is given
+    the path, which names the new file) a header checked on one file is never used to read the other."""
+    import pack.stio
+
+    f = tmp_path / "model.safetensors"
+    save_file({"a": torch.ones(4, 8)}, tmp_path / "full")
+    f.write_bytes((tmp_path / "full").read_bytes()[:-10])   # partial
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.replace(tmp_path / "full", f)
+        with pytest.raises(QuantizeError, match=REPLACED):
+            read_header(f, fd)
+    finally:
+        os.close(fd)
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(pack.stio.os.path, "isdir", lambda p: False if p == "/proc/self/fd" else real_isdir(p))
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert set(read_header(f, fd)) == {"a"}   # the same file: fine without /proc
+        save_file({"a": torch.zeros(4, 8)}, tmp_path / "new")
+        os.replace(tmp_path / "new", f)
+        with pytest.raises(QuantizeError, match=REPLACED):
+            read_header(f, fd)
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(params=["path", "descriptor"])

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.factory import build_model  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
 from distill import parallel  # noqa: E402
-from distill.train import Distiller, loss_parts  # noqa: E402
+from distill.train import Distiller, deterministic_kernels, loss_parts  # noqa: E402
 
 PAIRS = {"small": dict(scale="small", student_mlp=2048), "e4b": dict(scale="e4b", student_mlp=8192),
          "micro": dict(scale="micro", student_mlp=512)}  # micro: CPU smoke run of this script (--device cpu)
@@ -95,8 +95,8 @@ def _sync(device):
 def _cfg(phase, batch, seq_len, grad_ckpt, chunk, total_steps, peak_tflops, device, switches=None):
     """The :class:`DistillConfig` of one bench configuration (its validation raises ``ValueError``, e.g. for
     ``ce_weight`` outside phase 1). ``switches``: extra DistillConfig fields (attn, loss_impl, compile_loss,
-    compile_layers, ckpt_layers, precision, ce_weight, hidden_weight; precision None: bf16-mixed on cuda, fp32 on
-    cpu)."""
+    compile_layers, ckpt_layers, precision, ce_weight, hidden_weight, deterministic; precision None: bf16-mixed on
+    cuda, fp32 on cpu)."""
     sw = dict(switches or {})
     precision = sw.pop("precision", None) or ("bf16-mixed" if device.type == "cuda" else "fp32")
     return DistillConfig(teacher="-", student="-", out="-", phase=phase, steps=total_steps, batch=batch,
@@ -189,16 +189,19 @@ def main(argv=None) -> int:
                          "(phase-1 --configs only; e4b's default list is phase 1)")
     ap.add_argument("--hidden-weight", type=float, default=None,
                     help="distill --hidden-weight (default: distill's, 1 in phase 1)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="distill --deterministic: deterministic kernels for the whole bench (what it costs)")
     ap.add_argument("--json-name", default="distill_bench.json", help="file name of the JSON in --out")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("distill_bench: needs a CUDA GPU (or --device cpu --pairs micro for a smoke run)", file=sys.stderr)
         return 2
-    env = parallel.init(args.device)  # under torchrun: joins the process group, cuda -> cuda:LOCAL_RANK
-    try:
-        return _run(args, env)
-    finally:
-        parallel.shutdown(env)
+    with deterministic_kernels(args.deterministic):   # as python -m distill: entered before any CUDA work
+        env = parallel.init(args.device)  # under torchrun: joins the process group, cuda -> cuda:LOCAL_RANK
+        try:
+            return _run(args, env)
+        finally:
+            parallel.shutdown(env)
 
 
 def _configs(spec: str) -> list[tuple]:
@@ -219,7 +222,7 @@ def _run(args, env) -> int:
     switches = {k: v for k, v in dict(attn=args.attn, loss_impl=args.loss_impl, ckpt_layers=args.ckpt_layers,
                                       precision=args.precision, ce_weight=args.ce_weight,
                                       hidden_weight=args.hidden_weight).items() if v is not None}
-    switches.update({k: True for k in ("compile_loss", "compile_layers") if getattr(args, k)})
+    switches.update({k: True for k in ("compile_loss", "compile_layers", "deterministic") if getattr(args, k)})
     pairs = [p for p in args.pairs.split(",") if p]
     for pair in pairs:  # every configuration's settings, before any model is built
         if pair not in PAIRS:

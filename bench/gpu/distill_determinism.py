@@ -8,7 +8,7 @@ and the median training tokens/s of the steps after the first two (from ``--log-
 
     python bench/gpu/distill_determinism.py --out $OUT/det --scales micro small --phases 1 2
     python bench/gpu/distill_determinism.py --out $OUT/det --scales micro --global-head-dim 512 \\
-        --modes deterministic --extra "--loss-impl fused --compile-loss --compile-layers"
+        --modes deterministic --extra="--loss-impl fused --compile-loss --compile-layers"
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def main() -> None:
                          "does not take: the memory-efficient kernel runs instead)")
     ap.add_argument("--modes", nargs="+", choices=("default", "deterministic"), default=["default", "deterministic"])
     ap.add_argument("--extra", default="", help="more `python -m distill` options for every run, one string "
-                    "(e.g. \"--loss-impl fused --compile-loss --compile-layers\"); recorded in the JSON")
+                    "given as --extra=... (e.g. --extra=\"--loss-impl fused --compile-loss\"); recorded in the JSON")
     args = ap.parse_args()
     from distill.toy import save_pair
 
