@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import hashlib
 import json
 import os
 import sys
@@ -133,11 +134,23 @@ def _peak_gb(device):
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
 
 
+def weights_sha256(model) -> str:
+    """sha256 over ``model``'s state dict, tensors in name order, each's name and raw bytes (one tensor at a time
+    on the CPU): equal for two runs that trained to the same bits."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, warmup, peak_tflops, env,
-            switches=None):
+            switches=None, hash_weights=False):
     """Time ``steps`` Distiller steps after ``warmup`` on random ids (``batch`` = global sequences per step).
     ``switches``: as :func:`_cfg`. The row's ``loss`` and ``loss_parts`` are the last step's; the parts as
-    ``python -m distill`` logs them (``hidden_mse`` with its weight in, ``data_ce`` the plain mean cross-entropy)."""
+    ``python -m distill`` logs them (``hidden_mse`` with its weight in, ``data_ce`` the plain mean cross-entropy).
+    ``hash_weights`` (one process only): the row also gets the student's :func:`weights_sha256` after the steps,
+    to compare two runs bit for bit."""
     device = env.device
     dz, ids = _distiller(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps + warmup, peak_tflops,
                          env, switches)
@@ -158,7 +171,8 @@ def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, wa
                 "model_tflops_per_s": dz.flops_per_token * tok_s / 1e12,
                 "n_student": dz.n_student, "n_teacher": dz.n_teacher,
                 "peak_mem_gb": max(peaks), "peak_mem_gb_per_rank": peaks, "loss": rec["loss"],
-                "loss_parts": loss_parts(rec, per_layer=False)}
+                "loss_parts": loss_parts(rec, per_layer=False),
+                **({"weights_sha256": weights_sha256(student)} if hash_weights and not env.is_dist else {})}
     finally:
         dz.opt.zero_grad(set_to_none=True)
         del dz
@@ -191,6 +205,9 @@ def main(argv=None) -> int:
                     help="distill --hidden-weight (default: distill's, 1 in phase 1)")
     ap.add_argument("--deterministic", action="store_true",
                     help="distill --deterministic: deterministic kernels for the whole bench (what it costs)")
+    ap.add_argument("--hash-weights", action="store_true",
+                    help="print the sha256 of the student's weights after each configuration's steps (one process "
+                         "only): run twice to compare, e.g. with --deterministic")
     ap.add_argument("--json-name", default="distill_bench.json", help="file name of the JSON in --out")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -266,7 +283,7 @@ def _run(args, env) -> int:
                    "build_s": build_s}
             try:
                 row.update(measure(teacher, student, phase, batch, seq, ckpt, chunk, args.steps, args.warmup,
-                                   args.peak_tflops, env, switches))
+                                   args.peak_tflops, env, switches, hash_weights=args.hash_weights))
                 line = (f"{row['tokens_per_s']:10,.0f} {100 * row['mfu']:5.1f}% {row['model_tflops_per_s']:8.1f} "
                         f"{row['step_ms']:8.1f} {row['peak_mem_gb']:8.1f} {row['tokens_per_s_per_gpu']:10,.0f}")
             except torch.OutOfMemoryError:
@@ -275,6 +292,9 @@ def _run(args, env) -> int:
                 _free()
             say(f"{pair:5} {phase:2d} {f'{batch} x {seq}':>12} {('yes' if ckpt else 'no'):>4} {chunk:5d} {line}",
                 flush=True)
+            if "weights_sha256" in row:
+                say(f"      student weights after the steps: sha256 {row['weights_sha256']}, last loss "
+                    f"{row['loss']!r}", flush=True)
             report["rows"].append(row)
             if env.is_main:
                 (out / args.json_name).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
