@@ -1,8 +1,9 @@
 """Training tokens: read local text, pack into fixed windows, hand each rank its deterministic share.
 
 Sources: ``None`` -> the evaluation bed's train split (:func:`bench.corpus.token_stream`, ``<bos> doc <eos>``
-per document, cached per tokenizer); a ``.jsonl`` file with one ``{"text": ...}`` (tokenized the same way)
-or ``{"input_ids": [...]}`` (used verbatim) per line; any other file is one text document.
+per document, cached per tokenizer); a ``.jsonl`` or ``.json`` file (any case) with one ``{"text": ...}``
+(tokenized the same way) or ``{"input_ids": [...]}`` (used verbatim) per line; any other file is one UTF-8 text
+document. Compressed files are refused (decompress them first).
 
 Order: the stream is cut into non-overlapping ``seq_len`` windows (packing across documents, no padding).
 Global row ``g`` of the run (step ``s`` holds rows ``s*B .. s*B+B-1``) is window ``perm_e[g mod n]`` with
@@ -105,10 +106,29 @@ def _encode(texts: list[str], tokenizer) -> list[int]:
     return ids
 
 
+JSONL_SUFFIXES = (".jsonl", ".json")   # (any case) JSON lines; any other file is plain text
+
+
 def _read_file(path: Path, tokenizer, max_tokens: int | None) -> np.ndarray:
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic[:2] == b"\x1f\x8b" or magic == b"(\xb5/\xfd" or magic[:3] == b"BZh" or magic == b"PK\x03\x04":
+        raise ValueError(f"{path}: a compressed file (gzip, zstd, bzip2 or zip); decompress it and pass the "
+                         f"JSON-lines or text file")
+    try:
+        ids = _read_ids(path, tokenizer, max_tokens)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+    try:
+        return np.asarray(ids, dtype=np.int64)
+    except OverflowError:
+        raise ValueError(f"{path}: a token id does not fit in 64 bits; wrong file?") from None
+
+
+def _read_ids(path: Path, tokenizer, max_tokens: int | None) -> list[int]:
     max_tokens = sys.maxsize if max_tokens is None else max_tokens
     out: list[int] = []
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() in JSONL_SUFFIXES:
         pending: list[str] = []
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -145,7 +165,7 @@ def _read_file(path: Path, tokenizer, max_tokens: int | None) -> np.ndarray:
         if tokenizer is None:
             raise ValueError(f"{path}: text needs a tokenizer, and neither checkpoint has one")
         out = _encode([path.read_text(encoding="utf-8")], tokenizer)
-    return np.asarray(out[:max_tokens], dtype=np.int64)
+    return out[:max_tokens]
 
 
 def load_blocks(data: str | None, tokenizer, seq_len: int, max_tokens: int | None,
@@ -162,6 +182,8 @@ def load_blocks(data: str | None, tokenizer, seq_len: int, max_tokens: int | Non
         source, sha = "bench.corpus:train", corpus.corpus_sha256()
     else:
         path = Path(data)
+        if path.is_dir():
+            raise ValueError(f"--data {data}: is a folder; pass one JSON-lines or text file")
         if not path.is_file():
             raise FileNotFoundError(f"--data {data}: no such file")
         from pack.checkpoint import sha256_file

@@ -53,6 +53,17 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str 
     return model.to(device).eval()
 
 
+def config_vocab_size(path: str | Path) -> int:
+    """The vocabulary size the checkpoint dir ``path``'s config.json gives its language model (no weights read)."""
+    import transformers
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face checkpoint directory")
+    config = transformers.AutoConfig.from_pretrained(path)
+    return (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
+
+
 def text_config(model: nn.Module):
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg

@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,8 +50,8 @@ from .data import load_blocks, pair_tokenizer
 from .select import check_use as check_selection_use
 from .select import read_meta as read_selection_meta
 from .models import (DistillModule, MasterWeights, capture_layer_outputs, check_pair, compile_decoder_layers,
-                     decoder_layers, limit_checkpointing, load_model, matmul_params, set_trainable, text_config,
-                     to_bf16_layout)
+                     config_vocab_size, decoder_layers, limit_checkpointing, load_model, matmul_params, set_trainable,
+                     text_config, to_bf16_layout)
 from .sample import continuation_mask, on_policy_step, row_seed, sample_continuations
 from .state import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -154,25 +155,86 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
+def _writable_parent(path: Path, option: str) -> None:
+    """Make sure a folder can be created beside ``path`` (its parents created as needed): found now, not after the
+    models have loaded and the run has trained. ValueError naming ``option`` otherwise."""
+    parent = path.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=parent))
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot write there ({e.strerror or e}: {e.filename or parent}); pass "
+                         f"a path in a writable folder") from None
+
+
 def _prepare_output(cfg: DistillConfig, env) -> None:
     from pack.checkpoint import check_output_dir
 
     out, ckpt = Path(cfg.out), Path(cfg.ckpt_dir)
-    check_output_dir(out, {"teacher": cfg.teacher, "student": cfg.student})
+    inputs = {"teacher": cfg.teacher, "student": cfg.student}
+    if cfg.data is not None:
+        inputs["data"] = cfg.data   # (an output there would replace it, or delete it with the output's old copy)
+    check_output_dir(out, inputs)
     out_r, ckpt_r = out.resolve(), ckpt.resolve()
+    for name, p in inputs.items():
+        p_r = Path(p).resolve()
+        if ckpt_r == p_r or p_r in ckpt_r.parents:   # (its step folders would be written into an input)
+            raise ValueError(f"--ckpt-dir {ckpt}: must not be the {name} {p} or lie inside it; pass another "
+                             f"--ckpt-dir")
     if ckpt_r == out_r or out_r in ckpt_r.parents:
         raise ValueError(f"--ckpt-dir {ckpt}: must not be the output dir {out} or inside it (the output is replaced "
                          f"when the run ends); pass another --ckpt-dir")
-    if cfg.log_json and out_r in Path(cfg.log_json).resolve().parents:
-        # the log's folder would create OUT before the run ends (then the final write refuses it), or with --force
-        # the output's atomic swap would delete the log
-        raise ValueError(f"--log-json {cfg.log_json}: must not be inside the output dir {out} (the output is "
-                         f"written at the end, as a whole); pass a path outside it")
+    if cfg.log_json:
+        log_r = Path(cfg.log_json).resolve()
+        if log_r == out_r or out_r in log_r.parents:
+            # the log's folder would create OUT before the run ends (then the final write refuses it), or with
+            # --force the output's atomic swap would delete the log
+            raise ValueError(f"--log-json {cfg.log_json}: must not be the output dir {out} or inside it (the output "
+                             f"is written at the end, as a whole); pass a path outside it")
+        for name, p in {**inputs, "checkpoint dir": ckpt}.items():
+            p_r = Path(p).resolve()
+            if log_r == p_r or p_r in log_r.parents:   # the log would overwrite what the run reads
+                raise ValueError(f"--log-json {cfg.log_json}: must not be the {name} {p} or inside it; pass a path "
+                                 f"outside it")
+        if log_r.is_dir():
+            raise ValueError(f"--log-json {cfg.log_json}: is a directory; pass a file path")
+    _writable_parent(out, "-o")
+    if cfg.ckpt_every:
+        _writable_parent(ckpt, "--ckpt-dir")
+    if ckpt.exists() and not ckpt.is_dir():
+        raise ValueError(f"--ckpt-dir {ckpt}: is a file, not a folder; pass another --ckpt-dir")
     if os.path.lexists(out) and not cfg.force:   # a dangling symlink is in the way too
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
     if ckpt.exists() and not (cfg.resume or cfg.force) and latest_checkpoint(ckpt) is not None:
         raise FileExistsError(f"{ckpt}: training checkpoints of an earlier run exist; pass --resume to continue "
                               "that run, or --force to start over (deletes them)")
+
+
+def _no_usable_checkpoint(ckpt_dir: Path) -> None:
+    """``--resume`` found no complete checkpoint in ``ckpt_dir``: fine if there is none at all (a first run started
+    with --resume), a ValueError if checkpoints are there but ``latest`` is missing or names none of them (a copy
+    cut short): starting over would delete them."""
+    steps = sorted(p.name for p in ckpt_dir.glob("step-*") if p.is_dir()) if ckpt_dir.is_dir() else []
+    latest = ckpt_dir / "latest"
+    if steps or latest.exists():
+        named = latest.read_text(errors="replace").strip() if latest.is_file() else None
+        raise ValueError(f"{ckpt_dir}: has training checkpoints ({', '.join(steps) or 'none'}) but none that "
+                         f"'latest' ({named or 'missing'}) names completely; restore it, or run without --resume "
+                         f"(with --force) to start over (deletes them)")
+
+
+def _load_state(dz, ck: Path) -> dict:
+    """:meth:`Distiller.load_state`, a damaged checkpoint's errors (a file missing or cut short) as one line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return dz.load_state(ck)
+    except (CheckpointException, OSError, EOFError, KeyError, AssertionError, RuntimeError) as e:
+        if isinstance(e, torch.OutOfMemoryError):   # the machine, not the checkpoint
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"{ck}: damaged training checkpoint ({type(e).__name__}: {first}); resume from another "
+                         f"one, or run without --resume (with --force) to start over") from None
 
 
 def _start_fresh(cfg: DistillConfig, env) -> None:
@@ -453,19 +515,18 @@ def _run(cfg: DistillConfig, env) -> dict:
     # models: teacher frozen bf16; student fp32 master weights (bf16 under bf16-master, its fp32 masters live in
     # the Distiller), only the language stack trainable
     t_load = time.perf_counter()
-    teacher = load_model(cfg.teacher, torch.bfloat16, env.device, cfg.attn)
-    student = load_model(cfg.student, student_dtype(cfg.precision), env.device, cfg.attn)
-    check_pair(teacher, student, cfg.teacher, cfg.student)
+    # data first: a bad data file is reported before the models load (minutes at E4B's size)
     tokenizer = pair_tokenizer(cfg.student, cfg.teacher)
-    dz = Distiller(cfg, env, teacher, student, _eos_ids(student, tokenizer))
-
-    # data
-    data = load_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, text_config(student).vocab_size)
+    data = load_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, config_vocab_size(cfg.student))
     # a file written by python -m distill.select carries what it was chosen from (and the tokens it scored)
     if cfg.data is not None:
         data.selection = read_selection_meta(cfg.data, data.sha256)
         if data.selection:
             check_selection_use(data.selection, cfg.data, cfg.seq_len, cfg.max_tokens)
+    teacher = load_model(cfg.teacher, torch.bfloat16, env.device, cfg.attn)
+    student = load_model(cfg.student, student_dtype(cfg.precision), env.device, cfg.attn)
+    check_pair(teacher, student, cfg.teacher, cfg.student)
+    dz = Distiller(cfg, env, teacher, student, _eos_ids(student, tokenizer))
     load_s = time.perf_counter() - t_load
     _start_fresh(cfg, env)
     log = _Log(env, cfg.log_json, append=cfg.resume)   # (opened here: "w" empties an earlier run's log)
@@ -475,9 +536,16 @@ def _run(cfg: DistillConfig, env) -> dict:
     if cfg.resume:
         ck = latest_checkpoint(cfg.ckpt_dir)
         if ck is None:
+            _no_usable_checkpoint(Path(cfg.ckpt_dir))   # raises if checkpoints are there but none can be used
             log.print(f"resume: no checkpoint in {cfg.ckpt_dir}; starting from step 0")
         else:
-            meta = json.loads((ck / "meta.json").read_text())
+            try:
+                meta = json.loads((ck / "meta.json").read_text())
+                if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+                    raise ValueError("no config in meta.json")
+            except (OSError, ValueError) as e:   # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+                raise ValueError(f"{ck}: damaged training checkpoint ({type(e).__name__}: {e}); resume from "
+                                 f"another one, or run without --resume (with --force) to start over") from None
             want = cfg.result_dict()
             # a setting missing from an older checkpoint did not exist yet: that run had its default's behaviour (new
             # options default to the old behaviour: --adam-eps torch's eps, --ema-decay no average, --ce-weight no
@@ -491,7 +559,7 @@ def _run(cfg: DistillConfig, env) -> dict:
             if diff:
                 raise ValueError(f"{ck}: checkpoint was made with different settings ({', '.join(diff)}); "
                                  "rerun with the same ones, or --force to start over")
-            meta = dz.load_state(ck)
+            meta = _load_state(dz, ck)
             start, history = int(meta["step"]), list(meta["history"])
             log.print(f"resume: continuing from {ck} (step {start}/{cfg.steps})")
         log.rewind(start)

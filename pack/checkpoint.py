@@ -501,7 +501,23 @@ def save_bf16_checkpoint(model, out: str | os.PathLike, *, source_dir=None, step
             tokenizer.save_pretrained(tmp)
         copy_aux_files(source_dir, tmp)
         write_lineage(tmp, read_lineage(source_dir) if source_dir else [], step)
+        usual_file_modes(tmp)
     return Path(out)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)   # (the only way to read it: set, then put back at once)
+    os.umask(mask)
+    return mask
+
+
+def usual_file_modes(folder: Path) -> None:
+    """Give every file in ``folder`` the mode a plain ``open`` would (0666 less the umask, usually 0644): safetensors
+    0.8's ``save_file`` writes 0600, which a server running as another user (vLLM) cannot read."""
+    mode = 0o666 & ~_umask()
+    for f in Path(folder).iterdir():
+        if f.is_file() and not f.is_symlink() and (f.stat().st_mode & 0o777) != mode:
+            f.chmod(mode)
 
 
 def _save_bf16(model, tmp: Path, max_shard_size: str) -> None:

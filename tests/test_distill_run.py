@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,99 @@ def test_cli_errors_are_one_line(pair, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "student hidden_size=128 differs from teacher" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_outputs_never_overwrite_inputs_and_unwritable_outputs_fail_first(pair, tmp_path, capsys):
+    """-o, --log-json and --ckpt-dir are checked against everything the run reads (teacher, student, data) and each
+    other before a model loads; a review's repros: --log-json onto the teacher's weights truncated them (then a bus
+    error), onto the data file overwrote it (rc 0, lineage naming the old sha256), -o onto the data replaced it, and
+    an output under a regular file failed only after training."""
+    teacher, student, data, _ = pair
+    data_copy = tmp_path / "d.jsonl"
+    shutil.copy(data, data_copy)
+    before = {f: f.read_bytes() for f in (Path(teacher) / "model.safetensors", data_copy)}
+    run = ["--steps", 1, "--batch", 2, "--seq-len", 32]
+    cases = [
+        (tmp_path / "o", ["--log-json", Path(teacher) / "model.safetensors"], "--log-json",
+         "must not be the teacher"),
+        (tmp_path / "o", ["--log-json", data_copy], "--log-json", "must not be the data"),
+        (tmp_path / "o", ["--log-json", tmp_path / "o"], "--log-json", "must not be the output dir"),
+        (data_copy, ["--force"], "", "must not be, contain or lie inside the data"),
+        (tmp_path / "o", ["--ckpt-every", 1, "--ckpt-dir", Path(student) / "ck"], "--ckpt-dir",
+         "must not be the student"),
+    ]
+    for out, extra, option, msg in cases:
+        assert distill_main(_args(teacher, student, out, data_copy, *run, *extra)) == 1
+        err = capsys.readouterr().err
+        assert msg in err and option in err and err.count("\n") == 1, err
+    assert {f: f.read_bytes() for f in before} == before and not (tmp_path / "o").exists()
+    (tmp_path / "afile").write_text("x")
+    for extra, option in (([], "-o"), (["--ckpt-every", 1, "--ckpt-dir", tmp_path / "afile" / "ck"], "--ckpt-dir")):
+        out = tmp_path / "afile" / "out" if option == "-o" else tmp_path / "o"
+        assert distill_main(_args(teacher, student, out, data_copy, *run, *extra)) == 1
+        err = capsys.readouterr().err
+        assert f"{option} " in err and "cannot write there" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_files_by_extension_encoding_and_compression(pair, tmp_path):
+    """JSON lines whatever the case of .jsonl, or .json; a compressed, non-UTF-8 or folder --data is refused in
+    one line naming it (a review found .JSONL and .json files trained on as text: their JSON syntax tokenized)."""
+    import gzip
+
+    _, _, data, _ = pair
+    ref = load_blocks(str(data), None, 32, None, 2048)
+    for name in ("d.JSONL", "d.json"):
+        shutil.copy(data, tmp_path / name)
+        got = load_blocks(str(tmp_path / name), None, 32, None, 2048)
+        assert torch.equal(got.blocks, ref.blocks)
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(Path(data).read_bytes()))
+    with pytest.raises(ValueError, match=r"d\.jsonl\.gz: a compressed file"):
+        load_blocks(str(tmp_path / "d.jsonl.gz"), None, 32, None, 2048)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    with pytest.raises(ValueError, match=r"latin1\.txt: not UTF-8 text .*convert it to UTF-8"):
+        load_blocks(str(tmp_path / "latin1.txt"), object(), 32, None, 2048)
+    (tmp_path / "big.jsonl").write_text(json.dumps({"input_ids": [10 ** 30] * 40}) + "\n")
+    with pytest.raises(ValueError, match=r"big\.jsonl: a token id does not fit in 64 bits"):
+        load_blocks(str(tmp_path / "big.jsonl"), None, 32, None, 2048)
+    with pytest.raises(ValueError, match="is a folder"):
+        load_blocks(str(tmp_path), None, 32, None, 2048)
+
+
+def test_damaged_or_unusable_checkpoints_are_refused_in_one_line(pair, tmp_path, capsys):
+    """--resume from a damaged training checkpoint says which and what to do (before: tracebacks, or a bare JSON
+    error); checkpoints that 'latest' does not name completely are not silently started over (and deleted)."""
+    teacher, student, data, _ = pair
+    run = ["--steps", 2, "--batch", 2, "--seq-len", 32, "--ckpt-every", 1, "--keep-ckpt"]
+    out, ckpt = tmp_path / "o", tmp_path / "o-ckpt"
+    assert distill_main(_args(teacher, student, out, data, *run)) == 0
+    capsys.readouterr()
+    step = ckpt / (ckpt / "latest").read_text().strip()
+    pristine = tmp_path / "pristine"
+    shutil.copytree(ckpt, pristine)
+
+    def damage(how):
+        shutil.rmtree(ckpt)
+        shutil.copytree(pristine, ckpt)
+        how()
+
+    (distcp,) = step.glob("*.distcp")
+    cases = [(lambda: os.truncate(distcp, distcp.stat().st_size // 2), "damaged training checkpoint"),
+             (lambda: distcp.unlink(), "damaged training checkpoint"),
+             (lambda: (step / ".metadata").unlink(), "damaged training checkpoint"),
+             (lambda: (step / "meta.json").write_text("{garbled"), "damaged training checkpoint"),
+             (lambda: (step / "meta.json").write_text("{}"), "damaged training checkpoint"),
+             (lambda: (ckpt / "latest").write_text("step-00000009"), "none that 'latest' (step-00000009) names"),
+             (lambda: (ckpt / "latest").unlink(), "none that 'latest' (missing) names")]
+    for how, msg in cases:
+        damage(how)
+        assert distill_main(_args(teacher, student, out, data, *run, "--resume", "--force")) == 1
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+        assert step.is_dir()   # nothing deleted
+    shutil.rmtree(ckpt)   # no checkpoint at all: --resume starts from step 0
+    assert distill_main(_args(teacher, student, out, data, *run, "--resume", "--force")) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
 
 
 def test_batches_shard_by_rank_and_wrap_epochs():
@@ -469,7 +563,7 @@ def test_checkpoint_cleanup_removes_only_its_own_files(pair, tmp_path, capsys):
     # finished run's own write refused it, or with --force the output's swap deleted the log)
     assert distill_main(_args(teacher, student, tmp_path / "o", data, *run[:-2], "--ckpt-dir", tmp_path / "ck2",
                               "--log-json", tmp_path / "o" / "log.jsonl")) == 1
-    assert "must not be inside the output dir" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert "must not be the output dir" in capsys.readouterr().err and not (tmp_path / "o").exists()
     # --force over an earlier run's checkpoints deletes those, not the rest of the dir
     log = tmp_path / "d1.jsonl"
     assert distill_main(_args(teacher, student, mine / "d1", data, *run, "--keep-ckpt", "--force", "--log-json",

@@ -36,6 +36,19 @@ def ckpt(pristine, tmp_path) -> Path:
     return d
 
 
+def test_checkpoints_written_get_the_usual_file_modes(pristine, tmp_path):
+    """What prune, distill and the factory write (pack.checkpoint.save_bf16_checkpoint) and pack.quantize's output
+    get a plain open's modes (0666 less the umask): safetensors 0.8's save_file alone writes model.safetensors 0600,
+    which a vLLM server running as another user cannot read (a review's find)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    assert main([str(pristine), "-o", str(tmp_path / "q"), "--no-progress"]) == 0
+    for d in (pristine, tmp_path / "q"):
+        modes = {f.name: oct(f.stat().st_mode & 0o777) for f in d.iterdir() if f.is_file()}
+        assert "model.safetensors" in modes and set(modes.values()) == {oct(want)}, (d, modes)
+
+
 def _fails(capsys, args, *needles) -> str:
     """Run the CLI in-process; assert exit 2, a single 'error:' line holding ``needles``, nothing written."""
     out = Path(args[args.index("-o") + 1]) if "-o" in args else None
