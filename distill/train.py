@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -155,20 +154,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
-def _writable_parent(path: Path, option: str) -> None:
-    """Make sure a folder can be created beside ``path`` (its parents created as needed): found now, not after the
-    models have loaded and the run has trained. ValueError naming ``option`` otherwise."""
-    parent = path.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=parent))
-    except OSError as e:
-        raise ValueError(f"{option} {path}: cannot write there ({e.strerror or e}: {e.filename or parent}); pass "
-                         f"a path in a writable folder") from None
-
-
 def _prepare_output(cfg: DistillConfig, env) -> None:
-    from pack.checkpoint import check_output_dir
+    from pack.checkpoint import check_output_dir, check_writable_parent
 
     out, ckpt = Path(cfg.out), Path(cfg.ckpt_dir)
     inputs = {"teacher": cfg.teacher, "student": cfg.student}
@@ -198,9 +185,9 @@ def _prepare_output(cfg: DistillConfig, env) -> None:
                                  f"outside it")
         if log_r.is_dir():
             raise ValueError(f"--log-json {cfg.log_json}: is a directory; pass a file path")
-    _writable_parent(out, "-o")
+    check_writable_parent(out, "-o")
     if cfg.ckpt_every:
-        _writable_parent(ckpt, "--ckpt-dir")
+        check_writable_parent(ckpt, "--ckpt-dir")
     if ckpt.exists() and not ckpt.is_dir():
         raise ValueError(f"--ckpt-dir {ckpt}: is a file, not a folder; pass another --ckpt-dir")
     if os.path.lexists(out) and not cfg.force:   # a dangling symlink is in the way too
@@ -691,7 +678,7 @@ def _save(cfg, env, dm, student, trainable, tokenizer, summary) -> None:
         step = lineage_step("distill", **summary)
         save_bf16_checkpoint(model, cfg.out, source_dir=cfg.student, step=step,
                              tokenizer=tokenizer if not any(Path(cfg.student).glob("tokenizer*")) else None,
-                             force=cfg.force)
+                             force=cfg.force, fsync=True)
         print(f"wrote {cfg.out} (phase {cfg.phase}, {summary['tokens_seen']:,} tokens, "
               f"loss {summary['loss_first']['loss']:.4f} -> {summary['loss_last10']['loss']:.4f})", flush=True)
     parallel.barrier(env)

@@ -47,7 +47,7 @@ __all__ = [
     "atomic_output_dir", "fsync_dir", "fsync_tree", "InterruptedAfterCommit", "OutputAppeared", "UnsyncedAfterCommit",
     "copy_aux_files",
     "sha256_file", "read_lineage", "write_lineage", "lineage_step", "kv_shared_k_norm_tensors",
-    "save_bf16_checkpoint", "json_dump",
+    "save_bf16_checkpoint", "json_dump", "check_writable_parent", "check_replaceable",
 ]
 
 
@@ -65,6 +65,34 @@ def check_output_dir(out: str | os.PathLike, inputs: dict[str, str | os.PathLike
         in_r = Path(path).resolve()
         if out_r == in_r or out_r in in_r.parents or in_r in out_r.parents:
             raise ValueError(f"{out}: the output directory must not be, contain or lie inside the {name} {path}")
+
+
+def check_writable_parent(path: str | os.PathLike, option: str) -> None:
+    """Make sure a folder can be created beside ``path`` (its parents created as needed): found before a run's
+    work, not after it. ValueError naming ``option`` (e.g. ``-o``) otherwise."""
+    path = Path(path)
+    parent = path.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=parent))
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot write there ({e.strerror or e}: {e.filename or parent}); pass "
+                         f"a path in a writable folder") from None
+
+
+def check_replaceable(out: str | os.PathLike) -> None:
+    """What ``--force`` may replace at ``out``: nothing, an earlier output (a directory with a config.json, or an
+    empty one) or a symlink; FileExistsError for a file or a folder of other files (``-o .`` with ``--force`` would
+    have deleted the working directory's files)."""
+    out = Path(out)
+    if out.is_symlink():
+        return
+    if out.is_file():
+        raise FileExistsError(f"{out}: a file, not an output directory; --force replaces only a checkpoint "
+                              f"directory: move the file away or choose another output")
+    if out.is_dir() and not (out / "config.json").exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: a folder with files but no config.json, not a checkpoint; --force replaces "
+                              f"only a checkpoint directory: empty it yourself or choose another output")
 
 
 class InterruptedAfterCommit(KeyboardInterrupt):
@@ -194,6 +222,8 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, fsync: bool =
     out = out.parent.resolve() / out.name
     if os.path.lexists(out) and not force:   # lexists: a dangling symlink is in the way too
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
+    if force:
+        check_replaceable(out)
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]   # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -481,16 +511,18 @@ def kv_shared_k_norm_tensors(model) -> dict:
 
 
 def save_bf16_checkpoint(model, out: str | os.PathLike, *, source_dir=None, step: dict | None = None,
-                         tokenizer=None, force: bool = False, max_shard_size: str = "5GB") -> Path:
+                         tokenizer=None, force: bool = False, max_shard_size: str = "5GB",
+                         fsync: bool = False) -> Path:
     """Save ``model`` (cast to bf16) as an HF safetensors checkpoint at ``out``, atomically.
 
     Adds the KV-shared ``k_norm`` tensors vLLM needs, copies tokenizer/processor files from ``source_dir``
     (or saves ``tokenizer``), and writes ``pdqkit_lineage.json`` = lineage of ``source_dir`` + ``step``.
+    ``fsync``: durable output (:func:`atomic_output_dir`'s), for the tools' final outputs.
     """
     import torch
     from safetensors import SafetensorError
 
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, fsync=fsync) as tmp:
         try:
             _save_bf16(model.to(torch.bfloat16), tmp, max_shard_size)
         except SafetensorError as e:  # safetensors reports its I/O errors (disk full) as its own type: make them

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from .errors import QuantizeError
 from .gcpause import gc_paused
+from .stopsignals import interrupted_message, stop_signals_interrupt
 
 DEMO_DIR = Path("out")
 
@@ -99,42 +98,20 @@ def _prefetch_hashes(ckpt: Path | None, use_cache: bool):
     return FileHasher(files, use_cache=use_cache)
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_interrupted = threading.Event()
-
-
-def _on_stop_signal(signum, frame):
-    """SIGINT (Ctrl-C) and SIGTERM (timeout, Slurm, docker stop): clean up like Ctrl-C, no temp dir is left.
-
-    The KeyboardInterrupt lands wherever the main thread is, possibly inside threading's own locking (seen in CI:
-    a SIGTERM during ``Thread.start`` surfaced as ``RuntimeError: release unlocked lock``). So the arrival is
-    recorded first, and :func:`_run` reports whatever exception follows it as the interruption (naming it)."""
-    _interrupted.set()
-    raise KeyboardInterrupt
-
-
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     # resolved as the writer resolves it, so that the writer takes this hasher instead of starting another
     hasher = None if args.demo or args.ckpt is None else _prefetch_hashes(args.ckpt.resolve(),
                                                                            not args.no_hash_cache)
-    main_thread = threading.current_thread() is threading.main_thread()
-    _interrupted.clear()
-    old = {}
-    for s in _STOP_SIGNALS if main_thread else ():  # signal handlers live in the main thread only
-        if signal.getsignal(s) is not signal.SIG_IGN:  # started with the signal ignored (nohup, `cmd &`): keep it so
-            old[s] = signal.signal(s, _on_stop_signal)
     try:
-        return _run(args, hasher)
+        with stop_signals_interrupt() as interrupted:   # SIGTERM cleans up like Ctrl-C (pack/stopsignals.py)
+            return _run(args, hasher, interrupted)
     finally:
-        for s, handler in old.items():
-            if handler is not None:  # None: a handler not installed from Python, which cannot be put back
-                signal.signal(s, handler)
         if hasher is not None:
             hasher.close()  # a no-op once quantize_checkpoint has closed it; stops it on an early error
 
 
-def _run(args: argparse.Namespace, hasher) -> int:
+def _run(args: argparse.Namespace, hasher, interrupted) -> int:
     try:
         from .qconfig import QuantRecipe
         from .writer import quantize_checkpoint  # imports torch
@@ -166,14 +143,8 @@ def _run(args: argparse.Namespace, hasher) -> int:
         if isinstance(e, UnsyncedAfterCommit):      # likewise
             print(f"error: {e.strerror}", file=sys.stderr)
             return 1
-        if isinstance(e, KeyboardInterrupt) or _interrupted.is_set():  # whatever the signal turned into
-            first = (str(e).splitlines() or [""])[0]  # one line, whatever the message
-            # a KeyboardInterrupt's own text, if any, is what the cleanup found (pack.checkpoint.atomic_output_dir)
-            if isinstance(e, KeyboardInterrupt):
-                then = f"; {first}" if first else ""
-            else:
-                then = f" (then {type(e).__name__}: {first})"
-            print(f"error: interrupted{then}; nothing was written", file=sys.stderr)
+        if isinstance(e, KeyboardInterrupt) or interrupted.is_set():  # whatever the signal turned into
+            print(f"error: {interrupted_message(e)}", file=sys.stderr)
             return 130
         if isinstance(e, QuantizeError):
             print(f"error: {e}", file=sys.stderr)

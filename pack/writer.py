@@ -47,7 +47,8 @@ import torch
 
 from . import card
 from .checkpoint import (INDEX_NAME, RECIPE_FILE, SINGLE_NAME, FileHasher, atomic_output_dir, check_output_dir,
-                         copy_aux_files, json_dump, lineage_step, read_lineage, safetensors_files, write_lineage)
+                         check_replaceable, copy_aux_files, json_dump, lineage_step, read_lineage, safetensors_files,
+                         write_lineage)
 from .errors import QuantizeError
 from .gcpause import gc_paused
 from .packing import PACK_FACTOR
@@ -385,6 +386,11 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
         raise QuantizeError(str(e)) from None
     if out.exists() and not force:
         raise QuantizeError(f"{out}: output directory exists; pass --force to replace it")
+    if force:
+        try:
+            check_replaceable(out)
+        except FileExistsError as e:
+            raise QuantizeError(str(e)) from None
     config = load_config(ckpt)  # cheap checks first: a bad config.json is reported before the weights
     created = _created()  # a bad SOURCE_DATE_EPOCH is reported here too, before any work
     try:

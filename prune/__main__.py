@@ -63,14 +63,28 @@ def main(argv=None) -> int:
 
         hf_logging.disable_progress_bar()
 
-    try:
-        cfg = PruneConfig(ratio=args.ratio, criterion=args.criterion, aggregation=args.aggregation, calib=args.calib,
-                          samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                          device=args.device, seed=args.seed, refit=args.refit, refit_damp=args.refit_damp)
-        result = prune_checkpoint(args.ckpt, args.out, cfg, force=args.force, progress=not args.no_progress)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"prune: error: {e}", file=sys.stderr)
-        return 1
+    from pack.checkpoint import InterruptedAfterCommit
+    from pack.stopsignals import interrupted_message, stop_signals_interrupt
+
+    # SIGTERM (a timeout, Slurm, docker stop) cleans up like Ctrl-C: no temp dir left, one line, exit 130
+    with stop_signals_interrupt() as interrupted:
+        try:
+            cfg = PruneConfig(ratio=args.ratio, criterion=args.criterion, aggregation=args.aggregation,
+                              calib=args.calib, samples=args.samples, seq_len=args.seq_len,
+                              batch_size=args.batch_size, device=args.device, seed=args.seed, refit=args.refit,
+                              refit_damp=args.refit_damp)
+            result = prune_checkpoint(args.ckpt, args.out, cfg, force=args.force, progress=not args.no_progress)
+        except InterruptedAfterCommit as e:   # the output is complete: say so, not "nothing was written"
+            print(f"prune: error: interrupted: {e}", file=sys.stderr)
+            return 130
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt) or interrupted.is_set():   # whatever the signal turned into
+                print(f"prune: error: {interrupted_message(e)}", file=sys.stderr)
+                return 130
+            if isinstance(e, (ValueError, OSError, RuntimeError)):
+                print(f"prune: error: {e}", file=sys.stderr)
+                return 1
+            raise
     print(result.summary())
     return 0
 

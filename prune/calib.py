@@ -1,10 +1,10 @@
 """Calibration data: a local text file tokenized with the checkpoint's tokenizer into fixed-length windows.
 
-File formats: ``*.jsonl`` (one JSON object with a ``"text"`` field per line, e.g. ``bench.corpus`` splits) or
-any other file read as one UTF-8 text document. Default file: the evaluation bed's calibration split,
-``bench.corpus.split_path("calib")`` (built on demand, identical on every machine); ``bench:train`` names the
-bed's train split instead (what the bench teacher was trained on; ``bench:valid`` is refused: it is what the
-bed evaluates on).
+File formats: ``*.jsonl`` or ``*.json``, any case (one JSON object with a ``"text"`` field per line, e.g.
+``bench.corpus`` splits) or any other file read as one UTF-8 text document. Default file: the evaluation bed's
+calibration split, ``bench.corpus.split_path("calib")`` (built on demand, identical on every machine);
+``bench:train`` names the bed's train split instead (what the bench teacher was trained on; ``bench:valid`` is
+refused: it is what the bed evaluates on).
 
 Windows: documents are read in file order, each tokenized as ``<bos> text <eos>`` (the same stream layout the
 bench trains on) and concatenated; the stream is cut into non-overlapping ``seq_len`` windows and the first
@@ -81,9 +81,16 @@ def default_calib_path(split: str = "calib") -> Path:
 
 def _documents(path: Path):
     """Yield the documents of ``path`` (see module docstring)."""
-    if path.suffix != ".jsonl":
-        yield path.read_text(encoding="utf-8")
-        return
+    try:
+        if path.suffix.lower() not in (".jsonl", ".json"):
+            yield path.read_text(encoding="utf-8")
+            return
+        yield from _jsonl_documents(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+
+
+def _jsonl_documents(path: Path):
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():

@@ -53,6 +53,8 @@ class PruneConfig:
         if self.criterion == "taylor" and self.seq_len < 2:
             raise ValueError(f"--seq-len {self.seq_len}: taylor needs windows of at least 2 tokens (a window's loss "
                              "is its next-token prediction; one token has none)")
+        if not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"--seed {self.seed}: must be in [0, 2^63)")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
         if self.calib is not None:

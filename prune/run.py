@@ -2,7 +2,9 @@
 (:func:`prune_checkpoint`)."""
 from __future__ import annotations
 
+import json
 import os
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pack.checkpoint import check_output_dir, lineage_step, save_bf16_checkpoint
+from pack.checkpoint import (check_output_dir, check_writable_parent, lineage_step, read_lineage,
+                             save_bf16_checkpoint)
 from pack.sha256 import sha256_files
 
 from .calib import CalibrationSet, bench_split, default_calib_path, load_calibration
@@ -96,7 +99,17 @@ def _read_config(ckpt: Path):
 
     if not (ckpt / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt}: no config.json; pass an HF checkpoint directory")
-    config = AutoConfig.from_pretrained(ckpt)
+    try:
+        config = AutoConfig.from_pretrained(ckpt)
+        archs = config.architectures
+        if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+            raise ValueError(f"architectures must be a list of class names, not {archs!r}")
+    except Exception as e:   # transformers' many ways to reject a config (strict dataclass fields, types, ...)
+        if isinstance(e, ValueError) and str(e).startswith(str(ckpt)):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"{ckpt / 'config.json'}: transformers cannot read it ({type(e).__name__}: {first}); "
+                         f"restore the checkpoint's config.json") from None
     if getattr(config, "quantization_config", None):
         raise ValueError(f"{ckpt}: a quantized checkpoint (config.json has quantization_config); prune the bf16 "
                          f"checkpoint, then run pack.quantize on the pruned one")
@@ -116,12 +129,68 @@ def load_model(ckpt, config=None):
         raise ValueError(f"{ckpt}: config.json names architecture {arch!r}, which transformers "
                          f"{transformers.__version__} does not provide")
     from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # its load report: what is wrong is said below, in one line
     try:
-        return cls.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+        model, info = cls.from_pretrained(ckpt, dtype=torch.bfloat16, output_loading_info=True)
     except SafetensorError as e:   # e.g. a truncated file: safetensors' own error names no file
         raise ValueError(f"{ckpt}: a safetensors file of the checkpoint is unreadable ({e}); copy or save the "
                          "checkpoint again") from None
+    except (RuntimeError, ValueError) as e:
+        if "size mismatch" not in str(e) and "mismatched" not in str(e):
+            raise
+        raise ValueError(f"{ckpt}: config.json does not match the weights' shapes ({_first_line(e)}); restore the "
+                         f"checkpoint's config.json") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # a tensor the model has but the files lack would be left randomly initialised and written out as if trained;
+    # one the files have but the model does not, dropped
+    bad = {what: list(info.get(key) or []) for what, key in (("missing", "missing_keys"),
+                                                             ("not in the model", "unexpected_keys"),
+                                                             ("of another shape", "mismatched_keys"))}
+    if any(bad.values()):
+        said = "; ".join(f"{len(v)} {what} (e.g. {v[0][0] if isinstance(v[0], tuple) else v[0]})"
+                         for what, v in bad.items() if v)
+        raise ValueError(f"{ckpt}: its weights do not match {arch} as config.json describes it: tensors {said}; "
+                         f"restore the checkpoint (copy or save it again)")
+    return model.eval()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+NON_FLOAT = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4")
+
+
+def _check_weight_dtypes(ckpt: Path, weights: list[Path]) -> None:
+    """Refuse weights stored as integers or fp8 (a quantized or otherwise encoded model, which loading would cast
+    to bf16 as if they were values); note floating weights of another width, which are rounded to bf16."""
+    other: dict[str, int] = {}
+    for f in weights:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n)) if n <= 100_000_000 else {}
+        except (OSError, struct.error, ValueError):
+            continue   # loading reports an unreadable file, naming it
+        for name, t in header.items():
+            if name == "__metadata__" or not isinstance(t, dict):
+                continue
+            dtype = t.get("dtype")
+            if dtype in NON_FLOAT:
+                raise ValueError(f"{f}: tensor {name} is stored as {dtype}, not as floating-point values (a "
+                                 f"quantized or encoded model?); prune takes the bf16 checkpoint: dequantize or "
+                                 f"convert it first")
+            if dtype not in (None, "BF16"):
+                other[dtype] = other.get(dtype, 0) + 1
+    if other:
+        print(f"prune: note: {ckpt}: {', '.join(f'{n} tensors stored as {d}' for d, n in sorted(other.items()))} "
+              f"are rounded to bf16", file=sys.stderr, flush=True)
 
 
 def _load_tokenizer(ckpt: Path):
@@ -171,7 +240,14 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if cfg.device.startswith("cuda:"):
+        index = cfg.device.split(":", 1)[1]
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise ValueError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     config = _read_config(ckpt)
+    read_lineage(ckpt)   # a broken lineage file stops the run now, not when the output is written
+    check_writable_parent(out, "-o")
     width = config.get_text_config().intermediate_size
     kept = kept_width(width, cfg.ratio)
 
@@ -182,7 +258,13 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
         if not path.is_file():
             raise FileNotFoundError(f"calibration file {path}: no such file; pass --calib FILE")
         cal = load_calibration(path, _load_tokenizer(ckpt), cfg.samples, cfg.seq_len)
+        vocab = config.get_text_config().vocab_size
+        top = int(cal.input_ids.max()) if cal.input_ids.numel() else 0
+        if top >= vocab:
+            raise ValueError(f"{ckpt}: its tokenizer gives token id {top} on the calibration text, outside the "
+                             f"model's vocabulary (vocab_size {vocab}): tokenizer and model do not belong together")
     weights = sorted(f for p in WEIGHT_PATTERNS for f in ckpt.glob(p))
+    _check_weight_dtypes(ckpt, weights)
     input_sha = sha256_files(weights)
 
     model = load_model(ckpt, config)
@@ -247,5 +329,5 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
     step = lineage_step("prune", method=f"mlp_width/{cfg.criterion}", params=params,
                         input_files_sha256=input_sha,
                         calibration=[_calibration_record(cal, cfg)] if cal is not None else [])
-    save_bf16_checkpoint(model, out, source_dir=ckpt, step=step, force=force)
+    save_bf16_checkpoint(model, out, source_dir=ckpt, step=step, force=force, fsync=True)
     return PruneResult(out, cfg, len(layers), width, kept, double_wide, cal, time.perf_counter() - t0, refit_errors)

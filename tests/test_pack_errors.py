@@ -192,8 +192,16 @@ def test_output_exists(ckpt, tmp_path, capsys):
     rc = main([str(ckpt), "-o", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "output directory exists; pass --force" in err and (out / "keep.txt").is_file()
+    # --force replaces an earlier output, not a folder of other files (`-o . --force` deleted the cwd's files)
+    assert main([str(ckpt), "-o", str(out), "--no-progress", "--force"]) == 2
+    assert "a folder with files but no config.json, not a checkpoint" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "config.json").write_text("{}")   # an earlier output
     assert main([str(ckpt), "-o", str(out), "--no-progress", "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    (tmp_path / "f").write_text("a file")
+    assert main([str(ckpt), "-o", str(tmp_path / "f"), "--no-progress", "--force"]) == 2
+    assert "a file, not an output directory" in capsys.readouterr().err and (tmp_path / "f").read_text() == "a file"
 
 
 def test_output_inside_input(ckpt, capsys):

@@ -361,6 +361,23 @@ def bad_ckpts(tmp_path_factory, micro_tok):
     shutil.copytree(d / "bf16", d / "truncated")
     with open(d / "truncated" / "model.safetensors", "r+b") as fh:
         fh.truncate(4096)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(d / "bf16" / "model.safetensors")
+    up = "model.layers.0.mlp.up_proj.weight"
+    for name, change in (("missingkey", lambda t: t.pop(up)),
+                         ("extrakey", lambda t: t.update({"model.layers.0.mlp.extra.weight": t[up].clone()})),
+                         ("int8", lambda t: t.update({up: t[up].to(torch.int8)}))):
+        shutil.copytree(d / "bf16", d / name)
+        t = dict(weights)
+        change(t)
+        save_file(t, d / name / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(d / "bf16", d / "badconfig")
+    cfg = json.loads((d / "bf16" / "config.json").read_text())
+    (d / "badconfig" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": "640"}))
+    shutil.copytree(d / "bf16", d / "badlineage")
+    (d / "badlineage" / "pdqkit_lineage.json").write_text("{garbled")
+    save_random_checkpoint("micro", d / "smallvocab", tokenizer=micro_tok, vocab_size=256)
     return d
 
 
@@ -382,6 +399,20 @@ def bad_ckpts(tmp_path_factory, micro_tok):
     ("no tokenizer", ["--ckpt=notok"], "no usable tokenizer"),
     ("bad criterion", ["--criterion", "fisher"], "invalid choice: 'fisher'"),
     ("out exists", ["--out-exists"], "output directory exists; pass --force"),
+    # a review's repros: a missing tensor was written out randomly initialised (rc 0), an extra one dropped, int8
+    # weights cast to bf16 as values, and the rest gave tracebacks or failed only after calibrating
+    ("missing tensor", ["--ckpt=missingkey", "--criterion", "magnitude"],
+     "1 missing (e.g. model.layers.0.mlp.up_proj.weight)"),
+    ("extra tensor", ["--ckpt=extrakey", "--criterion", "magnitude"],
+     "1 not in the model (e.g. model.layers.0.mlp.extra.weight)"),
+    ("int8 weights", ["--ckpt=int8", "--criterion", "magnitude"],
+     "tensor model.layers.0.mlp.up_proj.weight is stored as I8"),
+    ("config field type", ["--ckpt=badconfig"], "config.json: transformers cannot read it"),
+    ("garbled lineage", ["--ckpt=badlineage"], "pdqkit_lineage.json: not valid JSON"),
+    ("tokenizer beyond vocab", ["--ckpt=smallvocab"], "outside the model's vocabulary (vocab_size 256)"),
+    ("seed overflow", ["--seed", str(2 ** 64)], "--seed 18446744073709551616: must be in [0, 2^63)"),
+    ("output under a file", ["--out-under-file"], "-o "),
+    ("force over other files", ["--out-other-files", "--force"], "a folder with files but no config.json"),
     *([("no CUDA", ["--device", "cuda"], "CUDA")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_input_one_line_error_nothing_written(prune_ckpts, bad_ckpts, tmp_path, capsys, case, args, msg):
@@ -392,9 +423,12 @@ def test_bad_input_one_line_error_nothing_written(prune_ckpts, bad_ckpts, tmp_pa
             src = bad_ckpts / a.split("=", 1)[1]
         elif a.startswith("--calib="):
             argv += ["--calib", str(bad_ckpts / a.split("=", 1)[1])]
-        elif a == "--out-exists":
+        elif a in ("--out-exists", "--out-other-files"):
             out.mkdir()
             (out / "keep.txt").write_text("mine")
+        elif a == "--out-under-file":
+            (tmp_path / "afile").write_text("x")
+            out = tmp_path / "afile" / "out"
         else:
             argv.append(a)
     try:
@@ -404,11 +438,36 @@ def test_bad_input_one_line_error_nothing_written(prune_ckpts, bad_ckpts, tmp_pa
     err = capsys.readouterr().err.strip()
     assert rc != 0
     assert len(err.splitlines()) == 1 and err.startswith("prune: error: ") and msg in err, err
-    if case == "out exists":
+    kept = case in ("out exists", "force over other files")
+    if kept:
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:
         assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir()] == (["out"] if case == "out exists" else [])  # no temp dirs
+    # no temp dirs
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if kept else ["afile"] if "file" in case else [])
+    if case == "output under a file":
+        assert "cannot write there" in err
+
+
+def test_sigterm_while_writing_cleans_up_and_says_so(prune_ckpts, tmp_path, capsys, monkeypatch):
+    """SIGTERM (a timeout, Slurm, docker stop) while the output is written: like Ctrl-C, the temp dir is removed and
+    one line says so, exit 130 (a review's repro: rc 143 and the whole partial checkpoint left behind)."""
+    import signal
+
+    import pack.checkpoint as ck
+
+    real = ck._save_bf16
+
+    def then_sigterm(*a, **k):
+        real(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ck, "_save_bf16", then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    rc = main([str(prune_ckpts["text"]), "-o", str(tmp_path / "out"), "--criterion", "magnitude", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 130 and err == "prune: error: interrupted; nothing was written", err
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
 
 
 def test_disk_full_while_writing_is_one_line_and_leaves_nothing(prune_ckpts, tmp_path, capsys, monkeypatch):
@@ -456,6 +515,7 @@ def test_atomic_output_dir_puts_back_what_it_moved_and_removes_what_it_made(tmp_
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (out / "config.json").write_text("{}")   # an earlier output (--force replaces nothing else)
     real = os.rename
 
     def second_rename_fails(a, b):   # the commit (the first moved the previous copy aside, with os.replace)
