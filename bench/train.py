@@ -131,6 +131,10 @@ def _train(cfg: TrainConfig, out, force: bool, log) -> dict:
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
+    if force:
+        from pack.checkpoint import check_replaceable
+
+        check_replaceable(out)   # before training, not when the model is written
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
     if cuda:

@@ -42,10 +42,13 @@ def _options():
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
-    """The newest complete step dir of ``ckpt_dir`` (None if there is none)."""
+    """The newest complete step dir of ``ckpt_dir`` (None if there is none): the one ``latest`` names, or without
+    ``latest`` the newest step dir (a step dir is renamed into place only once complete, and ``latest`` written
+    after it: a kill -9 in between leaves a complete step dir and no ``latest``)."""
     f = Path(ckpt_dir) / LATEST
     if not f.is_file():
-        return None
+        steps = sorted(d for d in Path(ckpt_dir).glob("step-*") if (d / "meta.json").is_file())
+        return steps[-1] if steps else None
     d = Path(ckpt_dir) / f.read_text().strip()
     return d if (d / "meta.json").is_file() else None
 

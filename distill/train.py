@@ -155,7 +155,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def _prepare_output(cfg: DistillConfig, env) -> None:
-    from pack.checkpoint import check_output_dir, check_writable_parent
+    from pack.checkpoint import check_output_dir, check_replaceable, check_writable_parent
 
     out, ckpt = Path(cfg.out), Path(cfg.ckpt_dir)
     inputs = {"teacher": cfg.teacher, "student": cfg.student}
@@ -178,12 +178,12 @@ def _prepare_output(cfg: DistillConfig, env) -> None:
             # --force the output's atomic swap would delete the log
             raise ValueError(f"--log-json {cfg.log_json}: must not be the output dir {out} or inside it (the output "
                              f"is written at the end, as a whole); pass a path outside it")
-        for name, p in {**inputs, "checkpoint dir": ckpt}.items():
+        for name, p in inputs.items():
             p_r = Path(p).resolve()
             if log_r == p_r or p_r in log_r.parents:   # the log would overwrite what the run reads
                 raise ValueError(f"--log-json {cfg.log_json}: must not be the {name} {p} or inside it; pass a path "
                                  f"outside it")
-        if log_r.is_dir():
+        if log_r.is_dir() or log_r == ckpt_r:
             raise ValueError(f"--log-json {cfg.log_json}: is a directory; pass a file path")
     check_writable_parent(out, "-o")
     if cfg.ckpt_every:
@@ -192,6 +192,8 @@ def _prepare_output(cfg: DistillConfig, env) -> None:
         raise ValueError(f"--ckpt-dir {ckpt}: is a file, not a folder; pass another --ckpt-dir")
     if os.path.lexists(out) and not cfg.force:   # a dangling symlink is in the way too
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
+    if cfg.force:
+        check_replaceable(out)   # before the training (and before --force deletes an earlier run's checkpoints)
     if ckpt.exists() and not (cfg.resume or cfg.force) and latest_checkpoint(ckpt) is not None:
         raise FileExistsError(f"{ckpt}: training checkpoints of an earlier run exist; pass --resume to continue "
                               "that run, or --force to start over (deletes them)")
@@ -219,9 +221,15 @@ def _load_state(dz, ck: Path) -> dict:
     except (CheckpointException, OSError, EOFError, KeyError, AssertionError, RuntimeError) as e:
         if isinstance(e, torch.OutOfMemoryError):   # the machine, not the checkpoint
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ValueError(f"{ck}: damaged training checkpoint ({type(e).__name__}: {first}); resume from another "
-                         f"one, or run without --resume (with --force) to start over") from None
+        cause = e
+        if isinstance(e, CheckpointException) and getattr(e, "failures", None):   # the rank's own error, not
+            cause = next(iter(e.failures.values()))                                # "CheckpointException ranks"
+            cause = cause[0] if isinstance(cause, tuple) else cause                # ((exception, trace))
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"{ck}: cannot load this training checkpoint ({type(cause).__name__}: {first}): damaged, "
+                         f"or made with another --student or --teacher; resume with the models it was made with or "
+                         f"from another checkpoint, or run without --resume (with --force) to start over (deletes "
+                         f"it)") from None
 
 
 def _start_fresh(cfg: DistillConfig, env) -> None:

@@ -68,31 +68,40 @@ def check_output_dir(out: str | os.PathLike, inputs: dict[str, str | os.PathLike
 
 
 def check_writable_parent(path: str | os.PathLike, option: str) -> None:
-    """Make sure a folder can be created beside ``path`` (its parents created as needed): found before a run's
-    work, not after it. ValueError naming ``option`` (e.g. ``-o``) otherwise."""
+    """Make sure a folder can be created beside ``path``: a probe folder is made and removed in the deepest folder
+    that exists on the way (nothing is left, no parent created), found before a run's work, not after it.
+    ValueError naming ``option`` (e.g. ``-o``) otherwise."""
     path = Path(path)
-    parent = path.absolute().parent
+    here = path.absolute().parent
+    while not os.path.lexists(here) and here != here.parent:
+        here = here.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=parent))
+        if not here.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(here))
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=here))
     except OSError as e:
-        raise ValueError(f"{option} {path}: cannot write there ({e.strerror or e}: {e.filename or parent}); pass "
+        raise ValueError(f"{option} {path}: cannot write there ({e.strerror or e}: {e.filename or here}); pass "
                          f"a path in a writable folder") from None
 
 
+OUTPUT_MARKERS = ("pdqkit_lineage.json", "quant_recipe.json", SINGLE_NAME, INDEX_NAME)
+
+
 def check_replaceable(out: str | os.PathLike) -> None:
-    """What ``--force`` may replace at ``out``: nothing, an earlier output (a directory with a config.json, or an
-    empty one) or a symlink; FileExistsError for a file or a folder of other files (``-o .`` with ``--force`` would
-    have deleted the working directory's files)."""
+    """What ``--force`` may replace at ``out``: nothing, a symlink, an empty folder, or an earlier output (a
+    folder with a ``config.json`` and a lineage file or the weights); FileExistsError for a file or a folder of
+    anything else (``-o . --force`` in a project folder would have deleted its files)."""
     out = Path(out)
-    if out.is_symlink():
+    if out.is_symlink() or not os.path.lexists(out):
         return
-    if out.is_file():
+    if not out.is_dir():
         raise FileExistsError(f"{out}: a file, not an output directory; --force replaces only a checkpoint "
                               f"directory: move the file away or choose another output")
-    if out.is_dir() and not (out / "config.json").exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: a folder with files but no config.json, not a checkpoint; --force replaces "
-                              f"only a checkpoint directory: empty it yourself or choose another output")
+    if any(out.iterdir()) and not ((out / "config.json").exists()
+                                   and any(os.path.lexists(out / m) for m in OUTPUT_MARKERS)):
+        raise FileExistsError(f"{out}: a folder with files but not a checkpoint (no config.json with weights or a "
+                              f"lineage file); --force replaces only a checkpoint directory: empty it yourself or "
+                              f"choose another output")
 
 
 class InterruptedAfterCommit(KeyboardInterrupt):
@@ -538,7 +547,13 @@ def save_bf16_checkpoint(model, out: str | os.PathLike, *, source_dir=None, step
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)   # (the only way to read it: set, then put back at once)
+    try:   # Linux >= 4.7 tells it; elsewhere set and put back at once (another thread's file could see 022)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

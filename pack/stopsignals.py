@@ -41,9 +41,17 @@ def stop_signals_interrupt() -> Iterator[threading.Event]:
     try:
         yield arrived
     finally:
-        for s, h in old.items():
-            if h is not None:  # None: a handler not installed from Python, which cannot be put back
-                signal.signal(s, h)
+        # blocked while the handlers are put back: one arriving now would raise out of a finished block (after
+        # a committed output) or leave this handler installed; it is delivered to the restored handler instead
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if old and hasattr(signal,
+                                                                                         "pthread_sigmask") else None
+        try:
+            for s, h in old.items():
+                if h is not None:  # None: a handler not installed from Python, which cannot be put back
+                    signal.signal(s, h)
+        finally:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def interrupted_message(e: BaseException) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pack.checkpoint import (check_output_dir, check_writable_parent, lineage_step, read_lineage,
-                             save_bf16_checkpoint)
+from pack.checkpoint import (check_output_dir, check_replaceable, check_writable_parent, lineage_step,
+                             read_lineage, save_bf16_checkpoint)
 from pack.sha256 import sha256_files
 
 from .calib import CalibrationSet, bench_split, default_calib_path, load_calibration
@@ -238,6 +238,8 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
     check_output_dir(out, {"input checkpoint": ckpt})
     if os.path.lexists(out) and not force:   # a dangling symlink is in the way too
         raise FileExistsError(f"{out}: output directory exists; pass --force to overwrite it")
+    if force:
+        check_replaceable(out)   # (the writer checks again at the end; this is before the work)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
     if cfg.device.startswith("cuda:"):

@@ -243,19 +243,22 @@ def test_damaged_or_unusable_checkpoints_are_refused_in_one_line(pair, tmp_path,
         how()
 
     (distcp,) = step.glob("*.distcp")
-    cases = [(lambda: os.truncate(distcp, distcp.stat().st_size // 2), "damaged training checkpoint"),
-             (lambda: distcp.unlink(), "damaged training checkpoint"),
-             (lambda: (step / ".metadata").unlink(), "damaged training checkpoint"),
+    cases = [(lambda: os.truncate(distcp, distcp.stat().st_size // 2), "cannot load this training checkpoint"),
+             (lambda: distcp.unlink(), "cannot load this training checkpoint"),
+             (lambda: (step / ".metadata").unlink(), "cannot load this training checkpoint"),
              (lambda: (step / "meta.json").write_text("{garbled"), "damaged training checkpoint"),
              (lambda: (step / "meta.json").write_text("{}"), "damaged training checkpoint"),
-             (lambda: (ckpt / "latest").write_text("step-00000009"), "none that 'latest' (step-00000009) names"),
-             (lambda: (ckpt / "latest").unlink(), "none that 'latest' (missing) names")]
+             (lambda: (ckpt / "latest").write_text("step-00000009"), "none that 'latest' (step-00000009) names")]
     for how, msg in cases:
         damage(how)
         assert distill_main(_args(teacher, student, out, data, *run, "--resume", "--force")) == 1
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
         assert step.is_dir()   # nothing deleted
+    # no 'latest' (a kill -9 between a step dir's rename and latest's write): the newest step dir is resumed
+    damage(lambda: (ckpt / "latest").unlink())
+    assert distill_main(_args(teacher, student, out, data, *run, "--resume", "--force")) == 0
+    assert f"resume: continuing from {step}" in capsys.readouterr().out
     shutil.rmtree(ckpt)   # no checkpoint at all: --resume starts from step 0
     assert distill_main(_args(teacher, student, out, data, *run, "--resume", "--force")) == 0
     assert "no checkpoint in" in capsys.readouterr().out

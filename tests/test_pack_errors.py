@@ -194,9 +194,10 @@ def test_output_exists(ckpt, tmp_path, capsys):
     assert rc == 2 and "output directory exists; pass --force" in err and (out / "keep.txt").is_file()
     # --force replaces an earlier output, not a folder of other files (`-o . --force` deleted the cwd's files)
     assert main([str(ckpt), "-o", str(out), "--no-progress", "--force"]) == 2
-    assert "a folder with files but no config.json, not a checkpoint" in capsys.readouterr().err
+    assert "a folder with files but not a checkpoint" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     (out / "config.json").write_text("{}")   # an earlier output
+    (out / "model.safetensors").write_text("old")
     assert main([str(ckpt), "-o", str(out), "--no-progress", "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     (tmp_path / "f").write_text("a file")

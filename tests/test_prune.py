@@ -412,7 +412,7 @@ def bad_ckpts(tmp_path_factory, micro_tok):
     ("tokenizer beyond vocab", ["--ckpt=smallvocab"], "outside the model's vocabulary (vocab_size 256)"),
     ("seed overflow", ["--seed", str(2 ** 64)], "--seed 18446744073709551616: must be in [0, 2^63)"),
     ("output under a file", ["--out-under-file"], "-o "),
-    ("force over other files", ["--out-other-files", "--force"], "a folder with files but no config.json"),
+    ("force over other files", ["--out-other-files", "--force"], "a folder with files but not a checkpoint"),
     *([("no CUDA", ["--device", "cuda"], "CUDA")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_input_one_line_error_nothing_written(prune_ckpts, bad_ckpts, tmp_path, capsys, case, args, msg):
@@ -426,6 +426,8 @@ def test_bad_input_one_line_error_nothing_written(prune_ckpts, bad_ckpts, tmp_pa
         elif a in ("--out-exists", "--out-other-files"):
             out.mkdir()
             (out / "keep.txt").write_text("mine")
+            if a == "--out-other-files":   # a project folder: a config.json is not enough to be a checkpoint
+                (out / "config.json").write_text("{}")
         elif a == "--out-under-file":
             (tmp_path / "afile").write_text("x")
             out = tmp_path / "afile" / "out"
@@ -440,13 +442,23 @@ def test_bad_input_one_line_error_nothing_written(prune_ckpts, bad_ckpts, tmp_pa
     assert len(err.splitlines()) == 1 and err.startswith("prune: error: ") and msg in err, err
     kept = case in ("out exists", "force over other files")
     if kept:
-        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        want = ["keep.txt"] if case == "out exists" else ["config.json", "keep.txt"]
+        assert sorted(p.name for p in out.iterdir()) == want
     else:
         assert not out.exists()
     # no temp dirs
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if kept else ["afile"] if "file" in case else [])
     if case == "output under a file":
         assert "cannot write there" in err
+
+
+def test_a_refused_run_leaves_no_parent_folders(prune_ckpts, tmp_path, capsys):
+    """The early check that OUT can be written probes the deepest folder that exists and creates none (a review
+    found the parents of a refused run's OUT left behind)."""
+    out = tmp_path / "new" / "a" / "out"
+    rc = main([str(prune_ckpts["text"]), "-o", str(out), "--calib", str(tmp_path / "none.jsonl"), "--no-progress"])
+    assert rc == 1 and "no such file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sigterm_while_writing_cleans_up_and_says_so(prune_ckpts, tmp_path, capsys, monkeypatch):
@@ -516,6 +528,7 @@ def test_atomic_output_dir_puts_back_what_it_moved_and_removes_what_it_made(tmp_
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     (out / "config.json").write_text("{}")   # an earlier output (--force replaces nothing else)
+    (out / "pdqkit_lineage.json").write_text("{}")
     real = os.rename
 
     def second_rename_fails(a, b):   # the commit (the first moved the previous copy aside, with os.replace)
