@@ -140,7 +140,7 @@ def save_random_checkpoint_streamed(scale: str, out, multimodal: bool = False, s
     from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
     from pack.checkpoint import (INDEX_NAME, KNORM_SHARD, SINGLE_NAME, atomic_output_dir, json_dump,
-                                 kv_shared_k_norm_tensors, lineage_step, write_lineage)
+                                 kv_shared_k_norm_tensors, lineage_step, usual_file_modes, write_lineage)
 
     cfg = model_config(scale, multimodal, **overrides)
     cls = Gemma4ForConditionalGeneration if multimodal else Gemma4ForCausalLM
@@ -193,6 +193,7 @@ def save_random_checkpoint_streamed(scale: str, out, multimodal: bool = False, s
                             init=f"random-streamed N(0, {std})", seed=seed,
                             overrides={k: v for k, v in sorted(overrides.items())})
         write_lineage(tmp, [], step)
+        usual_file_modes(tmp)   # (save_file writes 0600)
     return Path(out)
 
 

@@ -81,7 +81,7 @@ def _write_bf16(model, out: Path, shared_file: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from pack.checkpoint import atomic_output_dir, kv_shared_k_norm_tensors
+    from pack.checkpoint import atomic_output_dir, kv_shared_k_norm_tensors, usual_file_modes
     from pack.qconfig import QuantRecipe
     from pack.targets import plan_model
 
@@ -101,6 +101,7 @@ def _write_bf16(model, out: Path, shared_file: Path) -> None:
         size = (tmp / LAYER_SHARD).stat().st_size + shared_file.stat().st_size
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        usual_file_modes(tmp)   # (save_file writes 0600)
 
 
 def generate_checkpoints(work: Path, scale: str, pruned_width: int, seed: int) -> dict[str, Path]:

@@ -47,7 +47,7 @@ __all__ = [
     "atomic_output_dir", "fsync_dir", "fsync_tree", "InterruptedAfterCommit", "OutputAppeared", "UnsyncedAfterCommit",
     "copy_aux_files",
     "sha256_file", "read_lineage", "write_lineage", "lineage_step", "kv_shared_k_norm_tensors",
-    "save_bf16_checkpoint", "json_dump", "check_writable_parent", "check_replaceable",
+    "save_bf16_checkpoint", "json_dump", "check_writable_parent", "check_replaceable", "usual_file_modes",
 ]
 
 
