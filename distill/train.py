@@ -87,15 +87,21 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
 
 
 def checkpoint_sha256(ckpt: str | Path) -> str:
-    """sha256 over a checkpoint's weights: ``name sha256`` of each ``*.safetensors`` file, sorted by name."""
-    from pack.checkpoint import sha256_file
+    """sha256 over a checkpoint's weights: ``name sha256`` of each ``*.safetensors`` file, sorted by name (the
+    files' own sha256 from pack's input-hash cache when unchanged since hashed: :mod:`pack.hashcache`)."""
+    from pack.checkpoint import FileHasher
 
     files = sorted(Path(ckpt).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{ckpt}: no *.safetensors files")
+    hasher = FileHasher(files)
+    try:
+        by_name = hasher.result()
+    finally:
+        hasher.close()
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.name} {sha256_file(f)}\n".encode())
+        h.update(f"{f.name} {by_name[f.name]}\n".encode())
     return h.hexdigest()
 
 
@@ -522,6 +528,9 @@ def _run(cfg: DistillConfig, env) -> dict:
     student = load_model(cfg.student, student_dtype(cfg.precision), env.device, cfg.attn)
     check_pair(teacher, student, cfg.teacher, cfg.student)
     dz = Distiller(cfg, env, teacher, student, _eos_ids(student, tokenizer))
+    # what a training checkpoint is checked against on --resume (beside the settings and the data)
+    identity = ({"teacher": checkpoint_sha256(cfg.teacher), "student": checkpoint_sha256(cfg.student),
+                 "tokenizer": data.tokenizer_sha256} if cfg.ckpt_every or cfg.resume else {})
     load_s = time.perf_counter() - t_load
     _start_fresh(cfg, env)
     log = _Log(env, cfg.log_json, append=cfg.resume)   # (opened here: "w" empties an earlier run's log)
@@ -547,6 +556,12 @@ def _run(cfg: DistillConfig, env) -> dict:
             # data term); a field whose default is resolved per phase (None here) still counts as different
             had = {**{k: getattr(DistillConfig, k, None) for k in want}, **meta["config"]}
             diff = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
+            made = meta.get("models_sha256") or {}   # (a checkpoint from before the check has none)
+            other = sorted(k for k in made if k in identity and made[k] != identity[k])
+            if other:   # the same paths, other models: the loss would jump, the lineage name the new teacher
+                raise ValueError(f"{ck}: checkpoint was made with another {' and '.join(other)} (sha256 differs: "
+                                 f"replaced since?); resume with the models it was made with, or --force to start "
+                                 f"over")
             if meta.get("data_sha256", data.sha256) != data.sha256:  # the same path, rewritten since
                 raise ValueError(f"{ck}: checkpoint was trained on other data ({data.source} has changed since: "
                                  "its sha256 differs); resume with the data it was made with, or --force to start "
@@ -606,14 +621,14 @@ def _run(cfg: DistillConfig, env) -> dict:
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             t_ck = time.perf_counter()
             dz.save_state(cfg.ckpt_dir, step + 1, {"config": cfg.result_dict(), "history": history,
-                                                   "data_sha256": data.sha256})
+                                                   "data_sha256": data.sha256, "models_sha256": identity})
             t_int += time.perf_counter() - t_ck  # checkpoint time is not training time
 
     # sampled tokens from the whole history (a resumed run restores the steps before its checkpoint)
     generated = sum(h["on_policy"] for h in history) * cfg.batch * cfg.max_new_tokens
     summary = _summary(cfg, data, history, generated, dz.layers, dz.layer_w, env)
     dz.use_ema()  # --ema-decay: the average is what is written (the logged losses are the raw weights')
-    _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary)
+    _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary, identity.get("teacher"))
     log.record({"event": "summary", **summary})
     log.close()
     if env.is_main and not cfg.keep_ckpt:
@@ -660,7 +675,7 @@ def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:
     }
 
 
-def _save(cfg, env, dm, student, trainable, tokenizer, summary) -> None:
+def _save(cfg, env, dm, student, trainable, tokenizer, summary, teacher_sha256: str | None = None) -> None:
     """Gather the trained weights to rank 0 and write OUT (bf16, lineage step 'distill')."""
     from pack.checkpoint import lineage_step, save_bf16_checkpoint
 
@@ -682,7 +697,7 @@ def _save(cfg, env, dm, student, trainable, tokenizer, summary) -> None:
         with torch.no_grad():
             for n in trainable:
                 own[n].copy_(sd[n])
-        summary["teacher"] = {"path": cfg.teacher, "sha256": checkpoint_sha256(cfg.teacher)}
+        summary["teacher"] = {"path": cfg.teacher, "sha256": teacher_sha256 or checkpoint_sha256(cfg.teacher)}
         step = lineage_step("distill", **summary)
         save_bf16_checkpoint(model, cfg.out, source_dir=cfg.student, step=step,
                              tokenizer=tokenizer if not any(Path(cfg.student).glob("tokenizer*")) else None,

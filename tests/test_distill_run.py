@@ -264,6 +264,25 @@ def test_damaged_or_unusable_checkpoints_are_refused_in_one_line(pair, tmp_path,
     assert "no checkpoint in" in capsys.readouterr().out
 
 
+def test_resume_refuses_other_models_at_the_same_paths(tmp_path, capsys):
+    """A training checkpoint records the teacher's, the student's and the tokenizer's sha256; --resume with another
+    model at the same path is refused (a review's repro: it continued, the loss jumped and the lineage named the new
+    teacher). The output's lineage records the teacher as hashed when the run started."""
+    teacher, student = save_pair(tmp_path / "a", "micro", width=512)
+    other, _ = save_pair(tmp_path / "b", "micro", width=512, seed=1)
+    data = _write_ids(tmp_path / "d.jsonl", 8, 128)
+    run = ["--steps", 2, "--batch", 2, "--seq-len", 32, "--ckpt-every", 1, "--keep-ckpt"]
+    out = tmp_path / "o"
+    assert distill_main(_args(teacher, student, out, data, *run)) == 0
+    (step, ) = [s for s in read_lineage(out) if s["kind"] == "distill"]
+    assert step["teacher"]["sha256"] == checkpoint_sha256(teacher)
+    shutil.copy(Path(other) / "model.safetensors", Path(teacher) / "model.safetensors")
+    capsys.readouterr()
+    assert distill_main(_args(teacher, student, out, data, *run, "--resume", "--force")) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint was made with another teacher (sha256 differs" in err and err.count("\n") == 1, err
+
+
 def test_batches_shard_by_rank_and_wrap_epochs():
     blocks = TokenBlocks(torch.arange(7 * 4).view(7, 4), "x", "0", None)
     for step in range(5):  # 5 steps x 4 rows > 7 windows: wraps into epoch 2 and 3
