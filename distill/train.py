@@ -160,6 +160,16 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
+def _refuse_at_or_inside(option: str, path, inputs: dict) -> None:
+    """ValueError if ``path`` (given as ``option``) is one of ``inputs`` (``{what: path}``) or lies inside it,
+    compared resolved."""
+    path_r = Path(path).resolve()
+    for name, p in inputs.items():
+        p_r = Path(p).resolve()
+        if path_r == p_r or p_r in path_r.parents:
+            raise ValueError(f"{option} {path}: must not be the {name} {p} or lie inside it; pass another {option}")
+
+
 def _prepare_output(cfg: DistillConfig, env) -> None:
     from pack.checkpoint import check_output_dir, check_replaceable, check_writable_parent
 
@@ -169,11 +179,7 @@ def _prepare_output(cfg: DistillConfig, env) -> None:
         inputs["data"] = cfg.data   # (an output there would replace it, or delete it with the output's old copy)
     check_output_dir(out, inputs)
     out_r, ckpt_r = out.resolve(), ckpt.resolve()
-    for name, p in inputs.items():
-        p_r = Path(p).resolve()
-        if ckpt_r == p_r or p_r in ckpt_r.parents:   # (its step folders would be written into an input)
-            raise ValueError(f"--ckpt-dir {ckpt}: must not be the {name} {p} or lie inside it; pass another "
-                             f"--ckpt-dir")
+    _refuse_at_or_inside("--ckpt-dir", ckpt, inputs)   # (its step folders would be written into an input)
     if ckpt_r == out_r or out_r in ckpt_r.parents:
         raise ValueError(f"--ckpt-dir {ckpt}: must not be the output dir {out} or inside it (the output is replaced "
                          f"when the run ends); pass another --ckpt-dir")
@@ -184,11 +190,7 @@ def _prepare_output(cfg: DistillConfig, env) -> None:
             # --force the output's atomic swap would delete the log
             raise ValueError(f"--log-json {cfg.log_json}: must not be the output dir {out} or inside it (the output "
                              f"is written at the end, as a whole); pass a path outside it")
-        for name, p in inputs.items():
-            p_r = Path(p).resolve()
-            if log_r == p_r or p_r in log_r.parents:   # the log would overwrite what the run reads
-                raise ValueError(f"--log-json {cfg.log_json}: must not be the {name} {p} or inside it; pass a path "
-                                 f"outside it")
+        _refuse_at_or_inside("--log-json", cfg.log_json, inputs)   # it would overwrite what the run reads
         if log_r.is_dir() or log_r == ckpt_r:
             raise ValueError(f"--log-json {cfg.log_json}: is a directory; pass a file path")
     check_writable_parent(out, "-o")

@@ -34,8 +34,9 @@ does not cover) is planned without the cache.
 Where it lives: ``$PDQKIT_PLAN_CACHE`` if set, else ``$PDQKIT_CACHE/plans``; ``$PDQKIT_CACHE`` defaults to
 ``~/.cache/pdqkit``. Entries are written, read, marked used and pruned by :mod:`pack.cachedir` (atomic writes,
 the :data:`MAX_ENTRIES` most recently used kept, stale temp files deleted, no other file touched). An entry that
-cannot be read, does not parse, or names another key than its file's is rebuilt. A cache that cannot be located, read or written only costs the
-speed-up. Errors are never cached: a bad config is planned, and reported, on every run.
+cannot be read, does not parse, or names another key than its file's is rebuilt. A cache that cannot be located,
+read or written only costs the speed-up. Errors are never cached: a bad config is planned, and reported, on every
+run.
 
 Size: an entry is ~17 KB for a 1B-parameter Gemma-4 (one name and shape per output tensor).
 """

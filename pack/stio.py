@@ -41,8 +41,8 @@ from .errors import QuantizeError
 from .hashcache import FileState, fd_state, file_state
 
 __all__ = [
-    "ST_DTYPES", "TensorEntry", "read_header", "SourceFiles", "read_tensor", "read_bytes", "iter_chunks",
-    "tensor_bytes", "start_writeback", "SafetensorsFileWriter", "INDEX_NAME", "SINGLE_NAME",
+    "ST_DTYPES", "TensorEntry", "raw_header", "read_header", "SourceFiles", "read_tensor", "read_bytes",
+    "iter_chunks", "tensor_bytes", "start_writeback", "SafetensorsFileWriter", "INDEX_NAME", "SINGLE_NAME",
 ]
 
 CHUNK = 4 << 20  # bytes per read/write of a passthrough tensor (small buffers: reused by the allocator)
@@ -101,24 +101,44 @@ def _names_fd_file(path: Path, fd: int) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def raw_header(fd: int) -> tuple[dict, int]:
+    """The JSON header of the safetensors file open as ``fd`` and the offset its data starts at, read with
+    ``pread`` (no offset moved), unchecked against the data; OSError, struct.error or ValueError (JSON, too long,
+    not an object) if it does not read."""
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if n > MAX_HEADER:   # (do not try to allocate it)
+        raise ValueError(f"header length {n}")
+    header = json.loads(os.pread(fd, n, 8))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header, 8 + n
+
+
 def read_header(path: Path, fd: int | None = None) -> dict[str, TensorEntry]:
     """Validate ``path`` with safetensors' own ``safe_open`` and return its tensors (absolute offsets).
 
-    ``fd``: the file open as that descriptor is what gets validated and read; read its tensors through it too.
-    On Linux ``safe_open`` is given ``/proc/self/fd/N``, the file behind the descriptor even once ``path`` names
-    another; without /proc it is given ``path``, which must then still name the descriptor's file. Errors name
-    ``path``."""
+    ``fd``: the file open as that descriptor is what gets validated and read (default: ``path`` opened here);
+    read its tensors through it too. On Linux ``safe_open`` is given ``/proc/self/fd/N``, the file behind the
+    descriptor even once ``path`` names another; without /proc it is given ``path``, which must then still name
+    the descriptor's file. Errors name ``path``."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    via = path
-    if fd is not None and os.path.isdir("/proc/self/fd"):
-        via = Path(f"/proc/self/fd/{fd}")
+    if fd is None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise QuantizeError(f"{path}: cannot read it ({e.strerror})") from None
+        try:
+            return read_header(path, fd)
+        finally:
+            os.close(fd)
+    via = Path(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else path
     try:
         with safe_open(str(via), framework="pt"):
             pass
     except (SafetensorError, OSError) as e:
-        if fd is not None and not _names_fd_file(path, fd):   # e.g. a partial file replaced by a complete one
+        if not _names_fd_file(path, fd):   # e.g. a partial file replaced by a complete one
             raise _changed(path, "it was replaced after the run opened it") from None
         if isinstance(e, OSError) and via != path:   # (its message names /proc, not the file, and maybe no reason)
             try:
@@ -130,23 +150,12 @@ def read_header(path: Path, fd: int | None = None) -> dict[str, TensorEntry]:
                                 f"run again once it can be read") from None
         raise QuantizeError(f"{path}: not a valid safetensors file ({e}); the file is truncated or corrupt: "
                             f"re-download or re-save the checkpoint") from None
-    if fd is not None and via == path and not _names_fd_file(path, fd):   # checked one file, would read another
+    if via == path and not _names_fd_file(path, fd):   # checked one file, would read another
         raise _changed(path, "it was replaced after the run opened it")
     try:   # a second read: the file may have changed since safe_open validated it
-        if fd is None:
-            with open(path, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-        else:
-            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-            if n > MAX_HEADER:   # (not the length just validated: do not try to allocate it)
-                raise ValueError(f"header length {n}")
-            header = json.loads(os.pread(fd, n, 8))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
+        header, base = raw_header(fd)
     except (OSError, struct.error, ValueError) as e:   # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
         raise _changed(path, f"its header no longer reads as the one just validated: {type(e).__name__}") from None
-    base = 8 + n
     out = {}
     for name, info in header.items():
         if name == "__metadata__":

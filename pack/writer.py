@@ -454,7 +454,6 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                 bytes_out = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))  # like bytes_in: weights
         finally:
             torch.set_num_threads(threads)
-            hasher.cancel()
         bytes_in = src.nbytes   # no I/O: an input may be gone after the commit
     n_mod = len(plan.targeted)
     return QuantizeResult(out=out, quantized_modules=n_mod, quantized_tensors=3 * n_mod,

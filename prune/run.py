@@ -2,7 +2,6 @@
 (:func:`prune_checkpoint`)."""
 from __future__ import annotations
 
-import json
 import os
 import struct
 import sys
@@ -15,6 +14,7 @@ import torch
 from pack.checkpoint import (check_output_dir, check_replaceable, check_writable_parent, lineage_step,
                              read_lineage, save_bf16_checkpoint)
 from pack.sha256 import sha256_files
+from pack.stio import raw_header
 
 from .calib import CalibrationSet, bench_split, default_calib_path, load_calibration
 from .config import ROUND_MULTIPLE, PruneConfig, kept_width
@@ -105,11 +105,8 @@ def _read_config(ckpt: Path):
         if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
             raise ValueError(f"architectures must be a list of class names, not {archs!r}")
     except Exception as e:   # transformers' many ways to reject a config (strict dataclass fields, types, ...)
-        if isinstance(e, ValueError) and str(e).startswith(str(ckpt)):
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ValueError(f"{ckpt / 'config.json'}: transformers cannot read it ({type(e).__name__}: {first}); "
-                         f"restore the checkpoint's config.json") from None
+        raise ValueError(f"{ckpt / 'config.json'}: transformers cannot read it ({type(e).__name__}: "
+                         f"{_first_line(e)}); restore the checkpoint's config.json") from None
     if getattr(config, "quantization_config", None):
         raise ValueError(f"{ckpt}: a quantized checkpoint (config.json has quantization_config); prune the bf16 "
                          f"checkpoint, then run pack.quantize on the pruned one")
@@ -173,9 +170,11 @@ def _check_weight_dtypes(ckpt: Path, weights: list[Path]) -> None:
         if f.suffix != ".safetensors":
             continue
         try:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n)) if n <= 100_000_000 else {}
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                header, _ = raw_header(fd)
+            finally:
+                os.close(fd)
         except (OSError, struct.error, ValueError):
             continue   # loading reports an unreadable file, naming it
         for name, t in header.items():
