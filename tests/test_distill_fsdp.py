@@ -1,13 +1,18 @@
 """``torchrun --nproc-per-node 2 -m distill`` on CPU (gloo, FSDP2): same loss curve as one process, and a
 sharded (DCP) training checkpoint that resumes to the same bytes as the uninterrupted 2-process run.
 
-Tolerance: both runs see the same global batch per step and fp32 arithmetic; they differ only in summation
-order (per-rank partial means averaged by the reduce-scatter). Step 1's losses agree to ~1e-7 relative; the
-rounding differences of the reduced gradients then grow through AdamW (random micro models: gradient norms
-~30, clipped to 1): measured at the default lr 1e-4, 4e-6 at step 2 and up to 1.1e-4 by step 4 (5e-4 at
-lr 3e-4). Asserted: rel 1e-6 on step 1, 1e-3 after; written weights within a bf16 ulp (<= 2e-3). Phase 2 samples
-the same continuations (per-row generators), so its curve matches too. The single-process references run
-inside the test process."""
+Tolerance: both runs see the same global batch per step; the student is fp32, the teacher a bf16 model (as in
+every precision mode). They differ in summation order (per-rank partial means averaged by the reduce-scatter)
+and in the teacher's bf16 rounding: each rank runs half the rows, and a CPU's bf16 matmul may round differently
+at another row count (measured on one 2-core Xeon with AMX, 2026-12-02: step 1's KL and hidden-state terms
+4.5e-5 / 2.1e-5 relative apart, none with oneDNN held to AVX2 or AVX-512, where they agree to ~1e-7; the
+student-only data term 1.2e-7 on all three). The differences then grow through AdamW (random micro models:
+gradient norms ~30, clipped to 1; AdamW's first steps move every weight by ~lr whatever its gradient's size):
+losses up to 2.6e-3 relative by step 4, the gradient norm already 11 % at step 2 with AMX (1.5e-3 without).
+Asserted: on step 1 rel 1e-6 for the data term, 2e-4 for the teacher's terms and the loss, 1e-3 for the
+gradient norm (a norm over one rank's shard instead of the whole model's would be ~30 % off); rel 1e-2 on the
+later steps' losses; written weights within a bf16 ulp (<= 2e-3). Phase 2 samples the same continuations
+(per-row generators), so its curve matches too. The single-process references run inside the test process."""
 from __future__ import annotations
 
 import json
@@ -100,13 +105,13 @@ def test_fsdp_two_ranks_match_one_process(pair, tmp_path, ce):
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         for k in ("loss", "forward_kl", "hidden_mse", *(["data_ce"] if ce else [])):
-            # step 1: same weights, only the summation order differs; later steps drift (see module docstring)
-            assert b[k] == pytest.approx(a[k], rel=1e-6 if a["step"] == 1 else 1e-3), (a["step"], k)
-        # the clipping norm over the ranks' shards is the whole model's (one shard's would be ~30 % off, and would
-        # barely move the losses: AdamW hardly depends on the gradient's scale). It drifts faster than the losses
-        # (measured: 6e-5 at step 2, up to 9 % by step 4 with the data term), so steps 1 and 2 only
-        if a["step"] <= 2:
-            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6 if a["step"] == 1 else 1e-3), a["step"]
+            # step 1: same weights; the student's own term differs only in summation order, the teacher's terms
+            # also in the teacher's bf16 rounding; later steps drift (see module docstring)
+            rel = (1e-6 if k == "data_ce" else 2e-4) if a["step"] == 1 else 1e-2
+            assert b[k] == pytest.approx(a[k], rel=rel), (a["step"], k)
+    # the clipping norm over the ranks' shards is the whole model's (one shard's would be ~30 % off, and would
+    # barely move the losses: AdamW hardly depends on the gradient's scale); step 1 only, the norm drifts fastest
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-3)
     assert _max_weight_diff(tmp_path / "one", tmp_path / "two") <= 2e-3  # a few bf16 ulps of |w| < 0.5
     assert json.loads((tmp_path / "two" / "pdqkit_lineage.json").read_text())["source_lineage"][-1][
         "world_size"] == 2
