@@ -54,7 +54,7 @@ from .models import (DistillModule, MasterWeights, capture_layer_outputs, check_
 from .sample import continuation_mask, on_policy_step, row_seed, sample_continuations
 from .state import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["run", "Distiller", "lr_at", "checkpoint_sha256", "student_dtype", "loss_parts"]
+__all__ = ["run", "Distiller", "lr_at", "CheckpointHash", "checkpoint_sha256", "student_dtype", "loss_parts"]
 
 # the bookkeeping keys of a Distiller.step record; every other key but "loss" is a loss term
 _STEP_KEYS = ("step", "lr", "grad_norm", "on_policy")
@@ -86,23 +86,55 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def checkpoint_sha256(ckpt: str | Path) -> str:
+class CheckpointHash:
     """sha256 over a checkpoint's weights: ``name sha256`` of each ``*.safetensors`` file, sorted by name (the
-    files' own sha256 from pack's input-hash cache when unchanged since hashed: :mod:`pack.hashcache`)."""
-    from pack.checkpoint import FileHasher
+    files' own sha256 from pack's input-hash cache when unchanged since hashed: :mod:`pack.hashcache`).
 
-    files = sorted(Path(ckpt).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt}: no *.safetensors files")
-    hasher = FileHasher(files)
+    Started on creation, in ``workers`` child processes (default: one per file, up to this rank's share of the
+    cores), so that the hash runs while the caller loads the models; :meth:`result` waits. The files are opened
+    on creation, and the hash is of them as they were then (the version the models are loaded from, unless one
+    is replaced in the moment between). :meth:`close` stops the children and closes the files."""
+
+    def __init__(self, ckpt: str | Path, workers: int | None = None):
+        from pack.checkpoint import FileHasher
+
+        self.ckpt = ckpt
+        self.files = sorted(Path(ckpt).glob("*.safetensors"))
+        self._hasher = (FileHasher(self.files, workers=workers or _hash_workers(len(self.files)))
+                        if self.files else None)   # (none: result() says so; a model loader may say it first)
+        self._hex: str | None = None
+
+    def result(self) -> str:
+        if self._hasher is None:
+            raise FileNotFoundError(f"{self.ckpt}: no *.safetensors files")
+        if self._hex is None:
+            by_name = self._hasher.result()
+            h = hashlib.sha256()
+            for f in self.files:
+                h.update(f"{f.name} {by_name[f.name]}\n".encode())
+            self._hex = h.hexdigest()
+        return self._hex
+
+    def close(self) -> None:
+        if self._hasher is not None:
+            self._hasher.close()
+
+
+def _hash_workers(files: int) -> int:
+    """Children to hash ``files`` files with: one per file, up to this process's cores shared among the node's
+    ranks (torchrun's ``LOCAL_WORLD_SIZE``), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(files, cores // local, 8))
+
+
+def checkpoint_sha256(ckpt: str | Path, workers: int | None = None) -> str:
+    """:class:`CheckpointHash` of ``ckpt``, waited for."""
+    h = CheckpointHash(ckpt, workers)
     try:
-        by_name = hasher.result()
+        return h.result()
     finally:
-        hasher.close()
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.name} {by_name[f.name]}\n".encode())
-    return h.hexdigest()
+        h.close()
 
 
 class _Log:
@@ -526,12 +558,25 @@ def _run(cfg: DistillConfig, env) -> dict:
         data.selection = read_selection_meta(cfg.data, data.sha256)
         if data.selection:
             check_selection_use(data.selection, cfg.data, cfg.seq_len, cfg.max_tokens)
+    # the models' sha256, hashed while they load: the teacher's for the lineage (written by the main rank), and
+    # what a training checkpoint is checked against on --resume (beside the settings and the data)
+    checked = bool(cfg.ckpt_every or cfg.resume)
+    with contextlib.ExitStack() as stack:
+        hashes = {}
+        for name, ckpt in (("teacher", cfg.teacher), ("student", cfg.student)):
+            if checked or (name == "teacher" and env.is_main):
+                hashes[name] = h = CheckpointHash(ckpt)
+                stack.callback(h.close)
+        return _train(cfg, env, tokenizer, data, hashes, t_load)
+
+
+def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float) -> dict:
+    """:func:`_run` from loading the models on; ``hashes``: the models' :class:`CheckpointHash`, started."""
     teacher = load_model(cfg.teacher, torch.bfloat16, env.device, cfg.attn)
     student = load_model(cfg.student, student_dtype(cfg.precision), env.device, cfg.attn)
     check_pair(teacher, student, cfg.teacher, cfg.student)
     dz = Distiller(cfg, env, teacher, student, _eos_ids(student, tokenizer))
-    # what a training checkpoint is checked against on --resume (beside the settings and the data)
-    identity = ({"teacher": checkpoint_sha256(cfg.teacher), "student": checkpoint_sha256(cfg.student),
+    identity = ({"teacher": hashes["teacher"].result(), "student": hashes["student"].result(),
                  "tokenizer": data.tokenizer_sha256} if cfg.ckpt_every or cfg.resume else {})
     load_s = time.perf_counter() - t_load
     _start_fresh(cfg, env)
@@ -630,7 +675,8 @@ def _run(cfg: DistillConfig, env) -> dict:
     generated = sum(h["on_policy"] for h in history) * cfg.batch * cfg.max_new_tokens
     summary = _summary(cfg, data, history, generated, dz.layers, dz.layer_w, env)
     dz.use_ema()  # --ema-decay: the average is what is written (the logged losses are the raw weights')
-    _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary, identity.get("teacher"))
+    _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary,
+          hashes["teacher"].result() if "teacher" in hashes else None)
     log.record({"event": "summary", **summary})
     log.close()
     if env.is_main and not cfg.keep_ckpt:

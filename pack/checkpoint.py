@@ -362,13 +362,20 @@ class FileHasher:
     filesystems without stable inodes or ctimes) cannot see. A file that cannot be opened is passed to the child
     by path, which reports it.
 
+    ``workers``: hash in up to this many children at once, each a share of the files (balanced by size; one
+    file is never split). 1, the default, is what ``pack.quantize`` wants on a 2-core machine: one core hashes
+    while the other imports and quantizes. A caller with idle cores and nothing else to do meanwhile (distill,
+    hashing its models) gains up to ``workers``-fold on a multi-shard checkpoint.
+
     ``use_cache``: take the hashes of unchanged files from the input-hash cache (:mod:`pack.hashcache`) and
     store the new ones there; the child hashes only the others, and is not started when there are none
     (:attr:`cached` counts the files found). False: hash every file, store nothing. The files' names must differ
     (the result is keyed by name, as the lineage is): ValueError otherwise.
     """
 
-    def __init__(self, files: list[Path], chunk: int = CHUNK, use_cache: bool = True):
+    def __init__(self, files: list[Path], chunk: int = CHUNK, use_cache: bool = True, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.files = [Path(f).absolute() for f in files]  # absolute once: the writer compares them to its own
         names = [f.name for f in self.files]
         if len(set(names)) != len(names):  # the result (and the lineage) is keyed by file name
@@ -381,31 +388,35 @@ class FileHasher:
         self.use_cache = use_cache
         self.cached = len(self._known)
         todo = [f for f in self.files if f not in self._known]
-        args = [a for f in todo if f in self._fds for a in ("--fd", str(self._fds[f]), str(f))]
-        args += [str(f) for f in todo if f not in self._fds]
         script = Path(__file__).with_name("sha256.py")
-        self._proc = subprocess.Popen([sys.executable, "-I", "-S", str(script), "--chunk", str(chunk), *args],
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, pass_fds=[self._fds[f] for f in todo if f in self._fds]
-                                      ) if todo else None
-        self._output: tuple[str, str] | None = None  # the child's (stdout, stderr) once it has exited
+        self._procs = []
+        for share in _shares(todo, self._states, workers):
+            args = [a for f in share if f in self._fds for a in ("--fd", str(self._fds[f]), str(f))]
+            args += [str(f) for f in share if f not in self._fds]
+            self._procs.append(subprocess.Popen(
+                [sys.executable, "-I", "-S", str(script), "--chunk", str(chunk), *args],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                pass_fds=[self._fds[f] for f in share if f in self._fds]))
+        self._output: list[tuple[str, str]] | None = None  # each child's (stdout, stderr) once all have exited
         self._cancelled = False
         self._stored = False
 
-    def _wait(self) -> tuple[str, str]:
+    def _wait(self) -> list[tuple[str, str]]:
         if self._output is None:
-            self._output = self._proc.communicate() if self._proc is not None else ("{}", "")
+            self._output = [p.communicate() for p in self._procs]
         return self._output
 
     def result(self) -> dict[str, str]:
-        """``{file name: sha256 hex}`` in the order of ``files``; raises OSError with the child's message if it
+        """``{file name: sha256 hex}`` in the order of ``files``; raises OSError with a child's message if it
         could not read a file, or RuntimeError if it was cancelled."""
-        out, err = self._wait()
+        outputs = self._wait()
         if self._cancelled:
             raise RuntimeError("input hashing was cancelled")
-        if self._proc is not None and self._proc.returncode != 0:
-            raise OSError(f"hashing the input failed: {err.strip() or f'exit status {self._proc.returncode}'}")
-        by_name = json.loads(out)
+        by_name = {}
+        for p, (out, err) in zip(self._procs, outputs):
+            if p.returncode != 0:
+                raise OSError(f"hashing the input failed: {err.strip() or f'exit status {p.returncode}'}")
+            by_name.update(json.loads(out))
         fresh = {f: by_name[f.name] for f in self.files if f not in self._known}
         if self.use_cache and self._states and not self._stored:  # once: result() may be asked again
             hashcache.store(self._states, fresh)
@@ -425,10 +436,11 @@ class FileHasher:
         return dict(self._fds)
 
     def cancel(self) -> None:
-        """Stop the child if it still runs (harmless once it has finished: :meth:`result` still answers)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._cancelled = True
-            self._proc.kill()
+        """Stop the children that still run (harmless once they have finished: :meth:`result` still answers)."""
+        for p in self._procs:
+            if p.poll() is None:
+                self._cancelled = True
+                p.kill()
         self._wait()
 
     def close(self) -> None:
@@ -438,6 +450,20 @@ class FileHasher:
         finally:
             self._fds.clear()
             self._close_fds()   # once: a second call does nothing
+
+
+def _shares(files: list[Path], states: dict, workers: int) -> list[list[Path]]:
+    """``files`` split into at most ``workers`` non-empty shares of about equal bytes (largest file first, each to
+    the lightest share; sizes from ``states``, a file without one counted as empty), each in ``files``' order."""
+    size = {f: getattr(states.get(f), "size", 0) for f in files}
+    shares = [[] for _ in range(min(workers, len(files)))]
+    load = [0] * len(shares)
+    for f in sorted(files, key=lambda f: -size[f]):   # (sorted is stable: equal sizes keep their order)
+        i = load.index(min(load))
+        shares[i].append(f)
+        load[i] += size[f]
+    order = {f: i for i, f in enumerate(files)}
+    return [sorted(s, key=order.__getitem__) for s in shares]
 
 
 def _close_all(fds: list[int]) -> None:

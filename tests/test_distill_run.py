@@ -283,6 +283,61 @@ def test_resume_refuses_other_models_at_the_same_paths(tmp_path, capsys):
     assert "checkpoint was made with another teacher (sha256 differs" in err and err.count("\n") == 1, err
 
 
+def _weights_sha256(files: dict[str, bytes]) -> str:
+    """checkpoint_sha256's definition, computed here from the files' bytes: sha256 over ``name sha256`` lines."""
+    import hashlib
+
+    lines = "".join(f"{n} {hashlib.sha256(b).hexdigest()}\n" for n, b in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def test_checkpoint_sha256_of_a_sharded_checkpoint_in_parallel_children(tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    files = {f"model-{i:05d}-of-00004.safetensors": os.urandom(1 << (20 + i)) for i in range(1, 5)}
+    for n, b in files.items():
+        (d / n).write_bytes(b)
+    (d / "config.json").write_text("{}")   # not a weights file
+    want = _weights_sha256(files)
+    assert checkpoint_sha256(d, workers=3) == want == checkpoint_sha256(d, workers=1)
+    from distill.train import CheckpointHash
+
+    h = CheckpointHash(d, workers=3)
+    assert len(h._hasher._procs) == 3   # three children at once, the four files shared among them
+    h.close()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors files"):
+        checkpoint_sha256(tmp_path)
+
+
+def test_lineage_names_the_teacher_as_loaded_even_if_replaced_meanwhile(tmp_path, monkeypatch):
+    """The teacher's sha256 is taken from the files opened while the models load (by children hashing them
+    meanwhile), not at the end: a teacher replaced (renamed onto) during training is recorded as the version the
+    run loaded. (Before, it was hashed when the output was written: the lineage named the new file.)"""
+    teacher, student = save_pair(tmp_path / "a", "micro", width=512)
+    other, _ = save_pair(tmp_path / "b", "micro", width=512, seed=1)
+    data = _write_ids(tmp_path / "d.jsonl", 8, 128)
+    loaded = (Path(teacher) / "model.safetensors").read_bytes()
+    import distill.train as train
+
+    real = train.load_model
+
+    def load_then_replace_teacher(path, *a, **k):
+        model = real(path, *a, **k)
+        if Path(path) == Path(teacher) and not (tmp_path / "swapped").exists():
+            shutil.copy(Path(other) / "model.safetensors", tmp_path / "new.safetensors")
+            os.replace(tmp_path / "new.safetensors", Path(teacher) / "model.safetensors")
+            (tmp_path / "swapped").touch()
+        return model
+
+    monkeypatch.setattr(train, "load_model", load_then_replace_teacher)
+    out = tmp_path / "o"
+    assert distill_main(_args(teacher, student, out, data, "--steps", 1, "--batch", 2, "--seq-len", 32)) == 0
+    assert (tmp_path / "swapped").exists()
+    (step, ) = [s for s in read_lineage(out) if s["kind"] == "distill"]
+    assert step["teacher"]["sha256"] == _weights_sha256({"model.safetensors": loaded})
+    assert step["teacher"]["sha256"] != checkpoint_sha256(teacher)   # (the file there now)
+
+
 def test_batches_shard_by_rank_and_wrap_epochs():
     blocks = TokenBlocks(torch.arange(7 * 4).view(7, 4), "x", "0", None)
     for step in range(5):  # 5 steps x 4 rows > 7 windows: wraps into epoch 2 and 3

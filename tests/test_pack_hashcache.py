@@ -74,7 +74,7 @@ def test_second_run_takes_the_cache_and_starts_no_child(tmp_path, cache, settled
     assert first.cached == 0 and first.result() == want
     assert len(_entries(cache)) == 2
     second = FileHasher(files)
-    assert second.cached == 2 and second._proc is None  # nothing left to hash: no process started
+    assert second.cached == 2 and second._procs == []  # nothing left to hash: no process started
     assert second.result() == want and list(second.result()) == [f.name for f in files]  # the files' order
     second.cancel()  # harmless without a child
 
@@ -181,7 +181,7 @@ def test_no_cache_reads_and_stores_nothing(tmp_path, cache, settled):
     entries = {e: e.read_bytes() for e in _entries(cache)}
     os.utime(_entries(cache)[0], (1e9, 1e9))
     h = FileHasher(files, use_cache=False)
-    assert h.cached == 0 and h._proc is not None and h.result() == {files[0].name: _sha(files[0])}
+    assert h.cached == 0 and len(h._procs) == 1 and h.result() == {files[0].name: _sha(files[0])}
     assert {e: e.read_bytes() for e in _entries(cache)} == entries
     assert _entries(cache)[0].stat().st_mtime == 1e9  # not even marked used
 
@@ -240,3 +240,36 @@ def test_cli_runs_write_the_same_bytes_with_without_and_from_the_cache(tmp_path,
     lineage = json.loads((tmp_path / "warm" / "quant_recipe.json").read_text())["source_lineage"][-1]
     assert lineage["input_sha256"] == {f.name: _sha(f) for f in sorted(src.glob("*.safetensors"))}
     shutil.rmtree(src)
+
+
+def test_workers_share_the_files_among_children(tmp_path, cache, settled):
+    """``workers``: the files to hash are shared among that many children (each file once, by size), and the
+    result is the same; a file one child cannot read is reported as with one child."""
+    from pack.checkpoint import _shares
+
+    files = [tmp_path / f"f{i}.safetensors" for i in range(5)]
+    sizes = [5, 1, 4, 2, 3]
+    for f, mib in zip(files, sizes):
+        f.write_bytes(os.urandom(mib << 20))
+    want = {f.name: _sha(f) for f in files}
+    h = FileHasher(files, use_cache=False, workers=3)
+    assert len(h._procs) == 3 and h.result() == want
+    h.close()
+    states = hc.open_files(files)
+    try:
+        shares = _shares(files, states[1], 3)
+    finally:
+        for fd in states[0].values():
+            os.close(fd)
+    assert sorted(f for s in shares for f in s) == sorted(files)   # each file in exactly one share
+    assert all(s == sorted(s, key=files.index) for s in shares)    # in the files' order
+    loads = sorted(sum(sizes[files.index(f)] for f in s) for s in shares)
+    assert loads == [5, 5, 5]   # 5 | 4 + 1 | 3 + 2: largest first, each to the lightest share
+    assert _shares(files[:2], states[1], 8) == [[files[0]], [files[1]]]   # never more children than files
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        FileHasher(files, workers=0)
+    gone = tmp_path / "gone.safetensors"
+    h = FileHasher([*files, gone], use_cache=False, workers=2)
+    with pytest.raises(OSError, match=r"hashing the input failed: .*gone\.safetensors: cannot read"):
+        h.result()
+    h.close()

@@ -348,12 +348,12 @@ def test_file_hasher_cancel_stops_the_child(tmp_path):
         os.close(writer)
 
     h = FileHasher([fifo], use_cache=False)
-    assert h._proc is not None
+    (proc, ) = h._procs
     timer = threading.Timer(5.0, release)
     timer.start()
     try:
         time.sleep(0.3)  # the child has started and opened the pipe (either way it cannot finish before release)
-        assert h._proc.poll() is None
+        assert proc.poll() is None
         t0 = time.monotonic()
         h.cancel()
         elapsed = time.monotonic() - t0
@@ -363,9 +363,9 @@ def test_file_hasher_cancel_stops_the_child(tmp_path):
     if not released.is_set():
         os.close(writer)
     assert not released.is_set() and elapsed < 4.0  # cancel() did not wait for the child to finish
-    assert h._proc.returncode == -signal.SIGKILL  # killed, and reaped: no process left behind
+    assert proc.returncode == -signal.SIGKILL  # killed, and reaped: no process left behind
     with pytest.raises(ProcessLookupError):
-        os.kill(h._proc.pid, 0)
+        os.kill(proc.pid, 0)
     with pytest.raises(RuntimeError, match="input hashing was cancelled"):
         h.result()
     h.cancel()  # again: harmless
