@@ -96,11 +96,11 @@ class CheckpointHash:
     is replaced in the moment between). :meth:`close` stops the children and closes the files."""
 
     def __init__(self, ckpt: str | Path, workers: int | None = None):
-        from pack.checkpoint import FileHasher
+        from pack.checkpoint import FileHasher, parallel_hash_workers
 
         self.ckpt = ckpt
         self.files = sorted(Path(ckpt).glob("*.safetensors"))
-        self._hasher = (FileHasher(self.files, workers=workers or _hash_workers(len(self.files)))
+        self._hasher = (FileHasher(self.files, workers=workers or parallel_hash_workers(len(self.files)))
                         if self.files else None)   # (none: result() says so; a model loader may say it first)
         self._hex: str | None = None
 
@@ -118,14 +118,6 @@ class CheckpointHash:
     def close(self) -> None:
         if self._hasher is not None:
             self._hasher.close()
-
-
-def _hash_workers(files: int) -> int:
-    """Children to hash ``files`` files with: one per file, up to this process's cores shared among the node's
-    ranks (torchrun's ``LOCAL_WORLD_SIZE``), at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(1, min(files, cores // local, 8))
 
 
 def checkpoint_sha256(ckpt: str | Path, workers: int | None = None) -> str:

@@ -452,6 +452,15 @@ class FileHasher:
             self._close_fds()   # once: a second call does nothing
 
 
+def parallel_hash_workers(files: int) -> int:
+    """Children for a :class:`FileHasher` of ``files`` files whose caller has nothing else for the cores to do
+    meanwhile (prune and distill, hashing a model while it loads): one per file, up to this process's cores shared
+    among the node's ranks (torchrun's ``LOCAL_WORLD_SIZE``), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(files, cores // local, 8))
+
+
 def _shares(files: list[Path], states: dict, workers: int) -> list[list[Path]]:
     """``files`` split into at most ``workers`` non-empty shares of about equal bytes (largest file first, each to
     the lightest share; sizes from ``states``, a file without one counted as empty), each in ``files``' order."""

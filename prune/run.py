@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from pack.checkpoint import (check_output_dir, check_replaceable, check_writable_parent, lineage_step,
-                             read_lineage, save_bf16_checkpoint)
-from pack.sha256 import sha256_files
+from pack.checkpoint import (FileHasher, check_output_dir, check_replaceable, check_writable_parent, lineage_step,
+                             parallel_hash_workers, read_lineage, save_bf16_checkpoint)
 from pack.stio import raw_header
 
 from .calib import CalibrationSet, bench_split, default_calib_path, load_calibration
@@ -228,8 +227,6 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
     refit only one layer's float64 Gram matrix (``8 I^2`` bytes on ``cfg.device``) is alive at a time. Every
     layer's statistics and Gram come from the unpruned model (the calibration cache is computed before the
     layer is sliced)."""
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     ckpt, out = Path(ckpt), Path(out)
     if not ckpt.is_dir():
@@ -266,7 +263,19 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
                              f"model's vocabulary (vocab_size {vocab}): tokenizer and model do not belong together")
     weights = sorted(f for p in WEIGHT_PATTERNS for f in ckpt.glob(p))
     _check_weight_dtypes(ckpt, weights)
-    input_sha = sha256_files(weights)
+    # the input's sha256 for the lineage, hashed while the model loads and calibrates (children, one per file up to
+    # the cores; through pack's input-hash cache): of the files as opened now, the version the model is loaded from
+    hasher = FileHasher(weights, workers=parallel_hash_workers(len(weights)))
+    try:
+        return _prune_loaded(ckpt, out, cfg, config, cal, width, kept, hasher, force, progress, t0)
+    finally:
+        hasher.close()
+
+
+def _prune_loaded(ckpt: Path, out: Path, cfg: PruneConfig, config, cal, width: int, kept: int, hasher,
+                  force: bool, progress: bool, t0: float) -> PruneResult:
+    """:func:`prune_checkpoint` from loading the model on (``hasher``: the input files' :class:`FileHasher`)."""
+    from tqdm.auto import tqdm
 
     model = load_model(ckpt, config)
     layers = language_stack(model).layers
@@ -328,7 +337,7 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
     if cfg.refit and cfg.ratio > 0:  # only a refit that ran (a run without one writes what it always did)
         params.update(refit=True, refit_damp=cfg.refit_damp)
     step = lineage_step("prune", method=f"mlp_width/{cfg.criterion}", params=params,
-                        input_files_sha256=input_sha,
+                        input_files_sha256=hasher.result(),
                         calibration=[_calibration_record(cal, cfg)] if cal is not None else [])
     save_bf16_checkpoint(model, out, source_dir=ckpt, step=step, force=force, fsync=True)
     return PruneResult(out, cfg, len(layers), width, kept, double_wide, cal, time.perf_counter() - t0, refit_errors)
