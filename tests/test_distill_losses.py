@@ -234,6 +234,21 @@ def test_hidden_state_loss_matches_formula_and_grad():
 
 
 # ---------------------------------------------------------------- sampling
+def test_gumbel_sampling_draws_float64_uniforms():
+    """Each row's draw is Gumbel-max over float64 uniforms from its own generator (reference built here from
+    -log(-log(u))): fp32 uniforms lie on a 2^-24 grid, which caps the noise and cuts off the tail (docstring)."""
+    g = torch.Generator().manual_seed(11)
+    b, v, T = 6, 50_000, 0.8
+    logits = 3 * torch.randn(b, v, generator=g)
+    seeds = [row_seed(7, 3, r) for r in range(b)]
+    got = gumbel_sample(logits, T, [torch.Generator().manual_seed(s) for s in seeds])
+    want = []
+    for r, s in enumerate(seeds):
+        u = torch.rand(v, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        want.append(int(torch.argmax(logits[r].double() / T - torch.log(-torch.log(u)))))
+    assert got.tolist() == want
+
+
 def test_gumbel_sampling_follows_softmax_at_temperature():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
     T, n = 0.9, 6000

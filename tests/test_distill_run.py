@@ -351,6 +351,46 @@ def test_batches_shard_by_rank_and_wrap_epochs():
         blocks.batch(0, 3, 0, 2)
 
 
+def test_each_epoch_is_a_permutation_seeded_by_seed_plus_epoch():
+    """Window order: epoch e of --seed s is torch.randperm(n) from a generator seeded s + e (the documented
+    overlap: epoch e of seed s is epoch e - 1 of seed s + 1); other seeds give other orders."""
+    n, b = 7, 2
+    blocks = TokenBlocks(torch.arange(n).view(n, 1), "x", "0", None)
+    for seed in (0, 5):
+        got = torch.cat([blocks.batch(step, b, seed=seed)[:, 0] for step in range(7)])   # 14 rows: 2 epochs
+        want = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)) for e in (0, 1)])
+        assert torch.equal(got, want)
+    first = [torch.cat([blocks.batch(s, 1, seed=seed)[:, 0] for s in range(n)]) for seed in (0, 5)]
+    assert not torch.equal(*first)
+
+
+def test_windows_are_the_first_max_tokens_of_the_stream(tmp_path):
+    """--max-tokens cuts the stream (even inside a line), and the windows are its head: a tail shorter than a
+    window is dropped."""
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"input_ids": list(range(10 * i, 10 * i + 10))}) + "\n" for i in range(3)))
+    got = load_blocks(str(f), None, 4, 15, 2048)
+    assert torch.equal(got.blocks, torch.arange(12).view(3, 4))   # first 15 tokens -> 3 windows of 4
+    assert torch.equal(load_blocks(str(f), None, 7, None, 2048).blocks, torch.arange(28).view(4, 7))
+
+
+def test_the_default_data_is_the_bench_train_split():
+    """Without --data, the windows are the evaluation bed's train split (never its validation split), encoded as
+    <bos> doc <eos> per document; built here from the split's texts."""
+    from bench.corpus import load_texts
+    from bench.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("micro")
+    want = []
+    for text in load_texts("train"):
+        want += [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        if len(want) >= 300:
+            break
+    got = load_blocks(None, tok, 32, 300, tok.vocab_size)
+    assert got.source == "bench.corpus:train"
+    assert torch.equal(got.blocks.flatten(), torch.tensor(want[:288]))   # 9 windows of 32
+
+
 def test_text_data_is_bos_doc_eos(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -72,6 +72,18 @@ def test_compiled_chunk_equals_eager(aot_eager_compile, impl, kind):
         _close(a, b, 1e-5)
 
 
+@pytest.mark.parametrize("impl,kind", [("fused", "forward_kl"), ("autograd", "gjsd"), ("autograd", "forward_kl")])
+def test_compiled_chunks_of_other_settings_in_one_process(aot_eager_compile, impl, kind):
+    """Compiled chunk functions are kept per setting: after one temperature / beta, another in the same process
+    gets its own (a cache keyed without them would return the first setting's loss)."""
+    for t, beta in ((1.0, 0.5), (2.5, 0.1), (1.0, 0.9)):
+        fn = per_token_loss_fn(kind, temperature=t, beta=beta)
+        ref = _loss_and_grads(impl, fn)
+        got = _loss_and_grads(impl, fn, compile=True)
+        for a, b in zip(got, ref):
+            _close(a, b, 1e-5)
+
+
 def test_compiled_hidden_loss_equals_checkpointed(aot_eager_compile):
     """hidden_state_loss(compile=True) (hand-written gradient, compiled) gives the default path's value and
     gradients, bf16 and fp32 hidden states, two layers with different weights."""

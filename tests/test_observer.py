@@ -67,6 +67,28 @@ def test_matches_reference(mode, n, k, group):
     assert codes.dtype == torch.int8 and torch.equal(codes, ref_codes)
 
 
+def test_exact_half_quotients_round_half_even():
+    """Groups whose elements are exactly (k + 1/2) * scale, for scales m * 2^e with odd m (1 / scale inexact for
+    m > 1): w / scale is then exactly k + 1/2 in fp32 only through a correctly rounded division (multiplying by a
+    rounded reciprocal can land one ulp off the half, and round it the other way). Checked against the
+    group-by-group reference in both modes; in fp32div mode every such element's code is the even neighbour."""
+    rows = []
+    for m in (1, 3, 5, 7, 9, 11, 13, 15, 17):      # 15 * m <= 255: every value below fits bf16's 8 bits
+        for e in range(-14, -3):
+            half = m * 2.0 ** (e - 1)               # scale / 2
+            amax = 15 * half                        # amax / 7.5 = m * 2^e exactly: the scale
+            vals = [(2 * k + 1) * half for k in range(-8, 7)]   # (k + 1/2) * scale, k = -8 .. 6
+            rows.append([amax, *vals, -amax, *[-v for v in vals]][:32])
+    w = _bf16(rows)
+    for mode in ("fp32div", "eager"):
+        codes, scale = quantize_weight(w, QuantScheme(group_size=32, rounding=mode))
+        ref_codes, ref_scale = ref_quantize(w, 32, mode)
+        assert torch.equal(scale, ref_scale) and torch.equal(codes, ref_codes), mode
+        if mode == "fp32div":
+            halves = codes[:, 1:16].to(torch.int64)
+            assert (halves % 2 == 0).all()              # k + 1/2 -> the even one of k, k + 1
+
+
 def test_eager_vs_fp32div_minus_001():
     """Spec §1.3: a group of all -0.01 -> scale 0.00133514404296875; eager code -8, fp32div code -7."""
     w = _bf16([[-0.01] * 128])

@@ -155,6 +155,65 @@ def test_calibration_windows_match_bench_corpus(micro_tok):
     assert cal.sha256 == hashlib.sha256(cal.input_ids.to(torch.int32).numpy().tobytes()).hexdigest()
 
 
+def test_calibration_jsonl_is_bos_doc_eos_and_counts_the_documents_used(micro_tok, tmp_path):
+    """A .jsonl of short documents: the windows are the stream <bos> doc <eos> <bos> doc <eos> ... (built here
+    with the tokenizer), ``documents`` counts those that reach the windows used, and an upper-case .JSONL reads
+    the same."""
+    texts = [f"Document {i} says" + " more" * (i % 5) + "." for i in range(40)]
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    stream, starts = [], []
+    for t in texts:
+        starts.append(len(stream))
+        ids = micro_tok(t, add_special_tokens=False)["input_ids"]
+        stream += [micro_tok.bos_token_id, *ids, micro_tok.eos_token_id]
+    samples, seq = 5, 16
+    cal = load_calibration(f, micro_tok, samples, seq)
+    assert torch.equal(cal.input_ids.flatten(), torch.tensor(stream[:samples * seq]))
+    assert (cal.input_ids == micro_tok.eos_token_id).sum() >= 3   # several documents end inside the windows
+    assert cal.documents == sum(1 for st in starts if st < samples * seq) < len(texts)
+    upper = tmp_path / "C.JSONL"
+    upper.write_bytes(f.read_bytes())
+    assert torch.equal(load_calibration(upper, micro_tok, samples, seq).input_ids, cal.input_ids)
+
+
+def test_select_channels_breaks_ties_toward_the_lower_index():
+    from prune.importance import select_channels
+
+    scores = torch.tensor([0.0, 5.0, 0.0, 3.0, 0.0, 5.0, 0.0, 0.0, 1.0, 0.0] * 3)
+    for keep in range(1, scores.numel() + 1):
+        want = sorted(sorted(range(scores.numel()), key=lambda j: (-scores[j].item(), j))[:keep])
+        assert select_channels(scores, keep).tolist() == want, keep
+
+
+def test_internal_guards():
+    """Guards of the building blocks that the command line never reaches with a bad value."""
+    from torch import nn
+
+    from pack.packing import pack_int4, unpack_uint4
+    from prune.refit import refit_down_proj
+    from prune.slicing import slice_mlp
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+
+    keep = torch.tensor([0, 2, 5])
+    with pytest.raises(ValueError, match="does not match"):
+        slice_mlp(MLP(), keep, torch.zeros(4, 3, dtype=torch.bfloat16))   # another dtype than the weight's
+    with pytest.raises(ValueError, match="does not match"):
+        slice_mlp(MLP(), keep, torch.zeros(4, 2))                         # another width
+    gram = torch.eye(8, dtype=torch.float64)
+    for damp in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="must be > 0"):
+            refit_down_proj(torch.zeros(4, 8), gram, keep, damp)
+    packed = pack_int4(torch.zeros(2, 16, dtype=torch.int8))
+    for k in (8, 24):   # 16 columns pack into 2 words: K = 9 .. 16 only
+        with pytest.raises(ValueError, match="packed width 2 does not match"):
+            unpack_uint4(packed, k)
+
+
 @pytest.mark.parametrize("kind", ["text", "mm", "wide", "llama"])
 def test_layer_by_layer_stats_equal_full_forward(prune_ckpts, kind):
     """The layer-by-layer runner (PLE slices, per-type rotary/masks, KV-shared states) computes exactly what
@@ -189,10 +248,10 @@ def test_ratio_zero_is_the_identity(prune_ckpts, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind,criterion", [("text", "activation"), ("mm", "wanda"), ("wide", "magnitude"),
-                                            ("llama", "activation")])
+                                            ("llama", "activation"), ("llama_bias", "activation")])
 def test_pruning_equals_zeroing_the_dropped_channels(prune_ckpts, pruned, kind, criterion):
     """Pruned model == unpruned model with the dropped channels zeroed (down_proj columns in one copy,
-    gate_proj/up_proj rows in another).
+    gate_proj/up_proj rows, and their biases where the MLP has them, in another).
 
     fp32 execution (bf16 weights upcast exactly): the only difference is the summation order of matmuls over
     K=512 instead of K=640, so logits agree to atol 1e-3 (measured ~1e-4; pruning itself moves logits by ~1).
@@ -209,6 +268,9 @@ def test_pruning_equals_zeroing_the_dropped_channels(prune_ckpts, pruned, kind, 
             md.down_proj.weight[:, drop] = 0
             mg.gate_proj.weight[drop] = 0
             mg.up_proj.weight[drop] = 0
+            if mg.gate_proj.bias is not None:   # act(0) * 0 = 0 only if the biases of those rows are zero too
+                mg.gate_proj.bias[drop] = 0
+                mg.up_proj.bias[drop] = 0
     ids = _ids()
     lp, ld, lg = (_logits(m, ids) for m in (model, zero_down, zero_gate_up))
     torch.testing.assert_close(lp, ld, atol=1e-3, rtol=0)
