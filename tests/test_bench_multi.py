@@ -30,10 +30,12 @@ def test_loss_parity_one_vs_two_processes(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((out / "loss_parity.json").read_text())
     assert rep["steps"] == 4 and len(rep["loss_one"]) == len(rep["loss_many"]) == 4
-    # fp32 on CPU: only the gradient reduction order differs between one process and two; its rounding grows
-    # through AdamW (tests/test_distill_fsdp.py measured up to 1.1e-4 by step 4 at this lr)
+    # the same global batch: the runs differ in the gradient reduction order and in the bf16 teacher's rounding
+    # (each rank runs half the rows, and a CPU's bf16 matmul may round differently at another row count: 8e-6
+    # relative on step 1 on an AMX Xeon); the differences grow through AdamW (tests/test_distill_fsdp.py's
+    # docstring: up to 2.6e-3 by step 4 there)
     (a0, *_), (b0, *_) = rep["loss_one"], rep["loss_many"]
-    assert abs(a0 - b0) <= 1e-6 * abs(a0) and rep["max_rel_diff"] < 1e-3, rep
+    assert abs(a0 - b0) <= 2e-4 * abs(a0) and rep["max_rel_diff"] < 1e-2, rep
     assert rep["max_abs_diff"] == max(abs(a - b) for a, b in zip(rep["loss_one"], rep["loss_many"]))
     # the figure (matplotlib is in the [test] extra, so CI draws it): a real image of the figure's size
     # (7 x 6 in at 110 dpi), not blank
