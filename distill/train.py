@@ -569,7 +569,7 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
     check_pair(teacher, student, cfg.teacher, cfg.student)
     dz = Distiller(cfg, env, teacher, student, _eos_ids(student, tokenizer))
     identity = ({"teacher": hashes["teacher"].result(), "student": hashes["student"].result(),
-                 "tokenizer": data.tokenizer_sha256} if cfg.ckpt_every or cfg.resume else {})
+                 "tokenizer": data.tokenizer_sha256} if "student" in hashes else {})   # (only --ckpt-every/--resume)
     load_s = time.perf_counter() - t_load
     _start_fresh(cfg, env)
     log = _Log(env, cfg.log_json, append=cfg.resume)   # (opened here: "w" empties an earlier run's log)
