@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,8 +201,11 @@ class DistillConfig:
             raise ValueError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads {self.threads}: must be a positive integer")
-        if self.ckpt_dir is None:
-            self.ckpt_dir = str(self.out).rstrip("/") + "-ckpt"
+        if self.ckpt_dir is None:   # a sibling of OUT as written ("out/", "out/." and "./out" name the same OUT)
+            base = os.path.normpath(str(self.out))
+            if os.path.basename(base) in (".", ".."):   # "-o ." or "-o ..": name the folder itself
+                base = os.path.abspath(base)
+            self.ckpt_dir = base + "-ckpt"
 
     def layer_selection(self, num_layers: int) -> tuple[list[int], list[float]]:
         """(layers matched, final per-layer weights = hidden_weight * normalised layer weights)."""

@@ -366,6 +366,9 @@ def _safetensors_order(specs: dict[str, tuple[str, tuple[int, ...]]], metadata: 
     return [k for k in json.loads(blob[8:8 + n]) if k != "__metadata__"]
 
 
+ABORT_JOIN_S = 5.0  # how long abort() waits for the hashing thread (a sync_file_range may be slow)
+
+
 class SafetensorsFileWriter:
     """Write one safetensors file tensor by tensor, byte-identical to ``save_file`` of the same tensors.
 
@@ -403,15 +406,16 @@ class SafetensorsFileWriter:
         self._sha = hashlib.sha256()
         self._hq: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None  # raised in the hashing thread, reported by close()
+        self._stop = threading.Event()  # abort(): the thread ends without anything more from the queue
+        self._writeback = writeback and _sync_file_range() is not None
         self._hasher = threading.Thread(target=self._hash_loop, name="pdqkit-sha256-out", daemon=True)
         try:
             self._hasher.start()
-        except BaseException:  # e.g. interrupted: close the file; a thread that did start ends on the None
-            self._hq.put(None)
+        except BaseException:  # e.g. interrupted: close the file; a thread that did start ends on the stop (with
+            self._stop.set()   # nothing queued yet it never uses the file)
             self._fh.close()
             raise
         self._next = 0
-        self._writeback = writeback and _sync_file_range() is not None
         self._started = 0  # bytes [0, _started) were handed to start_writeback
         try:
             self._emit(struct.pack("<Q", len(hb)) + hb)
@@ -422,8 +426,15 @@ class SafetensorsFileWriter:
     def _hash_loop(self) -> None:
         # data to hash, or (offset, n): a range written and flushed, to start writing to disk. Here rather than on
         # the writer's thread: sync_file_range may block while the disk's request queue is full. An error is kept
-        # for close() and the queue still drained: the writer must never block on a dead thread.
-        while (item := self._hq.get()) is not None:
+        # for close() and the queue still drained: the writer must never block on a dead thread. The timeout:
+        # abort() stops the thread through an Event, not through the queue (whose lock it cannot trust).
+        while not self._stop.is_set():
+            try:
+                item = self._hq.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is None:
+                break
             if self._error is not None:
                 continue
             try:
@@ -481,8 +492,15 @@ class SafetensorsFileWriter:
         return self._sha.hexdigest()
 
     def abort(self) -> None:
-        try:
-            self._hq.put(None)
-            self._hasher.join()
-        finally:
+        """Stop the hashing thread and close the file (the caller removes it), without blocking on the queue.
+
+        A SIGTERM raised as KeyboardInterrupt (pack/stopsignals.py) can land inside ``Queue.put`` after it took the
+        queue's lock and before the ``with`` block that releases it is set up: the lock then stays held, the thread
+        waits on it for ever, and a ``put`` here would too (a mutation audit's run of the SIGTERM test hung for
+        11 min). So the thread is told through an Event and given :data:`ABORT_JOIN_S` to end. A thread that does
+        not end is stuck on that lock: its file is left open (it may still use the descriptor; the process is
+        being interrupted and ends soon) and abort returns."""
+        self._stop.set()
+        self._hasher.join(timeout=ABORT_JOIN_S)
+        if not self._hasher.is_alive():
             self._fh.close()  # may fail flushing (disk full): raised after the thread has stopped

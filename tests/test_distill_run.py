@@ -418,6 +418,19 @@ def test_text_data_is_bos_doc_eos(tmp_path):
             load_blocks(str(f), tok, 1, 100, 6)
 
 
+def test_the_default_checkpoint_dir_is_a_sibling_of_the_output_as_written(tmp_path, monkeypatch):
+    """``-o out/`` (a shell's completion) and ``-o out/.`` name the same output as ``-o out``: the training
+    checkpoints go beside it, never inside it (which the run refuses: the output is replaced at the end)."""
+    monkeypatch.chdir(tmp_path)
+    for out, want in (("o", "o-ckpt"), ("o/", "o-ckpt"), ("o//", "o-ckpt"), ("./o/.", "o-ckpt"),
+                      (str(tmp_path / "a" / "o") + "/", str(tmp_path / "a" / "o-ckpt")),
+                      (".", str(tmp_path) + "-ckpt"), ("a/..", str(tmp_path) + "-ckpt")):
+        cfg = DistillConfig(teacher="t", student="s", out=out)
+        assert cfg.ckpt_dir == want, out
+        assert Path(out).resolve() not in Path(cfg.ckpt_dir).resolve().parents, out
+    assert DistillConfig(teacher="t", student="s", out="o/", ckpt_dir="o/ck").ckpt_dir == "o/ck"  # as given
+
+
 def test_lr_schedule():
     from distill.config import DistillConfig
 

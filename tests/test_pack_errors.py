@@ -404,7 +404,12 @@ def test_killed_mid_write_leaves_no_checkpoint(tmp_path, sig):
             killed_mid_write = True
             break
         time.sleep(0.001)
-    err = proc.communicate()[1]
+    try:
+        err = proc.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:  # a cleanup that hangs fails here instead of stalling the suite
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"the run did not end within 120 s of {signal.Signals(sig).name}")
     assert killed_mid_write, "the run finished before it could be killed mid-write"
     assert not out.exists()
     if sig == signal.SIGKILL:

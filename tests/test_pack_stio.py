@@ -154,6 +154,34 @@ def test_writer_closes_its_file_when_the_hash_thread_cannot_start(tmp_path, monk
     assert len(opened) == 1 and opened[0].closed
 
 
+def test_abort_does_not_wait_on_a_queue_lock_an_interrupt_left_held(tmp_path, monkeypatch):
+    """A SIGTERM raised as KeyboardInterrupt inside the writer's ``Queue.put``, just after the put took the queue's
+    lock, leaves that lock held: abort() (what the writer's caller runs on the way out) must still return, so that
+    the run removes its temp dir and exits, instead of hanging (a mutation audit saw the SIGTERM test hang)."""
+    monkeypatch.setattr(stio, "ABORT_JOIN_S", 0.5)
+    w = SafetensorsFileWriter(tmp_path / "x.safetensors", {"a": ("F32", (1 << 12,))})
+    w.write("a", [bytes(1 << 14)])  # written, not closed
+    w._hq.mutex.acquire()  # what the interrupted put left behind
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (w.abort(), done.set()), daemon=True)
+    try:
+        t.start()
+        t.join(30)
+        assert done.is_set(), "abort() hung on the queue's lock"
+    finally:
+        w._hq.mutex.release()  # the stuck hashing thread ends now
+    w._hasher.join(5)
+    assert not w._hasher.is_alive()
+    w._fh.close()  # left open for the stuck thread; closed here only to keep the test clean
+
+
+def test_abort_stops_the_thread_and_closes_the_file(tmp_path):
+    w = SafetensorsFileWriter(tmp_path / "x.safetensors", {"a": ("F32", (1 << 12,))}, writeback=True)
+    w.write("a", [bytes(1 << 14)])
+    w.abort()
+    assert not w._hasher.is_alive() and w._fh.closed
+
+
 def test_reader_roundtrip(tmp_path):
     tensors = _tensors()
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
