@@ -142,6 +142,19 @@ def test_every_packed_linear_holds_the_observers_codes(base, out_eager, out_fp32
         assert torch.equal(out[f"{m}.weight_scale"], scale), m
 
 
+def test_row_blocks_of_eight_rows_write_the_same_bytes(base, out_eager, tmp_path, monkeypatch):
+    """On CPU each Linear is quantized in row blocks (pack.pipeline.row_blocks, ~4 MB each: one block per Linear of
+    this tiny model). With 8-row blocks every Linear spans many: each block's codes and scales must land at its own
+    rows, so the files equal the one-block run's byte for byte (which the test above checks against the observer)."""
+    import pack.pipeline
+
+    monkeypatch.setattr(pack.pipeline, "BLOCK_BYTES", 1)  # the minimum: 8 rows per block
+    assert len(pack.pipeline.row_blocks(64, 256, "cpu")) == 8
+    small = tmp_path / "small-blocks"
+    quantize_checkpoint(base, small, QuantRecipe(rounding="eager"), plan_cache=False)
+    assert _files(small) == _files(out_eager)
+
+
 def test_deterministic(base, out_eager, tmp_path):
     again = tmp_path / "again"
     quantize_checkpoint(base, again, QuantRecipe(rounding="eager"))

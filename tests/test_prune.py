@@ -232,6 +232,33 @@ def test_layer_by_layer_stats_equal_full_forward(prune_ckpts, kind):
         assert torch.equal(g.sum_sq, r.sum_sq) and torch.equal(g.sum_abs, r.sum_abs)
 
 
+def test_with_a_callback_one_layers_gram_is_alive_at_a_time(prune_ckpts):
+    """``on_layer`` (how prune refits down_proj layer by layer) gets each layer's Gram matrix (d_ff^2 fp64: 1.1 GB
+    per layer at E4B's width); collect_mlp_stats drops it once the callback returns, so calibration holds one at
+    a time, and the returned stats carry none. The Gram itself is X^T X of down_proj's inputs."""
+    model = load_model(prune_ckpts["text"])
+    ids = _ids(4, 32, seed=3)
+    seen, inputs = [], {}
+    mlps = _mlps(model)
+    hooks = [m.down_proj.register_forward_pre_hook(
+        lambda mod, a, i=i: inputs.setdefault(i, []).append(a[0].reshape(-1, a[0].shape[-1]).double()))
+        for i, m in enumerate(mlps)]
+
+    def on_layer(i, st):
+        assert all(s.gram is None for s in seen), f"layer {i}: an earlier layer's Gram is still held"
+        x = torch.cat(inputs[i])
+        torch.testing.assert_close(st.gram.double().cpu(), x.T @ x, rtol=1e-9, atol=1e-9)
+        seen.append(st)
+
+    try:
+        got = collect_mlp_stats(model, ids, batch_size=2, gram=True, on_layer=on_layer)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == len(got) == len(mlps) and all(s.gram is None for s in got)
+    assert collect_mlp_stats(model, ids, batch_size=2, gram=True)[0].gram is not None  # no callback: kept
+
+
 # -------------------------------------------------------------------------------------------- exactness
 
 @pytest.mark.parametrize("kind", ["text", "mm"])
