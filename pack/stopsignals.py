@@ -5,32 +5,126 @@ By default SIGTERM kills a Python process on the spot: a run writing its output 
 :func:`pack.checkpoint.atomic_output_dir`, which removes what the run wrote (or puts back what it moved aside), and
 the tool prints one line and exits 130.
 
-The KeyboardInterrupt lands wherever the main thread is, possibly inside threading's own locking (seen in CI: a
-SIGTERM during ``Thread.start`` surfaced as ``RuntimeError: release unlocked lock``). So the arrival is recorded
-first (the event :func:`stop_signals_interrupt` yields), and a tool reports whatever exception follows it as the
-interruption. Standard library only.
+A KeyboardInterrupt raised inside the standard library's thread machinery (threading, queue,
+concurrent.futures) can leave it broken: seen in CI, a SIGTERM during ``Thread.start`` surfaced as
+``RuntimeError: release unlocked lock``; seen in a mutation audit, one inside ``Queue.put`` left the queue's lock
+held (raised after the lock's acquire, before the ``with`` that releases it), and the cleanup that put to that
+queue hung. So a signal that arrives while the main thread runs that code is owed, not raised: the handler traces
+the main thread (as pdb's ``set_trace`` does: ``f_trace`` on the frames, ``sys.settrace``) and raises the
+KeyboardInterrupt at the first line the main thread runs outside it, at a statement boundary of the caller's code.
+A wait in the machinery (a lock, ``Future.result``) ends first; the tools' waits there are short (a row block's
+quantization, a queue slot). The arrival is recorded at once, without a lock (the :class:`Arrival` that
+:func:`stop_signals_interrupt` yields), and a tool reports whatever exception follows it as the interruption.
+Standard library only.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
+import os
+import queue
 import signal
+import sys
 import threading
 from typing import Iterator
 
-__all__ = ["STOP_SIGNALS", "stop_signals_interrupt", "interrupted_message"]
+__all__ = ["STOP_SIGNALS", "Arrival", "stop_signals_interrupt", "interrupted_message"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+# the code a KeyboardInterrupt must not be raised in: threading's and queue's modules, concurrent.futures' package
+_MACHINERY_FILES = frozenset(os.path.realpath(m.__file__) for m in (threading, queue))
+_MACHINERY_DIR = os.path.dirname(os.path.realpath(concurrent.futures.__file__)) + os.sep
+
+
+@functools.lru_cache(maxsize=None)
+def _is_machinery(filename: str) -> bool:
+    path = os.path.realpath(filename)
+    return path in _MACHINERY_FILES or path.startswith(_MACHINERY_DIR)
+
+
+def _in_thread_machinery(frame) -> bool:
+    """True if ``frame`` (the main thread's innermost Python frame when a handler runs) is thread machinery."""
+    return frame is not None and _is_machinery(frame.f_code.co_filename)
+
+
+class Arrival:
+    """Whether a stop signal arrived in the block: :meth:`is_set`. A plain flag, not a threading.Event: the handler
+    may run inside the Event's own lock (a second signal while the first handler sets it)."""
+
+    def __init__(self):
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+class _Owed:
+    """A KeyboardInterrupt owed to the main thread since a signal came while it ran thread machinery: raised by a
+    trace function at the first event of a frame outside that machinery (and outside this module)."""
+
+    def __init__(self):
+        self.frames: list = []  # (frame, its f_trace before): put back when the interrupt is raised
+        self.previous = None  # the thread's trace function before (a debugger's, coverage's)
+        self.tracing = False  # sys.settrace is ours
+
+    def arm(self, frame) -> None:
+        if not self.tracing:  # (armed again after an interrupt was raised: the one before is still the first's)
+            self.previous, self.tracing = sys.gettrace(), True
+        while frame is not None:
+            self.frames.append((frame, frame.f_trace))
+            frame.f_trace = self.trace
+            frame = frame.f_back
+        sys.settrace(self.trace)  # frames called from now on
+
+    @property
+    def armed(self) -> bool:
+        return bool(self.frames)
+
+    def _put_back_frames(self) -> None:
+        for f, t in self.frames:
+            f.f_trace = t
+        self.frames.clear()
+
+    def disarm(self) -> None:
+        """Put back the frames' and the thread's trace functions (at the block's exit)."""
+        self._put_back_frames()
+        if self.tracing:
+            sys.settrace(self.previous)
+            self.tracing = False
+
+    def trace(self, frame, event, arg):
+        name = frame.f_code.co_filename
+        if name == __file__:
+            return None  # the handler's own frames, the block's exit
+        if _is_machinery(name):
+            return self.trace  # its lines: still inside
+        # Python unsets the thread's trace function when one raises: disarm() puts back the one before at the
+        # block's exit
+        self._put_back_frames()
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def stop_signals_interrupt() -> Iterator[threading.Event]:
-    """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt in the main thread; yields an Event set when
-    one arrived. A signal the process was started with ignored (``nohup``, ``cmd &``) stays ignored; off the main
-    thread (where handlers cannot be installed) nothing changes. The previous handlers are put back on exit."""
-    arrived = threading.Event()
+def stop_signals_interrupt() -> Iterator[Arrival]:
+    """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, outside the thread
+    machinery (see the module's text); yields an :class:`Arrival`, set as soon as one arrived. A signal the process
+    was started with ignored (``nohup``, ``cmd &``) stays ignored; off the main thread (where handlers cannot be
+    installed) nothing changes. The previous handlers are put back on exit."""
+    arrived, owed = Arrival(), _Owed()
 
     def handler(signum, frame):
         arrived.set()
+        if owed.armed:
+            return  # one KeyboardInterrupt is owed already
+        if _in_thread_machinery(frame):
+            owed.arm(frame)
+            return
         raise KeyboardInterrupt
 
     old = {}
@@ -41,6 +135,8 @@ def stop_signals_interrupt() -> Iterator[threading.Event]:
     try:
         yield arrived
     finally:
+        # owed and not raised: the block's work ended inside the machinery (its last call), nothing is left to stop
+        owed.disarm()
         # blocked while the handlers are put back: one arriving now would raise out of a finished block (after
         # a committed output) or leave this handler installed; it is delivered to the restored handler instead
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if old and hasattr(signal,
