@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,9 +198,10 @@ class DistillConfig:
             raise ValueError("--compile-layers is for phase 1 (phase 2's cached decoding would recompile per length)")
         if self.ckpt_layers is not None and (not isinstance(self.ckpt_layers, int) or self.ckpt_layers < 0):
             raise ValueError(f"--ckpt-layers {self.ckpt_layers}: must be a non-negative integer")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
-        if self.threads is not None and self.threads < 1:
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads < 1):
             raise ValueError(f"--threads {self.threads}: must be a positive integer")
         if self.ckpt_dir is None:   # a sibling of OUT as written ("out/", "out/." and "./out" name the same OUT)
             base = os.path.normpath(str(self.out))

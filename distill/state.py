@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -41,13 +42,21 @@ def _options():
     return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
+STEP_NAME = re.compile(r"step-\d{8}")  # what save_checkpoint names a step dir: f"step-{step:08d}"
+
+
+def _step_dirs(ckpt_dir) -> list[Path]:
+    """The step dirs of ``ckpt_dir`` by name (a user's ``step-notes`` there is not one)."""
+    return [d for d in Path(ckpt_dir).glob("step-*") if STEP_NAME.fullmatch(d.name)]
+
+
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     """The newest complete step dir of ``ckpt_dir`` (None if there is none): the one ``latest`` names, or without
     ``latest`` the newest step dir (a step dir is renamed into place only once complete, and ``latest`` written
     after it: a kill -9 in between leaves a complete step dir and no ``latest``)."""
     f = Path(ckpt_dir) / LATEST
     if not f.is_file():
-        steps = sorted(d for d in Path(ckpt_dir).glob("step-*") if (d / "meta.json").is_file())
+        steps = sorted(d for d in _step_dirs(ckpt_dir) if (d / "meta.json").is_file())
         return steps[-1] if steps else None
     d = Path(ckpt_dir) / f.read_text().strip()
     return d if (d / "meta.json").is_file() else None
@@ -59,7 +68,7 @@ def clear_checkpoints(ckpt_dir: str | os.PathLike) -> None:
     d = Path(ckpt_dir)
     if not d.is_dir():
         return
-    for f in [*d.glob("step-*"), *d.glob(".step-*.tmp")]:
+    for f in [*_step_dirs(d), *(t for t in d.glob(".step-*.tmp") if STEP_NAME.fullmatch(t.name[1:-4]))]:
         shutil.rmtree(f, ignore_errors=True)
     for f in (d / LATEST, d / f".{LATEST}.tmp"):
         f.unlink(missing_ok=True)
@@ -111,7 +120,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, module, optimizer, e
         fsync_tree(latest_tmp)
         os.replace(latest_tmp, ckpt_dir / LATEST)
         fsync_dir(ckpt_dir)
-        for old in ckpt_dir.glob("step-*"):  # keep only the newest
+        for old in _step_dirs(ckpt_dir):  # keep only the newest
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(env)
