@@ -21,6 +21,16 @@ def table_override() -> str | None:
     return os.environ.get(TABLE_ENV, "").strip() or None
 
 
+CENSUS_ON, CENSUS_OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
 def census_enabled() -> bool:
-    """``$PDQKIT_W4A16_CENSUS`` (1 / true / yes / on): :func:`kernels.w4a16.census` counts every launch."""
-    return os.environ.get(CENSUS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    """``$PDQKIT_W4A16_CENSUS`` (1 / true / yes / on, any case): :func:`kernels.w4a16.census` counts every launch;
+    unset, empty, 0 / false / no / off: it does not. Anything else is a ValueError naming the variable: a typo
+    (``=enable``) would otherwise give an empty census that reads as "no kernel of ours ran"."""
+    raw = os.environ.get(CENSUS_ENV, "")
+    v = raw.strip().lower()
+    if v not in CENSUS_ON + CENSUS_OFF:
+        raise ValueError(f"{CENSUS_ENV}={raw!r}: use 1 / true / yes / on to count launches, 0 / false / no / off "
+                         f"or unset for none")
+    return v in CENSUS_ON
