@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DistillConfig", "PHASE_DEFAULTS", "RESULT_FIELDS", "PRECISIONS", "LOSS_IMPLS", "TRAINABLE"]
+__all__ = ["DistillConfig", "check_device", "PHASE_DEFAULTS", "RESULT_FIELDS", "PRECISIONS", "LOSS_IMPLS",
+           "TRAINABLE"]
 
 PRECISIONS = ("bf16-mixed", "bf16-master", "fp32")
 LOSS_IMPLS = ("autograd", "fused")  # how a logit-loss chunk's gradient is made (losses.chunked_logit_loss)
@@ -41,6 +42,12 @@ RESULT_FIELDS = (
     "train_embeddings", "precision", "chunk", "max_tokens", "attn", "trainable", "ema_decay", "ce_weight",
     "loss_impl", "compile_loss", "compile_layers", "deterministic",   # same math, other rounding: other bytes
 )
+
+
+def check_device(device: str) -> None:
+    """ValueError unless ``device`` is what ``--device`` takes: auto, cpu, cuda or cuda:N."""
+    if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
+        raise ValueError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -198,8 +205,7 @@ class DistillConfig:
             raise ValueError("--compile-layers is for phase 1 (phase 2's cached decoding would recompile per length)")
         if self.ckpt_layers is not None and (not isinstance(self.ckpt_layers, int) or self.ckpt_layers < 0):
             raise ValueError(f"--ckpt-layers {self.ckpt_layers}: must be a non-negative integer")
-        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
-            raise ValueError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        check_device(self.device)
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                                          or self.threads < 1):
             raise ValueError(f"--threads {self.threads}: must be a positive integer")

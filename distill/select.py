@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from .config import check_device
+
 __all__ = ["SelectConfig", "meta_path", "read_meta", "check_use", "window_kl", "pick", "select", "main"]
 
 META_SUFFIX = ".meta.json"
@@ -106,8 +108,7 @@ class SelectConfig:
             raise ValueError(f"--pool-tokens {self.pool_tokens}: must be at least --tokens {self.tokens}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"--temperature {self.temperature}: must be a positive number")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        check_device(self.device)
         if not str(self.out).endswith(".jsonl"):
             raise ValueError(f"-o {self.out}: the selection is a .jsonl file (python -m distill --data reads it)")
 
