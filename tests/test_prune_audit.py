@@ -700,28 +700,36 @@ def test_random_criterion_draws_every_layer_from_one_seeded_generator(tokenless,
                               "kept_intermediate_size": 512, "round_multiple": 128, "seed": 7}
 
 
-def test_force_replaces_an_earlier_output(tokenless, random_run, tmp_path):
-    """Without --force an existing output (or a dangling symlink in its place) is refused before any work; with
-    --force an earlier prune output is replaced by the new run's."""
+def test_force_replaces_an_earlier_output(tokenless, random_run, tmp_path, monkeypatch):
+    """Without --force an existing output (or a dangling symlink in its place) is refused before any work (before
+    the config is read: the writer's own refusal at the end does not count); with --force an earlier prune output
+    is replaced by the new run's."""
+    import prune.run
+
     out, _ = random_run
     cfg = PruneConfig(criterion="random", seed=8)
     before = sha256_file(out / "model.safetensors")
-    with pytest.raises(FileExistsError, match="output directory exists; pass --force"):
-        prune_checkpoint(tokenless, out, cfg, progress=False)
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "nowhere")
-    with pytest.raises(FileExistsError, match="output directory exists; pass --force"):
-        prune_checkpoint(tokenless, link, cfg, progress=False)
-    assert sha256_file(out / "model.safetensors") == before
+
+    def reached(*a, **k):
+        raise _Reached
+
+    with monkeypatch.context() as m:
+        m.setattr(prune.run, "_read_config", reached)
+        for dst in (out, link):
+            with pytest.raises(FileExistsError, match="output directory exists; pass --force"):
+                prune_checkpoint(tokenless, dst, cfg, progress=False)
+    assert sha256_file(out / "model.safetensors") == before and link.is_symlink() and not link.exists()
     prune_checkpoint(tokenless, out, cfg, force=True, progress=False)
     assert sha256_file(out / "model.safetensors") != before and read_lineage(out)[-1]["params"]["seed"] == 8
 
 
 def test_refit_damp_and_calibration_file_end_to_end(prune_ckpts, micro_tok, tmp_path):
-    """--refit --refit-damp 1.0 --calib FILE (the 2-layer Llama): every layer's down_proj is the ridge solution with lambda =
-    1.0 * mean kept diagonal (not the default 0.01's, which differs), on windows built here from the file, with
-    the activations of a plain full forward; the reported errors are that solution's; the lineage records the
-    damping and the file (path, file hash, documents reaching the windows, no split / revision)."""
+    """--refit --refit-damp 1.0 --calib FILE (the 2-layer Llama): every layer's down_proj is the ridge solution
+    with lambda = 1.0 * mean kept diagonal (not the default 0.01's, which differs), on windows built here from the
+    file, with the activations of a plain full forward; the reported errors are that solution's; the lineage
+    records the damping and the file (path, file hash, documents reaching the windows, no split / revision)."""
     from bench.corpus import load_texts
 
     from prune.run import load_model
@@ -775,3 +783,39 @@ def test_refit_damp_and_calibration_file_end_to_end(prune_ckpts, micro_tok, tmp_
                    "file_sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "selection": "first"}
     assert 1 < cal["documents"] < len(texts)
     assert "(damp 1;" in res.summary()
+
+
+@pytest.mark.parametrize("kw", [{"criterion": "taylor", "refit": True}, {"criterion": "activation"},
+                                {"criterion": "magnitude"}])
+def test_progress_total_is_what_the_passes_report(prune_ckpts, tmp_path, monkeypatch, kw):
+    """The calibration bar's total equals the updates it gets: per batch (ceil(5 / 2) = 3 here) one for the
+    taylor pass and, in the layer-by-layer pass (activation scores or --refit), one for the embedding and one per
+    layer; a data-free run has no bar (total 0, disabled)."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, *, total, desc, unit, disable):
+            self.total, self.disable, self.n = total, disable, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    real = tqdm.auto.tqdm   # transformers' own bars (loading, writing) stay real
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: Bar(**k) if k.get("desc") == "prune: calibrating"
+                        else real(*a, **k))
+    cfg = PruneConfig(samples=5, seq_len=32, batch_size=2, **kw)
+    prune_checkpoint(prune_ckpts["llama"], tmp_path / "out", cfg, progress=True)
+    (bar,) = bars
+    layers, batches = 2, 3
+    want = batches * ((layers + 1) * (kw.get("refit", False) or kw["criterion"] == "activation")
+                      + (kw["criterion"] == "taylor"))
+    assert bar.total == bar.n == want and bar.disable is (want == 0)
