@@ -494,12 +494,13 @@ class SafetensorsFileWriter:
     def abort(self) -> None:
         """Stop the hashing thread and close the file (the caller removes it), without blocking on the queue.
 
-        A SIGTERM raised as KeyboardInterrupt (pack/stopsignals.py) can land inside ``Queue.put`` after it took the
-        queue's lock and before the ``with`` block that releases it is set up: the lock then stays held, the thread
-        waits on it for ever, and a ``put`` here would too (a mutation audit's run of the SIGTERM test hung for
-        11 min). So the thread is told through an Event and given :data:`ABORT_JOIN_S` to end. A thread that does
-        not end is stuck on that lock: its file is left open (it may still use the descriptor; the process is
-        being interrupted and ends soon) and abort returns."""
+        A KeyboardInterrupt raised inside ``Queue.put``, after it took the queue's lock and before the ``with``
+        block that releases it is set up, leaves the lock held: the thread waits on it for ever, and a ``put`` here
+        would too (a mutation audit's run of the SIGTERM test hung for 11 min). pack's tools no longer raise a stop
+        signal there (pack/stopsignals.py), but another caller's handler may. So the thread is told through an
+        Event and given :data:`ABORT_JOIN_S` to end. A thread that does not end is stuck on that lock: its file is
+        left open (it may still use the descriptor; the process is being interrupted and ends soon) and abort
+        returns."""
         self._stop.set()
         self._hasher.join(timeout=ABORT_JOIN_S)
         if not self._hasher.is_alive():
