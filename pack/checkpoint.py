@@ -376,6 +376,8 @@ class FileHasher:
     def __init__(self, files: list[Path], chunk: int = CHUNK, use_cache: bool = True, workers: int = 1):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if not isinstance(chunk, int) or chunk < 1:   # refused here, not in the child (pack.sha256 refuses it too)
+            raise ValueError(f"chunk {chunk!r}: must be a positive number of bytes")
         self.files = [Path(f).absolute() for f in files]  # absolute once: the writer compares them to its own
         names = [f.name for f in self.files]
         if len(set(names)) != len(names):  # the result (and the lineage) is keyed by file name

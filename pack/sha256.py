@@ -56,7 +56,10 @@ def _own_open_file(fd: int) -> int | None:
 
 def sha256_files(files: list[Path | tuple[int, Path]], chunk: int = CHUNK) -> dict[str, str]:
     """``{file name: sha256 hex}`` of ``files``: paths, or ``(fd, path)`` for a file already open as ``fd``;
-    ``chunk`` bytes per read. An OSError names the file's path."""
+    ``chunk`` bytes per read (at least 1: a 0-byte buffer reads nothing and would give every file the hash of no
+    bytes). An OSError names the file's path."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk {chunk!r}: must be a positive number of bytes")
     buf = bytearray(chunk)
     out = {}
     for f in files:
