@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pack.packing import dequantize, pack_int4, unpack_int4
+from tests.test_kernels_fast import reference as _ref  # the pure-torch W4A16 reference
 
 
 def _problem(m, n, k, groups, dtype=torch.bfloat16, seed=0):
@@ -27,14 +28,6 @@ def _problem(m, n, k, groups, dtype=torch.bfloat16, seed=0):
     s = (torch.rand(n, groups, generator=g) * 0.02 + 0.001).to(dtype)
     x = torch.randn(m, k, generator=g).to(dtype)
     return x, wp, s
-
-
-def _ref(x, wp, s, bias=None):
-    n, k = wp.shape[0], wp.shape[1] * 8
-    y = x.reshape(-1, k).float() @ dequantize(wp, s, (n, k)).float().t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 # ------------------------------------------------------------------------------------ w4a16: argument checks

@@ -18,15 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from pack.packing import dequantize, pack_int4, unpack_uint4
-
-
-def _ref(x, wp, s, bias=None):
-    n, k = wp.shape[0], wp.shape[1] * 8
-    y = x.reshape(-1, k).float() @ dequantize(wp, s, (n, k)).float().t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+from pack.packing import pack_int4, unpack_uint4
+from tests.test_kernels_fast import reference as _ref  # the pure-torch W4A16 reference
 
 
 def _problem(m, n, k, group=128, dtype=torch.bfloat16, seed=0, bias=False):
