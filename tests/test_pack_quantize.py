@@ -176,11 +176,17 @@ def test_hf_loads_with_our_weights(base, out_eager):
         m = k[: -len(".weight_packed")]
         w = dequantize(tensors[k], tensors[f"{m}.weight_scale"], tensors[f"{m}.weight_shape"])
         ref.get_submodule(m).weight.data.copy_(w)
+    assert_same_model(qmodel, ref)
+
+
+def assert_same_model(qmodel, ref):
+    """``qmodel`` (loaded from a packed checkpoint) gives the logits of ``ref`` (bf16, holding the dequantized
+    weights) bit for bit and, after the decompress-on-first-forward hook, holds every tensor of it: nothing
+    random-initialised."""
     ids = torch.randint(0, 2048, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         lq, lr = qmodel(input_ids=ids).logits, ref(input_ids=ids).logits
     assert torch.equal(lq, lr)
-    # after the decompress-on-first-forward hook, every tensor equals the reference: nothing random-initialised
     sq, sr = qmodel.state_dict(), ref.state_dict()
     for k, v in sr.items():
         assert torch.equal(sq[k], v), k

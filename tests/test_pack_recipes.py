@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
 from pack.packing import unpack_int4
 from pack.qconfig import DEFAULT_IGNORE
 from pack.quantize import main
 from tests.test_observer import ref_quantize  # the spec's observer, group by group (independent of pack.observer)
+from tests.test_pack_quantize import _tensors, assert_same_model
 
 # one exact module name and one regex (Python re.match on the module name); neither is in a fused q/k/v or
 # gate/up set, so vLLM could still load the result
@@ -60,14 +60,6 @@ def channel_fp32div(base, tmp_path_factory) -> Path:
 def channel_eager(base, tmp_path_factory) -> Path:
     return _quantize(base, tmp_path_factory.mktemp("q") / "channel-eager", "--group-size", "-1",
                      "--rounding", "eager")
-
-
-def _tensors(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
 
 
 def _qconfig(d: Path) -> dict:
@@ -303,13 +295,7 @@ def test_hf_loads_channelwise_with_our_weights(base, channel_fp32div):
         ref.get_submodule(m).weight.data.copy_(w)
         n_set += 1
     assert n_set >= 30
-    ids = torch.randint(0, 2048, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        lq, lr = qmodel(input_ids=ids).logits, ref(input_ids=ids).logits
-    assert torch.equal(lq, lr)
-    sq, sr = qmodel.state_dict(), ref.state_dict()
-    for k, v in sr.items():
-        assert torch.equal(sq[k], v), k
+    assert_same_model(qmodel, ref)
 
 
 # ------------------------------------------------------------------ 3. text-only head-dim override
