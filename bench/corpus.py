@@ -157,7 +157,8 @@ def _build(tmp: Path, docs, split_of, sha: str) -> None:
                 nbytes += len(text.encode("utf-8"))
                 ndocs += 1
         splits[name] = {"documents": ndocs, "text_bytes": nbytes, "jsonl_sha256": h.hexdigest()}
-    meta = {"schema": "pdqkit_bench_corpus/1", "source": f"{SOURCE}=={SOURCE_VERSION}", "salt": SALT,
+    # the version the documents came from (SOURCE_VERSION unless built with $PDQKIT_CORPUS_UNPINNED=1)
+    meta = {"schema": "pdqkit_bench_corpus/1", "source": f"{SOURCE}=={md.version(SOURCE)}", "salt": SALT,
             "corpus_sha256": sha, "min_doc_chars": MIN_DOC_CHARS, "valid_bytes": VALID_BYTES,
             "calib_bytes": CALIB_BYTES, "splits": splits, "documents": entries}
     (tmp / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
@@ -326,7 +327,7 @@ def main(argv=None) -> int:
     except CorpusError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"corpus {corpus_sha256()[:16]} ({SOURCE}=={SOURCE_VERSION}) at {d}")
+    print(f"corpus {corpus_sha256()[:16]} ({manifest()['source']}) at {d}")
     if args.export:
         print(f"exported to {export(args.export)}")
     if args.info:

@@ -231,7 +231,7 @@ def greedy_agreement(student_tokens, teacher_tokens) -> tuple[float, float]:
     same = student_tokens == teacher_tokens
     n = same.shape[1]
     first = torch.where(same.all(1), torch.full((same.shape[0],), n), (~same).int().argmax(1))
-    return same.float().mean().item(), first.float().mean().item()
+    return same.double().mean().item(), first.double().mean().item()   # (fp64: 5/9 is 5/9, not fp32's 0.5555555820)
 
 
 def unigram_counts(train_stream: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pack.hfcompat import cache_kwarg
+
 from .losses import chunked_logit_loss, hidden_state_loss, lm_logits, per_token_loss_fn
 
 __all__ = [
@@ -49,7 +51,13 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str 
         from .attention import register
 
         register()
-    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    attn = attn_implementation
+    if "text_config" in (getattr(config, "sub_configs", None) or {}):
+        # a composite model (Gemma-4 with its towers): only the language model runs here (the data is text), so the
+        # towers keep transformers' own choice, which takes what each supports (transformers 5.24's audio tower has
+        # no SDPA, and a plain "sdpa" for the whole model is refused there)
+        attn = {"": attn_implementation, "text_config": attn_implementation}
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     return model.to(device).eval()
 
 
@@ -182,9 +190,9 @@ class MasterWeights(nn.Module):
 
 
 def limit_checkpointing(model: nn.Module, n_layers: int | None) -> int:
-    """After ``gradient_checkpointing_enable``: keep activation checkpointing on the first ``n_layers`` decoder
-    layers only (None: all). The others keep their activations (more memory, no recompute); values are the same
-    either way. Returns the number of checkpointed layers."""
+    """After :func:`pack.hfcompat.checkpointing_enable`: keep activation checkpointing on the first ``n_layers``
+    decoder layers only (None: all). The others keep their activations (more memory, no recompute); values are the
+    same either way. Returns the number of checkpointed layers."""
     layers = decoder_layers(model)
     n = len(layers) if n_layers is None else min(int(n_layers), len(layers))
     for layer in layers[max(n, 0):]:  # (n < 0: all off, as n = 0)
@@ -277,7 +285,8 @@ class DistillModule(nn.Module):
         decoder = self.student.get_decoder()
         head = self.student.get_output_embeddings().weight
         if cache is not None:
-            h = decoder(input_ids=input_ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            kw = {cache_kwarg(type(decoder).forward): cache}
+            h = decoder(input_ids=input_ids, use_cache=True, **kw).last_hidden_state[:, -1]
             return lm_logits(h.to(self.compute_dtype), head.to(self.compute_dtype), self.cap)
 
         match = self.hidden_layers if teacher_hidden is not None else []

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from pack.hfcompat import checkpointing_enable
+
 from . import parallel
 from .config import DistillConfig
 from .data import load_blocks, pair_tokenizer
@@ -358,7 +360,7 @@ class Distiller:
         self.student = student
         self.trainable = set_trainable(student, cfg.train_embeddings, cfg.trainable)
         if cfg.grad_ckpt:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpointing_enable(student, {"use_reentrant": False})
             limit_checkpointing(student, cfg.ckpt_layers)
         if cfg.compile_layers:
             compile_decoder_layers(teacher)
@@ -576,6 +578,7 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
 
     # resume
     start, history = 0, []
+    hardware = [_hardware(env)]   # where each run segment's arithmetic ran (another resume adds its own)
     if cfg.resume:
         ck = latest_checkpoint(cfg.ckpt_dir)
         if ck is None:
@@ -611,6 +614,8 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
             meta = _load_state(dz, ck)
             start, history = int(meta["step"]), list(meta["history"])
             log.print(f"resume: continuing from {ck} (step {start}/{cfg.steps})")
+            # (a checkpoint from before the record has none: its segment's hardware is unknown)
+            hardware = _resumed_hardware(meta.get("hardware") or [{"device": "not recorded"}], hardware[0], ck, log)
         log.rewind(start)
 
     tokens_per_step = cfg.batch * cfg.seq_len
@@ -660,12 +665,14 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             t_ck = time.perf_counter()
             dz.save_state(cfg.ckpt_dir, step + 1, {"config": cfg.result_dict(), "history": history,
-                                                   "data_sha256": data.sha256, "models_sha256": identity})
+                                                   "data_sha256": data.sha256, "models_sha256": identity,
+                                                   "hardware": hardware})
             t_int += time.perf_counter() - t_ck  # checkpoint time is not training time
 
     # sampled tokens from the whole history (a resumed run restores the steps before its checkpoint)
     generated = sum(h["on_policy"] for h in history) * cfg.batch * cfg.max_new_tokens
     summary = _summary(cfg, data, history, generated, dz.layers, dz.layer_w, env)
+    summary["hardware"] = hardware
     dz.use_ema()  # --ema-decay: the average is what is written (the logged losses are the raw weights')
     _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary,
           hashes["teacher"].result() if "teacher" in hashes else None)
@@ -674,6 +681,27 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
     if env.is_main and not cfg.keep_ckpt:
         clear_checkpoints(cfg.ckpt_dir)
     return summary
+
+
+def _hardware(env) -> dict:
+    """Where this process's arithmetic runs: the device type and, on CUDA, the GPU's name, on the CPU the thread
+    count. Another GPU model or thread count rounds differently (the same training, other bytes), so the lineage
+    and the training checkpoints record it. (Rank 0's; every rank of a run has the same device type.)"""
+    if env.device.type == "cuda":
+        return {"device": "cuda", "name": torch.cuda.get_device_name(env.device)}
+    return {"device": env.device.type, "threads": torch.get_num_threads()}
+
+
+def _resumed_hardware(before: list, now: dict, ck, log) -> list:
+    """The hardware list of a resumed run: the checkpoint's segments, then this one's if it differs from the last.
+    A change is allowed (moving a run to another machine is why one resumes) but printed, because the result is
+    then not the bytes an uninterrupted run would have written."""
+    if before[-1] == now:
+        return list(before)
+    show = lambda h: ", ".join(f"{k} {v}" for k, v in h.items())  # noqa: E731
+    log.print(f"resume: {ck} was trained on ({show(before[-1])}), this run is on ({show(now)}): the same training, "
+              f"rounded differently, so the weights will not be the bytes of an uninterrupted run")
+    return [*before, now]
 
 
 def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:

@@ -85,17 +85,18 @@ def hf_config(ckpt: Path, cfg: dict):
     dict this run read from config.json, instead of from a second read of the file: a file rewritten between two
     reads would give a plan of other bytes than those read, checked and keyed (pack.plancache).
 
-    The steps are transformers 5.x's own (``AutoConfig.from_pretrained`` -> ``PreTrainedConfig.get_config_dict``
-    -> ``from_dict``): special floats decoded, the hub snapshot's commit hash, its ``mistral`` + ``layer_types``
-    -> ``ministral`` rule, the class of ``model_type``, ``name_or_path``. A config whose ``auto_map`` names an
-    ``AutoConfig`` but whose model_type transformers lacks is refused with transformers' message, without its
-    interactive prompt (pdqkit never runs a checkpoint's code). A config listing ``configuration_files`` (which
-    transformers may take from a versioned ``config.X.json``) goes through ``from_pretrained`` itself, and so does
-    every config with a transformers that lacks the internals used here (the second read is then back).
+    The steps are transformers 5.x's own (``AutoConfig.from_pretrained`` -> ``PreTrainedConfig.get_config_dict`` ->
+    ``from_dict``): special floats decoded, the hub snapshot's commit hash (an attribute in 5.17; 5.24 drops the key),
+    its ``mistral`` + ``layer_types`` -> ``ministral`` rule, the class of ``model_type``, ``name_or_path``. A config
+    whose ``auto_map`` names an ``AutoConfig`` but whose model_type transformers lacks is refused with transformers'
+    message, without its interactive prompt (pdqkit never runs a checkpoint's code). A config listing
+    ``configuration_files`` (which transformers may take from a versioned ``config.X.json``) goes through
+    ``from_pretrained`` itself, and so does every config with a transformers that lacks the internals used here (the
+    second read is then back).
     """
     from transformers import AutoConfig
 
-    try:  # transformers internals (5.16 and 5.17 have them): a version without them reads the file again instead
+    try:  # transformers internals (5.16, 5.17 and 5.24 have them): a version without them reads the file again
         from transformers.configuration_utils import PreTrainedConfig
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
         from transformers.utils.hub import extract_commit_hash

@@ -214,7 +214,10 @@ def _calibration_record(cal: CalibrationSet, cfg: PruneConfig) -> dict:
             "documents": cal.documents, "seed": cfg.seed, "sha256": cal.sha256, "file_sha256": cal.file_sha256,
             # the windows are not sampled: the first num_samples of the packed stream (the seed is --criterion
             # random's, recorded because the lineage format asks for one)
-            "selection": "first"}
+            "selection": "first",
+            # where the statistics (and refit's Gram matrices) were computed: another device sums in another order,
+            # which can move a channel across the selection's cut
+            "device": torch.device(cfg.device).type}
 
 
 def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progress: bool = True) -> PruneResult:

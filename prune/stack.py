@@ -136,6 +136,8 @@ class Gemma4Stack(_Stack):
     def begin(self, input_ids):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+        from pack.hfcompat import cache_kwarg
+
         d = self.decoder
         mask = None
         if self.placeholders:
@@ -152,8 +154,8 @@ class Gemma4Stack(_Stack):
         pos = torch.arange(input_ids.shape[1], device=embeds.device).unsqueeze(0)
         key = tuple(input_ids.shape)
         if key not in self._shape_ctx:
-            mk = dict(config=self.config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
-                      position_ids=pos)
+            mk = {"config": self.config, "inputs_embeds": embeds, "attention_mask": None,
+                  cache_kwarg(create_causal_mask): None, "position_ids": pos}
             masks = {"full_attention": create_causal_mask(**mk),
                      "sliding_attention": create_sliding_window_causal_mask(**mk)}
             self._shape_ctx[key] = {t: (d.rotary_emb(embeds, pos, t), masks[t]) for t in set(self.config.layer_types)}

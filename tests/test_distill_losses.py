@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from distill.losses import (chunked_logit_loss, forward_kl, generalized_jsd, hidden_state_loss, lm_logits,
                             per_token_loss_fn, softcap)
 from distill.sample import (continuation_mask, gumbel_sample, on_policy_step, row_seed, sample_continuations)
+from pack.hfcompat import cache_kwarg
 
 torch.set_num_threads(1)
 
@@ -272,7 +273,7 @@ def test_sampling_with_kv_cache_matches_full_recompute():
     seeds = [row_seed(1, 2, r) for r in range(2)]
 
     def decode(ids, cache):
-        h = dec(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        h = dec(input_ids=ids, use_cache=True, **{cache_kwarg(type(dec).forward): cache}).last_hidden_state[:, -1]
         return lm_logits(h, W, 30.0)
 
     with torch.no_grad():

@@ -23,6 +23,7 @@ from distill.models import load_model
 from distill.toy import save_pair
 from distill.train import checkpoint_sha256, lr_at
 from pack.checkpoint import read_lineage, sha256_file
+from pack.hfcompat import checkpointing_enable
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -111,8 +112,30 @@ def test_phase2_on_policy(pair, tmp_path):
     assert step["losses"]["on_policy"] == {"lmbda": 1.0, "sample_temperature": 0.9, "max_new_tokens": 8}
 
 
-def test_multimodal_towers_bit_identical(tmp_path):
-    teacher, student = save_pair(tmp_path, "micro", width=512, multimodal=True)
+@pytest.fixture(scope="module")
+def mm_pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("distill_mm"), "micro", width=512, multimodal=True)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_towers_without_sdpa_load_and_the_language_model_gets_the_attention_asked(mm_pair, monkeypatch, attn):
+    """transformers 5.24's Gemma-4 audio tower has no SDPA, and from_pretrained refuses a plain "sdpa" for the
+    whole model: load_model asks for it on the language model only (the towers never run on text) and leaves the
+    towers to transformers' choice. Simulated on the installed transformers by taking SDPA from the audio tower."""
+    import transformers
+    from transformers.models.gemma4 import modeling_gemma4
+
+    monkeypatch.setattr(modeling_gemma4.Gemma4AudioModel, "_supports_sdpa", False)
+    monkeypatch.setattr(modeling_gemma4.Gemma4AudioModel, "_supports_flash_attn", False)
+    teacher, _ = mm_pair
+    with pytest.raises(ValueError, match="does not support"):   # the simulation is what 5.24 does
+        transformers.Gemma4ForConditionalGeneration.from_pretrained(teacher, attn_implementation="sdpa")
+    cfg = load_model(teacher, torch.float32, attn_implementation=attn).config
+    assert (cfg.text_config._attn_implementation, cfg.audio_config._attn_implementation) == (attn, "eager")
+
+
+def test_multimodal_towers_bit_identical(mm_pair, tmp_path):
+    teacher, student = mm_pair
     data = _write_ids(tmp_path / "d.jsonl", 2, 64)
     out = tmp_path / "mm"
     assert distill_main(_args(teacher, student, out, data, "--steps", 2, "--batch", 2, "--seq-len", 32,
@@ -650,6 +673,31 @@ def test_resume_refuses_other_settings(pair, tmp_path, capsys):
     assert "resume: continuing from" in capsys.readouterr().out
 
 
+def test_resume_on_other_hardware_is_recorded_and_printed(pair, tmp_path, capsys):
+    """The lineage names where the arithmetic ran (device type, and the CPU thread count, which changes the
+    rounding). A resume with another thread count is allowed (moving a run is why one resumes) but printed, and
+    the lineage then lists both segments; a resume on the same hardware lists one, as an uninterrupted run does."""
+    teacher, student, data, _ = pair
+    run = ["--steps", 2, "--batch", 2, "--seq-len", 32]
+    assert distill_main(_args(teacher, student, tmp_path / "a", data, *run, "--ckpt-every", 1, "--keep-ckpt")) == 0
+    one = {"device": "cpu", "threads": 1}
+    assert read_lineage(tmp_path / "a")[-1]["hardware"] == [one]
+    assert json.loads((tmp_path / "a-ckpt" / "step-00000001" / "meta.json").read_text())["hardware"] == [one]
+    resume = ["--ckpt-dir", tmp_path / "a-ckpt", "--resume"]
+    capsys.readouterr()
+    assert distill_main(_args(teacher, student, tmp_path / "same", data, *run, *resume, "--keep-ckpt")) == 0
+    assert "rounded differently" not in capsys.readouterr().out
+    assert read_lineage(tmp_path / "same")[-1]["hardware"] == [one]
+    try:
+        # (argparse keeps the last --threads)
+        assert distill_main(_args(teacher, student, tmp_path / "b", data, *run, *resume, "--threads", 2)) == 0
+    finally:
+        torch.set_num_threads(1)
+    out = capsys.readouterr().out
+    assert "was trained on (device cpu, threads 1), this run is on (device cpu, threads 2)" in out, out
+    assert read_lineage(tmp_path / "b")[-1]["hardware"] == [one, {"device": "cpu", "threads": 2}]
+
+
 def test_phase2_resume_keeps_lineage_and_log(pair, tmp_path):
     """A resumed phase-2 run writes the same weights and lineage (``generated_tokens`` counts the steps before
     the checkpoint too) as the uninterrupted run, and its ``--log-json`` reads like that run's log."""
@@ -743,7 +791,7 @@ def test_student_gradients_with_activation_checkpointing_and_chunking(pair):
         s = load_model(student_dir, torch.float32)
         set_trainable(s)
         if ckpt:
-            s.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpointing_enable(s, {"use_reentrant": False})
         s.train()
         dm = DistillModule(s, logit_loss="forward_kl", temperature=2.0, beta=0.5, logit_weight=1.0,
                            hidden_layers=[1, 4], hidden_weights=[0.3, 0.7], chunk=chunk, compute_dtype=torch.float32)

@@ -12,6 +12,7 @@ from distill.attention import NAME, _window_bool_mask, hybrid_mask, register, sl
 from distill.config import DistillConfig
 from distill.losses import chunked_logit_loss, per_token_loss_fn
 from distill.models import capture_layer_outputs, compile_decoder_layers, decoder_layers, limit_checkpointing
+from pack.hfcompat import checkpointing_enable
 from tests.distill_fixtures import aot_eager_compile, recording_backend  # noqa: F401 (a fixture)
 
 torch.set_num_threads(1)
@@ -184,7 +185,7 @@ def test_partial_checkpointing_same_gradients(micro):
     ids = torch.randint(4, 2000, (2, 96), generator=torch.Generator().manual_seed(1))
     micro.train()
     ref = _forward_backward(micro, ids, "sdpa", capture=(1, 4))
-    micro.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing_enable(micro, {"use_reentrant": False})
     try:
         assert limit_checkpointing(micro, 3) == 3
         flags = [layer.gradient_checkpointing for layer in decoder_layers(micro)]

@@ -537,8 +537,10 @@ def test_hf_config_is_what_from_pretrained_builds(request, tmp_path, which):
     ours, ref = hf_config(ckpt, cfg), AutoConfig.from_pretrained(str(ckpt))
     # compared as transformers serialises them (PreTrainedConfig.__eq__ trips over Gemma-4's per-layer attributes)
     assert type(ours) is type(ref) and ours.to_json_string(use_diff=False) == ref.to_json_string(use_diff=False)
-    assert (ours.name_or_path, ours._commit_hash) == (ref.name_or_path, ref._commit_hash)  # not serialised
-    if which == "snapshot":
+    # not serialised; the commit hash is a config attribute in transformers 5.17, gone by 5.24 (which drops the key)
+    commit = lambda c: getattr(c, "_commit_hash", None)  # noqa: E731
+    assert (ours.name_or_path, commit(ours)) == (ref.name_or_path, commit(ref))
+    if which == "snapshot" and hasattr(ref, "_commit_hash"):
         assert ours._commit_hash == "ab12" * 10
     if which == "special float":
         assert ours.pdqkit_test_float == float("inf")

@@ -387,6 +387,7 @@ def test_lineage_records_the_prune_step(prune_ckpts, pruned):
     assert (cal["dataset"], cal["split"], cal["num_samples"], cal["seq_len"], cal["tokens"], cal["seed"]) == \
            ("bench.corpus", "calib", SAMPLES, SEQ, SAMPLES * SEQ, 0)
     assert cal["selection"] == "first"   # the first windows of the stream: the seed did not pick them
+    assert cal["device"] == "cpu"   # where the statistics were computed
     assert cal["sha256"] == res.calibration.sha256
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 512
     summary = res.summary()
@@ -400,6 +401,34 @@ def test_same_input_gives_byte_identical_output(prune_ckpts, pruned, tmp_path):
     _prune(prune_ckpts["text"], tmp_path / "again", criterion="activation")
     for f in ("model.safetensors", "config.json", "pdqkit_lineage.json"):
         assert (first / f).read_bytes() == (tmp_path / "again" / f).read_bytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("criterion,refit", [("wanda", False), ("taylor", False), ("activation", True)])
+def test_cuda_calibration_against_cpu(prune_ckpts, tmp_path, criterion, refit):
+    """``--device cuda`` computes the statistics (taylor: the gradients; refit: the Gram matrices and the solve)
+    in another summation order than the CPU. Against a CPU run of the same input: the same channels are kept (the
+    sliced gate/up rows are the same bytes), a refit down_proj stays within one bf16 step of the CPU's, and each
+    lineage names its device. The figures are printed (run with -rA or -s to read them)."""
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        outs[dev] = tmp_path / dev
+        _prune(prune_ckpts["text"], outs[dev], criterion=criterion, refit=refit, device=dev)
+        assert read_lineage(outs[dev])[-1]["calibration"][0]["device"] == dev
+    a, b = _tensors(outs["cpu"]), _tensors(outs["cuda"])
+    assert set(a) == set(b)
+    differ, worst = [], 0.0
+    for k in a:
+        if torch.equal(a[k], b[k]):
+            continue
+        differ.append(k)
+        assert refit and k.endswith("mlp.down_proj.weight"), k   # only a refit's solve may round differently
+        x, y = a[k].float(), b[k].float()
+        step = torch.maximum(x.abs(), y.abs()) * 2.0 ** -7   # one bf16 step (8 significant bits) at that size
+        worst = max(worst, ((x - y).abs() / step.clamp_min(1e-30)).max().item())
+    print(f"prune {criterion}{' +refit' if refit else ''}: cuda vs cpu, {len(differ)} of {len(a)} tensors differ, "
+          f"worst {worst:.2f} bf16 steps")
+    assert worst <= 1.0
 
 
 def test_calibration_from_a_plain_text_file(prune_ckpts, tmp_path):

@@ -401,12 +401,14 @@ def test_calibration_record_fields():
 
     cal = CalibrationSet(torch.zeros(3, 4, dtype=torch.int64), "/cache/x.jsonl", "f" * 64, "a" * 64, 2)
     common = {"config": None, "num_samples": 3, "seq_len": 4, "tokens": 12, "documents": 2, "seed": 5,
-              "sha256": "a" * 64, "file_sha256": "f" * 64, "selection": "first"}
+              "sha256": "a" * 64, "file_sha256": "f" * 64, "selection": "first", "device": "cpu"}
     for calib, split in ((None, "calib"), ("bench:train", "train")):
         assert _calibration_record(cal, PruneConfig(calib=calib, seed=5)) == \
             {"dataset": "bench.corpus", "split": split, "revision": corpus_sha256(), **common}
     assert _calibration_record(cal, PruneConfig(calib="my/c.jsonl", seed=5)) == \
         {"dataset": "my/c.jsonl", "split": None, "revision": None, **common}
+    # the device type, not its index: cuda:1 computes as cuda:0 does
+    assert _calibration_record(cal, PruneConfig(calib="my/c.jsonl", seed=5, device="cuda:1"))["device"] == "cuda"
 
 
 # -------------------------------------------------------------------------------------------------- summary
@@ -780,7 +782,7 @@ def test_refit_damp_and_calibration_file_end_to_end(prune_ckpts, micro_tok, tmp_
                    "seq_len": SEQ, "tokens": SAMPLES * SEQ, "seed": 0,
                    "documents": sum(1 for s in starts if s < SAMPLES * SEQ),
                    "sha256": hashlib.sha256(ids.to(torch.int32).numpy().astype("<i4").tobytes()).hexdigest(),
-                   "file_sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "selection": "first"}
+                   "file_sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "selection": "first", "device": "cpu"}
     assert 1 < cal["documents"] < len(texts)
     assert "(damp 1;" in res.summary()
 

@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.factory import build_model  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
 from distill import parallel  # noqa: E402
+from pack.hfcompat import checkpointing_disable, checkpointing_on  # noqa: E402
 from distill.train import Distiller, deterministic_kernels, loss_parts  # noqa: E402
 
 PAIRS = {"small": dict(scale="small", student_mlp=2048), "e4b": dict(scale="e4b", student_mlp=8192),
@@ -113,8 +114,8 @@ def _distiller(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, total_
     :func:`_peak_gb` counts it and the steps."""
     device = env.device
     cfg = _cfg(phase, batch, seq_len, grad_ckpt, chunk, total_steps, peak_tflops, device, switches)
-    if not grad_ckpt and student.is_gradient_checkpointing:
-        student.gradient_checkpointing_disable()
+    if not grad_ckpt and checkpointing_on(student):
+        checkpointing_disable(student)
     vocab = student.config.vocab_size
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(4, vocab, (batch, seq_len), generator=g, device=device)
@@ -177,8 +178,8 @@ def measure(teacher, student, phase, batch, seq_len, grad_ckpt, chunk, steps, wa
         dz.opt.zero_grad(set_to_none=True)
         del dz
         student.zero_grad(set_to_none=True)
-        if student.is_gradient_checkpointing:
-            student.gradient_checkpointing_disable()
+        if checkpointing_on(student):
+            checkpointing_disable(student)
         _free()
 
 
