@@ -406,29 +406,48 @@ def test_same_input_gives_byte_identical_output(prune_ckpts, pruned, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("criterion,refit", [("wanda", False), ("taylor", False), ("activation", True)])
 def test_cuda_calibration_against_cpu(prune_ckpts, tmp_path, criterion, refit):
-    """``--device cuda`` computes the statistics (taylor: the gradients; refit: the Gram matrices and the solve)
-    in another summation order than the CPU. Against a CPU run of the same input: the same channels are kept (the
-    sliced gate/up rows are the same bytes), a refit down_proj stays within one bf16 step of the CPU's, and each
-    lineage names its device. The figures are printed (run with -rA or -s to read them)."""
-    outs = {}
+    """``--device cuda`` runs the calibration forward (taylor: and backward) with CUDA's kernels, whose bf16
+    activations round differently from the CPU's, so channels whose scores lie close to the cut can change sides.
+    Measured on the H200 (2026-12-02; the figures are printed, run with -rA or -s): wanda and activation kept other
+    channels in 5 of 6 layers, 98.4-99.5 % of them in common; taylor (an fp32 pass) the same channels everywhere.
+    Against a CPU run of the same input: each lineage names its device; every tensor outside the MLPs is the same
+    bytes; in every layer at least 95 % of the kept channels are the same (a selection from other data would share
+    about 80 %, the kept share, by chance); a layer that kept the same channels has the same gate/up bytes and,
+    without a refit, the same down_proj; with a refit, the down_proj of such a layer within 5 % (Frobenius) of the
+    CPU's and every layer's reconstruction error after the refit within 5 % of the CPU's."""
+    outs, res = {}, {}
     for dev in ("cpu", "cuda"):
         outs[dev] = tmp_path / dev
-        _prune(prune_ckpts["text"], outs[dev], criterion=criterion, refit=refit, device=dev)
+        res[dev] = _prune(prune_ckpts["text"], outs[dev], criterion=criterion, refit=refit, device=dev)
         assert read_lineage(outs[dev])[-1]["calibration"][0]["device"] == dev
     a, b = _tensors(outs["cpu"]), _tensors(outs["cuda"])
     assert set(a) == set(b)
-    differ, worst = [], 0.0
-    for k in a:
-        if torch.equal(a[k], b[k]):
+    assert [k for k in a if ".mlp." not in k and not torch.equal(a[k], b[k])] == []
+    common, same_layers, worst = [], 0, 0.0
+    for k in sorted(k for k in a if k.endswith("mlp.gate_proj.weight")):
+        rows = [{r.numpy().tobytes() for r in t[k].view(torch.int16)} for t in (a, b)]   # a row per kept channel
+        common.append(len(rows[0] & rows[1]) / len(rows[0]))
+        if rows[0] != rows[1]:
             continue
-        differ.append(k)
-        assert refit and k.endswith("mlp.down_proj.weight"), k   # only a refit's solve may round differently
-        x, y = a[k].float(), b[k].float()
-        step = torch.maximum(x.abs(), y.abs()) * 2.0 ** -7   # one bf16 step (8 significant bits) at that size
-        worst = max(worst, ((x - y).abs() / step.clamp_min(1e-30)).max().item())
-    print(f"prune {criterion}{' +refit' if refit else ''}: cuda vs cpu, {len(differ)} of {len(a)} tensors differ, "
-          f"worst {worst:.2f} bf16 steps")
-    assert worst <= 1.0
+        same_layers += 1
+        mlp = k.removesuffix("gate_proj.weight")
+        for part in ("gate_proj", "up_proj") + (() if refit else ("down_proj",)):
+            w = f"{mlp}{part}.weight"
+            assert torch.equal(a[w], b[w]), f"{w}: the same channels, other bytes"
+        if refit:   # the solve's sensitivity: relative Frobenius distance of the two refit down_proj
+            x, y = a[f"{mlp}down_proj.weight"].float(), b[f"{mlp}down_proj.weight"].float()
+            worst = max(worst, ((x - y).norm() / x.norm()).item())
+    err = ""
+    if refit:   # the refit objective (reconstruction error after) of each layer, CUDA's against the CPU's
+        after = [(c[1], g[1]) for c, g in zip(res["cpu"].refit_errors, res["cuda"].refit_errors)]
+        err_rel = max(abs(g - c) / c for c, g in after)
+        err = f"; refit down_proj |dW|/|W| worst {worst:.2e} (same-channel layers), error after worst {err_rel:.2e}"
+    print(f"prune {criterion}{' +refit' if refit else ''}: cuda vs cpu, kept channels in common per layer min "
+          f"{min(common):.4f} mean {sum(common) / len(common):.4f}; {same_layers} of {len(common)} layers kept the "
+          f"same channels{err}")
+    assert min(common) >= 0.95
+    if refit:   # (H200: 4.0e-3 and 6.2e-3; a refit that did not run on one side moves the error by far more)
+        assert worst <= 0.05 and err_rel <= 0.05
 
 
 def test_calibration_from_a_plain_text_file(prune_ckpts, tmp_path):

@@ -6,7 +6,6 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 mkdir -p $OUT/t
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/device.txt
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> $OUT/device.txt
-git log -1 --format=%H >> $OUT/device.txt 2>/dev/null || true
 bash .wheelhouse/part1/install-wheelhouse.sh > $OUT/install1.log 2>&1; echo "install1 rc $?"
 export PYTHONPATH=/tmp/site
 PT="python -m pytest -m gpu -q -p no:cacheprovider -rA --tb=short --durations=8"
