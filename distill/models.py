@@ -202,12 +202,22 @@ def limit_checkpointing(model: nn.Module, n_layers: int | None) -> int:
 
 def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> None:
     """``torch.compile`` each decoder layer's ``forward`` (not ``__call__``: forward hooks such as
-    :func:`capture_layer_outputs` and activation checkpointing stay in eager around it, so adding/removing hooks
-    every step does not recompile). Layers of one kind share compiled code; the dynamo cache limit is raised to
-    hold every (layer kind x grad mode) variant of both models."""
+    :func:`capture_layer_outputs` stay in eager around it, so adding/removing hooks every step does not recompile).
+    Layers of one kind share compiled code; the dynamo cache limit is raised to hold every (layer kind x grad mode)
+    variant of both models.
+
+    Activation checkpointing: transformers <= 5.17 applies it in ``__call__``, around the compiled forward;
+    transformers 5.24 in a wrapper that is the layer class's ``forward``, so the checkpoint is traced inside the
+    compiled code. There Dynamo refuses a checkpointed region that writes outside itself (Gemma-4's KV-sharing layers
+    store their K/V in a dict the later layers read) and runs the layer eagerly, unless told not to replay such
+    writes in the backward's recompute. Not replaying them is exact here: the recompute would store the same K/V
+    again, and the layers that read them are recomputed before it (the backward runs from the last layer), reading
+    the forward's. So the switch is set (where the installed torch has it)."""
     import torch._dynamo
 
     cfg = torch._dynamo.config
+    if hasattr(cfg, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        cfg.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for name in ("cache_size_limit", "recompile_limit"):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))

@@ -12,7 +12,7 @@ from distill.attention import NAME, _window_bool_mask, hybrid_mask, register, sl
 from distill.config import DistillConfig
 from distill.losses import chunked_logit_loss, per_token_loss_fn
 from distill.models import capture_layer_outputs, compile_decoder_layers, decoder_layers, limit_checkpointing
-from pack.hfcompat import checkpointing_enable
+from pack.hfcompat import checkpointing_disable, checkpointing_enable
 from tests.distill_fixtures import aot_eager_compile, recording_backend  # noqa: F401 (a fixture)
 
 torch.set_num_threads(1)
@@ -192,17 +192,23 @@ def test_partial_checkpointing_same_gradients(micro):
         assert flags == [True] * 3 + [False] * (len(flags) - 3)
         got = _forward_backward(micro, ids, "sdpa", capture=(1, 4))
     finally:
-        micro.gradient_checkpointing_disable()
+        checkpointing_disable(micro)
     _close(got[0], ref[0], 0)
     assert sorted(got[2]) == [1, 4]
     for n in ref[1]:
         _close(got[1][n], ref[1][n], 1e-6)
 
 
-def test_compiled_layers_same_values_and_hooks():
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_compiled_layers_same_values_and_hooks(ckpt):
     """compile_decoder_layers gives the eager values and gradients, layer hooks still fire, and Dynamo really
-    captured a graph for every kind of decoder layer (sliding / full attention, with own / shared KV)."""
+    captured a graph for every kind of decoder layer (sliding / full attention, with own / shared KV). With
+    activation checkpointing too (``ckpt``): transformers 5.24 checkpoints inside the compiled forward, where
+    without pdqkit's Dynamo switch the KV-storing layers' dict write made Dynamo run every layer eagerly (one graph
+    captured, of no layer's forward)."""
     model = build_model("micro", seed=2, dtype=torch.float32).train()
+    if ckpt:
+        checkpointing_enable(model, {"use_reentrant": False})
     layers = decoder_layers(model)
     cfg = model.config
     first_shared = cfg.num_hidden_layers - cfg.num_kv_shared_layers
