@@ -215,8 +215,8 @@ def _calibration_record(cal: CalibrationSet, cfg: PruneConfig) -> dict:
             # the windows are not sampled: the first num_samples of the packed stream (the seed is --criterion
             # random's, recorded because the lineage format asks for one)
             "selection": "first",
-            # where the statistics (and refit's Gram matrices) were computed: another device sums in another order,
-            # which can move a channel across the selection's cut
+            # where the statistics (and refit's Gram matrices) were computed: another device's kernels round the
+            # calibration forward differently, which can move a channel across the selection's cut (prune/README.md)
             "device": torch.device(cfg.device).type}
 
 

@@ -204,8 +204,8 @@ def test_compiled_layers_same_values_and_hooks(ckpt):
     """compile_decoder_layers gives the eager values and gradients, layer hooks still fire, and Dynamo really
     captured a graph for every kind of decoder layer (sliding / full attention, with own / shared KV). With
     activation checkpointing too (``ckpt``): transformers 5.24 checkpoints inside the compiled forward, where
-    without pdqkit's Dynamo switch the KV-storing layers' dict write made Dynamo run every layer eagerly (one graph
-    captured, of no layer's forward)."""
+    without pdqkit's Dynamo switch the KV-storing layers' dict write made Dynamo run the layers eagerly (a graph
+    was captured for the first layer only)."""
     model = build_model("micro", seed=2, dtype=torch.float32).train()
     if ckpt:
         checkpointing_enable(model, {"use_reentrant": False})
