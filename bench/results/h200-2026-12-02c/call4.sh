@@ -1,4 +1,4 @@
-# Forty-second session, call 6 (carry .wheelhouse/part1 and .whl-newest): transformers 5.24.0, compressed-tensors
+# Forty-second session, call 6 (carry .whl-newest): transformers 5.24.0, compressed-tensors
 # 0.20.1, huggingface_hub 2.4.0, tokenizers 0.23.3, safetensors 0.8.0 (cp312 wheels, --no-deps, numpy left as the
 # image has it) in front of the image's packages: the changed stages' GPU tests, then the E4B-shaped distill pair with
 # every speed switch (checkpointing inside the compiled forward under 5.24, with Inductor).
@@ -6,10 +6,10 @@ set -u
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PDQKIT_CORPUS_UNPINNED=1
 mkdir -p $OUT/t
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/device.txt
-bash .wheelhouse/part1/install-wheelhouse.sh > $OUT/install1.log 2>&1; echo "install1 rc $?"
+
 python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-new .whl-newest/*.whl > $OUT/install_new.log 2>&1
 echo "install_new rc $?"
-export PYTHONPATH=/tmp/site-new:/tmp/site
+export PYTHONPATH=/tmp/site-new
 python -c "import torch, triton, transformers, compressed_tensors, huggingface_hub, tokenizers, safetensors, numpy
 print(torch.__version__, triton.__version__, transformers.__version__, compressed_tensors.__version__,
       huggingface_hub.__version__, tokenizers.__version__, safetensors.__version__, numpy.__version__)" >> $OUT/device.txt 2>&1
