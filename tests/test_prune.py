@@ -409,7 +409,8 @@ def test_cuda_calibration_against_cpu(prune_ckpts, tmp_path, criterion, refit):
     """``--device cuda`` runs the calibration forward (taylor: and backward) with CUDA's kernels, whose bf16
     activations round differently from the CPU's, so channels whose scores lie close to the cut can change sides.
     Measured on the H200 (2026-12-02; the figures are printed, run with -rA or -s): wanda and activation kept other
-    channels in 5 of 6 layers, 98.4-99.5 % of them in common; taylor (an fp32 pass) the same channels everywhere.
+    channels in 4-5 of 6 layers, 98.1-99.5 % of them in common (transformers 5.17 and 5.24); taylor (an fp32 pass)
+    the same channels everywhere.
     Against a CPU run of the same input: each lineage names its device; every tensor outside the MLPs is the same
     bytes; in every layer at least 95 % of the kept channels are the same (a selection from other data would share
     about 80 %, the kept share, by chance); a layer that kept the same channels has the same gate/up bytes and,
@@ -446,7 +447,7 @@ def test_cuda_calibration_against_cpu(prune_ckpts, tmp_path, criterion, refit):
           f"{min(common):.4f} mean {sum(common) / len(common):.4f}; {same_layers} of {len(common)} layers kept the "
           f"same channels{err}")
     assert min(common) >= 0.95
-    if refit:   # (H200: 4.0e-3 and 6.2e-3; a refit that did not run on one side moves the error by far more)
+    if refit:   # (H200: 4.0e-3 / 6.2e-3 with transformers 5.17, 1.5e-2 / 1.2e-2 with 5.24)
         assert worst <= 0.05 and err_rel <= 0.05
 
 
