@@ -86,7 +86,7 @@ def _no_old_name_warnings(record) -> None:
     assert not bad, bad
 
 
-def test_on_the_installed_transformers(tmp_path):
+def test_on_the_installed_transformers():
     """Checkpointing flags every decoder layer and back; a KV-cached decode through ``cache_kwarg`` equals the
     full forward's last position; none of it warns about a deprecated name."""
     from transformers import DynamicCache
