@@ -79,11 +79,16 @@ def student_dtype(precision: str | None) -> torch.dtype:
 
 
 def lr_at(step: int, cfg: DistillConfig) -> float:
-    """Learning rate of (0-based) ``step``: linear warm-up, then cosine to ``lr * min_lr_ratio``."""
+    """Learning rate of (0-based) ``step``: linear warm-up to ``lr`` at step ``warmup_steps - 1``, then cosine to
+    ``lr * min_lr_ratio`` at the last step (``steps - 1``). A one-step run trains at ``lr``; with
+    ``warmup_steps = steps - 1`` the last step is the cosine's end (the floor), not a second step at the peak."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - 1 - cfg.warmup_steps)
-    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    span = cfg.steps - 1 - cfg.warmup_steps
+    if span <= 0:  # the step after the warm-up is the last: the decay's end, unless the run is that one step
+        frac = 0.0 if cfg.steps <= 1 else 1.0
+    else:
+        frac = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
 

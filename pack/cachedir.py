@@ -9,10 +9,13 @@ An entry is one JSON object in a file named ``<64 hex digits>.json`` (its key), 
 ``"key"`` field: a reader ignores an entry whose field and name differ. It is written to a temp file beside it
 (``.<key>.<random>.tmp``) and renamed, so a reader sees a whole entry or none. A run that uses an entry marks it
 used (its mtime); a run that stores entries then prunes the folder: it keeps the ``max_entries`` most recently
-used and deletes the rest, and deletes temp files older than :data:`STALE_TMP_S` (left by a writer killed
-mid-write; a younger one may be another run's write in progress). Nothing touches a file whose name is not an entry's or a temp file's, so a cache
-variable pointed at a folder that holds other files loses none of them. Every operation is best effort: a cache
-that cannot be located, read or written only costs the speed-up.
+used of its own cache's entries and deletes the rest, and deletes temp files older than :data:`STALE_TMP_S` (left
+by a writer killed mid-write; a younger one may be another run's write in progress). Each entry names its cache
+(``"cache"``), so both variables may point at one folder: a cache's pruning counts and deletes only its own entries
+(and those that name no cache: damaged, or written before entries named theirs), never the other cache's. Nothing
+touches a file whose name is not an entry's or a temp file's, so a cache variable pointed at a folder that holds
+other files loses none of them. Every operation is best effort: a cache that cannot be located, read or written
+only costs the speed-up.
 """
 from __future__ import annotations
 
@@ -61,12 +64,13 @@ def mark_used(path: Path) -> None:
         os.utime(path)
 
 
-def store_entry(path: Path, value: dict) -> bool:
+def store_entry(path: Path, value: dict, cache: str) -> bool:
     """Write entry ``path`` (``<key>.json``) atomically: the object ``value`` with ``"key"`` set to the key, which
-    :func:`read_entry` checks; whether it was written. A folder that cannot be written, or a value JSON cannot
-    hold, is skipped. The caller prunes the folder (:func:`prune`) once it has stored its entries."""
+    :func:`read_entry` checks, and ``"cache"`` to ``cache`` (the cache's name, which :func:`prune` checks);
+    whether it was written. A folder that cannot be written, or a value JSON cannot hold, is skipped. The caller
+    prunes the folder (:func:`prune`) once it has stored its entries."""
     try:
-        value = {**value, "key": path.stem}
+        value = {**value, "key": path.stem, "cache": cache}
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
         try:
@@ -82,9 +86,20 @@ def store_entry(path: Path, value: dict) -> bool:
     return True
 
 
-def prune(cache: Path, max_entries: int) -> None:
-    """Keep the ``max_entries`` most recently used entries of ``cache``; delete temp files older than
-    :data:`STALE_TMP_S`. Best effort: another run may be pruning too, or the cache may be read-only."""
+def _names_other_cache(path: Path, name: str) -> bool:
+    """Whether entry ``path`` names a cache other than ``name`` (one that names none, or cannot be read, does not)."""
+    try:
+        entry = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(entry, dict) and isinstance(entry.get("cache"), str) and entry["cache"] != name
+
+
+def prune(cache: Path, max_entries: int, name: str) -> None:
+    """Keep the ``max_entries`` most recently used of the entries in folder ``cache`` that belong to the cache
+    called ``name`` (those naming another cache are neither counted nor deleted); delete temp files older than
+    :data:`STALE_TMP_S`. Best effort: another run may be pruning too, or the cache may be read-only. The entries
+    are read only when the folder holds more than ``max_entries`` of them."""
     try:
         names = list(cache.iterdir())
     except OSError:
@@ -97,6 +112,8 @@ def prune(cache: Path, max_entries: int) -> None:
                     f.unlink()
             elif _ENTRY.fullmatch(f.name):
                 entries.append((f.stat().st_mtime_ns, f.name, f))
+    if len(entries) > max_entries:  # over the limit counting every entry: count this cache's alone
+        entries = [e for e in entries if not _names_other_cache(e[2], name)]
     entries.sort(reverse=True)  # most recently used first; the name breaks ties, so every run agrees
     for *_, f in entries[max_entries:]:
         with suppress(OSError):

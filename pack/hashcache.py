@@ -47,6 +47,7 @@ __all__ = ["HASH_FORMAT", "MAX_ENTRIES", "SETTLE_NS", "FileState", "hash_cache_d
            "open_files", "lookup", "store"]
 
 HASH_FORMAT = 2  # bump when the key's fields or an entry's layout change (2: entries name their key)
+CACHE_NAME = "hashes"  # what its entries name as their cache (pack.cachedir: a folder may hold both caches)
 MAX_ENTRIES = 4096  # entries kept (least recently used go first): ~1 MB; one per input file
 SETTLE_NS = 2_000_000_000  # a file changed less than this before the lookup may still be being written
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -54,7 +55,7 @@ _HEX = re.compile(r"[0-9a-f]{64}")
 
 def hash_cache_dir() -> Path:
     """Where input hashes are kept: ``$PDQKIT_HASH_CACHE`` if set, else ``$PDQKIT_CACHE/hashes``."""
-    return cache_dir("PDQKIT_HASH_CACHE", "hashes")
+    return cache_dir("PDQKIT_HASH_CACHE", CACHE_NAME)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,8 @@ def store(seen: dict[Path, FileState], hashes: dict[Path, str]) -> int:
             continue
         if unchanged:
             stored += store_entry(cache / f"{before.key()}.json",
-                                  {"format": HASH_FORMAT, "path": before.path, "size": before.size, "sha256": digest})
+                                  {"format": HASH_FORMAT, "path": before.path, "size": before.size, "sha256": digest},
+                                  CACHE_NAME)
     if stored:
-        prune(cache, MAX_ENTRIES)  # once, however many files were stored
+        prune(cache, MAX_ENTRIES, CACHE_NAME)  # once, however many files were stored
     return stored

@@ -58,6 +58,7 @@ __all__ = ["PLAN_FORMAT", "MAX_ENTRIES", "plan_cache_dir", "plan_key", "cached_p
 
 PLAN_FORMAT = 3  # bump when ModelPlan's fields or their meaning change, or an entry's layout (2: "depends"; 3:
 #                  entries name their key)
+CACHE_NAME = "plans"  # what its entries name as their cache (pack.cachedir: a folder may hold both caches)
 MAX_ENTRIES = 256  # entries kept (least recently used go first): ~4 MB at ~17 KB each
 _PDQKIT_SOURCES = ("targets.py", "qconfig.py", "card.py", "plancache.py")
 _VERSIONED = ("transformers", "compressed-tensors", "pydantic", "torch")
@@ -67,7 +68,7 @@ _TRANSFORMERS_SHARED = ("modeling_utils.py", "configuration_utils.py", "conversi
 
 def plan_cache_dir() -> Path:
     """Where plans are kept: ``$PDQKIT_PLAN_CACHE`` if set, else ``$PDQKIT_CACHE/plans``."""
-    return cache_dir("PDQKIT_PLAN_CACHE", "plans")
+    return cache_dir("PDQKIT_PLAN_CACHE", CACHE_NAME)
 
 
 def _model_types(cfg) -> set[str]:
@@ -280,6 +281,6 @@ def cached_plan(ckpt: Path, recipe, *, use_cache: bool = True,
         depends = _depends(cfg, plan.sources)
     except (OSError, RuntimeError, ValueError):  # as for the key: the plan stands, it is not stored
         return plan, False
-    if store_entry(path, _to_json(plan, depends)):
-        prune(path.parent, MAX_ENTRIES)
+    if store_entry(path, _to_json(plan, depends), CACHE_NAME):
+        prune(path.parent, MAX_ENTRIES, CACHE_NAME)
     return plan, False

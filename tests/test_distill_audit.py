@@ -526,6 +526,18 @@ def test_lr_at_warmup_ends_at_the_peak_and_the_cosine_starts_there():
     assert lr_at(0, cfg0) == pytest.approx(1e-3) and lr_at(4, cfg0) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("steps", [2, 3, 7])
+def test_lr_at_a_warmup_of_all_but_one_step_still_ends_at_the_floor(steps):
+    """``--warmup-steps steps-1`` (the default for a two-step run): the warm-up peaks at step steps-2 and the last
+    step is the floor, as for any other warm-up, not a second step at the peak; a one-step run trains at lr."""
+    cfg = DistillConfig(teacher="t", student="s", out="o", steps=steps, lr=1e-3, warmup_steps=steps - 1,
+                        min_lr_ratio=0.1)
+    assert lr_at(steps - 2, cfg) == pytest.approx(1e-3)
+    assert lr_at(steps - 1, cfg) == pytest.approx(1e-4)
+    one = DistillConfig(teacher="t", student="s", out="o", steps=1, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(0, one) == pytest.approx(1e-3)
+
+
 def test_loss_parts_keeps_the_terms_only():
     """The bookkeeping keys and the total are not loss terms; per_layer=False drops the hidden_mse/<i> split."""
     rec = {"step": 3, "lr": 1e-4, "grad_norm": 2.0, "on_policy": True, "loss": 5.0, "forward_kl": 1.0,

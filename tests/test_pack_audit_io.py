@@ -119,11 +119,11 @@ def test_store_entry_is_readable_by_others_and_leaves_nothing_half_written(tmp_p
     value JSON cannot hold is not stored: False, no temp file left, the previous entry untouched."""
     umask(0o077)
     path = tmp_path / "c" / ("ab" * 32 + ".json")
-    assert cachedir.store_entry(path, {"v": 1}) is True
+    assert cachedir.store_entry(path, {"v": 1}, "plans") is True
     assert _mode(path) == 0o644
-    assert cachedir.read_entry(path) == {"v": 1, "key": path.stem} == json.loads(path.read_text())
+    assert cachedir.read_entry(path) == {"v": 1, "key": path.stem, "cache": "plans"} == json.loads(path.read_text())
     before = path.read_bytes()
-    assert cachedir.store_entry(path, {"v": {1, 2}}) is False   # a set: json.dump raises TypeError half-way
+    assert cachedir.store_entry(path, {"v": {1, 2}}, "plans") is False   # a set: json.dump raises TypeError half-way
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name] and path.read_bytes() == before
 
 
@@ -155,7 +155,7 @@ def test_prune_ranks_by_mtime_and_deletes_only_entries_and_stale_temps(tmp_path)
     for f, atime, mtime in ((old_used_recently_read, now, now - 500), (new_used, now - 900, now - 100)):
         f.write_text("{}")
         os.utime(f, (atime, mtime))
-    cachedir.prune(cache, 1)
+    cachedir.prune(cache, 1, "plans")
     assert sorted(p.name for p in cache.iterdir()) == [new_used.name]
     others = ["A" * 64 + ".json", "a" * 63 + ".json", "a" * 64 + ".json.bak", "x" + "a" * 64 + ".json",
               "a" * 64 + ".jsonx", "." + "a" * 64 + ".json"]
@@ -165,9 +165,63 @@ def test_prune_ranks_by_mtime_and_deletes_only_entries_and_stale_temps(tmp_path)
                       + [(stale, 3600 + 120), (young, 3600 - 120)]):
         (cache / name).write_text("x")
         os.utime(cache / name, (now - age, now - age))
-    cachedir.prune(cache, 0)
+    cachedir.prune(cache, 0, "plans")
     assert sorted(p.name for p in cache.iterdir()) == sorted([*others, young])
-    cachedir.prune(tmp_path / "missing", 0)   # best effort: no folder, no error
+    cachedir.prune(tmp_path / "missing", 0, "plans")   # best effort: no folder, no error
+
+
+def test_two_caches_in_one_folder_prune_only_their_own_entries(tmp_path):
+    """Both cache variables pointed at one folder: each cache's pruning keeps its own ``max_entries`` most recently
+    used and never deletes the other's (plan pruning at 256 used to delete input-hash entries, and the reverse);
+    entries that name no cache (damaged, or from before entries named theirs) are pruned as before."""
+    cache = tmp_path / "shared"
+    now = time.time()
+    names = {}
+    for i, kind in enumerate(["plans", "hashes"] * 3):   # ages interleaved: 6 entries, the oldest first
+        path = cache / (f"{i:x}" * 64 + ".json")
+        assert cachedir.store_entry(path, {"i": i}, kind)
+        os.utime(path, (now, now - 1000 + i))
+        names.setdefault(kind, []).append(path.name)
+    legacy = cache / ("f" * 64 + ".json")
+    legacy.write_text(json.dumps({"key": "f" * 64}))
+    os.utime(legacy, (now, now - 2000))
+    cachedir.prune(cache, 2, "plans")   # 7 entries, over 2: the oldest plan and the nameless one go
+    assert sorted(p.name for p in cache.iterdir()) == sorted(names["plans"][1:] + names["hashes"])
+    cachedir.prune(cache, 3, "hashes")  # 5 entries, but only 3 are the hash cache's: nothing to delete
+    assert sorted(p.name for p in cache.iterdir()) == sorted(names["plans"][1:] + names["hashes"])
+    cachedir.prune(cache, 1, "hashes")
+    assert sorted(p.name for p in cache.iterdir()) == sorted(names["plans"][1:] + names["hashes"][2:])
+
+
+def test_the_plan_and_hash_caches_share_a_folder_without_evicting_each_other(tmp_path, monkeypatch, settled):
+    """Through the real callers, both variables on one folder and each cache limited to one entry: storing a plan
+    keeps the input hash stored before it (the plan cache's pruning used to take the older entry, whoever's it
+    was), and a second input hash replaces the first but leaves the plan."""
+    import pack.targets as targets
+    from pack.qconfig import QuantRecipe
+
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("PDQKIT_PLAN_CACHE", str(shared))
+    monkeypatch.setenv("PDQKIT_HASH_CACHE", str(shared))
+    monkeypatch.setattr(pc, "MAX_ENTRIES", 1)
+    monkeypatch.setattr(hc, "MAX_ENTRIES", 1)
+    entry = _plan_entry()
+    monkeypatch.setattr(targets, "plan_model", lambda ckpt, recipe, cfg: pc._from_json(entry, cfg))
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"w{i}.bin")
+        files[-1].write_bytes(os.urandom(100))
+    states = {f: hc.file_state(f) for f in files}
+    digests = {f: _sha(f.read_bytes()) for f in files}
+    assert hc.store({files[0]: states[files[0]]}, {files[0]: digests[files[0]]}) == 1
+    time.sleep(0.01)  # the plan entry is the newer one
+    cfg = {"model_type": "gemma4"}
+    assert pc.cached_plan(tmp_path, QuantRecipe(), config=cfg)[1] is False
+    assert hc.lookup({files[0]: states[files[0]]}) == {files[0]: digests[files[0]]}
+    assert hc.store({files[1]: states[files[1]]}, {files[1]: digests[files[1]]}) == 1
+    assert hc.lookup(states) == {files[1]: digests[files[1]]}
+    assert pc.cached_plan(tmp_path, QuantRecipe(), config=cfg)[1] is True
+    assert len(list(shared.iterdir())) == 2
 
 
 def test_a_lookup_hit_marks_the_entry_used(tmp_path, settled):
