@@ -127,6 +127,32 @@ def test_all_zero_group_uses_bf16_eps():
     assert (codes[0] == 0).all() and (codes[1, :128] == 0).all() and (codes[1, 128:] == 7).all()
 
 
+@pytest.mark.parametrize("mode", ["fp32div", "eager"])
+@pytest.mark.parametrize("dtype, tiny", [(torch.bfloat16, 2.0 ** -133), (torch.float16, 2.0 ** -24)])
+def test_subnormal_scales_clamp_quotients_above_eight(mode, dtype, tiny):
+    """Groups whose amax is a few of the dtype's smallest subnormals (``tiny``): amax / 7.5 rounds to a subnormal
+    scale up to a third below it (amax 11 tiny -> scale 1 tiny), so quotients reach +-11 and must clamp to
+    [-8, 7]; amax 3 tiny underflows to the eps scale. Against a value-by-value fp64 rendering of spec §1."""
+    amaxes = list(range(1, 41))
+    w = torch.zeros(len(amaxes), 128, dtype=torch.float64)
+    for i, a in enumerate(amaxes):
+        w[i, :2 * a + 1] = torch.arange(-a, a + 1, dtype=torch.float64)  # every multiple of tiny in [-a, a]
+    w = (w * tiny).to(dtype)
+    assert torch.equal(w.double() / tiny, (w.double() / tiny).round())  # exact: subnormal multiples of tiny
+    codes, scale = quantize_weight(w, QuantScheme(rounding=mode))
+    eps = torch.finfo(dtype).eps
+    for i, a in enumerate(amaxes):
+        s = torch.tensor(a * tiny / 7.5, dtype=torch.float32).to(dtype).item() or eps
+        assert scale[i, 0].item() == s
+        for c in range(2 * a + 1):
+            t = torch.tensor(w[i, c].item(), dtype=torch.float32) / torch.tensor(s, dtype=torch.float32)
+            if mode == "eager":
+                t = t.to(dtype)
+            assert codes[i, c].item() == _round_half_even(min(max(t.item(), -8.0), 7.0)), (a, c)
+    assert scale[10, 0].item() == tiny and codes[10, 0].item() == -8 and codes[10, 22].item() == 7  # amax 11
+    assert quantize_codes(w, scale, mode).equal(codes)
+
+
 def test_scale_is_born_bf16_with_one_rounding():
     # the scale is amax / 7.5 in fp32, rounded once to bf16 (spec §1.2); a scale computed in bf16 arithmetic
     # (bf16(amax) / bf16(7.5) rounded in bf16) differs for 3.0 and 1.5e-5, so those two would catch it
