@@ -257,9 +257,11 @@ def _kernel_classes() -> dict:
                 ok, why = False, "pdqkit's Triton W4A16 kernels run on CUDA only"
             else:
                 k, n = c.partition_weight_shape
+                # has_g_idx: vLLM 0.26.0's field; later releases dropped act-order and the field with it (0.33.0,
+                # read from its wheel on 2026-12-02)
                 ok, why = coverage(weight_type=str(c.weight_type), act_dtype=c.act_type, out_dtype=c.out_type,
                                    group_size=c.group_size, n=n, k=k, zero_points=c.zero_points,
-                                   has_g_idx=c.has_g_idx)
+                                   has_g_idx=bool(getattr(c, "has_g_idx", False)))
             if not ok:  # vLLM drops the reasons of skipped kernels when a later one fits: say it here
                 # a warning for `exact`: the layer then loses bit-identity to Marlin
                 say = log.warning_once if cls.choice == "exact" else log.info_once
@@ -292,6 +294,11 @@ def _kernel_classes() -> dict:
 
             self._transform_param(layer, self.w_q_name, w_q)
             self._transform_param(layer, self.w_s_name, w_s)
+
+        def _weights(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+            # (w_q, w_s, w_zp, w_gidx) from vLLM 0.26.0, (w_q, w_s, w_zp) from releases without act-order (0.33.0)
+            w_q, w_s = self._get_weight_params(layer)[:2]
+            return w_q, w_s
 
         def _out_shape(self, x: torch.Tensor) -> tuple:
             return x.shape[:-1] + (self.config.partition_weight_shape[1],)
@@ -334,7 +341,7 @@ def _kernel_classes() -> dict:
 
         def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
-            w_q, w_s, _, _ = self._get_weight_params(layer)
+            w_q, w_s = self._weights(layer)
             x_2d = x.reshape(-1, x.shape[-1])
             out = torch.ops.pdqkit.w4a16_gemm_exact(x_2d, w_q, w_s, bias, self.use_fp32_reduce, self.sms)
             return out.reshape(self._out_shape(x))
@@ -354,7 +361,7 @@ def _kernel_classes() -> dict:
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             self._plain_ct_params(layer)
-            w_q, w_s, _, _ = self._get_weight_params(layer)
+            w_q, w_s = self._weights(layer)
             if w_q.is_cuda:
                 reserve(w_q.device, zero=True)   # on every load, not only the first: sleep mode level 2 discards them
                 if w_q.device not in self._warmed:
@@ -364,7 +371,7 @@ def _kernel_classes() -> dict:
 
         def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
-            w_q, w_s, _, _ = self._get_weight_params(layer)
+            w_q, w_s = self._weights(layer)
             x_2d = x.reshape(-1, x.shape[-1])
             out = torch.ops.pdqkit.w4a16_gemm(x_2d, w_q, w_s, bias)
             return out.reshape(self._out_shape(x))
