@@ -214,10 +214,12 @@ def test_the_plan_and_hash_caches_share_a_folder_without_evicting_each_other(tmp
     states = {f: hc.file_state(f) for f in files}
     digests = {f: _sha(f.read_bytes()) for f in files}
     assert hc.store({files[0]: states[files[0]]}, {files[0]: digests[files[0]]}) == 1
-    time.sleep(0.01)  # the plan entry is the newer one
+    first = shared / f"{states[files[0]].key()}.json"
+    os.utime(first, (time.time() - 60, time.time() - 60))   # the older entry: the one a shared pruning took
     cfg = {"model_type": "gemma4"}
     assert pc.cached_plan(tmp_path, QuantRecipe(), config=cfg)[1] is False
     assert hc.lookup({files[0]: states[files[0]]}) == {files[0]: digests[files[0]]}
+    os.utime(first, (time.time() - 60, time.time() - 60))   # used before the second hash is stored
     assert hc.store({files[1]: states[files[1]]}, {files[1]: digests[files[1]]}) == 1
     assert hc.lookup(states) == {files[1]: digests[files[1]]}
     assert pc.cached_plan(tmp_path, QuantRecipe(), config=cfg)[1] is True
