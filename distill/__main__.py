@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from pack.errors import cli_status
+
 from .config import LOSS_IMPLS, PHASE_DEFAULTS, PRECISIONS, TRAINABLE, DistillConfig
 
 
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
         run(cfg)
     except (ValueError, OSError) as e:
         print(f"distill: error: {e}", file=sys.stderr)
-        return 1
+        return cli_status(e)   # 2: the input or the invocation; 1: the machine
     return 0
 
 

@@ -291,8 +291,10 @@ def main(argv=None) -> int:
     try:
         select(SelectConfig(**kw), progress=progress)
     except (ValueError, OSError) as e:
+        from pack.errors import cli_status
+
         print(f"distill.select: error: {e}", file=sys.stderr)
-        return 1
+        return cli_status(e)   # 2: the input or the invocation; 1: the machine
     return 0
 
 

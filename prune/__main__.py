@@ -64,6 +64,7 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()
 
     from pack.checkpoint import InterruptedAfterCommit
+    from pack.errors import cli_status
     from pack.stopsignals import interrupted_message, stop_signals_interrupt
 
     # SIGTERM (a timeout, Slurm, docker stop) cleans up like Ctrl-C: no temp dir left, one line, exit 130
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
                 return 130
             if isinstance(e, (ValueError, OSError, RuntimeError)):
                 print(f"prune: error: {e}", file=sys.stderr)
-                return 1
+                return cli_status(e)   # 2: the input or the invocation; 1: the machine
             raise
     print(result.summary())
     return 0

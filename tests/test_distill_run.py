@@ -156,7 +156,7 @@ def test_multimodal_towers_bit_identical(mm_pair, tmp_path):
 def test_cli_errors_are_one_line(pair, tmp_path, capsys):
     teacher, student, data, root = pair
     (tmp_path / "exists").mkdir()
-    assert distill_main(_args(teacher, student, tmp_path / "exists", data, "--steps", 1)) == 1
+    assert distill_main(_args(teacher, student, tmp_path / "exists", data, "--steps", 1)) == 2
     err = capsys.readouterr().err
     assert "exists; pass --force" in err and err.count("\n") == 1
     assert distill_main(_args(teacher, student, tmp_path / "o", data, "--lmbda", 1.5)) == 2
@@ -170,14 +170,14 @@ def test_cli_errors_are_one_line(pair, tmp_path, capsys):
     assert distill_main(_args(teacher, student, tmp_path / "o", data, "--phase", 2, "--seq-len", 64)) == 2
     assert "--max-new-tokens" in capsys.readouterr().err
     assert distill_main(_args(teacher, student, tmp_path / "o", data, "--steps", 1, "--seq-len", 32,
-                              "--batch", 2, "--hidden-layers", "0,9")) == 1
+                              "--batch", 2, "--hidden-layers", "0,9")) == 2
     assert "the models have 6 layers" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert distill_main(_args(teacher, tmp_path / "empty", tmp_path / "o", data)) == 1
+    assert distill_main(_args(teacher, tmp_path / "empty", tmp_path / "o", data)) == 2
     assert "no config.json" in capsys.readouterr().err
     # --force never lets the output replace (or a folder holding) the teacher or the student
     for out, who in ((student, "student"), (Path(teacher).parent, "teacher")):
-        assert distill_main(_args(teacher, student, out, data, "--steps", 1, "--force")) == 1
+        assert distill_main(_args(teacher, student, out, data, "--steps", 1, "--force")) == 2
         err = capsys.readouterr().err
         assert f"must not be, contain or lie inside the {who}" in err and err.count("\n") == 1, err
     assert (Path(student) / "config.json").is_file() and (Path(teacher) / "config.json").is_file()
@@ -185,7 +185,7 @@ def test_cli_errors_are_one_line(pair, tmp_path, capsys):
     from bench.factory import save_random_checkpoint
 
     other = save_random_checkpoint("micro", root / "hidden128", hidden_size=128, force=True)
-    assert distill_main(_args(teacher, other, tmp_path / "o", data, "--steps", 1)) == 1
+    assert distill_main(_args(teacher, other, tmp_path / "o", data, "--steps", 1)) == 2
     err = capsys.readouterr().err
     assert "student hidden_size=128 differs from teacher" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
@@ -211,14 +211,14 @@ def test_outputs_never_overwrite_inputs_and_unwritable_outputs_fail_first(pair, 
          "must not be the student"),
     ]
     for out, extra, option, msg in cases:
-        assert distill_main(_args(teacher, student, out, data_copy, *run, *extra)) == 1
+        assert distill_main(_args(teacher, student, out, data_copy, *run, *extra)) == 2
         err = capsys.readouterr().err
         assert msg in err and option in err and err.count("\n") == 1, err
     assert {f: f.read_bytes() for f in before} == before and not (tmp_path / "o").exists()
     (tmp_path / "afile").write_text("x")
     for extra, option in (([], "-o"), (["--ckpt-every", 1, "--ckpt-dir", tmp_path / "afile" / "ck"], "--ckpt-dir")):
         out = tmp_path / "afile" / "out" if option == "-o" else tmp_path / "o"
-        assert distill_main(_args(teacher, student, out, data_copy, *run, *extra)) == 1
+        assert distill_main(_args(teacher, student, out, data_copy, *run, *extra)) == 2
         err = capsys.readouterr().err
         assert f"{option} " in err and "cannot write there" in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
@@ -274,7 +274,7 @@ def test_damaged_or_unusable_checkpoints_are_refused_in_one_line(pair, tmp_path,
              (lambda: (ckpt / "latest").write_text("step-00000009"), "none that 'latest' (step-00000009) names")]
     for how, msg in cases:
         damage(how)
-        assert distill_main(_args(teacher, student, out, data, *run, "--resume", "--force")) == 1
+        assert distill_main(_args(teacher, student, out, data, *run, "--resume", "--force")) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
         assert step.is_dir()   # nothing deleted
@@ -301,7 +301,7 @@ def test_resume_refuses_other_models_at_the_same_paths(tmp_path, capsys):
     assert step["teacher"]["sha256"] == checkpoint_sha256(teacher)
     shutil.copy(Path(other) / "model.safetensors", Path(teacher) / "model.safetensors")
     capsys.readouterr()
-    assert distill_main(_args(teacher, student, out, data, *run, "--resume", "--force")) == 1
+    assert distill_main(_args(teacher, student, out, data, *run, "--resume", "--force")) == 2
     err = capsys.readouterr().err
     assert "checkpoint was made with another teacher (sha256 differs" in err and err.count("\n") == 1, err
 
@@ -544,7 +544,7 @@ def test_deterministic_kernels_are_switched_on_for_the_run_and_back_off_after(pa
     assert not torch.are_deterministic_algorithms_enabled()
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
     capsys.readouterr()
-    assert distill_main(run + ["--deterministic", "--force"]) == 1
+    assert distill_main(run + ["--deterministic", "--force"]) == 2
     err = capsys.readouterr().err
     assert "CUBLAS_WORKSPACE_CONFIG=:0:0 does not make cuBLAS deterministic" in err and err.count("\n") == 1
 
@@ -624,7 +624,7 @@ def test_teacher_and_student_tokenizers_must_agree(pair, tmp_path, capsys):
     t2, s2 = shutil.copytree(teacher, tmp_path / "t"), shutil.copytree(student, tmp_path / "s")
     _word_tokenizer(words).save_pretrained(t2)
     _word_tokenizer(words[:4] + words[4:][::-1]).save_pretrained(s2)   # same size, other ids
-    assert distill_main(_args(t2, s2, tmp_path / "o", data, "--steps", 1, "--batch", 2, "--seq-len", 32)) == 1
+    assert distill_main(_args(t2, s2, tmp_path / "o", data, "--steps", 1, "--batch", 2, "--seq-len", 32)) == 2
     err = capsys.readouterr().err
     assert f"{s2}: its tokenizer differs from the teacher's ({t2})" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
@@ -640,24 +640,24 @@ def test_resume_refuses_other_settings(pair, tmp_path, capsys):
     assert (tmp_path / "a-ckpt" / "latest").read_text().strip() == "step-00000001"
     again = _args(teacher, student, tmp_path / "b", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
                   "--ckpt-dir", tmp_path / "a-ckpt", "--resume", "--lr", 1e-3)
-    assert distill_main(again) == 1
+    assert distill_main(again) == 2
     assert "different settings (lr)" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
     # without --resume an existing checkpoint dir is not silently reused
-    assert distill_main(_args(teacher, student, tmp_path / "c", data, "--ckpt-dir", tmp_path / "a-ckpt")) == 1
+    assert distill_main(_args(teacher, student, tmp_path / "c", data, "--ckpt-dir", tmp_path / "a-ckpt")) == 2
     assert "pass --resume" in capsys.readouterr().err
     # another --adam-eps is another run
     eps = _args(teacher, student, tmp_path / "d", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
                 "--ckpt-dir", tmp_path / "a-ckpt", "--resume", "--adam-eps", 1e-5)
-    assert distill_main(eps) == 1 and "different settings (adam_eps)" in capsys.readouterr().err
+    assert distill_main(eps) == 2 and "different settings (adam_eps)" in capsys.readouterr().err
     # the fused loss kernel computes the same loss with other fp32 rounding: other bytes, another run
     fused = _args(teacher, student, tmp_path / "f", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
                   "--ckpt-dir", tmp_path / "a-ckpt", "--resume", "--loss-impl", "fused")
-    assert distill_main(fused) == 1 and "different settings (loss_impl)" in capsys.readouterr().err
+    assert distill_main(fused) == 2 and "different settings (loss_impl)" in capsys.readouterr().err
     # deterministic kernels round differently from the default ones on CUDA: another run
     det = _args(teacher, student, tmp_path / "g", data, "--steps", 2, "--batch", 2, "--seq-len", 32,
                 "--ckpt-dir", tmp_path / "a-ckpt", "--resume", "--deterministic")
-    assert distill_main(det) == 1 and "different settings (deterministic)" in capsys.readouterr().err
+    assert distill_main(det) == 2 and "different settings (deterministic)" in capsys.readouterr().err
     # a checkpoint written before --adam-eps / --ema-decay / --ce-weight / --deterministic existed (none of them in
     # its meta) ran with their defaults (torch's 1e-8, no average, no data term, default kernels): it resumes
     import json
@@ -732,15 +732,15 @@ def test_checkpoint_cleanup_removes_only_its_own_files(pair, tmp_path, capsys):
     assert distill_main(_args(teacher, student, mine / "d1", data, *run)) == 0
     assert sorted(p.name for p in mine.iterdir()) == ["d1", "notes.txt"]  # step dirs and latest gone
     assert (mine / "d1" / "model.safetensors").is_file()
-    assert distill_main(_args(teacher, student, mine / "d2", data, *run[:-2], "--ckpt-dir", mine / "d2")) == 1
+    assert distill_main(_args(teacher, student, mine / "d2", data, *run[:-2], "--ckpt-dir", mine / "d2")) == 2
     assert "must not be the output dir" in capsys.readouterr().err and not (mine / "d2").exists()
     assert distill_main(_args(teacher, student, tmp_path / "o", data, *run[:-2], "--ckpt-dir",
-                              tmp_path / "o" / "ck")) == 1
+                              tmp_path / "o" / "ck")) == 2
     assert "must not be the output dir" in capsys.readouterr().err
     # a JSON log inside the output dir: refused before anything is written (it used to create OUT, so that the
     # finished run's own write refused it, or with --force the output's swap deleted the log)
     assert distill_main(_args(teacher, student, tmp_path / "o", data, *run[:-2], "--ckpt-dir", tmp_path / "ck2",
-                              "--log-json", tmp_path / "o" / "log.jsonl")) == 1
+                              "--log-json", tmp_path / "o" / "log.jsonl")) == 2
     assert "must not be the output dir" in capsys.readouterr().err and not (tmp_path / "o").exists()
     # --force over an earlier run's checkpoints deletes those, not the rest of the dir
     log = tmp_path / "d1.jsonl"
@@ -751,7 +751,7 @@ def test_checkpoint_cleanup_removes_only_its_own_files(pair, tmp_path, capsys):
     # do not have, found after loading them) leaves the earlier run's checkpoints and log as they were
     kept, logged = (mine / "latest").read_text(), log.read_text()
     assert distill_main(_args(teacher, student, mine / "d1", data, *run, "--force", "--log-json", log,
-                              "--hidden-layers", "0,9")) == 1
+                              "--hidden-layers", "0,9")) == 2
     assert "--hidden-layers" in capsys.readouterr().err
     assert (mine / "latest").read_text() == kept and (mine / kept.strip()).is_dir() and log.read_text() == logged
     assert distill_main(_args(teacher, student, mine / "d1", data, *run, "--force")) == 0
@@ -767,7 +767,7 @@ def test_option_combinations_refused(pair, tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1
     if not torch.cuda.is_available():
-        assert distill_main(_args(teacher, student, tmp_path / "o", data, "--device", "cuda")) == 1
+        assert distill_main(_args(teacher, student, tmp_path / "o", data, "--device", "cuda")) == 2
         err = capsys.readouterr().err
         assert "CUDA is not available on this machine; use --device cpu" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()

@@ -137,7 +137,7 @@ def test_distill_trains_on_a_selection_and_records_it(pair, tmp_path, capsys):
     sel.write_text(sel.read_text().replace('"window"', '"window" ', 1))
     assert distill_main(["--teacher", str(teacher_dir), "--student", str(student_dir), "-o", str(tmp_path / "d2"),
                          "--data", str(sel), "--threads", "1", "--steps", "1", "--batch", "2",
-                         "--seq-len", str(SEQ)]) == 1
+                         "--seq-len", str(SEQ)]) == 2
     err = capsys.readouterr().err
     assert "sel.jsonl.meta.json: describes another file" in err and err.count("\n") == 1
     assert not (tmp_path / "d2").exists()
@@ -155,7 +155,7 @@ def test_distill_refuses_to_use_a_selection_otherwise(pair, tmp_path, capsys):
                              "--data", str(sel), "--threads", "1", "--batch", "2", *map(str, extra)])
     for extra, msg in ((["--seq-len", 48], "windows of 32 tokens; --seq-len 48 would splice"),
                        (["--seq-len", SEQ, "--max-tokens", SEQ * 2], "--max-tokens 64 drops part of the 128")):
-        assert distill("x", "--steps", 1, *extra) == 1
+        assert distill("x", "--steps", 1, *extra) == 2
         err = capsys.readouterr().err
         assert f"{sel}: " in err and msg in err and err.count("\n") == 1, err
         assert not (tmp_path / "x").exists()
@@ -164,12 +164,12 @@ def test_distill_refuses_to_use_a_selection_otherwise(pair, tmp_path, capsys):
     assert distill("a", "--steps", 2, "--seq-len", SEQ, "--ckpt-every", 1, "--keep-ckpt") == 0
     assert select_main(_sel_args(teacher_dir, student_dir, sel, data, "--tokens", SEQ * 5, "--force")) == 0
     capsys.readouterr()
-    assert distill("b", "--steps", 2, "--seq-len", SEQ, "--ckpt-dir", tmp_path / "a-ckpt", "--resume") == 1
+    assert distill("b", "--steps", 2, "--seq-len", SEQ, "--ckpt-dir", tmp_path / "a-ckpt", "--resume") == 2
     err = capsys.readouterr().err
     assert "checkpoint was trained on other data" in err and err.count("\n") == 1, err
 
     meta_path(sel).write_text("{not json")
-    assert distill("c", "--steps", 1, "--seq-len", SEQ) == 1
+    assert distill("c", "--steps", 1, "--seq-len", SEQ) == 2
     err = capsys.readouterr().err
     assert "sel.jsonl.meta.json: unreadable selection metadata" in err and err.count("\n") == 1, err
 
@@ -187,7 +187,7 @@ def test_no_rename_when_a_file_appeared_while_scoring(pair, tmp_path, monkeypatc
         out.write_text("someone else's")
         return real(*a, **kw)
     monkeypatch.setattr(sel_mod, "window_kl", scoring)
-    assert select_main(_sel_args(teacher_dir, student_dir, out, data, "--tokens", SEQ)) == 1
+    assert select_main(_sel_args(teacher_dir, student_dir, out, data, "--tokens", SEQ)) == 2
     assert f"{out} exists; pass --force" in capsys.readouterr().err
     assert out.read_text() == "someone else's" and not meta_path(out).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]
@@ -196,24 +196,24 @@ def test_no_rename_when_a_file_appeared_while_scoring(pair, tmp_path, monkeypatc
 def test_cli_errors_are_one_line(pair, tmp_path, capsys):
     teacher_dir, student_dir, data = pair
     cases = [
-        (["--tokens", SEQ * 100], "the pool has", 1),
-        (["--tokens", SEQ * 4, "--pool-tokens", SEQ], "--pool-tokens 32: must be at least --tokens 128", 1),
-        (["--tokens", 5], "--tokens 5: keeps no window of --seq-len 32", 1),
-        (["--tokens", SEQ, "--temperature", "0"], "--temperature 0.0: must be a positive number", 1),
+        (["--tokens", SEQ * 100], "the pool has", 2),
+        (["--tokens", SEQ * 4, "--pool-tokens", SEQ], "--pool-tokens 32: must be at least --tokens 128", 2),
+        (["--tokens", 5], "--tokens 5: keeps no window of --seq-len 32", 2),
+        (["--tokens", SEQ, "--temperature", "0"], "--temperature 0.0: must be a positive number", 2),
     ]
     for extra, msg, rc in cases:
         assert select_main(_sel_args(teacher_dir, student_dir, tmp_path / "s.jsonl", data, *extra)) == rc
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
         assert not list(tmp_path.iterdir())  # nothing half-written
-    assert select_main(_sel_args(teacher_dir, student_dir, tmp_path / "s.txt", data, "--tokens", SEQ)) == 1
+    assert select_main(_sel_args(teacher_dir, student_dir, tmp_path / "s.txt", data, "--tokens", SEQ)) == 2
     assert "the selection is a .jsonl file" in capsys.readouterr().err
     meta_path(tmp_path / "s.jsonl").write_text("{}")  # a sidecar alone: named as what exists
-    assert select_main(_sel_args(teacher_dir, student_dir, tmp_path / "s.jsonl", data, "--tokens", SEQ)) == 1
+    assert select_main(_sel_args(teacher_dir, student_dir, tmp_path / "s.jsonl", data, "--tokens", SEQ)) == 2
     assert f"{meta_path(tmp_path / 's.jsonl')} exists; pass --force" in capsys.readouterr().err
     meta_path(tmp_path / "s.jsonl").unlink()
     (tmp_path / "s.jsonl").write_text("")
-    assert select_main(_sel_args(teacher_dir, student_dir, tmp_path / "s.jsonl", data, "--tokens", SEQ)) == 1
+    assert select_main(_sel_args(teacher_dir, student_dir, tmp_path / "s.jsonl", data, "--tokens", SEQ)) == 2
     assert f"{tmp_path / 's.jsonl'} exists; pass --force" in capsys.readouterr().err
     assert select_main(_sel_args(teacher_dir, student_dir, tmp_path / "s.jsonl", data, "--tokens", SEQ,
                                  "--force")) == 0

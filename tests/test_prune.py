@@ -595,7 +595,7 @@ def test_a_refused_run_leaves_no_parent_folders(prune_ckpts, tmp_path, capsys):
     found the parents of a refused run's OUT left behind)."""
     out = tmp_path / "new" / "a" / "out"
     rc = main([str(prune_ckpts["text"]), "-o", str(out), "--calib", str(tmp_path / "none.jsonl"), "--no-progress"])
-    assert rc == 1 and "no such file" in capsys.readouterr().err
+    assert rc == 2 and "no such file" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -652,7 +652,7 @@ def test_output_that_is_or_holds_the_input_is_refused(prune_ckpts, tmp_path, cap
     for out in (tmp_path / "link", src / ".." / "base", parent, src):
         rc = main([str(src), "-o", str(out), "--force", "--criterion", "magnitude", "--no-progress"])
         err = capsys.readouterr().err.strip()
-        assert rc == 1 and len(err.splitlines()) == 1, err
+        assert rc == 2 and len(err.splitlines()) == 1, err
         assert "the output directory must not be, contain or lie inside the input checkpoint" in err, err
     assert sha256_files(sorted(src.iterdir())) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "parent"]

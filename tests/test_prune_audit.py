@@ -494,16 +494,19 @@ def test_cli_passes_every_option_to_the_run(captured, capsys):
 
 
 @pytest.mark.parametrize("exc,rc,line", [
-    (ValueError("bad value"), 1, "prune: error: bad value"),
+    (ValueError("bad value"), 2, "prune: error: bad value"),
     (OSError("disk"), 1, "prune: error: disk"),
     (RuntimeError("cuda oom"), 1, "prune: error: cuda oom"),
-    (FileExistsError("out exists"), 1, "prune: error: out exists"),
+    (FileExistsError("out exists"), 2, "prune: error: out exists"),
+    (FileNotFoundError("no calib"), 2, "prune: error: no calib"),
+    (PermissionError("read-only"), 1, "prune: error: read-only"),
     (KeyboardInterrupt(), 130, "prune: error: interrupted; nothing was written"),
     ("after-commit", 130, "prune: error: interrupted: /o was written; interrupted while syncing it to disk"),
 ])
 def test_cli_exit_codes(captured, capsys, exc, rc, line):
-    """Errors the run reports are one line with rc 1, an interruption rc 130 (after the commit: it says the
-    output was written)."""
+    """Errors the run reports are one line, with pack.quantize's statuses: 2 for the input or the invocation (a
+    ValueError, a missing path, an existing output), 1 for the machine; an interruption rc 130 (after the commit:
+    it says the output was written)."""
     from pack.checkpoint import InterruptedAfterCommit
     from prune.__main__ import main
 
