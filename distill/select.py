@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from pack.errors import cli_status
+
 from .config import check_device
 
 __all__ = ["SelectConfig", "meta_path", "read_meta", "check_use", "window_kl", "pick", "select", "main"]
@@ -291,8 +293,6 @@ def main(argv=None) -> int:
     try:
         select(SelectConfig(**kw), progress=progress)
     except (ValueError, OSError) as e:
-        from pack.errors import cli_status
-
         print(f"distill.select: error: {e}", file=sys.stderr)
         return cli_status(e)   # 2: the input or the invocation; 1: the machine
     return 0
