@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g = ap.add_argument_group("checkpoints and logs")
     g.add_argument("--ckpt-every", type=int, default=0, metavar="N",
-                   help="save a training checkpoint every N steps (default 0: never)")
+                   help="save a training checkpoint every N steps (default 0: only when Ctrl-C or SIGTERM stops "
+                        "the run, after the step it runs: exit 130, then --resume continues)")
     g.add_argument("--ckpt-dir", default=None, help="where training checkpoints go (default OUT-ckpt)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --ckpt-dir")
     g.add_argument("--keep-ckpt", action="store_true", help="keep --ckpt-dir after a successful run")
@@ -150,13 +151,33 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
+    from pack.stopsignals import interrupted_message, stop_signals_interrupt
+
+    from .state import latest_checkpoint
+    from .stop import TrainingStopped
     from .train import run
 
-    try:
-        run(cfg)
-    except (ValueError, OSError) as e:
-        print(f"distill: error: {e}", file=sys.stderr)
-        return cli_status(e)   # 2: the input or the invocation; 1: the machine
+    main_rank = os.environ.get("RANK", "0") == "0"   # (under torchrun, one rank says it)
+    # SIGINT / SIGTERM: during the training steps, finish the step and write a training checkpoint (distill/stop.py);
+    # before and after them (loading, writing the output), stop at once, leaving nothing half-written
+    with stop_signals_interrupt() as interrupted:
+        try:
+            run(cfg)
+        except TrainingStopped as e:
+            if main_rank:
+                print(f"distill: {e}", file=sys.stderr)
+            return 130
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt) or interrupted.is_set():   # whatever the signal turned into
+                if main_rank:
+                    ck = latest_checkpoint(cfg.ckpt_dir) if os.path.isdir(cfg.ckpt_dir) else None
+                    then = f"; the newest training checkpoint is {ck}: --resume continues from it" if ck else ""
+                    print(f"distill: error: {interrupted_message(e)}{then}", file=sys.stderr)
+                return 130
+            if isinstance(e, (ValueError, OSError)):
+                print(f"distill: error: {e}", file=sys.stderr)
+                return cli_status(e)   # 2: the input or the invocation; 1: the machine
+            raise
     return 0
 
 

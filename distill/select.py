@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from pack.errors import cli_status
+from pack.stopsignals import interrupted_message, stop_signals_interrupt
 
 from .config import check_device
 
@@ -290,11 +291,18 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.no_progress
     kw = {k: v for k, v in vars(args).items() if k != "no_progress"}
-    try:
-        select(SelectConfig(**kw), progress=progress)
-    except (ValueError, OSError) as e:
-        print(f"distill.select: error: {e}", file=sys.stderr)
-        return cli_status(e)   # 2: the input or the invocation; 1: the machine
+    # SIGTERM (a timeout, Slurm, docker stop) cleans up like Ctrl-C: no temp file left, one line, exit 130
+    with stop_signals_interrupt() as interrupted:
+        try:
+            select(SelectConfig(**kw), progress=progress)
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt) or interrupted.is_set():   # whatever the signal turned into
+                print(f"distill.select: error: {interrupted_message(e)}", file=sys.stderr)
+                return 130
+            if isinstance(e, (ValueError, OSError)):
+                print(f"distill.select: error: {e}", file=sys.stderr)
+                return cli_status(e)   # 2: the input or the invocation; 1: the machine
+            raise
     return 0
 
 

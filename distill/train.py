@@ -55,6 +55,7 @@ from .models import (DistillModule, MasterWeights, capture_layer_outputs, check_
                      text_config, to_bf16_layout)
 from .sample import continuation_mask, on_policy_step, row_seed, sample_continuations
 from .state import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from .stop import TrainingStopped, stop_after_step, stop_agreed
 
 __all__ = ["run", "Distiller", "lr_at", "CheckpointHash", "checkpoint_sha256", "student_dtype", "loss_parts"]
 
@@ -148,7 +149,8 @@ class _Log:
 
     def rewind(self, step: int) -> None:
         """On ``--resume`` from ``step``: drop the records a killed run wrote after that step (they are about to be
-        written again) and its summary, so the log reads like one uninterrupted run's."""
+        written again), its summary and a stopped run's ``stopped`` record, so the log reads like one uninterrupted
+        run's."""
         if self.fh is None:
             return
         self.fh.close()
@@ -160,7 +162,8 @@ class _Log:
             except json.JSONDecodeError:  # a line cut short by kill -9
                 continue
             event = rec.get("event")
-            if event == "summary" or (event == "step" and rec.get("step", 0) > step) or (event == "config" and not step):
+            if event in ("summary", "stopped") or (event == "step" and rec.get("step", 0) > step) or \
+                    (event == "config" and not step):
                 continue
             keep.append(line + "\n")
         path.write_text("".join(keep), encoding="utf-8")
@@ -641,38 +644,58 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
                     "n_student": dz.n_student, "n_teacher": dz.n_teacher, "peak_tflops": cfg.peak_tflops})
 
     cuda = env.device.type == "cuda"  # synchronize before timing; MFU and peak memory
+
+    def save(step: int) -> Path:
+        """The training checkpoint after ``step`` completed steps. (``identity`` is empty unless --ckpt-every or
+        --resume hashed the models while they loaded: a checkpoint written on a stop signal hashes them now, so
+        that --resume can check them.)"""
+        made = identity or ({"teacher": hashes["teacher"].result(), "student": checkpoint_sha256(cfg.student),
+                             "tokenizer": data.tokenizer_sha256} if env.is_main else {})
+        return dz.save_state(cfg.ckpt_dir, step, {"config": cfg.result_dict(), "history": history,
+                                                  "data_sha256": data.sha256, "models_sha256": made,
+                                                  "hardware": hardware})
+
     t_int, step_int = time.perf_counter(), 0
-    for step in range(start, cfg.steps):
-        ids = data.batch(step, cfg.batch, env.rank, env.world, cfg.seed).to(env.device)
-        rec = dz.step(step, ids)
-        parts = loss_parts(rec)
-        history.append({"step": rec["step"], "on_policy": rec["on_policy"], "loss": rec["loss"], **parts})
-        step_int += 1
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            if cuda:
-                torch.cuda.synchronize(env.device)
-            dt = time.perf_counter() - t_int
-            rec["tokens_per_s"] = tokens_per_step * step_int / dt
-            rec["tokens_seen"] = (step + 1) * tokens_per_step
-            rec["mfu"] = None
-            if cuda:
-                rec["mfu"] = dz.flops_per_token * rec["tokens_per_s"] / (cfg.peak_tflops * 1e12 * env.world)
-                # peak allocated since the start, per rank (GB)
-                rec["peak_mem_gb"] = parallel.gather_float(torch.cuda.max_memory_allocated(env.device) / 1e9, env)
-            extra = " ".join(f"{n} {rec[n]:.4f}" for n in parts if "/" not in n)
-            mfu = f" | MFU {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
-            pol = (f" | on-policy {sum(h['on_policy'] for h in history)}/{len(history)} steps"
-                   if cfg.phase == 2 else "")
-            log.print(f"step {step + 1}/{cfg.steps} | loss {rec['loss']:.4f} ({extra}) | lr {rec['lr']:.2e} | "
-                      f"gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s{mfu}{pol}")
-            t_int, step_int = time.perf_counter(), 0
-        log.record({"event": "step", **rec})
-        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
-            t_ck = time.perf_counter()
-            dz.save_state(cfg.ckpt_dir, step + 1, {"config": cfg.result_dict(), "history": history,
-                                                   "data_sha256": data.sha256, "models_sha256": identity,
-                                                   "hardware": hardware})
-            t_int += time.perf_counter() - t_ck  # checkpoint time is not training time
+    # SIGINT / SIGTERM: finish the step, write a training checkpoint, stop (distill/stop.py)
+    with stop_after_step(announce=env.is_main) as stop:
+        for step in range(start, cfg.steps):
+            ids = data.batch(step, cfg.batch, env.rank, env.world, cfg.seed).to(env.device)
+            rec = dz.step(step, ids)
+            parts = loss_parts(rec)
+            history.append({"step": rec["step"], "on_policy": rec["on_policy"], "loss": rec["loss"], **parts})
+            step_int += 1
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                if cuda:
+                    torch.cuda.synchronize(env.device)
+                dt = time.perf_counter() - t_int
+                rec["tokens_per_s"] = tokens_per_step * step_int / dt
+                rec["tokens_seen"] = (step + 1) * tokens_per_step
+                rec["mfu"] = None
+                if cuda:
+                    rec["mfu"] = dz.flops_per_token * rec["tokens_per_s"] / (cfg.peak_tflops * 1e12 * env.world)
+                    # peak allocated since the start, per rank (GB)
+                    rec["peak_mem_gb"] = parallel.gather_float(torch.cuda.max_memory_allocated(env.device) / 1e9,
+                                                               env)
+                extra = " ".join(f"{n} {rec[n]:.4f}" for n in parts if "/" not in n)
+                mfu = f" | MFU {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
+                pol = (f" | on-policy {sum(h['on_policy'] for h in history)}/{len(history)} steps"
+                       if cfg.phase == 2 else "")
+                log.print(f"step {step + 1}/{cfg.steps} | loss {rec['loss']:.4f} ({extra}) | lr {rec['lr']:.2e} | "
+                          f"gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s{mfu}{pol}")
+                t_int, step_int = time.perf_counter(), 0
+            log.record({"event": "step", **rec})
+            saved = None
+            if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+                t_ck = time.perf_counter()
+                saved = save(step + 1)
+                t_int += time.perf_counter() - t_ck  # checkpoint time is not training time
+            if stop_agreed(stop, env):   # (also after the last step: the output is not written yet)
+                try:
+                    saved = saved or save(step + 1)
+                except Exception as e:   # (a second signal, a KeyboardInterrupt, ends the run at once)
+                    raise TrainingStopped(stop.name, step + 1, cfg.steps, None, e) from e
+                log.record({"event": "stopped", "step": step + 1, "signal": stop.name, "checkpoint": str(saved)})
+                raise TrainingStopped(stop.name, step + 1, cfg.steps, saved, None)
 
     # sampled tokens from the whole history (a resumed run restores the steps before its checkpoint)
     generated = sum(h["on_policy"] for h in history) * cfg.batch * cfg.max_new_tokens

@@ -29,7 +29,7 @@ import sys
 import threading
 from typing import Iterator
 
-__all__ = ["STOP_SIGNALS", "Arrival", "stop_signals_interrupt", "interrupted_message"]
+__all__ = ["STOP_SIGNALS", "Arrival", "stop_signal_handlers", "stop_signals_interrupt", "interrupted_message"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -111,32 +111,18 @@ class _Owed:
 
 
 @contextlib.contextmanager
-def stop_signals_interrupt() -> Iterator[Arrival]:
-    """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, outside the thread
-    machinery (see the module's text); yields an :class:`Arrival`, set as soon as one arrived. A signal the process
-    was started with ignored (``nohup``, ``cmd &``) stays ignored; off the main thread (where handlers cannot be
-    installed) nothing changes. The previous handlers are put back on exit."""
-    arrived, owed = Arrival(), _Owed()
-
-    def handler(signum, frame):
-        arrived.set()
-        if owed.armed:
-            return  # one KeyboardInterrupt is owed already
-        if _in_thread_machinery(frame):
-            owed.arm(frame)
-            return
-        raise KeyboardInterrupt
-
+def stop_signal_handlers(handler) -> Iterator[dict]:
+    """Within the block, ``handler(signum, frame)`` handles SIGINT and SIGTERM; yields the handlers it replaced, by
+    signal. A signal the process was started with ignored (``nohup``, ``cmd &``) stays ignored; off the main thread
+    (where handlers cannot be installed) nothing changes. The previous handlers are put back on exit."""
     old = {}
     if threading.current_thread() is threading.main_thread():
         for s in STOP_SIGNALS:
             if signal.getsignal(s) is not signal.SIG_IGN:
                 old[s] = signal.signal(s, handler)
     try:
-        yield arrived
+        yield old
     finally:
-        # owed and not raised: the block's work ended inside the machinery (its last call), nothing is left to stop
-        owed.disarm()
         # blocked while the handlers are put back: one arriving now would raise out of a finished block (after
         # a committed output) or leave this handler installed; it is delivered to the restored handler instead
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if old and hasattr(signal,
@@ -148,6 +134,31 @@ def stop_signals_interrupt() -> Iterator[Arrival]:
         finally:
             if mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[Arrival]:
+    """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, outside the thread
+    machinery (see the module's text); yields an :class:`Arrival`, set as soon as one arrived. Installed by
+    :func:`stop_signal_handlers` (its rules: ignored signals, the main thread, the handlers put back)."""
+    arrived, owed = Arrival(), _Owed()
+
+    def handler(signum, frame):
+        arrived.set()
+        if owed.armed:
+            return  # one KeyboardInterrupt is owed already
+        if _in_thread_machinery(frame):
+            owed.arm(frame)
+            return
+        raise KeyboardInterrupt
+
+    with stop_signal_handlers(handler):
+        try:
+            yield arrived
+        finally:
+            # owed and not raised: the block's work ended inside the machinery (its last call), nothing is left
+            # to stop
+            owed.disarm()
 
 
 def interrupted_message(e: BaseException) -> str:

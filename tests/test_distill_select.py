@@ -193,6 +193,38 @@ def test_no_rename_when_a_file_appeared_while_scoring(pair, tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]
 
 
+@pytest.mark.parametrize("where", ["scoring", "writing"])
+def test_a_stop_signal_ends_the_run_in_one_line_leaving_nothing(pair, tmp_path, monkeypatch, capsys, where):
+    """SIGTERM (a scheduler, docker stop) or Ctrl-C while scoring or while the two files are written: exit 130, one
+    line, neither file nor a temp file left (before, SIGTERM killed the process where it stood)."""
+    import os
+    import signal
+
+    import distill.select as sel_mod
+
+    teacher_dir, student_dir, data = pair
+    out = tmp_path / "s.jsonl"
+    if where == "scoring":
+        real_kl = sel_mod.window_kl
+
+        def scoring(*a, **kw):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_kl(*a, **kw)
+        monkeypatch.setattr(sel_mod, "window_kl", scoring)
+    else:   # after the sidecar's temp file is written, before the body's
+        real_mkstemp, made = sel_mod.tempfile.mkstemp, []
+
+        def mkstemp(*a, **kw):
+            made.append(1)
+            if len(made) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_mkstemp(*a, **kw)
+        monkeypatch.setattr(sel_mod.tempfile, "mkstemp", mkstemp)
+    assert select_main(_sel_args(teacher_dir, student_dir, out, data, "--tokens", SEQ)) == 130
+    assert capsys.readouterr().err == "distill.select: error: interrupted; nothing was written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_errors_are_one_line(pair, tmp_path, capsys):
     teacher_dir, student_dir, data = pair
     cases = [
