@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from .ops import _check_one_device
+
 __all__ = ["w4a16_gemm_exact"]
 
 
@@ -54,4 +56,5 @@ def _(x, weight_packed, weight_scale, bias=None, use_fp32_reduce=True, sms=-1):
     torch._check(weight_packed.shape[1] * 8 == x.shape[-1],
                  lambda: f"weight_packed {tuple(weight_packed.shape)} does not match K={x.shape[-1]}")
     torch._check(weight_scale.shape[0] == n, lambda: f"weight_scale rows {weight_scale.shape[0]} != N={n}")
+    _check_one_device("w4a16_gemm_exact", x, weight_packed, weight_scale, bias)   # (a meta operand lands here)
     return x.new_empty((*x.shape[:-1], n))

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.pdqkit.w4a16_gemm)
 from .counters import reserve
-from .w4a16 import group_supported, shape_supported
+from .w4a16 import check_w4a16_args, group_supported, shape_supported
 
 __all__ = ["W4A16Linear", "swap_w4a16_linears"]
 
@@ -38,9 +38,14 @@ class W4A16Linear(nn.Module):
         super().__init__()
         dtype = dtype or weight_scale.dtype
         _check_dtype(dtype)
+        weight_packed, weight_scale = weight_packed.contiguous(), weight_scale.to(dtype).contiguous()
+        # the op's own rules, now rather than at the first forward (an x of no rows stands for the activations)
+        k = weight_packed.shape[-1] * 8 if weight_packed.dim() else 0
+        check_w4a16_args(weight_packed.new_empty((0, k), dtype=dtype), weight_packed, weight_scale,
+                         None if bias is None else bias.to(dtype), name="W4A16Linear")
         self.out_features, self.in_features = weight_packed.shape[0], weight_packed.shape[1] * 8
-        self.register_buffer("weight_packed", weight_packed.contiguous())
-        self.register_buffer("weight_scale", weight_scale.to(dtype).contiguous())
+        self.register_buffer("weight_packed", weight_packed)
+        self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("weight_shape", torch.tensor([self.out_features, self.in_features], dtype=torch.int64,
                                                           device=weight_packed.device))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)

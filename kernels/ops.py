@@ -53,4 +53,13 @@ def _w4a16_gemm_fake(x, weight_packed, weight_scale, bias=None):
     torch._check(x.shape[-1] == weight_packed.shape[1] * 8,
                  lambda: f"w4a16_gemm: x's last dim {x.shape[-1]} != 8 * weight_packed.shape[1]")
     torch._check(weight_scale.dtype == x.dtype, lambda: "w4a16_gemm: weight_scale dtype must equal x dtype")
+    _check_one_device("w4a16_gemm", x, weight_packed, weight_scale, bias)
     return x.new_empty((*x.shape[:-1], weight_packed.shape[0]))
+
+
+def _check_one_device(name: str, *operands) -> None:
+    """The dispatcher sends a call with any ``meta`` operand here, not to the kernel wrapper whose checks refuse
+    mixed devices: without this, a layer whose bias or scales stayed on ``meta`` (``init_empty_weights``, an
+    offloaded module) would get ``x.new_empty(...)`` on x's real device, uninitialised memory, as its output."""
+    devs = {t.device for t in operands if t is not None}
+    torch._check_value(len(devs) == 1, lambda: f"{name}: operands on different devices: {sorted(map(str, devs))}")

@@ -659,6 +659,8 @@ def device_sms(index: int) -> int:
 
 
 def _check(x, weight_packed, weight_scale, bias) -> tuple[int, int, int]:
+    if x.dim() < 1:
+        raise ValueError("x must be [..., K], got a 0-d tensor")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"x must be bfloat16 or float16, got {x.dtype}")
     if weight_packed.dtype != torch.int32 or weight_packed.dim() != 2:

@@ -707,6 +707,48 @@ def test_w4a16_linear_dtypes_bias_buffers_and_repr():
         W4A16Linear(wp, s.float())
 
 
+def test_w4a16_linear_refuses_what_its_op_would_at_construction():
+    """The op's rules hold when the layer is built, named after it (before, each passed until the first forward,
+    a GPTQ-layout [K/8, N] weight with its features swapped, and 1-D scales made repr() raise)."""
+    from kernels.linear import W4A16Linear
+
+    _, wp, s, b = _problem(1, 128, 256, bias=True)
+    for args, what in (((wp, s[:, 0]), "weight_scale must be"), ((wp, s[:, :0]), "weight_scale must be"),
+                       ((wp.t().contiguous(), s), "need N and K positive"),
+                       ((wp[:100], s[:100]), "need N and K positive"),
+                       ((wp, s[:, :1].repeat(1, 3)), "weight_scale must be"),
+                       ((wp, s, b[:64]), "bias must be"), ((wp.float(), s), "weight_packed must be int32"),
+                       ((wp[0], s), "weight_packed must be int32"),
+                       ((wp, s.to("meta")), "operands on different devices")):
+        with pytest.raises(ValueError, match=f"^W4A16Linear: {what}"):
+            W4A16Linear(*args)
+
+
+def test_a_meta_operand_is_refused_by_both_ops_not_answered_with_garbage():
+    """The dispatcher sends a call with any meta operand to the op's fake implementation, not to the kernel wrapper
+    that refuses mixed devices: it must refuse them too (before: uninitialised memory on x's device, returned as
+    the product). All-meta operands (tracing) still give the output's shape."""
+    import kernels.exact_op  # noqa: F401  (registers the ops)
+    import kernels.ops  # noqa: F401
+
+    x, wp, s, b = _problem(3, 128, 256, bias=True)
+    ops = (lambda *a: torch.ops.pdqkit.w4a16_gemm(*a), lambda *a: torch.ops.pdqkit.w4a16_gemm_exact(*a, True, 16))
+    for op in ops:
+        for args in ((x, wp, s, b.to("meta")), (x, wp, s.to("meta"), b), (x.to("meta"), wp, s, None)):
+            with pytest.raises(ValueError, match="operands on different devices"):
+                op(*args)
+        y = op(x.to("meta"), wp.to("meta"), s.to("meta"), b.to("meta"))
+        assert y.device.type == "meta" and y.shape == (3, 128) and y.dtype == x.dtype
+
+
+def test_exact_refuses_a_0d_x_in_one_line():
+    from kernels.w4a16_marlin import w4a16_gemm_exact
+
+    _, wp, s, _ = _problem(1, 128, 256)
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., K\], got a 0-d tensor"):
+        w4a16_gemm_exact(torch.tensor(1.0, dtype=torch.bfloat16), wp, s)
+
+
 def _compressed(n, k, group=128, in_features=None, bias=True, seed=0, ws=None, wp_dtype=torch.int32, scheme=None):
     _, wp, s, b = _problem(1, n, k, group=group, seed=seed, bias=bias)
     lin = nn.Linear(in_features or k, n, bias=bias)
