@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default; 4 more bytes per trained weight)")
     g.add_argument("--seed", type=int, default=dflt("seed"), help="data order and sampling seed (default 0)")
     g.add_argument("--train-embeddings", action="store_true",
-                   help="also train the token / per-layer embedding tables (tied lm_head); default frozen")
+                   help="also train the token / per-layer embedding tables and the lm_head (tied to the token "
+                        "table in Gemma-4; untied in Llama); default frozen")
     g.add_argument("--trainable", choices=TRAINABLE, default=dflt("trainable"),
                    help="all: the whole language stack but its embedding tables (default); mlp: only the decoder "
                         "layers' MLP weights (what pruning changed)")

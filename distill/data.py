@@ -189,7 +189,7 @@ def load_blocks(data: str | None, tokenizer, seq_len: int, max_tokens: int | Non
         from pack.checkpoint import sha256_file
 
         stream = _read_file(path, tokenizer, max_tokens)
-        source, sha = str(data), sha256_file(path)
+        source, sha = str(path.resolve()), sha256_file(path)   # (as typed, it would change with the working dir)
     n = len(stream) // seq_len
     if n == 0:
         raise ValueError(f"{source}: {len(stream)} tokens, fewer than one window of --seq-len {seq_len}")

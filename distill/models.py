@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pack.hfcompat import cache_kwarg
+from pack.hfload import check_weight_dtypes, from_pretrained_checked, read_config, weight_files
 
 from .losses import chunked_logit_loss, hidden_state_loss, lm_logits, per_token_loss_fn
 
@@ -40,9 +41,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str 
 
     transformers.utils.logging.disable_progress_bar()
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face checkpoint directory")
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = read_config(path, QUANTIZED_FIX)
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
@@ -57,8 +56,27 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str 
         # towers keep transformers' own choice, which takes what each supports (transformers 5.24's audio tower has
         # no SDPA, and a plain "sdpa" for the whole model is refused there)
         attn = {"": attn_implementation, "text_config": attn_implementation}
-    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    # a tensor the files lack (left randomly initialised: the run would distil from, or train, noise), weights that
+    # do not match config.json, an unreadable file: one line each (pack/hfload.py)
+    model = from_pretrained_checked(cls, path, cls.__name__, dtype=dtype, attn_implementation=attn)
     return model.to(device).eval()
+
+
+QUANTIZED_FIX = ("distill takes bf16 checkpoints (the unpruned teacher, the pruned student) and pack.quantize runs "
+                 "on its output")
+
+
+def check_checkpoint(path: str | Path, role: str) -> list[Path]:
+    """What can be checked of checkpoint dir ``path`` (``role``: --teacher or --student) before it loads: its
+    config (readable, not a quantized model's), its weight files (present, their index valid), their dtypes
+    (floating point). Returns the weight files ``from_pretrained`` will read (what the lineage hashes)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{role} {path}: no such checkpoint directory")
+    read_config(path, QUANTIZED_FIX)
+    files = weight_files(path)
+    check_weight_dtypes(path, files, "distill", QUANTIZED_FIX)
+    return files
 
 
 def config_vocab_size(path: str | Path) -> int:
@@ -92,8 +110,9 @@ def check_pair(teacher: nn.Module, student: nn.Module, teacher_path, student_pat
 
 
 def set_trainable(model: nn.Module, train_embeddings: bool = False, trainable: str = "all") -> list[str]:
-    """Freeze everything but the language stack (and its embedding tables unless ``train_embeddings``); with
-    ``trainable="mlp"`` everything but the decoder layers' MLP weights (``layers.N.mlp.*``).
+    """Freeze everything but the language stack (and its embedding tables, an untied ``lm_head`` included, unless
+    ``train_embeddings``); with ``trainable="mlp"`` everything but the decoder layers' MLP weights
+    (``layers.N.mlp.*``).
 
     Returns the names (as in ``model.named_parameters()``) of the trainable parameters."""
     decoder = model.get_decoder()
@@ -102,6 +121,9 @@ def set_trainable(model: nn.Module, train_embeddings: bool = False, trainable: s
     else:
         keep = {id(p) for n, p in decoder.named_parameters()
                 if train_embeddings or not n.endswith(EMBEDDING_PARAMS)}
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if train_embeddings and head is not None:   # an untied lm_head (Llama's) is an embedding table too; a tied
+            keep.add(id(head.weight))               # one is embed_tokens, in already
     names = []
     for n, p in model.named_parameters():
         p.requires_grad_(id(p) in keep)

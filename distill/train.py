@@ -50,9 +50,9 @@ from .config import DistillConfig
 from .data import load_blocks, pair_tokenizer
 from .select import check_use as check_selection_use
 from .select import read_meta as read_selection_meta
-from .models import (DistillModule, MasterWeights, capture_layer_outputs, check_pair, compile_decoder_layers,
-                     config_vocab_size, decoder_layers, limit_checkpointing, load_model, matmul_params, set_trainable,
-                     text_config, to_bf16_layout)
+from .models import (DistillModule, MasterWeights, capture_layer_outputs, check_checkpoint, check_pair,
+                     compile_decoder_layers, config_vocab_size, decoder_layers, limit_checkpointing, load_model,
+                     matmul_params, set_trainable, text_config, to_bf16_layout)
 from .sample import continuation_mask, on_policy_step, row_seed, sample_continuations
 from .state import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .stop import TrainingStopped, stop_after_step, stop_agreed
@@ -95,8 +95,10 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
 
 
 class CheckpointHash:
-    """sha256 over a checkpoint's weights: ``name sha256`` of each ``*.safetensors`` file, sorted by name (the
-    files' own sha256 from pack's input-hash cache when unchanged since hashed: :mod:`pack.hashcache`).
+    """sha256 over a checkpoint's weights: ``name sha256`` of each weight file ``from_pretrained`` reads
+    (:func:`pack.hfload.weight_files`: not a stray ``*.safetensors`` beside them), sorted by name (the files' own
+    sha256 from pack's input-hash cache when unchanged since hashed: :mod:`pack.hashcache`); :meth:`files_sha256`:
+    each file's, as the other stages' lineage steps record their inputs.
 
     Started on creation, in ``workers`` child processes (default: one per file, up to this rank's share of the
     cores), so that the hash runs while the caller loads the models; :meth:`result` waits. The files are opened
@@ -105,21 +107,23 @@ class CheckpointHash:
 
     def __init__(self, ckpt: str | Path, workers: int | None = None):
         from pack.checkpoint import FileHasher, parallel_hash_workers
+        from pack.hfload import weight_files
 
         self.ckpt = ckpt
-        self.files = sorted(Path(ckpt).glob("*.safetensors"))
-        self._hasher = (FileHasher(self.files, workers=workers or parallel_hash_workers(len(self.files)))
-                        if self.files else None)   # (none: result() says so; a model loader may say it first)
+        self.files = sorted(weight_files(Path(ckpt)))
+        self._hasher = FileHasher(self.files, workers=workers or parallel_hash_workers(len(self.files)))
         self._hex: str | None = None
 
+    def files_sha256(self) -> dict[str, str]:
+        """``{file name: sha256}`` of the weight files (waits)."""
+        by_name = self._hasher.result()
+        return {f.name: by_name[f.name] for f in self.files}
+
     def result(self) -> str:
-        if self._hasher is None:
-            raise FileNotFoundError(f"{self.ckpt}: no *.safetensors files")
         if self._hex is None:
-            by_name = self._hasher.result()
             h = hashlib.sha256()
-            for f in self.files:
-                h.update(f"{f.name} {by_name[f.name]}\n".encode())
+            for name, sha in self.files_sha256().items():
+                h.update(f"{name} {sha}\n".encode())
             self._hex = h.hexdigest()
         return self._hex
 
@@ -552,7 +556,9 @@ def _run(cfg: DistillConfig, env) -> dict:
     # models: teacher frozen bf16; student fp32 master weights (bf16 under bf16-master, its fp32 masters live in
     # the Distiller), only the language stack trainable
     t_load = time.perf_counter()
-    # data first: a bad data file is reported before the models load (minutes at E4B's size)
+    # the models' files, then the data: a bad file is reported before the models load (minutes at E4B's size)
+    check_checkpoint(cfg.teacher, "--teacher")
+    check_checkpoint(cfg.student, "--student")
     tokenizer = pair_tokenizer(cfg.student, cfg.teacher)
     data = load_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, config_vocab_size(cfg.student))
     # a file written by python -m distill.select carries what it was chosen from (and the tokens it scored)
@@ -560,13 +566,13 @@ def _run(cfg: DistillConfig, env) -> dict:
         data.selection = read_selection_meta(cfg.data, data.sha256)
         if data.selection:
             check_selection_use(data.selection, cfg.data, cfg.seq_len, cfg.max_tokens)
-    # the models' sha256, hashed while they load: the teacher's for the lineage (written by the main rank), and
-    # what a training checkpoint is checked against on --resume (beside the settings and the data)
+    # the models' sha256, hashed while they load: for the lineage (written by the main rank), and what a training
+    # checkpoint is checked against on --resume (beside the settings and the data)
     checked = bool(cfg.ckpt_every or cfg.resume)
     with contextlib.ExitStack() as stack:
         hashes = {}
         for name, ckpt in (("teacher", cfg.teacher), ("student", cfg.student)):
-            if checked or (name == "teacher" and env.is_main):
+            if checked or env.is_main:
                 hashes[name] = h = CheckpointHash(ckpt)
                 stack.callback(h.close)
         return _train(cfg, env, tokenizer, data, hashes, t_load)
@@ -578,8 +584,9 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
     student = load_model(cfg.student, student_dtype(cfg.precision), env.device, cfg.attn)
     check_pair(teacher, student, cfg.teacher, cfg.student)
     dz = Distiller(cfg, env, teacher, student, _eos_ids(student, tokenizer))
+    # (every rank's with --ckpt-every / --resume; else only the main rank's, which writes the checkpoints' meta)
     identity = ({"teacher": hashes["teacher"].result(), "student": hashes["student"].result(),
-                 "tokenizer": data.tokenizer_sha256} if "student" in hashes else {})   # (only --ckpt-every/--resume)
+                 "tokenizer": data.tokenizer_sha256} if "student" in hashes else {})
     load_s = time.perf_counter() - t_load
     _start_fresh(cfg, env)
     log = _Log(env, cfg.log_json, append=cfg.resume)   # (opened here: "w" empties an earlier run's log)
@@ -646,13 +653,9 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
     cuda = env.device.type == "cuda"  # synchronize before timing; MFU and peak memory
 
     def save(step: int) -> Path:
-        """The training checkpoint after ``step`` completed steps. (``identity`` is empty unless --ckpt-every or
-        --resume hashed the models while they loaded: a checkpoint written on a stop signal hashes them now, so
-        that --resume can check them.)"""
-        made = identity or ({"teacher": hashes["teacher"].result(), "student": checkpoint_sha256(cfg.student),
-                             "tokenizer": data.tokenizer_sha256} if env.is_main else {})
+        """The training checkpoint after ``step`` completed steps."""
         return dz.save_state(cfg.ckpt_dir, step, {"config": cfg.result_dict(), "history": history,
-                                                  "data_sha256": data.sha256, "models_sha256": made,
+                                                  "data_sha256": data.sha256, "models_sha256": identity,
                                                   "hardware": hardware})
 
     t_int, step_int = time.perf_counter(), 0
@@ -702,8 +705,7 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
     summary = _summary(cfg, data, history, generated, dz.layers, dz.layer_w, env)
     summary["hardware"] = hardware
     dz.use_ema()  # --ema-decay: the average is what is written (the logged losses are the raw weights')
-    _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary,
-          hashes["teacher"].result() if "teacher" in hashes else None)
+    _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary, hashes)
     log.record({"event": "summary", **summary})
     log.close()
     if env.is_main and not cfg.keep_ckpt:
@@ -771,8 +773,9 @@ def _summary(cfg, data, history, gen_tokens, layers, layer_w, env) -> dict:
     }
 
 
-def _save(cfg, env, dm, student, trainable, tokenizer, summary, teacher_sha256: str | None = None) -> None:
-    """Gather the trained weights to rank 0 and write OUT (bf16, lineage step 'distill')."""
+def _save(cfg, env, dm, student, trainable, tokenizer, summary, hashes: dict) -> None:
+    """Gather the trained weights to rank 0 and write OUT (bf16, lineage step 'distill'); ``hashes``: the models'
+    :class:`CheckpointHash` (the main rank's)."""
     from pack.checkpoint import lineage_step, save_bf16_checkpoint
 
     if env.is_dist:
@@ -793,11 +796,16 @@ def _save(cfg, env, dm, student, trainable, tokenizer, summary, teacher_sha256: 
         with torch.no_grad():
             for n in trainable:
                 own[n].copy_(sd[n])
-        summary["teacher"] = {"path": cfg.teacher, "sha256": teacher_sha256 or checkpoint_sha256(cfg.teacher)}
+        # both models by absolute path (as typed, a path differs from one working directory to the next) and by
+        # the sha256 of their weight files: each file's (as the base and prune steps record theirs, so the student
+        # pins the pruned checkpoint it was), and the digest of those a training checkpoint is checked against
+        for role, path in (("teacher", cfg.teacher), ("student", cfg.student)):
+            summary[role] = {"path": str(Path(path).resolve()), "sha256": hashes[role].result(),
+                             "files_sha256": hashes[role].files_sha256()}
         step = lineage_step("distill", **summary)
         save_bf16_checkpoint(model, cfg.out, source_dir=cfg.student, step=step,
                              tokenizer=tokenizer if not any(Path(cfg.student).glob("tokenizer*")) else None,
-                             force=cfg.force, fsync=True)
+                             force=cfg.force, fsync=True, source_files_sha256=summary["student"]["files_sha256"])
         print(f"wrote {cfg.out} (phase {cfg.phase}, {summary['tokens_seen']:,} tokens, "
               f"loss {summary['loss_first']['loss']:.4f} -> {summary['loss_last10']['loss']:.4f})", flush=True)
     parallel.barrier(env)

@@ -21,6 +21,7 @@ over HTTP (test settings added on the command line); not on CPU.
 from __future__ import annotations
 
 import json
+from pathlib import PurePath
 
 __all__ = ["serving_facts", "vllm_settings", "vllm_config_yaml", "model_card"]
 
@@ -29,10 +30,26 @@ def serving_facts(config) -> dict:
     """What vLLM needs to know about a model, from its transformers config (``PretrainedConfig``): JSON-able, so
     the plan cache (pack.plancache) can keep it. Keys: ``max_position_embeddings`` (as configured, or None),
     ``multimodal`` (the language model is a sub-config), ``head_dim_fix`` (dict or None, see
-    :func:`_head_dim_fix`)."""
+    :func:`_head_dim_fix`), ``head_dims`` (the attention head dims of the language model's layers, sorted, or None
+    where the config does not tell; what the ``attention-backend`` comment of ``vllm_config.yaml`` cites).
+    Readers take ``head_dims`` with ``.get``: a plan built before it existed has none."""
     tc = config.get_text_config() if hasattr(config, "get_text_config") else config
     return {"max_position_embeddings": getattr(tc, "max_position_embeddings", None), "multimodal": tc is not config,
-            "head_dim_fix": _head_dim_fix(config, tc)}
+            "head_dim_fix": _head_dim_fix(config, tc), "head_dims": _head_dims(tc)}
+
+
+def _head_dims(tc) -> list[int] | None:
+    """The distinct head dims of the text config's layers, sorted: per layer where transformers keeps them there
+    (``per_layer_config``, transformers >= 5.14, every architecture), else ``head_dim``; hidden size / heads where
+    a config leaves ``head_dim`` unset (None)."""
+    try:
+        per_layer = getattr(tc, "per_layer_config", None)
+        dims = {per_layer[i].head_dim for i in range(tc.num_hidden_layers)} if per_layer is not None else set()
+        if not dims or None in dims:
+            dims = {getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads}
+        return sorted(int(d) for d in dims)
+    except Exception:  # noqa: BLE001 - a config without attention heads (or an odd one): say nothing
+        return None
 
 
 def _head_dim_fix(cfg, tc) -> dict | None:
@@ -50,8 +67,22 @@ def _head_dim_fix(cfg, tc) -> dict | None:
     return {"text_config": fix} if tc is not cfg else fix
 
 
+# vLLM's FlashAttention kernels take head dims up to 256; Gemma-4's full-attention layers have wider heads (E4B:
+# 512), which its Triton attention backend takes (it takes any width). Every pdqkit vLLM run used that backend
+# (shared/gpu/README.md), so every vllm_config.yaml names it: for a model whose heads FlashAttention takes too it
+# is harmless (the same attention, another kernel), and the comment there says it may go.
+FLASH_ATTN_MAX_HEAD_DIM = 256
+
+
+def _is_gemma4(plan) -> bool:
+    """Whether the plan's model is a Gemma-4 (text-only or multimodal): only then does Gemma-4 text appear."""
+    return plan.architecture.startswith("Gemma4")
+
+
 def vllm_settings(plan, max_model_len: int = 8192) -> dict:
-    """vLLM engine arguments (CLI spelling) for this checkpoint: what ``vllm_config.yaml`` holds."""
+    """vLLM engine arguments (CLI spelling) for this checkpoint: what ``vllm_config.yaml`` holds. The Triton
+    attention backend for every model (see :data:`FLASH_ATTN_MAX_HEAD_DIM`); the head-dim override only where
+    :func:`_head_dim_fix` found one (Gemma-4)."""
     facts = plan.serving
     max_pos = facts["max_position_embeddings"] or max_model_len
     s = {"dtype": "bfloat16", "max-model-len": int(min(max_model_len, max_pos)), "attention-backend": "TRITON_ATTN"}
@@ -62,14 +93,34 @@ def vllm_settings(plan, max_model_len: int = 8192) -> dict:
     return s
 
 
+def _attention_note(plan) -> str:
+    """The comment on ``attention-backend``: why Triton, from this model's head dims (``serving["head_dims"]``);
+    Gemma-4's reason only for a Gemma-4."""
+    dims = plan.serving.get("head_dims") or []
+    widest = max(dims) if dims else None
+    if _is_gemma4(plan):
+        this = f"; this model's widest: {widest}" if widest else ""
+        return ("Triton attention takes Gemma-4's full-attention heads, which can be wider than FlashAttention's "
+                f"{FLASH_ATTN_MAX_HEAD_DIM} (E4B: 512{this})")
+    if widest is None:
+        return "Triton attention (takes any head width), the backend pdqkit's vLLM runs use"
+    if widest > FLASH_ATTN_MAX_HEAD_DIM:
+        return (f"Triton attention takes this model's {widest}-wide heads (FlashAttention takes at most "
+                f"{FLASH_ATTN_MAX_HEAD_DIM})")
+    width = f"at most {widest}" if len(dims) > 1 else str(widest)
+    return (f"Triton attention, the backend pdqkit's vLLM runs use; optional here: this model's heads ({width} wide) "
+            "fit FlashAttention too, so the line may go (vLLM then picks a backend)")
+
+
 def vllm_config_yaml(plan, max_model_len: int = 8192) -> str:
     s = vllm_settings(plan, max_model_len)
+    model = "Gemma-4 " if _is_gemma4(plan) else ""
     notes = {
         "dtype": "activations and unquantized layers in bf16 (W4A16)",
         "max-model-len": "raise up to the model's max_position_embeddings if the KV cache fits",
-        "attention-backend": "Triton attention handles Gemma-4's 512-wide full-attention heads",
+        "attention-backend": _attention_note(plan),
         "language-model-only": "text only: drop this line to serve images/audio too (not tested by pdqkit)",
-        "hf-overrides": "Gemma-4 head-dim fix for transformers >= 5.14 (see shared/gpu/README.md)",
+        "hf-overrides": f"{model}head-dim fix for transformers >= 5.14 (see shared/gpu/README.md)",
     }
     lines = ["# vLLM 0.26.0 settings for this pdqkit W4A16 checkpoint:",
              "#   vllm serve <this dir> --config <this dir>/vllm_config.yaml",
@@ -80,10 +131,27 @@ def vllm_config_yaml(plan, max_model_len: int = 8192) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What the card's Lineage section shows of a step, in this order, where the step has it (not None): what it started
+# from (a base's model, with the hub revision of a hub snapshot), how it was made (method, rounding mode, init),
+# and what tells one distill step from another (phase, steps, tokens seen, teacher); then the seed.
+LINEAGE_KEYS = ("model", "revision", "method", "rounding_mode", "init", "phase", "steps", "tokens_seen", "teacher",
+                "seed")
+
+
+def _step_value(key: str, value):
+    """A step field as the card shows it: a distill step's ``teacher`` record (path + sha256) by the teacher
+    directory's name (a machine's path says nothing on another one); the rest as recorded."""
+    if key == "teacher":
+        path = value.get("path") if isinstance(value, dict) else value
+        return (PurePath(str(path)).name or str(path)) if path else None
+    return value
+
+
 def _lineage_lines(lineage: list[dict]) -> list[str]:
     out = []
     for s in lineage:
-        what = {k: s[k] for k in ("model", "method", "rounding_mode", "init", "seed") if k in s}
+        what = {k: _step_value(k, s[k]) for k in LINEAGE_KEYS if s.get(k) is not None}
+        what = {k: v for k, v in what.items() if v is not None}
         frm = f" (from `{s['from']}`)" if "from" in s else ""
         out.append(f"- `{s.get('id')}`: **{s.get('kind')}**{frm} " + ", ".join(f"{k}={v}" for k, v in what.items()))
     return out
@@ -94,7 +162,8 @@ def model_card(plan, recipe, lineage: list[dict], *, files: dict, total_bytes: i
     arch = plan.architecture
     s = vllm_settings(plan, max_model_len)  # the same settings as vllm_config.yaml
     fix = s.get("hf-overrides")
-    llm_kw = ['dtype="bfloat16"', f"max_model_len={s['max-model-len']}", 'attention_backend="TRITON_ATTN"']
+    llm_kw = ['dtype="bfloat16"', f"max_model_len={s['max-model-len']}",
+              f'attention_backend="{s["attention-backend"]}"']
     if s.get("language-model-only"):
         llm_kw.append("language_model_only=True")
     if fix:

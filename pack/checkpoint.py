@@ -44,8 +44,8 @@ AUX_FILE_PATTERNS = (
 
 __all__ = [
     "SINGLE_NAME", "INDEX_NAME", "KNORM_SHARD", "safetensors_files", "FileHasher", "LINEAGE_FILE", "RECIPE_FILE",
-    "atomic_output_dir", "fsync_dir", "fsync_tree", "InterruptedAfterCommit", "OutputAppeared", "UnsyncedAfterCommit",
-    "copy_aux_files",
+    "base_step", "atomic_output_dir", "fsync_dir", "fsync_tree", "InterruptedAfterCommit", "OutputAppeared",
+    "UnsyncedAfterCommit", "copy_aux_files",
     "sha256_file", "read_lineage", "write_lineage", "lineage_step", "kv_shared_k_norm_tensors",
     "save_bf16_checkpoint", "json_dump", "check_writable_parent", "check_replaceable", "usual_file_modes",
 ]
@@ -316,9 +316,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = CHUNK) -> str:
 
 def safetensors_files(ckpt: str | os.PathLike) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of HF checkpoint dir ``ckpt`` (``model.safetensors``, or the shards its index names)
-    and the index's ``weight_map`` (None without an index). Raises :class:`QuantizeError` naming the fix."""
+    and the index's ``weight_map`` (None without an index). Raises :class:`QuantizeError` naming the fix.
+
+    In ``from_pretrained``'s order: a folder holding both ``model.safetensors`` and an index is
+    ``model.safetensors`` (what transformers, llmcompressor, prune and distill load; before the forty-fourth
+    session pack read the index's shards there)."""
     ckpt = Path(ckpt)
     index_f, single_f = ckpt / INDEX_NAME, ckpt / SINGLE_NAME
+    if single_f.is_file():
+        return [single_f], None
     if index_f.is_file():
         try:
             weight_map = json.loads(index_f.read_text(encoding="utf-8"))["weight_map"]
@@ -337,8 +343,6 @@ def safetensors_files(ckpt: str | os.PathLike) -> tuple[list[Path], dict[str, st
                 raise QuantizeError(f"{index_f}: lists shard {f}, which is missing from {ckpt}; "
                                     f"copy the complete checkpoint")
         return [ckpt / f for f in files], weight_map
-    if single_f.is_file():
-        return [single_f], None
     bins = sorted(p.name for p in ckpt.glob("*.bin"))
     hint = (f"it has PyTorch weights ({bins[0]}): re-save it with save_pretrained() to get safetensors"
             if bins else "pass a Hugging Face checkpoint directory")
@@ -511,6 +515,18 @@ def lineage_step(kind: str, **fields) -> dict:
     return {"id": fields.pop("id", kind), "kind": kind, **fields}
 
 
+def base_step(ckpt: Path, files_sha256: dict[str, str]) -> dict:
+    """The ``base`` lineage step of an input that carries no lineage (spec §6: every other step names its
+    ``from``): a Hugging Face hub snapshot (``.../models--ORG--NAME/snapshots/REV``) by hub id and revision, any
+    other checkpoint by its directory name; with the input files' sha256."""
+    parts = ckpt.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        model, revision = parts[-3].removeprefix("models--").replace("--", "/"), parts[-1]
+    else:
+        model, revision = ckpt.name, None
+    return lineage_step("base", model=model, revision=revision, files_sha256=files_sha256)
+
+
 def write_lineage(dst: str | os.PathLike, previous: list[dict], step: dict | None) -> list[dict]:
     """Write ``pdqkit_lineage.json`` = previous steps + ``step`` into ``dst``; returns the list written."""
     steps = [dict(s) for s in previous]
@@ -558,12 +574,14 @@ def kv_shared_k_norm_tensors(model) -> dict:
 
 def save_bf16_checkpoint(model, out: str | os.PathLike, *, source_dir=None, step: dict | None = None,
                          tokenizer=None, force: bool = False, max_shard_size: str = "5GB",
-                         fsync: bool = False) -> Path:
+                         fsync: bool = False, source_files_sha256: dict[str, str] | None = None) -> Path:
     """Save ``model`` (cast to bf16) as an HF safetensors checkpoint at ``out``, atomically.
 
     Adds the KV-shared ``k_norm`` tensors vLLM needs, copies tokenizer/processor files from ``source_dir``
-    (or saves ``tokenizer``), and writes ``pdqkit_lineage.json`` = lineage of ``source_dir`` + ``step``.
-    ``fsync``: durable output (:func:`atomic_output_dir`'s), for the tools' final outputs.
+    (or saves ``tokenizer``), and writes ``pdqkit_lineage.json`` = lineage of ``source_dir`` + ``step``; a
+    ``source_dir`` without a lineage (a hub snapshot, any plain checkpoint) first gets its :func:`base_step`, with
+    ``source_files_sha256`` (its weight files' sha256), as ``pack.quantize`` gives it, so that the model a chain
+    started from stays named. ``fsync``: durable output (:func:`atomic_output_dir`'s), for the tools' final outputs.
     """
     import torch
     from safetensors import SafetensorError
@@ -578,7 +596,10 @@ def save_bf16_checkpoint(model, out: str | os.PathLike, *, source_dir=None, step
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         copy_aux_files(source_dir, tmp)
-        write_lineage(tmp, read_lineage(source_dir) if source_dir else [], step)
+        previous = read_lineage(source_dir) if source_dir else []
+        if source_dir and not previous and source_files_sha256 is not None:
+            previous = [base_step(Path(source_dir).resolve(), source_files_sha256)]
+        write_lineage(tmp, previous, step)
         usual_file_modes(tmp)
     return Path(out)
 

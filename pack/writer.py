@@ -46,9 +46,9 @@ from typing import Callable
 import torch
 
 from . import card
-from .checkpoint import (INDEX_NAME, RECIPE_FILE, SINGLE_NAME, FileHasher, atomic_output_dir, check_output_dir,
-                         check_replaceable, copy_aux_files, json_dump, lineage_step, read_lineage, safetensors_files,
-                         write_lineage)
+from .checkpoint import (INDEX_NAME, RECIPE_FILE, SINGLE_NAME, FileHasher, atomic_output_dir, base_step,
+                         check_output_dir, check_replaceable, copy_aux_files, json_dump, lineage_step, read_lineage,
+                         safetensors_files, write_lineage)
 from .errors import QuantizeError
 from .gcpause import gc_paused
 from .packing import PACK_FACTOR
@@ -461,18 +461,6 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, recipe:
                           bytes_out=bytes_out, seconds=time.perf_counter() - t0, peak_rss=_peak_rss(),
                           files_sha256=out_hashes, stream_seconds=t_stream, plan_cached=plan_cached,
                           hashes_cached=(hasher.cached, len(hasher.files)))
-
-
-def base_step(ckpt: Path, files_sha256: dict[str, str]) -> dict:
-    """The ``base`` lineage step of an input that carries no lineage (spec §6: every other step names its
-    ``from``): a Hugging Face hub snapshot (``.../models--ORG--NAME/snapshots/REV``) by hub id and revision, any
-    other checkpoint by its directory name; with the input files' sha256."""
-    parts = ckpt.parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        model, revision = parts[-3].removeprefix("models--").replace("--", "/"), parts[-1]
-    else:
-        model, revision = ckpt.name, None
-    return lineage_step("base", model=model, revision=revision, files_sha256=files_sha256)
 
 
 def _write_metadata(tmp: Path, ckpt: Path, previous: list[dict], plan: ModelPlan, recipe: QuantRecipe,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ import torch
 
 from pack.checkpoint import (FileHasher, check_output_dir, check_replaceable, check_writable_parent, lineage_step,
                              parallel_hash_workers, read_lineage, save_bf16_checkpoint)
-from pack.stio import raw_header
+from pack.hfload import check_weight_dtypes, from_pretrained_checked, read_config, weight_files
 
 from .calib import CalibrationSet, bench_split, default_calib_path, load_calibration
 from .config import ROUND_MULTIPLE, PruneConfig, kept_width
@@ -24,9 +23,6 @@ from .stack import check_supported, collect_mlp_stats, language_stack
 from .taylor import taylor_stats
 
 __all__ = ["PruneResult", "prune_checkpoint", "load_model"]
-
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-
 
 @dataclass
 class PruneResult:
@@ -94,27 +90,14 @@ def refit_warning(tokens: int, kept_width: int) -> str | None:
 
 
 def _read_config(ckpt: Path):
-    from transformers import AutoConfig
-
-    if not (ckpt / "config.json").is_file():
-        raise FileNotFoundError(f"{ckpt}: no config.json; pass an HF checkpoint directory")
-    try:
-        config = AutoConfig.from_pretrained(ckpt)
-        archs = config.architectures
-        if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
-            raise ValueError(f"architectures must be a list of class names, not {archs!r}")
-    except Exception as e:   # transformers' many ways to reject a config (strict dataclass fields, types, ...)
-        raise ValueError(f"{ckpt / 'config.json'}: transformers cannot read it ({type(e).__name__}: "
-                         f"{_first_line(e)}); restore the checkpoint's config.json") from None
-    if getattr(config, "quantization_config", None):
-        raise ValueError(f"{ckpt}: a quantized checkpoint (config.json has quantization_config); prune the bf16 "
-                         f"checkpoint, then run pack.quantize on the pruned one")
+    config = read_config(ckpt, "prune the bf16 checkpoint, then run pack.quantize on the pruned one")
     check_supported(config, where=str(ckpt))
     return config
 
 
 def load_model(ckpt, config=None):
-    """The checkpoint's own architecture class (``config.architectures[0]``), bf16, on the CPU, eval mode."""
+    """The checkpoint's own architecture class (``config.architectures[0]``), bf16, on the CPU, eval mode; every
+    mismatch between the files and config.json refused in one line (:func:`pack.hfload.from_pretrained_checked`)."""
     import transformers
 
     ckpt = Path(ckpt)
@@ -124,71 +107,12 @@ def load_model(ckpt, config=None):
     if cls is None:
         raise ValueError(f"{ckpt}: config.json names architecture {arch!r}, which transformers "
                          f"{transformers.__version__} does not provide")
-    from safetensors import SafetensorError
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()   # its load report: what is wrong is said below, in one line
-    try:
-        model, info = cls.from_pretrained(ckpt, dtype=torch.bfloat16, output_loading_info=True)
-    except SafetensorError as e:   # e.g. a truncated file: safetensors' own error names no file
-        raise ValueError(f"{ckpt}: a safetensors file of the checkpoint is unreadable ({e}); copy or save the "
-                         "checkpoint again") from None
-    except (RuntimeError, ValueError) as e:
-        if "size mismatch" not in str(e) and "mismatched" not in str(e):
-            raise
-        raise ValueError(f"{ckpt}: config.json does not match the weights' shapes ({_first_line(e)}); restore the "
-                         f"checkpoint's config.json") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    # a tensor the model has but the files lack would be left randomly initialised and written out as if trained;
-    # one the files have but the model does not, dropped
-    bad = {what: list(info.get(key) or []) for what, key in (("missing", "missing_keys"),
-                                                             ("not in the model", "unexpected_keys"),
-                                                             ("of another shape", "mismatched_keys"))}
-    if any(bad.values()):
-        said = "; ".join(f"{len(v)} {what} (e.g. {v[0][0] if isinstance(v[0], tuple) else v[0]})"
-                         for what, v in bad.items() if v)
-        raise ValueError(f"{ckpt}: its weights do not match {arch} as config.json describes it: tensors {said}; "
-                         f"restore the checkpoint (copy or save it again)")
-    return model.eval()
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-NON_FLOAT = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4")
+    return from_pretrained_checked(cls, ckpt, arch, dtype=torch.bfloat16).eval()
 
 
 def _check_weight_dtypes(ckpt: Path, weights: list[Path]) -> None:
-    """Refuse weights stored as integers or fp8 (a quantized or otherwise encoded model, which loading would cast
-    to bf16 as if they were values); note floating weights of another width, which are rounded to bf16."""
-    other: dict[str, int] = {}
-    for f in weights:
-        if f.suffix != ".safetensors":
-            continue
-        try:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                header, _ = raw_header(fd)
-            finally:
-                os.close(fd)
-        except (OSError, struct.error, ValueError):
-            continue   # loading reports an unreadable file, naming it
-        for name, t in header.items():
-            if name == "__metadata__" or not isinstance(t, dict):
-                continue
-            dtype = t.get("dtype")
-            if dtype in NON_FLOAT:
-                raise ValueError(f"{f}: tensor {name} is stored as {dtype}, not as floating-point values (a "
-                                 f"quantized or encoded model?); prune takes the bf16 checkpoint: dequantize or "
-                                 f"convert it first")
-            if dtype not in (None, "BF16"):
-                other[dtype] = other.get(dtype, 0) + 1
-    if other:
-        print(f"prune: note: {ckpt}: {', '.join(f'{n} tensors stored as {d}' for d, n in sorted(other.items()))} "
-              f"are rounded to bf16", file=sys.stderr, flush=True)
+    """:func:`pack.hfload.check_weight_dtypes`, prune's words."""
+    check_weight_dtypes(ckpt, weights, "prune", "prune takes the bf16 checkpoint: dequantize or convert it first")
 
 
 def _load_tokenizer(ckpt: Path):
@@ -209,7 +133,9 @@ def _calibration_record(cal: CalibrationSet, cfg: PruneConfig) -> dict:
 
         source = {"dataset": "bench.corpus", "split": split, "revision": corpus_sha256()}
     else:
-        source = {"dataset": cfg.calib, "split": None, "revision": None}
+        # its absolute path (as typed it would differ from one working directory to the next, and name nothing
+        # outside it)
+        source = {"dataset": str(Path(cfg.calib).resolve()), "split": None, "revision": None}
     return {**source, "config": None, "num_samples": cal.samples, "seq_len": cal.seq_len, "tokens": cal.tokens,
             "documents": cal.documents, "seed": cfg.seed, "sha256": cal.sha256, "file_sha256": cal.file_sha256,
             # the windows are not sampled: the first num_samples of the packed stream (the seed is --criterion
@@ -264,7 +190,7 @@ def prune_checkpoint(ckpt, out, cfg: PruneConfig, *, force: bool = False, progre
         if top >= vocab:
             raise ValueError(f"{ckpt}: its tokenizer gives token id {top} on the calibration text, outside the "
                              f"model's vocabulary (vocab_size {vocab}): tokenizer and model do not belong together")
-    weights = sorted(f for p in WEIGHT_PATTERNS for f in ckpt.glob(p))
+    weights = weight_files(ckpt)   # what from_pretrained reads: the files the lineage hashes
     _check_weight_dtypes(ckpt, weights)
     # the input's sha256 for the lineage, hashed while the model loads and calibrates (children, one per file up to
     # the cores; through pack's input-hash cache): of the files as opened now, the version the model is loaded from
@@ -339,8 +265,10 @@ def _prune_loaded(ckpt: Path, out: Path, cfg: PruneConfig, config, cal, width: i
               "seed": cfg.seed}
     if cfg.refit and cfg.ratio > 0:  # only a refit that ran (a run without one writes what it always did)
         params.update(refit=True, refit_damp=cfg.refit_damp)
-    step = lineage_step("prune", method=f"mlp_width/{cfg.criterion}", params=params,
-                        input_files_sha256=hasher.result(),
+    hashes = hasher.result()
+    step = lineage_step("prune", method=f"mlp_width/{cfg.criterion}", params=params, input_files_sha256=hashes,
                         calibration=[_calibration_record(cal, cfg)] if cal is not None else [])
-    save_bf16_checkpoint(model, out, source_dir=ckpt, step=step, force=force, fsync=True)
+    # (an input without a lineage, e.g. a hub snapshot, first gets its base step: the model the chain started from)
+    save_bf16_checkpoint(model, out, source_dir=ckpt, step=step, force=force, fsync=True,
+                         source_files_sha256=hashes)
     return PruneResult(out, cfg, len(layers), width, kept, double_wide, cal, time.perf_counter() - t0, refit_errors)

@@ -117,7 +117,8 @@ def aux_src(bf16_sharded, root) -> Path:
     d = root / "aux_src"
     shutil.copytree(bf16_sharded, d)
     _plant(d, AUX_NAMES)
-    _plant(d, [n for n in NOT_AUX if not (d / n).exists()])
+    # (not a model.safetensors: beside the index it would be the weights, as from_pretrained reads a folder)
+    _plant(d, [n for n in NOT_AUX if not (d / n).exists() and n != SINGLE_NAME])
     (d / "tokenizer_extra").mkdir()
     _plant(d / "tokenizer_extra", ["vocab.txt"])
     return d

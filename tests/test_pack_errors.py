@@ -243,6 +243,8 @@ def test_broken_lineage_in_input(ckpt, tmp_path, capsys, content, needle):
 
 
 def test_bad_index(ckpt, tmp_path, capsys):
+    # (a model.safetensors beside the index would be what from_pretrained reads, the index ignored: a shard here)
+    (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00001.safetensors")
     (ckpt / "model.safetensors.index.json").write_bytes(b'{"weight_map": {"a": 1}}')
     _fails(capsys, [ckpt, "-o", tmp_path / "o"], "not a valid safetensors index")
     (ckpt / "model.safetensors.index.json").write_bytes(b'\xff\xfe{}')

@@ -394,7 +394,7 @@ def test_calibration_file_errors(tmp_path):
 
 def test_calibration_record_fields():
     """The lineage's calibration record: the bench corpus named by split and corpus hash (not a cache path), a
-    file by the path given and no split/revision; counts, hashes and the seed from the run."""
+    file by its absolute path and no split/revision; counts, hashes and the seed from the run."""
     from bench.corpus import corpus_sha256
 
     from prune.run import _calibration_record
@@ -406,7 +406,7 @@ def test_calibration_record_fields():
         assert _calibration_record(cal, PruneConfig(calib=calib, seed=5)) == \
             {"dataset": "bench.corpus", "split": split, "revision": corpus_sha256(), **common}
     assert _calibration_record(cal, PruneConfig(calib="my/c.jsonl", seed=5)) == \
-        {"dataset": "my/c.jsonl", "split": None, "revision": None, **common}
+        {"dataset": str(Path("my/c.jsonl").resolve()), "split": None, "revision": None, **common}
     # the device type, not its index: cuda:1 computes as cuda:0 does
     assert _calibration_record(cal, PruneConfig(calib="my/c.jsonl", seed=5, device="cuda:1"))["device"] == "cuda"
 
