@@ -191,4 +191,5 @@ def test_train_embeddings_trains_an_untied_lm_head(tmp_path):
         after = load_file(out / "model.safetensors")
         for name in ("lm_head.weight", "model.embed_tokens.weight"):
             assert torch.equal(after[name], before[name]) != trained, (flag, name)
-        assert not torch.equal(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+        up = "model.layers.0.mlp.up_proj.weight"
+        assert not torch.equal(after[up], before[up])   # (the step trained)
