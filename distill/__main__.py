@@ -152,10 +152,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
+    from pack.checkpoint import InterruptedAfterCommit
     from pack.stopsignals import interrupted_message, stop_signals_interrupt
 
     from .state import latest_checkpoint
-    from .stop import TrainingStopped
+    from .stop import OutputWritten, TrainingStopped
     from .train import run
 
     main_rank = os.environ.get("RANK", "0") == "0"   # (under torchrun, one rank says it)
@@ -167,6 +168,10 @@ def main(argv=None) -> int:
         except TrainingStopped as e:
             if main_rank:
                 print(f"distill: {e}", file=sys.stderr)
+            return 130
+        except (InterruptedAfterCommit, OutputWritten) as e:   # OUT is complete: say so, not "nothing was written"
+            if main_rank:
+                print(f"distill: error: interrupted: {e}", file=sys.stderr)
             return 130
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt) or interrupted.is_set():   # whatever the signal turned into

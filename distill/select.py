@@ -39,9 +39,10 @@ from pathlib import Path
 import torch
 
 from pack.errors import cli_status
-from pack.stopsignals import interrupted_message, stop_signals_interrupt
+from pack.stopsignals import held_stop_signals, interrupted_message, stop_signals_interrupt
 
 from .config import check_device
+from .stop import OutputWritten
 
 __all__ = ["SelectConfig", "meta_path", "read_meta", "check_use", "window_kl", "pick", "select", "main"]
 
@@ -246,8 +247,13 @@ def _write_atomic(out: Path, body: bytes, meta: bytes, force: bool) -> None:
                 fh.write(blob)
             staged.append((tmp, dst))
         _check_free(out, force)
-        for tmp, dst in staged:
-            os.replace(tmp, dst)
+        try:   # both renames or neither: a stop signal is held until both are done, then said to come after them
+            with held_stop_signals():
+                for tmp, dst in staged:
+                    os.replace(tmp, dst)
+        except KeyboardInterrupt:
+            raise OutputWritten(f"{out} and its sidecar {meta_path(out).name} were written; interrupted as they "
+                                f"were put in place") from None
     finally:
         for tmp in tmps:
             if os.path.exists(tmp):
@@ -295,6 +301,9 @@ def main(argv=None) -> int:
     with stop_signals_interrupt() as interrupted:
         try:
             select(SelectConfig(**kw), progress=progress)
+        except OutputWritten as e:   # the files are complete: say so, not "nothing was written"
+            print(f"distill.select: error: interrupted: {e}", file=sys.stderr)
+            return 130
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt) or interrupted.is_set():   # whatever the signal turned into
                 print(f"distill.select: error: {interrupted_message(e)}", file=sys.stderr)

@@ -10,8 +10,10 @@ the ranks agree on it (:func:`stop_agreed`), a training checkpoint is written (:
 
 A second signal stops at once: it goes to the handler that was in force before the block (the CLI's
 :func:`pack.stopsignals.stop_signals_interrupt`: a KeyboardInterrupt that leaves nothing half-written), unless it
-comes within :data:`REPEAT_S` of the first. That is torchrun: on the terminal's Ctrl-C its agent forwards SIGINT to
-workers that already had it from the terminal (one foreground process group).
+comes within :data:`REPEAT_S` of the first: one signal delivered twice, as by a launcher that forwards the terminal's
+Ctrl-C to workers left in the terminal's process group. (torchrun starts its workers in sessions of their own and
+forwards SIGINT / SIGTERM to them, then SIGKILLs them after its shutdown timeout, 30 s by default: the step and the
+checkpoint must end within it; ``torchrun --shutdown-timeout N`` gives them longer.)
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from pack.stopsignals import stop_signal_handlers
 
 from .parallel import DistEnv, all_reduce_sum
 
-__all__ = ["REPEAT_S", "StopRequest", "TrainingStopped", "stop_after_step", "stop_agreed"]
+__all__ = ["REPEAT_S", "StopRequest", "TrainingStopped", "OutputWritten", "stop_after_step", "stop_agreed"]
 
 REPEAT_S = 1.0  # a second signal sooner than this after the first is the same request, delivered twice
 
@@ -65,12 +67,24 @@ class TrainingStopped(Exception):
         super().__init__(msg)
 
 
+class OutputWritten(KeyboardInterrupt):
+    """An interruption that came once the output was in place (while the run cleaned up after it): the CLI says
+    the output was written, not "nothing was written" (after which ``--resume`` would be refused: OUT exists)."""
+
+
 @contextlib.contextmanager
-def stop_after_step(announce: bool = True) -> Iterator[StopRequest]:
+def stop_after_step(announce: bool = True, torchrun: bool = False) -> Iterator[StopRequest]:
     """Within the block, the first SIGINT / SIGTERM sets the yielded :class:`StopRequest` (and, if ``announce``,
     says on stderr what happens next); a later one, :data:`REPEAT_S` or more after it, is passed to the handler in
-    force before the block (SIG_DFL or none: a KeyboardInterrupt). Main thread only, like any signal handler."""
+    force before the block (SIG_DFL or none: a KeyboardInterrupt). Main thread only, like any signal handler.
+
+    ``torchrun``: the announcement adds that torchrun's agent, once it has the signal too (the terminal's Ctrl-C,
+    a ``kill`` of the agent), SIGKILLs the workers after its shutdown timeout, 30 s unless ``--shutdown-timeout``
+    / ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` says otherwise: the step and the checkpoint must end before it, or no
+    checkpoint is written (the one before stays)."""
     req = StopRequest()
+    tail = ("; torchrun SIGKILLs the workers after its --shutdown-timeout (30 s by default): give it the step's and "
+            "a checkpoint's time" if torchrun else "")
 
     def handler(signum, frame):
         now = time.monotonic()
@@ -78,7 +92,7 @@ def stop_after_step(announce: bool = True) -> Iterator[StopRequest]:
             req.signum, req.at = signum, now
             if announce:   # (os.write: no buffered stream is entered from inside a handler)
                 os.write(2, f"distill: {req.name}: stopping after this step to write a training checkpoint "
-                            f"(again to stop at once, without one)\n".encode())
+                            f"(again to stop at once, without one){tail}\n".encode())
             return
         if now - req.at < REPEAT_S:
             return

@@ -55,7 +55,7 @@ from .models import (DistillModule, MasterWeights, capture_layer_outputs, check_
                      matmul_params, set_trainable, text_config, to_bf16_layout)
 from .sample import continuation_mask, on_policy_step, row_seed, sample_continuations
 from .state import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
-from .stop import TrainingStopped, stop_after_step, stop_agreed
+from .stop import OutputWritten, TrainingStopped, stop_after_step, stop_agreed
 
 __all__ = ["run", "Distiller", "lr_at", "CheckpointHash", "checkpoint_sha256", "student_dtype", "loss_parts"]
 
@@ -273,9 +273,10 @@ def _load_state(dz, ck: Path) -> dict:
             cause = cause[0] if isinstance(cause, tuple) else cause                # ((exception, trace))
         first = (str(cause).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"{ck}: cannot load this training checkpoint ({type(cause).__name__}: {first}): damaged, "
-                         f"or made with another --student or --teacher; resume with the models it was made with or "
-                         f"from another checkpoint, or run without --resume (with --force) to start over (deletes "
-                         f"it)") from None
+                         f"or made with another --student, --teacher or pdqkit version (before the forty-fourth "
+                         f"session's, --train-embeddings left an untied lm_head frozen); resume with what it was "
+                         f"made with, or from another checkpoint, or run without --resume (with --force) to start "
+                         f"over (deletes it)") from None
 
 
 def _start_fresh(cfg: DistillConfig, env) -> None:
@@ -626,6 +627,12 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
             if diff:
                 raise ValueError(f"{ck}: checkpoint was made with different settings ({', '.join(diff)}); "
                                  "rerun with the same ones, or --force to start over")
+            trained = meta.get("trainable")   # (a checkpoint from before the record has none)
+            if trained is not None and trained != dz.trainable:   # the same settings, another pdqkit's choice
+                new = sorted(set(dz.trainable) ^ set(trained))
+                which = f"{new[0]}, ..." if new else "another order"
+                raise ValueError(f"{ck}: checkpoint trained other parameters than this run would ({which}: made by "
+                                 f"another pdqkit version?); resume with that version, or --force to start over")
             meta = _load_state(dz, ck)
             start, history = int(meta["step"]), list(meta["history"])
             log.print(f"resume: continuing from {ck} (step {start}/{cfg.steps})")
@@ -656,11 +663,11 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
         """The training checkpoint after ``step`` completed steps."""
         return dz.save_state(cfg.ckpt_dir, step, {"config": cfg.result_dict(), "history": history,
                                                   "data_sha256": data.sha256, "models_sha256": identity,
-                                                  "hardware": hardware})
+                                                  "hardware": hardware, "trainable": dz.trainable})
 
     t_int, step_int = time.perf_counter(), 0
     # SIGINT / SIGTERM: finish the step, write a training checkpoint, stop (distill/stop.py)
-    with stop_after_step(announce=env.is_main) as stop:
+    with stop_after_step(announce=env.is_main, torchrun=env.is_dist) as stop:
         for step in range(start, cfg.steps):
             ids = data.batch(step, cfg.batch, env.rank, env.world, cfg.seed).to(env.device)
             rec = dz.step(step, ids)
@@ -706,11 +713,19 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
     summary["hardware"] = hardware
     dz.use_ema()  # --ema-decay: the average is what is written (the logged losses are the raw weights')
     _save(cfg, env, dz.dm, student, dz.trainable, tokenizer, summary, hashes)
-    log.record({"event": "summary", **summary})
-    log.close()
-    if env.is_main and not cfg.keep_ckpt:
-        clear_checkpoints(cfg.ckpt_dir)
+    # OUT is in place (on the main rank): a stop signal from now on interrupts only the cleanup, and must say so,
+    # not "nothing was written" and "--resume continues", which an existing OUT would then refuse
+    try:
+        parallel.barrier(env)
+        log.record({"event": "summary", **summary})
+        log.close()
+        if env.is_main and not cfg.keep_ckpt:
+            clear_checkpoints(cfg.ckpt_dir)
+    except KeyboardInterrupt:
+        left = f"; the training checkpoints in {cfg.ckpt_dir} may remain (delete them)" if not cfg.keep_ckpt else ""
+        raise OutputWritten(f"{cfg.out} was written; interrupted while cleaning up after it{left}") from None
     return summary
+
 
 
 def _hardware(env) -> dict:
@@ -808,4 +823,3 @@ def _save(cfg, env, dm, student, trainable, tokenizer, summary, hashes: dict) ->
                              force=cfg.force, fsync=True, source_files_sha256=summary["student"]["files_sha256"])
         print(f"wrote {cfg.out} (phase {cfg.phase}, {summary['tokens_seen']:,} tokens, "
               f"loss {summary['loss_first']['loss']:.4f} -> {summary['loss_last10']['loss']:.4f})", flush=True)
-    parallel.barrier(env)

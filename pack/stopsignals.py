@@ -29,7 +29,8 @@ import sys
 import threading
 from typing import Iterator
 
-__all__ = ["STOP_SIGNALS", "Arrival", "stop_signal_handlers", "stop_signals_interrupt", "interrupted_message"]
+__all__ = ["STOP_SIGNALS", "Arrival", "stop_signal_handlers", "stop_signals_interrupt", "held_stop_signals",
+           "interrupted_message"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -159,6 +160,27 @@ def stop_signals_interrupt() -> Iterator[Arrival]:
             # owed and not raised: the block's work ended inside the machinery (its last call), nothing is left
             # to stop
             owed.disarm()
+
+
+@contextlib.contextmanager
+def held_stop_signals() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM are held: steps that must happen together, like two renames, are not
+    cut between them. The first one that arrived meanwhile is sent again as the block ends, to the handlers in
+    force before it (so its KeyboardInterrupt, or its default action, comes from the block's exit, after them).
+    Held by a recording handler, not by ``pthread_sigmask``: a signal sent to the process goes to any thread that
+    does not block it (torch's own threads), and Python then runs the main thread's handler all the same."""
+    held: list[int] = []
+
+    def record(signum, frame):
+        if not held:
+            held.append(signum)
+
+    try:
+        with stop_signal_handlers(record):
+            yield
+    finally:
+        if held:
+            os.kill(os.getpid(), held[0])
 
 
 def interrupted_message(e: BaseException) -> str:

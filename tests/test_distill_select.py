@@ -225,6 +225,33 @@ def test_a_stop_signal_ends_the_run_in_one_line_leaving_nothing(pair, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_stop_signal_during_the_renames_waits_for_both(pair, tmp_path, monkeypatch, capsys):
+    """SIGTERM between the sidecar's rename and the selection's (--force over an earlier selection): held until
+    both are in place, then said (before: the sidecar replaced, the old selection left, "nothing was written")."""
+    import os
+    import signal
+
+    import distill.select as sel_mod
+
+    teacher_dir, student_dir, data = pair
+    out = tmp_path / "s.jsonl"
+    assert select_main(_sel_args(teacher_dir, student_dir, out, data, "--tokens", SEQ * 2)) == 0
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        real(src, dst)
+        if len(calls) == 1:   # the sidecar is in place, the selection not yet
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(sel_mod.os, "replace", replace)
+    capsys.readouterr()
+    assert select_main(_sel_args(teacher_dir, student_dir, out, data, "--tokens", SEQ * 3, "--force")) == 130
+    assert capsys.readouterr().err == (f"distill.select: error: interrupted: {out} and its sidecar "
+                                       f"{meta_path(out).name} were written; interrupted as they were put in place\n")
+    assert len(calls) == 2 and len(out.read_text().splitlines()) == 3
+    assert json.loads(meta_path(out).read_text())["kept_windows"] == 3
+
+
 def test_cli_errors_are_one_line(pair, tmp_path, capsys):
     teacher_dir, student_dir, data = pair
     cases = [

@@ -169,6 +169,57 @@ def test_a_signal_while_the_models_load_stops_at_once(pair, tmp_path, monkeypatc
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("when", ["syncing", "cleaning up"])
+def test_a_signal_once_the_output_is_in_place_says_it_was_written(pair, reference, tmp_path, monkeypatch, capfd, when):
+    """SIGTERM while the output's rename is synced, or while the training checkpoints are deleted after it: exit
+    130 saying OUT was written (before: "nothing was written; --resume continues", which OUT's existence then
+    refused). OUT is the uninterrupted run's."""
+    import pack.checkpoint as pc
+
+    out = tmp_path / "o"
+    if when == "syncing":
+        real = pc.fsync_dir
+
+        def fsync_dir(d):
+            if out.is_dir() and Path(d) == out.parent:   # after the rename: the output is in place
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(d)
+        monkeypatch.setattr(pc, "fsync_dir", fsync_dir)
+        said = f"{out} was written; interrupted while syncing it to disk"
+    else:
+        real_clear = train.clear_checkpoints
+
+        def clear(d):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_clear(d)
+        monkeypatch.setattr(train, "clear_checkpoints", clear)
+        said = (f"{out} was written; interrupted while cleaning up after it; the training checkpoints in "
+                f"{tmp_path / 'o-ckpt'} may remain (delete them)")
+    capfd.readouterr()
+    assert distill_main([str(a) for a in _args(pair, out, "--ckpt-every", 3)]) == 130
+    err = capfd.readouterr().err
+    assert err.startswith(f"distill: error: interrupted: {said}") and err.count("\n") == 1, err
+    _same_output(out, reference)
+
+
+def test_resume_refuses_a_checkpoint_that_trained_other_parameters(pair, tmp_path, capfd):
+    """Same settings, another choice of trained parameters (another pdqkit version: before the forty-fourth session
+    --train-embeddings left an untied lm_head frozen): one line, not a load error blaming damage."""
+    out, ckpt = tmp_path / "o", tmp_path / "o-ckpt"
+    args = [str(a) for a in _args(pair, out, "--ckpt-every", 2, "--steps", 3)]
+    args[args.index("--steps") + 1] = "4"
+    assert distill_main(args + ["--keep-ckpt"]) == 0
+    meta_f = ckpt / "step-00000002" / "meta.json"
+    meta = json.loads(meta_f.read_text())
+    assert meta["trainable"] and all(isinstance(n, str) for n in meta["trainable"])
+    meta["trainable"] = meta["trainable"][:-1]
+    meta_f.write_text(json.dumps(meta))
+    capfd.readouterr()
+    assert distill_main(args + ["--resume", "--force"]) == 2
+    err = capfd.readouterr().err
+    assert "checkpoint trained other parameters than this run would" in err and err.count("\n") == 1, err
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
@@ -189,28 +240,47 @@ def _torchrun(port_args: list, *args) -> list[str]:
     return [torchrun, "--nproc-per-node", "2", *port_args, "-m", "distill", *map(str, args)]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
-def test_torchrun_a_signal_to_one_rank_stops_both_at_the_same_step(pair, tmp_path):
-    """SIGTERM to one worker only (``kill`` of one rank): both ranks stop after the same step (the per-step
-    all-reduce) and write one checkpoint together; --resume under torchrun writes the uninterrupted run's bytes."""
+TORCHRUN_STEPS = 20
+
+
+def _port() -> list[str]:
     import socket
 
-    def port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return ["--master-addr", "127.0.0.1", "--master-port", str(s.getsockname()[1])]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return ["--master-addr", "127.0.0.1", "--master-port", str(s.getsockname()[1])]
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    steps = 20
-    common = [a for a in _args(pair, "unused", "--log-every", 1)]
+
+def _torchrun_common(pair) -> list:
+    common = _args(pair, "unused", "--log-every", 1)
     common = common[:common.index("-o")] + common[common.index("-o") + 2:]
-    common[common.index("--steps") + 1] = steps
-    ref, out = tmp_path / "ref", tmp_path / "o"
-    res = subprocess.run(_torchrun(port(), *common, "-o", ref), env=env, cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    common[common.index("--steps") + 1] = TORCHRUN_STEPS
+    return common
 
-    proc = subprocess.Popen(_torchrun(port(), *common, "-o", out), env=env, cwd=REPO, stdout=subprocess.PIPE,
+
+def _torchrun_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def torchrun_reference(pair, tmp_path_factory):
+    """An uninterrupted 2-rank run's output."""
+    ref = tmp_path_factory.mktemp("distill_stop_torchrun") / "ref"
+    res = subprocess.run(_torchrun(_port(), *_torchrun_common(pair), "-o", ref), env=_torchrun_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return ref
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
+@pytest.mark.parametrize("who", ["one worker", "torchrun"])
+def test_torchrun_a_signal_stops_both_ranks_at_the_same_step(pair, torchrun_reference, tmp_path, who):
+    """SIGTERM to one worker only (``kill`` of one rank): both ranks stop after the same step (the per-step
+    all-reduce) and write one checkpoint together. SIGINT to torchrun itself (a terminal's Ctrl-C: torchrun starts
+    its workers in sessions of their own, and forwards the signal to them): the same, within its shutdown timeout
+    (30 s). Then --resume under torchrun writes the uninterrupted run's bytes."""
+    common, env, out = _torchrun_common(pair), _torchrun_env(), tmp_path / "o"
+    proc = subprocess.Popen(_torchrun(_port(), *common, "-o", out), env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     workers = []
     try:
@@ -219,7 +289,10 @@ def test_torchrun_a_signal_to_one_rank_stops_both_at_the_same_step(pair, tmp_pat
                 break
         workers = _children(proc.pid)
         assert len(workers) == 2, workers
-        os.kill(workers[-1], signal.SIGTERM)
+        if who == "one worker":
+            os.kill(workers[-1], signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)   # (ranks that disagree wait in a collective until killed)
     finally:
         for pid in [proc.pid, *workers]:
@@ -231,16 +304,18 @@ def test_torchrun_a_signal_to_one_rank_stops_both_at_the_same_step(pair, tmp_pat
     assert proc.returncode != 0
     ck = (tmp_path / "o-ckpt" / "latest").read_text().strip()
     stopped = int(ck.removeprefix("step-"))
-    assert 3 <= stopped < steps, "the run finished before the signal"
-    assert f"after step {stopped}/{steps}: training checkpoint written to" in err
+    assert 3 <= stopped < TORCHRUN_STEPS, "the run finished before the signal"
+    assert f"after step {stopped}/{TORCHRUN_STEPS}: training checkpoint written to" in err
+    if who == "torchrun":   # rank 0 had the signal: its announcement says what torchrun does next
+        assert "torchrun SIGKILLs the workers after its --shutdown-timeout" in err
     assert json.loads((tmp_path / "o-ckpt" / ck / "meta.json").read_text())["world"] == 2
     assert not out.exists()
 
-    res = subprocess.run(_torchrun(port(), *common, "-o", out, "--resume"), env=env, cwd=REPO, capture_output=True,
+    res = subprocess.run(_torchrun(_port(), *common, "-o", out, "--resume"), env=env, cwd=REPO, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"(step {stopped}/{steps})" in res.stdout
-    _same_output(out, ref)
+    assert f"(step {stopped}/{TORCHRUN_STEPS})" in res.stdout
+    _same_output(out, torchrun_reference)
     assert read_lineage(out)[-1]["world_size"] == 2
 
 
