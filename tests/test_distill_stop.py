@@ -170,7 +170,8 @@ def test_a_signal_while_the_models_load_stops_at_once(pair, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("when", ["syncing", "cleaning up"])
-def test_a_signal_once_the_output_is_in_place_says_it_was_written(pair, reference, tmp_path, monkeypatch, capfd, when):
+def test_a_signal_once_the_output_is_in_place_says_it_was_written(pair, reference, tmp_path, monkeypatch, capfd,
+                                                                  when):
     """SIGTERM while the output's rename is synced, or while the training checkpoints are deleted after it: exit
     130 saying OUT was written (before: "nothing was written; --resume continues", which OUT's existence then
     refused). OUT is the uninterrupted run's."""
