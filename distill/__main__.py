@@ -9,8 +9,6 @@ import argparse
 import os
 import sys
 
-from pack.errors import cli_status
-
 from .config import LOSS_IMPLS, PHASE_DEFAULTS, PRECISIONS, TRAINABLE, DistillConfig
 
 
@@ -152,11 +150,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
-    from pack.checkpoint import InterruptedAfterCommit
-    from pack.stopsignals import interrupted_message, stop_signals_interrupt
+    from pack.stopsignals import report_failure, stop_signals_interrupt
 
     from .state import latest_checkpoint
-    from .stop import OutputWritten, TrainingStopped
+    from .stop import TrainingStopped
     from .train import run
 
     main_rank = os.environ.get("RANK", "0") == "0"   # (under torchrun, one rank says it)
@@ -169,21 +166,17 @@ def main(argv=None) -> int:
             if main_rank:
                 print(f"distill: {e}", file=sys.stderr)
             return 130
-        except (InterruptedAfterCommit, OutputWritten) as e:   # OUT is complete: say so, not "nothing was written"
-            if main_rank:
-                print(f"distill: error: interrupted: {e}", file=sys.stderr)
-            return 130
-        except BaseException as e:
-            if isinstance(e, KeyboardInterrupt) or interrupted.is_set():   # whatever the signal turned into
-                if main_rank:
-                    ck = latest_checkpoint(cfg.ckpt_dir) if os.path.isdir(cfg.ckpt_dir) else None
-                    then = f"; the newest training checkpoint is {ck}: --resume continues from it" if ck else ""
-                    print(f"distill: error: {interrupted_message(e)}{then}", file=sys.stderr)
-                return 130
-            if isinstance(e, (ValueError, OSError)):
-                print(f"distill: error: {e}", file=sys.stderr)
-                return cli_status(e)   # 2: the input or the invocation; 1: the machine
-            raise
+        except BaseException as e:   # one line and the exit status (pack.stopsignals.report_failure), or a bug's
+            def newest() -> str:     # traceback; an interruption names the checkpoint --resume would continue from
+                ck = latest_checkpoint(cfg.ckpt_dir) if os.path.isdir(cfg.ckpt_dir) else None
+                return f"; the newest training checkpoint is {ck}: --resume continues from it" if ck else ""
+
+            stopped = isinstance(e, KeyboardInterrupt) or interrupted.is_set()
+            rc = report_failure("distill", e, interrupted, (ValueError, OSError), say=main_rank or not stopped,
+                                then=newest)
+            if rc is None:
+                raise
+            return rc
     return 0
 
 

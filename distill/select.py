@@ -38,8 +38,7 @@ from pathlib import Path
 
 import torch
 
-from pack.errors import cli_status
-from pack.stopsignals import held_stop_signals, interrupted_message, stop_signals_interrupt
+from pack.stopsignals import held_stop_signals, report_failure, stop_signals_interrupt
 
 from .config import check_device
 from .stop import OutputWritten
@@ -301,17 +300,11 @@ def main(argv=None) -> int:
     with stop_signals_interrupt() as interrupted:
         try:
             select(SelectConfig(**kw), progress=progress)
-        except OutputWritten as e:   # the files are complete: say so, not "nothing was written"
-            print(f"distill.select: error: interrupted: {e}", file=sys.stderr)
-            return 130
-        except BaseException as e:
-            if isinstance(e, KeyboardInterrupt) or interrupted.is_set():   # whatever the signal turned into
-                print(f"distill.select: error: {interrupted_message(e)}", file=sys.stderr)
-                return 130
-            if isinstance(e, (ValueError, OSError)):
-                print(f"distill.select: error: {e}", file=sys.stderr)
-                return cli_status(e)   # 2: the input or the invocation; 1: the machine
-            raise
+        except BaseException as e:   # one line and the exit status (pack.stopsignals.report_failure), or a bug's
+            rc = report_failure("distill.select", e, interrupted, (ValueError, OSError))   # traceback
+            if rc is None:
+                raise
+            return rc
     return 0
 
 

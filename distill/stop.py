@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from pack.checkpoint import InterruptedAfterCommit
 from pack.stopsignals import stop_signal_handlers
 
 from .parallel import DistEnv, all_reduce_sum
@@ -67,9 +68,13 @@ class TrainingStopped(Exception):
         super().__init__(msg)
 
 
-class OutputWritten(KeyboardInterrupt):
-    """An interruption that came once the output was in place (while the run cleaned up after it): the CLI says
-    the output was written, not "nothing was written" (after which ``--resume`` would be refused: OUT exists)."""
+class OutputWritten(InterruptedAfterCommit):
+    """An interruption that came once the output was in place (while the run cleaned up after it, or between two
+    renames that commit together): the CLI says the output was written, not "nothing was written" (after which
+    distill's ``--resume`` would be refused: OUT exists). ``msg``: what was written, and what was interrupted."""
+
+    def __init__(self, msg: str):
+        KeyboardInterrupt.__init__(self, msg)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import threading
 from typing import Iterator
 
 __all__ = ["STOP_SIGNALS", "Arrival", "stop_signal_handlers", "stop_signals_interrupt", "held_stop_signals",
-           "interrupted_message"]
+           "report_failure", "interrupted_message"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -181,6 +181,32 @@ def held_stop_signals() -> Iterator[None]:
     finally:
         if held:
             os.kill(os.getpid(), held[0])
+
+
+def report_failure(tool: str, e: BaseException, interrupted: Arrival, errors: tuple, *, say: bool = True,
+                   then=lambda: "") -> int | None:
+    """What ``python -m prune``, ``distill`` and ``distill.select`` do with an exception that ended their work in
+    :func:`stop_signals_interrupt`: print one line (``tool: error: ...``; only if ``say``) and return the exit
+    status, or None for one that is not theirs to report (a bug: re-raise it, traceback and all).
+
+    An interruption once the output was in place (:class:`pack.checkpoint.InterruptedAfterCommit`) says what was
+    written, 130; any other one (a KeyboardInterrupt, or whatever exception the signal turned into) says nothing
+    was written, plus ``then()``, 130; an instance of ``errors`` is its message, with :func:`pack.errors.cli_status`
+    (2 for the input or the invocation, 1 for the machine)."""
+    from .checkpoint import InterruptedAfterCommit
+    from .errors import cli_status
+
+    if isinstance(e, InterruptedAfterCommit):
+        msg, rc = f"interrupted: {e}", 130
+    elif isinstance(e, KeyboardInterrupt) or interrupted.is_set():
+        msg, rc = interrupted_message(e) + then(), 130
+    elif isinstance(e, errors):
+        msg, rc = str(e), cli_status(e)
+    else:
+        return None
+    if say:
+        print(f"{tool}: error: {msg}", file=sys.stderr)
+    return rc
 
 
 def interrupted_message(e: BaseException) -> str:

@@ -63,9 +63,7 @@ def main(argv=None) -> int:
 
         hf_logging.disable_progress_bar()
 
-    from pack.checkpoint import InterruptedAfterCommit
-    from pack.errors import cli_status
-    from pack.stopsignals import interrupted_message, stop_signals_interrupt
+    from pack.stopsignals import report_failure, stop_signals_interrupt
 
     # SIGTERM (a timeout, Slurm, docker stop) cleans up like Ctrl-C: no temp dir left, one line, exit 130
     with stop_signals_interrupt() as interrupted:
@@ -75,17 +73,11 @@ def main(argv=None) -> int:
                               batch_size=args.batch_size, device=args.device, seed=args.seed, refit=args.refit,
                               refit_damp=args.refit_damp)
             result = prune_checkpoint(args.ckpt, args.out, cfg, force=args.force, progress=not args.no_progress)
-        except InterruptedAfterCommit as e:   # the output is complete: say so, not "nothing was written"
-            print(f"prune: error: interrupted: {e}", file=sys.stderr)
-            return 130
-        except BaseException as e:
-            if isinstance(e, KeyboardInterrupt) or interrupted.is_set():   # whatever the signal turned into
-                print(f"prune: error: {interrupted_message(e)}", file=sys.stderr)
-                return 130
-            if isinstance(e, (ValueError, OSError, RuntimeError)):
-                print(f"prune: error: {e}", file=sys.stderr)
-                return cli_status(e)   # 2: the input or the invocation; 1: the machine
-            raise
+        except BaseException as e:   # one line and the exit status (pack.stopsignals.report_failure), or a bug's
+            rc = report_failure("prune", e, interrupted, (ValueError, OSError, RuntimeError))   # traceback
+            if rc is None:
+                raise
+            return rc
     print(result.summary())
     return 0
 

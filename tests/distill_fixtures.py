@@ -3,6 +3,9 @@ tests/test_distill_ema.py) and a torch.compile that records what Dynamo captured
 tests/test_distill_ce.py)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,23 @@ import distill.losses as L
 
 from bench.factory import build_model
 from distill.train import Distiller
+
+
+def write_random_ids(path: Path, docs: int, length: int, seed: int = 0) -> Path:
+    """``path``: a JSON-lines training file of ``docs`` documents of ``length`` random token ids (4..2047)."""
+    g = torch.Generator().manual_seed(seed)
+    path.write_text("".join(json.dumps({"input_ids": torch.randint(4, 2048, (length,), generator=g).tolist()}) + "\n"
+                            for _ in range(docs)))
+    return path
+
+
+def saved_micro_pair(root: Path, docs: int = 8, length: int = 128, **pair_kw) -> tuple[Path, Path, Path]:
+    """``(teacher, student, data)``: :func:`distill.toy.save_pair`'s micro pair (MLP 512) under ``root``, and
+    ``root/data.jsonl`` from :func:`write_random_ids`."""
+    from distill.toy import save_pair
+
+    teacher, student = save_pair(root, "micro", **{"width": 512, **pair_kw})
+    return teacher, student, write_random_ids(root / "data.jsonl", docs, length)
 
 
 def micro_pair():

@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.toy import save_pair
+from tests.distill_fixtures import saved_micro_pair
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -35,13 +35,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp_pair")
-    teacher, student = save_pair(root, "micro", width=512)
-    g = torch.Generator().manual_seed(0)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"input_ids": torch.randint(4, 2048, (128,), generator=g).tolist()}) + "\n"
-                            for _ in range(8)))
-    return teacher, student, data
+    return saved_micro_pair(tmp_path_factory.mktemp("fsdp_pair"))
 
 
 def _env():

@@ -18,8 +18,8 @@ import torch
 import distill.stop as stop
 import distill.train as train
 from distill.__main__ import main as distill_main
-from distill.toy import save_pair
 from pack.checkpoint import read_lineage
+from tests.distill_fixtures import saved_micro_pair
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -28,13 +28,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill_stop_pair")
-    teacher, student = save_pair(root, "micro", width=512)
-    g = torch.Generator().manual_seed(0)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"input_ids": torch.randint(4, 2048, (128,), generator=g).tolist()}) + "\n"
-                            for _ in range(8)))
-    return teacher, student, data
+    return saved_micro_pair(tmp_path_factory.mktemp("distill_stop_pair"))
 
 
 def _args(pair, out, *extra):

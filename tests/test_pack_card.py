@@ -67,14 +67,10 @@ def distilled_q(tmp_path_factory, caches) -> Path:
     """Gemma-4 micro teacher + MLP-sliced student (distill.toy.save_pair), distilled phase 1 (2 steps) and then
     phase 2 (3 steps, on-policy) from the phase-1 output, then quantized."""
     from distill.__main__ import main as distill_main
-    from distill.toy import save_pair
+    from tests.distill_fixtures import saved_micro_pair
 
     root = tmp_path_factory.mktemp("distill")
-    teacher, student = save_pair(root, "micro", width=512)
-    g = torch.Generator().manual_seed(0)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"input_ids": torch.randint(4, 2048, (128,), generator=g).tolist()}) + "\n"
-                            for _ in range(8)))
+    teacher, student, data = saved_micro_pair(root)
     common = ["--teacher", str(teacher), "--data", str(data), "--threads", "1", "--device", "cpu",
               "--batch", "2", "--seq-len", "32"]
     assert distill_main([*common, "--student", str(student), "-o", str(root / "d1"), "--steps", "2"]) == 0

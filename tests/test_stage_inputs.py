@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill.__main__ import main as distill_main
-from distill.toy import save_pair
+from tests.distill_fixtures import saved_micro_pair
 from pack.checkpoint import read_lineage
 from pack.quantize import main as quantize_main
 from prune.__main__ import main as prune_main
@@ -26,13 +26,8 @@ torch.set_num_threads(1)
 def pair(tmp_path_factory):
     from bench.tokenizer import get_tokenizer
 
-    root = tmp_path_factory.mktemp("inputs_pair")
-    teacher, student = save_pair(root, "micro", width=512, tokenizer=get_tokenizer("micro"))
-    g = torch.Generator().manual_seed(0)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"input_ids": torch.randint(4, 2048, (64,), generator=g).tolist()}) + "\n"
-                            for _ in range(4)))
-    return teacher, student, data
+    return saved_micro_pair(tmp_path_factory.mktemp("inputs_pair"), docs=4, length=64,
+                            tokenizer=get_tokenizer("micro"))
 
 
 def _sha(f: Path) -> str:
@@ -178,11 +173,7 @@ def test_the_chain_keeps_the_base_model_and_pins_each_input(pair, tmp_path, monk
 def test_train_embeddings_trains_an_untied_lm_head(tmp_path):
     """--train-embeddings trains the embedding tables, an untied lm_head (Llama's, or a Gemma-4 built untied)
     included; without it both stay as they were (before: the untied lm_head was never trained)."""
-    teacher, student = save_pair(tmp_path, "micro", width=512, tie_word_embeddings=False)
-    g = torch.Generator().manual_seed(0)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"input_ids": torch.randint(4, 2048, (64,), generator=g).tolist()}) + "\n"
-                            for _ in range(4)))
+    teacher, student, data = saved_micro_pair(tmp_path, docs=4, length=64, tie_word_embeddings=False)
     before = load_file(student / "model.safetensors")
     assert not torch.equal(before["lm_head.weight"], before["model.embed_tokens.weight"])   # untied
     for flag, trained in (([], False), (["--train-embeddings"], True)):
