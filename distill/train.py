@@ -585,9 +585,16 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
     student = load_model(cfg.student, student_dtype(cfg.precision), env.device, cfg.attn)
     check_pair(teacher, student, cfg.teacher, cfg.student)
     dz = Distiller(cfg, env, teacher, student, _eos_ids(student, tokenizer))
-    # (every rank's with --ckpt-every / --resume; else only the main rank's, which writes the checkpoints' meta)
-    identity = ({"teacher": hashes["teacher"].result(), "student": hashes["student"].result(),
-                 "tokenizer": data.tokenizer_sha256} if "student" in hashes else {})
+    hashed: dict = {}
+
+    def identity() -> dict:
+        """The models' and the tokenizer's sha256, waited for when first needed (a --resume's check, a training
+        checkpoint), so that training starts while they hash: every rank's with --ckpt-every / --resume, else only
+        the main rank's, which writes the checkpoints' meta."""
+        if not hashed and "student" in hashes:
+            hashed.update(teacher=hashes["teacher"].result(), student=hashes["student"].result(),
+                          tokenizer=data.tokenizer_sha256)
+        return hashed
     load_s = time.perf_counter() - t_load
     _start_fresh(cfg, env)
     log = _Log(env, cfg.log_json, append=cfg.resume)   # (opened here: "w" empties an earlier run's log)
@@ -615,7 +622,7 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
             had = {**{k: getattr(DistillConfig, k, None) for k in want}, **meta["config"]}
             diff = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
             made = meta.get("models_sha256") or {}   # (a checkpoint from before the check has none)
-            other = sorted(k for k in made if k in identity and made[k] != identity[k])
+            other = sorted(k for k in made if k in identity() and made[k] != identity()[k])
             if other:   # the same paths, other models: the loss would jump, the lineage name the new teacher
                 raise ValueError(f"{ck}: checkpoint was made with another {' and '.join(other)} (sha256 differs: "
                                  f"replaced since?); resume with the models it was made with, or --force to start "
@@ -662,7 +669,7 @@ def _train(cfg: DistillConfig, env, tokenizer, data, hashes: dict, t_load: float
     def save(step: int) -> Path:
         """The training checkpoint after ``step`` completed steps."""
         return dz.save_state(cfg.ckpt_dir, step, {"config": cfg.result_dict(), "history": history,
-                                                  "data_sha256": data.sha256, "models_sha256": identity,
+                                                  "data_sha256": data.sha256, "models_sha256": identity(),
                                                   "hardware": hardware, "trainable": dz.trainable})
 
     t_int, step_int = time.perf_counter(), 0
