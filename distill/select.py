@@ -204,7 +204,9 @@ def select(cfg: SelectConfig, progress: bool = True) -> dict:
     ks, ps = scores[kept_local], scores
     meta = {
         "tool": "distill.select", "criterion": "mean per-token forward KL(teacher || student) of a window",
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "force", "device")},
+        # (the models and the data by absolute path: as typed, they would change with the working directory)
+        "config": {k: (str(Path(v).resolve()) if k in ("teacher", "student", "data") and v is not None else v)
+                   for k, v in asdict(cfg).items() if k not in ("out", "force", "device")},
         "teacher_sha256": checkpoint_sha256(cfg.teacher), "student_sha256": checkpoint_sha256(cfg.student),
         "source": data.source, "source_sha256": data.sha256, "tokenizer_sha256": data.tokenizer_sha256,
         "windows_available": n, "pool_windows": n_pool, "kept_windows": keep,

@@ -120,7 +120,8 @@ def vllm_config_yaml(plan, max_model_len: int = 8192) -> str:
         "max-model-len": "raise up to the model's max_position_embeddings if the KV cache fits",
         "attention-backend": _attention_note(plan),
         "language-model-only": "text only: drop this line to serve images/audio too (not tested by pdqkit)",
-        "hf-overrides": f"{model}head-dim fix for transformers >= 5.14 (see shared/gpu/README.md)",
+        "hf-overrides": f"{model}head-dim fix for transformers >= 5.14, whose config keeps a head dim per layer: "
+                        "vLLM 0.26.0 reads one, the full-attention layers' (global_head_dim)",
     }
     lines = ["# vLLM 0.26.0 settings for this pdqkit W4A16 checkpoint:",
              "#   vllm serve <this dir> --config <this dir>/vllm_config.yaml",

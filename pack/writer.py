@@ -160,8 +160,8 @@ def _check_inputs(plan: ModelPlan, src: SourceFiles, recipe: QuantRecipe) -> tup
             if e.dtype != "BF16":
                 raise QuantizeError(
                     f"{e.file}: tensor {key} is {e.dtype}, not BF16; pdqkit quantizes bf16 checkpoints: convert "
-                    f"it first (model.to(torch.bfloat16).save_pretrained(dir)) or leave it in bf16 with "
-                    f"--extra-ignore {key.removesuffix('.weight')}")
+                    f"it first (model.to(torch.bfloat16).save_pretrained(dir)), or leave it unquantized with "
+                    f"--extra-ignore {_with_fused(key.removesuffix('.weight'), plan)}")
             if len(shape) != 2:
                 raise QuantizeError(f"{e.file}: targeted {key} is not a 2-D Linear weight (shape {list(shape)}); "
                                     f"leave it out with --extra-ignore {key.removesuffix('.weight')}")
@@ -172,7 +172,7 @@ def _check_inputs(plan: ModelPlan, src: SourceFiles, recipe: QuantRecipe) -> tup
                 raise QuantizeError(
                     f"{e.file}: {module}: in_features K={shape[1]} is not a multiple of group_size "
                     f"{recipe.group_size} (llmcompressor refuses it too); leave it in bf16 with --extra-ignore "
-                    f"{module} or pick a --group-size that divides K") from None
+                    f"{_with_fused(module, plan)} or pick a --group-size that divides K") from None
         elif e.is_float and e.dtype != "BF16" and not _keeps_fp32(plan, key):
             cast.append(key)
     dropped = sorted(set(src.tensors) - set(plan.saved))
@@ -182,6 +182,15 @@ def _check_inputs(plan: ModelPlan, src: SourceFiles, recipe: QuantRecipe) -> tup
 # Linears vLLM loads as one fused layer (qkv_proj, gate_up_proj): it refuses a checkpoint that quantizes only some
 # of them ("Found a different quantization schemes", spec §4.1)
 FUSED_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _with_fused(module: str, plan: ModelPlan) -> str:
+    """``module`` and the Linears vLLM fuses it with (its layer's q/k/v or gate/up), space-separated: what an
+    ``--extra-ignore`` that leaves it unquantized must name (:func:`_check_fused_sets` refuses one alone)."""
+    parent, _, leaf = module.rpartition(".")
+    modules = {k.removesuffix(".weight") for k in plan.saved if k.endswith(".weight")}
+    fused = next((f for f in FUSED_SETS if leaf in f), (leaf,))
+    return " ".join(m for m in (f"{parent}.{x}" for x in fused) if m == module or m in modules)
 
 
 def _check_fused_sets(plan: ModelPlan, src: SourceFiles) -> None:
@@ -280,12 +289,21 @@ def _tool_info() -> dict:
 
 
 def _pyproject_version() -> str:
-    import tomllib
-
     f = Path(__file__).resolve().parent.parent / "pyproject.toml"
     try:
-        return tomllib.loads(f.read_text())["project"]["version"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        text = f.read_text()
+    except OSError:
+        return "unknown"
+    try:
+        import tomllib
+    except ImportError:   # Python 3.10 (pdqkit's floor) has none: the [project] table's own version line
+        import re
+
+        m = re.search(r'^\[project\]\s*$(?:(?!^\[).)*?^version\s*=\s*"([^"]+)"', text, re.M | re.S)
+        return m.group(1) if m else "unknown"
+    try:
+        return tomllib.loads(text)["project"]["version"]
+    except (KeyError, tomllib.TOMLDecodeError):
         return "unknown"
 
 

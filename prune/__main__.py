@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib", metavar="FILE", default=None,
                     help="calibration text: .jsonl with a 'text' field per line, or a plain text file, or "
                          "bench:train for the bench corpus train split (what the bench teacher was trained on) "
-                         "(default: the bench corpus calib split, bench.corpus.split_path('calib'))")
+                         "(default: bench:calib, the bench corpus calib split, bench.corpus.split_path('calib'))")
     ap.add_argument("--samples", type=int, default=d.samples, help=f"calibration windows (default {d.samples})")
     ap.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per window (default {d.seq_len})")
     ap.add_argument("--batch-size", type=int, default=d.batch_size,

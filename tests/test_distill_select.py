@@ -4,6 +4,8 @@ carried into its lineage."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +143,18 @@ def test_distill_trains_on_a_selection_and_records_it(pair, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sel.jsonl.meta.json: describes another file" in err and err.count("\n") == 1
     assert not (tmp_path / "d2").exists()
+
+
+def test_the_sidecar_names_models_and_data_by_absolute_path(pair, tmp_path, monkeypatch):
+    """Given relative paths, the sidecar (copied into distill's lineage) records them absolute: as typed they would
+    change with the working directory and name nothing outside it (a docs audit's find)."""
+    teacher_dir, student_dir, data = pair
+    monkeypatch.chdir(Path(data).parent)
+    rel = [os.path.relpath(x) for x in (teacher_dir, student_dir, data)]
+    assert select_main(_sel_args(*rel[:2], tmp_path / "s.jsonl", rel[2], "--tokens", SEQ)) == 0
+    cfg = json.loads(meta_path(tmp_path / "s.jsonl").read_text())["config"]
+    assert [cfg[k] for k in ("teacher", "student", "data")] == [str(Path(x).resolve()) for x in
+                                                                (teacher_dir, student_dir, data)]
 
 
 def test_distill_refuses_to_use_a_selection_otherwise(pair, tmp_path, capsys):

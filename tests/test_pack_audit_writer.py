@@ -352,3 +352,16 @@ def test_check_inputs_lists_dropped_sorted_and_casts_only_non_bf16_floats_outsid
     dropped, cast = _check_inputs(plan, src, QuantRecipe())
     assert dropped == sorted(extra)
     assert sorted(cast) == ["norm.weight"]
+
+
+def test_tool_version_without_tomllib(monkeypatch):
+    """Python 3.10 (requires-python's floor) has no tomllib: the tool version in the lineage comes from
+    pyproject.toml's [project] table all the same (before, an uninstalled checkout raised ModuleNotFoundError)."""
+    import sys
+
+    from pack.writer import _pyproject_version
+
+    with_tomllib = _pyproject_version()
+    assert with_tomllib not in ("", "unknown")
+    monkeypatch.setitem(sys.modules, "tomllib", None)   # import tomllib -> ImportError
+    assert _pyproject_version() == with_tomllib

@@ -161,6 +161,18 @@ def test_fp32_linear_weight(ckpt, tmp_path, capsys):
     _fails(capsys, [ckpt, "-o", tmp_path / "o"], WEIGHT, "is F32, not BF16", "torch.bfloat16")
 
 
+def test_an_fp32_fused_linear_names_its_whole_group_to_ignore(ckpt, tmp_path, capsys):
+    """An fp32 q_proj: the --extra-ignore the message offers names the layer's q/k/v (vLLM fuses them and refuses
+    mixed schemes; before, the message named q_proj alone, and following it was refused), and following it works."""
+    qkv = [f"model.layers.0.self_attn.{x}_proj" for x in "qkv"]
+    _edit_weights(ckpt, lambda t: t.__setitem__(f"{qkv[0]}.weight", t[f"{qkv[0]}.weight"].float()))
+    err = _fails(capsys, [ckpt, "-o", tmp_path / "o"], "is F32, not BF16")
+    assert f"--extra-ignore {' '.join(qkv)}" in err, err
+    capsys.readouterr()
+    assert main([str(ckpt), "-o", str(tmp_path / "o"), "--no-progress", "--extra-ignore", *qkv]) == 0
+    assert set(qkv) <= set(json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]["ignore"])
+
+
 def test_fp32_config_dtype(ckpt, tmp_path, capsys):
     _edit_config(ckpt, lambda c: c.__setitem__("dtype", "float32"))
     _fails(capsys, [ckpt, "-o", tmp_path / "o"], "config.json: dtype is 'float32'", "bfloat16")

@@ -47,7 +47,12 @@ forked from one forkserver that imported torch and transformers once (``--launch
 less per tool on the H200 machine, the same bytes); ``--launch exec`` starts a fresh ``python -m`` instead.
 Extra arguments per tool: ``--train-args``, ``--prune-args``, ``--distill1-args``, ``--distill2-args``
 (shell-quoted strings).
-CPU smoke run of the plumbing: ``--scale micro --device cpu --train-args "--steps 20"``.
+CPU smoke run of every stage (about 20 s on two cores; without the small prune and distill arguments, every
+criterion prunes at prune's default calibration and the deadline cuts the run before distill)::
+
+    --scale micro --device cpu --train-args "--steps 20" --eval-tokens 1024 --criteria activation \
+        "--prune-args=--samples 8 --seq-len 128" --distill1-args "--steps 2 --batch 2 --seq-len 128" \
+        --distill2-args "--steps 2 --batch 2 --seq-len 128 --max-new-tokens 16"
 """
 from __future__ import annotations
 
