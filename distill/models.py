@@ -66,17 +66,15 @@ QUANTIZED_FIX = ("distill takes bf16 checkpoints (the unpruned teacher, the prun
                  "on its output")
 
 
-def check_checkpoint(path: str | Path, role: str) -> list[Path]:
+def check_checkpoint(path: str | Path, role: str) -> None:
     """What can be checked of checkpoint dir ``path`` (``role``: --teacher or --student) before it loads: its
     config (readable, not a quantized model's), its weight files (present, their index valid), their dtypes
-    (floating point). Returns the weight files ``from_pretrained`` will read (what the lineage hashes)."""
+    (floating point)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{role} {path}: no such checkpoint directory")
     read_config(path, QUANTIZED_FIX)
-    files = weight_files(path)
-    check_weight_dtypes(path, files, "distill", QUANTIZED_FIX)
-    return files
+    check_weight_dtypes(path, weight_files(path), "distill", QUANTIZED_FIX)
 
 
 def config_vocab_size(path: str | Path) -> int:

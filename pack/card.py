@@ -38,13 +38,23 @@ def serving_facts(config) -> dict:
             "head_dim_fix": _head_dim_fix(config, tc), "head_dims": _head_dims(tc)}
 
 
+def _per_layer_head_dims(tc) -> set | None:
+    """The head dims of the text config's layers where transformers keeps them per layer (``per_layer_config``,
+    transformers >= 5.14); None where it does not (or an odd config)."""
+    per_layer = getattr(tc, "per_layer_config", None)
+    if per_layer is None:
+        return None
+    try:
+        return {per_layer[i].head_dim for i in range(tc.num_hidden_layers)}
+    except Exception:  # noqa: BLE001 - not a heterogeneous config
+        return None
+
+
 def _head_dims(tc) -> list[int] | None:
     """The distinct head dims of the text config's layers, sorted: per layer where transformers keeps them there
-    (``per_layer_config``, transformers >= 5.14, every architecture), else ``head_dim``; hidden size / heads where
-    a config leaves ``head_dim`` unset (None)."""
+    (every architecture), else ``head_dim``; hidden size / heads where a config leaves ``head_dim`` unset (None)."""
     try:
-        per_layer = getattr(tc, "per_layer_config", None)
-        dims = {per_layer[i].head_dim for i in range(tc.num_hidden_layers)} if per_layer is not None else set()
+        dims = _per_layer_head_dims(tc) or set()
         if not dims or None in dims:
             dims = {getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads}
         return sorted(int(d) for d in dims)
@@ -54,14 +64,8 @@ def _head_dims(tc) -> list[int] | None:
 
 def _head_dim_fix(cfg, tc) -> dict | None:
     """Gemma-4 head-dim override (dict form of the callable in shared/gpu/README.md), or None if not needed."""
-    per_layer = getattr(tc, "per_layer_config", None)
-    if per_layer is None:
-        return None
-    try:
-        dims = {per_layer[i].head_dim for i in range(tc.num_hidden_layers)}
-    except Exception:  # noqa: BLE001 - not a heterogeneous config
-        return None
-    if len(dims) < 2:
+    dims = _per_layer_head_dims(tc)
+    if dims is None or len(dims) < 2:
         return None
     fix = {"allow_global_per_layer_attribute_access": True, "global_head_dim": max(dims)}
     return {"text_config": fix} if tc is not cfg else fix
@@ -151,8 +155,7 @@ def _step_value(key: str, value):
 def _lineage_lines(lineage: list[dict]) -> list[str]:
     out = []
     for s in lineage:
-        what = {k: _step_value(k, s[k]) for k in LINEAGE_KEYS if s.get(k) is not None}
-        what = {k: v for k, v in what.items() if v is not None}
+        what = {k: v for k in LINEAGE_KEYS if (v := _step_value(k, s.get(k))) is not None}
         frm = f" (from `{s['from']}`)" if "from" in s else ""
         out.append(f"- `{s.get('id')}`: **{s.get('kind')}**{frm} " + ", ".join(f"{k}={v}" for k, v in what.items()))
     return out

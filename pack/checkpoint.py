@@ -43,9 +43,9 @@ AUX_FILE_PATTERNS = (
 )
 
 __all__ = [
-    "SINGLE_NAME", "INDEX_NAME", "KNORM_SHARD", "safetensors_files", "FileHasher", "LINEAGE_FILE", "RECIPE_FILE",
-    "base_step", "atomic_output_dir", "fsync_dir", "fsync_tree", "InterruptedAfterCommit", "OutputAppeared",
-    "UnsyncedAfterCommit", "copy_aux_files",
+    "SINGLE_NAME", "INDEX_NAME", "KNORM_SHARD", "index_shards", "safetensors_files", "FileHasher", "LINEAGE_FILE",
+    "RECIPE_FILE", "base_step", "atomic_output_dir", "fsync_dir", "fsync_tree", "InterruptedAfterCommit",
+    "OutputAppeared", "UnsyncedAfterCommit", "copy_aux_files",
     "sha256_file", "read_lineage", "write_lineage", "lineage_step", "kv_shared_k_norm_tensors",
     "save_bf16_checkpoint", "json_dump", "check_writable_parent", "check_replaceable", "usual_file_modes",
 ]
@@ -314,6 +314,29 @@ def sha256_file(path: str | os.PathLike, chunk: int = CHUNK) -> str:
     return sha256_files([Path(path)], chunk)[Path(path).name]
 
 
+def index_shards(index_f: Path, kind: str) -> tuple[list[Path], dict[str, str]]:
+    """The shard files a checkpoint's index file ``index_f`` names (beside it, each once, sorted) and its
+    ``weight_map``; ``kind`` ("safetensors", "PyTorch") names the index in messages. Raises
+    :class:`QuantizeError` naming the fix: not an index, a shard that is not a file name beside it, or missing."""
+    try:
+        weight_map = json.loads(index_f.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise TypeError("weight_map must map tensor names to shard file names")
+        files = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise QuantizeError(f"{index_f}: not a valid {kind} index ({type(e).__name__}: {e}); "
+                            f"fix or delete it") from None
+    for f in files:
+        if Path(f).name != f:
+            raise QuantizeError(f"{index_f}: shard {f} is not a file name beside the index (as save_pretrained "
+                                f"writes them); re-save the checkpoint with save_pretrained")
+        if not (index_f.parent / f).is_file():
+            raise QuantizeError(f"{index_f}: lists shard {f}, which is missing from {index_f.parent}; "
+                                f"copy the complete checkpoint")
+    return [index_f.parent / f for f in files], weight_map
+
+
 def safetensors_files(ckpt: str | os.PathLike) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of HF checkpoint dir ``ckpt`` (``model.safetensors``, or the shards its index names)
     and the index's ``weight_map`` (None without an index). Raises :class:`QuantizeError` naming the fix.
@@ -326,23 +349,7 @@ def safetensors_files(ckpt: str | os.PathLike) -> tuple[list[Path], dict[str, st
     if single_f.is_file():
         return [single_f], None
     if index_f.is_file():
-        try:
-            weight_map = json.loads(index_f.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-                raise TypeError("weight_map must map tensor names to shard file names")
-            files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise QuantizeError(f"{index_f}: not a valid safetensors index ({type(e).__name__}: {e}); "
-                                f"fix or delete it") from None
-        for f in files:
-            if Path(f).name != f:
-                raise QuantizeError(f"{index_f}: shard {f} is not a file name beside the index (as save_pretrained "
-                                    f"writes them); re-save the checkpoint with save_pretrained")
-            if not (ckpt / f).is_file():
-                raise QuantizeError(f"{index_f}: lists shard {f}, which is missing from {ckpt}; "
-                                    f"copy the complete checkpoint")
-        return [ckpt / f for f in files], weight_map
+        return index_shards(index_f, "safetensors")
     bins = sorted(p.name for p in ckpt.glob("*.bin"))
     hint = (f"it has PyTorch weights ({bins[0]}): re-save it with save_pretrained() to get safetensors"
             if bins else "pass a Hugging Face checkpoint directory")

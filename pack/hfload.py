@@ -14,13 +14,12 @@ lying in the folder.
 """
 from __future__ import annotations
 
-import json
 import os
 import struct
 import sys
 from pathlib import Path
 
-from .checkpoint import INDEX_NAME, SINGLE_NAME, safetensors_files
+from .checkpoint import INDEX_NAME, SINGLE_NAME, index_shards, safetensors_files
 from .errors import QuantizeError
 
 __all__ = ["first_line", "read_config", "weight_files", "check_weight_dtypes", "from_pretrained_checked"]
@@ -59,27 +58,15 @@ def weight_files(ckpt: Path) -> list[Path]:
     them), else ``pytorch_model.bin``, else the shards of ``pytorch_model.bin.index.json``. ValueError naming the
     fix when there are none, or the index is broken or names a missing shard."""
     ckpt = Path(ckpt)
-    if (ckpt / SINGLE_NAME).is_file() or (ckpt / INDEX_NAME).is_file():
-        try:
+    try:
+        if (ckpt / SINGLE_NAME).is_file() or (ckpt / INDEX_NAME).is_file():
             return safetensors_files(ckpt)[0]
-        except QuantizeError as e:
-            raise ValueError(str(e)) from None
-    if (ckpt / BIN_NAME).is_file():
-        return [ckpt / BIN_NAME]
-    index_f = ckpt / BIN_INDEX_NAME
-    if index_f.is_file():
-        try:
-            weight_map = json.loads(index_f.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-            if not all(isinstance(f, str) and Path(f).name == f for f in files):
-                raise TypeError("weight_map must map tensor names to shard file names beside the index")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index_f}: not a valid index ({type(e).__name__}: {e}); fix or delete it") from None
-        missing = [f for f in files if not (ckpt / f).is_file()]
-        if missing:
-            raise ValueError(f"{index_f}: lists shard {missing[0]}, which is missing from {ckpt}; copy the complete "
-                             f"checkpoint")
-        return [ckpt / f for f in files]
+        if (ckpt / BIN_NAME).is_file():
+            return [ckpt / BIN_NAME]
+        if (ckpt / BIN_INDEX_NAME).is_file():
+            return index_shards(ckpt / BIN_INDEX_NAME, "PyTorch")[0]
+    except QuantizeError as e:
+        raise ValueError(str(e)) from None
     shards = sorted(p.name for p in ckpt.glob("*.safetensors"))
     hint = (f"it has safetensors files ({shards[0]}) but neither {SINGLE_NAME} nor an index naming them: copy the "
             f"index too, or re-save the checkpoint with save_pretrained") if shards else \
